@@ -1,0 +1,72 @@
+"""Block checksums: xxh3-64 (default) or CRC32C over a layer's bytes, streamed."""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+import crc32c
+import xxhash
+
+from kvstore.errors import InvalidRequest
+
+
+class ChecksumKind(enum.Enum):
+    """The values equal the wire enum's numbers."""
+
+    XXH3_64 = 1
+    CRC32C = 2
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes | memoryview) -> None: ...
+
+    def value(self) -> int: ...
+
+
+class _Xxh3Hasher:
+    __slots__ = ("_state",)
+
+    def __init__(self) -> None:
+        self._state = xxhash.xxh3_64()
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._state.update(data)
+
+    def value(self) -> int:
+        return int(self._state.intdigest())
+
+
+class _Crc32cHasher:
+    __slots__ = ("_crc",)
+
+    def __init__(self) -> None:
+        self._crc = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._crc = crc32c.crc32c(data, self._crc)
+
+    def value(self) -> int:
+        return self._crc
+
+
+def new_hasher(kind: ChecksumKind) -> Hasher:
+    if kind is ChecksumKind.XXH3_64:
+        return _Xxh3Hasher()
+    return _Crc32cHasher()
+
+
+def checksum(kind: ChecksumKind, data: bytes | memoryview) -> int:
+    if kind is ChecksumKind.XXH3_64:
+        return int(xxhash.xxh3_64_intdigest(data))
+    return int(crc32c.crc32c(data))
+
+
+def checksum_kind_from_wire(value: int) -> ChecksumKind:
+    """Map the wire enum (0 means the default) onto ChecksumKind."""
+    if value == 0:
+        return ChecksumKind.XXH3_64
+    try:
+        return ChecksumKind(value)
+    except ValueError:
+        raise InvalidRequest(f"unknown checksum_kind {value}; use XXH3_64 or CRC32C") from None

@@ -1,0 +1,122 @@
+"""Between a worker's torch tensors and block bytes, without copies where the layout allows.
+
+A worker holds KV in one of three forms:
+
+- `blocks`:   `[num_blocks, num_layers, 2, block_tokens, num_kv_heads, head_dim]`, the
+  store's own layout: each block-layer is one contiguous run of bytes (zero copies).
+- `sequence`: `[num_layers, 2, num_tokens, num_kv_heads, head_dim]`, K and V over a
+  token sequence: each block-layer is two contiguous runs (K, then V), still zero copies.
+- `layer`:    `[num_blocks, 2, block_tokens, num_kv_heads, head_dim]`, one layer of many
+  blocks, as a prefill worker produces it layer by layer (paged caches look like this).
+
+Block-layer bytes are addressed as a list of 1-D uint8 CPU tensors ("pieces") that,
+concatenated, are the layer's bytes. 8-bit types travel as their raw bytes.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import torch
+
+from kvstore.errors import InvalidRequest
+from kvstore.layout import KVLayout
+
+
+class KVForm(enum.Enum):
+    BLOCKS = "blocks"
+    SEQUENCE = "sequence"
+    LAYER = "layer"
+
+
+def expected_shape(layout: KVLayout, form: KVForm, num_blocks: int) -> tuple[int, ...]:
+    lay = layout
+    if form is KVForm.BLOCKS:
+        return (num_blocks, lay.num_layers, *lay.layer_shape)
+    if form is KVForm.SEQUENCE:
+        return (lay.num_layers, 2, num_blocks * lay.block_tokens, lay.num_kv_heads, lay.head_dim)
+    return (num_blocks, *lay.layer_shape)
+
+
+def check_tensor(
+    tensor: torch.Tensor, layout: KVLayout, form: KVForm, num_blocks: int, *, at_least: bool = False
+) -> None:
+    """Raise InvalidRequest unless `tensor` has the layout's dtype and the form's shape.
+
+    With `at_least`, a `sequence` tensor may hold more tokens than the blocks need
+    (a trailing partial block is simply not stored).
+    """
+    if tensor.dtype != layout.dtype.torch_dtype:
+        raise InvalidRequest(
+            f"KV tensor dtype {tensor.dtype} does not match the namespace layout's "
+            f"{layout.dtype.torch_dtype}"
+        )
+    want = expected_shape(layout, form, num_blocks)
+    shape = tuple(tensor.shape)
+    if at_least and form is KVForm.SEQUENCE and len(shape) == 5:
+        ok = shape[:2] == want[:2] and shape[3:] == want[3:] and shape[2] >= want[2]
+    else:
+        ok = shape == want
+    if not ok:
+        raise InvalidRequest(
+            f"KV tensor has shape {shape}; the {form.value} form for {num_blocks} blocks of this "
+            f"layout is {want}"
+        )
+
+
+def cpu_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor itself when it is already a contiguous CPU tensor (no copy), else a copy."""
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    return tensor.contiguous()
+
+
+def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a 1-D uint8 view (no copy)."""
+    flat = tensor.reshape(-1)
+    return flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+
+
+def block_layer_pieces(
+    kv: torch.Tensor, form: KVForm, block: int, layer: int, block_tokens: int
+) -> list[torch.Tensor]:
+    """Byte views that, concatenated, are layer `layer` of block `block` (kv is contiguous)."""
+    if form is KVForm.BLOCKS:
+        return [as_bytes(kv[block, layer])]
+    if form is KVForm.LAYER:
+        return [as_bytes(kv[block])]
+    tokens = slice(block * block_tokens, (block + 1) * block_tokens)
+    return [as_bytes(kv[layer, 0, tokens]), as_bytes(kv[layer, 1, tokens])]
+
+
+def read_pieces(pieces: list[torch.Tensor], max_chunk_bytes: int) -> list[tuple[int, memoryview]]:
+    """(offset, bytes) runs of at most `max_chunk_bytes` covering the pieces, in order."""
+    runs: list[tuple[int, memoryview]] = []
+    offset = 0
+    for piece in pieces:
+        view = memoryview(piece.numpy())
+        for start in range(0, len(view), max_chunk_bytes):
+            part = view[start : start + max_chunk_bytes]
+            runs.append((offset + start, part))
+        offset += len(view)
+    return runs
+
+
+def write_pieces(pieces: list[torch.Tensor], offset: int, data: bytes) -> None:
+    """Copy `data` into the pieces' concatenated bytes at `offset`."""
+    source = np.frombuffer(data, dtype=np.uint8)
+    done = 0
+    for piece in pieces:
+        size = piece.numel()
+        if offset >= size:
+            offset -= size
+            continue
+        take = min(size - offset, len(source) - done)
+        piece.numpy()[offset : offset + take] = source[done : done + take]
+        done += take
+        offset = 0
+        if done == len(source):
+            return
+    if done != len(source):
+        raise InvalidRequest("chunk runs past the end of its block layer")

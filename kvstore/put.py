@@ -1,0 +1,266 @@
+"""PutSession: receives the blocks of one PutBlocks stream and commits the verified ones.
+
+A declared block reserves its DRAM pages at once, so a full store answers before any
+bytes travel. Chunks of each (block, layer) must arrive in order; each layer's
+checksum is computed as its bytes arrive and compared when the layer is complete.
+A block commits, and becomes visible to lookups, when every layer has been verified
+and its parent is stored. Whatever is still in flight when the session is aborted
+is freed.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from kvstore.checksum import ChecksumKind, Hasher, new_hasher
+from kvstore.errors import ChecksumMismatch, InvalidRequest
+from kvstore.index import BlockEntry, NamespaceState
+from kvstore.keys import validate_key
+from kvstore.layout import Namespace
+from kvstore.store import BlockStore
+from kvstore.tiers.base import TierKind
+
+MAX_BLOCKS_PER_PUT = 1 << 16
+
+
+class PutOutcome(enum.Enum):
+    """The values equal the wire enum's numbers."""
+
+    COMMITTED = 1
+    ALREADY_PRESENT = 2
+    PARENT_MISSING = 3
+
+
+@dataclass(slots=True, eq=False)
+class _PendingBlock:
+    index: int
+    key: bytes
+    parent_key: bytes
+    # None when the bytes are verified but not kept (duplicate or orphan).
+    handle: object | None
+    outcome: PutOutcome | None
+    layer_filled: list[int]
+    layer_expected: list[int | None]
+    hashers: list[Hasher | None]
+    layer_checksums: list[int] = field(default_factory=list)
+    layers_done: int = 0
+    complete: bool = False
+
+
+class PutSession:
+    def __init__(
+        self, store: BlockStore, namespace: Namespace, checksum_kind: ChecksumKind
+    ) -> None:
+        self._store = store
+        self._namespace = namespace
+        self._state: NamespaceState = store.namespace_state(namespace)
+        self._layout = namespace.layout
+        self._checksum_kind = checksum_kind
+        self._blocks: list[_PendingBlock] = []
+        self._by_key: dict[bytes, _PendingBlock] = {}
+        self._pinned_parents: list[BlockEntry] = []
+        # Complete blocks whose parent, declared in this put, has not settled yet.
+        self._waiting: dict[bytes, list[_PendingBlock]] = {}
+        self._closed = False
+
+    @property
+    def num_declared(self) -> int:
+        return len(self._blocks)
+
+    def declare(self, key: bytes, parent_key: bytes) -> None:
+        validate_key(key, f"blocks[{len(self._blocks)}].key")
+        if parent_key:
+            validate_key(parent_key, f"blocks[{len(self._blocks)}].parent_key")
+        if key in self._by_key:
+            raise InvalidRequest(f"block key {key.hex()} is declared twice in one put")
+        if key == parent_key:
+            raise InvalidRequest(f"block key {key.hex()} names itself as its parent")
+        if len(self._blocks) >= MAX_BLOCKS_PER_PUT:
+            raise InvalidRequest(f"a put may declare at most {MAX_BLOCKS_PER_PUT} blocks")
+        outcome = self._outcome_at_declare(key, parent_key)
+        handle = None
+        if outcome is None:
+            handle = self._store.allocate_dram(self._layout.block_bytes)
+        num_layers = self._layout.num_layers
+        block = _PendingBlock(
+            index=len(self._blocks),
+            key=key,
+            parent_key=parent_key,
+            handle=handle,
+            outcome=outcome,
+            layer_filled=[0] * num_layers,
+            layer_expected=[None] * num_layers,
+            hashers=[None] * num_layers,
+            layer_checksums=[0] * num_layers,
+        )
+        self._blocks.append(block)
+        self._by_key[key] = block
+
+    def _outcome_at_declare(self, key: bytes, parent_key: bytes) -> PutOutcome | None:
+        existing = self._state.blocks.get(key)
+        if existing is not None:
+            # Children declared later in this put chain from it: keep it resident.
+            self._pin_until_close(existing)
+            return PutOutcome.ALREADY_PRESENT
+        if not parent_key or parent_key in self._by_key:
+            return None
+        parent = self._state.blocks.get(parent_key)
+        if parent is None:
+            return PutOutcome.PARENT_MISSING
+        self._pin_until_close(parent)
+        return None
+
+    def _pin_until_close(self, entry: BlockEntry) -> None:
+        self._store.acquire_read([entry])
+        self._pinned_parents.append(entry)
+
+    def write(
+        self, block_index: int, layer: int, offset: int, data: bytes, layer_checksum: int
+    ) -> None:
+        if not 0 <= block_index < len(self._blocks):
+            raise InvalidRequest(
+                f"chunk names block {block_index}, but {len(self._blocks)} blocks are declared; "
+                f"declare a block in `blocks` before sending its chunks"
+            )
+        block = self._blocks[block_index]
+        layout = self._layout
+        if not 0 <= layer < layout.num_layers:
+            raise InvalidRequest(
+                f"chunk names layer {layer}; the namespace's layout has {layout.num_layers} layers"
+            )
+        filled = block.layer_filled[layer]
+        if offset != filled:
+            raise InvalidRequest(
+                f"block {block_index} layer {layer}: chunk offset {offset} but {filled} bytes "
+                f"were sent; send each layer's chunks in order without gaps or overlap"
+            )
+        if not data:
+            raise InvalidRequest(f"block {block_index} layer {layer}: empty chunk")
+        if filled + len(data) > layout.layer_bytes:
+            raise InvalidRequest(
+                f"block {block_index} layer {layer}: {filled + len(data)} bytes sent but a layer "
+                f"is {layout.layer_bytes} bytes in this namespace's layout "
+                f"(2 x {layout.block_tokens} tokens x {layout.num_kv_heads} heads x "
+                f"{layout.head_dim} dims x {layout.dtype.itemsize} B)"
+            )
+        hasher = block.hashers[layer]
+        if offset == 0:
+            block.layer_expected[layer] = layer_checksum
+            hasher = block.hashers[layer] = new_hasher(self._checksum_kind)
+        assert hasher is not None
+        hasher.update(data)
+        if block.handle is not None:
+            self._store.dram.write(block.handle, layer * layout.layer_bytes + offset, data)
+        block.layer_filled[layer] = filled + len(data)
+        if block.layer_filled[layer] == layout.layer_bytes:
+            self._finish_layer(block, layer, hasher.value())
+
+    def _finish_layer(self, block: _PendingBlock, layer: int, actual: int) -> None:
+        expected = block.layer_expected[layer]
+        block.hashers[layer] = None
+        if actual != expected:
+            self._store.counters.checksum_failures += 1
+            raise ChecksumMismatch(
+                f"block {block.index} (key {block.key.hex()}) layer {layer}: checksum "
+                f"{self._checksum_kind.name} is {actual:#018x} but the sender said "
+                f"{expected or 0:#018x}; the block was not stored"
+            )
+        block.layer_checksums[layer] = actual
+        block.layers_done += 1
+        if block.layers_done == self._layout.num_layers:
+            block.complete = True
+            self._commit_ready(block)
+
+    def _commit_ready(self, block: _PendingBlock) -> None:
+        """Commit `block` once its parent is settled, then the children that waited on it."""
+        ready = [block]
+        while ready:
+            current = ready.pop()
+            if current.outcome is None:
+                parent = self._resolve_parent(current)
+                if parent is _WAIT:
+                    self._waiting.setdefault(current.parent_key, []).append(current)
+                    continue
+                self._commit(current, parent)
+            ready.extend(self._waiting.pop(current.key, ()))
+
+    def _resolve_parent(self, block: _PendingBlock) -> BlockEntry | object | None:
+        if not block.parent_key:
+            return None
+        pending_parent = self._by_key.get(block.parent_key)
+        if pending_parent is not None and pending_parent.outcome is None:
+            return _WAIT
+        return self._state.blocks.get(block.parent_key, _MISSING)
+
+    def _commit(self, block: _PendingBlock, parent: BlockEntry | object | None) -> None:
+        if parent is _MISSING:
+            self._drop(block, PutOutcome.PARENT_MISSING)
+            return
+        if block.key in self._state.blocks:
+            self._drop(block, PutOutcome.ALREADY_PRESENT)
+            return
+        assert block.handle is not None
+        assert parent is None or isinstance(parent, BlockEntry)
+        entry = BlockEntry(
+            namespace=self._state,
+            key=block.key,
+            parent=parent,
+            layer_checksums=block.layer_checksums,
+            checksum_kind_value=self._checksum_kind.value,
+            copies={TierKind.DRAM: block.handle},
+        )
+        block.handle = None
+        block.outcome = PutOutcome.COMMITTED
+        self._store.commit(entry)
+
+    def _drop(self, block: _PendingBlock, outcome: PutOutcome) -> None:
+        if block.handle is not None:
+            self._store.dram.free(block.handle)
+            block.handle = None
+        block.outcome = outcome
+
+    def finish(self) -> list[PutOutcome]:
+        """End the put; every declared block must have been sent in full."""
+        incomplete = [block for block in self._blocks if not block.complete]
+        if incomplete:
+            first = incomplete[0]
+            missing = [
+                layer
+                for layer, filled in enumerate(first.layer_filled)
+                if filled != self._layout.layer_bytes
+            ]
+            self.abort()
+            raise InvalidRequest(
+                f"the put ended with {len(incomplete)} incomplete blocks: block {first.index} "
+                f"(key {first.key.hex()}) lacks layers {missing[:8]}"
+                f"{'...' if len(missing) > 8 else ''}; blocks before it that were complete "
+                f"are stored"
+            )
+        self._close()
+        outcomes = []
+        for block in self._blocks:
+            assert block.outcome is not None
+            outcomes.append(block.outcome)
+        return outcomes
+
+    def abort(self) -> None:
+        """Free every reservation; committed blocks stay. Safe to call twice."""
+        if self._closed:
+            return
+        if any(block.outcome is None for block in self._blocks):
+            self._store.counters.puts_abandoned += 1
+        for block in self._blocks:
+            if block.outcome is None:
+                self._drop(block, PutOutcome.PARENT_MISSING)
+        self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._store.release_read(self._pinned_parents)
+            self._pinned_parents = []
+
+
+_WAIT = object()
+_MISSING = object()

@@ -1,0 +1,77 @@
+"""ReadSession: the blocks of one GetBlocks stream, pinned until the stream ends.
+
+The session serves the longest stored prefix of the requested keys. Chunks come out
+layer-major: every chunk of layer 0 of every block, then layer 1, and so on, so a
+decode worker can start on layer 0 while later layers are still in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from kvstore.errors import InvalidRequest
+from kvstore.index import BlockEntry
+from kvstore.keys import validate_key
+from kvstore.layout import Namespace
+from kvstore.store import BlockStore
+from kvstore.tiers.base import TierKind
+
+
+@dataclass(frozen=True, slots=True)
+class ReadChunk:
+    block_index: int
+    layer: int
+    offset: int
+    views: list[memoryview]  # valid until the session closes
+    nbytes: int
+    layer_checksum: int
+    checksum_kind_value: int
+
+
+class ReadSession:
+    def __init__(self, store: BlockStore, namespace: Namespace, keys: list[bytes]) -> None:
+        for index, key in enumerate(keys):
+            validate_key(key, f"keys[{index}]")
+        self._store = store
+        self._layout = namespace.layout
+        self.entries: list[BlockEntry] = store.find_prefix(namespace, keys)
+        store.acquire_read(self.entries)
+        store.touch(self.entries)
+        for entry in self.entries:
+            entry.num_hits += 1
+            store.dram.counters.hits += 1
+        self._closed = False
+
+    @property
+    def tiers(self) -> list[TierKind]:
+        return [self._store.tier_of(entry) for entry in self.entries]
+
+    def chunks(self, max_chunk_bytes: int) -> Iterator[ReadChunk]:
+        if max_chunk_bytes < 1:
+            raise InvalidRequest(f"max_chunk_bytes must be >= 1, got {max_chunk_bytes}")
+        layer_bytes = self._layout.layer_bytes
+        dram = self._store.dram
+        for layer in range(self._layout.num_layers):
+            base = layer * layer_bytes
+            for block_index, entry in enumerate(self.entries):
+                handle = entry.copies[TierKind.DRAM]
+                for offset in range(0, layer_bytes, max_chunk_bytes):
+                    nbytes = min(max_chunk_bytes, layer_bytes - offset)
+                    yield ReadChunk(
+                        block_index=block_index,
+                        layer=layer,
+                        offset=offset,
+                        views=dram.read(handle, base + offset, nbytes),
+                        nbytes=nbytes,
+                        layer_checksum=entry.layer_checksums[layer],
+                        checksum_kind_value=entry.checksum_kind_value,
+                    )
+        counters = self._store.counters
+        counters.blocks_got += len(self.entries)
+        counters.bytes_got += len(self.entries) * self._layout.block_bytes
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._store.release_read(self.entries)

@@ -1,0 +1,55 @@
+"""The tier protocol and the counters every tier reports."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class TierKind(enum.Enum):
+    """Fastest first. The values equal the wire enum's numbers."""
+
+    HBM = 1
+    DRAM = 2
+    SSD = 3
+
+
+@dataclass(slots=True)
+class TierCounters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    promotions: int = 0
+    demotions: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    errors: int = 0
+
+
+class MemoryTier(Protocol):
+    """A tier addressed in memory: reads and writes are synchronous copies.
+
+    A handle is whatever the tier needs to find a block's bytes again; the store
+    keeps it on the block's entry and hands it back unchanged.
+    """
+
+    kind: TierKind
+    name: str
+    counters: TierCounters
+
+    @property
+    def capacity_bytes(self) -> int: ...
+
+    @property
+    def used_bytes(self) -> int: ...
+
+    def allocate(self, nbytes: int) -> object | None:
+        """A handle for `nbytes`, or None when the tier is full."""
+        ...
+
+    def free(self, handle: object) -> None: ...
+
+    def write(self, handle: object, offset: int, data: bytes | memoryview) -> None: ...
+
+    def read(self, handle: object, offset: int, nbytes: int) -> list[memoryview]: ...

@@ -1,0 +1,1 @@
+"""Generated wire contract (package kvstore.v1). See proto/generate.py."""

@@ -1,0 +1,84 @@
+"""Server assembly: `build_server(config)`, then `serve()` until a signal drains it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvstore.server.config import ServerConfig
+from kvstore.server.servicer import KVStoreServicer
+from kvstore.store import BlockStore
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+logger = logging.getLogger("kvstore.server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    store: BlockStore
+    servicer: KVStoreServicer
+    health: health.aio.HealthServicer
+    config: ServerConfig
+
+    async def drain(self) -> None:
+        """Stop taking new work, let streams in flight finish, then stop."""
+        logger.info("draining: health NOT_SERVING, refusing new RPCs, %.0fs grace",
+                    self.config.limits.drain_grace_s)
+        self.servicer.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.limits.drain_grace_s)
+        logger.info("stopped")
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+async def build_server(config: ServerConfig) -> RunningServer:
+    """Create the store and a started gRPC server for it; the port is the bound one."""
+    store = BlockStore(config.store)
+    servicer = KVStoreServicer(store, config.limits)
+    server = grpc.aio.server(options=channel_options(config.limits.max_message_bytes))
+    pb_grpc.add_KVStoreServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    dram = store.dram
+    logger.info(
+        "serving kvstore.v1 on %s (port %d); dram %d MiB in %d KiB pages, eviction %s",
+        config.listen, port, dram.capacity_bytes >> 20, dram.arena.page_bytes >> 10,
+        config.store.eviction_policy,
+    )
+    return RunningServer(server, port, store, servicer, health_servicer, config)
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    running = await build_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await running.drain()

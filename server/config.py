@@ -1,0 +1,146 @@
+"""The daemon's configuration: one frozen tree, from a TOML file and command-line flags.
+
+Flags override the file; the file overrides the defaults. This is the only module that
+reads configuration from outside (files, flags); components receive their own part.
+
+    listen = "127.0.0.1:50051"
+    log_level = "info"
+
+    [store]
+    dram_bytes = "1GiB"
+    page_bytes = "64KiB"
+    eviction_policy = "lru"      # lru | lfu | session
+    max_lease_s = 3600
+
+    [limits]
+    max_message_bytes = "8MiB"   # largest gRPC message accepted or sent
+    default_chunk_bytes = "1MiB" # GetBlocks message payload unless the client asks
+    max_keys = 65536             # keys in one request
+    drain_grace_s = 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvstore.errors import InvalidRequest
+from kvstore.store import StoreConfig
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
+               "mb": 1000**2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30,
+               "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    max_message_bytes: int = 8 << 20
+    default_chunk_bytes: int = 1 << 20
+    max_keys: int = 65536
+    drain_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 64 << 10:
+            raise InvalidRequest("limits.max_message_bytes must be at least 64KiB")
+        # A chunk travels with a few dozen bytes of framing; keep it inside the limit.
+        if not 1 <= self.default_chunk_bytes <= self.max_chunk_bytes:
+            raise InvalidRequest(
+                f"limits.default_chunk_bytes must be in [1, {self.max_chunk_bytes}] "
+                f"(max_message_bytes minus 4KiB of framing)"
+            )
+        if self.max_keys < 1:
+            raise InvalidRequest("limits.max_keys must be >= 1")
+        if self.drain_grace_s < 0:
+            raise InvalidRequest("limits.drain_grace_s must be >= 0")
+
+    @property
+    def max_chunk_bytes(self) -> int:
+        return self.max_message_bytes - 4096
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    log_level: str = "info"
+    store: StoreConfig = field(default_factory=StoreConfig)
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if self.log_level not in _LOG_LEVELS:
+            raise InvalidRequest(f"log_level must be one of {_LOG_LEVELS}, got {self.log_level!r}")
+        if ":" not in self.listen:
+            raise InvalidRequest(f"listen must be HOST:PORT, got {self.listen!r}")
+
+
+def parse_size(value: str | int) -> int:
+    """'64KiB', '1.5GiB', '1000000' or an int → bytes."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise InvalidRequest(f"cannot read {value!r} as a size; write e.g. 512MiB, 2GiB, 65536")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+_SIZE_FIELDS = {"dram_bytes", "page_bytes", "max_message_bytes", "default_chunk_bytes",
+                "hbm_bytes", "ssd_bytes"}
+
+
+def _build(cls: Any, table: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown setting(s) {unknown} in [{where}]; known: {sorted(known)}")
+    values = {k: parse_size(v) if k in _SIZE_FIELDS else v for k, v in table.items()}
+    return cls(**values)
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
+    """Defaults, then the TOML file at `path`, then `overrides` ({"store.dram_bytes": ...})."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise InvalidRequest(f"cannot read config file {path}: {error}") from error
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        table = data
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            table = table.setdefault(name, {})
+        table[leaf] = value
+    sections = {"store": StoreConfig, "limits": Limits}
+    top = {k: v for k, v in data.items() if k not in sections}
+    parts = {name: _build(cls, data.get(name, {}), name) for name, cls in sections.items()}
+    return _build(ServerConfig, {**top, **parts}, "top level")  # type: ignore[no-any-return]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (flags override it)")
+    parser.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:50051)")
+    parser.add_argument("--dram-bytes", dest="store.dram_bytes", help="DRAM tier size, e.g. 4GiB")
+    parser.add_argument("--page-bytes", dest="store.page_bytes", help="DRAM arena page size")
+    parser.add_argument("--eviction-policy", dest="store.eviction_policy",
+                        choices=["lru", "lfu", "session"])
+    parser.add_argument("--max-lease-s", dest="store.max_lease_s", type=float)
+    parser.add_argument("--max-message-bytes", dest="limits.max_message_bytes")
+    parser.add_argument("--max-keys", dest="limits.max_keys", type=int)
+    parser.add_argument("--drain-grace-s", dest="limits.drain_grace_s", type=float)
+    parser.add_argument("--log-level", choices=list(_LOG_LEVELS))
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    overrides = {
+        key: value
+        for key, value in vars(args).items()
+        if key in {"listen", "log_level"} or "." in key
+    }
+    return load_config(args.config, overrides)

@@ -1,0 +1,107 @@
+"""`kvstore-server`: run the daemon, or print a running daemon's stats.
+
+    kvstore-server [--config FILE] [--listen HOST:PORT] [--dram-bytes 4GiB] ...
+    kvstore-server stats [--target HOST:PORT] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+import grpc
+from google.protobuf import json_format
+from rich.console import Console
+from rich.table import Table
+
+from kvstore.errors import InvalidRequest
+from kvstore.server.app import serve
+from kvstore.server.config import add_config_arguments, config_from_args
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stats"]:
+        return _stats_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="kvstore-server",
+        description="Serve the kvstore KV-cache pool. `kvstore-server stats` prints a "
+        "running server's stats.",
+    )
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except InvalidRequest as error:
+        parser.error(str(error))
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(config))
+    except OSError as error:
+        logging.getLogger("kvstore.server").error("cannot start: %s", error)
+        return 1
+    return 0
+
+
+def _stats_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kvstore-server stats")
+    parser.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    args = parser.parse_args(argv)
+    with grpc.insecure_channel(args.target) as channel:
+        try:
+            stats = pb_grpc.KVStoreStub(channel).Stats(pb.StatsRequest(), timeout=args.timeout)
+        except grpc.RpcError as error:
+            print(f"kvstore-server stats: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(stats, always_print_fields_with_no_presence=True), indent=2))
+    else:
+        print_stats(stats, Console())
+    return 0
+
+
+def print_stats(stats: pb.StatsResponse, console: Console) -> None:
+    table = Table(title="kvstore tiers")
+    for column in ("tier", "used / capacity", "blocks", "hits", "misses", "evictions",
+                   "promotions", "demotions", "read", "written", "errors"):
+        table.add_column(column, justify="left" if column == "tier" else "right")
+    for tier in stats.tiers:
+        table.add_row(
+            tier.name + (" (degraded)" if tier.degraded else ""),
+            f"{_human(tier.used_bytes)} / {_human(tier.capacity_bytes)}",
+            str(tier.num_blocks), str(tier.hits), str(tier.misses), str(tier.evictions),
+            str(tier.promotions), str(tier.demotions), _human(tier.bytes_read),
+            _human(tier.bytes_written), str(tier.errors),
+        )
+    console.print(table)
+    hit_rate = stats.lookup_hits / stats.lookup_keys if stats.lookup_keys else 0.0
+    console.print(
+        f"namespaces {stats.num_namespaces}  lookups {stats.lookups} "
+        f"(key hit rate {hit_rate:.1%})  blocks put {stats.blocks_put} ({_human(stats.bytes_put)})"
+        f"  got {stats.blocks_got} ({_human(stats.bytes_got)})  pinned {stats.num_pinned}"
+        f"  abandoned puts {stats.puts_abandoned}  checksum failures {stats.checksum_failures}"
+        f"  uptime {stats.uptime_ms / 1000:.0f}s"
+    )
+
+
+def _human(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

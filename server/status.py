@@ -1,0 +1,35 @@
+"""Core exceptions → gRPC status codes: the one place the server maps errors."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from kvstore.errors import (
+    CapacityExhausted,
+    ChecksumMismatch,
+    InvalidRequest,
+    KVStoreError,
+    NotFound,
+    TierUnavailable,
+)
+
+logger = logging.getLogger("kvstore.server")
+
+_STATUS_BY_ERROR: dict[type[KVStoreError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
+    CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    TierUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and message to answer `error` with. Unexpected errors are INTERNAL."""
+    for error_type, code in _STATUS_BY_ERROR.items():
+        if isinstance(error, error_type):
+            return code, str(error)
+    logger.exception("internal error while serving a request", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}); see the server log"

@@ -1,0 +1,116 @@
+"""Decoding and validation of wire messages into core values, and core values back.
+
+Everything a request carries is checked here or in the core before it touches the
+store: missing and unknown fields, enum values, key lengths, layouts.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import unknown_fields
+from google.protobuf.message import Message
+
+from kvstore.errors import InvalidRequest
+from kvstore.keys import validate_key
+from kvstore.layout import DType, KVLayout, Namespace
+from kvstore.store import PrefixMatch, StoreReport
+from kvstore.v1 import kvstore_pb2 as pb
+
+
+def reject_unknown_fields(message: Message, where: str) -> None:
+    """INVALID_ARGUMENT for fields this server does not know (a newer or foreign client)."""
+    unknown = unknown_fields.UnknownFieldSet(message)
+    if len(unknown):
+        numbers = sorted({field.field_number for field in unknown})
+        raise InvalidRequest(
+            f"{where} has unknown field number(s) {numbers}; this server speaks kvstore.v1 as "
+            f"of its proto file; upgrade the server or drop the field(s)"
+        )
+
+
+def namespace_from_wire(message: pb.Namespace, present: bool) -> Namespace:
+    if not present:
+        raise InvalidRequest("namespace is required: tenant, model_fingerprint and layout")
+    reject_unknown_fields(message, "namespace")
+    if not message.HasField("layout"):
+        raise InvalidRequest("namespace.layout is required")
+    layout_message = message.layout
+    reject_unknown_fields(layout_message, "namespace.layout")
+    if layout_message.dtype == pb.DTYPE_UNSPECIFIED:
+        raise InvalidRequest("namespace.layout.dtype is required (FLOAT16, BFLOAT16, ...)")
+    try:
+        dtype = DType(layout_message.dtype)
+    except ValueError:
+        raise InvalidRequest(f"unknown namespace.layout.dtype {layout_message.dtype}") from None
+    layout = KVLayout(
+        num_layers=layout_message.num_layers,
+        num_kv_heads=layout_message.num_kv_heads,
+        head_dim=layout_message.head_dim,
+        dtype=dtype,
+        block_tokens=layout_message.block_tokens,
+    )
+    return Namespace(
+        tenant=message.tenant,
+        model_fingerprint=message.model_fingerprint,
+        layout=layout,
+        tp_rank=message.tp_rank,
+        tp_size=message.tp_size or 1,
+    )
+
+
+def keys_from_wire(keys: list[bytes] | object, max_keys: int, *, allow_empty: bool) -> list[bytes]:
+    values = list(keys)  # type: ignore[call-overload]
+    if not values and not allow_empty:
+        raise InvalidRequest("keys is empty; name at least one block key")
+    if len(values) > max_keys:
+        raise InvalidRequest(
+            f"{len(values)} keys in one request; the server's limit is {max_keys} "
+            f"(split the request)"
+        )
+    for index, key in enumerate(values):
+        validate_key(key, f"keys[{index}]")
+    return values
+
+
+def prefix_match_to_wire(match: PrefixMatch) -> pb.LookupPrefixResponse:
+    return pb.LookupPrefixResponse(
+        num_matched=match.num_matched,
+        tiers=[kind.value for kind in match.tiers],
+        block_bytes=match.block_bytes,
+    )
+
+
+def report_to_wire(report: StoreReport) -> pb.StatsResponse:
+    counters = report.counters
+    return pb.StatsResponse(
+        tiers=[
+            pb.TierStats(
+                tier=tier.kind.value,  # type: ignore[arg-type]
+                name=tier.name,
+                capacity_bytes=tier.capacity_bytes,
+                used_bytes=tier.used_bytes,
+                num_blocks=tier.num_blocks,
+                hits=tier.counters.hits,
+                misses=tier.counters.misses,
+                evictions=tier.counters.evictions,
+                promotions=tier.counters.promotions,
+                demotions=tier.counters.demotions,
+                bytes_read=tier.counters.bytes_read,
+                bytes_written=tier.counters.bytes_written,
+                errors=tier.counters.errors,
+                degraded=tier.degraded,
+            )
+            for tier in report.tiers
+        ],
+        num_namespaces=report.num_namespaces,
+        lookups=counters.lookups,
+        lookup_keys=counters.lookup_keys,
+        lookup_hits=counters.lookup_hits,
+        blocks_put=counters.blocks_put,
+        blocks_got=counters.blocks_got,
+        bytes_put=counters.bytes_put,
+        bytes_got=counters.bytes_got,
+        puts_abandoned=counters.puts_abandoned,
+        checksum_failures=counters.checksum_failures,
+        num_pinned=report.num_pinned,
+        uptime_ms=int(report.uptime_s * 1000),
+    )
