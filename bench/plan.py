@@ -122,8 +122,9 @@ def capacity_footprint_bytes(
     Per the paper (footnote 1): ``CF = KV(L) + W / B`` with ``KV(L) = L * kv_bytes_per_token`` and
     ``W = params_total * weight_bytes_per_param`` (all experts of a MoE must be resident).
     """
-    _require_positive(context_tokens=context_tokens, batch=batch,
-                      weight_bytes_per_param=weight_bytes_per_param)
+    _require_positive(
+        context_tokens=context_tokens, batch=batch, weight_bytes_per_param=weight_bytes_per_param
+    )
     return CapacityFootprint(
         kv_bytes_per_request=kv_bytes(preset, context_tokens),
         weight_bytes=preset.weight_bytes(weight_bytes_per_param),
@@ -146,12 +147,15 @@ def decode_operational_intensity(
     For a MoE the batch's tokens route to different experts, so the weight bytes are a lower bound
     and the OI an upper bound.
     """
-    _require_positive(context_tokens=context_tokens, batch=batch,
-                      weight_bytes_per_param=weight_bytes_per_param)
-    flops_per_request = (2 * preset.params_active
-                         + attention_flops_per_key(preset, absorbed=True) * context_tokens)
-    bytes_moved = (preset.weight_bytes(weight_bytes_per_param, active_only=True)
-                   + batch * kv_bytes(preset, context_tokens))
+    _require_positive(
+        context_tokens=context_tokens, batch=batch, weight_bytes_per_param=weight_bytes_per_param
+    )
+    flops_per_request = (
+        2 * preset.params_active + attention_flops_per_key(preset, absorbed=True) * context_tokens
+    )
+    bytes_moved = preset.weight_bytes(weight_bytes_per_param, active_only=True) + batch * kv_bytes(
+        preset, context_tokens
+    )
     return DecodeStep(flops=float(batch * flops_per_request), bytes_moved=float(bytes_moved))
 
 
@@ -190,8 +194,10 @@ def break_even_bandwidth(
     per token. Longer prefixes cost more FLOPs per token, so they lower the bar for fetching.
     """
     _require_positive(prefill_flops_per_s=prefill_flops_per_s)
-    return preset.kv_bytes_per_token * prefill_flops_per_s / prefill_flops_per_token(
-        preset, context_tokens
+    return (
+        preset.kv_bytes_per_token
+        * prefill_flops_per_s
+        / prefill_flops_per_token(preset, context_tokens)
     )
 
 
@@ -209,8 +215,9 @@ def tier_sizes_for_sessions(
     working set of the step), DRAM the recently active ones (``warm_fraction``, hot included) that
     will be fetched back at their next turn, and SSD every session. Session counts round up.
     """
-    _require_positive(num_sessions=num_sessions,
-                      context_tokens_per_session=context_tokens_per_session)
+    _require_positive(
+        num_sessions=num_sessions, context_tokens_per_session=context_tokens_per_session
+    )
     if not 0.0 <= hot_fraction <= warm_fraction <= 1.0:
         raise ValueError(
             "need 0 <= hot_fraction <= warm_fraction <= 1, "
@@ -250,23 +257,50 @@ def _require_positive(**values: float) -> None:
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``plan`` subcommand's options to ``parser``."""
     parser.add_argument(
-        "--model", action="append", metavar="NAME[,NAME...]",
+        "--model",
+        action="append",
+        metavar="NAME[,NAME...]",
         help=f"model preset (repeatable or comma list; default all: {', '.join(preset_names())})",
     )
-    parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT_TOKENS,
-                        help="context tokens per request or session (default %(default)s)")
-    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH,
-                        help="decode batch size (default %(default)s)")
-    parser.add_argument("--sessions", type=int, default=DEFAULT_SESSIONS,
-                        help="agent sessions to size tiers for (default %(default)s)")
-    parser.add_argument("--prefill-tflops", type=float, default=DEFAULT_PREFILL_TFLOPS,
-                        help="effective prefill rate in TFLOP/s (default %(default)s)")
-    parser.add_argument("--weight-bytes", type=float, default=DEFAULT_WEIGHT_BYTES,
-                        help="bytes per weight parameter (default %(default)s; 0.5 for 4-bit)")
-    parser.add_argument("--hot-fraction", type=float, default=DEFAULT_HOT_FRACTION,
-                        help="sessions mid-turn, held in HBM (default %(default)s)")
-    parser.add_argument("--warm-fraction", type=float, default=DEFAULT_WARM_FRACTION,
-                        help="recently active sessions, held in DRAM (default %(default)s)")
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=DEFAULT_CONTEXT_TOKENS,
+        help="context tokens per request or session (default %(default)s)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=DEFAULT_BATCH, help="decode batch size (default %(default)s)"
+    )
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=DEFAULT_SESSIONS,
+        help="agent sessions to size tiers for (default %(default)s)",
+    )
+    parser.add_argument(
+        "--prefill-tflops",
+        type=float,
+        default=DEFAULT_PREFILL_TFLOPS,
+        help="effective prefill rate in TFLOP/s (default %(default)s)",
+    )
+    parser.add_argument(
+        "--weight-bytes",
+        type=float,
+        default=DEFAULT_WEIGHT_BYTES,
+        help="bytes per weight parameter (default %(default)s; 0.5 for 4-bit)",
+    )
+    parser.add_argument(
+        "--hot-fraction",
+        type=float,
+        default=DEFAULT_HOT_FRACTION,
+        help="sessions mid-turn, held in HBM (default %(default)s)",
+    )
+    parser.add_argument(
+        "--warm-fraction",
+        type=float,
+        default=DEFAULT_WARM_FRACTION,
+        help="recently active sessions, held in DRAM (default %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
@@ -287,14 +321,20 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _validate_args(args: argparse.Namespace) -> None:
-    for flag, value in (("--context", args.context), ("--batch", args.batch),
-                        ("--sessions", args.sessions), ("--prefill-tflops", args.prefill_tflops),
-                        ("--weight-bytes", args.weight_bytes)):
+    for flag, value in (
+        ("--context", args.context),
+        ("--batch", args.batch),
+        ("--sessions", args.sessions),
+        ("--prefill-tflops", args.prefill_tflops),
+        ("--weight-bytes", args.weight_bytes),
+    ):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag} must be positive, got {value!r}")
     if not 0.0 <= args.hot_fraction <= args.warm_fraction <= 1.0:
-        raise ValueError("need 0 <= --hot-fraction <= --warm-fraction <= 1, got "
-                         f"{args.hot_fraction!r} and {args.warm_fraction!r}")
+        raise ValueError(
+            "need 0 <= --hot-fraction <= --warm-fraction <= 1, got "
+            f"{args.hot_fraction!r} and {args.warm_fraction!r}"
+        )
 
 
 def _selected_presets(model_args: list[str] | None) -> list[ModelPreset]:
@@ -322,9 +362,13 @@ def _plan_model(preset: ModelPreset, args: argparse.Namespace) -> dict[str, Any]
     rate = args.prefill_tflops * 1e12
     cf = capacity_footprint_bytes(preset, args.context, args.batch, args.weight_bytes)
     step = decode_operational_intensity(preset, args.context, args.batch, args.weight_bytes)
-    tiers = tier_sizes_for_sessions(preset, args.sessions, args.context,
-                                    hot_fraction=args.hot_fraction,
-                                    warm_fraction=args.warm_fraction)
+    tiers = tier_sizes_for_sessions(
+        preset,
+        args.sessions,
+        args.context,
+        hot_fraction=args.hot_fraction,
+        warm_fraction=args.warm_fraction,
+    )
     return {
         "name": preset.name,
         "attention": preset.attention,
@@ -357,37 +401,64 @@ def _print_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     if not console.is_terminal:
         console.width = 120  # rich assumes 80 columns when piped, which wraps every cell
 
-    memory = Table(title=f"Capacity footprint: {args.context:,} tokens/request, batch "
-                         f"{args.batch}, weights at {args.weight_bytes:g} B/param")
-    for header in ("Model", "Attn", "Params (active)", "KV/token", "KV/request", "Weights",
-                   "CF/request", "CF x batch"):
+    memory = Table(
+        title=f"Capacity footprint: {args.context:,} tokens/request, batch "
+        f"{args.batch}, weights at {args.weight_bytes:g} B/param"
+    )
+    for header in (
+        "Model",
+        "Attn",
+        "Params (active)",
+        "KV/token",
+        "KV/request",
+        "Weights",
+        "CF/request",
+        "CF x batch",
+    ):
         memory.add_column(header, justify="left" if header in ("Model", "Attn") else "right")
     for row in rows:
         cf = row["capacity_footprint"]
         memory.add_row(
-            row["name"], row["attention"],
+            row["name"],
+            row["attention"],
             f"{row['params_total'] / 1e9:.1f}B ({row['params_active'] / 1e9:.1f}B)",
-            _fmt_bytes(row["kv_bytes_per_token"]), _fmt_bytes(cf["kv_bytes_per_request"]),
-            _fmt_bytes(cf["weight_bytes"]), _fmt_bytes(cf["per_request_bytes"]),
+            _fmt_bytes(row["kv_bytes_per_token"]),
+            _fmt_bytes(cf["kv_bytes_per_request"]),
+            _fmt_bytes(cf["weight_bytes"]),
+            _fmt_bytes(cf["per_request_bytes"]),
             _fmt_bytes(cf["total_bytes"]),
         )
     console.print(memory)
 
-    compute = Table(title=f"Decode OI and fetch-vs-recompute at {args.prefill_tflops:g} TFLOP/s "
-                          "prefill")
-    for header in ("Model", "Decode FLOPs", "Bytes moved", "OI (FLOP/B)", "Prefill FLOP/token",
-                   "Recompute prefix", "Break-even BW"):
+    compute = Table(
+        title=f"Decode OI and fetch-vs-recompute at {args.prefill_tflops:g} TFLOP/s prefill"
+    )
+    for header in (
+        "Model",
+        "Decode FLOPs",
+        "Bytes moved",
+        "OI (FLOP/B)",
+        "Prefill FLOP/token",
+        "Recompute prefix",
+        "Break-even BW",
+    ):
         compute.add_column(header, justify="left" if header == "Model" else "right")
     for row in rows:
         decode, prefill = row["decode"], row["prefill"]
         compute.add_row(
-            row["name"], _fmt_flops(decode["flops"]), _fmt_bytes(decode["bytes_moved"]),
-            f"{decode['operational_intensity']:.1f}", _fmt_flops(prefill["flops_per_token"]),
-            f"{prefill['recompute_seconds']:.2f} s", _fmt_rate(prefill["break_even_bytes_per_s"]),
+            row["name"],
+            _fmt_flops(decode["flops"]),
+            _fmt_bytes(decode["bytes_moved"]),
+            f"{decode['operational_intensity']:.1f}",
+            _fmt_flops(prefill["flops_per_token"]),
+            f"{prefill['recompute_seconds']:.2f} s",
+            _fmt_rate(prefill["break_even_bytes_per_s"]),
         )
     console.print(compute)
-    console.print("Break-even BW = KV bytes/token x FLOP rate / prefill FLOPs/token (batch and "
-                  "tier do not enter); fetching wins above it.")
+    console.print(
+        "Break-even BW = KV bytes/token x FLOP rate / prefill FLOPs/token (batch and "
+        "tier do not enter); fetching wins above it."
+    )
 
     tiers = Table(title=f"Tiers for {args.sessions} sessions of {args.context:,} tokens")
     for header in ("Model", "KV/session", "Hot", "HBM", "Warm", "DRAM", "SSD"):
@@ -395,13 +466,19 @@ def _print_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     for row in rows:
         t = row["tiers"]
         tiers.add_row(
-            row["name"], _fmt_bytes(t["session_kv_bytes"]), str(t["num_hot_sessions"]),
-            _fmt_bytes(t["hbm_bytes"]), str(t["num_warm_sessions"]), _fmt_bytes(t["dram_bytes"]),
+            row["name"],
+            _fmt_bytes(t["session_kv_bytes"]),
+            str(t["num_hot_sessions"]),
+            _fmt_bytes(t["hbm_bytes"]),
+            str(t["num_warm_sessions"]),
+            _fmt_bytes(t["dram_bytes"]),
             _fmt_bytes(t["ssd_bytes"]),
         )
     console.print(tiers)
-    console.print(f"HBM holds the hot sessions ({args.hot_fraction:.0%}, mid-turn), DRAM the warm "
-                  f"ones ({args.warm_fraction:.0%}, hot included), SSD all of them.")
+    console.print(
+        f"HBM holds the hot sessions ({args.hot_fraction:.0%}, mid-turn), DRAM the warm "
+        f"ones ({args.warm_fraction:.0%}, hot included), SSD all of them."
+    )
 
 
 def _fmt_bytes(num_bytes: float) -> str:

@@ -42,8 +42,16 @@ class ModelPreset:
     aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for field_name in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size",
-                           "params_total", "params_active", "kv_dtype_bytes"):
+        for field_name in (
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "hidden_size",
+            "params_total",
+            "params_active",
+            "kv_dtype_bytes",
+        ):
             if getattr(self, field_name) <= 0:
                 raise ValueError(f"{self.name}: {field_name} must be positive")
         if self.params_active > self.params_total:
@@ -85,35 +93,73 @@ PRESETS: dict[str, ModelPreset] = {
     preset.name: preset
     for preset in (
         ModelPreset(
-            name="Llama-3-8B", aliases=("llama-3.1-8b", "meta-llama-3-8b"),
-            num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, hidden_size=4096,
-            params_total=8_030_000_000, params_active=8_030_000_000,
+            name="Llama-3-8B",
+            aliases=("llama-3.1-8b", "meta-llama-3-8b"),
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            hidden_size=4096,
+            params_total=8_030_000_000,
+            params_active=8_030_000_000,
         ),
         ModelPreset(
-            name="Llama-3-70B", aliases=("llama-3.1-70b", "meta-llama-3-70b"),
-            num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128, hidden_size=8192,
-            params_total=70_600_000_000, params_active=70_600_000_000,
+            name="Llama-3-70B",
+            aliases=("llama-3.1-70b", "meta-llama-3-70b"),
+            num_layers=80,
+            num_heads=64,
+            num_kv_heads=8,
+            head_dim=128,
+            hidden_size=8192,
+            params_total=70_600_000_000,
+            params_active=70_600_000_000,
         ),
         ModelPreset(
-            name="Qwen2.5-32B", aliases=("qwen2.5-32b-instruct",),
-            num_layers=64, num_heads=40, num_kv_heads=8, head_dim=128, hidden_size=5120,
-            params_total=32_500_000_000, params_active=32_500_000_000,
+            name="Qwen2.5-32B",
+            aliases=("qwen2.5-32b-instruct",),
+            num_layers=64,
+            num_heads=40,
+            num_kv_heads=8,
+            head_dim=128,
+            hidden_size=5120,
+            params_total=32_500_000_000,
+            params_active=32_500_000_000,
         ),
         ModelPreset(
-            name="DeepSeek-V3", aliases=("dsv3", "deepseek-r1"),
-            num_layers=61, num_heads=128, num_kv_heads=128, head_dim=128, hidden_size=7168,
-            params_total=671_000_000_000, params_active=37_000_000_000,
-            attention="mla", kv_lora_rank=512, qk_rope_head_dim=64,
+            name="DeepSeek-V3",
+            aliases=("dsv3", "deepseek-r1"),
+            num_layers=61,
+            num_heads=128,
+            num_kv_heads=128,
+            head_dim=128,
+            hidden_size=7168,
+            params_total=671_000_000_000,
+            params_active=37_000_000_000,
+            attention="mla",
+            kv_lora_rank=512,
+            qk_rope_head_dim=64,
         ),
         ModelPreset(
-            name="Mixtral-8x7B", aliases=("mixtral", "mixtral-8x7b-instruct"),
-            num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, hidden_size=4096,
-            params_total=46_700_000_000, params_active=12_900_000_000,
+            name="Mixtral-8x7B",
+            aliases=("mixtral", "mixtral-8x7b-instruct"),
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=128,
+            hidden_size=4096,
+            params_total=46_700_000_000,
+            params_active=12_900_000_000,
         ),
         ModelPreset(
-            name="Qwen3-30B-A3B", aliases=("qwen3-30b", "qwen3-moe"),
-            num_layers=48, num_heads=32, num_kv_heads=4, head_dim=128, hidden_size=2048,
-            params_total=30_500_000_000, params_active=3_300_000_000,
+            name="Qwen3-30B-A3B",
+            aliases=("qwen3-30b", "qwen3-moe"),
+            num_layers=48,
+            num_heads=32,
+            num_kv_heads=4,
+            head_dim=128,
+            hidden_size=2048,
+            params_total=30_500_000_000,
+            params_active=3_300_000_000,
         ),
     )
 }
@@ -125,9 +171,7 @@ def _normalize(name: str) -> str:
 
 
 _INDEX: dict[str, ModelPreset] = {
-    _normalize(key): preset
-    for preset in PRESETS.values()
-    for key in (preset.name, *preset.aliases)
+    _normalize(key): preset for preset in PRESETS.values() for key in (preset.name, *preset.aliases)
 }
 
 

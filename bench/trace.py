@@ -114,13 +114,18 @@ def load_trace(
 def _parse_request(record: Any, block_tokens: int) -> TraceRequest:
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    missing = [k for k in ("timestamp", "input_length", "output_length", "hash_ids")
-               if k not in record]
+    missing = [
+        k for k in ("timestamp", "input_length", "output_length", "hash_ids") if k not in record
+    ]
     if missing:
         raise ValueError(f"missing field(s): {', '.join(missing)}")
     timestamp = record["timestamp"]
-    if (not isinstance(timestamp, int | float) or isinstance(timestamp, bool)
-            or not math.isfinite(timestamp) or timestamp < 0):
+    if (
+        not isinstance(timestamp, int | float)
+        or isinstance(timestamp, bool)
+        or not math.isfinite(timestamp)
+        or timestamp < 0
+    ):
         raise ValueError(f"timestamp must be a non-negative number, got {timestamp!r}")
     input_length = _int_field(record, "input_length", minimum=1)
     output_length = _int_field(record, "output_length", minimum=0)

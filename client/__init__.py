@@ -1,1 +1,79 @@
-"""TODO"""
+"""kvstore.client: the library prefill and decode workers embed.
+
+    from kvstore.client import KVClient, Namespace, KVLayout, DType
+
+    async with KVClient("127.0.0.1:50051", namespace) as client:
+        match = await client.lookup(token_ids)
+        await client.get_into(match, kv)        # kv: [layers, 2, tokens, kv_heads, head_dim]
+        await client.put(token_ids, kv)
+
+`SyncKVClient` offers the same calls, blocking.
+"""
+
+from kvstore.checksum import ChecksumKind
+from kvstore.client._async import KVClient, LayerPut
+from kvstore.client._errors import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    ChecksumError,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    KVStoreClientError,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    Unknown,
+)
+from kvstore.client._options import ClientOptions, Timeouts
+from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
+from kvstore.client._sync import SyncKVClient
+from kvstore.codec import KVForm
+from kvstore.keys import HashAlgorithm
+from kvstore.layout import DType, KVLayout, Namespace
+from kvstore.put import PutOutcome
+from kvstore.tiers.base import TierKind
+
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "Cancelled",
+    "ChecksumError",
+    "ChecksumKind",
+    "ClientOptions",
+    "DType",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "HashAlgorithm",
+    "Internal",
+    "InvalidArgument",
+    "KVClient",
+    "KVForm",
+    "KVLayout",
+    "KVStoreClientError",
+    "LayerArrival",
+    "LayerPut",
+    "Namespace",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "PrefixMatch",
+    "PutOutcome",
+    "PutResult",
+    "ResourceExhausted",
+    "SyncKVClient",
+    "TierKind",
+    "Timeouts",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Unknown",
+]

@@ -32,8 +32,10 @@ class RunningServer:
 
     async def drain(self) -> None:
         """Stop taking new work, let streams in flight finish, then stop."""
-        logger.info("draining: health NOT_SERVING, refusing new RPCs, %.0fs grace",
-                    self.config.limits.drain_grace_s)
+        logger.info(
+            "draining: health NOT_SERVING, refusing new RPCs, %.0fs grace",
+            self.config.limits.drain_grace_s,
+        )
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.limits.drain_grace_s)
@@ -67,7 +69,10 @@ async def build_server(config: ServerConfig) -> RunningServer:
     dram = store.dram
     logger.info(
         "serving kvstore.v1 on %s (port %d); dram %d MiB in %d KiB pages, eviction %s",
-        config.listen, port, dram.capacity_bytes >> 20, dram.arena.page_bytes >> 10,
+        config.listen,
+        port,
+        dram.capacity_bytes >> 20,
+        dram.arena.page_bytes >> 10,
         config.store.eviction_policy,
     )
     return RunningServer(server, port, store, servicer, health_servicer, config)

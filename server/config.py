@@ -32,9 +32,22 @@ from typing import Any
 from kvstore.errors import InvalidRequest
 from kvstore.store import StoreConfig
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20,
-               "mb": 1000**2, "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30,
-               "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 1000**3,
+    "gib": 1 << 30,
+    "t": 1 << 40,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -88,8 +101,14 @@ def parse_size(value: str | int) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
-_SIZE_FIELDS = {"dram_bytes", "page_bytes", "max_message_bytes", "default_chunk_bytes",
-                "hbm_bytes", "ssd_bytes"}
+_SIZE_FIELDS = {
+    "dram_bytes",
+    "page_bytes",
+    "max_message_bytes",
+    "default_chunk_bytes",
+    "hbm_bytes",
+    "ssd_bytes",
+}
 
 
 def _build(cls: Any, table: dict[str, Any], where: str) -> Any:
@@ -128,8 +147,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:50051)")
     parser.add_argument("--dram-bytes", dest="store.dram_bytes", help="DRAM tier size, e.g. 4GiB")
     parser.add_argument("--page-bytes", dest="store.page_bytes", help="DRAM arena page size")
-    parser.add_argument("--eviction-policy", dest="store.eviction_policy",
-                        choices=["lru", "lfu", "session"])
+    parser.add_argument(
+        "--eviction-policy", dest="store.eviction_policy", choices=["lru", "lfu", "session"]
+    )
     parser.add_argument("--max-lease-s", dest="store.max_lease_s", type=float)
     parser.add_argument("--max-message-bytes", dest="limits.max_message_bytes")
     parser.add_argument("--max-keys", dest="limits.max_keys", type=int)

@@ -1,7 +1,7 @@
 """`kvstore-server`: run the daemon, or print a running daemon's stats.
 
-    kvstore-server [--config FILE] [--listen HOST:PORT] [--dram-bytes 4GiB] ...
-    kvstore-server stats [--target HOST:PORT] [--json]
+kvstore-server [--config FILE] [--listen HOST:PORT] [--dram-bytes 4GiB] ...
+kvstore-server stats [--target HOST:PORT] [--json]
 """
 
 from __future__ import annotations
@@ -64,7 +64,12 @@ def _stats_main(argv: list[str]) -> int:
             print(f"kvstore-server stats: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     if args.json:
-        print(json.dumps(json_format.MessageToDict(stats, always_print_fields_with_no_presence=True), indent=2))
+        print(
+            json.dumps(
+                json_format.MessageToDict(stats, always_print_fields_with_no_presence=True),
+                indent=2,
+            )
+        )
     else:
         print_stats(stats, Console())
     return 0
@@ -72,16 +77,33 @@ def _stats_main(argv: list[str]) -> int:
 
 def print_stats(stats: pb.StatsResponse, console: Console) -> None:
     table = Table(title="kvstore tiers")
-    for column in ("tier", "used / capacity", "blocks", "hits", "misses", "evictions",
-                   "promotions", "demotions", "read", "written", "errors"):
+    for column in (
+        "tier",
+        "used / capacity",
+        "blocks",
+        "hits",
+        "misses",
+        "evictions",
+        "promotions",
+        "demotions",
+        "read",
+        "written",
+        "errors",
+    ):
         table.add_column(column, justify="left" if column == "tier" else "right")
     for tier in stats.tiers:
         table.add_row(
             tier.name + (" (degraded)" if tier.degraded else ""),
             f"{_human(tier.used_bytes)} / {_human(tier.capacity_bytes)}",
-            str(tier.num_blocks), str(tier.hits), str(tier.misses), str(tier.evictions),
-            str(tier.promotions), str(tier.demotions), _human(tier.bytes_read),
-            _human(tier.bytes_written), str(tier.errors),
+            str(tier.num_blocks),
+            str(tier.hits),
+            str(tier.misses),
+            str(tier.evictions),
+            str(tier.promotions),
+            str(tier.demotions),
+            _human(tier.bytes_read),
+            _human(tier.bytes_written),
+            str(tier.errors),
         )
     console.print(table)
     hit_rate = stats.lookup_hits / stats.lookup_keys if stats.lookup_keys else 0.0

@@ -35,9 +35,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._limits = limits
         self.draining = False
 
-    async def _unary(
-        self, context: grpc.aio.ServicerContext, handle: Callable[[], Reply]
-    ) -> Reply:
+    async def _unary(self, context: grpc.aio.ServicerContext, handle: Callable[[], Reply]) -> Reply:
         await self._refuse_if_draining(context)
         try:
             return handle()
@@ -63,7 +61,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
         return await self._unary(context, handle)
 
-    async def Pin(self, request: pb.PinRequest, context: grpc.aio.ServicerContext) -> pb.PinResponse:
+    async def Pin(
+        self, request: pb.PinRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PinResponse:
         def handle() -> pb.PinResponse:
             reject_unknown_fields(request, "PinRequest")
             namespace = namespace_from_wire(request.namespace, request.HasField("namespace"))
@@ -175,7 +175,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                         block_index=chunk.block_index,
                         layer=chunk.layer,
                         offset=chunk.offset,
-                        data=chunk.views[0].tobytes() if len(chunk.views) == 1
+                        data=chunk.views[0].tobytes()
+                        if len(chunk.views) == 1
                         else b"".join(chunk.views),
                         layer_checksum=chunk.layer_checksum,
                     )
@@ -197,5 +198,6 @@ def _apply_put_message(session: PutSession, request: pb.PutBlocksRequest) -> Non
         session.declare(header.key, header.parent_key)
     for chunk in request.chunks:
         reject_unknown_fields(chunk, "LayerChunk")
-        session.write(chunk.block_index, chunk.layer, chunk.offset, chunk.data, chunk.layer_checksum)
-
+        session.write(
+            chunk.block_index, chunk.layer, chunk.offset, chunk.data, chunk.layer_checksum
+        )

@@ -32,4 +32,7 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(error, error_type):
             return code, str(error)
     logger.exception("internal error while serving a request", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal server error ({type(error).__name__}); see the server log"
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"internal server error ({type(error).__name__}); see the server log",
+    )

@@ -30,8 +30,14 @@ from kvstore.bench.presets import (
 def make_preset(**overrides: object) -> ModelPreset:
     """A toy dense GQA model small enough to check every number by hand (128 B of KV/token)."""
     fields: dict[str, object] = {
-        "name": "toy", "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
-        "hidden_size": 32, "params_total": 1000, "params_active": 1000,
+        "name": "toy",
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 8,
+        "hidden_size": 32,
+        "params_total": 1000,
+        "params_active": 1000,
     }
     fields.update(overrides)
     return ModelPreset(**fields)  # type: ignore[arg-type]
@@ -109,8 +115,9 @@ def test_mha_kv_bytes_and_validation() -> None:
 
 
 def test_capacity_footprint_by_hand() -> None:
-    cf = capacity_footprint_bytes(make_preset(), context_tokens=10, batch=2,
-                                  weight_bytes_per_param=2)
+    cf = capacity_footprint_bytes(
+        make_preset(), context_tokens=10, batch=2, weight_bytes_per_param=2
+    )
     assert cf.kv_bytes_per_request == 10 * 128
     assert cf.weight_bytes == 2000
     assert cf.per_request_bytes == 1280 + 2000 / 2
@@ -124,8 +131,9 @@ def test_capacity_footprint_of_llama_70b_at_128k() -> None:
 
 
 def test_decode_operational_intensity_by_hand() -> None:
-    step = decode_operational_intensity(make_preset(), context_tokens=10, batch=2,
-                                        weight_bytes_per_param=2)
+    step = decode_operational_intensity(
+        make_preset(), context_tokens=10, batch=2, weight_bytes_per_param=2
+    )
     # per request: 2 * 1000 params + 4 * 2 layers * 4 heads * 8 dims * 10 keys = 2000 + 2560
     assert step.flops == 2 * 4560
     assert step.bytes_moved == 2000 + 2 * 1280
@@ -173,8 +181,7 @@ def test_tier_sizes_by_hand() -> None:
 
 
 def test_tier_sessions_round_up_without_float_noise() -> None:
-    tiers = tier_sizes_for_sessions(make_preset(), 100, 1, hot_fraction=0.07,
-                                    warm_fraction=0.291)
+    tiers = tier_sizes_for_sessions(make_preset(), 100, 1, hot_fraction=0.07, warm_fraction=0.291)
     assert (tiers.num_hot_sessions, tiers.num_warm_sessions) == (7, 30)
 
 
@@ -204,8 +211,17 @@ def test_run_plan_json_covers_every_preset(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_run_plan_selects_models(capsys: pytest.CaptureFixture[str]) -> None:
-    args = parse("--model", "llama3-8b,deepseek-v3", "--model", "Llama-3-8B", "--json",
-                 "--context", "1024", "--batch", "1")
+    args = parse(
+        "--model",
+        "llama3-8b,deepseek-v3",
+        "--model",
+        "Llama-3-8B",
+        "--json",
+        "--context",
+        "1024",
+        "--batch",
+        "1",
+    )
     assert run_plan(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert [m["name"] for m in report["models"]] == ["Llama-3-8B", "DeepSeek-V3"]

@@ -31,8 +31,12 @@ def write_trace(path: Path, records: list[dict[str, Any]]) -> Path:
 
 
 def record(input_length: int, hash_ids: list[int], timestamp: int = 0) -> dict[str, Any]:
-    return {"timestamp": timestamp, "input_length": input_length, "output_length": 7,
-            "hash_ids": hash_ids}
+    return {
+        "timestamp": timestamp,
+        "input_length": input_length,
+        "output_length": 7,
+        "hash_ids": hash_ids,
+    }
 
 
 def without_eviction_fields(stats: CacheHitStats) -> CacheHitStats:
@@ -112,9 +116,14 @@ def test_infinite_cache_by_hand() -> None:
 
 
 def test_infinite_cache_from_file(tmp_path: Path) -> None:
-    path = write_trace(tmp_path / "t.jsonl", [
-        record(1024, [10, 11]), record(1536, [10, 11, 12]), record(600, [10, 13]),
-    ])
+    path = write_trace(
+        tmp_path / "t.jsonl",
+        [
+            record(1024, [10, 11]),
+            record(1536, [10, 11, 12]),
+            record(600, [10, 13]),
+        ],
+    )
     stats = infinite_cache_hit_rate(load_trace(path))
     assert (stats.num_hit_blocks, stats.num_hit_tokens) == (0 + 2 + 1, 3 * 512)
     assert stats.token_hit_rate == pytest.approx(1536 / (1024 + 1536 + 600))
@@ -166,8 +175,12 @@ def test_lru_keeps_the_head_of_a_request_longer_than_the_cache() -> None:
 
 
 def test_lru_shared_prefix_outlives_its_children() -> None:
-    requests = [make_request(1024, 0, 1), make_request(1024, 0, 2), make_request(1024, 0, 3),
-                make_request(1024, 0, 4)]
+    requests = [
+        make_request(1024, 0, 1),
+        make_request(1024, 0, 2),
+        make_request(1024, 0, 3),
+        make_request(1024, 0, 4),
+    ]
     # Block 0 is touched by every request, so only the tails 1, 2, ... are ever evicted.
     lru = lru_cache_hit_rate(requests, capacity_blocks=2)
     assert lru.num_hit_blocks == 3
@@ -187,7 +200,9 @@ def test_block_keys_are_stable_and_documented() -> None:
     assert len(keys) == 3
     assert all(len(key) == 16 for key in keys)
     expected = hashlib.sha256(
-        b"kvstore.bench.trace.v1\x00" + (6).to_bytes(4, "little") + b"tenant"
+        b"kvstore.bench.trace.v1\x00"
+        + (6).to_bytes(4, "little")
+        + b"tenant"
         + (8).to_bytes(8, "little")
     ).digest()[:16]
     assert keys[1] == expected

@@ -1,0 +1,498 @@
+"""The asyncio client: lookups, streaming puts and gets of torch KV tensors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+
+import grpc
+import numpy as np
+import torch
+
+from kvstore.checksum import ChecksumKind, Hasher, checksum_kind_from_wire, new_hasher
+from kvstore.client._errors import ChecksumError, InvalidArgument, translate_rpc_errors
+from kvstore.client._options import ClientOptions
+from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
+from kvstore.client._wire import namespace_to_wire
+from kvstore.codec import (
+    KVForm,
+    block_layer_pieces,
+    check_tensor,
+    cpu_contiguous,
+    read_pieces,
+    write_pieces,
+)
+from kvstore.errors import InvalidRequest
+from kvstore.keys import chain_keys, validate_key
+from kvstore.layout import Namespace
+from kvstore.put import PutOutcome
+from kvstore.tiers.base import TierKind
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+
+class KVClient:
+    """Async client for one namespace of a kvstore server.
+
+    Use as `async with KVClient("127.0.0.1:50051", namespace) as client: ...`. KV tensors
+    come in the forms of `kvstore.codec.KVForm`; the default is `sequence`
+    (`[num_layers, 2, num_tokens, num_kv_heads, head_dim]`).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        namespace: Namespace,
+        *,
+        options: ClientOptions | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.options = options or ClientOptions()
+        limit = self.options.max_message_bytes
+        self._owns_channel = channel is None
+        self._channel = channel or grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
+        self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._namespace_wire = namespace_to_wire(namespace)
+        self._layout = namespace.layout
+
+    async def __aenter__(self) -> KVClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close()
+
+    # -- keys and lookups -------------------------------------------------------------
+
+    def keys(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> list[bytes]:
+        """Chained prefix-hash keys of every full block of `tokens`."""
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.detach().cpu().numpy()
+        return chain_keys(
+            tokens,
+            self._layout.block_tokens,
+            extra=self.options.key_extra,
+            algorithm=self.options.hash_algorithm,
+        )
+
+    async def lookup(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> PrefixMatch:
+        """How many leading full blocks of `tokens` the store holds, and where."""
+        return await self.lookup_keys(self.keys(tokens))
+
+    async def lookup_keys(self, keys: list[bytes]) -> PrefixMatch:
+        request = pb.LookupPrefixRequest(namespace=self._namespace_wire, keys=keys)
+        with translate_rpc_errors():
+            reply = await self._stub.LookupPrefix(request, timeout=self.options.timeouts.lookup)
+        return PrefixMatch(
+            keys=keys,
+            num_matched=reply.num_matched,
+            tiers=tuple(TierKind(tier) for tier in reply.tiers),
+            block_tokens=self._layout.block_tokens,
+        )
+
+    # -- puts -------------------------------------------------------------------------
+
+    async def put(
+        self,
+        tokens: Sequence[int] | np.ndarray | torch.Tensor,
+        kv: torch.Tensor,
+        *,
+        form: KVForm = KVForm.SEQUENCE,
+        skip_cached: bool = True,
+    ) -> PutResult:
+        """Store the KV of every full block of `tokens`.
+
+        `kv` holds the whole sequence (`sequence` form, at least as many tokens as the
+        full blocks) or its blocks (`blocks` form). With `skip_cached`, one lookup first
+        finds the stored prefix and only the blocks after it are sent.
+        """
+        keys = self.keys(tokens)
+        check_tensor(kv, self._layout, form, len(keys), at_least=True)
+        first = (await self.lookup_keys(keys)).num_matched if skip_cached else 0
+        return await self._put(keys, kv, form, first, b"")
+
+    async def put_blocks(
+        self,
+        keys: list[bytes],
+        kv: torch.Tensor,
+        *,
+        parent_key: bytes = b"",
+        form: KVForm = KVForm.BLOCKS,
+    ) -> PutResult:
+        """Store blocks under caller-chosen keys; `keys[0]` chains from `parent_key`."""
+        check_tensor(kv, self._layout, form, len(keys), at_least=True)
+        return await self._put(keys, kv, form, 0, parent_key)
+
+    async def _put(
+        self, keys: list[bytes], kv: torch.Tensor, form: KVForm, first: int, parent_key: bytes
+    ) -> PutResult:
+        """Send blocks `keys[first:]`; block i is index i of `kv`."""
+        if first >= len(keys):
+            return PutResult(outcomes=(), num_skipped=first, bytes_sent=0)
+        source = cpu_contiguous(kv)
+        layout = self._layout
+        kind = self.options.checksum
+
+        async def requests() -> AsyncIterator[pb.PutBlocksRequest]:
+            header = pb.PutBlocksRequest(
+                namespace=self._namespace_wire,
+                checksum_kind=kind.value,  # type: ignore[arg-type]
+            )
+            batch = _MessageBatch(self.options.chunk_bytes, header)
+            for declared, index in enumerate(range(first, len(keys))):
+                # Declared just before its bytes, so the server reserves room as it goes.
+                batch.declare(keys[index], keys[index - 1] if index else parent_key)
+                for layer in range(layout.num_layers):
+                    pieces = block_layer_pieces(source, form, index, layer, layout.block_tokens)
+                    for message in batch.add_layer(declared, layer, pieces, kind):
+                        yield message
+            yield batch.flush()
+
+        with translate_rpc_errors():
+            reply = await self._stub.PutBlocks(requests(), timeout=self.options.timeouts.transfer)
+        return PutResult(
+            outcomes=tuple(PutOutcome(value) for value in reply.outcomes),
+            num_skipped=first,
+            bytes_sent=(len(keys) - first) * layout.block_bytes,
+        )
+
+    def layer_put(self, keys: list[bytes], *, parent_key: bytes = b"") -> LayerPut:
+        """A put that sends one layer of all `keys`' blocks at a time, as prefill computes them.
+
+        async with client.layer_put(keys) as put:
+            for layer in range(num_layers):
+                ...compute layer...
+                await put.send_layer(layer, kv_layer)  # [num_blocks, 2, T, H, D]
+        put.result  # after the block
+        """
+        return LayerPut(self, keys, parent_key)
+
+    # -- gets ---------------------------------------------------------------------------
+
+    async def get_into(
+        self, keys: list[bytes] | PrefixMatch, dest: torch.Tensor, *, form: KVForm = KVForm.SEQUENCE
+    ) -> int:
+        """Fetch the stored prefix of `keys` into `dest`; returns how many blocks arrived.
+
+        The server serves the longest prefix still stored, which may be shorter than
+        `keys` if blocks were evicted since a lookup: the caller recomputes the rest.
+        """
+        num_blocks = 0
+        async for arrival in self._stream(keys, dest, form):
+            num_blocks = arrival.num_blocks
+        return num_blocks
+
+    def iter_layers(
+        self,
+        keys: list[bytes] | PrefixMatch,
+        dest: torch.Tensor | None = None,
+        *,
+        form: KVForm = KVForm.SEQUENCE,
+    ) -> AsyncIterator[LayerArrival]:
+        """Yield each layer of the stored prefix of `keys` as soon as it has fully arrived.
+
+        Without `dest`, each arrival carries a fresh `[num_blocks, 2, T, H, D]` tensor.
+        """
+        return self._stream(keys, dest, form)
+
+    async def _stream(
+        self, keys: list[bytes] | PrefixMatch, dest: torch.Tensor | None, form: KVForm
+    ) -> AsyncIterator[LayerArrival]:
+        if isinstance(keys, PrefixMatch):
+            keys = keys.matched_keys
+        if not keys:
+            return
+        for index, key in enumerate(keys):
+            _validate_key(key, index)
+        if dest is not None:
+            check_tensor(dest, self._layout, form, len(keys), at_least=True)
+        request = pb.GetBlocksRequest(
+            namespace=self._namespace_wire, keys=keys, max_chunk_bytes=self.options.chunk_bytes
+        )
+        with translate_rpc_errors():
+            call = self._stub.GetBlocks(request, timeout=self.options.timeouts.transfer)
+            receiver: _LayerReceiver | None = None
+            async for reply in call:
+                if receiver is None:
+                    receiver = _LayerReceiver(self, reply, dest, form)
+                    if receiver.num_blocks == 0:
+                        return
+                for arrival in receiver.accept(reply):
+                    yield arrival
+            if receiver is not None:
+                for arrival in receiver.finish():
+                    yield arrival
+
+    # -- control ---------------------------------------------------------------------
+
+    async def pin(self, keys: list[bytes], ttl_s: float) -> int:
+        """Lease the stored blocks among `keys` for `ttl_s`; returns how many were pinned."""
+        ttl_ms = max(1, round(ttl_s * 1000))
+        request = pb.PinRequest(namespace=self._namespace_wire, keys=keys, ttl_ms=ttl_ms)
+        with translate_rpc_errors():
+            reply = await self._stub.Pin(request, timeout=self.options.timeouts.control)
+        return int(reply.num_pinned)
+
+    async def unpin(self, keys: list[bytes]) -> int:
+        request = pb.UnpinRequest(namespace=self._namespace_wire, keys=keys)
+        with translate_rpc_errors():
+            reply = await self._stub.Unpin(request, timeout=self.options.timeouts.control)
+        return int(reply.num_unpinned)
+
+    async def delete(self, keys: list[bytes]) -> tuple[int, int]:
+        """Delete blocks and their descendants; returns (deleted, left because pinned)."""
+        request = pb.DeleteRequest(namespace=self._namespace_wire, keys=keys)
+        with translate_rpc_errors():
+            reply = await self._stub.Delete(request, timeout=self.options.timeouts.control)
+        return int(reply.num_deleted), int(reply.num_busy)
+
+    async def stats(self) -> pb.StatsResponse:
+        with translate_rpc_errors():
+            return await self._stub.Stats(pb.StatsRequest(), timeout=self.options.timeouts.control)
+
+
+class LayerPut:
+    """A put stream fed one layer of many blocks at a time (see KVClient.layer_put)."""
+
+    def __init__(self, client: KVClient, keys: list[bytes], parent_key: bytes) -> None:
+        if not keys:
+            raise InvalidArgument("layer_put needs at least one key")
+        self._client = client
+        self._keys = keys
+        self._parent_key = parent_key
+        self._layout = client.namespace.layout
+        self._next_layer = 0
+        self._call: grpc.aio.StreamUnaryCall | None = None  # type: ignore[type-arg]
+        self.result: PutResult | None = None
+
+    async def __aenter__(self) -> LayerPut:
+        client = self._client
+        self._call = client._stub.PutBlocks(timeout=client.options.timeouts.transfer)
+        header = pb.PutBlocksRequest(
+            namespace=client._namespace_wire,
+            checksum_kind=client.options.checksum.value,  # type: ignore[arg-type]
+        )
+        parent = self._parent_key
+        for key in self._keys:
+            header.blocks.add(key=key, parent_key=parent)
+            parent = key
+        with translate_rpc_errors():
+            await self._call.write(header)
+        return self
+
+    async def send_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
+        """Send layer `layer` (`[num_blocks, 2, T, H, D]`) of every block; layers go in order."""
+        if layer != self._next_layer:
+            raise InvalidArgument(f"send layer {self._next_layer} next, not layer {layer}")
+        check_tensor(kv_layer, self._layout, KVForm.LAYER, len(self._keys))
+        assert self._call is not None
+        source = cpu_contiguous(kv_layer)
+        options = self._client.options
+        batch = _MessageBatch(options.chunk_bytes, pb.PutBlocksRequest())
+        with translate_rpc_errors():
+            for block in range(len(self._keys)):
+                pieces = block_layer_pieces(source, KVForm.LAYER, block, layer, 0)
+                for message in batch.add_layer(block, layer, pieces, options.checksum):
+                    await self._call.write(message)
+            if batch.has_content:
+                await self._call.write(batch.flush())
+        self._next_layer += 1
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        assert self._call is not None
+        if exc is not None:
+            # The server frees whatever this put had reserved.
+            self._call.cancel()
+            return
+        if self._next_layer != self._layout.num_layers:
+            self._call.cancel()
+            raise InvalidArgument(
+                f"layer_put ended after {self._next_layer} of {self._layout.num_layers} layers"
+            )
+        with translate_rpc_errors():
+            await self._call.done_writing()
+            reply = await self._call
+        self.result = PutResult(
+            outcomes=tuple(PutOutcome(value) for value in reply.outcomes),
+            num_skipped=0,
+            bytes_sent=len(self._keys) * self._layout.block_bytes,
+        )
+
+
+class _MessageBatch:
+    """Packs block declarations and layer chunks into messages of about `chunk_bytes`."""
+
+    def __init__(self, chunk_bytes: int, first: pb.PutBlocksRequest) -> None:
+        self._chunk_bytes = chunk_bytes
+        self._message = first
+        self._size = 0
+        self.has_content = True
+
+    def declare(self, key: bytes, parent_key: bytes) -> None:
+        self._message.blocks.add(key=key, parent_key=parent_key)
+        self.has_content = True
+
+    def add_layer(
+        self, block: int, layer: int, pieces: list[torch.Tensor], kind: ChecksumKind
+    ) -> list[pb.PutBlocksRequest]:
+        """Queue one block-layer; returns the messages that became full."""
+        hasher = new_hasher(kind)
+        runs = read_pieces(pieces, self._chunk_bytes)
+        for _, data in runs:
+            hasher.update(data)
+        layer_checksum = hasher.value()
+        full: list[pb.PutBlocksRequest] = []
+        for offset, data in runs:
+            if self._size and self._size + len(data) > self._chunk_bytes:
+                full.append(self.flush())
+            self._message.chunks.add(
+                block_index=block,
+                layer=layer,
+                offset=offset,
+                data=data.tobytes(),
+                layer_checksum=layer_checksum,
+            )
+            self._size += len(data)
+            self.has_content = True
+        return full
+
+    def flush(self) -> pb.PutBlocksRequest:
+        message = self._message
+        self._message = pb.PutBlocksRequest()
+        self._size = 0
+        self.has_content = False
+        return message
+
+
+class _LayerReceiver:
+    """Writes a GetBlocks stream into tensors and reports each layer once it is complete."""
+
+    def __init__(
+        self,
+        client: KVClient,
+        first: pb.GetBlocksResponse,
+        dest: torch.Tensor | None,
+        form: KVForm,
+    ) -> None:
+        layout = client.namespace.layout
+        self.num_blocks = int(first.num_blocks)
+        self._layout = layout
+        self._verify = client.options.verify_checksums
+        self._form = form
+        self._dest = dest
+        if dest is not None and dest.device.type != "cpu":
+            # Received bytes land in host memory first; each finished layer is copied over.
+            self._host = torch.empty(
+                dest.shape, dtype=dest.dtype, pin_memory=torch.cuda.is_available()
+            )
+        else:
+            self._host = dest
+        self._layer_buffer: torch.Tensor | None = None
+        self._current_layer = 0
+        self._hashers: dict[int, Hasher] = {}
+        self._expected: dict[int, int] = {}
+        self._filled: dict[int, int] = {}
+        self._kind = ChecksumKind.XXH3_64
+
+    def accept(self, reply: pb.GetBlocksResponse) -> list[LayerArrival]:
+        arrivals: list[LayerArrival] = []
+        if reply.checksum_kind:
+            self._kind = checksum_kind_from_wire(reply.checksum_kind)
+        for chunk in reply.chunks:
+            if chunk.layer != self._current_layer:
+                arrivals.append(self._complete_layer())
+                self._current_layer = chunk.layer
+            self._write(chunk)
+        return arrivals
+
+    def finish(self) -> list[LayerArrival]:
+        if self._current_layer != self._layout.num_layers - 1:
+            raise ChecksumError(
+                f"the stream ended in layer {self._current_layer} of {self._layout.num_layers}"
+            )
+        return [self._complete_layer()]
+
+    def _pieces(self, block: int, layer: int) -> list[torch.Tensor]:
+        if self._host is None:
+            if self._layer_buffer is None:
+                self._layer_buffer = torch.empty(
+                    (self.num_blocks, *self._layout.layer_shape),
+                    dtype=self._layout.dtype.torch_dtype,
+                )
+            return block_layer_pieces(self._layer_buffer, KVForm.LAYER, block, layer, 0)
+        return block_layer_pieces(self._host, self._form, block, layer, self._layout.block_tokens)
+
+    def _write(self, chunk: pb.LayerChunk) -> None:
+        block = chunk.block_index
+        if not 0 <= block < self.num_blocks:
+            raise ChecksumError(f"server sent block {block} of {self.num_blocks}")
+        filled = self._filled.get(block, 0)
+        if chunk.offset != filled:
+            raise ChecksumError(f"block {block} layer {chunk.layer}: chunk out of order")
+        if chunk.offset == 0:
+            self._expected[block] = chunk.layer_checksum
+            self._hashers[block] = new_hasher(self._kind)
+        if self._verify:
+            self._hashers[block].update(chunk.data)
+        write_pieces(self._pieces(block, chunk.layer), chunk.offset, chunk.data)
+        self._filled[block] = filled + len(chunk.data)
+
+    def _complete_layer(self) -> LayerArrival:
+        layer = self._current_layer
+        layer_bytes = self._layout.layer_bytes
+        for block in range(self.num_blocks):
+            if self._filled.get(block, 0) != layer_bytes:
+                raise ChecksumError(f"block {block} layer {layer} arrived incomplete")
+            if self._verify and self._hashers[block].value() != self._expected[block]:
+                raise ChecksumError(
+                    f"block {block} layer {layer}: received bytes fail their {self._kind.name} "
+                    f"checksum; the data was not used"
+                )
+        self._filled.clear()
+        self._hashers.clear()
+        self._expected.clear()
+        return LayerArrival(layer=layer, num_blocks=self.num_blocks, kv=self._layer_view(layer))
+
+    def _layer_view(self, layer: int) -> torch.Tensor:
+        if self._host is None:
+            assert self._layer_buffer is not None
+            buffer, self._layer_buffer = self._layer_buffer, None
+            return buffer
+        assert self._dest is not None
+        tokens = self.num_blocks * self._layout.block_tokens
+        if self._form is KVForm.SEQUENCE:
+            host, dest = self._host[layer, :, :tokens], self._dest[layer, :, :tokens]
+        elif self._form is KVForm.BLOCKS:
+            host, dest = self._host[: self.num_blocks, layer], self._dest[: self.num_blocks, layer]
+        else:
+            host, dest = self._host[: self.num_blocks], self._dest[: self.num_blocks]
+        if dest.data_ptr() != host.data_ptr():
+            dest.copy_(host, non_blocking=True)
+        return dest
+
+
+def _validate_key(key: bytes, index: int) -> None:
+    try:
+        validate_key(key, f"keys[{index}]")
+    except InvalidRequest as error:
+        raise InvalidArgument(str(error)) from None

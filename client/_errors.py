@@ -1,0 +1,145 @@
+"""Client exceptions: one class per gRPC status code.
+
+    KVStoreClientError
+    ├── Cancelled
+    ├── Unknown
+    ├── InvalidArgument
+    ├── DeadlineExceeded
+    ├── NotFound
+    ├── AlreadyExists
+    ├── PermissionDenied
+    ├── ResourceExhausted
+    ├── FailedPrecondition
+    ├── Aborted
+    ├── OutOfRange
+    ├── Unimplemented
+    ├── Internal
+    ├── Unavailable
+    ├── DataLoss
+    │   └── ChecksumError     (raised by the client: received bytes failed their checksum)
+    └── Unauthenticated
+
+Every RPC error is raised `from` the grpc.aio.AioRpcError it came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import grpc
+
+
+class KVStoreClientError(Exception):
+    """Base class; `code` is the gRPC status code and `details` the server's message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str) -> None:
+        super().__init__(f"{self.code.name}: {details}")
+        self.details = details
+
+
+class Cancelled(KVStoreClientError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unknown(KVStoreClientError):
+    code = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgument(KVStoreClientError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class DeadlineExceeded(KVStoreClientError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class NotFound(KVStoreClientError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(KVStoreClientError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class PermissionDenied(KVStoreClientError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(KVStoreClientError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(KVStoreClientError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(KVStoreClientError):
+    code = grpc.StatusCode.ABORTED
+
+
+class OutOfRange(KVStoreClientError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Unimplemented(KVStoreClientError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(KVStoreClientError):
+    code = grpc.StatusCode.INTERNAL
+
+
+class Unavailable(KVStoreClientError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DataLoss(KVStoreClientError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class ChecksumError(DataLoss):
+    """A received layer's bytes do not match the checksum stored with them."""
+
+
+class Unauthenticated(KVStoreClientError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+_BY_CODE: dict[grpc.StatusCode, type[KVStoreClientError]] = {
+    cls.code: cls
+    for cls in (
+        Cancelled,
+        Unknown,
+        InvalidArgument,
+        DeadlineExceeded,
+        NotFound,
+        AlreadyExists,
+        PermissionDenied,
+        ResourceExhausted,
+        FailedPrecondition,
+        Aborted,
+        OutOfRange,
+        Unimplemented,
+        Internal,
+        Unavailable,
+        DataLoss,
+        Unauthenticated,
+    )
+}
+
+
+def error_for(error: grpc.aio.AioRpcError) -> KVStoreClientError:
+    cls = _BY_CODE.get(error.code(), Unknown)
+    return cls(error.details() or "")
+
+
+@contextlib.contextmanager
+def translate_rpc_errors() -> Iterator[None]:
+    """Re-raise gRPC errors as the matching KVStoreClientError subclass."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as error:
+        raise error_for(error) from error

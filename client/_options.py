@@ -1,0 +1,45 @@
+"""Client configuration value objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvstore.checksum import ChecksumKind
+from kvstore.keys import HashAlgorithm
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timeouts:
+    """Deadlines, in seconds, per kind of call. Every call has one."""
+
+    lookup: float = 2.0
+    transfer: float = 120.0  # PutBlocks and GetBlocks
+    control: float = 5.0  # Pin, Unpin, Delete, Stats
+
+    def __post_init__(self) -> None:
+        for name in ("lookup", "transfer", "control"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Timeouts.{name} must be > 0 seconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientOptions:
+    """How the client talks to the server.
+
+    `chunk_bytes` is the payload of one stream message: about 1 MiB is where Python
+    gRPC moves bytes fastest on loopback (bigger single messages are slower).
+    """
+
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    chunk_bytes: int = 1 * MiB
+    max_message_bytes: int = 8 * MiB
+    checksum: ChecksumKind = ChecksumKind.XXH3_64
+    hash_algorithm: HashAlgorithm = HashAlgorithm.SHA256
+    key_extra: bytes = b""  # a tenant salt or LoRA id, hashed into the first block only
+    verify_checksums: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk_bytes <= self.max_message_bytes - 4096:
+            raise ValueError("chunk_bytes must be in [1, max_message_bytes - 4096]")

@@ -1,0 +1,133 @@
+"""A blocking facade over KVClient: each method runs the async one on a private loop thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from kvstore.client._async import KVClient
+from kvstore.client._options import ClientOptions
+from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
+from kvstore.codec import KVForm
+from kvstore.layout import Namespace
+from kvstore.v1 import kvstore_pb2 as pb
+
+T = TypeVar("T")
+Tokens = Sequence[int] | np.ndarray | torch.Tensor
+
+
+class SyncKVClient:
+    """The same calls as KVClient, blocking. Close it (or use `with`) to stop its thread."""
+
+    def __init__(
+        self, target: str, namespace: Namespace, *, options: ClientOptions | None = None
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="kvstore-client", daemon=True
+        )
+        self._thread.start()
+        # grpc.aio channels belong to the loop that creates them.
+        self._client: KVClient = self._run(_create(target, namespace, options))
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def __enter__(self) -> SyncKVClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    @property
+    def namespace(self) -> Namespace:
+        return self._client.namespace
+
+    def keys(self, tokens: Tokens) -> list[bytes]:
+        return self._client.keys(tokens)
+
+    def lookup(self, tokens: Tokens) -> PrefixMatch:
+        return self._run(self._client.lookup(tokens))
+
+    def lookup_keys(self, keys: list[bytes]) -> PrefixMatch:
+        return self._run(self._client.lookup_keys(keys))
+
+    def put(
+        self,
+        tokens: Tokens,
+        kv: torch.Tensor,
+        *,
+        form: KVForm = KVForm.SEQUENCE,
+        skip_cached: bool = True,
+    ) -> PutResult:
+        return self._run(self._client.put(tokens, kv, form=form, skip_cached=skip_cached))
+
+    def put_blocks(
+        self,
+        keys: list[bytes],
+        kv: torch.Tensor,
+        *,
+        parent_key: bytes = b"",
+        form: KVForm = KVForm.BLOCKS,
+    ) -> PutResult:
+        return self._run(self._client.put_blocks(keys, kv, parent_key=parent_key, form=form))
+
+    def get_into(
+        self,
+        keys: list[bytes] | PrefixMatch,
+        dest: torch.Tensor,
+        *,
+        form: KVForm = KVForm.SEQUENCE,
+    ) -> int:
+        return self._run(self._client.get_into(keys, dest, form=form))
+
+    def iter_layers(
+        self,
+        keys: list[bytes] | PrefixMatch,
+        dest: torch.Tensor | None = None,
+        *,
+        form: KVForm = KVForm.SEQUENCE,
+    ) -> Iterator[LayerArrival]:
+        stream = self._client.iter_layers(keys, dest, form=form)
+        try:
+            while True:
+                try:
+                    yield self._run(anext(stream))  # type: ignore[arg-type]
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(stream.aclose())  # type: ignore[attr-defined]
+
+    def pin(self, keys: list[bytes], ttl_s: float) -> int:
+        return self._run(self._client.pin(keys, ttl_s))
+
+    def unpin(self, keys: list[bytes]) -> int:
+        return self._run(self._client.unpin(keys))
+
+    def delete(self, keys: list[bytes]) -> tuple[int, int]:
+        return self._run(self._client.delete(keys))
+
+    def stats(self) -> pb.StatsResponse:
+        return self._run(self._client.stats())
+
+
+async def _create(target: str, namespace: Namespace, options: ClientOptions | None) -> KVClient:
+    return KVClient(target, namespace, options=options)
