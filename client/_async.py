@@ -10,6 +10,13 @@ import numpy as np
 import torch
 
 from kvstore.checksum import ChecksumKind, Hasher, checksum_kind_from_wire, new_hasher
+from kvstore.chunkwire import (
+    GetMessage,
+    WireChunk,
+    chunk_parts,
+    decode_get_message,
+    encode_put_header,
+)
 from kvstore.client._errors import ChecksumError, InvalidArgument, translate_rpc_errors
 from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
@@ -59,7 +66,19 @@ class KVClient:
             ],
         )
         self._stub = pb_grpc.KVStoreStub(self._channel)
+        # The block-carrying RPCs bypass the generated classes: see kvstore.chunkwire.
+        self._put_blocks = self._channel.stream_unary(
+            "/kvstore.v1.KVStore/PutBlocks",
+            request_serializer=_join,
+            response_deserializer=pb.PutBlocksResponse.FromString,
+        )
+        self._get_blocks = self._channel.unary_stream(
+            "/kvstore.v1.KVStore/GetBlocks",
+            request_serializer=pb.GetBlocksRequest.SerializeToString,
+            response_deserializer=decode_get_message,
+        )
         self._namespace_wire = namespace_to_wire(namespace)
+        self._namespace_bytes = self._namespace_wire.SerializeToString()
         self._layout = namespace.layout
 
     async def __aenter__(self) -> KVClient:
@@ -148,11 +167,8 @@ class KVClient:
         layout = self._layout
         kind = self.options.checksum
 
-        async def requests() -> AsyncIterator[pb.PutBlocksRequest]:
-            header = pb.PutBlocksRequest(
-                namespace=self._namespace_wire,
-                checksum_kind=kind.value,  # type: ignore[arg-type]
-            )
+        async def requests() -> AsyncIterator[list[bytes | memoryview]]:
+            header = encode_put_header(namespace=self._namespace_bytes, checksum_kind=kind.value)
             batch = _MessageBatch(self.options.chunk_bytes, header)
             for declared, index in enumerate(range(first, len(keys))):
                 # Declared just before its bytes, so the server reserves room as it goes.
@@ -164,7 +180,7 @@ class KVClient:
             yield batch.flush()
 
         with translate_rpc_errors():
-            reply = await self._stub.PutBlocks(requests(), timeout=self.options.timeouts.transfer)
+            reply = await self._put_blocks(requests(), timeout=self.options.timeouts.transfer)
         return PutResult(
             outcomes=tuple(PutOutcome(value) for value in reply.outcomes),
             num_skipped=first,
@@ -225,7 +241,7 @@ class KVClient:
             namespace=self._namespace_wire, keys=keys, max_chunk_bytes=self.options.chunk_bytes
         )
         with translate_rpc_errors():
-            call = self._stub.GetBlocks(request, timeout=self.options.timeouts.transfer)
+            call = self._get_blocks(request, timeout=self.options.timeouts.transfer)
             receiver: _LayerReceiver | None = None
             async for reply in call:
                 if receiver is None:
@@ -282,17 +298,15 @@ class LayerPut:
 
     async def __aenter__(self) -> LayerPut:
         client = self._client
-        self._call = client._stub.PutBlocks(timeout=client.options.timeouts.transfer)
-        header = pb.PutBlocksRequest(
-            namespace=client._namespace_wire,
-            checksum_kind=client.options.checksum.value,  # type: ignore[arg-type]
+        self._call = client._put_blocks(timeout=client.options.timeouts.transfer)
+        parents = [self._parent_key, *self._keys[:-1]]
+        header = encode_put_header(
+            namespace=client._namespace_bytes,
+            checksum_kind=client.options.checksum.value,
+            blocks=list(zip(self._keys, parents, strict=True)),
         )
-        parent = self._parent_key
-        for key in self._keys:
-            header.blocks.add(key=key, parent_key=parent)
-            parent = key
         with translate_rpc_errors():
-            await self._call.write(header)
+            await self._call.write([header])
         return self
 
     async def send_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
@@ -303,7 +317,7 @@ class LayerPut:
         assert self._call is not None
         source = cpu_contiguous(kv_layer)
         options = self._client.options
-        batch = _MessageBatch(options.chunk_bytes, pb.PutBlocksRequest())
+        batch = _MessageBatch(options.chunk_bytes, b"")
         with translate_rpc_errors():
             for block in range(len(self._keys)):
                 pieces = block_layer_pieces(source, KVForm.LAYER, block, layer, 0)
@@ -340,48 +354,44 @@ class LayerPut:
 
 
 class _MessageBatch:
-    """Packs block declarations and layer chunks into messages of about `chunk_bytes`."""
+    """Packs block declarations and layer chunks into messages of about `chunk_bytes`.
 
-    def __init__(self, chunk_bytes: int, first: pb.PutBlocksRequest) -> None:
+    A message is a list of wire parts (see kvstore.chunkwire); the tensor bytes are not
+    copied until gRPC serializes the message.
+    """
+
+    def __init__(self, chunk_bytes: int, header: bytes) -> None:
         self._chunk_bytes = chunk_bytes
-        self._message = first
+        self._parts: list[bytes | memoryview] = [header] if header else []
         self._size = 0
-        self.has_content = True
+
+    @property
+    def has_content(self) -> bool:
+        return bool(self._parts)
 
     def declare(self, key: bytes, parent_key: bytes) -> None:
-        self._message.blocks.add(key=key, parent_key=parent_key)
-        self.has_content = True
+        self._parts.append(encode_put_header(blocks=[(key, parent_key)]))
 
     def add_layer(
         self, block: int, layer: int, pieces: list[torch.Tensor], kind: ChecksumKind
-    ) -> list[pb.PutBlocksRequest]:
+    ) -> list[list[bytes | memoryview]]:
         """Queue one block-layer; returns the messages that became full."""
         hasher = new_hasher(kind)
         runs = read_pieces(pieces, self._chunk_bytes)
         for _, data in runs:
             hasher.update(data)
         layer_checksum = hasher.value()
-        full: list[pb.PutBlocksRequest] = []
+        full: list[list[bytes | memoryview]] = []
         for offset, data in runs:
             if self._size and self._size + len(data) > self._chunk_bytes:
                 full.append(self.flush())
-            self._message.chunks.add(
-                block_index=block,
-                layer=layer,
-                offset=offset,
-                data=data.tobytes(),
-                layer_checksum=layer_checksum,
-            )
+            self._parts.extend(chunk_parts(4, block, layer, offset, layer_checksum, [data]))
             self._size += len(data)
-            self.has_content = True
         return full
 
-    def flush(self) -> pb.PutBlocksRequest:
-        message = self._message
-        self._message = pb.PutBlocksRequest()
-        self._size = 0
-        self.has_content = False
-        return message
+    def flush(self) -> list[bytes | memoryview]:
+        parts, self._parts, self._size = self._parts, [], 0
+        return parts
 
 
 class _LayerReceiver:
@@ -414,7 +424,7 @@ class _LayerReceiver:
         self._filled: dict[int, int] = {}
         self._kind = ChecksumKind.XXH3_64
 
-    def accept(self, reply: pb.GetBlocksResponse) -> list[LayerArrival]:
+    def accept(self, reply: GetMessage) -> list[LayerArrival]:
         arrivals: list[LayerArrival] = []
         if reply.checksum_kind:
             self._kind = checksum_kind_from_wire(reply.checksum_kind)
@@ -442,7 +452,7 @@ class _LayerReceiver:
             return block_layer_pieces(self._layer_buffer, KVForm.LAYER, block, layer, 0)
         return block_layer_pieces(self._host, self._form, block, layer, self._layout.block_tokens)
 
-    def _write(self, chunk: pb.LayerChunk) -> None:
+    def _write(self, chunk: WireChunk) -> None:
         block = chunk.block_index
         if not 0 <= block < self.num_blocks:
             raise ChecksumError(f"server sent block {block} of {self.num_blocks}")
@@ -452,10 +462,11 @@ class _LayerReceiver:
         if chunk.offset == 0:
             self._expected[block] = chunk.layer_checksum
             self._hashers[block] = new_hasher(self._kind)
+        data = chunk.data
         if self._verify:
-            self._hashers[block].update(chunk.data)
-        write_pieces(self._pieces(block, chunk.layer), chunk.offset, chunk.data)
-        self._filled[block] = filled + len(chunk.data)
+            self._hashers[block].update(data)
+        write_pieces(self._pieces(block, chunk.layer), chunk.offset, data)
+        self._filled[block] = filled + len(data)
 
     def _complete_layer(self) -> LayerArrival:
         layer = self._current_layer
@@ -489,6 +500,10 @@ class _LayerReceiver:
         if dest.data_ptr() != host.data_ptr():
             dest.copy_(host, non_blocking=True)
         return dest
+
+
+def _join(parts: list[bytes | memoryview]) -> bytes:
+    return b"".join(parts)
 
 
 def _validate_key(key: bytes, index: int) -> None:

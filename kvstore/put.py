@@ -116,7 +116,12 @@ class PutSession:
         self._pinned_parents.append(entry)
 
     def write(
-        self, block_index: int, layer: int, offset: int, data: bytes, layer_checksum: int
+        self,
+        block_index: int,
+        layer: int,
+        offset: int,
+        data: bytes | memoryview,
+        layer_checksum: int,
     ) -> None:
         if not 0 <= block_index < len(self._blocks):
             raise InvalidRequest(

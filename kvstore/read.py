@@ -37,10 +37,12 @@ class ReadSession:
         self._layout = namespace.layout
         self.entries: list[BlockEntry] = store.find_prefix(namespace, keys)
         store.acquire_read(self.entries)
-        store.touch(self.entries)
+        # Count the hits before touching: touch re-queues with the current priority,
+        # which under LFU includes num_hits.
         for entry in self.entries:
             entry.num_hits += 1
             store.dram.counters.hits += 1
+        store.touch(self.entries)
         self._closed = False
 
     @property

@@ -138,6 +138,12 @@ class BlockStore:
 
     def allocate_dram(self, nbytes: int) -> object:
         """A DRAM handle for `nbytes`, evicting chain tails until one fits."""
+        if nbytes > self.dram.capacity_bytes:
+            # Evicting could never make room: fail before harming any stored block.
+            raise CapacityExhausted(
+                f"a block of this layout is {nbytes} B, larger than the whole DRAM tier "
+                f"({self.dram.capacity_bytes} B); use fewer tokens per block or more memory"
+            )
         handle = self.dram.allocate(nbytes)
         if handle is not None:
             return handle

@@ -11,11 +11,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from kvstore.allocator import tune_allocator
 from kvstore.server.config import ServerConfig
+from kvstore.server.handlers import add_kvstore_service
 from kvstore.server.servicer import KVStoreServicer
 from kvstore.store import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 logger = logging.getLogger("kvstore.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
@@ -51,10 +52,12 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 async def build_server(config: ServerConfig) -> RunningServer:
     """Create the store and a started gRPC server for it; the port is the bound one."""
+    if config.tune_allocator:
+        tune_allocator()
     store = BlockStore(config.store)
     servicer = KVStoreServicer(store, config.limits)
     server = grpc.aio.server(options=channel_options(config.limits.max_message_bytes))
-    pb_grpc.add_KVStoreServicer_to_server(servicer, server)
+    add_kvstore_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -5,6 +5,7 @@ reads configuration from outside (files, flags); components receive their own pa
 
     listen = "127.0.0.1:50051"
     log_level = "info"
+    tune_allocator = true        # keep megabyte message buffers on the heap
 
     [store]
     dram_bytes = "1GiB"
@@ -81,6 +82,8 @@ class Limits:
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
     log_level: str = "info"
+    # Keep megabyte message buffers on the heap (see kvstore.allocator).
+    tune_allocator: bool = True
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: Limits = field(default_factory=Limits)
 
@@ -155,12 +158,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-keys", dest="limits.max_keys", type=int)
     parser.add_argument("--drain-grace-s", dest="limits.drain_grace_s", type=float)
     parser.add_argument("--log-level", choices=list(_LOG_LEVELS))
+    parser.add_argument(
+        "--no-tune-allocator",
+        dest="tune_allocator",
+        action="store_false",
+        default=None,
+        help="leave glibc's malloc thresholds alone",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     overrides = {
         key: value
         for key, value in vars(args).items()
-        if key in {"listen", "log_level"} or "." in key
+        if key in {"listen", "log_level", "tune_allocator"} or "." in key
     }
     return load_config(args.config, overrides)

@@ -7,14 +7,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from kvstore.checksum import checksum_kind_from_wire
+from kvstore.chunkwire import PutMessage, chunk_parts, decode_put_message, encode_get_header
 from kvstore.errors import InvalidRequest
-from kvstore.put import PutSession
+from kvstore.put import PutOutcome, PutSession
 from kvstore.read import ReadSession
 from kvstore.server.config import Limits
 from kvstore.server.status import status_for
 from kvstore.server.wire import (
+    MalformedRequest,
     keys_from_wire,
     namespace_from_wire,
     prefix_match_to_wire,
@@ -35,9 +38,13 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self._limits = limits
         self.draining = False
 
-    async def _unary(self, context: grpc.aio.ServicerContext, handle: Callable[[], Reply]) -> Reply:
+    async def _unary(
+        self, request: object, context: grpc.aio.ServicerContext, handle: Callable[[], Reply]
+    ) -> Reply:
         await self._refuse_if_draining(context)
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.rejection()
             return handle()
         except Exception as error:
             code, message = status_for(error)
@@ -59,7 +66,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             keys = keys_from_wire(request.keys, self._limits.max_keys, allow_empty=True)
             return prefix_match_to_wire(self._store.lookup(namespace, keys))
 
-        return await self._unary(context, handle)
+        return await self._unary(request, context, handle)
 
     async def Pin(
         self, request: pb.PinRequest, context: grpc.aio.ServicerContext
@@ -73,7 +80,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             count, expires_at = self._store.pin(namespace, keys, request.ttl_ms / 1000)
             return pb.PinResponse(num_pinned=count, expires_at_ms=int(expires_at * 1000))
 
-        return await self._unary(context, handle)
+        return await self._unary(request, context, handle)
 
     async def Unpin(
         self, request: pb.UnpinRequest, context: grpc.aio.ServicerContext
@@ -84,7 +91,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             keys = keys_from_wire(request.keys, self._limits.max_keys, allow_empty=False)
             return pb.UnpinResponse(num_unpinned=self._store.unpin(namespace, keys))
 
-        return await self._unary(context, handle)
+        return await self._unary(request, context, handle)
 
     async def Delete(
         self, request: pb.DeleteRequest, context: grpc.aio.ServicerContext
@@ -96,7 +103,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             result = self._store.delete(namespace, keys)
             return pb.DeleteResponse(num_deleted=result.num_deleted, num_busy=result.num_busy)
 
-        return await self._unary(context, handle)
+        return await self._unary(request, context, handle)
 
     async def Stats(
         self, request: pb.StatsRequest, context: grpc.aio.ServicerContext
@@ -105,20 +112,19 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             reject_unknown_fields(request, "StatsRequest")
             return report_to_wire(self._store.report())
 
-        return await self._unary(context, handle)
+        return await self._unary(request, context, handle)
 
     async def PutBlocks(
-        self,
-        request_iterator: AsyncIterator[pb.PutBlocksRequest],
-        context: grpc.aio.ServicerContext,
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.PutBlocksResponse:
         await self._refuse_if_draining(context)
         session: PutSession | None = None
         try:
-            async for request in request_iterator:
+            async for raw in request_iterator:
+                request = decode_put_message(raw)
                 if session is None:
                     session = self._open_put(request)
-                elif request.HasField("namespace"):
+                elif request.namespace is not None:
                     raise InvalidRequest("namespace belongs in the first message of a put only")
                 _apply_put_message(session, request)
             if session is None:
@@ -126,7 +132,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             outcomes = session.finish()
             return pb.PutBlocksResponse(
                 outcomes=[outcome.value for outcome in outcomes],  # type: ignore[misc]
-                num_committed=sum(1 for outcome in outcomes if outcome.value == pb.COMMITTED),
+                num_committed=sum(1 for outcome in outcomes if outcome is PutOutcome.COMMITTED),
             )
         except Exception as error:
             code, message = status_for(error)
@@ -137,17 +143,22 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             if session is not None:
                 session.abort()
 
-    def _open_put(self, request: pb.PutBlocksRequest) -> PutSession:
-        namespace = namespace_from_wire(request.namespace, request.HasField("namespace"))
+    def _open_put(self, request: PutMessage) -> PutSession:
+        if request.namespace is None:
+            raise InvalidRequest("namespace is required in the first message of a put")
+        namespace = namespace_from_wire(_parse_namespace(request.namespace), True)
         kind = checksum_kind_from_wire(request.checksum_kind)
         return PutSession(self._store, namespace, kind)
 
     async def GetBlocks(
-        self, request: pb.GetBlocksRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GetBlocksResponse]:
+        self, request: pb.GetBlocksRequest | MalformedRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[list[bytes | memoryview]]:
+        """Yields each message as wire parts; arena views stay valid while the session is open."""
         await self._refuse_if_draining(context)
         session: ReadSession | None = None
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.rejection()
             reject_unknown_fields(request, "GetBlocksRequest")
             namespace = namespace_from_wire(request.namespace, request.HasField("namespace"))
             keys = keys_from_wire(request.keys, self._limits.max_keys, allow_empty=False)
@@ -156,33 +167,35 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 self._limits.max_chunk_bytes,
             )
             session = ReadSession(self._store, namespace, keys)
-            first = pb.GetBlocksResponse(
-                num_blocks=len(session.entries),
-                tiers=[kind.value for kind in session.tiers],  # type: ignore[misc]
-                block_bytes=namespace.layout.block_bytes,
-            )
-            message, message_bytes, kind = first, 0, 0
+            kind = session.entries[0].checksum_kind_value if session.entries else 0
+            parts: list[bytes | memoryview] = [
+                encode_get_header(
+                    checksum_kind=kind,
+                    block_bytes=namespace.layout.block_bytes,
+                    num_blocks=len(session.entries),
+                    tiers=[tier.value for tier in session.tiers],
+                )
+            ]
+            message_bytes = 0
             for chunk in session.chunks(chunk_bytes):
                 if message_bytes and (
                     message_bytes + chunk.nbytes > chunk_bytes or chunk.checksum_kind_value != kind
                 ):
-                    yield message
-                    message, message_bytes = pb.GetBlocksResponse(), 0
-                kind = chunk.checksum_kind_value
-                message.checksum_kind = kind  # type: ignore[assignment]
-                message.chunks.append(
-                    pb.LayerChunk(
-                        block_index=chunk.block_index,
-                        layer=chunk.layer,
-                        offset=chunk.offset,
-                        data=chunk.views[0].tobytes()
-                        if len(chunk.views) == 1
-                        else b"".join(chunk.views),
-                        layer_checksum=chunk.layer_checksum,
+                    yield parts
+                    kind = chunk.checksum_kind_value
+                    parts, message_bytes = [encode_get_header(checksum_kind=kind)], 0
+                parts.extend(
+                    chunk_parts(
+                        1,
+                        chunk.block_index,
+                        chunk.layer,
+                        chunk.offset,
+                        chunk.layer_checksum,
+                        list(chunk.views),
                     )
                 )
                 message_bytes += chunk.nbytes
-            yield message
+            yield parts
         except Exception as error:
             code, message_text = status_for(error)
             await context.abort(code, message_text)
@@ -191,13 +204,17 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 session.close()
 
 
-def _apply_put_message(session: PutSession, request: pb.PutBlocksRequest) -> None:
-    reject_unknown_fields(request, "PutBlocksRequest")
+def _parse_namespace(data: bytes) -> pb.Namespace:
+    try:
+        return pb.Namespace.FromString(data)
+    except DecodeError as error:
+        raise InvalidRequest(f"malformed namespace: {error}") from None
+
+
+def _apply_put_message(session: PutSession, request: PutMessage) -> None:
     for header in request.blocks:
-        reject_unknown_fields(header, "BlockHeader")
         session.declare(header.key, header.parent_key)
     for chunk in request.chunks:
-        reject_unknown_fields(chunk, "LayerChunk")
         session.write(
             chunk.block_index, chunk.layer, chunk.offset, chunk.data, chunk.layer_checksum
         )

@@ -6,6 +6,8 @@ store: missing and unknown fields, enum values, key lengths, layouts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from google.protobuf import unknown_fields
 from google.protobuf.message import Message
 
@@ -14,6 +16,17 @@ from kvstore.keys import validate_key
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.store import PrefixMatch, StoreReport
 from kvstore.v1 import kvstore_pb2 as pb
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse."""
+
+    message_type: str
+    error: str
+
+    def rejection(self) -> InvalidRequest:
+        return InvalidRequest(f"malformed {self.message_type}: {self.error}")
 
 
 def reject_unknown_fields(message: Message, where: str) -> None:

@@ -1,0 +1,95 @@
+"""Plain grpcio moving raw-bytes messages: the ceiling for Python gRPC on this machine.
+
+A server with two methods and identity (de)serializers, no protobuf: `Get` streams
+`count` messages of `size` bytes, `Put` accepts a stream and returns the byte count.
+The throughput benchmark measures kvstore against it in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import struct
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kvstore.allocator import tune_allocator
+
+MAX_MESSAGE_BYTES = 64 << 20
+OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+async def _serve(port: int) -> None:
+    server = grpc.aio.server(options=OPTIONS)
+    payloads: dict[int, bytes] = {}
+
+    async def get(request: bytes, context: grpc.aio.ServicerContext) -> object:
+        size, count = struct.unpack("<QQ", request)
+        payload = payloads.setdefault(size, bytes(size))
+        for _ in range(count):
+            yield payload
+
+    async def put(requests: object, context: grpc.aio.ServicerContext) -> bytes:
+        total = 0
+        async for message in requests:  # type: ignore[attr-defined]
+            total += len(message)
+        return struct.pack("<Q", total)
+
+    handler = grpc.method_handlers_generic_handler(
+        "ceiling.Raw",
+        {
+            "Get": grpc.unary_stream_rpc_method_handler(get, _identity, _identity),
+            "Put": grpc.stream_unary_rpc_method_handler(put, _identity, _identity),
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await server.wait_for_termination()
+
+
+async def measure_ceiling(target: str, total_bytes: int, message_bytes: int) -> tuple[float, float]:
+    """(put GB/s, get GB/s) moving `total_bytes` in messages of `message_bytes`."""
+    count = max(1, total_bytes // message_bytes)
+    async with grpc.aio.insecure_channel(target, options=OPTIONS) as channel:
+        get = channel.unary_stream("/ceiling.Raw/Get", _identity, _identity)
+        put = channel.stream_unary("/ceiling.Raw/Put", _identity, _identity)
+        payload = bytes(message_bytes)
+
+        async def messages() -> object:
+            for _ in range(count):
+                yield payload
+
+        start = time.perf_counter()
+        await put(messages())
+        put_s = time.perf_counter() - start
+        start = time.perf_counter()
+        received = 0
+        async for message in get(struct.pack("<QQ", message_bytes, count)):
+            received += len(message)
+        get_s = time.perf_counter() - start
+    moved = count * message_bytes
+    return moved / put_s / 1e9, received / get_s / 1e9
+
+
+def main() -> None:
+    tune_allocator()  # the same treatment the kvstore server gives itself
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    asyncio.run(_serve(parser.parse_args().port))
+
+
+if __name__ == "__main__":
+    main()
