@@ -1,1 +1,1 @@
-"""TODO"""
+"""kvstore.bench: the load-test tool behind `kvstore-bench`."""

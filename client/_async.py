@@ -21,14 +21,7 @@ from kvstore.client._errors import ChecksumError, InvalidArgument, translate_rpc
 from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
 from kvstore.client._wire import namespace_to_wire
-from kvstore.codec import (
-    KVForm,
-    block_layer_pieces,
-    check_tensor,
-    cpu_contiguous,
-    read_pieces,
-    write_pieces,
-)
+from kvstore.codec import ByteMap, KVForm, check_tensor, cpu_contiguous
 from kvstore.errors import InvalidRequest
 from kvstore.keys import chain_keys, validate_key
 from kvstore.layout import Namespace
@@ -163,19 +156,20 @@ class KVClient:
         """Send blocks `keys[first:]`; block i is index i of `kv`."""
         if first >= len(keys):
             return PutResult(outcomes=(), num_skipped=first, bytes_sent=0)
-        source = cpu_contiguous(kv)
+        source = ByteMap(cpu_contiguous(kv), self._layout, form)
         layout = self._layout
         kind = self.options.checksum
+        chunk_bytes = self.options.chunk_bytes
 
         async def requests() -> AsyncIterator[list[bytes | memoryview]]:
             header = encode_put_header(namespace=self._namespace_bytes, checksum_kind=kind.value)
-            batch = _MessageBatch(self.options.chunk_bytes, header)
+            batch = _MessageBatch(chunk_bytes, header)
             for declared, index in enumerate(range(first, len(keys))):
                 # Declared just before its bytes, so the server reserves room as it goes.
                 batch.declare(keys[index], keys[index - 1] if index else parent_key)
                 for layer in range(layout.num_layers):
-                    pieces = block_layer_pieces(source, form, index, layer, layout.block_tokens)
-                    for message in batch.add_layer(declared, layer, pieces, kind):
+                    runs = source.runs(index, layer, chunk_bytes)
+                    for message in batch.add_layer(declared, layer, runs, kind):
                         yield message
             yield batch.flush()
 
@@ -315,13 +309,13 @@ class LayerPut:
             raise InvalidArgument(f"send layer {self._next_layer} next, not layer {layer}")
         check_tensor(kv_layer, self._layout, KVForm.LAYER, len(self._keys))
         assert self._call is not None
-        source = cpu_contiguous(kv_layer)
         options = self._client.options
+        source = ByteMap(cpu_contiguous(kv_layer), self._layout, KVForm.LAYER)
         batch = _MessageBatch(options.chunk_bytes, b"")
         with translate_rpc_errors():
             for block in range(len(self._keys)):
-                pieces = block_layer_pieces(source, KVForm.LAYER, block, layer, 0)
-                for message in batch.add_layer(block, layer, pieces, options.checksum):
+                runs = source.runs(block, 0, options.chunk_bytes)
+                for message in batch.add_layer(block, layer, runs, options.checksum):
                     await self._call.write(message)
             if batch.has_content:
                 await self._call.write(batch.flush())
@@ -373,11 +367,10 @@ class _MessageBatch:
         self._parts.append(encode_put_header(blocks=[(key, parent_key)]))
 
     def add_layer(
-        self, block: int, layer: int, pieces: list[torch.Tensor], kind: ChecksumKind
+        self, block: int, layer: int, runs: list[tuple[int, memoryview]], kind: ChecksumKind
     ) -> list[list[bytes | memoryview]]:
-        """Queue one block-layer; returns the messages that became full."""
+        """Queue one block-layer given as (offset, bytes) runs; returns the messages now full."""
         hasher = new_hasher(kind)
-        runs = read_pieces(pieces, self._chunk_bytes)
         for _, data in runs:
             hasher.update(data)
         layer_checksum = hasher.value()
@@ -398,30 +391,30 @@ class _LayerReceiver:
     """Writes a GetBlocks stream into tensors and reports each layer once it is complete."""
 
     def __init__(
-        self,
-        client: KVClient,
-        first: pb.GetBlocksResponse,
-        dest: torch.Tensor | None,
-        form: KVForm,
+        self, client: KVClient, first: GetMessage, dest: torch.Tensor | None, form: KVForm
     ) -> None:
         layout = client.namespace.layout
-        self.num_blocks = int(first.num_blocks)
+        self.num_blocks = first.num_blocks
         self._layout = layout
         self._verify = client.options.verify_checksums
         self._form = form
         self._dest = dest
-        if dest is not None and dest.device.type != "cpu":
-            # Received bytes land in host memory first; each finished layer is copied over.
-            self._host = torch.empty(
-                dest.shape, dtype=dest.dtype, pin_memory=torch.cuda.is_available()
-            )
-        else:
-            self._host = dest
+        self._host: torch.Tensor | None = None
+        self._map: ByteMap | None = None
+        if dest is not None:
+            if dest.device.type == "cpu" and dest.is_contiguous():
+                self._host = dest
+            else:
+                # Bytes land in host memory first; each finished layer is copied over.
+                self._host = torch.empty(
+                    dest.shape, dtype=dest.dtype, pin_memory=torch.cuda.is_available()
+                )
+            self._map = ByteMap(self._host, layout, form)
         self._layer_buffer: torch.Tensor | None = None
         self._current_layer = 0
-        self._hashers: dict[int, Hasher] = {}
-        self._expected: dict[int, int] = {}
-        self._filled: dict[int, int] = {}
+        self._hashers: list[Hasher | None] = [None] * self.num_blocks
+        self._expected = [0] * self.num_blocks
+        self._filled = [0] * self.num_blocks
         self._kind = ChecksumKind.XXH3_64
 
     def accept(self, reply: GetMessage) -> list[LayerArrival]:
@@ -442,46 +435,50 @@ class _LayerReceiver:
             )
         return [self._complete_layer()]
 
-    def _pieces(self, block: int, layer: int) -> list[torch.Tensor]:
-        if self._host is None:
-            if self._layer_buffer is None:
-                self._layer_buffer = torch.empty(
-                    (self.num_blocks, *self._layout.layer_shape),
-                    dtype=self._layout.dtype.torch_dtype,
-                )
-            return block_layer_pieces(self._layer_buffer, KVForm.LAYER, block, layer, 0)
-        return block_layer_pieces(self._host, self._form, block, layer, self._layout.block_tokens)
+    def _layer_map(self) -> tuple[ByteMap, int]:
+        """The map to write the current layer into, and the layer index within it."""
+        if self._map is not None:
+            return self._map, self._current_layer
+        if self._layer_buffer is None:
+            self._layer_buffer = torch.empty(
+                (self.num_blocks, *self._layout.layer_shape), dtype=self._layout.dtype.torch_dtype
+            )
+            self._layer_buffer_map = ByteMap(self._layer_buffer, self._layout, KVForm.LAYER)
+        return self._layer_buffer_map, 0
 
     def _write(self, chunk: WireChunk) -> None:
         block = chunk.block_index
         if not 0 <= block < self.num_blocks:
             raise ChecksumError(f"server sent block {block} of {self.num_blocks}")
-        filled = self._filled.get(block, 0)
+        filled = self._filled[block]
         if chunk.offset != filled:
             raise ChecksumError(f"block {block} layer {chunk.layer}: chunk out of order")
+        data = chunk.data
         if chunk.offset == 0:
             self._expected[block] = chunk.layer_checksum
             self._hashers[block] = new_hasher(self._kind)
-        data = chunk.data
         if self._verify:
-            self._hashers[block].update(data)
-        write_pieces(self._pieces(block, chunk.layer), chunk.offset, data)
+            hasher = self._hashers[block]
+            assert hasher is not None
+            hasher.update(data)
+        byte_map, layer = self._layer_map()
+        byte_map.write(block, layer, chunk.offset, data)
         self._filled[block] = filled + len(data)
 
     def _complete_layer(self) -> LayerArrival:
         layer = self._current_layer
         layer_bytes = self._layout.layer_bytes
         for block in range(self.num_blocks):
-            if self._filled.get(block, 0) != layer_bytes:
+            if self._filled[block] != layer_bytes:
                 raise ChecksumError(f"block {block} layer {layer} arrived incomplete")
-            if self._verify and self._hashers[block].value() != self._expected[block]:
+            hasher = self._hashers[block]
+            if self._verify and (hasher is None or hasher.value() != self._expected[block]):
                 raise ChecksumError(
                     f"block {block} layer {layer}: received bytes fail their {self._kind.name} "
                     f"checksum; the data was not used"
                 )
-        self._filled.clear()
-        self._hashers.clear()
-        self._expected.clear()
+            self._filled[block] = 0
+            self._hashers[block] = None
         return LayerArrival(layer=layer, num_blocks=self.num_blocks, kv=self._layer_view(layer))
 
     def _layer_view(self, layer: int) -> torch.Tensor:
@@ -497,7 +494,7 @@ class _LayerReceiver:
             host, dest = self._host[: self.num_blocks, layer], self._dest[: self.num_blocks, layer]
         else:
             host, dest = self._host[: self.num_blocks], self._dest[: self.num_blocks]
-        if dest.data_ptr() != host.data_ptr():
+        if self._host is not self._dest:
             dest.copy_(host, non_blocking=True)
         return dest
 

@@ -190,27 +190,38 @@ def _unexpected(message: str, number: int, wire_type: int) -> InvalidRequest:
 
 
 def _decode_chunk(buffer: memoryview, start: int, end: int) -> WireChunk:
-    reader = _Reader(buffer, start, end)
-    block_index = layer = offset = checksum = 0
+    # The hot loop of every get: single-byte tags and varints are read inline, and
+    # anything else falls back to the general reader.
+    values = [0, 0, 0, 0]  # unused, block_index, layer, offset
     data = buffer[start:start]
-    while reader.more():
-        number, wire_type = reader.tag()
-        if number == 4 and wire_type == _LEN:
+    checksum = 0
+    position = start
+    while position < end:
+        key = buffer[position]
+        if key in (0x08, 0x10, 0x18):
+            byte = buffer[position + 1] if position + 1 < end else 0x80
+            if byte < 0x80:
+                values[key >> 3] = byte
+                position += 2
+                continue
+            reader = _Reader(buffer, position + 1, end)
+            values[key >> 3] = reader.varint()
+            position = reader.position
+        elif key == 0x22:
+            reader = _Reader(buffer, position + 1, end)
             data_start, data_end = reader.length_delimited()
             data = buffer[data_start:data_end]
-        elif number == 5 and wire_type == _I64:
-            checksum = reader.fixed64()
-        elif number in (1, 2, 3) and wire_type == _VARINT:
-            value = reader.varint()
-            if number == 1:
-                block_index = value
-            elif number == 2:
-                layer = value
-            else:
-                offset = value
+            position = data_end
+        elif key == 0x29:
+            if position + 9 > end:
+                raise InvalidRequest("malformed message: truncated fixed64")
+            checksum = int(_FIXED64.unpack_from(buffer, position + 1)[0])
+            position += 9
         else:
+            reader = _Reader(buffer, position, end)
+            number, wire_type = reader.tag()
             raise _unexpected("LayerChunk", number, wire_type)
-    return WireChunk(block_index, layer, offset, data, checksum)
+    return WireChunk(values[1], values[2], values[3], data, checksum)
 
 
 def _decode_block_header(buffer: memoryview, start: int, end: int) -> WireBlockHeader:

@@ -90,6 +90,62 @@ def block_layer_pieces(
     return [as_bytes(kv[layer, 0, tokens]), as_bytes(kv[layer, 1, tokens])]
 
 
+class ByteMap:
+    """Where each block-layer lives in a contiguous CPU tensor's bytes, by arithmetic.
+
+    `segments(block, layer)` lists the (start, nbytes) runs that, in order, hold the
+    layer's bytes: one run in the `blocks` and `layer` forms, two (K, V) in `sequence`.
+    `view` is the tensor's bytes as a writable memoryview (no copy).
+    """
+
+    def __init__(self, tensor: torch.Tensor, layout: KVLayout, form: KVForm) -> None:
+        if not tensor.is_contiguous() or tensor.device.type != "cpu":
+            raise InvalidRequest("ByteMap needs a contiguous CPU tensor")
+        self.view = memoryview(as_bytes(tensor).numpy())
+        self._form = form
+        self._layer_bytes = layout.layer_bytes
+        self._num_layers = layout.num_layers
+        self._half = layout.layer_bytes // 2
+        self._num_tokens = tensor.shape[2] if form is KVForm.SEQUENCE else 0
+        self._token_bytes = layout.token_layer_bytes // 2  # K (or V) of one token
+
+    def segments(self, block: int, layer: int) -> tuple[tuple[int, int], ...]:
+        if self._form is KVForm.BLOCKS:
+            return (((block * self._num_layers + layer) * self._layer_bytes, self._layer_bytes),)
+        if self._form is KVForm.LAYER:
+            return ((block * self._layer_bytes, self._layer_bytes),)
+        half = self._half
+        key_start = (2 * layer * self._num_tokens) * self._token_bytes + block * half
+        value_start = key_start + self._num_tokens * self._token_bytes
+        return ((key_start, half), (value_start, half))
+
+    def write(self, block: int, layer: int, offset: int, data: memoryview | bytes) -> None:
+        """Copy `data` into the block-layer at byte `offset`."""
+        done, size = 0, len(data)
+        for start, length in self.segments(block, layer):
+            if offset >= length:
+                offset -= length
+                continue
+            take = min(length - offset, size - done)
+            self.view[start + offset : start + offset + take] = data[done : done + take]
+            done += take
+            offset = 0
+            if done == size:
+                return
+        raise InvalidRequest("chunk runs past the end of its block layer")
+
+    def runs(self, block: int, layer: int, max_chunk_bytes: int) -> list[tuple[int, memoryview]]:
+        """(offset within the layer, bytes) runs of at most `max_chunk_bytes`, no copies."""
+        runs: list[tuple[int, memoryview]] = []
+        offset = 0
+        for start, length in self.segments(block, layer):
+            for part in range(0, length, max_chunk_bytes):
+                size = min(max_chunk_bytes, length - part)
+                runs.append((offset + part, self.view[start + part : start + part + size]))
+            offset += length
+        return runs
+
+
 def read_pieces(pieces: list[torch.Tensor], max_chunk_bytes: int) -> list[tuple[int, memoryview]]:
     """(offset, bytes) runs of at most `max_chunk_bytes` covering the pieces, in order."""
     runs: list[tuple[int, memoryview]] = []

@@ -1,0 +1,45 @@
+"""`kvstore-bench`: load tests, trace replay, throughput and capacity planning."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from kvstore.bench.plan import add_plan_arguments, run_plan
+from kvstore.bench.throughput import add_throughput_arguments, run_throughput
+
+Runner = Callable[[argparse.Namespace], int]
+
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runner]] = {
+    "throughput": (
+        "put/get GB/s over block sizes, against plain grpcio in the same run",
+        add_throughput_arguments,
+        run_throughput,
+    ),
+    "plan": (
+        "KV bytes per token, capacity footprint, decode operational intensity, tier sizes",
+        add_plan_arguments,
+        run_plan,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstore-bench", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, runner) in _COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(runner=runner)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    runner: Runner = args.runner
+    return runner(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
