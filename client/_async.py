@@ -21,10 +21,11 @@ from kvstore.client._errors import ChecksumError, InvalidArgument, translate_rpc
 from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
 from kvstore.client._wire import namespace_to_wire
-from kvstore.codec import ByteMap, KVForm, check_tensor, cpu_contiguous
+from kvstore.codec import ByteMap, KVForm, cpu_contiguous
+from kvstore.codec import check_tensor as _check_tensor_core
 from kvstore.errors import InvalidRequest
 from kvstore.keys import chain_keys, validate_key
-from kvstore.layout import Namespace
+from kvstore.layout import KVLayout, Namespace
 from kvstore.put import PutOutcome
 from kvstore.tiers.base import TierKind
 from kvstore.v1 import kvstore_pb2 as pb
@@ -95,12 +96,15 @@ class KVClient:
         """Chained prefix-hash keys of every full block of `tokens`."""
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.detach().cpu().numpy()
-        return chain_keys(
-            tokens,
-            self._layout.block_tokens,
-            extra=self.options.key_extra,
-            algorithm=self.options.hash_algorithm,
-        )
+        try:
+            return chain_keys(
+                tokens,
+                self._layout.block_tokens,
+                extra=self.options.key_extra,
+                algorithm=self.options.hash_algorithm,
+            )
+        except InvalidRequest as error:
+            raise InvalidArgument(str(error)) from None
 
     async def lookup(self, tokens: Sequence[int] | np.ndarray | torch.Tensor) -> PrefixMatch:
         """How many leading full blocks of `tokens` the store holds, and where."""
@@ -506,5 +510,15 @@ def _join(parts: list[bytes | memoryview]) -> bytes:
 def _validate_key(key: bytes, index: int) -> None:
     try:
         validate_key(key, f"keys[{index}]")
+    except InvalidRequest as error:
+        raise InvalidArgument(str(error)) from None
+
+
+def check_tensor(
+    tensor: torch.Tensor, layout: KVLayout, form: KVForm, num_blocks: int, *, at_least: bool = False
+) -> None:
+    """kvstore.codec.check_tensor, raising the client's InvalidArgument like every other check."""
+    try:
+        _check_tensor_core(tensor, layout, form, num_blocks, at_least=at_least)
     except InvalidRequest as error:
         raise InvalidArgument(str(error)) from None

@@ -2,14 +2,16 @@
 
 A block occupies a list of pages that need not be adjacent, so any freed page can
 serve any block size and the arena never fragments. Nothing is allocated per block
-on the hot path: allocation pops page numbers off a free list, and reads and writes
-are memoryview slices of the one backing buffer.
+on the hot path: allocation pops page numbers off a free list. On the CPU, reads and
+writes are memoryview slices of the one backing buffer; on an accelerator (the HBM
+tier) they are tensor copies to and from host memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from kvstore.errors import InvalidRequest
@@ -18,7 +20,15 @@ from kvstore.errors import InvalidRequest
 class PageArena:
     """`capacity_bytes` of memory in pages of `page_bytes`."""
 
-    def __init__(self, capacity_bytes: int, page_bytes: int, *, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        capacity_bytes: int,
+        page_bytes: int,
+        *,
+        pin_memory: bool = False,
+        device: torch.device | None = None,
+        tensor_copies: bool = False,
+    ) -> None:
         if page_bytes < 512 or page_bytes & (page_bytes - 1):
             raise InvalidRequest(f"page_bytes must be a power of two >= 512, got {page_bytes}")
         if capacity_bytes < page_bytes:
@@ -28,9 +38,18 @@ class PageArena:
         self.page_bytes = page_bytes
         self.num_pages = capacity_bytes // page_bytes
         self.capacity_bytes = self.num_pages * page_bytes
-        # Pinned host memory lets CUDA copies run asynchronously; plain memory otherwise.
-        self._tensor = torch.empty(self.capacity_bytes, dtype=torch.uint8, pin_memory=pin_memory)
-        self._view = memoryview(self._tensor.numpy())
+        self.device = device or torch.device("cpu")
+        # The HBM tier asks for tensor copies even on the CPU, so the code path a GPU
+        # runs is the one its emulation tests.
+        if self.device.type == "cpu" and not tensor_copies:
+            # Pinned host memory lets CUDA copies run asynchronously; plain memory otherwise.
+            self._tensor = torch.empty(
+                self.capacity_bytes, dtype=torch.uint8, pin_memory=pin_memory
+            )
+            self._view: memoryview | None = memoryview(self._tensor.numpy())
+        else:
+            self._tensor = torch.empty(self.capacity_bytes, dtype=torch.uint8, device=self.device)
+            self._view = None
         # Popped from the end: low page numbers are handed out first.
         self._free_pages = list(range(self.num_pages - 1, -1, -1))
 
@@ -62,13 +81,32 @@ class PageArena:
         """Copy `data` into the block made of `pages`, starting at byte `offset`."""
         source = memoryview(data).cast("B")
         done = 0
-        for target in self._spans(pages, offset, len(source)):
-            target[:] = source[done : done + len(target)]
-            done += len(target)
+        for start, length in self._spans(pages, offset, len(source)):
+            part = source[done : done + length]
+            if self._view is not None:
+                self._view[start : start + length] = part
+            else:
+                array = np.frombuffer(part, dtype=np.uint8)
+                if not array.flags.writeable:
+                    array = array.copy()
+                self._tensor[start : start + length].copy_(torch.from_numpy(array))
+            done += length
 
     def read(self, pages: list[int], offset: int, nbytes: int) -> list[memoryview]:
-        """Views of the bytes `[offset, offset + nbytes)` of the block; valid until freed."""
-        return list(self._spans(pages, offset, nbytes))
+        """The bytes `[offset, offset + nbytes)` of the block, in order.
+
+        On the CPU these are views, valid until the pages are freed; on an accelerator
+        they are host copies.
+        """
+        if self._view is not None:
+            view = self._view
+            return [
+                view[start : start + length] for start, length in self._spans(pages, offset, nbytes)
+            ]
+        return [
+            memoryview(self._tensor[start : start + length].cpu().numpy())
+            for start, length in self._spans(pages, offset, nbytes)
+        ]
 
     def block_tensor(self, pages: list[int], nbytes: int) -> torch.Tensor | None:
         """The block as one uint8 tensor view when its pages are adjacent, else None."""
@@ -80,7 +118,8 @@ class PageArena:
         start = first * self.page_bytes
         return self._tensor[start : start + nbytes]
 
-    def _spans(self, pages: list[int], offset: int, nbytes: int) -> Iterator[memoryview]:
+    def _spans(self, pages: list[int], offset: int, nbytes: int) -> Iterator[tuple[int, int]]:
+        """(start, length) runs of the arena holding the block's bytes [offset, offset+nbytes)."""
         page_bytes = self.page_bytes
         end = offset + nbytes
         last_index = (end - 1) // page_bytes
@@ -92,6 +131,5 @@ class PageArena:
             while last < last_index and pages[last + 1] == pages[last] + 1:
                 last += 1
             span_end = min(end, (last + 1) * page_bytes)
-            start = pages[first] * page_bytes + within
-            yield self._view[start : start + span_end - offset]
+            yield pages[first] * page_bytes + within, span_end - offset
             offset = span_end

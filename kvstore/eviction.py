@@ -1,10 +1,10 @@
 """Eviction policies as priority functions, and the queue that orders victims.
 
-A policy is `priority(entry, now) -> tuple`; the smallest tuple is evicted first.
-The queue holds only entries that could be evicted when they were pushed: chain
-tails (no children) that were not pinned. Whoever changes that (a child leaves,
-a pin is released) pushes the entry again. Entries touched after their push carry a
-new token, so their stale heap items are skipped on pop.
+A policy is `priority(entry, now) -> tuple`; the smallest tuple goes first. Each tier
+has its own queue. A queue holds the entries that could give up their copy in that
+tier when they were added; whoever changes that (a pin, a new child, a copy made
+elsewhere) adds or discards the entry again. Touching an entry re-queues it with a
+fresh priority; its stale heap items are skipped on pop.
 """
 
 from __future__ import annotations
@@ -49,36 +49,41 @@ class EvictionQueue:
     def __init__(self, priority: Priority) -> None:
         self._priority = priority
         self._heap: list[tuple[tuple[Any, ...], int, BlockEntry]] = []
-        self._tokens = itertools.count()
-        self._num_live = 0
+        self._tokens: dict[BlockEntry, int] = {}
+        self._counter = itertools.count()
 
     def __len__(self) -> int:
-        return self._num_live
+        return len(self._tokens)
 
-    def push(self, entry: BlockEntry, now: float) -> None:
-        if entry.queue_token is None:
-            self._num_live += 1
-        token = next(self._tokens)
-        entry.queue_token = token
-        heapq.heappush(self._heap, (self._priority(entry, now), token, entry))
-        if len(self._heap) > 4 * self._num_live + 1024:
-            self._compact()
+    def __contains__(self, entry: BlockEntry) -> bool:
+        return entry in self._tokens
+
+    def add(self, entry: BlockEntry, now: float) -> None:
+        """Queue the entry unless it is queued already."""
+        if entry not in self._tokens:
+            self._push(entry, now)
+
+    def touch(self, entry: BlockEntry, now: float) -> None:
+        """Re-rank a queued entry after its priority changed; others are left out."""
+        if entry in self._tokens:
+            self._push(entry, now)
 
     def discard(self, entry: BlockEntry) -> None:
-        if entry.queue_token is not None:
-            entry.queue_token = None
-            self._num_live -= 1
+        self._tokens.pop(entry, None)
 
     def pop(self) -> BlockEntry | None:
-        """The lowest-priority live entry, taken out of the queue; None when empty."""
+        """The entry that goes first, taken out of the queue; None when empty."""
         while self._heap:
             _, token, entry = heapq.heappop(self._heap)
-            if entry.queue_token == token:
-                entry.queue_token = None
-                self._num_live -= 1
+            if self._tokens.get(entry) == token:
+                del self._tokens[entry]
                 return entry
         return None
 
-    def _compact(self) -> None:
-        self._heap = [item for item in self._heap if item[2].queue_token == item[1]]
-        heapq.heapify(self._heap)
+    def _push(self, entry: BlockEntry, now: float) -> None:
+        token = next(self._counter)
+        self._tokens[entry] = token
+        heapq.heappush(self._heap, (self._priority(entry, now), token, entry))
+        if len(self._heap) > 4 * len(self._tokens) + 1024:
+            self._heap = [item for item in self._heap if self._tokens.get(item[2]) == item[1]]
+            heapq.heapify(self._heap)

@@ -26,10 +26,13 @@ class BlockEntry:
     lease_expiry: float = 0.0  # monotonic seconds; 0 when never leased
     last_access: int = 0  # store-wide tick, larger is more recent
     num_hits: int = 0
-    queue_token: int | None = None  # set while the entry sits in an eviction queue
+    num_seen: int = 1  # the put, then every hit: what the SSD admission filter counts
 
     def is_pinned(self, now: float) -> bool:
         return self.read_pins > 0 or self.lease_expiry > now
+
+    def is_indexed(self) -> bool:
+        return self.namespace.blocks.get(self.key) is self
 
 
 @dataclass(slots=True, eq=False)

@@ -1,8 +1,10 @@
 """ReadSession: the blocks of one GetBlocks stream, pinned until the stream ends.
 
-The session serves the longest stored prefix of the requested keys. Chunks come out
-layer-major: every chunk of layer 0 of every block, then layer 1, and so on, so a
-decode worker can start on layer 0 while later layers are still in flight.
+The session serves the longest stored prefix of the requested keys, from whichever
+tier holds each block fastest; SSD-only blocks are first brought into memory by
+kvstore.mover. Chunks come out layer-major: every chunk of layer 0 of every block,
+then layer 1, and so on, so a decode worker can start on layer 0 while later layers
+are still in flight.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from kvstore.errors import InvalidRequest
 from kvstore.index import BlockEntry
 from kvstore.keys import validate_key
 from kvstore.layout import Namespace
+from kvstore.mover import TierMover
 from kvstore.store import BlockStore
 from kvstore.tiers.base import TierKind
 
@@ -36,14 +39,21 @@ class ReadSession:
         self._store = store
         self._layout = namespace.layout
         self.entries: list[BlockEntry] = store.find_prefix(namespace, keys)
-        store.acquire_read(self.entries)
-        # Count the hits before touching: touch re-queues with the current priority,
-        # which under LFU includes num_hits.
+        self._pinned = list(self.entries)
+        store.acquire_read(self._pinned)
+        store.record_hits(self.entries, missed=len(self.entries) < len(keys))
+        store.touch(self.entries)
         for entry in self.entries:
             entry.num_hits += 1
-            store.dram.counters.hits += 1
-        store.touch(self.entries)
+        self._payloads: dict[BlockEntry, bytes] = {}
         self._closed = False
+
+    async def load(self, mover: TierMover | None) -> None:
+        """Bring SSD-only blocks into memory; the served prefix ends at a block that fails."""
+        if mover is None:
+            return
+        served, self._payloads = await mover.load(self.entries)
+        del self.entries[served:]
 
     @property
     def tiers(self) -> list[TierKind]:
@@ -53,18 +63,16 @@ class ReadSession:
         if max_chunk_bytes < 1:
             raise InvalidRequest(f"max_chunk_bytes must be >= 1, got {max_chunk_bytes}")
         layer_bytes = self._layout.layer_bytes
-        dram = self._store.dram
         for layer in range(self._layout.num_layers):
             base = layer * layer_bytes
             for block_index, entry in enumerate(self.entries):
-                handle = entry.copies[TierKind.DRAM]
                 for offset in range(0, layer_bytes, max_chunk_bytes):
                     nbytes = min(max_chunk_bytes, layer_bytes - offset)
                     yield ReadChunk(
                         block_index=block_index,
                         layer=layer,
                         offset=offset,
-                        views=dram.read(handle, base + offset, nbytes),
+                        views=self._read(entry, base + offset, nbytes),
                         nbytes=nbytes,
                         layer_checksum=entry.layer_checksums[layer],
                         checksum_kind_value=entry.checksum_kind_value,
@@ -73,7 +81,18 @@ class ReadSession:
         counters.blocks_got += len(self.entries)
         counters.bytes_got += len(self.entries) * self._layout.block_bytes
 
+    def _read(self, entry: BlockEntry, offset: int, nbytes: int) -> list[memoryview]:
+        payload = self._payloads.get(entry)
+        if payload is not None:
+            return [memoryview(payload)[offset : offset + nbytes]]
+        # DRAM first: its reads are views, HBM's are device-to-host copies.
+        for kind in (TierKind.DRAM, TierKind.HBM):
+            handle = entry.copies.get(kind)
+            if handle is not None:
+                return self._store.memory_tier(kind).read(handle, offset, nbytes)
+        raise AssertionError(f"block {entry.key.hex()} has no copy in memory")
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._store.release_read(self.entries)
+            self._store.release_read(self._pinned)

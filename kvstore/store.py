@@ -1,40 +1,43 @@
 """BlockStore: the facade over the index, the tiers and eviction.
 
 Callers hand it namespaces and keys and get plain results back; the data structures
-stay inside. It is not thread-safe: the server calls it from one event loop.
+stay inside. It is not thread-safe: the server calls it from one event loop, and SSD
+I/O runs on worker threads through kvstore.mover, which reports back on that loop.
+
+Invariants:
+- A block is findable while it has a copy in at least one tier.
+- A copy leaves a tier only if the block keeps another copy, or the block is a chain
+  tail (no children): so a child is never findable without its parent.
+- Pinned blocks (a lease, a read or an SSD write in flight) keep every copy.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
+from kvstore.config import StoreConfig
 from kvstore.errors import CapacityExhausted, InvalidRequest
 from kvstore.eviction import POLICIES, EvictionQueue
 from kvstore.index import BlockEntry, BlockIndex, NamespaceState
 from kvstore.keys import validate_key
 from kvstore.layout import Namespace
-from kvstore.tiers.base import TierCounters, TierKind
+from kvstore.tiers.base import MemoryTier, TierCounters, TierKind
 from kvstore.tiers.dram import DramTier
+from kvstore.tiers.hbm import HbmTier, resolve_device
+from kvstore.tiers.ssd import SsdLocation, SsdTier
 
-MiB = 1 << 20
+__all__ = ["BlockStore", "PrefixMatch", "StoreConfig", "StoreReport", "TierReport"]
 
 
-@dataclass(frozen=True, kw_only=True)
-class StoreConfig:
-    dram_bytes: int = 1024 * MiB
-    page_bytes: int = 64 * 1024
-    eviction_policy: str = "lru"
-    max_lease_s: float = 3600.0
-    pin_memory: bool = False
+class StoreListener(Protocol):
+    """What kvstore.mover hears from the store (it owns every SSD read and write)."""
 
-    def __post_init__(self) -> None:
-        if self.eviction_policy not in POLICIES:
-            raise InvalidRequest(
-                f"unknown eviction policy {self.eviction_policy!r}; choose from {sorted(POLICIES)}"
-            )
-        if self.max_lease_s <= 0:
-            raise InvalidRequest(f"max_lease_s must be > 0, got {self.max_lease_s}")
+    def committed(self, entry: BlockEntry) -> None: ...
+
+    def ssd_copy_dropped(self, location: SsdLocation) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,23 +98,48 @@ class BlockStore:
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
         self.index = BlockIndex()
-        self.dram = DramTier(config.dram_bytes, config.page_bytes, pin_memory=config.pin_memory)
         self.counters = StoreCounters()
-        self._queue = EvictionQueue(POLICIES[config.eviction_policy])
+        self.dram = DramTier(config.dram_bytes, config.page_bytes, pin_memory=config.pin_memory)
+        self.hbm: HbmTier | None = None
+        if config.hbm_bytes:
+            device = resolve_device(config.hbm_device)
+            self.hbm = HbmTier(config.hbm_bytes, config.page_bytes, device)
+        self.ssd: SsdTier | None = None
+        if config.ssd_dir is not None:
+            self.ssd = SsdTier(Path(config.ssd_dir), config.ssd_bytes, fsync=config.ssd_fsync)
+        priority = POLICIES[config.eviction_policy]
+        self.queues = {kind: EvictionQueue(priority) for kind in self.tier_kinds}
         self._clock = _Clock()
-        # Leased tails leave the queue while their lease runs; they come back when
-        # an eviction pass finds the lease expired.
-        self._leased_tails: set[BlockEntry] = set()
+        # Leased entries sit outside the queues until an eviction pass finds them expired.
+        self._leased: set[BlockEntry] = set()
+        self.listener: StoreListener | None = None
+
+    @property
+    def tier_kinds(self) -> list[TierKind]:
+        kinds = [TierKind.DRAM]
+        if self.hbm is not None:
+            kinds.insert(0, TierKind.HBM)
+        if self.ssd is not None:
+            kinds.append(TierKind.SSD)
+        return kinds
+
+    def memory_tier(self, kind: TierKind) -> MemoryTier:
+        if kind is TierKind.HBM and self.hbm is not None:
+            return self.hbm
+        if kind is TierKind.DRAM:
+            return self.dram
+        raise KeyError(kind)
 
     # -- lookups -----------------------------------------------------------------
 
     def lookup(self, namespace: Namespace, keys: list[bytes]) -> PrefixMatch:
         for key in keys:
             validate_key(key)
-        found = self.index.present_prefix(self.index.find_namespace(namespace), keys)
+        found = self.find_prefix(namespace, keys)
         self.counters.lookups += 1
         self.counters.lookup_keys += len(keys)
         self.counters.lookup_hits += len(found)
+        self.record_hits(found, missed=len(found) < len(keys))
         self.touch(found)
         return PrefixMatch(
             num_matched=len(found),
@@ -125,108 +153,155 @@ class BlockStore:
     def tier_of(self, entry: BlockEntry) -> TierKind:
         return min(entry.copies, key=lambda kind: kind.value)
 
+    def record_hits(self, found: list[BlockEntry], *, missed: bool) -> None:
+        """Each block counts a hit in the tier that holds it fastest and a miss in faster ones."""
+        kinds = self.tier_kinds
+        for entry in found:
+            entry.num_seen += 1
+            best = self.tier_of(entry)
+            for kind in kinds:
+                counters = self.counters_of(kind)
+                if kind is best:
+                    counters.hits += 1
+                    break
+                counters.misses += 1
+        if missed:
+            for kind in kinds:
+                self.counters_of(kind).misses += 1
+
+    def counters_of(self, kind: TierKind) -> TierCounters:
+        if kind is TierKind.SSD:
+            assert self.ssd is not None
+            return self.ssd.counters
+        return self.memory_tier(kind).counters
+
     def touch(self, chain: list[BlockEntry]) -> None:
         """Mark a chain used. The head gets the newest tick, so under LRU its tail goes first."""
         now = time.monotonic()
         for entry in reversed(chain):
             self._clock.tick += 1
             entry.last_access = self._clock.tick
-            if entry.queue_token is not None:
-                self._queue.push(entry, now)
+            for kind in entry.copies:
+                self.queues[kind].touch(entry, now)
 
     # -- space -------------------------------------------------------------------
 
     def allocate_dram(self, nbytes: int) -> object:
-        """A DRAM handle for `nbytes`, evicting chain tails until one fits."""
-        if nbytes > self.dram.capacity_bytes:
-            # Evicting could never make room: fail before harming any stored block.
+        return self.allocate(TierKind.DRAM, nbytes)
+
+    def allocate(self, kind: TierKind, nbytes: int) -> object:
+        """A handle in a memory tier for `nbytes`, evicting from that tier until one fits."""
+        tier = self.memory_tier(kind)
+        if nbytes > tier.capacity_bytes:
+            # Evicting could never make room: leave every stored block alone.
             raise CapacityExhausted(
-                f"a block of this layout is {nbytes} B, larger than the whole DRAM tier "
-                f"({self.dram.capacity_bytes} B); use fewer tokens per block or more memory"
+                f"a block of {nbytes} B is larger than the whole {kind.name} tier "
+                f"({tier.capacity_bytes} B); give the tier more memory or use smaller blocks"
             )
-        handle = self.dram.allocate(nbytes)
+        handle = tier.allocate(nbytes)
         if handle is not None:
             return handle
-        self._release_expired_leases()
+        self.release_expired_leases()
         while handle is None:
-            victim = self._queue.pop()
+            victim = self.queues[kind].pop()
             if victim is None:
-                raise CapacityExhausted(self._full_message(nbytes))
-            if not self._evictable(victim, time.monotonic()):
-                self._park(victim)
+                raise CapacityExhausted(self._full_message(kind, tier, nbytes))
+            if not self.evictable_from(victim, kind, time.monotonic()):
+                self.refresh(victim)
                 continue
-            self._evict(victim)
-            handle = self.dram.allocate(nbytes)
+            self.drop_copy(victim, kind)
+            handle = tier.allocate(nbytes)
         return handle
 
-    def _full_message(self, nbytes: int) -> str:
+    def _full_message(self, kind: TierKind, tier: MemoryTier, nbytes: int) -> str:
         now = time.monotonic()
         pinned = sum(1 for entry in self.index.entries() if entry.is_pinned(now))
-        in_flight = self.dram.used_bytes - sum(
-            self.dram.arena.pages_for(entry.namespace.namespace.layout.block_bytes)
-            * self.dram.arena.page_bytes
-            for entry in self.index.entries()
-            if TierKind.DRAM in entry.copies
-        )
+        free = tier.capacity_bytes - tier.used_bytes
         return (
-            f"DRAM tier is full: a block needs {nbytes} B, {self.dram.arena.free_bytes} B are "
-            f"free of {self.dram.capacity_bytes} B and nothing can be evicted "
-            f"({pinned} blocks pinned by leases or reads, {in_flight} B held by puts in "
-            f"flight); unpin blocks, wait for reads to finish, or give the tier more memory"
+            f"{kind.name} tier is full: a block needs {nbytes} B, {free} B are free of "
+            f"{tier.capacity_bytes} B and nothing can be evicted ({pinned} blocks "
+            f"pinned by leases or reads; the rest is held by puts in flight); unpin blocks, wait "
+            f"for reads to finish, or give the tier more memory"
         )
 
-    def _evictable(self, entry: BlockEntry, now: float) -> bool:
-        return entry.num_children == 0 and not entry.is_pinned(now)
+    def evictable_from(self, entry: BlockEntry, kind: TierKind, now: float) -> bool:
+        if kind not in entry.copies or entry.is_pinned(now):
+            return False
+        return len(entry.copies) > 1 or entry.num_children == 0
 
-    def _park(self, entry: BlockEntry) -> None:
-        # A pinned tail: leases come back by expiry (checked per eviction pass),
-        # read pins by release_read (which pushes the entry again).
-        if entry.lease_expiry > time.monotonic():
-            self._leased_tails.add(entry)
-
-    def _release_expired_leases(self) -> None:
+    def refresh(self, entry: BlockEntry) -> None:
+        """Put the entry in exactly the queues of the tiers it could now leave."""
         now = time.monotonic()
-        expired = [entry for entry in self._leased_tails if entry.lease_expiry <= now]
-        for entry in expired:
-            self._leased_tails.discard(entry)
-            self._enqueue_if_evictable(entry, now)
+        indexed = entry.is_indexed()
+        for kind, queue in self.queues.items():
+            if indexed and self.evictable_from(entry, kind, now):
+                queue.add(entry, now)
+            else:
+                queue.discard(entry)
+        if indexed and entry.read_pins == 0 and entry.lease_expiry > now:
+            self._leased.add(entry)
+        else:
+            self._leased.discard(entry)
 
-    def _enqueue_if_evictable(self, entry: BlockEntry, now: float) -> None:
-        if entry.namespace.blocks.get(entry.key) is not entry:
+    def release_expired_leases(self) -> None:
+        now = time.monotonic()
+        for entry in [entry for entry in self._leased if entry.lease_expiry <= now]:
+            self.refresh(entry)
+
+    def drop_copy(self, entry: BlockEntry, kind: TierKind, *, demoted: bool = False) -> None:
+        """Free the entry's copy in one tier; the last copy takes the block out of the index."""
+        handle = entry.copies.pop(kind)
+        counters = self.counters_of(kind)
+        if demoted:
+            counters.demotions += 1
+        else:
+            counters.evictions += 1
+        self._free(kind, handle)
+        if entry.copies:
+            self.refresh(entry)
+        else:
+            self._unindex(entry)
+
+    def _free(self, kind: TierKind, handle: object) -> None:
+        if kind is TierKind.SSD:
+            assert self.ssd is not None
+            assert isinstance(handle, SsdLocation)
+            self.ssd.used -= handle.nbytes
+            if self.listener is not None:
+                self.listener.ssd_copy_dropped(handle)
+            else:
+                handle.path.unlink(missing_ok=True)
             return
-        if self._evictable(entry, now):
-            self._queue.push(entry, now)
-        elif entry.num_children == 0 and entry.lease_expiry > now:
-            self._leased_tails.add(entry)
+        self.memory_tier(kind).free(handle)
 
-    def _evict(self, entry: BlockEntry) -> None:
-        self.dram.counters.evictions += 1
-        self._remove(entry)
-
-    def _remove(self, entry: BlockEntry) -> None:
-        self._queue.discard(entry)
-        self._leased_tails.discard(entry)
-        for kind, handle in entry.copies.items():
-            if kind is TierKind.DRAM:
-                self.dram.free(handle)
-        entry.copies.clear()
+    def _unindex(self, entry: BlockEntry) -> None:
+        for queue in self.queues.values():
+            queue.discard(entry)
+        self._leased.discard(entry)
         new_tail = self.index.remove(entry)
         if new_tail is not None:
-            self._enqueue_if_evictable(new_tail, time.monotonic())
+            self.refresh(new_tail)
 
-    # -- commits (called by PutSession) -------------------------------------------
+    def remove(self, entry: BlockEntry) -> None:
+        """Take a chain tail out of the store, freeing every copy."""
+        for kind in list(entry.copies):
+            self._free(kind, entry.copies.pop(kind))
+        self._unindex(entry)
+
+    # -- commits ---------------------------------------------------------------------
 
     def commit(self, entry: BlockEntry) -> None:
+        """Make a complete, verified block findable."""
         self.index.insert(entry)
         self.counters.blocks_put += 1
         self.counters.bytes_put += entry.namespace.namespace.layout.block_bytes
         self._clock.tick += 1
         entry.last_access = self._clock.tick
         if entry.parent is not None:
-            # The parent is no longer a chain tail, so no longer a candidate.
-            self._queue.discard(entry.parent)
-            self._leased_tails.discard(entry.parent)
-        self._enqueue_if_evictable(entry, time.monotonic())
+            self.refresh(entry.parent)
+        self.refresh(entry)
+        if self.listener is not None:
+            self.listener.committed(entry)
 
     def namespace_state(self, namespace: Namespace) -> NamespaceState:
         return self.index.namespace(namespace)
@@ -236,13 +311,14 @@ class BlockStore:
     def acquire_read(self, entries: list[BlockEntry]) -> None:
         for entry in entries:
             entry.read_pins += 1
+            if entry.read_pins == 1:
+                self.refresh(entry)
 
     def release_read(self, entries: list[BlockEntry]) -> None:
-        now = time.monotonic()
         for entry in entries:
             entry.read_pins -= 1
-            if entry.read_pins == 0 and entry.queue_token is None:
-                self._enqueue_if_evictable(entry, now)
+            if entry.read_pins == 0:
+                self.refresh(entry)
 
     def pin(self, namespace: Namespace, keys: list[bytes], ttl_s: float) -> tuple[int, float]:
         """Lease the present blocks among `keys`; returns (count, wall-clock expiry)."""
@@ -259,9 +335,7 @@ class BlockStore:
             if entry is None:
                 continue
             entry.lease_expiry = max(entry.lease_expiry, now + ttl_s)
-            self._queue.discard(entry)
-            if entry.num_children == 0:
-                self._leased_tails.add(entry)
+            self.refresh(entry)
             num_pinned += 1
         return num_pinned, time.time() + ttl_s
 
@@ -277,9 +351,7 @@ class BlockStore:
                 continue
             # Keep a non-zero past expiry: the session policy remembers the lease.
             entry.lease_expiry = min(entry.lease_expiry, now)
-            self._leased_tails.discard(entry)
-            if entry.queue_token is None:
-                self._enqueue_if_evictable(entry, now)
+            self.refresh(entry)
             num_unpinned += 1
         return num_unpinned
 
@@ -297,10 +369,10 @@ class BlockStore:
         for key in keys:
             root = state.blocks.get(key)
             if root is not None:
-                self._delete_subtree(state, root, now, result)
+                self.delete_subtree(state, root, now, result)
         return result
 
-    def _delete_subtree(
+    def delete_subtree(
         self, state: NamespaceState, root: BlockEntry, now: float, result: DeleteResult
     ) -> None:
         subtree = [entry for entry in state.blocks.values() if _descends_from(entry, root)]
@@ -310,7 +382,7 @@ class BlockStore:
             if entry.is_pinned(now) or entry.num_children:
                 result.num_busy += 1
                 continue
-            self._remove(entry)
+            self.remove(entry)
             result.num_deleted += 1
 
     # -- reporting -------------------------------------------------------------------
@@ -318,16 +390,33 @@ class BlockStore:
     def report(self) -> StoreReport:
         now = time.monotonic()
         entries = self.index.entries()
-        dram = TierReport(
-            kind=TierKind.DRAM,
-            name=self.dram.name,
-            capacity_bytes=self.dram.capacity_bytes,
-            used_bytes=self.dram.used_bytes,
-            num_blocks=sum(1 for entry in entries if TierKind.DRAM in entry.copies),
-            counters=self.dram.counters,
-        )
+        reports = []
+        for kind in self.tier_kinds:
+            if kind is TierKind.SSD:
+                assert self.ssd is not None
+                tier_name, capacity, used = (
+                    self.ssd.name,
+                    self.ssd.capacity_bytes,
+                    self.ssd.used_bytes,
+                )
+                degraded = self.ssd.degraded
+            else:
+                tier = self.memory_tier(kind)
+                tier_name, capacity, used = tier.name, tier.capacity_bytes, tier.used_bytes
+                degraded = False
+            reports.append(
+                TierReport(
+                    kind=kind,
+                    name=tier_name,
+                    capacity_bytes=capacity,
+                    used_bytes=used,
+                    num_blocks=sum(1 for entry in entries if kind in entry.copies),
+                    counters=self.counters_of(kind),
+                    degraded=degraded,
+                )
+            )
         return StoreReport(
-            tiers=(dram,),
+            tiers=tuple(reports),
             counters=self.counters,
             num_namespaces=self.index.num_namespaces,
             num_pinned=sum(1 for entry in entries if entry.is_pinned(now)),

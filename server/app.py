@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore.allocator import tune_allocator
+from kvstore.mover import TierMover
 from kvstore.server.config import ServerConfig
 from kvstore.server.handlers import add_kvstore_service
 from kvstore.server.servicer import KVStoreServicer
@@ -27,6 +28,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     store: BlockStore
+    mover: TierMover
     servicer: KVStoreServicer
     health: health.aio.HealthServicer
     config: ServerConfig
@@ -40,6 +42,7 @@ class RunningServer:
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.limits.drain_grace_s)
+        await self.mover.close()
         logger.info("stopped")
 
 
@@ -55,7 +58,11 @@ async def build_server(config: ServerConfig) -> RunningServer:
     if config.tune_allocator:
         tune_allocator()
     store = BlockStore(config.store)
-    servicer = KVStoreServicer(store, config.limits)
+    mover = TierMover(store)
+    # Before serving: the index must hold what the SSD directory holds.
+    mover.recover()
+    await mover.start()
+    servicer = KVStoreServicer(store, mover, config.limits)
     server = grpc.aio.server(options=channel_options(config.limits.max_message_bytes))
     add_kvstore_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -63,22 +70,24 @@ async def build_server(config: ServerConfig) -> RunningServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(config.listen)
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError as error:  # grpcio reports a failed bind (port in use) this way
+        raise OSError(f"cannot listen on {config.listen}: {error}") from error
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    dram = store.dram
     logger.info(
-        "serving kvstore.v1 on %s (port %d); dram %d MiB in %d KiB pages, eviction %s",
+        "serving kvstore.v1 on %s (port %d); tiers: %s; eviction %s, %s",
         config.listen,
         port,
-        dram.capacity_bytes >> 20,
-        dram.arena.page_bytes >> 10,
+        ", ".join(f"{tier.name} {tier.capacity_bytes >> 20} MiB" for tier in store.report().tiers),
         config.store.eviction_policy,
+        config.store.write_policy if store.ssd is not None else "no SSD",
     )
-    return RunningServer(server, port, store, servicer, health_servicer, config)
+    return RunningServer(server, port, store, mover, servicer, health_servicer, config)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -12,6 +12,17 @@ reads configuration from outside (files, flags); components receive their own pa
     page_bytes = "64KiB"
     eviction_policy = "lru"      # lru | lfu | session
     max_lease_s = 3600
+    hbm_bytes = 0                # 0: no HBM tier; on a host without a GPU it is emulated
+    hbm_device = "auto"          # auto | cpu | cuda[:N]
+    hbm_promote_after_seen = 2
+    ssd_dir = "/var/lib/kvstore" # unset: no SSD tier
+    ssd_bytes = "16GiB"
+    ssd_fsync = false            # true survives power loss too, not only process crashes
+    write_policy = "write-back"  # write-back | write-through
+    ssd_admit_after_seen = 1     # 2: a block must be seen twice before it earns SSD
+    promote_on_hit = true
+    high_watermark = 0.95
+    low_watermark = 0.85
 
     [limits]
     max_message_bytes = "8MiB"   # largest gRPC message accepted or sent
@@ -30,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvstore.config import StoreConfig
 from kvstore.errors import InvalidRequest
-from kvstore.store import StoreConfig
 
 _SIZE_UNITS = {
     "": 1,
@@ -120,7 +131,27 @@ def _build(cls: Any, table: dict[str, Any], where: str) -> Any:
     if unknown:
         raise InvalidRequest(f"unknown setting(s) {unknown} in [{where}]; known: {sorted(known)}")
     values = {k: parse_size(v) if k in _SIZE_FIELDS else v for k, v in table.items()}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            _check_type(
+                f"{where}.{f.name}" if where != "top level" else f.name, values[f.name], f.default
+            )
     return cls(**values)
+
+
+def _check_type(name: str, value: Any, default: Any) -> None:
+    """Reject a value whose type differs from the default's (a string where a number goes)."""
+    kind = type(default)
+    if kind not in (bool, int, float, str):
+        return
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise InvalidRequest(f"{name} must be a {kind.__name__}, got {value!r}")
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
@@ -154,7 +185,26 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--eviction-policy", dest="store.eviction_policy", choices=["lru", "lfu", "session"]
     )
     parser.add_argument("--max-lease-s", dest="store.max_lease_s", type=float)
+    parser.add_argument("--hbm-bytes", dest="store.hbm_bytes", help="HBM tier size (0: none)")
+    parser.add_argument("--hbm-device", dest="store.hbm_device", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--ssd-dir", dest="store.ssd_dir", help="SSD tier directory")
+    parser.add_argument("--ssd-bytes", dest="store.ssd_bytes", help="SSD tier size, e.g. 64GiB")
+    parser.add_argument("--ssd-fsync", dest="store.ssd_fsync", action="store_true", default=None)
+    parser.add_argument(
+        "--write-policy", dest="store.write_policy", choices=["write-back", "write-through"]
+    )
+    parser.add_argument("--ssd-admit-after-seen", dest="store.ssd_admit_after_seen", type=int)
+    parser.add_argument(
+        "--no-promote-on-hit", dest="store.promote_on_hit", action="store_false", default=None
+    )
+    parser.add_argument("--high-watermark", dest="store.high_watermark", type=float)
+    parser.add_argument("--low-watermark", dest="store.low_watermark", type=float)
     parser.add_argument("--max-message-bytes", dest="limits.max_message_bytes")
+    parser.add_argument(
+        "--default-chunk-bytes",
+        dest="limits.default_chunk_bytes",
+        help="GetBlocks payload per message unless the client asks (below max message bytes)",
+    )
     parser.add_argument("--max-keys", dest="limits.max_keys", type=int)
     parser.add_argument("--drain-grace-s", dest="limits.drain_grace_s", type=float)
     parser.add_argument("--log-level", choices=list(_LOG_LEVELS))

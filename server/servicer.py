@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 from kvstore.checksum import checksum_kind_from_wire
 from kvstore.chunkwire import PutMessage, chunk_parts, decode_put_message, encode_get_header
 from kvstore.errors import InvalidRequest
+from kvstore.mover import TierMover
 from kvstore.put import PutOutcome, PutSession
 from kvstore.read import ReadSession
 from kvstore.server.config import Limits
@@ -33,8 +34,9 @@ Reply = TypeVar("Reply")
 
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):
-    def __init__(self, store: BlockStore, limits: Limits) -> None:
+    def __init__(self, store: BlockStore, mover: TierMover | None, limits: Limits) -> None:
         self._store = store
+        self._mover = mover
         self._limits = limits
         self.draining = False
 
@@ -167,6 +169,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 self._limits.max_chunk_bytes,
             )
             session = ReadSession(self._store, namespace, keys)
+            await session.load(self._mover)
             kind = session.entries[0].checksum_kind_value if session.entries else 0
             parts: list[bytes | memoryview] = [
                 encode_get_header(

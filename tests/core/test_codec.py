@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvstore.codec import (
+    ByteMap,
     KVForm,
     as_bytes,
     block_layer_pieces,
@@ -189,3 +190,77 @@ def test_dtype_mapping_matches_torch() -> None:
     }
     with pytest.raises(InvalidRequest, match="unsupported"):
         DType.from_torch(torch.float64)
+
+
+# -- ByteMap: the arithmetic byte map the client sends from and receives into ------------------
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: d.name.lower())
+@pytest.mark.parametrize("form", list(KVForm), ids=lambda f: f.value)
+def test_byte_map_agrees_with_the_pieces(
+    dtype: DType, form: KVForm, make_kv: Callable[..., torch.Tensor]
+) -> None:
+    layout = layout_for(dtype)
+    kv = make_kv(layout, NUM_BLOCKS, form=form, seed=dtype.value + 100)
+    byte_map = ByteMap(kv, layout, form)
+    layers = [0] if form is KVForm.LAYER else range(layout.num_layers)
+    for block in range(NUM_BLOCKS):
+        for layer in layers:
+            runs = byte_map.runs(block, layer, 5)
+            assert all(len(run) <= 5 for _, run in runs)
+            starts = [0]
+            for _, run in runs[:-1]:
+                starts.append(starts[-1] + len(run))
+            assert [offset for offset, _ in runs] == starts, "runs must tile the layer in order"
+            data = b"".join(bytes(run) for _, run in runs)
+            assert data == block_bytes(kv, form, layout, block, layer)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: d.name.lower())
+@pytest.mark.parametrize("form", list(KVForm), ids=lambda f: f.value)
+def test_byte_map_write_round_trip(
+    dtype: DType,
+    form: KVForm,
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
+    layout = layout_for(dtype)
+    source = make_kv(layout, NUM_BLOCKS, form=form, seed=dtype.value + 200)
+    dest = torch.zeros_like(source)
+    reader, writer = ByteMap(source, layout, form), ByteMap(dest, layout, form)
+    layers = [0] if form is KVForm.LAYER else range(layout.num_layers)
+    for block in range(NUM_BLOCKS):
+        for layer in layers:
+            for offset, run in reader.runs(block, layer, 7):
+                writer.write(block, layer, offset, run)
+    assert same_bytes(dest, source)
+
+
+def test_byte_map_runs_are_views_of_the_tensor(make_kv: Callable[..., torch.Tensor]) -> None:
+    layout = layout_for(DType.BFLOAT16)
+    kv = make_kv(layout, NUM_BLOCKS)
+    ((_, key_run), (_, value_run)) = ByteMap(kv, layout, KVForm.SEQUENCE).runs(
+        1, 2, layout.layer_bytes
+    )
+    flat = as_bytes(kv[2, 1, layout.block_tokens : 2 * layout.block_tokens])
+    flat[0] = (int(flat[0]) + 1) % 256
+    assert value_run[0] == int(flat[0]), "runs must alias the tensor, not copy it"
+    assert len(key_run) == len(value_run) == layout.layer_bytes // 2
+
+
+def test_byte_map_with_a_trailing_partial_block(
+    make_kv: Callable[..., torch.Tensor],
+) -> None:
+    layout = layout_for(DType.FLOAT16)
+    kv = make_kv(layout, 2, extra_tokens=3)
+    data = b"".join(bytes(run) for _, run in ByteMap(kv, layout, KVForm.SEQUENCE).runs(1, 1, 64))
+    assert data == block_bytes(kv, KVForm.SEQUENCE, layout, 1, 1)
+
+
+def test_byte_map_rejects_what_it_cannot_address() -> None:
+    layout = layout_for(DType.FLOAT16)
+    kv = torch.zeros(expected_shape(layout, KVForm.BLOCKS, 2), dtype=torch.float16)
+    with pytest.raises(InvalidRequest, match="contiguous"):
+        ByteMap(kv.transpose(0, 1), layout, KVForm.BLOCKS)
+    with pytest.raises(InvalidRequest, match="past the end"):
+        ByteMap(kv, layout, KVForm.BLOCKS).write(0, 0, layout.layer_bytes - 1, b"\x00\x00")

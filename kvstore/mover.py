@@ -1,0 +1,381 @@
+"""TierMover: moves blocks between tiers and owns every SSD read and write.
+
+- Write-through: an admitted block is written to SSD as soon as it is committed.
+- Write-back: when DRAM passes its high watermark, a background pass makes room down
+  to the low watermark: blocks that already have an SSD copy just drop their DRAM
+  copy, admitted ones are written to SSD first (a demotion), the rest are evicted.
+- Promotion: a get of an SSD-only block reads it back into DRAM; blocks seen often
+  enough are copied into HBM.
+- Recovery: on start, the index is rebuilt from the SSD directory.
+
+SSD I/O runs on a small thread pool so it never blocks the event loop; all index and
+accounting changes happen back on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+from kvstore.checksum import ChecksumKind
+from kvstore.errors import CapacityExhausted
+from kvstore.index import BlockEntry
+from kvstore.store import BlockStore, DeleteResult
+from kvstore.tiers.base import TierKind
+from kvstore.tiers.blockfile import BlockFileHeader, CorruptBlockFile
+from kvstore.tiers.ssd import RecoveredBlock, SsdLocation, SsdTier
+
+logger = logging.getLogger("kvstore.mover")
+_MAINTENANCE_PERIOD_S = 0.05
+
+
+class TierMover:
+    def __init__(self, store: BlockStore) -> None:
+        self.store = store
+        self.config = store.config
+        store.listener = self
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.config.ssd_io_threads, thread_name_prefix="kvstore-ssd"
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flushing: set[BlockEntry] = set()
+        self._wake: asyncio.Event | None = None
+        self._maintenance: asyncio.Task[None] | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Rebuild the index from the SSD directory; returns the number of blocks restored."""
+        ssd = self.store.ssd
+        if ssd is None:
+            return 0
+        recovered = ssd.recover()
+        children: dict[tuple[object, bytes], list[RecoveredBlock]] = defaultdict(list)
+        for block in recovered:
+            children[(block.header.namespace, block.header.parent_key)].append(block)
+        restored = 0
+        # Breadth-first from chain heads: a block comes back only if its parent did.
+        frontier = [(block, None) for block in children.pop((None, b""), [])]
+        for (namespace, parent_key), blocks in list(children.items()):
+            if parent_key == b"":
+                frontier.extend((block, None) for block in blocks)
+                del children[(namespace, parent_key)]
+        while frontier:
+            block, parent = frontier.pop()
+            entry = self._restore(block, parent)
+            restored += 1
+            namespace = block.header.namespace
+            frontier.extend(
+                (child, entry) for child in children.pop((namespace, block.header.key), [])
+            )
+        for orphans in children.values():
+            for block in orphans:
+                logger.warning("dropping %s: its parent block did not survive", block.location.path)
+                block.location.path.unlink(missing_ok=True)
+        logger.info("recovered %d blocks (%d B) from %s", restored, ssd.used, ssd.directory)
+        return restored
+
+    def _restore(self, block: RecoveredBlock, parent: BlockEntry | None) -> BlockEntry:
+        header = block.header
+        state = self.store.namespace_state(header.namespace)
+        entry = BlockEntry(
+            namespace=state,
+            key=header.key,
+            parent=parent,
+            layer_checksums=list(header.layer_checksums),
+            checksum_kind_value=header.checksum_kind.value,
+            copies={TierKind.SSD: block.location},
+        )
+        self.store.index.insert(entry)
+        assert self.store.ssd is not None
+        self.store.ssd.used += block.location.nbytes
+        if parent is not None:
+            self.store.refresh(parent)
+        self.store.refresh(entry)
+        return entry
+
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._maintenance = asyncio.create_task(self._maintain(), name="kvstore-maintenance")
+
+    async def close(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # -- StoreListener ----------------------------------------------------------------
+
+    def committed(self, entry: BlockEntry) -> None:
+        if self.config.write_policy == "write-through" and self._admitted(entry):
+            self._spawn(self.flush(entry, demote=False))
+        self._nudge()
+
+    def ssd_copy_dropped(self, location: SsdLocation) -> None:
+        assert self.store.ssd is not None
+        ssd = self.store.ssd
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            ssd.remove(location)
+            return
+        future = loop.run_in_executor(self._executor, ssd.remove, location)
+        future.add_done_callback(lambda done: done.exception())
+
+    # -- reads ------------------------------------------------------------------------
+
+    async def load(self, entries: list[BlockEntry]) -> tuple[int, dict[BlockEntry, bytes]]:
+        """Bring SSD-only blocks of a pinned chain into memory.
+
+        Returns how many leading entries can be served and, for blocks that could not
+        be promoted, their verified payloads. A block whose file fails its checksum or
+        cannot be read ends the served prefix and is dropped with its descendants.
+        """
+        ssd = self.store.ssd
+        payloads: dict[BlockEntry, bytes] = {}
+        served = len(entries)
+        needs = [entry for entry in entries if not _in_memory(entry)]
+        if needs and ssd is not None:
+            results = await asyncio.gather(
+                *(self._read_ssd(ssd, entry) for entry in needs), return_exceptions=True
+            )
+            for entry, result in zip(needs, results, strict=True):
+                if isinstance(result, BaseException):
+                    served = min(served, entries.index(entry))
+                    self._lost(entry, result)
+                    continue
+                ssd.counters.bytes_read += len(result)
+                if not self._promote_to_dram(entry, result):
+                    payloads[entry] = result
+        for entry in entries[:served]:
+            self._maybe_promote_to_hbm(entry)
+            if self.config.write_policy == "write-through" and self._admitted(entry):
+                self._spawn(self.flush(entry, demote=False))
+        return served, payloads
+
+    async def _read_ssd(self, ssd: SsdTier, entry: BlockEntry) -> bytes:
+        location = entry.copies.get(TierKind.SSD)
+        if not isinstance(location, SsdLocation):
+            raise CorruptBlockFile("no SSD copy")
+        loop = asyncio.get_running_loop()
+        header, payload = await loop.run_in_executor(self._executor, ssd.read_block, location)
+        if header.key != entry.key or list(header.layer_checksums) != entry.layer_checksums:
+            raise CorruptBlockFile(f"{location.path} holds a different block")
+        return payload
+
+    def _lost(self, entry: BlockEntry, error: BaseException) -> None:
+        store = self.store
+        assert store.ssd is not None
+        store.ssd.record_error(error, "reading a block")
+        logger.error("SSD copy of block %s is unusable (%s); dropping it", entry.key.hex(), error)
+        if TierKind.SSD not in entry.copies:
+            return
+        if len(entry.copies) > 1:
+            store.drop_copy(entry, TierKind.SSD)
+            return
+        # The only copy is unusable: the block goes, and every block chained below it.
+        # Reads of it, this one included, cannot use it, so their pins do not hold it.
+        pins, entry.read_pins = entry.read_pins, 0
+        store.delete_subtree(entry.namespace, entry, time.monotonic(), DeleteResult())
+        entry.read_pins = pins
+
+    def _promote_to_dram(self, entry: BlockEntry, payload: bytes) -> bool:
+        if not self.config.promote_on_hit or not entry.is_indexed():
+            return False
+        try:
+            handle = self.store.allocate(TierKind.DRAM, len(payload))
+        except CapacityExhausted:
+            return False
+        self.store.dram.write(handle, 0, payload)
+        entry.copies[TierKind.DRAM] = handle
+        self.store.dram.counters.promotions += 1
+        self.store.refresh(entry)
+        return True
+
+    def _maybe_promote_to_hbm(self, entry: BlockEntry) -> None:
+        store = self.store
+        if (
+            store.hbm is None
+            or TierKind.HBM in entry.copies
+            or TierKind.DRAM not in entry.copies
+            or entry.num_seen < self.config.hbm_promote_after_seen
+        ):
+            return
+        nbytes = entry.namespace.namespace.layout.block_bytes
+        try:
+            handle = store.allocate(TierKind.HBM, nbytes)
+        except CapacityExhausted:
+            return
+        for offset, view in _offsets(store.dram.read(entry.copies[TierKind.DRAM], 0, nbytes)):
+            store.hbm.write(handle, offset, view)
+        entry.copies[TierKind.HBM] = handle
+        store.hbm.counters.promotions += 1
+        store.refresh(entry)
+
+    # -- writes to SSD ----------------------------------------------------------------
+
+    async def flush(self, entry: BlockEntry, *, demote: bool) -> None:
+        """Write an in-memory block to SSD; with `demote`, then free its DRAM copy."""
+        store, ssd = self.store, self.store.ssd
+        if (
+            ssd is None
+            or TierKind.SSD in entry.copies
+            or entry in self._flushing
+            or not entry.is_indexed()
+            or not ssd.accepts_writes()
+        ):
+            return
+        source = TierKind.DRAM if TierKind.DRAM in entry.copies else TierKind.HBM
+        if source not in entry.copies:
+            return
+        layout = entry.namespace.namespace.layout
+        header = BlockFileHeader(
+            namespace=entry.namespace.namespace,
+            key=entry.key,
+            parent_key=entry.parent.key if entry.parent is not None else b"",
+            checksum_kind=ChecksumKind(entry.checksum_kind_value),
+            layer_checksums=tuple(entry.layer_checksums),
+        )
+        location = ssd.location_for(header.namespace, entry.key, ssd.file_bytes(header))
+        if not self._reserve_ssd(ssd, location.nbytes):
+            return
+        self._flushing.add(entry)
+        store.acquire_read([entry])
+        try:
+            payload = store.memory_tier(source).read(entry.copies[source], 0, layout.block_bytes)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, ssd.write_block, location, header, payload)
+        except OSError as error:
+            ssd.record_error(error, "writing a block")
+            return
+        finally:
+            ssd.reserved -= location.nbytes
+            self._flushing.discard(entry)
+            store.release_read([entry])
+        ssd.counters.bytes_written += layout.block_bytes
+        if not entry.is_indexed():
+            self.ssd_copy_dropped(location)
+            return
+        entry.copies[TierKind.SSD] = location
+        ssd.used += location.nbytes
+        store.refresh(entry)
+        if demote and TierKind.DRAM in entry.copies and not entry.is_pinned(time.monotonic()):
+            store.drop_copy(entry, TierKind.DRAM, demoted=True)
+
+    def _reserve_ssd(self, ssd: SsdTier, nbytes: int) -> bool:
+        """Make room on SSD by dropping its coldest copies; False if that cannot be done."""
+        if nbytes > ssd.capacity_bytes:
+            return False
+        queue = self.store.queues[TierKind.SSD]
+        while ssd.used + ssd.reserved + nbytes > ssd.capacity_bytes:
+            victim = queue.pop()
+            if victim is None:
+                return False
+            if self.store.evictable_from(victim, TierKind.SSD, time.monotonic()):
+                self.store.drop_copy(victim, TierKind.SSD)
+            else:
+                self.store.refresh(victim)
+        ssd.reserved += nbytes
+        return True
+
+    def _admitted(self, entry: BlockEntry) -> bool:
+        return entry.num_seen >= self.config.ssd_admit_after_seen
+
+    # -- background watermarks ------------------------------------------------------------
+
+    def _nudge(self) -> None:
+        if self._wake is not None and self._over_high_watermark():
+            self._wake.set()
+
+    def _over_high_watermark(self) -> bool:
+        high = self.config.high_watermark
+        return any(
+            tier.used_bytes > high * tier.capacity_bytes
+            for tier in (self.store.dram, self.store.hbm)
+            if tier is not None
+        )
+
+    async def _maintain(self) -> None:
+        assert self._wake is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), _MAINTENANCE_PERIOD_S)
+            self._wake.clear()
+            try:
+                self.make_room()
+            except Exception:  # the loop must survive; the error is logged
+                logger.exception("background eviction pass failed")
+
+    def make_room(self) -> None:
+        """One watermark pass over the memory tiers; demotions finish in the background.
+
+        The pass only moves data down or drops redundant copies. It never evicts a block
+        outright: that loses data, so it is left to a put that actually needs the room.
+        """
+        store = self.store
+        store.release_expired_leases()
+        for kind in (TierKind.HBM, TierKind.DRAM):
+            if kind not in store.queues:
+                continue
+            tier = store.memory_tier(kind)
+            if tier.used_bytes <= self.config.high_watermark * tier.capacity_bytes:
+                continue
+            to_free = tier.used_bytes - self.config.low_watermark * tier.capacity_bytes
+            kept: list[BlockEntry] = []
+            while to_free > 0:
+                victim = store.queues[kind].pop()
+                if victim is None:
+                    break
+                if not store.evictable_from(victim, kind, time.monotonic()):
+                    store.refresh(victim)
+                elif self._move_down(victim, kind):
+                    to_free -= victim.namespace.namespace.layout.block_bytes
+                else:
+                    kept.append(victim)
+            for entry in kept:
+                store.refresh(entry)
+
+    def _move_down(self, victim: BlockEntry, kind: TierKind) -> bool:
+        """Free the victim's copy in `kind` without losing the block; False if it cannot."""
+        store, ssd = self.store, self.store.ssd
+        if len(victim.copies) > 1:
+            store.drop_copy(victim, kind, demoted=True)
+            return True
+        if (
+            kind is TierKind.DRAM
+            and self.config.write_policy == "write-back"
+            and ssd is not None
+            and ssd.accepts_writes()
+            and self._admitted(victim)
+        ):
+            self._spawn(self.flush(victim, demote=True))
+            return True
+        return False
+
+    def _spawn(self, coroutine: object) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
+        except RuntimeError:
+            coroutine.close()  # type: ignore[attr-defined]
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _in_memory(entry: BlockEntry) -> bool:
+    return TierKind.DRAM in entry.copies or TierKind.HBM in entry.copies
+
+
+def _offsets(views: list[memoryview]) -> list[tuple[int, memoryview]]:
+    out, offset = [], 0
+    for view in views:
+        out.append((offset, view))
+        offset += len(view)
+    return out
