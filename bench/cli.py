@@ -6,7 +6,9 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from kvstore.bench.agent import add_agent_arguments, run_agent
 from kvstore.bench.plan import add_plan_arguments, run_plan
+from kvstore.bench.replay import add_trace_arguments, run_trace
 from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 
 Runner = Callable[[argparse.Namespace], int]
@@ -21,6 +23,16 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "KV bytes per token, capacity footprint, decode operational intensity, tier sizes",
         add_plan_arguments,
         run_plan,
+    ),
+    "agent": (
+        "synthetic agent sessions whose context snowballs; lookup, get, put every turn",
+        add_agent_arguments,
+        run_agent,
+    ),
+    "trace": (
+        "replay a Mooncake JSONL trace; prefix hit rate next to the trace's own",
+        add_trace_arguments,
+        run_trace,
     ),
 }
 

@@ -84,7 +84,7 @@ class LoadConfig:
 
     @property
     def mode(self) -> str:
-        """"open", "closed" or "timed"."""
+        """ "open", "closed" or "timed"."""
         if self.rate is not None:
             return "open"
         return "closed" if self.concurrency is not None else "timed"
@@ -343,7 +343,9 @@ def worker_main(
     """Entry point of a worker process (or thread): run, then mail the result or the traceback."""
     tune_allocator()
     try:
-        result = asyncio.run(_work(index, num_workers, workload, config, target, mailbox, go, start_at))
+        result = asyncio.run(
+            _work(index, num_workers, workload, config, target, mailbox, go, start_at)
+        )
     except BaseException:
         mailbox.put(("failed", index, traceback.format_exc()))
         raise

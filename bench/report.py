@@ -239,7 +239,9 @@ def build_report(
     for (op, code), count in merged.errors.items():
         if op != run.unit_op:  # a failed unit is already counted at its failed RPC
             errors_by_code[code] += count
-    ordered = [op for op in (*BLOCK_OPS, run.unit_op) if op in merged.op_names or op in errors_by_op]
+    ordered = [
+        op for op in (*BLOCK_OPS, run.unit_op) if op in merged.op_names or op in errors_by_op
+    ]
     operations = []
     for op in ordered:
         select = merged.op_kind == merged.op_names.index(op) if op in merged.op_names else None
@@ -327,7 +329,17 @@ def print_report(report: LoadReport, console: Console | None = None) -> None:
         f"{report.units_started} unit(s) started, {report.units_cancelled} cancelled at the deadline"
     )
     ops = Table(title="operations")
-    for column in ("op", "count", "ops/s", "GB/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors"):
+    for column in (
+        "op",
+        "count",
+        "ops/s",
+        "GB/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+    ):
         ops.add_column(column, justify="left" if column == "op" else "right")
     for op in report.operations:
         lat = op.latency_ms
@@ -366,29 +378,22 @@ def print_report(report: LoadReport, console: Console | None = None) -> None:
 
 def _hit_table(report: LoadReport) -> Table:
     hits = Table(title="prefix hit rate")
-    for column in ("requests", "blocks", "tokens", "hit / looked-up blocks"):
+    hits.add_column("")
+    for column in ("blocks", "tokens", "hit / looked-up blocks"):
         hits.add_column(column, justify="right")
-    hits.add_column("", justify="left")
     overall = report.hit_rate
 
     def row(label: str, summary: HitSummary) -> None:
-        hits.add_row(
-            label,
-            f"{summary.blocks:.2%}",
-            f"{summary.tokens:.2%}",
-            f"{summary.num_hit_blocks} / {summary.num_blocks}",
-            "",
-        )
+        counts = f"{summary.num_hit_blocks} / {summary.num_blocks}"
+        hits.add_row(label, f"{summary.blocks:.2%}", f"{summary.tokens:.2%}", counts)
 
-    hits.columns[0].header = ""
-    hits.columns[0].justify = "left"
     row(f"measured ({overall.num_requests} requests)", overall)
     for tier, rate in overall.per_tier.items():
-        hits.add_row(f"  from {tier}", f"{rate:.2%}", "", "", "")
+        hits.add_row(f"  served from {tier}", f"{rate:.2%}", "", "")
     for name, summary in report.hit_groups.items():
         row(f"  {name} ({summary.num_requests})", summary)
     for name, (blocks, tokens) in report.reference.items():
-        hits.add_row(name, f"{blocks:.2%}", f"{tokens:.2%}", "", "model")
+        hits.add_row(f"{name} (model)", f"{blocks:.2%}", f"{tokens:.2%}", "")
     lost = overall.num_lookup_hit_blocks - overall.num_hit_blocks
     if lost:
         hits.caption = f"{lost} block(s) matched by a lookup were evicted before the get"

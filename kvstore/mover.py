@@ -19,7 +19,9 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from kvstore.checksum import ChecksumKind
 from kvstore.errors import CapacityExhausted
@@ -57,25 +59,31 @@ class TierMover:
         children: dict[tuple[object, bytes], list[RecoveredBlock]] = defaultdict(list)
         for block in recovered:
             children[(block.header.namespace, block.header.parent_key)].append(block)
-        restored = 0
         # Breadth-first from chain heads: a block comes back only if its parent did.
-        frontier = [(block, None) for block in children.pop((None, b""), [])]
-        for (namespace, parent_key), blocks in list(children.items()):
+        frontier: list[tuple[RecoveredBlock, BlockEntry | None]] = []
+        for (_, parent_key), blocks in list(children.items()):
             if parent_key == b"":
                 frontier.extend((block, None) for block in blocks)
-                del children[(namespace, parent_key)]
+        restored = 0
         while frontier:
             block, parent = frontier.pop()
             entry = self._restore(block, parent)
             restored += 1
-            namespace = block.header.namespace
+            header = block.header
             frontier.extend(
-                (child, entry) for child in children.pop((namespace, block.header.key), [])
+                (child, entry) for child in children.pop((header.namespace, header.key), [])
             )
-        for orphans in children.values():
-            for block in orphans:
-                logger.warning("dropping %s: its parent block did not survive", block.location.path)
-                block.location.path.unlink(missing_ok=True)
+        orphans = [
+            block for (_, parent_key), blocks in children.items() if parent_key for block in blocks
+        ]
+        for block in orphans:
+            block.location.path.unlink(missing_ok=True)
+        if orphans:
+            logger.warning(
+                "dropped %d block files whose parent block did not survive (write-back keeps "
+                "recent blocks in DRAM only; write-through makes every chain crash-durable)",
+                len(orphans),
+            )
         logger.info("recovered %d blocks (%d B) from %s", restored, ssd.used, ssd.directory)
         return restored
 
@@ -101,6 +109,21 @@ class TierMover:
     async def start(self) -> None:
         self._wake = asyncio.Event()
         self._maintenance = asyncio.create_task(self._maintain(), name="kvstore-maintenance")
+
+    async def flush_all(self) -> int:
+        """Write every admitted DRAM-only block to SSD (a graceful shutdown does this)."""
+        if self.store.ssd is None:
+            return 0
+        pending = [
+            entry
+            for entry in self.store.index.entries()
+            if TierKind.SSD not in entry.copies and self._admitted(entry)
+        ]
+        # Parents first, so the files on disk always form whole chains.
+        pending.sort(key=lambda entry: entry.depth)
+        for entry in pending:
+            await self.flush(entry, demote=False)
+        return len(pending)
 
     async def close(self) -> None:
         if self._maintenance is not None:
@@ -285,6 +308,53 @@ class TierMover:
         ssd.reserved += nbytes
         return True
 
+    async def ensure_room(self, kind: TierKind, nbytes: int) -> None:
+        """Wait until an allocation of `nbytes` in a memory tier will succeed.
+
+        Dropping redundant copies and chain tails is immediate; when only demotions
+        (SSD writes) can make room, this starts them and waits for them, so a put under
+        pressure slows down instead of failing. Raises CapacityExhausted when nothing
+        can make room.
+        """
+        store = self.store
+        tier = store.memory_tier(kind)
+        for _ in range(64):
+            try:
+                handle = store.allocate(kind, nbytes)
+            except CapacityExhausted:
+                demotions = self._start_demotions(kind, nbytes)
+                if not demotions:
+                    raise
+                await asyncio.wait(demotions)
+                continue
+            # Nothing runs between this return and the caller's allocation.
+            tier.free(handle)
+            return
+        raise CapacityExhausted(f"{kind.name} tier: demotions did not free {nbytes} B in time")
+
+    def _start_demotions(self, kind: TierKind, nbytes: int) -> list[asyncio.Task[None]]:
+        store = self.store
+        tasks: list[asyncio.Task[None]] = []
+        kept: list[BlockEntry] = []
+        planned = 0
+        # Demote in batches of at least a few blocks, so I/O overlaps.
+        while planned < max(nbytes, 4 * nbytes):
+            victim = store.queues[kind].pop()
+            if victim is None:
+                break
+            if not store.evictable_from(victim, kind, time.monotonic()):
+                store.refresh(victim)
+            elif kind is TierKind.DRAM and store.demotable(victim):
+                task = self._spawn(self.flush(victim, demote=True))
+                if task is not None:
+                    tasks.append(task)
+                planned += victim.namespace.namespace.layout.block_bytes
+            else:
+                kept.append(victim)
+        for entry in kept:
+            store.refresh(entry)
+        return tasks
+
     def _admitted(self, entry: BlockEntry) -> bool:
         return entry.num_seen >= self.config.ssd_admit_after_seen
 
@@ -348,25 +418,22 @@ class TierMover:
         if len(victim.copies) > 1:
             store.drop_copy(victim, kind, demoted=True)
             return True
-        if (
-            kind is TierKind.DRAM
-            and self.config.write_policy == "write-back"
-            and ssd is not None
-            and ssd.accepts_writes()
-            and self._admitted(victim)
-        ):
+        if kind is TierKind.DRAM and store.demotable(victim) and ssd is not None:
+            if not ssd.accepts_writes():
+                return False
             self._spawn(self.flush(victim, demote=True))
             return True
         return False
 
-    def _spawn(self, coroutine: object) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         try:
-            task = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
-        except RuntimeError:
-            coroutine.close()  # type: ignore[attr-defined]
-            return
+            task = asyncio.get_running_loop().create_task(coroutine)
+        except RuntimeError:  # no loop: the store is used synchronously (tests, tools)
+            coroutine.close()
+            return None
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 def _in_memory(entry: BlockEntry) -> bool:

@@ -65,6 +65,10 @@ class PutSession:
         self._closed = False
 
     @property
+    def block_bytes(self) -> int:
+        return self._layout.block_bytes
+
+    @property
     def num_declared(self) -> int:
         return len(self._blocks)
 

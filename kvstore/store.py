@@ -202,15 +202,23 @@ class BlockStore:
         if handle is not None:
             return handle
         self.release_expired_leases()
-        while handle is None:
-            victim = self.queues[kind].pop()
-            if victim is None:
-                raise CapacityExhausted(self._full_message(kind, tier, nbytes))
-            if not self.evictable_from(victim, kind, time.monotonic()):
-                self.refresh(victim)
-                continue
-            self.drop_copy(victim, kind)
-            handle = tier.allocate(nbytes)
+        # Victims that could only leave by a demotion (an SSD write) wait for kvstore.mover.
+        kept: list[BlockEntry] = []
+        try:
+            while handle is None:
+                victim = self.queues[kind].pop()
+                if victim is None:
+                    raise CapacityExhausted(self._full_message(kind, tier, nbytes))
+                if not self.evictable_from(victim, kind, time.monotonic()):
+                    self.refresh(victim)
+                elif self.droppable(victim):
+                    self.drop_copy(victim, kind)
+                    handle = tier.allocate(nbytes)
+                else:
+                    kept.append(victim)
+        finally:
+            for entry in kept:
+                self.refresh(entry)
         return handle
 
     def _full_message(self, kind: TierKind, tier: MemoryTier, nbytes: int) -> str:
@@ -225,9 +233,22 @@ class BlockStore:
         )
 
     def evictable_from(self, entry: BlockEntry, kind: TierKind, now: float) -> bool:
+        """Whether the entry belongs in the tier's queue: it could leave, now or by demotion."""
         if kind not in entry.copies or entry.is_pinned(now):
             return False
+        return self.droppable(entry) or (kind is TierKind.DRAM and self.demotable(entry))
+
+    def droppable(self, entry: BlockEntry) -> bool:
+        """A copy can go at once: another copy remains, or the block is a chain tail."""
         return len(entry.copies) > 1 or entry.num_children == 0
+
+    def demotable(self, entry: BlockEntry) -> bool:
+        """Write-back may move the block's only copy from DRAM to SSD."""
+        return (
+            self.ssd is not None
+            and self.config.write_policy == "write-back"
+            and entry.num_seen >= self.config.ssd_admit_after_seen
+        )
 
     def refresh(self, entry: BlockEntry) -> None:
         """Put the entry in exactly the queues of the tiers it could now leave."""

@@ -42,6 +42,9 @@ class RunningServer:
         self.servicer.draining = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.limits.drain_grace_s)
+        if self.store.ssd is not None:
+            flushed = await self.mover.flush_all()
+            logger.info("flushed %d blocks to SSD", flushed)
         await self.mover.close()
         logger.info("stopped")
 

@@ -26,6 +26,7 @@ from kvstore.server.wire import (
     report_to_wire,
 )
 from kvstore.store import BlockStore
+from kvstore.tiers.base import TierKind
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -128,7 +129,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     session = self._open_put(request)
                 elif request.namespace is not None:
                     raise InvalidRequest("namespace belongs in the first message of a put only")
-                _apply_put_message(session, request)
+                await self._apply_put_message(session, request)
             if session is None:
                 raise InvalidRequest("the put stream was empty; send a namespace and blocks")
             outcomes = session.finish()
@@ -144,6 +145,17 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             # A cancelled or failed stream frees whatever it had reserved.
             if session is not None:
                 session.abort()
+
+    async def _apply_put_message(self, session: PutSession, request: PutMessage) -> None:
+        for header in request.blocks:
+            if self._mover is not None:
+                # Under pressure, wait for demotions to SSD rather than fail the put.
+                await self._mover.ensure_room(TierKind.DRAM, session.block_bytes)
+            session.declare(header.key, header.parent_key)
+        for chunk in request.chunks:
+            session.write(
+                chunk.block_index, chunk.layer, chunk.offset, chunk.data, chunk.layer_checksum
+            )
 
     def _open_put(self, request: PutMessage) -> PutSession:
         if request.namespace is None:
@@ -212,12 +224,3 @@ def _parse_namespace(data: bytes) -> pb.Namespace:
         return pb.Namespace.FromString(data)
     except DecodeError as error:
         raise InvalidRequest(f"malformed namespace: {error}") from None
-
-
-def _apply_put_message(session: PutSession, request: PutMessage) -> None:
-    for header in request.blocks:
-        session.declare(header.key, header.parent_key)
-    for chunk in request.chunks:
-        session.write(
-            chunk.block_index, chunk.layer, chunk.offset, chunk.data, chunk.layer_checksum
-        )

@@ -1,0 +1,181 @@
+"""Command-line plumbing shared by the load commands (`agent`, `trace`): flags, the server, output.
+
+Unless ``--target`` names a running server, the command starts its own `kvstore-server` on a free
+loopback port (sized by ``--dram-bytes``, pages fitted to the block size) and stops it afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich.console import Console
+
+from kvstore.bench.load import LoadConfig, LoadRun, run_load
+from kvstore.bench.presets import ModelPreset, get_preset, preset_names
+from kvstore.bench.report import build_report, merge_results, print_report
+from kvstore.bench.spawn import spawned_server
+from kvstore.bench.units import human_bytes, parse_size
+from kvstore.bench.workload import Workload, page_bytes_for, parse_scale, scaled_layout
+from kvstore.client import KVLayout
+
+N = TypeVar("N", int, float)
+_COUNT_SUFFIXES = {"": 1, "k": 1024, "m": 1024 * 1024}
+
+
+def parse_count(text: str) -> int:
+    """'4096', '8K' or '1M' (binary: 8K = 8192) -> a non-negative count."""
+    body, suffix = text.strip(), ""
+    if body and body[-1].lower() in _COUNT_SUFFIXES:
+        body, suffix = body[:-1], body[-1].lower()
+    try:
+        value = int(body) * _COUNT_SUFFIXES[suffix]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as a count (e.g. 4096, 128K)"
+        ) from error
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a count cannot be negative: {text!r}")
+    return value
+
+
+def parse_range(text: str, kind: Callable[[str], N]) -> tuple[N, N]:
+    """'10-30' -> (10, 30); '5' -> (5, 5)."""
+    low, _, high = text.partition("-")
+    try:
+        return kind(low), kind(high or low)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        raise SystemExit(
+            f"kvstore-bench: cannot read {text!r} as a range LOW-HIGH: {error}"
+        ) from None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, scale: str, block_tokens: int) -> None:
+    group = parser.add_argument_group("model and bytes")
+    group.add_argument(
+        "--preset", default="Llama-3-8B", help=f"KV bytes per token of: {', '.join(preset_names())}"
+    )
+    group.add_argument(
+        "--scale",
+        default=scale,
+        help=f"fraction of the preset's bytes per token to move, e.g. 1/64 (default {scale})",
+    )
+    group.add_argument(
+        "--layers",
+        type=int,
+        help="layers per block (default: the preset's); fewer = fewer messages",
+    )
+    group.add_argument("--block-tokens", type=int, default=block_tokens, help="tokens per block")
+
+
+def model_layout(args: argparse.Namespace) -> tuple[ModelPreset, KVLayout]:
+    preset = get_preset(args.preset)
+    layout = scaled_layout(
+        preset, parse_scale(args.scale), args.block_tokens, num_layers=args.layers
+    )
+    return preset, layout
+
+
+def add_load_arguments(
+    parser: argparse.ArgumentParser, *, duration: float | None, concurrency: int | None
+) -> None:
+    """Load shape, server and output flags; ``concurrency`` is the default with no ``--rate``."""
+    load = parser.add_argument_group("load")
+    load.add_argument("--processes", type=int, default=2, help="client processes (0: in this one)")
+    load.add_argument(
+        "--concurrency",
+        type=int,
+        help="closed loop: units in flight in all"
+        + (f" (default {concurrency} without --rate)" if concurrency else ""),
+    )
+    load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
+    load.add_argument(
+        "--duration",
+        type=float,
+        default=duration,
+        help="seconds; no unit starts later" + (f" (default {duration:g})" if duration else ""),
+    )
+    load.add_argument("--max-in-flight", type=int, default=256, help="open loop, per process")
+    load.add_argument(
+        "--grace", type=float, default=10.0, help="seconds units may finish after the deadline"
+    )
+    load.add_argument("--seed", type=int, help="seed of the run's token streams (default: random)")
+    load.set_defaults(default_concurrency=concurrency)
+    server = parser.add_argument_group("server")
+    server.add_argument("--target", help="HOST:PORT of a running server (default: start one)")
+    server.add_argument("--dram-bytes", default="4GiB", help="DRAM tier of the started server")
+    server.add_argument("--page-bytes", help="its page size (default: fitted to the block size)")
+    server.add_argument("--eviction-policy", choices=["lru", "lfu", "session"])
+    server.add_argument("--server-log", type=Path, help="append the started server's log here")
+    output = parser.add_argument_group("output")
+    output.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
+    output.add_argument("--plot", type=Path, metavar="PATH.png", help="latency and hit-rate plot")
+    output.add_argument("--no-progress", action="store_true", help="no live progress bar")
+
+
+def load_config_from_args(
+    args: argparse.Namespace, *, seed: int, max_units: int | None = None
+) -> LoadConfig:
+    concurrency = args.concurrency
+    if concurrency is None and args.rate is None:
+        concurrency = args.default_concurrency
+    return LoadConfig(
+        processes=args.processes,
+        concurrency=concurrency,
+        rate=args.rate,
+        duration_s=args.duration,
+        max_units=max_units,
+        max_in_flight=args.max_in_flight,
+        grace_s=args.grace,
+        seed=seed,
+    )
+
+
+@contextlib.contextmanager
+def server_for(args: argparse.Namespace, layout: KVLayout, console: Console) -> Iterator[str]:
+    """The target: ``--target``, or a server started here for the run."""
+    if args.target:
+        yield args.target
+        return
+    page_bytes = args.page_bytes or str(page_bytes_for(layout.block_bytes))
+    flags = ["--dram-bytes", args.dram_bytes, "--page-bytes", page_bytes, "--log-level", "warning"]
+    if args.eviction_policy:
+        flags += ["--eviction-policy", args.eviction_policy]
+    console.print(
+        f"starting kvstore-server: dram {human_bytes(parse_size(args.dram_bytes))} in "
+        f"{human_bytes(parse_size(page_bytes))} pages; blocks of "
+        f"{human_bytes(layout.block_bytes)} ({layout.block_tokens} tokens x "
+        f"{layout.bytes_per_token} B/token)"
+    )
+    with spawned_server(flags, log_path=args.server_log) as target:
+        yield target
+
+
+def run_command(
+    args: argparse.Namespace,
+    workload: Workload,
+    config: LoadConfig,
+    *,
+    settings: dict[str, Any],
+    reference: Callable[[LoadRun], dict[str, tuple[float, float]]] | None = None,
+) -> int:
+    """Start or find the server, run the load, print the report, write JSON and the plot."""
+    console = Console()
+    with server_for(args, workload.namespace.layout, console) as target:
+        run = run_load(
+            workload, config, target, console=console, show_progress=not args.no_progress
+        )
+    report = build_report(run, settings=settings, reference=reference(run) if reference else None)
+    print_report(report, console)
+    if args.json:
+        report.write_json(args.json)
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        from kvstore.bench.plot import write_plot  # matplotlib is optional and slow to import
+
+        write_plot(merge_results(run.results), report, args.plot)
+        console.print(f"wrote {args.plot}")
+    return 0
