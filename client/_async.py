@@ -277,7 +277,10 @@ class KVClient:
 
     async def stats(self) -> pb.StatsResponse:
         with translate_rpc_errors():
-            return await self._stub.Stats(pb.StatsRequest(), timeout=self.options.timeouts.control)
+            reply: pb.StatsResponse = await self._stub.Stats(
+                pb.StatsRequest(), timeout=self.options.timeouts.control
+            )
+        return reply
 
 
 class LayerPut:
@@ -291,7 +294,7 @@ class LayerPut:
         self._parent_key = parent_key
         self._layout = client.namespace.layout
         self._next_layer = 0
-        self._call: grpc.aio.StreamUnaryCall | None = None  # type: ignore[type-arg]
+        self._call: grpc.aio.StreamUnaryCall | None = None
         self.result: PutResult | None = None
 
     async def __aenter__(self) -> LayerPut:

@@ -46,7 +46,7 @@ class PageArena:
             self._tensor = torch.empty(
                 self.capacity_bytes, dtype=torch.uint8, pin_memory=pin_memory
             )
-            self._view: memoryview | None = memoryview(self._tensor.numpy())
+            self._view: memoryview | None = self._tensor.numpy().data
         else:
             self._tensor = torch.empty(self.capacity_bytes, dtype=torch.uint8, device=self.device)
             self._view = None
@@ -104,7 +104,7 @@ class PageArena:
                 view[start : start + length] for start, length in self._spans(pages, offset, nbytes)
             ]
         return [
-            memoryview(self._tensor[start : start + length].cpu().numpy())
+            self._tensor[start : start + length].cpu().numpy().data
             for start, length in self._spans(pages, offset, nbytes)
         ]
 

@@ -101,7 +101,7 @@ class ByteMap:
     def __init__(self, tensor: torch.Tensor, layout: KVLayout, form: KVForm) -> None:
         if not tensor.is_contiguous() or tensor.device.type != "cpu":
             raise InvalidRequest("ByteMap needs a contiguous CPU tensor")
-        self.view = memoryview(as_bytes(tensor).numpy())
+        self.view = as_bytes(tensor).numpy().data
         self._form = form
         self._layer_bytes = layout.layer_bytes
         self._num_layers = layout.num_layers
@@ -151,7 +151,7 @@ def read_pieces(pieces: list[torch.Tensor], max_chunk_bytes: int) -> list[tuple[
     runs: list[tuple[int, memoryview]] = []
     offset = 0
     for piece in pieces:
-        view = memoryview(piece.numpy())
+        view = piece.numpy().data
         for start in range(0, len(view), max_chunk_bytes):
             part = view[start : start + max_chunk_bytes]
             runs.append((offset + start, part))

@@ -28,13 +28,12 @@ from kvstore.server.wire import (
 from kvstore.store import BlockStore
 from kvstore.tiers.base import TierKind
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 logger = logging.getLogger("kvstore.server")
 Reply = TypeVar("Reply")
 
 
-class KVStoreServicer(pb_grpc.KVStoreServicer):
+class KVStoreServicer:
     def __init__(self, store: BlockStore, mover: TierMover | None, limits: Limits) -> None:
         self._store = store
         self._mover = mover

@@ -6,6 +6,7 @@ store: missing and unknown fields, enum values, key lengths, layouts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from google.protobuf import unknown_fields
@@ -33,7 +34,7 @@ def reject_unknown_fields(message: Message, where: str) -> None:
     """INVALID_ARGUMENT for fields this server does not know (a newer or foreign client)."""
     unknown = unknown_fields.UnknownFieldSet(message)
     if len(unknown):
-        numbers = sorted({field.field_number for field in unknown})
+        numbers = sorted({unknown[index].field_number for index in range(len(unknown))})
         raise InvalidRequest(
             f"{where} has unknown field number(s) {numbers}; this server speaks kvstore.v1 as "
             f"of its proto file; upgrade the server or drop the field(s)"
@@ -70,8 +71,8 @@ def namespace_from_wire(message: pb.Namespace, present: bool) -> Namespace:
     )
 
 
-def keys_from_wire(keys: list[bytes] | object, max_keys: int, *, allow_empty: bool) -> list[bytes]:
-    values = list(keys)  # type: ignore[call-overload]
+def keys_from_wire(keys: Iterable[bytes], max_keys: int, *, allow_empty: bool) -> list[bytes]:
+    values = list(keys)
     if not values and not allow_empty:
         raise InvalidRequest("keys is empty; name at least one block key")
     if len(values) > max_keys:
@@ -87,7 +88,7 @@ def keys_from_wire(keys: list[bytes] | object, max_keys: int, *, allow_empty: bo
 def prefix_match_to_wire(match: PrefixMatch) -> pb.LookupPrefixResponse:
     return pb.LookupPrefixResponse(
         num_matched=match.num_matched,
-        tiers=[kind.value for kind in match.tiers],
+        tiers=[kind.value for kind in match.tiers],  # type: ignore[misc]
         block_bytes=match.block_bytes,
     )
 

@@ -9,7 +9,7 @@ from types import ModuleType
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GENERATED = ["kvstore_pb2.py", "kvstore_pb2.pyi", "kvstore_pb2_grpc.py"]
+GENERATED = ["kvstore_pb2.py", "kvstore_pb2.pyi", "kvstore_pb2_grpc.py", "kvstore_pb2_grpc.pyi"]
 
 
 def load_generator() -> ModuleType:
