@@ -32,6 +32,9 @@ from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 
+_TIER_BY_NUMBER = {kind.value: kind for kind in TierKind}
+
+
 class KVClient:
     """Async client for one namespace of a kvstore server.
 
@@ -117,7 +120,7 @@ class KVClient:
         return PrefixMatch(
             keys=keys,
             num_matched=reply.num_matched,
-            tiers=tuple(TierKind(tier) for tier in reply.tiers),
+            tiers=tuple(map(_TIER_BY_NUMBER.__getitem__, reply.tiers)),
             block_tokens=self._layout.block_tokens,
         )
 

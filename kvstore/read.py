@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from kvstore.errors import InvalidRequest
 from kvstore.index import BlockEntry
-from kvstore.keys import validate_key
+from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
 from kvstore.mover import TierMover
 from kvstore.store import BlockStore
@@ -34,14 +34,14 @@ class ReadChunk:
 
 class ReadSession:
     def __init__(self, store: BlockStore, namespace: Namespace, keys: list[bytes]) -> None:
-        for index, key in enumerate(keys):
-            validate_key(key, f"keys[{index}]")
+        validate_keys(keys)
         self._store = store
         self._layout = namespace.layout
         self.entries: list[BlockEntry] = store.find_prefix(namespace, keys)
         self._pinned = list(self.entries)
         store.acquire_read(self._pinned)
-        store.record_hits(self.entries, missed=len(self.entries) < len(keys))
+        tiers = [store.tier_of(entry) for entry in self.entries]
+        store.record_hits(self.entries, tiers, missed=len(self.entries) < len(keys))
         store.touch(self.entries)
         for entry in self.entries:
             entry.num_hits += 1

@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -22,12 +23,14 @@ from kvstore.config import StoreConfig
 from kvstore.errors import CapacityExhausted, InvalidRequest
 from kvstore.eviction import POLICIES, EvictionQueue
 from kvstore.index import BlockEntry, BlockIndex, NamespaceState
-from kvstore.keys import validate_key
+from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
 from kvstore.tiers.base import MemoryTier, TierCounters, TierKind
 from kvstore.tiers.dram import DramTier
 from kvstore.tiers.hbm import HbmTier, resolve_device
 from kvstore.tiers.ssd import SsdLocation, SsdTier
+
+_FASTEST_FIRST = (TierKind.HBM, TierKind.DRAM, TierKind.SSD)
 
 __all__ = ["BlockStore", "PrefixMatch", "StoreConfig", "StoreReport", "TierReport"]
 
@@ -133,17 +136,17 @@ class BlockStore:
     # -- lookups -----------------------------------------------------------------
 
     def lookup(self, namespace: Namespace, keys: list[bytes]) -> PrefixMatch:
-        for key in keys:
-            validate_key(key)
+        validate_keys(keys)
         found = self.find_prefix(namespace, keys)
         self.counters.lookups += 1
         self.counters.lookup_keys += len(keys)
         self.counters.lookup_hits += len(found)
-        self.record_hits(found, missed=len(found) < len(keys))
+        tiers = [self.tier_of(entry) for entry in found]
+        self.record_hits(found, tiers, missed=len(found) < len(keys))
         self.touch(found)
         return PrefixMatch(
             num_matched=len(found),
-            tiers=tuple(self.tier_of(entry) for entry in found),
+            tiers=tuple(tiers),
             block_bytes=namespace.layout.block_bytes,
         )
 
@@ -151,23 +154,27 @@ class BlockStore:
         return self.index.present_prefix(self.index.find_namespace(namespace), keys)
 
     def tier_of(self, entry: BlockEntry) -> TierKind:
-        return min(entry.copies, key=lambda kind: kind.value)
+        """The fastest tier holding the block."""
+        copies = entry.copies
+        if len(copies) == 1:
+            return next(iter(copies))
+        for kind in _FASTEST_FIRST:
+            if kind in copies:
+                return kind
+        raise AssertionError(f"block {entry.key.hex()} has no copy")
 
-    def record_hits(self, found: list[BlockEntry], *, missed: bool) -> None:
+    def record_hits(self, found: list[BlockEntry], tiers: list[TierKind], *, missed: bool) -> None:
         """Each block counts a hit in the tier that holds it fastest and a miss in faster ones."""
-        kinds = self.tier_kinds
         for entry in found:
             entry.num_seen += 1
-            best = self.tier_of(entry)
-            for kind in kinds:
-                counters = self.counters_of(kind)
-                if kind is best:
-                    counters.hits += 1
-                    break
-                counters.misses += 1
-        if missed:
-            for kind in kinds:
-                self.counters_of(kind).misses += 1
+        served = Counter(tiers)
+        slower = len(tiers) + int(missed)
+        for kind in self.tier_kinds:
+            counters = self.counters_of(kind)
+            hits = served.get(kind, 0)
+            counters.hits += hits
+            slower -= hits
+            counters.misses += slower
 
     def counters_of(self, kind: TierKind) -> TierCounters:
         if kind is TierKind.SSD:
@@ -346,8 +353,7 @@ class BlockStore:
         if ttl_s <= 0:
             raise InvalidRequest(f"ttl must be > 0, got {ttl_s}")
         ttl_s = min(ttl_s, self.config.max_lease_s)
-        for key in keys:
-            validate_key(key)
+        validate_keys(keys)
         state = self.index.find_namespace(namespace)
         now = time.monotonic()
         num_pinned = 0
@@ -361,8 +367,7 @@ class BlockStore:
         return num_pinned, time.time() + ttl_s
 
     def unpin(self, namespace: Namespace, keys: list[bytes]) -> int:
-        for key in keys:
-            validate_key(key)
+        validate_keys(keys)
         state = self.index.find_namespace(namespace)
         now = time.monotonic()
         num_unpinned = 0
@@ -380,8 +385,7 @@ class BlockStore:
 
     def delete(self, namespace: Namespace, keys: list[bytes]) -> DeleteResult:
         """Delete each key's block and every block chained below it; pinned ones stay."""
-        for key in keys:
-            validate_key(key)
+        validate_keys(keys)
         result = DeleteResult()
         state = self.index.find_namespace(namespace)
         if state is None:

@@ -13,10 +13,13 @@ from google.protobuf import unknown_fields
 from google.protobuf.message import Message
 
 from kvstore.errors import InvalidRequest
-from kvstore.keys import validate_key
+from kvstore.keys import validate_keys
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.store import PrefixMatch, StoreReport
+from kvstore.tiers.base import TierKind
 from kvstore.v1 import kvstore_pb2 as pb
+
+_TIER_NUMBERS = {kind: kind.value for kind in TierKind}
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,15 +83,14 @@ def keys_from_wire(keys: Iterable[bytes], max_keys: int, *, allow_empty: bool) -
             f"{len(values)} keys in one request; the server's limit is {max_keys} "
             f"(split the request)"
         )
-    for index, key in enumerate(values):
-        validate_key(key, f"keys[{index}]")
+    validate_keys(values)
     return values
 
 
 def prefix_match_to_wire(match: PrefixMatch) -> pb.LookupPrefixResponse:
     return pb.LookupPrefixResponse(
         num_matched=match.num_matched,
-        tiers=[kind.value for kind in match.tiers],  # type: ignore[misc]
+        tiers=[_TIER_NUMBERS[kind] for kind in match.tiers],  # type: ignore[misc]
         block_bytes=match.block_bytes,
     )
 

@@ -7,8 +7,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
-class TierKind(enum.Enum):
-    """Fastest first. The values equal the wire enum's numbers."""
+class TierKind(enum.IntEnum):
+    """Fastest first. The values equal the wire enum's numbers.
+
+    An IntEnum because entries key their copies by it: int hashing is C-speed, while
+    Enum's is Python code, which showed in the profile of a 1,000-key lookup.
+    """
 
     HBM = 1
     DRAM = 2
