@@ -7,9 +7,11 @@ import sys
 from collections.abc import Callable
 
 from kvstore.bench.agent import add_agent_arguments, run_agent
+from kvstore.bench.lookup import add_lookup_arguments, run_lookup
 from kvstore.bench.plan import add_plan_arguments, run_plan
 from kvstore.bench.replay import add_trace_arguments, run_trace
 from kvstore.bench.throughput import add_throughput_arguments, run_throughput
+from kvstore.bench.tiers import add_tiers_arguments, run_tiers
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -18,6 +20,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "put/get GB/s over block sizes, against plain grpcio in the same run",
         add_throughput_arguments,
         run_throughput,
+    ),
+    "lookup": (
+        "LookupPrefix latency (p50/p99) for a long chain",
+        add_lookup_arguments,
+        run_lookup,
     ),
     "plan": (
         "KV bytes per token, capacity footprint, decode operational intensity, tier sizes",
@@ -33,6 +40,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "replay a Mooncake JSONL trace; prefix hit rate next to the trace's own",
         add_trace_arguments,
         run_trace,
+    ),
+    "tiers": (
+        "SSD-tier get against a plain read of the same disk; write-back put against DRAM-only",
+        add_tiers_arguments,
+        run_tiers,
     ),
 }
 

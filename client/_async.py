@@ -13,6 +13,7 @@ from kvstore.checksum import ChecksumKind, Hasher, checksum_kind_from_wire, new_
 from kvstore.chunkwire import (
     GetMessage,
     WireChunk,
+    WireRun,
     chunk_parts,
     decode_get_message,
     encode_put_header,
@@ -30,7 +31,6 @@ from kvstore.put import PutOutcome
 from kvstore.tiers.base import TierKind
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-
 
 _TIER_BY_NUMBER = {kind.value: kind for kind in TierKind}
 
@@ -436,6 +436,11 @@ class _LayerReceiver:
                 arrivals.append(self._complete_layer())
                 self._current_layer = chunk.layer
             self._write(chunk)
+        for run in reply.runs:
+            if run.layer != self._current_layer:
+                arrivals.append(self._complete_layer())
+                self._current_layer = run.layer
+            self._write_run(run)
         return arrivals
 
     def finish(self) -> list[LayerArrival]:
@@ -474,6 +479,26 @@ class _LayerReceiver:
         byte_map, layer = self._layer_map()
         byte_map.write(block, layer, chunk.offset, data)
         self._filled[block] = filled + len(data)
+
+    def _write_run(self, run: WireRun) -> None:
+        first, count = run.first_block, run.num_blocks
+        layer_bytes = self._layout.layer_bytes
+        if first < 0 or first + count > self.num_blocks or len(run.layer_checksums) != count:
+            raise ChecksumError(f"server sent a malformed run of blocks {first}..{first + count}")
+        if len(run.data) != count * layer_bytes:
+            raise ChecksumError(f"a run of {count} blocks carries {len(run.data)} bytes")
+        for index in range(count):
+            block = first + index
+            if self._filled[block]:
+                raise ChecksumError(f"block {block} layer {run.layer} arrived twice")
+            self._expected[block] = run.layer_checksums[index]
+            hasher = new_hasher(self._kind)
+            if self._verify:
+                hasher.update(run.data[index * layer_bytes : (index + 1) * layer_bytes])
+            self._hashers[block] = hasher
+            self._filled[block] = layer_bytes
+        byte_map, layer = self._layer_map()
+        byte_map.write_run(first, count, layer, run.data)
 
     def _complete_layer(self) -> LayerArrival:
         layer = self._current_layer

@@ -15,6 +15,7 @@ message raises InvalidRequest, so unknown fields are rejected as everywhere else
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvstore.errors import InvalidRequest
@@ -35,6 +36,17 @@ class WireChunk:
 
 
 @dataclass(slots=True)
+class WireRun:
+    """A LayerRun: one whole layer of consecutive blocks; `data` is a view."""
+
+    layer: int
+    first_block: int
+    num_blocks: int
+    data: memoryview
+    layer_checksums: tuple[int, ...]
+
+
+@dataclass(slots=True)
 class WireBlockHeader:
     key: bytes
     parent_key: bytes
@@ -51,6 +63,7 @@ class PutMessage:
 @dataclass(slots=True)
 class GetMessage:
     chunks: list[WireChunk] = field(default_factory=list)
+    runs: list[WireRun] = field(default_factory=list)
     checksum_kind: int = 0
     block_bytes: int = 0
     num_blocks: int = 0
@@ -104,6 +117,23 @@ def chunk_parts(
         + _varint(data_len)
     )
     return [_tag(number, _LEN) + _varint(len(head) + data_len) + head, *data]
+
+
+def run_parts(
+    layer: int, first_block: int, checksums: list[int], data: Sequence[memoryview | bytes]
+) -> list[memoryview | bytes]:
+    """Wire parts of one LayerRun (field 6 of GetBlocksResponse); `data` is not copied."""
+    data_len = sum(len(part) for part in data)
+    packed = struct.pack(f"<{len(checksums)}Q", *checksums)
+    head = (
+        _varint_field(1, layer)
+        + _varint_field(2, first_block)
+        + _varint_field(3, len(checksums))
+        + _len_field(5, packed)
+        + _DATA_TAG
+        + _varint(data_len)
+    )
+    return [_tag(6, _LEN) + _varint(len(head) + data_len) + head, *data]
 
 
 def encode_get_header(
@@ -262,6 +292,31 @@ def decode_put_message(data: bytes) -> PutMessage:
     return message
 
 
+def _decode_run(buffer: memoryview, start: int, end: int) -> WireRun:
+    reader = _Reader(buffer, start, end)
+    values = [0, 0, 0, 0]  # unused, layer, first_block, num_blocks
+    data = buffer[start:start]
+    checksums: tuple[int, ...] = ()
+    while reader.more():
+        number, wire_type = reader.tag()
+        if number in (1, 2, 3) and wire_type == _VARINT:
+            values[number] = reader.varint()
+        elif number == 4 and wire_type == _LEN:
+            data_start, data_end = reader.length_delimited()
+            data = buffer[data_start:data_end]
+        elif number == 5 and wire_type == _LEN:
+            packed_start, packed_end = reader.length_delimited()
+            if (packed_end - packed_start) % 8:
+                raise InvalidRequest("malformed LayerRun: packed checksums are not 8-byte aligned")
+            count = (packed_end - packed_start) // 8
+            checksums += struct.unpack_from(f"<{count}Q", buffer, packed_start)
+        elif number == 5 and wire_type == _I64:
+            checksums += (reader.fixed64(),)
+        else:
+            raise _unexpected("LayerRun", number, wire_type)
+    return WireRun(values[1], values[2], values[3], data, checksums)
+
+
 def decode_get_message(data: bytes) -> GetMessage:
     buffer = memoryview(data)
     reader = _Reader(buffer)
@@ -286,6 +341,9 @@ def decode_get_message(data: bytes) -> GetMessage:
                 message.tiers.append(packed.varint())
         elif number == 5 and wire_type == _VARINT:
             message.tiers.append(reader.varint())
+        elif number == 6 and wire_type == _LEN:
+            start, end = reader.length_delimited()
+            message.runs.append(_decode_run(buffer, start, end))
         else:
             raise _unexpected("GetBlocksResponse", number, wire_type)
     return message

@@ -102,6 +102,7 @@ class ByteMap:
         if not tensor.is_contiguous() or tensor.device.type != "cpu":
             raise InvalidRequest("ByteMap needs a contiguous CPU tensor")
         self.view = as_bytes(tensor).numpy().data
+        self._array = np.frombuffer(self.view, dtype=np.uint8)
         self._form = form
         self._layer_bytes = layout.layer_bytes
         self._num_layers = layout.num_layers
@@ -133,6 +134,31 @@ class ByteMap:
             if done == size:
                 return
         raise InvalidRequest("chunk runs past the end of its block layer")
+
+    def write_run(self, first_block: int, num_blocks: int, layer: int, data: memoryview) -> None:
+        """Copy whole layer `layer` of consecutive blocks (concatenated in `data`) in one go."""
+        layer_bytes = self._layer_bytes
+        if len(data) != num_blocks * layer_bytes:
+            raise InvalidRequest(f"a run of {num_blocks} blocks carries {len(data)} bytes")
+        source = np.frombuffer(data, dtype=np.uint8)
+        if self._form is KVForm.LAYER:
+            start = first_block * layer_bytes
+            self.view[start : start + len(data)] = data
+        elif self._form is KVForm.BLOCKS:
+            blocks = self._array.reshape(-1, self._num_layers, layer_bytes)
+            blocks[first_block : first_block + num_blocks, layer] = source.reshape(
+                num_blocks, layer_bytes
+            )
+        else:
+            # Each block's layer is [K | V]; in the sequence form all K of a layer are one
+            # run over the tokens, and all V another: two strided copies.
+            half = self._half
+            pairs = source.reshape(num_blocks, 2, half)
+            key_start, _ = self.segments(first_block, layer)[0]
+            value_start = key_start + self._num_tokens * self._token_bytes
+            for start, part in ((key_start, 0), (value_start, 1)):
+                target = self._array[start : start + num_blocks * half]
+                target.reshape(num_blocks, half)[:] = pairs[:, part]
 
     def runs(self, block: int, layer: int, max_chunk_bytes: int) -> list[tuple[int, memoryview]]:
         """(offset within the layer, bytes) runs of at most `max_chunk_bytes`, no copies."""

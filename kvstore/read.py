@@ -32,6 +32,17 @@ class ReadChunk:
     checksum_kind_value: int
 
 
+@dataclass(frozen=True, slots=True)
+class ReadRun:
+    """Layer `layer` of blocks first_block.. (one checksum each), whole and in order."""
+
+    layer: int
+    first_block: int
+    views: list[memoryview]  # valid until the session closes
+    layer_checksums: list[int]
+    checksum_kind_value: int
+
+
 class ReadSession:
     def __init__(self, store: BlockStore, namespace: Namespace, keys: list[bytes]) -> None:
         validate_keys(keys)
@@ -77,6 +88,47 @@ class ReadSession:
                         layer_checksum=entry.layer_checksums[layer],
                         checksum_kind_value=entry.checksum_kind_value,
                     )
+        self._count_served()
+
+    def runs(self, max_run_bytes: int) -> Iterator[ReadRun]:
+        """Whole layers of consecutive blocks, at most `max_run_bytes` each, layer-major.
+
+        For layers much smaller than a message: one run costs one header for many
+        blocks, where chunks would cost one each.
+        """
+        layer_bytes = self._layout.layer_bytes
+        if layer_bytes > max_run_bytes:
+            raise InvalidRequest(
+                f"a layer ({layer_bytes} B) does not fit a run of {max_run_bytes} B"
+            )
+        per_run = max_run_bytes // layer_bytes
+        entries = self.entries
+        for layer in range(self._layout.num_layers):
+            base = layer * layer_bytes
+            start = 0
+            while start < len(entries):
+                kind = entries[start].checksum_kind_value
+                end = start + 1
+                while (
+                    end < len(entries)
+                    and end - start < per_run
+                    and entries[end].checksum_kind_value == kind
+                ):
+                    end += 1
+                views: list[memoryview] = []
+                for entry in entries[start:end]:
+                    views.extend(self._read(entry, base, layer_bytes))
+                yield ReadRun(
+                    layer=layer,
+                    first_block=start,
+                    views=views,
+                    layer_checksums=[entry.layer_checksums[layer] for entry in entries[start:end]],
+                    checksum_kind_value=kind,
+                )
+                start = end
+        self._count_served()
+
+    def _count_served(self) -> None:
         counters = self._store.counters
         counters.blocks_got += len(self.entries)
         counters.bytes_got += len(self.entries) * self._layout.block_bytes

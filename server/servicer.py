@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from kvstore.checksum import checksum_kind_from_wire
-from kvstore.chunkwire import PutMessage, chunk_parts, decode_put_message, encode_get_header
+from kvstore.chunkwire import (
+    PutMessage,
+    chunk_parts,
+    decode_put_message,
+    encode_get_header,
+    run_parts,
+)
 from kvstore.errors import InvalidRequest
 from kvstore.mover import TierMover
 from kvstore.put import PutOutcome, PutSession
@@ -182,40 +188,64 @@ class KVStoreServicer:
             session = ReadSession(self._store, namespace, keys)
             await session.load(self._mover)
             kind = session.entries[0].checksum_kind_value if session.entries else 0
-            parts: list[bytes | memoryview] = [
-                encode_get_header(
-                    checksum_kind=kind,
-                    block_bytes=namespace.layout.block_bytes,
-                    num_blocks=len(session.entries),
-                    tiers=[tier.value for tier in session.tiers],
-                )
-            ]
-            message_bytes = 0
-            for chunk in session.chunks(chunk_bytes):
-                if message_bytes and (
-                    message_bytes + chunk.nbytes > chunk_bytes or chunk.checksum_kind_value != kind
-                ):
-                    yield parts
-                    kind = chunk.checksum_kind_value
-                    parts, message_bytes = [encode_get_header(checksum_kind=kind)], 0
-                parts.extend(
-                    chunk_parts(
-                        1,
-                        chunk.block_index,
-                        chunk.layer,
-                        chunk.offset,
-                        chunk.layer_checksum,
-                        list(chunk.views),
-                    )
-                )
-                message_bytes += chunk.nbytes
-            yield parts
+            header = encode_get_header(
+                checksum_kind=kind,
+                block_bytes=namespace.layout.block_bytes,
+                num_blocks=len(session.entries),
+                tiers=[tier.value for tier in session.tiers],
+            )
+            if 2 * namespace.layout.layer_bytes <= chunk_bytes:
+                messages = _run_messages(session, chunk_bytes, header)
+            else:
+                messages = _chunk_messages(session, chunk_bytes, header, kind)
+            for parts in messages:
+                yield parts
         except Exception as error:
             code, message_text = status_for(error)
             await context.abort(code, message_text)
         finally:
             if session is not None:
                 session.close()
+
+
+def _run_messages(
+    session: ReadSession, chunk_bytes: int, header: bytes
+) -> Iterator[list[bytes | memoryview]]:
+    """One message per run of whole small layers; the first carries the stream header."""
+    sent = False
+    for run in session.runs(chunk_bytes):
+        prefix = header if not sent else encode_get_header(checksum_kind=run.checksum_kind_value)
+        sent = True
+        yield [prefix, *run_parts(run.layer, run.first_block, run.layer_checksums, run.views)]
+    if not sent:
+        yield [header]
+
+
+def _chunk_messages(
+    session: ReadSession, chunk_bytes: int, header: bytes, kind: int
+) -> Iterator[list[bytes | memoryview]]:
+    """Messages of about `chunk_bytes` of layer chunks; the first carries the stream header."""
+    parts: list[bytes | memoryview] = [header]
+    message_bytes = 0
+    for chunk in session.chunks(chunk_bytes):
+        if message_bytes and (
+            message_bytes + chunk.nbytes > chunk_bytes or chunk.checksum_kind_value != kind
+        ):
+            yield parts
+            kind = chunk.checksum_kind_value
+            parts, message_bytes = [encode_get_header(checksum_kind=kind)], 0
+        parts.extend(
+            chunk_parts(
+                1,
+                chunk.block_index,
+                chunk.layer,
+                chunk.offset,
+                chunk.layer_checksum,
+                list(chunk.views),
+            )
+        )
+        message_bytes += chunk.nbytes
+    yield parts
 
 
 def _parse_namespace(data: bytes) -> pb.Namespace:

@@ -366,6 +366,46 @@ class PutBlocksResponse(_message.Message):
 Global___PutBlocksResponse: _TypeAlias = PutBlocksResponse  # noqa: Y015
 
 @_typing.final
+class LayerRun(_message.Message):
+    """Layer `layer` of the `num_blocks` consecutive blocks starting at `first_block`, whole
+    and concatenated. GetBlocks sends these instead of LayerChunks when layers are small,
+    so that one message carries many blocks for the cost of one header.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYER_FIELD_NUMBER: _builtins.int
+    FIRST_BLOCK_FIELD_NUMBER: _builtins.int
+    NUM_BLOCKS_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    LAYER_CHECKSUMS_FIELD_NUMBER: _builtins.int
+    layer: _builtins.int
+    first_block: _builtins.int
+    num_blocks: _builtins.int
+    data: _builtins.bytes
+    """num_blocks * layer bytes"""
+    @_builtins.property
+    def layer_checksums(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """one per block, in order"""
+
+    def __init__(
+        self,
+        *,
+        layer: _builtins.int = ...,
+        first_block: _builtins.int = ...,
+        num_blocks: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        layer_checksums: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "first_block", b"first_block", "layer", b"layer", "layer_checksums", b"layer_checksums", "num_blocks", b"num_blocks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayerRun: _TypeAlias = LayerRun  # noqa: Y015
+
+@_typing.final
 class GetBlocksRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -395,8 +435,8 @@ Global___GetBlocksRequest: _TypeAlias = GetBlocksRequest  # noqa: Y015
 
 @_typing.final
 class GetBlocksResponse(_message.Message):
-    """Messages arrive layer by layer: every chunk of layer 0 of every requested block,
-    then layer 1, and so on. Each (block, layer) arrives in offset order.
+    """Messages arrive layer by layer: every chunk (or run) of layer 0 of every requested
+    block, then layer 1, and so on. Each (block, layer) arrives in offset order.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -406,6 +446,7 @@ class GetBlocksResponse(_message.Message):
     BLOCK_BYTES_FIELD_NUMBER: _builtins.int
     NUM_BLOCKS_FIELD_NUMBER: _builtins.int
     TIERS_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
     checksum_kind: Global___ChecksumKind.ValueType
     """set on the first message"""
     block_bytes: _builtins.int
@@ -421,6 +462,10 @@ class GetBlocksResponse(_message.Message):
     def tiers(self) -> _containers.RepeatedScalarFieldContainer[Global___Tier.ValueType]:
         """set on the first message: where each block was served from"""
 
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerRun]:
+        """whole small layers of several blocks (instead of chunks)"""
+
     def __init__(
         self,
         *,
@@ -429,10 +474,11 @@ class GetBlocksResponse(_message.Message):
         block_bytes: _builtins.int = ...,
         num_blocks: _builtins.int = ...,
         tiers: _abc.Iterable[Global___Tier.ValueType] | None = ...,
+        runs: _abc.Iterable[Global___LayerRun] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "checksum_kind", b"checksum_kind", "chunks", b"chunks", "num_blocks", b"num_blocks", "tiers", b"tiers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "checksum_kind", b"checksum_kind", "chunks", b"chunks", "num_blocks", b"num_blocks", "runs", b"runs", "tiers", b"tiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
