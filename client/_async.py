@@ -9,7 +9,13 @@ import grpc
 import numpy as np
 import torch
 
-from kvstore.checksum import ChecksumKind, Hasher, checksum_kind_from_wire, new_hasher
+from kvstore.checksum import (
+    ChecksumKind,
+    Hasher,
+    checksum,
+    checksum_kind_from_wire,
+    new_hasher,
+)
 from kvstore.chunkwire import (
     GetMessage,
     WireChunk,
@@ -17,6 +23,7 @@ from kvstore.chunkwire import (
     chunk_parts,
     decode_get_message,
     encode_put_header,
+    run_parts,
 )
 from kvstore.client._errors import ChecksumError, InvalidArgument, translate_rpc_errors
 from kvstore.client._options import ClientOptions
@@ -170,6 +177,12 @@ class KVClient:
 
         async def requests() -> AsyncIterator[list[bytes | memoryview]]:
             header = encode_put_header(namespace=self._namespace_bytes, checksum_kind=kind.value)
+            if 2 * layout.layer_bytes <= chunk_bytes:
+                for message in _run_messages(
+                    header, keys, first, parent_key, source, layout, kind, chunk_bytes
+                ):
+                    yield message
+                return
             batch = _MessageBatch(chunk_bytes, header)
             for declared, index in enumerate(range(first, len(keys))):
                 # Declared just before its bytes, so the server reserves room as it goes.
@@ -321,6 +334,21 @@ class LayerPut:
         assert self._call is not None
         options = self._client.options
         source = ByteMap(cpu_contiguous(kv_layer), self._layout, KVForm.LAYER)
+        layer_bytes = self._layout.layer_bytes
+        with translate_rpc_errors():
+            if 2 * layer_bytes <= options.chunk_bytes:
+                per_run = options.chunk_bytes // layer_bytes
+                for start in range(0, len(self._keys), per_run):
+                    end = min(len(self._keys), start + per_run)
+                    # The tensor holds this layer of every block back to back: one view.
+                    data = source.view[start * layer_bytes : end * layer_bytes]
+                    checksums = [
+                        checksum(options.checksum, data[i * layer_bytes : (i + 1) * layer_bytes])
+                        for i in range(end - start)
+                    ]
+                    await self._call.write(run_parts(5, layer, start, checksums, [data]))
+                self._next_layer += 1
+                return
         batch = _MessageBatch(options.chunk_bytes, b"")
         with translate_rpc_errors():
             for block in range(len(self._keys)):
@@ -355,6 +383,48 @@ class LayerPut:
             num_skipped=0,
             bytes_sent=len(self._keys) * self._layout.block_bytes,
         )
+
+
+def _run_messages(
+    header: bytes,
+    keys: list[bytes],
+    first: int,
+    parent_key: bytes,
+    source: ByteMap,
+    layout: KVLayout,
+    kind: ChecksumKind,
+    chunk_bytes: int,
+) -> list[list[bytes | memoryview]]:
+    """Put messages for small layers: groups of blocks, one LayerRun per layer per group.
+
+    A group is declared just before its first layer, so the server reserves room as
+    the put goes.
+    """
+    per_run = max(1, chunk_bytes // layout.layer_bytes)
+    messages: list[list[bytes | memoryview]] = []
+    prefix = header
+    for start in range(first, len(keys), per_run):
+        end = min(len(keys), start + per_run)
+        declarations = encode_put_header(
+            blocks=[
+                (keys[index], keys[index - 1] if index else parent_key)
+                for index in range(start, end)
+            ]
+        )
+        for layer in range(layout.num_layers):
+            views: list[bytes | memoryview] = []
+            checksums: list[int] = []
+            for index in range(start, end):
+                hasher = new_hasher(kind)
+                for _, view in source.runs(index, layer, layout.layer_bytes):
+                    hasher.update(view)
+                    views.append(view)
+                checksums.append(hasher.value())
+            parts: list[bytes | memoryview] = [prefix + declarations] if layer == 0 else []
+            parts.extend(run_parts(5, layer, start - first, checksums, views))
+            messages.append(parts)
+            prefix = b""
+    return messages
 
 
 class _MessageBatch:

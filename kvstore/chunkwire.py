@@ -58,6 +58,7 @@ class PutMessage:
     checksum_kind: int = 0
     blocks: list[WireBlockHeader] = field(default_factory=list)
     chunks: list[WireChunk] = field(default_factory=list)
+    runs: list[WireRun] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -104,7 +105,7 @@ def chunk_parts(
     layer: int,
     offset: int,
     checksum: int,
-    data: list[memoryview | bytes],
+    data: Sequence[memoryview | bytes],
 ) -> list[memoryview | bytes]:
     """Wire parts of one LayerChunk as field `number` of its parent; `data` is not copied."""
     data_len = sum(len(part) for part in data)
@@ -120,9 +121,13 @@ def chunk_parts(
 
 
 def run_parts(
-    layer: int, first_block: int, checksums: list[int], data: Sequence[memoryview | bytes]
+    number: int,
+    layer: int,
+    first_block: int,
+    checksums: list[int],
+    data: Sequence[memoryview | bytes],
 ) -> list[memoryview | bytes]:
-    """Wire parts of one LayerRun (field 6 of GetBlocksResponse); `data` is not copied."""
+    """Wire parts of one LayerRun as field `number` of its parent; `data` is not copied."""
     data_len = sum(len(part) for part in data)
     packed = struct.pack(f"<{len(checksums)}Q", *checksums)
     head = (
@@ -133,7 +138,7 @@ def run_parts(
         + _DATA_TAG
         + _varint(data_len)
     )
-    return [_tag(6, _LEN) + _varint(len(head) + data_len) + head, *data]
+    return [_tag(number, _LEN) + _varint(len(head) + data_len) + head, *data]
 
 
 def encode_get_header(
@@ -277,10 +282,12 @@ def decode_put_message(data: bytes) -> PutMessage:
     message = PutMessage()
     while reader.more():
         number, wire_type = reader.tag()
-        if wire_type == _LEN and number in (1, 3, 4):
+        if wire_type == _LEN and number in (1, 3, 4, 5):
             start, end = reader.length_delimited()
             if number == 4:
                 message.chunks.append(_decode_chunk(buffer, start, end))
+            elif number == 5:
+                message.runs.append(_decode_run(buffer, start, end))
             elif number == 3:
                 message.blocks.append(_decode_block_header(buffer, start, end))
             else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from kvstore.checksum import ChecksumKind, Hasher, new_hasher
+from kvstore.checksum import ChecksumKind, Hasher, checksum, new_hasher
 from kvstore.errors import ChecksumMismatch, InvalidRequest
 from kvstore.index import BlockEntry, NamespaceState
 from kvstore.keys import validate_key
@@ -164,6 +164,50 @@ class PutSession:
         block.layer_filled[layer] = filled + len(data)
         if block.layer_filled[layer] == layout.layer_bytes:
             self._finish_layer(block, layer, hasher.value())
+
+    def write_run(
+        self,
+        first_block: int,
+        num_blocks: int,
+        layer: int,
+        data: bytes | memoryview,
+        layer_checksums: tuple[int, ...] | list[int],
+    ) -> None:
+        """Whole layer `layer` of `num_blocks` declared blocks, concatenated in `data`."""
+        layout = self._layout
+        layer_bytes = layout.layer_bytes
+        if num_blocks < 1 or len(layer_checksums) != num_blocks:
+            raise InvalidRequest(
+                f"a run must name at least one block and carry one checksum per block; it names "
+                f"{num_blocks} blocks and carries {len(layer_checksums)} checksums"
+            )
+        if first_block < 0 or first_block + num_blocks > len(self._blocks):
+            raise InvalidRequest(
+                f"run names blocks {first_block}..{first_block + num_blocks - 1}, but "
+                f"{len(self._blocks)} blocks are declared; declare blocks before their bytes"
+            )
+        if not 0 <= layer < layout.num_layers:
+            raise InvalidRequest(
+                f"run names layer {layer}; the namespace's layout has {layout.num_layers} layers"
+            )
+        if len(data) != num_blocks * layer_bytes:
+            raise InvalidRequest(
+                f"run of {num_blocks} blocks carries {len(data)} bytes, but a layer is "
+                f"{layer_bytes} bytes in this namespace's layout"
+            )
+        view = memoryview(data)
+        for index in range(num_blocks):
+            block = self._blocks[first_block + index]
+            if block.layer_filled[layer]:
+                raise InvalidRequest(
+                    f"block {block.index} layer {layer} was already sent; send each layer once"
+                )
+            part = view[index * layer_bytes : (index + 1) * layer_bytes]
+            block.layer_expected[layer] = layer_checksums[index]
+            if block.handle is not None:
+                self._store.dram.write(block.handle, layer * layer_bytes, part)
+            block.layer_filled[layer] = layer_bytes
+            self._finish_layer(block, layer, checksum(self._checksum_kind, part))
 
     def _finish_layer(self, block: _PendingBlock, layer: int, actual: int) -> None:
         expected = block.layer_expected[layer]

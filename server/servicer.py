@@ -161,6 +161,10 @@ class KVStoreServicer:
             session.write(
                 chunk.block_index, chunk.layer, chunk.offset, chunk.data, chunk.layer_checksum
             )
+        for run in request.runs:
+            session.write_run(
+                run.first_block, run.num_blocks, run.layer, run.data, run.layer_checksums
+            )
 
     def _open_put(self, request: PutMessage) -> PutSession:
         if request.namespace is None:
@@ -216,7 +220,7 @@ def _run_messages(
     for run in session.runs(chunk_bytes):
         prefix = header if not sent else encode_get_header(checksum_kind=run.checksum_kind_value)
         sent = True
-        yield [prefix, *run_parts(run.layer, run.first_block, run.layer_checksums, run.views)]
+        yield [prefix, *run_parts(6, run.layer, run.first_block, run.layer_checksums, run.views)]
     if not sent:
         yield [header]
 

@@ -82,7 +82,7 @@ def test_get_runs_match_the_generated_classes_both_ways(seed: int) -> None:
     )
     run = expected.runs[0]
     encoded = b"".join(
-        [encode_get_header(), *run_parts(run.layer, 300, checksums, [data[:16], data[16:]])]
+        [encode_get_header(), *run_parts(6, run.layer, 300, checksums, [data[:16], data[16:]])]
     )
     assert pb.GetBlocksResponse.FromString(encoded) == expected
 

@@ -312,6 +312,7 @@ class PutBlocksRequest(_message.Message):
     CHECKSUM_KIND_FIELD_NUMBER: _builtins.int
     BLOCKS_FIELD_NUMBER: _builtins.int
     CHUNKS_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
     checksum_kind: Global___ChecksumKind.ValueType
     """first message only"""
     @_builtins.property
@@ -324,6 +325,10 @@ class PutBlocksRequest(_message.Message):
 
     @_builtins.property
     def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerChunk]: ...
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerRun]:
+        """whole small layers of several declared blocks"""
+
     def __init__(
         self,
         *,
@@ -331,10 +336,11 @@ class PutBlocksRequest(_message.Message):
         checksum_kind: Global___ChecksumKind.ValueType = ...,
         blocks: _abc.Iterable[Global___BlockHeader] | None = ...,
         chunks: _abc.Iterable[Global___LayerChunk] | None = ...,
+        runs: _abc.Iterable[Global___LayerRun] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "checksum_kind", b"checksum_kind", "chunks", b"chunks", "namespace", b"namespace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "checksum_kind", b"checksum_kind", "chunks", b"chunks", "namespace", b"namespace", "runs", b"runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -368,8 +374,9 @@ Global___PutBlocksResponse: _TypeAlias = PutBlocksResponse  # noqa: Y015
 @_typing.final
 class LayerRun(_message.Message):
     """Layer `layer` of the `num_blocks` consecutive blocks starting at `first_block`, whole
-    and concatenated. GetBlocks sends these instead of LayerChunks when layers are small,
-    so that one message carries many blocks for the cost of one header.
+    and concatenated. Puts and gets use these instead of LayerChunks when layers are
+    small, so that one message carries many blocks for the cost of one header. In a put,
+    `first_block` counts declared blocks.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -1,0 +1,118 @@
+"""PutSession.write_run: whole small layers of several declared blocks in one message."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from kvstore.checksum import ChecksumKind, checksum
+from kvstore.errors import ChecksumMismatch, InvalidRequest
+from kvstore.layout import DType, KVLayout, Namespace
+from kvstore.put import PutOutcome, PutSession
+from kvstore.read import ReadSession
+from kvstore.store import BlockStore, StoreConfig
+
+PAGE_BYTES = 512
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=DType.FLOAT16, block_tokens=8)
+NS = Namespace(tenant="t", model_fingerprint="m", layout=LAYOUT)
+
+KIND = ChecksumKind.XXH3_64
+KEYS = [b"r0", b"r1", b"r2"]
+
+
+def layer_data(key: bytes, layer: int) -> bytes:
+    seed = hashlib.sha256(key + bytes([layer])).digest()
+    return (seed * (LAYOUT.layer_bytes // len(seed) + 1))[: LAYOUT.layer_bytes]
+
+
+def fresh_store() -> BlockStore:
+    return BlockStore(StoreConfig(dram_bytes=16 * PAGE_BYTES, page_bytes=PAGE_BYTES))
+
+
+def declared_session(store: BlockStore) -> PutSession:
+    session = PutSession(store, NS, KIND)
+    parent = b""
+    for key in KEYS:
+        session.declare(key, parent)
+        parent = key
+    return session
+
+
+def run_of(layer: int, keys: list[bytes]) -> tuple[bytes, list[int]]:
+    parts = [layer_data(key, layer) for key in keys]
+    return b"".join(parts), [checksum(KIND, part) for part in parts]
+
+
+def test_runs_store_exactly_what_chunks_would() -> None:
+    store = fresh_store()
+    session = declared_session(store)
+    for layer in range(LAYOUT.num_layers):
+        data, checksums = run_of(layer, KEYS)
+        session.write_run(0, 3, layer, data, checksums)
+    assert session.finish() == [PutOutcome.COMMITTED] * 3
+    read = ReadSession(store, NS, KEYS)
+    got = {(c.block_index, c.layer): b"".join(c.views) for c in read.chunks(1 << 20)}
+    read.close()
+    assert got == {
+        (index, layer): layer_data(key, layer)
+        for index, key in enumerate(KEYS)
+        for layer in range(LAYOUT.num_layers)
+    }
+
+
+def test_a_run_mixes_with_chunks_and_commits_blocks_as_they_complete() -> None:
+    store = fresh_store()
+    session = declared_session(store)
+    data, checksums = run_of(0, KEYS[:2])
+    session.write_run(0, 2, 0, data, checksums)
+    for index, key in enumerate(KEYS[:2]):
+        part = layer_data(key, 1)
+        session.write(index, 1, 0, part, checksum(KIND, part))
+    assert store.lookup(NS, KEYS).num_matched == 2, "blocks 0 and 1 are whole, block 2 is not"
+    session.abort()
+    assert store.lookup(NS, KEYS).num_matched == 2
+
+
+@pytest.mark.parametrize(
+    ("first", "count", "layer", "size_delta", "message"),
+    [
+        (2, 2, 0, 0, "declared"),
+        (-1, 1, 0, 0, "declared"),
+        (0, 1, 5, 0, "layers"),
+        (0, 2, 0, 1, "carries"),
+        (0, 0, 0, 0, "at least one block"),
+    ],
+)
+def test_bad_runs_are_invalid_and_store_nothing(
+    first: int, count: int, layer: int, size_delta: int, message: str
+) -> None:
+    store = fresh_store()
+    free_before = store.dram.arena.free_bytes
+    session = declared_session(store)
+    data, checksums = run_of(0, KEYS[: max(count, 1)])
+    with pytest.raises(InvalidRequest, match=message):
+        session.write_run(first, count, layer, data + b"x" * size_delta, checksums[:count])
+    session.abort()
+    assert store.lookup(NS, KEYS).num_matched == 0
+    assert store.dram.arena.free_bytes == free_before
+
+
+def test_a_layer_sent_twice_is_invalid() -> None:
+    session = declared_session(fresh_store())
+    data, checksums = run_of(0, KEYS)
+    session.write_run(0, 3, 0, data, checksums)
+    with pytest.raises(InvalidRequest, match="already sent"):
+        session.write_run(1, 1, 0, layer_data(KEYS[1], 0), checksums[1:2])
+    session.abort()
+
+
+def test_a_bad_checksum_in_a_run_is_data_loss() -> None:
+    store = fresh_store()
+    session = declared_session(store)
+    data, checksums = run_of(0, KEYS)
+    checksums[1] ^= 1
+    with pytest.raises(ChecksumMismatch, match="block 1"):
+        session.write_run(0, 3, 0, data, checksums)
+    session.abort()
+    assert store.lookup(NS, KEYS).num_matched == 0
