@@ -18,6 +18,7 @@ library's chained prefix hashes (`kvstore.keys.chain_keys`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import secrets
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -113,6 +114,7 @@ class AgentWorkload:
     pin_ttl_s: float = 0.0
     max_sessions: int | None = None
     name: str = "agent"
+    unit_name: str = "session"
     unit_op: str = "turn"
 
     def num_units(self) -> int | None:
@@ -156,32 +158,48 @@ class AgentWorkload:
         # hits, so it is recorded and the session goes on.
         client = context.client
         call = client.pin(keys, self.pin_ttl_s) if op == PIN else client.unpin(keys)
-        try:
+        with contextlib.suppress(KVStoreClientError):
             await context.recorder.measured(op, call)
-        except KVStoreClientError:
-            pass
 
 
 def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``kvstore-bench agent``."""
     add_model_arguments(parser, scale="1/64", block_tokens=256)
     defaults = AgentProfile()
-    group = parser.add_argument_group("sessions")
+    group = parser.add_argument_group("sessions (ranges are LOW-HIGH, token counts take K)")
     group.add_argument("--sessions", type=int, help="stop after this many sessions in all")
-    group.add_argument("--turns", default="10-30", help="turns per session, LOW-HIGH")
-    group.add_argument("--system-tokens", type=parse_count, default=defaults.system_prompt_tokens)
-    group.add_argument("--tool-tokens", type=parse_count, default=defaults.tool_definitions_tokens)
+    group.add_argument("--turns", default="10-30", help="turns per session (default 10-30)")
+    group.add_argument(
+        "--system-tokens",
+        type=parse_count,
+        default=defaults.system_prompt_tokens,
+        help=f"system prompt shared by every session (default {defaults.system_prompt_tokens})",
+    )
+    group.add_argument(
+        "--tool-tokens",
+        type=parse_count,
+        default=defaults.tool_definitions_tokens,
+        help=f"tool definitions, shared too (default {defaults.tool_definitions_tokens})",
+    )
     group.add_argument("--task-tokens", default="200-1000", help="the user's task, turn 1")
-    group.add_argument("--tool-result-tokens", default="1000-6000", help="added each turn")
+    group.add_argument(
+        "--tool-result-tokens", default="1000-6000", help="added each turn (default 1000-6000)"
+    )
     group.add_argument("--reply-tokens", default="100-1000", help="added each turn")
     group.add_argument(
-        "--max-context", type=parse_count, default=defaults.max_context_tokens, help="tokens"
+        "--max-context",
+        type=parse_count,
+        default=defaults.max_context_tokens,
+        help="a session ends before its context passes this (default 128K)",
     )
-    group.add_argument("--think-time", default="0.5-2.0", help="seconds between turns")
+    group.add_argument("--think-time", default="0.5-2.0", help="seconds of tool call between turns")
     group.add_argument(
-        "--pin-ttl", type=float, default=0.0, help="lease each session's chain for S seconds"
+        "--pin-ttl",
+        type=float,
+        default=0.0,
+        help="lease each session's chain for S seconds after every turn (default: no pins)",
     )
-    add_load_arguments(parser, duration=25.0, concurrency=4)
+    add_load_arguments(parser, duration=20.0, concurrency=4, ramp_up=2.0)
 
 
 def run_agent(args: argparse.Namespace) -> int:

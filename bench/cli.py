@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from kvstore.bench.agent import add_agent_arguments, run_agent
+from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
 from kvstore.bench.plan import add_plan_arguments, run_plan
 from kvstore.bench.replay import add_trace_arguments, run_trace
@@ -45,6 +46,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "SSD-tier get against a plain read of the same disk; write-back put against DRAM-only",
         add_tiers_arguments,
         run_tiers,
+    ),
+    "disagg": (
+        "prefill and decode workers on a real transformer: exactness check, agent-session TTFT",
+        add_disagg_arguments,
+        run_disagg,
     ),
 }
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
 
-from kvstore.bench.load import LoadConfig, LoadRun, run_load
+from kvstore.bench.load import LoadConfig, LoadDriver, LoadRun
 from kvstore.bench.presets import ModelPreset, get_preset, preset_names
 from kvstore.bench.report import build_report, merge_results, print_report
 from kvstore.bench.spawn import spawned_server
@@ -66,9 +67,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, scale: str, block_to
     group.add_argument(
         "--layers",
         type=int,
-        help="layers per block (default: the preset's); fewer = fewer messages",
+        help="layers per block (default: the preset's, fewer if --scale leaves under 4 B per "
+        "token and layer); fewer layers = fewer messages per block",
     )
-    group.add_argument("--block-tokens", type=int, default=block_tokens, help="tokens per block")
+    group.add_argument(
+        "--block-tokens",
+        type=int,
+        default=block_tokens,
+        help=f"tokens per block (default {block_tokens})",
+    )
 
 
 def model_layout(args: argparse.Namespace) -> tuple[ModelPreset, KVLayout]:
@@ -80,7 +87,11 @@ def model_layout(args: argparse.Namespace) -> tuple[ModelPreset, KVLayout]:
 
 
 def add_load_arguments(
-    parser: argparse.ArgumentParser, *, duration: float | None, concurrency: int | None
+    parser: argparse.ArgumentParser,
+    *,
+    duration: float | None,
+    concurrency: int | None,
+    ramp_up: float = 0.0,
 ) -> None:
     """Load shape, server and output flags; ``concurrency`` is the default with no ``--rate``."""
     load = parser.add_argument_group("load")
@@ -98,6 +109,12 @@ def add_load_arguments(
         default=duration,
         help="seconds; no unit starts later" + (f" (default {duration:g})" if duration else ""),
     )
+    load.add_argument(
+        "--ramp-up",
+        type=float,
+        default=ramp_up,
+        help=f"closed loop: spread the first starts over S seconds (default {ramp_up:g})",
+    )
     load.add_argument("--max-in-flight", type=int, default=256, help="open loop, per process")
     load.add_argument(
         "--grace", type=float, default=10.0, help="seconds units may finish after the deadline"
@@ -106,9 +123,16 @@ def add_load_arguments(
     load.set_defaults(default_concurrency=concurrency)
     server = parser.add_argument_group("server")
     server.add_argument("--target", help="HOST:PORT of a running server (default: start one)")
-    server.add_argument("--dram-bytes", default="4GiB", help="DRAM tier of the started server")
+    server.add_argument(
+        "--dram-bytes", default="4GiB", help="DRAM tier of the started server (default 4GiB)"
+    )
     server.add_argument("--page-bytes", help="its page size (default: fitted to the block size)")
     server.add_argument("--eviction-policy", choices=["lru", "lfu", "session"])
+    server.add_argument(
+        "--server-args",
+        default="",
+        help="more kvstore-server flags for the started server, e.g. '--ssd-dir /tmp/kv'",
+    )
     server.add_argument("--server-log", type=Path, help="append the started server's log here")
     output = parser.add_argument_group("output")
     output.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
@@ -130,6 +154,7 @@ def load_config_from_args(
         max_units=max_units,
         max_in_flight=args.max_in_flight,
         grace_s=args.grace,
+        ramp_up_s=args.ramp_up,
         seed=seed,
     )
 
@@ -144,6 +169,7 @@ def server_for(args: argparse.Namespace, layout: KVLayout, console: Console) -> 
     flags = ["--dram-bytes", args.dram_bytes, "--page-bytes", page_bytes, "--log-level", "warning"]
     if args.eviction_policy:
         flags += ["--eviction-policy", args.eviction_policy]
+    flags += shlex.split(args.server_args)
     console.print(
         f"starting kvstore-server: dram {human_bytes(parse_size(args.dram_bytes))} in "
         f"{human_bytes(parse_size(page_bytes))} pages; blocks of "
@@ -164,10 +190,10 @@ def run_command(
 ) -> int:
     """Start or find the server, run the load, print the report, write JSON and the plot."""
     console = Console()
-    with server_for(args, workload.namespace.layout, console) as target:
-        run = run_load(
-            workload, config, target, console=console, show_progress=not args.no_progress
-        )
+    driver = LoadDriver(workload, config, console=console, show_progress=not args.no_progress)
+    # The workers start first: they import torch while the server starts.
+    with driver, server_for(args, workload.namespace.layout, console) as target:
+        run = driver.run(target)
     report = build_report(run, settings=settings, reference=reference(run) if reference else None)
     print_report(report, console)
     if args.json:

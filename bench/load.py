@@ -6,7 +6,7 @@ units of work are dealt round-robin to ``processes`` workers (unit ``i`` goes to
 client. The modes:
 
 - **closed loop** (``concurrency``): that many units in flight in total; a unit starts when another
-  ends.
+  ends. With ``ramp_up_s`` the slots' first units start spread over that time.
 - **open loop** (``rate``): units arrive as a Poisson process of ``rate`` per second, whether or not
   earlier ones finished (each worker draws ``rate / processes``; the superposition is Poisson at
   ``rate``). ``max_in_flight`` per worker bounds memory; a unit that waits for a slot starts late,
@@ -21,35 +21,22 @@ counted. Workers start their clocks together once all of them have connected.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import multiprocessing
 import queue
 import threading
 import time
-import traceback
-from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any
 
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from kvstore.allocator import tune_allocator
-from kvstore.bench.workload import (
-    Payload,
-    ProgressSnapshot,
-    Recorder,
-    UnitContext,
-    Workload,
-    WorkerResult,
-)
+from kvstore.bench.loop import PROGRESS_PERIOD_S, READY_TIMEOUT_S, Flag, Mailbox, worker_main
+from kvstore.bench.workload import ProgressSnapshot, WorkerResult, Workload
 from kvstore.client import ClientOptions, KVClient, KVStoreClientError, Namespace
 from kvstore.v1 import kvstore_pb2 as pb
-
-_READY_TIMEOUT_S = 120.0  # spawning a worker imports torch: seconds on a small machine
-_PROGRESS_PERIOD_S = 0.25
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +51,7 @@ class LoadConfig:
     max_units: int | None = None
     max_in_flight: int = 256
     grace_s: float = 10.0
+    ramp_up_s: float = 0.0  # closed loop: slot k of n first starts at k / n of this
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,8 +67,8 @@ class LoadConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.duration_s is not None and not self.duration_s > 0:
             raise ValueError(f"duration must be > 0 seconds, got {self.duration_s}")
-        if self.max_in_flight < 1 or self.grace_s < 0:
-            raise ValueError("max_in_flight must be >= 1 and grace >= 0")
+        if self.max_in_flight < 1 or self.grace_s < 0 or self.ramp_up_s < 0:
+            raise ValueError("max_in_flight must be >= 1, grace and ramp-up >= 0")
 
     @property
     def mode(self) -> str:
@@ -101,6 +89,7 @@ class LoadRun:
     """What `run_load` measured: per-worker results, wall time and the server's stats around it."""
 
     workload: str
+    unit_name: str
     unit_op: str
     mode: str
     config: LoadConfig
@@ -109,6 +98,68 @@ class LoadRun:
     results: list[WorkerResult]
     stats_before: pb.StatsResponse | None
     stats_after: pb.StatsResponse | None
+
+
+class LoadDriver:
+    """Worker processes for one run, started early, since their imports take seconds.
+
+    with LoadDriver(workload, config) as driver:   # workers start importing now
+        with spawned_server(...) as target:         # meanwhile the server starts
+            run = driver.run(target)
+    """
+
+    def __init__(
+        self,
+        workload: Workload,
+        config: LoadConfig,
+        *,
+        console: Console | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        if config.mode == "timed" and workload.arrival_offsets_s() is None:
+            raise ValueError(f"the {workload.name} workload needs a rate or a concurrency")
+        if workload.num_units() is None and config.duration_s is None and config.max_units is None:
+            raise ValueError(f"the {workload.name} workload needs a duration or a unit count")
+        self._workload = workload
+        self._config = config
+        self._console = console or Console()
+        self._show_progress = show_progress
+        self._workers = _Workers(config)
+
+    def __enter__(self) -> LoadDriver:
+        self._workers.start(self._workload, self._config)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._workers.stop()
+
+    def run(self, target: str) -> LoadRun:
+        """Run against the server at ``target``; blocks until every worker is done. Once only."""
+        workload = self._workload
+        stats_before = fetch_stats(target, workload.namespace)
+        progress = _ProgressBar(workload, self._config, self._console, self._show_progress)
+        try:
+            self._workers.send_target(target)
+            results, wall_s = self._workers.collect(progress)
+        finally:
+            progress.stop()
+        return LoadRun(
+            workload=workload.name,
+            unit_name=workload.unit_name,
+            unit_op=workload.unit_op,
+            mode=self._config.mode,
+            config=self._config,
+            target=target,
+            wall_s=wall_s,
+            results=results,
+            stats_before=stats_before,
+            stats_after=fetch_stats(target, workload.namespace),
+        )
 
 
 def run_load(
@@ -120,30 +171,8 @@ def run_load(
     show_progress: bool = True,
 ) -> LoadRun:
     """Run ``workload`` against the server at ``target``; blocks until every worker is done."""
-    if config.mode == "timed" and workload.arrival_offsets_s() is None:
-        raise ValueError(f"the {workload.name} workload needs a rate or a concurrency")
-    if workload.num_units() is None and config.duration_s is None and config.max_units is None:
-        raise ValueError(f"the {workload.name} workload needs a duration or a unit count")
-    stats_before = fetch_stats(target, workload.namespace)
-    workers = _Workers(config)
-    progress = _ProgressBar(workload, config, console or Console(), show_progress)
-    try:
-        workers.start(workload, config, target)
-        results, wall_s = workers.collect(progress)
-    finally:
-        progress.stop()
-        workers.stop()
-    return LoadRun(
-        workload=workload.name,
-        unit_op=workload.unit_op,
-        mode=config.mode,
-        config=config,
-        target=target,
-        wall_s=wall_s,
-        results=results,
-        stats_before=stats_before,
-        stats_after=fetch_stats(target, workload.namespace),
-    )
+    with LoadDriver(workload, config, console=console, show_progress=show_progress) as driver:
+        return driver.run(target)
 
 
 def fetch_stats(target: str, namespace: Namespace) -> pb.StatsResponse | None:
@@ -158,21 +187,6 @@ def fetch_stats(target: str, namespace: Namespace) -> pb.StatsResponse | None:
                 return None
 
     return asyncio.run(fetch())
-
-
-# -- the parent's side ------------------------------------------------------------------------------
-
-
-class _Mailbox(Protocol):
-    def put(self, item: Any) -> None: ...
-
-    def get(self, block: bool = ..., timeout: float | None = ...) -> Any: ...
-
-
-class _Flag(Protocol):
-    def set(self) -> None: ...
-
-    def wait(self, timeout: float | None = ...) -> bool: ...
 
 
 class _Cell:
@@ -190,19 +204,22 @@ class _Workers:
         self._threads: list[threading.Thread] = []
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._start_at: Any
-        self._mailbox: _Mailbox
-        self._go: _Flag
+        self._inbox: Mailbox
+        self._mailbox: Mailbox
+        self._go: Flag
+        self._target_sent = False
         if self._inline:
-            self._mailbox, self._go, self._start_at = queue.Queue(), threading.Event(), _Cell()
+            self._inbox, self._mailbox = queue.Queue(), queue.Queue()
+            self._go, self._start_at = threading.Event(), _Cell()
         else:
             context = multiprocessing.get_context("spawn")
-            self._mailbox, self._go = context.Queue(), context.Event()
-            self._start_at = context.Value("d", 0.0)
+            self._inbox, self._mailbox = context.Queue(), context.Queue()
+            self._go, self._start_at = context.Event(), context.Value("d", 0.0)
 
-    def start(self, workload: Workload, config: LoadConfig, target: str) -> None:
+    def start(self, workload: Workload, config: LoadConfig) -> None:
         for index in range(self._count):
-            args = (index, self._count, workload, config, target)
-            args_all = (*args, self._mailbox, self._go, self._start_at)
+            args = (index, self._count, workload, config)
+            args_all = (*args, self._inbox, self._mailbox, self._go, self._start_at)
             if self._inline:
                 thread = threading.Thread(target=worker_main, args=args_all, daemon=True)
                 self._threads.append(thread)
@@ -213,19 +230,26 @@ class _Workers:
                 self._processes.append(process)
                 process.start()
 
+    def send_target(self, target: str) -> None:
+        for _ in range(self._count):
+            self._inbox.put(target)
+        self._target_sent = True
+
     def collect(self, progress: _ProgressBar) -> tuple[list[WorkerResult], float]:
         ready: set[int] = set()
         results: dict[int, WorkerResult] = {}
         snapshots: dict[int, ProgressSnapshot] = {}
         started_wall: float | None = None
-        ready_deadline = time.monotonic() + _READY_TIMEOUT_S
+        ready_deadline = time.monotonic() + READY_TIMEOUT_S
         while len(results) < self._count:
             try:
-                kind, index, payload = self._mailbox.get(timeout=_PROGRESS_PERIOD_S)
+                kind, index, payload = self._mailbox.get(timeout=PROGRESS_PERIOD_S)
             except queue.Empty:
                 self._check_alive(results)
                 if started_wall is None and time.monotonic() > ready_deadline:
-                    raise TimeoutError("workers did not connect within the start-up timeout")
+                    raise TimeoutError(
+                        "workers did not connect within the start-up timeout"
+                    ) from None
             else:
                 if kind == "ready":
                     ready.add(index)
@@ -259,6 +283,9 @@ class _Workers:
                 return
 
     def stop(self) -> None:
+        if not self._target_sent:
+            for _ in range(self._count):
+                self._inbox.put(None)  # the run was called off before it began
         self._go.set()  # a worker still waiting to start must not wait forever
         for process in self._processes:
             process.join(timeout=5)
@@ -325,172 +352,3 @@ class _ProgressBar:
 
     def stop(self) -> None:
         self._progress.stop()
-
-
-# -- the worker's side ------------------------------------------------------------------------------
-
-
-def worker_main(
-    index: int,
-    num_workers: int,
-    workload: Workload,
-    config: LoadConfig,
-    target: str,
-    mailbox: _Mailbox,
-    go: _Flag,
-    start_at: Any,
-) -> None:
-    """Entry point of a worker process (or thread): run, then mail the result or the traceback."""
-    tune_allocator()
-    try:
-        result = asyncio.run(
-            _work(index, num_workers, workload, config, target, mailbox, go, start_at)
-        )
-    except BaseException:
-        mailbox.put(("failed", index, traceback.format_exc()))
-        raise
-    mailbox.put(("done", index, result))
-
-
-async def _work(
-    index: int,
-    num_workers: int,
-    workload: Workload,
-    config: LoadConfig,
-    target: str,
-    mailbox: _Mailbox,
-    go: _Flag,
-    start_at: Any,
-) -> WorkerResult:
-    async with KVClient(target, workload.namespace, options=ClientOptions()) as client:
-        try:
-            await client.stats()  # connect now, so the first measured call does not pay for it
-        except KVStoreClientError:
-            pass  # the server may be down: the run then counts UNAVAILABLE errors
-        mailbox.put(("ready", index, None))
-        if not await asyncio.to_thread(go.wait, _READY_TIMEOUT_S):
-            raise TimeoutError("the parent never started the run")
-        zero = time.perf_counter() + (start_at.value - time.time())
-        recorder = Recorder(workload.unit_op, zero)
-        deadline = config.duration_s if config.duration_s is not None else math.inf
-        context = UnitContext(
-            client=client,
-            recorder=recorder,
-            payload=Payload(workload.namespace.layout, seed=config.seed),
-            deadline_s=deadline,
-            worker_index=index,
-            num_workers=num_workers,
-        )
-        await asyncio.sleep(max(0.0, -recorder.now()))
-        reporter = asyncio.create_task(_report_progress(index, recorder, mailbox))
-        try:
-            await _drive(workload, config, context, _unit_indices(workload, config, context))
-        finally:
-            reporter.cancel()
-        mailbox.put(("progress", index, recorder.snapshot()))
-        return recorder.result()
-
-
-def _unit_indices(workload: Workload, config: LoadConfig, context: UnitContext) -> Iterator[int]:
-    limits = [x for x in (workload.num_units(), config.max_units) if x is not None]
-    step, first = context.num_workers, context.worker_index
-    if limits:
-        return iter(range(first, min(limits), step))
-    return itertools.count(first, step)
-
-
-async def _drive(
-    workload: Workload, config: LoadConfig, context: UnitContext, indices: Iterator[int]
-) -> None:
-    recorder = context.recorder
-    running: set[asyncio.Task[None]] = set()
-
-    async def run(index: int) -> None:
-        recorder.num_units_started += 1
-        recorder.max_unit_index = max(recorder.max_unit_index, index)
-        try:
-            await workload.run_unit(index, context)
-        except asyncio.CancelledError:
-            recorder.num_units_cancelled += 1
-            raise
-
-    if config.mode == "closed":
-        assert config.concurrency is not None
-        share = config.concurrency // context.num_workers
-        slots = share + (context.worker_index < config.concurrency % context.num_workers)
-
-        async def slot() -> None:
-            for index in indices:  # one iterator shared by the slots: each unit runs once
-                if recorder.now() >= context.deadline_s:
-                    return
-                await run(index)
-
-        running.update(asyncio.create_task(slot()) for _ in range(slots))
-    else:
-        await _arrive(config, workload.arrival_offsets_s(), context, indices, run, running)
-    await _finish(running, context.deadline_s + config.grace_s, recorder)
-
-
-async def _arrive(
-    config: LoadConfig,
-    offsets: Sequence[float] | None,
-    context: UnitContext,
-    indices: Iterator[int],
-    run: Callable[[int], Awaitable[None]],
-    running: set[asyncio.Task[None]],
-) -> None:
-    """Start units at their arrival times (Poisson or the workload's own)."""
-    recorder = context.recorder
-    slots = asyncio.Semaphore(config.max_in_flight)
-    rng = np.random.default_rng([config.seed, context.worker_index])
-    arrival = 0.0
-
-    async def run_and_release(index: int) -> None:
-        try:
-            await run(index)
-        finally:
-            slots.release()
-
-    for index in indices:
-        if config.rate is not None:
-            arrival += float(rng.exponential(context.num_workers / config.rate))
-        else:
-            assert offsets is not None
-            arrival = float(offsets[index])
-        if arrival >= context.deadline_s:
-            return
-        await asyncio.sleep(max(0.0, arrival - recorder.now()))
-        await slots.acquire()
-        recorder.schedule_lag.append(max(0.0, recorder.now() - arrival))
-        task = asyncio.create_task(run_and_release(index))
-        running.add(task)
-        task.add_done_callback(_forget_if_ok(running))
-
-
-def _forget_if_ok(running: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
-    # Finished units leave the set so a long open-loop run does not keep every task; a failed
-    # one stays so that _finish re-raises its exception.
-    def forget(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is None:
-            running.discard(task)
-
-    return forget
-
-
-async def _finish(running: set[asyncio.Task[None]], cutoff_s: float, recorder: Recorder) -> None:
-    """Wait for the units in flight until ``cutoff_s``; cancel the rest; re-raise failures."""
-    if running:
-        timeout = None if math.isinf(cutoff_s) else max(0.0, cutoff_s - recorder.now())
-        _, pending = await asyncio.wait(set(running), timeout=timeout)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    for task in running:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            task.result()
-
-
-async def _report_progress(index: int, recorder: Recorder, mailbox: _Mailbox) -> None:
-    while True:
-        await asyncio.sleep(_PROGRESS_PERIOD_S)
-        mailbox.put(("progress", index, recorder.snapshot()))

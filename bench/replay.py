@@ -51,6 +51,7 @@ class TraceWorkload:
     namespace: Namespace
     salt: bytes
     name: str = "trace"
+    unit_name: str = "request"
     unit_op: str = "request"
 
     def num_units(self) -> int:
@@ -166,6 +167,7 @@ def run_trace(args: argparse.Namespace) -> int:
         "time_scale": args.time_scale,
         "preset": preset.name,
         "scale": args.scale,
+        "seed": seed,
         **workload.describe(),
     }
     return run_command(args, workload, config, settings=settings, reference=reference)

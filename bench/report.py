@@ -3,19 +3,20 @@
 ``LoadReport.to_json()`` has these keys (times in milliseconds, rates as fractions in [0, 1])::
 
     workload, mode, target, processes, concurrency, rate, wall_s, settings
-    operations: {op: {count, errors, ops_per_s, bytes, gb_per_s,
-                      latency_ms: {p50, p95, p99, max, mean}}}     # lookup, get, put, ..., turn/request
+    operations: {op: {count, errors, ops_per_s, bytes, gb_per_s,       # lookup, get, put, ...,
+                      latency_ms: {p50, p95, p99, max, mean}}}     # and turn / request
     hit_rate:   {blocks, tokens, num_requests, num_blocks, num_hit_blocks, num_lookup_hit_blocks,
                  num_tokens, num_hit_tokens, per_tier: {tier: rate}, groups: {group: {...same}}}
     reference:  {name: {blocks, tokens}}   # what a model predicts (a trace's infinite-cache rate)
     errors:     {by_code: {code: n}, by_operation: {op: {code: n}}}
     put_outcomes: {COMMITTED: n, ALREADY_PRESENT: n, PARENT_MISSING: n}
     schedule_lag_ms: {p50, p95, p99, max, mean} or null (closed loop)
-    units: {started, cancelled}
+    units: {name, started, cancelled}   # name: "session" (agent) or "request" (trace)
     server: {tiers: [{name, capacity_bytes, used_bytes, num_blocks, hits, misses, evictions}],
              lookups, blocks_put, blocks_got} or null          # counter deltas over the run
 
-Hit rates count a block as hit when the get served it; ``per_tier`` splits the hit blocks by the
+Hit rates are over the requests that completed (a failed one shows under ``errors``) and count a
+block as hit when the get served it; ``per_tier`` splits the hit blocks by the
 tier the lookup reported (its entries sum to ``blocks``). Errors ``by_code`` count failed RPCs;
 ``by_operation`` also has the failed whole units (a failed put fails its turn).
 """
@@ -112,6 +113,8 @@ class LoadReport:
     errors_by_operation: dict[str, dict[str, int]]
     put_outcomes: dict[str, int]
     schedule_lag_ms: LatencySummary | None
+    unit_op: str
+    unit_name: str
     units_started: int
     units_cancelled: int
     server: dict[str, Any] | None
@@ -141,7 +144,11 @@ class LoadReport:
             "errors": {"by_code": self.errors_by_code, "by_operation": self.errors_by_operation},
             "put_outcomes": self.put_outcomes,
             "schedule_lag_ms": asdict(self.schedule_lag_ms) if self.schedule_lag_ms else None,
-            "units": {"started": self.units_started, "cancelled": self.units_cancelled},
+            "units": {
+                "name": self.unit_name,
+                "started": self.units_started,
+                "cancelled": self.units_cancelled,
+            },
             "server": self.server,
         }
 
@@ -280,6 +287,8 @@ def build_report(
         errors_by_operation=errors_by_op,
         put_outcomes=merged.put_outcomes,
         schedule_lag_ms=lag,
+        unit_op=run.unit_op,
+        unit_name=run.unit_name,
         units_started=merged.num_units_started,
         units_cancelled=merged.num_units_cancelled,
         server=server_delta(run.stats_before, run.stats_after),
@@ -320,27 +329,23 @@ def server_delta(
 def print_report(report: LoadReport, console: Console | None = None) -> None:
     """The final tables: operations, prefix hits, errors, and the server's tiers."""
     console = console or Console()
-    loop = {"open": f"open loop, {report.rate:g}/s", "timed": "timed (trace timestamps)"}.get(
-        report.mode, f"closed loop, concurrency {report.concurrency}"
-    )
+    if report.mode == "open":
+        loop = f"open loop, {report.rate:g} arrivals/s"
+    elif report.mode == "timed":
+        loop = "on the trace's timestamps"
+    else:
+        loop = f"closed loop, concurrency {report.concurrency}"
+    where = f"{report.processes} client processes" if report.processes else "in-process client"
     console.print(
-        f"[bold]kvstore-bench {report.workload}[/]: {loop}, {report.processes} process(es), "
+        f"[bold]kvstore-bench {report.workload}[/]: {loop}, {where}, "
         f"{report.wall_s:.1f} s against {report.target}; "
-        f"{report.units_started} unit(s) started, {report.units_cancelled} cancelled at the deadline"
+        f"{report.units_started} {report.unit_name}(s) started, "
+        f"{report.units_cancelled} cancelled at the deadline"
     )
     ops = Table(title="operations")
-    for column in (
-        "op",
-        "count",
-        "ops/s",
-        "GB/s",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "max ms",
-        "errors",
-    ):
-        ops.add_column(column, justify="left" if column == "op" else "right")
+    ops.add_column("op", no_wrap=True)
+    for column in ("count", "ops/s", "GB/s", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors"):
+        ops.add_column(column, justify="right", no_wrap=True)
     for op in report.operations:
         lat = op.latency_ms
         ops.add_row(
@@ -348,7 +353,7 @@ def print_report(report: LoadReport, console: Console | None = None) -> None:
             str(op.count),
             f"{op.ops_per_s:.1f}",
             f"{op.gb_per_s:.3f}" if op.bytes else "-",
-            *(f"{value:.2f}" for value in (lat.p50, lat.p95, lat.p99, lat.max)),
+            *(_milliseconds(value) for value in (lat.p50, lat.p95, lat.p99, lat.max)),
             str(op.errors),
         )
     console.print(ops)
@@ -376,6 +381,13 @@ def print_report(report: LoadReport, console: Console | None = None) -> None:
         console.print(_server_table(report.server))
 
 
+def _milliseconds(value: float) -> str:
+    # About three significant digits, so that the table fits in 80 columns.
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
 def _hit_table(report: LoadReport) -> Table:
     hits = Table(title="prefix hit rate")
     hits.add_column("")
@@ -394,9 +406,14 @@ def _hit_table(report: LoadReport) -> Table:
         row(f"  {name} ({summary.num_requests})", summary)
     for name, (blocks, tokens) in report.reference.items():
         hits.add_row(f"{name} (model)", f"{blocks:.2%}", f"{tokens:.2%}", "")
+    notes = []
     lost = overall.num_lookup_hit_blocks - overall.num_hit_blocks
     if lost:
-        hits.caption = f"{lost} block(s) matched by a lookup were evicted before the get"
+        notes.append(f"{lost} block(s) matched by a lookup were evicted before the get")
+    failed = sum(report.errors_by_operation.get(report.unit_op, {}).values())
+    if failed:
+        notes.append(f"{failed} failed {report.unit_op}(s) are not counted")
+    hits.caption = "; ".join(notes) or None
     return hits
 
 

@@ -107,7 +107,9 @@ class Payload:
     def __init__(self, layout: KVLayout, seed: int = 0) -> None:
         self._layout = layout
         self._seed = seed
-        self._blocks = torch.empty((0, layout.num_layers, *layout.layer_shape))
+        self._blocks = torch.empty(
+            (0, layout.num_layers, *layout.layer_shape), dtype=layout.dtype.torch_dtype
+        )
 
     def blocks(self, num_blocks: int) -> torch.Tensor:
         """A ``[num_blocks, num_layers, 2, T, H, D]`` tensor (a view; do not keep it)."""
@@ -317,6 +319,11 @@ class Workload(Protocol):
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def unit_name(self) -> str:
+        """What one unit is called in reports ("session", "request")."""
+        ...
 
     @property
     def unit_op(self) -> str:

@@ -503,15 +503,23 @@ class _LayerReceiver:
             self._kind = checksum_kind_from_wire(reply.checksum_kind)
         for chunk in reply.chunks:
             if chunk.layer != self._current_layer:
-                arrivals.append(self._complete_layer())
-                self._current_layer = chunk.layer
+                arrivals.append(self._next_layer(chunk.layer))
             self._write(chunk)
         for run in reply.runs:
             if run.layer != self._current_layer:
-                arrivals.append(self._complete_layer())
-                self._current_layer = run.layer
+                arrivals.append(self._next_layer(run.layer))
             self._write_run(run)
         return arrivals
+
+    def _next_layer(self, layer: int) -> LayerArrival:
+        """Complete the current layer; the stream must go on with the very next one."""
+        if layer != self._current_layer + 1:
+            raise ChecksumError(
+                f"the stream jumped from layer {self._current_layer} to layer {layer}"
+            )
+        arrival = self._complete_layer()
+        self._current_layer = layer
+        return arrival
 
     def finish(self) -> list[LayerArrival]:
         if self._current_layer != self._layout.num_layers - 1:

@@ -33,6 +33,7 @@ from kvstore.tiers.ssd import RecoveredBlock, SsdLocation, SsdTier
 
 logger = logging.getLogger("kvstore.mover")
 _MAINTENANCE_PERIOD_S = 0.05
+_QUIET_AFTER_IDLE_PASS_S = 1.0
 
 
 class TierMover:
@@ -45,7 +46,10 @@ class TierMover:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._flushing: set[BlockEntry] = set()
+        # Blocks whose DRAM copy goes once their SSD write ends.
+        self._demoting: set[BlockEntry] = set()
         self._wake: asyncio.Event | None = None
+        self._quiet_until = 0.0
         self._maintenance: asyncio.Task[None] | None = None
 
     # -- life cycle -------------------------------------------------------------------
@@ -77,7 +81,7 @@ class TierMover:
             block for (_, parent_key), blocks in children.items() if parent_key for block in blocks
         ]
         for block in orphans:
-            block.location.path.unlink(missing_ok=True)
+            ssd.discard(block.location.path, "deleting an orphaned block file")
         if orphans:
             logger.warning(
                 "dropped %d block files whose parent block did not survive (write-back keeps "
@@ -169,14 +173,17 @@ class TierMover:
             results = await asyncio.gather(
                 *(self._read_ssd(ssd, entry) for entry in needs), return_exceptions=True
             )
+            lost: list[tuple[BlockEntry, BaseException]] = []
             for entry, result in zip(needs, results, strict=True):
                 if isinstance(result, BaseException):
                     served = min(served, entries.index(entry))
-                    self._lost(entry, result)
+                    lost.append((entry, result))
                     continue
                 ssd.counters.bytes_read += len(result)
                 if not self._promote_to_dram(entry, result):
                     payloads[entry] = result
+            for entry, error in lost:
+                self._lost(entry, error, entries[served:])
         for entry in entries[:served]:
             self._maybe_promote_to_hbm(entry)
             if self.config.write_policy == "write-through" and self._admitted(entry):
@@ -193,7 +200,7 @@ class TierMover:
             raise CorruptBlockFile(f"{location.path} holds a different block")
         return payload
 
-    def _lost(self, entry: BlockEntry, error: BaseException) -> None:
+    def _lost(self, entry: BlockEntry, error: BaseException, unserved: list[BlockEntry]) -> None:
         store = self.store
         assert store.ssd is not None
         store.ssd.record_error(error, "reading a block")
@@ -204,10 +211,17 @@ class TierMover:
             store.drop_copy(entry, TierKind.SSD)
             return
         # The only copy is unusable: the block goes, and every block chained below it.
-        # Reads of it, this one included, cannot use it, so their pins do not hold it.
+        # Reads of it, this one included, cannot use it, so their pins do not hold it;
+        # nor do this read's pins on the blocks it will no longer serve.
+        for other in unserved:
+            other.read_pins -= 1
         pins, entry.read_pins = entry.read_pins, 0
-        store.delete_subtree(entry.namespace, entry, time.monotonic(), DeleteResult())
-        entry.read_pins = pins
+        try:
+            store.delete_subtree(entry.namespace, entry, time.monotonic(), DeleteResult())
+        finally:
+            entry.read_pins = pins
+            for other in unserved:
+                other.read_pins += 1
 
     def _promote_to_dram(self, entry: BlockEntry, payload: bytes) -> bool:
         if not self.config.promote_on_hit or not entry.is_indexed():
@@ -247,16 +261,17 @@ class TierMover:
     async def flush(self, entry: BlockEntry, *, demote: bool) -> None:
         """Write an in-memory block to SSD; with `demote`, then free its DRAM copy."""
         store, ssd = self.store, self.store.ssd
+        source = TierKind.DRAM if TierKind.DRAM in entry.copies else TierKind.HBM
         if (
             ssd is None
             or TierKind.SSD in entry.copies
             or entry in self._flushing
             or not entry.is_indexed()
+            or source not in entry.copies
             or not ssd.accepts_writes()
         ):
-            return
-        source = TierKind.DRAM if TierKind.DRAM in entry.copies else TierKind.HBM
-        if source not in entry.copies:
+            # A victim popped off a queue must go back on it, or it could never leave.
+            store.refresh(entry)
             return
         layout = entry.namespace.namespace.layout
         header = BlockFileHeader(
@@ -268,8 +283,11 @@ class TierMover:
         )
         location = ssd.location_for(header.namespace, entry.key, ssd.file_bytes(header))
         if not self._reserve_ssd(ssd, location.nbytes):
+            store.refresh(entry)
             return
         self._flushing.add(entry)
+        if demote:
+            self._demoting.add(entry)
         store.acquire_read([entry])
         try:
             payload = store.memory_tier(source).read(entry.copies[source], 0, layout.block_bytes)
@@ -281,6 +299,7 @@ class TierMover:
         finally:
             ssd.reserved -= location.nbytes
             self._flushing.discard(entry)
+            self._demoting.discard(entry)
             store.release_read([entry])
         ssd.counters.bytes_written += layout.block_bytes
         if not entry.is_indexed():
@@ -319,18 +338,70 @@ class TierMover:
         store = self.store
         tier = store.memory_tier(kind)
         for _ in range(64):
+            handle = tier.allocate(nbytes)
+            if handle is None and self._writes_back(kind):
+                # Write-back: blocks leave DRAM for SSD in the policy's order instead of
+                # being dropped; only what cannot move down (or a full SSD) is left to
+                # `allocate` below.
+                used_bytes = tier.used_bytes
+                demotions = self._move_down_for(kind, nbytes)
+                if demotions:
+                    await asyncio.wait(demotions)
+                if tier.used_bytes < used_bytes:
+                    continue
             try:
-                handle = store.allocate(kind, nbytes)
+                handle = handle if handle is not None else store.allocate(kind, nbytes)
             except CapacityExhausted:
                 demotions = self._start_demotions(kind, nbytes)
                 if not demotions:
-                    raise
+                    # Blocks being written to SSD are pinned until their write ends;
+                    # then they leave DRAM (a demotion) or may be dropped.
+                    writes = list(self._tasks) if self._flushing else []
+                    if not writes:
+                        raise
+                    await asyncio.wait(writes, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 await asyncio.wait(demotions)
                 continue
             # Nothing runs between this return and the caller's allocation.
             tier.free(handle)
             return
         raise CapacityExhausted(f"{kind.name} tier: demotions did not free {nbytes} B in time")
+
+    def _writes_back(self, kind: TierKind) -> bool:
+        ssd = self.store.ssd
+        return (
+            kind is TierKind.DRAM
+            and ssd is not None
+            and self.config.write_policy == "write-back"
+            and ssd.accepts_writes()
+        )
+
+    def _move_down_for(self, kind: TierKind, nbytes: int) -> list[asyncio.Task[None]]:
+        """Move victims down until `nbytes` are free or a batch of demotions is under way.
+
+        Redundant copies go at once; returns the demotions (SSD writes) to wait for.
+        """
+        store = self.store
+        tier = store.memory_tier(kind)
+        store.release_expired_leases()
+        tasks: list[asyncio.Task[None]] = []
+        kept: list[BlockEntry] = []
+        planned = 0
+        # Demote in batches of a few blocks, so I/O overlaps.
+        while tier.capacity_bytes - tier.used_bytes < nbytes and planned < 4 * nbytes:
+            victim = store.queues[kind].pop()
+            if victim is None:
+                break
+            if not store.evictable_from(victim, kind, time.monotonic()):
+                store.refresh(victim)
+            elif self._move_down(victim, kind, tasks):
+                planned += victim.namespace.namespace.layout.block_bytes
+            else:
+                kept.append(victim)
+        for entry in kept:
+            store.refresh(entry)
+        return tasks
 
     def _start_demotions(self, kind: TierKind, nbytes: int) -> list[asyncio.Task[None]]:
         store = self.store
@@ -361,7 +432,11 @@ class TierMover:
     # -- background watermarks ------------------------------------------------------------
 
     def _nudge(self) -> None:
-        if self._wake is not None and self._over_high_watermark():
+        if (
+            self._wake is not None
+            and time.monotonic() >= self._quiet_until
+            and self._over_high_watermark()
+        ):
             self._wake.set()
 
     def _over_high_watermark(self) -> bool:
@@ -398,7 +473,19 @@ class TierMover:
             if tier.used_bytes <= self.config.high_watermark * tier.capacity_bytes:
                 continue
             to_free = tier.used_bytes - self.config.low_watermark * tier.capacity_bytes
+            if kind is TierKind.DRAM:
+                # Demotions already under way will free their blocks: do not start more.
+                to_free -= sum(
+                    entry.namespace.namespace.layout.block_bytes for entry in self._demoting
+                )
+            if (
+                kind is TierKind.DRAM
+                and store.hbm is None
+                and (store.ssd is None or not store.ssd.accepts_writes())
+            ):
+                continue  # no block can leave DRAM without being lost: puts evict on demand
             kept: list[BlockEntry] = []
+            moved = 0
             while to_free > 0:
                 victim = store.queues[kind].pop()
                 if victim is None:
@@ -407,12 +494,19 @@ class TierMover:
                     store.refresh(victim)
                 elif self._move_down(victim, kind):
                     to_free -= victim.namespace.namespace.layout.block_bytes
+                    moved += 1
                 else:
                     kept.append(victim)
             for entry in kept:
                 store.refresh(entry)
+            if not moved:
+                # Nothing could move down (pinned, or not admitted yet). Scanning again on
+                # every commit would cost O(blocks) each time: wait a while instead.
+                self._quiet_until = time.monotonic() + _QUIET_AFTER_IDLE_PASS_S
 
-    def _move_down(self, victim: BlockEntry, kind: TierKind) -> bool:
+    def _move_down(
+        self, victim: BlockEntry, kind: TierKind, tasks: list[asyncio.Task[None]] | None = None
+    ) -> bool:
         """Free the victim's copy in `kind` without losing the block; False if it cannot."""
         store, ssd = self.store, self.store.ssd
         if len(victim.copies) > 1:
@@ -421,7 +515,9 @@ class TierMover:
         if kind is TierKind.DRAM and store.demotable(victim) and ssd is not None:
             if not ssd.accepts_writes():
                 return False
-            self._spawn(self.flush(victim, demote=True))
+            task = self._spawn(self.flush(victim, demote=True))
+            if task is not None and tasks is not None:
+                tasks.append(task)
             return True
         return False
 

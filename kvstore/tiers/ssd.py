@@ -34,6 +34,11 @@ from kvstore.tiers.blockfile import (
 logger = logging.getLogger("kvstore.ssd")
 SUFFIX = ".kvb"
 _HEADER_READ_BYTES = 64 << 10
+# Disk-level failures: the tier stops taking blocks for a while. EFBIG is a file size
+# limit (RLIMIT_FSIZE, or a filesystem's own), which every later write would hit too.
+_DEGRADING_ERRNOS = frozenset(
+    (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +98,7 @@ class SsdTier:
         """Count an error; disk-level ones degrade the tier for a while."""
         self.counters.errors += 1
         code = getattr(error, "errno", None)
-        if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO):
+        if code in _DEGRADING_ERRNOS:
             reason = f"{doing}: {os.strerror(code)} ({self.directory})"
             if self.degraded_reason is None:
                 logger.error("SSD tier degraded, serving from the other tiers: %s", reason)
@@ -142,6 +147,13 @@ class SsdTier:
     def remove(self, location: SsdLocation) -> None:
         location.path.unlink(missing_ok=True)
 
+    def discard(self, path: Path, doing: str) -> None:
+        """Delete a file the tier will not use; a read-only directory only counts an error."""
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            self.record_error(error, doing)
+
     def recover(self) -> list[RecoveredBlock]:
         """Every intact block under the directory; torn, corrupt and temporary files are deleted."""
         if not self.directory.is_dir():
@@ -149,7 +161,7 @@ class SsdTier:
         recovered: list[RecoveredBlock] = []
         for path in sorted(self.directory.glob("*/*")):
             if path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)
+                self.discard(path, "deleting a torn temporary file")
                 continue
             if path.suffix != SUFFIX:
                 continue
@@ -160,7 +172,7 @@ class SsdTier:
             except (CorruptBlockFile, OSError) as error:
                 logger.warning("dropping damaged block file %s: %s", path, error)
                 self.counters.errors += 1
-                path.unlink(missing_ok=True)
+                self.discard(path, "deleting a damaged block file")
                 continue
             recovered.append(RecoveredBlock(header, SsdLocation(path, len(data))))
         return recovered
