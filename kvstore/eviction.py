@@ -68,6 +68,12 @@ class EvictionQueue:
         if entry in self._tokens:
             self._push(entry, now)
 
+    def touch_many(self, entries: list[BlockEntry], now: float) -> None:
+        """`touch` for each of `entries`, most of which are usually not queued."""
+        tokens = self._tokens
+        for entry in [entry for entry in entries if entry in tokens]:
+            self._push(entry, now)
+
     def discard(self, entry: BlockEntry) -> None:
         self._tokens.pop(entry, None)
 

@@ -51,7 +51,7 @@ class ReadSession:
         self.entries: list[BlockEntry] = store.find_prefix(namespace, keys)
         self._pinned = list(self.entries)
         store.acquire_read(self._pinned)
-        tiers = [store.tier_of(entry) for entry in self.entries]
+        tiers = store.tiers_of(self.entries)
         store.record_hits(self.entries, tiers, missed=len(self.entries) < len(keys))
         store.touch(self.entries)
         for entry in self.entries:

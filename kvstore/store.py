@@ -141,7 +141,7 @@ class BlockStore:
         self.counters.lookups += 1
         self.counters.lookup_keys += len(keys)
         self.counters.lookup_hits += len(found)
-        tiers = [self.tier_of(entry) for entry in found]
+        tiers = self.tiers_of(found)
         self.record_hits(found, tiers, missed=len(found) < len(keys))
         self.touch(found)
         return PrefixMatch(
@@ -162,6 +162,13 @@ class BlockStore:
             if kind in copies:
                 return kind
         raise AssertionError(f"block {entry.key.hex()} has no copy")
+
+    def tiers_of(self, entries: list[BlockEntry]) -> list[TierKind]:
+        tier_of = self.tier_of
+        return [
+            next(iter(entry.copies)) if len(entry.copies) == 1 else tier_of(entry)
+            for entry in entries
+        ]
 
     def record_hits(self, found: list[BlockEntry], tiers: list[TierKind], *, missed: bool) -> None:
         """Each block counts a hit in the tier that holds it fastest and a miss in faster ones."""
@@ -184,12 +191,15 @@ class BlockStore:
 
     def touch(self, chain: list[BlockEntry]) -> None:
         """Mark a chain used. The head gets the newest tick, so under LRU its tail goes first."""
-        now = time.monotonic()
+        tick = self._clock.tick
         for entry in reversed(chain):
-            self._clock.tick += 1
-            entry.last_access = self._clock.tick
-            for kind in entry.copies:
-                self.queues[kind].touch(entry, now)
+            tick += 1
+            entry.last_access = tick
+        self._clock.tick = tick
+        # Only chain tails and blocks with spare copies sit in queues: re-rank just those.
+        now = time.monotonic()
+        for queue in self.queues.values():
+            queue.touch_many(chain, now)
 
     # -- space -------------------------------------------------------------------
 
