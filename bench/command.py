@@ -19,9 +19,9 @@ from kvstore.bench.load import LoadConfig, LoadDriver, LoadRun
 from kvstore.bench.presets import ModelPreset, get_preset, preset_names
 from kvstore.bench.report import build_report, merge_results, print_report
 from kvstore.bench.spawn import spawned_server
-from kvstore.bench.units import human_bytes, parse_size
 from kvstore.bench.workload import Workload, page_bytes_for, parse_scale, scaled_layout
 from kvstore.client import KVLayout
+from kvstore.units import human_bytes, parse_size
 
 N = TypeVar("N", int, float)
 _COUNT_SUFFIXES = {"": 1, "k": 1024, "m": 1024 * 1024}

@@ -26,7 +26,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .presets import ModelPreset, UnknownPresetError, get_preset, preset_names
+from kvstore.bench.presets import ModelPreset, UnknownPresetError, get_preset, preset_names
+from kvstore.units import human_bytes
 
 DEFAULT_CONTEXT_TOKENS = 131_072
 DEFAULT_BATCH = 8
@@ -422,11 +423,11 @@ def _print_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             row["name"],
             row["attention"],
             f"{row['params_total'] / 1e9:.1f}B ({row['params_active'] / 1e9:.1f}B)",
-            _fmt_bytes(row["kv_bytes_per_token"]),
-            _fmt_bytes(cf["kv_bytes_per_request"]),
-            _fmt_bytes(cf["weight_bytes"]),
-            _fmt_bytes(cf["per_request_bytes"]),
-            _fmt_bytes(cf["total_bytes"]),
+            human_bytes(row["kv_bytes_per_token"]),
+            human_bytes(cf["kv_bytes_per_request"]),
+            human_bytes(cf["weight_bytes"]),
+            human_bytes(cf["per_request_bytes"]),
+            human_bytes(cf["total_bytes"]),
         )
     console.print(memory)
 
@@ -448,7 +449,7 @@ def _print_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         compute.add_row(
             row["name"],
             _fmt_flops(decode["flops"]),
-            _fmt_bytes(decode["bytes_moved"]),
+            human_bytes(decode["bytes_moved"]),
             f"{decode['operational_intensity']:.1f}",
             _fmt_flops(prefill["flops_per_token"]),
             f"{prefill['recompute_seconds']:.2f} s",
@@ -467,27 +468,18 @@ def _print_tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         t = row["tiers"]
         tiers.add_row(
             row["name"],
-            _fmt_bytes(t["session_kv_bytes"]),
+            human_bytes(t["session_kv_bytes"]),
             str(t["num_hot_sessions"]),
-            _fmt_bytes(t["hbm_bytes"]),
+            human_bytes(t["hbm_bytes"]),
             str(t["num_warm_sessions"]),
-            _fmt_bytes(t["dram_bytes"]),
-            _fmt_bytes(t["ssd_bytes"]),
+            human_bytes(t["dram_bytes"]),
+            human_bytes(t["ssd_bytes"]),
         )
     console.print(tiers)
     console.print(
         f"HBM holds the hot sessions ({args.hot_fraction:.0%}, mid-turn), DRAM the warm "
         f"ones ({args.warm_fraction:.0%}, hot included), SSD all of them."
     )
-
-
-def _fmt_bytes(num_bytes: float) -> str:
-    value = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def _fmt_rate(bytes_per_s: float) -> str:

@@ -35,9 +35,9 @@ from kvstore.bench.trace import (
     load_trace,
     lru_cache_hit_rate,
 )
-from kvstore.bench.units import parse_size
 from kvstore.bench.workload import UnitContext, fetch_and_store, page_bytes_for
 from kvstore.client import KVLayout, Namespace
+from kvstore.units import parse_size
 
 ALL_REQUESTS = "all requests"
 

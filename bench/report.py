@@ -34,8 +34,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kvstore.bench.load import LoadRun
-from kvstore.bench.units import human_bytes
 from kvstore.bench.workload import BLOCK_OPS, WorkerResult
+from kvstore.units import human_bytes
 from kvstore.v1 import kvstore_pb2 as pb
 
 

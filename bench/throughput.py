@@ -23,8 +23,8 @@ from rich.table import Table
 from kvstore.allocator import tune_allocator
 from kvstore.bench.ceiling import measure_ceiling
 from kvstore.bench.spawn import spawned_ceiling_server, spawned_server
-from kvstore.bench.units import human_bytes, parse_size
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
+from kvstore.units import human_bytes, parse_size
 
 # Llama-3-8B's KV geometry: 32 layers x 8 KV heads x 128 dims in bf16 = 128 KiB per token.
 LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128

@@ -40,8 +40,8 @@ from rich.table import Table
 from kvstore.allocator import tune_allocator
 from kvstore.bench.spawn import spawned_server
 from kvstore.bench.throughput import layout_for
-from kvstore.bench.units import human_bytes, parse_size
 from kvstore.client import KVClient, KVForm, Namespace
+from kvstore.units import human_bytes, parse_size
 from kvstore.v1 import kvstore_pb2 as pb
 
 _READ_BUFFER_BYTES = 8 << 20

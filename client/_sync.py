@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -12,6 +10,7 @@ import numpy as np
 import torch
 
 from kvstore.client._async import KVClient
+from kvstore.client._loop import LoopThread
 from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
 from kvstore.codec import KVForm
@@ -28,16 +27,12 @@ class SyncKVClient:
     def __init__(
         self, target: str, namespace: Namespace, *, options: ClientOptions | None = None
     ) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="kvstore-client", daemon=True
-        )
-        self._thread.start()
+        self._loop = LoopThread("kvstore-client")
         # grpc.aio channels belong to the loop that creates them.
         self._client: KVClient = self._run(_create(target, namespace, options))
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+        return self._loop.run(coroutine)
 
     def __enter__(self) -> SyncKVClient:
         return self
@@ -51,11 +46,9 @@ class SyncKVClient:
         self.close()
 
     def close(self) -> None:
-        if self._loop.is_running():
+        if self._loop.running:
             self._run(self._client.close())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+            self._loop.stop()
 
     @property
     def namespace(self) -> Namespace:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from kvstore.client._async import KVClient
+from kvstore.client._loop import LoopThread
 from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
 from kvstore.layout import Namespace
@@ -142,11 +143,7 @@ class KVConnector:
         self.namespace = namespace
         self._layout = namespace.layout
         self._cache = cache
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="kvstore-connector", daemon=True
-        )
-        self._thread.start()
+        self._loop = LoopThread("kvstore-connector")
         # grpc.aio channels belong to the loop that creates them.
         self._client: KVClient = self._call(_create_client(target, namespace, options))
         self._load: _Load | None = None
@@ -165,13 +162,11 @@ class KVConnector:
 
     def close(self) -> None:
         """Abort what is in flight, close the channel and stop the loop thread."""
-        if not self._loop.is_running():
+        if not self._loop.running:
             return
         self.abort()
         self._call(self._client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._loop.stop()
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -318,7 +313,7 @@ class KVConnector:
         if layer != save.num_queued:
             raise ValueError(f"save layer {save.num_queued} next, not layer {layer}")
         save.num_queued += 1
-        self._loop.call_soon_threadsafe(save.queue.put_nowait, layer)
+        self._loop.call_soon(save.queue.put_nowait, layer)
 
     def wait_for_save(self, timeout: float | None = None) -> PutResult | None:
         """Wait for the current save's put to finish; its result, or None if no save was
@@ -384,7 +379,7 @@ class KVConnector:
             )
 
     def _submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        return self._loop.submit(coroutine)
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self._submit(coroutine).result()

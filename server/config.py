@@ -35,31 +35,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvstore import units
 from kvstore.config import StoreConfig
 from kvstore.errors import InvalidRequest
 
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1 << 10,
-    "kb": 1000,
-    "kib": 1 << 10,
-    "m": 1 << 20,
-    "mb": 1000**2,
-    "mib": 1 << 20,
-    "g": 1 << 30,
-    "gb": 1000**3,
-    "gib": 1 << 30,
-    "t": 1 << 40,
-    "tb": 1000**4,
-    "tib": 1 << 40,
-}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -106,13 +90,11 @@ class ServerConfig:
 
 
 def parse_size(value: str | int) -> int:
-    """'64KiB', '1.5GiB', '1000000' or an int → bytes."""
-    if isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise InvalidRequest(f"cannot read {value!r} as a size; write e.g. 512MiB, 2GiB, 65536")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    """'64KiB', '1.5GiB', '1000000' or an int → bytes; InvalidRequest otherwise."""
+    try:
+        return units.parse_size(value)
+    except ValueError as error:
+        raise InvalidRequest(str(error)) from None
 
 
 _SIZE_FIELDS = {

@@ -20,6 +20,7 @@ from rich.table import Table
 from kvstore.errors import InvalidRequest
 from kvstore.server.app import serve
 from kvstore.server.config import add_config_arguments, config_from_args
+from kvstore.units import human_bytes
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -94,35 +95,27 @@ def print_stats(stats: pb.StatsResponse, console: Console) -> None:
     for tier in stats.tiers:
         table.add_row(
             tier.name + (" (degraded)" if tier.degraded else ""),
-            f"{_human(tier.used_bytes)} / {_human(tier.capacity_bytes)}",
+            f"{human_bytes(tier.used_bytes)} / {human_bytes(tier.capacity_bytes)}",
             str(tier.num_blocks),
             str(tier.hits),
             str(tier.misses),
             str(tier.evictions),
             str(tier.promotions),
             str(tier.demotions),
-            _human(tier.bytes_read),
-            _human(tier.bytes_written),
+            human_bytes(tier.bytes_read),
+            human_bytes(tier.bytes_written),
             str(tier.errors),
         )
     console.print(table)
     hit_rate = stats.lookup_hits / stats.lookup_keys if stats.lookup_keys else 0.0
     console.print(
         f"namespaces {stats.num_namespaces}  lookups {stats.lookups} "
-        f"(key hit rate {hit_rate:.1%})  blocks put {stats.blocks_put} ({_human(stats.bytes_put)})"
-        f"  got {stats.blocks_got} ({_human(stats.bytes_got)})  pinned {stats.num_pinned}"
+        f"(key hit rate {hit_rate:.1%})  blocks put {stats.blocks_put} "
+        f"({human_bytes(stats.bytes_put)})"
+        f"  got {stats.blocks_got} ({human_bytes(stats.bytes_got)})  pinned {stats.num_pinned}"
         f"  abandoned puts {stats.puts_abandoned}  checksum failures {stats.checksum_failures}"
         f"  uptime {stats.uptime_ms / 1000:.0f}s"
     )
-
-
-def _human(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ event loop; clients are real `KVClient`s on real channels. Nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -197,3 +199,35 @@ def same_bytes_fixture() -> Callable[[torch.Tensor, torch.Tensor], bool]:
 @pytest.fixture(name="poll")
 def poll_fixture() -> Callable[..., Awaitable[None]]:
     return wait_for_async
+
+
+@contextlib.contextmanager
+def server_thread() -> Iterator[str]:
+    """A real server on 127.0.0.1 port 0, served by its own event loop thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    settings = {
+        "listen": "127.0.0.1:0",
+        "log_level": "warning",
+        "store.dram_bytes": 16 << 20,
+        "store.page_bytes": 4096,
+        "limits.drain_grace_s": 0.5,
+    }
+    running = asyncio.run_coroutine_threadsafe(
+        build_server(load_config(None, settings)), loop
+    ).result()
+    try:
+        yield f"127.0.0.1:{running.port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(running.drain(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def store_target() -> Iterator[str]:
+    """A server on its own loop thread, for blocking clients (SyncKVClient, the connector)."""
+    with server_thread() as target:
+        yield target

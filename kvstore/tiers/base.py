@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
+
+from kvstore.arena import PageArena
 
 
 class TierKind(enum.IntEnum):
@@ -57,3 +59,36 @@ class MemoryTier(Protocol):
     def write(self, handle: object, offset: int, data: bytes | memoryview) -> None: ...
 
     def read(self, handle: object, offset: int, nbytes: int) -> list[memoryview]: ...
+
+
+class ArenaTier:
+    """A memory tier over a PageArena; its handles are page lists. DRAM and HBM are this."""
+
+    kind: TierKind
+    name: str
+
+    def __init__(self, arena: PageArena) -> None:
+        self.arena = arena
+        self.counters = TierCounters()
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.arena.capacity_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.arena.used_bytes
+
+    def allocate(self, nbytes: int) -> object | None:
+        return self.arena.allocate(nbytes)
+
+    def free(self, handle: object) -> None:
+        self.arena.free(cast(list[int], handle))
+
+    def write(self, handle: object, offset: int, data: bytes | memoryview) -> None:
+        self.arena.write(cast(list[int], handle), offset, data)
+        self.counters.bytes_written += len(data)
+
+    def read(self, handle: object, offset: int, nbytes: int) -> list[memoryview]:
+        self.counters.bytes_read += nbytes
+        return self.arena.read(cast(list[int], handle), offset, nbytes)

@@ -6,12 +6,10 @@ Without a GPU the same code runs on torch's CPU device and reports itself as
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 
 from kvstore.arena import PageArena
-from kvstore.tiers.base import TierCounters, TierKind
+from kvstore.tiers.base import ArenaTier, TierKind
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -24,33 +22,10 @@ def resolve_device(choice: str) -> torch.device:
     return device
 
 
-class HbmTier:
+class HbmTier(ArenaTier):
     kind = TierKind.HBM
 
     def __init__(self, capacity_bytes: int, page_bytes: int, device: torch.device) -> None:
-        self.arena = PageArena(capacity_bytes, page_bytes, device=device, tensor_copies=True)
+        super().__init__(PageArena(capacity_bytes, page_bytes, device=device, tensor_copies=True))
         self.emulated = device.type != "cuda"
         self.name = "hbm (emulated)" if self.emulated else f"hbm ({device})"
-        self.counters = TierCounters()
-
-    @property
-    def capacity_bytes(self) -> int:
-        return self.arena.capacity_bytes
-
-    @property
-    def used_bytes(self) -> int:
-        return self.arena.used_bytes
-
-    def allocate(self, nbytes: int) -> object | None:
-        return self.arena.allocate(nbytes)
-
-    def free(self, handle: object) -> None:
-        self.arena.free(cast(list[int], handle))
-
-    def write(self, handle: object, offset: int, data: bytes | memoryview) -> None:
-        self.arena.write(cast(list[int], handle), offset, data)
-        self.counters.bytes_written += len(data)
-
-    def read(self, handle: object, offset: int, nbytes: int) -> list[memoryview]:
-        self.counters.bytes_read += nbytes
-        return self.arena.read(cast(list[int], handle), offset, nbytes)

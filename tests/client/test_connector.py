@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import socket
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
 
 from kvstore.client import DType, KVLayout, Namespace, SyncKVClient, Unavailable
 from kvstore.client.connector import KVConnector, KVLoadError, KVSaveError
-from kvstore.server import build_server, load_config
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=16)
 NAMESPACE = Namespace(tenant="connector", model_fingerprint="toy", layout=LAYOUT)
@@ -49,37 +45,6 @@ class GatedCache(PagedCache):
         if layer == LAYOUT.num_layers - 1:
             assert self.gate.wait(10), "the test never opened the gate"
         return super().page_view(layer, page)
-
-
-@contextlib.contextmanager
-def server_thread() -> Iterator[str]:
-    """A real server on 127.0.0.1 port 0, served by its own event loop thread."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    settings = {
-        "listen": "127.0.0.1:0",
-        "log_level": "warning",
-        "store.dram_bytes": 16 << 20,
-        "store.page_bytes": 4096,
-        "limits.drain_grace_s": 0.5,
-    }
-    running = asyncio.run_coroutine_threadsafe(
-        build_server(load_config(None, settings)), loop
-    ).result()
-    try:
-        yield f"127.0.0.1:{running.port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(running.drain(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
-
-
-@pytest.fixture(scope="module")
-def store_target() -> Iterator[str]:
-    with server_thread() as target:
-        yield target
 
 
 @pytest.fixture

@@ -3,12 +3,9 @@ never used the store: same tokens, logits within the dtype's tolerance."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,35 +27,9 @@ from kvstore.bench.disagg.serving import (
 )
 from kvstore.client import SyncKVClient
 from kvstore.client.connector import KVConnector, KVLoadError
-from kvstore.server import build_server, load_config
 
 DECODE_TOKENS = 6
 BLOCK = model_config("tiny").page_tokens
-
-
-@contextlib.contextmanager
-def server_thread() -> Iterator[str]:
-    """A real server on 127.0.0.1 port 0, served by its own event loop thread."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    settings = {
-        "listen": "127.0.0.1:0",
-        "log_level": "warning",
-        "store.dram_bytes": 16 << 20,
-        "store.page_bytes": 4096,
-        "limits.drain_grace_s": 0.5,
-    }
-    running = asyncio.run_coroutine_threadsafe(
-        build_server(load_config(None, settings)), loop
-    ).result()
-    try:
-        yield f"127.0.0.1:{running.port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(running.drain(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
 
 
 @dataclass(frozen=True)
@@ -89,12 +60,6 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def store_target() -> Iterator[str]:
-    with server_thread() as target:
-        yield target
 
 
 @pytest.fixture(scope="module")

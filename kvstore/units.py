@@ -1,4 +1,4 @@
-"""Human-readable sizes and rates for reports, and size arguments."""
+"""Sizes: parsing "64KiB"-style settings and printing byte counts for people."""
 
 from __future__ import annotations
 
@@ -16,14 +16,19 @@ _UNITS = {
     "g": 1 << 30,
     "gib": 1 << 30,
     "gb": 1000**3,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "tb": 1000**4,
 }
 
 
-def parse_size(text: str) -> int:
-    """'32MiB' → 33554432. Raises ValueError with the accepted forms."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+def parse_size(text: str | int) -> int:
+    """'32MiB' → 33554432; '1.5GiB', '65536' and ints work too. ValueError otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read {text!r} as a size; write e.g. 1MiB, 32MiB, 2GiB")
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 512MiB, 2GiB, 65536")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
