@@ -10,24 +10,18 @@ import numpy as np
 import torch
 
 from kvstore.checksum import (
-    ChecksumKind,
-    Hasher,
     checksum,
-    checksum_kind_from_wire,
-    new_hasher,
 )
 from kvstore.chunkwire import (
-    GetMessage,
-    WireChunk,
-    WireRun,
-    chunk_parts,
     decode_get_message,
     encode_put_header,
     run_parts,
 )
-from kvstore.client._errors import ChecksumError, InvalidArgument, translate_rpc_errors
+from kvstore.client._errors import InvalidArgument, translate_rpc_errors
 from kvstore.client._options import ClientOptions
+from kvstore.client._receive import LayerReceiver
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
+from kvstore.client._send import MessageBatch, run_messages
 from kvstore.client._wire import namespace_to_wire
 from kvstore.codec import ByteMap, KVForm, cpu_contiguous
 from kvstore.codec import check_tensor as _check_tensor_core
@@ -178,12 +172,12 @@ class KVClient:
         async def requests() -> AsyncIterator[list[bytes | memoryview]]:
             header = encode_put_header(namespace=self._namespace_bytes, checksum_kind=kind.value)
             if 2 * layout.layer_bytes <= chunk_bytes:
-                for message in _run_messages(
+                for message in run_messages(
                     header, keys, first, parent_key, source, layout, kind, chunk_bytes
                 ):
                     yield message
                 return
-            batch = _MessageBatch(chunk_bytes, header)
+            batch = MessageBatch(chunk_bytes, header)
             for declared, index in enumerate(range(first, len(keys))):
                 # Declared just before its bytes, so the server reserves room as it goes.
                 batch.declare(keys[index], keys[index - 1] if index else parent_key)
@@ -256,10 +250,12 @@ class KVClient:
         )
         with translate_rpc_errors():
             call = self._get_blocks(request, timeout=self.options.timeouts.transfer)
-            receiver: _LayerReceiver | None = None
+            receiver: LayerReceiver | None = None
             async for reply in call:
                 if receiver is None:
-                    receiver = _LayerReceiver(self, reply, dest, form)
+                    receiver = LayerReceiver(
+                        self._layout, reply, dest, form, verify=self.options.verify_checksums
+                    )
                     if receiver.num_blocks == 0:
                         return
                 for arrival in receiver.accept(reply):
@@ -349,7 +345,7 @@ class LayerPut:
                     await self._call.write(run_parts(5, layer, start, checksums, [data]))
                 self._next_layer += 1
                 return
-        batch = _MessageBatch(options.chunk_bytes, b"")
+        batch = MessageBatch(options.chunk_bytes, b"")
         with translate_rpc_errors():
             for block in range(len(self._keys)):
                 runs = source.runs(block, 0, options.chunk_bytes)
@@ -383,233 +379,6 @@ class LayerPut:
             num_skipped=0,
             bytes_sent=len(self._keys) * self._layout.block_bytes,
         )
-
-
-def _run_messages(
-    header: bytes,
-    keys: list[bytes],
-    first: int,
-    parent_key: bytes,
-    source: ByteMap,
-    layout: KVLayout,
-    kind: ChecksumKind,
-    chunk_bytes: int,
-) -> list[list[bytes | memoryview]]:
-    """Put messages for small layers: groups of blocks, one LayerRun per layer per group.
-
-    A group is declared just before its first layer, so the server reserves room as
-    the put goes.
-    """
-    per_run = max(1, chunk_bytes // layout.layer_bytes)
-    messages: list[list[bytes | memoryview]] = []
-    prefix = header
-    for start in range(first, len(keys), per_run):
-        end = min(len(keys), start + per_run)
-        declarations = encode_put_header(
-            blocks=[
-                (keys[index], keys[index - 1] if index else parent_key)
-                for index in range(start, end)
-            ]
-        )
-        for layer in range(layout.num_layers):
-            views: list[bytes | memoryview] = []
-            checksums: list[int] = []
-            for index in range(start, end):
-                hasher = new_hasher(kind)
-                for _, view in source.runs(index, layer, layout.layer_bytes):
-                    hasher.update(view)
-                    views.append(view)
-                checksums.append(hasher.value())
-            parts: list[bytes | memoryview] = [prefix + declarations] if layer == 0 else []
-            parts.extend(run_parts(5, layer, start - first, checksums, views))
-            messages.append(parts)
-            prefix = b""
-    return messages
-
-
-class _MessageBatch:
-    """Packs block declarations and layer chunks into messages of about `chunk_bytes`.
-
-    A message is a list of wire parts (see kvstore.chunkwire); the tensor bytes are not
-    copied until gRPC serializes the message.
-    """
-
-    def __init__(self, chunk_bytes: int, header: bytes) -> None:
-        self._chunk_bytes = chunk_bytes
-        self._parts: list[bytes | memoryview] = [header] if header else []
-        self._size = 0
-
-    @property
-    def has_content(self) -> bool:
-        return bool(self._parts)
-
-    def declare(self, key: bytes, parent_key: bytes) -> None:
-        self._parts.append(encode_put_header(blocks=[(key, parent_key)]))
-
-    def add_layer(
-        self, block: int, layer: int, runs: list[tuple[int, memoryview]], kind: ChecksumKind
-    ) -> list[list[bytes | memoryview]]:
-        """Queue one block-layer given as (offset, bytes) runs; returns the messages now full."""
-        hasher = new_hasher(kind)
-        for _, data in runs:
-            hasher.update(data)
-        layer_checksum = hasher.value()
-        full: list[list[bytes | memoryview]] = []
-        for offset, data in runs:
-            if self._size and self._size + len(data) > self._chunk_bytes:
-                full.append(self.flush())
-            self._parts.extend(chunk_parts(4, block, layer, offset, layer_checksum, [data]))
-            self._size += len(data)
-        return full
-
-    def flush(self) -> list[bytes | memoryview]:
-        parts, self._parts, self._size = self._parts, [], 0
-        return parts
-
-
-class _LayerReceiver:
-    """Writes a GetBlocks stream into tensors and reports each layer once it is complete."""
-
-    def __init__(
-        self, client: KVClient, first: GetMessage, dest: torch.Tensor | None, form: KVForm
-    ) -> None:
-        layout = client.namespace.layout
-        self.num_blocks = first.num_blocks
-        self._layout = layout
-        self._verify = client.options.verify_checksums
-        self._form = form
-        self._dest = dest
-        self._host: torch.Tensor | None = None
-        self._map: ByteMap | None = None
-        if dest is not None:
-            if dest.device.type == "cpu" and dest.is_contiguous():
-                self._host = dest
-            else:
-                # Bytes land in host memory first; each finished layer is copied over.
-                self._host = torch.empty(
-                    dest.shape, dtype=dest.dtype, pin_memory=torch.cuda.is_available()
-                )
-            self._map = ByteMap(self._host, layout, form)
-        self._layer_buffer: torch.Tensor | None = None
-        self._current_layer = 0
-        self._hashers: list[Hasher | None] = [None] * self.num_blocks
-        self._expected = [0] * self.num_blocks
-        self._filled = [0] * self.num_blocks
-        self._kind = ChecksumKind.XXH3_64
-
-    def accept(self, reply: GetMessage) -> list[LayerArrival]:
-        arrivals: list[LayerArrival] = []
-        if reply.checksum_kind:
-            self._kind = checksum_kind_from_wire(reply.checksum_kind)
-        for chunk in reply.chunks:
-            if chunk.layer != self._current_layer:
-                arrivals.append(self._next_layer(chunk.layer))
-            self._write(chunk)
-        for run in reply.runs:
-            if run.layer != self._current_layer:
-                arrivals.append(self._next_layer(run.layer))
-            self._write_run(run)
-        return arrivals
-
-    def _next_layer(self, layer: int) -> LayerArrival:
-        """Complete the current layer; the stream must go on with the very next one."""
-        if layer != self._current_layer + 1:
-            raise ChecksumError(
-                f"the stream jumped from layer {self._current_layer} to layer {layer}"
-            )
-        arrival = self._complete_layer()
-        self._current_layer = layer
-        return arrival
-
-    def finish(self) -> list[LayerArrival]:
-        if self._current_layer != self._layout.num_layers - 1:
-            raise ChecksumError(
-                f"the stream ended in layer {self._current_layer} of {self._layout.num_layers}"
-            )
-        return [self._complete_layer()]
-
-    def _layer_map(self) -> tuple[ByteMap, int]:
-        """The map to write the current layer into, and the layer index within it."""
-        if self._map is not None:
-            return self._map, self._current_layer
-        if self._layer_buffer is None:
-            self._layer_buffer = torch.empty(
-                (self.num_blocks, *self._layout.layer_shape), dtype=self._layout.dtype.torch_dtype
-            )
-            self._layer_buffer_map = ByteMap(self._layer_buffer, self._layout, KVForm.LAYER)
-        return self._layer_buffer_map, 0
-
-    def _write(self, chunk: WireChunk) -> None:
-        block = chunk.block_index
-        if not 0 <= block < self.num_blocks:
-            raise ChecksumError(f"server sent block {block} of {self.num_blocks}")
-        filled = self._filled[block]
-        if chunk.offset != filled:
-            raise ChecksumError(f"block {block} layer {chunk.layer}: chunk out of order")
-        data = chunk.data
-        if chunk.offset == 0:
-            self._expected[block] = chunk.layer_checksum
-            self._hashers[block] = new_hasher(self._kind)
-        if self._verify:
-            hasher = self._hashers[block]
-            assert hasher is not None
-            hasher.update(data)
-        byte_map, layer = self._layer_map()
-        byte_map.write(block, layer, chunk.offset, data)
-        self._filled[block] = filled + len(data)
-
-    def _write_run(self, run: WireRun) -> None:
-        first, count = run.first_block, run.num_blocks
-        layer_bytes = self._layout.layer_bytes
-        if first < 0 or first + count > self.num_blocks or len(run.layer_checksums) != count:
-            raise ChecksumError(f"server sent a malformed run of blocks {first}..{first + count}")
-        if len(run.data) != count * layer_bytes:
-            raise ChecksumError(f"a run of {count} blocks carries {len(run.data)} bytes")
-        for index in range(count):
-            block = first + index
-            if self._filled[block]:
-                raise ChecksumError(f"block {block} layer {run.layer} arrived twice")
-            self._expected[block] = run.layer_checksums[index]
-            hasher = new_hasher(self._kind)
-            if self._verify:
-                hasher.update(run.data[index * layer_bytes : (index + 1) * layer_bytes])
-            self._hashers[block] = hasher
-            self._filled[block] = layer_bytes
-        byte_map, layer = self._layer_map()
-        byte_map.write_run(first, count, layer, run.data)
-
-    def _complete_layer(self) -> LayerArrival:
-        layer = self._current_layer
-        layer_bytes = self._layout.layer_bytes
-        for block in range(self.num_blocks):
-            if self._filled[block] != layer_bytes:
-                raise ChecksumError(f"block {block} layer {layer} arrived incomplete")
-            hasher = self._hashers[block]
-            if self._verify and (hasher is None or hasher.value() != self._expected[block]):
-                raise ChecksumError(
-                    f"block {block} layer {layer}: received bytes fail their {self._kind.name} "
-                    f"checksum; the data was not used"
-                )
-            self._filled[block] = 0
-            self._hashers[block] = None
-        return LayerArrival(layer=layer, num_blocks=self.num_blocks, kv=self._layer_view(layer))
-
-    def _layer_view(self, layer: int) -> torch.Tensor:
-        if self._host is None:
-            assert self._layer_buffer is not None
-            buffer, self._layer_buffer = self._layer_buffer, None
-            return buffer
-        assert self._dest is not None
-        tokens = self.num_blocks * self._layout.block_tokens
-        if self._form is KVForm.SEQUENCE:
-            host, dest = self._host[layer, :, :tokens], self._dest[layer, :, :tokens]
-        elif self._form is KVForm.BLOCKS:
-            host, dest = self._host[: self.num_blocks, layer], self._dest[: self.num_blocks, layer]
-        else:
-            host, dest = self._host[: self.num_blocks], self._dest[: self.num_blocks]
-        if self._host is not self._dest:
-            dest.copy_(host, non_blocking=True)
-        return dest
 
 
 def _join(parts: list[bytes | memoryview]) -> bytes:

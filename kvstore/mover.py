@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,10 +25,11 @@ from typing import Any
 from kvstore.checksum import ChecksumKind
 from kvstore.errors import CapacityExhausted
 from kvstore.index import BlockEntry
+from kvstore.recovery import recover_index
 from kvstore.store import BlockStore, DeleteResult
 from kvstore.tiers.base import TierKind
 from kvstore.tiers.blockfile import BlockFileHeader, CorruptBlockFile
-from kvstore.tiers.ssd import RecoveredBlock, SsdLocation, SsdTier
+from kvstore.tiers.ssd import SsdLocation, SsdTier
 
 logger = logging.getLogger("kvstore.mover")
 _MAINTENANCE_PERIOD_S = 0.05
@@ -56,59 +56,7 @@ class TierMover:
 
     def recover(self) -> int:
         """Rebuild the index from the SSD directory; returns the number of blocks restored."""
-        ssd = self.store.ssd
-        if ssd is None:
-            return 0
-        recovered = ssd.recover()
-        children: dict[tuple[object, bytes], list[RecoveredBlock]] = defaultdict(list)
-        for block in recovered:
-            children[(block.header.namespace, block.header.parent_key)].append(block)
-        # Breadth-first from chain heads: a block comes back only if its parent did.
-        frontier: list[tuple[RecoveredBlock, BlockEntry | None]] = []
-        for (_, parent_key), blocks in list(children.items()):
-            if parent_key == b"":
-                frontier.extend((block, None) for block in blocks)
-        restored = 0
-        while frontier:
-            block, parent = frontier.pop()
-            entry = self._restore(block, parent)
-            restored += 1
-            header = block.header
-            frontier.extend(
-                (child, entry) for child in children.pop((header.namespace, header.key), [])
-            )
-        orphans = [
-            block for (_, parent_key), blocks in children.items() if parent_key for block in blocks
-        ]
-        for block in orphans:
-            ssd.discard(block.location.path, "deleting an orphaned block file")
-        if orphans:
-            logger.warning(
-                "dropped %d block files whose parent block did not survive (write-back keeps "
-                "recent blocks in DRAM only; write-through makes every chain crash-durable)",
-                len(orphans),
-            )
-        logger.info("recovered %d blocks (%d B) from %s", restored, ssd.used, ssd.directory)
-        return restored
-
-    def _restore(self, block: RecoveredBlock, parent: BlockEntry | None) -> BlockEntry:
-        header = block.header
-        state = self.store.namespace_state(header.namespace)
-        entry = BlockEntry(
-            namespace=state,
-            key=header.key,
-            parent=parent,
-            layer_checksums=list(header.layer_checksums),
-            checksum_kind_value=header.checksum_kind.value,
-            copies={TierKind.SSD: block.location},
-        )
-        self.store.index.insert(entry)
-        assert self.store.ssd is not None
-        self.store.ssd.used += block.location.nbytes
-        if parent is not None:
-            self.store.refresh(parent)
-        self.store.refresh(entry)
-        return entry
+        return recover_index(self.store)
 
     async def start(self) -> None:
         self._wake = asyncio.Event()

@@ -1,0 +1,162 @@
+"""The receiving side of GetBlocks: chunks and runs into tensors, layer by layer, verified."""
+
+from __future__ import annotations
+
+import torch
+
+from kvstore.checksum import ChecksumKind, Hasher, checksum_kind_from_wire, new_hasher
+from kvstore.chunkwire import GetMessage, WireChunk, WireRun
+from kvstore.client._errors import ChecksumError
+from kvstore.client._results import LayerArrival
+from kvstore.codec import ByteMap, KVForm
+from kvstore.layout import KVLayout
+
+
+class LayerReceiver:
+    """Writes a GetBlocks stream into tensors and reports each layer once it is complete."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        first: GetMessage,
+        dest: torch.Tensor | None,
+        form: KVForm,
+        *,
+        verify: bool,
+    ) -> None:
+        self.num_blocks = first.num_blocks
+        self._layout = layout
+        self._verify = verify
+        self._form = form
+        self._dest = dest
+        self._host: torch.Tensor | None = None
+        self._map: ByteMap | None = None
+        if dest is not None:
+            if dest.device.type == "cpu" and dest.is_contiguous():
+                self._host = dest
+            else:
+                # Bytes land in host memory first; each finished layer is copied over.
+                self._host = torch.empty(
+                    dest.shape, dtype=dest.dtype, pin_memory=torch.cuda.is_available()
+                )
+            self._map = ByteMap(self._host, layout, form)
+        self._layer_buffer: torch.Tensor | None = None
+        self._current_layer = 0
+        self._hashers: list[Hasher | None] = [None] * self.num_blocks
+        self._expected = [0] * self.num_blocks
+        self._filled = [0] * self.num_blocks
+        self._kind = ChecksumKind.XXH3_64
+
+    def accept(self, reply: GetMessage) -> list[LayerArrival]:
+        arrivals: list[LayerArrival] = []
+        if reply.checksum_kind:
+            self._kind = checksum_kind_from_wire(reply.checksum_kind)
+        for chunk in reply.chunks:
+            if chunk.layer != self._current_layer:
+                arrivals.append(self._next_layer(chunk.layer))
+            self._write(chunk)
+        for run in reply.runs:
+            if run.layer != self._current_layer:
+                arrivals.append(self._next_layer(run.layer))
+            self._write_run(run)
+        return arrivals
+
+    def _next_layer(self, layer: int) -> LayerArrival:
+        """Complete the current layer; the stream must go on with the very next one."""
+        if layer != self._current_layer + 1:
+            raise ChecksumError(
+                f"the stream jumped from layer {self._current_layer} to layer {layer}"
+            )
+        arrival = self._complete_layer()
+        self._current_layer = layer
+        return arrival
+
+    def finish(self) -> list[LayerArrival]:
+        if self._current_layer != self._layout.num_layers - 1:
+            raise ChecksumError(
+                f"the stream ended in layer {self._current_layer} of {self._layout.num_layers}"
+            )
+        return [self._complete_layer()]
+
+    def _layer_map(self) -> tuple[ByteMap, int]:
+        """The map to write the current layer into, and the layer index within it."""
+        if self._map is not None:
+            return self._map, self._current_layer
+        if self._layer_buffer is None:
+            self._layer_buffer = torch.empty(
+                (self.num_blocks, *self._layout.layer_shape), dtype=self._layout.dtype.torch_dtype
+            )
+            self._layer_buffer_map = ByteMap(self._layer_buffer, self._layout, KVForm.LAYER)
+        return self._layer_buffer_map, 0
+
+    def _write(self, chunk: WireChunk) -> None:
+        block = chunk.block_index
+        if not 0 <= block < self.num_blocks:
+            raise ChecksumError(f"server sent block {block} of {self.num_blocks}")
+        filled = self._filled[block]
+        if chunk.offset != filled:
+            raise ChecksumError(f"block {block} layer {chunk.layer}: chunk out of order")
+        data = chunk.data
+        if chunk.offset == 0:
+            self._expected[block] = chunk.layer_checksum
+            self._hashers[block] = new_hasher(self._kind)
+        if self._verify:
+            hasher = self._hashers[block]
+            assert hasher is not None
+            hasher.update(data)
+        byte_map, layer = self._layer_map()
+        byte_map.write(block, layer, chunk.offset, data)
+        self._filled[block] = filled + len(data)
+
+    def _write_run(self, run: WireRun) -> None:
+        first, count = run.first_block, run.num_blocks
+        layer_bytes = self._layout.layer_bytes
+        if first < 0 or first + count > self.num_blocks or len(run.layer_checksums) != count:
+            raise ChecksumError(f"server sent a malformed run of blocks {first}..{first + count}")
+        if len(run.data) != count * layer_bytes:
+            raise ChecksumError(f"a run of {count} blocks carries {len(run.data)} bytes")
+        for index in range(count):
+            block = first + index
+            if self._filled[block]:
+                raise ChecksumError(f"block {block} layer {run.layer} arrived twice")
+            self._expected[block] = run.layer_checksums[index]
+            hasher = new_hasher(self._kind)
+            if self._verify:
+                hasher.update(run.data[index * layer_bytes : (index + 1) * layer_bytes])
+            self._hashers[block] = hasher
+            self._filled[block] = layer_bytes
+        byte_map, layer = self._layer_map()
+        byte_map.write_run(first, count, layer, run.data)
+
+    def _complete_layer(self) -> LayerArrival:
+        layer = self._current_layer
+        layer_bytes = self._layout.layer_bytes
+        for block in range(self.num_blocks):
+            if self._filled[block] != layer_bytes:
+                raise ChecksumError(f"block {block} layer {layer} arrived incomplete")
+            hasher = self._hashers[block]
+            if self._verify and (hasher is None or hasher.value() != self._expected[block]):
+                raise ChecksumError(
+                    f"block {block} layer {layer}: received bytes fail their {self._kind.name} "
+                    f"checksum; the data was not used"
+                )
+            self._filled[block] = 0
+            self._hashers[block] = None
+        return LayerArrival(layer=layer, num_blocks=self.num_blocks, kv=self._layer_view(layer))
+
+    def _layer_view(self, layer: int) -> torch.Tensor:
+        if self._host is None:
+            assert self._layer_buffer is not None
+            buffer, self._layer_buffer = self._layer_buffer, None
+            return buffer
+        assert self._dest is not None
+        tokens = self.num_blocks * self._layout.block_tokens
+        if self._form is KVForm.SEQUENCE:
+            host, dest = self._host[layer, :, :tokens], self._dest[layer, :, :tokens]
+        elif self._form is KVForm.BLOCKS:
+            host, dest = self._host[: self.num_blocks, layer], self._dest[: self.num_blocks, layer]
+        else:
+            host, dest = self._host[: self.num_blocks], self._dest[: self.num_blocks]
+        if self._host is not self._dest:
+            dest.copy_(host, non_blocking=True)
+        return dest

@@ -1,0 +1,90 @@
+"""The sending side of PutBlocks: tensor bytes into wire messages, without copying them."""
+
+from __future__ import annotations
+
+from kvstore.checksum import ChecksumKind, new_hasher
+from kvstore.chunkwire import chunk_parts, encode_put_header, run_parts
+from kvstore.codec import ByteMap
+from kvstore.layout import KVLayout
+
+
+def run_messages(
+    header: bytes,
+    keys: list[bytes],
+    first: int,
+    parent_key: bytes,
+    source: ByteMap,
+    layout: KVLayout,
+    kind: ChecksumKind,
+    chunk_bytes: int,
+) -> list[list[bytes | memoryview]]:
+    """Put messages for small layers: groups of blocks, one LayerRun per layer per group.
+
+    A group is declared just before its first layer, so the server reserves room as
+    the put goes.
+    """
+    per_run = max(1, chunk_bytes // layout.layer_bytes)
+    messages: list[list[bytes | memoryview]] = []
+    prefix = header
+    for start in range(first, len(keys), per_run):
+        end = min(len(keys), start + per_run)
+        declarations = encode_put_header(
+            blocks=[
+                (keys[index], keys[index - 1] if index else parent_key)
+                for index in range(start, end)
+            ]
+        )
+        for layer in range(layout.num_layers):
+            views: list[bytes | memoryview] = []
+            checksums: list[int] = []
+            for index in range(start, end):
+                hasher = new_hasher(kind)
+                for _, view in source.runs(index, layer, layout.layer_bytes):
+                    hasher.update(view)
+                    views.append(view)
+                checksums.append(hasher.value())
+            parts: list[bytes | memoryview] = [prefix + declarations] if layer == 0 else []
+            parts.extend(run_parts(5, layer, start - first, checksums, views))
+            messages.append(parts)
+            prefix = b""
+    return messages
+
+
+class MessageBatch:
+    """Packs block declarations and layer chunks into messages of about `chunk_bytes`.
+
+    A message is a list of wire parts (see kvstore.chunkwire); the tensor bytes are not
+    copied until gRPC serializes the message.
+    """
+
+    def __init__(self, chunk_bytes: int, header: bytes) -> None:
+        self._chunk_bytes = chunk_bytes
+        self._parts: list[bytes | memoryview] = [header] if header else []
+        self._size = 0
+
+    @property
+    def has_content(self) -> bool:
+        return bool(self._parts)
+
+    def declare(self, key: bytes, parent_key: bytes) -> None:
+        self._parts.append(encode_put_header(blocks=[(key, parent_key)]))
+
+    def add_layer(
+        self, block: int, layer: int, runs: list[tuple[int, memoryview]], kind: ChecksumKind
+    ) -> list[list[bytes | memoryview]]:
+        """Queue one block-layer given as (offset, bytes) runs; returns the messages now full."""
+        hasher = new_hasher(kind)
+        for _, data in runs:
+            hasher.update(data)
+        layer_checksum = hasher.value()
+        full: list[list[bytes | memoryview]] = []
+        for offset, data in runs:
+            if self._size and self._size + len(data) > self._chunk_bytes:
+                full.append(self.flush())
+            self._parts.extend(chunk_parts(4, block, layer, offset, layer_checksum, [data]))
+            self._size += len(data)
+        return full
+
+    def flush(self) -> list[bytes | memoryview]:
+        parts, self._parts, self._size = self._parts, [], 0
+        return parts
