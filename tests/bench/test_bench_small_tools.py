@@ -1,0 +1,39 @@
+"""kvstore-bench lookup and throughput, run small against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from kvstore.bench.cli import main as bench_main
+from kvstore.bench.throughput import layout_for, measure_kvstore
+
+
+def test_lookup_reports_hits_misses_and_the_empty_rpc_floor(
+    store_target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = bench_main(
+        ["lookup", "--keys", "64", "--iterations", "20", "--target", store_target, "--json"]
+    )
+    assert code == 0
+    results = json.loads(capsys.readouterr().out)
+    assert set(results) == {"empty rpc", "hit", "miss"}
+    for row in results.values():
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+
+
+def test_throughput_moves_blocks_and_checks_what_came_back(store_target: str) -> None:
+    block_bytes = 128 << 10  # one token of the benchmark's Llama-3-8B geometry
+    assert layout_for(block_bytes).block_tokens == 1
+    put_gbps, get_gbps = asyncio.run(
+        measure_kvstore(store_target, block_bytes, 1 << 20, rounds=2, chunk_bytes=64 << 10)
+    )
+    assert put_gbps > 0
+    assert get_gbps > 0
+
+
+def test_throughput_rejects_block_sizes_off_the_token_grid() -> None:
+    with pytest.raises(ValueError, match="multiple of"):
+        layout_for(100_000)
