@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from kvstore.checksum import ChecksumKind, new_hasher
 from kvstore.chunkwire import chunk_parts, encode_put_header, run_parts
 from kvstore.codec import ByteMap
@@ -17,14 +19,15 @@ def run_messages(
     layout: KVLayout,
     kind: ChecksumKind,
     chunk_bytes: int,
-) -> list[list[bytes | memoryview]]:
+) -> Iterator[list[bytes | memoryview]]:
     """Put messages for small layers: groups of blocks, one LayerRun per layer per group.
 
-    A group is declared just before its first layer, so the server reserves room as
-    the put goes.
+    Messages are made as they are sent, so the first is on the wire while the rest are
+    still being checksummed. A group is declared just before its first layer, so the
+    server reserves room as the put goes.
     """
-    per_run = max(1, chunk_bytes // layout.layer_bytes)
-    messages: list[list[bytes | memoryview]] = []
+    layer_bytes = layout.layer_bytes
+    per_run = max(1, chunk_bytes // layer_bytes)
     prefix = header
     for start in range(first, len(keys), per_run):
         end = min(len(keys), start + per_run)
@@ -39,15 +42,14 @@ def run_messages(
             checksums: list[int] = []
             for index in range(start, end):
                 hasher = new_hasher(kind)
-                for _, view in source.runs(index, layer, layout.layer_bytes):
+                for _, view in source.runs(index, layer, layer_bytes):
                     hasher.update(view)
                     views.append(view)
                 checksums.append(hasher.value())
             parts: list[bytes | memoryview] = [prefix + declarations] if layer == 0 else []
             parts.extend(run_parts(5, layer, start - first, checksums, views))
-            messages.append(parts)
+            yield parts
             prefix = b""
-    return messages
 
 
 class MessageBatch:
