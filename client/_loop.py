@@ -12,6 +12,10 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from kvstore.client._async import KVClient
+from kvstore.client._options import ClientOptions
+from kvstore.layout import Namespace
+
 T = TypeVar("T")
 
 
@@ -34,6 +38,16 @@ class LoopThread:
 
     def call_soon(self, callback: Callable[..., object], *args: object) -> None:
         self.loop.call_soon_threadsafe(callback, *args)
+
+    def open_client(
+        self, target: str, namespace: Namespace, options: ClientOptions | None
+    ) -> KVClient:
+        """A KVClient whose channel belongs to this loop."""
+
+        async def create() -> KVClient:
+            return KVClient(target, namespace, options=options)
+
+        return self.run(create())
 
     def stop(self) -> None:
         """Stop the loop and join its thread; the caller has closed what runs on it."""

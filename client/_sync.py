@@ -28,8 +28,7 @@ class SyncKVClient:
         self, target: str, namespace: Namespace, *, options: ClientOptions | None = None
     ) -> None:
         self._loop = LoopThread("kvstore-client")
-        # grpc.aio channels belong to the loop that creates them.
-        self._client: KVClient = self._run(_create(target, namespace, options))
+        self._client: KVClient = self._loop.open_client(target, namespace, options)
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self._loop.run(coroutine)
@@ -120,7 +119,3 @@ class SyncKVClient:
 
     def stats(self) -> pb.StatsResponse:
         return self._run(self._client.stats())
-
-
-async def _create(target: str, namespace: Namespace, options: ClientOptions | None) -> KVClient:
-    return KVClient(target, namespace, options=options)

@@ -144,8 +144,7 @@ class KVConnector:
         self._layout = namespace.layout
         self._cache = cache
         self._loop = LoopThread("kvstore-connector")
-        # grpc.aio channels belong to the loop that creates them.
-        self._client: KVClient = self._call(_create_client(target, namespace, options))
+        self._client: KVClient = self._loop.open_client(target, namespace, options)
         self._load: _Load | None = None
         self._save: _Save | None = None
 
@@ -383,12 +382,6 @@ class KVConnector:
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self._submit(coroutine).result()
-
-
-async def _create_client(
-    target: str, namespace: Namespace, options: ClientOptions | None
-) -> KVClient:
-    return KVClient(target, namespace, options=options)
 
 
 async def _cancel(op: _Op) -> None:
