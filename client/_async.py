@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from itertools import chain, repeat
 from types import TracebackType
 
 import grpc
@@ -121,7 +122,7 @@ class KVClient:
         return PrefixMatch(
             keys=keys,
             num_matched=reply.num_matched,
-            tiers=tuple(map(_TIER_BY_NUMBER.__getitem__, reply.tiers)),
+            tiers=_expand_tier_runs(reply.tier_runs),
             block_tokens=self._layout.block_tokens,
         )
 
@@ -400,3 +401,9 @@ def check_tensor(
         _check_tensor_core(tensor, layout, form, num_blocks, at_least=at_least)
     except InvalidRequest as error:
         raise InvalidArgument(str(error)) from None
+
+
+def _expand_tier_runs(runs: Iterable[pb.TierRun]) -> tuple[TierKind, ...]:
+    return tuple(
+        chain.from_iterable(repeat(_TIER_BY_NUMBER[run.tier], run.num_blocks) for run in runs)
+    )

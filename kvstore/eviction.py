@@ -70,8 +70,7 @@ class EvictionQueue:
 
     def touch_many(self, entries: list[BlockEntry], now: float) -> None:
         """`touch` for each of `entries`, most of which are usually not queued."""
-        tokens = self._tokens
-        for entry in [entry for entry in entries if entry in tokens]:
+        for entry in list(filter(self._tokens.__contains__, entries)):
             self._push(entry, now)
 
     def discard(self, entry: BlockEntry) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import takewhile
 
 from kvstore.layout import Namespace
 from kvstore.tiers.base import TierKind
@@ -18,8 +19,10 @@ class BlockEntry:
     layer_checksums: list[int]
     checksum_kind_value: int
     # Handles of the copies this block has, per tier. A block is findable while
-    # it has at least one copy.
+    # it has at least one copy. Change it only through add_copy/take_copy, which
+    # keep `fastest` right: lookups read that once per block.
     copies: dict[TierKind, object] = field(default_factory=dict)
+    fastest: TierKind = field(init=False, default=TierKind.DRAM)
     depth: int = 0
     num_children: int = 0
     read_pins: int = 0
@@ -27,6 +30,21 @@ class BlockEntry:
     last_access: int = 0  # store-wide tick, larger is more recent
     num_hits: int = 0
     num_seen: int = 1  # the put, then every hit: what the SSD admission filter counts
+
+    def __post_init__(self) -> None:
+        if self.copies:
+            self.fastest = min(self.copies)
+
+    def add_copy(self, kind: TierKind, handle: object) -> None:
+        self.copies[kind] = handle
+        self.fastest = min(self.copies)  # TierKind orders fastest first
+
+    def take_copy(self, kind: TierKind) -> object:
+        """Remove and return the copy in `kind`'s tier."""
+        handle = self.copies.pop(kind)
+        if self.copies:
+            self.fastest = min(self.copies)
+        return handle
 
     def is_pinned(self, now: float) -> bool:
         return self.read_pins > 0 or self.lease_expiry > now
@@ -67,14 +85,10 @@ class BlockIndex:
         """Entries of the longest prefix of `keys` that is stored, in order."""
         if state is None:
             return []
-        blocks = state.blocks
-        found: list[BlockEntry] = []
-        for key in keys:
-            entry = blocks.get(key)
-            if entry is None:
-                break
-            found.append(entry)
-        return found
+        # Entries are always truthy, so takewhile stops at the first missing key;
+        # map and takewhile keep the per-key loop in C.
+        found: map[BlockEntry | None] = map(state.blocks.get, keys)
+        return list(takewhile(bool, found))  # type: ignore[arg-type]
 
     def insert(self, entry: BlockEntry) -> None:
         entry.namespace.blocks[entry.key] = entry

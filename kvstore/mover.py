@@ -179,7 +179,7 @@ class TierMover:
         except CapacityExhausted:
             return False
         self.store.dram.write(handle, 0, payload)
-        entry.copies[TierKind.DRAM] = handle
+        entry.add_copy(TierKind.DRAM, handle)
         self.store.dram.counters.promotions += 1
         self.store.refresh(entry)
         return True
@@ -200,7 +200,7 @@ class TierMover:
             return
         for offset, view in _offsets(store.dram.read(entry.copies[TierKind.DRAM], 0, nbytes)):
             store.hbm.write(handle, offset, view)
-        entry.copies[TierKind.HBM] = handle
+        entry.add_copy(TierKind.HBM, handle)
         store.hbm.counters.promotions += 1
         store.refresh(entry)
 
@@ -253,7 +253,7 @@ class TierMover:
         if not entry.is_indexed():
             self.ssd_copy_dropped(location)
             return
-        entry.copies[TierKind.SSD] = location
+        entry.add_copy(TierKind.SSD, location)
         ssd.used += location.nbytes
         store.refresh(entry)
         if demote and TierKind.DRAM in entry.copies and not entry.is_pinned(time.monotonic()):

@@ -9,6 +9,7 @@ are still in flight.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -52,7 +53,9 @@ class ReadSession:
         self._pinned = list(self.entries)
         store.acquire_read(self._pinned)
         tiers = store.tiers_of(self.entries)
-        store.record_hits(self.entries, tiers, missed=len(self.entries) < len(keys))
+        store.record_hits(
+            Counter(tiers).items(), len(self.entries), missed=len(self.entries) < len(keys)
+        )
         store.touch(self.entries)
         for entry in self.entries:
             entry.num_hits += 1

@@ -13,8 +13,11 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
+import operator
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -30,7 +33,7 @@ from kvstore.tiers.dram import DramTier
 from kvstore.tiers.hbm import HbmTier, resolve_device
 from kvstore.tiers.ssd import SsdLocation, SsdTier
 
-_FASTEST_FIRST = (TierKind.HBM, TierKind.DRAM, TierKind.SSD)
+_FASTEST = operator.attrgetter("fastest")
 
 __all__ = ["BlockStore", "PrefixMatch", "StoreConfig", "StoreReport", "TierReport"]
 
@@ -48,8 +51,15 @@ class PrefixMatch:
     """The longest stored prefix of a key chain."""
 
     num_matched: int
-    tiers: tuple[TierKind, ...]
+    # Fastest tier of each matched block, run-length encoded: (tier, number of blocks).
+    tier_runs: tuple[tuple[TierKind, int], ...]
     block_bytes: int
+
+    @property
+    def tiers(self) -> tuple[TierKind, ...]:
+        """One tier per matched block."""
+        runs = self.tier_runs
+        return tuple(itertools.chain.from_iterable(itertools.repeat(*run) for run in runs))
 
 
 @dataclass(slots=True)
@@ -113,6 +123,8 @@ class BlockStore:
         priority = POLICIES[config.eviction_policy]
         self.queues = {kind: EvictionQueue(priority) for kind in self.tier_kinds}
         self._clock = _Clock()
+        # num_seen feeds the SSD admission filter and HBM promotion; nothing else reads it.
+        self._counts_sightings = config.ssd_admit_after_seen > 1 or self.hbm is not None
         # Leased entries sit outside the queues until an eviction pass finds them expired.
         self._leased: set[BlockEntry] = set()
         self.listener: StoreListener | None = None
@@ -136,17 +148,18 @@ class BlockStore:
     # -- lookups -----------------------------------------------------------------
 
     def lookup(self, namespace: Namespace, keys: list[bytes]) -> PrefixMatch:
-        validate_keys(keys)
         found = self.find_prefix(namespace, keys)
+        # Found keys were valid when they were put: only the rest need checking.
+        validate_keys(keys, start=len(found))
         self.counters.lookups += 1
         self.counters.lookup_keys += len(keys)
         self.counters.lookup_hits += len(found)
-        tiers = self.tiers_of(found)
-        self.record_hits(found, tiers, missed=len(found) < len(keys))
+        tier_runs = self.tier_runs(found)
+        self.record_hits(tier_runs, len(found), missed=len(found) < len(keys))
         self.touch(found)
         return PrefixMatch(
             num_matched=len(found),
-            tiers=tuple(tiers),
+            tier_runs=tier_runs,
             block_bytes=namespace.layout.block_bytes,
         )
 
@@ -155,27 +168,31 @@ class BlockStore:
 
     def tier_of(self, entry: BlockEntry) -> TierKind:
         """The fastest tier holding the block."""
-        copies = entry.copies
-        if len(copies) == 1:
-            return next(iter(copies))
-        for kind in _FASTEST_FIRST:
-            if kind in copies:
-                return kind
-        raise AssertionError(f"block {entry.key.hex()} has no copy")
+        return entry.fastest
 
     def tiers_of(self, entries: list[BlockEntry]) -> list[TierKind]:
-        tier_of = self.tier_of
-        return [
-            next(iter(entry.copies)) if len(entry.copies) == 1 else tier_of(entry)
-            for entry in entries
-        ]
+        return list(map(_FASTEST, entries))
 
-    def record_hits(self, found: list[BlockEntry], tiers: list[TierKind], *, missed: bool) -> None:
-        """Each block counts a hit in the tier that holds it fastest and a miss in faster ones."""
-        for entry in found:
-            entry.num_seen += 1
-        served = Counter(tiers)
-        slower = len(tiers) + int(missed)
+    def tier_runs(self, entries: list[BlockEntry]) -> tuple[tuple[TierKind, int], ...]:
+        """(tier, count) for each run of consecutive entries whose fastest copy is there."""
+        if not entries:
+            return ()
+        if len(self.tier_kinds) == 1:
+            return ((self.tier_kinds[0], len(entries)),)
+        runs = itertools.groupby(map(_FASTEST, entries))
+        return tuple((kind, len(list(run))) for kind, run in runs)
+
+    def record_hits(
+        self, tiers: Iterable[tuple[TierKind, int]], num_found: int, *, missed: bool
+    ) -> None:
+        """Each block counts a hit in the tier that holds it fastest and a miss in faster ones.
+
+        `tiers` counts the found blocks per tier, in any number of (tier, count) pairs.
+        """
+        served: Counter[TierKind] = Counter()
+        for kind, count in tiers:
+            served[kind] += count
+        slower = num_found + int(missed)
         for kind in self.tier_kinds:
             counters = self.counters_of(kind)
             hits = served.get(kind, 0)
@@ -183,23 +200,30 @@ class BlockStore:
             slower -= hits
             counters.misses += slower
 
-    def counters_of(self, kind: TierKind) -> TierCounters:
-        if kind is TierKind.SSD:
-            assert self.ssd is not None
-            return self.ssd.counters
-        return self.memory_tier(kind).counters
-
     def touch(self, chain: list[BlockEntry]) -> None:
-        """Mark a chain used. The head gets the newest tick, so under LRU its tail goes first."""
+        """Mark a chain used (and seen once more, where a policy counts sightings).
+
+        The head gets the newest tick, so under LRU its tail goes first. A 1,000-block
+        lookup spends most of its server time in per-block Python: the loops stay bare.
+        """
         tick = self._clock.tick
         for entry in reversed(chain):
             tick += 1
             entry.last_access = tick
         self._clock.tick = tick
+        if self._counts_sightings:
+            for entry in chain:
+                entry.num_seen += 1
         # Only chain tails and blocks with spare copies sit in queues: re-rank just those.
         now = time.monotonic()
         for queue in self.queues.values():
             queue.touch_many(chain, now)
+
+    def counters_of(self, kind: TierKind) -> TierCounters:
+        if kind is TierKind.SSD:
+            assert self.ssd is not None
+            return self.ssd.counters
+        return self.memory_tier(kind).counters
 
     # -- space -------------------------------------------------------------------
 
@@ -288,7 +312,7 @@ class BlockStore:
 
     def drop_copy(self, entry: BlockEntry, kind: TierKind, *, demoted: bool = False) -> None:
         """Free the entry's copy in one tier; the last copy takes the block out of the index."""
-        handle = entry.copies.pop(kind)
+        handle = entry.take_copy(kind)
         counters = self.counters_of(kind)
         if demoted:
             counters.demotions += 1
@@ -323,7 +347,7 @@ class BlockStore:
     def remove(self, entry: BlockEntry) -> None:
         """Take a chain tail out of the store, freeing every copy."""
         for kind in list(entry.copies):
-            self._free(kind, entry.copies.pop(kind))
+            self._free(kind, entry.take_copy(kind))
         self._unindex(entry)
 
     # -- commits ---------------------------------------------------------------------

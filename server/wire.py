@@ -6,14 +6,13 @@ store: missing and unknown fields, enum values, key lengths, layouts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from google.protobuf import unknown_fields
 from google.protobuf.message import Message
 
 from kvstore.errors import InvalidRequest
-from kvstore.keys import validate_keys
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.store import PrefixMatch, StoreReport
 from kvstore.tiers.base import TierKind
@@ -74,23 +73,24 @@ def namespace_from_wire(message: pb.Namespace, present: bool) -> Namespace:
     )
 
 
-def keys_from_wire(keys: Iterable[bytes], max_keys: int, *, allow_empty: bool) -> list[bytes]:
-    values = list(keys)
-    if not values and not allow_empty:
+def keys_from_wire(keys: Sequence[bytes], max_keys: int, *, allow_empty: bool) -> list[bytes]:
+    """The request's keys as a list; the core validates each key (kvstore.keys)."""
+    if not keys and not allow_empty:
         raise InvalidRequest("keys is empty; name at least one block key")
-    if len(values) > max_keys:
+    if len(keys) > max_keys:
         raise InvalidRequest(
-            f"{len(values)} keys in one request; the server's limit is {max_keys} "
-            f"(split the request)"
+            f"{len(keys)} keys in one request; the server's limit is {max_keys} (split the request)"
         )
-    validate_keys(values)
-    return values
+    return list(keys[:])  # slicing a repeated field is the fastest way to a list
 
 
 def prefix_match_to_wire(match: PrefixMatch) -> pb.LookupPrefixResponse:
     return pb.LookupPrefixResponse(
         num_matched=match.num_matched,
-        tiers=[_TIER_NUMBERS[kind] for kind in match.tiers],  # type: ignore[misc]
+        tier_runs=[
+            pb.TierRun(tier=_TIER_NUMBERS[kind], num_blocks=count)  # type: ignore[arg-type]
+            for kind, count in match.tier_runs
+        ],
         block_bytes=match.block_bytes,
     )
 

@@ -265,6 +265,23 @@ async def test_watermark_pass_drops_redundant_copies_without_writing(tmp_path: P
     assert rig.ssd.counters.bytes_written == written  # B was on SSD already
 
 
+async def test_lookup_reports_each_blocks_fastest_tier_as_runs(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path, dram_blocks=4)
+    await put_chains(rig, "A", "B", "C", "D", "E")  # E's put demotes A..D to SSD
+    assert await get(rig, "B") == [payload(b"B")]  # promoted back: DRAM+SSD
+    match = rig.store.lookup(NS, [b"A", b"B", b"C", b"E", b"X", b"D"])
+    assert placement(rig, "ABCE") == ["SSD", "DRAM+SSD", "SSD", "DRAM"]
+    assert match.num_matched == 4  # X is missing, so D does not count
+    assert match.tier_runs == (
+        (TierKind.SSD, 1),
+        (TierKind.DRAM, 1),
+        (TierKind.SSD, 1),
+        (TierKind.DRAM, 1),
+    )
+    assert match.tiers == (TierKind.SSD, TierKind.DRAM, TierKind.SSD, TierKind.DRAM)
+    assert rig.store.lookup(NS, [b"C", b"A"]).tier_runs == ((TierKind.SSD, 2),)
+
+
 async def test_pinned_blocks_keep_every_copy(tmp_path: Path) -> None:
     rig = make_rig(tmp_path, dram_blocks=4, high_watermark=0.7, low_watermark=0.2)
     await put_chains(rig, "A", "B", "C")

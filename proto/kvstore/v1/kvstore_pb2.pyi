@@ -210,30 +210,56 @@ class LookupPrefixRequest(_message.Message):
 Global___LookupPrefixRequest: _TypeAlias = LookupPrefixRequest  # noqa: Y015
 
 @_typing.final
+class TierRun(_message.Message):
+    """Consecutive blocks held (fastest) in the same tier."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    NUM_BLOCKS_FIELD_NUMBER: _builtins.int
+    tier: Global___Tier.ValueType
+    num_blocks: _builtins.int
+    def __init__(
+        self,
+        *,
+        tier: Global___Tier.ValueType = ...,
+        num_blocks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_blocks", b"num_blocks", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierRun: _TypeAlias = TierRun  # noqa: Y015
+
+@_typing.final
 class LookupPrefixResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NUM_MATCHED_FIELD_NUMBER: _builtins.int
-    TIERS_FIELD_NUMBER: _builtins.int
     BLOCK_BYTES_FIELD_NUMBER: _builtins.int
+    TIER_RUNS_FIELD_NUMBER: _builtins.int
     num_matched: _builtins.int
     """length of the longest present prefix of `keys`"""
     block_bytes: _builtins.int
     """bytes of one block in this namespace"""
     @_builtins.property
-    def tiers(self) -> _containers.RepeatedScalarFieldContainer[Global___Tier.ValueType]:
-        """tier of each matched block, len == num_matched"""
+    def tier_runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierRun]:
+        """The tier of each matched block, run-length encoded, first block first: the runs'
+        num_blocks add up to num_matched. A long chain is a few runs, not a list as long.
+        """
 
     def __init__(
         self,
         *,
         num_matched: _builtins.int = ...,
-        tiers: _abc.Iterable[Global___Tier.ValueType] | None = ...,
         block_bytes: _builtins.int = ...,
+        tier_runs: _abc.Iterable[Global___TierRun] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "num_matched", b"num_matched", "tiers", b"tiers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "num_matched", b"num_matched", "tier_runs", b"tier_runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
