@@ -1,8 +1,9 @@
 """Plain grpcio moving raw-bytes messages: the ceiling for Python gRPC on this machine.
 
-A server with two methods and identity (de)serializers, no protobuf: `Get` streams
-`count` messages of `size` bytes, `Put` accepts a stream and returns the byte count.
-The throughput benchmark measures kvstore against it in the same run.
+A server with identity (de)serializers, no protobuf: `Get` streams `count` messages of
+`size` bytes, `Put` accepts a stream and returns the byte count, and `Call` is a unary
+call that answers any request with 8 bytes. The throughput and lookup benchmarks
+measure kvstore against it in the same run.
 """
 
 from __future__ import annotations
@@ -44,9 +45,13 @@ async def _serve(port: int) -> None:
             total += len(message)
         return struct.pack("<Q", total)
 
+    async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return struct.pack("<Q", len(request))
+
     handler = grpc.method_handlers_generic_handler(
         "ceiling.Raw",
         {
+            "Call": grpc.unary_unary_rpc_method_handler(call, _identity, _identity),
             "Get": grpc.unary_stream_rpc_method_handler(get, _identity, _identity),
             "Put": grpc.stream_unary_rpc_method_handler(put, _identity, _identity),
         },
@@ -82,6 +87,11 @@ async def measure_ceiling(target: str, total_bytes: int, message_bytes: int) -> 
         get_s = time.perf_counter() - start
     moved = count * message_bytes
     return moved / put_s / 1e9, received / get_s / 1e9
+
+
+def unary_call(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable:
+    """The ceiling server's `Call` on `channel`: raw bytes in, 8 bytes out."""
+    return channel.unary_unary("/ceiling.Raw/Call", _identity, _identity)
 
 
 def main() -> None:

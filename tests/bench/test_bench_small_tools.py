@@ -11,7 +11,7 @@ from kvstore.bench.cli import main as bench_main
 from kvstore.bench.throughput import layout_for, measure_kvstore
 
 
-def test_lookup_reports_hits_misses_and_the_empty_rpc_floor(
+def test_lookup_reports_hits_misses_and_the_plain_grpcio_floor(
     store_target: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = bench_main(
@@ -19,7 +19,7 @@ def test_lookup_reports_hits_misses_and_the_empty_rpc_floor(
     )
     assert code == 0
     results = json.loads(capsys.readouterr().out)
-    assert set(results) == {"empty rpc", "hit", "miss"}
+    assert set(results) == {"plain grpcio", "no keys", "hit", "miss"}
     for row in results.values():
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
 
