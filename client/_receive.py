@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.checksum import ChecksumKind, Hasher, checksum_kind_from_wire, new_hasher
+from kvstore.checksum import (
+    ChecksumKind,
+    Hasher,
+    checksum,
+    checksum_kind_from_wire,
+    new_hasher,
+)
 from kvstore.chunkwire import GetMessage, WireChunk, WireRun
 from kvstore.client._errors import ChecksumError
 from kvstore.client._results import LayerArrival
@@ -42,7 +48,10 @@ class LayerReceiver:
             self._map = ByteMap(self._host, layout, form)
         self._layer_buffer: torch.Tensor | None = None
         self._current_layer = 0
+        # A layer's bytes arrive as chunks (hashed as they come) or inside a run (hashed
+        # at once); `_actual` holds the checksum once the block-layer is complete.
         self._hashers: list[Hasher | None] = [None] * self.num_blocks
+        self._actual: list[int | None] = [None] * self.num_blocks
         self._expected = [0] * self.num_blocks
         self._filled = [0] * self.num_blocks
         self._kind = ChecksumKind.XXH3_64
@@ -104,6 +113,8 @@ class LayerReceiver:
             hasher = self._hashers[block]
             assert hasher is not None
             hasher.update(data)
+            if filled + len(data) == self._layout.layer_bytes:
+                self._actual[block] = hasher.value()
         byte_map, layer = self._layer_map()
         byte_map.write(block, layer, chunk.offset, data)
         self._filled[block] = filled + len(data)
@@ -120,10 +131,9 @@ class LayerReceiver:
             if self._filled[block]:
                 raise ChecksumError(f"block {block} layer {run.layer} arrived twice")
             self._expected[block] = run.layer_checksums[index]
-            hasher = new_hasher(self._kind)
             if self._verify:
-                hasher.update(run.data[index * layer_bytes : (index + 1) * layer_bytes])
-            self._hashers[block] = hasher
+                part = run.data[index * layer_bytes : (index + 1) * layer_bytes]
+                self._actual[block] = checksum(self._kind, part)
             self._filled[block] = layer_bytes
         byte_map, layer = self._layer_map()
         byte_map.write_run(first, count, layer, run.data)
@@ -134,14 +144,14 @@ class LayerReceiver:
         for block in range(self.num_blocks):
             if self._filled[block] != layer_bytes:
                 raise ChecksumError(f"block {block} layer {layer} arrived incomplete")
-            hasher = self._hashers[block]
-            if self._verify and (hasher is None or hasher.value() != self._expected[block]):
+            if self._verify and self._actual[block] != self._expected[block]:
                 raise ChecksumError(
                     f"block {block} layer {layer}: received bytes fail their {self._kind.name} "
                     f"checksum; the data was not used"
                 )
             self._filled[block] = 0
             self._hashers[block] = None
+            self._actual[block] = None
         return LayerArrival(layer=layer, num_blocks=self.num_blocks, kv=self._layer_view(layer))
 
     def _layer_view(self, layer: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from kvstore.checksum import ChecksumKind, new_hasher
+from kvstore.checksum import ChecksumKind, checksum_of_parts
 from kvstore.chunkwire import chunk_parts, encode_put_header, run_parts
 from kvstore.codec import ByteMap
 from kvstore.layout import KVLayout
@@ -41,11 +41,9 @@ def run_messages(
             views: list[bytes | memoryview] = []
             checksums: list[int] = []
             for index in range(start, end):
-                hasher = new_hasher(kind)
-                for _, view in source.runs(index, layer, layer_bytes):
-                    hasher.update(view)
-                    views.append(view)
-                checksums.append(hasher.value())
+                pieces = source.layer_parts(index, layer)
+                views += pieces
+                checksums.append(checksum_of_parts(kind, pieces))
             parts: list[bytes | memoryview] = [prefix + declarations] if layer == 0 else []
             parts.extend(run_parts(5, layer, start - first, checksums, views))
             yield parts
@@ -75,10 +73,7 @@ class MessageBatch:
         self, block: int, layer: int, runs: list[tuple[int, memoryview]], kind: ChecksumKind
     ) -> list[list[bytes | memoryview]]:
         """Queue one block-layer given as (offset, bytes) runs; returns the messages now full."""
-        hasher = new_hasher(kind)
-        for _, data in runs:
-            hasher.update(data)
-        layer_checksum = hasher.value()
+        layer_checksum = checksum_of_parts(kind, [data for _, data in runs])
         full: list[list[bytes | memoryview]] = []
         for offset, data in runs:
             if self._size and self._size + len(data) > self._chunk_bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Protocol
 
 import crc32c
@@ -60,6 +61,17 @@ def checksum(kind: ChecksumKind, data: bytes | memoryview) -> int:
     if kind is ChecksumKind.XXH3_64:
         return int(xxhash.xxh3_64_intdigest(data))
     return int(crc32c.crc32c(data))
+
+
+def checksum_of_parts(kind: ChecksumKind, parts: Sequence[bytes | memoryview]) -> int:
+    """The checksum of the parts' concatenation: one call for one part (the common case,
+    and several times cheaper than a hasher for a small layer)."""
+    if len(parts) == 1:
+        return checksum(kind, parts[0])
+    hasher = new_hasher(kind)
+    for part in parts:
+        hasher.update(part)
+    return hasher.value()
 
 
 def checksum_kind_from_wire(value: int) -> ChecksumKind:

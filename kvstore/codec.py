@@ -160,6 +160,11 @@ class ByteMap:
                 target = self._array[start : start + num_blocks * half]
                 target.reshape(num_blocks, half)[:] = pairs[:, part]
 
+    def layer_parts(self, block: int, layer: int) -> list[memoryview]:
+        """The block-layer's bytes as views, in order: one, or two (K, V) in `sequence`."""
+        view = self.view
+        return [view[start : start + length] for start, length in self.segments(block, layer)]
+
     def runs(self, block: int, layer: int, max_chunk_bytes: int) -> list[tuple[int, memoryview]]:
         """(offset within the layer, bytes) runs of at most `max_chunk_bytes`, no copies."""
         runs: list[tuple[int, memoryview]] = []
