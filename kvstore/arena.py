@@ -92,6 +92,31 @@ class PageArena:
                 self._tensor[start : start + length].copy_(torch.from_numpy(array))
             done += length
 
+    def write_slices(
+        self, blocks: list[list[int]], offset: int, data: memoryview, nbytes: int
+    ) -> None:
+        """Copy slice i (`nbytes` long) of `data` into `blocks[i]` at byte `offset`.
+
+        One vectorised copy when every slice lands inside one page at a multiple of its
+        size (a layer of a small block: the common case); a write per block otherwise.
+        """
+        page, within = divmod(offset, self.page_bytes)
+        if (
+            self._view is not None
+            and self.page_bytes % nbytes == 0
+            and within % nbytes == 0
+            and len(data) == len(blocks) * nbytes
+        ):
+            rows_per_page = self.page_bytes // nbytes
+            rows = self._tensor.numpy().reshape(-1, nbytes)  # a view: no copy
+            index = np.fromiter((pages[page] for pages in blocks), np.int64, len(blocks))
+            index *= rows_per_page
+            index += within // nbytes
+            rows[index] = np.frombuffer(data, dtype=np.uint8).reshape(len(blocks), nbytes)
+            return
+        for number, pages in enumerate(blocks):
+            self.write(pages, offset, data[number * nbytes : (number + 1) * nbytes])
+
     def read(self, pages: list[int], offset: int, nbytes: int) -> list[memoryview]:
         """The bytes `[offset, offset + nbytes)` of the block, in order.
 

@@ -196,18 +196,27 @@ class PutSession:
                 f"{layer_bytes} bytes in this namespace's layout"
             )
         view = memoryview(data)
-        for index in range(num_blocks):
-            block = self._blocks[first_block + index]
+        blocks = self._blocks[first_block : first_block + num_blocks]
+        for block in blocks:
             if block.layer_filled[layer]:
                 raise InvalidRequest(
                     f"block {block.index} layer {layer} was already sent; send each layer once"
                 )
-            part = view[index * layer_bytes : (index + 1) * layer_bytes]
-            block.layer_expected[layer] = layer_checksums[index]
-            if block.handle is not None:
-                self._store.dram.write(block.handle, layer * layer_bytes, part)
+        parts = [view[start : start + layer_bytes] for start in range(0, len(view), layer_bytes)]
+        kind = self._checksum_kind
+        actual = [checksum(kind, part) for part in parts]
+        # Copy before checking: a mismatch fails the put, and its blocks never commit.
+        handles = [block.handle for block in blocks if block.handle is not None]
+        if len(handles) == num_blocks:
+            self._store.dram.write_slices(handles, layer * layer_bytes, view, layer_bytes)
+        else:  # blocks the store already holds are checked, not written
+            for block, part in zip(blocks, parts, strict=True):
+                if block.handle is not None:
+                    self._store.dram.write(block.handle, layer * layer_bytes, part)
+        for block, expected, got in zip(blocks, layer_checksums, actual, strict=True):
+            block.layer_expected[layer] = expected
             block.layer_filled[layer] = layer_bytes
-            self._finish_layer(block, layer, checksum(self._checksum_kind, part))
+            self._finish_layer(block, layer, got)
 
     def _finish_layer(self, block: _PendingBlock, layer: int, actual: int) -> None:
         expected = block.layer_expected[layer]

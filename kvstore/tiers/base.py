@@ -89,6 +89,13 @@ class ArenaTier:
         self.arena.write(cast(list[int], handle), offset, data)
         self.counters.bytes_written += len(data)
 
+    def write_slices(
+        self, handles: list[object], offset: int, data: memoryview, nbytes: int
+    ) -> None:
+        """Slice i (`nbytes` long) of `data` into `handles[i]` at `offset`; see PageArena."""
+        self.arena.write_slices(cast(list[list[int]], handles), offset, data, nbytes)
+        self.counters.bytes_written += len(data)
+
     def read(self, handle: object, offset: int, nbytes: int) -> list[memoryview]:
         self.counters.bytes_read += nbytes
         return self.arena.read(cast(list[int], handle), offset, nbytes)
