@@ -1,10 +1,10 @@
 """`kvstore-bench throughput`: put and get GB/s through the client, against plain grpcio.
 
 The kvstore server and the ceiling server each run in their own process; the client
-moves torch tensors. Each block size is measured over `rounds` rounds of
-`total_bytes` and the median is reported, next to the ceiling measured in the same run:
-plain grpcio streaming raw-bytes messages of `chunk` size (its fastest mode here) and
-of whole-block size.
+moves torch tensors. For each block size, kvstore and the ceiling take turns for
+`rounds` rounds of `total_bytes` each: plain grpcio streaming raw-bytes messages of
+`chunk` size (its fastest mode here) and of whole-block size. Medians are reported,
+and each ratio is the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -40,14 +40,8 @@ class ThroughputRow:
     ceiling_get_gbps: float
     whole_put_gbps: float  # raw grpcio, one message per block
     whole_get_gbps: float
-
-    @property
-    def put_ratio(self) -> float:
-        return self.put_gbps / self.ceiling_put_gbps
-
-    @property
-    def get_ratio(self) -> float:
-        return self.get_gbps / self.ceiling_get_gbps
+    put_ratio: float  # median over rounds of kvstore / chunked grpcio in the same round
+    get_ratio: float
 
 
 def layout_for(block_bytes: int) -> KVLayout:
@@ -62,50 +56,95 @@ def layout_for(block_bytes: int) -> KVLayout:
     )
 
 
+class _KVStoreRounds:
+    """Put then get `total_bytes` of `block_bytes` blocks, one round at a time."""
+
+    def __init__(self, client: KVClient, layout: KVLayout, total_bytes: int) -> None:
+        self._client = client
+        self._num_blocks = max(1, total_bytes // layout.block_bytes)
+        self._block_bytes = layout.block_bytes
+        shape = (self._num_blocks, layout.num_layers, *layout.layer_shape)
+        self._source = torch.randn(shape, dtype=torch.float32).to(torch.bfloat16)
+        self._dest = torch.empty_like(self._source)
+        self._round = 0
+
+    async def run(self) -> tuple[float, float]:
+        """(put GB/s, get GB/s) of one round, checked against what was sent."""
+        num_blocks, client = self._num_blocks, self._client
+        keys = [f"r{self._round}-b{i}".encode() for i in range(num_blocks)]
+        self._round += 1
+        start = time.perf_counter()
+        result = await client.put_blocks(keys, self._source, form=KVForm.BLOCKS)
+        put_s = time.perf_counter() - start
+        if result.num_committed != num_blocks:
+            raise RuntimeError(f"put stored {result.num_committed} of {num_blocks} blocks")
+        start = time.perf_counter()
+        got = await client.get_into(keys, self._dest, form=KVForm.BLOCKS)
+        get_s = time.perf_counter() - start
+        if got != num_blocks or not torch.equal(self._dest[-1], self._source[-1]):
+            raise RuntimeError("get returned the wrong blocks")
+        await client.delete(keys)
+        moved = num_blocks * self._block_bytes
+        return moved / put_s / 1e9, moved / get_s / 1e9
+
+
+def _namespace(layout: KVLayout) -> Namespace:
+    return Namespace(
+        tenant="bench", model_fingerprint=f"throughput-{layout.block_bytes}", layout=layout
+    )
+
+
 async def measure_kvstore(
     target: str, block_bytes: int, total_bytes: int, rounds: int, chunk_bytes: int
 ) -> tuple[float, float]:
     """Median (put GB/s, get GB/s) of moving `total_bytes` of `block_bytes` blocks."""
     layout = layout_for(block_bytes)
-    num_blocks = max(1, total_bytes // block_bytes)
-    namespace = Namespace(
-        tenant="bench", model_fingerprint=f"throughput-{block_bytes}", layout=layout
-    )
-    shape = (num_blocks, layout.num_layers, *layout.layer_shape)
-    source = torch.randn(shape, dtype=torch.float32).to(torch.bfloat16)
-    dest = torch.empty_like(source)
     options = ClientOptions(chunk_bytes=chunk_bytes)
-    puts, gets = [], []
-    async with KVClient(target, namespace, options=options) as client:
-        for round_index in range(rounds + 1):
-            keys = [f"r{round_index}-b{i}".encode() for i in range(num_blocks)]
-            start = time.perf_counter()
-            result = await client.put_blocks(keys, source, form=KVForm.BLOCKS)
-            put_s = time.perf_counter() - start
-            if result.num_committed != num_blocks:
-                raise RuntimeError(f"put stored {result.num_committed} of {num_blocks} blocks")
-            start = time.perf_counter()
-            got = await client.get_into(keys, dest, form=KVForm.BLOCKS)
-            get_s = time.perf_counter() - start
-            if got != num_blocks or not torch.equal(dest[-1], source[-1]):
-                raise RuntimeError("get returned the wrong blocks")
-            await client.delete(keys[:1])
-            if round_index:  # the first round warms up both processes
-                puts.append(num_blocks * block_bytes / put_s / 1e9)
-                gets.append(num_blocks * block_bytes / get_s / 1e9)
-    return statistics.median(puts), statistics.median(gets)
+    async with KVClient(target, _namespace(layout), options=options) as client:
+        kvstore = _KVStoreRounds(client, layout, total_bytes)
+        await kvstore.run()  # warms up both processes
+        samples = [await kvstore.run() for _ in range(rounds)]
+    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
 
 
-async def _ceiling(target: str, total: int, message: int, rounds: int) -> tuple[float, float]:
-    await measure_ceiling(target, min(total, 64 << 20), message)  # warm-up
-    samples = [await measure_ceiling(target, total, message) for _ in range(rounds)]
-    return (statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))
+async def measure_size(
+    target: str,
+    ceiling_target: str,
+    block_bytes: int,
+    total_bytes: int,
+    rounds: int,
+    chunk_bytes: int,
+) -> ThroughputRow:
+    """kvstore and plain grpcio take turns, round by round; medians of each and of the
+    per-round ratios, so a change in the shared machine's speed lands on both sides."""
+    layout = layout_for(block_bytes)
+    options = ClientOptions(chunk_bytes=chunk_bytes)
+    async with KVClient(target, _namespace(layout), options=options) as client:
+        kvstore = _KVStoreRounds(client, layout, total_bytes)
+        await kvstore.run()
+        await measure_ceiling(ceiling_target, min(total_bytes, 64 << 20), chunk_bytes)
+        ours, chunked, whole = [], [], []
+        for _ in range(rounds):
+            ours.append(await kvstore.run())
+            chunked.append(await measure_ceiling(ceiling_target, total_bytes, chunk_bytes))
+            whole.append(await measure_ceiling(ceiling_target, total_bytes, block_bytes))
+    median = statistics.median
+    return ThroughputRow(
+        block_bytes=block_bytes,
+        put_gbps=median(s[0] for s in ours),
+        get_gbps=median(s[1] for s in ours),
+        ceiling_put_gbps=median(s[0] for s in chunked),
+        ceiling_get_gbps=median(s[1] for s in chunked),
+        whole_put_gbps=median(s[0] for s in whole),
+        whole_get_gbps=median(s[1] for s in whole),
+        put_ratio=median(o[0] / c[0] for o, c in zip(ours, chunked, strict=True)),
+        get_ratio=median(o[1] / c[1] for o, c in zip(ours, chunked, strict=True)),
+    )
 
 
 def run_sweep(
     block_sizes: list[int], total_bytes: int, rounds: int, chunk_bytes: int
 ) -> list[ThroughputRow]:
-    rows = []
     dram = max(2 * total_bytes + (256 << 20), 1 << 30)
     with (
         spawned_server(
@@ -113,14 +152,12 @@ def run_sweep(
         ) as target,
         spawned_ceiling_server() as ceiling_target,
     ):
-        for block_bytes in block_sizes:
-            put, get = asyncio.run(
-                measure_kvstore(target, block_bytes, total_bytes, rounds, chunk_bytes)
+        return [
+            asyncio.run(
+                measure_size(target, ceiling_target, size, total_bytes, rounds, chunk_bytes)
             )
-            cput, cget = asyncio.run(_ceiling(ceiling_target, total_bytes, chunk_bytes, rounds))
-            wput, wget = asyncio.run(_ceiling(ceiling_target, total_bytes, block_bytes, rounds))
-            rows.append(ThroughputRow(block_bytes, put, get, cput, cget, wput, wget))
-    return rows
+            for size in block_sizes
+        ]
 
 
 def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +167,7 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated block sizes (multiples of 128KiB)",
     )
     parser.add_argument("--total", default="512MiB", help="bytes moved per round and size")
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds (median)")
     parser.add_argument("--chunk", default="1MiB", help="stream message payload size")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -142,10 +179,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     if args.json:
         print(
             json.dumps(
-                [
-                    asdict(row) | {"put_ratio": row.put_ratio, "get_ratio": row.get_ratio}
-                    for row in rows
-                ],
+                [asdict(row) for row in rows],
                 indent=2,
             )
         )
