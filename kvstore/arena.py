@@ -117,6 +117,16 @@ class PageArena:
         for number, pages in enumerate(blocks):
             self.write(pages, offset, data[number * nbytes : (number + 1) * nbytes])
 
+    def read_slices(self, blocks: list[list[int]], offset: int, nbytes: int) -> list[memoryview]:
+        """`read(pages, offset, nbytes)` of each block, concatenated: one view per block
+        when the bytes sit inside one page (a layer of a small block, usually)."""
+        page, within = divmod(offset, self.page_bytes)
+        if self._view is not None and within + nbytes <= self.page_bytes:
+            view, page_bytes = self._view, self.page_bytes
+            starts = [pages[page] * page_bytes + within for pages in blocks]
+            return [view[start : start + nbytes] for start in starts]
+        return [part for pages in blocks for part in self.read(pages, offset, nbytes)]
+
     def read(self, pages: list[int], offset: int, nbytes: int) -> list[memoryview]:
         """The bytes `[offset, offset + nbytes)` of the block, in order.
 

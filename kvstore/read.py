@@ -106,21 +106,25 @@ class ReadSession:
             )
         per_run = max_run_bytes // layer_bytes
         entries = self.entries
+        groups = self._run_groups(per_run)
+        # A DRAM copy stays put while the session pins its block: look handles up once.
+        dram = self._store.dram
+        handles = [
+            None if entry in self._payloads else entry.copies.get(TierKind.DRAM)
+            for entry in entries
+        ]
         for layer in range(self._layout.num_layers):
             base = layer * layer_bytes
-            start = 0
-            while start < len(entries):
-                kind = entries[start].checksum_kind_value
-                end = start + 1
-                while (
-                    end < len(entries)
-                    and end - start < per_run
-                    and entries[end].checksum_kind_value == kind
-                ):
-                    end += 1
-                views: list[memoryview] = []
-                for entry in entries[start:end]:
-                    views.extend(self._read(entry, base, layer_bytes))
+            for start, end, kind in groups:
+                group_handles = handles[start:end]
+                if None in group_handles:
+                    views = [
+                        view
+                        for entry in entries[start:end]
+                        for view in self._read(entry, base, layer_bytes)
+                    ]
+                else:
+                    views = dram.read_slices(group_handles, base, layer_bytes)
                 yield ReadRun(
                     layer=layer,
                     first_block=start,
@@ -128,8 +132,26 @@ class ReadSession:
                     layer_checksums=[entry.layer_checksums[layer] for entry in entries[start:end]],
                     checksum_kind_value=kind,
                 )
-                start = end
         self._count_served()
+
+    def _run_groups(self, per_run: int) -> list[tuple[int, int, int]]:
+        """(start, end, checksum kind) of each run: at most `per_run` consecutive blocks
+        that share a checksum kind (a run carries one kind)."""
+        entries = self.entries
+        groups = []
+        start = 0
+        while start < len(entries):
+            kind = entries[start].checksum_kind_value
+            end = start + 1
+            while (
+                end < len(entries)
+                and end - start < per_run
+                and entries[end].checksum_kind_value == kind
+            ):
+                end += 1
+            groups.append((start, end, kind))
+            start = end
+        return groups
 
     def _count_served(self) -> None:
         counters = self._store.counters

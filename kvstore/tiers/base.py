@@ -99,3 +99,8 @@ class ArenaTier:
     def read(self, handle: object, offset: int, nbytes: int) -> list[memoryview]:
         self.counters.bytes_read += nbytes
         return self.arena.read(cast(list[int], handle), offset, nbytes)
+
+    def read_slices(self, handles: list[object], offset: int, nbytes: int) -> list[memoryview]:
+        """`read` of each handle, concatenated; see PageArena.read_slices."""
+        self.counters.bytes_read += nbytes * len(handles)
+        return self.arena.read_slices(cast(list[list[int]], handles), offset, nbytes)

@@ -56,3 +56,26 @@ def test_write_slices_through_tensor_copies_matches() -> None:
     arena.write_slices(pages, 512, memoryview(data), 512)
     assert _block_bytes(arena, pages[0], PAGE)[512:1024] == data[:512]
     assert _block_bytes(arena, pages[1], PAGE)[512:1024] == data[512:]
+
+
+@pytest.mark.parametrize(
+    ("offset", "nbytes"),
+    [(1024, 1024), (4096 + 512, 2048), (3584, 1024), (0, 2 * PAGE)],  # last two span pages
+)
+@pytest.mark.parametrize("tensor_copies", [False, True])
+def test_read_slices_equals_reading_each_block(
+    offset: int, nbytes: int, tensor_copies: bool
+) -> None:
+    arena = PageArena(16 * PAGE, PAGE, tensor_copies=tensor_copies)
+    handles = [arena.allocate(2 * PAGE) for _ in range(3)]
+    blocks = [pages for pages in handles if pages is not None][::-1]
+    for index, pages in enumerate(blocks):
+        arena.write(pages, 0, _random(2 * PAGE, index))
+
+    got = b"".join(bytes(view) for view in arena.read_slices(blocks, offset, nbytes))
+
+    expected = b"".join(
+        _block_bytes(arena, pages, 2 * PAGE)[offset : offset + nbytes] for pages in blocks
+    )
+    assert got == expected
+    assert len(got) == 3 * nbytes
