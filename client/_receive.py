@@ -126,32 +126,40 @@ class LayerReceiver:
             raise ChecksumError(f"server sent a malformed run of blocks {first}..{first + count}")
         if len(run.data) != count * layer_bytes:
             raise ChecksumError(f"a run of {count} blocks carries {len(run.data)} bytes")
-        for index in range(count):
-            block = first + index
-            if self._filled[block]:
-                raise ChecksumError(f"block {block} layer {run.layer} arrived twice")
-            self._expected[block] = run.layer_checksums[index]
-            if self._verify:
-                part = run.data[index * layer_bytes : (index + 1) * layer_bytes]
-                self._actual[block] = checksum(self._kind, part)
-            self._filled[block] = layer_bytes
+        blocks = slice(first, first + count)
+        if any(self._filled[blocks]):
+            twice = next(block for block in range(first, first + count) if self._filled[block])
+            raise ChecksumError(f"block {twice} layer {run.layer} arrived twice")
+        self._expected[blocks] = run.layer_checksums
+        if self._verify:
+            data, kind = run.data, self._kind
+            self._actual[blocks] = [
+                checksum(kind, data[start : start + layer_bytes])
+                for start in range(0, len(data), layer_bytes)
+            ]
+        self._filled[blocks] = [layer_bytes] * count
         byte_map, layer = self._layer_map()
         byte_map.write_run(first, count, layer, run.data)
 
     def _complete_layer(self) -> LayerArrival:
         layer = self._current_layer
         layer_bytes = self._layout.layer_bytes
-        for block in range(self.num_blocks):
-            if self._filled[block] != layer_bytes:
-                raise ChecksumError(f"block {block} layer {layer} arrived incomplete")
-            if self._verify and self._actual[block] != self._expected[block]:
-                raise ChecksumError(
-                    f"block {block} layer {layer}: received bytes fail their {self._kind.name} "
-                    f"checksum; the data was not used"
-                )
-            self._filled[block] = 0
-            self._hashers[block] = None
-            self._actual[block] = None
+        num_blocks = self.num_blocks
+        # Whole-list comparisons run in C; the per-block loop only finds the culprit.
+        complete = self._filled.count(layer_bytes) == num_blocks
+        verified = not self._verify or self._actual == self._expected
+        if not (complete and verified):
+            for block in range(num_blocks):
+                if self._filled[block] != layer_bytes:
+                    raise ChecksumError(f"block {block} layer {layer} arrived incomplete")
+                if self._actual[block] != self._expected[block]:
+                    raise ChecksumError(
+                        f"block {block} layer {layer}: received bytes fail their "
+                        f"{self._kind.name} checksum; the data was not used"
+                    )
+        self._filled = [0] * num_blocks
+        self._hashers = [None] * num_blocks
+        self._actual = [None] * num_blocks
         return LayerArrival(layer=layer, num_blocks=self.num_blocks, kv=self._layer_view(layer))
 
     def _layer_view(self, layer: int) -> torch.Tensor:

@@ -403,6 +403,33 @@ async def test_client_verifies_checksums(
     assert not torch.equal(dest.view(torch.uint8), kv.view(torch.uint8))
 
 
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 512])  # layers travel in runs; in chunks
+async def test_client_names_the_block_and_layer_that_fail_their_checksum(
+    server: RunningServer, connect: Connect, make_kv: MakeKV, chunk_bytes: int
+) -> None:
+    ns = namespace()
+    lay = ns.layout
+    client = connect(ns, chunk_bytes=chunk_bytes)
+    keys = [f"blk{i}".encode() for i in range(5)]
+    kv = make_kv(lay, 5, form=KVForm.BLOCKS)
+    await client.put_blocks(keys, kv)
+    (entry,) = server.store.find_prefix(ns, [keys[2]])
+    handle = entry.copies[TierKind.DRAM]
+    at = lay.layer_bytes + 7  # inside layer 1 of block 2
+    (view,) = server.store.dram.read(handle, at, 1)
+    server.store.dram.write(handle, at, bytes([view[0] ^ 0x80]))
+
+    arrived: list[int] = []
+
+    async def receive() -> None:
+        async for arrival in client.iter_layers(keys, form=KVForm.BLOCKS):
+            arrived.append(arrival.layer)
+
+    with pytest.raises(ChecksumError, match="block 2 layer 1"):
+        await receive()
+    assert arrived == [0]  # layer 0 was whole and verified; layer 1 was never handed over
+
+
 async def test_sync_facade(target: str, make_kv: MakeKV, same_bytes: SameBytes) -> None:
     lay = layout()
     kv = make_kv(lay, 2)
