@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import takewhile
+from typing import cast
 
 from kvstore.layout import Namespace
 from kvstore.tiers.base import TierKind
@@ -87,8 +88,8 @@ class BlockIndex:
             return []
         # Entries are always truthy, so takewhile stops at the first missing key;
         # map and takewhile keep the per-key loop in C.
-        found: map[BlockEntry | None] = map(state.blocks.get, keys)
-        return list(takewhile(bool, found))  # type: ignore[arg-type]
+        present = takewhile(bool, map(state.blocks.get, keys))
+        return cast(list[BlockEntry], list(present))
 
     def insert(self, entry: BlockEntry) -> None:
         entry.namespace.blocks[entry.key] = entry
