@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from kvstore.checksum import ChecksumKind, checksum_of_parts
+from kvstore.checksum import ChecksumKind, checksum, checksum_of_parts
 from kvstore.chunkwire import chunk_parts, encode_put_header, run_parts
 from kvstore.codec import ByteMap
 from kvstore.layout import KVLayout
@@ -40,10 +40,15 @@ def run_messages(
         for layer in range(layout.num_layers):
             views: list[bytes | memoryview] = []
             checksums: list[int] = []
-            for index in range(start, end):
-                pieces = source.layer_parts(index, layer)
-                views += pieces
-                checksums.append(checksum_of_parts(kind, pieces))
+            whole_layers = source.run_views(start, end, layer)
+            if whole_layers is not None:
+                views += whole_layers
+                checksums = [checksum(kind, view) for view in whole_layers]
+            else:
+                for index in range(start, end):
+                    pieces = source.layer_parts(index, layer)
+                    views += pieces
+                    checksums.append(checksum_of_parts(kind, pieces))
             parts: list[bytes | memoryview] = [prefix + declarations] if layer == 0 else []
             parts.extend(run_parts(5, layer, start - first, checksums, views))
             yield parts

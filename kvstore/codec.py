@@ -160,6 +160,21 @@ class ByteMap:
                 target = self._array[start : start + num_blocks * half]
                 target.reshape(num_blocks, half)[:] = pairs[:, part]
 
+    def run_views(self, first: int, end: int, layer: int) -> list[memoryview] | None:
+        """Layer `layer` of blocks `first..end-1`, one view per block, by stride arithmetic;
+        None in the `sequence` form, where each block-layer is two pieces (K and V)."""
+        layer_bytes = self._layer_bytes
+        if self._form is KVForm.BLOCKS:
+            stride = self._num_layers * layer_bytes
+            begin = (first * self._num_layers + layer) * layer_bytes
+        elif self._form is KVForm.LAYER:
+            stride, begin = layer_bytes, first * layer_bytes
+        else:
+            return None
+        view = self.view
+        starts = range(begin, begin + (end - first) * stride, stride)
+        return [view[start : start + layer_bytes] for start in starts]
+
     def layer_parts(self, block: int, layer: int) -> list[memoryview]:
         """The block-layer's bytes as views, in order: one, or two (K, V) in `sequence`."""
         view = self.view

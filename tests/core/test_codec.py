@@ -216,6 +216,25 @@ def test_byte_map_agrees_with_the_pieces(
             assert data == block_bytes(kv, form, layout, block, layer)
 
 
+@pytest.mark.parametrize("form", list(KVForm), ids=lambda f: f.value)
+def test_byte_map_run_views_are_each_blocks_layer(
+    form: KVForm, make_kv: Callable[..., torch.Tensor]
+) -> None:
+    layout = layout_for(DType.BFLOAT16)
+    kv = make_kv(layout, NUM_BLOCKS, form=form, seed=7)
+    byte_map = ByteMap(kv, layout, form)
+    layers = [0] if form is KVForm.LAYER else range(layout.num_layers)
+    for layer in layers:
+        views = byte_map.run_views(1, NUM_BLOCKS, layer)
+        if form is KVForm.SEQUENCE:
+            assert views is None  # K and V of a block-layer lie apart
+            continue
+        assert views is not None
+        assert [bytes(view) for view in views] == [
+            block_bytes(kv, form, layout, block, layer) for block in range(1, NUM_BLOCKS)
+        ]
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: d.name.lower())
 @pytest.mark.parametrize("form", list(KVForm), ids=lambda f: f.value)
 def test_byte_map_write_round_trip(
