@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -330,43 +330,50 @@ class TierMover:
 
         Redundant copies go at once; returns the demotions (SSD writes) to wait for.
         """
-        store = self.store
-        tier = store.memory_tier(kind)
-        store.release_expired_leases()
-        tasks: list[asyncio.Task[None]] = []
-        kept: list[BlockEntry] = []
-        planned = 0
-        # Demote in batches of a few blocks, so I/O overlaps.
-        while tier.capacity_bytes - tier.used_bytes < nbytes and planned < 4 * nbytes:
-            victim = store.queues[kind].pop()
-            if victim is None:
-                break
-            if not store.evictable_from(victim, kind, time.monotonic()):
-                store.refresh(victim)
-            elif self._move_down(victim, kind, tasks):
-                planned += victim.namespace.namespace.layout.block_bytes
-            else:
-                kept.append(victim)
-        for entry in kept:
-            store.refresh(entry)
-        return tasks
+        self.store.release_expired_leases()
+        tier = self.store.memory_tier(kind)
+        return self._take_victims(
+            kind,
+            nbytes,
+            lambda victim, tasks: self._move_down(victim, kind, tasks),
+            room_made=lambda: tier.capacity_bytes - tier.used_bytes >= nbytes,
+        )
 
     def _start_demotions(self, kind: TierKind, nbytes: int) -> list[asyncio.Task[None]]:
+        """Start writing a batch of DRAM victims to SSD; returns the writes to wait for."""
+
+        def demote(victim: BlockEntry, tasks: list[asyncio.Task[None]]) -> bool:
+            if kind is not TierKind.DRAM or not self.store.demotable(victim):
+                return False
+            task = self._spawn(self.flush(victim, demote=True))
+            if task is not None:
+                tasks.append(task)
+            return True
+
+        return self._take_victims(kind, nbytes, demote, room_made=lambda: False)
+
+    def _take_victims(
+        self,
+        kind: TierKind,
+        nbytes: int,
+        move: Callable[[BlockEntry, list[asyncio.Task[None]]], bool],
+        *,
+        room_made: Callable[[], bool],
+    ) -> list[asyncio.Task[None]]:
+        """Pop `kind`'s victims in policy order and `move` each, until `room_made()` or
+        moves worth 4 × `nbytes` are planned: demotions go in batches, so I/O overlaps.
+        Victims that are pinned or cannot move go back in the queue."""
         store = self.store
         tasks: list[asyncio.Task[None]] = []
         kept: list[BlockEntry] = []
         planned = 0
-        # Demote in batches of at least a few blocks, so I/O overlaps.
-        while planned < max(nbytes, 4 * nbytes):
+        while not room_made() and planned < 4 * nbytes:
             victim = store.queues[kind].pop()
             if victim is None:
                 break
             if not store.evictable_from(victim, kind, time.monotonic()):
                 store.refresh(victim)
-            elif kind is TierKind.DRAM and store.demotable(victim):
-                task = self._spawn(self.flush(victim, demote=True))
-                if task is not None:
-                    tasks.append(task)
+            elif move(victim, tasks):
                 planned += victim.namespace.namespace.layout.block_bytes
             else:
                 kept.append(victim)
