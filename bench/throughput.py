@@ -56,7 +56,7 @@ def layout_for(block_bytes: int) -> KVLayout:
     )
 
 
-class _KVStoreRounds:
+class KVStoreRounds:
     """Put then get `total_bytes` of `block_bytes` blocks, one round at a time."""
 
     def __init__(self, client: KVClient, layout: KVLayout, total_bytes: int) -> None:
@@ -94,19 +94,6 @@ def _namespace(layout: KVLayout) -> Namespace:
     )
 
 
-async def measure_kvstore(
-    target: str, block_bytes: int, total_bytes: int, rounds: int, chunk_bytes: int
-) -> tuple[float, float]:
-    """Median (put GB/s, get GB/s) of moving `total_bytes` of `block_bytes` blocks."""
-    layout = layout_for(block_bytes)
-    options = ClientOptions(chunk_bytes=chunk_bytes)
-    async with KVClient(target, _namespace(layout), options=options) as client:
-        kvstore = _KVStoreRounds(client, layout, total_bytes)
-        await kvstore.run()  # warms up both processes
-        samples = [await kvstore.run() for _ in range(rounds)]
-    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
-
-
 async def measure_size(
     target: str,
     ceiling_target: str,
@@ -120,8 +107,8 @@ async def measure_size(
     layout = layout_for(block_bytes)
     options = ClientOptions(chunk_bytes=chunk_bytes)
     async with KVClient(target, _namespace(layout), options=options) as client:
-        kvstore = _KVStoreRounds(client, layout, total_bytes)
-        await kvstore.run()
+        kvstore = KVStoreRounds(client, layout, total_bytes)
+        await kvstore.run()  # warms up both processes
         await measure_ceiling(ceiling_target, min(total_bytes, 64 << 20), chunk_bytes)
         ours, chunked, whole = [], [], []
         for _ in range(rounds):
