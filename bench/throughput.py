@@ -57,9 +57,12 @@ def layout_for(block_bytes: int) -> KVLayout:
 
 
 class KVStoreRounds:
-    """Put then get `total_bytes` of `block_bytes` blocks, one round at a time."""
+    """Put then get `total_bytes` of `block_bytes` blocks, one round at a time, split
+    over `streams` concurrent puts and gets on the client's one channel."""
 
-    def __init__(self, client: KVClient, layout: KVLayout, total_bytes: int) -> None:
+    def __init__(
+        self, client: KVClient, layout: KVLayout, total_bytes: int, streams: int = 1
+    ) -> None:
         self._client = client
         self._num_blocks = max(1, total_bytes // layout.block_bytes)
         self._block_bytes = layout.block_bytes
@@ -67,21 +70,31 @@ class KVStoreRounds:
         self._source = torch.randn(shape, dtype=torch.float32).to(torch.bfloat16)
         self._dest = torch.empty_like(self._source)
         self._round = 0
+        step = -(-self._num_blocks // max(1, streams))
+        self._shares = [
+            slice(first, min(self._num_blocks, first + step))
+            for first in range(0, self._num_blocks, step)
+        ]
 
     async def run(self) -> tuple[float, float]:
         """(put GB/s, get GB/s) of one round, checked against what was sent."""
-        num_blocks, client = self._num_blocks, self._client
+        num_blocks, client, shares = self._num_blocks, self._client, self._shares
         keys = [f"r{self._round}-b{i}".encode() for i in range(num_blocks)]
         self._round += 1
         start = time.perf_counter()
-        result = await client.put_blocks(keys, self._source, form=KVForm.BLOCKS)
+        results = await asyncio.gather(
+            *(client.put_blocks(keys[s], self._source[s], form=KVForm.BLOCKS) for s in shares)
+        )
         put_s = time.perf_counter() - start
-        if result.num_committed != num_blocks:
-            raise RuntimeError(f"put stored {result.num_committed} of {num_blocks} blocks")
+        committed = sum(result.num_committed for result in results)
+        if committed != num_blocks:
+            raise RuntimeError(f"put stored {committed} of {num_blocks} blocks")
         start = time.perf_counter()
-        got = await client.get_into(keys, self._dest, form=KVForm.BLOCKS)
+        got = await asyncio.gather(
+            *(client.get_into(keys[s], self._dest[s], form=KVForm.BLOCKS) for s in shares)
+        )
         get_s = time.perf_counter() - start
-        if got != num_blocks or not torch.equal(self._dest[-1], self._source[-1]):
+        if sum(got) != num_blocks or not torch.equal(self._dest[-1], self._source[-1]):
             raise RuntimeError("get returned the wrong blocks")
         await client.delete(keys)
         moved = num_blocks * self._block_bytes
@@ -101,20 +114,21 @@ async def measure_size(
     total_bytes: int,
     rounds: int,
     chunk_bytes: int,
+    streams: int = 1,
 ) -> ThroughputRow:
     """kvstore and plain grpcio take turns, round by round; medians of each and of the
     per-round ratios, so a change in the shared machine's speed lands on both sides."""
     layout = layout_for(block_bytes)
     options = ClientOptions(chunk_bytes=chunk_bytes)
     async with KVClient(target, _namespace(layout), options=options) as client:
-        kvstore = KVStoreRounds(client, layout, total_bytes)
+        kvstore = KVStoreRounds(client, layout, total_bytes, streams)
         await kvstore.run()  # warms up both processes
         await measure_ceiling(ceiling_target, min(total_bytes, 64 << 20), chunk_bytes)
         ours, chunked, whole = [], [], []
         for _ in range(rounds):
             ours.append(await kvstore.run())
-            chunked.append(await measure_ceiling(ceiling_target, total_bytes, chunk_bytes))
-            whole.append(await measure_ceiling(ceiling_target, total_bytes, block_bytes))
+            chunked.append(await measure_ceiling(ceiling_target, total_bytes, chunk_bytes, streams))
+            whole.append(await measure_ceiling(ceiling_target, total_bytes, block_bytes, streams))
     median = statistics.median
     return ThroughputRow(
         block_bytes=block_bytes,
@@ -130,7 +144,7 @@ async def measure_size(
 
 
 def run_sweep(
-    block_sizes: list[int], total_bytes: int, rounds: int, chunk_bytes: int
+    block_sizes: list[int], total_bytes: int, rounds: int, chunk_bytes: int, streams: int = 1
 ) -> list[ThroughputRow]:
     dram = max(2 * total_bytes + (256 << 20), 1 << 30)
     with (
@@ -141,7 +155,9 @@ def run_sweep(
     ):
         return [
             asyncio.run(
-                measure_size(target, ceiling_target, size, total_bytes, rounds, chunk_bytes)
+                measure_size(
+                    target, ceiling_target, size, total_bytes, rounds, chunk_bytes, streams
+                )
             )
             for size in block_sizes
         ]
@@ -155,6 +171,12 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--total", default="512MiB", help="bytes moved per round and size")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds (median)")
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        help="concurrent streams per put and get, for kvstore and plain grpcio alike",
+    )
     parser.add_argument("--chunk", default="1MiB", help="stream message payload size")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -162,7 +184,11 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
 def run_throughput(args: argparse.Namespace) -> int:
     tune_allocator()  # this process runs both clients: kvstore's and the ceiling's
     block_sizes = [parse_size(part) for part in args.block_sizes.split(",")]
-    rows = run_sweep(block_sizes, parse_size(args.total), args.rounds, parse_size(args.chunk))
+    if args.streams < 1:
+        raise SystemExit("--streams must be at least 1")
+    rows = run_sweep(
+        block_sizes, parse_size(args.total), args.rounds, parse_size(args.chunk), args.streams
+    )
     if args.json:
         print(
             json.dumps(
@@ -171,7 +197,10 @@ def run_throughput(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    table = Table(title="kvstore put/get vs plain grpcio (same run, loopback, separate processes)")
+    streams = f", {args.streams} streams each" if args.streams > 1 else ""
+    table = Table(
+        title=f"kvstore put/get vs plain grpcio (same run, loopback, separate processes{streams})"
+    )
     for column in (
         "block",
         "put GB/s",

@@ -25,7 +25,8 @@ def test_lookup_reports_hits_misses_and_the_plain_grpcio_floor(
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
 
 
-def test_throughput_moves_blocks_and_checks_what_came_back(store_target: str) -> None:
+@pytest.mark.parametrize("streams", [1, 3])
+def test_throughput_moves_blocks_and_checks_what_came_back(store_target: str, streams: int) -> None:
     block_bytes = 128 << 10  # one token of the benchmark's Llama-3-8B geometry
     assert layout_for(block_bytes).block_tokens == 1
     layout = layout_for(block_bytes)
@@ -34,7 +35,7 @@ def test_throughput_moves_blocks_and_checks_what_came_back(store_target: str) ->
     async def two_rounds() -> list[tuple[float, float]]:
         options = ClientOptions(chunk_bytes=64 << 10)
         async with KVClient(store_target, namespace, options=options) as client:
-            kvstore = KVStoreRounds(client, layout, 1 << 20)
+            kvstore = KVStoreRounds(client, layout, 1 << 20, streams)
             return [await kvstore.run() for _ in range(2)]  # each checks what came back
 
     for put_gbps, get_gbps in asyncio.run(two_rounds()):
