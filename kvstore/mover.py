@@ -263,7 +263,7 @@ class TierMover:
         """Make room on SSD by dropping its coldest copies; False if that cannot be done."""
         if nbytes > ssd.capacity_bytes:
             return False
-        queue = self.store.queues[TierKind.SSD]
+        queue = self.store.victim_queue(TierKind.SSD)
         while ssd.used + ssd.reserved + nbytes > ssd.capacity_bytes:
             victim = queue.pop()
             if victim is None:
@@ -368,7 +368,7 @@ class TierMover:
         kept: list[BlockEntry] = []
         planned = 0
         while not room_made() and planned < 4 * nbytes:
-            victim = store.queues[kind].pop()
+            victim = store.victim_queue(kind).pop()
             if victim is None:
                 break
             if not store.evictable_from(victim, kind, time.monotonic()):
@@ -442,7 +442,7 @@ class TierMover:
             kept: list[BlockEntry] = []
             moved = 0
             while to_free > 0:
-                victim = store.queues[kind].pop()
+                victim = store.victim_queue(kind).pop()
                 if victim is None:
                     break
                 if not store.evictable_from(victim, kind, time.monotonic()):

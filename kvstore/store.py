@@ -34,6 +34,8 @@ from kvstore.tiers.hbm import HbmTier, resolve_device
 from kvstore.tiers.ssd import SsdLocation, SsdTier
 
 _FASTEST = operator.attrgetter("fastest")
+# Deferred touches settle by themselves past this many, should nobody settle them.
+_MAX_UNTOUCHED = 64
 
 __all__ = ["BlockStore", "PrefixMatch", "StoreConfig", "StoreReport", "TierReport"]
 
@@ -127,6 +129,8 @@ class BlockStore:
         self._counts_sightings = config.ssd_admit_after_seen > 1 or self.hbm is not None
         # Leased entries sit outside the queues until an eviction pass finds them expired.
         self._leased: set[BlockEntry] = set()
+        # Deferred touches: (chain, its newest tick), oldest first.
+        self._untouched: list[tuple[list[BlockEntry], int]] = []
         self.listener: StoreListener | None = None
 
     @property
@@ -147,7 +151,16 @@ class BlockStore:
 
     # -- lookups -----------------------------------------------------------------
 
-    def lookup(self, namespace: Namespace, keys: list[bytes]) -> PrefixMatch:
+    def lookup(
+        self, namespace: Namespace, keys: list[bytes], *, defer_touch: bool = False
+    ) -> PrefixMatch:
+        """The longest stored prefix of `keys`; the matched chain counts as used.
+
+        With `defer_touch`, marking it used waits for `settle_touches` (the server runs
+        that right after the reply has gone out), keeping per-block work off the
+        lookup's latency. The order of use is fixed here either way. Stores that count
+        sightings (SSD admission, HBM promotion) touch at once: those read them early.
+        """
         found = self.find_prefix(namespace, keys)
         # Found keys were valid when they were put: only the rest need checking.
         validate_keys(keys, start=len(found))
@@ -156,7 +169,10 @@ class BlockStore:
         self.counters.lookup_hits += len(found)
         tier_runs = self.tier_runs(found)
         self.record_hits(tier_runs, len(found), missed=len(found) < len(keys))
-        self.touch(found)
+        if defer_touch and not self._counts_sightings:
+            self._touch_later(found)
+        else:
+            self.touch(found)
         return PrefixMatch(
             num_matched=len(found),
             tier_runs=tier_runs,
@@ -203,14 +219,33 @@ class BlockStore:
     def touch(self, chain: list[BlockEntry]) -> None:
         """Mark a chain used (and seen once more, where a policy counts sightings).
 
-        The head gets the newest tick, so under LRU its tail goes first. A 1,000-block
-        lookup spends most of its server time in per-block Python: the loops stay bare.
+        The head gets the newest tick, so under LRU its tail goes first.
         """
-        tick = self._clock.tick
+        self._clock.tick += len(chain)
+        self._apply_touch(chain, self._clock.tick)
+
+    def _touch_later(self, chain: list[BlockEntry]) -> None:
+        if not chain:
+            return
+        # The ticks are taken now, so the chain ranks where an immediate touch puts it.
+        self._clock.tick += len(chain)
+        self._untouched.append((chain, self._clock.tick))
+        if len(self._untouched) >= _MAX_UNTOUCHED:
+            self.settle_touches()
+
+    def settle_touches(self) -> None:
+        """Apply the touches `lookup(defer_touch=True)` left; victims are chosen after."""
+        untouched, self._untouched = self._untouched, []
+        for chain, newest_tick in untouched:
+            self._apply_touch(chain, newest_tick)
+
+    def _apply_touch(self, chain: list[BlockEntry], newest_tick: int) -> None:
+        # A 1,000-block lookup spends most of its server time in per-block Python:
+        # the loops stay bare.
+        tick = newest_tick - len(chain)
         for entry in reversed(chain):
             tick += 1
             entry.last_access = tick
-        self._clock.tick = tick
         if self._counts_sightings:
             for entry in chain:
                 entry.num_seen += 1
@@ -218,6 +253,11 @@ class BlockStore:
         now = time.monotonic()
         for queue in self.queues.values():
             queue.touch_many(chain, now)
+
+    def victim_queue(self, kind: TierKind) -> EvictionQueue:
+        """The tier's eviction queue, ranked by every use so far: take victims from here."""
+        self.settle_touches()
+        return self.queues[kind]
 
     def counters_of(self, kind: TierKind) -> TierCounters:
         if kind is TierKind.SSD:
@@ -247,7 +287,7 @@ class BlockStore:
         kept: list[BlockEntry] = []
         try:
             while handle is None:
-                victim = self.queues[kind].pop()
+                victim = self.victim_queue(kind).pop()
                 if victim is None:
                     raise CapacityExhausted(self._full_message(kind, tier, nbytes))
                 if not self.evictable_from(victim, kind, time.monotonic()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
@@ -72,7 +73,10 @@ class KVStoreServicer:
             reject_unknown_fields(request, "LookupPrefixRequest")
             namespace = namespace_from_wire(request.namespace, request.HasField("namespace"))
             keys = keys_from_wire(request.keys, self._limits.max_keys, allow_empty=True)
-            return prefix_match_to_wire(self._store.lookup(namespace, keys))
+            match = self._store.lookup(namespace, keys, defer_touch=True)
+            # Runs after this handler returns, once gRPC has handed the reply to its transport.
+            asyncio.get_running_loop().call_soon(self._store.settle_touches)
+            return prefix_match_to_wire(match)
 
         return await self._unary(request, context, handle)
 

@@ -129,6 +129,27 @@ def test_lookup_makes_a_chain_recent() -> None:
     assert eviction_order(store, 5) == [E, D, C, B, A]
 
 
+def test_deferred_lookup_touch_ranks_the_chain_before_any_victim_is_taken() -> None:
+    store = make_store()
+    fill_two_chains(store)
+    assert store.lookup(NS, [A, B, C], defer_touch=True).num_matched == 3
+    # An immediate touch after it is newer still: the ticks were taken at lookup time.
+    assert store.lookup(NS, [D, E]).num_matched == 2
+    assert eviction_order(store, 5) == [C, B, A, E, D]
+
+
+def test_deferred_lookup_touch_is_applied_when_settled() -> None:
+    store = make_store()
+    fill_two_chains(store)
+    before = [entry.last_access for entry in store.find_prefix(NS, [A, B, C])]
+    store.lookup(NS, [A, B, C], defer_touch=True)
+    assert [entry.last_access for entry in store.find_prefix(NS, [A, B, C])] == before
+    store.settle_touches()
+    after = [entry.last_access for entry in store.find_prefix(NS, [A, B, C])]
+    assert min(after) > max(before)
+    assert after[0] > after[1] > after[2], "the head gets the newest tick"
+
+
 def test_lookup_never_reports_a_child_whose_parent_was_evicted() -> None:
     store = make_store()
     fill_two_chains(store)
