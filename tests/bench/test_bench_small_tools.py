@@ -7,7 +7,9 @@ import json
 
 import pytest
 
+from kvstore.bench.ceiling import measure_ceiling
 from kvstore.bench.cli import main as bench_main
+from kvstore.bench.spawn import spawned_ceiling_server
 from kvstore.bench.throughput import KVStoreRounds, layout_for
 from kvstore.client import ClientOptions, KVClient, Namespace
 
@@ -46,3 +48,15 @@ def test_throughput_moves_blocks_and_checks_what_came_back(store_target: str, st
 def test_throughput_rejects_block_sizes_off_the_token_grid() -> None:
     with pytest.raises(ValueError, match="multiple of"):
         layout_for(100_000)
+
+
+def test_plain_grpcio_ceiling_moves_every_byte_with_and_without_kvstores_copies() -> None:
+    with spawned_ceiling_server() as target:
+        for streams in (1, 2):
+            for with_copies in (False, True):
+                # measure_ceiling raises unless every byte it asked for came back.
+                put_gbps, get_gbps = asyncio.run(
+                    measure_ceiling(target, 4 << 20, 256 << 10, streams, with_copies=with_copies)
+                )
+                assert put_gbps > 0
+                assert get_gbps > 0
