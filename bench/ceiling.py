@@ -97,9 +97,9 @@ async def _serve(port: int) -> None:
 
     async def put_copy(requests: object, context: grpc.aio.ServicerContext) -> bytes:
         total = 0
+        view = arena.view(_PUT_ARENA_BYTES)
         async for message in requests:  # type: ignore[attr-defined]
             payload = memoryview(message)[len(_HEADER) :]
-            view = arena.view(_PUT_ARENA_BYTES)
             start = total % (_PUT_ARENA_BYTES - len(payload) + 1)
             view[start : start + len(payload)] = payload
             xxhash.xxh3_64_intdigest(payload)
