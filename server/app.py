@@ -39,7 +39,7 @@ class RunningServer:
             "draining: health NOT_SERVING, refusing new RPCs, %.0fs grace",
             self.config.limits.drain_grace_s,
         )
-        self.servicer.draining = True
+        self.servicer.start_draining()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.limits.drain_grace_s)
         if self.store.ssd is not None:

@@ -47,6 +47,9 @@ def method_handlers(servicer: KVStoreServicer) -> dict[str, Any]:
     unary = grpc.unary_unary_rpc_method_handler
     return {
         "LookupPrefix": unary(servicer.LookupPrefix, _parser(pb.LookupPrefixRequest), _serialize),
+        "LookupPrefixStream": grpc.stream_stream_rpc_method_handler(
+            servicer.LookupPrefixStream, _parser(pb.LookupPrefixRequest), _serialize
+        ),
         "PutBlocks": grpc.stream_unary_rpc_method_handler(
             servicer.PutBlocks, _identity, _serialize
         ),

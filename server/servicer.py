@@ -45,7 +45,14 @@ class KVStoreServicer:
         self._store = store
         self._mover = mover
         self._limits = limits
+        self._idle_lookup_streams: set[asyncio.Task[object]] = set()
         self.draining = False
+
+    def start_draining(self) -> None:
+        """Refuse new RPCs, and end lookup streams that wait for their next request."""
+        self.draining = True
+        for stream in list(self._idle_lookup_streams):
+            stream.cancel()
 
     async def _unary(
         self, request: object, context: grpc.aio.ServicerContext, handle: Callable[[], Reply]
@@ -69,16 +76,54 @@ class KVStoreServicer:
     async def LookupPrefix(
         self, request: pb.LookupPrefixRequest, context: grpc.aio.ServicerContext
     ) -> pb.LookupPrefixResponse:
-        def handle() -> pb.LookupPrefixResponse:
-            reject_unknown_fields(request, "LookupPrefixRequest")
-            namespace = namespace_from_wire(request.namespace, request.HasField("namespace"))
-            keys = keys_from_wire(request.keys, self._limits.max_keys, allow_empty=True)
-            match = self._store.lookup(namespace, keys, defer_touch=True)
-            # Runs after this handler returns, once gRPC has handed the reply to its transport.
-            asyncio.get_running_loop().call_soon(self._store.settle_touches)
-            return prefix_match_to_wire(match)
+        return await self._unary(request, context, lambda: self._lookup(request))
 
-        return await self._unary(request, context, handle)
+    async def LookupPrefixStream(
+        self,
+        requests: AsyncIterator[pb.LookupPrefixRequest | MalformedRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """One result per request, in order; a bad request fails its own result only."""
+        await self._refuse_if_draining(context)
+        stream = asyncio.current_task()
+        assert stream is not None
+        try:
+            while True:
+                # Idle here, between requests: `start_draining` may cancel the stream.
+                self._idle_lookup_streams.add(stream)
+                try:
+                    request = await context.read()
+                finally:
+                    self._idle_lookup_streams.discard(stream)
+                if request is grpc.aio.EOF:
+                    return
+                try:
+                    if isinstance(request, MalformedRequest):
+                        raise request.rejection()
+                    result = pb.LookupPrefixResult(match=self._lookup(request))
+                except Exception as error:
+                    code, message = status_for(error)
+                    result = pb.LookupPrefixResult(code=code.value[0], message=message)
+                await context.write(result)
+        except asyncio.CancelledError:
+            if not self.draining:
+                raise  # the client went away
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "server is draining for shutdown; retry elsewhere"
+            )
+
+    def _lookup(
+        self, request: pb.LookupPrefixRequest | MalformedRequest
+    ) -> pb.LookupPrefixResponse:
+        if isinstance(request, MalformedRequest):
+            raise request.rejection()
+        reject_unknown_fields(request, "LookupPrefixRequest")
+        namespace = namespace_from_wire(request.namespace, request.HasField("namespace"))
+        keys = keys_from_wire(request.keys, self._limits.max_keys, allow_empty=True)
+        match = self._store.lookup(namespace, keys, defer_touch=True)
+        # Runs after this handler returns, once gRPC has handed the reply to its transport.
+        asyncio.get_running_loop().call_soon(self._store.settle_touches)
+        return prefix_match_to_wire(match)
 
     async def Pin(
         self, request: pb.PinRequest, context: grpc.aio.ServicerContext

@@ -247,17 +247,97 @@ async def test_oversized_message_is_resource_exhausted(
     await seed.assert_intact()
 
 
+# -- LookupPrefixStream: each bad request fails its own result; the stream goes on -------------
+
+STREAM_PATH = "/kvstore.v1.KVStore/LookupPrefixStream"
+GOOD_LOOKUP = pb.LookupPrefixRequest(namespace=wire_ns(), keys=SEED_KEYS).SerializeToString()
+STREAM_CASES: list[tuple[str, bytes, str]] = [
+    *(
+        (name, request_for("LookupPrefix", **fields).SerializeToString(), fragment)
+        for name, fields, fragment in BAD_NAMESPACES + BAD_KEYS
+    ),
+    ("unknown-field", GOOD_LOOKUP + UNKNOWN_FIELD, "unknown field number"),
+    ("garbage", b"\x0a\xff\xff\xff\xff\x0f", "malformed"),
+]
+
+
+def lookup_stream(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+    open_stream = channel.stream_stream(
+        STREAM_PATH, response_deserializer=pb.LookupPrefixResult.FromString
+    )
+    return open_stream(timeout=30)
+
+
+async def ask(stream: grpc.aio.StreamStreamCall, raw: bytes) -> pb.LookupPrefixResult:
+    await stream.write(raw)
+    result = await stream.read()
+    assert isinstance(result, pb.LookupPrefixResult)
+    return result
+
+
+async def test_lookup_stream_answers_each_bad_request_and_keeps_going(
+    channel: grpc.aio.Channel, seed: Seed
+) -> None:
+    stream = lookup_stream(channel)
+    for name, raw, fragment in STREAM_CASES:
+        result = await ask(stream, raw)
+        assert result.code == INVALID.value[0], (name, result.message)
+        assert fragment in result.message, name
+        assert not result.HasField("match"), name
+        good = await ask(stream, GOOD_LOOKUP)  # the same stream, right after
+        assert good.code == 0, good.message
+        assert good.match.num_matched == len(SEED_KEYS)
+        assert good.match.block_bytes == LAYOUT.block_bytes
+    await stream.done_writing()
+    assert await stream.read() is grpc.aio.EOF
+    assert await stream.code() == grpc.StatusCode.OK
+    await seed.assert_intact()
+
+
+async def test_lookup_stream_answers_in_request_order(
+    channel: grpc.aio.Channel, seed: Seed
+) -> None:
+    """Requests written back to back, before any result is read, are answered in order."""
+    stream = lookup_stream(channel)
+    requests = [
+        pb.LookupPrefixRequest(namespace=wire_ns(), keys=SEED_KEYS[:count]).SerializeToString()
+        for count in (3, 1, 0, 2)
+    ] + [STREAM_CASES[0][1]]
+    for raw in requests:
+        await stream.write(raw)
+    await stream.done_writing()
+    results = [result async for result in stream]
+    assert [result.match.num_matched for result in results[:4]] == [3, 1, 0, 2]
+    assert results[4].code == INVALID.value[0]
+    await seed.assert_intact()
+
+
+async def test_oversized_stream_message_ends_the_stream_and_nothing_else(
+    server: RunningServer, channel: grpc.aio.Channel, seed: Seed
+) -> None:
+    limit = server.config.limits.max_message_bytes
+    request = pb.LookupPrefixRequest(namespace=wire_ns(), keys=[b"k" * 64] * (limit // 64 + 10))
+    stream = lookup_stream(channel)
+    assert (await ask(stream, GOOD_LOOKUP)).match.num_matched == len(SEED_KEYS)
+    await stream.write(request.SerializeToString())
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stream.read()
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(limit) in (raised.value.details() or "")
+    await seed.assert_intact()
+
+
 async def test_client_raises_the_matching_exception_classes(seed: Seed) -> None:
     with pytest.raises(InvalidArgument, match="keys are at most 64") as raised:
         await seed.client.lookup_keys([b"k" * 65])
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(InvalidArgument, match="keys is empty") as raised:
+        await seed.client.pin([], ttl_s=5)
     assert isinstance(raised.value.__cause__, grpc.aio.AioRpcError)
     with pytest.raises(InvalidArgument, match="limit is 1000"):
         await seed.client.lookup_keys([b"%d" % i for i in range(1001)])
     with pytest.raises(InvalidArgument, match="empty"):
         await seed.client.get_into([b""], torch.zeros_like(seed.kv), form=KVForm.BLOCKS)
-    with pytest.raises(InvalidArgument, match="keys is empty"):
-        await seed.client.pin([], ttl_s=5)
     await seed.assert_intact()
 
 

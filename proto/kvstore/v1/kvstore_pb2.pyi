@@ -266,6 +266,40 @@ class LookupPrefixResponse(_message.Message):
 Global___LookupPrefixResponse: _TypeAlias = LookupPrefixResponse  # noqa: Y015
 
 @_typing.final
+class LookupPrefixResult(_message.Message):
+    """One answer of LookupPrefixStream: the match, or why this one request failed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    MATCH_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """OK (0), or the gRPC status code the unary LookupPrefix would have failed with,
+    e.g. INVALID_ARGUMENT (3). A failed request does not end the stream.
+    """
+    message: _builtins.str
+    """what to fix, when code is not OK"""
+    @_builtins.property
+    def match(self) -> Global___LookupPrefixResponse:
+        """set when code is OK"""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        match: Global___LookupPrefixResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["match", b"match"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "match", b"match", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupPrefixResult: _TypeAlias = LookupPrefixResult  # noqa: Y015
+
+@_typing.final
 class BlockHeader(_message.Message):
     """Declares one block of a PutBlocks stream. Declared blocks are numbered in the
     order they appear across the stream, starting at 0.
