@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from itertools import chain, repeat
 from types import TracebackType
@@ -19,6 +20,7 @@ from kvstore.chunkwire import (
     run_parts,
 )
 from kvstore.client._errors import InvalidArgument, translate_rpc_errors
+from kvstore.client._lookup_stream import LookupStream
 from kvstore.client._options import ClientOptions
 from kvstore.client._receive import LayerReceiver
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
@@ -76,6 +78,7 @@ class KVClient:
             request_serializer=pb.GetBlocksRequest.SerializeToString,
             response_deserializer=decode_get_message,
         )
+        self._lookup_stream = LookupStream(self._channel) if self.options.lookup_stream else None
         self._namespace_wire = namespace_to_wire(namespace)
         self._namespace_bytes = self._namespace_wire.SerializeToString()
         self._layout = namespace.layout
@@ -92,6 +95,8 @@ class KVClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._lookup_stream is not None:
+            self._lookup_stream.close()
         if self._owns_channel:
             await self._channel.close()
 
@@ -117,8 +122,16 @@ class KVClient:
 
     async def lookup_keys(self, keys: list[bytes]) -> PrefixMatch:
         request = pb.LookupPrefixRequest(namespace=self._namespace_wire, keys=keys)
-        with translate_rpc_errors():
-            reply = await self._stub.LookupPrefix(request, timeout=self.options.timeouts.lookup)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.timeouts.lookup
+        reply = None
+        if self._lookup_stream is not None and self._lookup_stream.ready:
+            reply = await self._lookup_stream.lookup(request, deadline)
+        if reply is None:
+            with translate_rpc_errors():
+                reply = await self._stub.LookupPrefix(
+                    request, timeout=max(0.0, deadline - loop.time())
+                )
         return PrefixMatch(
             keys=keys,
             num_matched=reply.num_matched,

@@ -19,7 +19,8 @@
     │   └── ChecksumError     (raised by the client: received bytes failed their checksum)
     └── Unauthenticated
 
-Every RPC error is raised `from` the grpc.aio.AioRpcError it came from.
+Every RPC error is raised `from` the grpc.aio.AioRpcError it came from, except a
+lookup's error carried as a result on the lookup stream: no call failed, so it has none.
 """
 
 from __future__ import annotations
@@ -131,9 +132,19 @@ _BY_CODE: dict[grpc.StatusCode, type[KVStoreClientError]] = {
 }
 
 
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
 def error_for(error: grpc.aio.AioRpcError) -> KVStoreClientError:
     cls = _BY_CODE.get(error.code(), Unknown)
     return cls(error.details() or "")
+
+
+def error_for_code(code: int, details: str) -> KVStoreClientError:
+    """The exception for a status code the server sent as a number (a stream's result)."""
+    status = _STATUS_BY_NUMBER.get(code)
+    cls = _BY_CODE.get(status, Unknown) if status is not None else Unknown
+    return cls(details)
 
 
 @contextlib.contextmanager

@@ -39,6 +39,9 @@ class ClientOptions:
     hash_algorithm: HashAlgorithm = HashAlgorithm.SHA256
     key_extra: bytes = b""  # a tenant salt or LoRA id, hashed into the first block only
     verify_checksums: bool = True
+    # Lookups ride one long-lived LookupPrefixStream call when no other lookup is on it
+    # (see kvstore.client._lookup_stream); False sends every lookup as a unary call.
+    lookup_stream: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_bytes <= self.max_message_bytes - 4096:

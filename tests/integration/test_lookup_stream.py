@@ -1,0 +1,179 @@
+"""The client's lookup stream: lookups ride one LookupPrefixStream call, and a lookup
+that cannot (stream busy, broken, cancelled or missing on the server) still gets the
+right answer or the right error. Real servers on loopback, real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import grpc
+import pytest
+import torch
+
+from kvstore.client import (
+    ClientOptions,
+    DeadlineExceeded,
+    DType,
+    InvalidArgument,
+    KVClient,
+    KVForm,
+    KVLayout,
+    Namespace,
+    TierKind,
+    Timeouts,
+    Unavailable,
+)
+from kvstore.client._lookup_stream import LookupStream
+from kvstore.server import RunningServer
+from kvstore.v1 import kvstore_pb2 as pb
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=16)
+NS = Namespace(tenant="acme", model_fingerprint="toy", layout=LAYOUT)
+KEYS = [b"chain-%d" % index for index in range(8)]
+
+Connect = Callable[..., KVClient]
+MakeKV = Callable[..., torch.Tensor]
+
+
+@pytest.fixture
+async def client(connect: Connect, make_kv: MakeKV) -> KVClient:
+    client = connect(NS)
+    kv = make_kv(LAYOUT, len(KEYS), form=KVForm.BLOCKS)
+    assert (await client.put_blocks(KEYS, kv)).num_committed == len(KEYS)
+    return client
+
+
+def stream_of(client: KVClient) -> LookupStream:
+    stream = client._lookup_stream
+    assert stream is not None
+    return stream
+
+
+async def test_lookups_ride_one_open_stream(client: KVClient) -> None:
+    stream = stream_of(client)
+    for count in range(len(KEYS) + 1):
+        match = await client.lookup_keys(KEYS[:count])
+        assert match.num_matched == count
+        assert match.tiers == (TierKind.DRAM,) * count
+        assert stream.is_open
+    assert (await client.lookup_keys([b"absent", *KEYS])).num_matched == 0
+
+
+async def test_a_bad_lookup_fails_alone_and_the_stream_stays_open(client: KVClient) -> None:
+    stream = stream_of(client)
+    assert (await client.lookup_keys(KEYS)).num_matched == len(KEYS)
+    with pytest.raises(InvalidArgument, match="at most 64 bytes"):
+        await client.lookup_keys([b"k" * 65])
+    assert stream.is_open
+    assert (await client.lookup_keys(KEYS[:3])).num_matched == 3
+
+
+async def test_concurrent_lookups_all_get_their_own_answer(client: KVClient) -> None:
+    """One rides the stream; the others, finding it busy, go out as unary calls."""
+    counts = [index % (len(KEYS) + 1) for index in range(40)]
+    matches = await asyncio.gather(*(client.lookup_keys(KEYS[:count]) for count in counts))
+    assert [match.num_matched for match in matches] == counts
+
+
+async def test_a_cancelled_lookup_leaves_no_stale_answer_behind(client: KVClient) -> None:
+    """Cancelled at every point of its round trip, a lookup must not let the next one
+    read its result: each next lookup asks a different question and checks the answer."""
+    for yields in range(12):
+        task = asyncio.create_task(client.lookup_keys(KEYS))
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        count = yields % len(KEYS)
+        assert (await client.lookup_keys(KEYS[:count])).num_matched == count
+
+
+async def test_a_server_without_the_stream_gets_unary_lookups() -> None:
+    """An older server answers UNIMPLEMENTED; the client falls back and stops trying."""
+    calls: list[int] = []
+
+    async def lookup(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        parsed = pb.LookupPrefixRequest.FromString(request)
+        calls.append(len(parsed.keys))
+        return pb.LookupPrefixResponse(num_matched=1, block_bytes=7).SerializeToString()
+
+    older = grpc.aio.server()
+    older.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "kvstore.v1.KVStore", {"LookupPrefix": grpc.unary_unary_rpc_method_handler(lookup)}
+            )
+        ]
+    )
+    port = older.add_insecure_port("127.0.0.1:0")
+    await older.start()
+    try:
+        async with KVClient(f"127.0.0.1:{port}", NS) as client:
+            for _ in range(3):
+                assert (await client.lookup_keys(KEYS[:2])).num_matched == 1
+            assert calls == [2, 2, 2]
+            assert not stream_of(client).ready
+            assert not stream_of(client).is_open
+    finally:
+        await older.stop(0)
+
+
+async def test_a_stream_that_never_answers_meets_the_deadline() -> None:
+    never = asyncio.Event()
+
+    async def swallow(requests: object, context: grpc.aio.ServicerContext) -> None:
+        while await context.read() is not grpc.aio.EOF:
+            await never.wait()
+
+    silent = grpc.aio.server()
+    silent.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "kvstore.v1.KVStore",
+                {"LookupPrefixStream": grpc.stream_stream_rpc_method_handler(swallow)},
+            )
+        ]
+    )
+    port = silent.add_insecure_port("127.0.0.1:0")
+    await silent.start()
+    try:
+        options = ClientOptions(timeouts=Timeouts(lookup=0.2))
+        async with KVClient(f"127.0.0.1:{port}", NS, options=options) as client:
+            for _ in range(2):  # the second on a new stream: the first can no longer pair
+                with pytest.raises(DeadlineExceeded):
+                    await client.lookup_keys(KEYS)
+                assert stream_of(client).ready
+                assert not stream_of(client).is_open
+    finally:
+        never.set()
+        await silent.stop(0)
+
+
+async def test_drain_ends_idle_lookup_streams_at_once(
+    server_factory: Callable[..., Awaitable[RunningServer]], make_kv: MakeKV
+) -> None:
+    """A long grace period does not wait for streams that have no request in flight."""
+    running = await server_factory(limits__drain_grace_s=60.0)
+    target = f"127.0.0.1:{running.port}"
+    async with KVClient(target, NS) as client, KVClient(target, NS) as other:
+        kv = make_kv(LAYOUT, len(KEYS), form=KVForm.BLOCKS)
+        await client.put_blocks(KEYS, kv)
+        assert (await client.lookup_keys(KEYS)).num_matched == len(KEYS)
+        assert (await other.lookup_keys(KEYS[:1])).num_matched == 1
+        assert stream_of(client).is_open
+        assert stream_of(other).is_open
+        await asyncio.wait_for(running.drain(), timeout=20)  # not the 60 s grace
+        with pytest.raises(Unavailable):
+            await client.lookup_keys(KEYS)
+        assert not stream_of(client).is_open
+
+
+async def test_unary_only_clients_still_look_up(connect: Connect, client: KVClient) -> None:
+    unary = connect(NS, lookup_stream=False)
+    assert unary._lookup_stream is None
+    assert (await unary.lookup_keys(KEYS)).num_matched == len(KEYS)
+    with pytest.raises(InvalidArgument, match="at most 64 bytes"):
+        await unary.lookup_keys([b"k" * 65])
