@@ -3,7 +3,8 @@
 A server with identity (de)serializers, no protobuf. `Get` streams messages
 `first..first+count-1` of a set of `total` messages of `size` bytes; `Put` accepts a
 stream and returns the byte count; `Call` is a unary call that answers any request with
-8 bytes. The throughput and lookup benchmarks measure kvstore against it in the same run.
+8 bytes, and `Chat` does the same for each message on one open stream. The throughput
+and lookup benchmarks measure kvstore against it in the same run.
 
 Both sides move distinct buffers, as many bytes as the run moves, made before the clock
 starts: kvstore moves that much distinct data too, and re-sending one cache-hot buffer
@@ -89,6 +90,10 @@ async def _serve(port: int) -> None:
     async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return struct.pack("<Q", len(request))
 
+    async def chat(requests: object, context: grpc.aio.ServicerContext) -> None:
+        while (request := await context.read()) is not grpc.aio.EOF:
+            await context.write(struct.pack("<Q", len(request)))
+
     async def get_copy(request: bytes, context: grpc.aio.ServicerContext) -> object:
         size, total, first, count = struct.unpack("<QQQQ", request)
         view = arena.view(size * total)
@@ -110,6 +115,7 @@ async def _serve(port: int) -> None:
         "ceiling.Raw",
         {
             "Call": grpc.unary_unary_rpc_method_handler(call, _identity, _identity),
+            "Chat": grpc.stream_stream_rpc_method_handler(chat, _identity, _identity),
             "Get": grpc.unary_stream_rpc_method_handler(get, _identity, _identity),
             "Put": grpc.stream_unary_rpc_method_handler(put, _identity, _identity),
             "GetCopy": grpc.unary_stream_rpc_method_handler(get_copy, _identity, _identity),
@@ -217,6 +223,22 @@ def _split(count: int, parts: int) -> list[tuple[int, int]]:
 def unary_call(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable:
     """The ceiling server's `Call` on `channel`: raw bytes in, 8 bytes out."""
     return channel.unary_unary("/ceiling.Raw/Call", _identity, _identity)
+
+
+class StreamCall:
+    """The ceiling server's `Chat`: one open stream, a raw message out, 8 bytes back."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._call = channel.stream_stream("/ceiling.Raw/Chat", _identity, _identity)()
+
+    async def __call__(self, request: bytes) -> bytes:
+        await self._call.write(request)
+        reply = await self._call.read()
+        assert isinstance(reply, bytes)
+        return reply
+
+    def close(self) -> None:
+        self._call.cancel()
 
 
 def main() -> None:

@@ -22,9 +22,18 @@ def test_lookup_reports_hits_misses_and_the_plain_grpcio_floor(
     )
     assert code == 0
     results = json.loads(capsys.readouterr().out)
-    assert set(results) == {"plain grpcio", "no keys", "hit", "miss"}
+    assert set(results) == {
+        "plain grpcio stream",
+        "plain grpcio unary",
+        "no keys",
+        "hit",
+        "miss",
+        "hit, unary",
+    }
     for row in results.values():
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert row["p50_ratio_to_floor"] > 0
+    assert results["plain grpcio stream"]["p50_ratio_to_floor"] == 1.0
 
 
 @pytest.mark.parametrize("streams", [1, 3])
