@@ -2,8 +2,8 @@
 
 Puts a chain of `--keys` small blocks, then times lookups of the whole chain (all
 hits), of a chain that misses at its first key, and of no keys at all, one call at a
-time from one client. The client sends lookups over its lookup stream (one open
-LookupPrefixStream call); "hit, unary" is the same lookup as a unary LookupPrefix call.
+time from one client. The client sends lookups over its lookup streams (open
+LookupPrefixStream calls); "hit, unary" is the same lookup as a unary LookupPrefix call.
 
 The baselines, measured in the same run, are plain grpcio carrying the same request
 bytes to a server that answers 8 bytes, without protobuf or any kvstore code: as one
@@ -66,7 +66,7 @@ async def measure_lookups(
     tokens = np.arange(num_keys * _LAYOUT.block_tokens, dtype=np.int64)
     async with (
         KVClient(target, namespace) as client,
-        KVClient(target, namespace, options=ClientOptions(lookup_stream=False)) as unary_client,
+        KVClient(target, namespace, options=ClientOptions(lookup_streams=0)) as unary_client,
         grpc.aio.insecure_channel(ceiling_target, options=OPTIONS) as ceiling,
     ):
         keys = client.keys(tokens)

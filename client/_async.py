@@ -20,7 +20,7 @@ from kvstore.chunkwire import (
     run_parts,
 )
 from kvstore.client._errors import InvalidArgument, translate_rpc_errors
-from kvstore.client._lookup_stream import LookupStream
+from kvstore.client._lookup_stream import LookupStreams
 from kvstore.client._options import ClientOptions
 from kvstore.client._receive import LayerReceiver
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
@@ -78,7 +78,7 @@ class KVClient:
             request_serializer=pb.GetBlocksRequest.SerializeToString,
             response_deserializer=decode_get_message,
         )
-        self._lookup_stream = LookupStream(self._channel) if self.options.lookup_stream else None
+        self._lookup_streams = LookupStreams(self._channel, self.options.lookup_streams)
         self._namespace_wire = namespace_to_wire(namespace)
         self._namespace_bytes = self._namespace_wire.SerializeToString()
         self._layout = namespace.layout
@@ -95,8 +95,7 @@ class KVClient:
         await self.close()
 
     async def close(self) -> None:
-        if self._lookup_stream is not None:
-            self._lookup_stream.close()
+        self._lookup_streams.close()
         if self._owns_channel:
             await self._channel.close()
 
@@ -124,9 +123,7 @@ class KVClient:
         request = pb.LookupPrefixRequest(namespace=self._namespace_wire, keys=keys)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.timeouts.lookup
-        reply = None
-        if self._lookup_stream is not None and self._lookup_stream.ready:
-            reply = await self._lookup_stream.lookup(request, deadline)
+        reply = await self._lookup_streams.lookup(request, deadline)
         if reply is None:
             with translate_rpc_errors():
                 reply = await self._stub.LookupPrefix(

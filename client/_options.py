@@ -39,10 +39,13 @@ class ClientOptions:
     hash_algorithm: HashAlgorithm = HashAlgorithm.SHA256
     key_extra: bytes = b""  # a tenant salt or LoRA id, hashed into the first block only
     verify_checksums: bool = True
-    # Lookups ride one long-lived LookupPrefixStream call when no other lookup is on it
-    # (see kvstore.client._lookup_stream); False sends every lookup as a unary call.
-    lookup_stream: bool = True
+    # Lookups ride long-lived LookupPrefixStream calls, one lookup on each at a time, up
+    # to this many at once (see kvstore.client._lookup_stream); more concurrent lookups
+    # go out as unary calls. 0 sends every lookup as a unary call.
+    lookup_streams: int = 4
 
     def __post_init__(self) -> None:
+        if self.lookup_streams < 0:
+            raise ValueError("lookup_streams must be >= 0")
         if not 1 <= self.chunk_bytes <= self.max_message_bytes - 4096:
             raise ValueError("chunk_bytes must be in [1, max_message_bytes - 4096]")

@@ -1,5 +1,5 @@
-"""The client's lookup stream: lookups ride one LookupPrefixStream call, and a lookup
-that cannot (stream busy, broken, cancelled or missing on the server) still gets the
+"""The client's lookup streams: lookups ride open LookupPrefixStream calls, and a lookup
+that cannot (streams busy, broken, cancelled or missing on the server) still gets the
 right answer or the right error. Real servers on loopback, real clients."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from kvstore.client import (
     Timeouts,
     Unavailable,
 )
-from kvstore.client._lookup_stream import LookupStream
+from kvstore.client._lookup_stream import LookupStreams
 from kvstore.server import RunningServer
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -45,36 +45,38 @@ async def client(connect: Connect, make_kv: MakeKV) -> KVClient:
     return client
 
 
-def stream_of(client: KVClient) -> LookupStream:
-    stream = client._lookup_stream
-    assert stream is not None
-    return stream
+def streams_of(client: KVClient) -> LookupStreams:
+    return client._lookup_streams
 
 
-async def test_lookups_ride_one_open_stream(client: KVClient) -> None:
-    stream = stream_of(client)
+async def test_sequential_lookups_ride_one_open_stream(client: KVClient) -> None:
     for count in range(len(KEYS) + 1):
         match = await client.lookup_keys(KEYS[:count])
         assert match.num_matched == count
         assert match.tiers == (TierKind.DRAM,) * count
-        assert stream.is_open
+        assert streams_of(client).num_open == 1
     assert (await client.lookup_keys([b"absent", *KEYS])).num_matched == 0
 
 
 async def test_a_bad_lookup_fails_alone_and_the_stream_stays_open(client: KVClient) -> None:
-    stream = stream_of(client)
     assert (await client.lookup_keys(KEYS)).num_matched == len(KEYS)
     with pytest.raises(InvalidArgument, match="at most 64 bytes"):
         await client.lookup_keys([b"k" * 65])
-    assert stream.is_open
+    assert streams_of(client).num_open == 1
     assert (await client.lookup_keys(KEYS[:3])).num_matched == 3
 
 
-async def test_concurrent_lookups_all_get_their_own_answer(client: KVClient) -> None:
-    """One rides the stream; the others, finding it busy, go out as unary calls."""
+async def test_concurrent_lookups_all_get_their_own_answer(
+    connect: Connect, client: KVClient
+) -> None:
+    """As many ride streams as the client keeps; the rest go out as unary calls."""
     counts = [index % (len(KEYS) + 1) for index in range(40)]
-    matches = await asyncio.gather(*(client.lookup_keys(KEYS[:count]) for count in counts))
-    assert [match.num_matched for match in matches] == counts
+    for max_streams in (1, 3):
+        other = connect(NS, lookup_streams=max_streams)
+        for _ in range(2):
+            matches = await asyncio.gather(*(other.lookup_keys(KEYS[:count]) for count in counts))
+            assert [match.num_matched for match in matches] == counts
+            assert streams_of(other).num_open == max_streams
 
 
 async def test_a_cancelled_lookup_leaves_no_stale_answer_behind(client: KVClient) -> None:
@@ -115,8 +117,8 @@ async def test_a_server_without_the_stream_gets_unary_lookups() -> None:
             for _ in range(3):
                 assert (await client.lookup_keys(KEYS[:2])).num_matched == 1
             assert calls == [2, 2, 2]
-            assert not stream_of(client).ready
-            assert not stream_of(client).is_open
+            assert not streams_of(client).supported
+            assert streams_of(client).num_open == 0
     finally:
         await older.stop(0)
 
@@ -145,8 +147,8 @@ async def test_a_stream_that_never_answers_meets_the_deadline() -> None:
             for _ in range(2):  # the second on a new stream: the first can no longer pair
                 with pytest.raises(DeadlineExceeded):
                     await client.lookup_keys(KEYS)
-                assert stream_of(client).ready
-                assert not stream_of(client).is_open
+                assert streams_of(client).supported
+                assert streams_of(client).num_open == 0
     finally:
         never.set()
         await silent.stop(0)
@@ -163,17 +165,22 @@ async def test_drain_ends_idle_lookup_streams_at_once(
         await client.put_blocks(KEYS, kv)
         assert (await client.lookup_keys(KEYS)).num_matched == len(KEYS)
         assert (await other.lookup_keys(KEYS[:1])).num_matched == 1
-        assert stream_of(client).is_open
-        assert stream_of(other).is_open
+        assert streams_of(client).num_open == 1
+        assert streams_of(other).num_open == 1
         await asyncio.wait_for(running.drain(), timeout=20)  # not the 60 s grace
         with pytest.raises(Unavailable):
             await client.lookup_keys(KEYS)
-        assert not stream_of(client).is_open
+        assert streams_of(client).num_open == 0
 
 
 async def test_unary_only_clients_still_look_up(connect: Connect, client: KVClient) -> None:
-    unary = connect(NS, lookup_stream=False)
-    assert unary._lookup_stream is None
+    unary = connect(NS, lookup_streams=0)
     assert (await unary.lookup_keys(KEYS)).num_matched == len(KEYS)
     with pytest.raises(InvalidArgument, match="at most 64 bytes"):
         await unary.lookup_keys([b"k" * 65])
+    assert streams_of(unary).num_open == 0
+
+
+def test_a_negative_stream_count_is_refused() -> None:
+    with pytest.raises(ValueError, match="lookup_streams must be >= 0"):
+        ClientOptions(lookup_streams=-1)
