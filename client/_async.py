@@ -95,7 +95,7 @@ class KVClient:
         await self.close()
 
     async def close(self) -> None:
-        self._lookup_streams.close()
+        await self._lookup_streams.close()
         if self._owns_channel:
             await self._channel.close()
 

@@ -20,6 +20,7 @@ from kvstore.v1 import kvstore_pb2 as pb
 
 _METHOD = "/kvstore.v1.KVStore/LookupPrefixStream"
 _OK = grpc.StatusCode.OK.value[0]
+_CLOSE_TIMEOUT_S = 5.0
 
 
 class LookupStreams:
@@ -33,6 +34,8 @@ class LookupStreams:
         )
         self._max_streams = max_streams
         self._idle: list[grpc.aio.StreamStreamCall] = []
+        self._in_use: set[grpc.aio.StreamStreamCall] = set()
+        self._ending: set[grpc.aio.StreamStreamCall] = set()  # cancelled, not yet over
         self._num_open = 0
         self._supported = True
 
@@ -72,13 +75,16 @@ class LookupStreams:
         except asyncio.InvalidStateError:  # the call had already ended (server restart)
             return None
         finally:
+            self._in_use.discard(call)
             # A stream whose lookup timed out or was cancelled may still deliver that
             # result, and would pair it with the next request: it is never reused.
-            if healthy:
+            if healthy and self._supported:
                 self._idle.append(call)
             else:
                 call.cancel()
                 self._num_open -= 1
+                self._ending.add(call)
+                call.add_done_callback(self._ending.discard)
         if not healthy:
             return None
         assert isinstance(result, pb.LookupPrefixResult)
@@ -86,20 +92,43 @@ class LookupStreams:
             raise error_for_code(result.code, result.message)
         return result.match
 
-    def close(self) -> None:
-        """Cancel the idle streams; a stream in use ends with its channel."""
-        for call in self._idle:
-            call.cancel()
-        self._num_open -= len(self._idle)
-        self._idle.clear()
+    async def close(self) -> None:
+        """End every stream, and wait until gRPC has finished with each.
+
+        gRPC reports a call's end on its event loop after the fact; a loop closed before
+        then gets callbacks it cannot run ("Event loop is closed"). Idle streams end
+        cleanly (the server sees the end of the requests and answers OK).
+        """
         self._supported = False
+        idle, self._idle = self._idle, []
+        self._num_open -= len(idle)
+        for call in self._in_use:  # cancelled, as closing a channel cancels its calls
+            call.cancel()
+        ending, self._ending = self._ending | self._in_use, set()
+        endings = [asyncio.ensure_future(call.code()) for call in ending]
+        endings += [asyncio.ensure_future(_end(call)) for call in idle]
+        if endings:
+            _, stuck = await asyncio.wait(endings, timeout=_CLOSE_TIMEOUT_S)
+            for task in stuck:
+                task.cancel()
 
     def _take(self) -> grpc.aio.StreamStreamCall | None:
         if not self._supported:
             return None
         if self._idle:
-            return self._idle.pop()
-        if self._num_open >= self._max_streams:
+            call = self._idle.pop()
+        elif self._num_open < self._max_streams:
+            self._num_open += 1
+            call = self._open_call()
+        else:
             return None
-        self._num_open += 1
-        return self._open_call()
+        self._in_use.add(call)
+        return call
+
+
+async def _end(call: grpc.aio.StreamStreamCall) -> None:
+    try:
+        await call.done_writing()
+        await call.code()
+    finally:
+        call.cancel()  # a no-op once the call is over

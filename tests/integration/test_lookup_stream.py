@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -184,3 +186,50 @@ async def test_unary_only_clients_still_look_up(connect: Connect, client: KVClie
 def test_a_negative_stream_count_is_refused() -> None:
     with pytest.raises(ValueError, match="lookup_streams must be >= 0"):
         ClientOptions(lookup_streams=-1)
+
+
+# Clients in one event loop after another, in a process whose server runs on a loop of
+# its own: gRPC must have finished with every lookup stream before each loop closes.
+_LOOPS_SCRIPT = """
+import asyncio
+import subprocess
+import sys
+from kvstore.client import DType, KVClient, KVLayout, Namespace
+from kvstore.client._loop import LoopThread
+from kvstore.server import build_server, load_config
+
+server_loop = LoopThread("server")
+config = load_config(None, {"listen": "127.0.0.1:0", "log_level": "warning",
+                            "store.dram_bytes": 16 << 20})
+running = server_loop.run(build_server(config))
+layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=DType.FLOAT16,
+                  block_tokens=16)
+namespace = Namespace(tenant="t", model_fingerprint="m", layout=layout)
+
+async def lookups() -> None:
+    async with KVClient(f"127.0.0.1:{running.port}", namespace) as client:
+        await asyncio.gather(*(client.lookup_keys([b"k"]) for _ in range(3)))
+        for _ in range(10):
+            assert (await client.lookup_keys([b"k"])).num_matched == 0
+        cancelled = asyncio.create_task(client.lookup_keys([b"k"]))
+        await asyncio.sleep(0)
+        cancelled.cancel()  # its stream is dropped, not reused
+        asyncio.create_task(client.lookup_keys([b"k"]))  # still in flight at close
+        await asyncio.sleep(0)
+
+for _ in range(16):
+    asyncio.run(lookups())
+server_loop.run(running.drain())
+server_loop.stop()
+print("ok")
+"""
+
+
+def test_closing_a_client_leaves_nothing_for_a_closed_event_loop() -> None:
+    finished = subprocess.run(
+        [sys.executable, "-c", _LOOPS_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip() == "ok"
+    assert "Event loop is closed" not in finished.stderr
+    assert "Traceback" not in finished.stderr
