@@ -83,34 +83,36 @@ class KVStoreServicer:
         requests: AsyncIterator[pb.LookupPrefixRequest | MalformedRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        """One result per request, in order; a bad request fails its own result only."""
-        await self._refuse_if_draining(context)
+        """One result per request, in order; a bad request fails its own result only.
+
+        A drain ends the stream with UNAVAILABLE: at once if it waits for a request,
+        else once the result in hand is written. A request that arrives just as the
+        drain begins gets that ending instead of a result.
+        """
         stream = asyncio.current_task()
         assert stream is not None
-        try:
-            while True:
-                # Idle here, between requests: `start_draining` may cancel the stream.
-                self._idle_lookup_streams.add(stream)
-                try:
-                    request = await context.read()
-                finally:
-                    self._idle_lookup_streams.discard(stream)
-                if request is grpc.aio.EOF:
-                    return
-                try:
-                    if isinstance(request, MalformedRequest):
-                        raise request.rejection()
-                    result = pb.LookupPrefixResult(match=self._lookup(request))
-                except Exception as error:
-                    code, message = status_for(error)
-                    result = pb.LookupPrefixResult(code=code.value[0], message=message)
-                await context.write(result)
-        except asyncio.CancelledError:
-            if not self.draining:
-                raise  # the client went away
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "server is draining for shutdown; retry elsewhere"
-            )
+        while not self.draining:
+            # Idle here, between requests: `start_draining` cancels streams waiting here.
+            self._idle_lookup_streams.add(stream)
+            try:
+                request = await context.read()
+            except asyncio.CancelledError:
+                if not self.draining:
+                    raise  # the client went away
+                break
+            finally:
+                self._idle_lookup_streams.discard(stream)
+            if request is grpc.aio.EOF:
+                return
+            try:
+                result = pb.LookupPrefixResult(match=self._lookup(request))
+            except Exception as error:
+                code, message = status_for(error)
+                result = pb.LookupPrefixResult(code=code.value[0], message=message)
+            await context.write(result)
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, "server is draining for shutdown; retry elsewhere"
+        )
 
     def _lookup(
         self, request: pb.LookupPrefixRequest | MalformedRequest
