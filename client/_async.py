@@ -95,9 +95,11 @@ class KVClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._lookup_streams.close()
-        if self._owns_channel:
-            await self._channel.close()
+        try:
+            await self._lookup_streams.close()
+        finally:
+            if self._owns_channel:
+                await self._channel.close()
 
     # -- keys and lookups -------------------------------------------------------------
 

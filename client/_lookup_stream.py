@@ -20,7 +20,13 @@ from kvstore.v1 import kvstore_pb2 as pb
 
 _METHOD = "/kvstore.v1.KVStore/LookupPrefixStream"
 _OK = grpc.StatusCode.OK.value[0]
-_CLOSE_TIMEOUT_S = 5.0
+# After UNIMPLEMENTED, how long to use unary calls before asking again (a server upgrade).
+_RETRY_UNSUPPORTED_S = 60.0
+# How long close() lets idle streams end cleanly before it cancels them.
+_CLOSE_GRACE_S = 0.5
+# gRPC finishes a cancelled call's last operations on the event loop a little after
+# the call reports done; a loop closed before then logs "Event loop is closed".
+_CANCEL_SETTLE_S = 0.05
 
 
 class LookupStreams:
@@ -35,19 +41,19 @@ class LookupStreams:
         self._max_streams = max_streams
         self._idle: list[grpc.aio.StreamStreamCall] = []
         self._in_use: set[grpc.aio.StreamStreamCall] = set()
-        self._ending: set[grpc.aio.StreamStreamCall] = set()  # cancelled, not yet over
-        self._num_open = 0
-        self._supported = True
+        self._unsupported_until = 0.0  # loop time
+        self._last_cancel = float("-inf")  # loop time
+        self._closed = False
 
     @property
     def num_open(self) -> int:
         """Streams open now, idle or carrying a lookup."""
-        return self._num_open
+        return len(self._idle) + len(self._in_use)
 
     @property
     def supported(self) -> bool:
-        """False once the server answered UNIMPLEMENTED: it has no lookup stream."""
-        return self._supported
+        """False for a while after the server answered UNIMPLEMENTED (no lookup stream)."""
+        return asyncio.get_running_loop().time() >= self._unsupported_until
 
     async def lookup(
         self, request: pb.LookupPrefixRequest, deadline: float
@@ -60,70 +66,72 @@ class LookupStreams:
         call = self._take()
         if call is None:
             return None
-        healthy = False
+        result: object = None
         try:
             async with asyncio.timeout_at(deadline):
                 await call.write(request)
                 result = await call.read()
-            healthy = result is not grpc.aio.EOF
         except TimeoutError:
             raise DeadlineExceeded("no lookup result before the deadline") from None
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self._supported = False  # a server without the stream: unary from now on
+                loop = asyncio.get_running_loop()
+                self._unsupported_until = loop.time() + _RETRY_UNSUPPORTED_S
             return None
         except asyncio.InvalidStateError:  # the call had already ended (server restart)
             return None
         finally:
             self._in_use.discard(call)
-            # A stream whose lookup timed out or was cancelled may still deliver that
-            # result, and would pair it with the next request: it is never reused.
-            if healthy and self._supported:
+            # Only a stream that answered is reused. One whose lookup timed out or was
+            # cancelled may still deliver that result and pair it with the next request.
+            if isinstance(result, pb.LookupPrefixResult) and not self._closed:
                 self._idle.append(call)
             else:
-                call.cancel()
-                self._num_open -= 1
-                self._ending.add(call)
-                call.add_done_callback(self._ending.discard)
-        if not healthy:
-            return None
-        assert isinstance(result, pb.LookupPrefixResult)
+                self._cancel(call)
+        if not isinstance(result, pb.LookupPrefixResult):
+            return None  # the stream ended, or its reply did not decode: unary instead
         if result.code != _OK:
             raise error_for_code(result.code, result.message)
         return result.match
 
     async def close(self) -> None:
-        """End every stream, and wait until gRPC has finished with each.
+        """End every stream, and wait until gRPC is done with them on this event loop.
 
-        gRPC reports a call's end on its event loop after the fact; a loop closed before
-        then gets callbacks it cannot run ("Event loop is closed"). Idle streams end
-        cleanly (the server sees the end of the requests and answers OK).
+        Idle streams end cleanly (the server sees the end of the requests and answers
+        OK); a lookup still in flight is cancelled, as closing a channel cancels calls.
         """
-        self._supported = False
+        self._closed = True
         idle, self._idle = self._idle, []
-        self._num_open -= len(idle)
-        for call in self._in_use:  # cancelled, as closing a channel cancels its calls
-            call.cancel()
-        ending, self._ending = self._ending | self._in_use, set()
-        endings = [asyncio.ensure_future(call.code()) for call in ending]
-        endings += [asyncio.ensure_future(_end(call)) for call in idle]
+        for call in list(self._in_use):
+            self._cancel(call)
+        endings = [asyncio.ensure_future(_end(call)) for call in idle]
         if endings:
-            _, stuck = await asyncio.wait(endings, timeout=_CLOSE_TIMEOUT_S)
+            _, stuck = await asyncio.wait(endings, timeout=_CLOSE_GRACE_S)
             for task in stuck:
-                task.cancel()
+                task.cancel()  # its call is cancelled in turn
+            await asyncio.gather(*endings, return_exceptions=True)
+            if stuck:
+                self._last_cancel = asyncio.get_running_loop().time()
+        settle = self._last_cancel + _CANCEL_SETTLE_S - asyncio.get_running_loop().time()
+        if settle > 0:
+            await asyncio.sleep(settle)
 
     def _take(self) -> grpc.aio.StreamStreamCall | None:
-        if not self._supported:
+        if self._closed or not self.supported:
             return None
         if self._idle:
             call = self._idle.pop()
-        elif self._num_open < self._max_streams:
-            self._num_open += 1
+        elif self.num_open < self._max_streams:
             call = self._open_call()
         else:
             return None
         self._in_use.add(call)
         return call
+
+    def _cancel(self, call: grpc.aio.StreamStreamCall) -> None:
+        # gRPC may have cancelled it already (an interrupted read or write does that).
+        call.cancel()
+        self._last_cancel = asyncio.get_running_loop().time()
 
 
 async def _end(call: grpc.aio.StreamStreamCall) -> None:

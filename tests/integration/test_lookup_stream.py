@@ -91,6 +91,8 @@ async def test_a_cancelled_lookup_leaves_no_stale_answer_behind(client: KVClient
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        # Only streams that are still open wait for reuse (gRPC ends an interrupted one).
+        assert not any(call.done() for call in streams_of(client)._idle)
         count = yields % len(KEYS)
         assert (await client.lookup_keys(KEYS[:count])).num_matched == count
 
@@ -156,23 +158,82 @@ async def test_a_stream_that_never_answers_meets_the_deadline() -> None:
         await silent.stop(0)
 
 
-async def test_drain_ends_idle_lookup_streams_at_once(
+def raw_lookup_stream(target: str) -> tuple[grpc.aio.Channel, grpc.aio.StreamStreamCall]:
+    channel = grpc.aio.insecure_channel(target)
+    open_stream = channel.stream_stream(
+        "/kvstore.v1.KVStore/LookupPrefixStream",
+        request_serializer=pb.LookupPrefixRequest.SerializeToString,
+        response_deserializer=pb.LookupPrefixResult.FromString,
+    )
+    return channel, open_stream()
+
+
+async def read_to_the_end(
+    stream: grpc.aio.StreamStreamCall,
+) -> tuple[list[pb.LookupPrefixResult], grpc.aio.AioRpcError]:
+    """Every result until the stream fails, and how it failed."""
+    results = []
+    while True:
+        try:
+            result = await stream.read()
+        except grpc.aio.AioRpcError as error:
+            return results, error
+        assert isinstance(result, pb.LookupPrefixResult), "the stream ended without an error"
+        results.append(result)
+
+
+def wire_request(keys: list[bytes]) -> pb.LookupPrefixRequest:
+    client_side = KVClient("127.0.0.1:1", NS)  # only for its wire namespace; never connects
+    return pb.LookupPrefixRequest(namespace=client_side._namespace_wire, keys=keys)
+
+
+async def test_drain_ends_idle_lookup_streams_at_once_with_unavailable(
     server_factory: Callable[..., Awaitable[RunningServer]], make_kv: MakeKV
 ) -> None:
     """A long grace period does not wait for streams that have no request in flight."""
     running = await server_factory(limits__drain_grace_s=60.0)
     target = f"127.0.0.1:{running.port}"
-    async with KVClient(target, NS) as client, KVClient(target, NS) as other:
+    channel, raw = raw_lookup_stream(target)
+    async with KVClient(target, NS) as client:
         kv = make_kv(LAYOUT, len(KEYS), form=KVForm.BLOCKS)
         await client.put_blocks(KEYS, kv)
         assert (await client.lookup_keys(KEYS)).num_matched == len(KEYS)
-        assert (await other.lookup_keys(KEYS[:1])).num_matched == 1
         assert streams_of(client).num_open == 1
-        assert streams_of(other).num_open == 1
+        await raw.write(wire_request(KEYS[:2]))
+        assert (await raw.read()).match.num_matched == 2
         await asyncio.wait_for(running.drain(), timeout=20)  # not the 60 s grace
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await raw.read()
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "draining" in (ended.value.details() or "")
         with pytest.raises(Unavailable):
             await client.lookup_keys(KEYS)
         assert streams_of(client).num_open == 0
+    await channel.close()
+
+
+async def test_drain_ends_a_busy_lookup_stream_after_the_result_in_hand(
+    server_factory: Callable[..., Awaitable[RunningServer]], make_kv: MakeKV
+) -> None:
+    """Requests written back to back keep the stream busy as the drain begins: it still
+    ends soon, every result it sent is right, and it ends with UNAVAILABLE."""
+    running = await server_factory(limits__drain_grace_s=60.0)
+    target = f"127.0.0.1:{running.port}"
+    async with KVClient(target, NS) as client:
+        await client.put_blocks(KEYS, make_kv(LAYOUT, len(KEYS), form=KVForm.BLOCKS))
+    channel, raw = raw_lookup_stream(target)
+    requests = [wire_request(KEYS[: index % len(KEYS)]) for index in range(400)]
+    for request in requests:
+        await raw.write(request)
+    assert (await raw.read()).match.num_matched == 0
+    drain = asyncio.create_task(running.drain())
+    results, ending = await read_to_the_end(raw)
+    for index, result in enumerate(results, start=1):
+        assert result.match.num_matched == index % len(KEYS)
+    assert ending.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(results) + 1 < len(requests), "the drain did not end the stream"
+    await asyncio.wait_for(drain, timeout=20)  # not the 60 s grace
+    await channel.close()
 
 
 async def test_unary_only_clients_still_look_up(connect: Connect, client: KVClient) -> None:
@@ -192,9 +253,10 @@ def test_a_negative_stream_count_is_refused() -> None:
 # its own: gRPC must have finished with every lookup stream before each loop closes.
 _LOOPS_SCRIPT = """
 import asyncio
-import subprocess
-import sys
-from kvstore.client import DType, KVClient, KVLayout, Namespace
+import grpc
+from kvstore.client import (
+    ClientOptions, DeadlineExceeded, DType, KVClient, KVLayout, Namespace, Timeouts
+)
 from kvstore.client._loop import LoopThread
 from kvstore.server import build_server, load_config
 
@@ -205,6 +267,24 @@ running = server_loop.run(build_server(config))
 layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=DType.FLOAT16,
                   block_tokens=16)
 namespace = Namespace(tenant="t", model_fingerprint="m", layout=layout)
+
+async def start_silent() -> tuple[grpc.aio.Server, int]:
+    never = asyncio.Event()
+    async def swallow(requests, context):
+        while await context.read() is not grpc.aio.EOF:
+            await never.wait()
+    async def hang(request, context):
+        await never.wait()
+    silent = grpc.aio.server()
+    silent.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "kvstore.v1.KVStore",
+        {"LookupPrefixStream": grpc.stream_stream_rpc_method_handler(swallow),
+         "LookupPrefix": grpc.unary_unary_rpc_method_handler(hang)})])
+    port = silent.add_insecure_port("127.0.0.1:0")
+    await silent.start()
+    return silent, port
+
+silent, silent_port = server_loop.run(start_silent())
 
 async def lookups() -> None:
     async with KVClient(f"127.0.0.1:{running.port}", namespace) as client:
@@ -217,9 +297,19 @@ async def lookups() -> None:
         asyncio.create_task(client.lookup_keys([b"k"]))  # still in flight at close
         await asyncio.sleep(0)
 
-for _ in range(16):
+async def timed_out_lookup() -> None:
+    options = ClientOptions(timeouts=Timeouts(lookup=0.05))
+    async with KVClient(f"127.0.0.1:{silent_port}", namespace, options=options) as client:
+        try:
+            await client.lookup_keys([b"k"])
+        except DeadlineExceeded:
+            pass  # closed right after: its stream was cancelled a moment ago
+
+for _ in range(12):
     asyncio.run(lookups())
+    asyncio.run(timed_out_lookup())
 server_loop.run(running.drain())
+server_loop.run(silent.stop(0))
 server_loop.stop()
 print("ok")
 """
