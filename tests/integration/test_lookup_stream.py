@@ -28,6 +28,7 @@ from kvstore.client import (
     Unavailable,
 )
 from kvstore.client._lookup_stream import LookupStreams
+from kvstore.client._wire import namespace_to_wire
 from kvstore.server import RunningServer
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -183,8 +184,7 @@ async def read_to_the_end(
 
 
 def wire_request(keys: list[bytes]) -> pb.LookupPrefixRequest:
-    client_side = KVClient("127.0.0.1:1", NS)  # only for its wire namespace; never connects
-    return pb.LookupPrefixRequest(namespace=client_side._namespace_wire, keys=keys)
+    return pb.LookupPrefixRequest(namespace=namespace_to_wire(NS), keys=keys)
 
 
 async def test_drain_ends_idle_lookup_streams_at_once_with_unavailable(
