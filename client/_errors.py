@@ -142,9 +142,8 @@ def error_for(error: grpc.aio.AioRpcError) -> KVStoreClientError:
 
 def error_for_code(code: int, details: str) -> KVStoreClientError:
     """The exception for a status code the server sent as a number (a stream's result)."""
-    status = _STATUS_BY_NUMBER.get(code)
-    cls = _BY_CODE.get(status, Unknown) if status is not None else Unknown
-    return cls(details)
+    status = _STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(status, Unknown)(details)
 
 
 @contextlib.contextmanager
