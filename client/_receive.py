@@ -7,8 +7,8 @@ import torch
 from kvstore.checksum import (
     ChecksumKind,
     Hasher,
-    checksum,
     checksum_kind_from_wire,
+    checksums_of_slices,
     new_hasher,
 )
 from kvstore.chunkwire import GetMessage, WireChunk, WireRun
@@ -132,11 +132,7 @@ class LayerReceiver:
             raise ChecksumError(f"block {twice} layer {run.layer} arrived twice")
         self._expected[blocks] = run.layer_checksums
         if self._verify:
-            data, kind = run.data, self._kind
-            self._actual[blocks] = [
-                checksum(kind, data[start : start + layer_bytes])
-                for start in range(0, len(data), layer_bytes)
-            ]
+            self._actual[blocks] = checksums_of_slices(self._kind, run.data, layer_bytes)
         self._filled[blocks] = [layer_bytes] * count
         byte_map, layer = self._layer_map()
         byte_map.write_run(first, count, layer, run.data)

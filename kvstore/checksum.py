@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import crc32c
@@ -63,6 +63,12 @@ def checksum(kind: ChecksumKind, data: bytes | memoryview) -> int:
     return int(crc32c.crc32c(data))
 
 
+def checksums_of_slices(kind: ChecksumKind, data: memoryview, nbytes: int) -> list[int]:
+    """The checksum of each consecutive `nbytes` slice of `data` (a run of layers)."""
+    digest = _DIGESTS[kind]
+    return [digest(data[start : start + nbytes]) for start in range(0, len(data), nbytes)]
+
+
 def checksum_of_parts(kind: ChecksumKind, parts: Sequence[bytes | memoryview]) -> int:
     """The checksum of the parts' concatenation: one call for one part (the common case,
     and several times cheaper than a hasher for a small layer)."""
@@ -72,6 +78,13 @@ def checksum_of_parts(kind: ChecksumKind, parts: Sequence[bytes | memoryview]) -
     for part in parts:
         hasher.update(part)
     return hasher.value()
+
+
+# The C functions themselves: a run of 32 layers makes 32 calls per message.
+_DIGESTS: dict[ChecksumKind, Callable[[bytes | memoryview], int]] = {
+    ChecksumKind.XXH3_64: xxhash.xxh3_64_intdigest,
+    ChecksumKind.CRC32C: crc32c.crc32c,
+}
 
 
 def checksum_kind_from_wire(value: int) -> ChecksumKind:

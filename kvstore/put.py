@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from kvstore.checksum import ChecksumKind, Hasher, checksum, new_hasher
+from kvstore.checksum import ChecksumKind, Hasher, checksums_of_slices, new_hasher
 from kvstore.errors import ChecksumMismatch, InvalidRequest
 from kvstore.index import BlockEntry, NamespaceState
 from kvstore.keys import validate_key
@@ -202,21 +202,30 @@ class PutSession:
                 raise InvalidRequest(
                     f"block {block.index} layer {layer} was already sent; send each layer once"
                 )
-        parts = [view[start : start + layer_bytes] for start in range(0, len(view), layer_bytes)]
-        kind = self._checksum_kind
-        actual = [checksum(kind, part) for part in parts]
+        actual = checksums_of_slices(self._checksum_kind, view, layer_bytes)
         # Copy before checking: a mismatch fails the put, and its blocks never commit.
         handles = [block.handle for block in blocks if block.handle is not None]
         if len(handles) == num_blocks:
             self._store.dram.write_slices(handles, layer * layer_bytes, view, layer_bytes)
         else:  # blocks the store already holds are checked, not written
-            for block, part in zip(blocks, parts, strict=True):
+            for number, block in enumerate(blocks):
                 if block.handle is not None:
+                    part = view[number * layer_bytes : (number + 1) * layer_bytes]
                     self._store.dram.write(block.handle, layer * layer_bytes, part)
-        for block, expected, got in zip(blocks, layer_checksums, actual, strict=True):
-            block.layer_expected[layer] = expected
+        if actual != list(layer_checksums):
+            for block, expected, got in zip(blocks, layer_checksums, actual, strict=True):
+                block.layer_expected[layer] = expected
+                block.layer_filled[layer] = layer_bytes
+                self._finish_layer(block, layer, got)  # raises at the first mismatch
+        # The common case, one block-layer per iteration: _finish_layer's work, inlined.
+        num_layers = layout.num_layers
+        for block, got in zip(blocks, actual, strict=True):
             block.layer_filled[layer] = layer_bytes
-            self._finish_layer(block, layer, got)
+            block.layer_checksums[layer] = got
+            block.layers_done += 1
+            if block.layers_done == num_layers:
+                block.complete = True
+                self._commit_ready(block)
 
     def _finish_layer(self, block: _PendingBlock, layer: int, actual: int) -> None:
         expected = block.layer_expected[layer]

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from kvstore.checksum import ChecksumKind, checksum
+from kvstore.checksum import ChecksumKind, checksum, checksums_of_slices
 from kvstore.errors import ChecksumMismatch, InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.put import PutOutcome, PutSession
@@ -116,3 +116,51 @@ def test_a_bad_checksum_in_a_run_is_data_loss() -> None:
         session.write_run(0, 3, 0, data, checksums)
     session.abort()
     assert store.lookup(NS, KEYS).num_matched == 0
+
+
+def test_a_run_over_stored_and_new_blocks_writes_only_the_new_ones() -> None:
+    store = fresh_store()
+    first = PutSession(store, NS, KIND)
+    first.declare(KEYS[0], b"")
+    for layer in range(LAYOUT.num_layers):
+        data, checksums = run_of(layer, KEYS[:1])
+        first.write_run(0, 1, layer, data, checksums)
+    assert first.finish() == [PutOutcome.COMMITTED]
+    free_after_first = store.dram.arena.free_bytes
+
+    session = declared_session(store)  # block 0 is already stored: checked, not written
+    for layer in range(LAYOUT.num_layers):
+        data, checksums = run_of(layer, KEYS)
+        session.write_run(0, 3, layer, data, checksums)
+    assert session.finish() == [
+        PutOutcome.ALREADY_PRESENT,
+        PutOutcome.COMMITTED,
+        PutOutcome.COMMITTED,
+    ]
+    assert store.dram.arena.free_bytes == free_after_first - 2 * LAYOUT.block_bytes
+    read = ReadSession(store, NS, KEYS)
+    got = {(c.block_index, c.layer): b"".join(c.views) for c in read.chunks(1 << 20)}
+    read.close()
+    assert got == {
+        (index, layer): layer_data(key, layer)
+        for index, key in enumerate(KEYS)
+        for layer in range(LAYOUT.num_layers)
+    }
+
+
+@pytest.mark.parametrize("kind", list(ChecksumKind))
+def test_run_checksums_are_the_checksums_of_each_layer(kind: ChecksumKind) -> None:
+    parts = [layer_data(key, 0) for key in KEYS]
+    joined = memoryview(b"".join(parts))
+    assert checksums_of_slices(kind, joined, LAYOUT.layer_bytes) == [
+        checksum(kind, part) for part in parts
+    ]
+    # A different byte anywhere changes that layer's checksum only.
+    changed = bytearray(joined)
+    changed[LAYOUT.layer_bytes + 5] ^= 0xFF
+    got = checksums_of_slices(kind, memoryview(bytes(changed)), LAYOUT.layer_bytes)
+    assert [a == b for a, b in zip(got, [checksum(kind, p) for p in parts], strict=True)] == [
+        True,
+        False,
+        True,
+    ]
