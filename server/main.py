@@ -114,7 +114,7 @@ def print_stats(stats: pb.StatsResponse, console: Console) -> None:
         f"({human_bytes(stats.bytes_put)})"
         f"  got {stats.blocks_got} ({human_bytes(stats.bytes_got)})  pinned {stats.num_pinned}"
         f"  abandoned puts {stats.puts_abandoned}  checksum failures {stats.checksum_failures}"
-        f"  uptime {stats.uptime_ms / 1000:.0f}s"
+        f"  uptime {stats.uptime_ms / 1000:.0f}s  cpu {stats.process_cpu_us / 1e6:.1f}s"
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
@@ -169,7 +170,7 @@ class KVStoreServicer:
     ) -> pb.StatsResponse:
         def handle() -> pb.StatsResponse:
             reject_unknown_fields(request, "StatsRequest")
-            return report_to_wire(self._store.report())
+            return report_to_wire(self._store.report(), time.process_time())
 
         return await self._unary(request, context, handle)
 

@@ -95,7 +95,7 @@ def prefix_match_to_wire(match: PrefixMatch) -> pb.LookupPrefixResponse:
     )
 
 
-def report_to_wire(report: StoreReport) -> pb.StatsResponse:
+def report_to_wire(report: StoreReport, process_cpu_s: float) -> pb.StatsResponse:
     counters = report.counters
     return pb.StatsResponse(
         tiers=[
@@ -129,4 +129,5 @@ def report_to_wire(report: StoreReport) -> pb.StatsResponse:
         checksum_failures=counters.checksum_failures,
         num_pinned=report.num_pinned,
         uptime_ms=int(report.uptime_s * 1000),
+        process_cpu_us=int(process_cpu_s * 1e6),
     )

@@ -166,6 +166,9 @@ async def test_daemon_serves_logs_and_prints_stats(daemon: Daemon, make_kv: Make
     stats = json.loads(json_out)
     assert int(stats["blocksPut"]) == 4
     assert int(stats["lookupHits"]) == 4
+    # The daemon's own CPU time: importing torch and gRPC alone costs more than 0.1 s.
+    assert int(stats["processCpuUs"]) > 100_000
+    assert re.search(r"cpu \d+\.\ds", out)
     (tier,) = stats["tiers"]
     assert tier["name"] == "dram"
     assert int(tier["numBlocks"]) == 4

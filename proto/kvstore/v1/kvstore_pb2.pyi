@@ -786,6 +786,7 @@ class StatsResponse(_message.Message):
     CHECKSUM_FAILURES_FIELD_NUMBER: _builtins.int
     NUM_PINNED_FIELD_NUMBER: _builtins.int
     UPTIME_MS_FIELD_NUMBER: _builtins.int
+    PROCESS_CPU_US_FIELD_NUMBER: _builtins.int
     num_namespaces: _builtins.int
     lookups: _builtins.int
     lookup_keys: _builtins.int
@@ -798,6 +799,10 @@ class StatsResponse(_message.Message):
     checksum_failures: _builtins.int
     num_pinned: _builtins.int
     uptime_ms: _builtins.int
+    process_cpu_us: _builtins.int
+    """CPU time the server process has used since it started, user and system, all
+    threads (microseconds). Differences between two calls give the CPU a workload costs.
+    """
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]: ...
     def __init__(
@@ -816,10 +821,11 @@ class StatsResponse(_message.Message):
         checksum_failures: _builtins.int = ...,
         num_pinned: _builtins.int = ...,
         uptime_ms: _builtins.int = ...,
+        process_cpu_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_got", b"blocks_got", "blocks_put", b"blocks_put", "bytes_got", b"bytes_got", "bytes_put", b"bytes_put", "checksum_failures", b"checksum_failures", "lookup_hits", b"lookup_hits", "lookup_keys", b"lookup_keys", "lookups", b"lookups", "num_namespaces", b"num_namespaces", "num_pinned", b"num_pinned", "puts_abandoned", b"puts_abandoned", "tiers", b"tiers", "uptime_ms", b"uptime_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_got", b"blocks_got", "blocks_put", b"blocks_put", "bytes_got", b"bytes_got", "bytes_put", b"bytes_put", "checksum_failures", b"checksum_failures", "lookup_hits", b"lookup_hits", "lookup_keys", b"lookup_keys", "lookups", b"lookups", "num_namespaces", b"num_namespaces", "num_pinned", b"num_pinned", "process_cpu_us", b"process_cpu_us", "puts_abandoned", b"puts_abandoned", "tiers", b"tiers", "uptime_ms", b"uptime_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
