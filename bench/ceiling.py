@@ -3,8 +3,9 @@
 A server with identity (de)serializers, no protobuf. `Get` streams messages
 `first..first+count-1` of a set of `total` messages of `size` bytes; `Put` accepts a
 stream and returns the byte count; `Call` is a unary call that answers any request with
-8 bytes, and `Chat` does the same for each message on one open stream. The throughput
-and lookup benchmarks measure kvstore against it in the same run.
+8 bytes, and `Chat` does the same for each message on one open stream; `Cpu` answers
+the server process's CPU time. The throughput and lookup benchmarks measure kvstore
+against it in the same run.
 
 Both sides move distinct buffers, as many bytes as the run moves, made before the clock
 starts: kvstore moves that much distinct data too, and re-sending one cache-hot buffer
@@ -33,6 +34,7 @@ import xxhash
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvstore.allocator import tune_allocator
+from kvstore.bench.cost import Round, timed_phase
 
 MAX_MESSAGE_BYTES = 64 << 20
 OPTIONS = [
@@ -90,6 +92,9 @@ async def _serve(port: int) -> None:
     async def call(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return struct.pack("<Q", len(request))
 
+    async def cpu(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return struct.pack("<d", time.process_time())
+
     async def chat(requests: object, context: grpc.aio.ServicerContext) -> None:
         while (request := await context.read()) is not grpc.aio.EOF:
             await context.write(struct.pack("<Q", len(request)))
@@ -115,6 +120,7 @@ async def _serve(port: int) -> None:
         "ceiling.Raw",
         {
             "Call": grpc.unary_unary_rpc_method_handler(call, _identity, _identity),
+            "Cpu": grpc.unary_unary_rpc_method_handler(cpu, _identity, _identity),
             "Chat": grpc.stream_stream_rpc_method_handler(chat, _identity, _identity),
             "Get": grpc.unary_stream_rpc_method_handler(get, _identity, _identity),
             "Put": grpc.stream_unary_rpc_method_handler(put, _identity, _identity),
@@ -138,20 +144,25 @@ async def measure_ceiling(
     streams: int = 1,
     *,
     with_copies: bool = False,
-) -> tuple[float, float]:
-    """(put GB/s, get GB/s) moving `total_bytes` in messages of `message_bytes`, split
-    over `streams` concurrent streams on one channel; `with_copies` adds kvstore's
-    copies and checksums (see the module docstring)."""
+) -> Round:
+    """A put then a get of `total_bytes` in messages of `message_bytes`, split over
+    `streams` concurrent streams on one channel; `with_copies` adds kvstore's copies
+    and checksums (see the module docstring)."""
     count = max(1, total_bytes // message_bytes)
     shares = _split(count, streams)
     suffix = "Copy" if with_copies else ""
     async with grpc.aio.insecure_channel(target, options=OPTIONS) as channel:
         get = channel.unary_stream(f"/ceiling.Raw/Get{suffix}", _identity, _identity)
         put = channel.stream_unary(f"/ceiling.Raw/Put{suffix}", _identity, _identity)
+        cpu = channel.unary_unary("/ceiling.Raw/Cpu", _identity, _identity)
         if with_copies:
             source_view, dest_view = _caller_tensors(count * message_bytes)
         else:
             payloads = distinct_messages(message_bytes, count)
+
+        async def server_cpu() -> float:
+            (seconds,) = struct.unpack("<d", await cpu(b""))
+            return float(seconds)
 
         async def messages(first: int, end: int) -> AsyncIterator[bytes]:
             for index in range(first, end):
@@ -182,19 +193,24 @@ async def measure_ceiling(
                     received += len(message)
             return received
 
+        received = 0
+
+        async def put_all() -> None:
+            await asyncio.gather(*(put_share(first, end) for first, end in shares))
+
+        async def get_all() -> None:
+            nonlocal received
+            received = sum(await asyncio.gather(*(get_share(first, end) for first, end in shares)))
+
         priming = get(struct.pack("<QQQQ", message_bytes, count, 0, 1))
         await priming.read()  # the server has made its set of messages
         priming.cancel()
-        start = time.perf_counter()
-        await asyncio.gather(*(put_share(first, end) for first, end in shares))
-        put_s = time.perf_counter() - start
-        start = time.perf_counter()
-        received = sum(await asyncio.gather(*(get_share(first, end) for first, end in shares)))
-        get_s = time.perf_counter() - start
-    moved = count * message_bytes
+        moved = count * message_bytes
+        put_phase = await timed_phase(moved, server_cpu, put_all)
+        get_phase = await timed_phase(moved, server_cpu, get_all)
     if received != moved:
         raise RuntimeError(f"plain grpcio returned {received} of {moved} bytes")
-    return moved / put_s / 1e9, received / get_s / 1e9
+    return Round(put=put_phase, get=get_phase)
 
 
 _CALLER_TENSORS: dict[int, tuple[memoryview, memoryview]] = {}

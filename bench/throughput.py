@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,6 +28,7 @@ from rich.table import Table
 
 from kvstore.allocator import tune_allocator
 from kvstore.bench.ceiling import measure_ceiling
+from kvstore.bench.cost import CpuCost, Round, median_cpu, timed_phase
 from kvstore.bench.spawn import spawned_ceiling_server, spawned_server
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
 from kvstore.units import human_bytes, parse_size
@@ -52,6 +53,13 @@ class ThroughputRow:
     copies_get_gbps: float
     copies_put_ratio: float  # median over rounds of kvstore / grpcio + copies
     copies_get_ratio: float
+    # CPU seconds per GB moved, client and server process (medians over rounds).
+    put_cpu: CpuCost
+    get_cpu: CpuCost
+    ceiling_put_cpu: CpuCost
+    ceiling_get_cpu: CpuCost
+    copies_put_cpu: CpuCost
+    copies_get_cpu: CpuCost
 
 
 def layout_for(block_bytes: int) -> KVLayout:
@@ -86,29 +94,39 @@ class KVStoreRounds:
             for first in range(0, self._num_blocks, step)
         ]
 
-    async def run(self) -> tuple[float, float]:
-        """(put GB/s, get GB/s) of one round, checked against what was sent."""
+    async def run(self) -> Round:
+        """One put then one get, each checked against what was sent."""
         num_blocks, client, shares = self._num_blocks, self._client, self._shares
         keys = [f"r{self._round}-b{i}".encode() for i in range(num_blocks)]
         self._round += 1
-        start = time.perf_counter()
-        results = await asyncio.gather(
-            *(client.put_blocks(keys[s], self._source[s], form=KVForm.BLOCKS) for s in shares)
-        )
-        put_s = time.perf_counter() - start
-        committed = sum(result.num_committed for result in results)
+        moved = num_blocks * self._block_bytes
+        committed = got = 0
+
+        async def put_all() -> None:
+            nonlocal committed
+            results = await asyncio.gather(
+                *(client.put_blocks(keys[s], self._source[s], form=KVForm.BLOCKS) for s in shares)
+            )
+            committed = sum(result.num_committed for result in results)
+
+        async def get_all() -> None:
+            nonlocal got
+            counts = await asyncio.gather(
+                *(client.get_into(keys[s], self._dest[s], form=KVForm.BLOCKS) for s in shares)
+            )
+            got = sum(counts)
+
+        put = await timed_phase(moved, self._server_cpu, put_all)
         if committed != num_blocks:
             raise RuntimeError(f"put stored {committed} of {num_blocks} blocks")
-        start = time.perf_counter()
-        got = await asyncio.gather(
-            *(client.get_into(keys[s], self._dest[s], form=KVForm.BLOCKS) for s in shares)
-        )
-        get_s = time.perf_counter() - start
-        if sum(got) != num_blocks or not torch.equal(self._dest[-1], self._source[-1]):
+        get = await timed_phase(moved, self._server_cpu, get_all)
+        if got != num_blocks or not torch.equal(self._dest[-1], self._source[-1]):
             raise RuntimeError("get returned the wrong blocks")
         await client.delete(keys)
-        moved = num_blocks * self._block_bytes
-        return moved / put_s / 1e9, moved / get_s / 1e9
+        return Round(put=put, get=get)
+
+    async def _server_cpu(self) -> float:
+        return (await self._client.stats()).process_cpu_us / 1e6
 
 
 def _namespace(layout: KVLayout) -> Namespace:
@@ -135,7 +153,10 @@ async def measure_size(
         await kvstore.run()  # warms up both processes
         await measure_ceiling(ceiling_target, min(total_bytes, 64 << 20), chunk_bytes)
         await measure_ceiling(ceiling_target, total_bytes, chunk_bytes, with_copies=True)
-        ours, chunked, whole, copies = [], [], [], []
+        ours: list[Round] = []
+        chunked: list[Round] = []
+        whole: list[Round] = []
+        copies: list[Round] = []
         for _ in range(rounds):
             ours.append(await kvstore.run())
             chunked.append(await measure_ceiling(ceiling_target, total_bytes, chunk_bytes, streams))
@@ -148,18 +169,24 @@ async def measure_size(
     median = statistics.median
     return ThroughputRow(
         block_bytes=block_bytes,
-        put_gbps=median(s[0] for s in ours),
-        get_gbps=median(s[1] for s in ours),
-        ceiling_put_gbps=median(s[0] for s in chunked),
-        ceiling_get_gbps=median(s[1] for s in chunked),
-        whole_put_gbps=median(s[0] for s in whole),
-        whole_get_gbps=median(s[1] for s in whole),
-        put_ratio=median(o[0] / c[0] for o, c in zip(ours, chunked, strict=True)),
-        get_ratio=median(o[1] / c[1] for o, c in zip(ours, chunked, strict=True)),
-        copies_put_gbps=median(s[0] for s in copies),
-        copies_get_gbps=median(s[1] for s in copies),
-        copies_put_ratio=median(o[0] / c[0] for o, c in zip(ours, copies, strict=True)),
-        copies_get_ratio=median(o[1] / c[1] for o, c in zip(ours, copies, strict=True)),
+        put_gbps=median(r.put.gbps for r in ours),
+        get_gbps=median(r.get.gbps for r in ours),
+        ceiling_put_gbps=median(r.put.gbps for r in chunked),
+        ceiling_get_gbps=median(r.get.gbps for r in chunked),
+        whole_put_gbps=median(r.put.gbps for r in whole),
+        whole_get_gbps=median(r.get.gbps for r in whole),
+        put_ratio=median(o.put.gbps / c.put.gbps for o, c in zip(ours, chunked, strict=True)),
+        get_ratio=median(o.get.gbps / c.get.gbps for o, c in zip(ours, chunked, strict=True)),
+        copies_put_gbps=median(r.put.gbps for r in copies),
+        copies_get_gbps=median(r.get.gbps for r in copies),
+        copies_put_ratio=median(o.put.gbps / c.put.gbps for o, c in zip(ours, copies, strict=True)),
+        copies_get_ratio=median(o.get.gbps / c.get.gbps for o, c in zip(ours, copies, strict=True)),
+        put_cpu=median_cpu([r.put for r in ours]),
+        get_cpu=median_cpu([r.get for r in ours]),
+        ceiling_put_cpu=median_cpu([r.put for r in chunked]),
+        ceiling_get_cpu=median_cpu([r.get for r in chunked]),
+        copies_put_cpu=median_cpu([r.put for r in copies]),
+        copies_get_cpu=median_cpu([r.get for r in copies]),
     )
 
 
@@ -219,39 +246,95 @@ def run_throughput(args: argparse.Namespace) -> int:
         return 0
     streams = f", {args.streams} streams each" if args.streams > 1 else ""
     table = Table(
-        title=f"kvstore put/get vs plain grpcio (same run, loopback, separate processes{streams})"
+        title=f"kvstore put/get vs plain grpcio, GB/s (same run, loopback, separate "
+        f"processes{streams})"
     )
     for column in (
         "block",
-        "put GB/s",
-        "get GB/s",
-        "grpcio put",
-        "grpcio get",
-        "put ratio",
-        "get ratio",
-        "grpcio whole-block put",
-        "whole-block get",
-        "grpcio + copies put",
-        "+ copies get",
-        "put / + copies",
-        "get / + copies",
+        "op",
+        "kvstore",
+        "grpcio",
+        "kvstore / grpcio",
+        "grpcio whole-block",
+        "grpcio + copies",
+        "kvstore / + copies",
     ):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(
-            human_bytes(row.block_bytes),
-            f"{row.put_gbps:.2f}",
-            f"{row.get_gbps:.2f}",
-            f"{row.ceiling_put_gbps:.2f}",
-            f"{row.ceiling_get_gbps:.2f}",
-            f"{row.put_ratio:.2f}x",
-            f"{row.get_ratio:.2f}x",
-            f"{row.whole_put_gbps:.2f}",
-            f"{row.whole_get_gbps:.2f}",
-            f"{row.copies_put_gbps:.2f}",
-            f"{row.copies_get_gbps:.2f}",
-            f"{row.copies_put_ratio:.2f}x",
-            f"{row.copies_get_ratio:.2f}x",
-        )
-    Console().print(table)
+        for op, gbps, plain, ratio, whole, copies, copies_ratio in (
+            (
+                "put",
+                row.put_gbps,
+                row.ceiling_put_gbps,
+                row.put_ratio,
+                row.whole_put_gbps,
+                row.copies_put_gbps,
+                row.copies_put_ratio,
+            ),
+            (
+                "get",
+                row.get_gbps,
+                row.ceiling_get_gbps,
+                row.get_ratio,
+                row.whole_get_gbps,
+                row.copies_get_gbps,
+                row.copies_get_ratio,
+            ),
+        ):
+            table.add_row(
+                human_bytes(row.block_bytes),
+                op,
+                f"{gbps:.2f}",
+                f"{plain:.2f}",
+                f"{ratio:.2f}x",
+                f"{whole:.2f}",
+                f"{copies:.2f}",
+                f"{copies_ratio:.2f}x",
+            )
+    console = Console()
+    console.print(table)
+    console.print(_cpu_table(rows))
+    cores = os.cpu_count() or 1
+    console.print(
+        f"CPU s/GB is client + server process time (all threads) per GB moved. Both share "
+        f"this machine's {cores} cores, so cores / total s/GB bounds each line's GB/s "
+        f'("bound"); on separate machines the larger side sets the bound instead.'
+    )
     return 0
+
+
+def _cpu_table(rows: list[ThroughputRow]) -> Table:
+    table = Table(title="CPU seconds per GB moved (client / server), and the GB/s it allows")
+    for column in (
+        "block",
+        "op",
+        "kvstore",
+        "bound",
+        "grpcio",
+        "bound",
+        "grpcio + copies",
+        "bound",
+        "kvstore / grpcio total",
+    ):
+        table.add_column(column, justify="right")
+    for row in rows:
+        for op, ours, plain, copies in (
+            ("put", row.put_cpu, row.ceiling_put_cpu, row.copies_put_cpu),
+            ("get", row.get_cpu, row.ceiling_get_cpu, row.copies_get_cpu),
+        ):
+            table.add_row(
+                human_bytes(row.block_bytes),
+                op,
+                *_cpu_cells(ours),
+                *_cpu_cells(plain),
+                *_cpu_cells(copies),
+                f"{ours.total_s_per_gb / plain.total_s_per_gb:.2f}x",
+            )
+    return table
+
+
+def _cpu_cells(cost: CpuCost) -> tuple[str, str]:
+    return (
+        f"{cost.client_s_per_gb:.2f} / {cost.server_s_per_gb:.2f}",
+        f"{cost.bound_gbps():.2f}",
+    )

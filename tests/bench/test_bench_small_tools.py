@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
 from kvstore.bench.ceiling import measure_ceiling
 from kvstore.bench.cli import main as bench_main
+from kvstore.bench.cost import Round, timed_phase
 from kvstore.bench.spawn import spawned_ceiling_server
 from kvstore.bench.throughput import KVStoreRounds, layout_for
 from kvstore.client import ClientOptions, KVClient, Namespace
@@ -45,15 +47,18 @@ def test_throughput_moves_blocks_and_checks_what_came_back(store_target: str, st
     layout = layout_for(block_bytes)
     namespace = Namespace(tenant="bench", model_fingerprint="throughput-test", layout=layout)
 
-    async def two_rounds() -> list[tuple[float, float]]:
+    async def two_rounds() -> list[Round]:
         options = ClientOptions(chunk_bytes=64 << 10)
         async with KVClient(store_target, namespace, options=options) as client:
             kvstore = KVStoreRounds(client, layout, 1 << 20, streams)
             return [await kvstore.run() for _ in range(2)]  # each checks what came back
 
-    for put_gbps, get_gbps in asyncio.run(two_rounds()):
-        assert put_gbps > 0
-        assert get_gbps > 0
+    for round_ in asyncio.run(two_rounds()):
+        for phase in (round_.put, round_.get):
+            assert phase.gbps > 0
+            # The server runs in this process here: both probes read this process's CPU.
+            assert phase.cpu.server_s_per_gb > 0
+            assert phase.cpu.client_s_per_gb > 0
 
 
 def test_throughput_rejects_block_sizes_off_the_token_grid() -> None:
@@ -66,8 +71,32 @@ def test_plain_grpcio_ceiling_moves_every_byte_with_and_without_kvstores_copies(
         for streams in (1, 2):
             for with_copies in (False, True):
                 # measure_ceiling raises unless every byte it asked for came back.
-                put_gbps, get_gbps = asyncio.run(
+                round_ = asyncio.run(
                     measure_ceiling(target, 4 << 20, 256 << 10, streams, with_copies=with_copies)
                 )
-                assert put_gbps > 0
-                assert get_gbps > 0
+                for phase in (round_.put, round_.get):
+                    assert phase.gbps > 0
+                    # The ceiling server is another process: its CPU is its own.
+                    assert phase.cpu.server_s_per_gb > 0
+                    assert phase.cpu.client_s_per_gb > 0
+
+
+def test_a_timed_phase_charges_each_side_its_own_cpu() -> None:
+    readings = iter([1.0, 3.0])  # the server's CPU clock before and after
+
+    async def server_cpu() -> float:
+        return next(readings)
+
+    async def burn_cpu() -> None:
+        start = time.process_time()
+        while time.process_time() - start < 0.05:
+            pass
+
+    start = time.perf_counter()
+    phase = asyncio.run(timed_phase(2_000_000_000, server_cpu, burn_cpu))
+    wall_s = time.perf_counter() - start
+    assert phase.cpu.server_s_per_gb == pytest.approx(1.0)  # 2 s over 2 GB
+    assert 0.025 <= phase.cpu.client_s_per_gb < 1.0
+    assert phase.cpu.total_s_per_gb == pytest.approx(1.0 + phase.cpu.client_s_per_gb)
+    assert phase.cpu.bound_gbps(cores=2) == pytest.approx(2 / phase.cpu.total_s_per_gb)
+    assert phase.gbps >= 2 / wall_s  # timed inside the call, probes left out
