@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import torch
 
+from kvstore.allocator import tune_allocator_once
 from kvstore.checksum import (
     checksum,
 )
@@ -57,6 +58,8 @@ class KVClient:
     ) -> None:
         self.namespace = namespace
         self.options = options or ClientOptions()
+        if self.options.tune_allocator:
+            tune_allocator_once()
         limit = self.options.max_message_bytes
         self._owns_channel = channel is None
         self._channel = channel or grpc.aio.insecure_channel(

@@ -4,8 +4,9 @@ Every gRPC message of a megabyte or more is a fresh allocation. By default glibc
 those with mmap and unmaps them on free, so each message costs a page fault per 4 KiB
 page: on the 2-core reference machine that halved both our throughput and plain
 grpcio's. Raising the mmap and trim thresholds keeps such buffers on the heap, where the
-next message reuses them. The server applies this at start (config `tune_allocator`);
-benchmarks apply it to every process they measure, the plain-grpcio ceiling included.
+next message reuses them. The server applies this at start (config `tune_allocator`),
+the client library when its first client is made (`ClientOptions.tune_allocator`), and
+benchmarks to every process they measure, the plain-grpcio ceiling included.
 """
 
 from __future__ import annotations
@@ -41,3 +42,14 @@ def tune_allocator(
     applied = bool(mallopt(_M_TRIM_THRESHOLD, min(trim_threshold, 2**31 - 1))) and applied
     logger.debug("allocator thresholds %s", "applied" if applied else "rejected")
     return applied
+
+
+_tuned = False
+
+
+def tune_allocator_once() -> None:
+    """`tune_allocator()` with its defaults, at most once per process."""
+    global _tuned
+    if not _tuned:
+        _tuned = True
+        tune_allocator()
