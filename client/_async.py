@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from itertools import chain, repeat
 from types import TracebackType
 
@@ -12,9 +13,7 @@ import numpy as np
 import torch
 
 from kvstore.allocator import tune_allocator_once
-from kvstore.checksum import (
-    checksum,
-)
+from kvstore.checksum import checksums_of_slices
 from kvstore.chunkwire import (
     decode_get_message,
     encode_put_header,
@@ -26,6 +25,7 @@ from kvstore.client._options import ClientOptions
 from kvstore.client._receive import LayerReceiver
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
 from kvstore.client._send import MessageBatch, run_messages
+from kvstore.client._settle import CallSettle
 from kvstore.client._wire import namespace_to_wire
 from kvstore.codec import ByteMap, KVForm, cpu_contiguous
 from kvstore.codec import check_tensor as _check_tensor_core
@@ -81,7 +81,10 @@ class KVClient:
             request_serializer=pb.GetBlocksRequest.SerializeToString,
             response_deserializer=decode_get_message,
         )
-        self._lookup_streams = LookupStreams(self._channel, self.options.lookup_streams)
+        self._settle = CallSettle()
+        self._lookup_streams = LookupStreams(
+            self._channel, self.options.lookup_streams, self._settle
+        )
         self._namespace_wire = namespace_to_wire(namespace)
         self._namespace_bytes = self._namespace_wire.SerializeToString()
         self._layout = namespace.layout
@@ -101,8 +104,18 @@ class KVClient:
         try:
             await self._lookup_streams.close()
         finally:
-            if self._owns_channel:
-                await self._channel.close()
+            try:
+                if self._owns_channel:
+                    await self._channel.close()
+            finally:
+                await self._settle.wait()
+
+    @contextlib.contextmanager
+    def _rpc(self) -> Iterator[None]:
+        """Around every call: gRPC errors become client errors, and a call cancelled
+        midway makes close() wait for gRPC to finish it (kvstore.client._settle)."""
+        with self._settle.tracking(), translate_rpc_errors():
+            yield
 
     # -- keys and lookups -------------------------------------------------------------
 
@@ -130,7 +143,7 @@ class KVClient:
         deadline = loop.time() + self.options.timeouts.lookup
         reply = await self._lookup_streams.lookup(request, deadline)
         if reply is None:
-            with translate_rpc_errors():
+            with self._rpc():
                 reply = await self._stub.LookupPrefix(
                     request, timeout=max(0.0, deadline - loop.time())
                 )
@@ -203,7 +216,7 @@ class KVClient:
                         yield message
             yield batch.flush()
 
-        with translate_rpc_errors():
+        with self._rpc():
             reply = await self._put_blocks(requests(), timeout=self.options.timeouts.transfer)
         return PutResult(
             outcomes=tuple(PutOutcome(value) for value in reply.outcomes),
@@ -264,21 +277,27 @@ class KVClient:
         request = pb.GetBlocksRequest(
             namespace=self._namespace_wire, keys=keys, max_chunk_bytes=self.options.chunk_bytes
         )
-        with translate_rpc_errors():
-            call = self._get_blocks(request, timeout=self.options.timeouts.transfer)
-            receiver: LayerReceiver | None = None
-            async for reply in call:
-                if receiver is None:
-                    receiver = LayerReceiver(
-                        self._layout, reply, dest, form, verify=self.options.verify_checksums
-                    )
-                    if receiver.num_blocks == 0:
-                        return
-                for arrival in receiver.accept(reply):
-                    yield arrival
-            if receiver is not None:
-                for arrival in receiver.finish():
-                    yield arrival
+        call = self._get_blocks(request, timeout=self.options.timeouts.transfer)
+        try:
+            with self._rpc():
+                receiver: LayerReceiver | None = None
+                async for reply in call:
+                    if receiver is None:
+                        receiver = LayerReceiver(
+                            self._layout, reply, dest, form, verify=self.options.verify_checksums
+                        )
+                        if receiver.num_blocks == 0:
+                            return
+                    for arrival in receiver.accept(reply):
+                        yield arrival
+                if receiver is not None:
+                    for arrival in receiver.finish():
+                        yield arrival
+        finally:
+            # A consumer that stops early, or a bad stream, ends the call at once: the
+            # server then frees the blocks it was reading.
+            if call.cancel():
+                self._settle.note_cancel()
 
     # -- control ---------------------------------------------------------------------
 
@@ -286,25 +305,25 @@ class KVClient:
         """Lease the stored blocks among `keys` for `ttl_s`; returns how many were pinned."""
         ttl_ms = max(1, round(ttl_s * 1000))
         request = pb.PinRequest(namespace=self._namespace_wire, keys=keys, ttl_ms=ttl_ms)
-        with translate_rpc_errors():
+        with self._rpc():
             reply = await self._stub.Pin(request, timeout=self.options.timeouts.control)
         return int(reply.num_pinned)
 
     async def unpin(self, keys: list[bytes]) -> int:
         request = pb.UnpinRequest(namespace=self._namespace_wire, keys=keys)
-        with translate_rpc_errors():
+        with self._rpc():
             reply = await self._stub.Unpin(request, timeout=self.options.timeouts.control)
         return int(reply.num_unpinned)
 
     async def delete(self, keys: list[bytes]) -> tuple[int, int]:
         """Delete blocks and their descendants; returns (deleted, left because pinned)."""
         request = pb.DeleteRequest(namespace=self._namespace_wire, keys=keys)
-        with translate_rpc_errors():
+        with self._rpc():
             reply = await self._stub.Delete(request, timeout=self.options.timeouts.control)
         return int(reply.num_deleted), int(reply.num_busy)
 
     async def stats(self) -> pb.StatsResponse:
-        with translate_rpc_errors():
+        with self._rpc():
             reply: pb.StatsResponse = await self._stub.Stats(
                 pb.StatsRequest(), timeout=self.options.timeouts.control
             )
@@ -334,7 +353,7 @@ class LayerPut:
             checksum_kind=client.options.checksum.value,
             blocks=list(zip(self._keys, parents, strict=True)),
         )
-        with translate_rpc_errors():
+        with self._client._rpc():
             await self._call.write([header])
         return self
 
@@ -347,22 +366,19 @@ class LayerPut:
         options = self._client.options
         source = ByteMap(cpu_contiguous(kv_layer), self._layout, KVForm.LAYER)
         layer_bytes = self._layout.layer_bytes
-        with translate_rpc_errors():
+        with self._client._rpc():
             if 2 * layer_bytes <= options.chunk_bytes:
                 per_run = options.chunk_bytes // layer_bytes
                 for start in range(0, len(self._keys), per_run):
                     end = min(len(self._keys), start + per_run)
                     # The tensor holds this layer of every block back to back: one view.
                     data = source.view[start * layer_bytes : end * layer_bytes]
-                    checksums = [
-                        checksum(options.checksum, data[i * layer_bytes : (i + 1) * layer_bytes])
-                        for i in range(end - start)
-                    ]
+                    checksums = checksums_of_slices(options.checksum, data, layer_bytes)
                     await self._call.write(run_parts(5, layer, start, checksums, [data]))
                 self._next_layer += 1
                 return
         batch = MessageBatch(options.chunk_bytes, b"")
-        with translate_rpc_errors():
+        with self._client._rpc():
             for block in range(len(self._keys)):
                 runs = source.runs(block, 0, options.chunk_bytes)
                 for message in batch.add_layer(block, layer, runs, options.checksum):
@@ -380,14 +396,14 @@ class LayerPut:
         assert self._call is not None
         if exc is not None:
             # The server frees whatever this put had reserved.
-            self._call.cancel()
+            self._cancel()
             return
         if self._next_layer != self._layout.num_layers:
-            self._call.cancel()
+            self._cancel()
             raise InvalidArgument(
                 f"layer_put ended after {self._next_layer} of {self._layout.num_layers} layers"
             )
-        with translate_rpc_errors():
+        with self._client._rpc():
             await self._call.done_writing()
             reply = await self._call
         self.result = PutResult(
@@ -395,6 +411,11 @@ class LayerPut:
             num_skipped=0,
             bytes_sent=len(self._keys) * self._layout.block_bytes,
         )
+
+    def _cancel(self) -> None:
+        assert self._call is not None
+        if self._call.cancel():
+            self._client._settle.note_cancel()
 
 
 def _join(parts: list[bytes | memoryview]) -> bytes:

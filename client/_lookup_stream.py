@@ -16,6 +16,7 @@ import asyncio
 import grpc
 
 from kvstore.client._errors import DeadlineExceeded, error_for_code
+from kvstore.client._settle import CallSettle
 from kvstore.v1 import kvstore_pb2 as pb
 
 _METHOD = "/kvstore.v1.KVStore/LookupPrefixStream"
@@ -24,15 +25,12 @@ _OK = grpc.StatusCode.OK.value[0]
 _RETRY_UNSUPPORTED_S = 60.0
 # How long close() lets idle streams end cleanly before it cancels them.
 _CLOSE_GRACE_S = 0.5
-# gRPC finishes a cancelled call's last operations on the event loop a little after
-# the call reports done; a loop closed before then logs "Event loop is closed".
-_CANCEL_SETTLE_S = 0.05
 
 
 class LookupStreams:
     """Up to `max_streams` open streams; a lookup takes an idle one or opens another."""
 
-    def __init__(self, channel: grpc.aio.Channel, max_streams: int) -> None:
+    def __init__(self, channel: grpc.aio.Channel, max_streams: int, settle: CallSettle) -> None:
         self._open_call = channel.stream_stream(
             _METHOD,
             request_serializer=pb.LookupPrefixRequest.SerializeToString,
@@ -42,7 +40,7 @@ class LookupStreams:
         self._idle: list[grpc.aio.StreamStreamCall] = []
         self._in_use: set[grpc.aio.StreamStreamCall] = set()
         self._unsupported_until = 0.0  # loop time
-        self._last_cancel = float("-inf")  # loop time
+        self._settle = settle  # told of every cancelled stream; the client's close waits
         self._closed = False
 
     @property
@@ -95,10 +93,9 @@ class LookupStreams:
         return result.match
 
     async def close(self) -> None:
-        """End every stream, and wait until gRPC is done with them on this event loop.
-
-        Idle streams end cleanly (the server sees the end of the requests and answers
-        OK); a lookup still in flight is cancelled, as closing a channel cancels calls.
+        """End every stream. Idle streams end cleanly (the server sees the end of the
+        requests and answers OK); a lookup still in flight is cancelled, as closing a
+        channel cancels calls. The client's close then waits out the settle time.
         """
         self._closed = True
         idle, self._idle = self._idle, []
@@ -111,10 +108,7 @@ class LookupStreams:
                 task.cancel()  # its call is cancelled in turn
             await asyncio.gather(*endings, return_exceptions=True)
             if stuck:
-                self._last_cancel = asyncio.get_running_loop().time()
-        settle = self._last_cancel + _CANCEL_SETTLE_S - asyncio.get_running_loop().time()
-        if settle > 0:
-            await asyncio.sleep(settle)
+                self._settle.note_cancel()
 
     def _take(self) -> grpc.aio.StreamStreamCall | None:
         if self._closed or not self.supported:
@@ -131,7 +125,7 @@ class LookupStreams:
     def _cancel(self, call: grpc.aio.StreamStreamCall) -> None:
         # gRPC may have cancelled it already (an interrupted read or write does that).
         call.cancel()
-        self._last_cancel = asyncio.get_running_loop().time()
+        self._settle.note_cancel()
 
 
 async def _end(call: grpc.aio.StreamStreamCall) -> None:
