@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -194,6 +196,23 @@ def make_kv_fixture() -> Callable[..., torch.Tensor]:
 @pytest.fixture(name="same_bytes")
 def same_bytes_fixture() -> Callable[[torch.Tensor, torch.Tensor], bool]:
     return same_bytes
+
+
+def run_clean_child(script: str) -> None:
+    """Run `script` in a fresh interpreter: it must print "ok" and log no traceback,
+    gRPC's late callbacks into a closed event loop among them."""
+    finished = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.strip() == "ok"
+    assert "Event loop is closed" not in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+@pytest.fixture(name="run_clean_child")
+def run_clean_child_fixture() -> Callable[[str], None]:
+    return run_clean_child
 
 
 @pytest.fixture(name="poll")

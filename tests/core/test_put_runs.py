@@ -39,6 +39,14 @@ def declared_session(store: BlockStore) -> PutSession:
     return session
 
 
+def stored_layers(store: BlockStore) -> dict[tuple[int, int], bytes]:
+    """Every (block, layer) of KEYS' chain as the store serves it."""
+    read = ReadSession(store, NS, KEYS)
+    got = {(c.block_index, c.layer): b"".join(c.views) for c in read.chunks(1 << 20)}
+    read.close()
+    return got
+
+
 def run_of(layer: int, keys: list[bytes]) -> tuple[bytes, list[int]]:
     parts = [layer_data(key, layer) for key in keys]
     return b"".join(parts), [checksum(KIND, part) for part in parts]
@@ -51,10 +59,7 @@ def test_runs_store_exactly_what_chunks_would() -> None:
         data, checksums = run_of(layer, KEYS)
         session.write_run(0, 3, layer, data, checksums)
     assert session.finish() == [PutOutcome.COMMITTED] * 3
-    read = ReadSession(store, NS, KEYS)
-    got = {(c.block_index, c.layer): b"".join(c.views) for c in read.chunks(1 << 20)}
-    read.close()
-    assert got == {
+    assert stored_layers(store) == {
         (index, layer): layer_data(key, layer)
         for index, key in enumerate(KEYS)
         for layer in range(LAYOUT.num_layers)
@@ -138,10 +143,7 @@ def test_a_run_over_stored_and_new_blocks_writes_only_the_new_ones() -> None:
         PutOutcome.COMMITTED,
     ]
     assert store.dram.arena.free_bytes == free_after_first - 2 * LAYOUT.block_bytes
-    read = ReadSession(store, NS, KEYS)
-    got = {(c.block_index, c.layer): b"".join(c.views) for c in read.chunks(1 << 20)}
-    read.close()
-    assert got == {
+    assert stored_layers(store) == {
         (index, layer): layer_data(key, layer)
         for index, key in enumerate(KEYS)
         for layer in range(LAYOUT.num_layers)
