@@ -260,6 +260,8 @@ class KVClient:
         """Yield each layer of the stored prefix of `keys` as soon as it has fully arrived.
 
         Without `dest`, each arrival carries a fresh `[num_blocks, 2, T, H, D]` tensor.
+        A consumer that may stop early should close the iterator (`contextlib.aclosing`)
+        so the server stops reading at once, not when the iterator is collected.
         """
         return self._stream(keys, dest, form)
 
@@ -294,8 +296,8 @@ class KVClient:
                     for arrival in receiver.finish():
                         yield arrival
         finally:
-            # A consumer that stops early, or a bad stream, ends the call at once: the
-            # server then frees the blocks it was reading.
+            # A consumer that stops early (once this generator is closed), or a bad
+            # stream, ends the call: the server then frees the blocks it was reading.
             if call.cancel():
                 self._settle.note_cancel()
 
@@ -346,15 +348,22 @@ class LayerPut:
 
     async def __aenter__(self) -> LayerPut:
         client = self._client
-        self._call = client._put_blocks(timeout=client.options.timeouts.transfer)
         parents = [self._parent_key, *self._keys[:-1]]
         header = encode_put_header(
             namespace=client._namespace_bytes,
             checksum_kind=client.options.checksum.value,
             blocks=list(zip(self._keys, parents, strict=True)),
         )
-        with self._client._rpc():
-            await self._call.write([header])
+        self._call = client._put_blocks(timeout=client.options.timeouts.transfer)
+        # In flight from here to __aexit__, also between layers: close() waits for it.
+        client._settle.opened()
+        try:
+            with client._rpc():
+                await self._call.write([header])
+        except BaseException:
+            self._cancel()
+            client._settle.closed()
+            raise
         return self
 
     async def send_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
@@ -394,10 +403,25 @@ class LayerPut:
         traceback: TracebackType | None,
     ) -> None:
         assert self._call is not None
+        try:
+            reply = await self._finish(exc)
+        finally:
+            self._client._settle.closed()
+        if reply is None:
+            return
+        self.result = PutResult(
+            outcomes=tuple(PutOutcome(value) for value in reply.outcomes),
+            num_skipped=0,
+            bytes_sent=len(self._keys) * self._layout.block_bytes,
+        )
+
+    async def _finish(self, exc: BaseException | None) -> pb.PutBlocksResponse | None:
+        """The server's reply, or None when the put was abandoned because of `exc`."""
+        assert self._call is not None
         if exc is not None:
             # The server frees whatever this put had reserved.
             self._cancel()
-            return
+            return None
         if self._next_layer != self._layout.num_layers:
             self._cancel()
             raise InvalidArgument(
@@ -405,12 +429,8 @@ class LayerPut:
             )
         with self._client._rpc():
             await self._call.done_writing()
-            reply = await self._call
-        self.result = PutResult(
-            outcomes=tuple(PutOutcome(value) for value in reply.outcomes),
-            num_skipped=0,
-            bytes_sent=len(self._keys) * self._layout.block_bytes,
-        )
+            reply: pb.PutBlocksResponse = await self._call
+        return reply
 
     def _cancel(self) -> None:
         assert self._call is not None

@@ -30,23 +30,39 @@ class CallSettle:
     def note_cancel(self) -> None:
         self._last_cancel = time.monotonic()
 
+    def opened(self) -> None:
+        """A call that outlives one await (an open layer put) has started."""
+        self.in_flight += 1
+
+    def closed(self) -> None:
+        self.in_flight -= 1
+
     @contextlib.contextmanager
     def tracking(self) -> Iterator[None]:
-        """Around a call: counts it in flight, and notes it if it is cancelled or, in
-        an async generator, abandoned by its consumer."""
-        self.in_flight += 1
+        """Around one awaited call: counts it in flight, and notes it if cancelled.
+
+        An async generator whose consumer stops early notes its own cancel (see
+        KVClient._stream): only there is it known whether the call was still running.
+        """
+        self.opened()
         try:
             yield
-        except (asyncio.CancelledError, GeneratorExit):
+        except asyncio.CancelledError:
             self.note_cancel()
             raise
         finally:
-            self.in_flight -= 1
+            self.closed()
 
     async def wait(self) -> None:
-        """Sleep until gRPC has had time to finish every call cancelled so far."""
+        """Sleep until gRPC has had time to finish every call cancelled so far.
+
+        Calls still in flight end now too: closing the client's own channel cancels
+        them, and on a shared channel they may finish at any moment.
+        """
         if self.in_flight:
-            self.note_cancel()  # closing the channel cancels them
+            self.note_cancel()
         remaining = self._last_cancel + SETTLE_S - time.monotonic()
-        if remaining > 0:
+        while remaining > 0:
             await asyncio.sleep(remaining)
+            # Cancels noted meanwhile (async-generator finalizers) extend the wait.
+            remaining = self._last_cancel + SETTLE_S - time.monotonic()

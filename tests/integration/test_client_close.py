@@ -3,7 +3,7 @@
 gRPC finishes a cancelled call on the event loop a moment later; if the loop has closed,
 it logs "Event loop is closed" with a traceback. A child process runs one client per
 event loop, cancels each kind of call at points across its round trip, and closes the
-client and the loop at once.
+client and the loop at once, or closes the client with the call still in flight.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ async def first_layer_only(client):
     async for arrival in client.iter_layers(keys, form=KVForm.BLOCKS):
         return arrival  # stops the stream after layer 0
 
+
 CALLS = {
     "unary lookup": lambda client: client.lookup_keys(keys),
     "get": lambda client: client.get_into(keys, torch.empty_like(kv), form=KVForm.BLOCKS),
@@ -47,18 +48,44 @@ CALLS = {
 }
 
 async def cancel_after(name, delay_s, cancel):
-    options = ClientOptions(lookup_streams=0)
-    async with KVClient(target, namespace, options=options) as client:
-        task = asyncio.create_task(CALLS[name](client))
-        await asyncio.sleep(delay_s)
-        if cancel:
-            task.cancel()  # else the call is still in flight when the client closes
+    client = KVClient(target, namespace, options=ClientOptions(lookup_streams=0))
+    task = asyncio.create_task(CALLS[name](client))
+    await asyncio.sleep(delay_s)
+    if cancel:
+        task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+    else:
+        await client.close()  # the call still in flight, unless it finished already
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+# A prefill worker's layer put, waiting for its next layer when the client closes.
+async def close_between_layers(cancel):
+    client = KVClient(target, namespace)
+    between = asyncio.Event()
+
+    async def layer_put():
+        async with client.layer_put([b"l%d-%d" % (next(fresh), i) for i in range(8)]) as put:
+            await put.send_layer(0, kv[:, 0])
+            between.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(layer_put())
+    await between.wait()
+    if cancel:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await client.close()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 asyncio.run(put_once())
 for name in CALLS:
     for step in range(16):
         asyncio.run(cancel_after(name, step * 0.000125, cancel=step % 4 != 3))
+for step in range(24):
+    asyncio.run(close_between_layers(cancel=step % 3 == 0))
 server_loop.run(running.drain())
 server_loop.stop()
 print("ok")
