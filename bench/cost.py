@@ -30,8 +30,16 @@ class CpuCost:
         return self.client_s_per_gb + self.server_s_per_gb
 
     def bound_gbps(self, cores: int | None = None) -> float:
-        """The most GB/s both processes could move on `cores` cores at this cost."""
-        return (cores or os.cpu_count() or 1) / self.total_s_per_gb
+        """The most GB/s both processes could move on `cores` cores (default: those
+        this process may run on) at this cost."""
+        return (usable_cores() if cores is None else cores) / self.total_s_per_gb
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), not all the machine has."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +59,15 @@ class Round:
 async def timed_phase(
     nbytes: int, server_cpu: ServerCpu, work: Callable[[], Awaitable[object]]
 ) -> Phase:
-    """Run `work`, which moves `nbytes`; the CPU probes sit outside the timed span."""
-    client_before, server_before = time.process_time(), await server_cpu()
+    """Run `work`, which moves `nbytes`. The probes sit outside the timed span, and the
+    server is read first and last, so the client's side of a probe is not counted."""
+    server_before = await server_cpu()
+    client_before = time.process_time()
     start = time.perf_counter()
     await work()
     elapsed = time.perf_counter() - start
-    client_after, server_after = time.process_time(), await server_cpu()
+    client_after = time.process_time()
+    server_after = await server_cpu()
     gigabytes = nbytes / 1e9
     return Phase(
         gbps=gigabytes / elapsed,

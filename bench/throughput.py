@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -28,7 +27,7 @@ from rich.table import Table
 
 from kvstore.allocator import tune_allocator
 from kvstore.bench.ceiling import measure_ceiling
-from kvstore.bench.cost import CpuCost, Round, median_cpu, timed_phase
+from kvstore.bench.cost import CpuCost, Round, median_cpu, timed_phase, usable_cores
 from kvstore.bench.spawn import spawned_ceiling_server, spawned_server
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
 from kvstore.units import human_bytes, parse_size
@@ -294,7 +293,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     console.print(_cpu_table(rows))
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     console.print(
         f"CPU s/GB is client + server process time (all threads) per GB moved. Both share "
         f"this machine's {cores} cores, so cores / total s/GB bounds each line's GB/s "

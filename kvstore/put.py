@@ -217,7 +217,9 @@ class PutSession:
                 block.layer_expected[layer] = expected
                 block.layer_filled[layer] = layer_bytes
                 self._finish_layer(block, layer, got)  # raises at the first mismatch
-        # The common case, one block-layer per iteration: _finish_layer's work, inlined.
+            raise AssertionError("unreachable: the lists differ, so one checksum does")
+        # Every checksum matched: _finish_layer's work, inlined. A layer sent whole was
+        # never started by a chunk (layer_filled was 0), so it has no hasher to drop.
         num_layers = layout.num_layers
         for block, got in zip(blocks, actual, strict=True):
             block.layer_filled[layer] = layer_bytes

@@ -112,6 +112,23 @@ def test_a_layer_sent_twice_is_invalid() -> None:
     session.abort()
 
 
+def test_a_bad_checksum_in_a_last_layer_keeps_the_blocks_before_it() -> None:
+    store = fresh_store()
+    session = declared_session(store)
+    data, checksums = run_of(0, KEYS)
+    session.write_run(0, 3, 0, data, checksums)
+    data, checksums = run_of(1, KEYS)
+    checksums[1] ^= 1
+    with pytest.raises(ChecksumMismatch, match="block 1"):
+        session.write_run(0, 3, 1, data, checksums)
+    session.abort()
+    assert store.counters.checksum_failures == 1
+    # Block 0 was complete and verified before the bad layer of block 1 was reached.
+    assert store.lookup(NS, KEYS).num_matched == 1
+    assert store.lookup(NS, KEYS[2:]).num_matched == 0, "block 2 was whole too, but stays out"
+    assert store.dram.arena.free_bytes == store.dram.arena.capacity_bytes - LAYOUT.block_bytes
+
+
 def test_a_bad_checksum_in_a_run_is_data_loss() -> None:
     store = fresh_store()
     session = declared_session(store)
