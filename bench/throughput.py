@@ -134,19 +134,27 @@ def _namespace(layout: KVLayout) -> Namespace:
     )
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """What `kvstore-bench throughput` measures: each block size in turn."""
+
+    block_sizes: list[int]
+    total_bytes: int  # moved per round and size
+    rounds: int
+    chunk_bytes: int
+    streams: int = 1  # concurrent puts and gets, for kvstore and plain grpcio alike
+    # False measures clients on glibc's default allocator (the servers stay tuned).
+    tune_client_allocator: bool = True
+
+
 async def measure_size(
-    target: str,
-    ceiling_target: str,
-    block_bytes: int,
-    total_bytes: int,
-    rounds: int,
-    chunk_bytes: int,
-    streams: int = 1,
+    target: str, ceiling_target: str, block_bytes: int, sweep: Sweep
 ) -> ThroughputRow:
     """kvstore and plain grpcio take turns, round by round; medians of each and of the
     per-round ratios, so a change in the shared machine's speed lands on both sides."""
     layout = layout_for(block_bytes)
-    options = ClientOptions(chunk_bytes=chunk_bytes)
+    total_bytes, chunk_bytes, streams = sweep.total_bytes, sweep.chunk_bytes, sweep.streams
+    options = ClientOptions(chunk_bytes=chunk_bytes, tune_allocator=sweep.tune_client_allocator)
     async with KVClient(target, _namespace(layout), options=options) as client:
         kvstore = KVStoreRounds(client, layout, total_bytes, streams)
         await kvstore.run()  # warms up both processes
@@ -156,7 +164,7 @@ async def measure_size(
         chunked: list[Round] = []
         whole: list[Round] = []
         copies: list[Round] = []
-        for _ in range(rounds):
+        for _ in range(sweep.rounds):
             ours.append(await kvstore.run())
             chunked.append(await measure_ceiling(ceiling_target, total_bytes, chunk_bytes, streams))
             whole.append(await measure_ceiling(ceiling_target, total_bytes, block_bytes, streams))
@@ -189,10 +197,10 @@ async def measure_size(
     )
 
 
-def run_sweep(
-    block_sizes: list[int], total_bytes: int, rounds: int, chunk_bytes: int, streams: int = 1
-) -> list[ThroughputRow]:
-    dram = max(2 * total_bytes + (256 << 20), 1 << 30)
+def run_sweep(sweep: Sweep) -> list[ThroughputRow]:
+    if sweep.tune_client_allocator:
+        tune_allocator()  # this process runs both clients: kvstore's and the ceiling's
+    dram = max(2 * sweep.total_bytes + (256 << 20), 1 << 30)
     with (
         spawned_server(
             ["--dram-bytes", str(dram), "--page-bytes", "1MiB", "--log-level", "warning"]
@@ -200,12 +208,8 @@ def run_sweep(
         spawned_ceiling_server() as ceiling_target,
     ):
         return [
-            asyncio.run(
-                measure_size(
-                    target, ceiling_target, size, total_bytes, rounds, chunk_bytes, streams
-                )
-            )
-            for size in block_sizes
+            asyncio.run(measure_size(target, ceiling_target, size, sweep))
+            for size in sweep.block_sizes
         ]
 
 
@@ -224,16 +228,28 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
         help="concurrent streams per put and get, for kvstore and plain grpcio alike",
     )
     parser.add_argument("--chunk", default="1MiB", help="stream message payload size")
+    parser.add_argument(
+        "--untuned-clients",
+        action="store_true",
+        help="leave this process's allocator at glibc's defaults, as a worker with "
+        "ClientOptions(tune_allocator=False) runs; both clients run here, the servers "
+        "stay tuned",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run_throughput(args: argparse.Namespace) -> int:
-    tune_allocator()  # this process runs both clients: kvstore's and the ceiling's
-    block_sizes = [parse_size(part) for part in args.block_sizes.split(",")]
     if args.streams < 1:
         raise SystemExit("--streams must be at least 1")
     rows = run_sweep(
-        block_sizes, parse_size(args.total), args.rounds, parse_size(args.chunk), args.streams
+        Sweep(
+            block_sizes=[parse_size(part) for part in args.block_sizes.split(",")],
+            total_bytes=parse_size(args.total),
+            rounds=args.rounds,
+            chunk_bytes=parse_size(args.chunk),
+            streams=args.streams,
+            tune_client_allocator=not args.untuned_clients,
+        )
     )
     if args.json:
         print(
@@ -244,9 +260,10 @@ def run_throughput(args: argparse.Namespace) -> int:
         )
         return 0
     streams = f", {args.streams} streams each" if args.streams > 1 else ""
+    untuned = ", clients on glibc's default allocator" if args.untuned_clients else ""
     table = Table(
         title=f"kvstore put/get vs plain grpcio, GB/s (same run, loopback, separate "
-        f"processes{streams})"
+        f"processes{streams}{untuned})"
     )
     for column in (
         "block",

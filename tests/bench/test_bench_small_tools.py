@@ -100,3 +100,27 @@ def test_a_timed_phase_charges_each_side_its_own_cpu() -> None:
     assert phase.cpu.total_s_per_gb == pytest.approx(1.0 + phase.cpu.client_s_per_gb)
     assert phase.cpu.bound_gbps(cores=2) == pytest.approx(2 / phase.cpu.total_s_per_gb)
     assert phase.gbps >= 2 / wall_s  # timed inside the call, probes left out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("untuned", [False, True])
+def test_throughput_command_reports_speed_and_cpu_for_every_line(
+    untuned: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["throughput", "--block-sizes", "128KiB", "--total", "2MiB", "--rounds", "1"]
+    args += ["--chunk", "64KiB", "--json", *(["--untuned-clients"] if untuned else [])]
+    assert bench_main(args) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["block_bytes"] == 128 << 10
+    for line in ("", "ceiling_", "whole_", "copies_"):
+        assert row[f"{line}put_gbps"] > 0
+        assert row[f"{line}get_gbps"] > 0
+    for line in ("", "ceiling_", "copies_"):
+        for op in ("put", "get"):
+            cost = row[f"{line}{op}_cpu"]
+            # kvstore's server is another process here, as the ceiling's is.
+            assert cost["client_s_per_gb"] > 0
+            assert cost["server_s_per_gb"] > 0
+    # One round: each ratio is that round's ratio of the two speeds.
+    assert row["put_ratio"] == pytest.approx(row["put_gbps"] / row["ceiling_put_gbps"])
+    assert row["get_ratio"] == pytest.approx(row["get_gbps"] / row["ceiling_get_gbps"])
