@@ -45,7 +45,7 @@ class ClientOptions:
     lookup_streams: int = 4
     # Raise glibc's mmap and trim thresholds for this process (kvstore.allocator), as the
     # server does: otherwise every megabyte message is mmapped, page-faulted in and
-    # unmapped again, which cost puts about 40 % of their speed on the reference machine.
+    # unmapped again, which cost puts about 45 % of their speed on the reference machine.
     # It is process-wide and keeps freed heap memory for reuse; set False if the host
     # process tunes its allocator itself.
     tune_allocator: bool = True
