@@ -321,8 +321,12 @@ def server_delta(
         "tiers": tiers,
         **{
             key: getattr(after, key) - (getattr(before, key) if before is not None else 0)
-            for key in ("lookups", "blocks_put", "blocks_got")
+            for key in ("lookups", "blocks_put", "blocks_got", "bytes_put", "bytes_got")
         },
+        # The daemon's CPU over the run; without a reading before it, unknown.
+        "cpu_s": (
+            (after.process_cpu_us - before.process_cpu_us) / 1e6 if before is not None else None
+        ),
     }
 
 
@@ -378,7 +382,7 @@ def print_report(report: LoadReport, console: Console | None = None) -> None:
             errors.add_row(code, str(report.errors_by_code.get(code, 0)), ", ".join(parts))
         console.print(errors)
     if report.server is not None:
-        console.print(_server_table(report.server))
+        console.print(_server_table(report.server, report.wall_s))
 
 
 def _milliseconds(value: float) -> str:
@@ -417,8 +421,9 @@ def _hit_table(report: LoadReport) -> Table:
     return hits
 
 
-def _server_table(server: dict[str, Any]) -> Table:
+def _server_table(server: dict[str, Any], wall_s: float) -> Table:
     table = Table(title="server tiers (change over the run)")
+    table.caption = server_cpu_summary(server, wall_s)
     for column in ("tier", "used", "capacity", "blocks", "hits", "misses", "evictions"):
         table.add_column(column, justify="left" if column == "tier" else "right")
     for tier in server["tiers"]:
@@ -432,3 +437,15 @@ def _server_table(server: dict[str, Any]) -> Table:
             str(tier["evictions"]),
         )
     return table
+
+
+def server_cpu_summary(server: dict[str, Any], wall_s: float) -> str | None:
+    """The daemon's CPU over the run: what sizing a deployment for this load needs."""
+    cpu_s = server.get("cpu_s")
+    if cpu_s is None or wall_s <= 0:
+        return None
+    line = f"server CPU {cpu_s:.1f} s in {wall_s:.1f} s ({cpu_s / wall_s:.0%} of one core)"
+    moved = server["bytes_put"] + server["bytes_got"]
+    if moved:
+        line += f", {cpu_s / (moved / 1e9):.2f} s per GB put or got"
+    return line

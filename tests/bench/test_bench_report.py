@@ -17,6 +17,7 @@ from kvstore.bench.report import (
     build_report,
     merge_results,
     print_report,
+    server_cpu_summary,
     server_delta,
 )
 from kvstore.bench.workload import WorkerResult
@@ -182,15 +183,27 @@ def test_hit_groups_are_reported_separately() -> None:
 
 def test_server_delta_subtracts_earlier_traffic() -> None:
     before = pb.StatsResponse(
-        tiers=[pb.TierStats(name="dram", hits=5, misses=1, evictions=2)], lookups=10
+        tiers=[pb.TierStats(name="dram", hits=5, misses=1, evictions=2)],
+        lookups=10,
+        bytes_put=1 << 30,
+        process_cpu_us=7_000_000,
     )
     after = pb.StatsResponse(
         tiers=[pb.TierStats(name="dram", hits=8, misses=4, evictions=2, capacity_bytes=99)],
         lookups=15,
+        bytes_put=(1 << 30) + 2_000_000_000,
+        bytes_got=1_000_000_000,
+        process_cpu_us=10_000_000,
     )
     delta = server_delta(before, after)
     assert delta is not None
     assert delta["lookups"] == 5
+    assert (delta["bytes_put"], delta["bytes_got"]) == (2_000_000_000, 1_000_000_000)
+    assert delta["cpu_s"] == pytest.approx(3.0)
+    assert server_cpu_summary(delta, 6.0) == (
+        "server CPU 3.0 s in 6.0 s (50% of one core), 1.00 s per GB put or got"
+    )
+    assert server_delta(None, after)["cpu_s"] is None, "since start is not the run's"
     (tier,) = delta["tiers"]
     assert (tier["hits"], tier["misses"], tier["evictions"]) == (3, 3, 0)
     assert tier["capacity_bytes"] == 99
