@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from kvstore.checksum import ChecksumKind, checksum, checksum_of_parts
+from kvstore.checksum import ChecksumKind, checksum_of_parts, checksums_of
 from kvstore.chunkwire import chunk_parts, encode_put_header, run_parts
 from kvstore.codec import ByteMap
 from kvstore.layout import KVLayout
@@ -43,7 +43,7 @@ def run_messages(
             whole_layers = source.run_views(start, end, layer)
             if whole_layers is not None:
                 views += whole_layers
-                checksums = [checksum(kind, view) for view in whole_layers]
+                checksums = checksums_of(kind, whole_layers)
             else:
                 for index in range(start, end):
                     pieces = source.layer_parts(index, layer)

@@ -58,15 +58,20 @@ def new_hasher(kind: ChecksumKind) -> Hasher:
 
 
 def checksum(kind: ChecksumKind, data: bytes | memoryview) -> int:
-    if kind is ChecksumKind.XXH3_64:
-        return int(xxhash.xxh3_64_intdigest(data))
-    return int(crc32c.crc32c(data))
+    return int(_DIGESTS[kind](data))
+
+
+def checksums_of(kind: ChecksumKind, parts: Sequence[bytes | memoryview]) -> list[int]:
+    """The checksum of each part on its own (the layers of a run)."""
+    digest = _DIGESTS[kind]
+    return [digest(part) for part in parts]
 
 
 def checksums_of_slices(kind: ChecksumKind, data: memoryview, nbytes: int) -> list[int]:
     """The checksum of each consecutive `nbytes` slice of `data` (a run of layers)."""
-    digest = _DIGESTS[kind]
-    return [digest(data[start : start + nbytes]) for start in range(0, len(data), nbytes)]
+    return checksums_of(
+        kind, [data[start : start + nbytes] for start in range(0, len(data), nbytes)]
+    )
 
 
 def checksum_of_parts(kind: ChecksumKind, parts: Sequence[bytes | memoryview]) -> int:
