@@ -276,7 +276,7 @@ def _decode_block_header(buffer: memoryview, start: int, end: int) -> WireBlockH
     return WireBlockHeader(key, parent_key)
 
 
-def decode_put_message(data: bytes) -> PutMessage:
+def decode_put_message(data: bytes | memoryview) -> PutMessage:
     buffer = memoryview(data)
     reader = _Reader(buffer)
     message = PutMessage()
@@ -324,7 +324,7 @@ def _decode_run(buffer: memoryview, start: int, end: int) -> WireRun:
     return WireRun(values[1], values[2], values[3], data, checksums)
 
 
-def decode_get_message(data: bytes) -> GetMessage:
+def decode_get_message(data: bytes | memoryview) -> GetMessage:
     buffer = memoryview(data)
     reader = _Reader(buffer)
     message = GetMessage()

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from kvstore.allocator import tune_allocator
 from kvstore.mover import TierMover
 from kvstore.server.config import ServerConfig
+from kvstore.server.dataplane import DataPlane
 from kvstore.server.handlers import add_kvstore_service
 from kvstore.server.servicer import KVStoreServicer
 from kvstore.store import BlockStore
@@ -32,6 +33,7 @@ class RunningServer:
     servicer: KVStoreServicer
     health: health.aio.HealthServicer
     config: ServerConfig
+    data_plane: DataPlane | None
 
     async def drain(self) -> None:
         """Stop taking new work, let streams in flight finish, then stop."""
@@ -41,7 +43,11 @@ class RunningServer:
         )
         self.servicer.start_draining()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.limits.drain_grace_s)
+        grace_s = self.config.limits.drain_grace_s
+        if self.data_plane is not None:
+            await asyncio.gather(self.server.stop(grace_s), self.data_plane.drain(grace_s))
+        else:
+            await self.server.stop(grace_s)
         if self.store.ssd is not None:
             flushed = await self.mover.flush_all()
             logger.info("flushed %d blocks to SSD", flushed)
@@ -79,18 +85,27 @@ async def build_server(config: ServerConfig) -> RunningServer:
         raise OSError(f"cannot listen on {config.listen}: {error}") from error
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
+    data_plane = None
+    if config.data_port >= 0:
+        data_plane = DataPlane(servicer, config.limits)
+        try:
+            servicer.data_plane_port = await data_plane.start(config.listen_host, config.data_port)
+        except OSError:
+            await mover.close()
+            raise
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info(
-        "serving kvstore.v1 on %s (port %d); tiers: %s; eviction %s, %s",
+        "serving kvstore.v1 on %s (port %d), data plane %s; tiers: %s; eviction %s, %s",
         config.listen,
         port,
+        f"on port {servicer.data_plane_port}" if data_plane is not None else "off",
         ", ".join(f"{tier.name} {tier.capacity_bytes >> 20} MiB" for tier in store.report().tiers),
         config.store.eviction_policy,
         config.store.write_policy if store.ssd is not None else "no SSD",
     )
-    return RunningServer(server, port, store, mover, servicer, health_servicer, config)
+    return RunningServer(server, port, store, mover, servicer, health_servicer, config, data_plane)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -4,6 +4,8 @@ Flags override the file; the file overrides the defaults. This is the only modul
 reads configuration from outside (files, flags); components receive their own part.
 
     listen = "127.0.0.1:50051"
+    data_port = 0                # TCP data plane for put/get bytes, on listen's host;
+                                 # 0: any free port (clients ask over gRPC), -1: off
     log_level = "info"
     tune_allocator = true        # keep megabyte message buffers on the heap
 
@@ -76,6 +78,9 @@ class Limits:
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
+    # The TCP data plane (kvstore.datawire) listens on listen's host at this port; 0
+    # takes any free port (clients learn it over gRPC), -1 turns it off.
+    data_port: int = 0
     log_level: str = "info"
     # Keep megabyte message buffers on the heap (see kvstore.allocator).
     tune_allocator: bool = True
@@ -87,6 +92,17 @@ class ServerConfig:
             raise InvalidRequest(f"log_level must be one of {_LOG_LEVELS}, got {self.log_level!r}")
         if ":" not in self.listen:
             raise InvalidRequest(f"listen must be HOST:PORT, got {self.listen!r}")
+        if not -1 <= self.data_port <= 65535:
+            raise InvalidRequest(
+                f"data_port must be a port, 0 for any free port or -1 for none, "
+                f"got {self.data_port}"
+            )
+
+    @property
+    def listen_host(self) -> str:
+        """The host part of `listen`, without IPv6 brackets."""
+        host = self.listen.rsplit(":", 1)[0]
+        return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def parse_size(value: str | int) -> int:
@@ -161,6 +177,11 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML config file (flags override it)")
     parser.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:50051)")
+    parser.add_argument(
+        "--data-port",
+        type=int,
+        help="TCP data plane port on the listen host (default 0: any free port; -1: off)",
+    )
     parser.add_argument("--dram-bytes", dest="store.dram_bytes", help="DRAM tier size, e.g. 4GiB")
     parser.add_argument("--page-bytes", dest="store.page_bytes", help="DRAM arena page size")
     parser.add_argument(
@@ -203,6 +224,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     overrides = {
         key: value
         for key, value in vars(args).items()
-        if key in {"listen", "log_level", "tune_allocator"} or "." in key
+        if key in {"listen", "data_port", "log_level", "tune_allocator"} or "." in key
     }
     return load_config(args.config, overrides)

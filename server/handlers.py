@@ -60,6 +60,7 @@ def method_handlers(servicer: KVStoreServicer) -> dict[str, Any]:
         "Unpin": unary(servicer.Unpin, _parser(pb.UnpinRequest), _serialize),
         "Delete": unary(servicer.Delete, _parser(pb.DeleteRequest), _serialize),
         "Stats": unary(servicer.Stats, _parser(pb.StatsRequest), _serialize),
+        "GetDataPlane": unary(servicer.GetDataPlane, _parser(pb.DataPlaneRequest), _serialize),
     }
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
 import grpc
@@ -19,6 +20,7 @@ from kvstore.chunkwire import (
     encode_get_header,
     run_parts,
 )
+from kvstore.datawire import VERSION as DATAPLANE_VERSION
 from kvstore.errors import InvalidRequest
 from kvstore.mover import TierMover
 from kvstore.put import PutOutcome, PutSession
@@ -48,6 +50,7 @@ class KVStoreServicer:
         self._limits = limits
         self._idle_lookup_streams: set[asyncio.Task[object]] = set()
         self.draining = False
+        self.data_plane_port = 0  # set once the data plane listens; 0: none
 
     def start_draining(self) -> None:
         """Refuse new RPCs, and end lookup streams that wait for their next request."""
@@ -178,9 +181,22 @@ class KVStoreServicer:
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.PutBlocksResponse:
         await self._refuse_if_draining(context)
+        try:
+            return await self.put_stream(request_iterator)
+        except Exception as error:
+            code, message = status_for(error)
+            await context.abort(code, message)
+            raise AssertionError("unreachable") from error
+
+    async def put_stream(self, messages: AsyncIterator[bytes | memoryview]) -> pb.PutBlocksResponse:
+        """A whole put, whatever carries it (gRPC or the data plane); raises on bad input.
+
+        Each message is applied before the next is read, so it may be a view into a
+        buffer that the transport reuses.
+        """
         session: PutSession | None = None
         try:
-            async for raw in request_iterator:
+            async for raw in messages:
                 request = decode_put_message(raw)
                 if session is None:
                     session = self._open_put(request)
@@ -194,10 +210,6 @@ class KVStoreServicer:
                 outcomes=[outcome.value for outcome in outcomes],  # type: ignore[misc]
                 num_committed=sum(1 for outcome in outcomes if outcome is PutOutcome.COMMITTED),
             )
-        except Exception as error:
-            code, message = status_for(error)
-            await context.abort(code, message)
-            raise AssertionError("unreachable") from error
         finally:
             # A cancelled or failed stream frees whatever it had reserved.
             if session is not None:
@@ -230,6 +242,23 @@ class KVStoreServicer:
     ) -> AsyncIterator[list[bytes | memoryview]]:
         """Yields each message as wire parts; arena views stay valid while the session is open."""
         await self._refuse_if_draining(context)
+        try:
+            # Closed at once when the client cancels, so the blocks are unpinned then.
+            async with contextlib.aclosing(self.get_stream(request)) as messages:
+                async for parts in messages:
+                    yield parts
+        except Exception as error:
+            code, message_text = status_for(error)
+            await context.abort(code, message_text)
+
+    async def get_stream(
+        self, request: pb.GetBlocksRequest | MalformedRequest
+    ) -> AsyncGenerator[list[bytes | memoryview], None]:
+        """A whole get as wire parts, whatever carries it; raises on bad input.
+
+        The blocks stay pinned, and the arena views valid, until the generator is
+        closed: the transport sends each message before it asks for the next.
+        """
         session: ReadSession | None = None
         try:
             if isinstance(request, MalformedRequest):
@@ -256,12 +285,18 @@ class KVStoreServicer:
                 messages = _chunk_messages(session, chunk_bytes, header, kind)
             for parts in messages:
                 yield parts
-        except Exception as error:
-            code, message_text = status_for(error)
-            await context.abort(code, message_text)
         finally:
             if session is not None:
                 session.close()
+
+    async def GetDataPlane(
+        self, request: pb.DataPlaneRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DataPlaneResponse:
+        def handle() -> pb.DataPlaneResponse:
+            reject_unknown_fields(request, "DataPlaneRequest")
+            return pb.DataPlaneResponse(port=self.data_plane_port, version=DATAPLANE_VERSION)
+
+        return await self._unary(request, context, handle)
 
 
 def _run_messages(

@@ -830,3 +830,47 @@ class StatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class DataPlaneRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataPlaneRequest: _TypeAlias = DataPlaneRequest  # noqa: Y015
+
+@_typing.final
+class DataPlaneResponse(_message.Message):
+    """Where the server's TCP data plane listens: a second path for the bytes of puts and
+    gets, framed as kvstore.datawire describes, that skips HTTP/2 and gRPC's copies.
+    Lookups, pins and everything else stay on gRPC.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PORT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    port: _builtins.int
+    """on the host the client reached this server at; 0: none"""
+    version: _builtins.int
+    """the framing version the data plane speaks"""
+    def __init__(
+        self,
+        *,
+        port: _builtins.int = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataPlaneResponse: _TypeAlias = DataPlaneResponse  # noqa: Y015

@@ -45,6 +45,7 @@ class KVStoreStub:
     Unpin: _grpc.UnaryUnaryMultiCallable[_kvstore_pb2.UnpinRequest, _kvstore_pb2.UnpinResponse]
     Delete: _grpc.UnaryUnaryMultiCallable[_kvstore_pb2.DeleteRequest, _kvstore_pb2.DeleteResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_kvstore_pb2.StatsRequest, _kvstore_pb2.StatsResponse]
+    GetDataPlane: _grpc.UnaryUnaryMultiCallable[_kvstore_pb2.DataPlaneRequest, _kvstore_pb2.DataPlaneResponse]
 
 @_typing.type_check_only
 class KVStoreAsyncStub(KVStoreStub):
@@ -61,6 +62,7 @@ class KVStoreAsyncStub(KVStoreStub):
     Unpin: _aio.UnaryUnaryMultiCallable[_kvstore_pb2.UnpinRequest, _kvstore_pb2.UnpinResponse]  # type: ignore[assignment]
     Delete: _aio.UnaryUnaryMultiCallable[_kvstore_pb2.DeleteRequest, _kvstore_pb2.DeleteResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_kvstore_pb2.StatsRequest, _kvstore_pb2.StatsResponse]  # type: ignore[assignment]
+    GetDataPlane: _aio.UnaryUnaryMultiCallable[_kvstore_pb2.DataPlaneRequest, _kvstore_pb2.DataPlaneResponse]  # type: ignore[assignment]
 
 class KVStoreServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -122,5 +124,12 @@ class KVStoreServicer(metaclass=_abc_1.ABCMeta):
         request: _kvstore_pb2.StatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvstore_pb2.StatsResponse, _abc.Awaitable[_kvstore_pb2.StatsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetDataPlane(
+        self,
+        request: _kvstore_pb2.DataPlaneRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvstore_pb2.DataPlaneResponse, _abc.Awaitable[_kvstore_pb2.DataPlaneResponse]]: ...
 
 def add_KVStoreServicer_to_server(servicer: KVStoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,185 @@
+"""The data plane's framing: put and get bytes over a plain TCP connection.
+
+gRPC in Python hands every message over as a `bytes` object: a megabyte message is
+copied two or three times in user space on each side, and HTTP/2 adds its own framing
+work. On the 2-core reference machine that, not the network, sets the transfer rate.
+The data plane carries the same PutBlocksRequest and GetBlocksResponse messages
+(kvstore.chunkwire) in frames of its own: the sender hands the payload views straight
+to the kernel (`sendmsg`), and the receiver reads each frame into one reused buffer.
+Everything that is not bulk bytes (lookups, pins, stats) stays on gRPC, which also
+tells the client where the data plane listens (`GetDataPlane`).
+
+A frame is a 5-byte header, kind (u8) and payload length (u32, little-endian), then
+the payload. A connection carries one transfer at a time:
+
+    client                               server
+    HELLO  b"KVDP" + version (u16)  ->
+                                    <-   HELLO, the same payload
+    PUT    a PutBlocksRequest       ->   (any number; the first names the namespace)
+    PUT_END                         ->
+                                    <-   PUT_DONE  a PutBlocksResponse
+    GET    a GetBlocksRequest       ->
+                                    <-   GET_DATA  a GetBlocksResponse (one or more)
+                                    <-   GET_END
+
+On any error the server sends ERROR, a gRPC status code (u32) and a UTF-8 message,
+then closes the connection; the client raises the same exception a gRPC call would.
+A client cancels a transfer by closing the connection: the server then frees what the
+put had reserved, or ends the read, exactly as when a gRPC call is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import socket
+import struct
+from collections.abc import Sequence
+
+MAGIC = b"KVDP"
+VERSION = 1
+HEADER = struct.Struct("<BI")
+HELLO_PAYLOAD = MAGIC + struct.pack("<H", VERSION)
+_ERROR_CODE = struct.Struct("<I")
+# Linux's IOV_MAX: sendmsg takes at most this many buffers per call.
+_MAX_BUFFERS = 1024
+
+
+class FrameKind(enum.IntEnum):
+    HELLO = 1
+    PUT = 2
+    PUT_END = 3
+    PUT_DONE = 4
+    GET = 5
+    GET_DATA = 6
+    GET_END = 7
+    ERROR = 8
+
+
+class ConnectionClosed(ConnectionError):
+    """The peer closed the connection (or reset it) in the middle of a frame."""
+
+
+def frame_header(kind: FrameKind, length: int) -> bytes:
+    return HEADER.pack(kind, length)
+
+
+def encode_error(code: int, message: str) -> bytes:
+    return _ERROR_CODE.pack(code) + message.encode("utf-8", "replace")
+
+
+def decode_error(payload: bytes | memoryview) -> tuple[int, str]:
+    if len(payload) < _ERROR_CODE.size:
+        return 2, "the data plane sent a malformed error frame"  # UNKNOWN
+    (code,) = _ERROR_CODE.unpack_from(payload)
+    return code, bytes(payload[_ERROR_CODE.size :]).decode("utf-8", "replace")
+
+
+class FrameReader:
+    """Reads frames from a non-blocking socket into one buffer that it reuses.
+
+    A payload is a view into that buffer: valid until the next `read`.
+    """
+
+    def __init__(self, sock: socket.socket, max_payload: int) -> None:
+        self._sock = sock
+        self._loop = asyncio.get_running_loop()
+        self._max_payload = max_payload
+        self._header = bytearray(HEADER.size)
+        self._buffer = bytearray(0)
+
+    async def read(self) -> tuple[int, memoryview]:
+        """The next frame's kind (possibly unknown to FrameKind) and payload.
+
+        Raises ConnectionClosed at the end of the stream, and FrameTooLarge when the
+        header announces more than `max_payload` bytes (the payload is not read).
+        """
+        await self.read_into(memoryview(self._header))
+        kind, length = HEADER.unpack(self._header)
+        if length > self._max_payload:
+            raise FrameTooLarge(kind, length, self._max_payload)
+        if len(self._buffer) < length:
+            # A new buffer, not a resize: views of the old one may still be referenced.
+            self._buffer = bytearray(max(length, 2 * len(self._buffer)))
+        payload = memoryview(self._buffer)[:length]
+        await self.read_into(payload)
+        return kind, payload
+
+    async def read_into(self, view: memoryview) -> None:
+        received = 0
+        while received < len(view):
+            try:
+                count = await self._loop.sock_recv_into(self._sock, view[received:])
+            except OSError as error:  # a reset: the peer is gone
+                raise ConnectionClosed(str(error)) from error
+            if count == 0:
+                raise ConnectionClosed("the peer closed the connection")
+            received += count
+
+
+class FrameTooLarge(Exception):
+    def __init__(self, kind: int, length: int, limit: int) -> None:
+        super().__init__(
+            f"a {length}-byte frame (kind {kind}) exceeds the {limit}-byte limit on messages"
+        )
+        self.kind = kind
+
+
+async def send_frame(
+    sock: socket.socket, kind: FrameKind, parts: Sequence[bytes | memoryview] = ()
+) -> None:
+    """One frame whose payload is `parts` back to back; the parts are not copied."""
+    length = sum(len(part) for part in parts)
+    await send_parts(sock, [frame_header(kind, length), *parts])
+
+
+async def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
+    """Send every byte of `parts`, in order, through `sendmsg`, waiting while the
+    socket's buffer is full."""
+    loop = asyncio.get_running_loop()
+    views = [_byte_view(part) for part in parts if len(part)]
+    first = 0
+    while first < len(views):
+        try:
+            sent = sock.sendmsg(views[first : first + _MAX_BUFFERS])
+        except (BlockingIOError, InterruptedError):
+            await _writable(loop, sock)
+            continue
+        except OSError as error:
+            raise ConnectionClosed(str(error)) from error
+        while sent:
+            head = views[first]
+            if sent >= len(head):
+                sent -= len(head)
+                first += 1
+            else:
+                views[first] = head[sent:]
+                sent = 0
+
+
+def _byte_view(part: bytes | memoryview) -> memoryview:
+    view = memoryview(part)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Non-blocking, no Nagle delay (a frame's header and payload go out together
+    anyway), and keepalive, so a peer that vanished is noticed."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
