@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Sequence
 from itertools import chain, repeat
 from types import TracebackType
 
@@ -15,10 +16,12 @@ import torch
 from kvstore.allocator import tune_allocator_once
 from kvstore.checksum import checksums_of_slices
 from kvstore.chunkwire import (
+    GetMessage,
     decode_get_message,
     encode_put_header,
     run_parts,
 )
+from kvstore.client._dataplane import DataConnection, DataPlanePool, DataPlaneUnreachable
 from kvstore.client._errors import InvalidArgument, translate_rpc_errors
 from kvstore.client._lookup_stream import LookupStreams
 from kvstore.client._options import ClientOptions
@@ -29,6 +32,8 @@ from kvstore.client._settle import CallSettle
 from kvstore.client._wire import namespace_to_wire
 from kvstore.codec import ByteMap, KVForm, cpu_contiguous
 from kvstore.codec import check_tensor as _check_tensor_core
+from kvstore.datawire import VERSION as DATAPLANE_VERSION
+from kvstore.datawire import FrameKind
 from kvstore.errors import InvalidRequest
 from kvstore.keys import chain_keys, validate_key
 from kvstore.layout import KVLayout, Namespace
@@ -38,6 +43,9 @@ from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 _TIER_BY_NUMBER = {kind.value: kind for kind in TierKind}
+logger = logging.getLogger("kvstore.client")
+# After the data plane could not be reached, use gRPC this long before asking again.
+_DATA_PLANE_RETRY_S = 30.0
 
 
 class KVClient:
@@ -88,9 +96,20 @@ class KVClient:
         self._namespace_wire = namespace_to_wire(namespace)
         self._namespace_bytes = self._namespace_wire.SerializeToString()
         self._layout = namespace.layout
+        self._target_host = _target_host(target)
+        self._data_plane: DataPlanePool | None = None
+        self._data_plane_asked_at: float | None = None
+        self._data_plane_lock = asyncio.Lock()
 
     async def __aenter__(self) -> KVClient:
         return self
+
+    @property
+    def data_plane(self) -> str | None:
+        """The server's data plane ("host:port") that puts and gets use, once the first
+        transfer has found it; None while they go over gRPC."""
+        pool = self._data_plane
+        return None if pool is None else f"{pool.host}:{pool.port}"
 
     async def __aexit__(
         self,
@@ -101,6 +120,8 @@ class KVClient:
         await self.close()
 
     async def close(self) -> None:
+        if self._data_plane is not None:
+            self._data_plane.close()
         try:
             await self._lookup_streams.close()
         finally:
@@ -116,6 +137,47 @@ class KVClient:
         midway makes close() wait for gRPC to finish it (kvstore.client._settle)."""
         with self._settle.tracking(), translate_rpc_errors():
             yield
+
+    async def _data_connection(self, seconds: float) -> DataConnection | None:
+        """A data-plane connection for one transfer due within `seconds`, or None: use gRPC."""
+        if not self.options.data_plane:
+            return None
+        loop = asyncio.get_running_loop()
+        pool = await self._data_plane_pool(loop.time())
+        if pool is None:
+            return None
+        try:
+            return await pool.acquire(loop.time() + seconds)
+        except DataPlaneUnreachable as error:
+            logger.warning("%s; using gRPC for %.0f s", error, _DATA_PLANE_RETRY_S)
+            pool.close()
+            if self._data_plane is pool:
+                self._data_plane = None
+            return None
+
+    async def _data_plane_pool(self, now: float) -> DataPlanePool | None:
+        """The server's data plane, asked for over gRPC once (again after a failure)."""
+        if self._data_plane is not None:
+            return self._data_plane
+        async with self._data_plane_lock:
+            asked_at = self._data_plane_asked_at
+            if self._data_plane is not None or self._target_host is None:
+                return self._data_plane
+            if asked_at is not None and now - asked_at < _DATA_PLANE_RETRY_S:
+                return None
+            self._data_plane_asked_at = now
+            try:
+                with self._settle.tracking():
+                    reply = await self._stub.GetDataPlane(
+                        pb.DataPlaneRequest(), timeout=self.options.timeouts.control
+                    )
+            except grpc.aio.AioRpcError:
+                return None  # an older server, or none at all: the gRPC call will say
+            if reply.port and reply.version == DATAPLANE_VERSION:
+                self._data_plane = DataPlanePool(
+                    self._target_host, reply.port, self.options.max_message_bytes
+                )
+            return self._data_plane
 
     # -- keys and lookups -------------------------------------------------------------
 
@@ -216,8 +278,16 @@ class KVClient:
                         yield message
             yield batch.flush()
 
-        with self._rpc():
-            reply = await self._put_blocks(requests(), timeout=self.options.timeouts.transfer)
+        timeout = self.options.timeouts.transfer
+        connection = await self._data_connection(timeout)
+        if connection is not None:
+            try:
+                reply = await connection.put(requests())
+            finally:
+                connection.release()
+        else:
+            with self._rpc():
+                reply = await self._put_blocks(requests(), timeout=timeout)
         return PutResult(
             outcomes=tuple(PutOutcome(value) for value in reply.outcomes),
             num_skipped=first,
@@ -279,27 +349,48 @@ class KVClient:
         request = pb.GetBlocksRequest(
             namespace=self._namespace_wire, keys=keys, max_chunk_bytes=self.options.chunk_bytes
         )
-        call = self._get_blocks(request, timeout=self.options.timeouts.transfer)
+        timeout = self.options.timeouts.transfer
+        connection = await self._data_connection(timeout)
+        if connection is not None:
+            replies = connection.get(request)
+            try:
+                async with contextlib.aclosing(self._receive(replies, dest, form)) as arrivals:
+                    async for arrival in arrivals:
+                        yield arrival
+            finally:
+                # An early stop closes the connection: the server then frees the blocks.
+                await replies.aclose()
+                connection.release()
+            return
+        call = self._get_blocks(request, timeout=timeout)
         try:
             with self._rpc():
-                receiver: LayerReceiver | None = None
-                async for reply in call:
-                    if receiver is None:
-                        receiver = LayerReceiver(
-                            self._layout, reply, dest, form, verify=self.options.verify_checksums
-                        )
-                        if receiver.num_blocks == 0:
-                            return
-                    for arrival in receiver.accept(reply):
-                        yield arrival
-                if receiver is not None:
-                    for arrival in receiver.finish():
+                async with contextlib.aclosing(self._receive(call, dest, form)) as arrivals:
+                    async for arrival in arrivals:
                         yield arrival
         finally:
             # A consumer that stops early (once this generator is closed), or a bad
             # stream, ends the call: the server then frees the blocks it was reading.
             if call.cancel():
                 self._settle.note_cancel()
+
+    async def _receive(
+        self, replies: AsyncIterator[GetMessage], dest: torch.Tensor | None, form: KVForm
+    ) -> AsyncGenerator[LayerArrival, None]:
+        """The layers of a get's replies, written into `dest` (or fresh tensors), verified."""
+        receiver: LayerReceiver | None = None
+        async for reply in replies:
+            if receiver is None:
+                receiver = LayerReceiver(
+                    self._layout, reply, dest, form, verify=self.options.verify_checksums
+                )
+                if receiver.num_blocks == 0:
+                    return
+            for arrival in receiver.accept(reply):
+                yield arrival
+        if receiver is not None:
+            for arrival in receiver.finish():
+                yield arrival
 
     # -- control ---------------------------------------------------------------------
 
@@ -344,6 +435,7 @@ class LayerPut:
         self._layout = client.namespace.layout
         self._next_layer = 0
         self._call: grpc.aio.StreamUnaryCall | None = None
+        self._data: DataConnection | None = None  # the data plane carries it instead
         self.result: PutResult | None = None
 
     async def __aenter__(self) -> LayerPut:
@@ -354,7 +446,16 @@ class LayerPut:
             checksum_kind=client.options.checksum.value,
             blocks=list(zip(self._keys, parents, strict=True)),
         )
-        self._call = client._put_blocks(timeout=client.options.timeouts.transfer)
+        timeout = client.options.timeouts.transfer
+        self._data = await client._data_connection(timeout)
+        if self._data is not None:
+            try:
+                await self._data.send(FrameKind.PUT, [header])
+            except BaseException:
+                self._data.release()
+                raise
+            return self
+        self._call = client._put_blocks(timeout=timeout)
         # In flight from here to __aexit__, also between layers: close() waits for it.
         client._settle.opened()
         try:
@@ -366,34 +467,39 @@ class LayerPut:
             raise
         return self
 
+    async def _write(self, parts: list[bytes | memoryview]) -> None:
+        if self._data is not None:
+            await self._data.send(FrameKind.PUT, parts)
+            return
+        assert self._call is not None
+        with self._client._rpc():
+            await self._call.write(parts)
+
     async def send_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
         """Send layer `layer` (`[num_blocks, 2, T, H, D]`) of every block; layers go in order."""
         if layer != self._next_layer:
             raise InvalidArgument(f"send layer {self._next_layer} next, not layer {layer}")
         check_tensor(kv_layer, self._layout, KVForm.LAYER, len(self._keys))
-        assert self._call is not None
         options = self._client.options
         source = ByteMap(cpu_contiguous(kv_layer), self._layout, KVForm.LAYER)
         layer_bytes = self._layout.layer_bytes
-        with self._client._rpc():
-            if 2 * layer_bytes <= options.chunk_bytes:
-                per_run = options.chunk_bytes // layer_bytes
-                for start in range(0, len(self._keys), per_run):
-                    end = min(len(self._keys), start + per_run)
-                    # The tensor holds this layer of every block back to back: one view.
-                    data = source.view[start * layer_bytes : end * layer_bytes]
-                    checksums = checksums_of_slices(options.checksum, data, layer_bytes)
-                    await self._call.write(run_parts(5, layer, start, checksums, [data]))
-                self._next_layer += 1
-                return
+        if 2 * layer_bytes <= options.chunk_bytes:
+            per_run = options.chunk_bytes // layer_bytes
+            for start in range(0, len(self._keys), per_run):
+                end = min(len(self._keys), start + per_run)
+                # The tensor holds this layer of every block back to back: one view.
+                data = source.view[start * layer_bytes : end * layer_bytes]
+                checksums = checksums_of_slices(options.checksum, data, layer_bytes)
+                await self._write(run_parts(5, layer, start, checksums, [data]))
+            self._next_layer += 1
+            return
         batch = MessageBatch(options.chunk_bytes, b"")
-        with self._client._rpc():
-            for block in range(len(self._keys)):
-                runs = source.runs(block, 0, options.chunk_bytes)
-                for message in batch.add_layer(block, layer, runs, options.checksum):
-                    await self._call.write(message)
-            if batch.has_content:
-                await self._call.write(batch.flush())
+        for block in range(len(self._keys)):
+            runs = source.runs(block, 0, options.chunk_bytes)
+            for message in batch.add_layer(block, layer, runs, options.checksum):
+                await self._write(message)
+        if batch.has_content:
+            await self._write(batch.flush())
         self._next_layer += 1
 
     async def __aexit__(
@@ -402,11 +508,13 @@ class LayerPut:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        assert self._call is not None
         try:
             reply = await self._finish(exc)
         finally:
-            self._client._settle.closed()
+            if self._data is not None:
+                self._data.release()
+            else:
+                self._client._settle.closed()
         if reply is None:
             return
         self.result = PutResult(
@@ -417,7 +525,6 @@ class LayerPut:
 
     async def _finish(self, exc: BaseException | None) -> pb.PutBlocksResponse | None:
         """The server's reply, or None when the put was abandoned because of `exc`."""
-        assert self._call is not None
         if exc is not None:
             # The server frees whatever this put had reserved.
             self._cancel()
@@ -427,12 +534,18 @@ class LayerPut:
             raise InvalidArgument(
                 f"layer_put ended after {self._next_layer} of {self._layout.num_layers} layers"
             )
+        if self._data is not None:
+            return await self._data.finish_put()
+        assert self._call is not None
         with self._client._rpc():
             await self._call.done_writing()
             reply: pb.PutBlocksResponse = await self._call
         return reply
 
     def _cancel(self) -> None:
+        if self._data is not None:
+            self._data.close()  # the server sees the connection end and frees the put
+            return
         assert self._call is not None
         if self._call.cancel():
             self._client._settle.note_cancel()
@@ -463,3 +576,19 @@ def _expand_tier_runs(runs: Iterable[pb.TierRun]) -> tuple[TierKind, ...]:
     return tuple(
         chain.from_iterable(repeat(_TIER_BY_NUMBER[run.tier], run.num_blocks) for run in runs)
     )
+
+
+def _target_host(target: str) -> str | None:
+    """The host in a gRPC target ("host:port", "[::1]:port", "dns:///host:port"), where
+    the data plane listens too; None for targets it cannot be read from (unix sockets,
+    lists of addresses)."""
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme) :]
+            break
+    if "," in target or target.startswith("unix") or "/" in target:
+        return None
+    host, _, _ = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or None

@@ -49,6 +49,10 @@ class ClientOptions:
     # It is process-wide and keeps freed heap memory for reuse; set False if the host
     # process tunes its allocator itself.
     tune_allocator: bool = True
+    # Carry the bytes of puts and gets over the server's TCP data plane
+    # (kvstore.datawire) when it offers one: no HTTP/2, and no copies in gRPC. Falls
+    # back to gRPC when the server has none or it cannot be reached. False: gRPC only.
+    data_plane: bool = True
 
     def __post_init__(self) -> None:
         if self.lookup_streams < 0:

@@ -1,0 +1,236 @@
+"""The client's side of the TCP data plane (kvstore.datawire): pooled connections that
+carry the bytes of puts and gets.
+
+A connection carries one transfer at a time and goes back to the pool only when its
+transfer ended cleanly; any error, deadline or early stop closes it, which is also how
+the server learns that a transfer was abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+
+from kvstore.chunkwire import GetMessage, decode_get_message
+from kvstore.client._errors import (
+    DeadlineExceeded,
+    KVStoreClientError,
+    Unavailable,
+    Unknown,
+    error_for_code,
+)
+from kvstore.datawire import (
+    HELLO_PAYLOAD,
+    ConnectionClosed,
+    FrameKind,
+    FrameReader,
+    FrameTooLarge,
+    decode_error,
+    send_frame,
+    tune_socket,
+)
+from kvstore.v1 import kvstore_pb2 as pb
+
+# How long to wait for the server's ERROR frame once it has cut a transfer short.
+_ERROR_WAIT_S = 1.0
+
+
+class DataPlaneUnreachable(OSError):
+    """No connection could be made; nothing was sent, so the transfer can use gRPC."""
+
+
+class DataConnection:
+    """One connection, one transfer at a time. Every read and write honours the
+    transfer's deadline (loop time), set by `DataPlanePool.acquire`."""
+
+    def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+        self._sock = sock
+        self._reader = FrameReader(sock, max_frame_bytes)
+        self.deadline = 0.0
+        self.clean = True  # False from the start of a transfer until it ends well
+        self.closed = False
+        self.pool: DataPlanePool | None = None
+
+    def release(self) -> None:
+        """Hand the connection back to its pool (or close it) once the transfer is over."""
+        if self.pool is not None:
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def stale(self) -> bool:
+        """Whether the server spoke or hung up while the connection sat idle."""
+        return self._server_spoke()
+
+    def shutdown(self) -> None:
+        """End a transfer in flight from outside: its reads and writes fail at once."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    async def hello(self) -> None:
+        await self.send(FrameKind.HELLO, [HELLO_PAYLOAD])
+        payload = await self.expect(FrameKind.HELLO)
+        if bytes(payload) != HELLO_PAYLOAD:
+            raise Unknown(f"the data plane answered HELLO with {bytes(payload)!r}")
+
+    def close(self) -> None:
+        self.closed = True
+        self._sock.close()
+
+    async def send(self, kind: FrameKind, parts: Sequence[bytes | memoryview] = ()) -> None:
+        """Send one frame; if the server has already answered (an ERROR, always), raise it."""
+        if self._server_spoke():
+            await self._raise_server_error()
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                await send_frame(self._sock, kind, parts)
+        except TimeoutError:
+            raise self._deadline_error() from None
+        except ConnectionClosed:
+            await self._raise_server_error()
+
+    async def expect(self, kind: FrameKind) -> memoryview:
+        """The payload of the next frame, which must be `kind` (or an ERROR, raised)."""
+        received, payload = await self._read()
+        if received != kind:
+            raise Unknown(f"the data plane sent frame kind {received} where {kind.name} was due")
+        return payload
+
+    async def put(self, messages: AsyncIterator[list[bytes | memoryview]]) -> pb.PutBlocksResponse:
+        async for parts in messages:
+            await self.send(FrameKind.PUT, parts)
+        return await self.finish_put()
+
+    async def finish_put(self) -> pb.PutBlocksResponse:
+        await self.send(FrameKind.PUT_END)
+        reply = pb.PutBlocksResponse.FromString(bytes(await self.expect(FrameKind.PUT_DONE)))
+        self.clean = True
+        return reply
+
+    async def get(self, request: pb.GetBlocksRequest) -> AsyncGenerator[GetMessage, None]:
+        """Each reply of a get, decoded; its data are views valid until the next one."""
+        await self.send(FrameKind.GET, [request.SerializeToString()])
+        while True:
+            kind, payload = await self._read()
+            if kind == FrameKind.GET_END:
+                self.clean = True
+                return
+            if kind != FrameKind.GET_DATA:
+                raise Unknown(f"the data plane sent frame kind {kind} during a get")
+            yield decode_get_message(payload)
+
+    async def _read(self) -> tuple[int, memoryview]:
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                kind, payload = await self._reader.read()
+        except TimeoutError:
+            raise self._deadline_error() from None
+        except ConnectionClosed as error:
+            raise Unavailable(f"the data plane connection was lost: {error}") from None
+        except FrameTooLarge as error:
+            raise Unknown(f"the data plane sent an oversized frame: {error}") from None
+        if kind == FrameKind.ERROR:
+            raise error_for_code(*decode_error(payload))
+        return kind, payload
+
+    def _server_spoke(self) -> bool:
+        """Whether the server sent something (or hung up) while we were sending."""
+        try:
+            self._sock.recv(1, socket.MSG_PEEK)  # data, or b"" when it hung up
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            pass
+        return True
+
+    async def _raise_server_error(self) -> None:
+        """The server cut the transfer short: raise the ERROR it sent, if it did."""
+        try:
+            async with asyncio.timeout(_ERROR_WAIT_S):
+                kind, payload = await self._reader.read()
+        except (TimeoutError, ConnectionClosed, FrameTooLarge):
+            raise Unavailable("the data plane connection was lost mid-transfer") from None
+        if kind == FrameKind.ERROR:
+            raise error_for_code(*decode_error(payload))
+        raise Unknown(f"the data plane sent frame kind {kind} before the transfer ended")
+
+    def _deadline_error(self) -> KVStoreClientError:
+        return DeadlineExceeded("the data plane transfer passed its deadline")
+
+
+class DataPlanePool:
+    """Connections to one server's data plane at `host:port`, kept for reuse."""
+
+    def __init__(self, host: str, port: int, max_frame_bytes: int, max_idle: int = 4) -> None:
+        self.host = host
+        self.port = port
+        self._max_frame_bytes = max_frame_bytes
+        self._max_idle = max_idle
+        self._idle: list[DataConnection] = []
+        self._active: set[DataConnection] = set()
+        self._closed = False
+
+    async def acquire(self, deadline: float) -> DataConnection:
+        """A connection for one transfer ending by `deadline` (loop time). Raises
+        DataPlaneUnreachable when no new connection can be made."""
+        if self._closed:
+            raise DataPlaneUnreachable("the client is closed")
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.stale():
+                break
+            connection.close()  # the server restarted or drained since
+        else:
+            connection = await self._connect(deadline)
+        connection.deadline = deadline
+        connection.clean = False
+        connection.pool = self
+        self._active.add(connection)
+        return connection
+
+    def release(self, connection: DataConnection) -> None:
+        """Back to the pool if its transfer ended cleanly, else closed."""
+        self._active.discard(connection)
+        reusable = connection.clean and not connection.closed and not self._closed
+        if reusable and len(self._idle) < self._max_idle:
+            self._idle.append(connection)
+        elif not connection.closed:
+            connection.close()
+
+    def close(self) -> None:
+        """Close idle connections and cut transfers in flight (they raise Unavailable)."""
+        self._closed = True
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
+        for connection in self._active:
+            connection.shutdown()
+
+    async def _connect(self, deadline: float) -> DataConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(deadline):
+                infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+                family, kind, proto, _, address = infos[0]
+                sock = socket.socket(family, kind, proto)
+                try:
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, address)
+                except BaseException:
+                    sock.close()
+                    raise
+        except (OSError, TimeoutError) as error:
+            raise DataPlaneUnreachable(
+                f"cannot reach the data plane at {self.host}:{self.port}: {error}"
+            ) from error
+        tune_socket(sock)
+        connection = DataConnection(sock, self._max_frame_bytes)
+        connection.deadline = deadline
+        try:
+            await connection.hello()
+        except KVStoreClientError as error:
+            connection.close()
+            raise DataPlaneUnreachable(f"the data plane refused a HELLO: {error}") from error
+        return connection
