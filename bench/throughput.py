@@ -2,7 +2,9 @@
 
 The kvstore server and the ceiling server each run in their own process; the client
 moves torch tensors. For each block size, kvstore and the ceiling take turns for
-`rounds` rounds of `total_bytes` each: plain grpcio streaming raw-bytes messages of
+`rounds` rounds of `total_bytes` each: kvstore as clients use it by default (bytes on
+the TCP data plane, kvstore.datawire), kvstore over gRPC alone
+(`ClientOptions(data_plane=False)`), and plain grpcio streaming raw-bytes messages of
 `chunk` size (its fastest mode here) and of whole-block size. Medians are reported,
 and each ratio is the median of the per-round ratios.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 from dataclasses import asdict, dataclass
@@ -40,8 +43,12 @@ BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
 @dataclass(frozen=True)
 class ThroughputRow:
     block_bytes: int
-    put_gbps: float
+    put_gbps: float  # kvstore as clients use it by default: the data plane
     get_gbps: float
+    grpc_put_gbps: float  # kvstore with ClientOptions(data_plane=False)
+    grpc_get_gbps: float
+    grpc_put_ratio: float  # median over rounds of kvstore over gRPC / chunked grpcio
+    grpc_get_ratio: float
     ceiling_put_gbps: float  # raw grpcio, chunk-sized messages
     ceiling_get_gbps: float
     whole_put_gbps: float  # raw grpcio, one message per block
@@ -55,6 +62,8 @@ class ThroughputRow:
     # CPU seconds per GB moved, client and server process (medians over rounds).
     put_cpu: CpuCost
     get_cpu: CpuCost
+    grpc_put_cpu: CpuCost
+    grpc_get_cpu: CpuCost
     ceiling_put_cpu: CpuCost
     ceiling_get_cpu: CpuCost
     copies_put_cpu: CpuCost
@@ -75,12 +84,19 @@ def layout_for(block_bytes: int) -> KVLayout:
 
 class KVStoreRounds:
     """Put then get `total_bytes` of `block_bytes` blocks, one round at a time, split
-    over `streams` concurrent puts and gets on the client's one channel."""
+    over `streams` concurrent puts and gets on the client's one channel; `label` keeps
+    the keys of several of these apart."""
 
     def __init__(
-        self, client: KVClient, layout: KVLayout, total_bytes: int, streams: int = 1
+        self,
+        client: KVClient,
+        layout: KVLayout,
+        total_bytes: int,
+        streams: int = 1,
+        label: str = "",
     ) -> None:
         self._client = client
+        self._label = label
         self._num_blocks = max(1, total_bytes // layout.block_bytes)
         self._block_bytes = layout.block_bytes
         shape = (self._num_blocks, layout.num_layers, *layout.layer_shape)
@@ -96,7 +112,7 @@ class KVStoreRounds:
     async def run(self) -> Round:
         """One put then one get, each checked against what was sent."""
         num_blocks, client, shares = self._num_blocks, self._client, self._shares
-        keys = [f"r{self._round}-b{i}".encode() for i in range(num_blocks)]
+        keys = [f"{self._label}r{self._round}-b{i}".encode() for i in range(num_blocks)]
         self._round += 1
         moved = num_blocks * self._block_bytes
         committed = got = 0
@@ -155,17 +171,28 @@ async def measure_size(
     layout = layout_for(block_bytes)
     total_bytes, chunk_bytes, streams = sweep.total_bytes, sweep.chunk_bytes, sweep.streams
     options = ClientOptions(chunk_bytes=chunk_bytes, tune_allocator=sweep.tune_client_allocator)
-    async with KVClient(target, _namespace(layout), options=options) as client:
-        kvstore = KVStoreRounds(client, layout, total_bytes, streams)
+    grpc_only = dataclasses.replace(options, data_plane=False)
+    namespace = _namespace(layout)
+    async with (
+        KVClient(target, namespace, options=options) as client,
+        KVClient(target, namespace, options=grpc_only) as grpc_client,
+    ):
+        kvstore = KVStoreRounds(client, layout, total_bytes, streams, label="dp-")
+        over_grpc = KVStoreRounds(grpc_client, layout, total_bytes, streams, label="grpc-")
         await kvstore.run()  # warms up both processes
+        if client.data_plane is None:
+            raise RuntimeError("the kvstore client did not reach the server's data plane")
+        await over_grpc.run()
         await measure_ceiling(ceiling_target, min(total_bytes, 64 << 20), chunk_bytes)
         await measure_ceiling(ceiling_target, total_bytes, chunk_bytes, with_copies=True)
         ours: list[Round] = []
+        ours_grpc: list[Round] = []
         chunked: list[Round] = []
         whole: list[Round] = []
         copies: list[Round] = []
         for _ in range(sweep.rounds):
             ours.append(await kvstore.run())
+            ours_grpc.append(await over_grpc.run())
             chunked.append(await measure_ceiling(ceiling_target, total_bytes, chunk_bytes, streams))
             whole.append(await measure_ceiling(ceiling_target, total_bytes, block_bytes, streams))
             copies.append(
@@ -178,6 +205,14 @@ async def measure_size(
         block_bytes=block_bytes,
         put_gbps=median(r.put.gbps for r in ours),
         get_gbps=median(r.get.gbps for r in ours),
+        grpc_put_gbps=median(r.put.gbps for r in ours_grpc),
+        grpc_get_gbps=median(r.get.gbps for r in ours_grpc),
+        grpc_put_ratio=median(
+            o.put.gbps / c.put.gbps for o, c in zip(ours_grpc, chunked, strict=True)
+        ),
+        grpc_get_ratio=median(
+            o.get.gbps / c.get.gbps for o, c in zip(ours_grpc, chunked, strict=True)
+        ),
         ceiling_put_gbps=median(r.put.gbps for r in chunked),
         ceiling_get_gbps=median(r.get.gbps for r in chunked),
         whole_put_gbps=median(r.put.gbps for r in whole),
@@ -190,6 +225,8 @@ async def measure_size(
         copies_get_ratio=median(o.get.gbps / c.get.gbps for o, c in zip(ours, copies, strict=True)),
         put_cpu=median_cpu([r.put for r in ours]),
         get_cpu=median_cpu([r.get for r in ours]),
+        grpc_put_cpu=median_cpu([r.put for r in ours_grpc]),
+        grpc_get_cpu=median_cpu([r.get for r in ours_grpc]),
         ceiling_put_cpu=median_cpu([r.put for r in chunked]),
         ceiling_get_cpu=median_cpu([r.get for r in chunked]),
         copies_put_cpu=median_cpu([r.put for r in copies]),
@@ -269,45 +306,34 @@ def run_throughput(args: argparse.Namespace) -> int:
         "block",
         "op",
         "kvstore",
+        "÷grpcio",
+        "gRPC-only",
+        "÷grpcio",
         "grpcio",
-        "kvstore / grpcio",
-        "grpcio whole-block",
-        "grpcio + copies",
-        "kvstore / + copies",
+        "whole",
+        "+copies",
     ):
         table.add_column(column, justify="right")
     for row in rows:
-        for op, gbps, plain, ratio, whole, copies, copies_ratio in (
-            (
-                "put",
-                row.put_gbps,
-                row.ceiling_put_gbps,
-                row.put_ratio,
-                row.whole_put_gbps,
-                row.copies_put_gbps,
-                row.copies_put_ratio,
-            ),
-            (
-                "get",
-                row.get_gbps,
-                row.ceiling_get_gbps,
-                row.get_ratio,
-                row.whole_get_gbps,
-                row.copies_get_gbps,
-                row.copies_get_ratio,
-            ),
-        ):
+        for op, line in (("put", _put_line(row)), ("get", _get_line(row))):
             table.add_row(
                 human_bytes(row.block_bytes),
                 op,
-                f"{gbps:.2f}",
-                f"{plain:.2f}",
-                f"{ratio:.2f}x",
-                f"{whole:.2f}",
-                f"{copies:.2f}",
-                f"{copies_ratio:.2f}x",
+                f"{line.gbps:.2f}",
+                f"{line.ratio:.2f}x",
+                f"{line.grpc_gbps:.2f}",
+                f"{line.grpc_ratio:.2f}x",
+                f"{line.plain_gbps:.2f}",
+                f"{line.whole_gbps:.2f}",
+                f"{line.copies_gbps:.2f}",
             )
-    console = Console()
+    table.caption = (
+        "kvstore: bytes over its TCP data plane (the default); gRPC-only: "
+        "ClientOptions(data_plane=False); grpcio: plain grpcio, raw 1-message-per-chunk; "
+        "whole: plain grpcio, one message per block; +copies: plain grpcio plus the "
+        "copies and checksum a gRPC store needs"
+    )
+    console = Console(width=max(Console().width, 120))  # wide tables; piped output too
     console.print(table)
     console.print(_cpu_table(rows))
     cores = usable_cores()
@@ -319,6 +345,52 @@ def run_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class _Line:
+    """One operation's figures from a row, for the tables."""
+
+    gbps: float
+    ratio: float
+    grpc_gbps: float
+    grpc_ratio: float
+    plain_gbps: float
+    whole_gbps: float
+    copies_gbps: float
+    cpu: CpuCost
+    grpc_cpu: CpuCost
+    plain_cpu: CpuCost
+
+
+def _put_line(row: ThroughputRow) -> _Line:
+    return _Line(
+        row.put_gbps,
+        row.put_ratio,
+        row.grpc_put_gbps,
+        row.grpc_put_ratio,
+        row.ceiling_put_gbps,
+        row.whole_put_gbps,
+        row.copies_put_gbps,
+        row.put_cpu,
+        row.grpc_put_cpu,
+        row.ceiling_put_cpu,
+    )
+
+
+def _get_line(row: ThroughputRow) -> _Line:
+    return _Line(
+        row.get_gbps,
+        row.get_ratio,
+        row.grpc_get_gbps,
+        row.grpc_get_ratio,
+        row.ceiling_get_gbps,
+        row.whole_get_gbps,
+        row.copies_get_gbps,
+        row.get_cpu,
+        row.grpc_get_cpu,
+        row.ceiling_get_cpu,
+    )
+
+
 def _cpu_table(rows: list[ThroughputRow]) -> Table:
     table = Table(title="CPU seconds per GB moved (client / server), and the GB/s it allows")
     for column in (
@@ -326,25 +398,22 @@ def _cpu_table(rows: list[ThroughputRow]) -> Table:
         "op",
         "kvstore",
         "bound",
+        "gRPC-only",
+        "bound",
         "grpcio",
         "bound",
-        "grpcio + copies",
-        "bound",
-        "kvstore / grpcio total",
+        "÷grpcio",
     ):
         table.add_column(column, justify="right")
     for row in rows:
-        for op, ours, plain, copies in (
-            ("put", row.put_cpu, row.ceiling_put_cpu, row.copies_put_cpu),
-            ("get", row.get_cpu, row.ceiling_get_cpu, row.copies_get_cpu),
-        ):
+        for op, line in (("put", _put_line(row)), ("get", _get_line(row))):
             table.add_row(
                 human_bytes(row.block_bytes),
                 op,
-                *_cpu_cells(ours),
-                *_cpu_cells(plain),
-                *_cpu_cells(copies),
-                f"{ours.total_s_per_gb / plain.total_s_per_gb:.2f}x",
+                *_cpu_cells(line.cpu),
+                *_cpu_cells(line.grpc_cpu),
+                *_cpu_cells(line.plain_cpu),
+                f"{line.cpu.total_s_per_gb / line.plain_cpu.total_s_per_gb:.2f}x",
             )
     return table
 

@@ -140,10 +140,15 @@ def target(server: RunningServer) -> str:
     return f"127.0.0.1:{server.port}"
 
 
-@pytest.fixture
-async def connect(target: str) -> AsyncIterator[ClientFactory]:
-    """A factory of KVClients connected to the `server` fixture (or `at=`); closed after."""
+@pytest.fixture(params=["data-plane", "grpc"])
+async def connect(target: str, request: pytest.FixtureRequest) -> AsyncIterator[ClientFactory]:
+    """A factory of KVClients connected to the `server` fixture (or `at=`); closed after.
+
+    Every test that uses it runs twice: puts and gets over the TCP data plane (the
+    default), and over gRPC alone. A test may still pass `data_plane=` itself.
+    """
     clients: list[KVClient] = []
+    data_plane = request.param == "data-plane"
 
     def connect(
         namespace: Namespace | None = None, *, at: str | None = None, **options: Any
@@ -151,7 +156,7 @@ async def connect(target: str) -> AsyncIterator[ClientFactory]:
         client = KVClient(
             at or target,
             namespace if namespace is not None else make_namespace(),
-            options=ClientOptions(**options),
+            options=ClientOptions(**{"data_plane": data_plane, **options}),
         )
         clients.append(client)
         return client

@@ -112,10 +112,10 @@ def test_throughput_command_reports_speed_and_cpu_for_every_line(
     assert bench_main(args) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["block_bytes"] == 128 << 10
-    for line in ("", "ceiling_", "whole_", "copies_"):
+    for line in ("", "grpc_", "ceiling_", "whole_", "copies_"):
         assert row[f"{line}put_gbps"] > 0
         assert row[f"{line}get_gbps"] > 0
-    for line in ("", "ceiling_", "copies_"):
+    for line in ("", "grpc_", "ceiling_", "copies_"):
         for op in ("put", "get"):
             cost = row[f"{line}{op}_cpu"]
             # kvstore's server is another process here, as the ceiling's is.
@@ -124,3 +124,4 @@ def test_throughput_command_reports_speed_and_cpu_for_every_line(
     # One round: each ratio is that round's ratio of the two speeds.
     assert row["put_ratio"] == pytest.approx(row["put_gbps"] / row["ceiling_put_gbps"])
     assert row["get_ratio"] == pytest.approx(row["get_gbps"] / row["ceiling_get_gbps"])
+    assert row["grpc_put_ratio"] == pytest.approx(row["grpc_put_gbps"] / row["ceiling_put_gbps"])
