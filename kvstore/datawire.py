@@ -105,6 +105,10 @@ class FrameReader:
         await self.read_into(payload)
         return kind, payload
 
+    def release_buffer(self) -> None:
+        """Drop the payload buffer (views of it stay valid); the next frame makes one."""
+        self._buffer = bytearray(0)
+
     async def read_into(self, view: memoryview) -> None:
         received = 0
         while received < len(view):

@@ -114,7 +114,9 @@ class DataPlane:
         reader = FrameReader(sock, self._limits.max_message_bytes)
         try:
             await self._handshake(sock, reader)
-            while True:
+            # A drain ends the connection between transfers; the client's pool sees it.
+            while not self._servicer.draining:
+                reader.release_buffer()  # an idle connection holds no megabyte buffer
                 self._idle.add(task)
                 try:
                     kind, payload = await reader.read()
@@ -149,8 +151,12 @@ class DataPlane:
             sock.close()
 
     async def _handshake(self, sock: socket.socket, reader: FrameReader) -> None:
-        kind, payload = await reader.read()
-        if kind != FrameKind.HELLO or bytes(payload) != HELLO_PAYLOAD:
+        try:
+            kind, payload = await reader.read()
+            hello = kind == FrameKind.HELLO and bytes(payload) == HELLO_PAYLOAD
+        except FrameTooLarge:  # an HTTP request, say: its first bytes read as a huge length
+            hello = False
+        if not hello:
             raise _Rejected(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "not a kvstore data-plane client: a connection starts with a HELLO frame "
