@@ -133,8 +133,9 @@ async def send_frame(
     sock: socket.socket, kind: FrameKind, parts: Sequence[bytes | memoryview] = ()
 ) -> None:
     """One frame whose payload is `parts` back to back; the parts are not copied."""
-    length = sum(len(part) for part in parts)
-    await send_parts(sock, [frame_header(kind, length), *parts])
+    views = [_byte_view(part) for part in parts]
+    length = sum(len(view) for view in views)  # bytes, whatever the parts' item size
+    await send_parts(sock, [frame_header(kind, length), *views])
 
 
 async def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:

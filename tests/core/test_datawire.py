@@ -1,0 +1,313 @@
+"""The data plane's framing (kvstore.datawire) over real non-blocking socket pairs.
+
+Each test runs over a Unix socketpair and over a TCP connection on 127.0.0.1, inside
+the test's event loop: the sender and the reader are tasks of that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from kvstore.datawire import (
+    HEADER,
+    HELLO_PAYLOAD,
+    ConnectionClosed,
+    FrameKind,
+    FrameReader,
+    FrameTooLarge,
+    decode_error,
+    encode_error,
+    frame_header,
+    send_frame,
+    send_parts,
+    tune_socket,
+)
+
+MiB = 1 << 20
+Pair = tuple[socket.socket, socket.socket]
+
+
+def tcp_pair() -> Pair:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        left = socket.create_connection(listener.getsockname())
+        right, _ = listener.accept()
+    return left, right
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+    """(sender, receiver), both tuned as the data plane tunes its sockets."""
+    left, right = socket.socketpair() if request.param == "unix" else tcp_pair()
+    for sock in (left, right):
+        tune_socket(sock)
+    try:
+        yield left, right
+    finally:
+        left.close()
+        right.close()
+
+
+def tensor_bytes(nbytes: int, *, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=generator)
+
+
+async def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    received = bytearray()
+    while len(received) < count:
+        chunk = await loop.sock_recv(sock, count - len(received))
+        assert chunk, f"the peer closed after {len(received)} of {count} bytes"
+        received += chunk
+    return bytes(received)
+
+
+# -- the wire format ---------------------------------------------------------------------------
+
+
+def test_wire_constants_are_the_documented_protocol() -> None:
+    assert HEADER.size == 5
+    assert frame_header(FrameKind.PUT, 0x01020304) == b"\x02\x04\x03\x02\x01"
+    assert HELLO_PAYLOAD == b"KVDP\x01\x00"
+    assert {kind.name: kind.value for kind in FrameKind} == {
+        "HELLO": 1,
+        "PUT": 2,
+        "PUT_END": 3,
+        "PUT_DONE": 4,
+        "GET": 5,
+        "GET_DATA": 6,
+        "GET_END": 7,
+        "ERROR": 8,
+    }
+
+
+async def test_send_frame_writes_header_then_parts_back_to_back(pair: Pair) -> None:
+    sender, receiver = pair
+    parts: list[bytes | memoryview] = [b"head", memoryview(b""), memoryview(bytearray(b"tail"))]
+    await send_frame(sender, FrameKind.GET_DATA, parts)
+    await send_frame(sender, FrameKind.GET_END)
+    wire = await recv_exactly(receiver, 5 + 8 + 5)
+    assert wire == b"\x06" + struct.pack("<I", 8) + b"headtail" + b"\x07\x00\x00\x00\x00"
+
+
+# -- round trips -------------------------------------------------------------------------------
+
+
+async def test_frames_round_trip_with_tensor_views(pair: Pair) -> None:
+    sender, receiver = pair
+    data = tensor_bytes(10_000, seed=1)
+    other = tensor_bytes(3000, seed=2)
+    parts: list[bytes | memoryview] = [
+        b"prefix",
+        data.numpy().data[:4000],
+        memoryview(b""),
+        data.numpy().data[4000:],
+        memoryview(bytearray(b"middle")),
+        other.numpy().data,
+        b"suffix",
+    ]
+    expected = b"prefix" + data.numpy().tobytes() + b"middle" + other.numpy().tobytes() + b"suffix"
+    reader = FrameReader(receiver, 1 * MiB)
+
+    # Three frames written before any is read come back in order, each whole.
+    await send_frame(sender, FrameKind.PUT, parts)
+    await send_frame(sender, FrameKind.PUT_END)
+    await send_frame(sender, FrameKind.HELLO, [HELLO_PAYLOAD])
+
+    kind, payload = await reader.read()
+    assert kind == FrameKind.PUT
+    assert isinstance(payload, memoryview)
+    assert len(payload) == len(expected)
+    assert bytes(payload) == expected
+    assert await reader.read() == (FrameKind.PUT_END, memoryview(b""))
+    kind, payload = await reader.read()
+    assert (kind, bytes(payload)) == (FrameKind.HELLO, HELLO_PAYLOAD)
+
+
+async def test_views_that_are_not_flat_bytes_are_framed_by_their_byte_size(pair: Pair) -> None:
+    sender, receiver = pair
+    grid = tensor_bytes(64 * 32, seed=5).reshape(64, 32)  # a 2-D view
+    halves = torch.arange(100, dtype=torch.float16)  # format "e"
+    parts: list[bytes | memoryview] = [grid.numpy().data, halves.numpy().data]
+    await send_frame(sender, FrameKind.PUT, parts)
+    await send_frame(sender, FrameKind.PUT_END)
+    reader = FrameReader(receiver, 1 * MiB)
+    kind, payload = await asyncio.wait_for(reader.read(), timeout=5)
+    assert (kind, len(payload)) == (FrameKind.PUT, 64 * 32 + 200)
+    assert bytes(payload) == grid.numpy().tobytes() + halves.numpy().tobytes()
+    assert (await asyncio.wait_for(reader.read(), timeout=5))[0] == FrameKind.PUT_END
+
+
+async def test_reader_returns_kinds_it_does_not_know(pair: Pair) -> None:
+    sender, receiver = pair
+    await send_parts(sender, [struct.pack("<BI", 200, 3), b"abc"])
+    kind, payload = await FrameReader(receiver, 100).read()
+    assert (kind, bytes(payload)) == (200, b"abc")
+
+
+async def test_an_earlier_payload_survives_a_larger_frame(pair: Pair) -> None:
+    """The reader grows its buffer by replacing it, so an earlier view is not clobbered."""
+    sender, receiver = pair
+    reader = FrameReader(receiver, 1 * MiB)
+    await send_frame(sender, FrameKind.GET_DATA, [b"small"])
+    await send_frame(sender, FrameKind.GET_DATA, [b"x" * 100_000])
+    _, first = await reader.read()
+    _, second = await reader.read()
+    assert bytes(first) == b"small"
+    assert bytes(second) == b"x" * 100_000
+
+
+async def test_more_than_1024_parts_arrive_in_order(pair: Pair) -> None:
+    sender, receiver = pair
+    rng = random.Random(7)
+    source = tensor_bytes(200_000, seed=3).numpy()
+    parts: list[bytes | memoryview] = []
+    position = 0
+    for index in range(3000):
+        size = rng.choice([0, 1, 2, 17, 64])
+        if index % 2:
+            parts.append(source.data[position : position + size])
+        else:
+            parts.append(bytes(source[position : position + size]))
+        position += size
+    expected = source[:position].tobytes()
+    assert sum(1 for part in parts if len(part)) > 2 * 1024
+
+    reader = FrameReader(receiver, 1 * MiB)
+    sending = asyncio.create_task(send_frame(sender, FrameKind.PUT, parts))
+    kind, payload = await asyncio.wait_for(reader.read(), timeout=10)
+    await asyncio.wait_for(sending, timeout=10)
+    assert kind == FrameKind.PUT
+    assert bytes(payload) == expected
+
+
+async def test_a_payload_far_larger_than_the_socket_buffers_arrives_intact(pair: Pair) -> None:
+    sender, receiver = pair
+    # 16 KiB (the kernel doubles it): far below 8 MiB, and not so small that TCP on
+    # loopback crawls through delayed ACKs.
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    data = tensor_bytes(8 * MiB, seed=4)
+    view = data.numpy().data
+    # Parts larger and smaller than the buffers, so sends stop inside a part.
+    cuts = [0, 1, 5000, 5001, 3 * MiB, 3 * MiB + 123, 8 * MiB]
+    parts: list[bytes | memoryview] = [view[a:b] for a, b in itertools.pairwise(cuts)]
+
+    sending = asyncio.create_task(send_frame(sender, FrameKind.GET_DATA, parts))
+    await asyncio.sleep(0.05)
+    assert not sending.done(), "8 MiB cannot fit in the buffers: the sender must wait"
+    reader = FrameReader(receiver, 16 * MiB)
+    kind, payload = await asyncio.wait_for(reader.read(), timeout=30)
+    await asyncio.wait_for(sending, timeout=10)
+    assert kind == FrameKind.GET_DATA
+    assert len(payload) == 8 * MiB
+    assert torch.equal(torch.frombuffer(payload, dtype=torch.uint8), data)
+
+
+# -- limits and broken connections -------------------------------------------------------------
+
+
+async def test_a_frame_over_the_limit_is_refused_before_its_payload_is_read(pair: Pair) -> None:
+    sender, receiver = pair
+    reader = FrameReader(receiver, 100)
+    await send_frame(sender, FrameKind.PUT, [b"a" * 100])  # exactly the limit: fine
+    kind, payload = await reader.read()
+    assert (kind, bytes(payload)) == (FrameKind.PUT, b"a" * 100)
+
+    await send_frame(sender, FrameKind.GET, [b"b" * 101])
+    with pytest.raises(FrameTooLarge, match="101-byte frame") as raised:
+        await reader.read()
+    assert raised.value.kind == FrameKind.GET
+    assert "100-byte limit" in str(raised.value)
+    # The payload is still in the socket, unread.
+    assert await recv_exactly(receiver, 101) == b"b" * 101
+
+
+async def test_a_huge_announced_length_allocates_nothing(pair: Pair) -> None:
+    sender, receiver = pair
+    await send_parts(sender, [struct.pack("<BI", FrameKind.PUT, 0xFFFFFFFF)])
+    with pytest.raises(FrameTooLarge):
+        await FrameReader(receiver, 2 * MiB).read()
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"", id="before-a-frame"),
+        pytest.param(b"\x02\x64", id="inside-the-header"),
+        pytest.param(b"\x02\x64\x00\x00\x00" + b"x" * 10, id="inside-the-payload"),
+    ],
+)
+async def test_a_peer_that_closes_mid_frame_is_connection_closed(pair: Pair, sent: bytes) -> None:
+    sender, receiver = pair
+    reader = FrameReader(receiver, 1000)
+    await send_parts(sender, [sent])
+    sender.close()
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(reader.read(), timeout=5)
+    assert issubclass(ConnectionClosed, ConnectionError)
+
+
+async def test_sending_to_a_closed_peer_is_connection_closed(pair: Pair) -> None:
+    sender, receiver = pair
+    receiver.close()
+
+    async def keep_sending() -> None:
+        # TCP may take the first megabyte before the peer's reset comes back.
+        for _ in range(50):
+            await send_frame(sender, FrameKind.PUT, [b"z" * MiB])
+
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(keep_sending(), timeout=10)
+
+
+# -- error payloads and socket options ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [(3, "a transfer starts with a PUT or GET frame"), (15, "checksum ✗ — not stored"), (8, "")],
+)
+def test_error_payload_round_trip(code: int, message: str) -> None:
+    payload = encode_error(code, message)
+    assert payload[:4] == struct.pack("<I", code)
+    assert decode_error(payload) == (code, message)
+    assert decode_error(memoryview(bytearray(payload))) == (code, message)
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x03", b"\x03\x00\x00"])
+def test_a_too_short_error_payload_is_unknown(payload: bytes) -> None:
+    code, message = decode_error(payload)
+    assert code == 2  # UNKNOWN
+    assert "malformed" in message
+
+
+def test_an_error_message_that_is_not_utf8_still_decodes() -> None:
+    assert decode_error(b"\x0e\x00\x00\x00bad \xff byte") == (14, "bad \ufffd byte")
+
+
+def test_tune_socket() -> None:
+    left, right = tcp_pair()
+    try:
+        tune_socket(left)
+        assert not left.getblocking()
+        assert left.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert left.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    finally:
+        left.close()
+        right.close()
+    unix, other = socket.socketpair()
+    try:
+        tune_socket(unix)  # no TCP options on a Unix socket, and no error
+        assert not unix.getblocking()
+    finally:
+        unix.close()
+        other.close()

@@ -1,0 +1,787 @@
+"""The TCP data plane (kvstore.datawire, kvstore.server.dataplane) against the real server
+on 127.0.0.1: transfers through it, the fall back to gRPC, bad input from raw sockets,
+reclaiming abandoned transfers, drains, and its configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from kvstore.checksum import ChecksumKind, checksum
+from kvstore.chunkwire import chunk_parts, decode_get_message, encode_put_header
+from kvstore.client import (
+    ClientOptions,
+    DType,
+    KVClient,
+    KVForm,
+    KVLayout,
+    Namespace,
+    PutOutcome,
+    Unavailable,
+)
+from kvstore.datawire import FrameKind
+from kvstore.errors import InvalidRequest
+from kvstore.server import RunningServer
+from kvstore.server.config import add_config_arguments, config_from_args, load_config
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+MiB = 1 << 20
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=16)
+NS = Namespace(tenant="acme", model_fingerprint="toy", layout=LAYOUT)
+# Big blocks (4 MiB: 4 layers of 1 MiB), for gets that outlast the sockets' buffers.
+BIG = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, dtype=DType.FLOAT16, block_tokens=256)
+BIG_NS = Namespace(tenant="acme", model_fingerprint="big", layout=BIG)
+SEED_KEYS = [b"seed-0", b"seed-1", b"seed-2"]
+HELLO = b"KVDP" + struct.pack("<H", 1)
+INVALID_ARGUMENT, RESOURCE_EXHAUSTED = 3, 8
+
+ServerFactory = Callable[..., Awaitable[RunningServer]]
+MakeKV = Callable[..., torch.Tensor]
+SameBytes = Callable[[torch.Tensor, torch.Tensor], bool]
+Poll = Callable[..., Awaitable[None]]
+_fresh_keys = itertools.count()
+
+
+def data_client(target: str, namespace: Namespace = NS, **options: Any) -> KVClient:
+    return KVClient(target, namespace, options=ClientOptions(data_plane=True, **options))
+
+
+def grpc_client(target: str, namespace: Namespace = NS, **options: Any) -> KVClient:
+    return KVClient(target, namespace, options=ClientOptions(data_plane=False, **options))
+
+
+def transfers(running: RunningServer) -> int:
+    assert running.data_plane is not None
+    return running.data_plane.transfers
+
+
+async def dram_used(client: KVClient) -> int:
+    (tier,) = [tier for tier in (await client.stats()).tiers if tier.tier == pb.DRAM]
+    return int(tier.used_bytes)
+
+
+# -- a raw data-plane connection: frames written by hand -----------------------------------------
+
+
+def frame(kind: int, payload: bytes = b"") -> bytes:
+    return struct.pack("<BI", kind, len(payload)) + payload
+
+
+class RawConnection:
+    """A plain TCP socket to the data port; frames are packed here, not by kvstore.datawire."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def open(cls, port: int, *, hello: bool = True) -> RawConnection:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        connection = cls(sock)
+        await connection.loop.sock_connect(sock, ("127.0.0.1", port))
+        if hello:
+            await connection.send(frame(FrameKind.HELLO, HELLO))
+            assert await connection.read_frame() == (FrameKind.HELLO, HELLO)
+        return connection
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def recv_exactly(self, count: int) -> bytes:
+        received = bytearray()
+        async with asyncio.timeout(5):
+            while len(received) < count:
+                chunk = await self.loop.sock_recv(self.sock, count - len(received))
+                if not chunk:
+                    raise ConnectionError(f"closed after {len(received)} of {count} bytes")
+                received += chunk
+        return bytes(received)
+
+    async def read_frame(self) -> tuple[int, bytes]:
+        kind, length = struct.unpack("<BI", await self.recv_exactly(5))
+        return kind, await self.recv_exactly(length)
+
+    async def read_error(self) -> tuple[int, str]:
+        kind, payload = await self.read_frame()
+        assert kind == FrameKind.ERROR, (kind, payload[:100])
+        (code,) = struct.unpack_from("<I", payload)
+        return code, payload[4:].decode()
+
+    async def closed_by_server(self) -> bool:
+        """Whether the server hangs up (end of stream, or a reset) within 5 s."""
+        try:
+            async with asyncio.timeout(5):
+                return await self.loop.sock_recv(self.sock, 1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wire_ns(namespace: Namespace = NS) -> bytes:
+    lay = namespace.layout
+    return pb.Namespace(
+        tenant=namespace.tenant,
+        model_fingerprint=namespace.model_fingerprint,
+        layout=pb.KVLayout(
+            num_layers=lay.num_layers,
+            num_kv_heads=lay.num_kv_heads,
+            head_dim=lay.head_dim,
+            dtype=pb.FLOAT16,
+            block_tokens=lay.block_tokens,
+        ),
+    ).SerializeToString()
+
+
+def put_payload(
+    keys: list[bytes],
+    kv: torch.Tensor | None,
+    *,
+    layers: range = range(LAYOUT.num_layers),
+    corrupt: bool = False,
+) -> bytes:
+    """A PutBlocksRequest as the client encodes one (kvstore.chunkwire): the namespace,
+    `keys` declared as a chain, then one LayerChunk per block and layer of `kv` (blocks
+    form) with its xxh3 checksum; `corrupt` flips the first checksum."""
+    parts: list[bytes | memoryview] = [
+        encode_put_header(
+            namespace=wire_ns(),
+            checksum_kind=ChecksumKind.XXH3_64.value,
+            blocks=[(key, keys[index - 1] if index else b"") for index, key in enumerate(keys)],
+        )
+    ]
+    if kv is not None:
+        for block in range(len(keys)):
+            for layer in layers:
+                data = kv[block, layer].contiguous().view(torch.uint8).numpy().tobytes()
+                layer_sum = checksum(ChecksumKind.XXH3_64, data)
+                if corrupt and not block and layer == layers[0]:
+                    layer_sum ^= 1
+                parts += chunk_parts(4, block, layer, 0, layer_sum, [data])
+    return b"".join(bytes(part) for part in parts)
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def client(target: str) -> AsyncIterator[KVClient]:
+    async with data_client(target) as data_plane_client:
+        yield data_plane_client
+
+
+@dataclass
+class Seed:
+    """Blocks stored before the bad input, and the means to check the server afterwards."""
+
+    server: RunningServer
+    client: KVClient
+    kv: torch.Tensor
+    used_bytes: int
+    make_kv: MakeKV
+
+    @property
+    def port(self) -> int:
+        return self.server.servicer.data_plane_port
+
+    async def assert_serving(self) -> None:
+        """Nothing leaked, the seeded blocks are unchanged, and a new put and get work."""
+        assert await dram_used(self.client) == self.used_bytes, "bad input leaked pages"
+        assert (await self.client.lookup_keys(SEED_KEYS)).num_matched == len(SEED_KEYS)
+        dest = torch.zeros_like(self.kv)
+        assert await self.client.get_into(SEED_KEYS, dest, form=KVForm.BLOCKS) == len(SEED_KEYS)
+        assert torch.equal(dest.view(torch.uint8), self.kv.view(torch.uint8))
+
+        before = transfers(self.server)
+        key = b"fresh-%d" % next(_fresh_keys)
+        kv = self.make_kv(LAYOUT, 1, form=KVForm.BLOCKS, seed=5)
+        assert (await self.client.put_blocks([key], kv)).num_committed == 1
+        got = torch.zeros_like(kv)
+        assert await self.client.get_into([key], got, form=KVForm.BLOCKS) == 1
+        assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+        assert transfers(self.server) == before + 2, "the check itself used the data plane"
+        self.used_bytes = await dram_used(self.client)
+
+
+@pytest.fixture
+async def seed(server: RunningServer, client: KVClient, make_kv: MakeKV) -> Seed:
+    kv = make_kv(LAYOUT, len(SEED_KEYS), form=KVForm.BLOCKS, seed=11)
+    assert (await client.put_blocks(SEED_KEYS, kv)).num_committed == len(SEED_KEYS)
+    return Seed(server, client, kv, await dram_used(client), make_kv)
+
+
+# -- transfers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="layer-runs"),
+        # Layers larger than a chunk: LayerChunks, several PUT and GET_DATA frames.
+        pytest.param({"chunk_bytes": 4096}, id="chunks"),
+    ],
+)
+async def test_put_and_get_go_over_the_data_plane(
+    options: dict[str, Any],
+    server: RunningServer,
+    target: str,
+    make_kv: MakeKV,
+    same_bytes: SameBytes,
+) -> None:
+    lay = KVLayout(num_layers=3, num_kv_heads=2, head_dim=64, dtype=DType.BFLOAT16, block_tokens=32)
+    namespace = Namespace(tenant="acme", model_fingerprint="dp", layout=lay)
+    async with data_client(target, namespace, **options) as client:
+        assert client.data_plane is None, "not asked for before the first transfer"
+        before = transfers(server)
+        tokens = list(range(4 * lay.block_tokens + 3))
+        kv = make_kv(lay, 4, extra_tokens=3, seed=1)
+        result = await client.put(tokens, kv)
+        assert result.outcomes == (PutOutcome.COMMITTED,) * 4
+        assert transfers(server) == before + 1
+        assert client.data_plane == f"127.0.0.1:{server.servicer.data_plane_port}"
+
+        match = await client.lookup(tokens)
+        assert match.num_matched == 4
+        dest = torch.zeros_like(kv)
+        assert await client.get_into(match, dest) == 4
+        full = 4 * lay.block_tokens
+        assert same_bytes(dest[:, :, :full], kv[:, :, :full])
+        assert not dest[:, :, full:].view(torch.uint8).any()
+        assert transfers(server) == before + 2
+
+        # put_blocks and a second get, on the pooled connection.
+        keys = [b"blk-%d" % i for i in range(3)]
+        blocks = make_kv(lay, 3, form=KVForm.BLOCKS, seed=2)
+        assert (await client.put_blocks(keys, blocks)).num_committed == 3
+        got = torch.zeros_like(blocks)
+        assert await client.get_into(keys, got, form=KVForm.BLOCKS) == 3
+        assert same_bytes(got, blocks)
+        assert transfers(server) == before + 4
+
+
+async def test_grpc_only_client_leaves_the_data_plane_alone(
+    server: RunningServer, target: str, make_kv: MakeKV, same_bytes: SameBytes
+) -> None:
+    before = transfers(server)
+    async with grpc_client(target) as client:
+        keys = [b"g-%d" % i for i in range(3)]
+        kv = make_kv(LAYOUT, 3, form=KVForm.BLOCKS, seed=3)
+        assert (await client.put_blocks(keys, kv)).num_committed == 3
+        dest = torch.zeros_like(kv)
+        assert await client.get_into(keys, dest, form=KVForm.BLOCKS) == 3
+        assert same_bytes(dest, kv)
+        layers = [arrival.layer async for arrival in client.iter_layers(keys)]
+        assert layers == [0, 1]
+        assert client.data_plane is None
+    assert transfers(server) == before
+
+
+async def test_layer_put_and_iter_layers_over_the_data_plane(
+    server: RunningServer, client: KVClient, make_kv: MakeKV, same_bytes: SameBytes
+) -> None:
+    keys = [b"layered-%d" % i for i in range(3)]
+    blocks = make_kv(LAYOUT, 3, form=KVForm.BLOCKS, seed=4)
+    before = transfers(server)
+    async with client.layer_put(keys) as put:
+        for layer in range(LAYOUT.num_layers):
+            await put.send_layer(layer, blocks[:, layer])
+    assert put.result is not None
+    assert put.result.num_committed == 3
+    assert transfers(server) == before + 1
+
+    arrivals = [arrival async for arrival in client.iter_layers(keys)]
+    assert [arrival.layer for arrival in arrivals] == [0, 1]
+    for arrival in arrivals:
+        assert arrival.num_blocks == 3
+        assert same_bytes(arrival.kv, blocks[:, arrival.layer])
+    assert transfers(server) == before + 2
+
+
+async def test_get_data_plane_reports_the_bound_port(
+    server: RunningServer, stub: pb_grpc.KVStoreStub
+) -> None:
+    reply = await stub.GetDataPlane(pb.DataPlaneRequest(), timeout=5)
+    assert reply.version == 1
+    assert reply.port == server.servicer.data_plane_port != 0
+    assert server.data_plane is not None
+    raw = await RawConnection.open(reply.port)  # something speaks HELLO there
+    raw.close()
+
+
+async def test_a_configured_data_port_is_used(
+    server_factory: ServerFactory, make_kv: MakeKV, same_bytes: SameBytes
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    running = await server_factory(data_port=port)
+    assert running.servicer.data_plane_port == port
+    async with data_client(f"127.0.0.1:{running.port}") as client:
+        kv = make_kv(LAYOUT, 1, form=KVForm.BLOCKS)
+        assert (await client.put_blocks([b"p"], kv)).num_committed == 1
+        assert client.data_plane == f"127.0.0.1:{port}"
+    assert transfers(running) == 1
+
+
+async def test_server_without_a_data_plane_serves_over_grpc(
+    server_factory: ServerFactory, make_kv: MakeKV, same_bytes: SameBytes
+) -> None:
+    running = await server_factory(data_port=-1)
+    assert running.data_plane is None
+    target = f"127.0.0.1:{running.port}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        reply = await pb_grpc.KVStoreStub(channel).GetDataPlane(pb.DataPlaneRequest(), timeout=5)
+    assert reply.port == 0
+
+    async with data_client(target) as client:
+        keys = [b"n-%d" % i for i in range(3)]
+        kv = make_kv(LAYOUT, 3, form=KVForm.BLOCKS, seed=6)
+        assert (await client.put_blocks(keys, kv)).num_committed == 3
+        dest = torch.zeros_like(kv)
+        assert await client.get_into(keys, dest, form=KVForm.BLOCKS) == 3
+        assert same_bytes(dest, kv)
+        assert [arrival.layer async for arrival in client.iter_layers(keys)] == [0, 1]
+        assert client.data_plane is None
+
+
+async def test_clients_fall_back_to_grpc_when_the_data_plane_stops_listening(
+    server_factory: ServerFactory, make_kv: MakeKV, same_bytes: SameBytes
+) -> None:
+    running = await server_factory()
+    target = f"127.0.0.1:{running.port}"
+    kv = make_kv(LAYOUT, 2, form=KVForm.BLOCKS, seed=7)
+    async with data_client(target) as pooled:
+        assert (await pooled.put_blocks([b"a0", b"a1"], kv)).num_committed == 2
+        assert pooled.data_plane is not None
+        assert transfers(running) == 1
+
+        assert running.data_plane is not None
+        await running.data_plane.drain(0)  # the data plane only; gRPC keeps serving
+
+        # A client that never reached the data plane, and one whose pooled connection
+        # the server has just closed: both put and get over gRPC.
+        async with data_client(target) as fresh:
+            assert (await fresh.put_blocks([b"b0", b"b1"], kv)).num_committed == 2
+            dest = torch.zeros_like(kv)
+            assert await fresh.get_into([b"a0", b"a1"], dest, form=KVForm.BLOCKS) == 2
+            assert same_bytes(dest, kv)
+            assert fresh.data_plane is None
+        assert (await pooled.put_blocks([b"c0", b"c1"], kv)).num_committed == 2
+        dest = torch.zeros_like(kv)
+        assert await pooled.get_into([b"b0", b"b1"], dest, form=KVForm.BLOCKS) == 2
+        assert same_bytes(dest, kv)
+        assert pooled.data_plane is None
+    assert transfers(running) == 1
+
+
+# -- bad input from raw sockets -------------------------------------------------------------------
+
+GARBAGE = b"\x0a\xff\xff\xff\xff\x0f"  # a namespace field claiming 4 GiB
+DECLARE_NEW = encode_put_header(namespace=wire_ns(), checksum_kind=1, blocks=[(b"new", b"")])
+
+BAD_FRAMES: list[tuple[str, bool, bytes, int, str]] = [
+    # (name, HELLO first, what is sent next, status code, fragment of the message)
+    ("put-before-hello", False, frame(FrameKind.PUT, DECLARE_NEW), INVALID_ARGUMENT, "HELLO"),
+    ("wrong-magic", False, frame(FrameKind.HELLO, b"KVDQ\x01\x00"), INVALID_ARGUMENT, "HELLO"),
+    ("wrong-version", False, frame(FrameKind.HELLO, b"KVDP\x09\x00"), INVALID_ARGUMENT, "HELLO"),
+    ("empty-hello", False, frame(FrameKind.HELLO), INVALID_ARGUMENT, "HELLO"),
+    ("unknown-kind", True, frame(99), INVALID_ARGUMENT, "not kind 99"),
+    ("put-end-first", True, frame(FrameKind.PUT_END), INVALID_ARGUMENT, "PUT or GET"),
+    ("hello-twice", True, frame(FrameKind.HELLO, HELLO), INVALID_ARGUMENT, "PUT or GET"),
+    ("server-kind", True, frame(FrameKind.GET_DATA, b""), INVALID_ARGUMENT, "PUT or GET"),
+    ("malformed-put", True, frame(FrameKind.PUT, GARBAGE), INVALID_ARGUMENT, "malformed"),
+    (
+        "empty-put",
+        True,
+        frame(FrameKind.PUT) + frame(FrameKind.PUT_END),
+        INVALID_ARGUMENT,
+        "namespace",
+    ),
+    (
+        "put-interrupted-by-get",
+        True,
+        frame(FrameKind.PUT, DECLARE_NEW) + frame(FrameKind.GET, b""),
+        INVALID_ARGUMENT,
+        "PUT_END",
+    ),
+    (
+        "incomplete-put",
+        True,
+        frame(FrameKind.PUT, DECLARE_NEW) + frame(FrameKind.PUT_END),
+        INVALID_ARGUMENT,
+        "incomplete",
+    ),
+    ("malformed-get", True, frame(FrameKind.GET, GARBAGE), INVALID_ARGUMENT, "malformed"),
+    (
+        "get-without-keys",
+        True,
+        frame(
+            FrameKind.GET,
+            pb.GetBlocksRequest(namespace=pb.Namespace.FromString(wire_ns())).SerializeToString(),
+        ),
+        INVALID_ARGUMENT,
+        "keys is empty",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("hello", "data", "code", "fragment"),
+    [
+        pytest.param(hello, data, code, fragment, id=name)
+        for name, hello, data, code, fragment in BAD_FRAMES
+    ],
+)
+async def test_bad_frames_get_an_error_and_nothing_else_changes(
+    hello: bool, data: bytes, code: int, fragment: str, seed: Seed
+) -> None:
+    raw = await RawConnection.open(seed.port, hello=hello)
+    try:
+        await raw.send(data)
+        received_code, message = await raw.read_error()
+        assert received_code == code, message
+        assert fragment in message
+        assert await raw.closed_by_server()
+    finally:
+        raw.close()
+    assert (await seed.client.lookup_keys([b"new"])).num_matched == 0
+    await seed.assert_serving()
+
+
+async def test_a_frame_over_the_message_limit_is_resource_exhausted(seed: Seed) -> None:
+    limit = seed.server.config.limits.max_message_bytes
+    raw = await RawConnection.open(seed.port)
+    try:
+        # Only the header: the server must answer without waiting for the payload.
+        await raw.send(struct.pack("<BI", FrameKind.PUT, limit + 1))
+        code, message = await raw.read_error()
+        assert code == RESOURCE_EXHAUSTED, message
+        assert str(limit) in message
+        assert await raw.closed_by_server()
+    finally:
+        raw.close()
+    await seed.assert_serving()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(b"\x00" * 64, id="zeros"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="http1"),
+        # A gRPC client pointed at the data port: bytes 1-4 read as a 700 MB length.
+        pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", id="http2-preface"),
+    ],
+)
+async def test_garbage_instead_of_hello_is_told_to_send_hello(garbage: bytes, seed: Seed) -> None:
+    raw = await RawConnection.open(seed.port, hello=False)
+    try:
+        await raw.send(garbage)
+        code, message = await raw.read_error()
+        assert code == INVALID_ARGUMENT, message
+        assert "HELLO" in message
+        assert await raw.closed_by_server()
+    finally:
+        raw.close()
+    await seed.assert_serving()
+
+
+async def test_bad_checksum_gets_the_status_grpc_gives(
+    seed: Seed, channel: grpc.aio.Channel, make_kv: MakeKV
+) -> None:
+    kv = make_kv(LAYOUT, 1, form=KVForm.BLOCKS, seed=8)
+    bad = put_payload([b"new"], kv, corrupt=True)
+    good = put_payload([b"new"], kv)
+    failures = (await seed.client.stats()).checksum_failures
+
+    async def once() -> AsyncIterator[bytes]:
+        yield bad
+
+    with pytest.raises(grpc.aio.AioRpcError) as over_grpc:
+        await channel.stream_unary("/kvstore.v1.KVStore/PutBlocks")(once(), timeout=5)
+    assert over_grpc.value.code() == grpc.StatusCode.DATA_LOSS
+
+    raw = await RawConnection.open(seed.port)
+    try:
+        await raw.send(frame(FrameKind.PUT, bad) + frame(FrameKind.PUT_END))
+        code, message = await raw.read_error()
+        assert code == over_grpc.value.code().value[0], message
+        assert "checksum" in message
+        assert await raw.closed_by_server()
+    finally:
+        raw.close()
+    assert (await seed.client.stats()).checksum_failures == failures + 2
+    assert (await seed.client.lookup_keys([b"new"])).num_matched == 0
+    await seed.assert_serving()
+
+    # The same put with the right checksums is stored: the bad one failed for its checksum.
+    raw = await RawConnection.open(seed.port)
+    try:
+        await raw.send(frame(FrameKind.PUT, good) + frame(FrameKind.PUT_END))
+        kind, payload = await raw.read_frame()
+        assert kind == FrameKind.PUT_DONE
+        assert pb.PutBlocksResponse.FromString(payload).num_committed == 1
+    finally:
+        raw.close()
+
+
+async def test_raw_put_and_get_follow_the_documented_frames(
+    seed: Seed, make_kv: MakeKV, same_bytes: SameBytes
+) -> None:
+    """The protocol as kvstore.datawire's docstring draws it, spoken by hand."""
+    kv = make_kv(LAYOUT, 2, form=KVForm.BLOCKS, seed=9)
+    keys = [b"raw-0", b"raw-1"]
+    raw = await RawConnection.open(seed.port)
+    try:
+        first = put_payload(keys, kv, layers=range(1))  # declarations and layer 0
+        rest = b""  # layer 1 in a second message: LayerChunks, no namespace
+        for block in range(2):
+            data = kv[block, 1].contiguous().view(torch.uint8).numpy().tobytes()
+            layer_sum = checksum(ChecksumKind.XXH3_64, data)
+            rest += b"".join(bytes(part) for part in chunk_parts(4, block, 1, 0, layer_sum, [data]))
+        await raw.send(frame(FrameKind.PUT, first) + frame(FrameKind.PUT, rest))
+        await raw.send(frame(FrameKind.PUT_END))
+        kind, payload = await raw.read_frame()
+        assert kind == FrameKind.PUT_DONE
+        assert pb.PutBlocksResponse.FromString(payload).num_committed == 2
+
+        # A second transfer on the same connection: a get.
+        request = pb.GetBlocksRequest(namespace=pb.Namespace.FromString(wire_ns()), keys=keys)
+        await raw.send(frame(FrameKind.GET, request.SerializeToString()))
+        got = torch.zeros_like(kv)
+        flat = got.view(torch.uint8).reshape(-1)
+
+        def place(block: int, layer: int, offset: int, data: memoryview) -> None:
+            start = (block * LAYOUT.num_layers + layer) * LAYOUT.layer_bytes + offset
+            flat[start : start + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+        while True:
+            kind, payload = await raw.read_frame()
+            if kind == FrameKind.GET_END:
+                break
+            assert kind == FrameKind.GET_DATA
+            message = decode_get_message(payload)
+            for run in message.runs:
+                size = LAYOUT.layer_bytes
+                for index in range(run.num_blocks):
+                    data = run.data[index * size : (index + 1) * size]
+                    place(run.first_block + index, run.layer, 0, data)
+            for chunk in message.chunks:
+                place(chunk.block_index, chunk.layer, chunk.offset, chunk.data)
+        assert same_bytes(got, kv)
+    finally:
+        raw.close()
+    used = await dram_used(seed.client)
+    assert used >= seed.used_bytes + 2 * LAYOUT.block_bytes
+    seed.used_bytes = used
+    await seed.assert_serving()
+
+
+# -- reclaiming ----------------------------------------------------------------------------------
+
+
+async def test_an_abandoned_raw_put_is_reclaimed(seed: Seed, make_kv: MakeKV, poll: Poll) -> None:
+    keys = [b"doomed-0", b"doomed-1"]
+    kv = make_kv(LAYOUT, 2, form=KVForm.BLOCKS, seed=10)
+    before = await seed.client.stats()
+    raw = await RawConnection.open(seed.port)
+    try:
+        await raw.send(frame(FrameKind.PUT, put_payload(keys, kv, layers=range(1))))
+
+        async def reserved() -> bool:
+            return await dram_used(seed.client) >= seed.used_bytes + 2 * LAYOUT.block_bytes
+
+        await poll(reserved)
+    finally:
+        raw.close()  # the writer goes away mid-put
+
+    async def reclaimed() -> bool:
+        stats = await seed.client.stats()
+        return stats.puts_abandoned == before.puts_abandoned + 1 and (
+            await dram_used(seed.client) == seed.used_bytes
+        )
+
+    await poll(reclaimed)
+    assert (await seed.client.lookup_keys(keys)).num_matched == 0
+    await seed.assert_serving()
+
+
+async def delete_all(client: KVClient, keys: list[bytes], poll: Poll) -> None:
+    """Delete `keys` (a chain), polling while the server still holds them for a read."""
+    deleted = 0
+
+    async def gone() -> bool:
+        nonlocal deleted
+        num_deleted, num_busy = await client.delete(keys[:1])  # the root takes them all
+        deleted += num_deleted
+        return deleted == len(keys) and num_busy == 0
+
+    await poll(gone, timeout_s=5.0)
+
+
+async def test_stopping_iter_layers_early_unpins_the_blocks(
+    server_factory: ServerFactory, make_kv: MakeKV, same_bytes: SameBytes, poll: Poll
+) -> None:
+    running = await server_factory(store__dram_bytes=96 * MiB)
+    keys = [b"early-%d" % i for i in range(10)]  # 40 MiB: more than the sockets buffer
+    kv = make_kv(BIG, len(keys), form=KVForm.BLOCKS, seed=12)
+    async with data_client(f"127.0.0.1:{running.port}", BIG_NS) as client:
+        assert (await client.put_blocks(keys, kv)).num_committed == len(keys)
+        async with contextlib.aclosing(client.iter_layers(keys)) as stream:
+            async for arrival in stream:
+                assert arrival.layer == 0
+                assert same_bytes(arrival.kv, kv[:, 0])
+                # Mid-get the server holds every block for the read.
+                assert await client.delete(keys[:1]) == (0, len(keys))
+                break
+        await delete_all(client, keys, poll)
+        assert (await client.lookup_keys(keys)).num_matched == 0
+        assert await dram_used(client) == 0
+        # The connection was closed, not pooled mid-stream: the next transfer works.
+        assert (await client.put_blocks(keys[:1], kv[:1])).num_committed == 1
+
+
+async def test_closing_the_client_ends_a_get_in_flight(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll
+) -> None:
+    running = await server_factory(store__dram_bytes=96 * MiB)
+    target = f"127.0.0.1:{running.port}"
+    keys = [b"cut-%d" % i for i in range(10)]
+    kv = make_kv(BIG, len(keys), form=KVForm.BLOCKS, seed=13)
+    client = data_client(target, BIG_NS)
+    try:
+        assert (await client.put_blocks(keys, kv)).num_committed == len(keys)
+        stream = client.iter_layers(keys)
+        first = await anext(stream)
+        assert first.layer == 0
+        await asyncio.wait_for(client.close(), timeout=10)
+
+        async def rest() -> list[int]:
+            return [arrival.layer async for arrival in stream]
+
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(rest(), timeout=10)
+    finally:
+        await client.close()
+    async with data_client(target, BIG_NS) as other:
+        await delete_all(other, keys, poll)
+
+
+# -- draining -------------------------------------------------------------------------------------
+
+
+async def test_drain_closes_idle_data_plane_connections_at_once(
+    server_factory: ServerFactory, make_kv: MakeKV
+) -> None:
+    running = await server_factory(limits__drain_grace_s=60.0)
+    target = f"127.0.0.1:{running.port}"
+    async with data_client(target) as client:
+        kv = make_kv(LAYOUT, 1, form=KVForm.BLOCKS)
+        assert (await client.put_blocks([b"k"], kv)).num_committed == 1  # one pooled connection
+        idle = await RawConnection.open(running.servicer.data_plane_port)
+        try:
+            # Not the 60 s grace: idle connections do not hold the drain.
+            await asyncio.wait_for(running.drain(), timeout=10)
+            assert await idle.closed_by_server()
+        finally:
+            idle.close()
+        with pytest.raises(Unavailable):
+            await client.put_blocks([b"k2"], kv)
+
+
+async def test_a_transfer_started_on_a_draining_server_is_unavailable(
+    server: RunningServer, seed: Seed, make_kv: MakeKV
+) -> None:
+    """The server starts draining while connections sit idle between transfers (a
+    client's pooled one, and a raw one): the next transfer on each gets UNAVAILABLE."""
+    kv = make_kv(LAYOUT, 1, form=KVForm.BLOCKS)
+    raw = await RawConnection.open(seed.port)
+    try:
+        before = transfers(server)
+        server.servicer.start_draining()
+        with pytest.raises(Unavailable, match="draining"):
+            await seed.client.put_blocks([b"late"], kv)
+        await raw.send(frame(FrameKind.PUT, put_payload([b"late"], kv)) + frame(FrameKind.PUT_END))
+        code, message = await raw.read_error()
+        assert code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert "draining" in message
+        assert await raw.closed_by_server()
+    finally:
+        raw.close()
+    assert transfers(server) == before
+    assert server.store.report().tiers[0].num_blocks == len(SEED_KEYS)
+
+
+async def test_a_drain_lets_a_transfer_in_flight_finish_and_refuses_new_ones(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll
+) -> None:
+    running = await server_factory(limits__drain_grace_s=30.0)
+    target = f"127.0.0.1:{running.port}"
+    kv = make_kv(LAYOUT, 2, form=KVForm.BLOCKS, seed=14)
+    async with data_client(target) as client:
+        assert (await client.put_blocks([b"pooled"], kv[:1])).num_committed == 1
+        used = await dram_used(client)
+        # A put in flight: its blocks sent, PUT_END not yet.
+        raw = await RawConnection.open(running.servicer.data_plane_port)
+        try:
+            await raw.send(frame(FrameKind.PUT, put_payload([b"f0", b"f1"], kv)))
+
+            async def received() -> bool:
+                return await dram_used(client) >= used + 2 * LAYOUT.block_bytes
+
+            await poll(received)
+            drain = asyncio.create_task(running.drain())
+            await asyncio.sleep(0.2)
+            assert not drain.done(), "the drain waits for the put in flight"
+            # Whichever path it takes (the pooled connection, a new one, gRPC): refused.
+            with pytest.raises(Unavailable):
+                await client.put_blocks([b"refused"], kv[:1])
+
+            await raw.send(frame(FrameKind.PUT_END))
+            kind, payload = await raw.read_frame()
+            assert kind == FrameKind.PUT_DONE
+            assert pb.PutBlocksResponse.FromString(payload).num_committed == 2
+            assert await raw.closed_by_server(), "a drain closes the connection after it"
+        finally:
+            raw.close()
+        await asyncio.wait_for(drain, timeout=10)  # not the 30 s grace
+    assert transfers(running) == 2
+    assert running.store.report().tiers[0].num_blocks == 3
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def parse_flags(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(list(argv))).data_port
+
+
+def test_data_port_setting() -> None:
+    assert load_config(None, {}).data_port == 0
+    assert load_config(None, {"data_port": -1}).data_port == -1
+    assert load_config(None, {"data_port": 65535}).data_port == 65535
+    assert parse_flags() == 0
+    assert parse_flags("--data-port", "7001") == 7001
+    assert parse_flags("--data-port=-1") == -1
+
+
+@pytest.mark.parametrize("value", [70000, 65536, -2, "7001", 1.5, True])
+def test_bad_data_ports_are_rejected(value: object) -> None:
+    with pytest.raises(InvalidRequest, match="data_port"):
+        load_config(None, {"data_port": value})
