@@ -464,17 +464,22 @@ class BlockStore:
         state = self.index.find_namespace(namespace)
         if state is None:
             return result
-        now = time.monotonic()
-        for key in keys:
-            root = state.blocks.get(key)
-            if root is not None:
-                self.delete_subtree(state, root, now, result)
+        roots = [root for key in keys if (root := state.blocks.get(key)) is not None]
+        if roots:
+            self.delete_subtree(state, roots, time.monotonic(), result)
         return result
 
     def delete_subtree(
-        self, state: NamespaceState, root: BlockEntry, now: float, result: DeleteResult
+        self,
+        state: NamespaceState,
+        roots: BlockEntry | list[BlockEntry],
+        now: float,
+        result: DeleteResult,
     ) -> None:
-        subtree = [entry for entry in state.blocks.values() if _descends_from(entry, root)]
+        """Delete `roots` and every block chained below them, each block once (keys of
+        one chain share their subtrees), in one pass over the namespace."""
+        root_ids = {id(root) for root in (roots if isinstance(roots, list) else [roots])}
+        subtree = _descendants(state.blocks.values(), root_ids)
         # Deepest first, so every removal takes a chain tail.
         subtree.sort(key=lambda entry: entry.depth, reverse=True)
         for entry in subtree:
@@ -523,9 +528,26 @@ class BlockStore:
         )
 
 
-def _descends_from(entry: BlockEntry | None, root: BlockEntry) -> bool:
-    while entry is not None:
-        if entry is root:
-            return True
-        entry = entry.parent
-    return False
+def _descendants(entries: Iterable[BlockEntry], root_ids: set[int]) -> list[BlockEntry]:
+    """The entries that are, or descend from, an entry whose id() is in `root_ids`.
+
+    Each ancestor's verdict is remembered, so the pass costs O(entries), not
+    O(entries x chain depth).
+    """
+    verdicts: dict[int, bool] = {}
+    found: list[BlockEntry] = []
+    for entry in entries:
+        path: list[BlockEntry] = []
+        node: BlockEntry | None = entry
+        while node is not None and id(node) not in verdicts:
+            if id(node) in root_ids:
+                verdicts[id(node)] = True
+                break
+            path.append(node)
+            node = node.parent
+        verdict = node is not None and verdicts[id(node)]
+        for visited in path:
+            verdicts[id(visited)] = verdict
+        if verdict:
+            found.append(entry)
+    return found

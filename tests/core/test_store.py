@@ -466,6 +466,20 @@ def test_delete_skips_pinned_blocks_and_their_ancestors() -> None:
     assert_no_orphans(store)
 
 
+def test_delete_counts_each_block_once_when_keys_share_a_chain() -> None:
+    store = make_store()
+    assert put(store, [(A, b""), (B, A), (C, B)]) == [PutOutcome.COMMITTED] * 3
+    store.pin(NS, [C], ttl_s=60)
+    # Every key names the same chain: each block is busy once, not once per key above it.
+    result = store.delete(NS, [A, B, C])
+    assert (result.num_deleted, result.num_busy) == (0, 3)
+    store.unpin(NS, [C])
+    result = store.delete(NS, [A, B, C])
+    assert (result.num_deleted, result.num_busy) == (3, 0)
+    assert store.dram.used_bytes == 0
+    assert_no_orphans(store)
+
+
 # -- policies -----------------------------------------------------------------------------------
 
 
