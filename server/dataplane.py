@@ -38,6 +38,8 @@ from kvstore.v1 import kvstore_pb2 as pb
 logger = logging.getLogger("kvstore.server")
 # After an ERROR frame, how long to wait for the client to read it and hang up.
 _LINGER_S = 2.0
+# A connection that has not said HELLO by then is not a kvstore client: close it.
+_HELLO_TIMEOUT_S = 10.0
 
 
 class _Rejected(Exception):
@@ -113,7 +115,11 @@ class DataPlane:
         assert task is not None
         reader = FrameReader(sock, self._limits.max_message_bytes)
         try:
-            await self._handshake(sock, reader)
+            self._idle.add(task)
+            try:
+                await self._handshake(sock, reader)
+            finally:
+                self._idle.discard(task)
             # A drain ends the connection between transfers; the client's pool sees it.
             while not self._servicer.draining:
                 reader.release_buffer()  # an idle connection holds no megabyte buffer
@@ -152,10 +158,16 @@ class DataPlane:
 
     async def _handshake(self, sock: socket.socket, reader: FrameReader) -> None:
         try:
-            kind, payload = await reader.read()
+            async with asyncio.timeout(_HELLO_TIMEOUT_S):
+                kind, payload = await reader.read()
             hello = kind == FrameKind.HELLO and bytes(payload) == HELLO_PAYLOAD
         except FrameTooLarge:  # an HTTP request, say: its first bytes read as a huge length
             hello = False
+        except TimeoutError:
+            raise _Rejected(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no HELLO frame within {_HELLO_TIMEOUT_S:.0f} s of connecting",
+            ) from None
         if not hello:
             raise _Rejected(
                 grpc.StatusCode.INVALID_ARGUMENT,

@@ -19,6 +19,7 @@ import grpc
 import pytest
 import torch
 
+import kvstore.server.dataplane
 from kvstore.checksum import ChecksumKind, checksum
 from kvstore.chunkwire import chunk_parts, decode_get_message, encode_put_header
 from kvstore.client import (
@@ -785,3 +786,29 @@ def test_data_port_setting() -> None:
 def test_bad_data_ports_are_rejected(value: object) -> None:
     with pytest.raises(InvalidRequest, match="data_port"):
         load_config(None, {"data_port": value})
+
+
+async def test_a_silent_connection_is_closed_and_does_not_hold_a_drain(
+    server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kvstore.server.dataplane, "_HELLO_TIMEOUT_S", 0.3)
+    running = await server_factory(limits__drain_grace_s=60.0)
+    port = running.servicer.data_plane_port
+    silent = await RawConnection.open(port, hello=False)
+    try:
+        code, message = await silent.read_error()
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        assert "HELLO" in message
+        assert await silent.closed_by_server()
+    finally:
+        silent.close()
+    # One that connects and says nothing while the server drains is closed at once,
+    # not after the 60 s grace.
+    monkeypatch.setattr(kvstore.server.dataplane, "_HELLO_TIMEOUT_S", 60.0)
+    waiting = await RawConnection.open(port, hello=False)
+    try:
+        await asyncio.sleep(0.05)  # accepted, and waiting for HELLO
+        await asyncio.wait_for(running.drain(), timeout=10)
+        assert await waiting.closed_by_server()
+    finally:
+        waiting.close()
