@@ -23,6 +23,7 @@ import dataclasses
 import json
 import statistics
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -315,7 +316,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     ):
         table.add_column(column, justify="right")
     for row in rows:
-        for op, line in (("put", _put_line(row)), ("get", _get_line(row))):
+        for op, line in (("put", _line(row, "put")), ("get", _line(row, "get"))):
             table.add_row(
                 human_bytes(row.block_bytes),
                 op,
@@ -361,33 +362,23 @@ class _Line:
     plain_cpu: CpuCost
 
 
-def _put_line(row: ThroughputRow) -> _Line:
-    return _Line(
-        row.put_gbps,
-        row.put_ratio,
-        row.grpc_put_gbps,
-        row.grpc_put_ratio,
-        row.ceiling_put_gbps,
-        row.whole_put_gbps,
-        row.copies_put_gbps,
-        row.put_cpu,
-        row.grpc_put_cpu,
-        row.ceiling_put_cpu,
-    )
+def _line(row: ThroughputRow, op: str) -> _Line:
+    """The figures of `op` ("put" or "get") in `row`."""
 
+    def field(name: str) -> Any:
+        return getattr(row, name.format(op=op))
 
-def _get_line(row: ThroughputRow) -> _Line:
     return _Line(
-        row.get_gbps,
-        row.get_ratio,
-        row.grpc_get_gbps,
-        row.grpc_get_ratio,
-        row.ceiling_get_gbps,
-        row.whole_get_gbps,
-        row.copies_get_gbps,
-        row.get_cpu,
-        row.grpc_get_cpu,
-        row.ceiling_get_cpu,
+        gbps=field("{op}_gbps"),
+        ratio=field("{op}_ratio"),
+        grpc_gbps=field("grpc_{op}_gbps"),
+        grpc_ratio=field("grpc_{op}_ratio"),
+        plain_gbps=field("ceiling_{op}_gbps"),
+        whole_gbps=field("whole_{op}_gbps"),
+        copies_gbps=field("copies_{op}_gbps"),
+        cpu=field("{op}_cpu"),
+        grpc_cpu=field("grpc_{op}_cpu"),
+        plain_cpu=field("ceiling_{op}_cpu"),
     )
 
 
@@ -406,7 +397,7 @@ def _cpu_table(rows: list[ThroughputRow]) -> Table:
     ):
         table.add_column(column, justify="right")
     for row in rows:
-        for op, line in (("put", _put_line(row)), ("get", _get_line(row))):
+        for op, line in (("put", _line(row, "put")), ("get", _line(row, "get"))):
             table.add_row(
                 human_bytes(row.block_bytes),
                 op,

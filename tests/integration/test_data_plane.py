@@ -32,6 +32,7 @@ from kvstore.client import (
     PutOutcome,
     Unavailable,
 )
+from kvstore.client._wire import namespace_to_wire
 from kvstore.datawire import FrameKind
 from kvstore.errors import InvalidRequest
 from kvstore.server import RunningServer
@@ -135,18 +136,7 @@ class RawConnection:
 
 
 def wire_ns(namespace: Namespace = NS) -> bytes:
-    lay = namespace.layout
-    return pb.Namespace(
-        tenant=namespace.tenant,
-        model_fingerprint=namespace.model_fingerprint,
-        layout=pb.KVLayout(
-            num_layers=lay.num_layers,
-            num_kv_heads=lay.num_kv_heads,
-            head_dim=lay.head_dim,
-            dtype=pb.FLOAT16,
-            block_tokens=lay.block_tokens,
-        ),
-    ).SerializeToString()
+    return namespace_to_wire(namespace).SerializeToString()
 
 
 def put_payload(
