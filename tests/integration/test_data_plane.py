@@ -78,6 +78,17 @@ async def dram_used(client: KVClient) -> int:
 # -- a raw data-plane connection: frames written by hand -----------------------------------------
 
 
+async def put_get_and_iterate(client: KVClient, prefix: bytes, kv: torch.Tensor) -> None:
+    """Put `kv`'s blocks under fresh keys, then get them back whole and layer by layer."""
+    keys = [prefix + b"%d" % i for i in range(len(kv))]
+    assert (await client.put_blocks(keys, kv)).num_committed == len(keys)
+    dest = torch.zeros_like(kv)
+    assert await client.get_into(keys, dest, form=KVForm.BLOCKS) == len(keys)
+    assert torch.equal(dest.view(torch.uint8), kv.view(torch.uint8))
+    layers = [arrival.layer async for arrival in client.iter_layers(keys)]
+    assert layers == list(range(LAYOUT.num_layers))
+
+
 def frame(kind: int, payload: bytes = b"") -> bytes:
     return struct.pack("<BI", kind, len(payload)) + payload
 
@@ -266,18 +277,11 @@ async def test_put_and_get_go_over_the_data_plane(
 
 
 async def test_grpc_only_client_leaves_the_data_plane_alone(
-    server: RunningServer, target: str, make_kv: MakeKV, same_bytes: SameBytes
+    server: RunningServer, target: str, make_kv: MakeKV
 ) -> None:
     before = transfers(server)
     async with grpc_client(target) as client:
-        keys = [b"g-%d" % i for i in range(3)]
-        kv = make_kv(LAYOUT, 3, form=KVForm.BLOCKS, seed=3)
-        assert (await client.put_blocks(keys, kv)).num_committed == 3
-        dest = torch.zeros_like(kv)
-        assert await client.get_into(keys, dest, form=KVForm.BLOCKS) == 3
-        assert same_bytes(dest, kv)
-        layers = [arrival.layer async for arrival in client.iter_layers(keys)]
-        assert layers == [0, 1]
+        await put_get_and_iterate(client, b"g-", make_kv(LAYOUT, 3, form=KVForm.BLOCKS, seed=3))
         assert client.data_plane is None
     assert transfers(server) == before
 
@@ -330,7 +334,7 @@ async def test_a_configured_data_port_is_used(
 
 
 async def test_server_without_a_data_plane_serves_over_grpc(
-    server_factory: ServerFactory, make_kv: MakeKV, same_bytes: SameBytes
+    server_factory: ServerFactory, make_kv: MakeKV
 ) -> None:
     running = await server_factory(data_port=-1)
     assert running.data_plane is None
@@ -340,13 +344,7 @@ async def test_server_without_a_data_plane_serves_over_grpc(
     assert reply.port == 0
 
     async with data_client(target) as client:
-        keys = [b"n-%d" % i for i in range(3)]
-        kv = make_kv(LAYOUT, 3, form=KVForm.BLOCKS, seed=6)
-        assert (await client.put_blocks(keys, kv)).num_committed == 3
-        dest = torch.zeros_like(kv)
-        assert await client.get_into(keys, dest, form=KVForm.BLOCKS) == 3
-        assert same_bytes(dest, kv)
-        assert [arrival.layer async for arrival in client.iter_layers(keys)] == [0, 1]
+        await put_get_and_iterate(client, b"n-", make_kv(LAYOUT, 3, form=KVForm.BLOCKS, seed=6))
         assert client.data_plane is None
 
 
