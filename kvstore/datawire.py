@@ -15,12 +15,17 @@ the payload. A connection carries one transfer at a time:
     client                               server
     HELLO  b"KVDP" + version (u16)  ->
                                     <-   HELLO, the same payload
+    DEADLINE  ms left (u32)         ->   (optional, before the transfer's first frame)
     PUT    a PutBlocksRequest       ->   (any number; the first names the namespace)
     PUT_END                         ->
                                     <-   PUT_DONE  a PutBlocksResponse
     GET    a GetBlocksRequest       ->
                                     <-   GET_DATA  a GetBlocksResponse (one or more)
                                     <-   GET_END
+
+A transfer must end within its DEADLINE (the client's call deadline, as gRPC sends
+it), or within DEFAULT_TRANSFER_S when none was sent; past it the server drops the
+transfer, freeing what it held, and answers DEADLINE_EXCEEDED.
 
 On any error the server sends ERROR, a gRPC status code (u32) and a UTF-8 message,
 then closes the connection; the client raises the same exception a gRPC call would.
@@ -41,6 +46,9 @@ VERSION = 1
 HEADER = struct.Struct("<BI")
 HELLO_PAYLOAD = MAGIC + struct.pack("<H", VERSION)
 _ERROR_CODE = struct.Struct("<I")
+_DEADLINE = struct.Struct("<I")
+# The deadline of a transfer that did not send one: the client library's default.
+DEFAULT_TRANSFER_S = 120.0
 # Linux's IOV_MAX: sendmsg takes at most this many buffers per call.
 _MAX_BUFFERS = 1024
 
@@ -54,6 +62,7 @@ class FrameKind(enum.IntEnum):
     GET_DATA = 6
     GET_END = 7
     ERROR = 8
+    DEADLINE = 9
 
 
 class ConnectionClosed(ConnectionError):
@@ -62,6 +71,19 @@ class ConnectionClosed(ConnectionError):
 
 def frame_header(kind: FrameKind, length: int) -> bytes:
     return HEADER.pack(kind, length)
+
+
+def encode_deadline(seconds: float) -> bytes:
+    """A DEADLINE payload: `seconds` left, in whole ms (at least 1, at most u32)."""
+    return _DEADLINE.pack(min(max(1, round(seconds * 1000)), 0xFFFFFFFF))
+
+
+def decode_deadline(payload: bytes | memoryview) -> float:
+    """Seconds left, from a DEADLINE payload; ValueError if it is not 4 bytes."""
+    if len(payload) != _DEADLINE.size:
+        raise ValueError(f"a DEADLINE frame carries 4 bytes, not {len(payload)}")
+    (millis,) = _DEADLINE.unpack(payload)
+    return float(millis) / 1000
 
 
 def encode_error(code: int, message: str) -> bytes:
@@ -88,19 +110,22 @@ class FrameReader:
         self._header = bytearray(HEADER.size)
         self._buffer = bytearray(0)
 
-    async def read(self) -> tuple[int, memoryview]:
+    async def read(self, limit: int | None = None) -> tuple[int, memoryview]:
         """The next frame's kind (possibly unknown to FrameKind) and payload.
 
         Raises ConnectionClosed at the end of the stream, and FrameTooLarge when the
-        header announces more than `max_payload` bytes (the payload is not read).
+        header announces more than `limit` (default: `max_payload`) bytes; the payload
+        is then not read, nor any buffer made for it.
         """
         await self.read_into(memoryview(self._header))
         kind, length = HEADER.unpack(self._header)
-        if length > self._max_payload:
-            raise FrameTooLarge(kind, length, self._max_payload)
+        limit = self._max_payload if limit is None else min(limit, self._max_payload)
+        if length > limit:
+            raise FrameTooLarge(kind, length, limit)
         if len(self._buffer) < length:
             # A new buffer, not a resize: views of the old one may still be referenced.
-            self._buffer = bytearray(max(length, 2 * len(self._buffer)))
+            grown = min(2 * len(self._buffer), self._max_payload)
+            self._buffer = bytearray(max(length, grown))
         payload = memoryview(self._buffer)[:length]
         await self.read_into(payload)
         return kind, payload

@@ -31,6 +31,7 @@ reads configuration from outside (files, flags); components receive their own pa
     default_chunk_bytes = "1MiB" # GetBlocks message payload unless the client asks
     max_keys = 65536             # keys in one request
     drain_grace_s = 30
+    max_data_connections = 1024  # open data-plane connections; more fall back to gRPC
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Limits:
     default_chunk_bytes: int = 1 << 20
     max_keys: int = 65536
     drain_grace_s: float = 30.0
+    # Open data-plane connections; past it, new ones are turned away (clients use gRPC).
+    max_data_connections: int = 1024
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 64 << 10:
@@ -69,6 +72,8 @@ class Limits:
             raise InvalidRequest("limits.max_keys must be >= 1")
         if self.drain_grace_s < 0:
             raise InvalidRequest("limits.drain_grace_s must be >= 0")
+        if self.max_data_connections < 1:
+            raise InvalidRequest("limits.max_data_connections must be >= 1")
 
     @property
     def max_chunk_bytes(self) -> int:
@@ -210,6 +215,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-keys", dest="limits.max_keys", type=int)
     parser.add_argument("--drain-grace-s", dest="limits.drain_grace_s", type=float)
+    parser.add_argument("--max-data-connections", dest="limits.max_data_connections", type=int)
     parser.add_argument("--log-level", choices=list(_LOG_LEVELS))
     parser.add_argument(
         "--no-tune-allocator",

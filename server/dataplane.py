@@ -19,12 +19,15 @@ from collections.abc import AsyncIterator
 import grpc
 
 from kvstore.datawire import (
+    DEFAULT_TRANSFER_S,
     HELLO_PAYLOAD,
     ConnectionClosed,
     FrameKind,
     FrameReader,
     FrameTooLarge,
+    decode_deadline,
     encode_error,
+    frame_header,
     send_frame,
     tune_socket,
 )
@@ -60,6 +63,7 @@ class DataPlane:
         # Connections waiting for their next transfer: a drain closes these at once.
         self._idle: set[asyncio.Task[None]] = set()
         self.transfers = 0  # puts and gets served, for tests and logs
+        self.accepted = 0  # connections served (not those turned away at the cap)
 
     async def start(self, host: str, port: int) -> int:
         """Listen on `host:port` (0: any free port); returns the bound port."""
@@ -106,6 +110,10 @@ class DataPlane:
                 await asyncio.sleep(0.1)
                 continue
             tune_socket(sock)
+            if len(self._connections) >= self._limits.max_data_connections:
+                _refuse(sock, self._limits.max_data_connections)
+                continue
+            self.accepted += 1
             task = asyncio.create_task(self._serve(sock))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
@@ -133,17 +141,21 @@ class DataPlane:
                         grpc.StatusCode.UNAVAILABLE,
                         "server is draining for shutdown; retry elsewhere",
                     )
-                if kind == FrameKind.PUT:
-                    reply = await self._servicer.put_stream(self._put_messages(reader, payload))
-                    self.transfers += 1
-                    await send_frame(sock, FrameKind.PUT_DONE, [reply.SerializeToString()])
-                elif kind == FrameKind.GET:
-                    await self._get(sock, payload)
-                    self.transfers += 1
-                else:
-                    raise InvalidRequest(
-                        f"a transfer starts with a PUT or GET frame, not kind {kind}"
-                    )
+                seconds = DEFAULT_TRANSFER_S
+                if kind == FrameKind.DEADLINE:
+                    seconds = _deadline_of(payload)
+                try:
+                    async with asyncio.timeout(seconds):
+                        if kind == FrameKind.DEADLINE:
+                            kind, payload = await reader.read()
+                        await self._transfer(sock, reader, kind, payload)
+                except TimeoutError:
+                    # The client's deadline, as over gRPC: what the transfer held is freed.
+                    raise _Rejected(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"the transfer did not finish within its deadline of {seconds:g} s",
+                    ) from None
+                self.transfers += 1
         except (ConnectionClosed, asyncio.CancelledError):
             pass  # the client went away, or a drain closed an idle connection
         except FrameTooLarge as error:
@@ -156,10 +168,25 @@ class DataPlane:
         finally:
             sock.close()
 
+    async def _transfer(
+        self, sock: socket.socket, reader: FrameReader, kind: int, payload: memoryview
+    ) -> None:
+        if kind == FrameKind.PUT:
+            reply = await self._servicer.put_stream(self._put_messages(reader, payload))
+            await send_frame(sock, FrameKind.PUT_DONE, [reply.SerializeToString()])
+        elif kind == FrameKind.GET:
+            await self._get(sock, payload)
+        else:
+            raise InvalidRequest(
+                f"a transfer starts with a PUT or GET frame (after an optional DEADLINE), "
+                f"not kind {kind}"
+            )
+
     async def _handshake(self, sock: socket.socket, reader: FrameReader) -> None:
         try:
             async with asyncio.timeout(_HELLO_TIMEOUT_S):
-                kind, payload = await reader.read()
+                # Nothing larger than a HELLO is read, or buffered, before it.
+                kind, payload = await reader.read(limit=len(HELLO_PAYLOAD))
             hello = kind == FrameKind.HELLO and bytes(payload) == HELLO_PAYLOAD
         except FrameTooLarge:  # an HTTP request, say: its first bytes read as a huge length
             hello = False
@@ -215,3 +242,22 @@ class DataPlane:
                     await reader.read_into(scratch)
         except (ConnectionClosed, OSError, TimeoutError, asyncio.CancelledError):
             pass
+
+
+def _deadline_of(payload: memoryview) -> float:
+    try:
+        seconds = decode_deadline(payload)
+    except ValueError as error:
+        raise InvalidRequest(str(error)) from None
+    return seconds
+
+
+def _refuse(sock: socket.socket, limit: int) -> None:
+    """Turn a connection away at once: the client falls back to gRPC."""
+    error = encode_error(
+        grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+        f"the data plane has {limit} connections (limits.max_data_connections); use gRPC",
+    )
+    with contextlib.suppress(OSError):
+        sock.send(frame_header(FrameKind.ERROR, len(error)) + error)
+    sock.close()

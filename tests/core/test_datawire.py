@@ -23,7 +23,9 @@ from kvstore.datawire import (
     FrameKind,
     FrameReader,
     FrameTooLarge,
+    decode_deadline,
     decode_error,
+    encode_deadline,
     encode_error,
     frame_header,
     send_frame,
@@ -86,6 +88,7 @@ def test_wire_constants_are_the_documented_protocol() -> None:
         "GET_DATA": 6,
         "GET_END": 7,
         "ERROR": 8,
+        "DEADLINE": 9,
     }
 
 
@@ -229,6 +232,26 @@ async def test_a_frame_over_the_limit_is_refused_before_its_payload_is_read(pair
     assert "100-byte limit" in str(raised.value)
     # The payload is still in the socket, unread.
     assert await recv_exactly(receiver, 101) == b"b" * 101
+
+
+async def test_a_read_may_set_a_tighter_limit_than_the_reader(pair: Pair) -> None:
+    sender, receiver = pair
+    reader = FrameReader(receiver, 1 * MiB)
+    await send_frame(sender, FrameKind.HELLO, [b"c" * 7])
+    with pytest.raises(FrameTooLarge, match="6-byte limit"):
+        await reader.read(limit=6)
+    assert await recv_exactly(receiver, 7) == b"c" * 7  # unread, and no buffer made
+    await send_frame(sender, FrameKind.HELLO, [b"d" * 6])
+    kind, payload = await reader.read(limit=6)
+    assert (kind, bytes(payload)) == (FrameKind.HELLO, b"d" * 6)
+
+
+def test_deadline_payloads_round_trip_in_whole_milliseconds() -> None:
+    assert decode_deadline(encode_deadline(1.5)) == 1.5
+    assert decode_deadline(encode_deadline(0.0001)) == 0.001  # at least 1 ms
+    assert decode_deadline(encode_deadline(1e12)) == 0xFFFFFFFF / 1000  # capped at u32
+    with pytest.raises(ValueError, match="4 bytes"):
+        decode_deadline(b"\x01\x02")
 
 
 async def test_a_huge_announced_length_allocates_nothing(pair: Pair) -> None:
