@@ -146,13 +146,18 @@ class KVClient:
         pool = await self._data_plane_pool(loop.time())
         if pool is None:
             return None
+        now = loop.time()
         try:
-            return await pool.acquire(loop.time() + seconds)
+            # A new connection gets the control deadline, not the whole transfer's:
+            # the transfer still has its time for gRPC if this fails.
+            return await pool.acquire(now + seconds, now + self.options.timeouts.control)
         except DataPlaneUnreachable as error:
             logger.warning("%s; using gRPC for %.0f s", error, _DATA_PLANE_RETRY_S)
-            pool.close()
+            # Transfers already on the data plane finish there.
+            pool.retire()
             if self._data_plane is pool:
                 self._data_plane = None
+                self._data_plane_asked_at = loop.time()  # the back-off starts now
             return None
 
     async def _data_plane_pool(self, now: float) -> DataPlanePool | None:
@@ -384,11 +389,11 @@ class KVClient:
                 receiver = LayerReceiver(
                     self._layout, reply, dest, form, verify=self.options.verify_checksums
                 )
-                if receiver.num_blocks == 0:
-                    return
+            if receiver.num_blocks == 0:
+                continue  # nothing stored; read on to the stream's clean end
             for arrival in receiver.accept(reply):
                 yield arrival
-        if receiver is not None:
+        if receiver is not None and receiver.num_blocks:
             for arrival in receiver.finish():
                 yield arrival
 

@@ -28,6 +28,7 @@ from kvstore.datawire import (
     FrameReader,
     FrameTooLarge,
     decode_error,
+    encode_deadline,
     send_frame,
     tune_socket,
 )
@@ -49,9 +50,16 @@ class DataConnection:
         self._sock = sock
         self._reader = FrameReader(sock, max_frame_bytes)
         self.deadline = 0.0
+        self._deadline_sent = False
         self.clean = True  # False from the start of a transfer until it ends well
         self.closed = False
         self.pool: DataPlanePool | None = None
+
+    def begin(self, deadline: float) -> None:
+        """Start a transfer that must end by `deadline` (loop time)."""
+        self.deadline = deadline
+        self._deadline_sent = False
+        self.clean = False
 
     def release(self) -> None:
         """Hand the connection back to its pool (or close it) once the transfer is over."""
@@ -80,11 +88,19 @@ class DataConnection:
         self._sock.close()
 
     async def send(self, kind: FrameKind, parts: Sequence[bytes | memoryview] = ()) -> None:
-        """Send one frame; if the server has already answered (an ERROR, always), raise it."""
+        """Send one frame; if the server has already answered (an ERROR, always), raise it.
+
+        The transfer's first frame goes after a DEADLINE frame: the server drops the
+        transfer, and frees what it holds, once the deadline passes, as over gRPC.
+        """
         if self._server_spoke():
             await self._raise_server_error()
         try:
             async with asyncio.timeout_at(self.deadline):
+                if not self._deadline_sent and kind in (FrameKind.PUT, FrameKind.GET):
+                    left = self.deadline - asyncio.get_running_loop().time()
+                    await send_frame(self._sock, FrameKind.DEADLINE, [encode_deadline(left)])
+                    self._deadline_sent = True
                 await send_frame(self._sock, kind, parts)
         except TimeoutError:
             raise self._deadline_error() from None
@@ -172,9 +188,9 @@ class DataPlanePool:
         self._active: set[DataConnection] = set()
         self._closed = False
 
-    async def acquire(self, deadline: float) -> DataConnection:
-        """A connection for one transfer ending by `deadline` (loop time). Raises
-        DataPlaneUnreachable when no new connection can be made."""
+    async def acquire(self, deadline: float, connect_by: float) -> DataConnection:
+        """A connection for one transfer ending by `deadline` (loop time); a new one
+        must be made by `connect_by`. Raises DataPlaneUnreachable when it cannot be."""
         if self._closed:
             raise DataPlaneUnreachable("the client is closed")
         while self._idle:
@@ -183,9 +199,8 @@ class DataPlanePool:
                 break
             connection.close()  # the server restarted or drained since
         else:
-            connection = await self._connect(deadline)
-        connection.deadline = deadline
-        connection.clean = False
+            connection = await self._connect(min(deadline, connect_by))
+        connection.begin(deadline)
         connection.pool = self
         self._active.add(connection)
         return connection
@@ -199,38 +214,47 @@ class DataPlanePool:
         elif not connection.closed:
             connection.close()
 
-    def close(self) -> None:
-        """Close idle connections and cut transfers in flight (they raise Unavailable)."""
+    def retire(self) -> None:
+        """Take no more transfers: close idle connections, and each one in use once
+        its transfer ends."""
         self._closed = True
         for connection in self._idle:
             connection.close()
         self._idle.clear()
+
+    def close(self) -> None:
+        """Retire, and cut transfers in flight too (they raise Unavailable)."""
+        self.retire()
         for connection in self._active:
             connection.shutdown()
 
     async def _connect(self, deadline: float) -> DataConnection:
+        """Connect and say HELLO by `deadline`, trying each address of the host."""
         loop = asyncio.get_running_loop()
+        failures: list[str] = []
         try:
             async with asyncio.timeout_at(deadline):
                 infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-                family, kind, proto, _, address = infos[0]
-                sock = socket.socket(family, kind, proto)
-                try:
-                    sock.setblocking(False)
-                    await loop.sock_connect(sock, address)
-                except BaseException:
-                    sock.close()
-                    raise
-        except (OSError, TimeoutError) as error:
-            raise DataPlaneUnreachable(
-                f"cannot reach the data plane at {self.host}:{self.port}: {error}"
-            ) from error
-        tune_socket(sock)
-        connection = DataConnection(sock, self._max_frame_bytes)
-        connection.deadline = deadline
-        try:
-            await connection.hello()
-        except KVStoreClientError as error:
-            connection.close()
-            raise DataPlaneUnreachable(f"the data plane refused a HELLO: {error}") from error
-        return connection
+                for family, kind, proto, _, address in infos:
+                    sock = socket.socket(family, kind, proto)
+                    try:
+                        sock.setblocking(False)
+                        await loop.sock_connect(sock, address)
+                        tune_socket(sock)
+                        connection = DataConnection(sock, self._max_frame_bytes)
+                        connection.begin(deadline)
+                        await connection.hello()
+                        return connection
+                    except (OSError, KVStoreClientError) as error:
+                        sock.close()
+                        failures.append(f"{address}: {error}")
+                    except BaseException:  # cancelled, or out of time: no socket left open
+                        sock.close()
+                        raise
+        except TimeoutError:
+            failures.append("no connection and HELLO within the time allowed")
+        except OSError as error:  # the name did not resolve
+            failures.append(str(error))
+        raise DataPlaneUnreachable(
+            f"cannot reach the data plane at {self.host}:{self.port}: {'; '.join(failures)}"
+        )

@@ -24,14 +24,17 @@ from kvstore.checksum import ChecksumKind, checksum
 from kvstore.chunkwire import chunk_parts, decode_get_message, encode_put_header
 from kvstore.client import (
     ClientOptions,
+    DeadlineExceeded,
     DType,
     KVClient,
     KVForm,
     KVLayout,
     Namespace,
     PutOutcome,
+    Timeouts,
     Unavailable,
 )
+from kvstore.client._dataplane import DataPlanePool, DataPlaneUnreachable
 from kvstore.client._wire import namespace_to_wire
 from kvstore.datawire import FrameKind
 from kvstore.errors import InvalidRequest
@@ -63,6 +66,10 @@ def data_client(target: str, namespace: Namespace = NS, **options: Any) -> KVCli
 
 def grpc_client(target: str, namespace: Namespace = NS, **options: Any) -> KVClient:
     return KVClient(target, namespace, options=ClientOptions(data_plane=False, **options))
+
+
+def server_target(running: RunningServer) -> str:
+    return f"127.0.0.1:{running.port}"
 
 
 def transfers(running: RunningServer) -> int:
@@ -141,6 +148,15 @@ class RawConnection:
                 return await self.loop.sock_recv(self.sock, 1) == b""
         except ConnectionResetError:
             return True
+
+    async def read_until_closed(self) -> bytes:
+        """All the server sends until it hangs up; TimeoutError if it has not in 5 s."""
+        received = bytearray()
+        with contextlib.suppress(ConnectionResetError):
+            async with asyncio.timeout(5):
+                while chunk := await self.loop.sock_recv(self.sock, 1 << 20):
+                    received += chunk
+        return bytes(received)
 
     def close(self) -> None:
         self.sock.close()
@@ -800,3 +816,131 @@ async def test_a_silent_connection_is_closed_and_does_not_hold_a_drain(
         assert await waiting.closed_by_server()
     finally:
         waiting.close()
+
+
+# -- deadlines, the connection cap, back-off ------------------------------------------------------
+
+
+async def test_a_layer_put_that_outlives_its_deadline_is_dropped_by_the_server(
+    server: RunningServer, make_kv: MakeKV, poll: Poll
+) -> None:
+    """The server holds a put's reservation only until the client's deadline, as gRPC
+    does, even when the client just pauses between layers."""
+    keys = [b"slow-%d" % i for i in range(2)]
+    kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=20)
+    async with data_client(server_target(server), timeouts=Timeouts(transfer=0.5)) as client:
+        used = await dram_used(client)
+        abandoned = (await client.stats()).puts_abandoned
+
+        async def dropped() -> bool:
+            return (await client.stats()).puts_abandoned == abandoned + 1
+
+        async def pause_between_layers() -> None:
+            async with client.layer_put(keys) as put:
+                await put.send_layer(0, kv[:, 0])
+                assert await dram_used(client) > used  # reserved while the put runs
+                await poll(dropped, timeout_s=5.0)
+                assert await dram_used(client) == used
+                await put.send_layer(1, kv[:, 1])
+
+        with pytest.raises(DeadlineExceeded):
+            await pause_between_layers()
+        assert transfers(server) == 0
+        assert (await client.lookup_keys(keys)).num_matched == 0
+        # The client goes on, on a new connection.
+        assert (await client.put_blocks(keys, kv)).num_committed == len(keys)
+
+
+async def test_a_get_nobody_reads_unpins_its_blocks_at_the_deadline(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll
+) -> None:
+    running = await server_factory(store__dram_bytes=96 * MiB)
+    keys = [b"unread-%d" % i for i in range(10)]  # 40 MiB: the server blocks on a full socket
+    kv = make_kv(BIG, len(keys), form=KVForm.BLOCKS, seed=21)
+    async with data_client(server_target(running), BIG_NS) as client:
+        assert (await client.put_blocks(keys, kv)).num_committed == len(keys)
+        raw = await RawConnection.open(running.servicer.data_plane_port)
+        try:
+            request = pb.GetBlocksRequest(namespace=namespace_to_wire(BIG_NS), keys=keys)
+            await raw.send(
+                frame(FrameKind.DEADLINE, struct.pack("<I", 300))
+                + frame(FrameKind.GET, request.SerializeToString())
+            )
+            await asyncio.sleep(0.1)
+            assert await client.delete(keys[:1]) == (0, len(keys))  # pinned by the read
+            await delete_all(client, keys, poll)  # after 300 ms the server lets go
+            sent = await raw.read_until_closed()
+            # What the server got out before it gave up, and no GET_END.
+            assert 0 < len(sent) < len(keys) * BIG.block_bytes
+            assert frame(FrameKind.GET_END) not in sent[-16:]
+        finally:
+            raw.close()
+
+
+async def test_a_malformed_deadline_frame_is_invalid(seed: Seed) -> None:
+    raw = await RawConnection.open(seed.port)
+    try:
+        await raw.send(frame(FrameKind.DEADLINE, b"\x01\x02"))
+        code, message = await raw.read_error()
+        assert code == INVALID_ARGUMENT
+        assert "DEADLINE" in message
+        assert await raw.closed_by_server()
+    finally:
+        raw.close()
+    await seed.assert_serving()
+
+
+async def test_past_the_connection_cap_transfers_use_grpc_and_nothing_is_cut(
+    server_factory: ServerFactory, make_kv: MakeKV
+) -> None:
+    running = await server_factory(limits__max_data_connections=1)
+    keys = [b"capped-%d" % i for i in range(2)]
+    kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=22)
+    async with data_client(server_target(running)) as client:
+        async with client.layer_put(keys) as put:  # holds the one connection
+            await put.send_layer(0, kv[:, 0])
+            # A second transfer meanwhile needs a connection the cap refuses: it goes
+            # over gRPC, and the layer put in flight is left alone.
+            assert (await client.put_blocks([b"other"], kv[:1])).num_committed == 1
+            assert client.data_plane is None
+            await put.send_layer(1, kv[:, 1])
+        assert put.result is not None
+        assert put.result.num_committed == len(keys)
+        assert transfers(running) == 1  # the layer put
+        assert running.data_plane is not None
+        assert running.data_plane.accepted == 1
+        # The back-off: for 30 s the client does not try the data plane again.
+        dest = torch.zeros_like(kv)
+        assert await client.get_into(keys, dest, form=KVForm.BLOCKS) == len(keys)
+        assert torch.equal(dest.view(torch.uint8), kv.view(torch.uint8))
+        assert transfers(running) == 1
+        assert running.data_plane.accepted == 1
+
+
+async def test_a_miss_leaves_the_connection_pooled(server: RunningServer, make_kv: MakeKV) -> None:
+    async with data_client(server_target(server)) as client:
+        dest = make_kv(LAYOUT, 2)
+        for _ in range(3):
+            assert await client.get_into([b"nothing-0", b"nothing-1"], dest) == 0
+        assert server.data_plane is not None
+        assert server.data_plane.accepted == 1
+        assert transfers(server) == 3
+
+
+async def test_a_data_plane_that_never_says_hello_costs_the_connect_time_only() -> None:
+    """A port that accepts but never answers (a proxy, a wrong service) is given up on
+    by the connect deadline, not the transfer's, so the transfer still has its time
+    for gRPC."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # the kernel accepts; nobody ever reads or answers
+    try:
+        pool = DataPlanePool("127.0.0.1", listener.getsockname()[1], 1 * MiB)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(DataPlaneUnreachable, match="HELLO"):
+            await pool.acquire(start + 60.0, connect_by=start + 0.3)
+        assert loop.time() - start < 5.0
+        pool.close()
+    finally:
+        listener.close()
