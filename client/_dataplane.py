@@ -36,6 +36,9 @@ from kvstore.v1 import kvstore_pb2 as pb
 
 # How long to wait for the server's ERROR frame once it has cut a transfer short.
 _ERROR_WAIT_S = 1.0
+# Pooled connections idle longer are not reused: well inside the server's idle timeout
+# (300 s, kvstore.server.dataplane), so the server never closes one as it is picked up.
+_MAX_IDLE_S = 60.0
 
 
 class DataPlaneUnreachable(OSError):
@@ -53,6 +56,7 @@ class DataConnection:
         self._deadline_sent = False
         self.clean = True  # False from the start of a transfer until it ends well
         self.closed = False
+        self.idle_since = 0.0  # loop time it went back to the pool
         self.pool: DataPlanePool | None = None
 
     def begin(self, deadline: float) -> None:
@@ -193,11 +197,12 @@ class DataPlanePool:
         must be made by `connect_by`. Raises DataPlaneUnreachable when it cannot be."""
         if self._closed:
             raise DataPlaneUnreachable("the client is closed")
+        now = asyncio.get_running_loop().time()
         while self._idle:
             connection = self._idle.pop()
-            if not connection.stale():
+            if not connection.stale() and now - connection.idle_since < _MAX_IDLE_S:
                 break
-            connection.close()  # the server restarted or drained since
+            connection.close()  # the server restarted, drained, or may be closing it
         else:
             connection = await self._connect(min(deadline, connect_by))
         connection.begin(deadline)
@@ -210,6 +215,7 @@ class DataPlanePool:
         self._active.discard(connection)
         reusable = connection.clean and not connection.closed and not self._closed
         if reusable and len(self._idle) < self._max_idle:
+            connection.idle_since = asyncio.get_running_loop().time()
             self._idle.append(connection)
         elif not connection.closed:
             connection.close()

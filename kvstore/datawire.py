@@ -42,7 +42,8 @@ import struct
 from collections.abc import Sequence
 
 MAGIC = b"KVDP"
-VERSION = 1
+# 2: transfers may start with a DEADLINE frame, which version-1 servers refuse.
+VERSION = 2
 HEADER = struct.Struct("<BI")
 HELLO_PAYLOAD = MAGIC + struct.pack("<H", VERSION)
 _ERROR_CODE = struct.Struct("<I")

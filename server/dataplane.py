@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
@@ -43,6 +43,9 @@ logger = logging.getLogger("kvstore.server")
 _LINGER_S = 2.0
 # A connection that has not said HELLO by then is not a kvstore client: close it.
 _HELLO_TIMEOUT_S = 10.0
+# A connection idle between transfers this long is closed. Clients drop their pooled
+# connections sooner (kvstore.client._dataplane), so they never pick up one being closed.
+_IDLE_TIMEOUT_S = 300.0
 
 
 class _Rejected(Exception):
@@ -51,6 +54,22 @@ class _Rejected(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class _Link:
+    """One connection's socket and reader, and whether a frame is half sent."""
+
+    def __init__(self, sock: socket.socket, max_payload: int) -> None:
+        self.sock = sock
+        self.reader = FrameReader(sock, max_payload)
+        # True while a frame is on its way out: a frame cut short (a deadline, a drain)
+        # leaves the stream where no ERROR frame can follow.
+        self.mid_frame = False
+
+    async def send(self, kind: FrameKind, parts: Sequence[bytes | memoryview] = ()) -> None:
+        self.mid_frame = True
+        await send_frame(self.sock, kind, parts)
+        self.mid_frame = False
 
 
 class DataPlane:
@@ -121,11 +140,12 @@ class DataPlane:
     async def _serve(self, sock: socket.socket) -> None:
         task = asyncio.current_task()
         assert task is not None
-        reader = FrameReader(sock, self._limits.max_message_bytes)
+        link = _Link(sock, self._limits.max_message_bytes)
+        reader = link.reader
         try:
             self._idle.add(task)
             try:
-                await self._handshake(sock, reader)
+                await self._handshake(link)
             finally:
                 self._idle.discard(task)
             # A drain ends the connection between transfers; the client's pool sees it.
@@ -133,7 +153,10 @@ class DataPlane:
                 reader.release_buffer()  # an idle connection holds no megabyte buffer
                 self._idle.add(task)
                 try:
-                    kind, payload = await reader.read()
+                    async with asyncio.timeout(_IDLE_TIMEOUT_S):
+                        kind, payload = await reader.read()
+                except TimeoutError:
+                    return  # idle too long: close quietly, the client's pool sees it
                 finally:
                     self._idle.discard(task)
                 if self._servicer.draining:
@@ -144,12 +167,15 @@ class DataPlane:
                 seconds = DEFAULT_TRANSFER_S
                 if kind == FrameKind.DEADLINE:
                     seconds = _deadline_of(payload)
+                deadline = asyncio.timeout(seconds)
                 try:
-                    async with asyncio.timeout(seconds):
+                    async with deadline:
                         if kind == FrameKind.DEADLINE:
                             kind, payload = await reader.read()
-                        await self._transfer(sock, reader, kind, payload)
+                        await self._transfer(link, kind, payload)
                 except TimeoutError:
+                    if not deadline.expired():
+                        raise
                     # The client's deadline, as over gRPC: what the transfer held is freed.
                     raise _Rejected(
                         grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -159,34 +185,32 @@ class DataPlane:
         except (ConnectionClosed, asyncio.CancelledError):
             pass  # the client went away, or a drain closed an idle connection
         except FrameTooLarge as error:
-            await self._reject(sock, reader, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            await self._reject(link, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         except _Rejected as error:
-            await self._reject(sock, reader, error.code, str(error))
+            await self._reject(link, error.code, str(error))
         except Exception as error:
             code, message = status_for(error)
-            await self._reject(sock, reader, code, message)
+            await self._reject(link, code, message)
         finally:
             sock.close()
 
-    async def _transfer(
-        self, sock: socket.socket, reader: FrameReader, kind: int, payload: memoryview
-    ) -> None:
+    async def _transfer(self, link: _Link, kind: int, payload: memoryview) -> None:
         if kind == FrameKind.PUT:
-            reply = await self._servicer.put_stream(self._put_messages(reader, payload))
-            await send_frame(sock, FrameKind.PUT_DONE, [reply.SerializeToString()])
+            reply = await self._servicer.put_stream(self._put_messages(link.reader, payload))
+            await link.send(FrameKind.PUT_DONE, [reply.SerializeToString()])
         elif kind == FrameKind.GET:
-            await self._get(sock, payload)
+            await self._get(link, payload)
         else:
             raise InvalidRequest(
                 f"a transfer starts with a PUT or GET frame (after an optional DEADLINE), "
                 f"not kind {kind}"
             )
 
-    async def _handshake(self, sock: socket.socket, reader: FrameReader) -> None:
+    async def _handshake(self, link: _Link) -> None:
         try:
             async with asyncio.timeout(_HELLO_TIMEOUT_S):
                 # Nothing larger than a HELLO is read, or buffered, before it.
-                kind, payload = await reader.read(limit=len(HELLO_PAYLOAD))
+                kind, payload = await link.reader.read(limit=len(HELLO_PAYLOAD))
             hello = kind == FrameKind.HELLO and bytes(payload) == HELLO_PAYLOAD
         except FrameTooLarge:  # an HTTP request, say: its first bytes read as a huge length
             hello = False
@@ -198,10 +222,10 @@ class DataPlane:
         if not hello:
             raise _Rejected(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "not a kvstore data-plane client: a connection starts with a HELLO frame "
-                f"carrying {HELLO_PAYLOAD!r} (see kvstore.datawire)",
+                "not a kvstore data-plane client (or another version of it): a connection "
+                f"starts with a HELLO frame carrying {HELLO_PAYLOAD!r} (see kvstore.datawire)",
             )
-        await send_frame(sock, FrameKind.HELLO, [HELLO_PAYLOAD])
+        await link.send(FrameKind.HELLO, [HELLO_PAYLOAD])
 
     async def _put_messages(
         self, reader: FrameReader, first: memoryview
@@ -217,7 +241,7 @@ class DataPlane:
                     f"a put goes on with PUT frames and ends with PUT_END, not kind {kind}"
                 )
 
-    async def _get(self, sock: socket.socket, payload: memoryview) -> None:
+    async def _get(self, link: _Link, payload: memoryview) -> None:
         request: pb.GetBlocksRequest | MalformedRequest
         try:
             request = pb.GetBlocksRequest.FromString(bytes(payload))
@@ -225,21 +249,25 @@ class DataPlane:
             request = MalformedRequest("kvstore.v1.GetBlocksRequest", str(error))
         async with contextlib.aclosing(self._servicer.get_stream(request)) as messages:
             async for parts in messages:
-                await send_frame(sock, FrameKind.GET_DATA, parts)
-        await send_frame(sock, FrameKind.GET_END)
+                await link.send(FrameKind.GET_DATA, parts)
+        await link.send(FrameKind.GET_END)
 
-    async def _reject(
-        self, sock: socket.socket, reader: FrameReader, code: grpc.StatusCode, message: str
-    ) -> None:
+    async def _reject(self, link: _Link, code: grpc.StatusCode, message: str) -> None:
         """Send ERROR, then let the client read it before the connection closes:
-        closing with unread input would reset the connection and could lose it."""
+        closing with unread input would reset the connection and could lose it.
+
+        After a frame cut short there is no frame boundary left to put an ERROR at:
+        the connection just closes, and the client reports it lost.
+        """
+        if link.mid_frame:
+            return
         try:
-            await send_frame(sock, FrameKind.ERROR, [encode_error(code.value[0], message)])
-            sock.shutdown(socket.SHUT_WR)
+            await link.send(FrameKind.ERROR, [encode_error(code.value[0], message)])
+            link.sock.shutdown(socket.SHUT_WR)
             scratch = memoryview(bytearray(64 << 10))
             async with asyncio.timeout(_LINGER_S):
                 while True:  # discard what the client still sends, until it hangs up
-                    await reader.read_into(scratch)
+                    await link.reader.read_into(scratch)
         except (ConnectionClosed, OSError, TimeoutError, asyncio.CancelledError):
             pass
 

@@ -50,7 +50,7 @@ NS = Namespace(tenant="acme", model_fingerprint="toy", layout=LAYOUT)
 BIG = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, dtype=DType.FLOAT16, block_tokens=256)
 BIG_NS = Namespace(tenant="acme", model_fingerprint="big", layout=BIG)
 SEED_KEYS = [b"seed-0", b"seed-1", b"seed-2"]
-HELLO = b"KVDP" + struct.pack("<H", 1)
+HELLO = b"KVDP" + struct.pack("<H", 2)
 INVALID_ARGUMENT, RESOURCE_EXHAUSTED = 3, 8
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]
@@ -327,7 +327,7 @@ async def test_get_data_plane_reports_the_bound_port(
     server: RunningServer, stub: pb_grpc.KVStoreStub
 ) -> None:
     reply = await stub.GetDataPlane(pb.DataPlaneRequest(), timeout=5)
-    assert reply.version == 1
+    assert reply.version == 2
     assert reply.port == server.servicer.data_plane_port != 0
     assert server.data_plane is not None
     raw = await RawConnection.open(reply.port)  # something speaks HELLO there
@@ -870,9 +870,16 @@ async def test_a_get_nobody_reads_unpins_its_blocks_at_the_deadline(
             assert await client.delete(keys[:1]) == (0, len(keys))  # pinned by the read
             await delete_all(client, keys, poll)  # after 300 ms the server lets go
             sent = await raw.read_until_closed()
-            # What the server got out before it gave up, and no GET_END.
             assert 0 < len(sent) < len(keys) * BIG.block_bytes
-            assert frame(FrameKind.GET_END) not in sent[-16:]
+            # Whole GET_DATA frames, then at most one cut short: no ERROR frame written
+            # into the middle of one, and no GET_END.
+            offset = 0
+            while offset + 5 <= len(sent):
+                kind, length = struct.unpack_from("<BI", sent, offset)
+                assert kind == FrameKind.GET_DATA
+                offset += 5 + length
+            assert offset >= len(sent) - 5
+            assert b"within its deadline" not in sent  # an ERROR's text, inside a frame
         finally:
             raw.close()
 
@@ -944,3 +951,26 @@ async def test_a_data_plane_that_never_says_hello_costs_the_connect_time_only() 
         pool.close()
     finally:
         listener.close()
+
+
+async def test_a_hello_of_another_version_is_refused(seed: Seed) -> None:
+    raw = await RawConnection.open(seed.port, hello=False)
+    try:
+        await raw.send(frame(FrameKind.HELLO, b"KVDP" + struct.pack("<H", 1)))
+        code, message = await raw.read_error()
+        assert code == INVALID_ARGUMENT
+        assert "version" in message
+    finally:
+        raw.close()
+    await seed.assert_serving()
+
+
+async def test_an_idle_connection_is_closed_quietly_after_the_idle_timeout(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kvstore.server.dataplane, "_IDLE_TIMEOUT_S", 0.2)
+    raw = await RawConnection.open(server.servicer.data_plane_port)
+    try:
+        assert await raw.read_until_closed() == b""  # closed, with no ERROR frame
+    finally:
+        raw.close()
