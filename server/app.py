@@ -90,6 +90,7 @@ async def build_server(config: ServerConfig) -> RunningServer:
         data_plane = DataPlane(servicer, config.limits)
         try:
             servicer.data_plane_port = await data_plane.start(config.listen_host, config.data_port)
+            servicer.data_plane_counts = data_plane.counts
         except OSError:
             await mover.close()
             raise

@@ -84,6 +84,10 @@ class DataPlane:
         self.transfers = 0  # puts and gets served, for tests and logs
         self.accepted = 0  # connections served (not those turned away at the cap)
 
+    def counts(self) -> tuple[int, int]:
+        """(connections open now, transfers carried), for Stats."""
+        return len(self._connections), self.transfers
+
     async def start(self, host: str, port: int) -> int:
         """Listen on `host:port` (0: any free port); returns the bound port."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

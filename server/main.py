@@ -116,6 +116,14 @@ def print_stats(stats: pb.StatsResponse, console: Console) -> None:
         f"  abandoned puts {stats.puts_abandoned}  checksum failures {stats.checksum_failures}"
         f"  uptime {stats.uptime_ms / 1000:.0f}s  cpu {stats.process_cpu_us / 1e6:.1f}s"
     )
+    if stats.data_plane_port:
+        console.print(
+            f"data plane on port {stats.data_plane_port}: "
+            f"{stats.data_plane_connections} connections open, "
+            f"{stats.data_plane_transfers} puts and gets carried"
+        )
+    else:
+        console.print("data plane off: puts and gets go over gRPC")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ class KVStoreServicer:
         self._idle_lookup_streams: set[asyncio.Task[object]] = set()
         self.draining = False
         self.data_plane_port = 0  # set once the data plane listens; 0: none
+        # (open connections, transfers carried), from the data plane once it listens.
+        self.data_plane_counts: Callable[[], tuple[int, int]] | None = None
 
     def start_draining(self) -> None:
         """Refuse new RPCs, and end lookup streams that wait for their next request."""
@@ -173,7 +175,13 @@ class KVStoreServicer:
     ) -> pb.StatsResponse:
         def handle() -> pb.StatsResponse:
             reject_unknown_fields(request, "StatsRequest")
-            return report_to_wire(self._store.report(), time.process_time())
+            reply = report_to_wire(self._store.report(), time.process_time())
+            reply.data_plane_port = self.data_plane_port
+            if self.data_plane_counts is not None:
+                connections, transfers = self.data_plane_counts()
+                reply.data_plane_connections = connections
+                reply.data_plane_transfers = transfers
+            return reply
 
         return await self._unary(request, context, handle)
 

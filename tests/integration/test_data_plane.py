@@ -952,3 +952,21 @@ async def test_an_idle_connection_is_closed_quietly_after_the_idle_timeout(
         assert await raw.read_until_closed() == b""  # closed, with no ERROR frame
     finally:
         raw.close()
+
+
+async def test_stats_report_the_data_plane(
+    server: RunningServer, server_factory: ServerFactory, make_kv: MakeKV
+) -> None:
+    kv = make_kv(LAYOUT, 2, form=KVForm.BLOCKS, seed=23)
+    async with data_client(server_target(server)) as client:
+        before = await client.stats()
+        assert before.data_plane_port == server.servicer.data_plane_port
+        await put_get_and_iterate(client, b"stats-", kv)
+        after = await client.stats()
+        assert after.data_plane_transfers == before.data_plane_transfers + 3
+        assert after.data_plane_connections == 1  # the client's pooled connection
+    running = await server_factory(data_port=-1)
+    async with data_client(server_target(running)) as client:
+        await put_get_and_iterate(client, b"off-", kv)
+        stats = await client.stats()
+        assert (stats.data_plane_port, stats.data_plane_transfers) == (0, 0)

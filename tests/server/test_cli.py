@@ -169,6 +169,13 @@ async def test_daemon_serves_logs_and_prints_stats(daemon: Daemon, make_kv: Make
     # The daemon's own CPU time: importing torch and gRPC alone costs more than 0.1 s.
     assert int(stats["processCpuUs"]) > 100_000
     assert re.search(r"cpu \d+\.\ds", out)
+    # The put went over the data plane, which the start-up log and stats both name.
+    port = int(stats["dataPlanePort"])
+    assert port > 0
+    assert f"data plane on port {port}" in start_line
+    assert int(stats["dataPlaneTransfers"]) == 1
+    assert f"data plane on port {port}: " in out
+    assert "1 puts and gets carried" in out
     (tier,) = stats["tiers"]
     assert tier["name"] == "dram"
     assert int(tier["numBlocks"]) == 4

@@ -787,6 +787,9 @@ class StatsResponse(_message.Message):
     NUM_PINNED_FIELD_NUMBER: _builtins.int
     UPTIME_MS_FIELD_NUMBER: _builtins.int
     PROCESS_CPU_US_FIELD_NUMBER: _builtins.int
+    DATA_PLANE_PORT_FIELD_NUMBER: _builtins.int
+    DATA_PLANE_CONNECTIONS_FIELD_NUMBER: _builtins.int
+    DATA_PLANE_TRANSFERS_FIELD_NUMBER: _builtins.int
     num_namespaces: _builtins.int
     lookups: _builtins.int
     lookup_keys: _builtins.int
@@ -803,6 +806,13 @@ class StatsResponse(_message.Message):
     """CPU time the server process has used since it started, user and system, all
     threads (microseconds). Differences between two calls give the CPU a workload costs.
     """
+    data_plane_port: _builtins.int
+    """The TCP data plane (see GetDataPlane): its port (0: off), the connections open on
+    it now, and the puts and gets it has carried. Transfers that are not counted here
+    went over gRPC: a client with the data plane off, or one that could not reach it.
+    """
+    data_plane_connections: _builtins.int
+    data_plane_transfers: _builtins.int
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]: ...
     def __init__(
@@ -822,10 +832,13 @@ class StatsResponse(_message.Message):
         num_pinned: _builtins.int = ...,
         uptime_ms: _builtins.int = ...,
         process_cpu_us: _builtins.int = ...,
+        data_plane_port: _builtins.int = ...,
+        data_plane_connections: _builtins.int = ...,
+        data_plane_transfers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_got", b"blocks_got", "blocks_put", b"blocks_put", "bytes_got", b"bytes_got", "bytes_put", b"bytes_put", "checksum_failures", b"checksum_failures", "lookup_hits", b"lookup_hits", "lookup_keys", b"lookup_keys", "lookups", b"lookups", "num_namespaces", b"num_namespaces", "num_pinned", b"num_pinned", "process_cpu_us", b"process_cpu_us", "puts_abandoned", b"puts_abandoned", "tiers", b"tiers", "uptime_ms", b"uptime_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_got", b"blocks_got", "blocks_put", b"blocks_put", "bytes_got", b"bytes_got", "bytes_put", b"bytes_put", "checksum_failures", b"checksum_failures", "data_plane_connections", b"data_plane_connections", "data_plane_port", b"data_plane_port", "data_plane_transfers", b"data_plane_transfers", "lookup_hits", b"lookup_hits", "lookup_keys", b"lookup_keys", "lookups", b"lookups", "num_namespaces", b"num_namespaces", "num_pinned", b"num_pinned", "process_cpu_us", b"process_cpu_us", "puts_abandoned", b"puts_abandoned", "tiers", b"tiers", "uptime_ms", b"uptime_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
