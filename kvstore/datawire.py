@@ -161,14 +161,19 @@ async def send_frame(
     """One frame whose payload is `parts` back to back; the parts are not copied."""
     views = [_byte_view(part) for part in parts]
     length = sum(len(view) for view in views)  # bytes, whatever the parts' item size
-    await send_parts(sock, [frame_header(kind, length), *views])
+    await _send_views(sock, [memoryview(frame_header(kind, length)), *views])
 
 
 async def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
     """Send every byte of `parts`, in order, through `sendmsg`, waiting while the
     socket's buffer is full."""
+    await _send_views(sock, [_byte_view(part) for part in parts])
+
+
+async def _send_views(sock: socket.socket, views: list[memoryview]) -> None:
+    """send_parts for flat byte views (`views` is consumed)."""
     loop = asyncio.get_running_loop()
-    views = [_byte_view(part) for part in parts if len(part)]
+    views = [view for view in views if len(view)]
     first = 0
     while first < len(views):
         try:
