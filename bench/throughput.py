@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -303,31 +304,20 @@ def run_throughput(args: argparse.Namespace) -> int:
         title=f"kvstore put/get vs plain grpcio, GB/s (same run, loopback, separate "
         f"processes{streams}{untuned})"
     )
-    for column in (
-        "block",
-        "op",
-        "kvstore",
-        "÷grpcio",
-        "gRPC-only",
-        "÷grpcio",
-        "grpcio",
-        "whole",
-        "+copies",
-    ):
-        table.add_column(column, justify="right")
-    for row in rows:
-        for op, line in (("put", _line(row, "put")), ("get", _line(row, "get"))):
-            table.add_row(
-                human_bytes(row.block_bytes),
-                op,
-                f"{line.gbps:.2f}",
-                f"{line.ratio:.2f}x",
-                f"{line.grpc_gbps:.2f}",
-                f"{line.grpc_ratio:.2f}x",
-                f"{line.plain_gbps:.2f}",
-                f"{line.whole_gbps:.2f}",
-                f"{line.copies_gbps:.2f}",
-            )
+    _add_op_rows(
+        table,
+        ["kvstore", "÷grpcio", "gRPC-only", "÷grpcio", "grpcio", "whole", "+copies"],
+        rows,
+        lambda line: [
+            f"{line.gbps:.2f}",
+            f"{line.ratio:.2f}x",
+            f"{line.grpc_gbps:.2f}",
+            f"{line.grpc_ratio:.2f}x",
+            f"{line.plain_gbps:.2f}",
+            f"{line.whole_gbps:.2f}",
+            f"{line.copies_gbps:.2f}",
+        ],
+    )
     table.caption = (
         "kvstore: bytes over its TCP data plane (the default); gRPC-only: "
         "ClientOptions(data_plane=False); grpcio: plain grpcio, raw 1-message-per-chunk; "
@@ -384,29 +374,32 @@ def _line(row: ThroughputRow, op: str) -> _Line:
 
 def _cpu_table(rows: list[ThroughputRow]) -> Table:
     table = Table(title="CPU seconds per GB moved (client / server), and the GB/s it allows")
-    for column in (
-        "block",
-        "op",
-        "kvstore",
-        "bound",
-        "gRPC-only",
-        "bound",
-        "grpcio",
-        "bound",
-        "÷grpcio",
-    ):
+    _add_op_rows(
+        table,
+        ["kvstore", "bound", "gRPC-only", "bound", "grpcio", "bound", "÷grpcio"],
+        rows,
+        lambda line: [
+            *_cpu_cells(line.cpu),
+            *_cpu_cells(line.grpc_cpu),
+            *_cpu_cells(line.plain_cpu),
+            f"{line.cpu.total_s_per_gb / line.plain_cpu.total_s_per_gb:.2f}x",
+        ],
+    )
+    return table
+
+
+def _add_op_rows(
+    table: Table,
+    columns: list[str],
+    rows: list[ThroughputRow],
+    cells: Callable[[_Line], list[str]],
+) -> None:
+    """Columns block, op and `columns`; a row per block size and operation."""
+    for column in ("block", "op", *columns):
         table.add_column(column, justify="right")
     for row in rows:
-        for op, line in (("put", _line(row, "put")), ("get", _line(row, "get"))):
-            table.add_row(
-                human_bytes(row.block_bytes),
-                op,
-                *_cpu_cells(line.cpu),
-                *_cpu_cells(line.grpc_cpu),
-                *_cpu_cells(line.plain_cpu),
-                f"{line.cpu.total_s_per_gb / line.plain_cpu.total_s_per_gb:.2f}x",
-            )
-    return table
+        for op in ("put", "get"):
+            table.add_row(human_bytes(row.block_bytes), op, *cells(_line(row, op)))
 
 
 def _cpu_cells(cost: CpuCost) -> tuple[str, str]:
