@@ -3,7 +3,7 @@
 The kvstore server and the ceiling server each run in their own process; the client
 moves torch tensors. For each block size, kvstore and the ceiling take turns for
 `rounds` rounds of `total_bytes` each: kvstore as clients use it by default (bytes on
-the TCP data plane, kvstore.datawire), kvstore over gRPC alone
+the TCP data plane, kvstore.wire.frames), kvstore over gRPC alone
 (`ClientOptions(data_plane=False)`), and plain grpcio streaming raw-bytes messages of
 `chunk` size (its fastest mode here) and of whole-block size. Medians are reported,
 and each ratio is the median of the per-round ratios.

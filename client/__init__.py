@@ -36,10 +36,9 @@ from kvstore.client._options import ClientOptions, Timeouts
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
 from kvstore.client._sync import SyncKVClient
 from kvstore.codec import KVForm
+from kvstore.enums import PutOutcome, TierKind
 from kvstore.keys import HashAlgorithm
 from kvstore.layout import DType, KVLayout, Namespace
-from kvstore.put import PutOutcome
-from kvstore.tiers.base import TierKind
 
 __all__ = [
     "Aborted",

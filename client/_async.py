@@ -15,12 +15,6 @@ import torch
 
 from kvstore.allocator import tune_allocator_once
 from kvstore.checksum import checksums_of_slices
-from kvstore.chunkwire import (
-    GetMessage,
-    decode_get_message,
-    encode_put_header,
-    run_parts,
-)
 from kvstore.client._dataplane import DataConnection, DataPlanePool, DataPlaneUnreachable
 from kvstore.client._errors import InvalidArgument, translate_rpc_errors
 from kvstore.client._lookup_stream import LookupStreams
@@ -29,18 +23,24 @@ from kvstore.client._receive import LayerReceiver
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
 from kvstore.client._send import MessageBatch, run_messages
 from kvstore.client._settle import CallSettle
-from kvstore.client._wire import namespace_to_wire
 from kvstore.codec import ByteMap, KVForm, cpu_contiguous
 from kvstore.codec import check_tensor as _check_tensor_core
-from kvstore.datawire import VERSION as DATAPLANE_VERSION
-from kvstore.datawire import FrameKind
+from kvstore.enums import PutOutcome, TierKind
 from kvstore.errors import InvalidRequest
 from kvstore.keys import chain_keys, validate_key
 from kvstore.layout import KVLayout, Namespace
-from kvstore.put import PutOutcome
-from kvstore.tiers.base import TierKind
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire.chunks import (
+    PUT_RUNS,
+    GetMessage,
+    decode_get_message,
+    encode_put_header,
+    run_parts,
+)
+from kvstore.wire.frames import VERSION as DATAPLANE_VERSION
+from kvstore.wire.frames import FrameKind
+from kvstore.wire.namespace import namespace_to_wire
 
 _TIER_BY_NUMBER = {kind.value: kind for kind in TierKind}
 logger = logging.getLogger("kvstore.client")
@@ -78,7 +78,7 @@ class KVClient:
             ],
         )
         self._stub = pb_grpc.KVStoreStub(self._channel)
-        # The block-carrying RPCs bypass the generated classes: see kvstore.chunkwire.
+        # The block-carrying RPCs bypass the generated classes: see kvstore.wire.chunks.
         self._put_blocks = self._channel.stream_unary(
             "/kvstore.v1.KVStore/PutBlocks",
             request_serializer=_join,
@@ -495,7 +495,7 @@ class LayerPut:
                 # The tensor holds this layer of every block back to back: one view.
                 data = source.view[start * layer_bytes : end * layer_bytes]
                 checksums = checksums_of_slices(options.checksum, data, layer_bytes)
-                await self._write(run_parts(5, layer, start, checksums, [data]))
+                await self._write(run_parts(PUT_RUNS, layer, start, checksums, [data]))
             self._next_layer += 1
             return
         batch = MessageBatch(options.chunk_bytes, b"")

@@ -1,4 +1,4 @@
-"""The client's side of the TCP data plane (kvstore.datawire): pooled connections that
+"""The client's side of the TCP data plane (kvstore.wire.frames): pooled connections that
 carry the bytes of puts and gets.
 
 A connection carries one transfer at a time and goes back to the pool only when its
@@ -13,7 +13,6 @@ import contextlib
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
-from kvstore.chunkwire import GetMessage, decode_get_message
 from kvstore.client._errors import (
     DeadlineExceeded,
     KVStoreClientError,
@@ -21,7 +20,9 @@ from kvstore.client._errors import (
     Unknown,
     error_for_code,
 )
-from kvstore.datawire import (
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.chunks import GetMessage, decode_get_message
+from kvstore.wire.frames import (
     HELLO_PAYLOAD,
     ConnectionClosed,
     FrameKind,
@@ -32,7 +33,6 @@ from kvstore.datawire import (
     send_frame,
     tune_socket,
 )
-from kvstore.v1 import kvstore_pb2 as pb
 
 # How long to wait for the server's ERROR frame once it has cut a transfer short.
 _ERROR_WAIT_S = 1.0

@@ -50,7 +50,7 @@ class ClientOptions:
     # process tunes its allocator itself.
     tune_allocator: bool = True
     # Carry the bytes of puts and gets over the server's TCP data plane
-    # (kvstore.datawire) when it offers one: no HTTP/2, and no copies in gRPC. Falls
+    # (kvstore.wire.frames) when it offers one: no HTTP/2, and no copies in gRPC. Falls
     # back to gRPC when the server has none or it cannot be reached. False: gRPC only.
     data_plane: bool = True
 

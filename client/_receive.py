@@ -7,15 +7,15 @@ import torch
 from kvstore.checksum import (
     ChecksumKind,
     Hasher,
-    checksum_kind_from_wire,
     checksums_of_slices,
     new_hasher,
 )
-from kvstore.chunkwire import GetMessage, WireChunk, WireRun
 from kvstore.client._errors import ChecksumError
 from kvstore.client._results import LayerArrival
 from kvstore.codec import ByteMap, KVForm
 from kvstore.layout import KVLayout
+from kvstore.wire.chunks import GetMessage, WireChunk, WireRun
+from kvstore.wire.enums import checksum_kind_from_wire
 
 
 class LayerReceiver:

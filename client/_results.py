@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.put import PutOutcome
-from kvstore.tiers.base import TierKind
+from kvstore.enums import PutOutcome, TierKind
 
 
 @dataclass(frozen=True, slots=True)

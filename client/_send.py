@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from kvstore.checksum import ChecksumKind, checksum_of_parts, checksums_of
-from kvstore.chunkwire import chunk_parts, encode_put_header, run_parts
 from kvstore.codec import ByteMap
 from kvstore.layout import KVLayout
+from kvstore.wire.chunks import PUT_CHUNKS, PUT_RUNS, chunk_parts, encode_put_header, run_parts
 
 
 def run_messages(
@@ -50,7 +50,7 @@ def run_messages(
                     views += pieces
                     checksums.append(checksum_of_parts(kind, pieces))
             parts: list[bytes | memoryview] = [prefix + declarations] if layer == 0 else []
-            parts.extend(run_parts(5, layer, start - first, checksums, views))
+            parts.extend(run_parts(PUT_RUNS, layer, start - first, checksums, views))
             yield parts
             prefix = b""
 
@@ -58,7 +58,7 @@ def run_messages(
 class MessageBatch:
     """Packs block declarations and layer chunks into messages of about `chunk_bytes`.
 
-    A message is a list of wire parts (see kvstore.chunkwire); the tensor bytes are not
+    A message is a list of wire parts (see kvstore.wire.chunks); the tensor bytes are not
     copied until gRPC serializes the message.
     """
 
@@ -83,7 +83,9 @@ class MessageBatch:
         for offset, data in runs:
             if self._size and self._size + len(data) > self._chunk_bytes:
                 full.append(self.flush())
-            self._parts.extend(chunk_parts(4, block, layer, offset, layer_checksum, [data]))
+            self._parts.extend(
+                chunk_parts(PUT_CHUNKS, block, layer, offset, layer_checksum, [data])
+            )
             self._size += len(data)
         return full
 

@@ -9,8 +9,6 @@ from typing import Protocol
 import crc32c
 import xxhash
 
-from kvstore.errors import InvalidRequest
-
 
 class ChecksumKind(enum.Enum):
     """The values equal the wire enum's numbers."""
@@ -90,13 +88,3 @@ _DIGESTS: dict[ChecksumKind, Callable[[bytes | memoryview], int]] = {
     ChecksumKind.XXH3_64: xxhash.xxh3_64_intdigest,
     ChecksumKind.CRC32C: crc32c.crc32c,
 }
-
-
-def checksum_kind_from_wire(value: int) -> ChecksumKind:
-    """Map the wire enum (0 means the default) onto ChecksumKind."""
-    if value == 0:
-        return ChecksumKind.XXH3_64
-    try:
-        return ChecksumKind(value)
-    except ValueError:
-        raise InvalidRequest(f"unknown checksum_kind {value}; use XXH3_64 or CRC32C") from None

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from itertools import islice, takewhile
 from typing import cast
 
+from kvstore.enums import TierKind
 from kvstore.layout import Namespace
-from kvstore.tiers.base import TierKind
 
 
 @dataclass(slots=True, eq=False)

@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kvstore.checksum import ChecksumKind
+from kvstore.enums import TierKind
 from kvstore.errors import CapacityExhausted
 from kvstore.index import BlockEntry
 from kvstore.recovery import recover_index
 from kvstore.store import BlockStore, DeleteResult
-from kvstore.tiers.base import TierKind
 from kvstore.tiers.blockfile import BlockFileHeader, CorruptBlockFile
 from kvstore.tiers.ssd import SsdLocation, SsdTier
 

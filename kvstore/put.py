@@ -10,26 +10,17 @@ is freed.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from kvstore.checksum import ChecksumKind, Hasher, checksums_of_slices, new_hasher
+from kvstore.enums import PutOutcome, TierKind
 from kvstore.errors import ChecksumMismatch, InvalidRequest
 from kvstore.index import BlockEntry, NamespaceState
 from kvstore.keys import validate_key
 from kvstore.layout import Namespace
 from kvstore.store import BlockStore
-from kvstore.tiers.base import TierKind
 
 MAX_BLOCKS_PER_PUT = 1 << 16
-
-
-class PutOutcome(enum.Enum):
-    """The values equal the wire enum's numbers."""
-
-    COMMITTED = 1
-    ALREADY_PRESENT = 2
-    PARENT_MISSING = 3
 
 
 @dataclass(slots=True, eq=False)

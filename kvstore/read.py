@@ -13,13 +13,13 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from kvstore.enums import TierKind
 from kvstore.errors import InvalidRequest
 from kvstore.index import BlockEntry
 from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
 from kvstore.mover import TierMover
 from kvstore.store import BlockStore
-from kvstore.tiers.base import TierKind
 
 
 @dataclass(frozen=True, slots=True)

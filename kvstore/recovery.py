@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
+from kvstore.enums import TierKind
 from kvstore.index import BlockEntry
 from kvstore.store import BlockStore
-from kvstore.tiers.base import TierKind
 from kvstore.tiers.ssd import RecoveredBlock
 
 logger = logging.getLogger("kvstore.recovery")

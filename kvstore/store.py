@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Protocol
 
 from kvstore.config import StoreConfig
+from kvstore.enums import TierKind
 from kvstore.errors import CapacityExhausted, InvalidRequest
 from kvstore.eviction import POLICIES, EvictionQueue
 from kvstore.index import BlockEntry, BlockIndex, NamespaceState
 from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
-from kvstore.tiers.base import MemoryTier, TierCounters, TierKind
+from kvstore.tiers.base import MemoryTier, TierCounters
 from kvstore.tiers.dram import DramTier
 from kvstore.tiers.hbm import HbmTier, resolve_device
 from kvstore.tiers.ssd import SsdLocation, SsdTier

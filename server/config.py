@@ -83,7 +83,7 @@ class Limits:
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
-    # The TCP data plane (kvstore.datawire) listens on listen's host at this port; 0
+    # The TCP data plane (kvstore.wire.frames) listens on listen's host at this port; 0
     # takes any free port (clients learn it over gRPC), -1 turns it off.
     data_port: int = 0
     log_level: str = "info"

@@ -1,4 +1,4 @@
-"""The daemon's TCP data plane: puts and gets framed as kvstore.datawire describes.
+"""The daemon's TCP data plane: puts and gets framed as kvstore.wire.frames describes.
 
 Each connection serves one transfer at a time through the same code as the gRPC
 PutBlocks and GetBlocks handlers (`KVStoreServicer.put_stream` / `get_stream`), so
@@ -18,7 +18,13 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from kvstore.datawire import (
+from kvstore.errors import InvalidRequest
+from kvstore.server.config import Limits
+from kvstore.server.servicer import KVStoreServicer
+from kvstore.server.status import status_for
+from kvstore.server.wire import MalformedRequest
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.frames import (
     DEFAULT_TRANSFER_S,
     HELLO_PAYLOAD,
     ConnectionClosed,
@@ -31,12 +37,6 @@ from kvstore.datawire import (
     send_frame,
     tune_socket,
 )
-from kvstore.errors import InvalidRequest
-from kvstore.server.config import Limits
-from kvstore.server.servicer import KVStoreServicer
-from kvstore.server.status import status_for
-from kvstore.server.wire import MalformedRequest
-from kvstore.v1 import kvstore_pb2 as pb
 
 logger = logging.getLogger("kvstore.server")
 # After an ERROR frame, how long to wait for the client to read it and hang up.
@@ -227,7 +227,7 @@ class DataPlane:
             raise _Rejected(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "not a kvstore data-plane client (or another version of it): a connection "
-                f"starts with a HELLO frame carrying {HELLO_PAYLOAD!r} (see kvstore.datawire)",
+                f"starts with a HELLO frame carrying {HELLO_PAYLOAD!r} (see kvstore.wire.frames)",
             )
         await link.send(FrameKind.HELLO, [HELLO_PAYLOAD])
 

@@ -1,7 +1,7 @@
 """The gRPC method table for the KVStore service.
 
 It matches the generated `add_KVStoreServicer_to_server`, with two differences:
-the block-carrying messages use kvstore.chunkwire instead of the generated classes
+the block-carrying messages use kvstore.wire.chunks instead of the generated classes
 (fewer copies of megabyte payloads), and every request is parsed inside the handler,
 so a malformed message is answered INVALID_ARGUMENT rather than INTERNAL.
 """

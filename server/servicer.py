@@ -12,32 +12,33 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from kvstore.checksum import checksum_kind_from_wire
-from kvstore.chunkwire import (
-    PutMessage,
-    chunk_parts,
-    decode_put_message,
-    encode_get_header,
-    run_parts,
-)
-from kvstore.datawire import VERSION as DATAPLANE_VERSION
+from kvstore.enums import PutOutcome, TierKind
 from kvstore.errors import InvalidRequest
 from kvstore.mover import TierMover
-from kvstore.put import PutOutcome, PutSession
+from kvstore.put import PutSession
 from kvstore.read import ReadSession
 from kvstore.server.config import Limits
 from kvstore.server.status import status_for
 from kvstore.server.wire import (
     MalformedRequest,
     keys_from_wire,
-    namespace_from_wire,
     prefix_match_to_wire,
-    reject_unknown_fields,
     report_to_wire,
 )
 from kvstore.store import BlockStore
-from kvstore.tiers.base import TierKind
 from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.chunks import (
+    GET_CHUNKS,
+    GET_RUNS,
+    PutMessage,
+    chunk_parts,
+    decode_put_message,
+    encode_get_header,
+    run_parts,
+)
+from kvstore.wire.enums import checksum_kind_from_wire, outcome_to_wire
+from kvstore.wire.frames import VERSION as DATAPLANE_VERSION
+from kvstore.wire.namespace import namespace_from_wire, reject_unknown_fields
 
 logger = logging.getLogger("kvstore.server")
 Reply = TypeVar("Reply")
@@ -215,7 +216,7 @@ class KVStoreServicer:
                 raise InvalidRequest("the put stream was empty; send a namespace and blocks")
             outcomes = session.finish()
             return pb.PutBlocksResponse(
-                outcomes=[outcome.value for outcome in outcomes],  # type: ignore[misc]
+                outcomes=[outcome_to_wire(outcome) for outcome in outcomes],
                 num_committed=sum(1 for outcome in outcomes if outcome is PutOutcome.COMMITTED),
             )
         finally:
@@ -315,7 +316,10 @@ def _run_messages(
     for run in session.runs(chunk_bytes):
         prefix = header if not sent else encode_get_header(checksum_kind=run.checksum_kind_value)
         sent = True
-        yield [prefix, *run_parts(6, run.layer, run.first_block, run.layer_checksums, run.views)]
+        yield [
+            prefix,
+            *run_parts(GET_RUNS, run.layer, run.first_block, run.layer_checksums, run.views),
+        ]
     if not sent:
         yield [header]
 
@@ -335,7 +339,7 @@ def _chunk_messages(
             parts, message_bytes = [encode_get_header(checksum_kind=kind)], 0
         parts.extend(
             chunk_parts(
-                1,
+                GET_CHUNKS,
                 chunk.block_index,
                 chunk.layer,
                 chunk.offset,

@@ -10,14 +10,15 @@ from kvstore.errors import (
     CapacityExhausted,
     ChecksumMismatch,
     InvalidRequest,
-    KVStoreError,
     NotFound,
     TierUnavailable,
 )
+from kvstore.wire.errors import WireError
 
 logger = logging.getLogger("kvstore.server")
 
-_STATUS_BY_ERROR: dict[type[KVStoreError], grpc.StatusCode] = {
+_STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
+    WireError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
     CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,

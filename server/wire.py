@@ -9,16 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from google.protobuf import unknown_fields
-from google.protobuf.message import Message
-
 from kvstore.errors import InvalidRequest
-from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.store import PrefixMatch, StoreReport
-from kvstore.tiers.base import TierKind
 from kvstore.v1 import kvstore_pb2 as pb
-
-_TIER_NUMBERS = {kind: kind.value for kind in TierKind}
+from kvstore.wire.enums import tier_to_wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,47 +24,6 @@ class MalformedRequest:
 
     def rejection(self) -> InvalidRequest:
         return InvalidRequest(f"malformed {self.message_type}: {self.error}")
-
-
-def reject_unknown_fields(message: Message, where: str) -> None:
-    """INVALID_ARGUMENT for fields this server does not know (a newer or foreign client)."""
-    unknown = unknown_fields.UnknownFieldSet(message)
-    if len(unknown):
-        numbers = sorted({unknown[index].field_number for index in range(len(unknown))})
-        raise InvalidRequest(
-            f"{where} has unknown field number(s) {numbers}; this server speaks kvstore.v1 as "
-            f"of its proto file; upgrade the server or drop the field(s)"
-        )
-
-
-def namespace_from_wire(message: pb.Namespace, present: bool) -> Namespace:
-    if not present:
-        raise InvalidRequest("namespace is required: tenant, model_fingerprint and layout")
-    reject_unknown_fields(message, "namespace")
-    if not message.HasField("layout"):
-        raise InvalidRequest("namespace.layout is required")
-    layout_message = message.layout
-    reject_unknown_fields(layout_message, "namespace.layout")
-    if layout_message.dtype == pb.DTYPE_UNSPECIFIED:
-        raise InvalidRequest("namespace.layout.dtype is required (FLOAT16, BFLOAT16, ...)")
-    try:
-        dtype = DType(layout_message.dtype)
-    except ValueError:
-        raise InvalidRequest(f"unknown namespace.layout.dtype {layout_message.dtype}") from None
-    layout = KVLayout(
-        num_layers=layout_message.num_layers,
-        num_kv_heads=layout_message.num_kv_heads,
-        head_dim=layout_message.head_dim,
-        dtype=dtype,
-        block_tokens=layout_message.block_tokens,
-    )
-    return Namespace(
-        tenant=message.tenant,
-        model_fingerprint=message.model_fingerprint,
-        layout=layout,
-        tp_rank=message.tp_rank,
-        tp_size=message.tp_size or 1,
-    )
 
 
 def keys_from_wire(keys: Sequence[bytes], max_keys: int, *, allow_empty: bool) -> list[bytes]:
@@ -88,8 +41,7 @@ def prefix_match_to_wire(match: PrefixMatch) -> pb.LookupPrefixResponse:
     return pb.LookupPrefixResponse(
         num_matched=match.num_matched,
         tier_runs=[
-            pb.TierRun(tier=_TIER_NUMBERS[kind], num_blocks=count)  # type: ignore[arg-type]
-            for kind, count in match.tier_runs
+            pb.TierRun(tier=tier_to_wire(kind), num_blocks=count) for kind, count in match.tier_runs
         ],
         block_bytes=match.block_bytes,
     )
@@ -100,7 +52,7 @@ def report_to_wire(report: StoreReport, process_cpu_s: float) -> pb.StatsRespons
     return pb.StatsResponse(
         tiers=[
             pb.TierStats(
-                tier=tier.kind.value,  # type: ignore[arg-type]
+                tier=tier_to_wire(tier.kind),
                 name=tier.name,
                 capacity_bytes=tier.capacity_bytes,
                 used_bytes=tier.used_bytes,

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Protocol, cast
 
 from kvstore.arena import PageArena
-
-
-class TierKind(enum.IntEnum):
-    """Fastest first. The values equal the wire enum's numbers.
-
-    An IntEnum because entries key their copies by it: int hashing is C-speed, while
-    Enum's is Python code, which showed in the profile of a 1,000-key lookup.
-    """
-
-    HBM = 1
-    DRAM = 2
-    SSD = 3
+from kvstore.enums import TierKind
 
 
 @dataclass(slots=True)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kvstore.arena import PageArena
-from kvstore.tiers.base import ArenaTier, TierKind
+from kvstore.enums import TierKind
+from kvstore.tiers.base import ArenaTier
 
 
 class DramTier(ArenaTier):

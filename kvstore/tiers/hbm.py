@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from kvstore.arena import PageArena
-from kvstore.tiers.base import ArenaTier, TierKind
+from kvstore.enums import TierKind
+from kvstore.tiers.base import ArenaTier
 
 
 def resolve_device(choice: str) -> torch.device:

@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvstore.enums import TierKind
 from kvstore.layout import Namespace
-from kvstore.tiers.base import TierCounters, TierKind
+from kvstore.tiers.base import TierCounters
 from kvstore.tiers.blockfile import (
     BlockFileHeader,
     CorruptBlockFile,

@@ -7,9 +7,10 @@ import hashlib
 import pytest
 
 from kvstore.checksum import ChecksumKind, checksum, checksums_of_slices
+from kvstore.enums import PutOutcome
 from kvstore.errors import ChecksumMismatch, InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
-from kvstore.put import PutOutcome, PutSession
+from kvstore.put import PutSession
 from kvstore.read import ReadSession
 from kvstore.store import BlockStore, StoreConfig
 

@@ -12,12 +12,12 @@ import time
 import pytest
 
 from kvstore.checksum import ChecksumKind, checksum
+from kvstore.enums import PutOutcome, TierKind
 from kvstore.errors import CapacityExhausted, ChecksumMismatch, InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
-from kvstore.put import PutOutcome, PutSession
+from kvstore.put import PutSession
 from kvstore.read import ReadSession
 from kvstore.store import BlockStore, StoreConfig
-from kvstore.tiers.base import TierKind
 
 PAGE_BYTES = 512
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=DType.FLOAT16, block_tokens=8)

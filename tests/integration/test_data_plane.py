@@ -1,4 +1,4 @@
-"""The TCP data plane (kvstore.datawire, kvstore.server.dataplane) against the real server
+"""The TCP data plane (kvstore.wire.frames, kvstore.server.dataplane) against the real server
 on 127.0.0.1: transfers through it, the fall back to gRPC, bad input from raw sockets,
 reclaiming abandoned transfers, drains, and its configuration.
 """
@@ -21,7 +21,6 @@ import torch
 
 import kvstore.server.dataplane
 from kvstore.checksum import ChecksumKind, checksum
-from kvstore.chunkwire import chunk_parts, decode_get_message, encode_put_header
 from kvstore.client import (
     ClientOptions,
     DeadlineExceeded,
@@ -35,13 +34,14 @@ from kvstore.client import (
     Unavailable,
 )
 from kvstore.client._dataplane import DataPlanePool, DataPlaneUnreachable
-from kvstore.client._wire import namespace_to_wire
-from kvstore.datawire import FrameKind
 from kvstore.errors import InvalidRequest
 from kvstore.server import RunningServer
 from kvstore.server.config import add_config_arguments, config_from_args, load_config
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire.chunks import chunk_parts, decode_get_message, encode_put_header
+from kvstore.wire.frames import FrameKind
+from kvstore.wire.namespace import namespace_to_wire
 
 MiB = 1 << 20
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=16)
@@ -101,7 +101,7 @@ def frame(kind: int, payload: bytes = b"") -> bytes:
 
 
 class RawConnection:
-    """A plain TCP socket to the data port; frames are packed here, not by kvstore.datawire."""
+    """A plain TCP socket to the data port; frames are packed here, not by kvstore.wire.frames."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -173,7 +173,7 @@ def put_payload(
     layers: range = range(LAYOUT.num_layers),
     corrupt: bool = False,
 ) -> bytes:
-    """A PutBlocksRequest as the client encodes one (kvstore.chunkwire): the namespace,
+    """A PutBlocksRequest as the client encodes one (kvstore.wire.chunks): the namespace,
     `keys` declared as a chain, then one LayerChunk per block and layer of `kv` (blocks
     form) with its xxh3 checksum; `corrupt` flips the first checksum."""
     parts: list[bytes | memoryview] = [
@@ -550,7 +550,7 @@ async def test_bad_checksum_gets_the_status_grpc_gives(
 async def test_raw_put_and_get_follow_the_documented_frames(
     seed: Seed, make_kv: MakeKV, same_bytes: SameBytes
 ) -> None:
-    """The protocol as kvstore.datawire's docstring draws it, spoken by hand."""
+    """The protocol as kvstore.wire.frames's docstring draws it, spoken by hand."""
     kv = make_kv(LAYOUT, 2, form=KVForm.BLOCKS, seed=9)
     keys = [b"raw-0", b"raw-1"]
     raw = await RawConnection.open(seed.port)

@@ -26,9 +26,9 @@ from kvstore.client import (
     Unavailable,
 )
 from kvstore.client._lookup_stream import LookupStreams
-from kvstore.client._wire import namespace_to_wire
 from kvstore.server import RunningServer
 from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.namespace import namespace_to_wire
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=16)
 NS = Namespace(tenant="acme", model_fingerprint="toy", layout=LAYOUT)

@@ -19,9 +19,10 @@ import torch
 from kvstore.checksum import ChecksumKind, checksum
 from kvstore.client import KVClient, KVForm, TierKind
 from kvstore.config import StoreConfig
+from kvstore.enums import PutOutcome
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.mover import TierMover
-from kvstore.put import PutOutcome, PutSession
+from kvstore.put import PutSession
 from kvstore.read import ReadSession
 from kvstore.server import build_server, load_config
 from kvstore.store import BlockStore

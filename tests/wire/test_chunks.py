@@ -6,16 +6,19 @@ import random
 
 import pytest
 
-from kvstore.chunkwire import (
+from kvstore.layout import DType, KVLayout
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire import chunks
+from kvstore.wire.chunks import (
     chunk_parts,
     decode_get_message,
     decode_put_message,
     encode_get_header,
     encode_put_header,
     run_parts,
+    uses_runs,
 )
-from kvstore.errors import InvalidRequest
-from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.errors import WireError
 
 EDGE_VALUES = [0, 1, 127, 128, 300, 2**21, 2**32 - 1]
 CHECKSUMS = [0, 1, 2**63, 2**64 - 1]
@@ -131,5 +134,70 @@ def test_put_messages_match_the_generated_classes_both_ways() -> None:
     ],
 )
 def test_decoding_is_strict(raw: bytes, message: str) -> None:
-    with pytest.raises(InvalidRequest, match=message):
+    with pytest.raises(WireError, match=message):
         decode_put_message(raw)
+
+
+def test_reply_decoding_skips_unknown_fields() -> None:
+    """A newer server may add fields to GetBlocksResponse, LayerChunk and LayerRun: an
+    older client reads on past them (a rolling upgrade), as protobuf itself does."""
+    header = encode_get_header(checksum_kind=1, block_bytes=64, num_blocks=1, tiers=[2])
+    unknown = b"\xf8\x07\x05" + b"\x82\x08\x03abc" + b"\x8d\x08\x01\x02\x03\x04"
+    known_chunk = b"".join(chunk_parts(chunks.GET_CHUNKS, 0, 1, 0, 7, [b"xyz"]))
+    # LayerChunk{layer: 1, layer_checksum: 7, field 6: 1, data: "xyz"}
+    body = b"\x10\x01" + b"\x29" + (7).to_bytes(8, "little") + b"\x30\x01" + b"\x22\x03xyz"
+    chunk_with_unknown = b"\x0a" + bytes([len(body)]) + body
+    reply = header + unknown + known_chunk
+    widened = header + unknown + chunk_with_unknown
+    for raw in (reply, widened):
+        decoded = decode_get_message(raw)
+        assert (decoded.checksum_kind, decoded.block_bytes, decoded.num_blocks) == (1, 64, 1)
+        assert decoded.tiers == [2]
+        (chunk,) = decoded.chunks
+        assert (chunk.layer, chunk.layer_checksum, bytes(chunk.data)) == (1, 7, b"xyz")
+
+
+def test_reply_decoding_still_rejects_malformed_bytes() -> None:
+    with pytest.raises(WireError, match="runs past the end"):
+        decode_get_message(b"\x0a\x05\x08")
+    with pytest.raises(WireError, match="wire type 7"):
+        decode_get_message(b"\xff\x07")
+
+
+def test_field_numbers_match_the_proto() -> None:
+    """The named constants are the numbers the proto file declares."""
+    expected = {
+        "BLOCK_": pb.BlockHeader,
+        "CHUNK_": pb.LayerChunk,
+        "RUN_": pb.LayerRun,
+        "PUT_": pb.PutBlocksRequest,
+        "GET_": pb.GetBlocksResponse,
+    }
+    checked = 0
+    for name in dir(chunks):
+        for prefix, message in expected.items():
+            if name.startswith(prefix) and name.isupper():
+                field_name = name[len(prefix) :].lower()
+                field = message.DESCRIPTOR.fields_by_name[field_name]
+                assert getattr(chunks, name) == field.number, name
+                checked += 1
+    assert checked == sum(len(message.DESCRIPTOR.fields) for message in expected.values())
+
+
+@pytest.mark.parametrize(
+    ("layer_bytes", "chunk_bytes", "runs"),
+    [(32 << 10, 1 << 20, True), (512 << 10, 1 << 20, True), (1 << 20, 1 << 20, False)],
+)
+def test_uses_runs_when_two_layers_fit_a_message(
+    layer_bytes: int, chunk_bytes: int, runs: bool
+) -> None:
+    # 2 x 64 tokens x 8 heads x 128 dims x 2 B = 256 KiB per layer; scale by block_tokens
+    layout = KVLayout(
+        num_layers=2,
+        num_kv_heads=8,
+        head_dim=128,
+        dtype=DType.BFLOAT16,
+        block_tokens=layer_bytes // (2 * 8 * 128 * 2),
+    )
+    assert layout.layer_bytes == layer_bytes
+    assert uses_runs(layout, chunk_bytes) is runs

@@ -1,4 +1,4 @@
-"""The data plane's framing (kvstore.datawire) over real non-blocking socket pairs.
+"""The data plane's framing (kvstore.wire.frames) over real non-blocking socket pairs.
 
 Each test runs over a Unix socketpair and over a TCP connection on 127.0.0.1, inside
 the test's event loop: the sender and the reader are tasks of that loop.
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from kvstore.datawire import (
+from kvstore.wire.frames import (
     HEADER,
     HELLO_PAYLOAD,
     ConnectionClosed,

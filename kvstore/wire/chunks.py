@@ -8,8 +8,11 @@ with one copy on the way out (joining header bytes and payload views) and none o
 way in (payloads are memoryview slices of the received buffer). The tests check it
 against the generated classes in both directions.
 
-Decoding is strict: an unknown field number, a wrong wire type or a truncated
-message raises InvalidRequest, so unknown fields are rejected as everywhere else.
+Requests are decoded strictly: an unknown field number, a wrong wire type or a
+truncated message raises WireError, which the server answers INVALID_ARGUMENT, so a
+field this server would ignore is never silently dropped. Replies are decoded
+leniently: unknown fields are skipped, as protobuf does, so a newer server can add
+fields without breaking older clients (a rolling upgrade).
 """
 
 from __future__ import annotations
@@ -18,10 +21,52 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from kvstore.errors import InvalidRequest
+from kvstore.layout import KVLayout
+from kvstore.wire.errors import WireError
 
+# Protobuf wire types.
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _FIXED64 = struct.Struct("<Q")
+
+# Field numbers of kvstore.v1, as proto/kvstore/v1/kvstore.proto declares them.
+# BlockHeader
+BLOCK_KEY = 1
+BLOCK_PARENT_KEY = 2
+# LayerChunk
+CHUNK_BLOCK_INDEX = 1
+CHUNK_LAYER = 2
+CHUNK_OFFSET = 3
+CHUNK_DATA = 4
+CHUNK_LAYER_CHECKSUM = 5
+# LayerRun
+RUN_LAYER = 1
+RUN_FIRST_BLOCK = 2
+RUN_NUM_BLOCKS = 3
+RUN_DATA = 4
+RUN_LAYER_CHECKSUMS = 5
+# PutBlocksRequest
+PUT_NAMESPACE = 1
+PUT_CHECKSUM_KIND = 2
+PUT_BLOCKS = 3
+PUT_CHUNKS = 4
+PUT_RUNS = 5
+# GetBlocksResponse
+GET_CHUNKS = 1
+GET_CHECKSUM_KIND = 2
+GET_BLOCK_BYTES = 3
+GET_NUM_BLOCKS = 4
+GET_TIERS = 5
+GET_RUNS = 6
+
+
+def uses_runs(layout: KVLayout, chunk_bytes: int) -> bool:
+    """Whether a stream of this layout carries LayerRuns rather than LayerChunks.
+
+    Runs are used when at least two whole layers fit in one message of `chunk_bytes`:
+    then one header serves many blocks. Both the put sender and the get server decide
+    this way; `chunk_bytes` also caps a run's bytes.
+    """
+    return 2 * layout.layer_bytes <= chunk_bytes
 
 
 @dataclass(slots=True)
@@ -95,8 +140,15 @@ def _len_field(number: int, payload: bytes) -> bytes:
     return _tag(number, _LEN) + _varint(len(payload)) + payload
 
 
-_DATA_TAG = _tag(4, _LEN)
-_CHECKSUM_TAG = _tag(5, _I64)
+_DATA_TAG = _tag(CHUNK_DATA, _LEN)
+_CHECKSUM_TAG = _tag(CHUNK_LAYER_CHECKSUM, _I64)
+_RUN_DATA_TAG = _tag(RUN_DATA, _LEN)
+# One-byte tags of LayerChunk's fields, read inline by the decoder's hot loop.
+_CHUNK_VARINT_TAGS = tuple(
+    (number << 3) | _VARINT for number in (CHUNK_BLOCK_INDEX, CHUNK_LAYER, CHUNK_OFFSET)
+)
+_CHUNK_DATA_TAG = (CHUNK_DATA << 3) | _LEN
+_CHUNK_CHECKSUM_TAG = (CHUNK_LAYER_CHECKSUM << 3) | _I64
 
 
 def chunk_parts(
@@ -107,12 +159,13 @@ def chunk_parts(
     checksum: int,
     data: Sequence[memoryview | bytes],
 ) -> list[memoryview | bytes]:
-    """Wire parts of one LayerChunk as field `number` of its parent; `data` is not copied."""
+    """Wire parts of one LayerChunk as field `number` of its parent (PUT_CHUNKS or
+    GET_CHUNKS); `data` is not copied."""
     data_len = sum(len(part) for part in data)
     head = (
-        _varint_field(1, block_index)
-        + _varint_field(2, layer)
-        + _varint_field(3, offset)
+        _varint_field(CHUNK_BLOCK_INDEX, block_index)
+        + _varint_field(CHUNK_LAYER, layer)
+        + _varint_field(CHUNK_OFFSET, offset)
         + (_CHECKSUM_TAG + _FIXED64.pack(checksum) if checksum else b"")
         + _DATA_TAG
         + _varint(data_len)
@@ -127,15 +180,16 @@ def run_parts(
     checksums: list[int],
     data: Sequence[memoryview | bytes],
 ) -> list[memoryview | bytes]:
-    """Wire parts of one LayerRun as field `number` of its parent; `data` is not copied."""
+    """Wire parts of one LayerRun as field `number` of its parent (PUT_RUNS or
+    GET_RUNS); `data` is not copied."""
     data_len = sum(len(part) for part in data)
     packed = struct.pack(f"<{len(checksums)}Q", *checksums)
     head = (
-        _varint_field(1, layer)
-        + _varint_field(2, first_block)
-        + _varint_field(3, len(checksums))
-        + _len_field(5, packed)
-        + _DATA_TAG
+        _varint_field(RUN_LAYER, layer)
+        + _varint_field(RUN_FIRST_BLOCK, first_block)
+        + _varint_field(RUN_NUM_BLOCKS, len(checksums))
+        + _len_field(RUN_LAYER_CHECKSUMS, packed)
+        + _RUN_DATA_TAG
         + _varint(data_len)
     )
     return [_tag(number, _LEN) + _varint(len(head) + data_len) + head, *data]
@@ -148,10 +202,12 @@ def encode_get_header(
     num_blocks: int = 0,
     tiers: list[int] | None = None,
 ) -> bytes:
-    out = _varint_field(2, checksum_kind) + _varint_field(3, block_bytes)
-    out += _varint_field(4, num_blocks)
+    """The scalar fields of a GetBlocksResponse; chunk or run parts may follow it."""
+    out = _varint_field(GET_CHECKSUM_KIND, checksum_kind)
+    out += _varint_field(GET_BLOCK_BYTES, block_bytes)
+    out += _varint_field(GET_NUM_BLOCKS, num_blocks)
     if tiers:
-        out += _len_field(5, b"".join(_varint(tier) for tier in tiers))
+        out += _len_field(GET_TIERS, b"".join(_varint(tier) for tier in tiers))
     return out
 
 
@@ -161,11 +217,14 @@ def encode_put_header(
     checksum_kind: int = 0,
     blocks: list[tuple[bytes, bytes]] | None = None,
 ) -> bytes:
-    out = _len_field(1, namespace) if namespace is not None else b""
-    out += _varint_field(2, checksum_kind)
+    """The namespace, checksum kind and block declarations of a PutBlocksRequest."""
+    out = _len_field(PUT_NAMESPACE, namespace) if namespace is not None else b""
+    out += _varint_field(PUT_CHECKSUM_KIND, checksum_kind)
     for key, parent_key in blocks or ():
-        body = _len_field(1, key) + (_len_field(2, parent_key) if parent_key else b"")
-        out += _len_field(3, body)
+        body = _len_field(BLOCK_KEY, key)
+        if parent_key:
+            body += _len_field(BLOCK_PARENT_KEY, parent_key)
+        out += _len_field(PUT_BLOCKS, body)
     return out
 
 
@@ -188,7 +247,7 @@ class _Reader:
         result = shift = 0
         while True:
             if position >= self._end or shift > 63:
-                raise InvalidRequest("malformed message: truncated or overlong varint")
+                raise WireError("malformed message: truncated or overlong varint")
             byte = buffer[position]
             position += 1
             result |= (byte & 0x7F) << shift
@@ -205,35 +264,50 @@ class _Reader:
         size = self.varint()
         start = self.position
         if start + size > self._end:
-            raise InvalidRequest("malformed message: a field runs past the end")
+            raise WireError("malformed message: a field runs past the end")
         self.position = start + size
         return start, start + size
 
     def fixed64(self) -> int:
         start = self.position
         if start + 8 > self._end:
-            raise InvalidRequest("malformed message: truncated fixed64")
+            raise WireError("malformed message: truncated fixed64")
         self.position = start + 8
         return int(_FIXED64.unpack_from(self._buffer, start)[0])
 
+    def skip(self, message: str, number: int, wire_type: int) -> None:
+        """Step over a field this codec does not know (lenient decoding of replies)."""
+        if wire_type == _VARINT:
+            self.varint()
+        elif wire_type == _I64:
+            self.fixed64()
+        elif wire_type == _LEN:
+            self.length_delimited()
+        elif wire_type == _I32:
+            if self.position + 4 > self._end:
+                raise WireError("malformed message: truncated fixed32")
+            self.position += 4
+        else:  # groups (3, 4) are not proto3, and 6 and 7 are not wire types
+            raise WireError(f"malformed {message}: field {number} has wire type {wire_type}")
 
-def _unexpected(message: str, number: int, wire_type: int) -> InvalidRequest:
-    return InvalidRequest(
+
+def _unknown(message: str, number: int, wire_type: int) -> WireError:
+    return WireError(
         f"{message} has an unknown field number {number} (wire type {wire_type}); this server "
         f"speaks kvstore.v1 as of its proto file; upgrade the server or drop the field"
     )
 
 
-def _decode_chunk(buffer: memoryview, start: int, end: int) -> WireChunk:
+def _decode_chunk(buffer: memoryview, start: int, end: int, strict: bool) -> WireChunk:
     # The hot loop of every get: single-byte tags and varints are read inline, and
     # anything else falls back to the general reader.
-    values = [0, 0, 0, 0]  # unused, block_index, layer, offset
+    values = [0, 0, 0, 0]  # unused, block_index, layer, offset (indexed by field number)
     data = buffer[start:start]
     checksum = 0
     position = start
     while position < end:
         key = buffer[position]
-        if key in (0x08, 0x10, 0x18):
+        if key in _CHUNK_VARINT_TAGS:
             byte = buffer[position + 1] if position + 1 < end else 0x80
             if byte < 0x80:
                 values[key >> 3] = byte
@@ -242,20 +316,23 @@ def _decode_chunk(buffer: memoryview, start: int, end: int) -> WireChunk:
             reader = _Reader(buffer, position + 1, end)
             values[key >> 3] = reader.varint()
             position = reader.position
-        elif key == 0x22:
+        elif key == _CHUNK_DATA_TAG:
             reader = _Reader(buffer, position + 1, end)
             data_start, data_end = reader.length_delimited()
             data = buffer[data_start:data_end]
             position = data_end
-        elif key == 0x29:
+        elif key == _CHUNK_CHECKSUM_TAG:
             if position + 9 > end:
-                raise InvalidRequest("malformed message: truncated fixed64")
+                raise WireError("malformed message: truncated fixed64")
             checksum = int(_FIXED64.unpack_from(buffer, position + 1)[0])
             position += 9
         else:
             reader = _Reader(buffer, position, end)
             number, wire_type = reader.tag()
-            raise _unexpected("LayerChunk", number, wire_type)
+            if strict:
+                raise _unknown("LayerChunk", number, wire_type)
+            reader.skip("LayerChunk", number, wire_type)
+            position = reader.position
     return WireChunk(values[1], values[2], values[3], data, checksum)
 
 
@@ -264,93 +341,98 @@ def _decode_block_header(buffer: memoryview, start: int, end: int) -> WireBlockH
     key = parent_key = b""
     while reader.more():
         number, wire_type = reader.tag()
-        if number in (1, 2) and wire_type == _LEN:
+        if number in (BLOCK_KEY, BLOCK_PARENT_KEY) and wire_type == _LEN:
             value_start, value_end = reader.length_delimited()
             value = bytes(buffer[value_start:value_end])
-            if number == 1:
+            if number == BLOCK_KEY:
                 key = value
             else:
                 parent_key = value
         else:
-            raise _unexpected("BlockHeader", number, wire_type)
+            raise _unknown("BlockHeader", number, wire_type)
     return WireBlockHeader(key, parent_key)
 
 
 def decode_put_message(data: bytes | memoryview) -> PutMessage:
+    """A PutBlocksRequest, strictly: any field this codec does not know is an error."""
     buffer = memoryview(data)
     reader = _Reader(buffer)
     message = PutMessage()
     while reader.more():
         number, wire_type = reader.tag()
-        if wire_type == _LEN and number in (1, 3, 4, 5):
+        if wire_type == _LEN and number in (PUT_NAMESPACE, PUT_BLOCKS, PUT_CHUNKS, PUT_RUNS):
             start, end = reader.length_delimited()
-            if number == 4:
-                message.chunks.append(_decode_chunk(buffer, start, end))
-            elif number == 5:
-                message.runs.append(_decode_run(buffer, start, end))
-            elif number == 3:
+            if number == PUT_CHUNKS:
+                message.chunks.append(_decode_chunk(buffer, start, end, strict=True))
+            elif number == PUT_RUNS:
+                message.runs.append(_decode_run(buffer, start, end, strict=True))
+            elif number == PUT_BLOCKS:
                 message.blocks.append(_decode_block_header(buffer, start, end))
             else:
                 message.namespace = bytes(buffer[start:end])
-        elif number == 2 and wire_type == _VARINT:
+        elif number == PUT_CHECKSUM_KIND and wire_type == _VARINT:
             message.checksum_kind = reader.varint()
         else:
-            raise _unexpected("PutBlocksRequest", number, wire_type)
+            raise _unknown("PutBlocksRequest", number, wire_type)
     return message
 
 
-def _decode_run(buffer: memoryview, start: int, end: int) -> WireRun:
+def _decode_run(buffer: memoryview, start: int, end: int, strict: bool) -> WireRun:
     reader = _Reader(buffer, start, end)
-    values = [0, 0, 0, 0]  # unused, layer, first_block, num_blocks
+    values = [0, 0, 0, 0]  # unused, layer, first_block, num_blocks (indexed by field number)
     data = buffer[start:start]
     checksums: tuple[int, ...] = ()
     while reader.more():
         number, wire_type = reader.tag()
-        if number in (1, 2, 3) and wire_type == _VARINT:
+        if number in (RUN_LAYER, RUN_FIRST_BLOCK, RUN_NUM_BLOCKS) and wire_type == _VARINT:
             values[number] = reader.varint()
-        elif number == 4 and wire_type == _LEN:
+        elif number == RUN_DATA and wire_type == _LEN:
             data_start, data_end = reader.length_delimited()
             data = buffer[data_start:data_end]
-        elif number == 5 and wire_type == _LEN:
+        elif number == RUN_LAYER_CHECKSUMS and wire_type == _LEN:
             packed_start, packed_end = reader.length_delimited()
             if (packed_end - packed_start) % 8:
-                raise InvalidRequest("malformed LayerRun: packed checksums are not 8-byte aligned")
+                raise WireError("malformed LayerRun: packed checksums are not 8-byte aligned")
             count = (packed_end - packed_start) // 8
             checksums += struct.unpack_from(f"<{count}Q", buffer, packed_start)
-        elif number == 5 and wire_type == _I64:
+        elif number == RUN_LAYER_CHECKSUMS and wire_type == _I64:
             checksums += (reader.fixed64(),)
+        elif strict:
+            raise _unknown("LayerRun", number, wire_type)
         else:
-            raise _unexpected("LayerRun", number, wire_type)
+            reader.skip("LayerRun", number, wire_type)
     return WireRun(values[1], values[2], values[3], data, checksums)
 
 
 def decode_get_message(data: bytes | memoryview) -> GetMessage:
+    """A GetBlocksResponse, leniently: fields this codec does not know are skipped.
+
+    Malformed bytes still raise WireError.
+    """
     buffer = memoryview(data)
     reader = _Reader(buffer)
     message = GetMessage()
     while reader.more():
         number, wire_type = reader.tag()
-        if number == 1 and wire_type == _LEN:
+        if number == GET_CHUNKS and wire_type == _LEN:
             start, end = reader.length_delimited()
-            message.chunks.append(_decode_chunk(buffer, start, end))
-        elif number in (2, 3, 4) and wire_type == _VARINT:
-            value = reader.varint()
-            if number == 2:
-                message.checksum_kind = value
-            elif number == 3:
-                message.block_bytes = value
-            else:
-                message.num_blocks = value
-        elif number == 5 and wire_type == _LEN:  # packed enums
+            message.chunks.append(_decode_chunk(buffer, start, end, strict=False))
+        elif number == GET_CHECKSUM_KIND and wire_type == _VARINT:
+            message.checksum_kind = reader.varint()
+        elif number == GET_BLOCK_BYTES and wire_type == _VARINT:
+            message.block_bytes = reader.varint()
+        elif number == GET_NUM_BLOCKS and wire_type == _VARINT:
+            message.num_blocks = reader.varint()
+        elif number == GET_TIERS and wire_type == _LEN:  # packed enums
             start, end = reader.length_delimited()
             packed = _Reader(buffer, start, end)
             while packed.more():
                 message.tiers.append(packed.varint())
-        elif number == 5 and wire_type == _VARINT:
+        elif number == GET_TIERS and wire_type == _VARINT:
             message.tiers.append(reader.varint())
-        elif number == 6 and wire_type == _LEN:
+        elif number == GET_RUNS and wire_type == _LEN:
             start, end = reader.length_delimited()
-            message.runs.append(_decode_run(buffer, start, end))
+            message.runs.append(_decode_run(buffer, start, end, strict=False))
         else:
-            raise _unexpected("GetBlocksResponse", number, wire_type)
+            reader.skip("GetBlocksResponse", number, wire_type)
     return message

@@ -4,7 +4,7 @@ gRPC in Python hands every message over as a `bytes` object: a megabyte message 
 copied two or three times in user space on each side, and HTTP/2 adds its own framing
 work. On the 2-core reference machine that, not the network, sets the transfer rate.
 The data plane carries the same PutBlocksRequest and GetBlocksResponse messages
-(kvstore.chunkwire) in frames of its own: the sender hands the payload views straight
+(kvstore.wire.chunks) in frames of its own: the sender hands the payload views straight
 to the kernel (`sendmsg`), and the receiver reads each frame into one reused buffer.
 Everything that is not bulk bytes (lookups, pins, stats) stays on gRPC, which also
 tells the client where the data plane listens (`GetDataPlane`).
