@@ -93,6 +93,12 @@ class TierMover:
             self._spawn(self.flush(entry, demote=False))
         self._nudge()
 
+    def on_committed(self, entries: list[BlockEntry]) -> None:
+        """Act on newly committed blocks as the write policy says (write-through: write
+        each admitted one to SSD), and wake the watermark pass if memory runs high."""
+        for entry in entries:
+            self.committed(entry)
+
     def ssd_copy_dropped(self, location: SsdLocation) -> None:
         assert self.store.ssd is not None
         ssd = self.store.ssd

@@ -53,6 +53,8 @@ class PutSession:
         self._pinned_parents: list[BlockEntry] = []
         # Complete blocks whose parent, declared in this put, has not settled yet.
         self._waiting: dict[bytes, list[_PendingBlock]] = {}
+        # Committed since the last take_committed(): the caller hands them to the mover.
+        self._committed: list[BlockEntry] = []
         self._closed = False
 
     @property
@@ -277,12 +279,19 @@ class PutSession:
         block.handle = None
         block.outcome = PutOutcome.COMMITTED
         self._store.commit(entry)
+        self._committed.append(entry)
 
     def _drop(self, block: _PendingBlock, outcome: PutOutcome) -> None:
         if block.handle is not None:
             self._store.dram.free(block.handle)
             block.handle = None
         block.outcome = outcome
+
+    def take_committed(self) -> list[BlockEntry]:
+        """The blocks committed since the last call, for the write policy to act on
+        (kvstore.mover.TierMover.on_committed)."""
+        committed, self._committed = self._committed, []
+        return committed
 
     def finish(self) -> list[PutOutcome]:
         """End the put; every declared block must have been sent in full."""

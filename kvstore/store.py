@@ -135,6 +135,11 @@ class BlockStore:
         self.listener: StoreListener | None = None
 
     @property
+    def has_ssd(self) -> bool:
+        """Whether the store has an SSD tier."""
+        return self.ssd is not None
+
+    @property
     def tier_kinds(self) -> list[TierKind]:
         kinds = [TierKind.DRAM]
         if self.hbm is not None:

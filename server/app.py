@@ -48,7 +48,7 @@ class RunningServer:
             await asyncio.gather(self.server.stop(grace_s), self.data_plane.drain(grace_s))
         else:
             await self.server.stop(grace_s)
-        if self.store.ssd is not None:
+        if self.store.has_ssd:
             flushed = await self.mover.flush_all()
             logger.info("flushed %d blocks to SSD", flushed)
         await self.mover.close()
@@ -104,7 +104,7 @@ async def build_server(config: ServerConfig) -> RunningServer:
         f"on port {servicer.data_plane_port}" if data_plane is not None else "off",
         ", ".join(f"{tier.name} {tier.capacity_bytes >> 20} MiB" for tier in store.report().tiers),
         config.store.eviction_policy,
-        config.store.write_policy if store.ssd is not None else "no SSD",
+        config.store.write_policy if store.has_ssd else "no SSD",
     )
     return RunningServer(server, port, store, mover, servicer, health_servicer, config, data_plane)
 

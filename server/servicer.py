@@ -238,6 +238,8 @@ class KVStoreServicer:
             session.write_run(
                 run.first_block, run.num_blocks, run.layer, run.data, run.layer_checksums
             )
+        if self._mover is not None:
+            self._mover.on_committed(session.take_committed())
 
     def _open_put(self, request: PutMessage) -> PutSession:
         if request.namespace is None:
