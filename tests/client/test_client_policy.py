@@ -154,8 +154,8 @@ class FakeTransport:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeTransport]:
-    yield FakeTransport()
+def fake() -> FakeTransport:
+    return FakeTransport()
 
 
 @pytest.fixture
@@ -215,7 +215,8 @@ async def test_layer_put_sends_layers_in_order(
     async with client.layer_put(keys) as put:
         for layer in range(LAYOUT.num_layers):
             await put.send_layer(layer, kv[:, layer])
-    assert put.result is not None and put.result.num_committed == 2
+    assert put.result is not None
+    assert put.result.num_committed == 2
     dest = torch.zeros_like(kv)
     assert await client.get_into(keys, dest, form=KVForm.BLOCKS) == 2
     assert same_bytes(dest, kv)
@@ -229,21 +230,26 @@ async def test_layer_put_refuses_a_layer_out_of_order(
         async with client.layer_put([b"k0"]) as put:
             await put.send_layer(1, kv[:, 1])
     (stream,) = fake.puts
-    assert stream.cancelled and not stream.finished
-    assert put.result is None and not fake.blocks
+    assert stream.cancelled
+    assert not stream.finished
+    assert put.result is None
+    assert not fake.blocks
 
 
 async def test_layer_put_cancels_when_the_block_raises(
     client: KVClient, fake: FakeTransport, make_kv: MakeKV
 ) -> None:
     kv = make_kv(LAYOUT, 1, form=KVForm.BLOCKS)
-    with pytest.raises(RuntimeError, match="prefill failed"):
-        async with client.layer_put([b"k0"]) as put:
+    put = client.layer_put([b"k0"])
+    with pytest.raises(RuntimeError, match="prefill failed"):  # noqa: PT012 (the block is the test)
+        async with put:
             await put.send_layer(0, kv[:, 0])
             raise RuntimeError("prefill failed")
     (stream,) = fake.puts
-    assert stream.cancelled and not stream.finished
-    assert put.result is None and not fake.blocks
+    assert stream.cancelled
+    assert not stream.finished
+    assert put.result is None
+    assert not fake.blocks
 
 
 async def test_layer_put_that_stops_short_is_cancelled(
@@ -253,7 +259,8 @@ async def test_layer_put_that_stops_short_is_cancelled(
     with pytest.raises(InvalidArgument, match="ended after 1 of 3 layers"):
         async with client.layer_put([b"k0"]) as put:
             await put.send_layer(0, kv[:, 0])
-    assert fake.puts[0].cancelled and not fake.blocks
+    assert fake.puts[0].cancelled
+    assert not fake.blocks
 
 
 async def test_get_into_returns_the_shorter_prefix_the_store_served(
@@ -281,11 +288,10 @@ async def test_a_checksum_mismatch_raises_and_closes_the_get(
     kv = make_kv(LAYOUT, 2)
     await client.put(tokens_of(2), kv)
     fake.corrupt_gets = True
-    layers = []
+    stream = client.iter_layers(client.keys(tokens_of(2)))
+    assert (await anext(stream)).layer == 0, "the good layer arrived"
     with pytest.raises(ChecksumError, match="layer 1: received bytes fail their XXH3_64"):
-        async for arrival in client.iter_layers(client.keys(tokens_of(2))):
-            layers.append(arrival.layer)
-    assert layers == [0], "the good layer arrived; the bad one did not"
+        await anext(stream)
     assert fake.gets[-1].closed
 
 
@@ -387,7 +393,8 @@ async def test_auto_transport_falls_back_and_asks_again_only_after_the_back_off(
     async with KVClient("fake-target:1", NS, transport=transport) as client:
         assert (await client.put(tokens_of(1), kv)).num_committed == 1
         assert (discovery.num_asked, len(grpc_fake.puts)) == (1, 1), "gRPC carried the put"
-        assert planes[0].retired and client.data_plane is None
+        assert planes[0].retired
+        assert client.data_plane is None
         assert "cannot reach the data plane at 127.0.0.1:9: refused; using gRPC for 30 s" in (
             caplog.text
         )
@@ -403,8 +410,10 @@ async def test_auto_transport_falls_back_and_asks_again_only_after_the_back_off(
             for layer in range(LAYOUT.num_layers):
                 await put.send_layer(layer, blocks[:, layer])
         assert discovery.num_asked == 2, "the back-off is over: asked again"
-        assert len(planes) == 2 and planes[1].retired
-        assert len(grpc_fake.puts) == 2 and put.result is not None
+        assert len(planes) == 2
+        assert planes[1].retired
+        assert len(grpc_fake.puts) == 2
+        assert put.result is not None
 
 
 async def test_auto_transport_uses_the_data_plane_it_found(make_kv: MakeKV) -> None:

@@ -9,7 +9,6 @@ import pytest
 from kvstore.client import KVClient, LayerPut, SyncKVClient, SyncLayerPut
 
 
-
 def _public_calls(cls: type) -> dict[str, inspect.Signature]:
     return {
         name: inspect.signature(member)
