@@ -35,8 +35,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from kvstore.bench.loop import PROGRESS_PERIOD_S, READY_TIMEOUT_S, Flag, Mailbox, worker_main
 from kvstore.bench.workload import ProgressSnapshot, WorkerResult, Workload
-from kvstore.client import ClientOptions, KVClient, KVStoreClientError, Namespace
-from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.client import ClientOptions, KVClient, KVStoreClientError, Namespace, StoreStats
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,8 +95,8 @@ class LoadRun:
     target: str
     wall_s: float  # from the common start to the last worker's end
     results: list[WorkerResult]
-    stats_before: pb.StatsResponse | None
-    stats_after: pb.StatsResponse | None
+    stats_before: StoreStats | None
+    stats_after: StoreStats | None
 
 
 class LoadDriver:
@@ -175,10 +174,10 @@ def run_load(
         return driver.run(target)
 
 
-def fetch_stats(target: str, namespace: Namespace) -> pb.StatsResponse | None:
+def fetch_stats(target: str, namespace: Namespace) -> StoreStats | None:
     """The server's Stats, or None when it does not answer (stopped, unreachable)."""
 
-    async def fetch() -> pb.StatsResponse | None:
+    async def fetch() -> StoreStats | None:
         options = ClientOptions()
         async with KVClient(target, namespace, options=options) as client:
             try:

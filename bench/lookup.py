@@ -30,7 +30,7 @@ from kvstore.allocator import tune_allocator
 from kvstore.bench.ceiling import OPTIONS, StreamCall, unary_call
 from kvstore.bench.spawn import spawned_ceiling_server, spawned_server
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
-from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.lookup import encode_lookup_request
 
 _LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=16, dtype=DType.FLOAT16, block_tokens=16)
 _ROUNDS = 10
@@ -79,7 +79,7 @@ async def measure_lookups(
             if (await lookup(missing)).num_matched != 0:
                 raise RuntimeError("a chain that was never stored matched")
         # The same bytes a hit's LookupPrefix carries, sent as one raw message.
-        request = pb.LookupPrefixRequest(keys=keys).SerializeToString()
+        request = encode_lookup_request(keys)
         raw_call = unary_call(ceiling)
         raw_stream = StreamCall(ceiling)
         cases: dict[str, Callable[[int], Awaitable[list[float]]]] = {

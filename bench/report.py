@@ -35,8 +35,8 @@ from rich.table import Table
 
 from kvstore.bench.load import LoadRun
 from kvstore.bench.workload import BLOCK_OPS, WorkerResult
+from kvstore.client import StoreStats
 from kvstore.units import human_bytes
-from kvstore.v1 import kvstore_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -295,9 +295,7 @@ def build_report(
     )
 
 
-def server_delta(
-    before: pb.StatsResponse | None, after: pb.StatsResponse | None
-) -> dict[str, Any] | None:
+def server_delta(before: StoreStats | None, after: StoreStats | None) -> dict[str, Any] | None:
     """The server's counters over the run (a shared server's earlier traffic subtracted)."""
     if after is None:
         return None

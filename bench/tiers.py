@@ -40,9 +40,8 @@ from rich.table import Table
 from kvstore.allocator import tune_allocator
 from kvstore.bench.spawn import spawned_server
 from kvstore.bench.throughput import layout_for
-from kvstore.client import KVClient, KVForm, Namespace
+from kvstore.client import KVClient, KVForm, Namespace, StoreStats, TierKind
 from kvstore.units import human_bytes, parse_size
-from kvstore.v1 import kvstore_pb2 as pb
 
 _READ_BUFFER_BYTES = 8 << 20
 
@@ -112,14 +111,9 @@ async def put_all(
     return time.perf_counter() - start
 
 
-def tier(stats: pb.StatsResponse, kind: int) -> pb.TierStats:
-    (found,) = [entry for entry in stats.tiers if entry.tier == kind]
-    return found
-
-
 async def wait_for_ssd_writes(client: KVClient, nbytes: int, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while tier(await client.stats(), pb.SSD).bytes_written < nbytes:
+    while (await client.stats()).tier(TierKind.SSD).bytes_written < nbytes:
         if time.monotonic() > deadline:
             raise RuntimeError("write-through did not finish writing the dataset in time")
         await asyncio.sleep(0.05)
@@ -227,7 +221,7 @@ async def _get_all(
             # Again, with the files now in the page cache: what the disk itself costs.
             warm.append(await _get_pass(client, keys, dests))
         stats = await client.stats()
-    if tier(stats, pb.DRAM).num_blocks:
+    if stats.tier(TierKind.DRAM).num_blocks:
         raise RuntimeError("blocks were promoted into DRAM: the get did not measure the SSD")
     return cold, warm, how
 
@@ -286,7 +280,7 @@ def measure_ssd_get(
 
 async def _put_rounds(
     target: str, namespace: Namespace, put_bytes: int, chain_blocks: int, rounds: int
-) -> tuple[list[float], pb.StatsResponse]:
+) -> tuple[list[float], StoreStats]:
     block_bytes = namespace.layout.block_bytes
     num_blocks = max(1, put_bytes // block_bytes)
     source = source_tensor(namespace, chain_blocks)
@@ -303,7 +297,7 @@ async def _put_rounds(
 
 def measure_puts(
     workdir: Path, block_bytes: int, put_bytes: int, dram_bytes: int, chain_blocks: int, rounds: int
-) -> tuple[float, float, pb.StatsResponse, pb.StatsResponse]:
+) -> tuple[float, float, StoreStats, StoreStats]:
     """(write-back put GB/s, DRAM-only put GB/s, and each server's Stats afterwards)."""
     common = ["--dram-bytes", str(dram_bytes), "--page-bytes", "1MiB", "--log-level", "warning"]
     namespace = make_namespace(block_bytes, "put")
@@ -375,9 +369,9 @@ def run_tiers(args: argparse.Namespace) -> int:
         dram_bytes=dram_bytes,
         write_back_put_gbps=write_back,
         dram_only_put_gbps=dram_only,
-        write_back_demotions=tier(wb_stats, pb.DRAM).demotions,
-        write_back_ssd_bytes_written=tier(wb_stats, pb.SSD).bytes_written,
-        dram_only_evictions=tier(dram_stats, pb.DRAM).evictions,
+        write_back_demotions=wb_stats.tier(TierKind.DRAM).demotions,
+        write_back_ssd_bytes_written=wb_stats.tier(TierKind.SSD).bytes_written,
+        dram_only_evictions=dram_stats.tier(TierKind.DRAM).evictions,
     )
     if args.json:
         print(

@@ -26,6 +26,7 @@ from kvstore.client._errors import (
     NotFound,
     OutOfRange,
     PermissionDenied,
+    ProtocolError,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -33,8 +34,14 @@ from kvstore.client._errors import (
     Unknown,
 )
 from kvstore.client._options import ClientOptions, Timeouts
-from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
-from kvstore.client._sync import SyncKVClient
+from kvstore.client._results import (
+    LayerArrival,
+    PrefixMatch,
+    PutResult,
+    StoreStats,
+    TierStats,
+)
+from kvstore.client._sync import SyncKVClient, SyncLayerPut
 from kvstore.codec import KVForm
 from kvstore.enums import PutOutcome, TierKind
 from kvstore.keys import HashAlgorithm
@@ -65,11 +72,15 @@ __all__ = [
     "OutOfRange",
     "PermissionDenied",
     "PrefixMatch",
+    "ProtocolError",
     "PutOutcome",
     "PutResult",
     "ResourceExhausted",
+    "StoreStats",
     "SyncKVClient",
+    "SyncLayerPut",
     "TierKind",
+    "TierStats",
     "Timeouts",
     "Unauthenticated",
     "Unavailable",

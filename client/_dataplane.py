@@ -19,9 +19,11 @@ from kvstore.client._errors import (
     Unavailable,
     Unknown,
     error_for_code,
+    protocol_error,
 )
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.chunks import GetMessage, decode_get_message
+from kvstore.wire.errors import WireError
 from kvstore.wire.frames import (
     HELLO_PAYLOAD,
     ConnectionClosed,
@@ -139,7 +141,11 @@ class DataConnection:
                 return
             if kind != FrameKind.GET_DATA:
                 raise Unknown(f"the data plane sent frame kind {kind} during a get")
-            yield decode_get_message(payload)
+            try:
+                message = decode_get_message(payload)
+            except WireError as error:
+                raise protocol_error(error) from error
+            yield message
 
     async def _read(self) -> tuple[int, memoryview]:
         try:

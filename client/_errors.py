@@ -14,6 +14,8 @@
     ├── OutOfRange
     ├── Unimplemented
     ├── Internal
+    │   └── ProtocolError     (raised by the client: a reply's bytes are not a well-formed
+    │                          kvstore.v1 message, on gRPC or the data plane)
     ├── Unavailable
     ├── DataLoss
     │   └── ChecksumError     (raised by the client: received bytes failed their checksum)
@@ -21,6 +23,7 @@
 
 Every RPC error is raised `from` the grpc.aio.AioRpcError it came from, except a
 lookup's error carried as a result on the lookup stream: no call failed, so it has none.
+A ProtocolError is raised `from` the kvstore.wire.errors.WireError that found the fault.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import contextlib
 from collections.abc import Iterator
 
 import grpc
+
+from kvstore.wire.errors import WireError
 
 
 class KVStoreClientError(Exception):
@@ -93,6 +98,14 @@ class Internal(KVStoreClientError):
     code = grpc.StatusCode.INTERNAL
 
 
+class ProtocolError(Internal):
+    """A reply that is not a well-formed kvstore.v1 message (or data-plane frame).
+
+    Fields the client does not know are skipped, so a newer server's additions are
+    not this error; bytes that cannot be parsed at all are.
+    """
+
+
 class Unavailable(KVStoreClientError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -146,10 +159,17 @@ def error_for_code(code: int, details: str) -> KVStoreClientError:
     return _BY_CODE.get(status, Unknown)(details)
 
 
+def protocol_error(error: WireError) -> ProtocolError:
+    return ProtocolError(f"the server's reply is malformed: {error}")
+
+
 @contextlib.contextmanager
-def translate_rpc_errors() -> Iterator[None]:
-    """Re-raise gRPC errors as the matching KVStoreClientError subclass."""
+def translate_errors() -> Iterator[None]:
+    """Re-raise gRPC errors as the matching KVStoreClientError subclass, and wire
+    errors (a malformed reply) as ProtocolError."""
     try:
         yield
     except grpc.aio.AioRpcError as error:
         raise error_for(error) from error
+    except WireError as error:
+        raise protocol_error(error) from error

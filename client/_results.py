@@ -45,3 +45,57 @@ class LayerArrival:
     layer: int
     num_blocks: int
     kv: torch.Tensor  # [num_blocks, 2, block_tokens, num_kv_heads, head_dim] or a view of dest
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    """One tier of the server: its size now, and its counters since the server started."""
+
+    tier: TierKind
+    name: str  # "dram", "ssd", "hbm (emulated)", ...
+    capacity_bytes: int
+    used_bytes: int
+    num_blocks: int
+    hits: int
+    misses: int
+    evictions: int
+    promotions: int
+    demotions: int
+    bytes_read: int
+    bytes_written: int
+    errors: int
+    degraded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What `KVClient.stats()` returns: the server's tiers and counters.
+
+    Counters run from the server's start, so the difference of two readings is what
+    happened between them.
+    """
+
+    tiers: tuple[TierStats, ...]
+    num_namespaces: int
+    lookups: int
+    lookup_keys: int
+    lookup_hits: int
+    blocks_put: int
+    blocks_got: int
+    bytes_put: int
+    bytes_got: int
+    puts_abandoned: int
+    checksum_failures: int
+    num_pinned: int
+    uptime_ms: int
+    process_cpu_us: int  # CPU the server process has used, user and system, all threads
+    data_plane_port: int  # 0: the server has no data plane
+    data_plane_connections: int  # open now
+    data_plane_transfers: int  # puts and gets it has carried
+
+    def tier(self, kind: TierKind) -> TierStats:
+        """The stats of tier `kind`; KeyError if the server has no such tier."""
+        for tier in self.tiers:
+            if tier.tier is kind:
+                return tier
+        raise KeyError(f"the server has no {kind.name} tier")

@@ -4,10 +4,77 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from kvstore.checksum import ChecksumKind, checksum_of_parts, checksums_of
+from kvstore.checksum import ChecksumKind, checksum_of_parts, checksums_of, checksums_of_slices
 from kvstore.codec import ByteMap
 from kvstore.layout import KVLayout
-from kvstore.wire.chunks import PUT_CHUNKS, PUT_RUNS, chunk_parts, encode_put_header, run_parts
+from kvstore.wire.chunks import (
+    PUT_CHUNKS,
+    PUT_RUNS,
+    chunk_parts,
+    encode_put_header,
+    run_parts,
+    uses_runs,
+)
+
+Message = list[bytes | memoryview]
+
+
+def blocks_per_run(layout: KVLayout, chunk_bytes: int) -> int:
+    """How many blocks' layers one LayerRun carries: as many as fit in `chunk_bytes`."""
+    return max(1, chunk_bytes // layout.layer_bytes)
+
+
+def put_messages(
+    header: bytes,
+    keys: list[bytes],
+    first: int,
+    parent_key: bytes,
+    source: ByteMap,
+    layout: KVLayout,
+    kind: ChecksumKind,
+    chunk_bytes: int,
+) -> Iterator[Message]:
+    """The messages of a whole put of blocks `keys[first:]`; block i is index i of
+    `source`, and `keys[0]` chains from `parent_key`. `header` opens the first message."""
+    if uses_runs(layout, chunk_bytes):
+        yield from run_messages(header, keys, first, parent_key, source, layout, kind, chunk_bytes)
+        return
+    batch = MessageBatch(chunk_bytes, header)
+    for declared, index in enumerate(range(first, len(keys))):
+        # Declared just before its bytes, so the server reserves room as it goes.
+        batch.declare(keys[index], keys[index - 1] if index else parent_key)
+        for layer in range(layout.num_layers):
+            runs = source.runs(index, layer, chunk_bytes)
+            yield from batch.add_layer(declared, layer, runs, kind)
+    yield batch.flush()
+
+
+def layer_messages(
+    layer: int,
+    source: ByteMap,
+    num_blocks: int,
+    layout: KVLayout,
+    kind: ChecksumKind,
+    chunk_bytes: int,
+) -> Iterator[Message]:
+    """The messages of one layer of a layer put; `source` holds that layer of every
+    block (`KVForm.LAYER`), and the blocks were declared when the put opened."""
+    layer_bytes = layout.layer_bytes
+    if uses_runs(layout, chunk_bytes):
+        per_run = blocks_per_run(layout, chunk_bytes)
+        for start in range(0, num_blocks, per_run):
+            end = min(num_blocks, start + per_run)
+            # The tensor holds this layer of every block back to back: one view.
+            data = source.view[start * layer_bytes : end * layer_bytes]
+            checksums = checksums_of_slices(kind, data, layer_bytes)
+            yield run_parts(PUT_RUNS, layer, start, checksums, [data])
+        return
+    batch = MessageBatch(chunk_bytes, b"")
+    for block in range(num_blocks):
+        runs = source.runs(block, 0, chunk_bytes)
+        yield from batch.add_layer(block, layer, runs, kind)
+    if batch.has_content:
+        yield batch.flush()
 
 
 def run_messages(
@@ -19,15 +86,14 @@ def run_messages(
     layout: KVLayout,
     kind: ChecksumKind,
     chunk_bytes: int,
-) -> Iterator[list[bytes | memoryview]]:
+) -> Iterator[Message]:
     """Put messages for small layers: groups of blocks, one LayerRun per layer per group.
 
     Messages are made as they are sent, so the first is on the wire while the rest are
     still being checksummed. A group is declared just before its first layer, so the
     server reserves room as the put goes.
     """
-    layer_bytes = layout.layer_bytes
-    per_run = max(1, chunk_bytes // layer_bytes)
+    per_run = blocks_per_run(layout, chunk_bytes)
     prefix = header
     for start in range(first, len(keys), per_run):
         end = min(len(keys), start + per_run)

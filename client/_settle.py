@@ -41,8 +41,9 @@ class CallSettle:
     def tracking(self) -> Iterator[None]:
         """Around one awaited call: counts it in flight, and notes it if cancelled.
 
-        An async generator whose consumer stops early notes its own cancel (see
-        KVClient._stream): only there is it known whether the call was still running.
+        A get stream whose consumer stops early notes its own cancel (see
+        kvstore.client._grpc_transport.GrpcGetStream): only there is it known whether
+        the call was still running.
         """
         self.opened()
         try:

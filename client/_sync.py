@@ -9,13 +9,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from kvstore.client._async import KVClient
+from kvstore.client._async import KVClient, LayerPut
 from kvstore.client._loop import LoopThread
 from kvstore.client._options import ClientOptions
-from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
+from kvstore.client._results import LayerArrival, PrefixMatch, PutResult, StoreStats
 from kvstore.codec import KVForm
 from kvstore.layout import Namespace
-from kvstore.v1 import kvstore_pb2 as pb
 
 T = TypeVar("T")
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
@@ -82,6 +81,10 @@ class SyncKVClient:
     ) -> PutResult:
         return self._run(self._client.put_blocks(keys, kv, parent_key=parent_key, form=form))
 
+    def layer_put(self, keys: list[bytes], *, parent_key: bytes = b"") -> SyncLayerPut:
+        """KVClient.layer_put, blocking: `with client.layer_put(keys) as put: ...`."""
+        return SyncLayerPut(self._loop, self._client.layer_put(keys, parent_key=parent_key))
+
     def get_into(
         self,
         keys: list[bytes] | PrefixMatch,
@@ -102,11 +105,11 @@ class SyncKVClient:
         try:
             while True:
                 try:
-                    yield self._run(anext(stream))  # type: ignore[arg-type]
+                    yield self._run(stream.__anext__())
                 except StopAsyncIteration:
                     return
         finally:
-            self._run(stream.aclose())  # type: ignore[attr-defined]
+            self._run(stream.aclose())
 
     def pin(self, keys: list[bytes], ttl_s: float) -> int:
         return self._run(self._client.pin(keys, ttl_s))
@@ -117,5 +120,33 @@ class SyncKVClient:
     def delete(self, keys: list[bytes]) -> tuple[int, int]:
         return self._run(self._client.delete(keys))
 
-    def stats(self) -> pb.StatsResponse:
+    def stats(self) -> StoreStats:
         return self._run(self._client.stats())
+
+
+class SyncLayerPut:
+    """LayerPut, blocking (see SyncKVClient.layer_put)."""
+
+    def __init__(self, loop: LoopThread, put: LayerPut) -> None:
+        self._loop = loop
+        self._put = put
+
+    @property
+    def result(self) -> PutResult | None:
+        """The put's result, once the `with` block has ended without an error."""
+        return self._put.result
+
+    def __enter__(self) -> SyncLayerPut:
+        self._loop.run(self._put.__aenter__())
+        return self
+
+    def send_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
+        self._loop.run(self._put.send_layer(layer, kv_layer))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._loop.run(self._put.__aexit__(exc_type, exc, traceback))

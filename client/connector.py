@@ -275,7 +275,7 @@ class KVConnector:
         except Exception as error:
             load.fail(error)
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
     def _copy_in(self, arrival: LayerArrival, page_ids: list[int]) -> None:
         for block, page in enumerate(page_ids):

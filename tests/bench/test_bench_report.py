@@ -21,7 +21,7 @@ from kvstore.bench.report import (
     server_delta,
 )
 from kvstore.bench.workload import WorkerResult
-from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.client import StoreStats, TierKind, TierStats
 
 JSON_KEYS = {
     "workload",
@@ -181,15 +181,25 @@ def test_hit_groups_are_reported_separately() -> None:
     assert report.hit_groups["later turns"].blocks == pytest.approx(0.9)
 
 
+def make_tier(**fields: Any) -> TierStats:
+    counters = dict.fromkeys(TierStats.__dataclass_fields__, 0)
+    return TierStats(**{**counters, "tier": TierKind.DRAM, "degraded": False, **fields})
+
+
+def make_stats(**fields: Any) -> StoreStats:
+    counters = dict.fromkeys(StoreStats.__dataclass_fields__, 0)
+    return StoreStats(**{**counters, "tiers": (), **fields})
+
+
 def test_server_delta_subtracts_earlier_traffic() -> None:
-    before = pb.StatsResponse(
-        tiers=[pb.TierStats(name="dram", hits=5, misses=1, evictions=2)],
+    before = make_stats(
+        tiers=(make_tier(name="dram", hits=5, misses=1, evictions=2),),
         lookups=10,
         bytes_put=1 << 30,
         process_cpu_us=7_000_000,
     )
-    after = pb.StatsResponse(
-        tiers=[pb.TierStats(name="dram", hits=8, misses=4, evictions=2, capacity_bytes=99)],
+    after = make_stats(
+        tiers=(make_tier(name="dram", hits=8, misses=4, evictions=2, capacity_bytes=99),),
         lookups=15,
         bytes_put=(1 << 30) + 2_000_000_000,
         bytes_got=1_000_000_000,

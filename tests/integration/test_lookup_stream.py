@@ -25,6 +25,8 @@ from kvstore.client import (
     Timeouts,
     Unavailable,
 )
+from kvstore.client._auto_transport import AutoTransport
+from kvstore.client._grpc_transport import GrpcTransport
 from kvstore.client._lookup_stream import LookupStreams
 from kvstore.server import RunningServer
 from kvstore.v1 import kvstore_pb2 as pb
@@ -47,7 +49,11 @@ async def client(connect: Connect, make_kv: MakeKV) -> KVClient:
 
 
 def streams_of(client: KVClient) -> LookupStreams:
-    return client._lookup_streams
+    transport = client.transport
+    if isinstance(transport, AutoTransport):
+        transport = transport.grpc
+    assert isinstance(transport, GrpcTransport)
+    return transport.lookup_streams
 
 
 async def test_sequential_lookups_ride_one_open_stream(client: KVClient) -> None:

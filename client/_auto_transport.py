@@ -1,0 +1,112 @@
+"""The automatic transport: block bytes over the data plane while it answers, else gRPC.
+
+The data plane is asked for once (over gRPC), and again only after a back-off once it
+could not be reached or was not offered. Lookups always go over gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from kvstore.client._dataplane import DataPlaneUnreachable
+from kvstore.client._transport import BlockTransport, GetStream, Parts, PutStream, Transport
+from kvstore.v1 import kvstore_pb2 as pb
+
+T = TypeVar("T")
+logger = logging.getLogger("kvstore.client")
+# After the data plane could not be reached, use gRPC this long before asking again.
+DATA_PLANE_RETRY_S = 30.0
+
+
+class DataPlane(BlockTransport, Protocol):
+    """A data plane found by discovery (kvstore.client._dataplane_transport)."""
+
+    @property
+    def address(self) -> str: ...
+
+    def retire(self) -> None:
+        """Take no more transfers; those in flight finish."""
+
+    def close(self) -> None:
+        """Take no more transfers, and cut those in flight."""
+
+
+class AutoTransport:
+    """`grpc` for lookups, and for transfers while there is no data plane.
+
+    `find_data_plane` asks the server for its data plane (None: it offers none);
+    `clock` (seconds) times the back-off.
+    """
+
+    def __init__(
+        self,
+        grpc: Transport,
+        find_data_plane: Callable[[], Awaitable[DataPlane | None]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.grpc = grpc  # the fallback, and the lookups' transport
+        self._find_data_plane = find_data_plane
+        self._clock = clock
+        self._current: DataPlane | None = None
+        self._asked_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def data_plane(self) -> str | None:
+        current = self._current
+        return None if current is None else current.address
+
+    async def lookup(
+        self, request: pb.LookupPrefixRequest, deadline: float
+    ) -> pb.LookupPrefixResponse:
+        return await self.grpc.lookup(request, deadline)
+
+    async def put(self, messages: AsyncIterator[Parts], timeout_s: float) -> pb.PutBlocksResponse:
+        return await self._route(lambda transport: transport.put(messages, timeout_s))
+
+    async def open_put(self, timeout_s: float) -> PutStream:
+        return await self._route(lambda transport: transport.open_put(timeout_s))
+
+    async def open_get(self, request: pb.GetBlocksRequest, timeout_s: float) -> GetStream:
+        return await self._route(lambda transport: transport.open_get(request, timeout_s))
+
+    async def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+        await self.grpc.close()
+
+    async def _route(self, call: Callable[[BlockTransport], Awaitable[T]]) -> T:
+        """`call` on the data plane, or on gRPC when there is none or it cannot be reached
+        (DataPlaneUnreachable means nothing was sent, so gRPC can still carry it all)."""
+        data_plane = await self._data_plane()
+        if data_plane is not None:
+            try:
+                return await call(data_plane)
+            except DataPlaneUnreachable as error:
+                logger.warning("%s; using gRPC for %.0f s", error, DATA_PLANE_RETRY_S)
+                # Transfers already on the data plane finish there.
+                data_plane.retire()
+                if self._current is data_plane:
+                    self._current = None
+                    self._asked_at = self._clock()  # the back-off starts now
+        return await call(self.grpc)
+
+    async def _data_plane(self) -> DataPlane | None:
+        """The server's data plane, asked for once (again after the back-off)."""
+        if self._current is not None:
+            return self._current
+        now = self._clock()
+        async with self._lock:
+            asked_at = self._asked_at
+            if self._current is not None:
+                return self._current
+            if asked_at is not None and now - asked_at < DATA_PLANE_RETRY_S:
+                return None
+            self._asked_at = now
+            self._current = await self._find_data_plane()
+            return self._current

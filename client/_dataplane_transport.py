@@ -1,0 +1,136 @@
+"""The data-plane transport: puts and gets over pooled TCP connections
+(kvstore.client._dataplane), and how a client finds the server's data plane."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from kvstore.client._dataplane import DataConnection, DataPlanePool
+from kvstore.client._settle import CallSettle
+from kvstore.client._transport import Parts
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire.chunks import GetMessage
+from kvstore.wire.frames import VERSION as DATAPLANE_VERSION
+from kvstore.wire.frames import FrameKind
+
+
+class DataPlaneTransport:
+    """Each transfer on a connection of `pool`. A new connection must be made within
+    `connect_timeout_s` (the control timeout, not the whole transfer's: the transfer
+    still has its time for gRPC if this fails).
+
+    Every call raises DataPlaneUnreachable, before it has sent anything, when no
+    connection could be made.
+    """
+
+    def __init__(self, pool: DataPlanePool, connect_timeout_s: float) -> None:
+        self._pool = pool
+        self._connect_timeout_s = connect_timeout_s
+
+    @property
+    def address(self) -> str:
+        return f"{self._pool.host}:{self._pool.port}"
+
+    async def _acquire(self, timeout_s: float) -> DataConnection:
+        now = asyncio.get_running_loop().time()
+        return await self._pool.acquire(now + timeout_s, now + self._connect_timeout_s)
+
+    async def put(self, messages: AsyncIterator[Parts], timeout_s: float) -> pb.PutBlocksResponse:
+        connection = await self._acquire(timeout_s)
+        try:
+            return await connection.put(messages)
+        finally:
+            connection.release()
+
+    async def open_put(self, timeout_s: float) -> DataPutStream:
+        return DataPutStream(await self._acquire(timeout_s))
+
+    async def open_get(self, request: pb.GetBlocksRequest, timeout_s: float) -> DataGetStream:
+        return DataGetStream(await self._acquire(timeout_s), request)
+
+    def retire(self) -> None:
+        """Take no more transfers; those in flight finish."""
+        self._pool.retire()
+
+    def close(self) -> None:
+        """Take no more transfers, and cut those in flight."""
+        self._pool.close()
+
+
+class DataPutStream:
+    """A put on one connection, written frame by frame."""
+
+    def __init__(self, connection: DataConnection) -> None:
+        self._connection = connection
+
+    async def send(self, parts: Parts) -> None:
+        await self._connection.send(FrameKind.PUT, parts)
+
+    async def finish(self) -> pb.PutBlocksResponse:
+        try:
+            return await self._connection.finish_put()
+        finally:
+            self._connection.release()
+
+    def cancel(self) -> None:
+        self._connection.close()  # the server sees the connection end and frees the put
+        self._connection.release()
+
+
+class DataGetStream:
+    """A get on one connection. Closing it before the end closes the connection, and
+    the server then frees the blocks."""
+
+    def __init__(self, connection: DataConnection, request: pb.GetBlocksRequest) -> None:
+        self._connection = connection
+        self._replies = connection.get(request)
+
+    def __aiter__(self) -> AsyncIterator[GetMessage]:
+        # The connection's own generator: no extra step per message.
+        return self._replies
+
+    async def aclose(self) -> None:
+        try:
+            await self._replies.aclose()
+        finally:
+            self._connection.release()
+
+
+async def find_data_plane(
+    stub: pb_grpc.KVStoreStub,
+    host: str,
+    *,
+    max_frame_bytes: int,
+    timeout_s: float,
+    settle: CallSettle,
+) -> DataPlaneTransport | None:
+    """The server's data plane on `host`, asked for over gRPC; None when the server has
+    none, speaks another framing version, or does not answer."""
+    try:
+        with settle.tracking():
+            reply = await stub.GetDataPlane(pb.DataPlaneRequest(), timeout=timeout_s)
+    except grpc.aio.AioRpcError:
+        return None  # an older server, or none at all: the gRPC call will say
+    if not reply.port or reply.version != DATAPLANE_VERSION:
+        return None
+    return DataPlaneTransport(DataPlanePool(host, reply.port, max_frame_bytes), timeout_s)
+
+
+def target_host(target: str) -> str | None:
+    """The host in a gRPC target ("host:port", "[::1]:port", "dns:///host:port"), where
+    the data plane listens too; None for targets it cannot be read from (unix sockets,
+    lists of addresses)."""
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme) :]
+            break
+    if "," in target or target.startswith("unix") or "/" in target:
+        return None
+    host, _, _ = target.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or None

@@ -1,0 +1,87 @@
+"""The server's replies into the client's result types (kvstore.client._results).
+
+A reply that names an enum number this client does not know raises ProtocolError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import chain, repeat
+
+from kvstore.client._errors import protocol_error
+from kvstore.client._results import PrefixMatch, PutResult, StoreStats, TierStats
+from kvstore.enums import TierKind
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.enums import outcome_from_wire, tier_from_wire
+from kvstore.wire.errors import WireError
+
+
+def prefix_match(
+    reply: pb.LookupPrefixResponse, keys: list[bytes], block_tokens: int
+) -> PrefixMatch:
+    try:
+        tiers = _expand_tier_runs(reply.tier_runs)
+    except WireError as error:
+        raise protocol_error(error) from error
+    return PrefixMatch(
+        keys=keys, num_matched=reply.num_matched, tiers=tiers, block_tokens=block_tokens
+    )
+
+
+def put_result(reply: pb.PutBlocksResponse, num_skipped: int, bytes_sent: int) -> PutResult:
+    try:
+        outcomes = tuple(outcome_from_wire(number) for number in reply.outcomes)
+    except WireError as error:
+        raise protocol_error(error) from error
+    return PutResult(outcomes=outcomes, num_skipped=num_skipped, bytes_sent=bytes_sent)
+
+
+def store_stats(reply: pb.StatsResponse) -> StoreStats:
+    try:
+        tiers = tuple(_tier_stats(tier) for tier in reply.tiers)
+    except WireError as error:
+        raise protocol_error(error) from error
+    return StoreStats(
+        tiers=tiers,
+        num_namespaces=reply.num_namespaces,
+        lookups=reply.lookups,
+        lookup_keys=reply.lookup_keys,
+        lookup_hits=reply.lookup_hits,
+        blocks_put=reply.blocks_put,
+        blocks_got=reply.blocks_got,
+        bytes_put=reply.bytes_put,
+        bytes_got=reply.bytes_got,
+        puts_abandoned=reply.puts_abandoned,
+        checksum_failures=reply.checksum_failures,
+        num_pinned=reply.num_pinned,
+        uptime_ms=reply.uptime_ms,
+        process_cpu_us=reply.process_cpu_us,
+        data_plane_port=reply.data_plane_port,
+        data_plane_connections=reply.data_plane_connections,
+        data_plane_transfers=reply.data_plane_transfers,
+    )
+
+
+def _tier_stats(tier: pb.TierStats) -> TierStats:
+    return TierStats(
+        tier=tier_from_wire(tier.tier),
+        name=tier.name,
+        capacity_bytes=tier.capacity_bytes,
+        used_bytes=tier.used_bytes,
+        num_blocks=tier.num_blocks,
+        hits=tier.hits,
+        misses=tier.misses,
+        evictions=tier.evictions,
+        promotions=tier.promotions,
+        demotions=tier.demotions,
+        bytes_read=tier.bytes_read,
+        bytes_written=tier.bytes_written,
+        errors=tier.errors,
+        degraded=tier.degraded,
+    )
+
+
+def _expand_tier_runs(runs: Iterable[pb.TierRun]) -> tuple[TierKind, ...]:
+    return tuple(
+        chain.from_iterable(repeat(tier_from_wire(run.tier), run.num_blocks) for run in runs)
+    )
