@@ -13,7 +13,7 @@ from itertools import islice, takewhile
 from typing import cast
 
 from kvstore.enums import TierKind
-from kvstore.layout import Namespace
+from kvstore.layout import KVLayout, Namespace
 
 
 @dataclass(slots=True, eq=False)
@@ -60,6 +60,11 @@ class BlockEntry:
 
     def is_indexed(self) -> bool:
         return self.namespace.blocks.get(self.key) is self
+
+    @property
+    def layout(self) -> KVLayout:
+        """The layout of the block's namespace (its size, its layers)."""
+        return self.namespace.namespace.layout
 
 
 @dataclass(slots=True, eq=False)

@@ -44,6 +44,9 @@ class PutSession:
         self, store: BlockStore, namespace: Namespace, checksum_kind: ChecksumKind
     ) -> None:
         self._store = store
+        self._pool = store.pool
+        # Every block's bytes land here first.
+        self._dram = store.pool.dram
         self._namespace = namespace
         self._state: NamespaceState = store.namespace_state(namespace)
         self._layout = namespace.layout
@@ -78,7 +81,7 @@ class PutSession:
         outcome = self._outcome_at_declare(key, parent_key)
         handle = None
         if outcome is None:
-            handle = self._store.allocate_dram(self._layout.block_bytes)
+            handle = self._pool.allocate(TierKind.DRAM, self._layout.block_bytes)
         num_layers = self._layout.num_layers
         block = _PendingBlock(
             index=len(self._blocks),
@@ -109,7 +112,7 @@ class PutSession:
         return None
 
     def _pin_until_close(self, entry: BlockEntry) -> None:
-        self._store.acquire_read([entry])
+        self._pool.acquire_read([entry])
         self._pinned_parents.append(entry)
 
     def write(
@@ -153,7 +156,7 @@ class PutSession:
         assert hasher is not None
         hasher.update(data)
         if block.handle is not None:
-            self._store.dram.write(block.handle, layer * layout.layer_bytes + offset, data)
+            self._dram.write(block.handle, layer * layout.layer_bytes + offset, data)
         block.layer_filled[layer] = filled + len(data)
         if block.layer_filled[layer] == layout.layer_bytes:
             self._finish_layer(block, layer, hasher.value())
@@ -199,12 +202,12 @@ class PutSession:
         # Copy before checking: a mismatch fails the put, and its blocks never commit.
         handles = [block.handle for block in blocks if block.handle is not None]
         if len(handles) == num_blocks:
-            self._store.dram.write_slices(handles, layer * layer_bytes, view, layer_bytes)
+            self._dram.write_slices(handles, layer * layer_bytes, view, layer_bytes)
         else:  # blocks the store already holds are checked, not written
             for number, block in enumerate(blocks):
                 if block.handle is not None:
                     part = view[number * layer_bytes : (number + 1) * layer_bytes]
-                    self._store.dram.write(block.handle, layer * layer_bytes, part)
+                    self._dram.write(block.handle, layer * layer_bytes, part)
         if actual != list(layer_checksums):
             for block, expected, got in zip(blocks, layer_checksums, actual, strict=True):
                 block.layer_expected[layer] = expected
@@ -283,7 +286,7 @@ class PutSession:
 
     def _drop(self, block: _PendingBlock, outcome: PutOutcome) -> None:
         if block.handle is not None:
-            self._store.dram.free(block.handle)
+            self._dram.free(block.handle)
             block.handle = None
         block.outcome = outcome
 
@@ -331,7 +334,7 @@ class PutSession:
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._store.release_read(self._pinned_parents)
+            self._pool.release_read(self._pinned_parents)
             self._pinned_parents = []
 
 

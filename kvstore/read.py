@@ -1,10 +1,10 @@
 """ReadSession: the blocks of one GetBlocks stream, pinned until the stream ends.
 
 The session serves the longest stored prefix of the requested keys, from whichever
-tier holds each block fastest; SSD-only blocks are first brought into memory by
-kvstore.mover. Chunks come out layer-major: every chunk of layer 0 of every block,
-then layer 1, and so on, so a decode worker can start on layer 0 while later layers
-are still in flight.
+tier holds each block fastest; SSD-only blocks are first brought into memory by a
+`BlockLoader` (kvstore.mover.TierMover is one). Chunks come out layer-major: every
+chunk of layer 0 of every block, then layer 1, and so on, so a decode worker can start
+on layer 0 while later layers are still in flight.
 """
 
 from __future__ import annotations
@@ -12,14 +12,21 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from kvstore.enums import TierKind
 from kvstore.errors import InvalidRequest
 from kvstore.index import BlockEntry
 from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
-from kvstore.mover import TierMover
 from kvstore.store import BlockStore
+
+
+class BlockLoader(Protocol):
+    async def load(self, entries: list[BlockEntry]) -> tuple[int, dict[BlockEntry, bytes]]:
+        """Bring SSD-only blocks of a pinned chain into memory: returns how many leading
+        entries can be served and the verified payloads of blocks left out of memory."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,30 +55,31 @@ class ReadSession:
     def __init__(self, store: BlockStore, namespace: Namespace, keys: list[bytes]) -> None:
         validate_keys(keys)
         self._store = store
+        self._pool = pool = store.pool
         self._layout = namespace.layout
-        self.entries: list[BlockEntry] = store.find_prefix(namespace, keys)
+        self.entries: list[BlockEntry] = pool.find_prefix(namespace, keys)
         self._pinned = list(self.entries)
-        store.acquire_read(self._pinned)
+        pool.acquire_read(self._pinned)
         tiers = store.tiers_of(self.entries)
         store.record_hits(
             Counter(tiers).items(), len(self.entries), missed=len(self.entries) < len(keys)
         )
-        store.touch(self.entries)
+        pool.touch(self.entries)
         for entry in self.entries:
             entry.num_hits += 1
         self._payloads: dict[BlockEntry, bytes] = {}
         self._closed = False
 
-    async def load(self, mover: TierMover | None) -> None:
+    async def load(self, loader: BlockLoader | None) -> None:
         """Bring SSD-only blocks into memory; the served prefix ends at a block that fails."""
-        if mover is None:
+        if loader is None:
             return
-        served, self._payloads = await mover.load(self.entries)
+        served, self._payloads = await loader.load(self.entries)
         del self.entries[served:]
 
     @property
     def tiers(self) -> list[TierKind]:
-        return [self._store.tier_of(entry) for entry in self.entries]
+        return self._store.tiers_of(self.entries)
 
     def chunks(self, max_chunk_bytes: int) -> Iterator[ReadChunk]:
         if max_chunk_bytes < 1:
@@ -108,7 +116,7 @@ class ReadSession:
         entries = self.entries
         groups = self._run_groups(per_run)
         # A DRAM copy stays put while the session pins its block: look handles up once.
-        dram = self._store.dram
+        dram = self._pool.dram
         handles = [
             None if entry in self._payloads else entry.copies.get(TierKind.DRAM)
             for entry in entries
@@ -166,10 +174,10 @@ class ReadSession:
         for kind in (TierKind.DRAM, TierKind.HBM):
             handle = entry.copies.get(kind)
             if handle is not None:
-                return self._store.memory_tier(kind).read(handle, offset, nbytes)
+                return self._pool.memory_tier(kind).read(handle, offset, nbytes)
         raise AssertionError(f"block {entry.key.hex()} has no copy in memory")
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._store.release_read(self._pinned)
+            self._pool.release_read(self._pinned)

@@ -7,19 +7,19 @@ from collections import defaultdict
 
 from kvstore.enums import TierKind
 from kvstore.index import BlockEntry
-from kvstore.store import BlockStore
+from kvstore.pool import BlockPool
 from kvstore.tiers.ssd import RecoveredBlock
 
 logger = logging.getLogger("kvstore.recovery")
 
 
-def recover_index(store: BlockStore) -> int:
+def recover_index(pool: BlockPool) -> int:
     """Rebuild the index from the SSD directory; returns the number of blocks restored.
 
     Every file is verified (kvstore.tiers.ssd.SsdTier.recover). A block comes back only
     if its parent did, so a lookup can never find a child whose parent is gone.
     """
-    ssd = store.ssd
+    ssd = pool.ssd
     if ssd is None:
         return 0
     recovered = ssd.recover()
@@ -34,7 +34,7 @@ def recover_index(store: BlockStore) -> int:
     restored = 0
     while frontier:
         block, parent = frontier.pop()
-        entry = _restore(store, block, parent)
+        entry = _restore(pool, block, parent)
         restored += 1
         header = block.header
         frontier.extend(
@@ -51,13 +51,13 @@ def recover_index(store: BlockStore) -> int:
             "recent blocks in DRAM only; write-through makes every chain crash-durable)",
             len(orphans),
         )
-    logger.info("recovered %d blocks (%d B) from %s", restored, ssd.used, ssd.directory)
+    logger.info("recovered %d blocks (%d B) from %s", restored, ssd.used_bytes, ssd.directory)
     return restored
 
 
-def _restore(store: BlockStore, block: RecoveredBlock, parent: BlockEntry | None) -> BlockEntry:
+def _restore(pool: BlockPool, block: RecoveredBlock, parent: BlockEntry | None) -> BlockEntry:
     header = block.header
-    state = store.namespace_state(header.namespace)
+    state = pool.namespace_state(header.namespace)
     entry = BlockEntry(
         namespace=state,
         key=header.key,
@@ -66,10 +66,5 @@ def _restore(store: BlockStore, block: RecoveredBlock, parent: BlockEntry | None
         checksum_kind_value=header.checksum_kind.value,
         copies={TierKind.SSD: block.location},
     )
-    store.index.insert(entry)
-    assert store.ssd is not None
-    store.ssd.used += block.location.nbytes
-    if parent is not None:
-        store.refresh(parent)
-    store.refresh(entry)
+    pool.restore(entry)
     return entry

@@ -21,11 +21,11 @@ class TierCounters:
     errors: int = 0
 
 
-class MemoryTier(Protocol):
-    """A tier addressed in memory: reads and writes are synchronous copies.
+class Tier(Protocol):
+    """What kvstore.pool needs of every tier: its size, its counters, and freeing a copy.
 
-    A handle is whatever the tier needs to find a block's bytes again; the store
-    keeps it on the block's entry and hands it back unchanged.
+    A handle is whatever the tier needs to find a block's bytes again (pages in memory,
+    a file on SSD); the pool keeps it on the block's entry and hands it back unchanged.
     """
 
     kind: TierKind
@@ -38,11 +38,22 @@ class MemoryTier(Protocol):
     @property
     def used_bytes(self) -> int: ...
 
+    @property
+    def degraded(self) -> bool:
+        """Whether the tier has stopped taking new blocks for now."""
+        ...
+
+    def free(self, handle: object) -> None:
+        """Give back a copy's space; the copy's bytes are gone after."""
+        ...
+
+
+class MemoryTier(Tier, Protocol):
+    """A tier addressed in memory: reads and writes are synchronous copies."""
+
     def allocate(self, nbytes: int) -> object | None:
         """A handle for `nbytes`, or None when the tier is full."""
         ...
-
-    def free(self, handle: object) -> None: ...
 
     def write(self, handle: object, offset: int, data: bytes | memoryview) -> None: ...
 
@@ -66,6 +77,10 @@ class ArenaTier:
     @property
     def used_bytes(self) -> int:
         return self.arena.used_bytes
+
+    @property
+    def degraded(self) -> bool:
+        return False
 
     def allocate(self, nbytes: int) -> object | None:
         return self.arena.allocate(nbytes)

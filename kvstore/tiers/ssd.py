@@ -1,8 +1,13 @@
 """The SSD tier: one file per block under a directory, surviving restarts.
 
-The methods that touch the disk are plain blocking functions; the store runs them on
-worker threads so SSD I/O never blocks the event loop. Byte accounting and the
-degraded state are changed only on the store's thread.
+The methods that touch the disk are plain blocking functions; `read` and `write` run
+them on the tier's own I/O threads, so SSD I/O never blocks the event loop. Byte
+accounting and the degraded state are changed only on the loop's thread.
+
+Accounting: a write first reserves its file's bytes (`reserve`), then either commits
+them to `used_bytes` once the file is in place (`commit`) or gives them back
+(`release`). A file found at start-up is `adopt`ed; `free` takes a stored copy away,
+file and bytes. So used + reserved never exceeds the capacity, and no byte counts twice.
 
 A failing disk degrades the tier instead of failing requests: after a write error
 (disk full, read-only directory, EIO) the tier takes no new blocks for
@@ -11,12 +16,14 @@ A failing disk degrades the tier instead of failing requests: after a write erro
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import logging
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,15 +66,25 @@ class SsdTier:
     name = "ssd"
 
     def __init__(
-        self, directory: Path, capacity_bytes: int, *, fsync: bool, retry_after_s: float = 30.0
+        self,
+        directory: Path,
+        capacity_bytes: int,
+        *,
+        fsync: bool,
+        io_threads: int = 2,
+        retry_after_s: float = 30.0,
     ) -> None:
         self.directory = directory
-        self.capacity = capacity_bytes
         self.fsync = fsync
         self.retry_after_s = retry_after_s
         self.counters = TierCounters()
-        self.used = 0
-        self.reserved = 0
+        self._capacity_bytes = capacity_bytes
+        self._used_bytes = 0
+        self._reserved_bytes = 0
+        # Threads start on first use; `close` joins them.
+        self._executor = ThreadPoolExecutor(
+            max_workers=io_threads, thread_name_prefix="kvstore-ssd"
+        )
         self.degraded_reason: str | None = None
         self._degraded_until = 0.0
         try:
@@ -79,11 +96,78 @@ class SsdTier:
 
     @property
     def capacity_bytes(self) -> int:
-        return self.capacity
+        return self._capacity_bytes
 
     @property
     def used_bytes(self) -> int:
-        return self.used
+        """Bytes of the files the tier holds (reservations not included)."""
+        return self._used_bytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes set aside for writes in flight."""
+        return self._reserved_bytes
+
+    # -- accounting: on the loop's thread -------------------------------------------
+
+    def reserve(self, nbytes: int) -> bool:
+        """Set `nbytes` aside for a file about to be written; False if they do not fit."""
+        if self._used_bytes + self._reserved_bytes + nbytes > self._capacity_bytes:
+            return False
+        self._reserved_bytes += nbytes
+        return True
+
+    def commit(self, location: SsdLocation) -> None:
+        """The reserved file is in place: its bytes now count as used."""
+        self._reserved_bytes -= location.nbytes
+        self._used_bytes += location.nbytes
+
+    def release(self, location: SsdLocation) -> None:
+        """Give back a reservation whose file will not be kept (the write failed, or the
+        block left meanwhile: then `discard_file` deletes what was written)."""
+        self._reserved_bytes -= location.nbytes
+
+    def adopt(self, location: SsdLocation) -> None:
+        """Count a file found in the directory at start-up (never reserved)."""
+        self._used_bytes += location.nbytes
+
+    def free(self, handle: object) -> None:
+        """Take a stored copy away: its bytes stop counting and its file is deleted."""
+        assert isinstance(handle, SsdLocation)
+        self._used_bytes -= handle.nbytes
+        self.discard_file(handle)
+
+    def discard_file(self, location: SsdLocation) -> None:
+        """Delete a block file; off the event loop when one is running."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.remove(location)
+            return
+        try:
+            future = loop.run_in_executor(self._executor, self.remove, location)
+        except RuntimeError:  # the I/O threads are shut down: the tier is closing
+            self.remove(location)
+            return
+        future.add_done_callback(lambda done: done.exception())
+
+    # -- I/O on the tier's threads ----------------------------------------------------
+
+    async def write(
+        self, location: SsdLocation, header: BlockFileHeader, payload: Sequence[bytes | memoryview]
+    ) -> None:
+        """`write_block` on an I/O thread."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.write_block, location, header, payload)
+
+    async def read(self, location: SsdLocation) -> tuple[BlockFileHeader, bytes]:
+        """`read_block` on an I/O thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.read_block, location)
+
+    def close(self) -> None:
+        """Wait for I/O in flight, then stop the I/O threads."""
+        self._executor.shutdown(wait=True)
 
     @property
     def degraded(self) -> bool:

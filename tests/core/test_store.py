@@ -81,7 +81,7 @@ def present(store: BlockStore, key: bytes, namespace: Namespace = NS) -> bool:
 
 
 def assert_no_orphans(store: BlockStore) -> None:
-    for entry in store.index.entries():
+    for entry in store.pool.entries():
         if entry.parent is not None:
             assert entry.namespace.blocks.get(entry.parent.key) is entry.parent, (
                 f"{entry.key!r} is findable but its parent {entry.parent.key!r} is gone"
@@ -102,9 +102,9 @@ def eviction_order(store: BlockStore, num_pages: int) -> list[bytes]:
     """
     order: list[bytes] = []
     for _ in range(num_pages):
-        before = {entry.key for entry in store.index.entries()}
-        store.allocate_dram(PAGE_BYTES)
-        after = {entry.key for entry in store.index.entries()}
+        before = {entry.key for entry in store.pool.entries()}
+        store.pool.allocate(TierKind.DRAM, PAGE_BYTES)
+        after = {entry.key for entry in store.pool.entries()}
         vanished = before - after
         assert len(vanished) == 1, f"one reservation evicted {sorted(vanished)}"
         order.extend(vanished)

@@ -138,6 +138,7 @@ async def put(store: BlockStore, mover: TierMover, key: bytes, parent: bytes = b
         for layer in range(LAYOUT.num_layers):
             part = data[layer * LAYOUT.layer_bytes : (layer + 1) * LAYOUT.layer_bytes]
             session.write(0, layer, 0, part, checksum(CHECKSUM, part))
+        mover.on_committed(session.take_committed())
         assert session.finish() == [PutOutcome.COMMITTED]
     finally:
         session.abort()
@@ -164,7 +165,7 @@ def copies(store: BlockStore, key: bytes) -> set[TierKind]:
 async def test_blocks_seen_often_are_promoted_and_served_from_hbm(device: str) -> None:
     store = make_store(device, hbm_promote_after_seen=3)
     mover = make_mover(store)
-    hbm = store.hbm
+    hbm = store.pool.hbm
     assert hbm is not None
     assert hbm.name == expected_name(device)
     await put(store, mover, b"A")
@@ -201,7 +202,7 @@ async def test_hbm_watermark_pass_drops_hbm_copies_first(device: str) -> None:
     for key in (b"A", b"B", b"C", b"D"):
         await put(store, mover, key)
         await get(store, mover, [key])
-    hbm = store.hbm
+    hbm = store.pool.hbm
     assert hbm is not None
     assert hbm.used_bytes == 4 * PAGE_BYTES
     mover.make_room()  # HBM and DRAM are both full: each drops copies down to half

@@ -65,8 +65,8 @@ class Rig:
 
     @property
     def ssd(self) -> SsdTier:
-        assert self.store.ssd is not None
-        return self.store.ssd
+        assert self.store.pool.ssd is not None
+        return self.store.pool.ssd
 
 
 _OPEN_MOVERS: list[TierMover] = []
@@ -121,6 +121,8 @@ async def put(rig: Rig, blocks: list[tuple[bytes, bytes]]) -> list[PutOutcome]:
             for layer in range(LAYOUT.num_layers):
                 part = data[layer * LAYOUT.layer_bytes : (layer + 1) * LAYOUT.layer_bytes]
                 session.write(index, layer, 0, part, checksum(CHECKSUM, part))
+            # As the server does after each message: the write policy acts on commits.
+            rig.mover.on_committed(session.take_committed())
         outcomes = session.finish()
     finally:
         session.abort()
@@ -150,7 +152,7 @@ async def get(rig: Rig, keys: str) -> list[bytes]:
 
 def placement(rig: Rig, keys: str) -> list[str]:
     """Where each block has copies, e.g. ["DRAM", "SSD", "DRAM+SSD", "-"], without touching it."""
-    state = rig.store.index.find_namespace(NS)
+    state = rig.store.pool.find_namespace(NS)
     out = []
     for letter in keys:
         entry = state.blocks.get(letter.encode()) if state is not None else None
@@ -227,12 +229,11 @@ async def test_lookup_makes_chain_tails_demote_first(tmp_path: Path) -> None:
 
 def _queue_order(rig: Rig, kind: TierKind) -> str:
     """The tier's victims in order, as one-letter keys; the queue is restored after."""
-    queue = rig.store.queues[kind]
     popped = []
-    while (entry := queue.pop()) is not None:
-        popped.append(entry)
-    for entry in popped:
-        rig.store.refresh(entry)
+    with rig.store.pool.victims(kind) as victims:
+        while (entry := victims.take()) is not None:
+            popped.append(entry)
+            victims.keep(entry)
     return "".join(entry.key.decode() for entry in popped)
 
 

@@ -1,0 +1,573 @@
+"""BlockPool: the one owner of the store's memory.
+
+It holds the tiers, the block index, one eviction queue per tier, the leases, the SSD
+reservations and the tick clock, and it alone allocates, frees, drops copies and
+re-ranks blocks. BlockStore (the facade) and TierMover (the I/O scheduler) call its
+methods; neither edits a tier or a queue itself. No gRPC, no policy of when to move
+data: that is the mover's.
+
+Invariants:
+- A block is findable while it has a copy in at least one tier.
+- A copy leaves a tier only if the block keeps another copy, or the block is a chain
+  tail (no children): so a child is never findable without its parent.
+- Pinned blocks (a lease, a read or an SSD write in flight) keep every copy.
+- A tier's queue holds exactly the indexed entries that could leave that tier now or by
+  demotion (`evictable_from`); whoever changes that calls `refresh`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvstore.checksum import ChecksumKind
+from kvstore.config import StoreConfig
+from kvstore.enums import TierKind
+from kvstore.errors import CapacityExhausted
+from kvstore.eviction import POLICIES, EvictionQueue
+from kvstore.index import BlockEntry, BlockIndex, NamespaceState
+from kvstore.layout import Namespace
+from kvstore.tiers.base import MemoryTier, Tier, TierCounters
+from kvstore.tiers.blockfile import BlockFileHeader, CorruptBlockFile
+from kvstore.tiers.dram import DramTier
+from kvstore.tiers.hbm import HbmTier, resolve_device
+from kvstore.tiers.ssd import SsdLocation, SsdTier
+
+# Deferred touches settle by themselves past this many, should nobody settle them.
+_MAX_UNTOUCHED = 64
+
+__all__ = ["BlockPool", "Victims"]
+
+
+@dataclass(slots=True)
+class _Clock:
+    tick: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Victims:
+    """One tier's eviction candidates in policy order, for one pass (`BlockPool.victims`).
+
+    `take` skips entries that cannot leave the tier now (re-ranking them where they
+    belong); an entry the caller cannot move after all goes back through `keep` and
+    is re-queued when the pass ends, so a pass never sees the same entry twice.
+    """
+
+    def __init__(self, pool: BlockPool, kind: TierKind) -> None:
+        self._pool = pool
+        self._kind = kind
+        self._queue = pool._queues[kind]
+        self.kept: list[BlockEntry] = []
+
+    def take(self) -> BlockEntry | None:
+        """The next entry that may leave the tier, out of its queue; None when none is left."""
+        while (victim := self._queue.pop()) is not None:
+            if self._pool.evictable_from(victim, self._kind, time.monotonic()):
+                return victim
+            self._pool.refresh(victim)
+        return None
+
+    def keep(self, entry: BlockEntry) -> None:
+        """Put a taken entry back in the queue once the pass ends."""
+        self.kept.append(entry)
+
+
+class BlockPool:
+    def __init__(self, config: StoreConfig) -> None:
+        self._config = config
+        self._index = BlockIndex()
+        self._dram = DramTier(config.dram_bytes, config.page_bytes, pin_memory=config.pin_memory)
+        self._hbm: HbmTier | None = None
+        if config.hbm_bytes:
+            device = resolve_device(config.hbm_device)
+            self._hbm = HbmTier(config.hbm_bytes, config.page_bytes, device)
+        self._ssd: SsdTier | None = None
+        if config.ssd_dir is not None:
+            self._ssd = SsdTier(
+                Path(config.ssd_dir),
+                config.ssd_bytes,
+                fsync=config.ssd_fsync,
+                io_threads=config.ssd_io_threads,
+            )
+        # Fastest first: TierKind orders that way, and reports list tiers in this order.
+        self._memory: dict[TierKind, MemoryTier] = {TierKind.DRAM: self._dram}
+        if self._hbm is not None:
+            self._memory = {TierKind.HBM: self._hbm, **self._memory}
+        self._tiers: dict[TierKind, Tier] = dict(self._memory)
+        if self._ssd is not None:
+            self._tiers[TierKind.SSD] = self._ssd
+        self.tier_kinds: tuple[TierKind, ...] = tuple(self._tiers)
+        priority = POLICIES[config.eviction_policy]
+        self._queues = {kind: EvictionQueue(priority) for kind in self.tier_kinds}
+        self._clock = _Clock()
+        # num_seen feeds the SSD admission filter and HBM promotion; nothing else reads it.
+        self.counts_sightings = config.ssd_admit_after_seen > 1 or self._hbm is not None
+        # Leased entries sit outside the queues until an eviction pass finds them expired.
+        self._leased: set[BlockEntry] = set()
+        # Deferred touches: (chain, its newest tick), oldest first.
+        self._untouched: list[tuple[list[BlockEntry], int]] = []
+        # SSD writes in flight, each with the event set once it has ended.
+        self._ssd_writes: dict[BlockEntry, asyncio.Event] = {}
+
+    # -- tiers (read-only views) --------------------------------------------------------
+
+    @property
+    def dram(self) -> DramTier:
+        return self._dram
+
+    @property
+    def hbm(self) -> HbmTier | None:
+        return self._hbm
+
+    @property
+    def ssd(self) -> SsdTier | None:
+        return self._ssd
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self._clock.started
+
+    def tier(self, kind: TierKind) -> Tier:
+        return self._tiers[kind]
+
+    def memory_tier(self, kind: TierKind) -> MemoryTier:
+        """The HBM or DRAM tier; KeyError for SSD or a tier the store lacks."""
+        return self._memory[kind]
+
+    def counters_of(self, kind: TierKind) -> TierCounters:
+        return self._tiers[kind].counters
+
+    # -- the index ----------------------------------------------------------------------
+
+    def find_namespace(self, namespace: Namespace) -> NamespaceState | None:
+        return self._index.find_namespace(namespace)
+
+    def namespace_state(self, namespace: Namespace) -> NamespaceState:
+        return self._index.namespace(namespace)
+
+    def find_prefix(self, namespace: Namespace, keys: list[bytes]) -> list[BlockEntry]:
+        return self._index.present_prefix(self._index.find_namespace(namespace), keys)
+
+    def entries(self) -> list[BlockEntry]:
+        return self._index.entries()
+
+    @property
+    def num_namespaces(self) -> int:
+        return self._index.num_namespaces
+
+    def commit(self, entry: BlockEntry) -> None:
+        """Index a complete, verified block as the most recently used."""
+        self._index.insert(entry)
+        self._clock.tick += 1
+        entry.last_access = self._clock.tick
+        if entry.parent is not None:
+            self.refresh(entry.parent)
+        self.refresh(entry)
+
+    def restore(self, entry: BlockEntry) -> None:
+        """Index a block recovered from its SSD file (its only copy) at start-up."""
+        assert self._ssd is not None
+        location = entry.copies[TierKind.SSD]
+        assert isinstance(location, SsdLocation)
+        self._index.insert(entry)
+        self._ssd.adopt(location)
+        if entry.parent is not None:
+            self.refresh(entry.parent)
+        self.refresh(entry)
+
+    # -- touches ------------------------------------------------------------------------
+
+    def touch(self, chain: list[BlockEntry]) -> None:
+        """Mark a chain used (and seen once more, where a policy counts sightings).
+
+        The head gets the newest tick, so under LRU its tail goes first.
+        """
+        self._clock.tick += len(chain)
+        self._apply_touch(chain, self._clock.tick)
+
+    def touch_later(self, chain: list[BlockEntry]) -> None:
+        """`touch`, ranked now but applied at the next `settle_touches`."""
+        if not chain:
+            return
+        # The ticks are taken now, so the chain ranks where an immediate touch puts it.
+        self._clock.tick += len(chain)
+        self._untouched.append((chain, self._clock.tick))
+        if len(self._untouched) >= _MAX_UNTOUCHED:
+            self.settle_touches()
+
+    def settle_touches(self) -> None:
+        """Apply the deferred touches; every eviction pass runs this before it chooses."""
+        untouched, self._untouched = self._untouched, []
+        for chain, newest_tick in untouched:
+            self._apply_touch(chain, newest_tick)
+
+    def _apply_touch(self, chain: list[BlockEntry], newest_tick: int) -> None:
+        # A 1,000-block lookup spends most of its server time in per-block Python:
+        # the loops stay bare.
+        tick = newest_tick - len(chain)
+        for entry in reversed(chain):
+            tick += 1
+            entry.last_access = tick
+        if self.counts_sightings:
+            for entry in chain:
+                entry.num_seen += 1
+        # Only chain tails and blocks with spare copies sit in queues: re-rank just those.
+        now = time.monotonic()
+        for queue in self._queues.values():
+            queue.touch_many(chain, now)
+
+    # -- eviction -----------------------------------------------------------------------
+
+    @contextmanager
+    def victims(self, kind: TierKind) -> Iterator[Victims]:
+        """The one eviction loop's source: `kind`'s victims, ranked by every use so far.
+
+        Entries the caller `keep`s are re-queued on exit, whatever the exit.
+        """
+        self.settle_touches()
+        victims = Victims(self, kind)
+        try:
+            yield victims
+        finally:
+            for entry in victims.kept:
+                self.refresh(entry)
+
+    def evictable_from(self, entry: BlockEntry, kind: TierKind, now: float) -> bool:
+        """Whether the entry belongs in the tier's queue: it could leave, now or by demotion."""
+        if kind not in entry.copies or entry.is_pinned(now):
+            return False
+        return self.droppable(entry) or (kind is TierKind.DRAM and self.demotable(entry))
+
+    def droppable(self, entry: BlockEntry) -> bool:
+        """A copy can go at once: another copy remains, or the block is a chain tail."""
+        return len(entry.copies) > 1 or entry.num_children == 0
+
+    def demotable(self, entry: BlockEntry) -> bool:
+        """Write-back may move the block's only copy from DRAM to SSD."""
+        return (
+            self._ssd is not None
+            and self._config.write_policy == "write-back"
+            and self.admitted(entry)
+        )
+
+    def admitted(self, entry: BlockEntry) -> bool:
+        """The block has been seen often enough to earn SSD."""
+        return entry.num_seen >= self._config.ssd_admit_after_seen
+
+    def refresh(self, entry: BlockEntry) -> None:
+        """Put the entry in exactly the queues of the tiers it could now leave."""
+        now = time.monotonic()
+        indexed = entry.is_indexed()
+        for kind, queue in self._queues.items():
+            if indexed and self.evictable_from(entry, kind, now):
+                queue.add(entry, now)
+            else:
+                queue.discard(entry)
+        if indexed and entry.read_pins == 0 and entry.lease_expiry > now:
+            self._leased.add(entry)
+        else:
+            self._leased.discard(entry)
+
+    # -- space --------------------------------------------------------------------------
+
+    def allocate(self, kind: TierKind, nbytes: int) -> object:
+        """A handle in a memory tier for `nbytes`, evicting from that tier until one fits."""
+        tier = self._memory[kind]
+        if nbytes > tier.capacity_bytes:
+            # Evicting could never make room: leave every stored block alone.
+            raise CapacityExhausted(
+                f"a block of {nbytes} B is larger than the whole {kind.name} tier "
+                f"({tier.capacity_bytes} B); give the tier more memory or use smaller blocks"
+            )
+        handle = tier.allocate(nbytes)
+        if handle is not None:
+            return handle
+        self.release_expired_leases()
+        # Victims that could only leave by a demotion (an SSD write) wait for kvstore.mover.
+        with self.victims(kind) as victims:
+            while handle is None:
+                victim = victims.take()
+                if victim is None:
+                    raise CapacityExhausted(self._full_message(kind, tier, nbytes))
+                if self.droppable(victim):
+                    self.drop_copy(victim, kind)
+                    handle = tier.allocate(nbytes)
+                else:
+                    victims.keep(victim)
+        return handle
+
+    def _full_message(self, kind: TierKind, tier: MemoryTier, nbytes: int) -> str:
+        now = time.monotonic()
+        pinned = sum(1 for entry in self._index.entries() if entry.is_pinned(now))
+        free = tier.capacity_bytes - tier.used_bytes
+        return (
+            f"{kind.name} tier is full: a block needs {nbytes} B, {free} B are free of "
+            f"{tier.capacity_bytes} B and nothing can be evicted ({pinned} blocks "
+            f"pinned by leases or reads; the rest is held by puts in flight); unpin blocks, wait "
+            f"for reads to finish, or give the tier more memory"
+        )
+
+    def free(self, kind: TierKind, handle: object) -> None:
+        """Give back space that never became a copy (a put's block that did not commit)."""
+        self._tiers[kind].free(handle)
+
+    def add_copy(self, entry: BlockEntry, kind: TierKind, handle: object) -> None:
+        """Give an indexed block a copy in a memory tier it was promoted into."""
+        entry.add_copy(kind, handle)
+        self._tiers[kind].counters.promotions += 1
+        self.refresh(entry)
+
+    def drop_copy(self, entry: BlockEntry, kind: TierKind, *, demoted: bool = False) -> None:
+        """Free the entry's copy in one tier; the last copy takes the block out of the index."""
+        handle = entry.take_copy(kind)
+        tier = self._tiers[kind]
+        if demoted:
+            tier.counters.demotions += 1
+        else:
+            tier.counters.evictions += 1
+        tier.free(handle)
+        if entry.copies:
+            self.refresh(entry)
+        else:
+            self._unindex(entry)
+
+    def _unindex(self, entry: BlockEntry) -> None:
+        for queue in self._queues.values():
+            queue.discard(entry)
+        self._leased.discard(entry)
+        new_tail = self._index.remove(entry)
+        if new_tail is not None:
+            self.refresh(new_tail)
+
+    def remove(self, entry: BlockEntry) -> None:
+        """Take a chain tail out of the store, freeing every copy."""
+        for kind in list(entry.copies):
+            self._tiers[kind].free(entry.take_copy(kind))
+        self._unindex(entry)
+
+    def delete_subtree(
+        self, state: NamespaceState, roots: list[BlockEntry], now: float
+    ) -> tuple[int, int]:
+        """Delete `roots` and every block chained below them, each block once (keys of
+        one chain share their subtrees), in one pass over the namespace; pinned blocks
+        and their ancestors stay. Returns (blocks deleted, blocks left busy)."""
+        root_ids = {id(root) for root in roots}
+        subtree = _descendants(state.blocks.values(), root_ids)
+        # Deepest first, so every removal takes a chain tail.
+        subtree.sort(key=lambda entry: entry.depth, reverse=True)
+        num_deleted = num_busy = 0
+        for entry in subtree:
+            if entry.is_pinned(now) or entry.num_children:
+                num_busy += 1
+                continue
+            self.remove(entry)
+            num_deleted += 1
+        return num_deleted, num_busy
+
+    # -- pins and leases ----------------------------------------------------------------
+
+    def acquire_read(self, entries: list[BlockEntry]) -> None:
+        for entry in entries:
+            entry.read_pins += 1
+            if entry.read_pins == 1:
+                self.refresh(entry)
+
+    def release_read(self, entries: list[BlockEntry]) -> None:
+        for entry in entries:
+            entry.read_pins -= 1
+            if entry.read_pins == 0:
+                self.refresh(entry)
+
+    def extend_lease(self, entry: BlockEntry, expiry: float) -> None:
+        """Keep the block resident until monotonic time `expiry`, at least."""
+        entry.lease_expiry = max(entry.lease_expiry, expiry)
+        self.refresh(entry)
+
+    def end_lease(self, entry: BlockEntry, now: float) -> None:
+        # Keep a non-zero past expiry: the session policy remembers the lease.
+        entry.lease_expiry = min(entry.lease_expiry, now)
+        self.refresh(entry)
+
+    def release_expired_leases(self) -> None:
+        now = time.monotonic()
+        for entry in [entry for entry in self._leased if entry.lease_expiry <= now]:
+            self.refresh(entry)
+
+    # -- SSD ----------------------------------------------------------------------------
+
+    @property
+    def num_ssd_writes(self) -> int:
+        """SSD writes in flight (their blocks are pinned until they end)."""
+        return len(self._ssd_writes)
+
+    def reserve_ssd(self, nbytes: int) -> bool:
+        """Reserve `nbytes` on SSD, dropping its coldest copies to make room; False if
+        that cannot be done."""
+        ssd = self._ssd
+        if ssd is None or nbytes > ssd.capacity_bytes:
+            return False
+        with self.victims(TierKind.SSD) as victims:
+            while not ssd.reserve(nbytes):
+                victim = victims.take()
+                if victim is None:
+                    return False
+                self.drop_copy(victim, TierKind.SSD)
+        return True
+
+    async def write_to_ssd(self, entry: BlockEntry) -> bool:
+        """Write an in-memory block's file and give the block its SSD copy.
+
+        False when it was not written: no SSD room, the tier degraded, the block gone,
+        already on SSD or being written, or the write failed. Either way the entry ends
+        up in the queues it belongs to (a victim popped off a queue must go back on it).
+        """
+        ssd = self._ssd
+        source = TierKind.DRAM if TierKind.DRAM in entry.copies else TierKind.HBM
+        if (
+            ssd is None
+            or TierKind.SSD in entry.copies
+            or entry in self._ssd_writes
+            or not entry.is_indexed()
+            or source not in entry.copies
+            or not ssd.accepts_writes()
+        ):
+            self.refresh(entry)
+            return False
+        header = BlockFileHeader(
+            namespace=entry.namespace.namespace,
+            key=entry.key,
+            parent_key=entry.parent.key if entry.parent is not None else b"",
+            checksum_kind=ChecksumKind(entry.checksum_kind_value),
+            layer_checksums=tuple(entry.layer_checksums),
+        )
+        location = ssd.location_for(header.namespace, entry.key, ssd.file_bytes(header))
+        if not self.reserve_ssd(location.nbytes):
+            self.refresh(entry)
+            return False
+        ended = self._ssd_writes[entry] = asyncio.Event()
+        try:
+            return await self._write_reserved(ssd, entry, source, header, location)
+        finally:
+            ended.set()
+
+    async def _write_reserved(
+        self,
+        ssd: SsdTier,
+        entry: BlockEntry,
+        source: TierKind,
+        header: BlockFileHeader,
+        location: SsdLocation,
+    ) -> bool:
+        block_bytes = entry.layout.block_bytes
+        written = False
+        self.acquire_read([entry])
+        try:
+            payload = self._memory[source].read(entry.copies[source], 0, block_bytes)
+            await ssd.write(location, header, payload)
+            written = True
+        except OSError as error:
+            ssd.record_error(error, "writing a block")
+        finally:
+            del self._ssd_writes[entry]
+            if not written:
+                ssd.release(location)
+            self.release_read([entry])
+        if not written:
+            return False
+        ssd.counters.bytes_written += block_bytes
+        if not entry.is_indexed():
+            ssd.release(location)
+            ssd.discard_file(location)
+            return False
+        ssd.commit(location)
+        entry.add_copy(TierKind.SSD, location)
+        self.refresh(entry)
+        return True
+
+    async def read_from_ssd(self, entry: BlockEntry) -> bytes:
+        """The verified payload of the block's SSD copy; raises CorruptBlockFile or OSError."""
+        ssd = self._ssd
+        location = entry.copies.get(TierKind.SSD)
+        if ssd is None or not isinstance(location, SsdLocation):
+            raise CorruptBlockFile("no SSD copy")
+        header, payload = await ssd.read(location)
+        if header.key != entry.key or list(header.layer_checksums) != entry.layer_checksums:
+            raise CorruptBlockFile(f"{location.path} holds a different block")
+        ssd.counters.bytes_read += len(payload)
+        return payload
+
+    def drop_unreadable(
+        self, entry: BlockEntry, error: BaseException, unserved: list[BlockEntry]
+    ) -> None:
+        """Drop an SSD copy that failed its read; `unserved` are the blocks of the same
+        read that will no longer be served (their pins no longer hold them)."""
+        assert self._ssd is not None
+        self._ssd.record_error(error, "reading a block")
+        if TierKind.SSD not in entry.copies:
+            return
+        if len(entry.copies) > 1:
+            self.drop_copy(entry, TierKind.SSD)
+            return
+        # The only copy is unusable: the block goes, and every block chained below it.
+        # Reads of it, this one included, cannot use it, so their pins do not hold it;
+        # nor do this read's pins on the blocks it will no longer serve.
+        for other in unserved:
+            other.read_pins -= 1
+        pins, entry.read_pins = entry.read_pins, 0
+        try:
+            self.delete_subtree(entry.namespace, [entry], time.monotonic())
+        finally:
+            entry.read_pins = pins
+            for other in unserved:
+                other.read_pins += 1
+
+    async def wait_durable(self, entries: list[BlockEntry]) -> None:
+        """Return once each committed block's write policy's durability holds.
+
+        This is the one home of "a block is acknowledged only once it is durable": the
+        put path awaits it after handing its committed blocks to the mover and before
+        answering COMMITTED. Write-back: a block is durable once in DRAM, which commit
+        ensures. Write-through: the block's SSD write in flight, if any, must end
+        first. (Today the servicer answers without awaiting this, and the mover starts
+        a write-through write in a task; the durability issue has the put path await
+        it and registers the write here at commit.)
+        """
+        if self._config.write_policy != "write-through":
+            return
+        writes = [write for entry in entries if (write := self._ssd_writes.get(entry)) is not None]
+        for ended in writes:
+            await ended.wait()
+
+    def close(self) -> None:
+        """Stop the SSD tier's I/O threads once the I/O in flight is done."""
+        if self._ssd is not None:
+            self._ssd.close()
+
+
+def _descendants(entries: Iterable[BlockEntry], root_ids: set[int]) -> list[BlockEntry]:
+    """The entries that are, or descend from, an entry whose id() is in `root_ids`.
+
+    Each ancestor's verdict is remembered, so the pass costs O(entries), not
+    O(entries x chain depth).
+    """
+    verdicts: dict[int, bool] = {}
+    found: list[BlockEntry] = []
+    for entry in entries:
+        path: list[BlockEntry] = []
+        node: BlockEntry | None = entry
+        while node is not None and id(node) not in verdicts:
+            if id(node) in root_ids:
+                verdicts[id(node)] = True
+                break
+            path.append(node)
+            node = node.parent
+        verdict = node is not None and verdicts[id(node)]
+        for visited in path:
+            verdicts[id(visited)] = verdict
+        if verdict:
+            found.append(entry)
+    return found
