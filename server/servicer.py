@@ -1,8 +1,9 @@
 """The KVStore servicer: gRPC in, the core and kvstore.server.transfer, gRPC out.
 
 Each handler decodes its request (kvstore.server.decode), calls the core or the
-transfers, and builds its reply (kvstore.server.replies). Errors become statuses in
-one place, `_answer`, through kvstore.server.status.
+transfers, and builds its reply (kvstore.server.replies). An error ends the RPC with
+its status in one place, `_answer`, through kvstore.server.status; the lookup stream
+alone answers a bad request inside its result, so the stream goes on.
 """
 
 from __future__ import annotations
