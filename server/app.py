@@ -16,7 +16,9 @@ from kvstore.mover import TierMover
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
 from kvstore.server.handlers import add_kvstore_service
+from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.servicer import KVStoreServicer
+from kvstore.server.transfer import Transfers
 from kvstore.store import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -71,7 +73,10 @@ async def build_server(config: ServerConfig) -> RunningServer:
     # Before serving: the index must hold what the SSD directory holds.
     mover.recover()
     await mover.start()
-    servicer = KVStoreServicer(store, mover, config.limits)
+    # One lifecycle and one transfer module, shared by gRPC and the data plane.
+    lifecycle = Lifecycle()
+    transfers = Transfers(store, mover, config.limits)
+    servicer = KVStoreServicer(store, transfers, lifecycle, config.limits)
     server = grpc.aio.server(options=channel_options(config.limits.max_message_bytes))
     add_kvstore_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -87,7 +92,7 @@ async def build_server(config: ServerConfig) -> RunningServer:
         raise OSError(f"cannot listen on {config.listen}")
     data_plane = None
     if config.data_port >= 0:
-        data_plane = DataPlane(servicer, config.limits)
+        data_plane = DataPlane(transfers, lifecycle, config.limits)
         try:
             servicer.data_plane_port = await data_plane.start(config.listen_host, config.data_port)
             servicer.data_plane_counts = data_plane.counts

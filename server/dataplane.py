@@ -1,11 +1,11 @@
 """The daemon's TCP data plane: puts and gets framed as kvstore.wire.frames describes.
 
-Each connection serves one transfer at a time through the same code as the gRPC
-PutBlocks and GetBlocks handlers (`KVStoreServicer.put_stream` / `get_stream`), so
-validation, status codes and the reclaiming of abandoned puts are identical. A bad
-frame gets an ERROR frame with the status code gRPC would have answered, and the
-connection is closed: the stream cannot be trusted after it. Other connections and
-stored blocks are untouched.
+Each connection serves one transfer at a time through kvstore.server.transfer, as
+the gRPC PutBlocks and GetBlocks handlers do, so validation, status codes and the
+reclaiming of abandoned puts are identical. A bad frame gets an ERROR frame with the
+status code gRPC would have answered, and the connection is closed: the stream cannot
+be trusted after it. Other connections and stored blocks are untouched. The drain is
+the lifecycle gRPC shares (kvstore.server.lifecycle).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import grpc
 
 from kvstore.errors import InvalidRequest
 from kvstore.server.config import Limits
-from kvstore.server.servicer import KVStoreServicer
+from kvstore.server.decode import parse_request
+from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.status import status_for
-from kvstore.server.wire import MalformedRequest
+from kvstore.server.transfer import Transfers
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.frames import (
     DEFAULT_TRANSFER_S,
@@ -73,8 +74,9 @@ class _Link:
 
 
 class DataPlane:
-    def __init__(self, servicer: KVStoreServicer, limits: Limits) -> None:
-        self._servicer = servicer
+    def __init__(self, transfers: Transfers, lifecycle: Lifecycle, limits: Limits) -> None:
+        self._transfers = transfers
+        self._lifecycle = lifecycle
         self._limits = limits
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -153,7 +155,7 @@ class DataPlane:
             finally:
                 self._idle.discard(task)
             # A drain ends the connection between transfers; the client's pool sees it.
-            while not self._servicer.draining:
+            while not self._lifecycle.draining:
                 reader.release_buffer()  # an idle connection holds no megabyte buffer
                 self._idle.add(task)
                 try:
@@ -163,11 +165,7 @@ class DataPlane:
                     return  # idle too long: close quietly, the client's pool sees it
                 finally:
                     self._idle.discard(task)
-                if self._servicer.draining:
-                    raise _Rejected(
-                        grpc.StatusCode.UNAVAILABLE,
-                        "server is draining for shutdown; retry elsewhere",
-                    )
+                self._lifecycle.refuse_if_draining()
                 seconds = DEFAULT_TRANSFER_S
                 if kind == FrameKind.DEADLINE:
                     seconds = _deadline_of(payload)
@@ -200,7 +198,7 @@ class DataPlane:
 
     async def _transfer(self, link: _Link, kind: int, payload: memoryview) -> None:
         if kind == FrameKind.PUT:
-            reply = await self._servicer.put_stream(self._put_messages(link.reader, payload))
+            reply = await self._transfers.put(self._put_messages(link.reader, payload))
             await link.send(FrameKind.PUT_DONE, [reply.SerializeToString()])
         elif kind == FrameKind.GET:
             await self._get(link, payload)
@@ -246,12 +244,8 @@ class DataPlane:
                 )
 
     async def _get(self, link: _Link, payload: memoryview) -> None:
-        request: pb.GetBlocksRequest | MalformedRequest
-        try:
-            request = pb.GetBlocksRequest.FromString(bytes(payload))
-        except Exception as error:  # protobuf's DecodeError and its kin
-            request = MalformedRequest("kvstore.v1.GetBlocksRequest", str(error))
-        async with contextlib.aclosing(self._servicer.get_stream(request)) as messages:
+        request = parse_request(pb.GetBlocksRequest, bytes(payload))
+        async with contextlib.aclosing(self._transfers.get(request)) as messages:
             async for parts in messages:
                 await link.send(FrameKind.GET_DATA, parts)
         await link.send(FrameKind.GET_END)

@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
+from kvstore.server.decode import MalformedRequest, parse_request
 from kvstore.server.servicer import KVStoreServicer
-from kvstore.server.wire import MalformedRequest
 from kvstore.v1 import kvstore_pb2 as pb
 
 SERVICE = "kvstore.v1.KVStore"
@@ -23,10 +23,7 @@ SERVICE = "kvstore.v1.KVStore"
 
 def _parser(message_type: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
     def parse(data: bytes) -> Message | MalformedRequest:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as error:
-            return MalformedRequest(message_type.DESCRIPTOR.full_name, str(error))
+        return parse_request(message_type, data)
 
     return parse
 

@@ -1,4 +1,5 @@
-"""Core exceptions → gRPC status codes: the one place the server maps errors."""
+"""Core, wire and lifecycle exceptions → gRPC status codes: the one place the server maps
+errors. Both transports answer with these (the data plane sends the code in an ERROR frame)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,8 @@ import logging
 
 import grpc
 
-from kvstore.errors import (
-    CapacityExhausted,
-    ChecksumMismatch,
-    InvalidRequest,
-    NotFound,
-    TierUnavailable,
-)
+from kvstore.errors import CapacityExhausted, ChecksumMismatch, InvalidRequest
+from kvstore.server.lifecycle import Draining
 from kvstore.wire.errors import WireError
 
 logger = logging.getLogger("kvstore.server")
@@ -22,8 +18,7 @@ _STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
     CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    TierUnavailable: grpc.StatusCode.UNAVAILABLE,
+    Draining: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -1,40 +1,15 @@
-"""Decoding and validation of wire messages into core values, and core values back.
+"""Reply building: core results into kvstore.v1 reply messages.
 
-Everything a request carries is checked here or in the core before it touches the
-store: missing and unknown fields, enum values, key lengths, layouts.
+The block-carrying GetBlocksResponse is built by kvstore.server.transfer, in parts
+that point into the arena; these are the small replies.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
-from kvstore.errors import InvalidRequest
+from kvstore.enums import PutOutcome
 from kvstore.store import PrefixMatch, StoreReport
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire.enums import tier_to_wire
-
-
-@dataclass(frozen=True, slots=True)
-class MalformedRequest:
-    """Stands in for a request whose bytes did not parse."""
-
-    message_type: str
-    error: str
-
-    def rejection(self) -> InvalidRequest:
-        return InvalidRequest(f"malformed {self.message_type}: {self.error}")
-
-
-def keys_from_wire(keys: Sequence[bytes], max_keys: int, *, allow_empty: bool) -> list[bytes]:
-    """The request's keys as a list; the core validates each key (kvstore.keys)."""
-    if not keys and not allow_empty:
-        raise InvalidRequest("keys is empty; name at least one block key")
-    if len(keys) > max_keys:
-        raise InvalidRequest(
-            f"{len(keys)} keys in one request; the server's limit is {max_keys} (split the request)"
-        )
-    return list(keys[:])  # slicing a repeated field is the fastest way to a list
+from kvstore.wire.enums import outcome_to_wire, tier_to_wire
 
 
 def prefix_match_to_wire(match: PrefixMatch) -> pb.LookupPrefixResponse:
@@ -44,6 +19,13 @@ def prefix_match_to_wire(match: PrefixMatch) -> pb.LookupPrefixResponse:
             pb.TierRun(tier=tier_to_wire(kind), num_blocks=count) for kind, count in match.tier_runs
         ],
         block_bytes=match.block_bytes,
+    )
+
+
+def put_reply(outcomes: list[PutOutcome]) -> pb.PutBlocksResponse:
+    return pb.PutBlocksResponse(
+        outcomes=[outcome_to_wire(outcome) for outcome in outcomes],
+        num_committed=sum(1 for outcome in outcomes if outcome is PutOutcome.COMMITTED),
     )
 
 

@@ -1,0 +1,172 @@
+"""Puts and gets, whatever carries them: gRPC (kvstore.server.servicer) or the data
+plane (kvstore.server.dataplane).
+
+A put is a stream of PutBlocksRequest messages in kvstore.wire.chunks's encoding,
+answered by one PutBlocksResponse; a get is one GetBlocksRequest, answered by a stream
+of GetBlocksResponse messages as wire parts. Bad input raises the core's or the wire's
+errors; each transport maps them to a status in its one catch-all, so validation,
+status codes and the reclaiming of abandoned puts are the same on both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+
+from kvstore.enums import TierKind
+from kvstore.errors import InvalidRequest
+from kvstore.mover import TierMover
+from kvstore.put import PutSession
+from kvstore.read import ReadSession
+from kvstore.server.config import Limits
+from kvstore.server.decode import MalformedRequest, open_keyed_request, put_namespace_from_wire
+from kvstore.server.replies import put_reply
+from kvstore.store import BlockStore
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.chunks import (
+    GET_CHUNKS,
+    GET_RUNS,
+    PutMessage,
+    chunk_parts,
+    decode_put_message,
+    encode_get_header,
+    run_parts,
+    uses_runs,
+)
+from kvstore.wire.enums import checksum_kind_from_wire
+
+WireParts = list[bytes | memoryview]
+
+
+class Transfers:
+    """The put and get streams over one store and its mover."""
+
+    def __init__(self, store: BlockStore, mover: TierMover, limits: Limits) -> None:
+        self._store = store
+        self._mover = mover
+        self._limits = limits
+
+    async def put(self, messages: AsyncIterator[bytes | memoryview]) -> pb.PutBlocksResponse:
+        """A whole put; raises on bad input.
+
+        Each message is applied before the next is read, so it may be a view into a
+        buffer that the transport reuses.
+        """
+        session: PutSession | None = None
+        try:
+            async for raw in messages:
+                message = decode_put_message(raw)
+                if session is None:
+                    session = self._open_put(message)
+                elif message.namespace is not None:
+                    raise InvalidRequest("namespace belongs in the first message of a put only")
+                await self._apply_put_message(session, message)
+            if session is None:
+                raise InvalidRequest("the put stream was empty; send a namespace and blocks")
+            return put_reply(session.finish())
+        finally:
+            # A cancelled or failed stream frees whatever it had reserved.
+            if session is not None:
+                session.abort()
+
+    def _open_put(self, message: PutMessage) -> PutSession:
+        namespace = put_namespace_from_wire(message.namespace)
+        kind = checksum_kind_from_wire(message.checksum_kind)
+        return PutSession(self._store, namespace, kind)
+
+    async def _apply_put_message(self, session: PutSession, message: PutMessage) -> None:
+        for header in message.blocks:
+            # Under pressure, wait for demotions to SSD rather than fail the put.
+            await self._mover.ensure_room(TierKind.DRAM, session.block_bytes)
+            session.declare(header.key, header.parent_key)
+        for chunk in message.chunks:
+            session.write(
+                chunk.block_index, chunk.layer, chunk.offset, chunk.data, chunk.layer_checksum
+            )
+        for run in message.runs:
+            session.write_run(
+                run.first_block, run.num_blocks, run.layer, run.data, run.layer_checksums
+            )
+        self._mover.on_committed(session.take_committed())
+
+    async def get(
+        self, request: pb.GetBlocksRequest | MalformedRequest
+    ) -> AsyncGenerator[WireParts, None]:
+        """A whole get as wire parts, one list a message; raises on bad input.
+
+        The blocks stay pinned, and the arena views valid, until the generator is
+        closed: the transport sends each message before it asks for the next.
+        """
+        session: ReadSession | None = None
+        try:
+            request, namespace, keys = open_keyed_request(request, self._limits.max_keys)
+            chunk_bytes = self._chunk_bytes_for(request.max_chunk_bytes)
+            session = ReadSession(self._store, namespace, keys)
+            await session.load(self._mover)
+            kind = session.entries[0].checksum_kind_value if session.entries else 0
+            header = encode_get_header(
+                checksum_kind=kind,
+                block_bytes=namespace.layout.block_bytes,
+                num_blocks=len(session.entries),
+                tiers=[tier.value for tier in session.tiers],
+            )
+            if uses_runs(namespace.layout, chunk_bytes):
+                messages = _run_messages(session, chunk_bytes, header)
+            else:
+                messages = _chunk_messages(session, chunk_bytes, header, kind)
+            for parts in messages:
+                yield parts
+        finally:
+            if session is not None:
+                session.close()
+
+    def _chunk_bytes_for(self, requested_bytes: int) -> int:
+        """The bytes of layer data in one get message: what the client asked for
+        (0: the server's default), capped so a message stays inside the limit."""
+        return min(
+            requested_bytes or self._limits.default_chunk_bytes, self._limits.max_chunk_bytes
+        )
+
+
+def _run_messages(session: ReadSession, chunk_bytes: int, header: bytes) -> Iterator[WireParts]:
+    """One message per run of whole small layers; the first carries the stream header."""
+    sent = False
+    for run in session.runs(chunk_bytes):
+        prefix = header if not sent else encode_get_header(checksum_kind=run.checksum_kind_value)
+        sent = True
+        yield [
+            prefix,
+            *run_parts(GET_RUNS, run.layer, run.first_block, run.layer_checksums, run.views),
+        ]
+    if not sent:
+        yield [header]
+
+
+def _chunk_messages(
+    session: ReadSession, chunk_bytes: int, header: bytes, kind: int
+) -> Iterator[WireParts]:
+    """Messages of about `chunk_bytes` of layer chunks; the first carries the stream header.
+
+    A chunk whose checksum kind differs from the message's starts a new message: each
+    message carries the kind of the checksums in it.
+    """
+    parts: WireParts = [header]
+    message_bytes = 0
+    for chunk in session.chunks(chunk_bytes):
+        if message_bytes and (
+            message_bytes + chunk.nbytes > chunk_bytes or chunk.checksum_kind_value != kind
+        ):
+            yield parts
+            kind = chunk.checksum_kind_value
+            parts, message_bytes = [encode_get_header(checksum_kind=kind)], 0
+        parts.extend(
+            chunk_parts(
+                GET_CHUNKS,
+                chunk.block_index,
+                chunk.layer,
+                chunk.offset,
+                chunk.layer_checksum,
+                list(chunk.views),
+            )
+        )
+        message_bytes += chunk.nbytes
+    yield parts
