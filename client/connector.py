@@ -53,6 +53,16 @@ T = TypeVar("T")
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
 
 
+__all__ = [
+    "KVConnector",
+    "KVLoadError",
+    "KVSaveError",
+    "KVTransferError",
+    "LoadStats",
+    "PagedCache",
+]
+
+
 class PagedCache(Protocol):
     """What the connector needs from a paged KV cache."""
 

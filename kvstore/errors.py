@@ -3,11 +3,10 @@
     KVStoreError
     ├── InvalidRequest        malformed input: a bad key, layout or chunk
     ├── ChecksumMismatch      received bytes do not match their checksum
-    ├── CapacityExhausted     no room, and nothing evictable frees enough
-    ├── NotFound              a named block or namespace does not exist
-    └── TierUnavailable       a tier failed and cannot serve this request
+    └── CapacityExhausted     no room, and nothing evictable frees enough
 
-A cache miss is a result, never an exception. The server maps each class to one
+A cache miss is a result, never an exception; a degraded SSD tier is a state the
+store reports, not an error (the other tiers serve). The server maps each class to one
 gRPC status code in exactly one place (kvstore.server.status).
 """
 
@@ -28,11 +27,3 @@ class ChecksumMismatch(KVStoreError):
 
 class CapacityExhausted(KVStoreError):
     """The store has no room for the request and cannot make any by evicting."""
-
-
-class NotFound(KVStoreError):
-    """A block or namespace the request names does not exist."""
-
-
-class TierUnavailable(KVStoreError):
-    """A tier is degraded (disk full, read-only, I/O errors) and cannot do this."""

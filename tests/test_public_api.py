@@ -1,14 +1,18 @@
-"""Guards the client library's public surface: a change here is an API change, made on purpose."""
+"""Guards the public surfaces (client library, connector, server): a change here is an API
+change, made on purpose."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import inspect
 
 import grpc
 import pytest
 
 import kvstore.client
-from kvstore.client import KVStoreClientError
+import kvstore.server
+from kvstore.client import KVStoreClientError, connector
 
 EXPECTED_CLIENT_API = [
     "Aborted",
@@ -84,3 +88,73 @@ def test_one_exception_class_per_status_code() -> None:
     assert len(codes) == len(set(codes))
     assert set(codes) == set(grpc.StatusCode) - {grpc.StatusCode.OK}
     assert issubclass(kvstore.client.ChecksumError, kvstore.client.DataLoss)
+
+
+# -- the server's surface ------------------------------------------------------------------
+
+EXPECTED_SERVER_API = [
+    "Limits",
+    "RunningServer",
+    "ServerConfig",
+    "build_server",
+    "load_config",
+    "serve",
+]
+
+
+def test_server_all_is_exactly_the_published_list() -> None:
+    assert sorted(kvstore.server.__all__) == EXPECTED_SERVER_API
+    namespace: dict[str, object] = {}
+    exec("from kvstore.server import *", namespace)
+    assert sorted(name for name in namespace if not name.startswith("__")) == EXPECTED_SERVER_API
+
+
+def test_running_server_keeps_what_callers_read() -> None:
+    """Tests, benchmarks and embedders read these off the server `build_server` returns."""
+    fields = {field.name for field in dataclasses.fields(kvstore.server.RunningServer)}
+    assert {"server", "port", "store", "config", "data_plane"} <= fields
+    assert inspect.iscoroutinefunction(kvstore.server.RunningServer.drain)
+    assert list(inspect.signature(kvstore.server.build_server).parameters) == ["config"]
+
+
+# -- the connector's surface ---------------------------------------------------------------
+
+EXPECTED_CONNECTOR_API = [
+    "KVConnector",
+    "KVLoadError",
+    "KVSaveError",
+    "KVTransferError",
+    "LoadStats",
+    "PagedCache",
+]
+# The vLLM KV-connector-style calls a serving engine's worker makes.
+EXPECTED_CONNECTOR_METHODS = [
+    "abort",
+    "close",
+    "get_num_new_matched_tokens",
+    "keys",
+    "lookup",
+    "save_kv_layer",
+    "start_load_kv",
+    "start_save_kv",
+    "wait_for_layer_load",
+    "wait_for_load",
+    "wait_for_save",
+]
+
+
+def test_connector_all_is_exactly_the_published_list() -> None:
+    assert sorted(connector.__all__) == EXPECTED_CONNECTOR_API
+    for name in EXPECTED_CONNECTOR_API:
+        assert getattr(connector, name) is not None
+
+
+def test_connector_methods_are_exactly_the_published_list() -> None:
+    methods = sorted(
+        name
+        for name, value in vars(connector.KVConnector).items()
+        if callable(value) and not name.startswith("_")
+    )
+    assert methods == EXPECTED_CONNECTOR_METHODS
+    assert issubclass(connector.KVLoadError, connector.KVTransferError)
+    assert issubclass(connector.KVSaveError, connector.KVTransferError)
