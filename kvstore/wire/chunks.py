@@ -119,7 +119,8 @@ class GetMessage:
 # -- encoding ------------------------------------------------------------------------
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """A protobuf base-128 varint."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -129,15 +130,16 @@ def _varint(value: int) -> bytes:
 
 
 def _tag(number: int, wire_type: int) -> bytes:
-    return _varint((number << 3) | wire_type)
+    return varint((number << 3) | wire_type)
 
 
 def _varint_field(number: int, value: int) -> bytes:
-    return _tag(number, _VARINT) + _varint(value) if value else b""
+    return _tag(number, _VARINT) + varint(value) if value else b""
 
 
-def _len_field(number: int, payload: bytes) -> bytes:
-    return _tag(number, _LEN) + _varint(len(payload)) + payload
+def len_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field: its tag, its length, then `payload`."""
+    return _tag(number, _LEN) + varint(len(payload)) + payload
 
 
 _DATA_TAG = _tag(CHUNK_DATA, _LEN)
@@ -168,9 +170,9 @@ def chunk_parts(
         + _varint_field(CHUNK_OFFSET, offset)
         + (_CHECKSUM_TAG + _FIXED64.pack(checksum) if checksum else b"")
         + _DATA_TAG
-        + _varint(data_len)
+        + varint(data_len)
     )
-    return [_tag(number, _LEN) + _varint(len(head) + data_len) + head, *data]
+    return [_tag(number, _LEN) + varint(len(head) + data_len) + head, *data]
 
 
 def run_parts(
@@ -188,11 +190,11 @@ def run_parts(
         _varint_field(RUN_LAYER, layer)
         + _varint_field(RUN_FIRST_BLOCK, first_block)
         + _varint_field(RUN_NUM_BLOCKS, len(checksums))
-        + _len_field(RUN_LAYER_CHECKSUMS, packed)
+        + len_field(RUN_LAYER_CHECKSUMS, packed)
         + _RUN_DATA_TAG
-        + _varint(data_len)
+        + varint(data_len)
     )
-    return [_tag(number, _LEN) + _varint(len(head) + data_len) + head, *data]
+    return [_tag(number, _LEN) + varint(len(head) + data_len) + head, *data]
 
 
 def encode_get_header(
@@ -207,7 +209,7 @@ def encode_get_header(
     out += _varint_field(GET_BLOCK_BYTES, block_bytes)
     out += _varint_field(GET_NUM_BLOCKS, num_blocks)
     if tiers:
-        out += _len_field(GET_TIERS, b"".join(_varint(tier) for tier in tiers))
+        out += len_field(GET_TIERS, b"".join(varint(tier) for tier in tiers))
     return out
 
 
@@ -218,13 +220,13 @@ def encode_put_header(
     blocks: list[tuple[bytes, bytes]] | None = None,
 ) -> bytes:
     """The namespace, checksum kind and block declarations of a PutBlocksRequest."""
-    out = _len_field(PUT_NAMESPACE, namespace) if namespace is not None else b""
+    out = len_field(PUT_NAMESPACE, namespace) if namespace is not None else b""
     out += _varint_field(PUT_CHECKSUM_KIND, checksum_kind)
     for key, parent_key in blocks or ():
-        body = _len_field(BLOCK_KEY, key)
+        body = len_field(BLOCK_KEY, key)
         if parent_key:
-            body += _len_field(BLOCK_PARENT_KEY, parent_key)
-        out += _len_field(PUT_BLOCKS, body)
+            body += len_field(BLOCK_PARENT_KEY, parent_key)
+        out += len_field(PUT_BLOCKS, body)
     return out
 
 

@@ -27,6 +27,7 @@ from kvstore.client import (
 from kvstore.server import RunningServer
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire.chunks import varint
 
 MiB = 1 << 20
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=16)
@@ -551,7 +552,7 @@ async def test_put_with_an_unknown_field_is_rejected(
         first_message().SerializeToString() + UNKNOWN_FIELD,
         first_message().SerializeToString()
         + bytes([0x22])  # field 4 (chunks), length-delimited
-        + _varint(len(chunk_with_unknown))
+        + varint(len(chunk_with_unknown))
         + chunk_with_unknown,
     ]
     for raw in cases:
@@ -565,15 +566,6 @@ async def test_put_with_an_unknown_field_is_rejected(
     stats = await stub.Stats(pb.StatsRequest(), timeout=5)
     assert stats.tiers[0].num_blocks == len(SEED_KEYS)
     await seed.assert_intact()
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 async def test_oversized_put_message_is_resource_exhausted(
