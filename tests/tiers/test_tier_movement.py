@@ -2,7 +2,7 @@
 
 The core tests drive BlockStore + TierMover in the test's event loop without the
 background watermark task, so every move happens at a known point: `put` calls
-`mover.ensure_room` before each declared block as the servicer does, `mover.make_room()`
+`mover.ensure_room` before each declared block as the server's transfer module does, `mover.make_room()`
 is one watermark pass, and `settle` awaits the SSD writes the mover started. Every
 block of LAYOUT is exactly one 512 B page, so a DRAM of N pages holds N blocks.
 
