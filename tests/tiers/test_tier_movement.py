@@ -2,9 +2,9 @@
 
 The core tests drive BlockStore + TierMover in the test's event loop without the
 background watermark task, so every move happens at a known point: `put` calls
-`mover.ensure_room` before each declared block as the server's transfer module does, `mover.make_room()`
-is one watermark pass, and `settle` awaits the SSD writes the mover started. Every
-block of LAYOUT is exactly one 512 B page, so a DRAM of N pages holds N blocks.
+`mover.ensure_room` before each declared block as the server's transfer module does,
+`mover.make_room()` is one watermark pass, and `settle` awaits the SSD writes the mover
+started. Every block of LAYOUT is exactly one 512 B page, so a DRAM of N pages holds N blocks.
 
 Under write-back a put that finds DRAM full demotes a batch of up to four blocks
 (so SSD writes overlap), taken in the eviction policy's order. Right after puts,
