@@ -17,6 +17,9 @@ from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.wire.chunks import GetMessage, decode_get_message
 from kvstore.wire.errors import WireError
 
+# How long a failed write waits for the call's own status before reporting the write's.
+_FINAL_STATUS_WAIT_S = 1.0
+
 
 @contextlib.contextmanager
 def tracked_call(settle: CallSettle) -> Iterator[None]:
@@ -88,13 +91,20 @@ class GrpcPutStream:
         settle.opened()
 
     async def send(self, parts: Parts) -> None:
-        with tracked_call(self._settle):
-            await self._call.write(parts)
+        with self._settle.tracking():
+            try:
+                await self._call.write(parts)
+            except grpc.aio.AioRpcError as error:
+                final = await _status_of_ended_call(self._call, error)
+                raise error_for(final) from final
 
     async def finish(self) -> pb.PutBlocksResponse:
         try:
             with tracked_call(self._settle):
-                await self._call.done_writing()
+                try:
+                    await self._call.done_writing()
+                except grpc.aio.AioRpcError as error:
+                    raise await _status_of_ended_call(self._call, error) from error
                 reply: pb.PutBlocksResponse = await self._call
         finally:
             self._settle.closed()
@@ -144,6 +154,25 @@ class GrpcGetStream:
         if self._call.cancel():
             self._settle.note_cancel()
         self._settle.closed()
+
+
+async def _status_of_ended_call(
+    call: grpc.aio.StreamUnaryCall, write_error: grpc.aio.AioRpcError
+) -> grpc.aio.AioRpcError:
+    """Why a call ended that a write found ended.
+
+    grpc.aio fails a write to a call the server has already ended (RESOURCE_EXHAUSTED
+    for a put that cannot fit, say) with INTERNAL "Internal error from Core"; the call's
+    own status, which has arrived by then, is the server's answer.
+    """
+    try:
+        async with asyncio.timeout(_FINAL_STATUS_WAIT_S):
+            await call
+    except grpc.aio.AioRpcError as final:
+        return final
+    except TimeoutError:
+        pass
+    return write_error
 
 
 def _join(parts: Parts) -> bytes:

@@ -16,6 +16,7 @@ import torch
 import xxhash
 
 from kvstore.client import (
+    ClientOptions,
     DType,
     InvalidArgument,
     KVClient,
@@ -606,6 +607,36 @@ async def test_full_store_of_pinned_data_is_resource_exhausted(
         assert await client.unpin(keys[-1:]) == 1
         assert (await client.put_blocks([b"one-more"], kv[:1])).num_committed == 1
         assert (await client.lookup_keys(keys)).num_matched == 31, "the tail was evicted"
+
+
+@pytest.mark.parametrize("data_plane", [False, True], ids=["grpc", "data-plane"])
+async def test_a_put_that_cannot_fit_raises_resource_exhausted_on_every_path(
+    server_factory: Callable[..., Awaitable[RunningServer]], make_kv: MakeKV, data_plane: bool
+) -> None:
+    """The server ends a put that cannot fit with RESOURCE_EXHAUSTED while the client is
+    still sending. grpc.aio fails the client's next write with INTERNAL ("Internal error
+    from Core"); the client must report the server's status instead, on both paths."""
+    # 8 pages of 2 KiB, one block each; every put below declares 16 blocks up front.
+    small = await server_factory(**{"store.dram_bytes": 16 * 1024, "store.page_bytes": 2048})
+    options = ClientOptions(data_plane=data_plane)
+    kv = make_kv(LAYOUT, 16, form=KVForm.BLOCKS)
+    async with KVClient(f"127.0.0.1:{small.port}", NS, options=options) as client:
+        pinned = [b"held-%d" % i for i in range(8)]
+        assert (await client.put_blocks(pinned, kv[:8])).num_committed == 8
+        assert await client.pin(pinned[-1:], ttl_s=60) == 1  # nothing can be evicted
+
+        async def layer_put(keys: list[bytes]) -> None:
+            async with client.layer_put(keys) as put:
+                for layer in range(LAYOUT.num_layers):
+                    await put.send_layer(layer, kv[:, layer].contiguous())
+
+        for attempt in range(10):
+            keys = [b"late-%d-%d" % (attempt, i) for i in range(16)]
+            with pytest.raises(ResourceExhausted, match="DRAM tier is full"):
+                await layer_put(keys)
+            with pytest.raises(ResourceExhausted, match="DRAM tier is full"):
+                await client.put_blocks(keys, kv)
+        assert (await client.lookup_keys(pinned)).num_matched == 8
 
 
 async def test_block_larger_than_the_tier_evicts_nothing(
