@@ -48,7 +48,7 @@ def recover_index(pool: BlockPool) -> int:
     if orphans:
         logger.warning(
             "dropped %d block files whose parent block did not survive (write-back keeps "
-            "recent blocks in DRAM only; write-through makes every chain crash-durable)",
+            "recent blocks in DRAM only, and write-through answers before it writes)",
             len(orphans),
         )
     logger.info("recovered %d blocks (%d B) from %s", restored, ssd.used_bytes, ssd.directory)
