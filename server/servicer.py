@@ -53,6 +53,10 @@ class KVStoreServicer:
             self._lifecycle.refuse_if_draining()
             return await handle()
         except Exception as error:
+            if context.done():
+                # The client cancelled or went away, so a write failed: nobody is left to
+                # answer, and it is no internal error. gRPC ends the call as it ends any.
+                raise
             code, message = status_for(error)
             await context.abort(code, message)
             raise AssertionError("unreachable") from error

@@ -31,6 +31,7 @@ from kvstore.client import (
 from kvstore.server import RunningServer
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire.namespace import namespace_to_wire as wire_namespace
 
 MiB = 1 << 20
 Connect = Callable[..., KVClient]
@@ -627,3 +628,42 @@ async def test_drain_finishes_streams_in_flight_and_refuses_new_calls(
             assert [arrival.layer for arrival in rest] == [1]
             assert torch.equal(rest[0].kv.view(torch.uint8), kv[:, 1].view(torch.uint8))
         await asyncio.wait_for(drain, timeout=10)
+
+
+async def test_a_client_that_goes_away_mid_stream_is_no_internal_error(
+    server: RunningServer,
+    channel: grpc.aio.Channel,
+    connect: Connect,
+    make_kv: MakeKV,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A GetBlocks or lookup stream whose client cancels while the server writes ends
+    quietly: the failed write is not logged as an internal error, and the server goes
+    on serving."""
+    lay = layout(num_layers=8, block_tokens=256)  # 16 KiB layers: 32 get messages of 64 KiB
+    client = connect(namespace(lay))
+    keys = [b"streamed-%d" % i for i in range(16)]
+    blocks = make_kv(lay, 16, form=KVForm.BLOCKS)
+    assert (await client.put_blocks(keys, blocks)).num_committed == 16
+    stub = pb_grpc.KVStoreStub(channel)
+    request = pb.GetBlocksRequest(
+        namespace=wire_namespace(namespace(lay)), keys=keys, max_chunk_bytes=64 * 1024
+    )
+    # Present keys, then misses: each lookup costs the server a little while.
+    lookup_keys = keys + [b"absent-%d" % i for i in range(984)]
+    lookup = pb.LookupPrefixRequest(namespace=wire_namespace(namespace(lay)), keys=lookup_keys)
+    for attempt in range(200):
+        if attempt % 10 == 0:
+            get = stub.GetBlocks(request, timeout=10)
+            await get.read()  # the server is now writing the other 31 messages
+            get.cancel()
+        stream = stub.LookupPrefixStream(timeout=10)
+        await stream.write(lookup)
+        await asyncio.sleep(0.0001 * (attempt % 5))
+        stream.cancel()  # while its result is being written, sooner or later
+    await asyncio.sleep(0.2)  # let the server's handlers see the cancellations
+    internal = [record for record in caplog.records if "internal error" in record.getMessage()]
+    assert internal == []
+    dest = torch.zeros_like(blocks)
+    assert await client.get_into(keys, dest, form=KVForm.BLOCKS) == 16
+    assert torch.equal(dest.view(torch.uint8), blocks.view(torch.uint8))
