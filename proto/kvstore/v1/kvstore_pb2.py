@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/kvstore.proto\x12\nkvstore.v1\"~\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.kvstore.v1.DType\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\"~\n\tNamespace\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.kvstore.v1.KVLayout\x12\x0f\n\x07tp_rank\x18\x04 \x01(\r\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\"M\n\x13LookupPrefixRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"=\n\x07TierRun\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\"n\n\x14LookupPrefixResponse\x12\x13\n\x0bnum_matched\x18\x01 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12&\n\ttier_runs\x18\x04 \x03(\x0b\x32\x13.kvstore.v1.TierRunJ\x04\x08\x02\x10\x03\"d\n\x12LookupPrefixResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x05match\x18\x03 \x01(\x0b\x32 .kvstore.v1.LookupPrefixResponse\".\n\x0b\x42lockHeader\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x12\n\nparent_key\x18\x02 \x01(\x0c\"f\n\nLayerChunk\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x16\n\x0elayer_checksum\x18\x05 \x01(\x06\"\xe2\x01\n\x10PutBlocksRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12/\n\rchecksum_kind\x18\x02 \x01(\x0e\x32\x18.kvstore.v1.ChecksumKind\x12\'\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x17.kvstore.v1.BlockHeader\x12&\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x16.kvstore.v1.LayerChunk\x12\"\n\x04runs\x18\x05 \x03(\x0b\x32\x14.kvstore.v1.LayerRun\"T\n\x11PutBlocksResponse\x12(\n\x08outcomes\x18\x01 \x03(\x0e\x32\x16.kvstore.v1.PutOutcome\x12\x15\n\rnum_committed\x18\x02 \x01(\r\"i\n\x08LayerRun\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x17\n\x0flayer_checksums\x18\x05 \x03(\x06\"c\n\x10GetBlocksRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r\"\xda\x01\n\x11GetBlocksResponse\x12&\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x16.kvstore.v1.LayerChunk\x12/\n\rchecksum_kind\x18\x02 \x01(\x0e\x32\x18.kvstore.v1.ChecksumKind\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x1f\n\x05tiers\x18\x05 \x03(\x0e\x32\x10.kvstore.v1.Tier\x12\"\n\x04runs\x18\x06 \x03(\x0b\x32\x14.kvstore.v1.LayerRun\"T\n\nPinRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\r\"8\n\x0bPinResponse\x12\x12\n\nnum_pinned\x18\x01 \x01(\r\x12\x15\n\rexpires_at_ms\x18\x02 \x01(\x04\"F\n\x0cUnpinRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"%\n\rUnpinResponse\x12\x14\n\x0cnum_unpinned\x18\x01 \x01(\r\"G\n\rDeleteRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"7\n\x0e\x44\x65leteResponse\x12\x13\n\x0bnum_deleted\x18\x01 \x01(\r\x12\x10\n\x08num_busy\x18\x02 \x01(\r\"\x0e\n\x0cStatsRequest\"\x9e\x02\n\tTierStats\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x12\n\nnum_blocks\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x12\n\npromotions\x18\t \x01(\x04\x12\x11\n\tdemotions\x18\n \x01(\x04\x12\x12\n\nbytes_read\x18\x0b \x01(\x04\x12\x15\n\rbytes_written\x18\x0c \x01(\x04\x12\x0e\n\x06\x65rrors\x18\r \x01(\x04\x12\x10\n\x08\x64\x65graded\x18\x0e \x01(\x08\"\x9f\x03\n\rStatsResponse\x12$\n\x05tiers\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x16\n\x0enum_namespaces\x18\x02 \x01(\x04\x12\x0f\n\x07lookups\x18\x03 \x01(\x04\x12\x13\n\x0blookup_keys\x18\x04 \x01(\x04\x12\x13\n\x0blookup_hits\x18\x05 \x01(\x04\x12\x12\n\nblocks_put\x18\x06 \x01(\x04\x12\x12\n\nblocks_got\x18\x07 \x01(\x04\x12\x11\n\tbytes_put\x18\x08 \x01(\x04\x12\x11\n\tbytes_got\x18\t \x01(\x04\x12\x16\n\x0eputs_abandoned\x18\n \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x0b \x01(\x04\x12\x12\n\nnum_pinned\x18\x0c \x01(\x04\x12\x11\n\tuptime_ms\x18\r \x01(\x04\x12\x16\n\x0eprocess_cpu_us\x18\x0e \x01(\x04\x12\x17\n\x0f\x64\x61ta_plane_port\x18\x0f \x01(\r\x12\x1e\n\x16\x64\x61ta_plane_connections\x18\x10 \x01(\x04\x12\x1c\n\x14\x64\x61ta_plane_transfers\x18\x11 \x01(\x04\"\x12\n\x10\x44\x61taPlaneRequest\"2\n\x11\x44\x61taPlaneResponse\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\r*\x7f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x12\t\n\x05UINT8\x10\x04\x12\x08\n\x04INT8\x10\x05\x12\x11\n\rFLOAT8_E4M3FN\x10\x06\x12\x0f\n\x0b\x46LOAT8_E5M2\x10\x07*8\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x07\n\x03HBM\x10\x01\x12\x08\n\x04\x44RAM\x10\x02\x12\x07\n\x03SSD\x10\x03*F\n\x0c\x43hecksumKind\x12\x1d\n\x19\x43HECKSUM_KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07XXH3_64\x10\x01\x12\n\n\x06\x43RC32C\x10\x02*a\n\nPutOutcome\x12\x1b\n\x17PUT_OUTCOME_UNSPECIFIED\x10\x00\x12\r\n\tCOMMITTED\x10\x01\x12\x13\n\x0f\x41LREADY_PRESENT\x10\x02\x12\x12\n\x0ePARENT_MISSING\x10\x03\x32\x91\x05\n\x07KVStore\x12Q\n\x0cLookupPrefix\x12\x1f.kvstore.v1.LookupPrefixRequest\x1a .kvstore.v1.LookupPrefixResponse\x12Y\n\x12LookupPrefixStream\x12\x1f.kvstore.v1.LookupPrefixRequest\x1a\x1e.kvstore.v1.LookupPrefixResult(\x01\x30\x01\x12J\n\tPutBlocks\x12\x1c.kvstore.v1.PutBlocksRequest\x1a\x1d.kvstore.v1.PutBlocksResponse(\x01\x12J\n\tGetBlocks\x12\x1c.kvstore.v1.GetBlocksRequest\x1a\x1d.kvstore.v1.GetBlocksResponse0\x01\x12\x36\n\x03Pin\x12\x16.kvstore.v1.PinRequest\x1a\x17.kvstore.v1.PinResponse\x12<\n\x05Unpin\x12\x18.kvstore.v1.UnpinRequest\x1a\x19.kvstore.v1.UnpinResponse\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponse\x12K\n\x0cGetDataPlane\x12\x1c.kvstore.v1.DataPlaneRequest\x1a\x1d.kvstore.v1.DataPlaneResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/kvstore.proto\x12\nkvstore.v1\"~\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\r\x12\x10\n\x08head_dim\x18\x03 \x01(\r\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.kvstore.v1.DType\x12\x14\n\x0c\x62lock_tokens\x18\x05 \x01(\r\"~\n\tNamespace\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.kvstore.v1.KVLayout\x12\x0f\n\x07tp_rank\x18\x04 \x01(\r\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\"M\n\x13LookupPrefixRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"=\n\x07TierRun\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\"n\n\x14LookupPrefixResponse\x12\x13\n\x0bnum_matched\x18\x01 \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12&\n\ttier_runs\x18\x04 \x03(\x0b\x32\x13.kvstore.v1.TierRunJ\x04\x08\x02\x10\x03\"d\n\x12LookupPrefixResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\x05match\x18\x03 \x01(\x0b\x32 .kvstore.v1.LookupPrefixResponse\".\n\x0b\x42lockHeader\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x12\n\nparent_key\x18\x02 \x01(\x0c\"f\n\nLayerChunk\x12\x13\n\x0b\x62lock_index\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x16\n\x0elayer_checksum\x18\x05 \x01(\x06\"\xe2\x01\n\x10PutBlocksRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12/\n\rchecksum_kind\x18\x02 \x01(\x0e\x32\x18.kvstore.v1.ChecksumKind\x12\'\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x17.kvstore.v1.BlockHeader\x12&\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x16.kvstore.v1.LayerChunk\x12\"\n\x04runs\x18\x05 \x03(\x0b\x32\x14.kvstore.v1.LayerRun\"\x80\x01\n\x11PutBlocksResponse\x12(\n\x08outcomes\x18\x01 \x03(\x0e\x32\x16.kvstore.v1.PutOutcome\x12\x15\n\rnum_committed\x18\x02 \x01(\r\x12*\n\ndurability\x18\x03 \x01(\x0e\x32\x16.kvstore.v1.Durability\"i\n\x08LayerRun\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x17\n\x0flayer_checksums\x18\x05 \x03(\x06\"c\n\x10GetBlocksRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r\"\xda\x01\n\x11GetBlocksResponse\x12&\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x16.kvstore.v1.LayerChunk\x12/\n\rchecksum_kind\x18\x02 \x01(\x0e\x32\x18.kvstore.v1.ChecksumKind\x12\x13\n\x0b\x62lock_bytes\x18\x03 \x01(\x04\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x1f\n\x05tiers\x18\x05 \x03(\x0e\x32\x10.kvstore.v1.Tier\x12\"\n\x04runs\x18\x06 \x03(\x0b\x32\x14.kvstore.v1.LayerRun\"T\n\nPinRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06ttl_ms\x18\x03 \x01(\r\"8\n\x0bPinResponse\x12\x12\n\nnum_pinned\x18\x01 \x01(\r\x12\x15\n\rexpires_at_ms\x18\x02 \x01(\x04\"F\n\x0cUnpinRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"%\n\rUnpinResponse\x12\x14\n\x0cnum_unpinned\x18\x01 \x01(\r\"G\n\rDeleteRequest\x12(\n\tnamespace\x18\x01 \x01(\x0b\x32\x15.kvstore.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"7\n\x0e\x44\x65leteResponse\x12\x13\n\x0bnum_deleted\x18\x01 \x01(\r\x12\x10\n\x08num_busy\x18\x02 \x01(\r\"\x0e\n\x0cStatsRequest\"\x9e\x02\n\tTierStats\x12\x1e\n\x04tier\x18\x01 \x01(\x0e\x32\x10.kvstore.v1.Tier\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x12\n\nnum_blocks\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\x12\x12\n\npromotions\x18\t \x01(\x04\x12\x11\n\tdemotions\x18\n \x01(\x04\x12\x12\n\nbytes_read\x18\x0b \x01(\x04\x12\x15\n\rbytes_written\x18\x0c \x01(\x04\x12\x0e\n\x06\x65rrors\x18\r \x01(\x04\x12\x10\n\x08\x64\x65graded\x18\x0e \x01(\x08\"\xf0\x04\n\rStatsResponse\x12$\n\x05tiers\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x16\n\x0enum_namespaces\x18\x02 \x01(\x04\x12\x0f\n\x07lookups\x18\x03 \x01(\x04\x12\x13\n\x0blookup_keys\x18\x04 \x01(\x04\x12\x13\n\x0blookup_hits\x18\x05 \x01(\x04\x12\x12\n\nblocks_put\x18\x06 \x01(\x04\x12\x12\n\nblocks_got\x18\x07 \x01(\x04\x12\x11\n\tbytes_put\x18\x08 \x01(\x04\x12\x11\n\tbytes_got\x18\t \x01(\x04\x12\x16\n\x0eputs_abandoned\x18\n \x01(\x04\x12\x19\n\x11\x63hecksum_failures\x18\x0b \x01(\x04\x12\x12\n\nnum_pinned\x18\x0c \x01(\x04\x12\x11\n\tuptime_ms\x18\r \x01(\x04\x12\x16\n\x0eprocess_cpu_us\x18\x0e \x01(\x04\x12\x17\n\x0f\x64\x61ta_plane_port\x18\x0f \x01(\r\x12\x1e\n\x16\x64\x61ta_plane_connections\x18\x10 \x01(\x04\x12\x1c\n\x14\x64\x61ta_plane_transfers\x18\x11 \x01(\x04\x12\x14\n\x0cwrite_policy\x18\x12 \x01(\t\x12*\n\ndurability\x18\x13 \x01(\x0e\x32\x16.kvstore.v1.Durability\x12\x11\n\trss_bytes\x18\x14 \x01(\x04\x12\x10\n\x08open_fds\x18\x15 \x01(\x04\x12\x17\n\x0floop_lag_max_us\x18\x16 \x01(\x04\x12\x17\n\x0floop_lag_p99_us\x18\x17 \x01(\x04\x12\x1a\n\x12put_reserved_bytes\x18\x18 \x01(\x04\x12\x1a\n\x12ssd_writes_pending\x18\x19 \x01(\x04\"\x12\n\x10\x44\x61taPlaneRequest\"2\n\x11\x44\x61taPlaneResponse\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\r*\x7f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03\x12\t\n\x05UINT8\x10\x04\x12\x08\n\x04INT8\x10\x05\x12\x11\n\rFLOAT8_E4M3FN\x10\x06\x12\x0f\n\x0b\x46LOAT8_E5M2\x10\x07*8\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x07\n\x03HBM\x10\x01\x12\x08\n\x04\x44RAM\x10\x02\x12\x07\n\x03SSD\x10\x03*F\n\x0c\x43hecksumKind\x12\x1d\n\x19\x43HECKSUM_KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07XXH3_64\x10\x01\x12\n\n\x06\x43RC32C\x10\x02*a\n\nPutOutcome\x12\x1b\n\x17PUT_OUTCOME_UNSPECIFIED\x10\x00\x12\r\n\tCOMMITTED\x10\x01\x12\x13\n\x0f\x41LREADY_PRESENT\x10\x02\x12\x12\n\x0ePARENT_MISSING\x10\x03*o\n\nDurability\x12\x1a\n\x16\x44URABILITY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44URABLE_IN_MEMORY\x10\x01\x12\x12\n\x0e\x44URABLE_ON_SSD\x10\x02\x12\x1a\n\x16\x44URABLE_ON_SSD_FSYNCED\x10\x03\x32\x91\x05\n\x07KVStore\x12Q\n\x0cLookupPrefix\x12\x1f.kvstore.v1.LookupPrefixRequest\x1a .kvstore.v1.LookupPrefixResponse\x12Y\n\x12LookupPrefixStream\x12\x1f.kvstore.v1.LookupPrefixRequest\x1a\x1e.kvstore.v1.LookupPrefixResult(\x01\x30\x01\x12J\n\tPutBlocks\x12\x1c.kvstore.v1.PutBlocksRequest\x1a\x1d.kvstore.v1.PutBlocksResponse(\x01\x12J\n\tGetBlocks\x12\x1c.kvstore.v1.GetBlocksRequest\x1a\x1d.kvstore.v1.GetBlocksResponse0\x01\x12\x36\n\x03Pin\x12\x16.kvstore.v1.PinRequest\x1a\x17.kvstore.v1.PinResponse\x12<\n\x05Unpin\x12\x18.kvstore.v1.UnpinRequest\x1a\x19.kvstore.v1.UnpinResponse\x12?\n\x06\x44\x65lete\x12\x19.kvstore.v1.DeleteRequest\x1a\x1a.kvstore.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponse\x12K\n\x0cGetDataPlane\x12\x1c.kvstore.v1.DataPlaneRequest\x1a\x1d.kvstore.v1.DataPlaneResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.v1.kvstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2728
-  _globals['_DTYPE']._serialized_end=2855
-  _globals['_TIER']._serialized_start=2857
-  _globals['_TIER']._serialized_end=2913
-  _globals['_CHECKSUMKIND']._serialized_start=2915
-  _globals['_CHECKSUMKIND']._serialized_end=2985
-  _globals['_PUTOUTCOME']._serialized_start=2987
-  _globals['_PUTOUTCOME']._serialized_end=3084
+  _globals['_DTYPE']._serialized_start=2982
+  _globals['_DTYPE']._serialized_end=3109
+  _globals['_TIER']._serialized_start=3111
+  _globals['_TIER']._serialized_end=3167
+  _globals['_CHECKSUMKIND']._serialized_start=3169
+  _globals['_CHECKSUMKIND']._serialized_end=3239
+  _globals['_PUTOUTCOME']._serialized_start=3241
+  _globals['_PUTOUTCOME']._serialized_end=3338
+  _globals['_DURABILITY']._serialized_start=3340
+  _globals['_DURABILITY']._serialized_end=3451
   _globals['_KVLAYOUT']._serialized_start=40
   _globals['_KVLAYOUT']._serialized_end=166
   _globals['_NAMESPACE']._serialized_start=168
@@ -57,36 +59,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERCHUNK']._serialized_end=802
   _globals['_PUTBLOCKSREQUEST']._serialized_start=805
   _globals['_PUTBLOCKSREQUEST']._serialized_end=1031
-  _globals['_PUTBLOCKSRESPONSE']._serialized_start=1033
-  _globals['_PUTBLOCKSRESPONSE']._serialized_end=1117
-  _globals['_LAYERRUN']._serialized_start=1119
-  _globals['_LAYERRUN']._serialized_end=1224
-  _globals['_GETBLOCKSREQUEST']._serialized_start=1226
-  _globals['_GETBLOCKSREQUEST']._serialized_end=1325
-  _globals['_GETBLOCKSRESPONSE']._serialized_start=1328
-  _globals['_GETBLOCKSRESPONSE']._serialized_end=1546
-  _globals['_PINREQUEST']._serialized_start=1548
-  _globals['_PINREQUEST']._serialized_end=1632
-  _globals['_PINRESPONSE']._serialized_start=1634
-  _globals['_PINRESPONSE']._serialized_end=1690
-  _globals['_UNPINREQUEST']._serialized_start=1692
-  _globals['_UNPINREQUEST']._serialized_end=1762
-  _globals['_UNPINRESPONSE']._serialized_start=1764
-  _globals['_UNPINRESPONSE']._serialized_end=1801
-  _globals['_DELETEREQUEST']._serialized_start=1803
-  _globals['_DELETEREQUEST']._serialized_end=1874
-  _globals['_DELETERESPONSE']._serialized_start=1876
-  _globals['_DELETERESPONSE']._serialized_end=1931
-  _globals['_STATSREQUEST']._serialized_start=1933
-  _globals['_STATSREQUEST']._serialized_end=1947
-  _globals['_TIERSTATS']._serialized_start=1950
-  _globals['_TIERSTATS']._serialized_end=2236
-  _globals['_STATSRESPONSE']._serialized_start=2239
-  _globals['_STATSRESPONSE']._serialized_end=2654
-  _globals['_DATAPLANEREQUEST']._serialized_start=2656
-  _globals['_DATAPLANEREQUEST']._serialized_end=2674
-  _globals['_DATAPLANERESPONSE']._serialized_start=2676
-  _globals['_DATAPLANERESPONSE']._serialized_end=2726
-  _globals['_KVSTORE']._serialized_start=3087
-  _globals['_KVSTORE']._serialized_end=3744
+  _globals['_PUTBLOCKSRESPONSE']._serialized_start=1034
+  _globals['_PUTBLOCKSRESPONSE']._serialized_end=1162
+  _globals['_LAYERRUN']._serialized_start=1164
+  _globals['_LAYERRUN']._serialized_end=1269
+  _globals['_GETBLOCKSREQUEST']._serialized_start=1271
+  _globals['_GETBLOCKSREQUEST']._serialized_end=1370
+  _globals['_GETBLOCKSRESPONSE']._serialized_start=1373
+  _globals['_GETBLOCKSRESPONSE']._serialized_end=1591
+  _globals['_PINREQUEST']._serialized_start=1593
+  _globals['_PINREQUEST']._serialized_end=1677
+  _globals['_PINRESPONSE']._serialized_start=1679
+  _globals['_PINRESPONSE']._serialized_end=1735
+  _globals['_UNPINREQUEST']._serialized_start=1737
+  _globals['_UNPINREQUEST']._serialized_end=1807
+  _globals['_UNPINRESPONSE']._serialized_start=1809
+  _globals['_UNPINRESPONSE']._serialized_end=1846
+  _globals['_DELETEREQUEST']._serialized_start=1848
+  _globals['_DELETEREQUEST']._serialized_end=1919
+  _globals['_DELETERESPONSE']._serialized_start=1921
+  _globals['_DELETERESPONSE']._serialized_end=1976
+  _globals['_STATSREQUEST']._serialized_start=1978
+  _globals['_STATSREQUEST']._serialized_end=1992
+  _globals['_TIERSTATS']._serialized_start=1995
+  _globals['_TIERSTATS']._serialized_end=2281
+  _globals['_STATSRESPONSE']._serialized_start=2284
+  _globals['_STATSRESPONSE']._serialized_end=2908
+  _globals['_DATAPLANEREQUEST']._serialized_start=2910
+  _globals['_DATAPLANEREQUEST']._serialized_end=2928
+  _globals['_DATAPLANERESPONSE']._serialized_start=2930
+  _globals['_DATAPLANERESPONSE']._serialized_end=2980
+  _globals['_KVSTORE']._serialized_start=3454
+  _globals['_KVSTORE']._serialized_end=4111
 # @@protoc_insertion_point(module_scope)

@@ -125,6 +125,34 @@ PARENT_MISSING: PutOutcome.ValueType  # 3
 """the parent was not present at commit; dropped, as it could never be found"""
 Global___PutOutcome: _TypeAlias = PutOutcome  # noqa: Y015
 
+class _Durability:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DurabilityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Durability.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DURABILITY_UNSPECIFIED: _Durability.ValueType  # 0
+    DURABLE_IN_MEMORY: _Durability.ValueType  # 1
+    """in DRAM or HBM only: a crash of the daemon loses the block"""
+    DURABLE_ON_SSD: _Durability.ValueType  # 2
+    """its block file is renamed into place: survives a daemon crash"""
+    DURABLE_ON_SSD_FSYNCED: _Durability.ValueType  # 3
+    """and the file and its directory are fsynced: survives power loss"""
+
+class Durability(_Durability, metaclass=_DurabilityEnumTypeWrapper):
+    """What an acknowledgement (COMMITTED) promises survives: the daemon's write policy and
+    SSD settings decide it (docs/protocol.md, "Durability").
+    """
+
+DURABILITY_UNSPECIFIED: Durability.ValueType  # 0
+DURABLE_IN_MEMORY: Durability.ValueType  # 1
+"""in DRAM or HBM only: a crash of the daemon loses the block"""
+DURABLE_ON_SSD: Durability.ValueType  # 2
+"""its block file is renamed into place: survives a daemon crash"""
+DURABLE_ON_SSD_FSYNCED: Durability.ValueType  # 3
+"""and the file and its directory are fsynced: survives power loss"""
+Global___Durability: _TypeAlias = Durability  # noqa: Y015
+
 @_typing.final
 class KVLayout(_message.Message):
     """Shape of one block. A block holds K and V for `block_tokens` tokens of every
@@ -443,7 +471,13 @@ class PutBlocksResponse(_message.Message):
 
     OUTCOMES_FIELD_NUMBER: _builtins.int
     NUM_COMMITTED_FIELD_NUMBER: _builtins.int
+    DURABILITY_FIELD_NUMBER: _builtins.int
     num_committed: _builtins.int
+    durability: Global___Durability.ValueType
+    """What every COMMITTED block of this put is guaranteed, at the least, when the reply
+    is sent. DURABLE_IN_MEMORY under write-back, and under write-through for a block the SSD
+    could not take (full of pinned blocks, degraded, or not yet admitted).
+    """
     @_builtins.property
     def outcomes(self) -> _containers.RepeatedScalarFieldContainer[Global___PutOutcome.ValueType]:
         """one per declared block, in declaration order"""
@@ -453,10 +487,11 @@ class PutBlocksResponse(_message.Message):
         *,
         outcomes: _abc.Iterable[Global___PutOutcome.ValueType] | None = ...,
         num_committed: _builtins.int = ...,
+        durability: Global___Durability.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_committed", b"num_committed", "outcomes", b"outcomes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durability", b"durability", "num_committed", b"num_committed", "outcomes", b"outcomes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -827,6 +862,14 @@ class StatsResponse(_message.Message):
     DATA_PLANE_PORT_FIELD_NUMBER: _builtins.int
     DATA_PLANE_CONNECTIONS_FIELD_NUMBER: _builtins.int
     DATA_PLANE_TRANSFERS_FIELD_NUMBER: _builtins.int
+    WRITE_POLICY_FIELD_NUMBER: _builtins.int
+    DURABILITY_FIELD_NUMBER: _builtins.int
+    RSS_BYTES_FIELD_NUMBER: _builtins.int
+    OPEN_FDS_FIELD_NUMBER: _builtins.int
+    LOOP_LAG_MAX_US_FIELD_NUMBER: _builtins.int
+    LOOP_LAG_P99_US_FIELD_NUMBER: _builtins.int
+    PUT_RESERVED_BYTES_FIELD_NUMBER: _builtins.int
+    SSD_WRITES_PENDING_FIELD_NUMBER: _builtins.int
     num_namespaces: _builtins.int
     lookups: _builtins.int
     lookup_keys: _builtins.int
@@ -850,6 +893,23 @@ class StatsResponse(_message.Message):
     """
     data_plane_connections: _builtins.int
     data_plane_transfers: _builtins.int
+    write_policy: _builtins.str
+    """The write policy ("write-back", "write-through") and what it makes a COMMITTED
+    put durable against, when the SSD takes the block.
+    """
+    durability: Global___Durability.ValueType
+    rss_bytes: _builtins.int
+    """The daemon process's resident memory and open file descriptors now."""
+    open_fds: _builtins.int
+    loop_lag_max_us: _builtins.int
+    """The event loop's stalls over the last 10 s: the longest, and the 99th percentile of
+    a probe that wakes every 100 ms (microseconds late).
+    """
+    loop_lag_p99_us: _builtins.int
+    put_reserved_bytes: _builtins.int
+    """DRAM bytes held by puts in flight that have not committed yet."""
+    ssd_writes_pending: _builtins.int
+    """SSD writes queued or in progress."""
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]: ...
     def __init__(
@@ -872,10 +932,18 @@ class StatsResponse(_message.Message):
         data_plane_port: _builtins.int = ...,
         data_plane_connections: _builtins.int = ...,
         data_plane_transfers: _builtins.int = ...,
+        write_policy: _builtins.str = ...,
+        durability: Global___Durability.ValueType = ...,
+        rss_bytes: _builtins.int = ...,
+        open_fds: _builtins.int = ...,
+        loop_lag_max_us: _builtins.int = ...,
+        loop_lag_p99_us: _builtins.int = ...,
+        put_reserved_bytes: _builtins.int = ...,
+        ssd_writes_pending: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_got", b"blocks_got", "blocks_put", b"blocks_put", "bytes_got", b"bytes_got", "bytes_put", b"bytes_put", "checksum_failures", b"checksum_failures", "data_plane_connections", b"data_plane_connections", "data_plane_port", b"data_plane_port", "data_plane_transfers", b"data_plane_transfers", "lookup_hits", b"lookup_hits", "lookup_keys", b"lookup_keys", "lookups", b"lookups", "num_namespaces", b"num_namespaces", "num_pinned", b"num_pinned", "process_cpu_us", b"process_cpu_us", "puts_abandoned", b"puts_abandoned", "tiers", b"tiers", "uptime_ms", b"uptime_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_got", b"blocks_got", "blocks_put", b"blocks_put", "bytes_got", b"bytes_got", "bytes_put", b"bytes_put", "checksum_failures", b"checksum_failures", "data_plane_connections", b"data_plane_connections", "data_plane_port", b"data_plane_port", "data_plane_transfers", b"data_plane_transfers", "durability", b"durability", "lookup_hits", b"lookup_hits", "lookup_keys", b"lookup_keys", "lookups", b"lookups", "loop_lag_max_us", b"loop_lag_max_us", "loop_lag_p99_us", b"loop_lag_p99_us", "num_namespaces", b"num_namespaces", "num_pinned", b"num_pinned", "open_fds", b"open_fds", "process_cpu_us", b"process_cpu_us", "put_reserved_bytes", b"put_reserved_bytes", "puts_abandoned", b"puts_abandoned", "rss_bytes", b"rss_bytes", "ssd_writes_pending", b"ssd_writes_pending", "tiers", b"tiers", "uptime_ms", b"uptime_ms", "write_policy", b"write_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
