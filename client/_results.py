@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.enums import PutOutcome, TierKind
+from kvstore.enums import Durability, PutOutcome, TierKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,9 @@ class PutResult:
     outcomes: tuple[PutOutcome, ...]  # one per block sent
     num_skipped: int  # leading blocks not sent because a lookup found them stored
     bytes_sent: int
+    # What the COMMITTED blocks survive, at the least, as the server answered; None when
+    # nothing was sent or the server predates the field.
+    durability: Durability | None = None
 
     @property
     def num_committed(self) -> int:

@@ -87,6 +87,8 @@ class ChainPath:
 class NamespaceState:
     namespace: Namespace
     blocks: dict[bytes, BlockEntry] = field(default_factory=dict)
+    # Puts open in the namespace: it is freed once this is 0 and `blocks` is empty.
+    num_puts: int = 0
 
 
 class BlockIndex:
@@ -110,6 +112,13 @@ class BlockIndex:
         if state is None:
             state = self._namespaces[namespace] = NamespaceState(namespace)
         return state
+
+    def drop_namespace(self, state: NamespaceState) -> None:
+        """Forget a namespace that holds nothing (no blocks, no puts)."""
+        assert not state.blocks, "the namespace holds blocks"
+        assert not state.num_puts, "the namespace has puts open"
+        if self._namespaces.get(state.namespace) is state:
+            del self._namespaces[state.namespace]
 
     def present_prefix(self, state: NamespaceState | None, keys: list[bytes]) -> list[BlockEntry]:
         """Entries of the longest prefix of `keys` that is stored, in order."""

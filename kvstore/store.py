@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvstore.config import StoreConfig
-from kvstore.enums import TierKind
+from kvstore.enums import Durability, TierKind
 from kvstore.errors import InvalidRequest
-from kvstore.index import BlockEntry, NamespaceState
+from kvstore.index import BlockEntry
 from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
 from kvstore.pool import BlockPool
@@ -208,8 +208,10 @@ class BlockStore:
         self._counters.blocks_put += 1
         self._counters.bytes_put += entry.layout.block_bytes
 
-    def namespace_state(self, namespace: Namespace) -> NamespaceState:
-        return self._pool.namespace_state(namespace)
+    async def wait_durable(self, committed: list[BlockEntry]) -> Durability:
+        """Wait until committed blocks are as durable as the write policy makes them;
+        returns what they all are (kvstore.pool.BlockPool.wait_durable)."""
+        return await self._pool.wait_durable(committed)
 
     # -- pins ----------------------------------------------------------------------
 

@@ -216,9 +216,11 @@ async def test_lookup_makes_chain_tails_demote_first(tmp_path: Path) -> None:
     rig.store.lookup(NS, [b"A", b"B", b"C"])
     assert _queue_order(rig, TierKind.DRAM) == "EDCBA"
     # One watermark pass: 5 of 5 pages used > 0.7, free down to 0.5 → three blocks.
+    # C's parents are written to SSD before C (and keep their DRAM copy), so a crash
+    # never leaves C on SSD without them.
     rig.mover.make_room()
     await settle(rig.mover)
-    assert placement(rig, "ABCDE") == ["DRAM", "DRAM", "SSD", "SSD", "SSD"]
+    assert placement(rig, "ABCDE") == ["DRAM+SSD", "DRAM+SSD", "SSD", "SSD", "SSD"]
     assert rig.store.dram.counters.demotions == 3
     assert rig.store.lookup(NS, [b"A", b"B", b"C"]).tiers == (
         TierKind.DRAM,
@@ -578,6 +580,7 @@ async def test_server_without_promote_on_hit_serves_from_ssd(
         server_factory,
         tmp_path,
         store__dram_bytes=4 * BLOCK,
+        store__max_put_reserved_bytes=4 * BLOCK,  # "CDEF" is one put that fills DRAM
         store__promote_on_hit=False,
         store__write_policy="write-through",
     ) as (_, client):
