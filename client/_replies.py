@@ -42,6 +42,7 @@ def put_result(reply: pb.PutBlocksResponse, num_skipped: int, bytes_sent: int) -
 def store_stats(reply: pb.StatsResponse) -> StoreStats:
     try:
         tiers = tuple(_tier_stats(tier) for tier in reply.tiers)
+        durability = durability_from_wire(reply.durability)
     except WireError as error:
         raise protocol_error(error) from error
     return StoreStats(
@@ -62,6 +63,10 @@ def store_stats(reply: pb.StatsResponse) -> StoreStats:
         data_plane_port=reply.data_plane_port,
         data_plane_connections=reply.data_plane_connections,
         data_plane_transfers=reply.data_plane_transfers,
+        write_policy=reply.write_policy,
+        durability=durability,
+        put_reserved_bytes=reply.put_reserved_bytes,
+        ssd_writes_pending=reply.ssd_writes_pending,
     )
 
 

@@ -642,13 +642,21 @@ class BlockPool:
         SSD write (claimed at commit) must end; a block the SSD could not take (no room,
         degraded, not admitted) leaves the whole put durable in memory only.
         """
-        if self._ssd is None or self._config.write_policy != "write-through":
-            return Durability.DURABLE_IN_MEMORY
+        durability = self.policy_durability
+        if durability is Durability.DURABLE_IN_MEMORY:
+            return durability
         for entry in entries:
             ended = self._ssd_writes.get(entry)
             if ended is not None:
                 await ended.wait()
         if not all(TierKind.SSD in entry.copies for entry in entries):
+            return Durability.DURABLE_IN_MEMORY
+        return durability
+
+    @property
+    def policy_durability(self) -> Durability:
+        """What the write policy makes a committed block, when the SSD takes it."""
+        if self._ssd is None or self._config.write_policy != "write-through":
             return Durability.DURABLE_IN_MEMORY
         if self._config.ssd_fsync:
             return Durability.DURABLE_ON_SSD_FSYNCED

@@ -85,6 +85,11 @@ class StoreReport:
     num_namespaces: int
     num_pinned: int
     uptime_s: float
+    write_policy: str
+    # What a COMMITTED put gets when the SSD takes its blocks (kvstore.pool.wait_durable).
+    durability: Durability
+    put_reserved_bytes: int
+    num_ssd_writes: int
 
 
 @dataclass(slots=True)
@@ -289,4 +294,8 @@ class BlockStore:
             num_namespaces=pool.num_namespaces,
             num_pinned=sum(1 for entry in entries if entry.is_pinned(now)),
             uptime_s=pool.uptime_s,
+            write_policy=self._config.write_policy,
+            durability=pool.policy_durability,
+            put_reserved_bytes=pool.put_reserved_bytes,
+            num_ssd_writes=pool.num_ssd_writes,
         )

@@ -65,4 +65,8 @@ def report_to_wire(report: StoreReport, process_cpu_s: float) -> pb.StatsRespons
         num_pinned=report.num_pinned,
         uptime_ms=int(report.uptime_s * 1000),
         process_cpu_us=int(process_cpu_s * 1e6),
+        write_policy=report.write_policy,
+        durability=durability_to_wire(report.durability),
+        put_reserved_bytes=report.put_reserved_bytes,
+        ssd_writes_pending=report.num_ssd_writes,
     )
