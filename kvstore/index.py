@@ -32,6 +32,9 @@ class BlockEntry:
     fastest: TierKind = field(init=False, default=TierKind.DRAM)
     depth: int = 0
     num_children: int = 0
+    # The indexed blocks that name this one as their parent (None while it has none):
+    # a delete walks them instead of the whole namespace.
+    children: list[BlockEntry] | None = field(default=None, repr=False)
     read_pins: int = 0
     lease_expiry: float = 0.0  # monotonic seconds; 0 when never leased
     last_access: int = 0  # store-wide tick, larger is more recent
@@ -142,6 +145,10 @@ class BlockIndex:
             entry.path = ChainPath([entry.key], [entry])
             return
         parent.num_children += 1
+        if parent.children is None:
+            parent.children = [entry]
+        else:
+            parent.children.append(entry)
         entry.depth = parent.depth + 1
         path = parent.path
         assert path is not None, "the parent is not indexed"
@@ -170,6 +177,10 @@ class BlockIndex:
         if parent is None:
             return None
         parent.num_children -= 1
+        assert parent.children is not None
+        parent.children.remove(entry)
+        if not parent.children:
+            parent.children = None
         return parent if parent.num_children == 0 else None
 
     def entries(self) -> list[BlockEntry]:

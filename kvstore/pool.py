@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -440,14 +440,12 @@ class BlockPool:
             self._tiers[kind].free(entry.take_copy(kind))
         self._unindex(entry)
 
-    def delete_subtree(
-        self, state: NamespaceState, roots: list[BlockEntry], now: float
-    ) -> tuple[int, int]:
+    def delete_subtree(self, roots: list[BlockEntry], now: float) -> tuple[int, int]:
         """Delete `roots` and every block chained below them, each block once (keys of
-        one chain share their subtrees), in one pass over the namespace; pinned blocks
-        and their ancestors stay. Returns (blocks deleted, blocks left busy)."""
-        root_ids = {id(root) for root in roots}
-        subtree = _descendants(state.blocks.values(), root_ids)
+        one chain share their subtrees); pinned blocks and their ancestors stay. The
+        work is proportional to the subtrees, not the namespace. Returns (blocks
+        deleted, blocks left busy)."""
+        subtree = _subtrees(roots)
         # Deepest first, so every removal takes a chain tail.
         subtree.sort(key=lambda entry: entry.depth, reverse=True)
         num_deleted = num_busy = 0
@@ -627,7 +625,7 @@ class BlockPool:
             other.read_pins -= 1
         pins, entry.read_pins = entry.read_pins, 0
         try:
-            self.delete_subtree(entry.namespace, [entry], time.monotonic())
+            self.delete_subtree([entry], time.monotonic())
         finally:
             entry.read_pins = pins
             for other in unserved:
@@ -668,28 +666,19 @@ class BlockPool:
             self._ssd.close()
 
 
-def _descendants(entries: Iterable[BlockEntry], root_ids: set[int]) -> list[BlockEntry]:
-    """The entries that are, or descend from, an entry whose id() is in `root_ids`.
-
-    Each ancestor's verdict is remembered, so the pass costs O(entries), not
-    O(entries x chain depth).
-    """
-    verdicts: dict[int, bool] = {}
+def _subtrees(roots: list[BlockEntry]) -> list[BlockEntry]:
+    """The roots and every block chained below them, each once."""
+    seen: set[int] = set()
     found: list[BlockEntry] = []
-    for entry in entries:
-        path: list[BlockEntry] = []
-        node: BlockEntry | None = entry
-        while node is not None and id(node) not in verdicts:
-            if id(node) in root_ids:
-                verdicts[id(node)] = True
-                break
-            path.append(node)
-            node = node.parent
-        verdict = node is not None and verdicts[id(node)]
-        for visited in path:
-            verdicts[id(visited)] = verdict
-        if verdict:
-            found.append(entry)
+    pending = list(roots)
+    while pending:
+        entry = pending.pop()
+        if id(entry) in seen:
+            continue
+        seen.add(id(entry))
+        found.append(entry)
+        if entry.children:
+            pending.extend(entry.children)
     return found
 
 

@@ -263,9 +263,7 @@ class BlockStore:
             return result
         roots = [root for key in keys if (root := state.blocks.get(key)) is not None]
         if roots:
-            result.num_deleted, result.num_busy = self._pool.delete_subtree(
-                state, roots, time.monotonic()
-            )
+            result.num_deleted, result.num_busy = self._pool.delete_subtree(roots, time.monotonic())
         return result
 
     # -- reporting -------------------------------------------------------------------
