@@ -196,6 +196,7 @@ CASES = [
             "limits.default_chunk_bytes": 60 * KiB,
             "limits.max_keys": 5000,
         },
+        attempts=2,
     ),
     Case("lookup", Unavailable, lookup_stored_blocks, drains=True),
 ]

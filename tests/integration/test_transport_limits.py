@@ -164,14 +164,18 @@ async def test_a_put_that_keeps_sending_is_not_cut_however_long_it_runs(
     server_factory: ServerFactory, make_kv: MakeKV, data_plane: bool
 ) -> None:
     """Each message resets the idle clock: a layer put whose pauses stay under the idle
-    limit runs as long as it needs, here five times the limit. The data-plane frame
+    limit runs as long as it needs, here nearly twice the limit. The data-plane frame
     timeout (0.2 s) does not count the pauses between frames either."""
     running = await server_factory(limits__stream_idle_timeout_s=1.0, limits__frame_timeout_s=0.2)
     keys = [b"steady-%d" % i for i in range(2)]
-    kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=1)
-    async with client_for(running, data_plane) as client:
+    layout = KVLayout(
+        num_layers=3, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=16
+    )
+    kv = make_kv(layout, len(keys), form=KVForm.BLOCKS, seed=1)
+    namespace = Namespace(tenant="acme", model_fingerprint="steady", layout=layout)
+    async with client_for(running, data_plane, namespace) as client:
         async with client.layer_put(keys) as put:
-            for layer in range(LAYOUT.num_layers):
+            for layer in range(layout.num_layers):
                 await asyncio.sleep(0.6)  # a forward pass's layer
                 await put.send_layer(layer, kv[:, layer])
         assert put.result is not None

@@ -129,9 +129,7 @@ def test_flags_alone() -> None:
 
 
 def test_a_smaller_message_limit_needs_a_smaller_default_chunk() -> None:
-    with pytest.raises(
-        InvalidRequest, match=r"default_chunk_bytes must be in \[65536, 1044480\]"
-    ):
+    with pytest.raises(InvalidRequest, match=r"default_chunk_bytes must be in \[65536, 1044480\]"):
         parse_flags("--max-message-bytes", "1MiB")
 
 
