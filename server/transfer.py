@@ -136,10 +136,12 @@ class Transfers:
 
     def _chunk_bytes_for(self, requested_bytes: int) -> int:
         """The bytes of layer data in one get message: what the client asked for
-        (0: the server's default), capped so a message stays inside the limit."""
-        return min(
-            requested_bytes or self._limits.default_chunk_bytes, self._limits.max_chunk_bytes
-        )
+        (0: the server's default), clamped into [min_chunk_bytes, max_chunk_bytes]: a
+        message stays inside the limit, and a tiny request cannot make the server
+        spend a message, and its fixed cost, on every few bytes."""
+        limits = self._limits
+        requested_bytes = requested_bytes or limits.default_chunk_bytes
+        return min(max(requested_bytes, limits.min_chunk_bytes), limits.max_chunk_bytes)
 
 
 def _blocks_written(message: PutMessage, num_declared: int) -> Iterator[int]:
