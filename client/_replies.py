@@ -59,6 +59,10 @@ def store_stats(reply: pb.StatsResponse) -> StoreStats:
         data_plane_port=reply.data_plane_port,
         data_plane_connections=reply.data_plane_connections,
         data_plane_transfers=reply.data_plane_transfers,
+        rss_bytes=reply.rss_bytes,
+        open_fds=reply.open_fds,
+        loop_lag_max_us=reply.loop_lag_max_us,
+        loop_lag_p99_us=reply.loop_lag_p99_us,
     )
 
 

@@ -7,6 +7,7 @@ that point into the arena; these are the small replies.
 from __future__ import annotations
 
 from kvstore.enums import PutOutcome
+from kvstore.server.procstat import ProcessHealth
 from kvstore.store import PrefixMatch, StoreReport
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.enums import outcome_to_wire, tier_to_wire
@@ -29,7 +30,9 @@ def put_reply(outcomes: list[PutOutcome]) -> pb.PutBlocksResponse:
     )
 
 
-def report_to_wire(report: StoreReport, process_cpu_s: float) -> pb.StatsResponse:
+def report_to_wire(
+    report: StoreReport, process_cpu_s: float, health: ProcessHealth
+) -> pb.StatsResponse:
     counters = report.counters
     return pb.StatsResponse(
         tiers=[
@@ -64,4 +67,8 @@ def report_to_wire(report: StoreReport, process_cpu_s: float) -> pb.StatsRespons
         num_pinned=report.num_pinned,
         uptime_ms=int(report.uptime_s * 1000),
         process_cpu_us=int(process_cpu_s * 1e6),
+        rss_bytes=health.rss_bytes,
+        open_fds=health.open_fds,
+        loop_lag_max_us=int(health.loop_lag.max_s * 1e6),
+        loop_lag_p99_us=int(health.loop_lag.p99_s * 1e6),
     )
