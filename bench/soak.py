@@ -35,6 +35,14 @@ from kvstore.client import KVStoreClientError, Namespace, StoreStats, SyncKVClie
 from kvstore.units import human_bytes
 
 ROW_OPS = (LOOKUP, GET, PUT)
+SOAK_DEFAULTS: dict[str, object] = {
+    "duration": 600.0,
+    "processes": 4,
+    "concurrency": 16,
+    "scale": "1/256",
+    "max_context": 32 * 1024,
+    "dram_bytes": "64MiB",
+}
 
 
 @dataclass(frozen=True)
@@ -221,7 +229,13 @@ def _latency(p50_p99: tuple[float, float] | None) -> str:
 def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``kvstore-bench soak``: the agent's, other defaults, and the soak's own."""
     add_agent_arguments(parser)
-    parser.set_defaults(duration=600.0, processes=4, concurrency=16, dram_bytes="256MiB")
+    # Smaller blocks and contexts than `agent`'s, and a DRAM that all sessions together
+    # overflow about once a second: eviction runs all the time, yet one session's context
+    # (32K tokens of 512 B) fits many times over, so no put is too big to place.
+    parser.set_defaults(**SOAK_DEFAULTS)
+    parser.epilog = "Defaults unlike agent's: " + " ".join(
+        f"--{name.replace('_', '-')} {value}" for name, value in SOAK_DEFAULTS.items()
+    )
     group = parser.add_argument_group("soak")
     group.add_argument(
         "--sample-s", type=float, default=5.0, help="seconds between Stats samples (default 5)"
@@ -284,6 +298,11 @@ def run_soak(args: argparse.Namespace) -> int:
     verdict = judge_drift(judged, report.errors_by_code, bounds, num_unanswered=unanswered)
     print_soak(rows, verdict, console)
     _note_turnover(run, console)
+    if args.plot:
+        from kvstore.bench.plot import write_plot  # matplotlib is optional and slow to import
+
+        write_plot(merged, report, args.plot)
+        console.print(f"wrote {args.plot}")
     if args.json:
         soak = _soak_json(readings, run, rows, verdict, bounds)
         document = {"soak": soak, "load": report.to_json()}
