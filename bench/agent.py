@@ -35,6 +35,7 @@ from kvstore.bench.command import (
     parse_range,
     run_command,
 )
+from kvstore.bench.load import LoadConfig
 from kvstore.bench.workload import PIN, UNPIN, UnitContext, fetch_and_store
 from kvstore.client import KVStoreClientError, Namespace
 from kvstore.keys import chain_keys
@@ -204,6 +205,14 @@ def add_agent_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_agent(args: argparse.Namespace) -> int:
     """Run ``kvstore-bench agent``; returns the exit status."""
+    workload, config, settings = agent_load_from_args(args)
+    return run_command(args, workload, config, settings=settings)
+
+
+def agent_load_from_args(
+    args: argparse.Namespace,
+) -> tuple[AgentWorkload, LoadConfig, dict[str, object]]:
+    """The workload, load shape and report settings that `add_agent_arguments`' flags say."""
     profile = AgentProfile(
         system_prompt_tokens=args.system_tokens,
         tool_definitions_tokens=args.tool_tokens,
@@ -227,4 +236,4 @@ def run_agent(args: argparse.Namespace) -> int:
     )
     config = load_config_from_args(args, seed=seed)
     settings = {"preset": preset.name, "scale": args.scale, **workload.describe()}
-    return run_command(args, workload, config, settings=settings)
+    return workload, config, settings

@@ -11,6 +11,7 @@ from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
 from kvstore.bench.plan import add_plan_arguments, run_plan
 from kvstore.bench.replay import add_trace_arguments, run_trace
+from kvstore.bench.soak import add_soak_arguments, run_soak
 from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
 
@@ -36,6 +37,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "synthetic agent sessions whose context snowballs; lookup, get, put every turn",
         add_agent_arguments,
         run_agent,
+    ),
+    "soak": (
+        "agent load for a long time (e.g. --duration 10m); fails on RSS, fd or error drift",
+        add_soak_arguments,
+        run_soak,
     ),
     "trace": (
         "replay a Mooncake JSONL trace; prefix hit rate next to the trace's own",

@@ -43,6 +43,22 @@ def parse_count(text: str) -> int:
     return value
 
 
+_SECONDS_PER_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_seconds(text: str) -> float:
+    """'90', '90s', '10m' or '1.5h' -> seconds."""
+    body, unit = text.strip().lower(), "s"
+    if body and body[-1] in _SECONDS_PER_UNIT:
+        body, unit = body[:-1], body[-1]
+    try:
+        return float(body) * _SECONDS_PER_UNIT[unit]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as a duration (e.g. 90, 90s, 10m)"
+        ) from error
+
+
 def parse_range(text: str, kind: Callable[[str], N]) -> tuple[N, N]:
     """'10-30' -> (10, 30); '5' -> (5, 5)."""
     low, _, high = text.partition("-")
@@ -105,9 +121,10 @@ def add_load_arguments(
     load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
     load.add_argument(
         "--duration",
-        type=float,
+        type=parse_seconds,
         default=duration,
-        help="seconds; no unit starts later" + (f" (default {duration:g})" if duration else ""),
+        help="seconds (or 10m, 1h); no unit starts later"
+        + (f" (default {duration:g})" if duration else ""),
     )
     load.add_argument(
         "--ramp-up",

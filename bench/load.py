@@ -97,6 +97,7 @@ class LoadRun:
     results: list[WorkerResult]
     stats_before: StoreStats | None
     stats_after: StoreStats | None
+    started_at: float = 0.0  # unix time of the common start (0.0: the run never started)
 
 
 class LoadDriver:
@@ -144,7 +145,7 @@ class LoadDriver:
         progress = _ProgressBar(workload, self._config, self._console, self._show_progress)
         try:
             self._workers.send_target(target)
-            results, wall_s = self._workers.collect(progress)
+            results, started_at, wall_s = self._workers.collect(progress)
         finally:
             progress.stop()
         return LoadRun(
@@ -158,6 +159,7 @@ class LoadDriver:
             results=results,
             stats_before=stats_before,
             stats_after=fetch_stats(target, workload.namespace),
+            started_at=started_at,
         )
 
 
@@ -234,7 +236,8 @@ class _Workers:
             self._inbox.put(target)
         self._target_sent = True
 
-    def collect(self, progress: _ProgressBar) -> tuple[list[WorkerResult], float]:
+    def collect(self, progress: _ProgressBar) -> tuple[list[WorkerResult], float, float]:
+        """Every worker's result, the common start (unix time) and the wall time since it."""
         ready: set[int] = set()
         results: dict[int, WorkerResult] = {}
         snapshots: dict[int, ProgressSnapshot] = {}
@@ -265,7 +268,7 @@ class _Workers:
                 progress.start(started_wall)
             progress.update(snapshots)
         wall_s = time.time() - started_wall if started_wall is not None else 0.0
-        return [results[index] for index in range(self._count)], wall_s
+        return [results[index] for index in range(self._count)], started_wall or 0.0, wall_s
 
     def _check_alive(self, results: dict[int, WorkerResult]) -> None:
         for index, process in enumerate(self._processes):

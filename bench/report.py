@@ -201,6 +201,7 @@ def merge_results(results: list[WorkerResult]) -> WorkerResult:
         num_units_started=sum(r.num_units_started for r in results),
         num_units_cancelled=sum(r.num_units_cancelled for r in results),
         max_unit_index=max((r.max_unit_index for r in results), default=-1),
+        error_log=tuple(sorted(entry for r in results for entry in r.error_log)),
     )
 
 

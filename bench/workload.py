@@ -150,6 +150,8 @@ class WorkerResult:
     num_units_started: int
     num_units_cancelled: int
     max_unit_index: int  # highest unit index started (-1: none)
+    # Every error as (seconds since the common start, operation, status code name).
+    error_log: tuple[tuple[float, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,7 @@ class Recorder:
         }
         self.tier_hit_blocks: Counter[str] = Counter()
         self.errors: Counter[tuple[str, str]] = Counter()
+        self.error_log: list[tuple[float, str, str]] = []
         self.put_outcomes: Counter[str] = Counter()
         self.schedule_lag = array("d")
         self.num_units_started = 0
@@ -211,6 +214,7 @@ class Recorder:
 
     def error(self, op: str, error: KVStoreClientError) -> None:
         self.errors[(op, error.code.name)] += 1
+        self.error_log.append((self.now(), op, error.code.name))
 
     async def measured(
         self, op: str, call: Awaitable[T], nbytes: int | Callable[[T], int] = 0
@@ -287,6 +291,7 @@ class Recorder:
             num_units_started=self.num_units_started,
             num_units_cancelled=self.num_units_cancelled,
             max_unit_index=self.max_unit_index,
+            error_log=tuple(self.error_log),
         )
 
 

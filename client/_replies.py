@@ -67,6 +67,10 @@ def store_stats(reply: pb.StatsResponse) -> StoreStats:
         durability=durability,
         put_reserved_bytes=reply.put_reserved_bytes,
         ssd_writes_pending=reply.ssd_writes_pending,
+        rss_bytes=reply.rss_bytes,
+        open_fds=reply.open_fds,
+        loop_lag_max_us=reply.loop_lag_max_us,
+        loop_lag_p99_us=reply.loop_lag_p99_us,
     )
 
 

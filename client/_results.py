@@ -95,6 +95,13 @@ class StoreStats:
     data_plane_port: int  # 0: the server has no data plane
     data_plane_connections: int  # open now
     data_plane_transfers: int  # puts and gets it has carried
+    # The daemon process now: resident memory and open file descriptors (0: not known,
+    # e.g. no /proc); and how late its event loop woke over the last 10 s, which delays
+    # every request it serves: the longest lag and the 99th percentile.
+    rss_bytes: int
+    open_fds: int
+    loop_lag_max_us: int
+    loop_lag_p99_us: int
     write_policy: str = ""  # "write-back" or "write-through"; "" from an older server
     # What a COMMITTED put gets when the SSD takes its blocks; None from an older server.
     durability: Durability | None = None

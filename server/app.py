@@ -17,6 +17,7 @@ from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
 from kvstore.server.handlers import add_kvstore_service
 from kvstore.server.lifecycle import Lifecycle
+from kvstore.server.loopwatch import LoopWatch
 from kvstore.server.servicer import KVStoreServicer
 from kvstore.server.transfer import Transfers
 from kvstore.store import BlockStore
@@ -36,6 +37,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     config: ServerConfig
     data_plane: DataPlane | None
+    loop_watch: LoopWatch
 
     async def drain(self) -> None:
         """Stop taking new work, let streams in flight finish, then stop."""
@@ -54,6 +56,7 @@ class RunningServer:
             flushed = await self.mover.flush_all()
             logger.info("flushed %d blocks to SSD", flushed)
         await self.mover.close()
+        await self.loop_watch.stop()
         logger.info("stopped")
 
 
@@ -99,6 +102,10 @@ async def build_server(config: ServerConfig) -> RunningServer:
         except OSError:
             await mover.close()
             raise
+    # Started last, so that a failed start leaves no probe behind; stopped by drain.
+    loop_watch = LoopWatch()
+    loop_watch.start()
+    servicer.loop_watch = loop_watch
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -111,7 +118,9 @@ async def build_server(config: ServerConfig) -> RunningServer:
         config.store.eviction_policy,
         config.store.write_policy if store.has_ssd else "no SSD",
     )
-    return RunningServer(server, port, store, mover, servicer, health_servicer, config, data_plane)
+    return RunningServer(
+        server, port, store, mover, servicer, health_servicer, config, data_plane, loop_watch
+    )
 
 
 async def serve(config: ServerConfig) -> None:

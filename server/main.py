@@ -116,6 +116,11 @@ def print_stats(stats: pb.StatsResponse, console: Console) -> None:
         f"  abandoned puts {stats.puts_abandoned}  checksum failures {stats.checksum_failures}"
         f"  uptime {stats.uptime_ms / 1000:.0f}s  cpu {stats.process_cpu_us / 1e6:.1f}s"
     )
+    console.print(
+        f"process: rss {human_bytes(stats.rss_bytes)}  {stats.open_fds} open fds  "
+        f"event-loop lag over the last 10 s: max {stats.loop_lag_max_us / 1000:.1f} ms, "
+        f"p99 {stats.loop_lag_p99_us / 1000:.1f} ms"
+    )
     if stats.data_plane_port:
         console.print(
             f"data plane on port {stats.data_plane_port}: "

@@ -7,6 +7,7 @@ that point into the arena; these are the small replies.
 from __future__ import annotations
 
 from kvstore.enums import Durability, PutOutcome
+from kvstore.server.procstat import ProcessHealth
 from kvstore.store import PrefixMatch, StoreReport
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.enums import durability_to_wire, outcome_to_wire, tier_to_wire
@@ -30,7 +31,9 @@ def put_reply(outcomes: list[PutOutcome], durability: Durability) -> pb.PutBlock
     )
 
 
-def report_to_wire(report: StoreReport, process_cpu_s: float) -> pb.StatsResponse:
+def report_to_wire(
+    report: StoreReport, process_cpu_s: float, health: ProcessHealth
+) -> pb.StatsResponse:
     counters = report.counters
     return pb.StatsResponse(
         tiers=[
@@ -69,4 +72,8 @@ def report_to_wire(report: StoreReport, process_cpu_s: float) -> pb.StatsRespons
         durability=durability_to_wire(report.durability),
         put_reserved_bytes=report.put_reserved_bytes,
         ssd_writes_pending=report.num_ssd_writes,
+        rss_bytes=health.rss_bytes,
+        open_fds=health.open_fds,
+        loop_lag_max_us=int(health.loop_lag.max_s * 1e6),
+        loop_lag_p99_us=int(health.loop_lag.p99_s * 1e6),
     )

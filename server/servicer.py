@@ -20,7 +20,9 @@ from kvstore.errors import InvalidRequest
 from kvstore.server.config import Limits
 from kvstore.server.decode import MalformedRequest, open_keyed_request, open_request
 from kvstore.server.lifecycle import Lifecycle
+from kvstore.server.loopwatch import LoopWatch
 from kvstore.server.pacing import TransferPacing
+from kvstore.server.procstat import read_process_health
 from kvstore.server.replies import prefix_match_to_wire, report_to_wire
 from kvstore.server.status import status_for
 from kvstore.server.transfer import Transfers
@@ -44,6 +46,7 @@ class KVStoreServicer:
         self.data_plane_port = 0  # set once the data plane listens; 0: none
         # (open connections, transfers carried), from the data plane once it listens.
         self.data_plane_counts: Callable[[], tuple[int, int]] | None = None
+        self.loop_watch: LoopWatch | None = None  # set once the server runs; lag 0 without
 
     def start_draining(self) -> None:
         """Drain both transports: see kvstore.server.lifecycle."""
@@ -142,7 +145,9 @@ class KVStoreServicer:
     ) -> pb.StatsResponse:
         async def handle() -> pb.StatsResponse:
             open_request(request)
-            reply = report_to_wire(self._store.report(), time.process_time())
+            reply = report_to_wire(
+                self._store.report(), time.process_time(), read_process_health(self.loop_watch)
+            )
             reply.data_plane_port = self.data_plane_port
             if self.data_plane_counts is not None:
                 connections, transfers = self.data_plane_counts()

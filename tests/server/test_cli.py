@@ -169,6 +169,14 @@ async def test_daemon_serves_logs_and_prints_stats(daemon: Daemon, make_kv: Make
     # The daemon's own CPU time: importing torch and gRPC alone costs more than 0.1 s.
     assert int(stats["processCpuUs"]) > 100_000
     assert re.search(r"cpu \d+\.\ds", out)
+    # The daemon process's health: its own RSS (torch alone is more than 50 MiB), its fds
+    # (at least the gRPC and data-plane listeners and this client's connection), and the
+    # loop-lag line.
+    assert int(stats["rssBytes"]) > 50 << 20
+    assert int(stats["openFds"]) >= 3
+    assert "loopLagMaxUs" in stats
+    assert int(stats["loopLagP99Us"]) <= int(stats["loopLagMaxUs"])
+    assert re.search(r"process: rss \S+ \S+  \d+ open fds  event-loop lag .*: max", out)
     # The put went over the data plane, which the start-up log and stats both name.
     port = int(stats["dataPlanePort"])
     assert port > 0
