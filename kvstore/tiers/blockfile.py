@@ -9,7 +9,8 @@
 
 A file is written under a temporary name and renamed into place only once complete, so
 a crash leaves either no file or a whole one; the header checksum, the exact file size
-and the per-layer payload checksums catch anything else (a torn page, bit rot).
+and the per-layer payload checksums catch anything else (a torn page, bit rot). Restart
+checks the first two (a small read per file); every read of the block checks all three.
 """
 
 from __future__ import annotations
@@ -94,15 +95,20 @@ def encode_header(header: BlockFileHeader) -> bytes:
     return _PREFIX.pack(MAGIC, len(body)) + body + _FIXED64.pack(xxhash.xxh3_64_intdigest(body))
 
 
-def decode_header(prefix_and_body: bytes) -> tuple[BlockFileHeader, int]:
-    """Parse a header from the start of a file; returns it and the payload's offset."""
-    if len(prefix_and_body) < _PREFIX.size:
+def header_bytes(prefix: bytes) -> int:
+    """How many bytes the header takes (payload offset), from at least its first 12 bytes."""
+    if len(prefix) < _PREFIX.size:
         raise CorruptBlockFile("shorter than the block file prefix")
-    magic, length = _PREFIX.unpack_from(prefix_and_body)
+    magic, length = _PREFIX.unpack_from(prefix)
     if magic != MAGIC:
         raise CorruptBlockFile("bad magic")
-    end = _PREFIX.size + length
-    if len(prefix_and_body) < end + 8:
+    return int(_PREFIX.size + length + _FIXED64.size)
+
+
+def decode_header(prefix_and_body: bytes) -> tuple[BlockFileHeader, int]:
+    """Parse a header from the start of a file; returns it and the payload's offset."""
+    end = header_bytes(prefix_and_body) - _FIXED64.size
+    if len(prefix_and_body) < end + _FIXED64.size:
         raise CorruptBlockFile("truncated header")
     body = prefix_and_body[_PREFIX.size : end]
     if _FIXED64.unpack_from(prefix_and_body, end)[0] != xxhash.xxh3_64_intdigest(body):
@@ -121,7 +127,7 @@ def decode_header(prefix_and_body: bytes) -> tuple[BlockFileHeader, int]:
         raise CorruptBlockFile(f"unreadable header: {error}") from error
     if len(header.layer_checksums) != namespace.layout.num_layers:
         raise CorruptBlockFile("layer checksum count does not match the layout")
-    return header, end + 8
+    return header, end + _FIXED64.size
 
 
 def verify_payload(header: BlockFileHeader, payload: bytes | memoryview) -> None:
