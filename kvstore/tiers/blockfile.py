@@ -15,6 +15,7 @@ checks the first two (a small read per file); every read of the block checks all
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import xxhash
 
 from kvstore.checksum import ChecksumKind, checksum
+from kvstore.errors import InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
 
 MAGIC = b"KVSBLK01"
@@ -43,7 +45,13 @@ class BlockFileHeader:
 
     @property
     def payload_bytes(self) -> int:
-        return self.namespace.layout.block_bytes
+        return _block_bytes(self.namespace.layout)
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_bytes(layout: KVLayout) -> int:
+    # A restart asks once per file; the layout computes it through torch's dtype sizes.
+    return layout.block_bytes
 
 
 def namespace_to_json(namespace: Namespace) -> dict[str, object]:
@@ -66,17 +74,28 @@ def namespace_to_json(namespace: Namespace) -> dict[str, object]:
 def namespace_from_json(data: dict[str, object]) -> Namespace:
     layout = data["layout"]
     assert isinstance(layout, dict)
+    fields = tuple(data[name] for name in ("tenant", "model_fingerprint", "tp_rank", "tp_size"))
+    return _namespace_from_fields(fields, tuple(layout.items()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _namespace_from_fields(
+    fields: tuple[object, ...], layout_items: tuple[tuple[str, object], ...]
+) -> Namespace:
+    # Files of one namespace share one Namespace: a restart parses thousands of headers.
+    tenant, model_fingerprint, tp_rank, tp_size = fields
+    layout = dict(layout_items)
     return Namespace(
-        tenant=str(data["tenant"]),
-        model_fingerprint=str(data["model_fingerprint"]),
-        tp_rank=int(data["tp_rank"]),  # type: ignore[call-overload]
-        tp_size=int(data["tp_size"]),  # type: ignore[call-overload]
+        tenant=str(tenant),
+        model_fingerprint=str(model_fingerprint),
+        tp_rank=int(tp_rank),  # type: ignore[call-overload]
+        tp_size=int(tp_size),  # type: ignore[call-overload]
         layout=KVLayout(
-            num_layers=int(layout["num_layers"]),
-            num_kv_heads=int(layout["num_kv_heads"]),
-            head_dim=int(layout["head_dim"]),
+            num_layers=int(layout["num_layers"]),  # type: ignore[call-overload]
+            num_kv_heads=int(layout["num_kv_heads"]),  # type: ignore[call-overload]
+            head_dim=int(layout["head_dim"]),  # type: ignore[call-overload]
             dtype=DType[str(layout["dtype"])],
-            block_tokens=int(layout["block_tokens"]),
+            block_tokens=int(layout["block_tokens"]),  # type: ignore[call-overload]
         ),
     )
 
@@ -123,7 +142,7 @@ def decode_header(prefix_and_body: bytes) -> tuple[BlockFileHeader, int]:
             checksum_kind=ChecksumKind[data["checksum_kind"]],
             layer_checksums=tuple(int(value) for value in data["layer_checksums"]),
         )
-    except (KeyError, ValueError, TypeError, AssertionError) as error:
+    except (KeyError, ValueError, TypeError, AssertionError, InvalidRequest) as error:
         raise CorruptBlockFile(f"unreadable header: {error}") from error
     if len(header.layer_checksums) != namespace.layout.num_layers:
         raise CorruptBlockFile("layer checksum count does not match the layout")
