@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import json
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+import xxhash
 
 import kvstore.recovery as recovery
 from kvstore.checksum import ChecksumKind, checksum
@@ -223,6 +226,25 @@ def test_a_misplaced_file_is_dropped(tmp_path: Path) -> None:
     assert recover_index(pool) == 0
     assert ssd_of(pool).counters.errors == 1
     assert not moved.exists()
+    pool.close()
+
+
+def test_a_header_with_a_valid_checksum_and_impossible_values_is_dropped(tmp_path: Path) -> None:
+    writer = SsdTier(tmp_path, 64 * MiB, fsync=False)
+    location = write_block_file(writer, b"odd")
+    writer.close()
+    data = location.path.read_bytes()
+    (length,) = struct.unpack_from("<I", data, 8)
+    body = json.loads(data[12 : 12 + length])
+    body["namespace"]["tp_rank"] = 7  # of tp_size 1
+    new_body = json.dumps(body, sort_keys=True).encode()
+    prefix = data[:8] + struct.pack("<I", len(new_body))
+    digest = struct.pack("<Q", xxhash.xxh3_64_intdigest(new_body))
+    location.path.write_bytes(prefix + new_body + digest + data[12 + length + 8 :])
+    pool = make_pool(tmp_path)
+    assert recover_index(pool) == 0
+    assert ssd_of(pool).counters.errors == 1
+    assert not location.path.exists()
     pool.close()
 
 
