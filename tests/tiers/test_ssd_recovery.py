@@ -35,7 +35,7 @@ from kvstore.put import PutSession
 from kvstore.recovery import IndexRebuild, read_headers, recover_index
 from kvstore.server import build_server, load_config
 from kvstore.store import BlockStore
-from kvstore.tiers.blockfile import BlockFileHeader
+from kvstore.tiers.blockfile import BlockFileHeader, CorruptBlockFile
 from kvstore.tiers.ssd import RecoveredBlock, SsdLocation, SsdTier
 
 KiB = 1 << 10
@@ -213,6 +213,29 @@ def test_chains_come_back_whatever_order_their_files_are_read_in(tmp_path: Path)
         f"{key.hex()}.kvb" for key in (b"a0", b"a1", b"a2")
     ]
     assert ssd.used_bytes == sum(path.stat().st_size for path in tmp_path.glob("*/*.kvb"))
+    pool.close()
+
+
+async def test_reads_verify_what_the_restart_did_not(tmp_path: Path) -> None:
+    writer = SsdTier(tmp_path, 64 * MiB, fsync=False)
+    for key in (b"rot", b"swapped", b"other"):
+        write_block_file(writer, key)
+    writer.close()
+    pool = make_pool(tmp_path)
+    assert recover_index(pool) == 3
+    entries = {key: pool.find_prefix(NS, [key])[0] for key in (b"rot", b"swapped", b"other")}
+    assert await pool.read_from_ssd(entries[b"other"]) == payload(b"other")
+    rot = ssd_of(pool).path_for(NS, b"rot")
+    data = bytearray(rot.read_bytes())
+    data[-1] ^= 0xFF  # the last layer's last byte
+    rot.write_bytes(bytes(data))
+    with pytest.raises(CorruptBlockFile, match="layer 3 checksum mismatch"):
+        await pool.read_from_ssd(entries[b"rot"])
+    # A whole, valid file of another block in its place is caught too.
+    swapped = ssd_of(pool).path_for(NS, b"swapped")
+    swapped.write_bytes(ssd_of(pool).path_for(NS, b"other").read_bytes())
+    with pytest.raises(CorruptBlockFile, match="holds a different block"):
+        await pool.read_from_ssd(entries[b"swapped"])
     pool.close()
 
 
