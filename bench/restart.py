@@ -18,9 +18,11 @@ without the daemon around it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,13 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
 from rich.console import Console
 from rich.table import Table
 
 from kvstore.bench.spawn import free_port
 from kvstore.bench.tiers import read_sequentially
 from kvstore.checksum import ChecksumKind, checksum
+from kvstore.client import ClientOptions, KVClient, TierKind
 from kvstore.config import StoreConfig
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.pool import BlockPool
@@ -44,9 +46,6 @@ from kvstore.recovery import recover_index
 from kvstore.tiers.blockfile import BlockFileHeader
 from kvstore.tiers.ssd import SsdLocation, SsdTier
 from kvstore.units import human_bytes, parse_size
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from kvstore.wire.namespace import namespace_to_wire
 
 # 32 layers, as Llama-class models have: the header carries 32 layer checksums.
 _LAYERS, _KV_HEADS, _HEAD_DIM = 32, 1, 128
@@ -54,12 +53,6 @@ _BYTES_PER_TOKEN = 2 * _LAYERS * _KV_HEADS * _HEAD_DIM * DType.BFLOAT16.itemsize
 _WRITER_THREADS = 4
 _POLL_S = 0.01
 _START_TIMEOUT_S = 600.0
-# Reconnect at once while the daemon starts, instead of gRPC's 1 s backoff.
-_FAST_RECONNECT = [
-    ("grpc.initial_reconnect_backoff_ms", 10),
-    ("grpc.min_reconnect_backoff_ms", 10),
-    ("grpc.max_reconnect_backoff_ms", 20),
-]
 
 
 @dataclass(frozen=True)
@@ -227,39 +220,53 @@ def time_restart(
     ssd_dir: Path, namespace: Namespace, num_blocks: int, last_chain: list[bytes]
 ) -> tuple[float, float]:
     """Spawn the daemon; seconds to the first lookup answered and to a whole index."""
-    target = f"127.0.0.1:{free_port()}"
+    port = free_port()
     command = [
-        *(sys.executable, "-m", "kvstore.server.main", "--listen", target),
+        *(sys.executable, "-m", "kvstore.server.main", "--listen", f"127.0.0.1:{port}"),
         *("--ssd-dir", str(ssd_dir), "--ssd-bytes", str(1 << 50)),
         *("--dram-bytes", "64MiB", "--log-level", "warning", "--data-port", "-1"),
     ]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
     try:
-        with grpc.insecure_channel(target, options=_FAST_RECONNECT) as channel:
-            stub = pb_grpc.KVStoreStub(channel)
-            request = pb.LookupPrefixRequest(
-                namespace=namespace_to_wire(namespace), keys=last_chain
-            )
-            stub.LookupPrefix(request, wait_for_ready=True, timeout=_START_TIMEOUT_S)
-            serving_s = time.perf_counter() - start
-            while not _fully_indexed(stub.Stats(pb.StatsRequest(), timeout=10), num_blocks):
-                if time.perf_counter() - start > _START_TIMEOUT_S:
-                    raise RuntimeError("the daemon did not index its SSD in time")
-                time.sleep(_POLL_S)
-            indexed_s = time.perf_counter() - start
-            matched = stub.LookupPrefix(request, timeout=10).num_matched
-            if matched != len(last_chain):
-                raise RuntimeError(f"the last chain matched {matched} of {len(last_chain)} blocks")
+        # A gRPC channel opened before the port listens backs off for a second or more:
+        # wait for the port itself first.
+        _wait_for_port(port, start, process)
+        return asyncio.run(_time_lookups(port, namespace, num_blocks, last_chain, start))
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def _wait_for_port(port: int, start: float, process: subprocess.Popen[bytes]) -> None:
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if process.poll() is not None or time.perf_counter() - start > _START_TIMEOUT_S:
+            raise RuntimeError("the daemon did not start listening")
+        time.sleep(_POLL_S)
+
+
+async def _time_lookups(
+    port: int, namespace: Namespace, num_blocks: int, last_chain: list[bytes], start: float
+) -> tuple[float, float]:
+    options = ClientOptions(data_plane=False)
+    async with KVClient(f"127.0.0.1:{port}", namespace, options=options) as client:
+        await client.lookup_keys(last_chain)
+        serving_s = time.perf_counter() - start
+        while True:
+            ssd = (await client.stats()).tier(TierKind.SSD)
+            if ssd.name == "ssd" and ssd.num_blocks == num_blocks:
+                break
+            if time.perf_counter() - start > _START_TIMEOUT_S:
+                raise RuntimeError("the daemon did not index its SSD in time")
+            await asyncio.sleep(_POLL_S)
+        indexed_s = time.perf_counter() - start
+        matched = (await client.lookup_keys(last_chain)).num_matched
+        if matched != len(last_chain):
+            raise RuntimeError(f"the last chain matched {matched} of {len(last_chain)} blocks")
     return serving_s, indexed_s
-
-
-def _fully_indexed(stats: pb.StatsResponse, num_blocks: int) -> bool:
-    (ssd,) = [tier for tier in stats.tiers if tier.tier == pb.SSD]
-    return ssd.name == "ssd" and ssd.num_blocks == num_blocks
 
 
 def time_rebuild(ssd_dir: Path, file_bytes: int) -> float:
