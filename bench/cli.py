@@ -11,6 +11,7 @@ from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
 from kvstore.bench.plan import add_plan_arguments, run_plan
 from kvstore.bench.replay import add_trace_arguments, run_trace
+from kvstore.bench.restart import add_restart_arguments, run_restart
 from kvstore.bench.soak import add_soak_arguments, run_soak
 from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
@@ -52,6 +53,12 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "SSD-tier get against a plain read of the same disk; write-back put against DRAM-only",
         add_tiers_arguments,
         run_tiers,
+    ),
+    "restart": (
+        "daemon restart to first served lookup and to a whole index, by SSD size; "
+        "against a sequential read of the same files",
+        add_restart_arguments,
+        run_restart,
     ),
     "disagg": (
         "prefill and decode workers on a real transformer: exactness check, agent-session TTFT",

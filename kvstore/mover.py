@@ -25,7 +25,7 @@ from typing import Any
 from kvstore.enums import TierKind
 from kvstore.errors import CapacityExhausted
 from kvstore.index import BlockEntry
-from kvstore.recovery import recover_index
+from kvstore.recovery import recover_index, recover_while_serving
 from kvstore.store import BlockStore
 
 logger = logging.getLogger("kvstore.mover")
@@ -43,12 +43,18 @@ class TierMover:
         self._wake: asyncio.Event | None = None
         self._quiet_until = 0.0
         self._maintenance: asyncio.Task[None] | None = None
+        self._recovery: asyncio.Task[int] | None = None
 
     # -- life cycle -------------------------------------------------------------------
 
     def recover(self) -> int:
         """Rebuild the index from the SSD directory; returns the number of blocks restored."""
         return recover_index(self._pool)
+
+    async def recover_while_serving(self) -> None:
+        """Rebuild the index: before returning if that is quick, else partly in the
+        background (kvstore.recovery.recover_while_serving)."""
+        self._recovery = await recover_while_serving(self._pool)
 
     async def start(self) -> None:
         self._wake = asyncio.Event()
@@ -71,6 +77,11 @@ class TierMover:
         return len(pending)
 
     async def close(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            # A rebuild that failed in the background has logged why already.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._recovery
         if self._maintenance is not None:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -73,8 +73,9 @@ async def build_server(config: ServerConfig) -> RunningServer:
         tune_allocator()
     store = BlockStore(config.store)
     mover = TierMover(store)
-    # Before serving: the index must hold what the SSD directory holds.
-    mover.recover()
+    # The index holds what the SSD directory holds before serving, or, for a directory
+    # too large to index in a moment, fills in the background (kvstore.recovery).
+    await mover.recover_while_serving()
     await mover.start()
     # One lifecycle and one transfer module, shared by gRPC and the data plane.
     lifecycle = Lifecycle()

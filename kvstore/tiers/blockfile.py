@@ -9,11 +9,13 @@
 
 A file is written under a temporary name and renamed into place only once complete, so
 a crash leaves either no file or a whole one; the header checksum, the exact file size
-and the per-layer payload checksums catch anything else (a torn page, bit rot).
+and the per-layer payload checksums catch anything else (a torn page, bit rot). Restart
+checks the first two (a small read per file); every read of the block checks all three.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import xxhash
 
 from kvstore.checksum import ChecksumKind, checksum
+from kvstore.errors import InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
 
 MAGIC = b"KVSBLK01"
@@ -42,7 +45,13 @@ class BlockFileHeader:
 
     @property
     def payload_bytes(self) -> int:
-        return self.namespace.layout.block_bytes
+        return _block_bytes(self.namespace.layout)
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_bytes(layout: KVLayout) -> int:
+    # A restart asks once per file; the layout computes it through torch's dtype sizes.
+    return layout.block_bytes
 
 
 def namespace_to_json(namespace: Namespace) -> dict[str, object]:
@@ -65,17 +74,28 @@ def namespace_to_json(namespace: Namespace) -> dict[str, object]:
 def namespace_from_json(data: dict[str, object]) -> Namespace:
     layout = data["layout"]
     assert isinstance(layout, dict)
+    fields = tuple(data[name] for name in ("tenant", "model_fingerprint", "tp_rank", "tp_size"))
+    return _namespace_from_fields(fields, tuple(layout.items()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _namespace_from_fields(
+    fields: tuple[object, ...], layout_items: tuple[tuple[str, object], ...]
+) -> Namespace:
+    # Files of one namespace share one Namespace: a restart parses thousands of headers.
+    tenant, model_fingerprint, tp_rank, tp_size = fields
+    layout = dict(layout_items)
     return Namespace(
-        tenant=str(data["tenant"]),
-        model_fingerprint=str(data["model_fingerprint"]),
-        tp_rank=int(data["tp_rank"]),  # type: ignore[call-overload]
-        tp_size=int(data["tp_size"]),  # type: ignore[call-overload]
+        tenant=str(tenant),
+        model_fingerprint=str(model_fingerprint),
+        tp_rank=int(tp_rank),  # type: ignore[call-overload]
+        tp_size=int(tp_size),  # type: ignore[call-overload]
         layout=KVLayout(
-            num_layers=int(layout["num_layers"]),
-            num_kv_heads=int(layout["num_kv_heads"]),
-            head_dim=int(layout["head_dim"]),
+            num_layers=int(layout["num_layers"]),  # type: ignore[call-overload]
+            num_kv_heads=int(layout["num_kv_heads"]),  # type: ignore[call-overload]
+            head_dim=int(layout["head_dim"]),  # type: ignore[call-overload]
             dtype=DType[str(layout["dtype"])],
-            block_tokens=int(layout["block_tokens"]),
+            block_tokens=int(layout["block_tokens"]),  # type: ignore[call-overload]
         ),
     )
 
@@ -94,15 +114,20 @@ def encode_header(header: BlockFileHeader) -> bytes:
     return _PREFIX.pack(MAGIC, len(body)) + body + _FIXED64.pack(xxhash.xxh3_64_intdigest(body))
 
 
-def decode_header(prefix_and_body: bytes) -> tuple[BlockFileHeader, int]:
-    """Parse a header from the start of a file; returns it and the payload's offset."""
-    if len(prefix_and_body) < _PREFIX.size:
+def header_bytes(prefix: bytes) -> int:
+    """How many bytes the header takes (payload offset), from at least its first 12 bytes."""
+    if len(prefix) < _PREFIX.size:
         raise CorruptBlockFile("shorter than the block file prefix")
-    magic, length = _PREFIX.unpack_from(prefix_and_body)
+    magic, length = _PREFIX.unpack_from(prefix)
     if magic != MAGIC:
         raise CorruptBlockFile("bad magic")
-    end = _PREFIX.size + length
-    if len(prefix_and_body) < end + 8:
+    return int(_PREFIX.size + length + _FIXED64.size)
+
+
+def decode_header(prefix_and_body: bytes) -> tuple[BlockFileHeader, int]:
+    """Parse a header from the start of a file; returns it and the payload's offset."""
+    end = header_bytes(prefix_and_body) - _FIXED64.size
+    if len(prefix_and_body) < end + _FIXED64.size:
         raise CorruptBlockFile("truncated header")
     body = prefix_and_body[_PREFIX.size : end]
     if _FIXED64.unpack_from(prefix_and_body, end)[0] != xxhash.xxh3_64_intdigest(body):
@@ -117,11 +142,11 @@ def decode_header(prefix_and_body: bytes) -> tuple[BlockFileHeader, int]:
             checksum_kind=ChecksumKind[data["checksum_kind"]],
             layer_checksums=tuple(int(value) for value in data["layer_checksums"]),
         )
-    except (KeyError, ValueError, TypeError, AssertionError) as error:
+    except (KeyError, ValueError, TypeError, AssertionError, InvalidRequest) as error:
         raise CorruptBlockFile(f"unreadable header: {error}") from error
     if len(header.layer_checksums) != namespace.layout.num_layers:
         raise CorruptBlockFile("layer checksum count does not match the layout")
-    return header, end + 8
+    return header, end + _FIXED64.size
 
 
 def verify_payload(header: BlockFileHeader, payload: bytes | memoryview) -> None:

@@ -12,20 +12,31 @@ file and bytes. So used + reserved never exceeds the capacity, and no byte count
 A failing disk degrades the tier instead of failing requests: after a write error
 (disk full, read-only directory, EIO) the tier takes no new blocks for
 `retry_after_s`, logs why, and counts the error; reads of blocks already there go on.
+
+Durability: a file is written under a temporary name and renamed into place; with
+`fsync`, the file is fsynced before the rename and its directory after it (and the tier's
+directory after a namespace directory is created), so a renamed file survives power loss.
+
+Restart (kvstore.recovery) reads only each file's header and size (`read_header`); the
+payload is verified on every read (`read_block`). While recovery runs next to serving,
+`location_for` claims each path it hands out: recovery neither indexes nor deletes a
+claimed path, since a live write owns it now.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import logging
 import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from kvstore.enums import TierKind
 from kvstore.layout import Namespace
@@ -35,13 +46,18 @@ from kvstore.tiers.blockfile import (
     CorruptBlockFile,
     decode_header,
     encode_header,
+    header_bytes,
     namespace_to_json,
     verify_payload,
 )
 
 logger = logging.getLogger("kvstore.ssd")
 SUFFIX = ".kvb"
+TEMPORARY_SUFFIX = ".tmp"
 _HEADER_READ_BYTES = 64 << 10
+# A header with a few dozen layer checksums fits in one page: one read per file at restart.
+_HEADER_PROBE_BYTES = 4 << 10
+_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 # Disk-level failures: the tier stops taking blocks for a while. EFBIG is a file size
 # limit (RLIMIT_FSIZE, or a filesystem's own), which every later write would hit too.
 _DEGRADING_ERRNOS = frozenset(
@@ -61,9 +77,35 @@ class RecoveredBlock:
     location: SsdLocation
 
 
+@dataclass(slots=True)
+class BlockFileListing:
+    """What a restart finds under the tier's directory, by name only."""
+
+    block_files: list[tuple[Path, list[str]]] = field(default_factory=list)  # (dir, names)
+    temporary_files: list[Path] = field(default_factory=list)
+
+    @property
+    def num_block_files(self) -> int:
+        return sum(len(names) for _, names in self.block_files)
+
+
+class Syscalls(Protocol):
+    """The calls whose order makes a write durable; the `os` module is the real one.
+
+    A seam for tests, which count and order them without strace.
+    """
+
+    def open(self, path: Path, flags: int, /) -> int: ...
+
+    def fsync(self, fd: int, /) -> None: ...
+
+    def close(self, fd: int, /) -> None: ...
+
+    def replace(self, source: Path, target: Path, /) -> None: ...
+
+
 class SsdTier:
     kind = TierKind.SSD
-    name = "ssd"
 
     def __init__(
         self,
@@ -73,10 +115,15 @@ class SsdTier:
         fsync: bool,
         io_threads: int = 2,
         retry_after_s: float = 30.0,
+        syscalls: Syscalls = os,
     ) -> None:
         self.directory = directory
         self.fsync = fsync
         self.retry_after_s = retry_after_s
+        self.name = "ssd"
+        self._syscalls = syscalls
+        # Paths handed out while recovery runs; None when it does not.
+        self._claimed: set[Path] | None = None
         self.counters = TierCounters()
         self._capacity_bytes = capacity_bytes
         self._used_bytes = 0
@@ -156,7 +203,8 @@ class SsdTier:
     async def write(
         self, location: SsdLocation, header: BlockFileHeader, payload: Sequence[bytes | memoryview]
     ) -> None:
-        """`write_block` on an I/O thread."""
+        """`write_block` on an I/O thread: once it returns, the file is renamed into place,
+        and with `fsync` the file and its directory are fsynced (it survives power loss)."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.write_block, location, header, payload)
 
@@ -193,8 +241,33 @@ class SsdTier:
             logger.error("SSD tier error while %s: %s", doing, error)
 
     def location_for(self, namespace: Namespace, key: bytes, nbytes: int) -> SsdLocation:
-        digest = hashlib.sha256(repr(namespace_to_json(namespace)).encode()).hexdigest()[:16]
-        return SsdLocation(self.directory / digest / f"{key.hex()}{SUFFIX}", nbytes)
+        """Where the block's file goes; while recovery runs, the path is claimed."""
+        path = self.path_for(namespace, key)
+        if self._claimed is not None:
+            self._claimed.add(path)
+        return SsdLocation(path, nbytes)
+
+    def path_for(self, namespace: Namespace, key: bytes) -> Path:
+        return self.directory / _namespace_directory(namespace) / f"{key.hex()}{SUFFIX}"
+
+    # -- recovery: on the loop's thread ------------------------------------------------
+
+    @property
+    def recovering(self) -> bool:
+        return self._claimed is not None
+
+    def begin_recovery(self) -> None:
+        """From now until `end_recovery`, paths handed out are claimed; Stats says so."""
+        self._claimed = set()
+        self.name = "ssd (recovering)"
+
+    def end_recovery(self) -> None:
+        self._claimed = None
+        self.name = "ssd"
+
+    def is_claimed(self, path: Path) -> bool:
+        """A write may own the path now: recovery must leave its file alone."""
+        return self._claimed is not None and path in self._claimed
 
     def file_bytes(self, header: BlockFileHeader) -> int:
         return len(encode_header(header)) + header.payload_bytes
@@ -204,9 +277,18 @@ class SsdTier:
     def write_block(
         self, location: SsdLocation, header: BlockFileHeader, payload: Sequence[bytes | memoryview]
     ) -> None:
+        """Write the file under a temporary name, then rename it into place; with `fsync`,
+        fsync the file before the rename and the directory after it."""
         path = location.path
-        path.parent.mkdir(exist_ok=True)
-        temporary = path.with_name(f".{path.name}.tmp")
+        directory = path.parent
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            pass
+        else:
+            if self.fsync:  # the new directory's own entry must survive too
+                self._fsync_directory(self.directory)
+        temporary = path.with_name(f".{path.name}{TEMPORARY_SUFFIX}")
         try:
             with open(temporary, "wb") as file:
                 file.write(encode_header(header))
@@ -214,12 +296,26 @@ class SsdTier:
                     file.write(part)
                 if self.fsync:
                     file.flush()
-                    os.fsync(file.fileno())
+                    self._syscalls.fsync(file.fileno())
             # Only a complete file ever carries the final name.
-            os.replace(temporary, path)
+            self._syscalls.replace(temporary, path)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
+        if self.fsync:
+            # The rename lives in the directory: until it is fsynced, power loss can undo it.
+            try:
+                self._fsync_directory(directory)
+            except BaseException:
+                path.unlink(missing_ok=True)  # not durable: the write failed, leave no file
+                raise
+
+    def _fsync_directory(self, directory: Path) -> None:
+        fd = self._syscalls.open(directory, _DIRECTORY_FLAGS)
+        try:
+            self._syscalls.fsync(fd)
+        finally:
+            self._syscalls.close(fd)
 
     def read_block(self, location: SsdLocation) -> tuple[BlockFileHeader, bytes]:
         """The verified header and payload; raises CorruptBlockFile or OSError."""
@@ -239,25 +335,48 @@ class SsdTier:
         except OSError as error:
             self.record_error(error, doing)
 
-    def recover(self) -> list[RecoveredBlock]:
-        """Every intact block under the directory; torn, corrupt and temporary files are deleted."""
-        if not self.directory.is_dir():
-            return []
-        recovered: list[RecoveredBlock] = []
-        for path in sorted(self.directory.glob("*/*")):
-            if path.name.endswith(".tmp"):
-                self.discard(path, "deleting a torn temporary file")
-                continue
-            if path.suffix != SUFFIX:
-                continue
-            try:
-                data = path.read_bytes()
-                header, offset = decode_header(data[:_HEADER_READ_BYTES])
-                verify_payload(header, memoryview(data)[offset:])
-            except (CorruptBlockFile, OSError) as error:
-                logger.warning("dropping damaged block file %s: %s", path, error)
-                self.counters.errors += 1
-                self.discard(path, "deleting a damaged block file")
-                continue
-            recovered.append(RecoveredBlock(header, SsdLocation(path, len(data))))
-        return recovered
+    def list_files(self) -> BlockFileListing:
+        """The block and temporary files under the directory, by name; reads no file."""
+        listing = BlockFileListing()
+        try:
+            directories = [entry for entry in os.scandir(self.directory) if entry.is_dir()]
+        except FileNotFoundError:
+            return listing
+        for entry in directories:
+            directory = Path(entry.path)
+            names = []
+            for name in os.listdir(directory):
+                if name.endswith(TEMPORARY_SUFFIX):
+                    listing.temporary_files.append(directory / name)
+                elif name.endswith(SUFFIX):
+                    names.append(name)
+            listing.block_files.append((directory, names))
+        return listing
+
+    def read_header(self, directory: Path, name: str) -> RecoveredBlock:
+        """A block file's header, checked against the file's size and name; the payload
+        is not read. Raises CorruptBlockFile (torn, damaged or misplaced) or OSError."""
+        path = directory / name
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            file_bytes = os.fstat(fd).st_size
+            head = os.pread(fd, _HEADER_PROBE_BYTES, 0)
+            needed = header_bytes(head)
+            if needed > len(head) and file_bytes >= needed:
+                head = os.pread(fd, needed, 0)
+        finally:
+            os.close(fd)
+        header, payload_offset = decode_header(head)
+        expected = payload_offset + header.payload_bytes
+        if file_bytes != expected:
+            raise CorruptBlockFile(f"file is {file_bytes} B, a whole block file is {expected} B")
+        if name != f"{header.key.hex()}{SUFFIX}" or directory.name != _namespace_directory(
+            header.namespace
+        ):
+            raise CorruptBlockFile("the file's name or directory does not match its header")
+        return RecoveredBlock(header, SsdLocation(path, file_bytes))
+
+
+@functools.lru_cache(maxsize=4096)
+def _namespace_directory(namespace: Namespace) -> str:
+    return hashlib.sha256(repr(namespace_to_json(namespace)).encode()).hexdigest()[:16]

@@ -125,7 +125,9 @@ async def poll_stats(
 
 
 @contextlib.asynccontextmanager
-async def inprocess_server(ssd_dir: Path, **store: Any) -> AsyncIterator[KVClient]:
+async def inprocess_server(
+    ssd_dir: Path, options: ClientOptions = OPTIONS, **store: Any
+) -> AsyncIterator[KVClient]:
     """The real server in this event loop, on port 0; drained (SSD flushed) on exit."""
     settings: dict[str, Any] = {
         "listen": "127.0.0.1:0",
@@ -138,7 +140,7 @@ async def inprocess_server(ssd_dir: Path, **store: Any) -> AsyncIterator[KVClien
     settings.update({f"store.{name}": value for name, value in store.items()})
     running: RunningServer = await build_server(load_config(None, settings))
     try:
-        async with KVClient(f"127.0.0.1:{running.port}", NS, options=OPTIONS) as client:
+        async with KVClient(f"127.0.0.1:{running.port}", NS, options=options) as client:
             yield client
     finally:
         await running.drain()
@@ -309,44 +311,64 @@ async def test_write_back_survives_a_graceful_sigterm(launch: Launch, tmp_path: 
 # -- damaged files ---------------------------------------------------------------------------------
 
 
-async def test_recovery_drops_corrupt_and_torn_blocks_with_their_descendants(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+TRANSPORTS = {
+    "grpc": ClientOptions(verify_checksums=False, data_plane=False),
+    "data-plane": OPTIONS,
+}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_restart_drops_torn_files_and_reads_catch_corrupt_payloads(
+    transport: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     ssd_dir = tmp_path / "ssd"
-    x, y, z = chain_keys("x", 5), chain_keys("y", 4), chain_keys("z", 3)
+    x, y, z, w = chain_keys("x", 5), chain_keys("y", 4), chain_keys("z", 3), chain_keys("w", 2)
     async with inprocess_server(ssd_dir, write_policy="write-through") as client:
-        for keys in (x, y, z):
+        for keys in (x, y, z, w):
             await put_chain(client, keys)
-        await poll_stats(client, lambda stats: ssd_stats(stats).num_blocks == 12)
+        await poll_stats(client, lambda stats: ssd_stats(stats).num_blocks == 14)
 
+    # Restart reads headers and sizes only: a damaged payload is found by the first read.
     flip_payload_byte(block_file(ssd_dir, x[2]))
     torn = block_file(ssd_dir, y[1])
     torn.write_bytes(torn.read_bytes()[: -BLOCK // 2])
+    bad_header = bytearray(block_file(ssd_dir, w[1]).read_bytes())
+    bad_header[20] ^= 0x01  # inside the header's JSON: its checksum no longer matches
+    block_file(ssd_dir, w[1]).write_bytes(bytes(bad_header))
     leftover = torn.with_name(f".{torn.name}.tmp")  # a write the crash cut short
     leftover.write_bytes(b"partial")
 
     with caplog.at_level(logging.WARNING, logger="kvstore"):
-        async with inprocess_server(ssd_dir) as client:
-            assert await assert_intact_prefix(client, x) == 2
+        async with inprocess_server(ssd_dir, options=TRANSPORTS[transport]) as client:
             assert await assert_intact_prefix(client, y) == 1
             assert await assert_intact_prefix(client, z) == 3
-            ssd = ssd_stats(await client.stats())
-            assert (ssd.num_blocks, ssd.errors) == (6, 2)
+            assert await assert_intact_prefix(client, w) == 1
+            assert ssd_stats(await client.stats()).errors == 2  # the torn and the bad header
+            # x's index came back whole; the get stops at the damaged block and drops it
+            # with its descendants, so the next lookup agrees with what was served.
+            assert (await client.lookup_keys(x)).num_matched == 5
+            assert await get_chain(client, x) == [payload(key) for key in x[:2]]
+            assert await assert_intact_prefix(client, x) == 2
+            stats = await client.stats()
+            assert (ssd_stats(stats).num_blocks, ssd_stats(stats).errors) == (7, 3)
+            assert (stats.data_plane_transfers > 0) == (transport == "data-plane")
+            await _poll_files(ssd_dir, {f"{key.hex()}.kvb" for key in (*x[:2], y[0], *z, w[0])})
     assert "dropping damaged block file" in caplog.text
+    assert "header checksum mismatch" in caplog.text
     assert "whose parent block did not survive" in caplog.text
-    survivors = {path.name for path in block_files(ssd_dir)}
-    assert survivors == {f"{key.hex()}.kvb" for key in (*x[:2], *y[:1], *z)}
+    assert "layer 0 checksum mismatch" in caplog.text
     assert not leftover.exists()
 
 
-async def test_corruption_after_recovery_is_caught_on_read(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_corruption_after_recovery_is_caught_on_read(transport: str, tmp_path: Path) -> None:
     ssd_dir = tmp_path / "ssd"
     keys = chain_keys("late", 4)
     async with inprocess_server(ssd_dir, write_policy="write-through") as client:
         await put_chain(client, keys)
         await poll_stats(client, lambda stats: ssd_stats(stats).num_blocks == 4)
 
-    async with inprocess_server(ssd_dir) as client:
+    async with inprocess_server(ssd_dir, options=TRANSPORTS[transport]) as client:
         assert (await client.lookup_keys(keys)).tiers == (TierKind.SSD,) * 4
         flip_payload_byte(block_file(ssd_dir, keys[1]))  # bit rot after the index was built
         served = await get_chain(client, keys)
@@ -356,6 +378,7 @@ async def test_corruption_after_recovery_is_caught_on_read(tmp_path: Path) -> No
         stats = await client.stats()
         assert ssd_stats(stats).errors == 1
         assert stats.blocks_got == 1
+        assert (stats.data_plane_transfers > 0) == (transport == "data-plane")
         await _poll_files(ssd_dir, {f"{keys[0].hex()}.kvb"})
         assert await assert_intact_prefix(client, keys) == 1
 
