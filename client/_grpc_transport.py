@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from typing import NoReturn
 
 import grpc
 
-from kvstore.client._errors import error_for, protocol_error, translate_errors
+from kvstore.client._errors import Unknown, error_for, protocol_error, translate_errors
 from kvstore.client._lookup_stream import LookupStreams
 from kvstore.client._settle import CallSettle
 from kvstore.client._transport import Parts
@@ -94,18 +95,17 @@ class GrpcPutStream:
         with self._settle.tracking():
             try:
                 await self._call.write(parts)
-            except grpc.aio.AioRpcError as error:
-                final = await _status_of_ended_call(self._call, error)
-                raise error_for(final) from final
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+                await _raise_status_of_ended_call(self._call, error)
 
     async def finish(self) -> pb.PutBlocksResponse:
         try:
             with tracked_call(self._settle):
                 try:
                     await self._call.done_writing()
+                    reply: pb.PutBlocksResponse = await self._call
                 except grpc.aio.AioRpcError as error:
-                    raise await _status_of_ended_call(self._call, error) from error
-                reply: pb.PutBlocksResponse = await self._call
+                    await _raise_status_of_ended_call(self._call, error)
         finally:
             self._settle.closed()
         return reply
@@ -156,23 +156,28 @@ class GrpcGetStream:
         self._settle.closed()
 
 
-async def _status_of_ended_call(
-    call: grpc.aio.StreamUnaryCall, write_error: grpc.aio.AioRpcError
-) -> grpc.aio.AioRpcError:
-    """Why a call ended that a write found ended.
+async def _raise_status_of_ended_call(
+    call: grpc.aio.StreamUnaryCall, write_error: grpc.aio.AioRpcError | asyncio.InvalidStateError
+) -> NoReturn:
+    """Raise the client error for why a call ended that a write found ended.
 
     grpc.aio fails a write to a call the server has already ended (RESOURCE_EXHAUSTED
-    for a put that cannot fit, say) with INTERNAL "Internal error from Core"; the call's
-    own status, which has arrived by then, is the server's answer.
+    for a put that cannot fit, DEADLINE_EXCEEDED for one idle too long) with INTERNAL
+    "Internal error from Core", or with InvalidStateError once it knows the call is
+    over; the call's own status, which has arrived by then, is the server's answer.
     """
     try:
         async with asyncio.timeout(_FINAL_STATUS_WAIT_S):
             await call
     except grpc.aio.AioRpcError as final:
-        return final
+        raise error_for(final) from final
     except TimeoutError:
         pass
-    return write_error
+    else:
+        raise Unknown("the server answered the put before the client had sent all of it")
+    if isinstance(write_error, grpc.aio.AioRpcError):
+        raise error_for(write_error) from write_error
+    raise Unknown(f"the put's call ended without a status: {write_error}") from write_error
 
 
 def _join(parts: Parts) -> bytes:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from kvstore.checksum import ChecksumKind
 from kvstore.keys import HashAlgorithm
+from kvstore.wire.chunks import MIN_CHUNK_BYTES
 
 MiB = 1 << 20
 
@@ -29,7 +30,10 @@ class ClientOptions:
     """How the client talks to the server.
 
     `chunk_bytes` is the payload of one stream message: about 1 MiB is where Python
-    gRPC moves bytes fastest on loopback (bigger single messages are slower).
+    gRPC moves bytes fastest on loopback (bigger single messages are slower). A get
+    asks for messages of that size, and the server sends at least 64 KiB a message
+    whatever is asked (kvstore.wire.chunks.MIN_CHUNK_BYTES), so `max_message_bytes`,
+    the most this client accepts, must leave room for that.
     """
 
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -57,5 +61,10 @@ class ClientOptions:
     def __post_init__(self) -> None:
         if self.lookup_streams < 0:
             raise ValueError("lookup_streams must be >= 0")
+        if self.max_message_bytes < MIN_CHUNK_BYTES + 4096:
+            raise ValueError(
+                f"max_message_bytes must be at least {MIN_CHUNK_BYTES + 4096}: a server may "
+                f"send {MIN_CHUNK_BYTES} bytes of data in one get message, whatever is asked"
+            )
         if not 1 <= self.chunk_bytes <= self.max_message_bytes - 4096:
             raise ValueError("chunk_bytes must be in [1, max_message_bytes - 4096]")

@@ -12,7 +12,7 @@ from kvstore.client._errors import protocol_error
 from kvstore.client._results import PrefixMatch, PutResult, StoreStats, TierStats
 from kvstore.enums import TierKind
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire.enums import outcome_from_wire, tier_from_wire
+from kvstore.wire.enums import durability_from_wire, outcome_from_wire, tier_from_wire
 from kvstore.wire.errors import WireError
 
 
@@ -31,14 +31,18 @@ def prefix_match(
 def put_result(reply: pb.PutBlocksResponse, num_skipped: int, bytes_sent: int) -> PutResult:
     try:
         outcomes = tuple(outcome_from_wire(number) for number in reply.outcomes)
+        durability = durability_from_wire(reply.durability)
     except WireError as error:
         raise protocol_error(error) from error
-    return PutResult(outcomes=outcomes, num_skipped=num_skipped, bytes_sent=bytes_sent)
+    return PutResult(
+        outcomes=outcomes, num_skipped=num_skipped, bytes_sent=bytes_sent, durability=durability
+    )
 
 
 def store_stats(reply: pb.StatsResponse) -> StoreStats:
     try:
         tiers = tuple(_tier_stats(tier) for tier in reply.tiers)
+        durability = durability_from_wire(reply.durability)
     except WireError as error:
         raise protocol_error(error) from error
     return StoreStats(
@@ -59,6 +63,10 @@ def store_stats(reply: pb.StatsResponse) -> StoreStats:
         data_plane_port=reply.data_plane_port,
         data_plane_connections=reply.data_plane_connections,
         data_plane_transfers=reply.data_plane_transfers,
+        write_policy=reply.write_policy,
+        durability=durability,
+        put_reserved_bytes=reply.put_reserved_bytes,
+        ssd_writes_pending=reply.ssd_writes_pending,
     )
 
 

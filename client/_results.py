@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.enums import PutOutcome, TierKind
+from kvstore.enums import Durability, PutOutcome, TierKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,9 @@ class PutResult:
     outcomes: tuple[PutOutcome, ...]  # one per block sent
     num_skipped: int  # leading blocks not sent because a lookup found them stored
     bytes_sent: int
+    # What the COMMITTED blocks survive, at the least, as the server answered; None when
+    # nothing was sent or the server predates the field.
+    durability: Durability | None = None
 
     @property
     def num_committed(self) -> int:
@@ -92,6 +95,11 @@ class StoreStats:
     data_plane_port: int  # 0: the server has no data plane
     data_plane_connections: int  # open now
     data_plane_transfers: int  # puts and gets it has carried
+    write_policy: str = ""  # "write-back" or "write-through"; "" from an older server
+    # What a COMMITTED put gets when the SSD takes its blocks; None from an older server.
+    durability: Durability | None = None
+    put_reserved_bytes: int = 0  # DRAM held by puts in flight for blocks not yet committed
+    ssd_writes_pending: int = 0  # SSD writes queued or in progress
 
     def tier(self, kind: TierKind) -> TierStats:
         """The stats of tier `kind`; KeyError if the server has no such tier."""

@@ -24,6 +24,11 @@ class StoreConfig:
     - `hbm_promote_after_seen`: blocks seen this often are copied into HBM on a get.
     - `high_watermark` / `low_watermark`: when a tier fills past high, a background
       task makes room down to low, so puts rarely wait for eviction.
+    - `max_put_reserved_bytes`: DRAM one put may hold for blocks it has started sending
+      but not completed (0: half of `dram_bytes`). Room is reserved as a block's first
+      bytes arrive, so this bounds what one stream can take from everyone else.
+    - `max_namespaces`: namespaces that may hold blocks or puts at once; a namespace
+      is freed when its last block and put are gone.
     """
 
     dram_bytes: int = 1 * GiB
@@ -43,6 +48,8 @@ class StoreConfig:
     high_watermark: float = 0.95
     low_watermark: float = 0.85
     ssd_io_threads: int = 2
+    max_put_reserved_bytes: int = 0
+    max_namespaces: int = 65536
 
     def __post_init__(self) -> None:
         if self.eviction_policy not in POLICIES:
@@ -74,3 +81,15 @@ class StoreConfig:
             raise InvalidRequest("ssd_admit_after_seen and hbm_promote_after_seen must be >= 1")
         if self.ssd_io_threads < 1:
             raise InvalidRequest("ssd_io_threads must be >= 1")
+        if self.max_put_reserved_bytes < 0:
+            raise InvalidRequest(
+                f"max_put_reserved_bytes must be >= 0 (0: half of dram_bytes), "
+                f"got {self.max_put_reserved_bytes}"
+            )
+        if self.max_namespaces < 1:
+            raise InvalidRequest(f"max_namespaces must be >= 1, got {self.max_namespaces}")
+
+    @property
+    def put_reserved_limit_bytes(self) -> int:
+        """`max_put_reserved_bytes`, with 0 resolved to half of DRAM."""
+        return self.max_put_reserved_bytes or self.dram_bytes // 2

@@ -28,3 +28,11 @@ class PutOutcome(enum.Enum):
     COMMITTED = 1
     ALREADY_PRESENT = 2
     PARENT_MISSING = 3
+
+
+class Durability(enum.IntEnum):
+    """What an acknowledged (COMMITTED) block survives; ordered weakest first."""
+
+    DURABLE_IN_MEMORY = 1  # in DRAM or HBM only: a daemon crash loses it
+    DURABLE_ON_SSD = 2  # its block file is renamed into place: survives a daemon crash
+    DURABLE_ON_SSD_FSYNCED = 3  # file and directory fsynced too: survives power loss

@@ -32,6 +32,9 @@ class BlockEntry:
     fastest: TierKind = field(init=False, default=TierKind.DRAM)
     depth: int = 0
     num_children: int = 0
+    # The indexed blocks that name this one as their parent (None while it has none):
+    # a delete walks them instead of the whole namespace.
+    children: list[BlockEntry] | None = field(default=None, repr=False)
     read_pins: int = 0
     lease_expiry: float = 0.0  # monotonic seconds; 0 when never leased
     last_access: int = 0  # store-wide tick, larger is more recent
@@ -87,6 +90,8 @@ class ChainPath:
 class NamespaceState:
     namespace: Namespace
     blocks: dict[bytes, BlockEntry] = field(default_factory=dict)
+    # Puts open in the namespace: it is freed once this is 0 and `blocks` is empty.
+    num_puts: int = 0
 
 
 class BlockIndex:
@@ -111,6 +116,13 @@ class BlockIndex:
             state = self._namespaces[namespace] = NamespaceState(namespace)
         return state
 
+    def drop_namespace(self, state: NamespaceState) -> None:
+        """Forget a namespace that holds nothing (no blocks, no puts)."""
+        assert not state.blocks, "the namespace holds blocks"
+        assert not state.num_puts, "the namespace has puts open"
+        if self._namespaces.get(state.namespace) is state:
+            del self._namespaces[state.namespace]
+
     def present_prefix(self, state: NamespaceState | None, keys: list[bytes]) -> list[BlockEntry]:
         """Entries of the longest prefix of `keys` that is stored, in order."""
         if state is None or not keys:
@@ -133,6 +145,10 @@ class BlockIndex:
             entry.path = ChainPath([entry.key], [entry])
             return
         parent.num_children += 1
+        if parent.children is None:
+            parent.children = [entry]
+        else:
+            parent.children.append(entry)
         entry.depth = parent.depth + 1
         path = parent.path
         assert path is not None, "the parent is not indexed"
@@ -161,6 +177,10 @@ class BlockIndex:
         if parent is None:
             return None
         parent.num_children -= 1
+        assert parent.children is not None
+        parent.children.remove(entry)
+        if not parent.children:
+            parent.children = None
         return parent if parent.num_children == 0 else None
 
     def entries(self) -> list[BlockEntry]:

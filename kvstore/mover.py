@@ -84,9 +84,12 @@ class TierMover:
         each admitted one to SSD), and wake the watermark pass if memory runs high."""
         if not entries:
             return
-        if self._config.write_policy == "write-through":
+        if self._config.write_policy == "write-through" and _loop_is_running():
+            pool = self._pool
             for entry in entries:
-                if self._pool.admitted(entry):
+                # Claimed now, not when the task starts: from commit on, the block
+                # cannot be evicted before it is on SSD, and pool.wait_durable sees it.
+                if pool.admitted(entry) and pool.claim_ssd_write(entry):
                     self._spawn(self.flush(entry, demote=False))
         self._nudge()
 
@@ -168,7 +171,9 @@ class TierMover:
         if marks:
             self._demoting.add(entry)
         try:
-            written = await pool.write_to_ssd(entry)
+            written = await (
+                self._write_with_ancestors(entry) if demote else pool.write_to_ssd(entry)
+            )
         finally:
             if marks:
                 self._demoting.discard(entry)
@@ -179,6 +184,25 @@ class TierMover:
             and not entry.is_pinned(time.monotonic())
         ):
             pool.drop_copy(entry, TierKind.DRAM, demoted=True)
+
+    async def _write_with_ancestors(self, entry: BlockEntry) -> bool:
+        """Write the block's ancestors that are in memory only, root first, then the block.
+
+        A demotion frees the block's memory copy, so under write-back a crash loses
+        exactly the blocks only in memory: if a child reached SSD before its parent, the
+        crash would lose the parent and, with it, the child (recovery drops orphans).
+        """
+        pool = self._pool
+        ancestors: list[BlockEntry] = []
+        node = entry.parent
+        while node is not None and TierKind.SSD not in node.copies:
+            ancestors.append(node)
+            node = node.parent
+        for ancestor in reversed(ancestors):
+            if not await pool.write_to_ssd(ancestor):
+                pool.refresh(entry)
+                return False
+        return await pool.write_to_ssd(entry)
 
     async def ensure_room(self, kind: TierKind, nbytes: int) -> None:
         """Wait until an allocation of `nbytes` in a memory tier will succeed.
@@ -376,6 +400,14 @@ class TierMover:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _loop_is_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # the store is used synchronously (tests, tools)
+        return False
+    return True
 
 
 def _in_memory(entry: BlockEntry) -> bool:

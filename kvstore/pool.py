@@ -18,15 +18,16 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvstore.checksum import ChecksumKind
 from kvstore.config import StoreConfig
-from kvstore.enums import TierKind
+from kvstore.enums import Durability, TierKind
 from kvstore.errors import CapacityExhausted
 from kvstore.eviction import POLICIES, EvictionQueue
 from kvstore.index import BlockEntry, BlockIndex, NamespaceState
@@ -101,8 +102,8 @@ class BlockPool:
         if self._ssd is not None:
             self._tiers[TierKind.SSD] = self._ssd
         self.tier_kinds: tuple[TierKind, ...] = tuple(self._tiers)
-        priority = POLICIES[config.eviction_policy]
-        self._queues = {kind: EvictionQueue(priority) for kind in self.tier_kinds}
+        self._priority = POLICIES[config.eviction_policy]
+        self._queues = {kind: EvictionQueue(self._priority) for kind in self.tier_kinds}
         self._clock = _Clock()
         # num_seen feeds the SSD admission filter and HBM promotion; nothing else reads it.
         self.counts_sightings = config.ssd_admit_after_seen > 1 or self._hbm is not None
@@ -110,8 +111,12 @@ class BlockPool:
         self._leased: set[BlockEntry] = set()
         # Deferred touches: (chain, its newest tick), oldest first.
         self._untouched: list[tuple[list[BlockEntry], int]] = []
-        # SSD writes in flight, each with the event set once it has ended.
+        # DRAM held by puts for blocks that have not committed yet.
+        self.put_reserved_bytes = 0
+        # SSD writes claimed or in flight, each with the event set once it has ended;
+        # `_ssd_writers` are those whose write_to_ssd call is running.
         self._ssd_writes: dict[BlockEntry, asyncio.Event] = {}
+        self._ssd_writers: set[BlockEntry] = set()
 
     # -- tiers (read-only views) --------------------------------------------------------
 
@@ -147,7 +152,33 @@ class BlockPool:
         return self._index.find_namespace(namespace)
 
     def namespace_state(self, namespace: Namespace) -> NamespaceState:
+        """The namespace's state, created if new (recovery: no limit applies)."""
         return self._index.namespace(namespace)
+
+    def open_namespace(self, namespace: Namespace) -> NamespaceState:
+        """The namespace's state for a put, held until `close_namespace`.
+
+        Raises CapacityExhausted rather than create one past `max_namespaces`.
+        """
+        state = self._index.find_namespace(namespace)
+        if state is None:
+            limit = self._config.max_namespaces
+            if self._index.num_namespaces >= limit:
+                raise CapacityExhausted(
+                    f"the store holds {limit} namespaces, its limit (store.max_namespaces); a "
+                    f"namespace is freed when its last block is evicted or deleted"
+                )
+            state = self._index.namespace(namespace)
+        state.num_puts += 1
+        return state
+
+    def close_namespace(self, state: NamespaceState) -> None:
+        state.num_puts -= 1
+        self._free_if_empty(state)
+
+    def _free_if_empty(self, state: NamespaceState) -> None:
+        if not state.blocks and not state.num_puts:
+            self._index.drop_namespace(state)
 
     def find_prefix(self, namespace: Namespace, keys: list[bytes]) -> list[BlockEntry]:
         return self._index.present_prefix(self._index.find_namespace(namespace), keys)
@@ -275,7 +306,11 @@ class BlockPool:
     # -- space --------------------------------------------------------------------------
 
     def allocate(self, kind: TierKind, nbytes: int) -> object:
-        """A handle in a memory tier for `nbytes`, evicting from that tier until one fits."""
+        """A handle in a memory tier for `nbytes`, evicting from that tier until one fits.
+
+        The victims are chosen before any is dropped: an allocation that cannot fit
+        raises CapacityExhausted with every stored block left in place.
+        """
         tier = self._memory[kind]
         if nbytes > tier.capacity_bytes:
             # Evicting could never make room: leave every stored block alone.
@@ -287,18 +322,59 @@ class BlockPool:
         if handle is not None:
             return handle
         self.release_expired_leases()
-        # Victims that could only leave by a demotion (an SSD write) wait for kvstore.mover.
-        with self.victims(kind) as victims:
-            while handle is None:
-                victim = victims.take()
-                if victim is None:
-                    raise CapacityExhausted(self._full_message(kind, tier, nbytes))
-                if self.droppable(victim):
-                    self.drop_copy(victim, kind)
-                    handle = tier.allocate(nbytes)
-                else:
-                    victims.keep(victim)
+        victims = self._plan_eviction(kind, tier.footprint_bytes(nbytes) - tier.free_bytes)
+        if victims is None:
+            raise CapacityExhausted(self._full_message(kind, tier, nbytes))
+        for victim in victims:  # children before their parents: each is a tail when dropped
+            self.drop_copy(victim, kind)
+        handle = tier.allocate(nbytes)
+        assert handle is not None, "the planned victims freed too little"
         return handle
+
+    def _plan_eviction(self, kind: TierKind, needed_bytes: int) -> list[BlockEntry] | None:
+        """The copies in `kind` whose drop frees `needed_bytes`, in the order dropping them
+        one at a time would take them; None, and nothing taken, when all of them would
+        not. A parent whose children are all planned becomes a tail, so it competes
+        with the queue from then on, ranked by the same policy.
+
+        Victims that could only leave by a demotion (an SSD write) wait for kvstore.mover.
+        """
+        tier = self._memory[kind]
+        now = time.monotonic()
+        planned: list[BlockEntry] = []
+        planned_children: dict[BlockEntry, int] = {}
+        freed_up: list[tuple[tuple[object, ...], int, BlockEntry]] = []  # a heap
+        freed_bytes = 0
+        with self.victims(kind) as victims:
+            queued = victims.take()
+            while freed_bytes < needed_bytes:
+                if freed_up and (queued is None or freed_up[0][0] < self._rank(queued, now)):
+                    victim = heapq.heappop(freed_up)[2]
+                elif queued is not None:
+                    victim, queued = queued, victims.take()
+                    if not self.droppable(victim):
+                        victims.keep(victim)
+                        continue
+                else:
+                    break
+                planned.append(victim)
+                freed_bytes += tier.footprint_bytes(victim.layout.block_bytes)
+                parent = victim.parent
+                if parent is None or kind not in parent.copies or parent.is_pinned(now):
+                    continue
+                planned_children[parent] = planned_children.get(parent, 0) + 1
+                if len(parent.copies) == 1 and parent.num_children == planned_children[parent]:
+                    heapq.heappush(freed_up, (self._rank(parent, now), id(parent), parent))
+            if queued is not None:
+                victims.keep(queued)
+            if freed_bytes < needed_bytes:
+                for victim in planned:
+                    victims.keep(victim)
+                return None
+        return planned
+
+    def _rank(self, entry: BlockEntry, now: float) -> tuple[object, ...]:
+        return self._priority(entry, now)
 
     def _full_message(self, kind: TierKind, tier: MemoryTier, nbytes: int) -> str:
         now = time.monotonic()
@@ -314,6 +390,20 @@ class BlockPool:
     def free(self, kind: TierKind, handle: object) -> None:
         """Give back space that never became a copy (a put's block that did not commit)."""
         self._tiers[kind].free(handle)
+
+    def reserve_for_put(self, nbytes: int) -> object:
+        """DRAM for a block a put has started sending; counted in `put_reserved_bytes`
+        until `end_put_reservation`."""
+        handle = self.allocate(TierKind.DRAM, nbytes)
+        self.put_reserved_bytes += self._dram.footprint_bytes(nbytes)
+        return handle
+
+    def end_put_reservation(self, nbytes: int, handle: object | None) -> None:
+        """The block committed (its handle became a copy: pass None) or was dropped (its
+        handle is freed)."""
+        self.put_reserved_bytes -= self._dram.footprint_bytes(nbytes)
+        if handle is not None:
+            self._dram.free(handle)
 
     def add_copy(self, entry: BlockEntry, kind: TierKind, handle: object) -> None:
         """Give an indexed block a copy in a memory tier it was promoted into."""
@@ -342,6 +432,7 @@ class BlockPool:
         new_tail = self._index.remove(entry)
         if new_tail is not None:
             self.refresh(new_tail)
+        self._free_if_empty(entry.namespace)
 
     def remove(self, entry: BlockEntry) -> None:
         """Take a chain tail out of the store, freeing every copy."""
@@ -349,14 +440,12 @@ class BlockPool:
             self._tiers[kind].free(entry.take_copy(kind))
         self._unindex(entry)
 
-    def delete_subtree(
-        self, state: NamespaceState, roots: list[BlockEntry], now: float
-    ) -> tuple[int, int]:
+    def delete_subtree(self, roots: list[BlockEntry], now: float) -> tuple[int, int]:
         """Delete `roots` and every block chained below them, each block once (keys of
-        one chain share their subtrees), in one pass over the namespace; pinned blocks
-        and their ancestors stay. Returns (blocks deleted, blocks left busy)."""
-        root_ids = {id(root) for root in roots}
-        subtree = _descendants(state.blocks.values(), root_ids)
+        one chain share their subtrees); pinned blocks and their ancestors stay. The
+        work is proportional to the subtrees, not the namespace. Returns (blocks
+        deleted, blocks left busy)."""
+        subtree = _subtrees(roots)
         # Deepest first, so every removal takes a chain tail.
         subtree.sort(key=lambda entry: entry.depth, reverse=True)
         num_deleted = num_busy = 0
@@ -401,7 +490,7 @@ class BlockPool:
 
     @property
     def num_ssd_writes(self) -> int:
-        """SSD writes in flight (their blocks are pinned until they end)."""
+        """SSD writes claimed or in flight (their blocks are pinned until they end)."""
         return len(self._ssd_writes)
 
     def reserve_ssd(self, nbytes: int) -> bool:
@@ -418,25 +507,63 @@ class BlockPool:
                 self.drop_copy(victim, TierKind.SSD)
         return True
 
-    async def write_to_ssd(self, entry: BlockEntry) -> bool:
-        """Write an in-memory block's file and give the block its SSD copy.
+    def claim_ssd_write(self, entry: BlockEntry) -> bool:
+        """Mark an in-memory block as being written to SSD, at once.
 
-        False when it was not written: no SSD room, the tier degraded, the block gone,
-        already on SSD or being written, or the write failed. Either way the entry ends
-        up in the queues it belongs to (a victim popped off a queue must go back on it).
+        From here until `write_to_ssd` ends, the block is pinned (no eviction can take
+        its memory copy) and `wait_durable` waits for it: write-through claims at commit,
+        so no gap is left before the write's task starts. False when the block cannot be
+        written (no SSD, a degraded tier, already on SSD, gone); True if already claimed.
         """
+        if entry in self._ssd_writes:
+            return True
         ssd = self._ssd
-        source = TierKind.DRAM if TierKind.DRAM in entry.copies else TierKind.HBM
         if (
             ssd is None
             or TierKind.SSD in entry.copies
-            or entry in self._ssd_writes
             or not entry.is_indexed()
-            or source not in entry.copies
+            or not _in_memory(entry)
             or not ssd.accepts_writes()
         ):
-            self.refresh(entry)
             return False
+        self._ssd_writes[entry] = asyncio.Event()
+        self.acquire_read([entry])
+        return True
+
+    async def write_to_ssd(self, entry: BlockEntry) -> bool:
+        """Give an in-memory block its SSD copy; True once it has one.
+
+        A write already in flight is awaited, not repeated; a claimed block is written
+        by the first call after its claim. False when the block could not be written: no
+        SSD room, the tier degraded, the block gone, or the write failed. Either way the
+        entry ends up in the queues it belongs to (a victim popped off a queue must go
+        back on it).
+        """
+        if TierKind.SSD in entry.copies:
+            return True
+        ended = self._ssd_writes.get(entry)
+        if ended is not None and entry in self._ssd_writers:
+            await ended.wait()
+            return TierKind.SSD in entry.copies
+        if ended is None:
+            if not self.claim_ssd_write(entry):
+                self.refresh(entry)
+                return False
+            ended = self._ssd_writes[entry]
+        self._ssd_writers.add(entry)
+        try:
+            return await self._write_claimed(entry)
+        finally:
+            self._ssd_writers.discard(entry)
+            del self._ssd_writes[entry]
+            self.release_read([entry])  # re-queues the entry where it now belongs
+            ended.set()
+
+    async def _write_claimed(self, entry: BlockEntry) -> bool:
+        ssd = self._ssd
+        if ssd is None or not entry.is_indexed() or not _in_memory(entry):
+            return False
+        source = TierKind.DRAM if TierKind.DRAM in entry.copies else TierKind.HBM
         header = BlockFileHeader(
             namespace=entry.namespace.namespace,
             key=entry.key,
@@ -446,38 +573,18 @@ class BlockPool:
         )
         location = ssd.location_for(header.namespace, entry.key, ssd.file_bytes(header))
         if not self.reserve_ssd(location.nbytes):
-            self.refresh(entry)
             return False
-        ended = self._ssd_writes[entry] = asyncio.Event()
-        try:
-            return await self._write_reserved(ssd, entry, source, header, location)
-        finally:
-            ended.set()
-
-    async def _write_reserved(
-        self,
-        ssd: SsdTier,
-        entry: BlockEntry,
-        source: TierKind,
-        header: BlockFileHeader,
-        location: SsdLocation,
-    ) -> bool:
         block_bytes = entry.layout.block_bytes
-        written = False
-        self.acquire_read([entry])
         try:
             payload = self._memory[source].read(entry.copies[source], 0, block_bytes)
             await ssd.write(location, header, payload)
-            written = True
         except OSError as error:
             ssd.record_error(error, "writing a block")
-        finally:
-            del self._ssd_writes[entry]
-            if not written:
-                ssd.release(location)
-            self.release_read([entry])
-        if not written:
+            ssd.release(location)
             return False
+        except BaseException:
+            ssd.release(location)
+            raise
         ssd.counters.bytes_written += block_bytes
         if not entry.is_indexed():
             ssd.release(location)
@@ -485,7 +592,6 @@ class BlockPool:
             return False
         ssd.commit(location)
         entry.add_copy(TierKind.SSD, location)
-        self.refresh(entry)
         return True
 
     async def read_from_ssd(self, entry: BlockEntry) -> bytes:
@@ -519,28 +625,40 @@ class BlockPool:
             other.read_pins -= 1
         pins, entry.read_pins = entry.read_pins, 0
         try:
-            self.delete_subtree(entry.namespace, [entry], time.monotonic())
+            self.delete_subtree([entry], time.monotonic())
         finally:
             entry.read_pins = pins
             for other in unserved:
                 other.read_pins += 1
 
-    async def wait_durable(self, entries: list[BlockEntry]) -> None:
-        """Return once each committed block's write policy's durability holds.
+    async def wait_durable(self, entries: list[BlockEntry]) -> Durability:
+        """Wait until each committed block is as durable as the write policy makes it,
+        and say what all of them are: the one home of "a block is acknowledged only once
+        it is durable". The put path awaits it before answering COMMITTED.
 
-        This is the one home of "a block is acknowledged only once it is durable": the
-        put path awaits it after handing its committed blocks to the mover and before
-        answering COMMITTED. Write-back: a block is durable once in DRAM, which commit
-        ensures. Write-through: the block's SSD write in flight, if any, must end
-        first. (Today the servicer answers without awaiting this, and the mover starts
-        a write-through write in a task; the durability issue has the put path await
-        it and registers the write here at commit.)
+        Write-back: durable in memory, which commit ensures. Write-through: each block's
+        SSD write (claimed at commit) must end; a block the SSD could not take (no room,
+        degraded, not admitted) leaves the whole put durable in memory only.
         """
-        if self._config.write_policy != "write-through":
-            return
-        writes = [write for entry in entries if (write := self._ssd_writes.get(entry)) is not None]
-        for ended in writes:
-            await ended.wait()
+        durability = self.policy_durability
+        if durability is Durability.DURABLE_IN_MEMORY:
+            return durability
+        for entry in entries:
+            ended = self._ssd_writes.get(entry)
+            if ended is not None:
+                await ended.wait()
+        if not all(TierKind.SSD in entry.copies for entry in entries):
+            return Durability.DURABLE_IN_MEMORY
+        return durability
+
+    @property
+    def policy_durability(self) -> Durability:
+        """What the write policy makes a committed block, when the SSD takes it."""
+        if self._ssd is None or self._config.write_policy != "write-through":
+            return Durability.DURABLE_IN_MEMORY
+        if self._config.ssd_fsync:
+            return Durability.DURABLE_ON_SSD_FSYNCED
+        return Durability.DURABLE_ON_SSD
 
     def close(self) -> None:
         """Stop the SSD tier's I/O threads once the I/O in flight is done."""
@@ -548,26 +666,21 @@ class BlockPool:
             self._ssd.close()
 
 
-def _descendants(entries: Iterable[BlockEntry], root_ids: set[int]) -> list[BlockEntry]:
-    """The entries that are, or descend from, an entry whose id() is in `root_ids`.
-
-    Each ancestor's verdict is remembered, so the pass costs O(entries), not
-    O(entries x chain depth).
-    """
-    verdicts: dict[int, bool] = {}
+def _subtrees(roots: list[BlockEntry]) -> list[BlockEntry]:
+    """The roots and every block chained below them, each once."""
+    seen: set[int] = set()
     found: list[BlockEntry] = []
-    for entry in entries:
-        path: list[BlockEntry] = []
-        node: BlockEntry | None = entry
-        while node is not None and id(node) not in verdicts:
-            if id(node) in root_ids:
-                verdicts[id(node)] = True
-                break
-            path.append(node)
-            node = node.parent
-        verdict = node is not None and verdicts[id(node)]
-        for visited in path:
-            verdicts[id(visited)] = verdict
-        if verdict:
-            found.append(entry)
+    pending = list(roots)
+    while pending:
+        entry = pending.pop()
+        if id(entry) in seen:
+            continue
+        seen.add(id(entry))
+        found.append(entry)
+        if entry.children:
+            pending.extend(entry.children)
     return found
+
+
+def _in_memory(entry: BlockEntry) -> bool:
+    return TierKind.DRAM in entry.copies or TierKind.HBM in entry.copies

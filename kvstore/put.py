@@ -1,11 +1,12 @@
 """PutSession: receives the blocks of one PutBlocks stream and commits the verified ones.
 
-A declared block reserves its DRAM pages at once, so a full store answers before any
-bytes travel. Chunks of each (block, layer) must arrive in order; each layer's
-checksum is computed as its bytes arrive and compared when the layer is complete.
-A block commits, and becomes visible to lookups, when every layer has been verified
-and its parent is stored. Whatever is still in flight when the session is aborted
-is freed.
+A declared block reserves its DRAM pages when its first bytes arrive, not when it is
+declared: declaring costs nothing, and what one put holds of DRAM is bounded by the
+bytes it has sent and by `StoreConfig.max_put_reserved_bytes`. Chunks of each (block,
+layer) must arrive in order; each layer's checksum is computed as its bytes arrive and
+compared when the layer is complete. A block commits, and becomes visible to lookups,
+when every layer has been verified and its parent is stored. Whatever is still in
+flight when the session is aborted is freed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 from kvstore.checksum import ChecksumKind, Hasher, checksums_of_slices, new_hasher
 from kvstore.enums import PutOutcome, TierKind
-from kvstore.errors import ChecksumMismatch, InvalidRequest
+from kvstore.errors import CapacityExhausted, ChecksumMismatch, InvalidRequest
 from kvstore.index import BlockEntry, NamespaceState
 from kvstore.keys import validate_key
 from kvstore.layout import Namespace
@@ -28,7 +29,8 @@ class _PendingBlock:
     index: int
     key: bytes
     parent_key: bytes
-    # None when the bytes are verified but not kept (duplicate or orphan).
+    # Its DRAM while it is being received: None before its first bytes (`start`), and
+    # for a block whose bytes are verified but not kept (duplicate or orphan).
     handle: object | None
     outcome: PutOutcome | None
     layer_filled: list[int]
@@ -48,12 +50,24 @@ class PutSession:
         # Every block's bytes land here first.
         self._dram = store.pool.dram
         self._namespace = namespace
-        self._state: NamespaceState = store.namespace_state(namespace)
         self._layout = namespace.layout
+        self._reserved_limit_bytes = store.config.put_reserved_limit_bytes
+        self._num_started = 0  # blocks holding DRAM that have not committed or dropped
+        dram_bytes = self._dram.capacity_bytes
+        if self._layout.block_bytes > dram_bytes:
+            # Refused before anything is reserved or evicted: no block could ever fit.
+            raise CapacityExhausted(
+                f"a block of {self._layout.block_bytes} B is larger than the whole DRAM tier "
+                f"({dram_bytes} B); give the tier more memory or use smaller blocks"
+            )
+        self._state: NamespaceState = store.pool.open_namespace(namespace)
         self._checksum_kind = checksum_kind
         self._blocks: list[_PendingBlock] = []
         self._by_key: dict[bytes, _PendingBlock] = {}
         self._pinned_parents: list[BlockEntry] = []
+        # Keys that blocks of this put name as their parent: such a block, once
+        # committed, stays pinned until the put ends, so its children can commit.
+        self._parent_keys: set[bytes] = set()
         # Complete blocks whose parent, declared in this put, has not settled yet.
         self._waiting: dict[bytes, list[_PendingBlock]] = {}
         # Committed since the last take_committed(): the caller hands them to the mover.
@@ -79,15 +93,14 @@ class PutSession:
         if len(self._blocks) >= MAX_BLOCKS_PER_PUT:
             raise InvalidRequest(f"a put may declare at most {MAX_BLOCKS_PER_PUT} blocks")
         outcome = self._outcome_at_declare(key, parent_key)
-        handle = None
-        if outcome is None:
-            handle = self._pool.allocate(TierKind.DRAM, self._layout.block_bytes)
+        if parent_key:
+            self._parent_keys.add(parent_key)
         num_layers = self._layout.num_layers
         block = _PendingBlock(
             index=len(self._blocks),
             key=key,
             parent_key=parent_key,
-            handle=handle,
+            handle=None,
             outcome=outcome,
             layer_filled=[0] * num_layers,
             layer_expected=[None] * num_layers,
@@ -110,6 +123,37 @@ class PutSession:
             return PutOutcome.PARENT_MISSING
         self._pin_until_close(parent)
         return None
+
+    def needs_room(self, block_index: int) -> bool:
+        """Whether the declared block still needs its DRAM before its first bytes (see
+        `start`); the caller may first wait for room (kvstore.mover.TierMover.ensure_room).
+
+        Raises CapacityExhausted when starting it would take this put past its limit.
+        """
+        if not 0 <= block_index < len(self._blocks):
+            return False  # write() answers the bad index
+        block = self._blocks[block_index]
+        if block.outcome is not None or block.handle is not None:
+            return False
+        held_bytes = self._num_started * self.block_bytes
+        # One block at a time is always allowed: the namespace's layout bounds its size.
+        if held_bytes and held_bytes + self.block_bytes > self._reserved_limit_bytes:
+            raise CapacityExhausted(
+                f"this put holds {self._num_started} blocks ({held_bytes} B) that it has "
+                f"started but not completed; one put may hold at most "
+                f"{self._reserved_limit_bytes} B of them (store.max_put_reserved_bytes): send "
+                f"whole blocks in order, or fewer blocks per put"
+            )
+        return True
+
+    def start(self, block_index: int) -> None:
+        """Reserve the block's DRAM (evicting if need be), if `needs_room` says it needs it."""
+        if self.needs_room(block_index):
+            self._start(self._blocks[block_index])
+
+    def _start(self, block: _PendingBlock) -> None:
+        block.handle = self._pool.reserve_for_put(self.block_bytes)
+        self._num_started += 1
 
     def _pin_until_close(self, entry: BlockEntry) -> None:
         self._pool.acquire_read([entry])
@@ -149,6 +193,8 @@ class PutSession:
                 f"(2 x {layout.block_tokens} tokens x {layout.num_kv_heads} heads x "
                 f"{layout.head_dim} dims x {layout.dtype.itemsize} B)"
             )
+        if block.outcome is None and block.handle is None:
+            self.start(block_index)
         hasher = block.hashers[layer]
         if offset == 0:
             block.layer_expected[layer] = layer_checksum
@@ -198,6 +244,9 @@ class PutSession:
                 raise InvalidRequest(
                     f"block {block.index} layer {layer} was already sent; send each layer once"
                 )
+        for block in blocks:
+            if block.outcome is None and block.handle is None:
+                self.start(block.index)
         actual = checksums_of_slices(self._checksum_kind, view, layer_bytes)
         # Copy before checking: a mismatch fails the put, and its blocks never commit.
         handles = [block.handle for block in blocks if block.handle is not None]
@@ -280,13 +329,18 @@ class PutSession:
             copies={TierKind.DRAM: block.handle},
         )
         block.handle = None
+        self._num_started -= 1
+        self._pool.end_put_reservation(self.block_bytes, None)
         block.outcome = PutOutcome.COMMITTED
         self._store.commit(entry)
+        if block.key in self._parent_keys:
+            self._pin_until_close(entry)
         self._committed.append(entry)
 
     def _drop(self, block: _PendingBlock, outcome: PutOutcome) -> None:
         if block.handle is not None:
-            self._dram.free(block.handle)
+            self._pool.end_put_reservation(self.block_bytes, block.handle)
+            self._num_started -= 1
             block.handle = None
         block.outcome = outcome
 
@@ -336,6 +390,7 @@ class PutSession:
             self._closed = True
             self._pool.release_read(self._pinned_parents)
             self._pinned_parents = []
+            self._pool.close_namespace(self._state)
 
 
 _WAIT = object()

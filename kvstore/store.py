@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvstore.config import StoreConfig
-from kvstore.enums import TierKind
+from kvstore.enums import Durability, TierKind
 from kvstore.errors import InvalidRequest
-from kvstore.index import BlockEntry, NamespaceState
+from kvstore.index import BlockEntry
 from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
 from kvstore.pool import BlockPool
@@ -85,6 +85,11 @@ class StoreReport:
     num_namespaces: int
     num_pinned: int
     uptime_s: float
+    write_policy: str
+    # What a COMMITTED put gets when the SSD takes its blocks (kvstore.pool.wait_durable).
+    durability: Durability
+    put_reserved_bytes: int
+    num_ssd_writes: int
 
 
 @dataclass(slots=True)
@@ -208,8 +213,10 @@ class BlockStore:
         self._counters.blocks_put += 1
         self._counters.bytes_put += entry.layout.block_bytes
 
-    def namespace_state(self, namespace: Namespace) -> NamespaceState:
-        return self._pool.namespace_state(namespace)
+    async def wait_durable(self, committed: list[BlockEntry]) -> Durability:
+        """Wait until committed blocks are as durable as the write policy makes them;
+        returns what they all are (kvstore.pool.BlockPool.wait_durable)."""
+        return await self._pool.wait_durable(committed)
 
     # -- pins ----------------------------------------------------------------------
 
@@ -256,9 +263,7 @@ class BlockStore:
             return result
         roots = [root for key in keys if (root := state.blocks.get(key)) is not None]
         if roots:
-            result.num_deleted, result.num_busy = self._pool.delete_subtree(
-                state, roots, time.monotonic()
-            )
+            result.num_deleted, result.num_busy = self._pool.delete_subtree(roots, time.monotonic())
         return result
 
     # -- reporting -------------------------------------------------------------------
@@ -287,4 +292,8 @@ class BlockStore:
             num_namespaces=pool.num_namespaces,
             num_pinned=sum(1 for entry in entries if entry.is_pinned(now)),
             uptime_s=pool.uptime_s,
+            write_policy=self._config.write_policy,
+            durability=pool.policy_durability,
+            put_reserved_bytes=pool.put_reserved_bytes,
+            num_ssd_writes=pool.num_ssd_writes,
         )

@@ -32,6 +32,9 @@ reads configuration from outside (files, flags); components receive their own pa
     max_keys = 65536             # keys in one request
     drain_grace_s = 30
     max_data_connections = 1024  # open data-plane connections; more fall back to gRPC
+    stream_idle_timeout_s = 30   # a put or get stream waiting on its client this long is cut
+    frame_timeout_s = 10         # a data-plane frame, once begun, must arrive whole by then
+    max_transfer_s = 600         # the longest deadline a put or get may have
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from typing import Any
 from kvstore import units
 from kvstore.config import StoreConfig
 from kvstore.errors import InvalidRequest
+from kvstore.wire.chunks import MIN_CHUNK_BYTES
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -58,15 +62,31 @@ class Limits:
     drain_grace_s: float = 30.0
     # Open data-plane connections; past it, new ones are turned away (clients use gRPC).
     max_data_connections: int = 1024
+    # A put or get stream that waits this long on its client (no message received for a
+    # put, nothing taken by the client for a get) is cut, whatever its deadline. A layer
+    # put waits on a forward pass between layers, and a decode worker may read layer by
+    # layer as it computes: a long-context layer on a slow or emulated device takes
+    # seconds, so tens of seconds leave room for that while still freeing, within a
+    # minute, what a vanished or stalled client holds.
+    stream_idle_timeout_s: float = 30.0
+    # A data-plane frame, once its first byte is in, must arrive whole within this: a
+    # healthy sender writes a frame in one burst (8 MiB at 0.8 MB/s still makes it), so
+    # only a sender trickling bytes, or a broken network, is cut.
+    frame_timeout_s: float = 10.0
+    # The longest a put or get may run, whatever deadline the client asked for (or none,
+    # over gRPC). The client library's default is 120 s; 128K tokens of Llama-3-70B
+    # (40 GiB) move in well under a minute on the reference machine's loopback.
+    max_transfer_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 64 << 10:
             raise InvalidRequest("limits.max_message_bytes must be at least 64KiB")
         # A chunk travels with a few dozen bytes of framing; keep it inside the limit.
-        if not 1 <= self.default_chunk_bytes <= self.max_chunk_bytes:
+        if not self.min_chunk_bytes <= self.default_chunk_bytes <= self.max_chunk_bytes:
             raise InvalidRequest(
-                f"limits.default_chunk_bytes must be in [1, {self.max_chunk_bytes}] "
-                f"(max_message_bytes minus 4KiB of framing)"
+                f"limits.default_chunk_bytes must be in [{self.min_chunk_bytes}, "
+                f"{self.max_chunk_bytes}] (at least 64KiB, and max_message_bytes minus "
+                f"4KiB of framing at most)"
             )
         if self.max_keys < 1:
             raise InvalidRequest("limits.max_keys must be >= 1")
@@ -74,10 +94,19 @@ class Limits:
             raise InvalidRequest("limits.drain_grace_s must be >= 0")
         if self.max_data_connections < 1:
             raise InvalidRequest("limits.max_data_connections must be >= 1")
+        for name in ("stream_idle_timeout_s", "frame_timeout_s", "max_transfer_s"):
+            if not getattr(self, name) > 0:
+                raise InvalidRequest(f"limits.{name} must be > 0 seconds")
 
     @property
     def max_chunk_bytes(self) -> int:
         return self.max_message_bytes - 4096
+
+    @property
+    def min_chunk_bytes(self) -> int:
+        """The least layer data a get message carries (kvstore.wire.chunks.MIN_CHUNK_BYTES),
+        or the most a message may carry, where the message limit is smaller than that."""
+        return min(MIN_CHUNK_BYTES, self.max_chunk_bytes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,6 +245,24 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-keys", dest="limits.max_keys", type=int)
     parser.add_argument("--drain-grace-s", dest="limits.drain_grace_s", type=float)
     parser.add_argument("--max-data-connections", dest="limits.max_data_connections", type=int)
+    parser.add_argument(
+        "--stream-idle-timeout-s",
+        dest="limits.stream_idle_timeout_s",
+        type=float,
+        help="cut a put or get stream that waits this long on its client (default 30)",
+    )
+    parser.add_argument(
+        "--frame-timeout-s",
+        dest="limits.frame_timeout_s",
+        type=float,
+        help="a data-plane frame, once begun, must arrive whole within this (default 10)",
+    )
+    parser.add_argument(
+        "--max-transfer-s",
+        dest="limits.max_transfer_s",
+        type=float,
+        help="the longest deadline a put or get may have, whatever the client asks (default 600)",
+    )
     parser.add_argument("--log-level", choices=list(_LOG_LEVELS))
     parser.add_argument(
         "--no-tune-allocator",

@@ -22,6 +22,7 @@ from kvstore.errors import InvalidRequest
 from kvstore.server.config import Limits
 from kvstore.server.decode import parse_request
 from kvstore.server.lifecycle import Lifecycle
+from kvstore.server.pacing import TransferPacing
 from kvstore.server.status import status_for
 from kvstore.server.transfer import Transfers
 from kvstore.v1 import kvstore_pb2 as pb
@@ -71,6 +72,40 @@ class _Link:
         self.mid_frame = True
         await send_frame(self.sock, kind, parts)
         self.mid_frame = False
+
+    async def readable(self) -> None:
+        """Until the client has sent a byte, or hung up: the next frame has begun."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+            return  # a byte, or b"" at the end: the read that follows tells which
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            return  # a reset: the read that follows raises ConnectionClosed
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(self.sock.fileno(), wake)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(self.sock.fileno())
+
+    async def read_frame(
+        self, pacing: TransferPacing, limit: int | None = None
+    ) -> tuple[int, memoryview]:
+        """The next frame of a transfer: the wait for its first byte is the client's
+        turn, and from that byte on it must arrive within the frame timeout."""
+        pacing.waiting()
+        await self.readable()
+        pacing.receiving()
+        frame = await self.reader.read(limit)
+        pacing.working()
+        return frame
 
 
 class DataPlane:
@@ -160,29 +195,26 @@ class DataPlane:
                 self._idle.add(task)
                 try:
                     async with asyncio.timeout(_IDLE_TIMEOUT_S):
-                        kind, payload = await reader.read()
+                        await link.readable()
                 except TimeoutError:
                     return  # idle too long: close quietly, the client's pool sees it
                 finally:
                     self._idle.discard(task)
-                self._lifecycle.refuse_if_draining()
-                seconds = DEFAULT_TRANSFER_S
-                if kind == FrameKind.DEADLINE:
-                    seconds = _deadline_of(payload)
-                deadline = asyncio.timeout(seconds)
-                try:
-                    async with deadline:
-                        if kind == FrameKind.DEADLINE:
-                            kind, payload = await reader.read()
-                        await self._transfer(link, kind, payload)
-                except TimeoutError:
-                    if not deadline.expired():
-                        raise
-                    # The client's deadline, as over gRPC: what the transfer held is freed.
-                    raise _Rejected(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"the transfer did not finish within its deadline of {seconds:g} s",
-                    ) from None
+                # The transfer's deadline runs from its first byte: the client's own
+                # (DEFAULT_TRANSFER_S without a DEADLINE frame), capped by the server's
+                # limits.max_transfer_s. Idle waits and trickled frames are cut sooner
+                # (kvstore.server.pacing); a cut frees what the transfer held.
+                async with TransferPacing(self._limits, "transfer") as pacing:
+                    pacing.receiving()
+                    kind, payload = await reader.read()
+                    pacing.working()
+                    self._lifecycle.refuse_if_draining()
+                    if kind == FrameKind.DEADLINE:
+                        pacing.set_deadline(_deadline_of(payload))
+                        kind, payload = await link.read_frame(pacing)
+                    else:
+                        pacing.set_deadline(DEFAULT_TRANSFER_S)
+                    await self._transfer(link, pacing, kind, payload)
                 self.transfers += 1
         except (ConnectionClosed, asyncio.CancelledError):
             pass  # the client went away, or a drain closed an idle connection
@@ -196,12 +228,16 @@ class DataPlane:
         finally:
             sock.close()
 
-    async def _transfer(self, link: _Link, kind: int, payload: memoryview) -> None:
+    async def _transfer(
+        self, link: _Link, pacing: TransferPacing, kind: int, payload: memoryview
+    ) -> None:
         if kind == FrameKind.PUT:
-            reply = await self._transfers.put(self._put_messages(link.reader, payload))
+            pacing.what = "put"
+            reply = await self._transfers.put(self._put_messages(link, pacing, payload))
             await link.send(FrameKind.PUT_DONE, [reply.SerializeToString()])
         elif kind == FrameKind.GET:
-            await self._get(link, payload)
+            pacing.what = "get"
+            await self._get(link, pacing, payload)
         else:
             raise InvalidRequest(
                 f"a transfer starts with a PUT or GET frame (after an optional DEADLINE), "
@@ -230,12 +266,12 @@ class DataPlane:
         await link.send(FrameKind.HELLO, [HELLO_PAYLOAD])
 
     async def _put_messages(
-        self, reader: FrameReader, first: memoryview
+        self, link: _Link, pacing: TransferPacing, first: memoryview
     ) -> AsyncIterator[memoryview]:
         payload = first
         while True:
             yield payload
-            kind, payload = await reader.read()
+            kind, payload = await link.read_frame(pacing)
             if kind == FrameKind.PUT_END:
                 return
             if kind != FrameKind.PUT:
@@ -243,11 +279,13 @@ class DataPlane:
                     f"a put goes on with PUT frames and ends with PUT_END, not kind {kind}"
                 )
 
-    async def _get(self, link: _Link, payload: memoryview) -> None:
+    async def _get(self, link: _Link, pacing: TransferPacing, payload: memoryview) -> None:
         request = parse_request(pb.GetBlocksRequest, bytes(payload))
         async with contextlib.aclosing(self._transfers.get(request)) as messages:
             async for parts in messages:
+                pacing.waiting()  # until the client has taken the frame (or most of it)
                 await link.send(FrameKind.GET_DATA, parts)
+                pacing.working()
         await link.send(FrameKind.GET_END)
 
     async def _reject(self, link: _Link, code: grpc.StatusCode, message: str) -> None:
@@ -260,10 +298,12 @@ class DataPlane:
         if link.mid_frame:
             return
         try:
-            await link.send(FrameKind.ERROR, [encode_error(code.value[0], message)])
-            link.sock.shutdown(socket.SHUT_WR)
-            scratch = memoryview(bytearray(64 << 10))
+            # The send is bounded too: a client that reads nothing must not hold the
+            # connection open with a full socket buffer.
             async with asyncio.timeout(_LINGER_S):
+                await link.send(FrameKind.ERROR, [encode_error(code.value[0], message)])
+                link.sock.shutdown(socket.SHUT_WR)
+                scratch = memoryview(bytearray(64 << 10))
                 while True:  # discard what the client still sends, until it hangs up
                     await link.reader.read_into(scratch)
         except (ConnectionClosed, OSError, TimeoutError, asyncio.CancelledError):

@@ -6,10 +6,10 @@ that point into the arena; these are the small replies.
 
 from __future__ import annotations
 
-from kvstore.enums import PutOutcome
+from kvstore.enums import Durability, PutOutcome
 from kvstore.store import PrefixMatch, StoreReport
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire.enums import outcome_to_wire, tier_to_wire
+from kvstore.wire.enums import durability_to_wire, outcome_to_wire, tier_to_wire
 
 
 def prefix_match_to_wire(match: PrefixMatch) -> pb.LookupPrefixResponse:
@@ -22,10 +22,11 @@ def prefix_match_to_wire(match: PrefixMatch) -> pb.LookupPrefixResponse:
     )
 
 
-def put_reply(outcomes: list[PutOutcome]) -> pb.PutBlocksResponse:
+def put_reply(outcomes: list[PutOutcome], durability: Durability) -> pb.PutBlocksResponse:
     return pb.PutBlocksResponse(
         outcomes=[outcome_to_wire(outcome) for outcome in outcomes],
         num_committed=sum(1 for outcome in outcomes if outcome is PutOutcome.COMMITTED),
+        durability=durability_to_wire(durability),
     )
 
 
@@ -64,4 +65,8 @@ def report_to_wire(report: StoreReport, process_cpu_s: float) -> pb.StatsRespons
         num_pinned=report.num_pinned,
         uptime_ms=int(report.uptime_s * 1000),
         process_cpu_us=int(process_cpu_s * 1e6),
+        write_policy=report.write_policy,
+        durability=durability_to_wire(report.durability),
+        put_reserved_bytes=report.put_reserved_bytes,
+        ssd_writes_pending=report.num_ssd_writes,
     )

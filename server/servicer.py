@@ -20,6 +20,7 @@ from kvstore.errors import InvalidRequest
 from kvstore.server.config import Limits
 from kvstore.server.decode import MalformedRequest, open_keyed_request, open_request
 from kvstore.server.lifecycle import Lifecycle
+from kvstore.server.pacing import TransferPacing
 from kvstore.server.replies import prefix_match_to_wire, report_to_wire
 from kvstore.server.status import status_for
 from kvstore.server.transfer import Transfers
@@ -38,6 +39,7 @@ class KVStoreServicer:
         self._store = store
         self._transfers = transfers
         self._lifecycle = lifecycle
+        self._limits = limits
         self._max_keys = limits.max_keys
         self.data_plane_port = 0  # set once the data plane listens; 0: none
         # (open connections, transfers carried), from the data plane once it listens.
@@ -153,18 +155,34 @@ class KVStoreServicer:
     async def PutBlocks(
         self, request_iterator: AsyncIterator[bytes], context: Context
     ) -> pb.PutBlocksResponse:
-        return await self._answer(context, lambda: self._transfers.put(request_iterator))
+        """Paced (kvstore.server.pacing): a client that sends nothing for the idle limit,
+        or a call past limits.max_transfer_s (deadline or none), is cut and freed."""
+
+        async def handle() -> pb.PutBlocksResponse:
+            async with TransferPacing(self._limits, "put") as pacing:
+                return await self._transfers.put(pacing.received(request_iterator))
+
+        return await self._answer(context, handle)
 
     async def GetBlocks(
         self, request: pb.GetBlocksRequest | MalformedRequest, context: Context
     ) -> None:
-        """Writes each message as wire parts; arena views stay valid while the stream is open."""
+        """Writes each message as wire parts; arena views stay valid while the stream is open.
+
+        Paced as puts are: a client that takes no message for the idle limit is cut.
+        """
 
         async def handle() -> None:
-            # Closed at once when the client cancels, so the blocks are unpinned then.
-            async with contextlib.aclosing(self._transfers.get(request)) as messages:
+            # The messages close at once when the client cancels or is cut, so the
+            # blocks are unpinned then.
+            async with (
+                TransferPacing(self._limits, "get") as pacing,
+                contextlib.aclosing(self._transfers.get(request)) as messages,
+            ):
                 async for parts in messages:
+                    pacing.waiting()
                     await context.write(parts)
+                    pacing.working()
 
         await self._answer(context, handle)
 

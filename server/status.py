@@ -9,6 +9,7 @@ import grpc
 
 from kvstore.errors import CapacityExhausted, ChecksumMismatch, InvalidRequest
 from kvstore.server.lifecycle import Draining
+from kvstore.server.pacing import StreamCut
 from kvstore.wire.errors import WireError
 
 logger = logging.getLogger("kvstore.server")
@@ -19,6 +20,7 @@ _STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
     CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Draining: grpc.StatusCode.UNAVAILABLE,
+    StreamCut: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 from kvstore.enums import TierKind
 from kvstore.errors import InvalidRequest
+from kvstore.index import BlockEntry
 from kvstore.mover import TierMover
 from kvstore.put import PutSession
 from kvstore.read import ReadSession
@@ -52,6 +53,7 @@ class Transfers:
         buffer that the transport reuses.
         """
         session: PutSession | None = None
+        committed: list[BlockEntry] = []
         try:
             async for raw in messages:
                 message = decode_put_message(raw)
@@ -59,10 +61,15 @@ class Transfers:
                     session = self._open_put(message)
                 elif message.namespace is not None:
                     raise InvalidRequest("namespace belongs in the first message of a put only")
-                await self._apply_put_message(session, message)
+                await self._apply_put_message(session, message, committed)
             if session is None:
                 raise InvalidRequest("the put stream was empty; send a namespace and blocks")
-            return put_reply(session.finish())
+            outcomes = session.finish()
+            # COMMITTED means what the write policy promises: under write-through, the
+            # blocks' files are in place before the reply goes (and puts slow down to
+            # the disk's pace).
+            durability = await self._store.wait_durable(committed)
+            return put_reply(outcomes, durability)
         finally:
             # A cancelled or failed stream frees whatever it had reserved.
             if session is not None:
@@ -73,11 +80,17 @@ class Transfers:
         kind = checksum_kind_from_wire(message.checksum_kind)
         return PutSession(self._store, namespace, kind)
 
-    async def _apply_put_message(self, session: PutSession, message: PutMessage) -> None:
+    async def _apply_put_message(
+        self, session: PutSession, message: PutMessage, committed: list[BlockEntry]
+    ) -> None:
         for header in message.blocks:
-            # Under pressure, wait for demotions to SSD rather than fail the put.
-            await self._mover.ensure_room(TierKind.DRAM, session.block_bytes)
             session.declare(header.key, header.parent_key)
+        # Room is reserved as a block's first bytes arrive. Under pressure, wait for
+        # demotions to SSD (or write-through writes) rather than fail the put.
+        for block_index in _blocks_written(message, session.num_declared):
+            if session.needs_room(block_index):
+                await self._mover.ensure_room(TierKind.DRAM, session.block_bytes)
+                session.start(block_index)
         for chunk in message.chunks:
             session.write(
                 chunk.block_index, chunk.layer, chunk.offset, chunk.data, chunk.layer_checksum
@@ -86,7 +99,9 @@ class Transfers:
             session.write_run(
                 run.first_block, run.num_blocks, run.layer, run.data, run.layer_checksums
             )
-        self._mover.on_committed(session.take_committed())
+        newly_committed = session.take_committed()
+        self._mover.on_committed(newly_committed)
+        committed.extend(newly_committed)
 
     async def get(
         self, request: pb.GetBlocksRequest | MalformedRequest
@@ -121,10 +136,21 @@ class Transfers:
 
     def _chunk_bytes_for(self, requested_bytes: int) -> int:
         """The bytes of layer data in one get message: what the client asked for
-        (0: the server's default), capped so a message stays inside the limit."""
-        return min(
-            requested_bytes or self._limits.default_chunk_bytes, self._limits.max_chunk_bytes
-        )
+        (0: the server's default), clamped into [min_chunk_bytes, max_chunk_bytes]: a
+        message stays inside the limit, and a tiny request cannot make the server
+        spend a message, and its fixed cost, on every few bytes."""
+        limits = self._limits
+        requested_bytes = requested_bytes or limits.default_chunk_bytes
+        return min(max(requested_bytes, limits.min_chunk_bytes), limits.max_chunk_bytes)
+
+
+def _blocks_written(message: PutMessage, num_declared: int) -> Iterator[int]:
+    """The declared blocks the message's chunks and runs write to, each run clipped to
+    the declared blocks (a bad index is answered when the chunk is applied)."""
+    for chunk in message.chunks:
+        yield chunk.block_index
+    for run in message.runs:
+        yield from range(run.first_block, min(run.first_block + run.num_blocks, num_declared))
 
 
 def _run_messages(session: ReadSession, chunk_bytes: int, header: bytes) -> Iterator[WireParts]:

@@ -55,6 +55,13 @@ class MemoryTier(Tier, Protocol):
         """A handle for `nbytes`, or None when the tier is full."""
         ...
 
+    @property
+    def free_bytes(self) -> int: ...
+
+    def footprint_bytes(self, nbytes: int) -> int:
+        """The bytes an allocation of `nbytes` takes from the tier, and its free gives back."""
+        ...
+
     def write(self, handle: object, offset: int, data: bytes | memoryview) -> None: ...
 
     def read(self, handle: object, offset: int, nbytes: int) -> list[memoryview]: ...
@@ -84,6 +91,14 @@ class ArenaTier:
 
     def allocate(self, nbytes: int) -> object | None:
         return self.arena.allocate(nbytes)
+
+    @property
+    def free_bytes(self) -> int:
+        return self.arena.free_bytes
+
+    def footprint_bytes(self, nbytes: int) -> int:
+        """The bytes an allocation of `nbytes` takes (and its free gives back): whole pages."""
+        return self.arena.pages_for(nbytes) * self.arena.page_bytes
 
     def free(self, handle: object) -> None:
         self.arena.free(cast(list[int], handle))

@@ -58,6 +58,11 @@ GET_NUM_BLOCKS = 4
 GET_TIERS = 5
 GET_RUNS = 6
 
+# The least layer data a get message carries (unless the stream has less left): the
+# server raises a GetBlocksRequest's max_chunk_bytes to this, so a tiny value cannot
+# make it send one message per byte. Clients must accept messages this large.
+MIN_CHUNK_BYTES = 64 << 10
+
 
 def uses_runs(layout: KVLayout, chunk_bytes: int) -> bool:
     """Whether a stream of this layout carries LayerRuns rather than LayerChunks.

@@ -8,7 +8,7 @@ numbers a peer may send, in one place.
 from __future__ import annotations
 
 from kvstore.checksum import ChecksumKind
-from kvstore.enums import PutOutcome, TierKind
+from kvstore.enums import Durability, PutOutcome, TierKind
 from kvstore.layout import DType
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.errors import WireError
@@ -32,6 +32,23 @@ def tier_from_wire(number: int) -> TierKind:
 
 def outcome_to_wire(outcome: PutOutcome) -> pb.PutOutcome.ValueType:
     return pb.PutOutcome.ValueType(outcome.value)
+
+
+def durability_to_wire(durability: Durability) -> pb.Durability.ValueType:
+    return pb.Durability.ValueType(durability.value)
+
+
+def durability_from_wire(number: int) -> Durability | None:
+    """None for 0: a server from before durability was reported."""
+    if number == 0:
+        return None
+    try:
+        return Durability(number)
+    except ValueError:
+        raise WireError(
+            f"unknown durability number {number}; this client knows "
+            f"{[member.value for member in Durability]}"
+        ) from None
 
 
 def outcome_from_wire(number: int) -> PutOutcome:

@@ -179,7 +179,12 @@ async def test_closed_and_open_loop_stop_within_the_duration(
 async def test_put_errors_are_counted_when_dram_is_full_of_pinned_blocks(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    server = await server_factory(store__page_bytes=BLOCK_BYTES, store__dram_bytes=8 * BLOCK_BYTES)
+    # One put of a layer-major squatter fills all of DRAM: let one put hold all of it.
+    server = await server_factory(
+        store__page_bytes=BLOCK_BYTES,
+        store__dram_bytes=8 * BLOCK_BYTES,
+        store__max_put_reserved_bytes=8 * BLOCK_BYTES,
+    )
     layout = scaled_layout(get_preset("Llama-3-8B"), 1 / 4096, BLOCK_TOKENS, num_layers=2)
     assert layout.block_bytes == BLOCK_BYTES
     squatter = Namespace(tenant="squatter", model_fingerprint="m", layout=layout)

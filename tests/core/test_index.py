@@ -109,3 +109,24 @@ def test_random_trees_with_evictions_match_the_per_key_probe() -> None:
             ]
             for query in queries:
                 assert index.present_prefix(state, query) == probed_prefix(state, query)
+
+
+def test_children_lists_match_the_parent_links_through_inserts_and_removals() -> None:
+    """Deletes walk `children` instead of the namespace: it must name exactly the
+    indexed blocks whose parent is the entry, whatever order blocks come and go in."""
+    rng = random.Random(7)
+    index = BlockIndex()
+    entries: list[BlockEntry] = []
+    for number in range(2000):
+        if entries and rng.random() < 0.35:
+            leaves = [entry for entry in entries if entry.num_children == 0]
+            leaf = rng.choice(leaves)
+            index.remove(leaf)
+            entries.remove(leaf)
+        else:
+            parent = rng.choice(entries) if entries and rng.random() < 0.9 else None
+            entries.append(add(index, b"k%d" % number, parent))
+    for entry in entries:
+        expected = [other for other in entries if other.parent is entry]
+        assert sorted(map(id, entry.children or [])) == sorted(map(id, expected))
+        assert entry.num_children == len(expected)

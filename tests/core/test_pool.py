@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
+from pathlib import Path
 
 import pytest
 
 from kvstore.checksum import ChecksumKind, checksum
-from kvstore.enums import PutOutcome, TierKind
+from kvstore.enums import Durability, PutOutcome, TierKind
+from kvstore.errors import CapacityExhausted
 from kvstore.index import BlockEntry
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.pool import BlockPool
@@ -155,3 +158,120 @@ def test_entry_layout_is_its_namespace_layout() -> None:
     store = make_store()
     put(store, b"A")
     assert entry_of(store, b"A").layout is LAYOUT
+
+
+# -- allocation: victims are planned before any is dropped --------------------------------------
+
+
+def present(store: BlockStore, key: bytes) -> bool:
+    return bool(store.find_prefix(NS, [key]))
+
+
+def chain_and_roots(store: BlockStore) -> None:
+    """A→B→C→D, then roots E and F: six of eight pages; LRU order F, E newest."""
+    parent = b""
+    for key in (b"A", b"B", b"C", b"D"):
+        put(store, key, parent)
+        parent = key
+    put(store, b"E")
+    put(store, b"F")
+
+
+def test_an_allocation_that_cannot_fit_evicts_nothing() -> None:
+    store = make_store()
+    chain_and_roots(store)
+    store.pin(NS, [b"B"], ttl_s=60)  # B's lease keeps A and B; C and D may still go
+    free_pages = store.dram.arena.free_bytes // PAGE_BYTES
+    assert free_pages == 2
+    # Free pages, plus D, C, E and F: six pages at most; seven cannot fit.
+    with pytest.raises(CapacityExhausted, match="DRAM tier is full"):
+        store.pool.allocate(TierKind.DRAM, 7 * PAGE_BYTES)
+    assert all(present(store, key) for key in (b"A", b"B", b"C", b"D", b"E", b"F"))
+    assert store.dram.counters.evictions == 0
+    # Everything that was taken off the queue went back on it, in order.
+    assert take_all(store.pool, TierKind.DRAM) == [b"D", b"E", b"F"]
+
+
+def test_planned_victims_free_their_parents_in_policy_order() -> None:
+    """D goes first; C becomes a tail once D is planned and, being older than E and F,
+    goes next; B after it: what dropping one victim at a time would do."""
+    store = make_store()
+    chain_and_roots(store)
+    store.pool.allocate(TierKind.DRAM, 5 * PAGE_BYTES)  # 2 free + 3 victims
+    assert [present(store, key) for key in (b"A", b"B", b"C", b"D", b"E", b"F")] == [
+        True,
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]
+    assert store.dram.counters.evictions == 3
+
+
+def test_a_block_claimed_for_a_write_through_write_is_not_evictable(tmp_path: Path) -> None:
+    """Write-through claims at commit: until the write ends, no allocation can take the
+    block's DRAM copy (the issue saw acknowledged blocks evicted before reaching SSD)."""
+    store = make_store(num_pages=2, ssd_dir=str(tmp_path / "ssd"), write_policy="write-through")
+    put(store, b"A")
+    put(store, b"B")
+
+    async def claim_then_allocate() -> None:
+        entry = entry_of(store, b"A")
+        assert store.pool.claim_ssd_write(entry)
+        assert store.pool.num_ssd_writes == 1
+        store.pool.allocate(TierKind.DRAM, PAGE_BYTES)  # takes B, never A
+        assert present(store, b"A")
+        assert not present(store, b"B")
+        with pytest.raises(CapacityExhausted):
+            store.pool.allocate(TierKind.DRAM, PAGE_BYTES)
+        assert await store.pool.write_to_ssd(entry)
+        assert store.pool.num_ssd_writes == 0
+        assert await store.pool.wait_durable([entry]) is Durability.DURABLE_ON_SSD
+        assert set(entry.copies) == {TierKind.DRAM, TierKind.SSD}
+        store.pool.allocate(TierKind.DRAM, PAGE_BYTES)  # now A's DRAM copy may go
+
+    asyncio.run(claim_then_allocate())
+    assert entry_of(store, b"A").copies.keys() == {TierKind.SSD}
+    store.pool.close()
+
+
+# -- namespaces ----------------------------------------------------------------------------------
+
+
+def test_a_namespace_is_freed_with_its_last_block_and_put() -> None:
+    store = make_store()
+    for number in range(1000):  # empty puts under new tenants, as the issue sent
+        other = Namespace(tenant=f"t{number}", model_fingerprint="m", layout=LAYOUT)
+        PutSession(store, other, KIND).abort()
+    assert store.pool.num_namespaces == 0
+    put(store, b"A")
+    assert store.pool.num_namespaces == 1
+    # A put that is open keeps its namespace even when the last block goes, so what it
+    # commits next lands in the index, not in a forgotten namespace.
+    session = PutSession(store, NS, KIND)
+    store.delete(NS, [b"A"])
+    assert store.pool.num_namespaces == 1
+    session.declare(b"B", b"")
+    for layer in range(LAYOUT.num_layers):
+        data = bytes(LAYOUT.layer_bytes)
+        session.write(0, layer, 0, data, checksum(KIND, data))
+    assert session.finish() == [PutOutcome.COMMITTED]
+    assert present(store, b"B")
+    store.delete(NS, [b"B"])
+    assert store.pool.num_namespaces == 0
+
+
+def test_past_the_namespace_limit_a_put_is_refused() -> None:
+    store = make_store(max_namespaces=2)
+    first, second, third = (
+        Namespace(tenant=tenant, model_fingerprint="m", layout=LAYOUT) for tenant in "abc"
+    )
+    held = [PutSession(store, first, KIND), PutSession(store, second, KIND)]
+    with pytest.raises(CapacityExhausted, match="max_namespaces"):
+        PutSession(store, third, KIND)
+    PutSession(store, first, KIND).abort()  # an existing namespace is not a new one
+    held[0].abort()
+    PutSession(store, third, KIND).abort()
+    held[1].abort()
+    assert store.pool.num_namespaces == 0

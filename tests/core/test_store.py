@@ -223,12 +223,15 @@ def test_read_in_flight_is_never_evicted() -> None:
     session = ReadSession(store, NS, [A, B, C])
     assert len(session.entries) == 3
     free_before = store.dram.arena.free_bytes
+    # x and y take D and E's pages; z finds only the read's blocks and its own
+    # parents, and fails without evicting anything.
+    chain = [(b"x", b""), (b"y", b"x"), (b"z", b"y")]
     with pytest.raises(CapacityExhausted):
-        put(store, [(b"x", b""), (b"y", b""), (b"z", b"")])
-    assert all(present(store, key) for key in (A, B, C))
+        put(store, chain)
+    assert all(present(store, key) for key in (A, B, C, b"x", b"y"))
     assert not present(store, D)
     assert not present(store, E)
-    assert store.dram.arena.free_bytes == free_before + 2 * PAGE_BYTES
+    assert store.dram.arena.free_bytes == free_before, "z's failed start holds no page"
 
     chunks = list(session.chunks(LAYOUT.layer_bytes))
     assert [(chunk.layer, chunk.block_index) for chunk in chunks] == [
@@ -241,7 +244,7 @@ def test_read_in_flight_is_never_evicted() -> None:
     ]
     assert bytes(chunks[4].views[0]) == layer_data(B, 1)
     session.close()
-    assert put(store, [(b"x", b""), (b"y", b""), (b"z", b"")]) == [PutOutcome.COMMITTED] * 3
+    assert put(store, chain) == [PutOutcome.ALREADY_PRESENT] * 2 + [PutOutcome.COMMITTED]
     assert not present(store, C), "once the read ended, its tail is evictable again"
     assert store.lookup(NS, [A, B, C]).num_matched == 2
 
@@ -258,10 +261,13 @@ def test_abandoned_put_frees_its_pages() -> None:
     session.declare(C, B)
     data = layer_data(B, 0)
     session.write(0, 0, 0, data[:100], checksum(ChecksumKind.XXH3_64, data))
-    assert store.dram.arena.free_bytes == free_before - 2 * PAGE_BYTES
+    # Room is reserved as bytes arrive: C, declared but not sent, holds nothing.
+    assert store.dram.arena.free_bytes == free_before - PAGE_BYTES
+    assert store.pool.put_reserved_bytes == PAGE_BYTES
     session.abort()
     session.abort()  # idempotent
     assert store.dram.arena.free_bytes == free_before
+    assert store.pool.put_reserved_bytes == 0
     assert store.counters.puts_abandoned == 1
     assert store.lookup(NS, [A, B, C]).num_matched == 1
 
@@ -419,10 +425,9 @@ def test_oversized_block_fails_without_evicting_anything() -> None:
             num_layers=64, num_kv_heads=8, head_dim=128, dtype=DType.FLOAT16, block_tokens=16
         ),
     )
-    session = PutSession(store, huge, ChecksumKind.XXH3_64)
     with pytest.raises(CapacityExhausted, match="larger than"):
-        session.declare(b"big", b"")
-    session.abort()
+        PutSession(store, huge, ChecksumKind.XXH3_64)
+    assert store.pool.num_namespaces == 1, "the refused put left no namespace behind"
     assert all(present(store, key) for key in (A, B, C, D, E))
     assert store.dram.counters.evictions == 0
 

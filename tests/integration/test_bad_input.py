@@ -586,7 +586,13 @@ async def test_full_store_of_pinned_data_is_resource_exhausted(
     server_factory: Callable[..., Awaitable[RunningServer]], make_kv: MakeKV
 ) -> None:
     # 32 pages of 2 KiB, one block each.
-    small = await server_factory(**{"store.dram_bytes": 64 * 1024, "store.page_bytes": 2048})
+    small = await server_factory(
+        **{
+            "store.dram_bytes": 64 * 1024,
+            "store.page_bytes": 2048,
+            "store.max_put_reserved_bytes": 64 * 1024,  # one put fills DRAM
+        }
+    )
     async with KVClient(f"127.0.0.1:{small.port}", NS) as client:
         kv = make_kv(LAYOUT, 32, form=KVForm.BLOCKS)
         keys = [b"pinned-%d" % i for i in range(32)]
@@ -617,7 +623,13 @@ async def test_a_put_that_cannot_fit_raises_resource_exhausted_on_every_path(
     still sending. grpc.aio fails the client's next write with INTERNAL ("Internal error
     from Core"); the client must report the server's status instead, on both paths."""
     # 8 pages of 2 KiB, one block each; every put below declares 16 blocks up front.
-    small = await server_factory(**{"store.dram_bytes": 16 * 1024, "store.page_bytes": 2048})
+    small = await server_factory(
+        **{
+            "store.dram_bytes": 16 * 1024,
+            "store.page_bytes": 2048,
+            "store.max_put_reserved_bytes": 32 * 1024,  # the limit is DRAM's, not the put's
+        }
+    )
     options = ClientOptions(data_plane=data_plane)
     kv = make_kv(LAYOUT, 16, form=KVForm.BLOCKS)
     async with KVClient(f"127.0.0.1:{small.port}", NS, options=options) as client:

@@ -29,6 +29,9 @@ max_message_bytes = "4MiB"
 default_chunk_bytes = "512KiB"
 max_keys = 4096
 drain_grace_s = 7.5
+stream_idle_timeout_s = 12
+frame_timeout_s = 2.5
+max_transfer_s = 90
 """
 
 
@@ -53,6 +56,10 @@ def test_defaults() -> None:
     assert config.store.eviction_policy == "lru"
     assert config.limits.max_message_bytes == 8 * MiB
     assert config.limits.max_chunk_bytes == 8 * MiB - 4096
+    assert config.limits.min_chunk_bytes == 64 * KiB
+    assert config.limits.stream_idle_timeout_s == 30.0
+    assert config.limits.frame_timeout_s == 10.0
+    assert config.limits.max_transfer_s == 600.0
 
 
 def test_toml_file(tmp_path: Path) -> None:
@@ -67,6 +74,9 @@ def test_toml_file(tmp_path: Path) -> None:
     assert config.limits.default_chunk_bytes == 512 * KiB
     assert config.limits.max_keys == 4096
     assert config.limits.drain_grace_s == 7.5
+    assert config.limits.stream_idle_timeout_s == 12.0
+    assert config.limits.frame_timeout_s == 2.5
+    assert config.limits.max_transfer_s == 90.0
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
@@ -86,6 +96,10 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         "0",
         "--log-level",
         "warning",
+        "--stream-idle-timeout-s",
+        "0.5",
+        "--max-transfer-s",
+        "5",
     )
     assert config.listen == "127.0.0.1:0"
     assert config.store.dram_bytes == 64 * MiB
@@ -93,9 +107,13 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
     assert config.limits.max_keys == 10
     assert config.limits.drain_grace_s == 0
     assert config.log_level == "warning"
+    assert config.limits.stream_idle_timeout_s == 0.5
+    assert config.limits.max_transfer_s == 5.0
     # Settings no flag names keep the file's values.
     assert config.store.page_bytes == 16 * KiB
     assert config.limits.max_message_bytes == 4 * MiB
+    assert config.limits.frame_timeout_s == 2.5
+    assert parse_flags("--frame-timeout-s", "0.25").limits.frame_timeout_s == 0.25
 
 
 def test_flags_alone() -> None:
@@ -111,8 +129,21 @@ def test_flags_alone() -> None:
 
 
 def test_a_smaller_message_limit_needs_a_smaller_default_chunk() -> None:
-    with pytest.raises(InvalidRequest, match=r"default_chunk_bytes must be in \[1, 1044480\]"):
+    with pytest.raises(InvalidRequest, match=r"default_chunk_bytes must be in \[65536, 1044480\]"):
         parse_flags("--max-message-bytes", "1MiB")
+
+
+def test_the_chunk_floor_is_64KiB_or_the_whole_message() -> None:
+    """Gets carry at least 64 KiB a message (kvstore.wire.chunks.MIN_CHUNK_BYTES), unless
+    the message limit itself allows less; the default chunk must lie between."""
+    limits = load_config(None, {"limits.default_chunk_bytes": "64KiB"}).limits
+    assert (limits.min_chunk_bytes, limits.default_chunk_bytes) == (64 * KiB, 64 * KiB)
+    with pytest.raises(InvalidRequest, match=r"default_chunk_bytes must be in \[65536, "):
+        load_config(None, {"limits.default_chunk_bytes": "32KiB"})
+    tight = load_config(
+        None, {"limits.max_message_bytes": "64KiB", "limits.default_chunk_bytes": 60 * KiB}
+    ).limits
+    assert tight.min_chunk_bytes == tight.max_chunk_bytes == 60 * KiB
 
 
 def test_overrides_dict() -> None:
@@ -183,6 +214,10 @@ def test_unknown_setting_lists_the_known_ones(tmp_path: Path) -> None:
         ({"limits.default_chunk_bytes": "64MiB"}, "default_chunk_bytes"),
         ({"limits.max_keys": 0}, "max_keys must be >= 1"),
         ({"limits.drain_grace_s": -1}, "drain_grace_s must be >= 0"),
+        ({"limits.stream_idle_timeout_s": 0}, "limits.stream_idle_timeout_s must be > 0"),
+        ({"limits.frame_timeout_s": -1.0}, "limits.frame_timeout_s must be > 0"),
+        ({"limits.max_transfer_s": 0}, "limits.max_transfer_s must be > 0"),
+        ({"limits.max_transfer_s": "forever"}, "limits.max_transfer_s must be a float"),
         ({"limits.max_keys": "many"}, "limits.max_keys must be a int, got 'many'"),
         ({"store.max_lease_s": "long"}, "store.max_lease_s must be a float"),
         ({"log_level": 3}, "log_level must be a str"),

@@ -98,8 +98,8 @@ async def test_a_written_block_counts_once(tmp_path: Path) -> None:
     ssd = ssd_of(store)
     assert (ssd.used_bytes, ssd.reserved_bytes) == (path.stat().st_size, 0)
     assert ssd.counters.bytes_written == LAYOUT.block_bytes
-    # The block is on SSD already: a second write neither writes nor counts.
-    assert not await store.pool.write_to_ssd(entry)
+    # The block is on SSD already: a second write says so, and neither writes nor counts.
+    assert await store.pool.write_to_ssd(entry)
     assert (ssd.used_bytes, ssd.reserved_bytes) == (path.stat().st_size, 0)
     assert ssd.counters.bytes_written == LAYOUT.block_bytes
     assert set(entry.copies) == {TierKind.DRAM, TierKind.SSD}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -216,9 +217,11 @@ async def test_lookup_makes_chain_tails_demote_first(tmp_path: Path) -> None:
     rig.store.lookup(NS, [b"A", b"B", b"C"])
     assert _queue_order(rig, TierKind.DRAM) == "EDCBA"
     # One watermark pass: 5 of 5 pages used > 0.7, free down to 0.5 → three blocks.
+    # C's parents are written to SSD before C (and keep their DRAM copy), so a crash
+    # never leaves C on SSD without them.
     rig.mover.make_room()
     await settle(rig.mover)
-    assert placement(rig, "ABCDE") == ["DRAM", "DRAM", "SSD", "SSD", "SSD"]
+    assert placement(rig, "ABCDE") == ["DRAM+SSD", "DRAM+SSD", "SSD", "SSD", "SSD"]
     assert rig.store.dram.counters.demotions == 3
     assert rig.store.lookup(NS, [b"A", b"B", b"C"]).tiers == (
         TierKind.DRAM,
@@ -578,6 +581,7 @@ async def test_server_without_promote_on_hit_serves_from_ssd(
         server_factory,
         tmp_path,
         store__dram_bytes=4 * BLOCK,
+        store__max_put_reserved_bytes=4 * BLOCK,  # "CDEF" is one put that fills DRAM
         store__promote_on_hit=False,
         store__write_policy="write-through",
     ) as (_, client):
@@ -621,3 +625,32 @@ async def _poll_stats(client: KVClient, condition: Any, timeout_s: float = 10.0)
     while not condition(await client.stats()):
         assert time.monotonic() < deadline, "Stats never reached the expected state"
         await asyncio.sleep(0.01)
+
+
+async def test_write_back_never_puts_a_block_on_ssd_before_its_parent(tmp_path: Path) -> None:
+    """Under write-back a crash loses exactly the blocks only in DRAM: that holds only if
+    no SSD block's parent is DRAM-only (recovery drops orphans). Checked after each put
+    of a seeded storm of growing and branching chains that keeps DRAM turning over."""
+    rig = make_rig(tmp_path, dram_blocks=6, high_watermark=0.7, low_watermark=0.4)
+    await rig.mover.start()
+    rng = random.Random(14)
+    tails = [""]
+    names = iter(f"k{number}" for number in range(10_000))
+    for _ in range(60):
+        parent = rng.choice(tails)
+        keys = [next(names) for _ in range(rng.randint(1, 3))]
+        pairs, previous = [], parent.encode()
+        for key in keys:
+            pairs.append((key.encode(), previous))
+            previous = key.encode()
+        outcomes = await put(rig, pairs)
+        if outcomes[-1] is PutOutcome.COMMITTED:
+            tails.append(keys[-1])
+        rig.mover.make_room()
+        await settle(rig.mover)
+        for entry in rig.store.pool.entries():
+            if TierKind.SSD in entry.copies and entry.parent is not None:
+                assert TierKind.SSD in entry.parent.copies, (
+                    f"{entry.key!r} is on SSD but its parent {entry.parent.key!r} is not"
+                )
+    assert rig.store.dram.counters.demotions > 10, "the storm must make DRAM turn over"

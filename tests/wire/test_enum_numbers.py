@@ -13,13 +13,15 @@ import pytest
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from kvstore.checksum import ChecksumKind
-from kvstore.enums import PutOutcome, TierKind
+from kvstore.enums import Durability, PutOutcome, TierKind
 from kvstore.layout import DType
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.enums import (
     checksum_kind_from_wire,
     checksum_kind_to_wire,
     dtype_to_wire,
+    durability_from_wire,
+    durability_to_wire,
     outcome_from_wire,
     outcome_to_wire,
     tier_from_wire,
@@ -31,6 +33,7 @@ from kvstore.wire.namespace import namespace_from_wire
 PAIRS: list[tuple[type[enum.Enum], EnumTypeWrapper]] = [
     (TierKind, pb.Tier),
     (PutOutcome, pb.PutOutcome),
+    (Durability, pb.Durability),
     (ChecksumKind, pb.ChecksumKind),
     (DType, pb.DType),
 ]
@@ -61,6 +64,11 @@ def test_the_pinned_numbers() -> None:
         "PARENT_MISSING": 3,
     }
     assert proto_members(pb.ChecksumKind) == {"XXH3_64": 1, "CRC32C": 2}
+    assert proto_members(pb.Durability) == {
+        "DURABLE_IN_MEMORY": 1,
+        "DURABLE_ON_SSD": 2,
+        "DURABLE_ON_SSD_FSYNCED": 3,
+    }
     assert proto_members(pb.DType) == {
         "FLOAT16": 1,
         "BFLOAT16": 2,
@@ -70,6 +78,19 @@ def test_the_pinned_numbers() -> None:
         "FLOAT8_E4M3FN": 6,
         "FLOAT8_E5M2": 7,
     }
+
+
+@pytest.mark.parametrize("durability", list(Durability), ids=lambda d: d.name)
+def test_durability_round_trip(durability: Durability) -> None:
+    number = durability_to_wire(durability)
+    assert pb.Durability.Name(number) == durability.name
+    assert durability_from_wire(number) is durability
+
+
+def test_durability_zero_is_unknown_and_other_numbers_are_refused() -> None:
+    assert durability_from_wire(0) is None
+    with pytest.raises(WireError, match="unknown durability number 9"):
+        durability_from_wire(9)
 
 
 @pytest.mark.parametrize("kind", list(TierKind), ids=lambda k: k.name)
