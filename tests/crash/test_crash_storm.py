@@ -55,6 +55,7 @@ from kvstore.client import (
     PutResult,
     TierKind,
 )
+from kvstore.enums import Durability
 from kvstore.layout import DType, KVLayout, Namespace
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype=DType.FLOAT16, block_tokens=16)
@@ -74,6 +75,8 @@ STATS_PERIOD_S = 0.02
 # The server alone must keep damaged bytes out; the test compares bytes itself.
 OPTIONS = ClientOptions(verify_checksums=False)
 GRPC_ONLY = ClientOptions(verify_checksums=False, data_plane=False)
+# What each policy's put reply must say (the SSD here takes every block at once).
+PROMISED = {"write-through": Durability.DURABLE_ON_SSD, "write-back": Durability.DURABLE_IN_MEMORY}
 
 
 @pytest.fixture
@@ -100,9 +103,11 @@ class Lifetime:
     """What the writers saw of one daemon, from its start to its kill."""
 
     number: int
+    promised: Durability
     acks: list[tuple[float, int]] = field(default_factory=list)  # (reply read at, blocks)
     num_interrupted: int = 0  # puts the kill cut off
     num_parent_missing: int = 0
+    num_other_durability: int = 0  # puts whose reply promised other than `promised`
     # The last Stats answered: when its request left, DRAM blocks, DRAM evictions,
     # SSD blocks; and the DRAM evictions before the first put.
     last_stats: tuple[float, int, int, int] | None = None
@@ -128,6 +133,7 @@ class KillReport:
     acked: int
     interrupted: int
     parent_missing: int
+    other_durability: int
     tracked: int  # acknowledged blocks that had survived so far, checked after the restart
     lost: int
     orphaned: int
@@ -139,7 +145,8 @@ class KillReport:
         return (
             f"{self.policy:13} kill {self.kill:2}: storm {self.storm_s:4.2f} s, "
             f"{self.acked:4} acked, {self.interrupted} puts cut, "
-            f"{self.parent_missing} parent-missing; {self.tracked:5} tracked, "
+            f"{self.parent_missing} parent-missing, {self.other_durability} not "
+            f"{PROMISED[self.policy].name}; {self.tracked:5} tracked, "
             f"{self.lost:4} lost ({self.orphaned} with a file), {self.corrupt} corrupt; "
             f"DRAM-only bound "
             f"{self.dram_only_bound:4}, SSD {self.ssd_blocks_at_stats:5} at last Stats"
@@ -183,6 +190,7 @@ def record_put(session: Session, keys: list[bytes], result: PutResult, life: Lif
         committed += 1
     session.acked.extend(keys[:committed])
     life.acks.append((time.monotonic(), committed))
+    life.num_other_durability += committed > 0 and result.durability is not life.promised
     return committed
 
 
@@ -289,7 +297,7 @@ async def kill_repeatedly(launch: Launch, ssd_dir: Path, policy: str) -> list[Ki
     reports: list[KillReport] = []
     server = await serving(launch, ssd_dir, *flags)
     for kill in range(1, NUM_KILLS + 1):
-        life = Lifetime(kill)
+        life = Lifetime(kill, PROMISED[policy])
         storm_s = await storm_then_kill(server, rng, sessions, life)
         files = block_files(ssd_dir)
         server = await serving(launch, ssd_dir, *flags)
@@ -302,6 +310,7 @@ async def kill_repeatedly(launch: Launch, ssd_dir: Path, policy: str) -> list[Ki
             acked=life.num_acked,
             interrupted=life.num_interrupted,
             parent_missing=life.num_parent_missing,
+            other_durability=life.num_other_durability,
             tracked=survival.num_tracked,
             lost=survival.num_lost,
             orphaned=survival.num_orphaned,
@@ -327,6 +336,7 @@ async def test_sigkill_storm_keeps_what_the_policy_promises(
     assert all(report.acked > 0 for report in reports), table
     assert sum(report.interrupted > 0 for report in reports) >= NUM_KILLS // 2, table
     assert sum(report.corrupt for report in reports) == 0, table
+    assert sum(report.other_durability for report in reports) == 0, table
     if policy == "write-through":
         assert sum(report.lost for report in reports) == 0, table
     # Recovery keeps a block only if its parent survived: a file in place at the kill
