@@ -5,18 +5,21 @@ processes, one per setting:
 
 - DRAM only: no SSD tier; COMMITTED means the block is in memory.
 - write-back: an SSD tier that puts never wait for; blocks reach it when DRAM passes its
-  high watermark. With the default `--dram-bytes` DRAM holds a whole round, so this
-  line is the price of having the tier at all; a smaller DRAM adds demotions.
+  high watermark. With the default `--dram-bytes` DRAM holds two rounds, so this line
+  is the price of having the tier at all (`kvstore-bench tiers` measures write-back
+  puts into a DRAM they overflow).
 - write-through: each put is answered once its blocks' files are renamed into place.
 - write-through + fsync (`ssd_fsync`): and once each file and its directory are fsynced.
 
 Rounds take turns across the daemons, so a change in the shared machine's speed lands
-on all of them; each ratio is the median over rounds of the put's GB/s against the
-DRAM-only put of the same turn. The rounds, the timer and the CPU accounting are the
-throughput bench's (`KVStoreRounds`, `kvstore.bench.cost`): each round puts, then gets
-and compares, then deletes its blocks, so the SSD holds at most one round. The durability
-column is what the puts' replies said; a setting whose replies say less than it should
-is an error, not a figure.
+on all of them; each turn starts with the next setting, and every round starts after a
+sync, so no round pays for the page cache another left dirty. Each ratio is the median
+over rounds of the put's GB/s against the DRAM-only put of the same turn. The rounds,
+the timer and the CPU accounting are the throughput bench's (`KVStoreRounds`,
+`kvstore.bench.cost`): each round puts, then gets and compares, then deletes its
+blocks, so the SSD holds at most one round. The durability column is what the puts'
+replies said; a setting whose replies say less than it should is an error, not a
+figure.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -134,9 +138,13 @@ async def _measure(
         for runner in runners.values():
             await runner.run()  # warms up both processes
         puts: dict[str, list[Phase]] = {name: [] for name in runners}
-        for _ in range(rounds):
-            for name, runner in runners.items():
-                puts[name].append((await runner.run()).put)
+        names = list(runners)
+        for number in range(rounds):
+            # Each turn starts with another setting, so none always follows the fsyncs.
+            for name in names[number % len(names) :] + names[: number % len(names)]:
+                # The disk settles first: a round pays for no other round's dirty pages.
+                await asyncio.to_thread(os.sync)
+                puts[name].append((await runners[name].run()).put)
         runs = {}
         for name, client in clients.items():
             stats = await client.stats()
@@ -220,8 +228,8 @@ def add_durability_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dram-bytes",
         default=None,
-        help="each daemon's DRAM (default: room for two rounds, so write-back never "
-        "demotes during a put)",
+        help="each daemon's DRAM, at least --total (default: room for two rounds, so "
+        "write-back never demotes during a put)",
     )
     parser.add_argument(
         "--dir",
@@ -236,17 +244,24 @@ def add_durability_arguments(parser: argparse.ArgumentParser) -> None:
 def run_durability(args: argparse.Namespace) -> int:
     if args.streams < 1 or args.rounds < 1:
         raise SystemExit("--streams and --rounds must be at least 1")
+    round_bytes = parse_size(args.total)
+    dram_bytes = parse_size(args.dram_bytes) if args.dram_bytes else None
+    if dram_bytes is not None and dram_bytes < round_bytes:
+        raise SystemExit(
+            "--dram-bytes must hold a round (--total): the DRAM-only daemon would drop "
+            "blocks of the round before its get checks them"
+        )
     tune_allocator()
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-durability-", dir=args.dir))
     try:
         report = measure_durability(
             workdir,
             block_bytes=parse_size(args.block),
-            round_bytes=parse_size(args.total),
+            round_bytes=round_bytes,
             rounds=args.rounds,
             streams=args.streams,
             chunk_bytes=parse_size(args.chunk),
-            dram_bytes=parse_size(args.dram_bytes) if args.dram_bytes else None,
+            dram_bytes=dram_bytes,
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

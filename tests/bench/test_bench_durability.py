@@ -63,3 +63,9 @@ def test_a_setting_whose_replies_promise_less_is_an_error_not_a_figure() -> None
     runs["write-through"] = _run({None})
     with pytest.raises(RuntimeError, match="not only DURABLE_ON_SSD"):
         _rows(runs)
+
+
+def test_a_dram_smaller_than_a_round_is_refused_before_any_daemon_starts() -> None:
+    args = ["durability", "--block", "128KiB", "--total", "2MiB", "--dram-bytes", "1MiB"]
+    with pytest.raises(SystemExit, match="--dram-bytes must hold a round"):
+        bench_main(args)
