@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from kvstore.bench.agent import add_agent_arguments, run_agent
 from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
+from kvstore.bench.durability import add_durability_arguments, run_durability
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
 from kvstore.bench.plan import add_plan_arguments, run_plan
 from kvstore.bench.replay import add_trace_arguments, run_trace
@@ -59,6 +60,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "against a sequential read of the same files",
         add_restart_arguments,
         run_restart,
+    ),
+    "durability": (
+        "put GB/s under write-back, write-through and fsync, against DRAM-only in the same run",
+        add_durability_arguments,
+        run_durability,
     ),
     "disagg": (
         "prefill and decode workers on a real transformer: exactness check, agent-session TTFT",

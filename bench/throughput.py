@@ -35,6 +35,7 @@ from kvstore.bench.ceiling import measure_ceiling
 from kvstore.bench.cost import CpuCost, Round, median_cpu, timed_phase, usable_cores
 from kvstore.bench.spawn import spawned_ceiling_server, spawned_server
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
+from kvstore.enums import Durability
 from kvstore.units import human_bytes, parse_size
 
 # Llama-3-8B's KV geometry: 32 layers x 8 KV heads x 128 dims in bf16 = 128 KiB per token.
@@ -105,6 +106,8 @@ class KVStoreRounds:
         self._source = torch.randn(shape, dtype=torch.float32).to(torch.bfloat16)
         self._dest = torch.empty_like(self._source)
         self._round = 0
+        # What the puts' replies said their committed blocks survive, over every round.
+        self.durabilities: set[Durability | None] = set()
         step = -(-self._num_blocks // max(1, streams))
         self._shares = [
             slice(first, min(self._num_blocks, first + step))
@@ -125,6 +128,7 @@ class KVStoreRounds:
                 *(client.put_blocks(keys[s], self._source[s], form=KVForm.BLOCKS) for s in shares)
             )
             committed = sum(result.num_committed for result in results)
+            self.durabilities.update(result.durability for result in results)
 
         async def get_all() -> None:
             nonlocal got

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import ctypes
 import errno
-import hashlib
 import logging
 import os
 import resource
@@ -21,18 +20,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from daemons import Launch, daemon_launcher, serving  # tests/daemons.py
+from keyed_blocks import keyed_payload, keyed_tensor, served_blocks  # tests/keyed_blocks.py
 
-from kvstore.bench.spawn import free_port, wait_until_serving
-from kvstore.client import ClientOptions, KVClient, KVForm, KVStoreClientError, TierKind
+from kvstore.client import ClientOptions, KVClient, KVStoreClientError, TierKind
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.server import RunningServer, build_server, load_config
 from kvstore.v1 import kvstore_pb2 as pb
@@ -49,8 +47,7 @@ OPTIONS = ClientOptions(verify_checksums=False)
 
 
 def payload(key: bytes) -> bytes:
-    seed = hashlib.sha256(key).digest()
-    return (seed * (BLOCK // len(seed) + 1))[:BLOCK]
+    return keyed_payload(key, BLOCK)
 
 
 def chain_keys(name: str, length: int) -> list[bytes]:
@@ -58,9 +55,7 @@ def chain_keys(name: str, length: int) -> list[bytes]:
 
 
 def blocks_tensor(keys: list[bytes]) -> torch.Tensor:
-    raw = bytearray(b"".join(payload(key) for key in keys))
-    flat = torch.frombuffer(raw, dtype=torch.uint8)
-    return flat.view(torch.float16).reshape(len(keys), LAYOUT.num_layers, *LAYOUT.layer_shape)
+    return keyed_tensor(LAYOUT, keys)
 
 
 async def put_chain(client: KVClient, keys: list[bytes]) -> None:
@@ -70,9 +65,7 @@ async def put_chain(client: KVClient, keys: list[bytes]) -> None:
 
 async def get_chain(client: KVClient, keys: list[bytes]) -> list[bytes]:
     """The served prefix of `keys`, one bytes object per block."""
-    dest = torch.zeros((len(keys), LAYOUT.num_layers, *LAYOUT.layer_shape), dtype=torch.float16)
-    served = await client.get_into(keys, dest, form=KVForm.BLOCKS)
-    return [dest[index].view(torch.uint8).numpy().tobytes() for index in range(served)]
+    return await served_blocks(client, keys)
 
 
 async def assert_intact_prefix(client: KVClient, keys: list[bytes]) -> int:
@@ -146,94 +139,11 @@ async def inprocess_server(
         await running.drain()
 
 
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[bytes]
-    target: str
-    log_lines: list[str] = field(default_factory=list)
-    _reader: threading.Thread | None = None
-
-    @property
-    def log(self) -> str:
-        return "".join(self.log_lines)
-
-    def stop(self, signum: signal.Signals) -> int:
-        self.process.send_signal(signum)
-        code = self.process.wait(timeout=60)
-        if self._reader is not None:
-            self._reader.join(timeout=10)
-        return code
-
-
-Launch = Callable[..., ServerProcess]
-
-
 @pytest.fixture
 def launch() -> Iterator[Launch]:
     """Start `kvstore-server` child processes; any still running at the end are killed."""
-    started: list[ServerProcess] = []
-
-    def start(
-        ssd_dir: Path, *flags: str, preexec_fn: Callable[[], None] | None = None
-    ) -> ServerProcess:
-        target = f"127.0.0.1:{free_port()}"
-        command = [
-            sys.executable,
-            "-m",
-            "kvstore.server.main",
-            "--listen",
-            target,
-            "--ssd-dir",
-            str(ssd_dir),
-            "--dram-bytes",
-            "64MiB",
-            "--page-bytes",
-            "16KiB",
-            "--log-level",
-            "info",
-            "--drain-grace-s",
-            "5",
-            *flags,
-        ]
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=preexec_fn,
-        )
-        server = ServerProcess(process, target)
-        # A reader thread keeps the pipe drained, so logging never blocks the server.
-        server._reader = threading.Thread(
-            target=lambda: server.log_lines.extend(
-                line.decode(errors="replace") for line in process.stderr or ()
-            ),
-            daemon=True,
-        )
-        server._reader.start()
-        started.append(server)
-        # Wait for the log line first: a health check sent before the port is open puts
-        # the channel into reconnect backoff, which would add seconds to every start.
-        deadline = time.monotonic() + 60
-        while "serving kvstore.v1" not in server.log:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                process.wait()
-                server._reader.join(timeout=10)
-                raise AssertionError(f"server did not start:\n{server.log}")
-            time.sleep(0.01)
-        wait_until_serving(target, timeout_s=30)
-        return server
-
-    yield start
-    for server in started:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
-
-
-async def serving(launch: Launch, ssd_dir: Path, *flags: str, **kwargs: Any) -> ServerProcess:
-    return await asyncio.to_thread(launch, ssd_dir, *flags, **kwargs)
+    with daemon_launcher() as start:
+        yield start
 
 
 # -- crashes -----------------------------------------------------------------------------------
