@@ -4,7 +4,9 @@ They know the wire format (tags, varints, the wire types), not kvstore's message
 so they reach whatever a hand-built request would not: fields flipped, truncated,
 duplicated, reordered or dropped, lengths and varints that lie, fields no version of
 kvstore.v1 defines, wire types that do not match, and nesting deep enough to hit a
-parser's recursion limit. Every operator is a pure function of its `random.Random`.
+parser's recursion limit; and rewritings protobuf reads as the same message (tags in
+more bytes than they need, a submessage split in two), which a hand-written decoder
+must read the same way too. Every operator is a pure function of its `random.Random`.
 """
 
 from __future__ import annotations
@@ -238,6 +240,39 @@ def wrong_wire_type(rng: random.Random, data: bytes) -> bytes | None:
     return data[: field.start] + tag(field.number, other) + data[value_start:]
 
 
+def overlong_tag(rng: random.Random, data: bytes) -> bytes | None:
+    """A field's tag written in more bytes than it needs: the same message to protobuf."""
+    fields = split_fields(data)
+    if not fields:
+        return None
+    field = rng.choice(fields)
+    key = _read_varint(data, field.start)
+    assert key is not None
+    encoded = overlong_varint(key[0], rng.randint(1, 4))
+    return data[: field.start] + encoded + data[key[1] :]
+
+
+def split_field(rng: random.Random, data: bytes) -> bytes | None:
+    """A submessage field sent as two fields of the same number, its fields divided
+    between them: protobuf merges them back into the same message."""
+    fields = [
+        field
+        for field in split_fields(data) or ()
+        if field.wire_type == LEN
+        and len(split_fields(data[field.value_start : field.end]) or ()) > 1
+    ]
+    if not fields:
+        return None
+    field = rng.choice(fields)
+    payload = data[field.value_start : field.end]
+    inner = split_fields(payload)
+    assert inner is not None
+    cut = inner[rng.randrange(1, len(inner))].start
+    head, tail = payload[:cut], payload[cut:]
+    encoded = b"".join(tag(field.number, LEN) + varint(len(part)) + part for part in (head, tail))
+    return data[: field.start] + encoded + data[field.end :]
+
+
 def deep_nesting(rng: random.Random, data: bytes) -> bytes | None:
     """An unknown field holding groups nested past any parser's recursion limit."""
     number = rng.choice((6, 99, 2**29 - 1))
@@ -276,6 +311,8 @@ MUTATIONS: dict[str, Mutation] = {
     "hostile_varint": hostile_varint,
     "lying_length": lying_length,
     "wrong_wire_type": wrong_wire_type,
+    "overlong_tag": overlong_tag,
+    "split_field": split_field,
     "deep_nesting": deep_nesting,
     "nested": nested,
 }
