@@ -257,12 +257,21 @@ class _Reader:
                 return result
             shift += 7
 
+    def short_varint(self, what: str) -> int:
+        """A tag or a length. Protobuf reads these in at most 5 bytes (a varint may take
+        10), and so does this decoder: both read the same messages."""
+        start = self.position
+        value = self.varint()
+        if self.position - start > 5:
+            raise WireError(f"malformed message: a {what} written in more than 5 bytes")
+        return value
+
     def tag(self) -> tuple[int, int]:
-        key = self.varint()
+        key = self.short_varint("tag")
         return key >> 3, key & 7
 
     def length_delimited(self) -> tuple[int, int]:
-        size = self.varint()
+        size = self.short_varint("length")
         start = self.position
         if start + size > self._end:
             raise WireError("malformed message: a field runs past the end")

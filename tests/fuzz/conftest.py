@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,11 +27,31 @@ FUZZ_SERVER: dict[str, Any] = {
 }
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The 20,000-case fuzz takes minutes: it runs only when `-m` names `slow`, so that a
+    plain run of the whole suite stays within its budget."""
+    if "slow" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="20,000 fuzz cases: run with -m slow")
+    for item in items:
+        if item.originalname == "test_fuzz_long":
+            item.add_marker(skip)
+
+
 @pytest.fixture
 async def fuzz_session(
     server_factory: Callable[..., Awaitable[RunningServer]],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> AsyncIterator[FuzzSession]:
-    running = await server_factory(**FUZZ_SERVER)
+    """A session on a fresh fuzz server; `indirect` parametrization with
+    "write-through" gives the server an SSD tier that every committed block reaches."""
+    settings = dict(FUZZ_SERVER)
+    if getattr(request, "param", None) == "write-through":
+        settings["store.ssd_dir"] = str(tmp_path / "ssd")
+        settings["store.ssd_bytes"] = 64 << 20
+        settings["store.write_policy"] = "write-through"
+    running = await server_factory(**settings)
     # Raw bytes both ways, and no limit on what the fuzzer may send.
     async with (
         grpc.aio.insecure_channel(

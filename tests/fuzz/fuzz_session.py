@@ -4,8 +4,9 @@ Before fuzzing, blocks are put (and pinned) in a namespace no case ever names. E
 batch stores the victim chain the cases aim at, runs its cases, deletes whatever the
 cases stored, and then checks, polling with a bound, that the server is back where it
 started: nothing reserved, DRAM holding exactly the seeded blocks, no pins but the
-seeds', no namespace but the seeds', no data-plane connection open, and the seeded
-blocks byte-identical. At the end a valid put and get round-trip on both transports.
+seeds', no namespace but the seeds', no data-plane connection open, no SSD write
+pending nor SSD byte used but the seeds', and the seeded blocks byte-identical. At
+the end a valid put and get round-trip on both transports.
 """
 
 from __future__ import annotations
@@ -60,10 +61,13 @@ class Snapshot:
     num_pinned: int
     num_namespaces: int
     data_plane_connections: int
+    ssd_writes_pending: int
+    ssd_used_bytes: int
 
     @classmethod
     def of(cls, stats: pb.StatsResponse) -> Snapshot:
         (dram,) = [tier for tier in stats.tiers if tier.tier == pb.DRAM]
+        ssd_used_bytes = sum(tier.used_bytes for tier in stats.tiers if tier.tier == pb.SSD)
         return cls(
             stats.put_reserved_bytes,
             dram.used_bytes,
@@ -71,6 +75,8 @@ class Snapshot:
             stats.num_pinned,
             stats.num_namespaces,
             stats.data_plane_connections,
+            stats.ssd_writes_pending,
+            ssd_used_bytes,
         )
 
 
@@ -95,6 +101,7 @@ class FuzzSession:
     def __init__(self, running: RunningServer, channel: grpc.aio.Channel) -> None:
         self._running = running
         self._target = f"127.0.0.1:{running.port}"
+        self.has_ssd = running.store.has_ssd
         self._stub = pb_grpc.KVStoreStub(channel)
         self._grpc = GrpcRunner(channel)
         self._data_plane = DataPlaneRunner(running.servicer.data_plane_port)
