@@ -257,22 +257,22 @@ class _Reader:
                 return result
             shift += 7
 
-    def short_varint(self, what: str) -> int:
-        """A tag or a length. Protobuf reads these in at most 5 bytes (a varint may take
-        10), and so does this decoder: both read the same messages."""
-        start = self.position
-        value = self.varint()
-        if self.position - start > 5:
-            raise WireError(f"malformed message: a {what} written in more than 5 bytes")
-        return value
+    # Protobuf reads a tag or a length in at most 5 bytes (a varint may take 10), and so
+    # does this decoder, so that both read the same messages.
 
     def tag(self) -> tuple[int, int]:
-        key = self.short_varint("tag")
+        start = self.position
+        key = self.varint()
+        if self.position - start > 5:
+            raise WireError("malformed message: a tag written in more than 5 bytes")
         return key >> 3, key & 7
 
     def length_delimited(self) -> tuple[int, int]:
-        size = self.short_varint("length")
+        before = self.position
+        size = self.varint()
         start = self.position
+        if start - before > 5:
+            raise WireError("malformed message: a length written in more than 5 bytes")
         if start + size > self._end:
             raise WireError("malformed message: a field runs past the end")
         self.position = start + size
