@@ -151,9 +151,8 @@ _DATA_TAG = _tag(CHUNK_DATA, _LEN)
 _CHECKSUM_TAG = _tag(CHUNK_LAYER_CHECKSUM, _I64)
 _RUN_DATA_TAG = _tag(RUN_DATA, _LEN)
 # One-byte tags of LayerChunk's fields, read inline by the decoder's hot loop.
-_CHUNK_VARINT_TAGS = tuple(
-    (number << 3) | _VARINT for number in (CHUNK_BLOCK_INDEX, CHUNK_LAYER, CHUNK_OFFSET)
-)
+_CHUNK_VARINT_NUMBERS = (CHUNK_BLOCK_INDEX, CHUNK_LAYER, CHUNK_OFFSET)
+_CHUNK_VARINT_TAGS = tuple((number << 3) | _VARINT for number in _CHUNK_VARINT_NUMBERS)
 _CHUNK_DATA_TAG = (CHUNK_DATA << 3) | _LEN
 _CHUNK_CHECKSUM_TAG = (CHUNK_LAYER_CHECKSUM << 3) | _I64
 
@@ -263,13 +262,22 @@ class _Reader:
                 return result
             shift += 7
 
+    # Protobuf reads a tag or a length in at most 5 bytes (a varint may take 10), and so
+    # does this decoder, so that both read the same messages.
+
     def tag(self) -> tuple[int, int]:
+        start = self.position
         key = self.varint()
+        if self.position - start > 5:
+            raise WireError("malformed message: a tag written in more than 5 bytes")
         return key >> 3, key & 7
 
     def length_delimited(self) -> tuple[int, int]:
+        before = self.position
         size = self.varint()
         start = self.position
+        if start - before > 5:
+            raise WireError("malformed message: a length written in more than 5 bytes")
         if start + size > self._end:
             raise WireError("malformed message: a field runs past the end")
         self.position = start + size
@@ -333,12 +341,20 @@ def _decode_chunk(buffer: memoryview, start: int, end: int, strict: bool) -> Wir
                 raise WireError("malformed message: truncated fixed64")
             checksum = int(_FIXED64.unpack_from(buffer, position + 1)[0])
             position += 9
-        else:
+        else:  # a tag written in more bytes than it needs, or an unknown field
             reader = _Reader(buffer, position, end)
             number, wire_type = reader.tag()
-            if strict:
+            if number in _CHUNK_VARINT_NUMBERS and wire_type == _VARINT:
+                values[number] = reader.varint()
+            elif number == CHUNK_DATA and wire_type == _LEN:
+                data_start, data_end = reader.length_delimited()
+                data = buffer[data_start:data_end]
+            elif number == CHUNK_LAYER_CHECKSUM and wire_type == _I64:
+                checksum = reader.fixed64()
+            elif strict:
                 raise _unknown("LayerChunk", number, wire_type)
-            reader.skip("LayerChunk", number, wire_type)
+            else:
+                reader.skip("LayerChunk", number, wire_type)
             position = reader.position
     return WireChunk(values[1], values[2], values[3], data, checksum)
 
@@ -376,7 +392,8 @@ def decode_put_message(data: bytes | memoryview) -> PutMessage:
             elif number == PUT_BLOCKS:
                 message.blocks.append(_decode_block_header(buffer, start, end))
             else:
-                message.namespace = bytes(buffer[start:end])
+                # A repeated message field merges, as in protobuf: its parts concatenate.
+                message.namespace = (message.namespace or b"") + bytes(buffer[start:end])
         elif number == PUT_CHECKSUM_KIND and wire_type == _VARINT:
             message.checksum_kind = reader.varint()
         else:
