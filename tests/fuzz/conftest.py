@@ -21,7 +21,7 @@ FUZZ_SERVER: dict[str, Any] = {
     "store.max_put_reserved_bytes": 8 << 20,
     "store.max_lease_s": 60.0,
     "limits.max_message_bytes": MAX_MESSAGE_BYTES,
-    "limits.default_chunk_bytes": 16 << 10,
+    "limits.default_chunk_bytes": MAX_MESSAGE_BYTES - 4096,
     "limits.max_keys": MAX_KEYS,
     "limits.max_data_connections": 64,
 }
