@@ -43,7 +43,7 @@ from kvstore.client._results import (
 )
 from kvstore.client._sync import SyncKVClient, SyncLayerPut
 from kvstore.codec import KVForm
-from kvstore.enums import PutOutcome, TierKind
+from kvstore.enums import Durability, PutOutcome, TierKind
 from kvstore.keys import HashAlgorithm
 from kvstore.layout import DType, KVLayout, Namespace
 
@@ -57,6 +57,7 @@ __all__ = [
     "DType",
     "DataLoss",
     "DeadlineExceeded",
+    "Durability",
     "FailedPrecondition",
     "HashAlgorithm",
     "Internal",

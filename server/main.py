@@ -116,6 +116,7 @@ def print_stats(stats: pb.StatsResponse, console: Console) -> None:
         f"  abandoned puts {stats.puts_abandoned}  checksum failures {stats.checksum_failures}"
         f"  uptime {stats.uptime_ms / 1000:.0f}s  cpu {stats.process_cpu_us / 1e6:.1f}s"
     )
+    console.print(durability_line(stats))
     console.print(
         f"process: rss {human_bytes(stats.rss_bytes)}  {stats.open_fds} open fds  "
         f"event-loop lag over the last 10 s: max {stats.loop_lag_max_us / 1000:.1f} ms, "
@@ -133,3 +134,17 @@ def print_stats(stats: pb.StatsResponse, console: Console) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def durability_line(stats: pb.StatsResponse) -> str:
+    """What a COMMITTED put promises now, and the writes still owed to that promise."""
+    durability = (
+        pb.Durability.Name(stats.durability).removeprefix("DURABLE_").lower().replace("_", " ")
+        if stats.durability
+        else "not reported"
+    )
+    return (
+        f"write policy {stats.write_policy or 'not reported'}: a committed block is "
+        f"durable {durability}  put reservations {human_bytes(stats.put_reserved_bytes)}  "
+        f"SSD writes pending {stats.ssd_writes_pending}"
+    )

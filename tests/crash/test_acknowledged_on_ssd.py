@@ -17,8 +17,7 @@ import pytest
 from daemons import Launch, daemon_launcher, serving  # tests/daemons.py
 from keyed_blocks import keyed_payload, keyed_tensor, served_blocks  # tests/keyed_blocks.py
 
-from kvstore.client import ClientOptions, KVClient, PutOutcome
-from kvstore.enums import Durability
+from kvstore.client import ClientOptions, Durability, KVClient, PutOutcome
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.server import build_server, load_config
 

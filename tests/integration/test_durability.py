@@ -16,8 +16,7 @@ import grpc
 import pytest
 import torch
 
-from kvstore.client import KVClient, KVForm, PutOutcome
-from kvstore.enums import Durability
+from kvstore.client import Durability, KVClient, KVForm, PutOutcome
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.server.app import RunningServer
 from kvstore.v1 import kvstore_pb2 as pb

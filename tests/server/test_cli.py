@@ -161,6 +161,9 @@ async def test_daemon_serves_logs_and_prints_stats(daemon: Daemon, make_kv: Make
     assert "4.0 MiB / 64.0 MiB" in out
     assert "blocks put 4 (4.0 MiB)" in out
     assert "namespaces 1" in out
+    # A DRAM-only daemon: write-back, and a committed block lives in memory only.
+    assert "write policy write-back: a committed block is durable in memory" in out
+    assert "put reservations 0 B  SSD writes pending 0" in out
 
     assert json_code == 0, json_err
     stats = json.loads(json_out)
