@@ -154,6 +154,7 @@ _SIZE_FIELDS = {
     "default_chunk_bytes",
     "hbm_bytes",
     "ssd_bytes",
+    "max_put_reserved_bytes",
 }
 
 
@@ -233,6 +234,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssd-admit-after-seen", dest="store.ssd_admit_after_seen", type=int)
     parser.add_argument(
         "--no-promote-on-hit", dest="store.promote_on_hit", action="store_false", default=None
+    )
+    parser.add_argument(
+        "--max-put-reserved-bytes",
+        dest="store.max_put_reserved_bytes",
+        help="DRAM one put may hold for blocks it has begun (default 0: half of DRAM)",
+    )
+    parser.add_argument(
+        "--max-namespaces",
+        dest="store.max_namespaces",
+        type=int,
+        help="namespaces holding blocks or puts at once (default 65536)",
     )
     parser.add_argument("--high-watermark", dest="store.high_watermark", type=float)
     parser.add_argument("--low-watermark", dest="store.low_watermark", type=float)

@@ -23,6 +23,8 @@ dram_bytes = "1.5GiB"
 page_bytes = "16KiB"
 eviction_policy = "lfu"
 max_lease_s = 600
+max_put_reserved_bytes = "96MiB"
+max_namespaces = 500
 
 [limits]
 max_message_bytes = "4MiB"
@@ -70,6 +72,8 @@ def test_toml_file(tmp_path: Path) -> None:
     assert config.store.page_bytes == 16 * KiB
     assert config.store.eviction_policy == "lfu"
     assert config.store.max_lease_s == 600
+    assert config.store.max_put_reserved_bytes == 96 * MiB
+    assert config.store.max_namespaces == 500
     assert config.limits.max_message_bytes == 4 * MiB
     assert config.limits.default_chunk_bytes == 512 * KiB
     assert config.limits.max_keys == 4096
@@ -100,11 +104,17 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
         "0.5",
         "--max-transfer-s",
         "5",
+        "--max-put-reserved-bytes",
+        "8MiB",
+        "--max-namespaces",
+        "7",
     )
     assert config.listen == "127.0.0.1:0"
     assert config.store.dram_bytes == 64 * MiB
     assert config.store.eviction_policy == "session"
     assert config.limits.max_keys == 10
+    assert config.store.max_put_reserved_bytes == 8 * MiB
+    assert config.store.max_namespaces == 7
     assert config.limits.drain_grace_s == 0
     assert config.log_level == "warning"
     assert config.limits.stream_idle_timeout_s == 0.5
