@@ -24,6 +24,7 @@ EXPECTED_CLIENT_API = [
     "DType",
     "DataLoss",
     "DeadlineExceeded",
+    "Durability",
     "FailedPrecondition",
     "HashAlgorithm",
     "Internal",
