@@ -104,8 +104,7 @@ def grpc_case(seed: int, index: int) -> GrpcCase:
     elif rpc == "LookupPrefixStream":
         messages = [unary_request(rng, "LookupPrefix") for _ in range(rng.randint(1, 4))]
     elif rpc in HEALTH_RPCS:
-        # Well-formed only: malformed ones are a known failure (test_fuzz.py).
-        return GrpcCase(seed, index, rpc, [health_request(rng)])
+        messages = [health_request(rng)]
     else:
         messages = [unary_request(rng, rpc)]
     case = GrpcCase(seed, index, rpc, messages)

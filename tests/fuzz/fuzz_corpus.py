@@ -144,7 +144,7 @@ def get_request(
 
 
 def health_request(rng: random.Random) -> bytes:
-    """A well-formed HealthCheckRequest (see test_fuzz.py for malformed ones)."""
+    """A well-formed HealthCheckRequest, for the fuzz to mutate."""
     service = rng.choice(("", "kvstore.v1.KVStore", "nope", "kvstore.v1.KVStor", "s" * 10_000))
     body = b"\x0a" + varint(len(service.encode())) + service.encode() if service else b""
     if rng.random() < 0.3:  # an unknown field: protobuf skips it, as the health service does
