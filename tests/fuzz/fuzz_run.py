@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import grpc
 from fuzz_cases import STALL_DEADLINE_S, DataPlaneCase, Ending, GrpcCase
+from fuzz_corpus import GET_FLOOR_BYTES
 from google.protobuf.message import DecodeError
 
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire.chunks import decode_get_message, decode_put_message
+from kvstore.wire.chunks import GetMessage, decode_get_message, decode_put_message
 from kvstore.wire.errors import WireError
 from kvstore.wire.frames import HELLO_PAYLOAD, FrameKind
 
@@ -33,6 +34,10 @@ ANSWERS = {Code.OK, Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.DATA_LO
 # is still judged: every INTERNAL it answers is logged, and the session fails on that.
 LOST_STATUS = (Code.INTERNAL, "Internal error from Core")
 _CODES_BY_NUMBER = {code.value[0]: code for code in Code}
+# A get's messages beyond one per GET_FLOOR_BYTES of layer data: runs are whole layers,
+# layer by layer, so each layer (2 in the fuzz layouts) may end on a short message,
+# and a change of checksum kind starts a new one.
+GET_EXTRA_MESSAGES = 4
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,16 @@ class Observation:
     puts: list[StoredPut] = field(default_factory=list)
     details: list[str] = field(default_factory=list)  # the messages of the statuses
     num_lost_statuses: int = 0
+
+    def check_get_messages(self, num_messages: int, data_bytes: int, where: str) -> None:
+        """However small a max_chunk_bytes it asked for, a get is not cut finer than
+        the server's floor of layer data per message."""
+        bound = -(-data_bytes // GET_FLOOR_BYTES) + GET_EXTRA_MESSAGES
+        if num_messages > bound:
+            self.problems.append(
+                f"{where}: {num_messages} messages for {data_bytes} bytes of layer data, "
+                f"more than {bound} (one per {GET_FLOOR_BYTES} B, the server's floor)"
+            )
 
     def expect(self, code: Code, allowed: set[Code], where: str, details: str = "") -> None:
         self.codes.append(code)
@@ -157,13 +172,16 @@ class GrpcRunner:
         call = self._channel.unary_stream("/kvstore.v1.KVStore/GetBlocks")(
             case.messages[0], timeout=ANSWER_BOUND_S
         )
+        num_messages = data_bytes = 0
         with contextlib.suppress(grpc.aio.AioRpcError):
             async for reply in call:
+                num_messages += 1
                 try:
-                    decode_get_message(reply)
+                    data_bytes += _data_bytes(decode_get_message(reply))
                 except WireError as error:
                     seen.problems.append(f"a GetBlocksResponse does not decode: {error}")
         seen.expect(await call.code(), allowed, "GetBlocks", await call.details())
+        seen.check_get_messages(num_messages, data_bytes, "GetBlocks")
 
     async def _put(
         self, case: GrpcCase, seen: Observation, allowed: set[Code], timeout_s: float
@@ -335,6 +353,12 @@ async def _read_until_closed(
     return bytes(received)
 
 
+def _data_bytes(message: GetMessage) -> int:
+    return sum(len(chunk.data) for chunk in message.chunks) + sum(
+        len(run.data) for run in message.runs
+    )
+
+
 def _sent_put_transfers(stream: bytes, *, ended_only: bool) -> list[list[bytes]]:
     """The PUT payloads of each put transfer in `stream`, read as the server reads it,
     up to the first frame that would end the connection; with `ended_only`, only the
@@ -371,6 +395,7 @@ def _judge_frames(case: DataPlaneCase, received: bytes, seen: Observation) -> No
     allowed = (ANSWERS - {Code.OK}) | {Code.DEADLINE_EXCEEDED}
     puts = _sent_put_transfers(case.stream, ended_only=True)
     num_done, position, ended = 0, 0, False
+    num_messages = data_bytes = 0  # of the get in progress
     while position < len(received):
         if ended:
             seen.problems.append("frames after an ERROR frame")
@@ -397,8 +422,9 @@ def _judge_frames(case: DataPlaneCase, received: bytes, seen: Observation) -> No
             if position != 5 + length or payload != HELLO_PAYLOAD:
                 seen.problems.append(f"an unexpected HELLO: {payload.hex()}")
         elif kind == FrameKind.GET_DATA:
+            num_messages += 1
             try:
-                decode_get_message(payload)
+                data_bytes += _data_bytes(decode_get_message(payload))
             except WireError as error:
                 seen.problems.append(f"a GET_DATA payload does not decode: {error}")
         elif kind == FrameKind.PUT_DONE:
@@ -410,5 +436,7 @@ def _judge_frames(case: DataPlaneCase, received: bytes, seen: Observation) -> No
             num_done += 1
         elif kind == FrameKind.GET_END:
             seen.codes.append(Code.OK)
+            seen.check_get_messages(num_messages, data_bytes, "a data-plane get")
+            num_messages = data_bytes = 0
         else:
             seen.problems.append(f"a frame of kind {kind}, which servers never send")
