@@ -8,7 +8,7 @@ import signal
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from kvstore.allocator import tune_allocator
@@ -19,6 +19,7 @@ from kvstore.server.handlers import add_kvstore_service
 from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.loopwatch import LoopWatch
 from kvstore.server.servicer import KVStoreServicer
+from kvstore.server.standard_services import add_health_service, add_reflection_service
 from kvstore.server.transfer import Transfers
 from kvstore.store import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
@@ -84,10 +85,9 @@ async def build_server(config: ServerConfig) -> RunningServer:
     server = grpc.aio.server(options=channel_options(config.limits.max_message_bytes))
     add_kvstore_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    # Registered so that a request that does not parse is INVALID_ARGUMENT, not UNKNOWN.
+    add_health_service(health_servicer, server)
+    add_reflection_service((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         port = server.add_insecure_port(config.listen)
     except RuntimeError as error:  # grpcio reports a failed bind (port in use) this way

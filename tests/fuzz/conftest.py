@@ -8,7 +8,14 @@ from typing import Any
 
 import grpc
 import pytest
-from fuzz_corpus import MAX_KEYS, MAX_MESSAGE_BYTES, MAX_NAMESPACES
+from fuzz_corpus import (
+    FRAME_TIMEOUT_S,
+    MAX_KEYS,
+    MAX_MESSAGE_BYTES,
+    MAX_NAMESPACES,
+    MAX_TRANSFER_S,
+    STREAM_IDLE_TIMEOUT_S,
+)
 from fuzz_session import FuzzSession
 
 from kvstore.server import RunningServer
@@ -24,6 +31,10 @@ FUZZ_SERVER: dict[str, Any] = {
     "limits.default_chunk_bytes": MAX_MESSAGE_BYTES - 4096,
     "limits.max_keys": MAX_KEYS,
     "limits.max_data_connections": 64,
+    # A stalled put or get must be cut by the server itself, within these.
+    "limits.stream_idle_timeout_s": STREAM_IDLE_TIMEOUT_S,
+    "limits.frame_timeout_s": FRAME_TIMEOUT_S,
+    "limits.max_transfer_s": MAX_TRANSFER_S,
 }
 
 

@@ -13,7 +13,7 @@ import random
 from kvstore.checksum import ChecksumKind, checksum
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire.chunks import varint
+from kvstore.wire.chunks import MIN_CHUNK_BYTES, varint
 from kvstore.wire.namespace import namespace_to_wire
 
 # A tiny layout: 16-byte layers, so a get with max_chunk_bytes=1 stays cheap.
@@ -33,6 +33,14 @@ VICTIM_KEYS = [b"victim-%d" % index for index in range(4)]
 MAX_KEYS = 64
 MAX_MESSAGE_BYTES = 64 << 10
 MAX_NAMESPACES = 8
+# Short, so that a stalled put or get is cut quickly; a case that is not cut short
+# waits on nothing near as long.
+STREAM_IDLE_TIMEOUT_S = 0.5
+FRAME_TIMEOUT_S = 0.5
+MAX_TRANSFER_S = 5.0
+# The least layer data in a get message whatever max_chunk_bytes asks for: the server's
+# floor (kvstore.wire.chunks.MIN_CHUNK_BYTES), or less where its message limit is less.
+GET_FLOOR_BYTES = min(MIN_CHUNK_BYTES, MAX_MESSAGE_BYTES - 4096)
 
 U32_EDGES = (0, 1, 2, 2**31 - 1, 2**31, 2**32 - 1)
 HOSTILE_NAMES = ("", "t" * 256, "t" * 257, "é" * 256, "😀" * 257, "\x00", " ")
@@ -144,7 +152,7 @@ def get_request(
 
 
 def health_request(rng: random.Random) -> bytes:
-    """A well-formed HealthCheckRequest (see test_fuzz.py for malformed ones)."""
+    """A well-formed HealthCheckRequest, for the fuzz to mutate."""
     service = rng.choice(("", "kvstore.v1.KVStore", "nope", "kvstore.v1.KVStor", "s" * 10_000))
     body = b"\x0a" + varint(len(service.encode())) + service.encode() if service else b""
     if rng.random() < 0.3:  # an unknown field: protobuf skips it, as the health service does

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import grpc
 from fuzz_cases import STALL_DEADLINE_S, DataPlaneCase, Ending, GrpcCase
+from fuzz_corpus import GET_FLOOR_BYTES
 from google.protobuf.message import DecodeError
 
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire.chunks import decode_get_message, decode_put_message
+from kvstore.wire.chunks import GetMessage, decode_get_message, decode_put_message
 from kvstore.wire.errors import WireError
 from kvstore.wire.frames import HELLO_PAYLOAD, FrameKind
 
@@ -33,6 +34,10 @@ ANSWERS = {Code.OK, Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.DATA_LO
 # is still judged: every INTERNAL it answers is logged, and the session fails on that.
 LOST_STATUS = (Code.INTERNAL, "Internal error from Core")
 _CODES_BY_NUMBER = {code.value[0]: code for code in Code}
+# A get's messages beyond one per GET_FLOOR_BYTES of layer data: runs are whole layers,
+# layer by layer, so each layer (2 in the fuzz layouts) may end on a short message,
+# and a change of checksum kind starts a new one.
+GET_EXTRA_MESSAGES = 4
 
 
 @dataclass(frozen=True)
@@ -49,10 +54,22 @@ class Observation:
     codes: list[Code] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     puts: list[StoredPut] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)  # the messages of the statuses
     num_lost_statuses: int = 0
+
+    def check_get_messages(self, num_messages: int, data_bytes: int, where: str) -> None:
+        """However small a max_chunk_bytes it asked for, a get is not cut finer than
+        the server's floor of layer data per message."""
+        bound = -(-data_bytes // GET_FLOOR_BYTES) + GET_EXTRA_MESSAGES
+        if num_messages > bound:
+            self.problems.append(
+                f"{where}: {num_messages} messages for {data_bytes} bytes of layer data, "
+                f"more than {bound} (one per {GET_FLOOR_BYTES} B, the server's floor)"
+            )
 
     def expect(self, code: Code, allowed: set[Code], where: str, details: str = "") -> None:
         self.codes.append(code)
+        self.details.append(details)
         if code not in allowed:
             names = sorted(allowed_code.name for allowed_code in allowed)
             self.problems.append(
@@ -127,7 +144,12 @@ class GrpcRunner:
             allowed.add(Code.CANCELLED)
         elif case.ending is Ending.STALL:
             allowed.add(Code.DEADLINE_EXCEEDED)
-            timeout = STALL_DEADLINE_S
+            if case.rpc == "PutBlocks":
+                # No deadline: the server's idle limit must cut it (ANSWER_BOUND_S only
+                # keeps a hang from hanging the test; its status names no server limit).
+                allowed.discard(Code.OK)
+            else:  # a lookup stream holds nothing, and the server lets it wait
+                timeout = STALL_DEADLINE_S
         if case.rpc.startswith("Health/"):
             await self._health(case, seen)
         elif case.rpc == "PutBlocks":
@@ -150,13 +172,16 @@ class GrpcRunner:
         call = self._channel.unary_stream("/kvstore.v1.KVStore/GetBlocks")(
             case.messages[0], timeout=ANSWER_BOUND_S
         )
+        num_messages = data_bytes = 0
         with contextlib.suppress(grpc.aio.AioRpcError):
             async for reply in call:
+                num_messages += 1
                 try:
-                    decode_get_message(reply)
+                    data_bytes += _data_bytes(decode_get_message(reply))
                 except WireError as error:
                     seen.problems.append(f"a GetBlocksResponse does not decode: {error}")
         seen.expect(await call.code(), allowed, "GetBlocks", await call.details())
+        seen.check_get_messages(num_messages, data_bytes, "GetBlocks")
 
     async def _put(
         self, case: GrpcCase, seen: Observation, allowed: set[Code], timeout_s: float
@@ -180,7 +205,13 @@ class GrpcRunner:
         code = await _final_code(call, write_failed, seen)
         if code is None:
             return
-        seen.expect(code, allowed, "PutBlocks", await call.details())
+        details = await call.details() or ""
+        seen.expect(code, allowed, "PutBlocks", details)
+        stall_cut = case.ending is Ending.STALL and code is Code.DEADLINE_EXCEEDED
+        if stall_cut and "limits.stream_idle_timeout_s" not in details:
+            seen.problems.append(
+                f"a stalled put was not cut by the server's idle limit: {details!r}"
+            )
         if code is Code.OK:
             accepted_put(case.messages, await call, seen)
 
@@ -218,22 +249,28 @@ class GrpcRunner:
             seen.expect(code, allowed, "LookupPrefixStream", await call.details())
 
     async def _health(self, case: GrpcCase, seen: Observation) -> None:
+        # A request left whole parses: only a mutated one may be INVALID_ARGUMENT.
         allowed = {Code.OK, Code.NOT_FOUND}
+        if case.mutations:
+            allowed.add(Code.INVALID_ARGUMENT)
         path = f"/grpc.health.v1.{case.rpc}"
         if case.rpc == "Health/Check":
             try:
                 await self._channel.unary_unary(path)(case.messages[0], timeout=ANSWER_BOUND_S)
-                code = Code.OK
+                code, details = Code.OK, ""
             except grpc.aio.AioRpcError as error:
-                code = error.code()
-            seen.expect(code, allowed, case.rpc)
-            return
-        # Watch streams until cancelled: read its first answer, then hang up.
-        call = self._channel.unary_stream(path)(case.messages[0], timeout=ANSWER_BOUND_S)
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await call.read()
-        call.cancel()
-        seen.expect(await call.code(), {*allowed, Code.CANCELLED}, case.rpc)
+                code, details = error.code(), error.details() or ""
+        else:
+            # Watch streams until cancelled: read its first answer, then hang up.
+            call = self._channel.unary_stream(path)(case.messages[0], timeout=ANSWER_BOUND_S)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call.read()
+            call.cancel()
+            code, details = await call.code(), await call.details() or ""
+            allowed.add(Code.CANCELLED)
+        seen.expect(code, allowed, case.rpc, details)
+        if code is Code.INVALID_ARGUMENT and "malformed request" not in details:
+            seen.problems.append(f"{case.rpc}: INVALID_ARGUMENT that says nothing of why")
 
 
 async def _final_code(
@@ -274,19 +311,20 @@ class DataPlaneRunner:
                     _judge_frames(case, received, seen)
             elif case.ending is Ending.ABANDON:
                 await _send(loop, sock, case.stream[: case.num_sent])
-                await asyncio.sleep(case.pause_s)
                 if case.reset:  # close with a reset (SO_LINGER 0) rather than a FIN
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            else:  # a slow sender: its DEADLINE must end it, with an ERROR frame
+            else:  # a slow sender: its DEADLINE, or the server's limit, ends it with ERROR
                 await _send(loop, sock, case.stream[: case.num_sent])
                 received = await _read_until_closed(loop, sock, ANSWER_BOUND_S)
                 if received is None:
                     seen.problems.append(f"a stalled transfer not ended within {ANSWER_BOUND_S} s")
                 else:
                     _judge_frames(case, received, seen)
-                    if Code.DEADLINE_EXCEEDED not in seen.codes:
+                    cut = Code.DEADLINE_EXCEEDED in seen.codes
+                    if not cut or not any(case.cut_by in text for text in seen.details):
                         seen.problems.append(
-                            f"a stalled transfer ended with {seen.codes}, not DEADLINE_EXCEEDED"
+                            f"a stalled transfer ended with {seen.codes} {seen.details}, not "
+                            f"DEADLINE_EXCEEDED naming {case.cut_by!r}"
                         )
         finally:
             sock.close()
@@ -313,6 +351,12 @@ async def _read_until_closed(
     except OSError:  # a reset after the server's last frame
         pass
     return bytes(received)
+
+
+def _data_bytes(message: GetMessage) -> int:
+    return sum(len(chunk.data) for chunk in message.chunks) + sum(
+        len(run.data) for run in message.runs
+    )
 
 
 def _sent_put_transfers(stream: bytes, *, ended_only: bool) -> list[list[bytes]]:
@@ -351,6 +395,7 @@ def _judge_frames(case: DataPlaneCase, received: bytes, seen: Observation) -> No
     allowed = (ANSWERS - {Code.OK}) | {Code.DEADLINE_EXCEEDED}
     puts = _sent_put_transfers(case.stream, ended_only=True)
     num_done, position, ended = 0, 0, False
+    num_messages = data_bytes = 0  # of the get in progress
     while position < len(received):
         if ended:
             seen.problems.append("frames after an ERROR frame")
@@ -377,8 +422,9 @@ def _judge_frames(case: DataPlaneCase, received: bytes, seen: Observation) -> No
             if position != 5 + length or payload != HELLO_PAYLOAD:
                 seen.problems.append(f"an unexpected HELLO: {payload.hex()}")
         elif kind == FrameKind.GET_DATA:
+            num_messages += 1
             try:
-                decode_get_message(payload)
+                data_bytes += _data_bytes(decode_get_message(payload))
             except WireError as error:
                 seen.problems.append(f"a GET_DATA payload does not decode: {error}")
         elif kind == FrameKind.PUT_DONE:
@@ -390,5 +436,7 @@ def _judge_frames(case: DataPlaneCase, received: bytes, seen: Observation) -> No
             num_done += 1
         elif kind == FrameKind.GET_END:
             seen.codes.append(Code.OK)
+            seen.check_get_messages(num_messages, data_bytes, "a data-plane get")
+            num_messages = data_bytes = 0
         else:
             seen.problems.append(f"a frame of kind {kind}, which servers never send")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
-from fuzz_cases import Case, DataPlaneCase, GrpcCase, data_plane_case, grpc_case
+from fuzz_cases import Case, DataPlaneCase, Ending, GrpcCase, data_plane_case, grpc_case
 from fuzz_corpus import FUZZ_LAYOUT, FUZZ_NS, MAX_KEYS, VICTIM_KEYS, fuzz_namespace_bytes
 from fuzz_run import DataPlaneRunner, GrpcRunner, Observation, StoredPut
 
@@ -155,6 +155,8 @@ class FuzzSession:
             self.outcomes.update((what, case.ending.value, code.name) for code in seen.codes)
             self.num_lost_statuses += seen.num_lost_statuses
             problems += [f"{problem}\n    in {_describe(case)}" for problem in seen.problems]
+            if case.ending is Ending.STALL and not await self._reservations_freed():
+                problems.append(f"a cut stall's reservation not freed\n    in {_describe(case)}")
         self.num_cases += len(cases)
         where = f"the batch of {_span(cases)}"
         problems += [f"server log: {line}" for line in self._errors.take()]
@@ -162,6 +164,17 @@ class FuzzSession:
         await self._delete(stored)
         await self.settle(where)
         await self._check_seeds(where)
+
+    async def _reservations_freed(self) -> bool:
+        """Whether put reservations are back to the start within the bound (a case
+        abandoned just before may still be being torn down)."""
+        assert self._baseline is not None
+        deadline = time.monotonic() + SETTLE_BOUND_S
+        while (await self._stats()).put_reserved_bytes != self._baseline.put_reserved_bytes:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
     async def _run(self, case: Case) -> Observation:
         if isinstance(case, DataPlaneCase):
