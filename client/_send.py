@@ -8,6 +8,7 @@ from kvstore.checksum import ChecksumKind, checksum_of_parts, checksums_of, chec
 from kvstore.codec import ByteMap
 from kvstore.layout import KVLayout
 from kvstore.wire.chunks import (
+    MIN_PUT_CHUNK_BYTES,
     PUT_CHUNKS,
     PUT_RUNS,
     chunk_parts,
@@ -17,6 +18,12 @@ from kvstore.wire.chunks import (
 )
 
 Message = list[bytes | memoryview]
+
+
+def put_chunk_bytes(chunk_bytes: int) -> int:
+    """The piece size a put uses: `chunk_bytes`, raised to MIN_PUT_CHUNK_BYTES so that
+    every piece and message meets the server's put floor (docs/protocol.md)."""
+    return max(chunk_bytes, MIN_PUT_CHUNK_BYTES)
 
 
 def blocks_per_run(layout: KVLayout, chunk_bytes: int) -> int:
@@ -36,6 +43,7 @@ def put_messages(
 ) -> Iterator[Message]:
     """The messages of a whole put of blocks `keys[first:]`; block i is index i of
     `source`, and `keys[0]` chains from `parent_key`. `header` opens the first message."""
+    chunk_bytes = put_chunk_bytes(chunk_bytes)
     if uses_runs(layout, chunk_bytes):
         yield from run_messages(header, keys, first, parent_key, source, layout, kind, chunk_bytes)
         return
@@ -59,6 +67,7 @@ def layer_messages(
 ) -> Iterator[Message]:
     """The messages of one layer of a layer put; `source` holds that layer of every
     block (`KVForm.LAYER`), and the blocks were declared when the put opened."""
+    chunk_bytes = put_chunk_bytes(chunk_bytes)
     layer_bytes = layout.layer_bytes
     if uses_runs(layout, chunk_bytes):
         per_run = blocks_per_run(layout, chunk_bytes)

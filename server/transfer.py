@@ -20,12 +20,14 @@ from kvstore.put import PutSession
 from kvstore.read import ReadSession
 from kvstore.server.config import Limits
 from kvstore.server.decode import MalformedRequest, open_keyed_request, put_namespace_from_wire
+from kvstore.server.put_floor import PutFloor
 from kvstore.server.replies import put_reply
 from kvstore.store import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.chunks import (
     GET_CHUNKS,
     GET_RUNS,
+    MIN_PUT_PIECE_BYTES,
     PutMessage,
     chunk_parts,
     decode_put_message,
@@ -45,6 +47,8 @@ class Transfers:
         self._store = store
         self._mover = mover
         self._limits = limits
+        # MIN_PUT_PIECE_BYTES, or a quarter of the largest chunk where messages are small.
+        self._put_floor_bytes = min(MIN_PUT_PIECE_BYTES, limits.min_chunk_bytes // 4)
 
     async def put(self, messages: AsyncIterator[bytes | memoryview]) -> pb.PutBlocksResponse:
         """A whole put; raises on bad input.
@@ -53,15 +57,21 @@ class Transfers:
         buffer that the transport reuses.
         """
         session: PutSession | None = None
+        floor: PutFloor | None = None
         committed: list[BlockEntry] = []
         try:
             async for raw in messages:
                 message = decode_put_message(raw)
                 if session is None:
-                    session = self._open_put(message)
+                    session, floor = self._open_put(message)
                 elif message.namespace is not None:
                     raise InvalidRequest("namespace belongs in the first message of a put only")
+                assert floor is not None
+                # Its size is checked before it is applied, so a refused message costs no
+                # copy; its pieces after, so that errors of content are named first.
+                floor.admit(message)
                 await self._apply_put_message(session, message, committed)
+                floor.check_pieces(message, session.num_declared)
             if session is None:
                 raise InvalidRequest("the put stream was empty; send a namespace and blocks")
             outcomes = session.finish()
@@ -75,10 +85,11 @@ class Transfers:
             if session is not None:
                 session.abort()
 
-    def _open_put(self, message: PutMessage) -> PutSession:
+    def _open_put(self, message: PutMessage) -> tuple[PutSession, PutFloor]:
         namespace = put_namespace_from_wire(message.namespace)
         kind = checksum_kind_from_wire(message.checksum_kind)
-        return PutSession(self._store, namespace, kind)
+        session = PutSession(self._store, namespace, kind)
+        return session, PutFloor(namespace.layout, self._put_floor_bytes)
 
     async def _apply_put_message(
         self, session: PutSession, message: PutMessage, committed: list[BlockEntry]

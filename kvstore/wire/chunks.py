@@ -62,6 +62,12 @@ GET_RUNS = 6
 # server raises a GetBlocksRequest's max_chunk_bytes to this, so a tiny value cannot
 # make it send one message per byte. Clients must accept messages this large.
 MIN_CHUNK_BYTES = 64 << 10
+# A put's floor (docs/protocol.md, "The put floor"): a chunk or run of fewer bytes must
+# end what it writes, and a put's messages carry at least this much on average, beyond
+# one short message per layer. Senders cut a put's layers into pieces of at least
+# MIN_PUT_CHUNK_BYTES (twice the floor), which always satisfies it.
+MIN_PUT_PIECE_BYTES = MIN_CHUNK_BYTES // 4
+MIN_PUT_CHUNK_BYTES = 2 * MIN_PUT_PIECE_BYTES
 
 
 def uses_runs(layout: KVLayout, chunk_bytes: int) -> bool:

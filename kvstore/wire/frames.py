@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fcntl
 import socket
 import struct
+import termios
 from collections.abc import Sequence
 
 MAGIC = b"KVDP"
@@ -50,6 +52,10 @@ _ERROR_CODE = struct.Struct("<I")
 _DEADLINE = struct.Struct("<I")
 # The deadline of a transfer that did not send one: the client library's default.
 DEFAULT_TRANSFER_S = 120.0
+# A frame larger than the reader's buffer is first read into this much (or its length,
+# if less), and the buffer grows as bytes arrive (FrameReader).
+FIRST_BUFFER_BYTES = 1 << 20
+_QUEUED = struct.Struct("i")
 # Linux's IOV_MAX: sendmsg takes at most this many buffers per call.
 _MAX_BUFFERS = 1024
 
@@ -102,6 +108,11 @@ class FrameReader:
     """Reads frames from a non-blocking socket into one buffer that it reuses.
 
     A payload is a view into that buffer: valid until the next `read`.
+
+    Memory follows the bytes that arrived, not the length a header announces: a frame
+    larger than the buffer is read into one of at most FIRST_BUFFER_BYTES, grown
+    (doubling) only as bytes fill it, so a peer that announces a huge frame and stalls
+    makes the reader hold about twice what it sent, never the announced length.
     """
 
     def __init__(self, sock: socket.socket, max_payload: int) -> None:
@@ -110,6 +121,11 @@ class FrameReader:
         self._max_payload = max_payload
         self._header = bytearray(HEADER.size)
         self._buffer = bytearray(0)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """The size of the payload buffer now held (for tests and accounting)."""
+        return len(self._buffer)
 
     async def read(self, limit: int | None = None) -> tuple[int, memoryview]:
         """The next frame's kind (possibly unknown to FrameKind) and payload.
@@ -123,13 +139,35 @@ class FrameReader:
         limit = self._max_payload if limit is None else min(limit, self._max_payload)
         if length > limit:
             raise FrameTooLarge(kind, length, limit)
-        if len(self._buffer) < length:
-            # A new buffer, not a resize: views of the old one may still be referenced.
-            grown = min(2 * len(self._buffer), self._max_payload)
-            self._buffer = bytearray(max(length, grown))
-        payload = memoryview(self._buffer)[:length]
-        await self.read_into(payload)
-        return kind, payload
+        if len(self._buffer) >= length:  # the common case: the buffer is reused
+            payload = memoryview(self._buffer)[:length]
+            await self.read_into(payload)
+            return kind, payload
+        return kind, await self._read_growing(length)
+
+    async def _read_growing(self, length: int) -> memoryview:
+        """A payload larger than the buffer, read into buffers that grow as it arrives.
+
+        Each growth is a new buffer, not a resize: views of the old one may still be
+        referenced. The new size is double the old, or what has arrived plus what the
+        kernel already holds for us, whichever is more: a frame whose bytes are all
+        there grows once, to its length, and pays one copy of its first part.
+        """
+        size = min(length, max(FIRST_BUFFER_BYTES, len(self._buffer)))
+        buffer = bytearray(size)
+        received = 0
+        while True:
+            view = memoryview(buffer)
+            await self.read_into(view[received:size])
+            received = size
+            if received == length:
+                break
+            size = min(length, max(2 * size, received + _queued_bytes(self._sock)))
+            grown = bytearray(size)
+            grown[:received] = view
+            buffer = grown
+        self._buffer = buffer
+        return memoryview(buffer)
 
     def release_buffer(self) -> None:
         """Drop the payload buffer (views of it stay valid); the next frame makes one."""
@@ -145,6 +183,15 @@ class FrameReader:
             if count == 0:
                 raise ConnectionClosed("the peer closed the connection")
             received += count
+
+
+def _queued_bytes(sock: socket.socket) -> int:
+    """Bytes the kernel holds, received but not yet read, on `sock` (0 if unknown)."""
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.FIONREAD, _QUEUED.pack(0))
+    except OSError:
+        return 0
+    return int(_QUEUED.unpack(queued)[0])
 
 
 class FrameTooLarge(Exception):

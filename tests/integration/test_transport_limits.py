@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 import pytest
 import torch
+import xxhash
 
 from kvstore.checksum import ChecksumKind
 from kvstore.client import (
@@ -33,7 +34,7 @@ from kvstore.client import (
 )
 from kvstore.server import RunningServer
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire.chunks import decode_get_message, encode_put_header
+from kvstore.wire.chunks import PUT_RUNS, decode_get_message, encode_put_header, run_parts
 from kvstore.wire.frames import FrameKind
 from kvstore.wire.namespace import namespace_to_wire
 
@@ -74,6 +75,21 @@ def first_put_message(keys: list[bytes]) -> bytes:
         checksum_kind=ChecksumKind.XXH3_64.value,
         blocks=[(key, keys[index - 1] if index else b"") for index, key in enumerate(keys)],
     )
+
+
+def busy_put_message(number: int) -> bytes:
+    """A put message that keeps a stream busy and holds nothing: 16 blocks whose parent
+    is absent (checked, not kept), their layers in runs of 16 KiB, so that the put
+    floor (docs/protocol.md) lets them through. `number` (from 0) makes the keys."""
+    per_message = 16
+    layers = bytes(per_message * LAYOUT.layer_bytes)
+    checksums = [xxhash.xxh3_64_intdigest(bytes(LAYOUT.layer_bytes))] * per_message
+    keys = [b"orphan-%d-%d" % (number, i) for i in range(per_message)]
+    parts = [encode_put_header(blocks=[(key, b"absent-parent") for key in keys])]
+    first = 1 + number * per_message  # after the first message's one block
+    for layer in range(LAYOUT.num_layers):
+        parts += run_parts(PUT_RUNS, layer, first, checksums, [layers])
+    return b"".join(parts)
 
 
 class Raw:
@@ -237,10 +253,10 @@ async def test_a_grpc_put_with_no_deadline_ends_at_max_transfer_s(
         await call.write(first_put_message([b"forever"]))
 
         async def keep_sending() -> None:
-            # Never idle: an empty message every 20 ms, for up to 10 s.
+            # Never idle: a message every 20 ms, for up to 10 s.
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                for _ in range(500):
-                    await call.write(b"")
+                for number in range(500):
+                    await call.write(busy_put_message(number))
                     await asyncio.sleep(0.02)
 
         await keep_sending()
@@ -275,8 +291,8 @@ async def test_a_data_plane_deadline_of_49_days_is_capped_at_max_transfer_s(
 
             async def keep_sending() -> None:
                 with contextlib.suppress(OSError):
-                    for _ in range(500):  # an empty PUT every 20 ms, for up to 10 s
-                        await raw.send(frame(FrameKind.PUT))
+                    for number in range(500):  # a PUT every 20 ms, for up to 10 s
+                        await raw.send(frame(FrameKind.PUT, busy_put_message(number)))
                         await asyncio.sleep(0.02)
 
             sending = asyncio.create_task(keep_sending())
