@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from itertools import islice, takewhile
 from typing import cast
 
+from kvstore.census import BlockCensus
 from kvstore.enums import TierKind
 from kvstore.layout import KVLayout, Namespace
 
@@ -27,7 +28,7 @@ class BlockEntry:
     checksum_kind_value: int
     # Handles of the copies this block has, per tier. A block is findable while
     # it has at least one copy. Change it only through add_copy/take_copy, which
-    # keep `fastest` right: lookups read that once per block.
+    # keep `fastest` right (lookups read that once per block) and the census's counts.
     copies: dict[TierKind, object] = field(default_factory=dict)
     fastest: TierKind = field(init=False, default=TierKind.DRAM)
     depth: int = 0
@@ -35,12 +36,14 @@ class BlockEntry:
     # The indexed blocks that name this one as their parent (None while it has none):
     # a delete walks them instead of the whole namespace.
     children: list[BlockEntry] | None = field(default=None, repr=False)
+    # Change these two only through BlockPool, which tells the census.
     read_pins: int = 0
     lease_expiry: float = 0.0  # monotonic seconds; 0 when never leased
     last_access: int = 0  # store-wide tick, larger is more recent
     num_hits: int = 0
     num_seen: int = 1  # the put, then every hit: what the SSD admission filter counts
-    # Set by BlockIndex.insert: path.keys[: depth + 1] are this block's chain, root first.
+    # Set by BlockIndex.insert, cleared by remove: path.keys[: depth + 1] are this block's
+    # chain, root first.
     path: ChainPath | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -48,12 +51,16 @@ class BlockEntry:
             self.fastest = min(self.copies)
 
     def add_copy(self, kind: TierKind, handle: object) -> None:
-        self.copies[kind] = handle
-        self.fastest = min(self.copies)  # TierKind orders fastest first
+        copies = self.copies
+        if kind not in copies:
+            self.namespace.census.copy_added(self, kind)
+        copies[kind] = handle
+        self.fastest = min(copies)  # TierKind orders fastest first
 
     def take_copy(self, kind: TierKind) -> object:
         """Remove and return the copy in `kind`'s tier."""
         handle = self.copies.pop(kind)
+        self.namespace.census.copy_taken(self, kind)
         if self.copies:
             self.fastest = min(self.copies)
         return handle
@@ -92,6 +99,8 @@ class NamespaceState:
     blocks: dict[bytes, BlockEntry] = field(default_factory=dict)
     # Puts open in the namespace: it is freed once this is 0 and `blocks` is empty.
     num_puts: int = 0
+    # The index's census (shared by all its namespaces), which counts this one's blocks.
+    census: BlockCensus = field(default_factory=BlockCensus, repr=False)
 
 
 class BlockIndex:
@@ -99,6 +108,7 @@ class BlockIndex:
 
     def __init__(self) -> None:
         self._namespaces: dict[Namespace, NamespaceState] = {}
+        self.census = BlockCensus()
 
     def __len__(self) -> int:
         return sum(len(state.blocks) for state in self._namespaces.values())
@@ -113,7 +123,7 @@ class BlockIndex:
     def namespace(self, namespace: Namespace) -> NamespaceState:
         state = self._namespaces.get(namespace)
         if state is None:
-            state = self._namespaces[namespace] = NamespaceState(namespace)
+            state = self._namespaces[namespace] = NamespaceState(namespace, census=self.census)
         return state
 
     def drop_namespace(self, state: NamespaceState) -> None:
@@ -139,10 +149,15 @@ class BlockIndex:
         return found + cast(list[BlockEntry], list(rest))
 
     def insert(self, entry: BlockEntry) -> None:
-        entry.namespace.blocks[entry.key] = entry
+        """Index an entry under a key its namespace does not hold yet."""
+        blocks = entry.namespace.blocks
+        # Replacing an entry would leave it counted by the census: callers check first.
+        assert entry.key not in blocks, "the key is indexed already"
+        blocks[entry.key] = entry
         parent = entry.parent
         if parent is None:
             entry.path = ChainPath([entry.key], [entry])
+            entry.namespace.census.entered(entry)
             return
         parent.num_children += 1
         if parent.children is None:
@@ -161,6 +176,7 @@ class BlockIndex:
             entry.path = ChainPath(
                 [*path.keys[: entry.depth], entry.key], [*path.entries[: entry.depth], entry]
             )
+        entry.namespace.census.entered(entry)
 
     def remove(self, entry: BlockEntry) -> BlockEntry | None:
         """Unlink a leaf; returns its parent when that parent just became a leaf."""
@@ -173,6 +189,7 @@ class BlockIndex:
         path.keys.pop()
         path.entries.pop()
         entry.path = None
+        entry.namespace.census.left(entry)
         parent = entry.parent
         if parent is None:
             return None

@@ -377,8 +377,7 @@ class BlockPool:
         return self._priority(entry, now)
 
     def _full_message(self, kind: TierKind, tier: MemoryTier, nbytes: int) -> str:
-        now = time.monotonic()
-        pinned = sum(1 for entry in self._index.entries() if entry.is_pinned(now))
+        pinned = self.num_pinned(time.monotonic())
         free = tier.capacity_bytes - tier.used_bytes
         return (
             f"{kind.name} tier is full: a block needs {nbytes} B, {free} B are free of "
@@ -460,26 +459,41 @@ class BlockPool:
     # -- pins and leases ----------------------------------------------------------------
 
     def acquire_read(self, entries: list[BlockEntry]) -> None:
+        census = self._index.census
         for entry in entries:
             entry.read_pins += 1
             if entry.read_pins == 1:
+                census.read_pinned(entry)
                 self.refresh(entry)
 
     def release_read(self, entries: list[BlockEntry]) -> None:
+        census = self._index.census
+        now = time.monotonic()
         for entry in entries:
             entry.read_pins -= 1
             if entry.read_pins == 0:
+                census.read_unpinned(entry, now)
                 self.refresh(entry)
 
     def extend_lease(self, entry: BlockEntry, expiry: float) -> None:
         """Keep the block resident until monotonic time `expiry`, at least."""
         entry.lease_expiry = max(entry.lease_expiry, expiry)
+        self._index.census.lease_changed(entry, time.monotonic())
         self.refresh(entry)
 
     def end_lease(self, entry: BlockEntry, now: float) -> None:
         # Keep a non-zero past expiry: the session policy remembers the lease.
         entry.lease_expiry = min(entry.lease_expiry, now)
+        self._index.census.lease_changed(entry, now)
         self.refresh(entry)
+
+    def num_pinned(self, now: float) -> int:
+        """Indexed blocks pinned at monotonic time `now` (a read or a lease); O(1) amortized."""
+        return self._index.census.num_pinned(now)
+
+    def num_blocks(self, kind: TierKind) -> int:
+        """Indexed blocks with a copy in `kind`'s tier; O(1)."""
+        return self._index.census.num_blocks(kind)
 
     def release_expired_leases(self) -> None:
         now = time.monotonic()
@@ -621,15 +635,26 @@ class BlockPool:
         # The only copy is unusable: the block goes, and every block chained below it.
         # Reads of it, this one included, cannot use it, so their pins do not hold it;
         # nor do this read's pins on the blocks it will no longer serve.
+        # The pins come off and back through the census, which counts read-pinned blocks.
+        census = self._index.census
+        now = time.monotonic()
         for other in unserved:
             other.read_pins -= 1
+            if other.read_pins == 0:
+                census.read_unpinned(other, now)
         pins, entry.read_pins = entry.read_pins, 0
+        if pins:
+            census.read_unpinned(entry, now)
         try:
-            self.delete_subtree([entry], time.monotonic())
+            self.delete_subtree([entry], now)
         finally:
             entry.read_pins = pins
+            if pins:
+                census.read_pinned(entry)
             for other in unserved:
                 other.read_pins += 1
+                if other.read_pins == 1:
+                    census.read_pinned(other)
 
     async def wait_durable(self, entries: list[BlockEntry]) -> Durability:
         """Wait until each committed block is as durable as the write policy makes it,

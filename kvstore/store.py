@@ -269,9 +269,9 @@ class BlockStore:
     # -- reporting -------------------------------------------------------------------
 
     def report(self) -> StoreReport:
+        """Sizes, counts and counters of the store and each tier; O(tiers), whatever the
+        number of blocks (the counts are kept as blocks change: kvstore.census)."""
         pool = self._pool
-        now = time.monotonic()
-        entries = pool.entries()
         reports = []
         for kind in pool.tier_kinds:
             tier = pool.tier(kind)
@@ -281,7 +281,7 @@ class BlockStore:
                     name=tier.name,
                     capacity_bytes=tier.capacity_bytes,
                     used_bytes=tier.used_bytes,
-                    num_blocks=sum(1 for entry in entries if kind in entry.copies),
+                    num_blocks=pool.num_blocks(kind),
                     counters=tier.counters,
                     degraded=tier.degraded,
                 )
@@ -290,7 +290,7 @@ class BlockStore:
             tiers=tuple(reports),
             counters=self._counters,
             num_namespaces=pool.num_namespaces,
-            num_pinned=sum(1 for entry in entries if entry.is_pinned(now)),
+            num_pinned=pool.num_pinned(time.monotonic()),
             uptime_s=pool.uptime_s,
             write_policy=self._config.write_policy,
             durability=pool.policy_durability,
