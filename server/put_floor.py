@@ -75,8 +75,9 @@ class PutFloor:
             )
 
     def check_pieces(self, message: PutMessage, num_declared: int) -> None:
-        """Once `message` is applied (so its errors of content came first): raise
-        InvalidRequest if a short chunk or run does not end what it writes."""
+        """Before `message` is applied, with `num_declared` counting its own block
+        declarations: raise InvalidRequest if a short chunk or run does not end what it
+        writes."""
         floor = self._floor_bytes
         for chunk in message.chunks:
             size = len(chunk.data)

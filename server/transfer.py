@@ -67,11 +67,11 @@ class Transfers:
                 elif message.namespace is not None:
                     raise InvalidRequest("namespace belongs in the first message of a put only")
                 assert floor is not None
-                # Its size is checked before it is applied, so a refused message costs no
-                # copy; its pieces after, so that errors of content are named first.
+                # Checked before it is applied: a refused message costs no copy and
+                # commits no block.
                 floor.admit(message)
+                floor.check_pieces(message, session.num_declared + len(message.blocks))
                 await self._apply_put_message(session, message, committed)
-                floor.check_pieces(message, session.num_declared)
             if session is None:
                 raise InvalidRequest("the put stream was empty; send a namespace and blocks")
             outcomes = session.finish()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -19,6 +18,7 @@ import grpc
 import pytest
 import torch
 import xxhash
+from raw_data_plane import Raw, frame  # tests/raw_data_plane.py
 
 from kvstore.checksum import ChecksumKind
 from kvstore.client import (
@@ -44,7 +44,6 @@ NS = Namespace(tenant="acme", model_fingerprint="limits", layout=LAYOUT)
 # 4 MiB blocks of 1 MiB layers: a get of ten outlasts the sockets' buffers.
 BIG = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, dtype=DType.FLOAT16, block_tokens=256)
 BIG_NS = Namespace(tenant="acme", model_fingerprint="limits-big", layout=BIG)
-HELLO = b"KVDP" + struct.pack("<H", 2)
 DEADLINE_EXCEEDED = grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 TRANSPORTS = pytest.mark.parametrize("data_plane", [False, True], ids=["grpc", "data-plane"])
 
@@ -62,10 +61,6 @@ def client_for(running: RunningServer, data_plane: bool, namespace: Namespace = 
 async def dram_used(client: KVClient) -> int:
     (tier,) = [tier for tier in (await client.stats()).tiers if tier.tier == pb.DRAM]
     return int(tier.used_bytes)
-
-
-def frame(kind: int, payload: bytes = b"") -> bytes:
-    return struct.pack("<BI", kind, len(payload)) + payload
 
 
 def first_put_message(keys: list[bytes]) -> bytes:
@@ -90,50 +85,6 @@ def busy_put_message(number: int) -> bytes:
     for layer in range(LAYOUT.num_layers):
         parts += run_parts(PUT_RUNS, layer, first, checksums, [layers])
     return b"".join(parts)
-
-
-class Raw:
-    """A plain socket to the data port, frames packed by hand."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.loop = asyncio.get_running_loop()
-
-    @classmethod
-    async def open(cls, running: RunningServer) -> Raw:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        raw = cls(sock)
-        await raw.loop.sock_connect(sock, ("127.0.0.1", running.servicer.data_plane_port))
-        await raw.send(frame(FrameKind.HELLO, HELLO))
-        assert await raw.read_frame() == (FrameKind.HELLO, HELLO)
-        return raw
-
-    async def send(self, data: bytes) -> None:
-        await self.loop.sock_sendall(self.sock, data)
-
-    async def recv_exactly(self, count: int) -> bytes:
-        received = bytearray()
-        while len(received) < count:
-            chunk = await self.loop.sock_recv(self.sock, count - len(received))
-            if not chunk:
-                raise ConnectionError(f"closed after {len(received)} of {count} bytes")
-            received += chunk
-        return bytes(received)
-
-    async def read_frame(self) -> tuple[int, bytes]:
-        async with asyncio.timeout(10):
-            kind, length = struct.unpack("<BI", await self.recv_exactly(5))
-            return kind, await self.recv_exactly(length)
-
-    async def read_error(self) -> tuple[int, str]:
-        kind, payload = await self.read_frame()
-        assert kind == FrameKind.ERROR, (kind, payload[:100])
-        (code,) = struct.unpack_from("<I", payload)
-        return code, payload[4:].decode()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 async def trickle(raw: Raw, data: bytes, pause_s: float = 0.02) -> None:
@@ -165,7 +116,11 @@ async def test_an_idle_layer_put_is_cut_and_its_reservation_freed(
         async def stall_after_layer_zero() -> None:
             async with client.layer_put(keys) as put:
                 await put.send_layer(0, kv[:, 0])
-                assert await dram_used(client) > used  # reserved while the put runs
+
+                async def reserved() -> bool:  # the put's first message has arrived
+                    return await dram_used(client) > used
+
+                await poll(reserved, timeout_s=10.0)
                 await poll(freed, timeout_s=10.0)  # a prefill worker stuck on its layer
                 await put.send_layer(1, kv[:, 1])
 

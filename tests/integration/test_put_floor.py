@@ -1,0 +1,248 @@
+"""The put floor (server/put_floor.py, docs/protocol.md), on both transports: a put cut
+into tiny pieces or padded with empty messages is refused INVALID_ARGUMENT before the
+offending message is applied; it frees what it reserved, commits nothing and harms no
+stored block; kvstore's own client meets the floor whatever chunk size it is given.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Awaitable, Callable
+
+import grpc
+import pytest
+import torch
+import xxhash
+from raw_data_plane import Raw, frame  # tests/raw_data_plane.py
+
+from kvstore.checksum import ChecksumKind
+from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
+from kvstore.server import RunningServer
+from kvstore.wire.chunks import (
+    MIN_PUT_PIECE_BYTES,
+    PUT_CHUNKS,
+    PUT_RUNS,
+    chunk_parts,
+    encode_put_header,
+    run_parts,
+)
+from kvstore.wire.frames import FrameKind
+from kvstore.wire.namespace import namespace_to_wire
+
+KiB = 1 << 10
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+TRANSPORTS = pytest.mark.parametrize("data_plane", [False, True], ids=["grpc", "data-plane"])
+# 64 KiB layers (K half 32 KiB): larger than the 16 KiB floor.
+WIDE = KVLayout(num_layers=2, num_kv_heads=8, head_dim=128, dtype=DType.FLOAT16, block_tokens=16)
+WIDE_NS = Namespace(tenant="acme", model_fingerprint="floor-wide", layout=WIDE)
+# 512 B layers: many blocks share one run.
+NARROW = KVLayout(num_layers=4, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=8)
+NARROW_NS = Namespace(tenant="acme", model_fingerprint="floor-narrow", layout=NARROW)
+
+ServerFactory = Callable[..., Awaitable[RunningServer]]
+MakeKV = Callable[..., torch.Tensor]
+Poll = Callable[..., Awaitable[None]]
+
+
+def opening(namespace: Namespace, keys: list[bytes]) -> bytes:
+    return encode_put_header(
+        namespace=namespace_to_wire(namespace).SerializeToString(),
+        checksum_kind=ChecksumKind.XXH3_64.value,
+        blocks=[(key, keys[index - 1] if index else b"") for index, key in enumerate(keys)],
+    )
+
+
+def checksum(data: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+async def raw_put(
+    running: RunningServer, messages: list[bytes], data_plane: bool
+) -> tuple[int, str]:
+    """Send a put's raw messages; the status code and message the server answers."""
+    if data_plane:
+        raw = await Raw.open(running)
+        try:
+            await raw.send(b"".join(frame(FrameKind.PUT, message) for message in messages))
+            await raw.send(frame(FrameKind.PUT_END))
+            kind, payload = await raw.read_frame()
+            if kind == FrameKind.PUT_DONE:
+                return 0, ""
+            assert kind == FrameKind.ERROR, (kind, payload[:100])
+            (code,) = struct.unpack_from("<I", payload)
+            return code, payload[4:].decode()
+        finally:
+            raw.close()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        put_blocks = channel.stream_unary("/kvstore.v1.KVStore/PutBlocks")
+
+        async def requests():  # type: ignore[no-untyped-def]
+            for message in messages:
+                yield message
+
+        try:
+            await put_blocks(requests(), timeout=30)
+        except grpc.aio.AioRpcError as error:
+            return error.code().value[0], error.details() or ""
+        return 0, ""
+
+
+async def seeded(running: RunningServer, namespace: Namespace, make_kv: MakeKV) -> KVClient:
+    """A client whose namespace holds a stored chain, `seed-0..3`, to check afterwards."""
+    client = KVClient(f"127.0.0.1:{running.port}", namespace)
+    kv = make_kv(namespace.layout, 4, form=KVForm.BLOCKS, seed=9)
+    keys = [b"seed-%d" % i for i in range(4)]
+    assert (await client.put_blocks(keys, kv)).num_committed == 4
+    client.seeded_kv = kv  # type: ignore[attr-defined]
+    return client
+
+
+async def assert_unharmed(client: KVClient, poll: Poll) -> None:
+    """Nothing reserved, the seeded chain served byte for byte."""
+
+    async def freed() -> bool:
+        return (await client.stats()).put_reserved_bytes == 0
+
+    await poll(freed)
+    keys = [b"seed-%d" % i for i in range(4)]
+    kv = client.seeded_kv  # type: ignore[attr-defined]
+    dest = torch.zeros_like(kv)
+    assert await client.get_into(keys, dest, form=KVForm.BLOCKS) == 4
+    assert torch.equal(dest.view(torch.uint8), kv.view(torch.uint8))
+
+
+@TRANSPORTS
+async def test_a_layer_in_one_byte_chunks_is_refused(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll, data_plane: bool
+) -> None:
+    """64 KiB sent as 65,536 one-byte chunks in one message would cost the server
+    65,536 decodes and copies: refused for its pieces, before any is applied."""
+    running = await server_factory()
+    async with await seeded(running, WIDE_NS, make_kv) as client:
+        layer = bytes(range(256)) * (WIDE.layer_bytes // 256)
+        parts: list[bytes | memoryview] = []
+        for offset in range(4096):
+            parts += chunk_parts(
+                PUT_CHUNKS, 0, 0, offset, checksum(layer), [layer[offset : offset + 1]]
+            )
+        message = opening(WIDE_NS, [b"tiny"]) + b"".join(bytes(part) for part in parts)
+        code, details = await raw_put(running, [message], data_plane)
+        assert code == INVALID_ARGUMENT, details
+        assert "4096 chunks and runs carries 4096 bytes" in details
+        assert "put floor" in details
+        assert (await client.lookup_keys([b"tiny"])).num_matched == 0
+        await assert_unharmed(client, poll)
+
+
+@TRANSPORTS
+async def test_a_short_chunk_in_the_middle_of_a_layer_is_refused(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll, data_plane: bool
+) -> None:
+    """One message per short chunk stays under the pieces-per-message rule; the chunk
+    that does not end its layer (or K half) is what breaks the floor."""
+    running = await server_factory()
+    async with await seeded(running, WIDE_NS, make_kv) as client:
+        layer = bytes(WIDE.layer_bytes)
+        messages = [opening(WIDE_NS, [b"short"])]
+        for offset in range(0, 8 * KiB, KiB):
+            piece = [layer[offset : offset + KiB]]
+            messages.append(b"".join(chunk_parts(PUT_CHUNKS, 0, 0, offset, checksum(layer), piece)))  # type: ignore[arg-type]
+        code, details = await raw_put(running, messages, data_plane)
+        assert code == INVALID_ARGUMENT, details
+        assert "1024-byte chunk at offset 0 that does not end its layer" in details
+        await assert_unharmed(client, poll)
+
+
+@TRANSPORTS
+async def test_empty_messages_are_refused(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll, data_plane: bool
+) -> None:
+    running = await server_factory()
+    async with await seeded(running, WIDE_NS, make_kv) as client:
+        messages = [opening(WIDE_NS, [b"padded"])] + [b""] * 1000
+        code, details = await raw_put(running, messages, data_plane)
+        assert code == INVALID_ARGUMENT, details
+        assert "an empty put message" in details
+        await assert_unharmed(client, poll)
+
+
+@TRANSPORTS
+async def test_short_messages_that_each_end_a_half_are_refused_past_the_budget(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll, data_plane: bool
+) -> None:
+    """Every piece obeys the floor (each ends a 256 B K or V half), but one message per
+    half of 40 blocks' 512 B layers (320 messages for 80 KiB) runs past the budget of
+    3 + layers + bytes // floor (7 here): refused at the 8th."""
+    running = await server_factory()
+    async with await seeded(running, NARROW_NS, make_kv) as client:
+        keys = [b"many-%d" % i for i in range(40)]
+        half = NARROW.layer_bytes // 2
+        data = bytes(NARROW.layer_bytes)
+        messages = [opening(NARROW_NS, keys)]
+        for block in range(len(keys)):
+            for layer in range(NARROW.num_layers):
+                for start in (0, half):
+                    piece = chunk_parts(
+                        PUT_CHUNKS,
+                        block,
+                        layer,
+                        start,
+                        checksum(data),
+                        [data[start : start + half]],
+                    )
+                    messages.append(b"".join(bytes(part) for part in piece))
+        code, details = await raw_put(running, messages, data_plane)
+        assert code == INVALID_ARGUMENT, details
+        assert "8 put messages for 1792 bytes of layer data" in details
+        assert "put floor" in details
+        assert (await client.lookup_keys(keys)).num_matched == 0
+        await assert_unharmed(client, poll)
+
+
+@TRANSPORTS
+async def test_a_short_run_that_would_commit_a_block_is_refused_before_it_does(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll, data_plane: bool
+) -> None:
+    """Runs of one 512 B block at a time when eight are declared: the message that
+    carries block 0's every layer is refused whole, so block 0 is never committed."""
+    running = await server_factory()
+    async with await seeded(running, NARROW_NS, make_kv) as client:
+        keys = [b"run-%d" % i for i in range(8)]
+        layer = bytes(NARROW.layer_bytes)
+        parts: list[bytes | memoryview] = []
+        for number in range(NARROW.num_layers):
+            parts += run_parts(PUT_RUNS, number, 0, [checksum(layer)], [layer])
+        message = opening(NARROW_NS, keys) + b"".join(bytes(part) for part in parts)
+        code, details = await raw_put(running, [message], data_plane)
+        assert code == INVALID_ARGUMENT, details
+        assert "does not reach the last declared block" in details
+        assert (await client.lookup_keys(keys)).num_matched == 0
+        await assert_unharmed(client, poll)
+
+
+@TRANSPORTS
+@pytest.mark.parametrize("namespace", [WIDE_NS, NARROW_NS], ids=["wide", "narrow"])
+@pytest.mark.parametrize("chunk_bytes", [1, 4 * KiB, MIN_PUT_PIECE_BYTES + 1])
+async def test_the_client_meets_the_floor_whatever_chunk_size_it_is_given(
+    server_factory: ServerFactory,
+    make_kv: MakeKV,
+    data_plane: bool,
+    namespace: Namespace,
+    chunk_bytes: int,
+) -> None:
+    running = await server_factory()
+    options = ClientOptions(data_plane=data_plane, chunk_bytes=chunk_bytes)
+    keys = [b"client-%d" % i for i in range(24)]
+    kv = make_kv(namespace.layout, len(keys), form=KVForm.BLOCKS, seed=4)
+    async with KVClient(f"127.0.0.1:{running.port}", namespace, options=options) as client:
+        assert (await client.put_blocks(keys, kv)).num_committed == len(keys)
+        layer_keys = [b"layered-%d" % i for i in range(24)]
+        async with client.layer_put(layer_keys) as put:
+            for number in range(namespace.layout.num_layers):
+                await put.send_layer(number, kv[:, number])
+        assert put.result is not None
+        assert put.result.num_committed == len(layer_keys)
+        for stored in (keys, layer_keys):
+            dest = torch.zeros_like(kv)
+            assert await client.get_into(stored, dest, form=KVForm.BLOCKS) == len(stored)
+            assert torch.equal(dest.view(torch.uint8), kv.view(torch.uint8))
