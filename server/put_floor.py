@@ -79,9 +79,14 @@ class PutFloor:
         declarations: raise InvalidRequest if a short chunk or run does not end what it
         writes."""
         floor = self._floor_bytes
+        # A malformed piece (empty, past its layer, the wrong size, past the blocks
+        # declared) is left to the message's own validation, whose error names what is
+        # wrong with it; it is refused there all the same, and costs nothing more.
         for chunk in message.chunks:
             size = len(chunk.data)
             end = chunk.offset + size
+            if size == 0 or end > self._layer_bytes:
+                continue
             if size < floor and end != self._layer_bytes and end != self._half_bytes:
                 raise InvalidRequest(
                     f"block {chunk.block_index} layer {chunk.layer}: a {size}-byte chunk at "
@@ -91,7 +96,10 @@ class PutFloor:
                 )
         for run in message.runs:
             size = len(run.data)
-            if size < floor and run.first_block + run.num_blocks != num_declared:
+            last = run.first_block + run.num_blocks
+            if size != run.num_blocks * self._layer_bytes or last > num_declared:
+                continue
+            if size < floor and last != num_declared:
                 raise InvalidRequest(
                     f"a {size}-byte run of layer {run.layer} (blocks {run.first_block}.."
                     f"{run.first_block + run.num_blocks - 1}) that does not reach the last "

@@ -444,7 +444,12 @@ PUT_CASES: list[tuple[str, list[pb.PutBlocksRequest], grpc.StatusCode, str]] = [
     ),
     (
         "overlapping-chunks",
-        [first_message(chunks=[chunk(layer_bytes(1)[:64]), chunk(b"\x01" * 10, offset=32)])],
+        # Each chunk ends the K half or the layer, as the put floor asks of short ones.
+        [
+            first_message(
+                chunks=[chunk(layer_bytes(1)[:512]), chunk(layer_bytes(1)[256:], offset=256)]
+            )
+        ],
         INVALID,
         "without gaps or overlap",
     ),

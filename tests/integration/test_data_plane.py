@@ -841,7 +841,11 @@ async def test_a_layer_put_that_outlives_its_deadline_is_dropped_by_the_server(
         async def pause_between_layers() -> None:
             async with client.layer_put(keys) as put:
                 await put.send_layer(0, kv[:, 0])
-                assert await dram_used(client) > used  # reserved while the put runs
+
+                async def reserved() -> bool:  # the put's first frame has arrived
+                    return await dram_used(client) > used
+
+                await poll(reserved, timeout_s=5.0)
                 await poll(dropped, timeout_s=5.0)
                 assert await dram_used(client) == used
                 await put.send_layer(1, kv[:, 1])
