@@ -18,6 +18,7 @@ import torch
 
 from kvstore.allocator import tune_allocator_once
 from kvstore.client._auto_transport import AutoTransport
+from kvstore.client._credentials import call_metadata, resolve_token
 from kvstore.client._dataplane_transport import find_data_plane, target_host
 from kvstore.client._errors import InvalidArgument
 from kvstore.client._grpc_transport import GrpcTransport, tracked_call
@@ -74,6 +75,8 @@ class KVClient:
             ],
         )
         self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._token = resolve_token(self.options.token)
+        self._metadata = call_metadata(self._token)
         self._settle = CallSettle()
         self._namespace_wire = namespace_to_wire(namespace)
         self.namespace_bytes = self._namespace_wire.SerializeToString()
@@ -82,7 +85,10 @@ class KVClient:
 
     def _default_transport(self, target: str) -> Transport:
         grpc_transport = GrpcTransport(
-            self._channel, self._settle, num_lookup_streams=self.options.lookup_streams
+            self._channel,
+            self._settle,
+            num_lookup_streams=self.options.lookup_streams,
+            metadata=self._metadata,
         )
         host = target_host(target)
         if not self.options.data_plane or host is None:
@@ -94,6 +100,7 @@ class KVClient:
             max_frame_bytes=self.options.max_message_bytes,
             timeout_s=self.options.timeouts.control,
             settle=self._settle,
+            token=self._token,
         )
         return AutoTransport(grpc_transport, find)
 
@@ -301,27 +308,33 @@ class KVClient:
         ttl_ms = max(1, round(ttl_s * 1000))
         request = pb.PinRequest(namespace=self._namespace_wire, keys=keys, ttl_ms=ttl_ms)
         with tracked_call(self._settle):
-            reply = await self._stub.Pin(request, timeout=self.options.timeouts.control)
+            reply = await self._stub.Pin(
+                request, timeout=self.options.timeouts.control, metadata=self._metadata
+            )
         return int(reply.num_pinned)
 
     async def unpin(self, keys: list[bytes]) -> int:
         request = pb.UnpinRequest(namespace=self._namespace_wire, keys=keys)
         with tracked_call(self._settle):
-            reply = await self._stub.Unpin(request, timeout=self.options.timeouts.control)
+            reply = await self._stub.Unpin(
+                request, timeout=self.options.timeouts.control, metadata=self._metadata
+            )
         return int(reply.num_unpinned)
 
     async def delete(self, keys: list[bytes]) -> tuple[int, int]:
         """Delete blocks and their descendants; returns (deleted, left because pinned)."""
         request = pb.DeleteRequest(namespace=self._namespace_wire, keys=keys)
         with tracked_call(self._settle):
-            reply = await self._stub.Delete(request, timeout=self.options.timeouts.control)
+            reply = await self._stub.Delete(
+                request, timeout=self.options.timeouts.control, metadata=self._metadata
+            )
         return int(reply.num_deleted), int(reply.num_busy)
 
     async def stats(self) -> StoreStats:
         """The server's tiers and counters."""
         with tracked_call(self._settle):
             reply: pb.StatsResponse = await self._stub.Stats(
-                pb.StatsRequest(), timeout=self.options.timeouts.control
+                pb.StatsRequest(), timeout=self.options.timeouts.control, metadata=self._metadata
             )
         return store_stats(reply)
 

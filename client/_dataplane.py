@@ -83,8 +83,9 @@ class DataConnection:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
 
-    async def hello(self) -> None:
-        await self.send(FrameKind.HELLO, [HELLO_PAYLOAD])
+    async def hello(self, token: bytes = b"") -> None:
+        """Say HELLO, with the caller's token where it has one (kvstore.wire.frames)."""
+        await self.send(FrameKind.HELLO, [HELLO_PAYLOAD, token])
         payload = await self.expect(FrameKind.HELLO)
         if bytes(payload) != HELLO_PAYLOAD:
             raise Unknown(f"the data plane answered HELLO with {bytes(payload)!r}")
@@ -189,9 +190,12 @@ class DataConnection:
 class DataPlanePool:
     """Connections to one server's data plane at `host:port`, kept for reuse."""
 
-    def __init__(self, host: str, port: int, max_frame_bytes: int, max_idle: int = 4) -> None:
+    def __init__(
+        self, host: str, port: int, max_frame_bytes: int, max_idle: int = 4, token: bytes = b""
+    ) -> None:
         self.host = host
         self.port = port
+        self._token = token  # the caller's bearer token, said in each HELLO
         self._max_frame_bytes = max_frame_bytes
         self._max_idle = max_idle
         self._idle: list[DataConnection] = []
@@ -255,7 +259,7 @@ class DataPlanePool:
                         tune_socket(sock)
                         connection = DataConnection(sock, self._max_frame_bytes)
                         connection.begin(deadline)
-                        await connection.hello()
+                        await connection.hello(self._token)
                         return connection
                     except (OSError, KVStoreClientError) as error:
                         sock.close()

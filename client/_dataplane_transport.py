@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from kvstore.client._credentials import call_metadata
 from kvstore.client._dataplane import DataConnection, DataPlanePool
 from kvstore.client._settle import CallSettle
 from kvstore.client._transport import Parts
@@ -107,17 +108,22 @@ async def find_data_plane(
     max_frame_bytes: int,
     timeout_s: float,
     settle: CallSettle,
+    token: str | None = None,
 ) -> DataPlaneTransport | None:
     """The server's data plane on `host`, asked for over gRPC; None when the server has
     none, speaks another framing version, or does not answer."""
     try:
         with settle.tracking():
-            reply = await stub.GetDataPlane(pb.DataPlaneRequest(), timeout=timeout_s)
+            reply = await stub.GetDataPlane(
+                pb.DataPlaneRequest(), timeout=timeout_s, metadata=call_metadata(token)
+            )
     except grpc.aio.AioRpcError:
         return None  # an older server, or none at all: the gRPC call will say
     if not reply.port or reply.version != DATAPLANE_VERSION:
         return None
-    return DataPlaneTransport(DataPlanePool(host, reply.port, max_frame_bytes), timeout_s)
+    hello_token = token.encode() if token else b""
+    pool = DataPlanePool(host, reply.port, max_frame_bytes, token=hello_token)
+    return DataPlaneTransport(pool, timeout_s)
 
 
 def target_host(target: str) -> str | None:

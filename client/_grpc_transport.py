@@ -9,6 +9,7 @@ from typing import NoReturn
 
 import grpc
 
+from kvstore.client._credentials import Metadata
 from kvstore.client._errors import Unknown, error_for, protocol_error, translate_errors
 from kvstore.client._lookup_stream import LookupStreams
 from kvstore.client._settle import CallSettle
@@ -34,11 +35,17 @@ class GrpcTransport:
     """Every call over `channel`; `settle` learns of each call cancelled or left open."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, settle: CallSettle, *, num_lookup_streams: int
+        self,
+        channel: grpc.aio.Channel,
+        settle: CallSettle,
+        *,
+        num_lookup_streams: int,
+        metadata: Metadata = (),
     ) -> None:
         self._settle = settle
+        self._metadata = metadata  # sent with every call: the caller's token, if any
         self._stub = pb_grpc.KVStoreStub(channel)
-        self.lookup_streams = LookupStreams(channel, num_lookup_streams, settle)
+        self.lookup_streams = LookupStreams(channel, num_lookup_streams, settle, metadata)
         # The block-carrying RPCs bypass the generated classes (see kvstore.wire.chunks).
         # Replies are decoded here, not by a gRPC deserializer: gRPC would turn a
         # malformed reply into a vague INTERNAL, and this way it is a ProtocolError.
@@ -63,19 +70,25 @@ class GrpcTransport:
         if reply is None:
             timeout_s = max(0.0, deadline - asyncio.get_running_loop().time())
             with tracked_call(self._settle):
-                reply = await self._stub.LookupPrefix(request, timeout=timeout_s)
+                reply = await self._stub.LookupPrefix(
+                    request, timeout=timeout_s, metadata=self._metadata
+                )
         return reply
 
     async def put(self, messages: AsyncIterator[Parts], timeout_s: float) -> pb.PutBlocksResponse:
         with tracked_call(self._settle):
-            reply: pb.PutBlocksResponse = await self._put_blocks(messages, timeout=timeout_s)
+            reply: pb.PutBlocksResponse = await self._put_blocks(
+                messages, timeout=timeout_s, metadata=self._metadata
+            )
         return reply
 
     async def open_put(self, timeout_s: float) -> GrpcPutStream:
-        return GrpcPutStream(self._put_blocks(timeout=timeout_s), self._settle)
+        call = self._put_blocks(timeout=timeout_s, metadata=self._metadata)
+        return GrpcPutStream(call, self._settle)
 
     async def open_get(self, request: pb.GetBlocksRequest, timeout_s: float) -> GrpcGetStream:
-        return GrpcGetStream(self._get_blocks(request, timeout=timeout_s), self._settle)
+        call = self._get_blocks(request, timeout=timeout_s, metadata=self._metadata)
+        return GrpcGetStream(call, self._settle)
 
     async def close(self) -> None:
         await self.lookup_streams.close()

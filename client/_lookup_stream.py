@@ -15,6 +15,7 @@ import asyncio
 
 import grpc
 
+from kvstore.client._credentials import Metadata
 from kvstore.client._errors import DeadlineExceeded, error_for_code
 from kvstore.client._settle import CallSettle
 from kvstore.v1 import kvstore_pb2 as pb
@@ -30,7 +31,14 @@ _CLOSE_GRACE_S = 0.5
 class LookupStreams:
     """Up to `max_streams` open streams; a lookup takes an idle one or opens another."""
 
-    def __init__(self, channel: grpc.aio.Channel, max_streams: int, settle: CallSettle) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        max_streams: int,
+        settle: CallSettle,
+        metadata: Metadata = (),
+    ) -> None:
+        self._metadata = metadata  # sent when each stream opens
         self._open_call = channel.stream_stream(
             _METHOD,
             request_serializer=pb.LookupPrefixRequest.SerializeToString,
@@ -116,7 +124,7 @@ class LookupStreams:
         if self._idle:
             call = self._idle.pop()
         elif self.num_open < self._max_streams:
-            call = self._open_call()
+            call = self._open_call(metadata=self._metadata)
         else:
             return None
         self._in_use.add(call)

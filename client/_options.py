@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvstore.checksum import ChecksumKind
+from kvstore.client._credentials import check_token
 from kvstore.keys import HashAlgorithm
 from kvstore.wire.chunks import MIN_CHUNK_BYTES
 
@@ -57,8 +58,13 @@ class ClientOptions:
     # (kvstore.wire.frames) when it offers one: no HTTP/2, and no copies in gRPC. Falls
     # back to gRPC when the server has none or it cannot be reached. False: gRPC only.
     data_plane: bool = True
+    # A bearer token for a server that authenticates (its tenant and role are the
+    # server's to know). None: the KVSTORE_TOKEN environment variable, if set.
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.token is not None:
+            check_token(self.token, "ClientOptions.token")
         if self.lookup_streams < 0:
             raise ValueError("lookup_streams must be >= 0")
         if self.max_message_bytes < MIN_CHUNK_BYTES + 4096:

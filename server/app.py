@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from kvstore.allocator import tune_allocator
+from kvstore.errors import InvalidRequest
 from kvstore.mover import TierMover
+from kvstore.server.auth import Authenticator
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
 from kvstore.server.handlers import add_kvstore_service
@@ -39,6 +43,7 @@ class RunningServer:
     config: ServerConfig
     data_plane: DataPlane | None
     loop_watch: LoopWatch
+    auth: Authenticator | None
 
     async def drain(self) -> None:
         """Stop taking new work, let streams in flight finish, then stop."""
@@ -68,8 +73,43 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a listen address) reaches only this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
+
+
+def check_exposure(config: ServerConfig) -> None:
+    """Refuse to serve beyond loopback with no protection at all, unless told to."""
+    if config.auth.enabled or config.insecure or is_loopback(config.listen_host):
+        return
+    raise InvalidRequest(
+        f"refusing to listen on {config.listen_host} with neither authentication nor TLS: "
+        f"anyone who reaches it could read, pin and delete every tenant's blocks. Set "
+        f"[auth] tokens_file (--tokens-file), or pass --insecure (insecure = true) if this "
+        f"network is trusted"
+    )
+
+
+def build_authenticator(config: ServerConfig) -> Authenticator | None:
+    """The authenticator `[auth]` asks for; None where authentication is off."""
+    if not config.auth.enabled:
+        return None
+    tokens_file = Path(config.auth.tokens_file) if config.auth.tokens_file else None
+    try:
+        return Authenticator(tokens_file, certificate_tenants=config.auth.certificate_tenants)
+    except ValueError as error:
+        raise InvalidRequest(str(error)) from None
+
+
 async def build_server(config: ServerConfig) -> RunningServer:
     """Create the store and a started gRPC server for it; the port is the bound one."""
+    check_exposure(config)
+    auth = build_authenticator(config)
     if config.tune_allocator:
         tune_allocator()
     store = BlockStore(config.store)
@@ -81,13 +121,16 @@ async def build_server(config: ServerConfig) -> RunningServer:
     # One lifecycle and one transfer module, shared by gRPC and the data plane.
     lifecycle = Lifecycle()
     transfers = Transfers(store, mover, config.limits)
-    servicer = KVStoreServicer(store, transfers, lifecycle, config.limits)
+    servicer = KVStoreServicer(store, transfers, lifecycle, config.limits, auth)
     server = grpc.aio.server(options=channel_options(config.limits.max_message_bytes))
     add_kvstore_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     # Registered so that a request that does not parse is INVALID_ARGUMENT, not UNKNOWN.
     add_health_service(health_servicer, server)
-    add_reflection_service((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    # Health stays open to probes. Reflection lists the API to anyone, so with
+    # authentication on it is served only where [auth] reflection says so.
+    if auth is None or config.auth.reflection:
+        add_reflection_service((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         port = server.add_insecure_port(config.listen)
     except RuntimeError as error:  # grpcio reports a failed bind (port in use) this way
@@ -96,7 +139,7 @@ async def build_server(config: ServerConfig) -> RunningServer:
         raise OSError(f"cannot listen on {config.listen}")
     data_plane = None
     if config.data_port >= 0:
-        data_plane = DataPlane(transfers, lifecycle, config.limits)
+        data_plane = DataPlane(transfers, lifecycle, config.limits, auth)
         try:
             servicer.data_plane_port = await data_plane.start(config.listen_host, config.data_port)
             servicer.data_plane_counts = data_plane.counts
@@ -119,9 +162,23 @@ async def build_server(config: ServerConfig) -> RunningServer:
         config.store.eviction_policy,
         config.store.write_policy if store.has_ssd else "no SSD",
     )
+    logger.info("protections: %s", protections_line(config, auth))
     return RunningServer(
-        server, port, store, mover, servicer, health_servicer, config, data_plane, loop_watch
+        server, port, store, mover, servicer, health_servicer, config, data_plane, loop_watch, auth
     )
+
+
+def protections_line(config: ServerConfig, auth: Authenticator | None) -> str:
+    """Which protections are on, for the log."""
+    if auth is None:
+        who = "authentication OFF (any caller may act as any tenant)"
+    else:
+        sources = [f"{auth.num_tokens} bearer tokens"] if config.auth.tokens_file else []
+        if auth.certificate_tenants:
+            sources.append("client certificates name tenants")
+        who = "authentication on (" + ", ".join(sources) + ")"
+    reflection_on = auth is None or config.auth.reflection
+    return f"{who}; TLS off; reflection {'on' if reflection_on else 'off'}"
 
 
 async def serve(config: ServerConfig) -> None:
@@ -131,5 +188,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if running.auth is not None:
+        loop.add_signal_handler(signal.SIGHUP, running.auth.reload)
     await stop.wait()
     await running.drain()

@@ -110,6 +110,23 @@ class Limits:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AuthConfig:
+    """Who may call (kvstore.server.auth). Authentication is on when either is set."""
+
+    # TOML of [[tokens]] entries: each token's SHA-256, tenant and role; SIGHUP rereads it.
+    tokens_file: str = ""
+    # With mutual TLS, a client certificate's common name is its tenant when it sends
+    # no token.
+    certificate_tenants: bool = False
+    # Serve gRPC reflection to anyone even with authentication on (off: it lists the API).
+    reflection: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens_file) or self.certificate_tenants
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
     # The TCP data plane (kvstore.wire.frames) listens on listen's host at this port; 0
@@ -120,6 +137,9 @@ class ServerConfig:
     tune_allocator: bool = True
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: Limits = field(default_factory=Limits)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    # Listen beyond loopback with neither authentication nor TLS: refused unless set.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if self.log_level not in _LOG_LEVELS:
@@ -203,7 +223,7 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
         for name in parents:
             table = table.setdefault(name, {})
         table[leaf] = value
-    sections = {"store": StoreConfig, "limits": Limits}
+    sections = {"store": StoreConfig, "limits": Limits, "auth": AuthConfig}
     top = {k: v for k, v in data.items() if k not in sections}
     parts = {name: _build(cls, data.get(name, {}), name) for name, cls in sections.items()}
     return _build(ServerConfig, {**top, **parts}, "top level")  # type: ignore[no-any-return]
@@ -275,6 +295,25 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="the longest deadline a put or get may have, whatever the client asks (default 600)",
     )
+    parser.add_argument(
+        "--tokens-file",
+        dest="auth.tokens_file",
+        help="TOML file of accepted bearer tokens (their SHA-256), tenants and roles; "
+        "turns authentication on; SIGHUP rereads it",
+    )
+    parser.add_argument(
+        "--certificate-tenants",
+        dest="auth.certificate_tenants",
+        action="store_true",
+        default=None,
+        help="with mutual TLS, a client certificate's common name is its tenant",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow listening beyond loopback with neither authentication nor TLS",
+    )
     parser.add_argument("--log-level", choices=list(_LOG_LEVELS))
     parser.add_argument(
         "--no-tune-allocator",
@@ -289,6 +328,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     overrides = {
         key: value
         for key, value in vars(args).items()
-        if key in {"listen", "data_port", "log_level", "tune_allocator"} or "." in key
+        if key in {"listen", "data_port", "log_level", "tune_allocator", "insecure"} or "." in key
     }
     return load_config(args.config, overrides)

@@ -19,7 +19,9 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 
 from kvstore.errors import InvalidRequest
+from kvstore.server.auth import MAX_TOKEN_BYTES, OPEN, Authenticator, Caller
 from kvstore.server.config import Limits
+from kvstore.server.credentials import hello_caller
 from kvstore.server.decode import parse_request
 from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.pacing import TransferPacing
@@ -67,6 +69,8 @@ class _Link:
         # True while a frame is on its way out: a frame cut short (a deadline, a drain)
         # leaves the stream where no ERROR frame can follow.
         self.mid_frame = False
+        self.caller: Caller = OPEN  # who HELLO proved the client to be
+        self.peer_common_name: str | None = None  # a verified client certificate's name
 
     async def send(self, kind: FrameKind, parts: Sequence[bytes | memoryview] = ()) -> None:
         self.mid_frame = True
@@ -109,8 +113,15 @@ class _Link:
 
 
 class DataPlane:
-    def __init__(self, transfers: Transfers, lifecycle: Lifecycle, limits: Limits) -> None:
+    def __init__(
+        self,
+        transfers: Transfers,
+        lifecycle: Lifecycle,
+        limits: Limits,
+        auth: Authenticator | None = None,
+    ) -> None:
         self._transfers = transfers
+        self._auth = auth  # None: no authentication, every connection is OPEN
         self._lifecycle = lifecycle
         self._limits = limits
         self._listener: socket.socket | None = None
@@ -233,7 +244,9 @@ class DataPlane:
     ) -> None:
         if kind == FrameKind.PUT:
             pacing.what = "put"
-            reply = await self._transfers.put(self._put_messages(link, pacing, payload))
+            reply = await self._transfers.put(
+                self._put_messages(link, pacing, payload), link.caller
+            )
             await link.send(FrameKind.PUT_DONE, [reply.SerializeToString()])
         elif kind == FrameKind.GET:
             pacing.what = "get"
@@ -247,9 +260,10 @@ class DataPlane:
     async def _handshake(self, link: _Link) -> None:
         try:
             async with asyncio.timeout(_HELLO_TIMEOUT_S):
-                # Nothing larger than a HELLO is read, or buffered, before it.
-                kind, payload = await link.reader.read(limit=len(HELLO_PAYLOAD))
-            hello = kind == FrameKind.HELLO and bytes(payload) == HELLO_PAYLOAD
+                # Nothing larger than a HELLO and its token is read, or buffered, before it.
+                limit = len(HELLO_PAYLOAD) + MAX_TOKEN_BYTES
+                kind, payload = await link.reader.read(limit=limit)
+            hello = kind == FrameKind.HELLO and payload[: len(HELLO_PAYLOAD)] == HELLO_PAYLOAD
         except FrameTooLarge:  # an HTTP request, say: its first bytes read as a huge length
             hello = False
         except TimeoutError:
@@ -263,6 +277,9 @@ class DataPlane:
                 "not a kvstore data-plane client (or another version of it): a connection "
                 f"starts with a HELLO frame carrying {HELLO_PAYLOAD!r} (see kvstore.wire.frames)",
             )
+        if self._auth is not None:
+            token = bytes(payload[len(HELLO_PAYLOAD) :])
+            link.caller = hello_caller(self._auth, token, link.peer_common_name)
         await link.send(FrameKind.HELLO, [HELLO_PAYLOAD])
 
     async def _put_messages(
@@ -281,7 +298,7 @@ class DataPlane:
 
     async def _get(self, link: _Link, pacing: TransferPacing, payload: memoryview) -> None:
         request = parse_request(pb.GetBlocksRequest, bytes(payload))
-        async with contextlib.aclosing(self._transfers.get(request)) as messages:
+        async with contextlib.aclosing(self._transfers.get(request, link.caller)) as messages:
             async for parts in messages:
                 pacing.waiting()  # until the client has taken the frame (or most of it)
                 await link.send(FrameKind.GET_DATA, parts)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 
 import grpc
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         asyncio.run(serve(config))
-    except OSError as error:
+    except (OSError, InvalidRequest) as error:
         logging.getLogger("kvstore.server").error("cannot start: %s", error)
         return 1
     return 0
@@ -57,10 +58,17 @@ def _stats_main(argv: list[str]) -> int:
     parser.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    parser.add_argument(
+        "--token", help="bearer token for a daemon that authenticates (default: $KVSTORE_TOKEN)"
+    )
     args = parser.parse_args(argv)
+    token = args.token if args.token is not None else os.environ.get("KVSTORE_TOKEN")
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with grpc.insecure_channel(args.target) as channel:
         try:
-            stats = pb_grpc.KVStoreStub(channel).Stats(pb.StatsRequest(), timeout=args.timeout)
+            stats = pb_grpc.KVStoreStub(channel).Stats(
+                pb.StatsRequest(), timeout=args.timeout, metadata=metadata
+            )
         except grpc.RpcError as error:
             print(f"kvstore-server stats: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1

@@ -17,7 +17,9 @@ from typing import TypeAlias, TypeVar
 import grpc
 
 from kvstore.errors import InvalidRequest
+from kvstore.server.auth import OPEN, Authenticator, Caller
 from kvstore.server.config import Limits
+from kvstore.server.credentials import grpc_caller
 from kvstore.server.decode import MalformedRequest, open_keyed_request, open_request
 from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.loopwatch import LoopWatch
@@ -36,9 +38,15 @@ Context: TypeAlias = grpc.aio.ServicerContext
 
 class KVStoreServicer:
     def __init__(
-        self, store: BlockStore, transfers: Transfers, lifecycle: Lifecycle, limits: Limits
+        self,
+        store: BlockStore,
+        transfers: Transfers,
+        lifecycle: Lifecycle,
+        limits: Limits,
+        auth: Authenticator | None = None,
     ) -> None:
         self._store = store
+        self._auth = auth  # None: no authentication, every caller is OPEN
         self._transfers = transfers
         self._lifecycle = lifecycle
         self._limits = limits
@@ -52,11 +60,15 @@ class KVStoreServicer:
         """Drain both transports: see kvstore.server.lifecycle."""
         self._lifecycle.start_draining()
 
-    async def _answer(self, context: Context, handle: Callable[[], Awaitable[Reply]]) -> Reply:
-        """Run `handle` unless the server is draining; any error ends the RPC with its status."""
+    async def _answer(
+        self, context: Context, handle: Callable[[Caller], Awaitable[Reply]]
+    ) -> Reply:
+        """Run `handle` for the authenticated caller unless the server is draining; any
+        error ends the RPC with its status."""
         try:
+            caller = OPEN if self._auth is None else grpc_caller(self._auth, context)
             self._lifecycle.refuse_if_draining()
-            return await handle()
+            return await handle(caller)
         except Exception as error:
             if context.done():
                 # The client cancelled or went away, so a write failed: nobody is left to
@@ -69,8 +81,8 @@ class KVStoreServicer:
     async def LookupPrefix(
         self, request: pb.LookupPrefixRequest | MalformedRequest, context: Context
     ) -> pb.LookupPrefixResponse:
-        async def handle() -> pb.LookupPrefixResponse:
-            return self._lookup(request)
+        async def handle(caller: Caller) -> pb.LookupPrefixResponse:
+            return self._lookup(request, caller)
 
         return await self._answer(context, handle)
 
@@ -84,14 +96,14 @@ class KVStoreServicer:
         drain begins gets that ending instead of a result.
         """
 
-        async def handle() -> None:
+        async def handle(caller: Caller) -> None:
             while True:
                 with self._lifecycle.idle_wait():
                     request = await context.read()
                 if request is grpc.aio.EOF:
                     return
                 try:
-                    result = pb.LookupPrefixResult(match=self._lookup(request))
+                    result = pb.LookupPrefixResult(match=self._lookup(request, caller))
                 except Exception as error:  # answered in the result: the stream goes on
                     code, message = status_for(error)
                     result = pb.LookupPrefixResult(code=code.value[0], message=message)
@@ -101,9 +113,10 @@ class KVStoreServicer:
         await self._answer(context, handle)
 
     def _lookup(
-        self, request: pb.LookupPrefixRequest | MalformedRequest
+        self, request: pb.LookupPrefixRequest | MalformedRequest, caller: Caller
     ) -> pb.LookupPrefixResponse:
         _, namespace, keys = open_keyed_request(request, self._max_keys, allow_empty=True)
+        caller.authorize(namespace.tenant)
         match = self._store.lookup(namespace, keys, defer_touch=True)
         # Runs after this handler returns, once gRPC has handed the reply to its transport.
         asyncio.get_running_loop().call_soon(self._store.settle_touches)
@@ -112,8 +125,9 @@ class KVStoreServicer:
     async def Pin(
         self, request: pb.PinRequest | MalformedRequest, context: Context
     ) -> pb.PinResponse:
-        async def handle() -> pb.PinResponse:
+        async def handle(caller: Caller) -> pb.PinResponse:
             pin, namespace, keys = open_keyed_request(request, self._max_keys)
+            caller.authorize(namespace.tenant)
             if pin.ttl_ms == 0:
                 raise InvalidRequest("ttl_ms is required: how long, in ms, to keep the blocks")
             count, expires_at = self._store.pin(namespace, keys, pin.ttl_ms / 1000)
@@ -124,8 +138,9 @@ class KVStoreServicer:
     async def Unpin(
         self, request: pb.UnpinRequest | MalformedRequest, context: Context
     ) -> pb.UnpinResponse:
-        async def handle() -> pb.UnpinResponse:
+        async def handle(caller: Caller) -> pb.UnpinResponse:
             _, namespace, keys = open_keyed_request(request, self._max_keys)
+            caller.authorize(namespace.tenant)
             return pb.UnpinResponse(num_unpinned=self._store.unpin(namespace, keys))
 
         return await self._answer(context, handle)
@@ -133,8 +148,9 @@ class KVStoreServicer:
     async def Delete(
         self, request: pb.DeleteRequest | MalformedRequest, context: Context
     ) -> pb.DeleteResponse:
-        async def handle() -> pb.DeleteResponse:
+        async def handle(caller: Caller) -> pb.DeleteResponse:
             _, namespace, keys = open_keyed_request(request, self._max_keys)
+            caller.authorize(namespace.tenant, admin_may=True)
             result = self._store.delete(namespace, keys)
             return pb.DeleteResponse(num_deleted=result.num_deleted, num_busy=result.num_busy)
 
@@ -143,7 +159,7 @@ class KVStoreServicer:
     async def Stats(
         self, request: pb.StatsRequest | MalformedRequest, context: Context
     ) -> pb.StatsResponse:
-        async def handle() -> pb.StatsResponse:
+        async def handle(caller: Caller) -> pb.StatsResponse:
             open_request(request)
             reply = report_to_wire(
                 self._store.report(), time.process_time(), read_process_health(self.loop_watch)
@@ -163,9 +179,9 @@ class KVStoreServicer:
         """Paced (kvstore.server.pacing): a client that sends nothing for the idle limit,
         or a call past limits.max_transfer_s (deadline or none), is cut and freed."""
 
-        async def handle() -> pb.PutBlocksResponse:
+        async def handle(caller: Caller) -> pb.PutBlocksResponse:
             async with TransferPacing(self._limits, "put") as pacing:
-                return await self._transfers.put(pacing.received(request_iterator))
+                return await self._transfers.put(pacing.received(request_iterator), caller)
 
         return await self._answer(context, handle)
 
@@ -177,12 +193,12 @@ class KVStoreServicer:
         Paced as puts are: a client that takes no message for the idle limit is cut.
         """
 
-        async def handle() -> None:
+        async def handle(caller: Caller) -> None:
             # The messages close at once when the client cancels or is cut, so the
             # blocks are unpinned then.
             async with (
                 TransferPacing(self._limits, "get") as pacing,
-                contextlib.aclosing(self._transfers.get(request)) as messages,
+                contextlib.aclosing(self._transfers.get(request, caller)) as messages,
             ):
                 async for parts in messages:
                     pacing.waiting()
@@ -194,7 +210,7 @@ class KVStoreServicer:
     async def GetDataPlane(
         self, request: pb.DataPlaneRequest | MalformedRequest, context: Context
     ) -> pb.DataPlaneResponse:
-        async def handle() -> pb.DataPlaneResponse:
+        async def handle(caller: Caller) -> pb.DataPlaneResponse:
             open_request(request)
             return pb.DataPlaneResponse(port=self.data_plane_port, version=DATAPLANE_VERSION)
 

@@ -8,6 +8,7 @@ import logging
 import grpc
 
 from kvstore.errors import CapacityExhausted, ChecksumMismatch, InvalidRequest
+from kvstore.server.auth import PermissionDenied, Unauthenticated
 from kvstore.server.lifecycle import Draining
 from kvstore.server.pacing import StreamCut
 from kvstore.wire.errors import WireError
@@ -21,6 +22,8 @@ _STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Draining: grpc.StatusCode.UNAVAILABLE,
     StreamCut: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

@@ -18,6 +18,7 @@ from kvstore.index import BlockEntry
 from kvstore.mover import TierMover
 from kvstore.put import PutSession
 from kvstore.read import ReadSession
+from kvstore.server.auth import OPEN, Caller
 from kvstore.server.config import Limits
 from kvstore.server.decode import MalformedRequest, open_keyed_request, put_namespace_from_wire
 from kvstore.server.put_floor import PutFloor
@@ -50,8 +51,10 @@ class Transfers:
         # MIN_PUT_PIECE_BYTES, or a quarter of the largest chunk where messages are small.
         self._put_floor_bytes = min(MIN_PUT_PIECE_BYTES, limits.min_chunk_bytes // 4)
 
-    async def put(self, messages: AsyncIterator[bytes | memoryview]) -> pb.PutBlocksResponse:
-        """A whole put; raises on bad input.
+    async def put(
+        self, messages: AsyncIterator[bytes | memoryview], caller: Caller = OPEN
+    ) -> pb.PutBlocksResponse:
+        """A whole put by `caller`; raises on bad input or a namespace not the caller's.
 
         Each message is applied before the next is read, so it may be a view into a
         buffer that the transport reuses.
@@ -63,7 +66,7 @@ class Transfers:
             async for raw in messages:
                 message = decode_put_message(raw)
                 if session is None:
-                    session, floor = self._open_put(message)
+                    session, floor = self._open_put(message, caller)
                 elif message.namespace is not None:
                     raise InvalidRequest("namespace belongs in the first message of a put only")
                 assert floor is not None
@@ -85,8 +88,9 @@ class Transfers:
             if session is not None:
                 session.abort()
 
-    def _open_put(self, message: PutMessage) -> tuple[PutSession, PutFloor]:
+    def _open_put(self, message: PutMessage, caller: Caller) -> tuple[PutSession, PutFloor]:
         namespace = put_namespace_from_wire(message.namespace)
+        caller.authorize(namespace.tenant)
         kind = checksum_kind_from_wire(message.checksum_kind)
         session = PutSession(self._store, namespace, kind)
         return session, PutFloor(namespace.layout, self._put_floor_bytes)
@@ -115,9 +119,10 @@ class Transfers:
         committed.extend(newly_committed)
 
     async def get(
-        self, request: pb.GetBlocksRequest | MalformedRequest
+        self, request: pb.GetBlocksRequest | MalformedRequest, caller: Caller = OPEN
     ) -> AsyncGenerator[WireParts, None]:
-        """A whole get as wire parts, one list a message; raises on bad input.
+        """A whole get by `caller` as wire parts, one list a message; raises on bad input
+        or a namespace not the caller's.
 
         The blocks stay pinned, and the arena views valid, until the generator is
         closed: the transport sends each message before it asks for the next.
@@ -125,6 +130,7 @@ class Transfers:
         session: ReadSession | None = None
         try:
             request, namespace, keys = open_keyed_request(request, self._limits.max_keys)
+            caller.authorize(namespace.tenant)
             chunk_bytes = self._chunk_bytes_for(request.max_chunk_bytes)
             session = ReadSession(self._store, namespace, keys)
             await session.load(self._mover)

@@ -8,9 +8,9 @@ import socket
 import struct
 
 from kvstore.server import RunningServer
-from kvstore.wire.frames import FrameKind
+from kvstore.wire.frames import HELLO_PAYLOAD, FrameKind
 
-HELLO = b"KVDP" + struct.pack("<H", 2)
+HELLO = HELLO_PAYLOAD
 
 
 def frame(kind: int, payload: bytes = b"") -> bytes:

@@ -13,8 +13,9 @@ A frame is a 5-byte header, kind (u8) and payload length (u32, little-endian), t
 the payload. A connection carries one transfer at a time:
 
     client                               server
-    HELLO  b"KVDP" + version (u16)  ->
-                                    <-   HELLO, the same payload
+    HELLO  b"KVDP" + version (u16)  ->   then the caller's token (UTF-8, at most 4 KiB),
+                                         where the server authenticates; else nothing
+                                    <-   HELLO, b"KVDP" + version: the caller is admitted
     DEADLINE  ms left (u32)         ->   (optional, before the transfer's first frame)
     PUT    a PutBlocksRequest       ->   (any number; the first names the namespace)
     PUT_END                         ->
@@ -45,7 +46,8 @@ from collections.abc import Sequence
 
 MAGIC = b"KVDP"
 # 2: transfers may start with a DEADLINE frame, which version-1 servers refuse.
-VERSION = 2
+# 3: HELLO may carry a token after the version, which version-2 servers refuse.
+VERSION = 3
 HEADER = struct.Struct("<BI")
 HELLO_PAYLOAD = MAGIC + struct.pack("<H", VERSION)
 _ERROR_CODE = struct.Struct("<I")

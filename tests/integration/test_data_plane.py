@@ -40,7 +40,7 @@ from kvstore.server.config import add_config_arguments, config_from_args, load_c
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.wire.chunks import chunk_parts, decode_get_message, encode_put_header
-from kvstore.wire.frames import FrameKind
+from kvstore.wire.frames import HELLO_PAYLOAD, FrameKind
 from kvstore.wire.namespace import namespace_to_wire
 
 MiB = 1 << 20
@@ -50,7 +50,7 @@ NS = Namespace(tenant="acme", model_fingerprint="toy", layout=LAYOUT)
 BIG = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, dtype=DType.FLOAT16, block_tokens=256)
 BIG_NS = Namespace(tenant="acme", model_fingerprint="big", layout=BIG)
 SEED_KEYS = [b"seed-0", b"seed-1", b"seed-2"]
-HELLO = b"KVDP" + struct.pack("<H", 2)
+HELLO = HELLO_PAYLOAD
 INVALID_ARGUMENT, RESOURCE_EXHAUSTED = 3, 8
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]
@@ -327,7 +327,7 @@ async def test_get_data_plane_reports_the_bound_port(
     server: RunningServer, stub: pb_grpc.KVStoreStub
 ) -> None:
     reply = await stub.GetDataPlane(pb.DataPlaneRequest(), timeout=5)
-    assert reply.version == 2
+    assert reply.version == 3
     assert reply.port == server.servicer.data_plane_port != 0
     assert server.data_plane is not None
     raw = await RawConnection.open(reply.port)  # something speaks HELLO there

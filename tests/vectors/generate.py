@@ -158,7 +158,7 @@ def frame_cases() -> list[dict[str, Any]]:
 
     reply = pb.PutBlocksResponse(outcomes=[1, 2, 3], num_committed=1).SerializeToString()
     cases = [
-        frame("HELLO, either direction", FrameKind.HELLO, HELLO_PAYLOAD, version=2),
+        frame("HELLO, either direction", FrameKind.HELLO, HELLO_PAYLOAD, version=3),
         frame("DEADLINE of 1.5 s", FrameKind.DEADLINE, encode_deadline(1.5), seconds=1.5),
         frame("DEADLINE of 120 s", FrameKind.DEADLINE, encode_deadline(120.0), seconds=120.0),
         frame("DEADLINE under 1 ms", FrameKind.DEADLINE, encode_deadline(0.0001), seconds=0.0001),

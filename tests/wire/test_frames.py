@@ -78,7 +78,7 @@ async def recv_exactly(sock: socket.socket, count: int) -> bytes:
 def test_wire_constants_are_the_documented_protocol() -> None:
     assert HEADER.size == 5
     assert frame_header(FrameKind.PUT, 0x01020304) == b"\x02\x04\x03\x02\x01"
-    assert HELLO_PAYLOAD == b"KVDP\x02\x00"
+    assert HELLO_PAYLOAD == b"KVDP\x03\x00"
     assert {kind.name: kind.value for kind in FrameKind} == {
         "HELLO": 1,
         "PUT": 2,

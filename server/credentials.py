@@ -1,0 +1,52 @@
+"""Credentials as each transport carries them, to a caller (kvstore.server.auth).
+
+gRPC: `authorization: Bearer TOKEN` metadata, or, with mutual TLS, the verified client
+certificate's common name. The data plane: the token after the version in HELLO
+(kvstore.wire.frames), or the certificate of the TLS connection.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from kvstore.server.auth import (
+    MAX_TOKEN_BYTES,
+    Authenticator,
+    Caller,
+    Unauthenticated,
+    bearer_token,
+)
+
+
+def grpc_caller(auth: Authenticator, context: grpc.aio.ServicerContext) -> Caller:
+    """The caller of a gRPC call; Unauthenticated without a credential the server accepts."""
+    token: str | None = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            if token is not None:
+                raise Unauthenticated("more than one authorization metadata entry")
+            if not isinstance(value, str):
+                raise Unauthenticated("the authorization metadata must be text")
+            token = bearer_token(value)
+    name = grpc_certificate_name(context) if auth.certificate_tenants and token is None else None
+    return auth.caller(token, name)
+
+
+def grpc_certificate_name(context: grpc.aio.ServicerContext) -> str | None:
+    """The common name of the call's verified client certificate, if it has one."""
+    names = context.auth_context().get("x509_common_name")
+    if not names:
+        return None
+    name: bytes = names[0]
+    return name.decode(errors="replace")
+
+
+def hello_caller(auth: Authenticator, token: bytes, certificate_name: str | None) -> Caller:
+    """The caller of a data-plane connection, from its HELLO's token (may be empty)."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise Unauthenticated(f"the HELLO token is longer than {MAX_TOKEN_BYTES} bytes")
+    try:
+        text = token.decode() if token else None
+    except UnicodeDecodeError:
+        raise Unauthenticated("the HELLO token is not UTF-8") from None
+    return auth.caller(text, certificate_name if auth.certificate_tenants and not text else None)
