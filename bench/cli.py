@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ from kvstore.bench.restart import add_restart_arguments, run_restart
 from kvstore.bench.soak import add_soak_arguments, run_soak
 from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
+from kvstore.client import TOKEN_ENV
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -80,12 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, add_arguments, runner) in _COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         add_arguments(sub)
+        credentials = sub.add_argument_group("credentials (a daemon that authenticates)")
+        credentials.add_argument(
+            "--token",
+            help="bearer token for --target, for this process and the load processes it "
+            "starts (default: $KVSTORE_TOKEN)",
+        )
         sub.set_defaults(runner=runner)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.token is not None:
+        # Every KVClient of this run, in this process and the ones it spawns, reads it.
+        os.environ[TOKEN_ENV] = args.token
     runner: Runner = args.runner
     return runner(args)
 

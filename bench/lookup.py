@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import hashlib
 import json
+import secrets
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -38,6 +43,8 @@ _WARMUP = 20
 STREAM_FLOOR = "plain grpcio stream"
 UNARY_FLOOR = "plain grpcio unary"
 UNARY_HIT = "hit, unary"
+AUTH_HIT = "hit, with auth"
+AUTH_UNARY_HIT = "hit, unary, with auth"
 # Which floor each case is measured against.
 FLOOR_OF = {
     STREAM_FLOOR: STREAM_FLOOR,
@@ -46,8 +53,13 @@ FLOOR_OF = {
     "hit": STREAM_FLOOR,
     "miss": STREAM_FLOOR,
     UNARY_HIT: UNARY_FLOOR,
+    AUTH_HIT: STREAM_FLOOR,
+    AUTH_UNARY_HIT: UNARY_FLOOR,
 }
+# The same lookup without authentication, for the cost of a token.
+WITHOUT_AUTH = {AUTH_HIT: "hit", AUTH_UNARY_HIT: UNARY_HIT}
 GOAL_P50_MS = 1.0
+GOAL_AUTH_MS = 0.05
 
 
 async def _timed(call: Callable[[], Awaitable[object]], iterations: int) -> list[float]:
@@ -60,20 +72,35 @@ async def _timed(call: Callable[[], Awaitable[object]], iterations: int) -> list
 
 
 async def measure_lookups(
-    target: str, ceiling_target: str, num_keys: int, iterations: int
+    target: str,
+    ceiling_target: str,
+    num_keys: int,
+    iterations: int,
+    auth: tuple[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
+    """Every case's latency; with `auth` (a daemon that authenticates, and a token it
+    accepts), the hits there too, streamed and unary."""
     namespace = Namespace(tenant="bench", model_fingerprint="lookup", layout=_LAYOUT)
     tokens = np.arange(num_keys * _LAYOUT.block_tokens, dtype=np.int64)
+    auth_target, token = auth if auth is not None else (target, None)
     async with (
         KVClient(target, namespace) as client,
         KVClient(target, namespace, options=ClientOptions(lookup_streams=0)) as unary_client,
+        KVClient(auth_target, namespace, options=ClientOptions(token=token)) as auth_client,
+        KVClient(
+            auth_target, namespace, options=ClientOptions(lookup_streams=0, token=token)
+        ) as auth_unary_client,
         grpc.aio.insecure_channel(ceiling_target, options=OPTIONS) as ceiling,
     ):
         keys = client.keys(tokens)
         kv = torch.zeros((num_keys, 1, *_LAYOUT.layer_shape), dtype=torch.float16)
         await client.put_blocks(keys, kv, form=KVForm.BLOCKS)
+        lookups = [client.lookup_keys, unary_client.lookup_keys]
+        if auth is not None:
+            await auth_client.put_blocks(keys, kv, form=KVForm.BLOCKS)
+            lookups += [auth_client.lookup_keys, auth_unary_client.lookup_keys]
         missing = [b"absent-" + key[:16] for key in keys]
-        for lookup in (client.lookup_keys, unary_client.lookup_keys):
+        for lookup in lookups:
             if (await lookup(keys)).num_matched != num_keys:
                 raise RuntimeError("the chain was not stored")
             if (await lookup(missing)).num_matched != 0:
@@ -90,6 +117,11 @@ async def measure_lookups(
             "miss": lambda count: _timed(lambda: client.lookup_keys(missing), count),
             UNARY_HIT: lambda count: _timed(lambda: unary_client.lookup_keys(keys), count),
         }
+        if auth is not None:
+            cases[AUTH_HIT] = lambda count: _timed(lambda: auth_client.lookup_keys(keys), count)
+            cases[AUTH_UNARY_HIT] = lambda count: _timed(
+                lambda: auth_unary_client.lookup_keys(keys), count
+            )
         for case in cases.values():
             await case(_WARMUP)
         samples: dict[str, list[float]] = {name: [] for name in cases}
@@ -115,21 +147,39 @@ def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keys", type=int, default=1000, help="blocks in the chain")
     parser.add_argument("--iterations", type=int, default=1000, help="timed calls per case")
     parser.add_argument("--target", help="HOST:PORT of a running server (default: start one)")
+    parser.add_argument(
+        "--compare-auth",
+        action="store_true",
+        help="also start a daemon with a tokens file and time the hits there with a token: "
+        "what authentication adds (not with --target)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+_SERVER_ARGS = ["--dram-bytes", "256MiB", "--log-level", "warning"]
 
 
 def run_lookup(args: argparse.Namespace) -> int:
     tune_allocator()
-    with spawned_ceiling_server() as ceiling_target:
-        if args.target:
-            results = asyncio.run(
-                measure_lookups(args.target, ceiling_target, args.keys, args.iterations)
-            )
-        else:
-            with spawned_server(["--dram-bytes", "256MiB", "--log-level", "warning"]) as target:
-                results = asyncio.run(
-                    measure_lookups(target, ceiling_target, args.keys, args.iterations)
-                )
+    if args.compare_auth and args.target:
+        raise SystemExit(
+            "kvstore-bench lookup: --compare-auth starts its own daemons; drop --target"
+        )
+    with contextlib.ExitStack() as stack:
+        ceiling_target = stack.enter_context(spawned_ceiling_server())
+        target = args.target or stack.enter_context(spawned_server(_SERVER_ARGS))
+        auth = None
+        if args.compare_auth:
+            token = secrets.token_urlsafe(32)
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            tokens_file = folder / "tokens.toml"
+            digest = hashlib.sha256(token.encode()).hexdigest()
+            tokens_file.write_text(f'[[tokens]]\nsha256 = "{digest}"\ntenant = "bench"\n')
+            auth_args = [*_SERVER_ARGS, "--tokens-file", str(tokens_file)]
+            auth = (stack.enter_context(spawned_server(auth_args)), token)
+        results = asyncio.run(
+            measure_lookups(target, ceiling_target, args.keys, args.iterations, auth)
+        )
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -145,4 +195,12 @@ def run_lookup(args: argparse.Namespace) -> int:
     )
     verdict = "met" if results["hit"]["p50_ms"] <= GOAL_P50_MS else "not met"
     print(f"  goal: hit p50 <= {GOAL_P50_MS:.0f} ms: {verdict}")
+    for name, plain in WITHOUT_AUTH.items():
+        if name in results:
+            added_ms = results[name]["p50_ms"] - results[plain]["p50_ms"]
+            verdict = "met" if added_ms <= GOAL_AUTH_MS else "not met"
+            print(
+                f"  authentication adds {added_ms:+.3f} ms to the p50 of '{plain}' "
+                f"(goal <= +{GOAL_AUTH_MS} ms: {verdict})"
+            )
     return 0

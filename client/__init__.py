@@ -12,6 +12,7 @@
 
 from kvstore.checksum import ChecksumKind
 from kvstore.client._async import KVClient, LayerPut
+from kvstore.client._credentials import TOKEN_ENV
 from kvstore.client._errors import (
     Aborted,
     AlreadyExists,
@@ -48,6 +49,7 @@ from kvstore.keys import HashAlgorithm
 from kvstore.layout import DType, KVLayout, Namespace
 
 __all__ = [
+    "TOKEN_ENV",
     "Aborted",
     "AlreadyExists",
     "Cancelled",

@@ -7,6 +7,8 @@ certificate's common name. The data plane: the token after the version in HELLO
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 
 from kvstore.server.auth import (
@@ -18,8 +20,25 @@ from kvstore.server.auth import (
 )
 
 
+@dataclass(frozen=True)
+class Credential:
+    """What a call or connection presented; checked again (`caller`) wherever it is
+    used for long, so that a revoked or expired token stops working on open streams."""
+
+    token: str | None
+    certificate_name: str | None
+
+    def caller(self, auth: Authenticator) -> Caller:
+        return auth.caller(self.token, self.certificate_name)
+
+
 def grpc_caller(auth: Authenticator, context: grpc.aio.ServicerContext) -> Caller:
     """The caller of a gRPC call; Unauthenticated without a credential the server accepts."""
+    return grpc_credential(auth, context).caller(auth)
+
+
+def grpc_credential(auth: Authenticator, context: grpc.aio.ServicerContext) -> Credential:
+    """The credential a gRPC call presents (not yet checked)."""
     token: str | None = None
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
@@ -29,7 +48,7 @@ def grpc_caller(auth: Authenticator, context: grpc.aio.ServicerContext) -> Calle
                 raise Unauthenticated("the authorization metadata must be text")
             token = bearer_token(value)
     name = grpc_certificate_name(context) if auth.certificate_tenants and token is None else None
-    return auth.caller(token, name)
+    return Credential(token, name)
 
 
 def grpc_certificate_name(context: grpc.aio.ServicerContext) -> str | None:
@@ -41,12 +60,13 @@ def grpc_certificate_name(context: grpc.aio.ServicerContext) -> str | None:
     return name.decode(errors="replace")
 
 
-def hello_caller(auth: Authenticator, token: bytes, certificate_name: str | None) -> Caller:
-    """The caller of a data-plane connection, from its HELLO's token (may be empty)."""
+def hello_credential(auth: Authenticator, token: bytes, certificate_name: str | None) -> Credential:
+    """The credential of a data-plane connection, from its HELLO's token (may be empty)."""
     if len(token) > MAX_TOKEN_BYTES:
         raise Unauthenticated(f"the HELLO token is longer than {MAX_TOKEN_BYTES} bytes")
     try:
         text = token.decode() if token else None
     except UnicodeDecodeError:
         raise Unauthenticated("the HELLO token is not UTF-8") from None
-    return auth.caller(text, certificate_name if auth.certificate_tenants and not text else None)
+    name = certificate_name if auth.certificate_tenants and not text else None
+    return Credential(text, name)

@@ -21,7 +21,7 @@ import grpc
 from kvstore.errors import InvalidRequest
 from kvstore.server.auth import MAX_TOKEN_BYTES, OPEN, Authenticator, Caller
 from kvstore.server.config import Limits
-from kvstore.server.credentials import hello_caller
+from kvstore.server.credentials import Credential, hello_credential
 from kvstore.server.decode import parse_request
 from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.pacing import TransferPacing
@@ -69,7 +69,7 @@ class _Link:
         # True while a frame is on its way out: a frame cut short (a deadline, a drain)
         # leaves the stream where no ERROR frame can follow.
         self.mid_frame = False
-        self.caller: Caller = OPEN  # who HELLO proved the client to be
+        self.credential: Credential | None = None  # what HELLO presented; None: no auth
         self.peer_common_name: str | None = None  # a verified client certificate's name
 
     async def send(self, kind: FrameKind, parts: Sequence[bytes | memoryview] = ()) -> None:
@@ -242,15 +242,17 @@ class DataPlane:
     async def _transfer(
         self, link: _Link, pacing: TransferPacing, kind: int, payload: memoryview
     ) -> None:
+        # Checked again at every transfer: a connection outlives a revoked or expired token.
+        caller = OPEN
+        if link.credential is not None and self._auth is not None:
+            caller = link.credential.caller(self._auth)
         if kind == FrameKind.PUT:
             pacing.what = "put"
-            reply = await self._transfers.put(
-                self._put_messages(link, pacing, payload), link.caller
-            )
+            reply = await self._transfers.put(self._put_messages(link, pacing, payload), caller)
             await link.send(FrameKind.PUT_DONE, [reply.SerializeToString()])
         elif kind == FrameKind.GET:
             pacing.what = "get"
-            await self._get(link, pacing, payload)
+            await self._get(link, pacing, payload, caller)
         else:
             raise InvalidRequest(
                 f"a transfer starts with a PUT or GET frame (after an optional DEADLINE), "
@@ -279,7 +281,8 @@ class DataPlane:
             )
         if self._auth is not None:
             token = bytes(payload[len(HELLO_PAYLOAD) :])
-            link.caller = hello_caller(self._auth, token, link.peer_common_name)
+            link.credential = hello_credential(self._auth, token, link.peer_common_name)
+            link.credential.caller(self._auth)  # refused now, not at the first transfer
         await link.send(FrameKind.HELLO, [HELLO_PAYLOAD])
 
     async def _put_messages(
@@ -296,9 +299,11 @@ class DataPlane:
                     f"a put goes on with PUT frames and ends with PUT_END, not kind {kind}"
                 )
 
-    async def _get(self, link: _Link, pacing: TransferPacing, payload: memoryview) -> None:
+    async def _get(
+        self, link: _Link, pacing: TransferPacing, payload: memoryview, caller: Caller
+    ) -> None:
         request = parse_request(pb.GetBlocksRequest, bytes(payload))
-        async with contextlib.aclosing(self._transfers.get(request, link.caller)) as messages:
+        async with contextlib.aclosing(self._transfers.get(request, caller)) as messages:
             async for parts in messages:
                 pacing.waiting()  # until the client has taken the frame (or most of it)
                 await link.send(FrameKind.GET_DATA, parts)

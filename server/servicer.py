@@ -19,7 +19,7 @@ import grpc
 from kvstore.errors import InvalidRequest
 from kvstore.server.auth import OPEN, Authenticator, Caller
 from kvstore.server.config import Limits
-from kvstore.server.credentials import grpc_caller
+from kvstore.server.credentials import grpc_caller, grpc_credential
 from kvstore.server.decode import MalformedRequest, open_keyed_request, open_request
 from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.loopwatch import LoopWatch
@@ -97,11 +97,16 @@ class KVStoreServicer:
         """
 
         async def handle(caller: Caller) -> None:
+            # The stream may stay open for hours: its credential is checked again on
+            # every request, so a token revoked (SIGHUP) or expired stops it.
+            credential = None if self._auth is None else grpc_credential(self._auth, context)
             while True:
                 with self._lifecycle.idle_wait():
                     request = await context.read()
                 if request is grpc.aio.EOF:
                     return
+                if credential is not None and self._auth is not None:
+                    caller = credential.caller(self._auth)
                 try:
                     result = pb.LookupPrefixResult(match=self._lookup(request, caller))
                 except Exception as error:  # answered in the result: the stream goes on

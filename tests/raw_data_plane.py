@@ -25,12 +25,19 @@ class Raw:
         self.loop = asyncio.get_running_loop()
 
     @classmethod
-    async def open(cls, running: RunningServer) -> Raw:
+    async def connect(cls, running: RunningServer) -> Raw:
+        """Connected, nothing said yet."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         raw = cls(sock)
         await raw.loop.sock_connect(sock, ("127.0.0.1", running.servicer.data_plane_port))
-        await raw.send(frame(FrameKind.HELLO, HELLO))
+        return raw
+
+    @classmethod
+    async def open(cls, running: RunningServer, token: bytes = b"") -> Raw:
+        """Connected and admitted: HELLO (with `token`) said and answered."""
+        raw = await cls.connect(running)
+        await raw.send(frame(FrameKind.HELLO, HELLO + token))
         assert await raw.read_frame() == (FrameKind.HELLO, HELLO)
         return raw
 

@@ -40,6 +40,17 @@ def test_lookup_reports_hits_misses_and_the_plain_grpcio_floor(
         assert row["p50_ratio_to_floor"] == pytest.approx(row["p50_ms"] / floor)
 
 
+def test_lookup_compares_an_authenticating_daemon(capsys: pytest.CaptureFixture[str]) -> None:
+    """--compare-auth starts a daemon with a tokens file of its own; its hits answer."""
+    code = bench_main(["lookup", "--keys", "16", "--iterations", "20", "--compare-auth"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "hit, with auth" in out
+    assert "hit, unary, with auth" in out
+    assert "authentication adds" in out
+    assert "to the p50 of 'hit, unary'" in out
+
+
 @pytest.mark.parametrize("streams", [1, 3])
 def test_throughput_moves_blocks_and_checks_what_came_back(store_target: str, streams: int) -> None:
     block_bytes = 128 << 10  # one token of the benchmark's Llama-3-8B geometry
