@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from raw_data_plane import HELLO, Raw, frame  # tests/raw_data_plane.py
 
 import kvstore.server.dataplane
 from kvstore.checksum import ChecksumKind, checksum
@@ -40,7 +41,7 @@ from kvstore.server.config import add_config_arguments, config_from_args, load_c
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.wire.chunks import chunk_parts, decode_get_message, encode_put_header
-from kvstore.wire.frames import HELLO_PAYLOAD, FrameKind
+from kvstore.wire.frames import FrameKind
 from kvstore.wire.namespace import namespace_to_wire
 
 MiB = 1 << 20
@@ -50,7 +51,6 @@ NS = Namespace(tenant="acme", model_fingerprint="toy", layout=LAYOUT)
 BIG = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, dtype=DType.FLOAT16, block_tokens=256)
 BIG_NS = Namespace(tenant="acme", model_fingerprint="big", layout=BIG)
 SEED_KEYS = [b"seed-0", b"seed-1", b"seed-2"]
-HELLO = HELLO_PAYLOAD
 INVALID_ARGUMENT, RESOURCE_EXHAUSTED = 3, 8
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]
@@ -96,19 +96,11 @@ async def put_get_and_iterate(client: KVClient, prefix: bytes, kv: torch.Tensor)
     assert layers == list(range(LAYOUT.num_layers))
 
 
-def frame(kind: int, payload: bytes = b"") -> bytes:
-    return struct.pack("<BI", kind, len(payload)) + payload
-
-
-class RawConnection:
+class RawConnection(Raw):
     """A plain TCP socket to the data port; frames are packed here, not by kvstore.wire.frames."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.loop = asyncio.get_running_loop()
-
     @classmethod
-    async def open(cls, port: int, *, hello: bool = True) -> RawConnection:
+    async def open_port(cls, port: int, *, hello: bool = True) -> RawConnection:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         connection = cls(sock)
@@ -117,29 +109,6 @@ class RawConnection:
             await connection.send(frame(FrameKind.HELLO, HELLO))
             assert await connection.read_frame() == (FrameKind.HELLO, HELLO)
         return connection
-
-    async def send(self, data: bytes) -> None:
-        await self.loop.sock_sendall(self.sock, data)
-
-    async def recv_exactly(self, count: int) -> bytes:
-        received = bytearray()
-        async with asyncio.timeout(5):
-            while len(received) < count:
-                chunk = await self.loop.sock_recv(self.sock, count - len(received))
-                if not chunk:
-                    raise ConnectionError(f"closed after {len(received)} of {count} bytes")
-                received += chunk
-        return bytes(received)
-
-    async def read_frame(self) -> tuple[int, bytes]:
-        kind, length = struct.unpack("<BI", await self.recv_exactly(5))
-        return kind, await self.recv_exactly(length)
-
-    async def read_error(self) -> tuple[int, str]:
-        kind, payload = await self.read_frame()
-        assert kind == FrameKind.ERROR, (kind, payload[:100])
-        (code,) = struct.unpack_from("<I", payload)
-        return code, payload[4:].decode()
 
     async def closed_by_server(self) -> bool:
         """Whether the server hangs up (end of stream, or a reset) within 5 s."""
@@ -330,7 +299,7 @@ async def test_get_data_plane_reports_the_bound_port(
     assert reply.version == 3
     assert reply.port == server.servicer.data_plane_port != 0
     assert server.data_plane is not None
-    raw = await RawConnection.open(reply.port)  # something speaks HELLO there
+    raw = await RawConnection.open_port(reply.port)  # something speaks HELLO there
     raw.close()
 
 
@@ -458,7 +427,7 @@ BAD_FRAMES: list[tuple[str, bool, bytes, int, str]] = [
 async def test_bad_frames_get_an_error_and_nothing_else_changes(
     hello: bool, data: bytes, code: int, fragment: str, seed: Seed
 ) -> None:
-    raw = await RawConnection.open(seed.port, hello=hello)
+    raw = await RawConnection.open_port(seed.port, hello=hello)
     try:
         await raw.send(data)
         received_code, message = await raw.read_error()
@@ -473,7 +442,7 @@ async def test_bad_frames_get_an_error_and_nothing_else_changes(
 
 async def test_a_frame_over_the_message_limit_is_resource_exhausted(seed: Seed) -> None:
     limit = seed.server.config.limits.max_message_bytes
-    raw = await RawConnection.open(seed.port)
+    raw = await RawConnection.open_port(seed.port)
     try:
         # Only the header: the server must answer without waiting for the payload.
         await raw.send(struct.pack("<BI", FrameKind.PUT, limit + 1))
@@ -496,7 +465,7 @@ async def test_a_frame_over_the_message_limit_is_resource_exhausted(seed: Seed) 
     ],
 )
 async def test_garbage_instead_of_hello_is_told_to_send_hello(garbage: bytes, seed: Seed) -> None:
-    raw = await RawConnection.open(seed.port, hello=False)
+    raw = await RawConnection.open_port(seed.port, hello=False)
     try:
         await raw.send(garbage)
         code, message = await raw.read_error()
@@ -523,7 +492,7 @@ async def test_bad_checksum_gets_the_status_grpc_gives(
         await channel.stream_unary("/kvstore.v1.KVStore/PutBlocks")(once(), timeout=5)
     assert over_grpc.value.code() == grpc.StatusCode.DATA_LOSS
 
-    raw = await RawConnection.open(seed.port)
+    raw = await RawConnection.open_port(seed.port)
     try:
         await raw.send(frame(FrameKind.PUT, bad) + frame(FrameKind.PUT_END))
         code, message = await raw.read_error()
@@ -537,7 +506,7 @@ async def test_bad_checksum_gets_the_status_grpc_gives(
     await seed.assert_serving()
 
     # The same put with the right checksums is stored: the bad one failed for its checksum.
-    raw = await RawConnection.open(seed.port)
+    raw = await RawConnection.open_port(seed.port)
     try:
         await raw.send(frame(FrameKind.PUT, good) + frame(FrameKind.PUT_END))
         kind, payload = await raw.read_frame()
@@ -553,7 +522,7 @@ async def test_raw_put_and_get_follow_the_documented_frames(
     """The protocol as kvstore.wire.frames's docstring draws it, spoken by hand."""
     kv = make_kv(LAYOUT, 2, form=KVForm.BLOCKS, seed=9)
     keys = [b"raw-0", b"raw-1"]
-    raw = await RawConnection.open(seed.port)
+    raw = await RawConnection.open_port(seed.port)
     try:
         first = put_payload(keys, kv, layers=range(1))  # declarations and layer 0
         rest = b""  # layer 1 in a second message: LayerChunks, no namespace
@@ -606,7 +575,7 @@ async def test_an_abandoned_raw_put_is_reclaimed(seed: Seed, make_kv: MakeKV, po
     keys = [b"doomed-0", b"doomed-1"]
     kv = make_kv(LAYOUT, 2, form=KVForm.BLOCKS, seed=10)
     before = await seed.client.stats()
-    raw = await RawConnection.open(seed.port)
+    raw = await RawConnection.open_port(seed.port)
     try:
         await raw.send(frame(FrameKind.PUT, put_payload(keys, kv, layers=range(1))))
 
@@ -700,7 +669,7 @@ async def test_drain_closes_idle_data_plane_connections_at_once(
     async with data_client(target) as client:
         kv = make_kv(LAYOUT, 1, form=KVForm.BLOCKS)
         assert (await client.put_blocks([b"k"], kv)).num_committed == 1  # one pooled connection
-        idle = await RawConnection.open(running.servicer.data_plane_port)
+        idle = await RawConnection.open_port(running.servicer.data_plane_port)
         try:
             # Not the 60 s grace: idle connections do not hold the drain.
             await asyncio.wait_for(running.drain(), timeout=10)
@@ -717,7 +686,7 @@ async def test_a_transfer_started_on_a_draining_server_is_unavailable(
     """The server starts draining while connections sit idle between transfers (a
     client's pooled one, and a raw one): the next transfer on each gets UNAVAILABLE."""
     kv = make_kv(LAYOUT, 1, form=KVForm.BLOCKS)
-    raw = await RawConnection.open(seed.port)
+    raw = await RawConnection.open_port(seed.port)
     try:
         before = transfers(server)
         server.servicer.start_draining()
@@ -744,7 +713,7 @@ async def test_a_drain_lets_a_transfer_in_flight_finish_and_refuses_new_ones(
         assert (await client.put_blocks([b"pooled"], kv[:1])).num_committed == 1
         used = await dram_used(client)
         # A put in flight: its blocks sent, PUT_END not yet.
-        raw = await RawConnection.open(running.servicer.data_plane_port)
+        raw = await RawConnection.open_port(running.servicer.data_plane_port)
         try:
             await raw.send(frame(FrameKind.PUT, put_payload([b"f0", b"f1"], kv)))
 
@@ -801,7 +770,7 @@ async def test_a_silent_connection_is_closed_and_does_not_hold_a_drain(
     monkeypatch.setattr(kvstore.server.dataplane, "_HELLO_TIMEOUT_S", 0.3)
     running = await server_factory(limits__drain_grace_s=60.0)
     port = running.servicer.data_plane_port
-    silent = await RawConnection.open(port, hello=False)
+    silent = await RawConnection.open_port(port, hello=False)
     try:
         code, message = await silent.read_error()
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
@@ -812,7 +781,7 @@ async def test_a_silent_connection_is_closed_and_does_not_hold_a_drain(
     # One that connects and says nothing while the server drains is closed at once,
     # not after the 60 s grace.
     monkeypatch.setattr(kvstore.server.dataplane, "_HELLO_TIMEOUT_S", 60.0)
-    waiting = await RawConnection.open(port, hello=False)
+    waiting = await RawConnection.open_port(port, hello=False)
     try:
         await asyncio.sleep(0.05)  # accepted, and waiting for HELLO
         await asyncio.wait_for(running.drain(), timeout=10)
@@ -866,7 +835,7 @@ async def test_a_get_nobody_reads_unpins_its_blocks_at_the_deadline(
     kv = make_kv(BIG, len(keys), form=KVForm.BLOCKS, seed=21)
     async with data_client(server_target(running), BIG_NS) as client:
         assert (await client.put_blocks(keys, kv)).num_committed == len(keys)
-        raw = await RawConnection.open(running.servicer.data_plane_port)
+        raw = await RawConnection.open_port(running.servicer.data_plane_port)
         try:
             request = pb.GetBlocksRequest(namespace=namespace_to_wire(BIG_NS), keys=keys)
             await raw.send(
@@ -951,7 +920,7 @@ async def test_an_idle_connection_is_closed_quietly_after_the_idle_timeout(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(kvstore.server.dataplane, "_IDLE_TIMEOUT_S", 0.2)
-    raw = await RawConnection.open(server.servicer.data_plane_port)
+    raw = await RawConnection.open_port(server.servicer.data_plane_port)
     try:
         assert await raw.read_until_closed() == b""  # closed, with no ERROR frame
     finally:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 
 import pytest
 import torch
+from socket_pairs import Pair  # tests/socket_pairs.py
 
 from kvstore.wire.frames import (
     FIRST_BUFFER_BYTES,
@@ -21,31 +21,9 @@ from kvstore.wire.frames import (
     frame_header,
     send_frame,
     send_parts,
-    tune_socket,
 )
 
 MiB = 1 << 20
-Pair = tuple[socket.socket, socket.socket]
-
-
-def tcp_pair() -> Pair:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        left = socket.create_connection(listener.getsockname())
-        right, _ = listener.accept()
-    return left, right
-
-
-@pytest.fixture(params=["unix", "tcp"])
-def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
-    """(sender, receiver), both tuned as the data plane tunes its sockets."""
-    left, right = socket.socketpair() if request.param == "unix" else tcp_pair()
-    for sock in (left, right):
-        tune_socket(sock)
-    try:
-        yield left, right
-    finally:
-        left.close()
-        right.close()
 
 
 def random_bytes(nbytes: int, seed: int) -> bytes:

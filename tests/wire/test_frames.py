@@ -11,10 +11,10 @@ import itertools
 import random
 import socket
 import struct
-from collections.abc import Iterator
 
 import pytest
 import torch
+from socket_pairs import Pair, tcp_pair  # tests/socket_pairs.py
 
 from kvstore.wire.frames import (
     HEADER,
@@ -34,27 +34,6 @@ from kvstore.wire.frames import (
 )
 
 MiB = 1 << 20
-Pair = tuple[socket.socket, socket.socket]
-
-
-def tcp_pair() -> Pair:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        left = socket.create_connection(listener.getsockname())
-        right, _ = listener.accept()
-    return left, right
-
-
-@pytest.fixture(params=["unix", "tcp"])
-def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
-    """(sender, receiver), both tuned as the data plane tunes its sockets."""
-    left, right = socket.socketpair() if request.param == "unix" else tcp_pair()
-    for sock in (left, right):
-        tune_socket(sock)
-    try:
-        yield left, right
-    finally:
-        left.close()
-        right.close()
 
 
 def tensor_bytes(nbytes: int, *, seed: int = 0) -> torch.Tensor:
