@@ -104,7 +104,7 @@ class Transfers:
         # demotions to SSD (or write-through writes) rather than fail the put.
         for block_index in _blocks_written(message, session.num_declared):
             if session.needs_room(block_index):
-                await self._mover.ensure_room(TierKind.DRAM, session.block_bytes)
+                await self._mover.ensure_room(TierKind.DRAM, session.block_bytes, session.usage)
                 session.start(block_index)
         for chunk in message.chunks:
             session.write(
