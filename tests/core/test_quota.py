@@ -64,7 +64,8 @@ def test_a_tenant_over_its_quota_evicts_only_its_own_blocks_in_lru_order() -> No
         put(store, A, key)
         evicted.extend(sorted(before - keys_of(store, A)))
     assert evicted == [b"a2", b"a3"]
-    assert keys_of(store, B) == {b"b1", b"b2"} and keys_of(store, C) == {b"c1"}
+    assert keys_of(store, B) == {b"b1", b"b2"}
+    assert keys_of(store, C) == {b"c1"}
     usage = store.pool.tenant_usage("a")
     assert usage is not None
     assert usage.used_bytes(TierKind.DRAM) == 4 * PAGE_BYTES
@@ -85,7 +86,8 @@ def test_over_quota_with_nothing_evictable_names_the_quota_and_evicts_nothing() 
         "tenant 'a' is at its DRAM quota (1.0 KiB, 1.0 KiB used, 0 B evictable): "
     )
     assert "quotas.a.dram_bytes" in str(raised.value)
-    assert keys_of(store, A) == {b"a1", b"a2"} and keys_of(store, B) == {b"b1"}
+    assert keys_of(store, A) == {b"a1", b"a2"}
+    assert keys_of(store, B) == {b"b1"}
     assert store.dram.counters.evictions == 0
 
 
@@ -97,10 +99,12 @@ def test_unquoted_tenants_share_what_the_quotas_leave_and_evict_each_other_only(
     for key in (b"c1", b"c2"):
         put(store, C, key)
     put(store, C, b"c3")  # the shared space is full: b's least recent block goes
-    assert keys_of(store, B) == {b"b2"} and keys_of(store, C) == {b"c1", b"c2", b"c3"}
+    assert keys_of(store, B) == {b"b2"}
+    assert keys_of(store, C) == {b"c1", b"c2", b"c3"}
     store.lookup(B, [b"b2"])
     put(store, B, b"b3")  # then c's least recent block
-    assert keys_of(store, C) == {b"c2", b"c3"} and keys_of(store, B) == {b"b2", b"b3"}
+    assert keys_of(store, C) == {b"c2", b"c3"}
+    assert keys_of(store, B) == {b"b2", b"b3"}
     # a's block stays, and a still has 3 free pages of its own, though DRAM has 0 free
     # pages for the tenants without a quota.
     assert keys_of(store, A) == {b"a1"}
@@ -116,7 +120,7 @@ def test_the_shared_space_full_of_pinned_blocks_names_the_shared_space() -> None
     put(store, C, b"c1")
     store.pin(B, [b"b1"], ttl_s=60)
     store.pin(C, [b"c1"], ttl_s=60)
-    with pytest.raises(CapacityExhausted, match="tenants without a DRAM quota share 1.0 KiB"):
+    with pytest.raises(CapacityExhausted, match=r"tenants without a DRAM quota share 1\.0 KiB"):
         put(store, B, b"b2")
     put(store, A, b"a1")  # a's own room is untouched
     assert keys_of(store, A) == {b"a1"}
@@ -182,7 +186,8 @@ def test_tenant_accounting_is_freed_with_its_last_namespace_unless_quoted() -> N
         ({"quotas": {"a": TenantQuota(ssd_bytes=PAGE_BYTES)}}, "no SSD tier"),
         (
             {"quotas": {"a": pages(8), "b": pages(5)}},
-            r"dram_bytes quotas of \['a', 'b'\] add up to 6.5 KiB, more than the DRAM tier's 6.0 KiB",
+            r"dram_bytes quotas of \['a', 'b'\] add up to 6.5 KiB, more than the DRAM "
+            r"tier's 6.0 KiB",
         ),
     ],
 )
