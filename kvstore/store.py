@@ -35,6 +35,8 @@ __all__ = [
     "StoreConfig",
     "StoreCounters",
     "StoreReport",
+    "TenantReport",
+    "TenantTierReport",
     "TierReport",
 ]
 
@@ -80,6 +82,23 @@ class TierReport:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantTierReport:
+    kind: TierKind
+    used_bytes: int  # footprint, reservations included
+    num_blocks: int
+    quota_bytes: int | None  # None: the tenant shares what the quotas leave
+    num_quota_evictions: int
+
+
+@dataclass(frozen=True, slots=True)
+class TenantReport:
+    tenant: str
+    tiers: tuple[TenantTierReport, ...]
+    pinned_bytes: int  # block bytes under unexpired leases
+    pinned_quota_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class StoreReport:
     tiers: tuple[TierReport, ...]
     counters: StoreCounters
@@ -91,6 +110,8 @@ class StoreReport:
     durability: Durability
     put_reserved_bytes: int
     num_ssd_writes: int
+    # Each tenant with a namespace or a quota, by name.
+    tenants: tuple[TenantReport, ...] = ()
 
 
 @dataclass(slots=True)
@@ -324,4 +345,30 @@ class BlockStore:
             durability=pool.policy_durability,
             put_reserved_bytes=pool.put_reserved_bytes,
             num_ssd_writes=pool.num_ssd_writes,
+            tenants=self.tenant_reports(),
+        )
+
+    def tenant_reports(self, tenant: str | None = None) -> tuple[TenantReport, ...]:
+        """Each tenant's usage and quotas (only `tenant`'s, if given); O(tenants)."""
+        pool = self._pool
+        usages = pool.tenant_usages()
+        if tenant is not None:
+            usages = [usage for usage in usages if usage.tenant == tenant]
+        return tuple(
+            TenantReport(
+                tenant=usage.tenant,
+                tiers=tuple(
+                    TenantTierReport(
+                        kind=kind,
+                        used_bytes=usage.used_bytes(kind),
+                        num_blocks=usage.num_blocks[kind],
+                        quota_bytes=usage.quota.tier_bytes(kind) if usage.quota else None,
+                        num_quota_evictions=usage.num_quota_evictions[kind],
+                    )
+                    for kind in pool.tier_kinds
+                ),
+                pinned_bytes=usage.leased_bytes,
+                pinned_quota_bytes=usage.quota.pinned_bytes if usage.quota else None,
+            )
+            for usage in usages
         )

@@ -9,8 +9,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 import pytest
 import torch
+from rich.console import Console
 
 from kvstore.client import (
     ClientOptions,
@@ -22,7 +24,9 @@ from kvstore.client import (
     ResourceExhausted,
 )
 from kvstore.server import RunningServer
+from kvstore.server.main import print_stats
 from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=16)
 BLOCK_BYTES = 2048
@@ -187,3 +191,39 @@ async def test_max_transfers_counts_a_stalled_layer_put_and_frees_its_slot(
             with pytest.raises(ResourceExhausted, match="larger than the whole DRAM tier"):
                 await too_big.put_blocks([b"big"], make_kv(huge_layout, 1, form=KVForm.BLOCKS))
         assert (await other.put_blocks([b"after"], kv[:1])).num_committed == 1
+
+
+async def test_stats_report_each_tenant_against_its_quotas(
+    server_factory: ServerFactory, make_kv: MakeKV
+) -> None:
+    running = await start(server_factory, 32, quiet={"dram_bytes": "8KiB", "pinned_bytes": "4KiB"})
+    kv = make_kv(LAYOUT, 6, form=KVForm.BLOCKS)
+    async with (
+        client(running, QUIET, False) as quiet,
+        client(running, NOISY, False) as noisy,
+    ):
+        for first in (0, 2, 4):  # 4 fit: the first chain is evicted
+            await quiet.put_blocks([b"q-%d" % first, b"q-%d" % (first + 1)], kv[:2])
+        await quiet.pin([b"q-5"], ttl_s=60)
+        await noisy.put_blocks([b"n-0", b"n-1"], kv[:2])
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+        async with channel:
+            stats = await pb_grpc.KVStoreStub(channel).Stats(pb.StatsRequest(), timeout=5)
+    by_name = {tenant.tenant: tenant for tenant in stats.tenants}
+    assert sorted(by_name) == ["noisy", "quiet"]
+    (quiet_dram,) = [tier for tier in by_name["quiet"].tiers if tier.tier == pb.DRAM]
+    assert (quiet_dram.used_bytes, quiet_dram.num_blocks) == (8192, 4)
+    assert (quiet_dram.has_quota, quiet_dram.quota_bytes, quiet_dram.quota_evictions) == (
+        True,
+        8192,
+        2,
+    )
+    assert (by_name["quiet"].pinned_bytes, by_name["quiet"].pinned_quota_bytes) == (2048, 4096)
+    (noisy_dram,) = [tier for tier in by_name["noisy"].tiers if tier.tier == pb.DRAM]
+    assert (noisy_dram.used_bytes, noisy_dram.has_quota) == (4096, False)
+    console = Console(record=True, width=200)
+    print_stats(stats, console)
+    text = console.export_text()
+    assert "kvstore tenants" in text
+    assert "8.0 KiB / 8.0 KiB (4, 2)" in text
+    assert "4.0 KiB / shared (2, 0)" in text
