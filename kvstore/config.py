@@ -2,14 +2,53 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
+from kvstore.enums import TierKind
 from kvstore.errors import InvalidRequest
 from kvstore.eviction import POLICIES
+from kvstore.units import human_bytes
 
 MiB = 1 << 20
 GiB = 1 << 30
 WRITE_POLICIES = ("write-back", "write-through")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TenantQuota:
+    """One tenant's hard limits (`[quotas."TENANT"]`); None: no limit of that kind.
+
+    - `dram_bytes` / `hbm_bytes` / `ssd_bytes`: the tier's footprint (whole pages, as
+      the tier counts `used_bytes`) the tenant owns, its put reservations included. Its
+      blocks leave the tier only to make room for its own allocations (kvstore.pool).
+    - `pinned_bytes`: block bytes the tenant may hold under leases at once.
+    - `max_lease_s`: its longest lease (shorter than the store's `max_lease_s`).
+    - `max_transfers`: puts and gets it may run at once (kvstore.server.transfer).
+    """
+
+    dram_bytes: int | None = None
+    hbm_bytes: int | None = None
+    ssd_bytes: int | None = None
+    pinned_bytes: int | None = None
+    max_lease_s: float | None = None
+    max_transfers: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("dram_bytes", "hbm_bytes", "ssd_bytes", "pinned_bytes", "max_transfers"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InvalidRequest(f"quota {name} must be >= 0, got {value}")
+        if self.max_lease_s is not None and not self.max_lease_s > 0:
+            raise InvalidRequest(f"quota max_lease_s must be > 0, got {self.max_lease_s}")
+
+    def tier_bytes(self, kind: TierKind) -> int | None:
+        """The quota on `kind`'s tier, None when the tenant has none there."""
+        if kind is TierKind.DRAM:
+            return self.dram_bytes
+        if kind is TierKind.HBM:
+            return self.hbm_bytes
+        return self.ssd_bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +68,8 @@ class StoreConfig:
       bytes arrive, so this bounds what one stream can take from everyone else.
     - `max_namespaces`: namespaces that may hold blocks or puts at once; a namespace
       is freed when its last block and put are gone.
+    - `quotas`: per tenant, its hard limits (TenantQuota). Tenants without a quota on a
+      tier share what the quotas leave of it.
     """
 
     dram_bytes: int = 1 * GiB
@@ -50,6 +91,7 @@ class StoreConfig:
     ssd_io_threads: int = 2
     max_put_reserved_bytes: int = 0
     max_namespaces: int = 65536
+    quotas: Mapping[str, TenantQuota] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.eviction_policy not in POLICIES:
@@ -88,6 +130,37 @@ class StoreConfig:
             )
         if self.max_namespaces < 1:
             raise InvalidRequest(f"max_namespaces must be >= 1, got {self.max_namespaces}")
+        self._check_quotas()
+
+    def tier_capacity_bytes(self, kind: TierKind) -> int:
+        """The configured size of `kind`'s tier; 0 when the store has no such tier."""
+        if kind is TierKind.DRAM:
+            return self.dram_bytes
+        if kind is TierKind.HBM:
+            return self.hbm_bytes
+        return self.ssd_bytes if self.ssd_dir is not None else 0
+
+    def _check_quotas(self) -> None:
+        for kind in TierKind:
+            capacity = self.tier_capacity_bytes(kind)
+            quoted = {
+                tenant: quota.tier_bytes(kind)
+                for tenant, quota in self.quotas.items()
+                if quota.tier_bytes(kind) is not None
+            }
+            name = kind.name.lower()
+            if quoted and not capacity:
+                raise InvalidRequest(
+                    f"quotas for {sorted(quoted)} set {name}_bytes, but the store has no "
+                    f"{kind.name} tier; remove the quota or configure the tier"
+                )
+            total = sum(nbytes or 0 for nbytes in quoted.values())
+            if total > capacity:
+                raise InvalidRequest(
+                    f"the {name}_bytes quotas of {sorted(quoted)} add up to "
+                    f"{human_bytes(total)}, more than the {kind.name} tier's "
+                    f"{human_bytes(capacity)}; shrink the quotas or grow the tier"
+                )
 
     @property
     def put_reserved_limit_bytes(self) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from itertools import islice, takewhile
 from typing import cast
 
-from kvstore.census import BlockCensus
+from kvstore.census import BlockCensus, TenantUsage
 from kvstore.enums import TierKind
 from kvstore.layout import KVLayout, Namespace
 
@@ -52,15 +52,16 @@ class BlockEntry:
 
     def add_copy(self, kind: TierKind, handle: object) -> None:
         copies = self.copies
-        if kind not in copies:
-            self.namespace.census.copy_added(self, kind)
+        had = kind in copies
         copies[kind] = handle
+        if not had:
+            self.namespace.census.copy_added(self, kind, handle)
         self.fastest = min(copies)  # TierKind orders fastest first
 
     def take_copy(self, kind: TierKind) -> object:
         """Remove and return the copy in `kind`'s tier."""
         handle = self.copies.pop(kind)
-        self.namespace.census.copy_taken(self, kind)
+        self.namespace.census.copy_taken(self, kind, handle)
         if self.copies:
             self.fastest = min(self.copies)
         return handle
@@ -101,14 +102,19 @@ class NamespaceState:
     num_puts: int = 0
     # The index's census (shared by all its namespaces), which counts this one's blocks.
     census: BlockCensus = field(default_factory=BlockCensus, repr=False)
+    # Its tenant's share of the store, which the census keeps.
+    usage: TenantUsage = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.usage = self.census.open_tenant(self.namespace.tenant)
 
 
 class BlockIndex:
     """Namespaces and their blocks. Holds no bytes; tiers do."""
 
-    def __init__(self) -> None:
+    def __init__(self, census: BlockCensus | None = None) -> None:
         self._namespaces: dict[Namespace, NamespaceState] = {}
-        self.census = BlockCensus()
+        self.census = census if census is not None else BlockCensus()
 
     def __len__(self) -> int:
         return sum(len(state.blocks) for state in self._namespaces.values())
@@ -132,6 +138,7 @@ class BlockIndex:
         assert not state.num_puts, "the namespace has puts open"
         if self._namespaces.get(state.namespace) is state:
             del self._namespaces[state.namespace]
+            self.census.close_tenant(state.usage)
 
     def present_prefix(self, state: NamespaceState | None, keys: list[bytes]) -> list[BlockEntry]:
         """Entries of the longest prefix of `keys` that is stored, in order."""

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from kvstore.census import TenantUsage
 from kvstore.enums import TierKind
 from kvstore.errors import CapacityExhausted
 from kvstore.index import BlockEntry
@@ -145,7 +146,7 @@ class TierMover:
             return False
         pool = self._pool
         try:
-            handle = pool.allocate(TierKind.DRAM, len(payload))
+            handle = pool.allocate(TierKind.DRAM, len(payload), entry.namespace.usage)
         except CapacityExhausted:
             return False
         pool.dram.write(handle, 0, payload)
@@ -164,7 +165,7 @@ class TierMover:
             return
         nbytes = entry.layout.block_bytes
         try:
-            handle = pool.allocate(TierKind.HBM, nbytes)
+            handle = pool.allocate(TierKind.HBM, nbytes, entry.namespace.usage)
         except CapacityExhausted:
             return
         for offset, view in _offsets(pool.dram.read(entry.copies[TierKind.DRAM], 0, nbytes)):
@@ -215,32 +216,38 @@ class TierMover:
                 return False
         return await pool.write_to_ssd(entry)
 
-    async def ensure_room(self, kind: TierKind, nbytes: int) -> None:
-        """Wait until an allocation of `nbytes` in a memory tier will succeed.
+    async def ensure_room(
+        self, kind: TierKind, nbytes: int, usage: TenantUsage | None = None
+    ) -> None:
+        """Wait until an allocation of `nbytes` in a memory tier by the tenant of `usage`
+        (None: one without a quota) will succeed.
 
         Dropping redundant copies and chain tails is immediate; when only demotions
         (SSD writes) can make room, this starts them and waits for them, so a put under
         pressure slows down instead of failing. Raises CapacityExhausted when nothing
-        can make room.
+        can make room. Only blocks `pool.eviction_needs` names may move: the tenant's
+        own past its quota, or a group's past its limit.
         """
         pool = self._pool
         tier = pool.memory_tier(kind)
         for _ in range(64):
-            handle = tier.allocate(nbytes)
-            if handle is None and self._writes_back(kind):
+            fits = pool.fits(kind, nbytes, usage)
+            if not fits and self._writes_back(kind):
                 # Write-back: blocks leave DRAM for SSD in the policy's order instead of
                 # being dropped; only what cannot move down (or a full SSD) is left to
                 # `allocate` below.
                 used_bytes = tier.used_bytes
-                demotions = self._move_down_for(kind, nbytes)
+                demotions = self._move_down_for(kind, nbytes, usage)
                 if demotions:
                     await asyncio.wait(demotions)
                 if tier.used_bytes < used_bytes:
                     continue
+            if fits:
+                return
             try:
-                handle = handle if handle is not None else pool.allocate(kind, nbytes)
+                handle = pool.allocate(kind, nbytes, usage)
             except CapacityExhausted:
-                demotions = self._start_demotions(kind, nbytes)
+                demotions = self._start_demotions(kind, nbytes, usage)
                 if not demotions:
                     # Blocks being written to SSD are pinned until their write ends;
                     # then they leave DRAM (a demotion) or may be dropped.
@@ -265,21 +272,25 @@ class TierMover:
             and ssd.accepts_writes()
         )
 
-    def _move_down_for(self, kind: TierKind, nbytes: int) -> list[asyncio.Task[None]]:
-        """Move victims down until `nbytes` are free or a batch of demotions is under way.
+    def _move_down_for(
+        self, kind: TierKind, nbytes: int, usage: TenantUsage | None
+    ) -> list[asyncio.Task[None]]:
+        """Move victims down until `nbytes` fit or a batch of demotions is under way.
 
         Redundant copies go at once; returns the demotions (SSD writes) to wait for.
         """
         self._pool.release_expired_leases()
-        tier = self._pool.memory_tier(kind)
         return self._take_victims(
             kind,
             nbytes,
+            usage,
             lambda victim, tasks: self._move_down(victim, kind, tasks),
-            room_made=lambda: tier.capacity_bytes - tier.used_bytes >= nbytes,
+            room_made=lambda: self._pool.fits(kind, nbytes, usage),
         )
 
-    def _start_demotions(self, kind: TierKind, nbytes: int) -> list[asyncio.Task[None]]:
+    def _start_demotions(
+        self, kind: TierKind, nbytes: int, usage: TenantUsage | None
+    ) -> list[asyncio.Task[None]]:
         """Start writing a batch of DRAM victims to SSD; returns the writes to wait for."""
 
         def demote(victim: BlockEntry, tasks: list[asyncio.Task[None]]) -> bool:
@@ -290,30 +301,34 @@ class TierMover:
                 tasks.append(task)
             return True
 
-        return self._take_victims(kind, nbytes, demote, room_made=lambda: False)
+        return self._take_victims(kind, nbytes, usage, demote, room_made=lambda: False)
 
     def _take_victims(
         self,
         kind: TierKind,
         nbytes: int,
+        usage: TenantUsage | None,
         move: Callable[[BlockEntry, list[asyncio.Task[None]]], bool],
         *,
         room_made: Callable[[], bool],
     ) -> list[asyncio.Task[None]]:
-        """Take `kind`'s victims in policy order and `move` each, until `room_made()` or
-        moves worth 4 × `nbytes` are planned: demotions go in batches, so I/O overlaps.
-        Victims that cannot move go back in the queue."""
+        """Take victims in policy order from the groups `pool.eviction_needs` names and
+        `move` each, until `room_made()` or moves worth 4 × what a group needs (at least
+        `nbytes`) are planned: demotions go in batches, so I/O overlaps. Victims that
+        cannot move go back in the queue."""
         tasks: list[asyncio.Task[None]] = []
-        planned = 0
-        with self._pool.victims(kind) as victims:
-            while not room_made() and planned < 4 * nbytes:
-                victim = victims.take()
-                if victim is None:
-                    break
-                if move(victim, tasks):
-                    planned += victim.layout.block_bytes
-                else:
-                    victims.keep(victim)
+        needs, _ = self._pool.eviction_needs(kind, nbytes, usage)
+        for group, needed_bytes in needs:
+            planned = 0
+            with self._pool.victims(kind, group) as victims:
+                while not room_made() and planned < 4 * max(needed_bytes, nbytes):
+                    victim = victims.take()
+                    if victim is None:
+                        break
+                    if move(victim, tasks):
+                        planned += victim.layout.block_bytes
+                    else:
+                        victims.keep(victim)
         return tasks
 
     # -- background watermarks ------------------------------------------------------------
@@ -328,10 +343,12 @@ class TierMover:
 
     def _over_high_watermark(self) -> bool:
         high = self._config.high_watermark
+        pool = self._pool
         return any(
-            tier.used_bytes > high * tier.capacity_bytes
-            for tier in (self._pool.dram, self._pool.hbm)
-            if tier is not None
+            used > high * limit
+            for kind in (TierKind.HBM, TierKind.DRAM)
+            if kind in pool.tier_kinds
+            for _, used, limit in pool.groups(kind)
         )
 
     async def _maintain(self) -> None:
@@ -353,16 +370,25 @@ class TierMover:
         """
         pool, config = self._pool, self._config
         pool.release_expired_leases()
-        for kind in (TierKind.HBM, TierKind.DRAM):
-            if kind not in pool.tier_kinds:
+        # Each eviction group (a quoted tenant, or the tenants without a quota) is kept
+        # under the watermarks of its own limit: no group's blocks move for another's.
+        passes = [
+            (kind, group, used, limit)
+            for kind in (TierKind.HBM, TierKind.DRAM)
+            if kind in pool.tier_kinds
+            for group, used, limit in pool.groups(kind)
+        ]
+        for kind, group, used, limit in passes:
+            if used <= config.high_watermark * limit:
                 continue
-            tier = pool.memory_tier(kind)
-            if tier.used_bytes <= config.high_watermark * tier.capacity_bytes:
-                continue
-            to_free = tier.used_bytes - config.low_watermark * tier.capacity_bytes
+            to_free = used - config.low_watermark * limit
             if kind is TierKind.DRAM:
                 # Demotions already under way will free their blocks: do not start more.
-                to_free -= sum(entry.layout.block_bytes for entry in self._demoting)
+                to_free -= sum(
+                    entry.layout.block_bytes
+                    for entry in self._demoting
+                    if entry.namespace.usage.group(kind) == group
+                )
             if (
                 kind is TierKind.DRAM
                 and pool.hbm is None
@@ -370,7 +396,7 @@ class TierMover:
             ):
                 continue  # no block can leave DRAM without being lost: puts evict on demand
             moved = 0
-            with pool.victims(kind) as victims:
+            with pool.victims(kind, group) as victims:
                 while to_free > 0:
                     victim = victims.take()
                     if victim is None:

@@ -11,8 +11,15 @@ Invariants:
 - A copy leaves a tier only if the block keeps another copy, or the block is a chain
   tail (no children): so a child is never findable without its parent.
 - Pinned blocks (a lease, a read or an SSD write in flight) keep every copy.
-- A tier's queue holds exactly the indexed entries that could leave that tier now or by
+- A tier's queues hold exactly the indexed entries that could leave that tier now or by
   demotion (`evictable_from`); whoever changes that calls `refresh`.
+
+Quotas: each tier has one queue per eviction group: one per tenant with a quota on the
+tier, and SHARED for all the others. A group owns its limit of the tier (its quota, or
+for SHARED the capacity the quotas leave). An allocation evicts only from its own group,
+and only what takes the group past its limit; room the tier lacks beyond that comes only
+from groups above their own limits, never from a group within its limit
+(`eviction_needs`). So no tenant evicts a block of a tenant with a quota.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvstore.census import SHARED, BlockCensus, TenantUsage
 from kvstore.checksum import ChecksumKind
 from kvstore.config import StoreConfig
 from kvstore.enums import Durability, TierKind
@@ -37,6 +45,7 @@ from kvstore.tiers.blockfile import BlockFileHeader, CorruptBlockFile
 from kvstore.tiers.dram import DramTier
 from kvstore.tiers.hbm import HbmTier, resolve_device
 from kvstore.tiers.ssd import SsdLocation, SsdTier
+from kvstore.units import human_bytes
 
 # Deferred touches settle by themselves past this many, should nobody settle them.
 _MAX_UNTOUCHED = 64
@@ -58,10 +67,10 @@ class Victims:
     is re-queued when the pass ends, so a pass never sees the same entry twice.
     """
 
-    def __init__(self, pool: BlockPool, kind: TierKind) -> None:
+    def __init__(self, pool: BlockPool, kind: TierKind, group: str) -> None:
         self._pool = pool
         self._kind = kind
-        self._queue = pool._queues[kind]
+        self._queue = pool._queues[kind][group]
         self.kept: list[BlockEntry] = []
 
     def take(self) -> BlockEntry | None:
@@ -80,7 +89,9 @@ class Victims:
 class BlockPool:
     def __init__(self, config: StoreConfig) -> None:
         self._config = config
-        self._index = BlockIndex()
+        self._index = BlockIndex(BlockCensus(self._copy_bytes))
+        for tenant, quota in config.quotas.items():
+            self._index.census.set_quota(tenant, quota)
         self._dram = DramTier(config.dram_bytes, config.page_bytes, pin_memory=config.pin_memory)
         self._hbm: HbmTier | None = None
         if config.hbm_bytes:
@@ -103,7 +114,21 @@ class BlockPool:
             self._tiers[TierKind.SSD] = self._ssd
         self.tier_kinds: tuple[TierKind, ...] = tuple(self._tiers)
         self._priority = POLICIES[config.eviction_policy]
-        self._queues = {kind: EvictionQueue(self._priority) for kind in self.tier_kinds}
+        # Per tier, the limit of each eviction group: quoted tenants' quotas, and SHARED's
+        # what they leave of the tier.
+        self._limits: dict[TierKind, dict[str, int]] = {}
+        for kind in self.tier_kinds:
+            quoted = {
+                tenant: nbytes
+                for tenant, quota in config.quotas.items()
+                if (nbytes := quota.tier_bytes(kind)) is not None
+            }
+            capacity = self._tiers[kind].capacity_bytes
+            self._limits[kind] = {SHARED: max(0, capacity - sum(quoted.values())), **quoted}
+        self._queues = {
+            kind: {group: EvictionQueue(self._priority) for group in self._limits[kind]}
+            for kind in self.tier_kinds
+        }
         self._clock = _Clock()
         # num_seen feeds the SSD admission filter and HBM promotion; nothing else reads it.
         self.counts_sightings = config.ssd_admit_after_seen > 1 or self._hbm is not None
@@ -145,6 +170,90 @@ class BlockPool:
 
     def counters_of(self, kind: TierKind) -> TierCounters:
         return self._tiers[kind].counters
+
+    def _copy_bytes(self, kind: TierKind, handle: object, block_bytes: int) -> int:
+        """A copy's footprint in its tier, as the tier counts its `used_bytes`."""
+        if isinstance(handle, SsdLocation):
+            return handle.nbytes
+        return self._memory[kind].footprint_bytes(block_bytes)
+
+    # -- tenants --------------------------------------------------------------------------
+
+    def tenant_usage(self, tenant: str) -> TenantUsage | None:
+        """The tenant's usage, while it has a namespace or a quota."""
+        return self._index.census.tenant(tenant)
+
+    def tenant_usages(self) -> list[TenantUsage]:
+        """Every tenant with a namespace or a quota, by name (leases counted as of now)."""
+        return self._index.census.tenants(time.monotonic())
+
+    def leased_bytes(self, usage: TenantUsage, now: float) -> int:
+        return self._index.census.leased_bytes(usage, now)
+
+    def group_limit_bytes(self, kind: TierKind, group: str) -> int:
+        """What the eviction group owns of `kind`'s tier."""
+        return self._limits[kind][group]
+
+    def groups(self, kind: TierKind) -> list[tuple[str, int, int]]:
+        """(group, used bytes, limit bytes) of each eviction group of `kind`'s tier."""
+        return [
+            (group, self.group_used_bytes(kind, group), limit)
+            for group, limit in self._limits[kind].items()
+        ]
+
+    def group_used_bytes(self, kind: TierKind, group: str) -> int:
+        census = self._index.census
+        if group == SHARED:
+            return census.shared_bytes(kind)
+        usage = census.tenant(group)
+        assert usage is not None, "a quoted tenant's usage lives as long as the store"
+        return usage.used_bytes(kind)
+
+    def _free_bytes(self, kind: TierKind) -> int:
+        if kind is TierKind.SSD:
+            ssd = self._ssd
+            assert ssd is not None
+            return ssd.capacity_bytes - ssd.used_bytes - ssd.reserved_bytes
+        return self._memory[kind].free_bytes
+
+    def _footprint(self, kind: TierKind, nbytes: int) -> int:
+        return nbytes if kind is TierKind.SSD else self._memory[kind].footprint_bytes(nbytes)
+
+    def eviction_needs(
+        self, kind: TierKind, nbytes: int, usage: TenantUsage | None
+    ) -> tuple[list[tuple[str, int]], int]:
+        """What must leave `kind`'s tier before the tenant (None: one without a quota)
+        may take `nbytes` there: (group, bytes) to free per eviction group, and the bytes
+        nothing may be evicted for (the tier short of room with every group within its
+        limit: only pins and puts in flight hold it). No needs and 0: it fits now.
+
+        The tenant's own group frees what takes the group past its limit; any room the
+        tier still lacks comes from groups above their limits, up to their excess, and
+        then, for SHARED only, from SHARED (with no quotas, that is the one global LRU).
+        A quoted tenant within its quota never evicts its own blocks for room the tier
+        lacks.
+        """
+        footprint = self._footprint(kind, nbytes)
+        group = usage.group(kind) if usage is not None else SHARED
+        others: list[tuple[str, int]] = []
+        own = max(0, self.group_used_bytes(kind, group) + footprint - self._limits[kind][group])
+        short = footprint - self._free_bytes(kind) - own
+        for other, limit in self._limits[kind].items():
+            if short <= 0:
+                break
+            excess = self.group_used_bytes(kind, other) - limit
+            if other != group and excess > 0:
+                others.append((other, min(excess, short)))
+                short -= min(excess, short)
+        if short > 0 and group == SHARED:
+            own, short = own + short, 0
+        needs = [(group, own), *others] if own else others
+        return needs, max(short, 0)
+
+    def fits(self, kind: TierKind, nbytes: int, usage: TenantUsage | None) -> bool:
+        """Whether the tenant may take `nbytes` of `kind`'s tier without evicting."""
+        needs, short = self.eviction_needs(kind, nbytes, usage)
+        return not needs and not short
 
     # -- the index ----------------------------------------------------------------------
 
@@ -247,20 +356,26 @@ class BlockPool:
             for entry in chain:
                 entry.num_seen += 1
         # Only chain tails and blocks with spare copies sit in queues: re-rank just those.
+        # A chain is one namespace's, so one tenant's: one queue per tier.
+        if not chain:
+            return
+        usage = chain[0].namespace.usage
         now = time.monotonic()
-        for queue in self._queues.values():
-            queue.touch_many(chain, now)
+        for kind, queues in self._queues.items():
+            queues[usage.tenant if kind in usage.quoted else SHARED].touch_many(chain, now)
 
     # -- eviction -----------------------------------------------------------------------
 
     @contextmanager
-    def victims(self, kind: TierKind) -> Iterator[Victims]:
-        """The one eviction loop's source: `kind`'s victims, ranked by every use so far.
+    def victims(self, kind: TierKind, group: str = SHARED) -> Iterator[Victims]:
+        """The one eviction loop's source: the victims of one eviction group in `kind`
+        (a quoted tenant's name, or SHARED: every tenant without a quota there), ranked
+        by every use so far.
 
         Entries the caller `keep`s are re-queued on exit, whatever the exit.
         """
         self.settle_touches()
-        victims = Victims(self, kind)
+        victims = Victims(self, kind, group)
         try:
             yield victims
         finally:
@@ -293,7 +408,9 @@ class BlockPool:
         """Put the entry in exactly the queues of the tiers it could now leave."""
         now = time.monotonic()
         indexed = entry.is_indexed()
-        for kind, queue in self._queues.items():
+        usage = entry.namespace.usage
+        for kind, queues in self._queues.items():
+            queue = queues[usage.tenant if kind in usage.quoted else SHARED]
             if indexed and self.evictable_from(entry, kind, now):
                 queue.add(entry, now)
             else:
@@ -305,8 +422,9 @@ class BlockPool:
 
     # -- space --------------------------------------------------------------------------
 
-    def allocate(self, kind: TierKind, nbytes: int) -> object:
-        """A handle in a memory tier for `nbytes`, evicting from that tier until one fits.
+    def allocate(self, kind: TierKind, nbytes: int, usage: TenantUsage | None = None) -> object:
+        """A handle in a memory tier for `nbytes`, for the tenant of `usage` (None: one
+        without a quota), evicting as `eviction_needs` says until it fits.
 
         The victims are chosen before any is dropped: an allocation that cannot fit
         raises CapacityExhausted with every stored block left in place.
@@ -318,23 +436,43 @@ class BlockPool:
                 f"a block of {nbytes} B is larger than the whole {kind.name} tier "
                 f"({tier.capacity_bytes} B); give the tier more memory or use smaller blocks"
             )
-        handle = tier.allocate(nbytes)
-        if handle is not None:
-            return handle
-        self.release_expired_leases()
-        victims = self._plan_eviction(kind, tier.footprint_bytes(nbytes) - tier.free_bytes)
-        if victims is None:
-            raise CapacityExhausted(self._full_message(kind, tier, nbytes))
-        for victim in victims:  # children before their parents: each is a tail when dropped
-            self.drop_copy(victim, kind)
+        needs, short = self.eviction_needs(kind, nbytes, usage)
+        if needs or short:
+            self.release_expired_leases()
+            needs, short = self.eviction_needs(kind, nbytes, usage)
+        plans: list[tuple[str, list[BlockEntry]]] = []
+        failure: str | None = None
+        for group, needed_bytes in needs:
+            planned, evictable_bytes = self._plan_eviction(kind, group, needed_bytes)
+            if planned is None:
+                failure = self._group_full_message(kind, group, nbytes, evictable_bytes)
+                break
+            plans.append((group, planned))
+        if failure is None and short:
+            failure = self._full_message(kind, tier, nbytes)
+        if failure is not None:
+            for _, planned in plans:  # back in their queues, nothing dropped
+                for victim in planned:
+                    self.refresh(victim)
+            raise CapacityExhausted(failure)
+        census = self._index.census
+        for group, planned in plans:
+            quoted = census.tenant(group) if group != SHARED else None
+            for victim in planned:  # children before their parents: each is a tail when dropped
+                self.drop_copy(victim, kind)
+                if quoted is not None:
+                    quoted.num_quota_evictions[kind] += 1
         handle = tier.allocate(nbytes)
         assert handle is not None, "the planned victims freed too little"
         return handle
 
-    def _plan_eviction(self, kind: TierKind, needed_bytes: int) -> list[BlockEntry] | None:
-        """The copies in `kind` whose drop frees `needed_bytes`, in the order dropping them
-        one at a time would take them; None, and nothing taken, when all of them would
-        not. A parent whose children are all planned becomes a tail, so it competes
+    def _plan_eviction(
+        self, kind: TierKind, group: str, needed_bytes: int
+    ) -> tuple[list[BlockEntry] | None, int]:
+        """The copies of `group` in `kind` whose drop frees `needed_bytes`, in the order
+        dropping them one at a time would take them, and the bytes they free; None, and
+        nothing taken, when all of them would not (with the bytes all of them would
+        free). A parent whose children are all planned becomes a tail, so it competes
         with the queue from then on, ranked by the same policy.
 
         Victims that could only leave by a demotion (an SSD write) wait for kvstore.mover.
@@ -345,7 +483,7 @@ class BlockPool:
         planned_children: dict[BlockEntry, int] = {}
         freed_up: list[tuple[tuple[object, ...], int, BlockEntry]] = []  # a heap
         freed_bytes = 0
-        with self.victims(kind) as victims:
+        with self.victims(kind, group) as victims:
             queued = victims.take()
             while freed_bytes < needed_bytes:
                 if freed_up and (queued is None or freed_up[0][0] < self._rank(queued, now)):
@@ -370,8 +508,8 @@ class BlockPool:
             if freed_bytes < needed_bytes:
                 for victim in planned:
                     victims.keep(victim)
-                return None
-        return planned
+                return None, freed_bytes
+        return planned, freed_bytes
 
     def _rank(self, entry: BlockEntry, now: float) -> tuple[object, ...]:
         return self._priority(entry, now)
@@ -386,21 +524,47 @@ class BlockPool:
             f"for reads to finish, or give the tier more memory"
         )
 
+    def _group_full_message(
+        self, kind: TierKind, group: str, nbytes: int, evictable_bytes: int
+    ) -> str:
+        limit = self._limits[kind][group]
+        used = self.group_used_bytes(kind, group)
+        tier_key = f"{kind.name.lower()}_bytes"
+        if group == SHARED:
+            if len(self._limits[kind]) == 1:  # no quotas on this tier: the old, whole-tier case
+                return self._full_message(kind, self._memory[kind], nbytes)
+            return (
+                f"tenants without a {kind.name} quota share {human_bytes(limit)} of the "
+                f"{kind.name} tier ({human_bytes(used)} used, {human_bytes(evictable_bytes)} "
+                f"evictable): a block needs {human_bytes(nbytes)}; unpin blocks, wait for "
+                f"reads and puts to finish, or give the tenant a quota (quotas.TENANT.{tier_key})"
+            )
+        return (
+            f"tenant {group!r} is at its {kind.name} quota ({human_bytes(limit)}, "
+            f"{human_bytes(used)} used, {human_bytes(evictable_bytes)} evictable): a block "
+            f"needs {human_bytes(nbytes)}; unpin its blocks, wait for its reads and puts to "
+            f"finish, or raise quotas.{group}.{tier_key}"
+        )
+
     def free(self, kind: TierKind, handle: object) -> None:
         """Give back space that never became a copy (a put's block that did not commit)."""
         self._tiers[kind].free(handle)
 
-    def reserve_for_put(self, nbytes: int) -> object:
-        """DRAM for a block a put has started sending; counted in `put_reserved_bytes`
-        until `end_put_reservation`."""
-        handle = self.allocate(TierKind.DRAM, nbytes)
-        self.put_reserved_bytes += self._dram.footprint_bytes(nbytes)
+    def reserve_for_put(self, nbytes: int, usage: TenantUsage) -> object:
+        """DRAM for a block a put of the tenant has started sending; counted in
+        `put_reserved_bytes`, and as the tenant's, until `end_put_reservation`."""
+        handle = self.allocate(TierKind.DRAM, nbytes, usage)
+        footprint = self._dram.footprint_bytes(nbytes)
+        self.put_reserved_bytes += footprint
+        self._index.census.reserve(usage, TierKind.DRAM, footprint)
         return handle
 
-    def end_put_reservation(self, nbytes: int, handle: object | None) -> None:
+    def end_put_reservation(self, nbytes: int, handle: object | None, usage: TenantUsage) -> None:
         """The block committed (its handle became a copy: pass None) or was dropped (its
         handle is freed)."""
-        self.put_reserved_bytes -= self._dram.footprint_bytes(nbytes)
+        footprint = self._dram.footprint_bytes(nbytes)
+        self.put_reserved_bytes -= footprint
+        self._index.census.unreserve(usage, TierKind.DRAM, footprint)
         if handle is not None:
             self._dram.free(handle)
 
@@ -425,8 +589,9 @@ class BlockPool:
             self._unindex(entry)
 
     def _unindex(self, entry: BlockEntry) -> None:
-        for queue in self._queues.values():
-            queue.discard(entry)
+        usage = entry.namespace.usage
+        for kind, queues in self._queues.items():
+            queues[usage.group(kind)].discard(entry)
         self._leased.discard(entry)
         new_tail = self._index.remove(entry)
         if new_tail is not None:
@@ -507,19 +672,40 @@ class BlockPool:
         """SSD writes claimed or in flight (their blocks are pinned until they end)."""
         return len(self._ssd_writes)
 
-    def reserve_ssd(self, nbytes: int) -> bool:
-        """Reserve `nbytes` on SSD, dropping its coldest copies to make room; False if
-        that cannot be done."""
+    def reserve_ssd(self, nbytes: int, usage: TenantUsage | None = None) -> bool:
+        """Reserve `nbytes` on SSD for the tenant (None: one without a quota), dropping
+        SSD copies as `eviction_needs` says, coldest first; False if that cannot be done.
+        A reservation counts as the tenant's until `end_ssd_reservation`."""
         ssd = self._ssd
         if ssd is None or nbytes > ssd.capacity_bytes:
             return False
-        with self.victims(TierKind.SSD) as victims:
-            while not ssd.reserve(nbytes):
-                victim = victims.take()
-                if victim is None:
-                    return False
-                self.drop_copy(victim, TierKind.SSD)
+        needs, short = self.eviction_needs(TierKind.SSD, nbytes, usage)
+        if short:
+            return False
+        census = self._index.census
+        for group, needed_bytes in needs:
+            quoted = census.tenant(group) if group != SHARED else None
+            with self.victims(TierKind.SSD, group) as victims:
+                while needed_bytes > 0:
+                    victim = victims.take()
+                    if victim is None:
+                        return False
+                    location = victim.copies[TierKind.SSD]
+                    assert isinstance(location, SsdLocation)
+                    needed_bytes -= location.nbytes
+                    self.drop_copy(victim, TierKind.SSD)
+                    if quoted is not None:
+                        quoted.num_quota_evictions[TierKind.SSD] += 1
+        if not ssd.reserve(nbytes):
+            return False
+        if usage is not None:
+            census.reserve(usage, TierKind.SSD, nbytes)
         return True
+
+    def end_ssd_reservation(self, nbytes: int, usage: TenantUsage | None) -> None:
+        """An SSD reservation was committed or released by the tier."""
+        if usage is not None:
+            self._index.census.unreserve(usage, TierKind.SSD, nbytes)
 
     def claim_ssd_write(self, entry: BlockEntry) -> bool:
         """Mark an in-memory block as being written to SSD, at once.
@@ -586,7 +772,8 @@ class BlockPool:
             layer_checksums=tuple(entry.layer_checksums),
         )
         location = ssd.location_for(header.namespace, entry.key, ssd.file_bytes(header))
-        if not self.reserve_ssd(location.nbytes):
+        usage = entry.namespace.usage
+        if not self.reserve_ssd(location.nbytes, usage):
             return False
         block_bytes = entry.layout.block_bytes
         try:
@@ -595,11 +782,14 @@ class BlockPool:
         except OSError as error:
             ssd.record_error(error, "writing a block")
             ssd.release(location)
+            self.end_ssd_reservation(location.nbytes, usage)
             return False
         except BaseException:
             ssd.release(location)
+            self.end_ssd_reservation(location.nbytes, usage)
             raise
         ssd.counters.bytes_written += block_bytes
+        self.end_ssd_reservation(location.nbytes, usage)
         if not entry.is_indexed():
             ssd.release(location)
             ssd.discard_file(location)

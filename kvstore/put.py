@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvstore.census import TenantUsage
 from kvstore.checksum import ChecksumKind, Hasher, checksums_of_slices, new_hasher
 from kvstore.enums import PutOutcome, TierKind
 from kvstore.errors import CapacityExhausted, ChecksumMismatch, InvalidRequest
@@ -77,6 +78,11 @@ class PutSession:
     @property
     def block_bytes(self) -> int:
         return self._layout.block_bytes
+
+    @property
+    def usage(self) -> TenantUsage:
+        """The put's tenant's share of the store (what its room counts against)."""
+        return self._state.usage
 
     @property
     def num_declared(self) -> int:
@@ -152,7 +158,7 @@ class PutSession:
             self._start(self._blocks[block_index])
 
     def _start(self, block: _PendingBlock) -> None:
-        block.handle = self._pool.reserve_for_put(self.block_bytes)
+        block.handle = self._pool.reserve_for_put(self.block_bytes, self._state.usage)
         self._num_started += 1
 
     def _pin_until_close(self, entry: BlockEntry) -> None:
@@ -330,7 +336,7 @@ class PutSession:
         )
         block.handle = None
         self._num_started -= 1
-        self._pool.end_put_reservation(self.block_bytes, None)
+        self._pool.end_put_reservation(self.block_bytes, None, self._state.usage)
         block.outcome = PutOutcome.COMMITTED
         self._store.commit(entry)
         if block.key in self._parent_keys:
@@ -339,7 +345,7 @@ class PutSession:
 
     def _drop(self, block: _PendingBlock, outcome: PutOutcome) -> None:
         if block.handle is not None:
-            self._pool.end_put_reservation(self.block_bytes, block.handle)
+            self._pool.end_put_reservation(self.block_bytes, block.handle, self._state.usage)
             self._num_started -= 1
             block.handle = None
         block.outcome = outcome

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 from kvstore.config import StoreConfig
 from kvstore.enums import Durability, TierKind
-from kvstore.errors import InvalidRequest
-from kvstore.index import BlockEntry
+from kvstore.errors import CapacityExhausted, InvalidRequest
+from kvstore.index import BlockEntry, NamespaceState
 from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
 from kvstore.pool import BlockPool
 from kvstore.tiers.base import TierCounters
 from kvstore.tiers.dram import DramTier
+from kvstore.units import human_bytes
 
 _FASTEST = operator.attrgetter("fastest")
 
@@ -34,6 +35,8 @@ __all__ = [
     "StoreConfig",
     "StoreCounters",
     "StoreReport",
+    "TenantReport",
+    "TenantTierReport",
     "TierReport",
 ]
 
@@ -79,6 +82,23 @@ class TierReport:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantTierReport:
+    kind: TierKind
+    used_bytes: int  # footprint, reservations included
+    num_blocks: int
+    quota_bytes: int | None  # None: the tenant shares what the quotas leave
+    num_quota_evictions: int
+
+
+@dataclass(frozen=True, slots=True)
+class TenantReport:
+    tenant: str
+    tiers: tuple[TenantTierReport, ...]
+    pinned_bytes: int  # block bytes under unexpired leases
+    pinned_quota_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class StoreReport:
     tiers: tuple[TierReport, ...]
     counters: StoreCounters
@@ -90,6 +110,8 @@ class StoreReport:
     durability: Durability
     put_reserved_bytes: int
     num_ssd_writes: int
+    # Each tenant with a namespace or a quota, by name.
+    tenants: tuple[TenantReport, ...] = ()
 
 
 @dataclass(slots=True)
@@ -221,22 +243,49 @@ class BlockStore:
     # -- pins ----------------------------------------------------------------------
 
     def pin(self, namespace: Namespace, keys: list[bytes], ttl_s: float) -> tuple[int, float]:
-        """Lease the present blocks among `keys`; returns (count, wall-clock expiry)."""
+        """Lease the present blocks among `keys`; returns (count, wall-clock expiry).
+
+        The lease is cut to the tenant's `max_lease_s` quota, else the store's. A pin
+        that would take the tenant's leased bytes past its `pinned_bytes` quota raises
+        CapacityExhausted and pins nothing.
+        """
         if ttl_s <= 0:
             raise InvalidRequest(f"ttl must be > 0, got {ttl_s}")
+        quota = self._config.quotas.get(namespace.tenant)
         ttl_s = min(ttl_s, self._config.max_lease_s)
+        if quota is not None and quota.max_lease_s is not None:
+            ttl_s = min(ttl_s, quota.max_lease_s)
         validate_keys(keys)
         pool = self._pool
         state = pool.find_namespace(namespace)
         now = time.monotonic()
-        num_pinned = 0
-        for key in keys:
-            entry = state.blocks.get(key) if state is not None else None
-            if entry is None:
-                continue
+        entries = [entry for key in keys if (entry := state.blocks.get(key) if state else None)]
+        if quota is not None and quota.pinned_bytes is not None and state is not None:
+            self._check_pinned_quota(namespace.tenant, quota.pinned_bytes, state, entries, now)
+        for entry in entries:
             pool.extend_lease(entry, now + ttl_s)
-            num_pinned += 1
-        return num_pinned, time.time() + ttl_s
+        return len(entries), time.time() + ttl_s
+
+    def _check_pinned_quota(
+        self,
+        tenant: str,
+        limit_bytes: int,
+        state: NamespaceState,
+        entries: list[BlockEntry],
+        now: float,
+    ) -> None:
+        """Raise CapacityExhausted if leasing `entries` takes the tenant past its quota."""
+        new_bytes = sum(
+            entry.layout.block_bytes for entry in set(entries) if entry.lease_expiry <= now
+        )
+        leased_bytes = self._pool.leased_bytes(state.usage, now)
+        if new_bytes and leased_bytes + new_bytes > limit_bytes:
+            raise CapacityExhausted(
+                f"tenant {tenant!r} is at its pinned_bytes quota ({human_bytes(limit_bytes)}, "
+                f"{human_bytes(leased_bytes)} leased): this pin would lease "
+                f"{human_bytes(new_bytes)} more, so nothing was pinned; unpin blocks, let "
+                f"leases expire, or raise quotas.{tenant}.pinned_bytes"
+            )
 
     def unpin(self, namespace: Namespace, keys: list[bytes]) -> int:
         validate_keys(keys)
@@ -296,4 +345,30 @@ class BlockStore:
             durability=pool.policy_durability,
             put_reserved_bytes=pool.put_reserved_bytes,
             num_ssd_writes=pool.num_ssd_writes,
+            tenants=self.tenant_reports(),
+        )
+
+    def tenant_reports(self, tenant: str | None = None) -> tuple[TenantReport, ...]:
+        """Each tenant's usage and quotas (only `tenant`'s, if given); O(tenants)."""
+        pool = self._pool
+        usages = pool.tenant_usages()
+        if tenant is not None:
+            usages = [usage for usage in usages if usage.tenant == tenant]
+        return tuple(
+            TenantReport(
+                tenant=usage.tenant,
+                tiers=tuple(
+                    TenantTierReport(
+                        kind=kind,
+                        used_bytes=usage.used_bytes(kind),
+                        num_blocks=usage.num_blocks[kind],
+                        quota_bytes=usage.quota.tier_bytes(kind) if usage.quota else None,
+                        num_quota_evictions=usage.num_quota_evictions[kind],
+                    )
+                    for kind in pool.tier_kinds
+                ),
+                pinned_bytes=usage.leased_bytes,
+                pinned_quota_bytes=usage.quota.pinned_bytes if usage.quota else None,
+            )
+            for usage in usages
         )

@@ -35,6 +35,14 @@ reads configuration from outside (files, flags); components receive their own pa
     stream_idle_timeout_s = 30   # a put or get stream waiting on its client this long is cut
     frame_timeout_s = 10         # a data-plane frame, once begun, must arrive whole by then
     max_transfer_s = 600         # the longest deadline a put or get may have
+
+    [quotas."team-a"]            # one table per tenant; every key optional
+    dram_bytes = "4GiB"          # its own share of the tier; tenants without one share
+    hbm_bytes = "1GiB"           #   what the quotas leave
+    ssd_bytes = "64GiB"
+    pinned_bytes = "1GiB"        # block bytes it may hold under leases at once
+    max_lease_s = 600            # its longest lease
+    max_transfers = 64           # puts and gets it may run at once
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import units
-from kvstore.config import StoreConfig
+from kvstore.config import StoreConfig, TenantQuota
 from kvstore.errors import InvalidRequest
 from kvstore.wire.chunks import MIN_CHUNK_BYTES
 
@@ -223,10 +231,47 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
         for name in parents:
             table = table.setdefault(name, {})
         table[leaf] = value
+    if "quotas" in data.get("store", {}):
+        raise InvalidRequest('quotas go in [quotas."TENANT"] tables, not in [store]')
     sections = {"store": StoreConfig, "limits": Limits, "auth": AuthConfig}
-    top = {k: v for k, v in data.items() if k not in sections}
+    top = {k: v for k, v in data.items() if k not in sections and k != "quotas"}
     parts = {name: _build(cls, data.get(name, {}), name) for name, cls in sections.items()}
+    quotas = _quotas(data.get("quotas", {}))
+    if quotas:
+        # Checked against the tiers here: a quota on a tier the store lacks, or quotas
+        # adding up to more than a tier, fail at start-up.
+        parts["store"] = dataclasses.replace(parts["store"], quotas=quotas)
     return _build(ServerConfig, {**top, **parts}, "top level")  # type: ignore[no-any-return]
+
+
+_QUOTA_SIZES = ("dram_bytes", "hbm_bytes", "ssd_bytes", "pinned_bytes")
+
+
+def _quotas(tables: Any) -> dict[str, TenantQuota]:
+    """`[quotas."TENANT"]` tables into TenantQuota per tenant."""
+    if not isinstance(tables, dict):
+        raise InvalidRequest('quotas must be tables, one per tenant: [quotas."TENANT"]')
+    quotas = {}
+    known = sorted(f.name for f in dataclasses.fields(TenantQuota))
+    for tenant, table in tables.items():
+        where = f"quotas.{tenant!r}"
+        if not isinstance(table, dict):
+            raise InvalidRequest(f'{where} must be a table: [quotas."{tenant}"]')
+        unknown = sorted(set(table) - set(known))
+        if unknown:
+            raise InvalidRequest(f"unknown setting(s) {unknown} in [{where}]; known: {known}")
+        values: dict[str, Any] = {}
+        for name, value in table.items():
+            if name in _QUOTA_SIZES:
+                values[name] = parse_size(value)
+            else:
+                _check_type(f"{where}.{name}", value, 0.0 if name == "max_lease_s" else 0)
+                values[name] = value
+        try:
+            quotas[tenant] = TenantQuota(**values)
+        except InvalidRequest as error:
+            raise InvalidRequest(f"[{where}]: {error}") from None
+    return quotas
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -138,6 +138,35 @@ def print_stats(stats: pb.StatsResponse, console: Console) -> None:
         )
     else:
         console.print("data plane off: puts and gets go over gRPC")
+    if stats.tenants:
+        console.print(tenants_table(stats))
+
+
+def tenants_table(stats: pb.StatsResponse) -> Table:
+    """Each tenant's footprint per tier against its quota ("shared": it has none there)."""
+    table = Table(title="kvstore tenants")
+    table.add_column("tenant", justify="left")
+    tier_names = {tier.tier: tier.name for tier in stats.tiers}
+    kinds = [tier.tier for tier in stats.tiers]
+    for kind in kinds:
+        table.add_column(f"{tier_names[kind]} used / quota (blocks, quota evictions)")
+    table.add_column("pinned / quota", justify="right")
+    for tenant in stats.tenants:
+        by_kind = {tier.tier: tier for tier in tenant.tiers}
+        cells = []
+        for kind in kinds:
+            tier = by_kind.get(kind)
+            if tier is None:
+                cells.append("")
+                continue
+            quota = human_bytes(tier.quota_bytes) if tier.has_quota else "shared"
+            cells.append(
+                f"{human_bytes(tier.used_bytes)} / {quota} "
+                f"({tier.num_blocks}, {tier.quota_evictions})"
+            )
+        pinned_quota = human_bytes(tenant.pinned_quota_bytes) if tenant.has_pinned_quota else "-"
+        table.add_row(tenant.tenant, *cells, f"{human_bytes(tenant.pinned_bytes)} / {pinned_quota}")
+    return table
 
 
 if __name__ == "__main__":

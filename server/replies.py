@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kvstore.enums import Durability, PutOutcome
 from kvstore.server.procstat import ProcessHealth
-from kvstore.store import PrefixMatch, StoreReport
+from kvstore.store import PrefixMatch, StoreReport, TenantReport
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.enums import durability_to_wire, outcome_to_wire, tier_to_wire
 
@@ -76,4 +76,25 @@ def report_to_wire(
         open_fds=health.open_fds,
         loop_lag_max_us=int(health.loop_lag.max_s * 1e6),
         loop_lag_p99_us=int(health.loop_lag.p99_s * 1e6),
+        tenants=[tenant_to_wire(tenant) for tenant in report.tenants],
+    )
+
+
+def tenant_to_wire(tenant: TenantReport) -> pb.TenantStats:
+    return pb.TenantStats(
+        tenant=tenant.tenant,
+        tiers=[
+            pb.TenantTierStats(
+                tier=tier_to_wire(tier.kind),
+                used_bytes=tier.used_bytes,
+                num_blocks=tier.num_blocks,
+                has_quota=tier.quota_bytes is not None,
+                quota_bytes=tier.quota_bytes or 0,
+                quota_evictions=tier.num_quota_evictions,
+            )
+            for tier in tenant.tiers
+        ],
+        pinned_bytes=tenant.pinned_bytes,
+        has_pinned_quota=tenant.pinned_quota_bytes is not None,
+        pinned_quota_bytes=tenant.pinned_quota_bytes or 0,
     )

@@ -6,6 +6,11 @@ answered by one PutBlocksResponse; a get is one GetBlocksRequest, answered by a 
 of GetBlocksResponse messages as wire parts. Bad input raises the core's or the wire's
 errors; each transport maps them to a status in its one catch-all, so validation,
 status codes and the reclaiming of abandoned puts are the same on both.
+
+A tenant with a `max_transfers` quota runs at most that many puts and gets at once
+(counted by the namespace's tenant, which authorization has made the caller's own);
+past it a transfer is RESOURCE_EXHAUSTED before it reserves anything, and a slot is
+freed however its transfer ends.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 from kvstore.enums import TierKind
-from kvstore.errors import InvalidRequest
+from kvstore.errors import CapacityExhausted, InvalidRequest
 from kvstore.index import BlockEntry
+from kvstore.layout import Namespace
 from kvstore.mover import TierMover
 from kvstore.put import PutSession
 from kvstore.read import ReadSession
@@ -50,6 +56,37 @@ class Transfers:
         self._limits = limits
         # MIN_PUT_PIECE_BYTES, or a quarter of the largest chunk where messages are small.
         self._put_floor_bytes = min(MIN_PUT_PIECE_BYTES, limits.min_chunk_bytes // 4)
+        # Puts and gets running per tenant with a max_transfers quota.
+        self._num_running: dict[str, int] = {}
+
+    def num_running(self, tenant: str) -> int:
+        """Puts and gets of a tenant with a `max_transfers` quota running now."""
+        return self._num_running.get(tenant, 0)
+
+    def _claim_slot(self, tenant: str) -> str | None:
+        """Count a transfer of `tenant` against its quota; returns what `_free_slot`
+        takes (None: the tenant has no such quota). Raises CapacityExhausted past it."""
+        quota = self._store.config.quotas.get(tenant)
+        if quota is None or quota.max_transfers is None:
+            return None
+        running = self._num_running.get(tenant, 0)
+        if running >= quota.max_transfers:
+            raise CapacityExhausted(
+                f"tenant {tenant!r} is at its max_transfers quota ({quota.max_transfers} puts "
+                f"and gets at once, {running} running); wait for one to end, or raise "
+                f"quotas.{tenant}.max_transfers"
+            )
+        self._num_running[tenant] = running + 1
+        return tenant
+
+    def _free_slot(self, slot: str | None) -> None:
+        if slot is None:
+            return
+        running = self._num_running[slot] - 1
+        if running:
+            self._num_running[slot] = running
+        else:
+            del self._num_running[slot]
 
     async def put(
         self, messages: AsyncIterator[bytes | memoryview], caller: Caller = OPEN
@@ -61,12 +98,16 @@ class Transfers:
         """
         session: PutSession | None = None
         floor: PutFloor | None = None
+        slot: str | None = None
         committed: list[BlockEntry] = []
         try:
             async for raw in messages:
                 message = decode_put_message(raw)
                 if session is None:
-                    session, floor = self._open_put(message, caller)
+                    namespace = put_namespace_from_wire(message.namespace)
+                    caller.authorize(namespace.tenant)
+                    slot = self._claim_slot(namespace.tenant)
+                    session, floor = self._open_put(message, namespace)
                 elif message.namespace is not None:
                     raise InvalidRequest("namespace belongs in the first message of a put only")
                 assert floor is not None
@@ -87,10 +128,9 @@ class Transfers:
             # A cancelled or failed stream frees whatever it had reserved.
             if session is not None:
                 session.abort()
+            self._free_slot(slot)
 
-    def _open_put(self, message: PutMessage, caller: Caller) -> tuple[PutSession, PutFloor]:
-        namespace = put_namespace_from_wire(message.namespace)
-        caller.authorize(namespace.tenant)
+    def _open_put(self, message: PutMessage, namespace: Namespace) -> tuple[PutSession, PutFloor]:
         kind = checksum_kind_from_wire(message.checksum_kind)
         session = PutSession(self._store, namespace, kind)
         return session, PutFloor(namespace.layout, self._put_floor_bytes)
@@ -104,7 +144,7 @@ class Transfers:
         # demotions to SSD (or write-through writes) rather than fail the put.
         for block_index in _blocks_written(message, session.num_declared):
             if session.needs_room(block_index):
-                await self._mover.ensure_room(TierKind.DRAM, session.block_bytes)
+                await self._mover.ensure_room(TierKind.DRAM, session.block_bytes, session.usage)
                 session.start(block_index)
         for chunk in message.chunks:
             session.write(
@@ -128,9 +168,11 @@ class Transfers:
         closed: the transport sends each message before it asks for the next.
         """
         session: ReadSession | None = None
+        slot: str | None = None
         try:
             request, namespace, keys = open_keyed_request(request, self._limits.max_keys)
             caller.authorize(namespace.tenant)
+            slot = self._claim_slot(namespace.tenant)
             chunk_bytes = self._chunk_bytes_for(request.max_chunk_bytes)
             session = ReadSession(self._store, namespace, keys)
             await session.load(self._mover)
@@ -150,6 +192,7 @@ class Transfers:
         finally:
             if session is not None:
                 session.close()
+            self._free_slot(slot)
 
     def _chunk_bytes_for(self, requested_bytes: int) -> int:
         """The bytes of layer data in one get message: what the client asked for

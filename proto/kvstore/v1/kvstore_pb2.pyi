@@ -870,6 +870,7 @@ class StatsResponse(_message.Message):
     LOOP_LAG_P99_US_FIELD_NUMBER: _builtins.int
     PUT_RESERVED_BYTES_FIELD_NUMBER: _builtins.int
     SSD_WRITES_PENDING_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
     num_namespaces: _builtins.int
     lookups: _builtins.int
     lookup_keys: _builtins.int
@@ -912,6 +913,10 @@ class StatsResponse(_message.Message):
     """SSD writes queued or in progress."""
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]: ...
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantStats]:
+        """Per tenant: each tenant with blocks, puts or a quota, by name."""
+
     def __init__(
         self,
         *,
@@ -940,14 +945,87 @@ class StatsResponse(_message.Message):
         loop_lag_p99_us: _builtins.int = ...,
         put_reserved_bytes: _builtins.int = ...,
         ssd_writes_pending: _builtins.int = ...,
+        tenants: _abc.Iterable[Global___TenantStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_got", b"blocks_got", "blocks_put", b"blocks_put", "bytes_got", b"bytes_got", "bytes_put", b"bytes_put", "checksum_failures", b"checksum_failures", "data_plane_connections", b"data_plane_connections", "data_plane_port", b"data_plane_port", "data_plane_transfers", b"data_plane_transfers", "durability", b"durability", "lookup_hits", b"lookup_hits", "lookup_keys", b"lookup_keys", "lookups", b"lookups", "loop_lag_max_us", b"loop_lag_max_us", "loop_lag_p99_us", b"loop_lag_p99_us", "num_namespaces", b"num_namespaces", "num_pinned", b"num_pinned", "open_fds", b"open_fds", "process_cpu_us", b"process_cpu_us", "put_reserved_bytes", b"put_reserved_bytes", "puts_abandoned", b"puts_abandoned", "rss_bytes", b"rss_bytes", "ssd_writes_pending", b"ssd_writes_pending", "tiers", b"tiers", "uptime_ms", b"uptime_ms", "write_policy", b"write_policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_got", b"blocks_got", "blocks_put", b"blocks_put", "bytes_got", b"bytes_got", "bytes_put", b"bytes_put", "checksum_failures", b"checksum_failures", "data_plane_connections", b"data_plane_connections", "data_plane_port", b"data_plane_port", "data_plane_transfers", b"data_plane_transfers", "durability", b"durability", "lookup_hits", b"lookup_hits", "lookup_keys", b"lookup_keys", "lookups", b"lookups", "loop_lag_max_us", b"loop_lag_max_us", "loop_lag_p99_us", b"loop_lag_p99_us", "num_namespaces", b"num_namespaces", "num_pinned", b"num_pinned", "open_fds", b"open_fds", "process_cpu_us", b"process_cpu_us", "put_reserved_bytes", b"put_reserved_bytes", "puts_abandoned", b"puts_abandoned", "rss_bytes", b"rss_bytes", "ssd_writes_pending", b"ssd_writes_pending", "tenants", b"tenants", "tiers", b"tiers", "uptime_ms", b"uptime_ms", "write_policy", b"write_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class TenantStats(_message.Message):
+    """One tenant's share of the store and its quotas ([quotas."TENANT"] in the config)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    TIERS_FIELD_NUMBER: _builtins.int
+    PINNED_BYTES_FIELD_NUMBER: _builtins.int
+    HAS_PINNED_QUOTA_FIELD_NUMBER: _builtins.int
+    PINNED_QUOTA_BYTES_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    pinned_bytes: _builtins.int
+    """Block bytes under unexpired leases, and the tenant's pinned_bytes quota."""
+    has_pinned_quota: _builtins.bool
+    pinned_quota_bytes: _builtins.int
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TenantTierStats]: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        tiers: _abc.Iterable[Global___TenantTierStats] | None = ...,
+        pinned_bytes: _builtins.int = ...,
+        has_pinned_quota: _builtins.bool = ...,
+        pinned_quota_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_pinned_quota", b"has_pinned_quota", "pinned_bytes", b"pinned_bytes", "pinned_quota_bytes", b"pinned_quota_bytes", "tenant", b"tenant", "tiers", b"tiers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantStats: _TypeAlias = TenantStats  # noqa: Y015
+
+@_typing.final
+class TenantTierStats(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    USED_BYTES_FIELD_NUMBER: _builtins.int
+    NUM_BLOCKS_FIELD_NUMBER: _builtins.int
+    HAS_QUOTA_FIELD_NUMBER: _builtins.int
+    QUOTA_BYTES_FIELD_NUMBER: _builtins.int
+    QUOTA_EVICTIONS_FIELD_NUMBER: _builtins.int
+    tier: Global___Tier.ValueType
+    used_bytes: _builtins.int
+    """Footprint in the tier (whole pages), the tenant's put reservations included."""
+    num_blocks: _builtins.int
+    has_quota: _builtins.bool
+    """has_quota false: the tenant shares what the quotas leave of the tier."""
+    quota_bytes: _builtins.int
+    quota_evictions: _builtins.int
+    """Copies evicted to keep the tenant within its own quota on the tier."""
+    def __init__(
+        self,
+        *,
+        tier: Global___Tier.ValueType = ...,
+        used_bytes: _builtins.int = ...,
+        num_blocks: _builtins.int = ...,
+        has_quota: _builtins.bool = ...,
+        quota_bytes: _builtins.int = ...,
+        quota_evictions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_quota", b"has_quota", "num_blocks", b"num_blocks", "quota_bytes", b"quota_bytes", "quota_evictions", b"quota_evictions", "tier", b"tier", "used_bytes", b"used_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TenantTierStats: _TypeAlias = TenantTierStats  # noqa: Y015
 
 @_typing.final
 class DataPlaneRequest(_message.Message):
