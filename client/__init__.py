@@ -40,6 +40,8 @@ from kvstore.client._results import (
     PrefixMatch,
     PutResult,
     StoreStats,
+    TenantStats,
+    TenantTierStats,
     TierStats,
 )
 from kvstore.client._sync import SyncKVClient, SyncLayerPut
@@ -82,6 +84,8 @@ __all__ = [
     "StoreStats",
     "SyncKVClient",
     "SyncLayerPut",
+    "TenantStats",
+    "TenantTierStats",
     "TierKind",
     "TierStats",
     "Timeouts",

@@ -9,7 +9,14 @@ from collections.abc import Iterable
 from itertools import chain, repeat
 
 from kvstore.client._errors import protocol_error
-from kvstore.client._results import PrefixMatch, PutResult, StoreStats, TierStats
+from kvstore.client._results import (
+    PrefixMatch,
+    PutResult,
+    StoreStats,
+    TenantStats,
+    TenantTierStats,
+    TierStats,
+)
 from kvstore.enums import TierKind
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.enums import durability_from_wire, outcome_from_wire, tier_from_wire
@@ -42,6 +49,7 @@ def put_result(reply: pb.PutBlocksResponse, num_skipped: int, bytes_sent: int) -
 def store_stats(reply: pb.StatsResponse) -> StoreStats:
     try:
         tiers = tuple(_tier_stats(tier) for tier in reply.tiers)
+        tenants = tuple(_tenant_stats(entry) for entry in reply.tenants)
         durability = durability_from_wire(reply.durability)
     except WireError as error:
         raise protocol_error(error) from error
@@ -71,6 +79,26 @@ def store_stats(reply: pb.StatsResponse) -> StoreStats:
         open_fds=reply.open_fds,
         loop_lag_max_us=reply.loop_lag_max_us,
         loop_lag_p99_us=reply.loop_lag_p99_us,
+        tenants=tenants,
+        tenant_scope=reply.tenant_scope,
+    )
+
+
+def _tenant_stats(entry: pb.TenantStats) -> TenantStats:
+    return TenantStats(
+        tenant=entry.tenant,
+        tiers=tuple(
+            TenantTierStats(
+                tier=tier_from_wire(tier.tier),
+                used_bytes=tier.used_bytes,
+                num_blocks=tier.num_blocks,
+                quota_bytes=tier.quota_bytes if tier.has_quota else None,
+                quota_evictions=tier.quota_evictions,
+            )
+            for tier in entry.tiers
+        ),
+        pinned_bytes=entry.pinned_bytes,
+        pinned_quota_bytes=entry.pinned_quota_bytes if entry.has_pinned_quota else None,
     )
 
 

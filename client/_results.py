@@ -71,6 +71,27 @@ class TierStats:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantTierStats:
+    """One tenant's share of one tier."""
+
+    tier: TierKind
+    used_bytes: int  # whole pages, its puts' reservations included
+    num_blocks: int
+    quota_bytes: int | None  # None: it shares what the tier's quotas leave
+    quota_evictions: int  # copies evicted to keep it within its own quota
+
+
+@dataclass(frozen=True, slots=True)
+class TenantStats:
+    """One tenant's use of the store and its quotas."""
+
+    tenant: str
+    tiers: tuple[TenantTierStats, ...]
+    pinned_bytes: int  # block bytes under unexpired leases
+    pinned_quota_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class StoreStats:
     """What `KVClient.stats()` returns: the server's tiers and counters.
 
@@ -107,6 +128,11 @@ class StoreStats:
     durability: Durability | None = None
     put_reserved_bytes: int = 0  # DRAM held by puts in flight for blocks not yet committed
     ssd_writes_pending: int = 0  # SSD writes queued or in progress
+    tenants: tuple[TenantStats, ...] = ()  # each tenant with blocks, puts or a quota
+    # The caller's tenant where the server authenticates and the caller is no admin:
+    # then only the tiers' sizes, the policy and the caller's own `tenants` entry are
+    # filled, and every store-wide count is 0. "": the whole store.
+    tenant_scope: str = ""
 
     def tier(self, kind: TierKind) -> TierStats:
         """The stats of tier `kind`; KeyError if the server has no such tier."""

@@ -25,6 +25,9 @@ class TenantQuota:
     - `pinned_bytes`: block bytes the tenant may hold under leases at once.
     - `max_lease_s`: its longest lease (shorter than the store's `max_lease_s`).
     - `max_transfers`: puts and gets it may run at once (kvstore.server.transfer).
+    - `max_data_connections`: data-plane connections it may hold open at once, counted
+      by the tenant its credential proves (kvstore.server.dataplane); without
+      authentication no connection has a tenant, and only the daemon-wide limit holds.
     """
 
     dram_bytes: int | None = None
@@ -33,9 +36,17 @@ class TenantQuota:
     pinned_bytes: int | None = None
     max_lease_s: float | None = None
     max_transfers: int | None = None
+    max_data_connections: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("dram_bytes", "hbm_bytes", "ssd_bytes", "pinned_bytes", "max_transfers"):
+        for name in (
+            "dram_bytes",
+            "hbm_bytes",
+            "ssd_bytes",
+            "pinned_bytes",
+            "max_transfers",
+            "max_data_connections",
+        ):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise InvalidRequest(f"quota {name} must be >= 0, got {value}")

@@ -139,7 +139,7 @@ async def build_server(config: ServerConfig) -> RunningServer:
         raise OSError(f"cannot listen on {config.listen}")
     data_plane = None
     if config.data_port >= 0:
-        data_plane = DataPlane(transfers, lifecycle, config.limits, auth)
+        data_plane = DataPlane(transfers, lifecycle, config.limits, auth, config.store.quotas)
         try:
             servicer.data_plane_port = await data_plane.start(config.listen_host, config.data_port)
             servicer.data_plane_counts = data_plane.counts

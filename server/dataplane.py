@@ -14,11 +14,12 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
 
-from kvstore.errors import InvalidRequest
+from kvstore.config import TenantQuota
+from kvstore.errors import CapacityExhausted, InvalidRequest
 from kvstore.server.auth import MAX_TOKEN_BYTES, OPEN, Authenticator, Caller
 from kvstore.server.config import Limits
 from kvstore.server.credentials import Credential, hello_credential
@@ -70,6 +71,7 @@ class _Link:
         # leaves the stream where no ERROR frame can follow.
         self.mid_frame = False
         self.credential: Credential | None = None  # what HELLO presented; None: no auth
+        self.tenant: str | None = None  # counted against its max_data_connections quota
         self.peer_common_name: str | None = None  # a verified client certificate's name
 
     async def send(self, kind: FrameKind, parts: Sequence[bytes | memoryview] = ()) -> None:
@@ -119,8 +121,12 @@ class DataPlane:
         lifecycle: Lifecycle,
         limits: Limits,
         auth: Authenticator | None = None,
+        quotas: Mapping[str, TenantQuota] | None = None,
     ) -> None:
         self._transfers = transfers
+        self._quotas = quotas or {}
+        # Open connections per tenant with a max_data_connections quota.
+        self._tenant_connections: dict[str, int] = {}
         self._auth = auth  # None: no authentication, every connection is OPEN
         self._lifecycle = lifecycle
         self._limits = limits
@@ -237,6 +243,8 @@ class DataPlane:
             code, message = status_for(error)
             await self._reject(link, code, message)
         finally:
+            if link.tenant is not None:
+                self._tenant_connections[link.tenant] -= 1
             sock.close()
 
     async def _transfer(
@@ -282,8 +290,26 @@ class DataPlane:
         if self._auth is not None:
             token = bytes(payload[len(HELLO_PAYLOAD) :])
             link.credential = hello_credential(self._auth, token, link.peer_common_name)
-            link.credential.caller(self._auth)  # refused now, not at the first transfer
+            caller = link.credential.caller(self._auth)  # refused now, not at a transfer
+            link.tenant = self._admit_tenant(caller.tenant)
         await link.send(FrameKind.HELLO, [HELLO_PAYLOAD])
+
+    def _admit_tenant(self, tenant: str | None) -> str | None:
+        """Count the connection against its tenant's max_data_connections quota; the
+        tenant it was counted for (None: no such quota). Past the quota: refused."""
+        quota = self._quotas.get(tenant) if tenant is not None else None
+        limit = quota.max_data_connections if quota is not None else None
+        if tenant is None or limit is None:
+            return None
+        open_now = self._tenant_connections.get(tenant, 0)
+        if open_now >= limit:
+            raise CapacityExhausted(
+                f"tenant {tenant!r} is at its max_data_connections quota ({limit} open); "
+                f"close idle clients, or raise quotas.{tenant}.max_data_connections "
+                f"(transfers fall back to gRPC meanwhile)"
+            )
+        self._tenant_connections[tenant] = open_now + 1
+        return tenant
 
     async def _put_messages(
         self, link: _Link, pacing: TransferPacing, first: memoryview

@@ -31,6 +31,27 @@ def put_reply(outcomes: list[PutOutcome], durability: Durability) -> pb.PutBlock
     )
 
 
+def scoped_to_tenant(full: pb.StatsResponse, tenant: str) -> pb.StatsResponse:
+    """What a tenant's Stats may show (see StatsResponse.tenant_scope in the proto)."""
+    return pb.StatsResponse(
+        tiers=[
+            pb.TierStats(
+                tier=tier.tier,
+                name=tier.name,
+                capacity_bytes=tier.capacity_bytes,
+                degraded=tier.degraded,
+            )
+            for tier in full.tiers
+        ],
+        tenants=[entry for entry in full.tenants if entry.tenant == tenant],
+        uptime_ms=full.uptime_ms,
+        write_policy=full.write_policy,
+        durability=full.durability,
+        data_plane_port=full.data_plane_port,
+        tenant_scope=tenant,
+    )
+
+
 def report_to_wire(
     report: StoreReport, process_cpu_s: float, health: ProcessHealth
 ) -> pb.StatsResponse:

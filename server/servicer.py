@@ -25,7 +25,7 @@ from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.loopwatch import LoopWatch
 from kvstore.server.pacing import TransferPacing
 from kvstore.server.procstat import read_process_health
-from kvstore.server.replies import prefix_match_to_wire, report_to_wire
+from kvstore.server.replies import prefix_match_to_wire, report_to_wire, scoped_to_tenant
 from kvstore.server.status import status_for
 from kvstore.server.transfer import Transfers
 from kvstore.store import BlockStore
@@ -174,6 +174,8 @@ class KVStoreServicer:
                 connections, transfers = self.data_plane_counts()
                 reply.data_plane_connections = connections
                 reply.data_plane_transfers = transfers
+            if caller.tenant is not None and not caller.is_admin:
+                return scoped_to_tenant(reply, caller.tenant)
             return reply
 
         return await self._answer(context, handle)

@@ -48,6 +48,8 @@ EXPECTED_CLIENT_API = [
     "SyncKVClient",
     "SyncLayerPut",
     "TOKEN_ENV",
+    "TenantStats",
+    "TenantTierStats",
     "TierKind",
     "TierStats",
     "Timeouts",

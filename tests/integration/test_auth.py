@@ -27,6 +27,7 @@ from kvstore.client import (
     KVLayout,
     Namespace,
     PermissionDenied,
+    TierKind,
     Unauthenticated,
 )
 from kvstore.errors import InvalidRequest
@@ -114,7 +115,9 @@ async def assert_b_unharmed(client_b: KVClient, kv: torch.Tensor) -> None:
     dest = torch.zeros_like(kv)
     assert await client_b.get_into(B_KEYS, dest, form=KVForm.BLOCKS) == len(B_KEYS)
     assert torch.equal(dest.view(torch.uint8), kv.view(torch.uint8))
-    assert (await client_b.stats()).num_pinned == 0
+    (own,) = (await client_b.stats()).tenants  # b's own view: its entry only
+    assert own.tenant == "team-b"
+    assert own.pinned_bytes == 0
 
 
 # -- the tenant's own work ---------------------------------------------------------------
@@ -125,12 +128,13 @@ async def test_a_tenant_works_in_its_own_namespaces(
     secured: RunningServer, open_client: Callable[..., KVClient], make_kv: MakeKV, data_plane: bool
 ) -> None:
     client = open_client(secured, NS_B, TOKEN_B, data_plane)
-    before = (await client.stats()).data_plane_transfers
+    admin = open_client(secured, NS_A, TOKEN_ADMIN)
+    before = (await admin.stats()).data_plane_transfers
     kv = await seed_b(client, make_kv)
     await assert_b_unharmed(client, kv)
     assert await client.pin(B_KEYS, 5.0) == len(B_KEYS)
     assert await client.unpin(B_KEYS) == len(B_KEYS)
-    moved = (await client.stats()).data_plane_transfers - before
+    moved = (await admin.stats()).data_plane_transfers - before
     # The put and the get: over the data plane when asked, else over gRPC.
     assert moved == (2 if data_plane else 0)
     assert await client.delete(B_KEYS[:1]) == (len(B_KEYS), 0)
@@ -254,6 +258,32 @@ async def test_an_admin_may_delete_any_tenants_blocks(
     admin = open_client(secured, NS_B, TOKEN_ADMIN)
     assert await admin.delete(B_KEYS[:1]) == (len(B_KEYS), 0)
     assert (await owner.lookup_keys(B_KEYS)).num_matched == 0
+
+
+async def test_a_tenant_sees_only_its_own_share_in_stats_and_an_admin_sees_all(
+    secured: RunningServer, open_client: Callable[..., KVClient], make_kv: MakeKV
+) -> None:
+    owner = open_client(secured, NS_B, TOKEN_B)
+    await seed_b(owner, make_kv)
+    a_client = open_client(secured, NS_A, TOKEN_A)
+    kv = make_kv(LAYOUT, 1, form=KVForm.BLOCKS, seed=8)
+    assert (await a_client.put_blocks([b"a-0"], kv)).num_committed == 1
+    assert await a_client.pin([b"a-0"], 60.0) == 1
+    scoped = await a_client.stats()
+    assert scoped.tenant_scope == "team-a"
+    (own,) = scoped.tenants
+    assert own.tenant == "team-a"
+    assert own.pinned_bytes == LAYOUT.block_bytes
+    dram = scoped.tier(TierKind.DRAM)
+    assert dram.capacity_bytes > 0
+    # Nothing store-wide: b's blocks, lookups and pins are not a's to count.
+    assert (dram.used_bytes, dram.num_blocks, dram.hits) == (0, 0, 0)
+    assert (scoped.num_pinned, scoped.blocks_put, scoped.num_namespaces) == (0, 0, 0)
+    whole = await open_client(secured, NS_A, TOKEN_ADMIN).stats()
+    assert whole.tenant_scope == ""
+    assert {entry.tenant for entry in whole.tenants} == {"team-a", "team-b"}
+    assert whole.tier(TierKind.DRAM).num_blocks == len(B_KEYS) + 1
+    assert whole.num_pinned == 1
 
 
 async def test_a_lookup_stream_refuses_another_tenant_per_request_and_goes_on(
@@ -499,3 +529,42 @@ async def test_a_data_plane_admits_an_anonymous_hello_where_auth_is_off(
     raw.close()
     with_token = await Raw.open(server, b"ignored-token")  # no authentication: ignored
     with_token.close()
+
+
+async def test_a_tenants_data_plane_connections_are_capped_by_its_quota(
+    server_factory: ServerFactory,
+    tokens_file: Path,
+    open_client: Callable[..., KVClient],
+    make_kv: MakeKV,
+    poll: Poll,
+) -> None:
+    running = await server_factory(
+        auth__tokens_file=str(tokens_file), quotas={"team-a": {"max_data_connections": 1}}
+    )
+    held = await Raw.open(running, TOKEN_A.encode())
+    refused = await Raw.connect(running)
+    try:
+        await refused.send(frame(FrameKind.HELLO, HELLO + TOKEN_A.encode()))
+        code, text = await refused.read_error()
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        assert "max_data_connections quota (1 open)" in text
+    finally:
+        refused.close()
+    # Another tenant is not counted against team-a's quota.
+    other = await Raw.open(running, TOKEN_B.encode())
+    other.close()
+    # team-a's client still works: its transfers fall back to gRPC.
+    client = open_client(running, NS_A, TOKEN_A)
+    kv = make_kv(LAYOUT, 1, form=KVForm.BLOCKS, seed=9)
+    assert (await client.put_blocks([b"a-0"], kv)).num_committed == 1
+    held.close()
+
+    async def admitted_again() -> bool:
+        raw = await Raw.connect(running)
+        try:
+            await raw.send(frame(FrameKind.HELLO, HELLO + TOKEN_A.encode()))
+            return (await raw.read_frame())[0] == FrameKind.HELLO
+        finally:
+            raw.close()
+
+    await poll(admitted_again, timeout_s=10.0)

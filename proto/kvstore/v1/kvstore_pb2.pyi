@@ -871,6 +871,7 @@ class StatsResponse(_message.Message):
     PUT_RESERVED_BYTES_FIELD_NUMBER: _builtins.int
     SSD_WRITES_PENDING_FIELD_NUMBER: _builtins.int
     TENANTS_FIELD_NUMBER: _builtins.int
+    TENANT_SCOPE_FIELD_NUMBER: _builtins.int
     num_namespaces: _builtins.int
     lookups: _builtins.int
     lookup_keys: _builtins.int
@@ -911,6 +912,12 @@ class StatsResponse(_message.Message):
     """DRAM bytes held by puts in flight that have not committed yet."""
     ssd_writes_pending: _builtins.int
     """SSD writes queued or in progress."""
+    tenant_scope: _builtins.str
+    """Set where the server authenticates and the caller is a tenant, not an admin: the
+    reply is that tenant's view. It holds the tiers' names, capacities and health,
+    the daemon's policy, and the tenant's own entry in `tenants`. Every store-wide
+    count (use, hits, counters, other tenants) is left at zero. Empty: the whole store.
+    """
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]: ...
     @_builtins.property
@@ -946,10 +953,11 @@ class StatsResponse(_message.Message):
         put_reserved_bytes: _builtins.int = ...,
         ssd_writes_pending: _builtins.int = ...,
         tenants: _abc.Iterable[Global___TenantStats] | None = ...,
+        tenant_scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_got", b"blocks_got", "blocks_put", b"blocks_put", "bytes_got", b"bytes_got", "bytes_put", b"bytes_put", "checksum_failures", b"checksum_failures", "data_plane_connections", b"data_plane_connections", "data_plane_port", b"data_plane_port", "data_plane_transfers", b"data_plane_transfers", "durability", b"durability", "lookup_hits", b"lookup_hits", "lookup_keys", b"lookup_keys", "lookups", b"lookups", "loop_lag_max_us", b"loop_lag_max_us", "loop_lag_p99_us", b"loop_lag_p99_us", "num_namespaces", b"num_namespaces", "num_pinned", b"num_pinned", "open_fds", b"open_fds", "process_cpu_us", b"process_cpu_us", "put_reserved_bytes", b"put_reserved_bytes", "puts_abandoned", b"puts_abandoned", "rss_bytes", b"rss_bytes", "ssd_writes_pending", b"ssd_writes_pending", "tenants", b"tenants", "tiers", b"tiers", "uptime_ms", b"uptime_ms", "write_policy", b"write_policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_got", b"blocks_got", "blocks_put", b"blocks_put", "bytes_got", b"bytes_got", "bytes_put", b"bytes_put", "checksum_failures", b"checksum_failures", "data_plane_connections", b"data_plane_connections", "data_plane_port", b"data_plane_port", "data_plane_transfers", b"data_plane_transfers", "durability", b"durability", "lookup_hits", b"lookup_hits", "lookup_keys", b"lookup_keys", "lookups", b"lookups", "loop_lag_max_us", b"loop_lag_max_us", "loop_lag_p99_us", b"loop_lag_p99_us", "num_namespaces", b"num_namespaces", "num_pinned", b"num_pinned", "open_fds", b"open_fds", "process_cpu_us", b"process_cpu_us", "put_reserved_bytes", b"put_reserved_bytes", "puts_abandoned", b"puts_abandoned", "rss_bytes", b"rss_bytes", "ssd_writes_pending", b"ssd_writes_pending", "tenant_scope", b"tenant_scope", "tenants", b"tenants", "tiers", b"tiers", "uptime_ms", b"uptime_ms", "write_policy", b"write_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
