@@ -33,7 +33,7 @@ from kvstore.client._errors import (
     Unimplemented,
     Unknown,
 )
-from kvstore.client._options import ClientOptions, Timeouts
+from kvstore.client._options import ClientOptions, Timeouts, TLSOptions
 from kvstore.client._results import (
     LayerArrival,
     PrefixMatch,
@@ -80,6 +80,7 @@ __all__ = [
     "StoreStats",
     "SyncKVClient",
     "SyncLayerPut",
+    "TLSOptions",
     "TierKind",
     "TierStats",
     "Timeouts",

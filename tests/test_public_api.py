@@ -47,6 +47,7 @@ EXPECTED_CLIENT_API = [
     "StoreStats",
     "SyncKVClient",
     "SyncLayerPut",
+    "TLSOptions",
     "TierKind",
     "TierStats",
     "Timeouts",
