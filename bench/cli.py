@@ -16,6 +16,7 @@ from kvstore.bench.restart import add_restart_arguments, run_restart
 from kvstore.bench.soak import add_soak_arguments, run_soak
 from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
+from kvstore.bench.tls import add_tls_arguments, run_tls
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -65,6 +66,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "put GB/s under write-back, write-through and fsync, against DRAM-only in the same run",
         add_durability_arguments,
         run_durability,
+    ),
+    "tls": (
+        "data-plane put/get GB/s over TLS against plaintext in the same run",
+        add_tls_arguments,
+        run_tls,
     ),
     "disagg": (
         "prefill and decode workers on a real transformer: exactness check, agent-session TTFT",
