@@ -17,9 +17,17 @@ from kvstore.bench.restart import add_restart_arguments, run_restart
 from kvstore.bench.soak import add_soak_arguments, run_soak
 from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
+from kvstore.bench.tls import add_tls_arguments, run_tls
 from kvstore.client import TOKEN_ENV
 
 Runner = Callable[[argparse.Namespace], int]
+# TLS to --target: each flag sets the environment variable KVClient reads.
+_TLS_FLAGS = (
+    ("--tls-ca", "KVSTORE_TLS_CA", "PEM CA the daemon's certificate chains to"),
+    ("--tls-cert", "KVSTORE_TLS_CERT", "PEM client certificate, for mutual TLS"),
+    ("--tls-key", "KVSTORE_TLS_KEY", "its PEM private key"),
+    ("--tls-server-name", "KVSTORE_TLS_SERVER_NAME", "name to check in the daemon's certificate"),
+)
 
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runner]] = {
     "throughput": (
@@ -68,6 +76,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         add_durability_arguments,
         run_durability,
     ),
+    "tls": (
+        "data-plane put/get GB/s over TLS against plaintext in the same run",
+        add_tls_arguments,
+        run_tls,
+    ),
     "disagg": (
         "prefill and decode workers on a real transformer: exactness check, agent-session TTFT",
         add_disagg_arguments,
@@ -82,21 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, add_arguments, runner) in _COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         add_arguments(sub)
-        credentials = sub.add_argument_group("credentials (a daemon that authenticates)")
+        credentials = sub.add_argument_group("credentials and TLS, for a secured daemon")
         credentials.add_argument(
             "--token",
             help="bearer token for --target, for this process and the load processes it "
             "starts (default: $KVSTORE_TOKEN)",
         )
+        for flag, variable, what in _TLS_FLAGS:
+            credentials.add_argument(flag, help=f"{what} (default: ${variable})")
         sub.set_defaults(runner=runner)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Every KVClient of this run, in this process and the ones it spawns, reads these.
     if args.token is not None:
-        # Every KVClient of this run, in this process and the ones it spawns, reads it.
         os.environ[TOKEN_ENV] = args.token
+    for flag, variable, _ in _TLS_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            os.environ[variable] = value
     runner: Runner = args.runner
     return runner(args)
 

@@ -21,9 +21,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until_serving(target: str, timeout_s: float = 30.0) -> None:
+def wait_until_serving(
+    target: str, timeout_s: float = 30.0, credentials: grpc.ChannelCredentials | None = None
+) -> None:
+    """Until `target` answers health checks SERVING (over TLS with `credentials`)."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    if credentials is None:
+        opened = grpc.insecure_channel(target)
+    else:
+        opened = grpc.secure_channel(target, credentials)
+    with opened as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -38,14 +45,20 @@ def wait_until_serving(target: str, timeout_s: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def spawned_server(extra_args: list[str], *, log_path: Path | None = None) -> Iterator[str]:
-    """Run `kvstore-server` on a free loopback port; yields its target. SIGTERM on exit."""
+def spawned_server(
+    extra_args: list[str],
+    *,
+    log_path: Path | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Iterator[str]:
+    """Run `kvstore-server` on a free loopback port; yields its target. SIGTERM on exit.
+    `credentials`: the server serves TLS (its flags say so), and these trust it."""
     port = free_port()
     target = f"127.0.0.1:{port}"
     command = [sys.executable, "-m", "kvstore.server.main", "--listen", target, *extra_args]
     with _child(command, log_path) as process:
         try:
-            wait_until_serving(target)
+            wait_until_serving(target, credentials=credentials)
         except TimeoutError:
             process.kill()
             raise

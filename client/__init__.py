@@ -34,7 +34,7 @@ from kvstore.client._errors import (
     Unimplemented,
     Unknown,
 )
-from kvstore.client._options import ClientOptions, Timeouts
+from kvstore.client._options import ClientOptions, Timeouts, TLSOptions
 from kvstore.client._results import (
     LayerArrival,
     PrefixMatch,
@@ -84,6 +84,7 @@ __all__ = [
     "StoreStats",
     "SyncKVClient",
     "SyncLayerPut",
+    "TLSOptions",
     "TenantStats",
     "TenantTierStats",
     "TierKind",

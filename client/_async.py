@@ -28,6 +28,7 @@ from kvstore.client._replies import prefix_match, put_result, store_stats
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult, StoreStats
 from kvstore.client._send import layer_messages, put_messages
 from kvstore.client._settle import CallSettle
+from kvstore.client._tls import load_client_tls, tls_from_environment
 from kvstore.client._transport import Parts, PutStream, Transport
 from kvstore.codec import ByteMap, KVForm, cpu_contiguous
 from kvstore.codec import check_tensor as _check_tensor_core
@@ -67,13 +68,22 @@ class KVClient:
             tune_allocator_once()
         limit = self.options.max_message_bytes
         self._owns_channel = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-            ],
-        )
+        tls_options = self.options.tls if self.options.tls is not None else tls_from_environment()
+        self._tls = load_client_tls(tls_options) if tls_options is not None else None
+        channel_options: list[tuple[str, int | str]] = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ]
+        if channel is not None:
+            self._channel = channel
+        elif self._tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.aio.secure_channel(
+                target,
+                self._tls.grpc_credentials,
+                options=channel_options + self._tls.channel_options(),
+            )
         self._stub = pb_grpc.KVStoreStub(self._channel)
         self._token = resolve_token(self.options.token)
         self._metadata = call_metadata(self._token)
@@ -101,6 +111,7 @@ class KVClient:
             timeout_s=self.options.timeouts.control,
             settle=self._settle,
             token=self._token,
+            tls=self._tls,
         )
         return AutoTransport(grpc_transport, find)
 

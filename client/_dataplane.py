@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from kvstore.client._errors import (
@@ -35,6 +36,7 @@ from kvstore.wire.frames import (
     send_frame,
     tune_socket,
 )
+from kvstore.wire.tls import TLSStream
 
 # How long to wait for the server's ERROR frame once it has cut a transfer short.
 _ERROR_WAIT_S = 1.0
@@ -51,9 +53,13 @@ class DataConnection:
     """One connection, one transfer at a time. Every read and write honours the
     transfer's deadline (loop time), set by `DataPlanePool.acquire`."""
 
-    def __init__(self, sock: socket.socket, max_frame_bytes: int) -> None:
+    def __init__(
+        self, sock: socket.socket, max_frame_bytes: int, tls: TLSStream | None = None
+    ) -> None:
         self._sock = sock
-        self._reader = FrameReader(sock, max_frame_bytes)
+        self._tls = tls  # None: plaintext
+        self._stream = sock if tls is None else tls
+        self._reader = FrameReader(self._stream, max_frame_bytes)
         self.deadline = 0.0
         self._deadline_sent = False
         self.clean = True  # False from the start of a transfer until it ends well
@@ -92,6 +98,8 @@ class DataConnection:
 
     def close(self) -> None:
         self.closed = True
+        if self._tls is not None:
+            self._tls.close_notify()
         self._sock.close()
 
     async def send(self, kind: FrameKind, parts: Sequence[bytes | memoryview] = ()) -> None:
@@ -106,9 +114,9 @@ class DataConnection:
             async with asyncio.timeout_at(self.deadline):
                 if not self._deadline_sent and kind in (FrameKind.PUT, FrameKind.GET):
                     left = self.deadline - asyncio.get_running_loop().time()
-                    await send_frame(self._sock, FrameKind.DEADLINE, [encode_deadline(left)])
+                    await send_frame(self._stream, FrameKind.DEADLINE, [encode_deadline(left)])
                     self._deadline_sent = True
-                await send_frame(self._sock, kind, parts)
+                await send_frame(self._stream, kind, parts)
         except TimeoutError:
             raise self._deadline_error() from None
         except ConnectionClosed:
@@ -164,6 +172,8 @@ class DataConnection:
 
     def _server_spoke(self) -> bool:
         """Whether the server sent something (or hung up) while we were sending."""
+        if self._tls is not None:
+            return self._tls.has_input()
         try:
             self._sock.recv(1, socket.MSG_PEEK)  # data, or b"" when it hung up
         except (BlockingIOError, InterruptedError):
@@ -191,10 +201,20 @@ class DataPlanePool:
     """Connections to one server's data plane at `host:port`, kept for reuse."""
 
     def __init__(
-        self, host: str, port: int, max_frame_bytes: int, max_idle: int = 4, token: bytes = b""
+        self,
+        host: str,
+        port: int,
+        max_frame_bytes: int,
+        max_idle: int = 4,
+        token: bytes = b"",
+        tls_context: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self._tls_context = tls_context  # None: plaintext
+        # The name the server's certificate must carry: the host, unless overridden.
+        self._server_name = server_name or host
         self._token = token  # the caller's bearer token, said in each HELLO
         self._max_frame_bytes = max_frame_bytes
         self._max_idle = max_idle
@@ -257,7 +277,16 @@ class DataPlanePool:
                         sock.setblocking(False)
                         await loop.sock_connect(sock, address)
                         tune_socket(sock)
-                        connection = DataConnection(sock, self._max_frame_bytes)
+                        tls = None
+                        if self._tls_context is not None:
+                            tls = TLSStream(
+                                sock,
+                                self._tls_context,
+                                server_side=False,
+                                server_hostname=self._server_name,
+                            )
+                            await tls.handshake()
+                        connection = DataConnection(sock, self._max_frame_bytes, tls)
                         connection.begin(deadline)
                         await connection.hello(self._token)
                         return connection

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,12 +12,15 @@ import grpc
 from kvstore.client._credentials import call_metadata
 from kvstore.client._dataplane import DataConnection, DataPlanePool
 from kvstore.client._settle import CallSettle
+from kvstore.client._tls import ClientTLS
 from kvstore.client._transport import Parts
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.wire.chunks import GetMessage
 from kvstore.wire.frames import VERSION as DATAPLANE_VERSION
 from kvstore.wire.frames import FrameKind
+
+logger = logging.getLogger("kvstore.client")
 
 
 class DataPlaneTransport:
@@ -109,9 +113,11 @@ async def find_data_plane(
     timeout_s: float,
     settle: CallSettle,
     token: str | None = None,
+    tls: ClientTLS | None = None,
 ) -> DataPlaneTransport | None:
     """The server's data plane on `host`, asked for over gRPC; None when the server has
-    none, speaks another framing version, or does not answer."""
+    none, speaks another framing version, does not answer, or, for a client that uses
+    TLS, offers a plaintext one (its bytes would travel in the clear)."""
     try:
         with settle.tracking():
             reply = await stub.GetDataPlane(
@@ -121,8 +127,23 @@ async def find_data_plane(
         return None  # an older server, or none at all: the gRPC call will say
     if not reply.port or reply.version != DATAPLANE_VERSION:
         return None
+    if reply.tls != (tls is not None):
+        logger.debug(
+            "the data plane on port %d %s TLS and this client %s: transfers use gRPC",
+            reply.port,
+            "speaks" if reply.tls else "does not speak",
+            "does" if tls is not None else "does not",
+        )
+        return None
     hello_token = token.encode() if token else b""
-    pool = DataPlanePool(host, reply.port, max_frame_bytes, token=hello_token)
+    pool = DataPlanePool(
+        host,
+        reply.port,
+        max_frame_bytes,
+        token=hello_token,
+        tls_context=tls.data_plane_context if tls is not None else None,
+        server_name=tls.server_name if tls is not None else None,
+    )
     return DataPlaneTransport(pool, timeout_s)
 
 

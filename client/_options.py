@@ -27,6 +27,29 @@ class Timeouts:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TLSOptions:
+    """TLS to a server that serves it, on gRPC and the data plane alike.
+
+    `ca_file` (PEM) is the CA the server's certificate must chain to; None trusts the
+    system's store. `cert_file` and `key_file` (PEM) are this client's certificate, for
+    a server that requires one (mutual TLS). `server_name` is the name checked against
+    the server's certificate, where it is not the host of the target. The files are
+    read when the client is made. Where ClientOptions.tls is None, the environment
+    variables KVSTORE_TLS_CA, KVSTORE_TLS_CERT, KVSTORE_TLS_KEY and
+    KVSTORE_TLS_SERVER_NAME make one, if any is set.
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("TLSOptions needs both cert_file and key_file, or neither")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ClientOptions:
     """How the client talks to the server.
 
@@ -61,6 +84,8 @@ class ClientOptions:
     # A bearer token for a server that authenticates (its tenant and role are the
     # server's to know). None: the KVSTORE_TOKEN environment variable, if set.
     token: str | None = field(default=None, repr=False)
+    # TLS on every connection (gRPC and the data plane); None: plaintext.
+    tls: TLSOptions | None = None
 
     def __post_init__(self) -> None:
         if self.token is not None:

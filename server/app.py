@@ -24,6 +24,7 @@ from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.loopwatch import LoopWatch
 from kvstore.server.servicer import KVStoreServicer
 from kvstore.server.standard_services import add_health_service, add_reflection_service
+from kvstore.server.tls import load_server_tls
 from kvstore.server.transfer import Transfers
 from kvstore.store import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
@@ -85,13 +86,18 @@ def is_loopback(host: str) -> bool:
 
 def check_exposure(config: ServerConfig) -> None:
     """Refuse to serve beyond loopback with no protection at all, unless told to."""
-    if config.auth.enabled or config.insecure or is_loopback(config.listen_host):
+    if (
+        config.auth.enabled
+        or config.tls is not None
+        or config.insecure
+        or is_loopback(config.listen_host)
+    ):
         return
     raise InvalidRequest(
         f"refusing to listen on {config.listen_host} with neither authentication nor TLS: "
         f"anyone who reaches it could read, pin and delete every tenant's blocks. Set "
-        f"[auth] tokens_file (--tokens-file), or pass --insecure (insecure = true) if this "
-        f"network is trusted"
+        f"[auth] tokens_file (--tokens-file), or [tls] (--tls-cert, --tls-key), or pass "
+        f"--insecure (insecure = true) if this network is trusted"
     )
 
 
@@ -110,6 +116,7 @@ async def build_server(config: ServerConfig) -> RunningServer:
     """Create the store and a started gRPC server for it; the port is the bound one."""
     check_exposure(config)
     auth = build_authenticator(config)
+    tls = load_server_tls(config.tls) if config.tls is not None else None
     if config.tune_allocator:
         tune_allocator()
     store = BlockStore(config.store)
@@ -132,14 +139,26 @@ async def build_server(config: ServerConfig) -> RunningServer:
     if auth is None or config.auth.reflection:
         add_reflection_service((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(config.listen)
+        if tls is None:
+            port = server.add_insecure_port(config.listen)
+        else:
+            port = server.add_secure_port(config.listen, tls.grpc_credentials)
     except RuntimeError as error:  # grpcio reports a failed bind (port in use) this way
         raise OSError(f"cannot listen on {config.listen}: {error}") from error
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     data_plane = None
     if config.data_port >= 0:
-        data_plane = DataPlane(transfers, lifecycle, config.limits, auth, config.store.quotas)
+        tls_context = tls.data_plane_context if tls is not None else None
+        data_plane = DataPlane(
+            transfers,
+            lifecycle,
+            config.limits,
+            auth,
+            tls_context=tls_context,
+            quotas=config.store.quotas,
+        )
+        servicer.data_plane_tls = tls is not None
         try:
             servicer.data_plane_port = await data_plane.start(config.listen_host, config.data_port)
             servicer.data_plane_counts = data_plane.counts
@@ -178,7 +197,10 @@ def protections_line(config: ServerConfig, auth: Authenticator | None) -> str:
             sources.append("client certificates name tenants")
         who = "authentication on (" + ", ".join(sources) + ")"
     reflection_on = auth is None or config.auth.reflection
-    return f"{who}; TLS off; reflection {'on' if reflection_on else 'off'}"
+    tls = "TLS off"
+    if config.tls is not None:
+        tls = "TLS on (mutual)" if config.tls.mutual else "TLS on"
+    return f"{who}; {tls}; reflection {'on' if reflection_on else 'off'}"
 
 
 async def serve(config: ServerConfig) -> None:

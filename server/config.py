@@ -36,6 +36,10 @@ reads configuration from outside (files, flags); components receive their own pa
     frame_timeout_s = 10         # a data-plane frame, once begun, must arrive whole by then
     max_transfer_s = 600         # the longest deadline a put or get may have
 
+    [tls]                        # absent: plaintext gRPC and data plane
+    cert_file = "server.pem"     # PEM certificate chain, for gRPC and the data plane
+    key_file = "server.key"      # its PEM private key
+    client_ca_file = "ca.pem"    # optional: mutual TLS, client certificates required
     [quotas."team-a"]            # one table per tenant; every key optional
     dram_bytes = "4GiB"          # its own share of the tier; tenants without one share
     hbm_bytes = "1GiB"           #   what the quotas leave
@@ -135,6 +139,28 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TLSConfig:
+    """TLS on gRPC and on the data plane alike; the files are read once, at start-up
+    (kvstore.server.tls), so a new certificate takes a restart."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    # Set: mutual TLS, every client must present a certificate this CA signed.
+    client_ca_file: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.cert_file or not self.key_file:
+            raise InvalidRequest(
+                "tls needs both cert_file (--tls-cert) and key_file (--tls-key); got "
+                f"cert_file={self.cert_file!r}, key_file={self.key_file!r}"
+            )
+
+    @property
+    def mutual(self) -> bool:
+        return bool(self.client_ca_file)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
     # The TCP data plane (kvstore.wire.frames) listens on listen's host at this port; 0
@@ -146,10 +172,16 @@ class ServerConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: Limits = field(default_factory=Limits)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TLSConfig | None = None  # None: plaintext
     # Listen beyond loopback with neither authentication nor TLS: refused unless set.
     insecure: bool = False
 
     def __post_init__(self) -> None:
+        if self.auth.certificate_tenants and (self.tls is None or not self.tls.mutual):
+            raise InvalidRequest(
+                "[auth] certificate_tenants needs mutual TLS: set [tls] client_ca_file "
+                "(--tls-client-ca), so that client certificates are required and verified"
+            )
         if self.log_level not in _LOG_LEVELS:
             raise InvalidRequest(f"log_level must be one of {_LOG_LEVELS}, got {self.log_level!r}")
         if ":" not in self.listen:
@@ -234,8 +266,10 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
     if "quotas" in data.get("store", {}):
         raise InvalidRequest('quotas go in [quotas."TENANT"] tables, not in [store]')
     sections = {"store": StoreConfig, "limits": Limits, "auth": AuthConfig}
-    top = {k: v for k, v in data.items() if k not in sections and k != "quotas"}
+    top = {k: v for k, v in data.items() if k not in sections and k not in ("quotas", "tls")}
     parts = {name: _build(cls, data.get(name, {}), name) for name, cls in sections.items()}
+    if data.get("tls"):
+        parts["tls"] = _build(TLSConfig, data["tls"], "tls")
     quotas = _quotas(data.get("quotas", {}))
     if quotas:
         # Checked against the tiers here: a quota on a tier the store lacks, or quotas
@@ -352,6 +386,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="with mutual TLS, a client certificate's common name is its tenant",
+    )
+    parser.add_argument(
+        "--tls-cert", dest="tls.cert_file", help="PEM certificate chain: TLS on gRPC and data plane"
+    )
+    parser.add_argument("--tls-key", dest="tls.key_file", help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca",
+        dest="tls.client_ca_file",
+        help="PEM CA whose client certificates are required (mutual TLS)",
     )
     parser.add_argument(
         "--insecure",

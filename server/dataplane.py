@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
@@ -42,6 +43,7 @@ from kvstore.wire.frames import (
     send_frame,
     tune_socket,
 )
+from kvstore.wire.tls import TLSStream
 
 logger = logging.getLogger("kvstore.server")
 # After an ERROR frame, how long to wait for the client to read it and hang up.
@@ -62,11 +64,15 @@ class _Rejected(Exception):
 
 
 class _Link:
-    """One connection's socket and reader, and whether a frame is half sent."""
+    """One connection's socket, its TLS layer if any, its reader, and whether a frame
+    is half sent."""
 
-    def __init__(self, sock: socket.socket, max_payload: int) -> None:
+    def __init__(self, sock: socket.socket, max_payload: int, tls: TLSStream | None) -> None:
         self.sock = sock
-        self.reader = FrameReader(sock, max_payload)
+        self.tls = tls
+        self.secured = tls is None  # no TLS, or its handshake is done
+        self.stream = sock if tls is None else tls
+        self.reader = FrameReader(self.stream, max_payload)
         # True while a frame is on its way out: a frame cut short (a deadline, a drain)
         # leaves the stream where no ERROR frame can follow.
         self.mid_frame = False
@@ -76,11 +82,14 @@ class _Link:
 
     async def send(self, kind: FrameKind, parts: Sequence[bytes | memoryview] = ()) -> None:
         self.mid_frame = True
-        await send_frame(self.sock, kind, parts)
+        await send_frame(self.stream, kind, parts)
         self.mid_frame = False
 
     async def readable(self) -> None:
         """Until the client has sent a byte, or hung up: the next frame has begun."""
+        if self.tls is not None:
+            await self.tls.wait_readable()
+            return
         try:
             self.sock.recv(1, socket.MSG_PEEK)
             return  # a byte, or b"" at the end: the read that follows tells which
@@ -121,9 +130,11 @@ class DataPlane:
         lifecycle: Lifecycle,
         limits: Limits,
         auth: Authenticator | None = None,
+        tls_context: ssl.SSLContext | None = None,
         quotas: Mapping[str, TenantQuota] | None = None,
     ) -> None:
         self._transfers = transfers
+        self._tls_context = tls_context  # None: plaintext
         self._quotas = quotas or {}
         # Open connections per tenant with a max_data_connections quota.
         self._tenant_connections: dict[str, int] = {}
@@ -188,7 +199,9 @@ class DataPlane:
                 continue
             tune_socket(sock)
             if len(self._connections) >= self._limits.max_data_connections:
-                _refuse(sock, self._limits.max_data_connections)
+                _refuse(
+                    sock, self._limits.max_data_connections, plaintext=self._tls_context is None
+                )
                 continue
             self.accepted += 1
             task = asyncio.create_task(self._serve(sock))
@@ -198,7 +211,10 @@ class DataPlane:
     async def _serve(self, sock: socket.socket) -> None:
         task = asyncio.current_task()
         assert task is not None
-        link = _Link(sock, self._limits.max_message_bytes)
+        tls = None
+        if self._tls_context is not None:
+            tls = TLSStream(sock, self._tls_context, server_side=True)
+        link = _Link(sock, self._limits.max_message_bytes, tls)
         reader = link.reader
         try:
             self._idle.add(task)
@@ -245,6 +261,8 @@ class DataPlane:
         finally:
             if link.tenant is not None:
                 self._tenant_connections[link.tenant] -= 1
+            if link.tls is not None and link.secured:
+                link.tls.close_notify()
             sock.close()
 
     async def _transfer(
@@ -270,6 +288,8 @@ class DataPlane:
     async def _handshake(self, link: _Link) -> None:
         try:
             async with asyncio.timeout(_HELLO_TIMEOUT_S):
+                if link.tls is not None:
+                    await _secure(link, link.tls)
                 # Nothing larger than a HELLO and its token is read, or buffered, before it.
                 limit = len(HELLO_PAYLOAD) + MAX_TOKEN_BYTES
                 kind, payload = await link.reader.read(limit=limit)
@@ -277,6 +297,8 @@ class DataPlane:
         except FrameTooLarge:  # an HTTP request, say: its first bytes read as a huge length
             hello = False
         except TimeoutError:
+            if not link.secured:  # no TLS yet to carry an ERROR frame
+                raise ConnectionClosed("no TLS handshake within the HELLO timeout") from None
             raise _Rejected(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no HELLO frame within {_HELLO_TIMEOUT_S:.0f} s of connecting",
@@ -343,13 +365,15 @@ class DataPlane:
         After a frame cut short there is no frame boundary left to put an ERROR at:
         the connection just closes, and the client reports it lost.
         """
-        if link.mid_frame:
+        if link.mid_frame or not link.secured:
             return
         try:
             # The send is bounded too: a client that reads nothing must not hold the
             # connection open with a full socket buffer.
             async with asyncio.timeout(_LINGER_S):
                 await link.send(FrameKind.ERROR, [encode_error(code.value[0], message)])
+                if link.tls is not None:
+                    link.tls.close_notify()
                 link.sock.shutdown(socket.SHUT_WR)
                 scratch = memoryview(bytearray(64 << 10))
                 while True:  # discard what the client still sends, until it hangs up
@@ -366,8 +390,24 @@ def _deadline_of(payload: memoryview) -> float:
     return seconds
 
 
-def _refuse(sock: socket.socket, limit: int) -> None:
-    """Turn a connection away at once: the client falls back to gRPC."""
+async def _secure(link: _Link, tls: TLSStream) -> None:
+    """The TLS handshake; a client that fails it (no certificate, one from another CA,
+    not TLS at all) is closed without a word: there is no channel to say it on."""
+    try:
+        await tls.handshake()
+    except OSError as error:  # ssl.SSLError included
+        logger.debug("data plane TLS handshake failed: %s", error)
+        raise ConnectionClosed(f"TLS handshake failed: {error}") from None
+    link.secured = True
+    link.peer_common_name = tls.peer_common_name()
+
+
+def _refuse(sock: socket.socket, limit: int, *, plaintext: bool) -> None:
+    """Turn a connection away at once: the client falls back to gRPC. Over TLS it is
+    just closed (its handshake fails, which the client treats the same way)."""
+    if not plaintext:
+        sock.close()
+        return
     error = encode_error(
         grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
         f"the data plane has {limit} connections (limits.max_data_connections); use gRPC",

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -61,10 +62,16 @@ def _stats_main(argv: list[str]) -> int:
     parser.add_argument(
         "--token", help="bearer token for a daemon that authenticates (default: $KVSTORE_TOKEN)"
     )
+    for flag, variable, what in _TLS_FLAGS:
+        parser.add_argument(flag, help=f"{what} (default: ${variable})")
     args = parser.parse_args(argv)
     token = args.token if args.token is not None else os.environ.get("KVSTORE_TOKEN")
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(args.target) as channel:
+    try:
+        channel = _stats_channel(args)
+    except OSError as error:
+        parser.error(f"cannot read a TLS file: {error}")
+    with channel:
         try:
             stats = pb_grpc.KVStoreStub(channel).Stats(
                 pb.StatsRequest(), timeout=args.timeout, metadata=metadata
@@ -82,6 +89,38 @@ def _stats_main(argv: list[str]) -> int:
     else:
         print_stats(stats, Console())
     return 0
+
+
+# TLS to a daemon that serves it: the flags and environment variables the client
+# library reads too (kvstore.client.TLSOptions).
+_TLS_FLAGS = (
+    ("--tls-ca", "KVSTORE_TLS_CA", "PEM CA the daemon's certificate chains to"),
+    ("--tls-cert", "KVSTORE_TLS_CERT", "PEM client certificate, for mutual TLS"),
+    ("--tls-key", "KVSTORE_TLS_KEY", "its PEM private key"),
+    ("--tls-server-name", "KVSTORE_TLS_SERVER_NAME", "name to check in the certificate"),
+)
+
+
+def _stats_channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to --target: TLS where any TLS flag (or variable) is set."""
+    settings = {}
+    for flag, variable, _ in _TLS_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        settings[flag] = value if value is not None else os.environ.get(variable) or None
+    if not any(settings.values()):
+        return grpc.insecure_channel(args.target)
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(settings["--tls-ca"]),
+        private_key=read(settings["--tls-key"]),
+        certificate_chain=read(settings["--tls-cert"]),
+    )
+    name = settings["--tls-server-name"]
+    options = [("grpc.ssl_target_name_override", name)] if name else []
+    return grpc.secure_channel(args.target, credentials, options=options)
 
 
 def print_stats(stats: pb.StatsResponse, console: Console) -> None:

@@ -52,6 +52,7 @@ class KVStoreServicer:
         self._limits = limits
         self._max_keys = limits.max_keys
         self.data_plane_port = 0  # set once the data plane listens; 0: none
+        self.data_plane_tls = False  # whether the data plane speaks TLS (kvstore.server.tls)
         # (open connections, transfers carried), from the data plane once it listens.
         self.data_plane_counts: Callable[[], tuple[int, int]] | None = None
         self.loop_watch: LoopWatch | None = None  # set once the server runs; lag 0 without
@@ -219,6 +220,8 @@ class KVStoreServicer:
     ) -> pb.DataPlaneResponse:
         async def handle(caller: Caller) -> pb.DataPlaneResponse:
             open_request(request)
-            return pb.DataPlaneResponse(port=self.data_plane_port, version=DATAPLANE_VERSION)
+            return pb.DataPlaneResponse(
+                port=self.data_plane_port, version=DATAPLANE_VERSION, tls=self.data_plane_tls
+            )
 
         return await self._answer(context, handle)

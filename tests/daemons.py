@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from kvstore.bench.spawn import free_port, wait_until_serving
 
 _START_TIMEOUT_S = 60.0
@@ -61,11 +63,15 @@ def daemon_launcher() -> Iterator[Launch]:
     started: list[ServerProcess] = []
 
     def start(
-        ssd_dir: Path, *flags: str, preexec_fn: Callable[[], None] | None = None
+        ssd_dir: Path,
+        *flags: str,
+        preexec_fn: Callable[[], None] | None = None,
+        tls_ca: str | None = None,
     ) -> ServerProcess:
+        """`tls_ca`: the CA of a daemon started with --tls-cert, for its health checks."""
         server = _spawn(ssd_dir, flags, preexec_fn)
         started.append(server)
-        _wait_until_started(server)
+        _wait_until_started(server, tls_ca)
         return server
 
     try:
@@ -123,7 +129,7 @@ def _spawn(
     return server
 
 
-def _wait_until_started(server: ServerProcess) -> None:
+def _wait_until_started(server: ServerProcess, tls_ca: str | None) -> None:
     # Wait for the log line first: a health check sent before the port is open puts
     # the channel into reconnect backoff, which would add seconds to every start.
     process = server.process
@@ -136,4 +142,7 @@ def _wait_until_started(server: ServerProcess) -> None:
                 server._reader.join(timeout=10)
             raise AssertionError(f"server did not start:\n{server.log}")
         time.sleep(0.01)
-    wait_until_serving(server.target, timeout_s=30)
+    credentials = None
+    if tls_ca is not None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+    wait_until_serving(server.target, timeout_s=30, credentials=credentials)

@@ -47,6 +47,7 @@ EXPECTED_CLIENT_API = [
     "StoreStats",
     "SyncKVClient",
     "SyncLayerPut",
+    "TLSOptions",
     "TOKEN_ENV",
     "TenantStats",
     "TenantTierStats",

@@ -42,7 +42,9 @@ import fcntl
 import socket
 import struct
 import termios
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Protocol
 
 MAGIC = b"KVDP"
 # 2: transfers may start with a DEADLINE frame, which version-1 servers refuse.
@@ -72,6 +74,20 @@ class FrameKind(enum.IntEnum):
     GET_END = 7
     ERROR = 8
     DEADLINE = 9
+
+
+class ByteStream(Protocol):
+    """A connection that is not a bare socket (kvstore.wire.tls.TLSStream): what
+    FrameReader and send_frame need of it. A bare socket takes the direct path."""
+
+    def recv_into(self, view: memoryview) -> Awaitable[int]: ...
+
+    async def send_views(self, views: Sequence[memoryview]) -> None: ...
+
+    def queued_bytes(self) -> int: ...
+
+
+Stream = socket.socket | ByteStream
 
 
 class ConnectionClosed(ConnectionError):
@@ -117,9 +133,16 @@ class FrameReader:
     makes the reader hold about twice what it sent, never the announced length.
     """
 
-    def __init__(self, sock: socket.socket, max_payload: int) -> None:
-        self._sock = sock
-        self._loop = asyncio.get_running_loop()
+    def __init__(self, stream: Stream, max_payload: int) -> None:
+        self._recv_into: Callable[[memoryview], Awaitable[int]]
+        self._queued: Callable[[], int]
+        if isinstance(stream, socket.socket):
+            # The plaintext hot path: the loop's own recv, no layer in between.
+            self._recv_into = partial(asyncio.get_running_loop().sock_recv_into, stream)
+            self._queued = partial(_queued_bytes, stream)
+        else:
+            self._recv_into = stream.recv_into
+            self._queued = stream.queued_bytes
         self._max_payload = max_payload
         self._header = bytearray(HEADER.size)
         self._buffer = bytearray(0)
@@ -164,7 +187,7 @@ class FrameReader:
             received = size
             if received == length:
                 break
-            size = min(length, max(2 * size, received + _queued_bytes(self._sock)))
+            size = min(length, max(2 * size, received + self._queued()))
             grown = bytearray(size)
             grown[:received] = view
             buffer = grown
@@ -179,7 +202,7 @@ class FrameReader:
         received = 0
         while received < len(view):
             try:
-                count = await self._loop.sock_recv_into(self._sock, view[received:])
+                count = await self._recv_into(view[received:])
             except OSError as error:  # a reset: the peer is gone
                 raise ConnectionClosed(str(error)) from error
             if count == 0:
@@ -205,18 +228,33 @@ class FrameTooLarge(Exception):
 
 
 async def send_frame(
-    sock: socket.socket, kind: FrameKind, parts: Sequence[bytes | memoryview] = ()
+    stream: Stream, kind: FrameKind, parts: Sequence[bytes | memoryview] = ()
 ) -> None:
-    """One frame whose payload is `parts` back to back; the parts are not copied."""
+    """One frame whose payload is `parts` back to back; a bare socket's parts are not
+    copied."""
     views = [_byte_view(part) for part in parts]
     length = sum(len(view) for view in views)  # bytes, whatever the parts' item size
-    await _send_views(sock, [memoryview(frame_header(kind, length)), *views])
+    framed = [memoryview(frame_header(kind, length)), *views]
+    if isinstance(stream, socket.socket):  # the plaintext hot path, as direct as before
+        await _send_views(stream, framed)
+    else:
+        await _send(stream, framed)
 
 
-async def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
-    """Send every byte of `parts`, in order, through `sendmsg`, waiting while the
-    socket's buffer is full."""
-    await _send_views(sock, [_byte_view(part) for part in parts])
+async def send_parts(stream: Stream, parts: Sequence[bytes | memoryview]) -> None:
+    """Send every byte of `parts`, in order: through `sendmsg` on a bare socket, waiting
+    while its buffer is full."""
+    await _send(stream, [_byte_view(part) for part in parts])
+
+
+async def _send(stream: Stream, views: list[memoryview]) -> None:
+    if isinstance(stream, socket.socket):
+        await _send_views(stream, views)
+        return
+    try:
+        await stream.send_views(views)
+    except OSError as error:
+        raise ConnectionClosed(str(error)) from error
 
 
 async def _send_views(sock: socket.socket, views: list[memoryview]) -> None:

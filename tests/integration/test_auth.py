@@ -568,3 +568,8 @@ async def test_a_tenants_data_plane_connections_are_capped_by_its_quota(
             raw.close()
 
     await poll(admitted_again, timeout_s=10.0)
+
+
+def test_certificate_tenants_without_mutual_tls_is_a_config_error() -> None:
+    with pytest.raises(InvalidRequest, match="needs mutual TLS"):
+        load_config(None, {"auth.certificate_tenants": True})

@@ -1062,19 +1062,23 @@ class DataPlaneResponse(_message.Message):
 
     PORT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
     port: _builtins.int
     """on the host the client reached this server at; 0: none"""
     version: _builtins.int
-    """the framing version the data plane speaks (now 2)"""
+    """the framing version the data plane speaks (now 3)"""
+    tls: _builtins.bool
+    """the data plane speaks TLS, with the gRPC port's certificate"""
     def __init__(
         self,
         *,
         port: _builtins.int = ...,
         version: _builtins.int = ...,
+        tls: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "tls", b"tls", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
