@@ -7,10 +7,8 @@ event loop; clients are real `KVClient`s on real channels. Nothing is mocked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from threaded_server import server_thread  # tests/threaded_server.py
 
 from kvstore.client import ClientOptions, KVClient
 from kvstore.codec import KVForm, expected_shape
@@ -223,31 +222,6 @@ def run_clean_child_fixture() -> Callable[[str], None]:
 @pytest.fixture(name="poll")
 def poll_fixture() -> Callable[..., Awaitable[None]]:
     return wait_for_async
-
-
-@contextlib.contextmanager
-def server_thread() -> Iterator[str]:
-    """A real server on 127.0.0.1 port 0, served by its own event loop thread."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    settings = {
-        "listen": "127.0.0.1:0",
-        "log_level": "warning",
-        "store.dram_bytes": 16 << 20,
-        "store.page_bytes": 4096,
-        "limits.drain_grace_s": 0.5,
-    }
-    running = asyncio.run_coroutine_threadsafe(
-        build_server(load_config(None, settings)), loop
-    ).result()
-    try:
-        yield f"127.0.0.1:{running.port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(running.drain(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import pytest
+import trustme
+from threaded_server import server_thread  # tests/threaded_server.py
 
 from kvstore.bench.ceiling import measure_ceiling
 from kvstore.bench.cli import main as bench_main
 from kvstore.bench.cost import Round, timed_phase
 from kvstore.bench.spawn import spawned_ceiling_server
 from kvstore.bench.throughput import KVStoreRounds, layout_for
-from kvstore.client import ClientOptions, KVClient, Namespace
+from kvstore.client import ClientOptions, KVClient, Namespace, Unauthenticated
+from kvstore.server.auth import token_sha256
 
 
 def test_lookup_reports_hits_misses_and_the_plain_grpcio_floor(
@@ -136,3 +140,34 @@ def test_throughput_command_reports_speed_and_cpu_for_every_line(
     assert row["put_ratio"] == pytest.approx(row["put_gbps"] / row["ceiling_put_gbps"])
     assert row["get_ratio"] == pytest.approx(row["get_gbps"] / row["ceiling_get_gbps"])
     assert row["grpc_put_ratio"] == pytest.approx(row["grpc_put_gbps"] / row["ceiling_put_gbps"])
+
+
+def test_the_bench_reaches_a_daemon_with_tls_and_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--tls-ca and --token reach every KVClient of the run (through KVSTORE_TLS_CA and
+    KVSTORE_TOKEN, which monkeypatch restores afterwards)."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    leaf = ca.issue_cert("127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    token = "bench-token-0123"
+    (tmp_path / "tokens.toml").write_text(
+        f'[[tokens]]\nsha256 = "{token_sha256(token)}"\ntenant = "bench"\n'
+    )
+    for variable in ("KVSTORE_TOKEN", "KVSTORE_TLS_CA"):
+        monkeypatch.setenv(variable, "")
+    secured = {
+        "tls.cert_file": str(tmp_path / "server.pem"),
+        "tls.key_file": str(tmp_path / "server.key"),
+        "auth.tokens_file": str(tmp_path / "tokens.toml"),
+    }
+    with server_thread(**secured) as target:
+        lookup = ["lookup", "--keys", "16", "--iterations", "5", "--target", target, "--json"]
+        tls = ["--tls-ca", str(tmp_path / "ca.pem")]
+        assert bench_main([*lookup, *tls, "--token", token]) == 0
+        assert json.loads(capsys.readouterr().out)["hit"]["p50_ms"] > 0
+        monkeypatch.setenv("KVSTORE_TOKEN", "")
+        with pytest.raises(Unauthenticated):
+            bench_main([*lookup, *tls])
