@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 import torch
+from threaded_server import server_thread  # tests/threaded_server.py
 
-from kvstore.client import DType, KVLayout, Namespace, SyncKVClient, Unavailable
+from kvstore.client import (
+    ClientOptions,
+    DType,
+    KVLayout,
+    Namespace,
+    PermissionDenied,
+    SyncKVClient,
+    Unavailable,
+)
 from kvstore.client.connector import KVConnector, KVLoadError, KVSaveError
+from kvstore.server.auth import token_sha256
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=16)
 NAMESPACE = Namespace(tenant="connector", model_fingerprint="toy", layout=LAYOUT)
@@ -194,3 +205,25 @@ def test_pages_of_another_layout_are_refused(store_target: str) -> None:
             connector.start_load_kv([b"k" * 32], [0])
         with pytest.raises(ValueError, match="2 keys but 1 pages"):
             connector.start_save_kv([b"a", b"b"], [0])
+
+
+def test_the_connector_carries_its_options_credentials(tmp_path: Path) -> None:
+    """A worker's connector against a daemon that authenticates: its ClientOptions token
+    admits it; another tenant's token is refused at the lookup, with nothing loaded."""
+    tokens_file = tmp_path / "tokens.toml"
+    tokens_file.write_text(
+        f'[[tokens]]\nsha256 = "{token_sha256("conn-token-01")}"\ntenant = "connector"\n'
+        f'[[tokens]]\nsha256 = "{token_sha256("other-token-1")}"\ntenant = "other"\n'
+    )
+    prompt = tokens(2 * 16 + 3, seed=3)
+    with server_thread(**{"auth.tokens_file": str(tokens_file)}) as target:
+        own = ClientOptions(token="conn-token-01")
+        with KVConnector(target, NAMESPACE, PagedCache(seed=5), options=own) as saver:
+            assert save_all(saver, saver.keys(prompt), [0, 1]) == 2
+            assert saver.lookup(prompt).num_matched == 2
+        foreign = ClientOptions(token="other-token-1")
+        with (
+            KVConnector(target, NAMESPACE, PagedCache(), options=foreign) as intruder,
+            pytest.raises(PermissionDenied),
+        ):
+            intruder.lookup(prompt)
