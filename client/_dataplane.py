@@ -56,7 +56,7 @@ class DataConnection:
     def __init__(
         self, sock: socket.socket, max_frame_bytes: int, tls: TLSStream | None = None
     ) -> None:
-        self._sock = sock
+        self._sock = sock if tls is None else tls.sock  # a TLS stream owns the socket
         self._tls = tls  # None: plaintext
         self._stream = sock if tls is None else tls
         self._reader = FrameReader(self._stream, max_frame_bytes)
@@ -87,7 +87,10 @@ class DataConnection:
     def shutdown(self) -> None:
         """End a transfer in flight from outside: its reads and writes fail at once."""
         with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+            if self._tls is not None:
+                self._tls.shutdown(socket.SHUT_RDWR)
+            else:
+                self._sock.shutdown(socket.SHUT_RDWR)
 
     async def hello(self, token: bytes = b"") -> None:
         """Say HELLO, with the caller's token where it has one (kvstore.wire.frames)."""
@@ -285,6 +288,7 @@ class DataPlanePool:
                                 server_side=False,
                                 server_hostname=self._server_name,
                             )
+                            sock = tls.sock  # the stream took the socket over
                             await tls.handshake()
                         connection = DataConnection(sock, self._max_frame_bytes, tls)
                         connection.begin(deadline)

@@ -68,7 +68,7 @@ class _Link:
     is half sent."""
 
     def __init__(self, sock: socket.socket, max_payload: int, tls: TLSStream | None) -> None:
-        self.sock = sock
+        self.sock = sock if tls is None else tls.sock  # a TLS stream owns the socket
         self.tls = tls
         self.secured = tls is None  # no TLS, or its handshake is done
         self.stream = sock if tls is None else tls
@@ -213,7 +213,11 @@ class DataPlane:
         assert task is not None
         tls = None
         if self._tls_context is not None:
-            tls = TLSStream(sock, self._tls_context, server_side=True)
+            try:
+                tls = TLSStream(sock, self._tls_context, server_side=True)
+            except OSError:  # the client is already gone
+                sock.close()
+                return
         link = _Link(sock, self._limits.max_message_bytes, tls)
         reader = link.reader
         try:
@@ -263,7 +267,7 @@ class DataPlane:
                 self._tenant_connections[link.tenant] -= 1
             if link.tls is not None and link.secured:
                 link.tls.close_notify()
-            sock.close()
+            link.sock.close()
 
     async def _transfer(
         self, link: _Link, pacing: TransferPacing, kind: int, payload: memoryview
@@ -374,7 +378,9 @@ class DataPlane:
                 await link.send(FrameKind.ERROR, [encode_error(code.value[0], message)])
                 if link.tls is not None:
                     link.tls.close_notify()
-                link.sock.shutdown(socket.SHUT_WR)
+                    link.tls.shutdown(socket.SHUT_WR)
+                else:
+                    link.sock.shutdown(socket.SHUT_WR)
                 scratch = memoryview(bytearray(64 << 10))
                 while True:  # discard what the client still sends, until it hangs up
                     await link.reader.read_into(scratch)

@@ -3,9 +3,13 @@ non-blocking socket the plaintext data plane uses.
 
 A plaintext connection is a bare socket, read with `loop.sock_recv_into` and written with
 `sendmsg` (kvstore.wire.frames): nothing here sits on that path. A TLS connection is a
-`TLSStream`: an `ssl.SSLObject` between two memory BIOs, pumped through the raw socket
-by the event loop, so that TLS adds encryption and one copy each way, not an extra
-task, thread or protocol object per connection. FrameReader and send_frame take either.
+`TLSStream`: an `ssl.SSLSocket` in non-blocking mode, waited on through the event loop,
+so OpenSSL decrypts from the kernel straight into the frame buffer and encrypts the
+payload views straight to the kernel: TLS adds encryption, not copies, nor a task, thread
+or protocol object per connection. FrameReader and send_frame take either.
+
+Kernel TLS (OpenSSL's SSL_OP_ENABLE_KTLS) would take the encryption to the kernel, but
+Python 3.11's ssl does not expose it.
 """
 
 from __future__ import annotations
@@ -17,14 +21,11 @@ import socket
 import ssl
 import struct
 import termios
-from collections.abc import Mapping, Sequence
-from typing import cast
+from collections.abc import Iterator, Mapping, Sequence
 
-# Bytes read from the socket at a time: several 16 KiB TLS records per read.
-_RAW_READ_BYTES = 256 << 10
-# Plaintext encrypted before it is handed to the socket: large enough to amortise the
-# send, small enough that the outgoing BIO never holds more than a fraction of a frame.
-_WRITE_BYTES = 256 << 10
+# Plaintext handed to OpenSSL per write call: it encrypts and sends record after record
+# until the socket is full, so a call costs little Python per byte.
+_WRITE_BYTES = 1 << 20
 # Payload pieces smaller than a TLS record are joined before encryption: a frame's
 # 5-byte header must not become a record of its own.
 _RECORD_BYTES = 16 << 10
@@ -112,11 +113,13 @@ def common_name(certificate: Mapping[str, object] | None) -> str | None:
 
 
 class TLSStream:
-    """A TLS connection over a connected non-blocking socket.
+    """A TLS connection over a connected non-blocking socket: an `ssl.SSLSocket` in
+    non-blocking mode, waited on through the event loop.
 
-    `handshake()` first; then `recv_into` returns 0 at the end of the stream (a
-    close_notify, or the peer hanging up), and errors are OSError (ssl.SSLError is one),
-    as a socket's are.
+    The stream takes the socket over (`ssl.SSLContext.wrap_socket` detaches it): from
+    here on `sock` is the connection, to shut down and close. `handshake()` first; then
+    `recv_into` returns 0 at the end of the stream (a close_notify, or the peer hanging
+    up), and errors are OSError (ssl.SSLError is one), as a socket's are.
     """
 
     def __init__(
@@ -127,86 +130,92 @@ class TLSStream:
         server_side: bool,
         server_hostname: str | None = None,
     ) -> None:
-        self.sock = sock
         self._loop = asyncio.get_running_loop()
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._ssl = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+        self.sock = context.wrap_socket(
+            sock,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            do_handshake_on_connect=False,
         )
-        self._raw = memoryview(bytearray(_RAW_READ_BYTES))
-        self._eof = False
+        self._fd = self.sock.fileno()
 
     async def handshake(self) -> None:
-        while True:
-            try:
-                self._ssl.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await self._flush()
-                await self._fill()
-        await self._flush()
+        """The TLS handshake; OSError (ssl.SSLError included) if it fails."""
+        try:
+            while True:
+                try:
+                    self.sock.do_handshake()
+                    return
+                except ssl.SSLWantReadError:
+                    await self._ready(reading=True)
+                except ssl.SSLWantWriteError:
+                    await self._ready(reading=False)
+        except OSError:
+            # OpenSSL stops reading at the first bad record; closing with the rest of
+            # the peer's bytes unread would reset the connection rather than end it.
+            self._discard_input()
+            raise
+
+    def _discard_input(self) -> None:
+        scratch = bytearray(64 << 10)
+        with contextlib.suppress(OSError):
+            while socket.socket.recv_into(self.sock, scratch):
+                pass
 
     def peer_common_name(self) -> str | None:
         """The verified peer certificate's subject common name; None without one."""
-        return common_name(self._ssl.getpeercert())
+        return common_name(self.sock.getpeercert())
 
     async def recv_into(self, view: memoryview) -> int:
         """Decrypted bytes into `view`, as many as are ready (waiting for at least one);
         0 at the end of the stream."""
+        # OpenSSL hands over one record per call: keep reading while records are there.
         received = 0
         while received < len(view):
             try:
-                # With a buffer, read() returns a count (typeshed says bytes).
-                count = cast(int, self._ssl.read(len(view) - received, view[received:]))
+                count = self.sock.recv_into(view[received:])
             except ssl.SSLWantReadError:
                 if received:
                     return received
-                await self._flush()  # a post-handshake message may want an answer
-                await self._fill()
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return received  # 0: the peer ended the stream (a cut mid-record too)
-            else:
-                if count == 0:  # after the peer's close_notify
-                    return received
-                received += count
+                await self._ready(reading=True)
+                continue
+            except ssl.SSLWantWriteError:  # a post-handshake message wants an answer
+                await self._ready(reading=False)
+                continue
+            except ssl.SSLZeroReturnError:
+                return received
+            if count == 0:  # the peer's close_notify, or it hung up (a cut mid-record too)
+                return received
+            received += count
         return received
 
     async def send_views(self, views: Sequence[memoryview]) -> None:
         """Encrypt and send every byte of `views`, in order."""
-        batch = bytearray()
-        for view in views:
-            if len(view) < _RECORD_BYTES:
-                batch += view
-                if len(batch) >= _RECORD_BYTES:
-                    await self._write(memoryview(batch))
-                    batch = bytearray()
-                continue
-            if batch:
-                await self._write(memoryview(batch))
-                batch = bytearray()
-            await self._write(view)
-        if batch:
-            await self._write(memoryview(batch))
+        for piece in _pieces(views):
+            await self._send(piece)
 
-    async def _write(self, view: memoryview) -> None:
-        for start in range(0, len(view), _WRITE_BYTES):
-            piece = view[start : start + _WRITE_BYTES]
-            written = 0
-            while written < len(piece):
-                written += self._ssl.write(piece[written:])
-            await self._flush()
+    async def _send(self, view: memoryview) -> None:
+        written = 0
+        while written < len(view):
+            try:
+                # A retry after SSLWantWrite passes the same bytes, as OpenSSL requires.
+                written += self.sock.send(view[written:])
+            except ssl.SSLWantWriteError:
+                await self._ready(reading=False)
+            except ssl.SSLWantReadError:
+                await self._ready(reading=True)
 
     def queued_bytes(self) -> int:
         """About how many bytes a read could take now without waiting."""
-        return self._ssl.pending() + self._incoming.pending + _socket_queued(self.sock)
+        return self.sock.pending() + _socket_queued(self.sock)
 
     def has_input(self) -> bool:
         """Whether the peer sent something (or hung up) that is not yet read."""
-        if self._eof or self._ssl.pending() or self._incoming.pending:
+        if self.sock.pending():
             return True
         try:
-            self.sock.recv(1, socket.MSG_PEEK)  # data, or b"" when it hung up
+            # The raw socket under TLS: SSLSocket.recv takes no flags.
+            socket.socket.recv(self.sock, 1, socket.MSG_PEEK)  # data, or b"" at the end
         except (BlockingIOError, InterruptedError):
             return False
         except OSError:
@@ -215,43 +224,63 @@ class TLSStream:
 
     async def wait_readable(self) -> None:
         """Until the peer has sent a byte (or hung up)."""
-        if self.has_input():
-            return
+        if not self.has_input():
+            await self._ready(reading=True)
+
+    def shutdown(self, how: int) -> None:
+        """Shut the connection down under TLS (SSLSocket.shutdown would drop the TLS
+        state that a read in flight, or close_notify, still uses)."""
+        socket.socket.shutdown(self.sock, how)
+
+    def close_notify(self) -> None:
+        """Say close_notify, best effort and without waiting: the peer learns the stream
+        ended on purpose, not that it was cut."""
+        with contextlib.suppress(OSError, ValueError):
+            self.sock.unwrap()  # on a non-blocking socket: sends it, waits for nothing
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def _ready(self, *, reading: bool) -> None:
+        """Until the socket is readable (or writable)."""
         ready = self._loop.create_future()
 
         def wake() -> None:
             if not ready.done():
                 ready.set_result(None)
 
-        self._loop.add_reader(self.sock.fileno(), wake)
+        if reading:
+            self._loop.add_reader(self._fd, wake)
+        else:
+            self._loop.add_writer(self._fd, wake)
         try:
             await ready
         finally:
-            self._loop.remove_reader(self.sock.fileno())
+            if reading:
+                self._loop.remove_reader(self._fd)
+            else:
+                self._loop.remove_writer(self._fd)
 
-    def close_notify(self) -> None:
-        """Say close_notify, best effort and without waiting: the peer learns the stream
-        ended on purpose, not that it was cut."""
-        with contextlib.suppress(ssl.SSLError, ValueError):
-            self._ssl.unwrap()
-        data = self._outgoing.read()
-        with contextlib.suppress(OSError):
-            self.sock.send(data)
 
-    async def _fill(self) -> None:
-        """Bytes from the socket into the incoming BIO (its end, when the peer hung up)."""
-        if self._eof:
-            raise ConnectionResetError("the peer closed the TLS connection")
-        count = await self._loop.sock_recv_into(self.sock, self._raw)
-        if count == 0:
-            self._eof = True
-            self._incoming.write_eof()
-        else:
-            self._incoming.write(self._raw[:count])
-
-    async def _flush(self) -> None:
-        if self._outgoing.pending:
-            await self._loop.sock_sendall(self.sock, self._outgoing.read())
+def _pieces(views: Sequence[memoryview]) -> Iterator[memoryview]:
+    """`views` as pieces to encrypt: those smaller than a TLS record are joined (a
+    frame's 5-byte header must not become a record of its own), larger ones go as
+    they are, in writes of at most _WRITE_BYTES."""
+    batch = bytearray()
+    for view in views:
+        if len(view) < _RECORD_BYTES:
+            batch += view
+            if len(batch) >= _RECORD_BYTES:
+                yield memoryview(batch)
+                batch = bytearray()
+            continue
+        if batch:
+            yield memoryview(batch)
+            batch = bytearray()
+        for start in range(0, len(view), _WRITE_BYTES):
+            yield view[start : start + _WRITE_BYTES]
+    if batch:
+        yield memoryview(batch)
 
 
 def _socket_queued(sock: socket.socket) -> int:
