@@ -214,6 +214,7 @@ def start_membership(running: RunningServer) -> Registration:
         parse_etcd_url(config.cluster.etcd), member, config.cluster.lease_ttl_s
     )
     registration.start()
+    running.servicer.cluster_state = lambda: (registration.registered, member.node_id)
     return registration
 
 

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from daemons import Launch, daemon_launcher, serving  # tests/daemons.py
 from etcd_server import EtcdServer, etcd_server  # tests/etcd_server.py
+from rich.console import Console
 
 from kvstore.client import KVClient
 from kvstore.cluster import Member
@@ -21,7 +23,10 @@ from kvstore.cluster_etcd import list_members
 from kvstore.errors import InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.server import RunningServer, build_server, load_config
+from kvstore.server.main import print_stats
 from kvstore.server.membership import NODE_ID_FILE
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
 PREFIX = "kvtest"
@@ -68,6 +73,12 @@ async def daemons() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
         await running.drain()
 
 
+async def stats_of(running: RunningServer) -> pb.StatsResponse:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        reply: pb.StatsResponse = await pb_grpc.KVStoreStub(channel).Stats(pb.StatsRequest())
+        return reply
+
+
 async def members_of(etcd: EtcdServer) -> list[Member]:
     return await list_members(etcd.url(PREFIX))
 
@@ -98,6 +109,9 @@ async def test_registers_its_address_ports_capacity_and_node_id(
     assert 0 < member.lease_ttl_left_s <= 5
     assert running.membership is not None
     assert running.membership.registered
+    stats = await stats_of(running)
+    assert stats.cluster_registered
+    assert stats.cluster_node_id == member.node_id
 
 
 async def test_listen_address_is_advertised_when_no_advertise(
@@ -111,6 +125,11 @@ async def test_listen_address_is_advertised_when_no_advertise(
     await wait_until(registered)
     (member,) = await members_of(etcd)
     assert member.address == f"127.0.0.1:{running.port}"
+
+
+async def test_stats_carry_no_cluster_note_without_cluster(daemons: Any) -> None:
+    stats = await stats_of(await daemons())
+    assert (stats.cluster_registered, stats.cluster_node_id) == (False, "")
 
 
 async def test_drain_deletes_the_key(etcd: EtcdServer, tmp_path: Path) -> None:
@@ -212,6 +231,9 @@ async def test_daemon_serves_without_etcd_and_registers_when_it_returns(
 
         await wait_until(unregistered)
         assert (await client.lookup(list(range(32)))).num_matched == 0
+        stats = await stats_of(running)
+        assert not stats.cluster_registered
+        assert stats.cluster_node_id == first[0].node_id
         # Back past its lease's lifetime: the old lease is gone, so it registers anew.
         await asyncio.sleep(3)
         await asyncio.to_thread(etcd.start)
@@ -289,3 +311,12 @@ def test_cluster_from_toml_and_flags(tmp_path: Path) -> None:
     assert flagged.cluster is not None
     assert flagged.cluster.lease_ttl_s == 7
     assert load_config(None, {}).cluster is None
+
+
+def test_stats_command_prints_the_cluster_line() -> None:
+    console = Console(record=True, width=120)
+    print_stats(pb.StatsResponse(cluster_node_id="abc", cluster_registered=False), console)
+    assert "cluster: node abc, NOT registered" in console.export_text()
+    console = Console(record=True, width=120)
+    print_stats(pb.StatsResponse(), console)
+    assert "cluster:" not in console.export_text()
