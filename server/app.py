@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from kvstore.allocator import tune_allocator
+from kvstore.cluster import Member, parse_etcd_url
 from kvstore.errors import InvalidRequest
 from kvstore.mover import TierMover
 from kvstore.server.auth import Authenticator
@@ -22,6 +23,7 @@ from kvstore.server.dataplane import DataPlane
 from kvstore.server.handlers import add_kvstore_service
 from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.loopwatch import LoopWatch
+from kvstore.server.membership import Registration, node_id_for
 from kvstore.server.servicer import KVStoreServicer
 from kvstore.server.standard_services import add_health_service, add_reflection_service
 from kvstore.server.tls import load_server_tls
@@ -45,6 +47,7 @@ class RunningServer:
     data_plane: DataPlane | None
     loop_watch: LoopWatch
     auth: Authenticator | None
+    membership: Registration | None = None
 
     async def drain(self) -> None:
         """Stop taking new work, let streams in flight finish, then stop."""
@@ -53,6 +56,9 @@ class RunningServer:
             self.config.limits.drain_grace_s,
         )
         self.servicer.start_draining()
+        # Out of the cluster first, so that no client places new blocks here.
+        if self.membership is not None:
+            await self.membership.withdraw()
         await self.health.enter_graceful_shutdown()
         grace_s = self.config.limits.drain_grace_s
         if self.data_plane is not None:
@@ -182,9 +188,34 @@ async def build_server(config: ServerConfig) -> RunningServer:
         config.store.write_policy if store.has_ssd else "no SSD",
     )
     logger.info("protections: %s", protections_line(config, auth))
-    return RunningServer(
+    running = RunningServer(
         server, port, store, mover, servicer, health_servicer, config, data_plane, loop_watch, auth
     )
+    if config.cluster is not None:
+        running.membership = start_membership(running)
+    return running
+
+
+def start_membership(running: RunningServer) -> Registration:
+    """Register in etcd in the background: an unreachable etcd delays nothing."""
+    config = running.config
+    assert config.cluster is not None
+    address = config.cluster.advertise
+    if not address:
+        host = config.listen_host
+        address = f"[{host}]:{running.port}" if ":" in host else f"{host}:{running.port}"
+    member = Member(
+        node_id=node_id_for(config.store.ssd_dir),
+        address=address,
+        data_port=running.servicer.data_plane_port,
+        capacity_bytes={tier.name: tier.capacity_bytes for tier in running.store.report().tiers},
+    )
+    registration = Registration(
+        parse_etcd_url(config.cluster.etcd), member, config.cluster.lease_ttl_s
+    )
+    registration.start()
+    running.servicer.cluster_state = lambda: (registration.registered, member.node_id)
+    return registration
 
 
 def protections_line(config: ServerConfig, auth: Authenticator | None) -> str:

@@ -47,6 +47,11 @@ reads configuration from outside (files, flags); components receive their own pa
     pinned_bytes = "1GiB"        # block bytes it may hold under leases at once
     max_lease_s = 600            # its longest lease
     max_transfers = 64           # puts and gets it may run at once
+
+    [cluster]                    # absent: a lone daemon, registered nowhere
+    etcd = "etcd://10.0.0.5:2379,10.0.0.6:2379/kvstore"  # registers under PREFIX/members/
+    advertise = "10.0.0.7:50051" # gRPC HOST:PORT others reach it at (default: listen)
+    lease_ttl_s = 10             # its key goes this long after the daemon dies
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import units
+from kvstore.cluster import is_concrete_host, parse_etcd_url, parse_host_port
 from kvstore.config import StoreConfig, TenantQuota
 from kvstore.errors import InvalidRequest
 from kvstore.wire.chunks import MIN_CHUNK_BYTES
@@ -161,6 +167,37 @@ class TLSConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """Membership in etcd (kvstore.server.membership)."""
+
+    etcd: str = ""  # etcd://HOST:PORT[,HOST:PORT...]/PREFIX
+    # The gRPC HOST:PORT other machines reach this daemon at; empty: listen's (which
+    # must then be a concrete address); its data plane is on the same host.
+    advertise: str = ""
+    lease_ttl_s: int = 10
+
+    def __post_init__(self) -> None:
+        if not self.etcd:
+            raise InvalidRequest('[cluster] needs etcd = "etcd://HOST:PORT/PREFIX" (--cluster)')
+        try:
+            parse_etcd_url(self.etcd)
+            if self.advertise:
+                parse_host_port(self.advertise, what="cluster.advertise (--advertise)")
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from None
+        if self.advertise and not is_concrete_host(self.advertise.rpartition(":")[0].strip("[]")):
+            raise InvalidRequest(
+                f"cluster.advertise {self.advertise!r} must name a host others can reach, "
+                f"not a wildcard address"
+            )
+        # etcd refuses leases shorter than its minimum (about 2 s with default timing).
+        if not 2 <= self.lease_ttl_s <= 3600:
+            raise InvalidRequest(
+                f"cluster.lease_ttl_s must be in [2, 3600], got {self.lease_ttl_s}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     listen: str = "127.0.0.1:50051"
     # The TCP data plane (kvstore.wire.frames) listens on listen's host at this port; 0
@@ -175,6 +212,7 @@ class ServerConfig:
     tls: TLSConfig | None = None  # None: plaintext
     # Listen beyond loopback with neither authentication nor TLS: refused unless set.
     insecure: bool = False
+    cluster: ClusterConfig | None = None  # None: registered nowhere
 
     def __post_init__(self) -> None:
         if self.auth.certificate_tenants and (self.tls is None or not self.tls.mutual):
@@ -190,6 +228,15 @@ class ServerConfig:
             raise InvalidRequest(
                 f"data_port must be a port, 0 for any free port or -1 for none, "
                 f"got {self.data_port}"
+            )
+        if (
+            self.cluster is not None
+            and not self.cluster.advertise
+            and not is_concrete_host(self.listen_host)
+        ):
+            raise InvalidRequest(
+                f"[cluster] needs advertise (--advertise HOST:PORT): listen {self.listen!r} "
+                f"does not name an address other machines can reach"
             )
 
     @property
@@ -266,10 +313,14 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
     if "quotas" in data.get("store", {}):
         raise InvalidRequest('quotas go in [quotas."TENANT"] tables, not in [store]')
     sections = {"store": StoreConfig, "limits": Limits, "auth": AuthConfig}
-    top = {k: v for k, v in data.items() if k not in sections and k not in ("quotas", "tls")}
+    top = {
+        k: v for k, v in data.items() if k not in sections and k not in ("quotas", "tls", "cluster")
+    }
     parts = {name: _build(cls, data.get(name, {}), name) for name, cls in sections.items()}
     if data.get("tls"):
         parts["tls"] = _build(TLSConfig, data["tls"], "tls")
+    if data.get("cluster"):
+        parts["cluster"] = _build(ClusterConfig, data["cluster"], "cluster")
     quotas = _quotas(data.get("quotas", {}))
     if quotas:
         # Checked against the tiers here: a quota on a tier the store lacks, or quotas
@@ -401,6 +452,22 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="allow listening beyond loopback with neither authentication nor TLS",
+    )
+    parser.add_argument(
+        "--cluster",
+        dest="cluster.etcd",
+        help="register in etcd: etcd://HOST:PORT[,HOST:PORT...]/PREFIX",
+    )
+    parser.add_argument(
+        "--advertise",
+        dest="cluster.advertise",
+        help="gRPC HOST:PORT other machines reach this daemon at (default: --listen)",
+    )
+    parser.add_argument(
+        "--lease-ttl-s",
+        dest="cluster.lease_ttl_s",
+        type=int,
+        help="seconds the cluster entry outlives a dead daemon (default 10)",
     )
     parser.add_argument("--log-level", choices=list(_LOG_LEVELS))
     parser.add_argument(

@@ -177,6 +177,9 @@ def print_stats(stats: pb.StatsResponse, console: Console) -> None:
         )
     else:
         console.print("data plane off: puts and gets go over gRPC")
+    if stats.cluster_node_id:
+        state = "registered" if stats.cluster_registered else "NOT registered (etcd unreachable?)"
+        console.print(f"cluster: node {stats.cluster_node_id}, {state} in etcd")
     if stats.tenants:
         console.print(tenants_table(stats))
 

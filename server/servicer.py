@@ -56,6 +56,8 @@ class KVStoreServicer:
         # (open connections, transfers carried), from the data plane once it listens.
         self.data_plane_counts: Callable[[], tuple[int, int]] | None = None
         self.loop_watch: LoopWatch | None = None  # set once the server runs; lag 0 without
+        # Whether the daemon is registered in etcd now, and its node id (--cluster only).
+        self.cluster_state: Callable[[], tuple[bool, str]] | None = None
 
     def start_draining(self) -> None:
         """Drain both transports: see kvstore.server.lifecycle."""
@@ -175,6 +177,8 @@ class KVStoreServicer:
                 connections, transfers = self.data_plane_counts()
                 reply.data_plane_connections = connections
                 reply.data_plane_transfers = transfers
+            if self.cluster_state is not None:
+                reply.cluster_registered, reply.cluster_node_id = self.cluster_state()
             if caller.tenant is not None and not caller.is_admin:
                 return scoped_to_tenant(reply, caller.tenant)
             return reply

@@ -1,0 +1,106 @@
+"""Cluster membership as etcd holds it: the `etcd://` target, and what a member registers.
+
+A daemon started with `--cluster etcd://HOST:PORT[,HOST:PORT...]/PREFIX` keeps one key,
+`PREFIX/members/<node_id>`, alive under a lease (kvstore.server.membership); its value is
+a `Member` as JSON. This module parses targets and values and imports neither the client
+nor the server, so both may use it; kvstore.cluster_etcd reads the members from etcd.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEME = "etcd://"
+
+
+@dataclass(frozen=True)
+class EtcdTarget:
+    """Where etcd answers (HOST, PORT pairs, tried in order) and the key prefix to use."""
+
+    endpoints: tuple[tuple[str, int], ...]
+    prefix: str
+
+    @property
+    def members_prefix(self) -> str:
+        return f"{self.prefix}/members/"
+
+    def member_key(self, node_id: str) -> str:
+        return self.members_prefix + node_id
+
+
+def parse_etcd_url(url: str) -> EtcdTarget:
+    """`etcd://HOST:PORT[,HOST:PORT...]/PREFIX` → EtcdTarget; ValueError saying what is wrong."""
+    usage = "expected etcd://HOST:PORT[,HOST:PORT...]/PREFIX, e.g. etcd://127.0.0.1:2379/kvstore"
+    if not url.startswith(SCHEME):
+        raise ValueError(f"cluster URL {url!r} must start with {SCHEME}; {usage}")
+    rest = url[len(SCHEME) :]
+    hosts, slash, prefix = rest.partition("/")
+    prefix = prefix.strip("/")
+    if not slash or not prefix:
+        raise ValueError(f"cluster URL {url!r} has no key prefix after the hosts; {usage}")
+    if any(char.isspace() for char in prefix):
+        raise ValueError(f"cluster URL {url!r}: the prefix must not contain spaces")
+    endpoints = tuple(
+        parse_host_port(part, what=f"cluster URL {url!r}") for part in hosts.split(",")
+    )
+    return EtcdTarget(endpoints, "/" + prefix)
+
+
+def parse_host_port(text: str, *, what: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[V6]:PORT` → (host, port); ValueError naming `what` otherwise."""
+    host, colon, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{what}: {text!r} is not HOST:PORT with a port in 1..65535")
+    return host, int(port_text)
+
+
+def is_concrete_host(host: str) -> bool:
+    """Whether another machine could reach `host`: not empty and not a wildcard address."""
+    if not host:
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return True  # a name
+
+
+@dataclass(frozen=True)
+class Member:
+    """One daemon as it registers itself: where to reach it and how much it holds."""
+
+    node_id: str
+    address: str  # HOST:PORT of its gRPC service
+    data_port: int  # its TCP data plane on the same host; 0: none
+    capacity_bytes: dict[str, int] = field(default_factory=dict)  # per tier name
+    # Seconds left on its lease when read (list_members); -1 where not known.
+    lease_ttl_left_s: int = -1
+
+    def to_json(self) -> bytes:
+        value = {
+            "node_id": self.node_id,
+            "address": self.address,
+            "data_port": self.data_port,
+            "capacity_bytes": self.capacity_bytes,
+        }
+        return json.dumps(value, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, *, lease_ttl_left_s: int = -1) -> Member:
+        """A registered value → Member; ValueError where it is not one."""
+        try:
+            value: Any = json.loads(raw)
+            capacity = {str(k): int(v) for k, v in dict(value["capacity_bytes"]).items()}
+            return cls(
+                node_id=str(value["node_id"]),
+                address=str(value["address"]),
+                data_port=int(value["data_port"]),
+                capacity_bytes=capacity,
+                lease_ttl_left_s=lease_ttl_left_s,
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"not a kvstore member record: {error}") from None
