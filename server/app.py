@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from kvstore.allocator import tune_allocator
-from kvstore.cluster import Member, parse_etcd_url
+from kvstore.cluster.members import Member, parse_etcd_url
 from kvstore.errors import InvalidRequest
 from kvstore.mover import TierMover
 from kvstore.server.auth import Authenticator

@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import units
-from kvstore.cluster import is_concrete_host, parse_etcd_url, parse_host_port
+from kvstore.cluster.members import is_concrete_host, parse_etcd_url, parse_host_port
 from kvstore.config import StoreConfig, TenantQuota
 from kvstore.errors import InvalidRequest
 from kvstore.wire.chunks import MIN_CHUNK_BYTES

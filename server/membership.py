@@ -15,8 +15,8 @@ from pathlib import Path
 
 import aetcd
 
-from kvstore.cluster import EtcdTarget, Member
-from kvstore.cluster_etcd import EtcdUnavailable, open_etcd
+from kvstore.cluster.etcd import EtcdUnavailable, open_etcd
+from kvstore.cluster.members import EtcdTarget, Member
 
 logger = logging.getLogger("kvstore.server.membership")
 

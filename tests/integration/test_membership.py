@@ -18,8 +18,8 @@ from etcd_server import EtcdServer, etcd_server  # tests/etcd_server.py
 from rich.console import Console
 
 from kvstore.client import KVClient
-from kvstore.cluster import Member
-from kvstore.cluster_etcd import list_members
+from kvstore.cluster.etcd import list_members
+from kvstore.cluster.members import Member
 from kvstore.errors import InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.server import RunningServer, build_server, load_config

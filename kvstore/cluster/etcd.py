@@ -10,7 +10,7 @@ import logging
 
 import aetcd
 
-from kvstore.cluster import EtcdTarget, Member, parse_etcd_url
+from kvstore.cluster.members import EtcdTarget, Member, parse_etcd_url
 
 logger = logging.getLogger("kvstore.cluster")
 
