@@ -3,7 +3,7 @@
 A daemon started with `--cluster etcd://HOST:PORT[,HOST:PORT...]/PREFIX` keeps one key,
 `PREFIX/members/<node_id>`, alive under a lease (kvstore.server.membership); its value is
 a `Member` as JSON. This module parses targets and values and imports neither the client
-nor the server, so both may use it; kvstore.cluster_etcd reads the members from etcd.
+nor the server, so both may use it; kvstore.cluster.etcd reads the members from etcd.
 """
 
 from __future__ import annotations
