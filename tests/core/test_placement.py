@@ -1,0 +1,96 @@
+"""Weighted rendezvous placement over runs (kvstore.cluster.placement): deterministic,
+balanced by weight, and when a member joins or leaves, only the runs it wins or held
+move. The keys are seeded, so every count here is the same on every run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvstore.cluster.members import Member
+from kvstore.cluster.placement import Placement, member_weight
+
+NUM_RUNS = 30_000
+
+
+def member(node_id: str, dram_bytes: int = 1 << 30) -> Member:
+    return Member(
+        node_id=node_id,
+        address=f"{node_id}:50051",
+        data_port=0,
+        capacity_bytes={"dram": dram_bytes},
+    )
+
+
+def run_keys(seed: int, count: int = NUM_RUNS) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(32) for _ in range(count)]
+
+
+def shares(placement: Placement, keys: list[bytes]) -> dict[str, float]:
+    counts = {m.node_id: 0 for m in placement.members}
+    for key in keys:
+        counts[placement.owner(key).node_id] += 1
+    return {node: count / len(keys) for node, count in counts.items()}
+
+
+def test_a_chain_is_cut_into_runs_in_order_each_with_its_first_keys_owner() -> None:
+    placement = Placement([member("a"), member("b"), member("c")], run_blocks=16)
+    keys = run_keys(1, 35)
+    runs = placement.runs(keys)
+    assert [(run.start, run.stop) for run in runs] == [(0, 16), (16, 32), (32, 35)]
+    for run in runs:
+        assert run.owner == placement.owner(keys[run.start])
+    # Another client, members listed in another order, computes the same owners.
+    again = Placement([member("c"), member("a"), member("b")], run_blocks=16)
+    assert [run.owner.node_id for run in again.runs(keys)] == [r.owner.node_id for r in runs]
+    assert placement.runs([]) == []
+
+
+def test_equal_members_share_runs_equally() -> None:
+    placement = Placement([member(name) for name in "abc"])
+    for share in shares(placement, run_keys(2)).values():
+        assert share == pytest.approx(1 / 3, abs=0.02)
+
+
+def test_shares_follow_dram_capacity() -> None:
+    members = [member("a", 1 << 30), member("b", 2 << 30), member("c", 1 << 30)]
+    measured = shares(Placement(members), run_keys(3))
+    assert measured["a"] == pytest.approx(0.25, abs=0.02)
+    assert measured["b"] == pytest.approx(0.50, abs=0.02)
+    assert measured["c"] == pytest.approx(0.25, abs=0.02)
+    assert member_weight(Member("x", "x:1", 0, {})) == 1.0
+
+
+def test_a_joining_member_takes_about_one_nth_and_no_run_moves_between_others() -> None:
+    keys = run_keys(4)
+    before = Placement([member(name) for name in "abc"])
+    after = Placement([member(name) for name in "abcd"])
+    moved = [key for key in keys if before.owner(key) != after.owner(key)]
+    assert all(after.owner(key).node_id == "d" for key in moved)
+    assert len(moved) / len(keys) == pytest.approx(1 / 4, abs=0.02)
+
+
+def test_a_leaving_member_gives_up_only_its_own_runs() -> None:
+    keys = run_keys(5)
+    before = Placement([member(name) for name in "abcd"])
+    after = Placement([member(name) for name in "abd"])
+    for key in keys:
+        if before.owner(key).node_id != "c":
+            assert after.owner(key) == before.owner(key)
+
+
+def test_a_long_chain_spreads_over_every_member() -> None:
+    placement = Placement([member(name) for name in "abc"], run_blocks=8)
+    owners = {run.owner.node_id for run in placement.runs(run_keys(6, 64 * 8))}
+    assert owners == {"a", "b", "c"}
+
+
+def test_bad_placements_are_refused() -> None:
+    with pytest.raises(ValueError, match="run_blocks"):
+        Placement([member("a")], run_blocks=0)
+    with pytest.raises(ValueError, match="node id"):
+        Placement([member("a"), member("a")])
+    with pytest.raises(LookupError, match="no members"):
+        Placement([]).owner(b"key")
