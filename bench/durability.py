@@ -27,20 +27,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from kvstore.allocator import tune_allocator
 from kvstore.bench.cost import CpuCost, Phase, median_cpu, usable_cores
+from kvstore.bench.report import emit, wide_console
 from kvstore.bench.spawn import spawned_server
 from kvstore.bench.throughput import KVStoreRounds, layout_for
 from kvstore.client import ClientOptions, KVClient, KVLayout, Namespace, TierKind
@@ -265,15 +264,11 @@ def run_durability(args: argparse.Namespace) -> int:
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
-        print(json.dumps(asdict(report), indent=2))
-    else:
-        print_report(report)
-    return 0
+    return emit(report, args.json, print_report)
 
 
 def print_report(report: DurabilityReport) -> None:
-    console = Console(width=max(Console().width, 110))
+    console = wide_console()
     table = Table(
         title=f"the price of durability: put GB/s, {human_bytes(report.block_bytes)} blocks, "
         f"{human_bytes(report.round_bytes)} a round, {report.streams} stream(s), same run"

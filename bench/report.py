@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -448,3 +449,17 @@ def server_cpu_summary(server: dict[str, Any], wall_s: float) -> str | None:
     if moved:
         line += f", {cpu_s / (moved / 1e9):.2f} s per GB put or got"
     return line
+
+
+def emit(report: Any, as_json: bool, print_table: Callable[[Any], None]) -> int:
+    """Print a dataclass report as JSON or as the command's table; the exit code (0)."""
+    if as_json:
+        print(json.dumps(asdict(report), indent=2))
+    else:
+        print_table(report)
+    return 0
+
+
+def wide_console(min_width: int = 110) -> Console:
+    """A console at least `min_width` wide, so a report's table is not folded."""
+    return Console(width=max(Console().width, min_width))

@@ -15,22 +15,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import shutil
 import socket
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import torch
 import trustme
-from rich.console import Console
 from rich.table import Table
 
 from kvstore.allocator import tune_allocator
 from kvstore.bench.cost import Phase, Round, usable_cores
+from kvstore.bench.report import emit, wide_console
 from kvstore.bench.spawn import spawned_server
 from kvstore.bench.throughput import KVStoreRounds, layout_for
 from kvstore.client import ClientOptions, KVClient, Namespace, TLSOptions
@@ -200,15 +199,11 @@ def run_tls(args: argparse.Namespace) -> int:
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
-        print(json.dumps(asdict(report), indent=2))
-    else:
-        print_report(report)
-    return 0
+    return emit(report, args.json, print_report)
 
 
 def print_report(report: TLSReport) -> None:
-    console = Console(width=max(Console().width, 110))
+    console = wide_console()
     table = Table(
         title=f"the price of TLS on the data plane ({report.tls_version}): GB/s, "
         f"{report.streams} stream(s), same run"

@@ -23,6 +23,7 @@ from kvstore.cluster.members import Member
 from kvstore.errors import InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.server import RunningServer, build_server, load_config
+from kvstore.server.config import ServerConfig
 from kvstore.server.main import print_stats
 from kvstore.server.membership import NODE_ID_FILE
 from kvstore.v1 import kvstore_pb2 as pb
@@ -47,23 +48,25 @@ def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
         yield server
 
 
+def daemon_config(**settings: Any) -> ServerConfig:
+    """A small in-process daemon's config, with `settings` ({"cluster.etcd": ...})."""
+    defaults = {
+        "listen": "127.0.0.1:0",
+        "log_level": "warning",
+        "store.dram_bytes": 8 * MiB,
+        "store.page_bytes": 4096,
+        "limits.drain_grace_s": 1.0,
+    }
+    return load_config(None, {**defaults, **settings})
+
+
 @pytest.fixture
 async def daemons() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
     """In-process daemons, drained when the test ends."""
     started: list[RunningServer] = []
 
     async def start(**settings: Any) -> RunningServer:
-        config = load_config(
-            None,
-            {
-                "listen": "127.0.0.1:0",
-                "log_level": "warning",
-                "store.dram_bytes": 8 * MiB,
-                "store.page_bytes": 4096,
-                "limits.drain_grace_s": 1.0,
-                **settings,
-            },
-        )
+        config = daemon_config(**settings)
         running = await build_server(config)
         started.append(running)
         return running
@@ -133,17 +136,11 @@ async def test_stats_carry_no_cluster_note_without_cluster(daemons: Any) -> None
 
 
 async def test_drain_deletes_the_key(etcd: EtcdServer, tmp_path: Path) -> None:
-    config = load_config(
-        None,
-        {
-            "listen": "127.0.0.1:0",
-            "log_level": "warning",
-            "store.dram_bytes": 8 * MiB,
-            "store.page_bytes": 4096,
-            "limits.drain_grace_s": 1.0,
+    config = daemon_config(
+        **{
             "cluster.etcd": etcd.url(PREFIX),
             "cluster.lease_ttl_s": 60,  # only the withdrawal, not expiry, can remove it
-        },
+        }
     )
     running = await build_server(config)
     try:
