@@ -2,6 +2,7 @@
 
 kvstore-server [--config FILE] [--listen HOST:PORT] [--dram-bytes 4GiB] ...
 kvstore-server stats [--target HOST:PORT] [--json]
+kvstore-server cluster status --cluster etcd://HOST:PORT/PREFIX [--json]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,6 +23,7 @@ from rich.table import Table
 
 from kvstore.errors import InvalidRequest
 from kvstore.server.app import serve
+from kvstore.server.cluster_status import run_cluster_status
 from kvstore.server.config import add_config_arguments, config_from_args
 from kvstore.units import human_bytes
 from kvstore.v1 import kvstore_pb2 as pb
@@ -31,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["stats"]:
         return _stats_main(argv[1:])
+    if argv[:2] == ["cluster", "status"]:
+        return _cluster_status_main(argv[2:])
     parser = argparse.ArgumentParser(
         prog="kvstore-server",
         description="Serve the kvstore KV-cache pool. `kvstore-server stats` prints a "
@@ -54,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _stats_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="kvstore-server stats")
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+def _add_caller_arguments(parser: argparse.ArgumentParser) -> None:
+    """--json, --timeout, --token and the TLS flags of the commands that call daemons."""
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds")
     parser.add_argument(
@@ -64,11 +68,36 @@ def _stats_main(argv: list[str]) -> int:
     )
     for flag, variable, what in _TLS_FLAGS:
         parser.add_argument(flag, help=f"{what} (default: ${variable})")
-    args = parser.parse_args(argv)
+
+
+def _caller_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     token = args.token if args.token is not None else os.environ.get("KVSTORE_TOKEN")
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _cluster_status_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kvstore-server cluster status",
+        description="Each member registered in etcd: address, capacity, use, health, lease.",
+    )
+    parser.add_argument("--cluster", required=True, help="etcd://HOST:PORT[,HOST:PORT...]/PREFIX")
+    _add_caller_arguments(parser)
+    args = parser.parse_args(argv)
     try:
-        channel = _stats_channel(args)
+        channel_for = _channel_factory(args)
+    except OSError as error:
+        parser.error(f"cannot read a TLS file: {error}")
+    return run_cluster_status(args, channel_for, _caller_metadata(args))
+
+
+def _stats_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="kvstore-server stats")
+    parser.add_argument("--target", default="127.0.0.1:50051", help="server HOST:PORT")
+    _add_caller_arguments(parser)
+    args = parser.parse_args(argv)
+    metadata = _caller_metadata(args)
+    try:
+        channel = _channel_factory(args)(args.target)
     except OSError as error:
         parser.error(f"cannot read a TLS file: {error}")
     with channel:
@@ -101,14 +130,19 @@ _TLS_FLAGS = (
 )
 
 
-def _stats_channel(args: argparse.Namespace) -> grpc.Channel:
-    """A channel to --target: TLS where any TLS flag (or variable) is set."""
+def _channel_factory(args: argparse.Namespace) -> Callable[[str], grpc.Channel]:
+    """Channels to daemons: TLS where any TLS flag (or variable) is set. Reads the
+    files now (OSError if one cannot be read)."""
     settings = {}
     for flag, variable, _ in _TLS_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"))
         settings[flag] = value if value is not None else os.environ.get(variable) or None
     if not any(settings.values()):
-        return grpc.insecure_channel(args.target)
+
+        def plain(target: str) -> grpc.Channel:
+            return grpc.insecure_channel(target)
+
+        return plain
 
     def read(path: str | None) -> bytes | None:
         return Path(path).read_bytes() if path else None
@@ -120,7 +154,11 @@ def _stats_channel(args: argparse.Namespace) -> grpc.Channel:
     )
     name = settings["--tls-server-name"]
     options = [("grpc.ssl_target_name_override", name)] if name else []
-    return grpc.secure_channel(args.target, credentials, options=options)
+
+    def secure(target: str) -> grpc.Channel:
+        return grpc.secure_channel(target, credentials, options=options)
+
+    return secure
 
 
 def print_stats(stats: pb.StatsResponse, console: Console) -> None:

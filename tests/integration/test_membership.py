@@ -5,6 +5,7 @@ etcd on loopback (tests/etcd_server.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -18,12 +19,13 @@ from etcd_server import EtcdServer, etcd_server  # tests/etcd_server.py
 from rich.console import Console
 
 from kvstore.client import KVClient
-from kvstore.cluster.etcd import list_members
-from kvstore.cluster.members import Member
+from kvstore.cluster.etcd import list_members, open_etcd
+from kvstore.cluster.members import Member, parse_etcd_url
 from kvstore.errors import InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.server import RunningServer, build_server, load_config
 from kvstore.server.config import ServerConfig
+from kvstore.server.main import main as server_main
 from kvstore.server.main import print_stats
 from kvstore.server.membership import NODE_ID_FILE
 from kvstore.v1 import kvstore_pb2 as pb
@@ -317,3 +319,40 @@ def test_stats_command_prints_the_cluster_line() -> None:
     console = Console(record=True, width=120)
     print_stats(pb.StatsResponse(), console)
     assert "cluster:" not in console.export_text()
+
+
+async def test_cluster_status_lists_each_member_with_its_use_and_health(
+    etcd: EtcdServer, daemons: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first: RunningServer = await daemons(**{"cluster.etcd": etcd.url(PREFIX)})
+    second: RunningServer = await daemons(**{"cluster.etcd": etcd.url(PREFIX)})
+
+    async def both_registered() -> bool:
+        return len(await members_of(etcd)) == 2
+
+    await wait_until(both_registered)
+    command = ["cluster", "status", "--cluster", etcd.url(PREFIX), "--json"]
+    assert await asyncio.to_thread(server_main, command) == 0
+    rows = {row["address"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"}
+    for row in rows.values():
+        assert row["health"] == "SERVING"
+        assert row["capacity_bytes"]["dram"] == 8 * MiB
+        assert "dram" in row["used_bytes"]
+        assert row["lease_ttl_left_s"] > 0
+    # A member registered but not answering is listed with the status its Stats got.
+    target = parse_etcd_url(etcd.url(PREFIX))
+    client = await open_etcd(target, timeout_s=5)
+    try:
+        dead = Member("dead-node", "127.0.0.1:1", 0, {"dram": 1 * MiB})
+        await client.put(target.member_key(dead.node_id).encode(), dead.to_json())
+    finally:
+        await client.close()
+    assert await asyncio.to_thread(server_main, command) == 0
+    health = {row["node_id"]: row["health"] for row in json.loads(capsys.readouterr().out)}
+    assert health["dead-node"] == "UNAVAILABLE"
+    await second.drain()  # withdrawn: listed no more
+    assert await asyncio.to_thread(server_main, command[:-1]) == 0
+    table = capsys.readouterr().out
+    assert "2 member(s)" in table
+    assert "UNAVAILABLE" in table
