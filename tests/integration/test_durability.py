@@ -101,13 +101,16 @@ async def test_write_through_of_a_block_not_admitted_to_ssd_says_memory(
 async def test_no_acknowledged_write_through_block_disappears_under_dram_pressure(
     server_factory: ServerFactory, connect: ClientFactory, make_kv: MakeKV, tmp_path: Path
 ) -> None:
-    """Eight writers into eight blocks of DRAM: every block acknowledged COMMITTED is on
-    SSD when acknowledged and still found afterwards (the issue saw 5,382 of 7,216 go)."""
+    """Eight writers push 192 blocks through 24 blocks of DRAM: every block acknowledged
+    COMMITTED is on SSD when acknowledged and still found afterwards (the issue saw 5,382
+    of 7,216 go). DRAM holds every writer's put in flight (2 blocks each) with room to
+    spare: with less, puts that each hold a block while waiting for a second can leave
+    none of them room, and the server rightly refuses one (RESOURCE_EXHAUSTED)."""
     ssd_dir = tmp_path / "ssd"
     server = await server_factory(
         store__write_policy="write-through",
         store__ssd_dir=str(ssd_dir),
-        store__dram_bytes=8 * BLOCK,
+        store__dram_bytes=24 * BLOCK,
         store__page_bytes=BLOCK,
     )
     acknowledged: list[bytes] = []
