@@ -573,3 +573,22 @@ async def test_a_tenants_data_plane_connections_are_capped_by_its_quota(
 def test_certificate_tenants_without_mutual_tls_is_a_config_error() -> None:
     with pytest.raises(InvalidRequest, match="needs mutual TLS"):
         load_config(None, {"auth.certificate_tenants": True})
+
+
+async def test_an_admitted_data_plane_connection_loses_a_revoked_token_at_its_next_transfer(
+    secured: RunningServer, tokens_file: Path
+) -> None:
+    """HELLO admitted the token; the file then drops it (SIGHUP's reload): the next
+    transfer on the same connection is UNAUTHENTICATED, not served."""
+    raw = await Raw.open(secured, TOKEN_A.encode())
+    try:
+        tokens_file.write_text(tokens_toml([(TOKEN_B, "team-b", "tenant", None)]))  # noqa: ASYNC240
+        assert secured.auth is not None
+        assert secured.auth.reload()
+        request = pb.GetBlocksRequest(namespace=namespace_to_wire(NS_A), keys=[b"a-0"])
+        await raw.send(frame(FrameKind.GET, request.SerializeToString()))
+        code, text = await raw.read_error()
+        assert code == UNAUTHENTICATED
+        assert "not known" in text
+    finally:
+        raw.close()
