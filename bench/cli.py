@@ -19,15 +19,9 @@ from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
 from kvstore.bench.tls import add_tls_arguments, run_tls
 from kvstore.client import TOKEN_ENV
+from kvstore.wire.tls import CLIENT_TLS_SETTINGS
 
 Runner = Callable[[argparse.Namespace], int]
-# TLS to --target: each flag sets the environment variable KVClient reads.
-_TLS_FLAGS = (
-    ("--tls-ca", "KVSTORE_TLS_CA", "PEM CA the daemon's certificate chains to"),
-    ("--tls-cert", "KVSTORE_TLS_CERT", "PEM client certificate, for mutual TLS"),
-    ("--tls-key", "KVSTORE_TLS_KEY", "its PEM private key"),
-    ("--tls-server-name", "KVSTORE_TLS_SERVER_NAME", "name to check in the daemon's certificate"),
-)
 
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runner]] = {
     "throughput": (
@@ -101,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="bearer token for --target, for this process and the load processes it "
             "starts (default: $KVSTORE_TOKEN)",
         )
-        for flag, variable, what in _TLS_FLAGS:
+        for _, flag, variable, what in CLIENT_TLS_SETTINGS:
             credentials.add_argument(flag, help=f"{what} (default: ${variable})")
         sub.set_defaults(runner=runner)
     return parser
@@ -112,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every KVClient of this run, in this process and the ones it spawns, reads these.
     if args.token is not None:
         os.environ[TOKEN_ENV] = args.token
-    for flag, variable, _ in _TLS_FLAGS:
+    for _, flag, variable, _ in CLIENT_TLS_SETTINGS:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             os.environ[variable] = value

@@ -10,22 +10,18 @@ from dataclasses import dataclass
 import grpc
 
 from kvstore.client._options import TLSOptions
-from kvstore.wire.tls import TLSFilesError, client_context, read_pem
+from kvstore.wire.tls import CLIENT_TLS_SETTINGS, TLSFilesError, client_context, read_pem
 
 # Where ClientOptions.tls is None, these environment variables make a TLSOptions, as
 # KVSTORE_TOKEN gives the token: tools and child processes (kvstore-bench's load
 # generators) take TLS settings without code.
-TLS_ENV = {
-    "ca_file": "KVSTORE_TLS_CA",
-    "cert_file": "KVSTORE_TLS_CERT",
-    "key_file": "KVSTORE_TLS_KEY",
-    "server_name": "KVSTORE_TLS_SERVER_NAME",
-}
 
 
 def tls_from_environment() -> TLSOptions | None:
     """TLSOptions from KVSTORE_TLS_*; None when none of them is set."""
-    values = {name: os.environ.get(variable) or None for name, variable in TLS_ENV.items()}
+    values = {
+        name: os.environ.get(variable) or None for name, _, variable, _ in CLIENT_TLS_SETTINGS
+    }
     if not any(values.values()):
         return None
     try:

@@ -28,6 +28,7 @@ from kvstore.server.config import add_config_arguments, config_from_args
 from kvstore.units import human_bytes
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire.tls import CLIENT_TLS_SETTINGS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +67,7 @@ def _add_caller_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token", help="bearer token for a daemon that authenticates (default: $KVSTORE_TOKEN)"
     )
-    for flag, variable, what in _TLS_FLAGS:
+    for _, flag, variable, what in CLIENT_TLS_SETTINGS:
         parser.add_argument(flag, help=f"{what} (default: ${variable})")
 
 
@@ -120,21 +121,11 @@ def _stats_main(argv: list[str]) -> int:
     return 0
 
 
-# TLS to a daemon that serves it: the flags and environment variables the client
-# library reads too (kvstore.client.TLSOptions).
-_TLS_FLAGS = (
-    ("--tls-ca", "KVSTORE_TLS_CA", "PEM CA the daemon's certificate chains to"),
-    ("--tls-cert", "KVSTORE_TLS_CERT", "PEM client certificate, for mutual TLS"),
-    ("--tls-key", "KVSTORE_TLS_KEY", "its PEM private key"),
-    ("--tls-server-name", "KVSTORE_TLS_SERVER_NAME", "name to check in the certificate"),
-)
-
-
 def _channel_factory(args: argparse.Namespace) -> Callable[[str], grpc.Channel]:
     """Channels to daemons: TLS where any TLS flag (or variable) is set. Reads the
     files now (OSError if one cannot be read)."""
     settings = {}
-    for flag, variable, _ in _TLS_FLAGS:
+    for _, flag, variable, _ in CLIENT_TLS_SETTINGS:
         value = getattr(args, flag[2:].replace("-", "_"))
         settings[flag] = value if value is not None else os.environ.get(variable) or None
     if not any(settings.values()):

@@ -32,6 +32,23 @@ _RECORD_BYTES = 16 << 10
 _QUEUED = struct.Struct("i")
 
 
+# A client's TLS settings as command-line tools and the environment name them:
+# (TLSOptions field, flag, environment variable, help). kvstore.client reads the
+# variables where ClientOptions.tls is None; kvstore-bench and `kvstore-server stats`
+# take the flags.
+CLIENT_TLS_SETTINGS = (
+    ("ca_file", "--tls-ca", "KVSTORE_TLS_CA", "PEM CA the daemon's certificate chains to"),
+    ("cert_file", "--tls-cert", "KVSTORE_TLS_CERT", "PEM client certificate, for mutual TLS"),
+    ("key_file", "--tls-key", "KVSTORE_TLS_KEY", "its PEM private key"),
+    (
+        "server_name",
+        "--tls-server-name",
+        "KVSTORE_TLS_SERVER_NAME",
+        "name to check in the certificate",
+    ),
+)
+
+
 class TLSFilesError(ValueError):
     """A certificate, key or CA file that cannot be read or does not parse; names it."""
 
