@@ -23,13 +23,14 @@ from kvstore.client._dataplane_transport import find_data_plane, target_host
 from kvstore.client._errors import InvalidArgument
 from kvstore.client._grpc_transport import GrpcTransport, tracked_call
 from kvstore.client._options import ClientOptions
-from kvstore.client._receive import LayerReceiver
+from kvstore.client._receive import BlockWriter, LayerReceiver
 from kvstore.client._replies import prefix_match, put_result, store_stats
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult, StoreStats
 from kvstore.client._send import layer_messages, put_messages
 from kvstore.client._settle import CallSettle
 from kvstore.client._tls import load_client_tls, tls_from_environment
 from kvstore.client._transport import Parts, PutStream, Transport
+from kvstore.cluster.members import is_cluster_target
 from kvstore.codec import ByteMap, KVForm, cpu_contiguous
 from kvstore.codec import check_tensor as _check_tensor_core
 from kvstore.errors import InvalidRequest
@@ -42,9 +43,11 @@ from kvstore.wire.namespace import namespace_to_wire
 
 
 class KVClient:
-    """Async client for one namespace of a kvstore server.
+    """Async client for one namespace of a kvstore server, or of a cluster of them.
 
-    Use as `async with KVClient("127.0.0.1:50051", namespace) as client: ...`. KV tensors
+    Use as `async with KVClient("127.0.0.1:50051", namespace) as client: ...`. A target
+    `etcd://HOST:PORT/PREFIX` or `cluster://H1:P1,H2:P2` names a cluster: the client is
+    then a kvstore.client._cluster.ClusterClient, with the same calls. KV tensors
     come in the forms of `kvstore.codec.KVForm`; the default is `sequence`
     (`[num_layers, 2, num_tokens, num_kv_heads, head_dim]`).
 
@@ -52,6 +55,23 @@ class KVClient:
     default gRPC on `channel`, with the server's data plane when `options.data_plane`
     allows. Pins, deletes and stats always go over gRPC.
     """
+
+    def __new__(
+        cls,
+        target: str,
+        namespace: Namespace,
+        *,
+        options: ClientOptions | None = None,
+        channel: grpc.aio.Channel | None = None,
+        transport: Transport | None = None,
+    ) -> KVClient:
+        # A cluster target (etcd:// or cluster://) makes the cluster client, a KVClient
+        # with the same calls (kvstore.client._cluster).
+        if cls is KVClient and is_cluster_target(target):
+            from kvstore.client._cluster import ClusterClient  # it imports this module
+
+            return super().__new__(ClusterClient)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -294,15 +314,41 @@ class KVClient:
             async for arrival in arrivals:
                 yield arrival
 
-    async def _receive(
-        self, replies: AsyncIterable[GetMessage], dest: torch.Tensor | None, form: KVForm
+    async def stream_to_writer(
+        self, keys: list[bytes], writer: BlockWriter
     ) -> AsyncGenerator[LayerArrival, None]:
-        """The layers of a get's replies, written into `dest` (or fresh tensors), verified."""
+        """Get the stored prefix of `keys`, block i's layers written to `writer` as block i;
+        each arrival says a layer is complete (its `kv` is empty). For the cluster client."""
+        request = pb.GetBlocksRequest(
+            namespace=self._namespace_wire, keys=keys, max_chunk_bytes=self.options.chunk_bytes
+        )
+        replies = await self.transport.open_get(request, self.options.timeouts.transfer)
+        async with (
+            contextlib.aclosing(replies),
+            contextlib.aclosing(self._receive(replies, None, KVForm.LAYER, writer)) as arrivals,
+        ):
+            async for arrival in arrivals:
+                yield arrival
+
+    async def _receive(
+        self,
+        replies: AsyncIterable[GetMessage],
+        dest: torch.Tensor | None,
+        form: KVForm,
+        writer: BlockWriter | None = None,
+    ) -> AsyncGenerator[LayerArrival, None]:
+        """The layers of a get's replies, written into `dest` (or fresh tensors, or
+        `writer`), verified."""
         receiver: LayerReceiver | None = None
         async for reply in replies:
             if receiver is None:
                 receiver = LayerReceiver(
-                    self._layout, reply, dest, form, verify=self.options.verify_checksums
+                    self._layout,
+                    reply,
+                    dest,
+                    form,
+                    verify=self.options.verify_checksums,
+                    writer=writer,
                 )
             if receiver.num_blocks == 0:
                 continue  # nothing stored; read on to the stream's clean end

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from kvstore.checksum import ChecksumKind
 from kvstore.client._credentials import check_token
+from kvstore.cluster.placement import DEFAULT_RUN_BLOCKS
 from kvstore.keys import HashAlgorithm
 from kvstore.wire.chunks import MIN_CHUNK_BYTES
 
@@ -86,8 +87,21 @@ class ClientOptions:
     token: str | None = field(default=None, repr=False)
     # TLS on every connection (gRPC and the data plane); None: plaintext.
     tls: TLSOptions | None = None
+    # For a cluster target (etcd:// or cluster://; kvstore.client._cluster): blocks per
+    # run, the unit of placement, which every client of a store must agree on; how often
+    # etcd is read for members; and how long a node that failed a call is passed over
+    # (its runs count as misses) before it is tried again.
+    cluster_run_blocks: int = DEFAULT_RUN_BLOCKS
+    cluster_refresh_s: float = 1.0
+    cluster_retry_s: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.cluster_run_blocks < 1:
+            raise ValueError("cluster_run_blocks must be >= 1")
+        if not 0.05 <= self.cluster_refresh_s <= 3600:
+            raise ValueError("cluster_refresh_s must be in [0.05, 3600]")
+        if not 0 <= self.cluster_retry_s <= 3600:
+            raise ValueError("cluster_retry_s must be in [0, 3600]")
         if self.token is not None:
             check_token(self.token, "ClientOptions.token")
         if self.lookup_streams < 0:

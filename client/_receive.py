@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from kvstore.checksum import (
@@ -18,8 +20,22 @@ from kvstore.wire.chunks import GetMessage, WireChunk, WireRun
 from kvstore.wire.enums import checksum_kind_from_wire
 
 
+class BlockWriter(Protocol):
+    """Where received block-layers go: a ByteMap, or one that places blocks elsewhere."""
+
+    def write(self, block: int, layer: int, offset: int, data: memoryview | bytes) -> None: ...
+
+    def write_run(
+        self, first_block: int, num_blocks: int, layer: int, data: memoryview
+    ) -> None: ...
+
+
 class LayerReceiver:
-    """Writes a GetBlocks stream into tensors and reports each layer once it is complete."""
+    """Writes a GetBlocks stream into tensors and reports each layer once it is complete.
+
+    With `writer`, the bytes go there instead of into `dest` (which must be None), and
+    an arrival's `kv` is an empty tensor: the writer's owner assembles the layers.
+    """
 
     def __init__(
         self,
@@ -29,6 +45,7 @@ class LayerReceiver:
         form: KVForm,
         *,
         verify: bool,
+        writer: BlockWriter | None = None,
     ) -> None:
         self.num_blocks = first.num_blocks
         self._layout = layout
@@ -46,6 +63,7 @@ class LayerReceiver:
                     dest.shape, dtype=dest.dtype, pin_memory=torch.cuda.is_available()
                 )
             self._map = ByteMap(self._host, layout, form)
+        self._writer = writer
         self._layer_buffer: torch.Tensor | None = None
         self._current_layer = 0
         # A layer's bytes arrive as chunks (hashed as they come) or inside a run (hashed
@@ -87,8 +105,10 @@ class LayerReceiver:
             )
         return [self._complete_layer()]
 
-    def _layer_map(self) -> tuple[ByteMap, int]:
+    def _layer_map(self) -> tuple[BlockWriter, int]:
         """The map to write the current layer into, and the layer index within it."""
+        if self._writer is not None:
+            return self._writer, self._current_layer
         if self._map is not None:
             return self._map, self._current_layer
         if self._layer_buffer is None:
@@ -159,6 +179,8 @@ class LayerReceiver:
         return LayerArrival(layer=layer, num_blocks=self.num_blocks, kv=self._layer_view(layer))
 
     def _layer_view(self, layer: int) -> torch.Tensor:
+        if self._writer is not None:
+            return torch.empty(0)
         if self._host is None:
             assert self._layer_buffer is not None
             buffer, self._layer_buffer = self._layer_buffer, None

@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEME = "etcd://"
+STATIC_SCHEME = "cluster://"
+
+
+def is_cluster_target(target: str) -> bool:
+    """Whether a client target names a cluster (`etcd://` or `cluster://`), not one daemon."""
+    return target.startswith((SCHEME, STATIC_SCHEME))
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,26 @@ def parse_etcd_url(url: str) -> EtcdTarget:
         parse_host_port(part, what=f"cluster URL {url!r}") for part in hosts.split(",")
     )
     return EtcdTarget(endpoints, "/" + prefix)
+
+
+def parse_static_target(target: str) -> tuple[Member, ...]:
+    """`cluster://HOST:PORT[,HOST:PORT...]` → one Member per address, in the order given.
+
+    A static list has no registrations to read: each member's node id is its address,
+    its data port is found as for a lone daemon, and all weigh the same in placement.
+    ValueError says what is wrong.
+    """
+    usage = "expected cluster://HOST:PORT[,HOST:PORT...], e.g. cluster://h1:50051,h2:50051"
+    if not target.startswith(STATIC_SCHEME):
+        raise ValueError(f"cluster target {target!r} must start with {STATIC_SCHEME}; {usage}")
+    addresses = [part.strip() for part in target[len(STATIC_SCHEME) :].split(",")]
+    if not any(addresses):
+        raise ValueError(f"cluster target {target!r} names no daemon; {usage}")
+    for address in addresses:
+        parse_host_port(address, what=f"cluster target {target!r}")
+    if len(set(addresses)) != len(addresses):
+        raise ValueError(f"cluster target {target!r} names a daemon twice")
+    return tuple(Member(node_id=address, address=address, data_port=0) for address in addresses)
 
 
 def parse_host_port(text: str, *, what: str) -> tuple[str, int]:

@@ -1,0 +1,237 @@
+"""The cluster client (issue 16, item 3): `KVClient("cluster://...")` over three real
+in-process daemons does every call of the single-node API, with runs placed by weighted
+rendezvous, fetched in parallel, and a lost node costing misses, never errors."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import ServerFactory, make_kv, make_namespace, same_bytes
+
+from kvstore.client import (
+    ClientOptions,
+    InvalidArgument,
+    KVClient,
+    KVForm,
+    PutOutcome,
+    SyncKVClient,
+)
+from kvstore.client._cluster import ClusterClient
+from kvstore.cluster.members import parse_static_target
+from kvstore.cluster.placement import Placement
+from kvstore.server import RunningServer
+
+RUN_BLOCKS = 2
+NUM_BLOCKS = 12  # 6 runs over 3 nodes
+
+
+def cluster_options(data_plane: bool, **overrides: Any) -> ClientOptions:
+    return ClientOptions(
+        data_plane=data_plane, cluster_run_blocks=RUN_BLOCKS, cluster_retry_s=60, **overrides
+    )
+
+
+@pytest.fixture
+async def nodes(server_factory: ServerFactory) -> list[RunningServer]:
+    return [await server_factory() for _ in range(3)]
+
+
+def static_target(nodes: list[RunningServer]) -> str:
+    return "cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in nodes)
+
+
+@pytest.fixture(params=["data-plane", "grpc"])
+async def cluster(
+    nodes: list[RunningServer], request: pytest.FixtureRequest
+) -> AsyncIterator[KVClient]:
+    options = cluster_options(request.param == "data-plane")
+    async with KVClient(static_target(nodes), make_namespace(), options=options) as client:
+        yield client
+
+
+def tokens_for(num_blocks: int, block_tokens: int, seed: int = 1) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50_000, (num_blocks * block_tokens,), generator=generator).tolist()
+
+
+def owners(nodes: list[RunningServer], keys: list[bytes]) -> list[int]:
+    """For each block of `keys`, the index in `nodes` of the node placement gives it."""
+    placement = Placement(parse_static_target(static_target(nodes)), RUN_BLOCKS)
+    ports = [f"127.0.0.1:{node.port}" for node in nodes]
+    found = []
+    for run in placement.runs(keys):
+        found += [ports.index(run.owner.address)] * (run.stop - run.start)
+    return found
+
+
+async def stored_on(node: RunningServer, keys: list[bytes]) -> list[bool]:
+    async with KVClient(f"127.0.0.1:{node.port}", make_namespace()) as client:
+        return [(await client.lookup_keys([key])).num_matched == 1 for key in keys]
+
+
+async def test_a_cluster_target_makes_a_cluster_client(cluster: KVClient) -> None:
+    assert isinstance(cluster, ClusterClient)
+    assert isinstance(cluster, KVClient)
+
+
+async def test_put_places_each_run_on_its_owner_and_the_chain_reads_back(
+    cluster: KVClient, nodes: list[RunningServer]
+) -> None:
+    layout = cluster.namespace.layout
+    tokens = tokens_for(NUM_BLOCKS, layout.block_tokens)
+    kv = make_kv(layout, NUM_BLOCKS, seed=3)
+    result = await cluster.put(tokens, kv)
+    assert result.outcomes == (PutOutcome.COMMITTED,) * NUM_BLOCKS
+    keys = cluster.keys(tokens)
+    placed = owners(nodes, keys)
+    assert len(set(placed)) > 1, "the chain should spread over several nodes"
+    for index, node in enumerate(nodes):
+        here = await stored_on(node, keys)
+        assert here == [owner == index for owner in placed], f"node {index} holds the wrong runs"
+
+    match = await cluster.lookup(tokens)
+    assert match.num_matched == NUM_BLOCKS
+    assert len(match.tiers) == NUM_BLOCKS
+    dest = torch.zeros_like(kv)
+    assert await cluster.get_into(match, dest) == NUM_BLOCKS
+    assert same_bytes(dest, kv)
+
+
+async def test_iter_layers_yields_each_layer_once_every_node_delivered_it(
+    cluster: KVClient,
+) -> None:
+    layout = cluster.namespace.layout
+    tokens = tokens_for(NUM_BLOCKS, layout.block_tokens, seed=2)
+    kv = make_kv(layout, NUM_BLOCKS, form=KVForm.BLOCKS, seed=4)
+    keys = cluster.keys(tokens)
+    await cluster.put_blocks(keys, kv)
+    layers = []
+    async for arrival in cluster.iter_layers(keys):
+        assert arrival.num_blocks == NUM_BLOCKS
+        assert same_bytes(arrival.kv, kv[:, arrival.layer])
+        layers.append(arrival.layer)
+    assert layers == list(range(layout.num_layers))
+
+    dest = torch.zeros_like(kv)
+    seen = [arrival.layer async for arrival in cluster.iter_layers(keys, dest, form=KVForm.BLOCKS)]
+    assert seen == list(range(layout.num_layers))
+    assert same_bytes(dest, kv)
+
+
+async def test_a_longer_query_matches_the_stored_prefix_across_nodes(cluster: KVClient) -> None:
+    layout = cluster.namespace.layout
+    tokens = tokens_for(NUM_BLOCKS, layout.block_tokens, seed=5)
+    stored = 7  # ends inside a run
+    await cluster.put(tokens[: stored * layout.block_tokens], make_kv(layout, stored))
+    match = await cluster.lookup(tokens)
+    assert match.num_matched == stored
+    dest = make_kv(layout, NUM_BLOCKS, seed=9)
+    assert await cluster.get_into(cluster.keys(tokens), dest) == stored
+
+
+async def test_layer_put_across_nodes(cluster: KVClient) -> None:
+    layout = cluster.namespace.layout
+    tokens = tokens_for(NUM_BLOCKS, layout.block_tokens, seed=6)
+    keys = cluster.keys(tokens)
+    kv = make_kv(layout, NUM_BLOCKS, form=KVForm.BLOCKS, seed=7)
+    async with cluster.layer_put(keys) as put:
+        for layer in range(layout.num_layers):
+            await put.send_layer(layer, kv[:, layer].contiguous())
+    assert put.result is not None
+    assert put.result.outcomes == (PutOutcome.COMMITTED,) * NUM_BLOCKS
+    dest = torch.zeros_like(kv)
+    assert await cluster.get_into(keys, dest, form=KVForm.BLOCKS) == NUM_BLOCKS
+    assert same_bytes(dest, kv)
+
+
+async def test_pin_unpin_delete_and_stats_reach_every_node(
+    cluster: KVClient, nodes: list[RunningServer]
+) -> None:
+    layout = cluster.namespace.layout
+    tokens = tokens_for(NUM_BLOCKS, layout.block_tokens, seed=8)
+    await cluster.put(tokens, make_kv(layout, NUM_BLOCKS))
+    keys = cluster.keys(tokens)
+    stats = await cluster.stats()
+    assert sum(tier.num_blocks for tier in stats.tiers) == NUM_BLOCKS
+    assert stats.blocks_put == NUM_BLOCKS
+    assert await cluster.pin(keys, ttl_s=30) == NUM_BLOCKS
+    assert await cluster.unpin(keys) == NUM_BLOCKS
+    assert await cluster.delete(keys[4:]) == (NUM_BLOCKS - 4, 0)
+    assert (await cluster.lookup(tokens)).num_matched == 4
+    per_member = await cluster.cluster_stats()
+    assert len(per_member.members) == 3
+    assert all(entry.stats is not None for entry in per_member.members)
+
+
+async def test_a_stopped_node_costs_misses_not_errors(
+    nodes: list[RunningServer],
+) -> None:
+    layout = make_namespace().layout
+    tokens = tokens_for(NUM_BLOCKS, layout.block_tokens, seed=10)
+    kv = make_kv(layout, NUM_BLOCKS, seed=11)
+    options = cluster_options(True)
+    async with KVClient(static_target(nodes), make_namespace(), options=options) as cluster:
+        await cluster.put(tokens, kv)
+        keys = cluster.keys(tokens)
+        placed = owners(nodes, keys)
+        lost = placed[RUN_BLOCKS * 2]  # the node of the third run
+        first_lost = placed.index(lost)
+        await nodes[lost].drain()
+
+        match = await cluster.lookup(tokens)
+        assert match.num_matched == first_lost
+        dest = torch.zeros_like(kv)
+        assert await cluster.get_into(keys, dest) == first_lost
+        tokens_ok = first_lost * layout.block_tokens
+        assert same_bytes(dest[:, :, :tokens_ok], kv[:, :, :tokens_ok])
+        result = await cluster.put_blocks(
+            [bytes([7]) * 32 for _ in range(NUM_BLOCKS)], make_kv(layout, NUM_BLOCKS, form=KVForm.BLOCKS)
+        )
+        assert PutOutcome.NODE_UNREACHABLE in result.outcomes
+        assert set(result.outcomes) <= {PutOutcome.NODE_UNREACHABLE, PutOutcome.COMMITTED}
+        stats = await cluster.cluster_stats()
+        assert sum(entry.stats is None for entry in stats.members) == 1
+
+
+async def test_the_sync_facade_takes_a_cluster_target(nodes: list[RunningServer]) -> None:
+    layout = make_namespace().layout
+    tokens = tokens_for(4, layout.block_tokens, seed=12)
+    kv = make_kv(layout, 4)
+    options = cluster_options(True)
+    with SyncKVClient(static_target(nodes), make_namespace(), options=options) as client:
+        assert client.put(tokens, kv).num_committed == 4
+        dest = torch.zeros_like(kv)
+        assert client.get_into(client.lookup(tokens), dest) == 4
+        assert same_bytes(dest, kv)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["cluster://", "cluster://127.0.0.1", "cluster://127.0.0.1:1,127.0.0.1:1", "etcd://h:1"],
+)
+def test_bad_cluster_targets_say_what_is_wrong(target: str) -> None:
+    with pytest.raises(InvalidArgument, match="cluster"):
+        KVClient(target, make_namespace())
+
+
+async def test_caller_errors_are_raised_not_taken_for_misses(cluster: KVClient) -> None:
+    with pytest.raises(InvalidArgument):
+        await cluster.lookup_keys([b"short"])
+    with pytest.raises(InvalidArgument):
+        await cluster.get_into([b""], torch.zeros(1))
+
+
+async def _first_layer_then(
+    cluster: KVClient, keys: list[bytes], action: Callable[[], Awaitable[None]]
+) -> list[tuple[int, int]]:
+    seen = []
+    async with contextlib.aclosing(cluster.iter_layers(keys)) as arrivals:
+        async for arrival in arrivals:
+            seen.append((arrival.layer, arrival.num_blocks))
+            if arrival.layer == 0:
+                await action()
+    return seen
