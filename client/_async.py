@@ -26,7 +26,7 @@ from kvstore.client._options import ClientOptions
 from kvstore.client._receive import BlockWriter, LayerReceiver
 from kvstore.client._replies import prefix_match, put_result, store_stats
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult, StoreStats
-from kvstore.client._send import layer_messages, put_messages
+from kvstore.client._send import block_headers, layer_messages, put_messages
 from kvstore.client._settle import CallSettle
 from kvstore.client._tls import load_client_tls, tls_from_environment
 from kvstore.client._transport import Parts, PutStream, Transport
@@ -215,14 +215,26 @@ class KVClient:
         kv: torch.Tensor,
         *,
         parent_key: bytes = b"",
+        parent_remote: bool = False,
         form: KVForm = KVForm.BLOCKS,
     ) -> PutResult:
-        """Store blocks under caller-chosen keys; `keys[0]` chains from `parent_key`."""
+        """Store blocks under caller-chosen keys; `keys[0]` chains from `parent_key`.
+
+        With `parent_remote`, the parent may be stored on another server (a cluster's
+        previous run): the server links `keys[0]` to it if it holds it, else stores
+        `keys[0]` as the root of its own chain instead of answering PARENT_MISSING.
+        """
         check_tensor(kv, self._layout, form, len(keys), at_least=True)
-        return await self._put(keys, kv, form, 0, parent_key)
+        return await self._put(keys, kv, form, 0, parent_key, parent_remote)
 
     async def _put(
-        self, keys: list[bytes], kv: torch.Tensor, form: KVForm, first: int, parent_key: bytes
+        self,
+        keys: list[bytes],
+        kv: torch.Tensor,
+        form: KVForm,
+        first: int,
+        parent_key: bytes,
+        parent_remote: bool = False,
     ) -> PutResult:
         """Send blocks `keys[first:]`; block i is index i of `kv`."""
         if first >= len(keys):
@@ -243,13 +255,16 @@ class KVClient:
                 self._layout,
                 options.checksum,
                 options.chunk_bytes,
+                parent_remote=parent_remote,
             ):
                 yield message
 
         reply = await self.transport.put(requests(), options.timeouts.transfer)
         return put_result(reply, first, (len(keys) - first) * self._layout.block_bytes)
 
-    def layer_put(self, keys: list[bytes], *, parent_key: bytes = b"") -> LayerPut:
+    def layer_put(
+        self, keys: list[bytes], *, parent_key: bytes = b"", parent_remote: bool = False
+    ) -> LayerPut:
         """A put that sends one layer of all `keys`' blocks at a time, as prefill computes them.
 
         async with client.layer_put(keys) as put:
@@ -257,8 +272,10 @@ class KVClient:
                 ...compute layer...
                 await put.send_layer(layer, kv_layer)  # [num_blocks, 2, T, H, D]
         put.result  # after the block
+
+        `parent_key` and `parent_remote` are as in `put_blocks`.
         """
-        return LayerPut(self, keys, parent_key)
+        return LayerPut(self, keys, parent_key, parent_remote)
 
     # -- gets ---------------------------------------------------------------------------
 
@@ -399,7 +416,9 @@ class KVClient:
 class LayerPut:
     """A put stream fed one layer of many blocks at a time (see KVClient.layer_put)."""
 
-    def __init__(self, client: KVClient, keys: list[bytes], parent_key: bytes) -> None:
+    def __init__(
+        self, client: KVClient, keys: list[bytes], parent_key: bytes, parent_remote: bool = False
+    ) -> None:
         if not keys:
             raise InvalidArgument("layer_put needs at least one key")
         self._transport = client.transport
@@ -408,16 +427,18 @@ class LayerPut:
         self._layout = client.namespace.layout
         self._keys = keys
         self._parent_key = parent_key
+        self._parent_remote = parent_remote
         self._next_layer = 0
         self._stream: PutStream | None = None
         self.result: PutResult | None = None
 
     async def __aenter__(self) -> LayerPut:
-        parents = [self._parent_key, *self._keys[:-1]]
         header = encode_put_header(
             namespace=self._namespace_bytes,
             checksum_kind=self._options.checksum.value,
-            blocks=list(zip(self._keys, parents, strict=True)),
+            blocks=block_headers(
+                self._keys, 0, len(self._keys), self._parent_key, self._parent_remote
+            ),
         )
         stream = await self._transport.open_put(self._options.timeouts.transfer)
         try:

@@ -11,6 +11,7 @@ from kvstore.wire.chunks import (
     MIN_PUT_CHUNK_BYTES,
     PUT_CHUNKS,
     PUT_RUNS,
+    WireBlockHeader,
     chunk_parts,
     encode_put_header,
     run_parts,
@@ -31,6 +32,19 @@ def blocks_per_run(layout: KVLayout, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // layout.layer_bytes)
 
 
+def block_headers(
+    keys: list[bytes], start: int, end: int, parent_key: bytes, parent_remote: bool
+) -> list[WireBlockHeader]:
+    """Declarations of blocks `keys[start:end]`: each chains from the key before it, and
+    `keys[0]` from `parent_key`, which with `parent_remote` may be stored on another node."""
+    return [
+        WireBlockHeader(keys[index], keys[index - 1])
+        if index
+        else WireBlockHeader(keys[0], parent_key, parent_remote)
+        for index in range(start, end)
+    ]
+
+
 def put_messages(
     header: bytes,
     keys: list[bytes],
@@ -40,17 +54,30 @@ def put_messages(
     layout: KVLayout,
     kind: ChecksumKind,
     chunk_bytes: int,
+    *,
+    parent_remote: bool = False,
 ) -> Iterator[Message]:
     """The messages of a whole put of blocks `keys[first:]`; block i is index i of
-    `source`, and `keys[0]` chains from `parent_key`. `header` opens the first message."""
+    `source`, and `keys[0]` chains from `parent_key` (stored on another node, perhaps,
+    with `parent_remote`). `header` opens the first message."""
     chunk_bytes = put_chunk_bytes(chunk_bytes)
     if uses_runs(layout, chunk_bytes):
-        yield from run_messages(header, keys, first, parent_key, source, layout, kind, chunk_bytes)
+        yield from run_messages(
+            header,
+            keys,
+            first,
+            parent_key,
+            source,
+            layout,
+            kind,
+            chunk_bytes,
+            parent_remote=parent_remote,
+        )
         return
     batch = MessageBatch(chunk_bytes, header)
     for declared, index in enumerate(range(first, len(keys))):
         # Declared just before its bytes, so the server reserves room as it goes.
-        batch.declare(keys[index], keys[index - 1] if index else parent_key)
+        batch.declare(*block_headers(keys, index, index + 1, parent_key, parent_remote))
         for layer in range(layout.num_layers):
             runs = source.runs(index, layer, chunk_bytes)
             yield from batch.add_layer(declared, layer, runs, kind)
@@ -95,6 +122,8 @@ def run_messages(
     layout: KVLayout,
     kind: ChecksumKind,
     chunk_bytes: int,
+    *,
+    parent_remote: bool = False,
 ) -> Iterator[Message]:
     """Put messages for small layers: groups of blocks, one LayerRun per layer per group.
 
@@ -107,10 +136,7 @@ def run_messages(
     for start in range(first, len(keys), per_run):
         end = min(len(keys), start + per_run)
         declarations = encode_put_header(
-            blocks=[
-                (keys[index], keys[index - 1] if index else parent_key)
-                for index in range(start, end)
-            ]
+            blocks=block_headers(keys, start, end, parent_key, parent_remote)
         )
         for layer in range(layout.num_layers):
             views: list[bytes | memoryview] = []
@@ -146,8 +172,8 @@ class MessageBatch:
     def has_content(self) -> bool:
         return bool(self._parts)
 
-    def declare(self, key: bytes, parent_key: bytes) -> None:
-        self._parts.append(encode_put_header(blocks=[(key, parent_key)]))
+    def declare(self, header: WireBlockHeader) -> None:
+        self._parts.append(encode_put_header(blocks=[header]))
 
     def add_layer(
         self, block: int, layer: int, runs: list[tuple[int, memoryview]], kind: ChecksumKind

@@ -77,13 +77,23 @@ class SyncKVClient:
         kv: torch.Tensor,
         *,
         parent_key: bytes = b"",
+        parent_remote: bool = False,
         form: KVForm = KVForm.BLOCKS,
     ) -> PutResult:
-        return self._run(self._client.put_blocks(keys, kv, parent_key=parent_key, form=form))
+        return self._run(
+            self._client.put_blocks(
+                keys, kv, parent_key=parent_key, parent_remote=parent_remote, form=form
+            )
+        )
 
-    def layer_put(self, keys: list[bytes], *, parent_key: bytes = b"") -> SyncLayerPut:
+    def layer_put(
+        self, keys: list[bytes], *, parent_key: bytes = b"", parent_remote: bool = False
+    ) -> SyncLayerPut:
         """KVClient.layer_put, blocking: `with client.layer_put(keys) as put: ...`."""
-        return SyncLayerPut(self._loop, self._client.layer_put(keys, parent_key=parent_key))
+        return SyncLayerPut(
+            self._loop,
+            self._client.layer_put(keys, parent_key=parent_key, parent_remote=parent_remote),
+        )
 
     def get_into(
         self,

@@ -7,6 +7,13 @@ layer) must arrive in order; each layer's checksum is computed as its bytes arri
 compared when the layer is complete. A block commits, and becomes visible to lookups,
 when every layer has been verified and its parent is stored. Whatever is still in
 flight when the session is aborted is freed.
+
+A block declared with `parent_remote` continues a chain whose parent may live on another
+node (a cluster places a chain's runs on different members): it links to its parent when
+the parent is stored here, and otherwise commits as the root of a chain on this node,
+rather than as PARENT_MISSING. Nothing here remembers the remote parent: every
+per-node invariant (a child's parent is stored, eviction takes chain tails, a delete
+takes the subtree) holds with the block as a root.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ class _PendingBlock:
     index: int
     key: bytes
     parent_key: bytes
+    # The parent may be on another node: a parent not stored here at commit makes the
+    # block a local root instead of PARENT_MISSING.
+    parent_remote: bool
     # Its DRAM while it is being received: None before its first bytes (`start`), and
     # for a block whose bytes are verified but not kept (duplicate or orphan).
     handle: object | None
@@ -88,17 +98,25 @@ class PutSession:
     def num_declared(self) -> int:
         return len(self._blocks)
 
-    def declare(self, key: bytes, parent_key: bytes) -> None:
-        validate_key(key, f"blocks[{len(self._blocks)}].key")
+    def declare(self, key: bytes, parent_key: bytes, *, parent_remote: bool = False) -> None:
+        """Declare the next block; `parent_remote`: its parent may be stored on another
+        node (see the module docstring)."""
+        name = f"blocks[{len(self._blocks)}]"
+        validate_key(key, f"{name}.key")
         if parent_key:
-            validate_key(parent_key, f"blocks[{len(self._blocks)}].parent_key")
+            validate_key(parent_key, f"{name}.parent_key")
+        elif parent_remote:
+            raise InvalidRequest(
+                f"{name} (key {key.hex()}) sets parent_remote but has no parent_key; name the "
+                f"parent the block continues, or clear parent_remote for a chain's first block"
+            )
         if key in self._by_key:
             raise InvalidRequest(f"block key {key.hex()} is declared twice in one put")
         if key == parent_key:
             raise InvalidRequest(f"block key {key.hex()} names itself as its parent")
         if len(self._blocks) >= MAX_BLOCKS_PER_PUT:
             raise InvalidRequest(f"a put may declare at most {MAX_BLOCKS_PER_PUT} blocks")
-        outcome = self._outcome_at_declare(key, parent_key)
+        outcome = self._outcome_at_declare(key, parent_key, parent_remote)
         if parent_key:
             self._parent_keys.add(parent_key)
         num_layers = self._layout.num_layers
@@ -106,6 +124,7 @@ class PutSession:
             index=len(self._blocks),
             key=key,
             parent_key=parent_key,
+            parent_remote=parent_remote,
             handle=None,
             outcome=outcome,
             layer_filled=[0] * num_layers,
@@ -116,7 +135,9 @@ class PutSession:
         self._blocks.append(block)
         self._by_key[key] = block
 
-    def _outcome_at_declare(self, key: bytes, parent_key: bytes) -> PutOutcome | None:
+    def _outcome_at_declare(
+        self, key: bytes, parent_key: bytes, parent_remote: bool
+    ) -> PutOutcome | None:
         existing = self._state.blocks.get(key)
         if existing is not None:
             # Children declared later in this put chain from it: keep it resident.
@@ -126,7 +147,7 @@ class PutSession:
             return None
         parent = self._state.blocks.get(parent_key)
         if parent is None:
-            return PutOutcome.PARENT_MISSING
+            return None if parent_remote else PutOutcome.PARENT_MISSING
         self._pin_until_close(parent)
         return None
 
@@ -313,9 +334,18 @@ class PutSession:
         if not block.parent_key:
             return None
         pending_parent = self._by_key.get(block.parent_key)
-        if pending_parent is not None and pending_parent.outcome is None:
+        # Only a parent declared earlier is waited for: a remote-parent block may name a
+        # key declared after it, and two blocks must never wait on each other.
+        if (
+            pending_parent is not None
+            and pending_parent.outcome is None
+            and pending_parent.index < block.index
+        ):
             return _WAIT
-        return self._state.blocks.get(block.parent_key, _MISSING)
+        parent = self._state.blocks.get(block.parent_key)
+        if parent is None:
+            return None if block.parent_remote else _MISSING
+        return parent
 
     def _commit(self, block: _PendingBlock, parent: BlockEntry | object | None) -> None:
         if parent is _MISSING:

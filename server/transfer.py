@@ -139,7 +139,7 @@ class Transfers:
         self, session: PutSession, message: PutMessage, committed: list[BlockEntry]
     ) -> None:
         for header in message.blocks:
-            session.declare(header.key, header.parent_key)
+            session.declare(header.key, header.parent_key, parent_remote=header.parent_remote)
         # Room is reserved as a block's first bytes arrive. Under pressure, wait for
         # demotions to SSD (or write-through writes) rather than fail the put.
         for block_index in _blocks_written(message, session.num_declared):

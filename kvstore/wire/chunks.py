@@ -32,6 +32,7 @@ _FIXED64 = struct.Struct("<Q")
 # BlockHeader
 BLOCK_KEY = 1
 BLOCK_PARENT_KEY = 2
+BLOCK_PARENT_REMOTE = 3
 # LayerChunk
 CHUNK_BLOCK_INDEX = 1
 CHUNK_LAYER = 2
@@ -104,8 +105,11 @@ class WireRun:
 
 @dataclass(slots=True)
 class WireBlockHeader:
+    """A BlockHeader: `parent_remote` says the parent may be stored on another node."""
+
     key: bytes
     parent_key: bytes
+    parent_remote: bool = False
 
 
 @dataclass(slots=True)
@@ -227,15 +231,21 @@ def encode_put_header(
     *,
     namespace: bytes | None = None,
     checksum_kind: int = 0,
-    blocks: list[tuple[bytes, bytes]] | None = None,
+    blocks: Sequence[tuple[bytes, bytes] | WireBlockHeader] | None = None,
 ) -> bytes:
-    """The namespace, checksum kind and block declarations of a PutBlocksRequest."""
+    """The namespace, checksum kind and block declarations of a PutBlocksRequest; a
+    block is (key, parent_key), or a WireBlockHeader to set `parent_remote`."""
     out = len_field(PUT_NAMESPACE, namespace) if namespace is not None else b""
     out += _varint_field(PUT_CHECKSUM_KIND, checksum_kind)
-    for key, parent_key in blocks or ():
+    for block in blocks or ():
+        if isinstance(block, WireBlockHeader):
+            key, parent_key, parent_remote = block.key, block.parent_key, block.parent_remote
+        else:
+            (key, parent_key), parent_remote = block, False
         body = len_field(BLOCK_KEY, key)
         if parent_key:
             body += len_field(BLOCK_PARENT_KEY, parent_key)
+        body += _varint_field(BLOCK_PARENT_REMOTE, int(parent_remote))
         out += len_field(PUT_BLOCKS, body)
     return out
 
@@ -368,6 +378,7 @@ def _decode_chunk(buffer: memoryview, start: int, end: int, strict: bool) -> Wir
 def _decode_block_header(buffer: memoryview, start: int, end: int) -> WireBlockHeader:
     reader = _Reader(buffer, start, end)
     key = parent_key = b""
+    parent_remote = False
     while reader.more():
         number, wire_type = reader.tag()
         if number in (BLOCK_KEY, BLOCK_PARENT_KEY) and wire_type == _LEN:
@@ -377,9 +388,12 @@ def _decode_block_header(buffer: memoryview, start: int, end: int) -> WireBlockH
                 key = value
             else:
                 parent_key = value
+        elif number == BLOCK_PARENT_REMOTE and wire_type == _VARINT:
+            # As protobuf reads a bool: any non-zero varint is true.
+            parent_remote = reader.varint() != 0
         else:
             raise _unknown("BlockHeader", number, wire_type)
-    return WireBlockHeader(key, parent_key)
+    return WireBlockHeader(key, parent_key, parent_remote)
 
 
 def decode_put_message(data: bytes | memoryview) -> PutMessage:

@@ -59,8 +59,10 @@ def _valid_put(rng: random.Random) -> list[bytes]:
         keys = keys[:3]
     first_parent = rng.choice((b"", b"", VICTIM_KEYS[-1], VICTIM_KEYS[0], random_key(rng)))
     parents = [first_parent, *keys[:-1]]
+    # A run continuing a parent on another node: committed as a root when it is absent.
+    remote = [bool(first_parent) and rng.random() < 0.3, *[False] * (len(keys) - 1)]
     units = _units(rng, namespace_choice, kind, len(keys))
-    return _pack(rng, namespace, kind, list(zip(keys, parents, strict=True)), units)
+    return _pack(rng, namespace, kind, list(zip(keys, parents, remote, strict=True)), units)
 
 
 def _units(
@@ -127,13 +129,16 @@ def _pack(
     rng: random.Random,
     namespace: pb.Namespace,
     kind: int,
-    blocks: list[tuple[bytes, bytes]],
+    blocks: list[tuple[bytes, bytes, bool]],
     units: list[list[Unit]],
 ) -> list[bytes]:
-    """Messages of at most a message's worth of data; blocks declared up front, or
-    each in the message that first sends its bytes."""
+    """Messages of at most a message's worth of data; blocks (key, parent, parent_remote)
+    declared up front, or each in the message that first sends its bytes."""
     up_front = rng.random() < 0.6
-    headers = [pb.BlockHeader(key=key, parent_key=parent) for key, parent in blocks]
+    headers = [
+        pb.BlockHeader(key=key, parent_key=parent, parent_remote=remote)
+        for key, parent, remote in blocks
+    ]
     message = pb.PutBlocksRequest(namespace=namespace, checksum_kind=kind)  # type: ignore[arg-type]
     if up_front:
         message.blocks.extend(headers)
@@ -248,6 +253,7 @@ def _odd_structure(rng: random.Random) -> list[bytes]:
             [_first(blocks=[pb.BlockHeader(key=b"x")] * 2).SerializeToString()],
             [_first(blocks=[pb.BlockHeader(key=b"k" * 65)]).SerializeToString()],
             [_first(blocks=[pb.BlockHeader(key=b"k", parent_key=b"p" * 65)]).SerializeToString()],
+            [_first(blocks=[pb.BlockHeader(key=b"k", parent_remote=True)]).SerializeToString()],
             [_first().SerializeToString()] + [b""] * 50,  # many empty messages
         )
     )

@@ -37,7 +37,9 @@ def as_protobuf(message: PutMessage) -> pb.PutBlocksRequest:
         out.namespace.SetInParent()
         out.namespace.MergeFromString(message.namespace)
     for header in message.blocks:
-        out.blocks.add(key=header.key, parent_key=header.parent_key)
+        out.blocks.add(
+            key=header.key, parent_key=header.parent_key, parent_remote=header.parent_remote
+        )
     for chunk in message.chunks:
         out.chunks.add(
             block_index=chunk.block_index & _U32,

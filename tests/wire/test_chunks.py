@@ -201,3 +201,52 @@ def test_uses_runs_when_two_layers_fit_a_message(
     )
     assert layout.layer_bytes == layer_bytes
     assert uses_runs(layout, chunk_bytes) is runs
+
+
+@pytest.mark.parametrize("parent_remote", [False, True])
+def test_block_headers_carry_parent_remote_both_ways(parent_remote: bool) -> None:
+    expected = pb.PutBlocksRequest(
+        blocks=[
+            pb.BlockHeader(key=b"r0", parent_key=b"prev-run-tail", parent_remote=parent_remote),
+            pb.BlockHeader(key=b"r1", parent_key=b"r0"),
+        ]
+    )
+    encoded = encode_put_header(
+        blocks=[
+            chunks.WireBlockHeader(b"r0", b"prev-run-tail", parent_remote),
+            (b"r1", b"r0"),
+        ]
+    )
+    # False is not written, as protobuf leaves a default scalar out.
+    assert encoded == expected.SerializeToString()
+
+    decoded = decode_put_message(encoded).blocks
+    assert [(h.key, h.parent_key, h.parent_remote) for h in decoded] == [
+        (b"r0", b"prev-run-tail", parent_remote),
+        (b"r1", b"r0", False),
+    ]
+
+
+@pytest.mark.parametrize("value", [2, 2**32, 2**64 - 1])
+def test_parent_remote_reads_any_non_zero_varint_as_protobuf_does(value: int) -> None:
+    raw = chunks.len_field(
+        chunks.PUT_BLOCKS, chunks.len_field(1, b"k") + b"\x18" + chunks.varint(value)
+    )
+    assert pb.PutBlocksRequest.FromString(raw).blocks[0].parent_remote
+    (header,) = decode_put_message(raw).blocks
+    assert header.parent_remote
+
+
+@pytest.mark.parametrize(
+    ("block_header", "message"),
+    [
+        # parent_remote as a length-delimited field: wrong wire type for a bool.
+        (b"\x0a\x01k\x1a\x01\x01", "unknown field number 3 \\(wire type 2\\)"),
+        (b"\x0a\x01k\x1d\x01\x00\x00\x00", "unknown field number 3 \\(wire type 5\\)"),
+        (b"\x0a\x01k\x20\x01", "unknown field number 4"),  # a field after it
+        (b"\x0a\x01k\x18", "truncated"),  # the tag without its value
+    ],
+)
+def test_block_header_decoding_stays_strict(block_header: bytes, message: str) -> None:
+    with pytest.raises(WireError, match=message):
+        decode_put_message(chunks.len_field(chunks.PUT_BLOCKS, block_header))

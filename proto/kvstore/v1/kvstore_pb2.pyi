@@ -112,7 +112,9 @@ class _PutOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PutOutcome
     ALREADY_PRESENT: _PutOutcome.ValueType  # 2
     """the key was already stored; the bytes were verified and dropped"""
     PARENT_MISSING: _PutOutcome.ValueType  # 3
-    """the parent was not present at commit; dropped, as it could never be found"""
+    """The parent was not present at commit (and the block did not set parent_remote);
+    dropped, as it could never be found.
+    """
 
 class PutOutcome(_PutOutcome, metaclass=_PutOutcomeEnumTypeWrapper): ...
 
@@ -122,7 +124,9 @@ COMMITTED: PutOutcome.ValueType  # 1
 ALREADY_PRESENT: PutOutcome.ValueType  # 2
 """the key was already stored; the bytes were verified and dropped"""
 PARENT_MISSING: PutOutcome.ValueType  # 3
-"""the parent was not present at commit; dropped, as it could never be found"""
+"""The parent was not present at commit (and the block did not set parent_remote);
+dropped, as it could never be found.
+"""
 Global___PutOutcome: _TypeAlias = PutOutcome  # noqa: Y015
 
 class _Durability:
@@ -365,18 +369,26 @@ class BlockHeader(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     PARENT_KEY_FIELD_NUMBER: _builtins.int
+    PARENT_REMOTE_FIELD_NUMBER: _builtins.int
     key: _builtins.bytes
     parent_key: _builtins.bytes
     """empty for the first block of a chain"""
+    parent_remote: _builtins.bool
+    """The parent may be stored on another node (a cluster cuts a chain into runs placed
+    on different members): link the block to `parent_key` if it is stored here, else
+    store it as the root of a local chain that continues `parent_key`, rather than
+    answering PARENT_MISSING. Needs a non-empty `parent_key`.
+    """
     def __init__(
         self,
         *,
         key: _builtins.bytes = ...,
         parent_key: _builtins.bytes = ...,
+        parent_remote: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "parent_key", b"parent_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "parent_key", b"parent_key", "parent_remote", b"parent_remote"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
