@@ -270,8 +270,15 @@ class ClusterClient(KVClient):
     # -- puts ----------------------------------------------------------------------------
 
     async def _put(
-        self, keys: list[bytes], kv: torch.Tensor, form: KVForm, first: int, parent_key: bytes
+        self,
+        keys: list[bytes],
+        kv: torch.Tensor,
+        form: KVForm,
+        first: int,
+        parent_key: bytes,
+        parent_remote: bool = False,
     ) -> PutResult:
+        # A caller's `parent_key` may be on any node: it is always sent as remote.
         placement = await self._start()
         if first >= len(keys):
             return PutResult(outcomes=(), num_skipped=first, bytes_sent=0)
@@ -282,8 +289,10 @@ class ClusterClient(KVClient):
 
         async def put_run(node: KVClient, run: Run) -> PutResult:
             parent = keys[run.start - 1] if run.start else parent_key
+            # keys[run.start] chains from keys[run.start - 1], which the previous run's
+            # owner holds; the server links it if that is itself.
             return await node._put(
-                keys[: run.stop], kv, form, run.start, parent, parent_remote=bool(parent)
+                keys[: run.stop], kv, form, run.start, parent_key, parent_remote=bool(parent)
             )
 
         async def put_owner(owner: _OwnerRuns) -> None:

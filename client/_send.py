@@ -33,14 +33,21 @@ def blocks_per_run(layout: KVLayout, chunk_bytes: int) -> int:
 
 
 def block_headers(
-    keys: list[bytes], start: int, end: int, parent_key: bytes, parent_remote: bool
+    keys: list[bytes],
+    start: int,
+    end: int,
+    parent_key: bytes,
+    parent_remote: bool,
+    first: int = 0,
 ) -> list[WireBlockHeader]:
-    """Declarations of blocks `keys[start:end]`: each chains from the key before it, and
-    `keys[0]` from `parent_key`, which with `parent_remote` may be stored on another node."""
+    """Declarations of blocks `keys[start:end]` of a put that sends `keys[first:]`: each
+    chains from the key before it, and `keys[0]` from `parent_key`. With `parent_remote`,
+    the parent of `keys[first]`, the first block sent, may be stored on another node (a
+    cluster's previous run)."""
     return [
-        WireBlockHeader(keys[index], keys[index - 1])
-        if index
-        else WireBlockHeader(keys[0], parent_key, parent_remote)
+        WireBlockHeader(
+            keys[index], keys[index - 1] if index else parent_key, parent_remote and index == first
+        )
         for index in range(start, end)
     ]
 
@@ -77,7 +84,7 @@ def put_messages(
     batch = MessageBatch(chunk_bytes, header)
     for declared, index in enumerate(range(first, len(keys))):
         # Declared just before its bytes, so the server reserves room as it goes.
-        batch.declare(*block_headers(keys, index, index + 1, parent_key, parent_remote))
+        batch.declare(*block_headers(keys, index, index + 1, parent_key, parent_remote, first))
         for layer in range(layout.num_layers):
             runs = source.runs(index, layer, chunk_bytes)
             yield from batch.add_layer(declared, layer, runs, kind)
@@ -136,7 +143,7 @@ def run_messages(
     for start in range(first, len(keys), per_run):
         end = min(len(keys), start + per_run)
         declarations = encode_put_header(
-            blocks=block_headers(keys, start, end, parent_key, parent_remote)
+            blocks=block_headers(keys, start, end, parent_key, parent_remote, first)
         )
         for layer in range(layout.num_layers):
             views: list[bytes | memoryview] = []
