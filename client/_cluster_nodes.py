@@ -1,0 +1,138 @@
+"""The cluster client's members: one KVClient each, and which of them to pass over.
+
+A node that fails a call (NODE_FAILURES: down, cut off, too slow) is passed over for
+`ClientOptions.cluster_retry_s`, so that later calls count its runs as misses at once
+instead of each waiting on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from kvstore.client._async import KVClient
+from kvstore.client._errors import (
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    Unavailable,
+    Unknown,
+)
+from kvstore.client._options import ClientOptions
+from kvstore.cluster.members import Member
+from kvstore.cluster.placement import Placement, Run
+from kvstore.layout import Namespace
+
+logger = logging.getLogger("kvstore.client.cluster")
+
+T = TypeVar("T")
+
+# What a node's failure looks like from here: it is down, cut off or too slow. Anything
+# else (InvalidArgument, PermissionDenied, ResourceExhausted, ChecksumError...) is raised.
+NODE_FAILURES: tuple[type[BaseException], ...] = (
+    Unavailable,
+    DeadlineExceeded,
+    Unknown,
+    Internal,
+    Cancelled,
+    OSError,
+    TimeoutError,
+)
+
+
+class NodePool:
+    """A KVClient per member talked to, made on first use and closed when it leaves."""
+
+    def __init__(self, namespace: Namespace, options: ClientOptions) -> None:
+        self._namespace = namespace
+        self._options = options
+        self._clients: dict[str, KVClient] = {}
+        self._passed_over_until: dict[str, float] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def client(self, member: Member) -> KVClient:
+        node = self._clients.get(member.node_id)
+        if node is None:
+            node = self._clients[member.node_id] = KVClient(
+                member.address, self._namespace, options=self._options
+            )
+        return node
+
+    def keep_only(self, placement: Placement) -> None:
+        """Close the clients of members no longer in `placement`."""
+        present = {member.node_id for member in placement.members}
+        for node_id in [node_id for node_id in self._clients if node_id not in present]:
+            node = self._clients.pop(node_id)
+            self._passed_over_until.pop(node_id, None)
+            task = asyncio.get_running_loop().create_task(node.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        clients, self._clients = self._clients, {}
+        await asyncio.gather(*(node.close() for node in clients.values()), return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def reachable(self, member: Member) -> bool:
+        return time.monotonic() >= self._passed_over_until.get(member.node_id, 0.0)
+
+    def failed(self, member: Member, error: BaseException) -> None:
+        """Pass `member` over for a while: `error` says it is down, cut off or too slow."""
+        if self.reachable(member):
+            logger.warning(
+                "cluster node %s (%s) failed a call, passing it over for %.1f s: %s",
+                member.node_id,
+                member.address,
+                self._options.cluster_retry_s,
+                error,
+            )
+        self._passed_over_until[member.node_id] = time.monotonic() + self._options.cluster_retry_s
+
+    async def call(self, member: Member, call: Callable[[KVClient], Awaitable[T]]) -> T | None:
+        """`call` on the member's client; None when the node is passed over or fails."""
+        if not self.reachable(member):
+            return None
+        try:
+            return await call(self.client(member))
+        except NODE_FAILURES as error:
+            self.failed(member, error)
+            return None
+
+
+@dataclass
+class OwnerRuns:
+    """The runs of one chain a member owns, in chain order, and their keys back to back."""
+
+    member: Member
+    runs: list[Run] = field(default_factory=list)
+
+    def keys(self, chain: Sequence[bytes]) -> list[bytes]:
+        return [key for run in self.runs for key in chain[run.start : run.stop]]
+
+    def positions(self) -> list[int]:
+        return [position for run in self.runs for position in range(run.start, run.stop)]
+
+
+def by_owner(runs: Sequence[Run]) -> dict[str, OwnerRuns]:
+    """The runs grouped by owner, each owner's in chain order."""
+    owners: dict[str, OwnerRuns] = {}
+    for run in runs:
+        owners.setdefault(run.owner.node_id, OwnerRuns(run.owner)).runs.append(run)
+    return owners
+
+
+def runs_from(placement: Placement, keys: Sequence[bytes], first: int) -> list[Run]:
+    """The runs of `keys` from block `first` on (the first one cut to start there)."""
+    if not placement.members:
+        return []
+    runs = []
+    for run in placement.runs(keys):
+        if run.stop <= first:
+            continue
+        runs.append(Run(max(run.start, first), run.stop, run.owner))
+    return runs
