@@ -331,7 +331,7 @@ class KVClient:
             async for arrival in arrivals:
                 yield arrival
 
-    async def stream_to_writer(
+    async def _stream_to_writer(
         self, keys: list[bytes], writer: BlockWriter
     ) -> AsyncGenerator[LayerArrival, None]:
         """Get the stored prefix of `keys`, block i's layers written to `writer` as block i;

@@ -111,7 +111,7 @@ class ChainGather:
         writer = _PlacedWriter(owner.positions(), self._target)
         try:
             node = nodes.client(owner.member)
-            arrivals = node.stream_to_writer(owner.keys(self._keys), writer)
+            arrivals = node._stream_to_writer(owner.keys(self._keys), writer)
             async with contextlib.aclosing(arrivals):
                 async for arrival in arrivals:
                     progress.num_served = arrival.num_blocks

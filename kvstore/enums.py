@@ -28,7 +28,7 @@ class PutOutcome(enum.Enum):
     COMMITTED = 1
     ALREADY_PRESENT = 2
     PARENT_MISSING = 3
-    # The cluster client's own: the block's node could not be reached, so it was not
+    # A cluster client's own: the block's node could not be reached, so it was not
     # stored. No server sends it.
     NODE_UNREACHABLE = 4
 

@@ -14,9 +14,7 @@ from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.errors import WireError
 
 _TIERS = {kind.value: kind for kind in TierKind}
-_OUTCOMES = {
-    outcome.value: outcome for outcome in PutOutcome if outcome is not PutOutcome.NODE_UNREACHABLE
-}
+_OUTCOMES = {outcome.value: outcome for outcome in PutOutcome}
 
 
 def tier_to_wire(kind: TierKind) -> pb.Tier.ValueType:

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ServerFactory, make_kv, make_namespace, same_bytes
 from threaded_server import server_thread
 
 from kvstore.client import (
@@ -24,10 +23,12 @@ from kvstore.client import (
 from kvstore.client._cluster import ClusterClient
 from kvstore.cluster.members import parse_static_target
 from kvstore.cluster.placement import Placement
+from kvstore.layout import Namespace
 from kvstore.server import RunningServer
 
+ServerFactory = Callable[..., Awaitable[RunningServer]]
 RUN_BLOCKS = 2
-NUM_BLOCKS = 12  # 6 runs over 3 nodes
+NUM_BLOCKS = 24  # 12 runs over 3 nodes
 
 
 def cluster_options(data_plane: bool, **overrides: Any) -> ClientOptions:
@@ -47,7 +48,9 @@ def static_target(nodes: list[RunningServer]) -> str:
 
 @pytest.fixture(params=["data-plane", "grpc"])
 async def cluster(
-    nodes: list[RunningServer], request: pytest.FixtureRequest
+    nodes: list[RunningServer],
+    request: pytest.FixtureRequest,
+    make_namespace: Callable[..., Namespace],
 ) -> AsyncIterator[KVClient]:
     options = cluster_options(request.param == "data-plane")
     async with KVClient(static_target(nodes), make_namespace(), options=options) as client:
@@ -69,18 +72,27 @@ def owners(nodes: list[RunningServer], keys: list[bytes]) -> list[int]:
     return found
 
 
-async def stored_on(node: RunningServer, keys: list[bytes]) -> list[bool]:
-    async with KVClient(f"127.0.0.1:{node.port}", make_namespace()) as client:
+async def stored_on(node: RunningServer, namespace: Namespace, keys: list[bytes]) -> list[bool]:
+    async with KVClient(f"127.0.0.1:{node.port}", namespace) as client:
         return [(await client.lookup_keys([key])).num_matched == 1 for key in keys]
 
 
-async def test_a_cluster_target_makes_a_cluster_client(cluster: KVClient) -> None:
+async def test_a_cluster_target_makes_a_cluster_client(
+    cluster: KVClient,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
     assert isinstance(cluster, ClusterClient)
     assert isinstance(cluster, KVClient)
 
 
 async def test_put_places_each_run_on_its_owner_and_the_chain_reads_back(
-    cluster: KVClient, nodes: list[RunningServer]
+    cluster: KVClient,
+    nodes: list[RunningServer],
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
 ) -> None:
     layout = cluster.namespace.layout
     tokens = tokens_for(NUM_BLOCKS, layout.block_tokens)
@@ -91,7 +103,7 @@ async def test_put_places_each_run_on_its_owner_and_the_chain_reads_back(
     placed = owners(nodes, keys)
     assert len(set(placed)) > 1, "the chain should spread over several nodes"
     for index, node in enumerate(nodes):
-        here = await stored_on(node, keys)
+        here = await stored_on(node, cluster.namespace, keys)
         assert here == [owner == index for owner in placed], f"node {index} holds the wrong runs"
 
     match = await cluster.lookup(tokens)
@@ -104,6 +116,9 @@ async def test_put_places_each_run_on_its_owner_and_the_chain_reads_back(
 
 async def test_iter_layers_yields_each_layer_once_every_node_delivered_it(
     cluster: KVClient,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
 ) -> None:
     layout = cluster.namespace.layout
     tokens = tokens_for(NUM_BLOCKS, layout.block_tokens, seed=2)
@@ -123,7 +138,12 @@ async def test_iter_layers_yields_each_layer_once_every_node_delivered_it(
     assert same_bytes(dest, kv)
 
 
-async def test_a_longer_query_matches_the_stored_prefix_across_nodes(cluster: KVClient) -> None:
+async def test_a_longer_query_matches_the_stored_prefix_across_nodes(
+    cluster: KVClient,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
     layout = cluster.namespace.layout
     tokens = tokens_for(NUM_BLOCKS, layout.block_tokens, seed=5)
     stored = 7  # ends inside a run
@@ -134,7 +154,12 @@ async def test_a_longer_query_matches_the_stored_prefix_across_nodes(cluster: KV
     assert await cluster.get_into(cluster.keys(tokens), dest) == stored
 
 
-async def test_layer_put_across_nodes(cluster: KVClient) -> None:
+async def test_layer_put_across_nodes(
+    cluster: KVClient,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
     layout = cluster.namespace.layout
     tokens = tokens_for(NUM_BLOCKS, layout.block_tokens, seed=6)
     keys = cluster.keys(tokens)
@@ -150,7 +175,11 @@ async def test_layer_put_across_nodes(cluster: KVClient) -> None:
 
 
 async def test_pin_unpin_delete_and_stats_reach_every_node(
-    cluster: KVClient, nodes: list[RunningServer]
+    cluster: KVClient,
+    nodes: list[RunningServer],
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
 ) -> None:
     layout = cluster.namespace.layout
     tokens = tokens_for(NUM_BLOCKS, layout.block_tokens, seed=8)
@@ -170,6 +199,9 @@ async def test_pin_unpin_delete_and_stats_reach_every_node(
 
 async def test_a_stopped_node_costs_misses_not_errors(
     nodes: list[RunningServer],
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
 ) -> None:
     layout = make_namespace().layout
     tokens = tokens_for(NUM_BLOCKS, layout.block_tokens, seed=10)
@@ -199,7 +231,11 @@ async def test_a_stopped_node_costs_misses_not_errors(
         assert sum(entry.stats is None for entry in stats.members) == 1
 
 
-def test_the_sync_facade_takes_a_cluster_target() -> None:
+def test_the_sync_facade_takes_a_cluster_target(
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
     layout = make_namespace().layout
     tokens = tokens_for(4, layout.block_tokens, seed=12)
     kv = make_kv(layout, 4)
@@ -219,12 +255,22 @@ def test_the_sync_facade_takes_a_cluster_target() -> None:
     "target",
     ["cluster://", "cluster://127.0.0.1", "cluster://127.0.0.1:1,127.0.0.1:1", "etcd://h:1"],
 )
-def test_bad_cluster_targets_say_what_is_wrong(target: str) -> None:
+def test_bad_cluster_targets_say_what_is_wrong(
+    target: str,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
     with pytest.raises(InvalidArgument, match="cluster"):
         KVClient(target, make_namespace())
 
 
-async def test_caller_errors_are_raised_not_taken_for_misses(cluster: KVClient) -> None:
+async def test_caller_errors_are_raised_not_taken_for_misses(
+    cluster: KVClient,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
     with pytest.raises(InvalidArgument):
         await cluster.lookup_keys([b""])
     with pytest.raises(InvalidArgument):

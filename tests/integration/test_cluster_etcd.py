@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_kv, make_namespace, same_bytes
 from etcd_server import EtcdServer, etcd_server  # tests/etcd_server.py
 
 from kvstore.client import ClientOptions, KVClient, PutOutcome, Unavailable
 from kvstore.client._cluster import ClusterClient
 from kvstore.cluster.etcd import list_members
+from kvstore.layout import Namespace
 from kvstore.server import RunningServer, build_server, load_config
 
 MiB = 1 << 20
@@ -78,13 +78,17 @@ async def registered(etcd: EtcdServer, count: int) -> None:
 
 
 def tokens(seed: int) -> list[int]:
-    block_tokens = make_namespace().layout.block_tokens
+    block_tokens = 16  # the block size of the make_namespace fixture's layout
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 50_000, (NUM_BLOCKS * block_tokens,), generator=generator).tolist()
 
 
 async def test_the_client_finds_the_registered_nodes_and_uses_them_all(
-    etcd: EtcdServer, start_node: Any
+    etcd: EtcdServer,
+    start_node: Any,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
 ) -> None:
     nodes = [await start_node() for _ in range(3)]
     await registered(etcd, 3)
@@ -97,13 +101,24 @@ async def test_the_client_finds_the_registered_nodes_and_uses_them_all(
         dest = torch.zeros_like(kv)
         assert await client.get_into(await client.lookup(tokens(1)), dest) == NUM_BLOCKS
         assert same_bytes(dest, kv)
-    # Every node took some of the runs: placement spread the chain.
+        placement = client.membership.placement
+        keys = client.keys(tokens(1))
+    # Each node holds exactly the runs placement gives it.
     for node in nodes:
-        assert node.store.report().tiers[0].num_blocks > 0
+        assert node.membership is not None
+        node_id = node.membership.member.node_id
+        owned = sum(
+            run.stop - run.start for run in placement.runs(keys) if run.owner.node_id == node_id
+        )
+        assert node.store.report().tiers[0].num_blocks == owned
 
 
 async def test_a_node_that_joins_or_drains_changes_the_membership(
-    etcd: EtcdServer, start_node: Any
+    etcd: EtcdServer,
+    start_node: Any,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
 ) -> None:
     nodes = [await start_node() for _ in range(2)]
     await registered(etcd, 2)
@@ -123,7 +138,11 @@ async def test_a_node_that_joins_or_drains_changes_the_membership(
 
 
 async def test_clients_keep_the_last_membership_while_etcd_is_down(
-    etcd: EtcdServer, start_node: Any
+    etcd: EtcdServer,
+    start_node: Any,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
 ) -> None:
     for _ in range(3):
         await start_node()
@@ -149,7 +168,12 @@ async def test_clients_keep_the_last_membership_while_etcd_is_down(
         assert len(client.membership.members) == 3
 
 
-async def test_an_unreachable_etcd_at_the_first_call_is_unavailable(etcd: EtcdServer) -> None:
+async def test_an_unreachable_etcd_at_the_first_call_is_unavailable(
+    etcd: EtcdServer,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
     url = etcd.url(PREFIX)
     await asyncio.to_thread(etcd.stop)
     async with KVClient(url, make_namespace(), options=OPTIONS) as client:
@@ -157,7 +181,12 @@ async def test_an_unreachable_etcd_at_the_first_call_is_unavailable(etcd: EtcdSe
             await client.lookup(tokens(5))
 
 
-async def test_an_empty_cluster_misses_and_stores_nothing(etcd: EtcdServer) -> None:
+async def test_an_empty_cluster_misses_and_stores_nothing(
+    etcd: EtcdServer,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
     layout = make_namespace().layout
     async with KVClient(etcd.url(PREFIX), make_namespace(), options=OPTIONS) as client:
         assert (await client.lookup(tokens(6))).num_matched == 0

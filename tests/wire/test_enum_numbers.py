@@ -62,6 +62,7 @@ def test_the_pinned_numbers() -> None:
         "COMMITTED": 1,
         "ALREADY_PRESENT": 2,
         "PARENT_MISSING": 3,
+        "NODE_UNREACHABLE": 4,
     }
     assert proto_members(pb.ChecksumKind) == {"XXH3_64": 1, "CRC32C": 2}
     assert proto_members(pb.Durability) == {
@@ -137,7 +138,7 @@ def test_unknown_tier_number(number: int) -> None:
         tier_from_wire(number)
 
 
-@pytest.mark.parametrize("number", [0, 4, 99, -1])
+@pytest.mark.parametrize("number", [0, 5, 99, -1])
 def test_unknown_outcome_number(number: int) -> None:
     with pytest.raises(WireError, match=f"unknown put outcome number {number}"):
         outcome_from_wire(number)

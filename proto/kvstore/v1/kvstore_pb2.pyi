@@ -115,6 +115,10 @@ class _PutOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PutOutcome
     """The parent was not present at commit (and the block did not set parent_remote);
     dropped, as it could never be found.
     """
+    NODE_UNREACHABLE: _PutOutcome.ValueType  # 4
+    """A cluster client's own (kvstore.client's cluster targets): the node that owns the
+    block could not be reached, so the block was not stored. No server sends it.
+    """
 
 class PutOutcome(_PutOutcome, metaclass=_PutOutcomeEnumTypeWrapper): ...
 
@@ -126,6 +130,10 @@ ALREADY_PRESENT: PutOutcome.ValueType  # 2
 PARENT_MISSING: PutOutcome.ValueType  # 3
 """The parent was not present at commit (and the block did not set parent_remote);
 dropped, as it could never be found.
+"""
+NODE_UNREACHABLE: PutOutcome.ValueType  # 4
+"""A cluster client's own (kvstore.client's cluster targets): the node that owns the
+block could not be reached, so the block was not stored. No server sends it.
 """
 Global___PutOutcome: _TypeAlias = PutOutcome  # noqa: Y015
 
