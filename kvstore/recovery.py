@@ -9,7 +9,9 @@ the block's identity, and the pool drops the block with its descendants
 (`drop_unreadable`), so a client gets a shorter prefix or a miss, never wrong bytes.
 
 A block comes back only if its parent did, so a lookup never finds a child whose parent
-is gone; block files whose parent never came back are deleted at the end.
+is gone; block files whose parent never came back are deleted at the end. A file names
+the parent its index entry had (`BlockPool._write_claimed`), so a block put with
+`parent_remote` whose parent was on another node is a root in its file too, not an orphan.
 
 `recover_while_serving` gives the rebuild a short budget before the daemon serves, and
 lets a larger directory go on being indexed in the background. Until it is done, Stats

@@ -8,6 +8,8 @@ reads configuration from outside (files, flags); components receive their own pa
                                  # 0: any free port (clients ask over gRPC), -1: off
     log_level = "info"
     tune_allocator = true        # keep megabyte message buffers on the heap
+    workers = 1                  # daemon processes splitting the capacity (> 1 needs
+                                 # [cluster]; kvstore.server.workers)
 
     [store]
     dram_bytes = "1GiB"
@@ -70,6 +72,8 @@ from kvstore.errors import InvalidRequest
 from kvstore.wire.chunks import MIN_CHUNK_BYTES
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+# Past this, a host is better served by more machines than by more processes.
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,8 +217,18 @@ class ServerConfig:
     # Listen beyond loopback with neither authentication nor TLS: refused unless set.
     insecure: bool = False
     cluster: ClusterConfig | None = None  # None: registered nowhere
+    # Daemon processes on this host, each with 1/workers of every tier, registered as
+    # one member each (kvstore.server.workers); more than one needs [cluster].
+    workers: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise InvalidRequest(f"workers must be in [1, {MAX_WORKERS}], got {self.workers}")
+        if self.workers > 1 and self.cluster is None:
+            raise InvalidRequest(
+                f"workers = {self.workers} needs [cluster] (--cluster etcd://HOST:PORT/PREFIX): "
+                f"clients find the workers only through the cluster's membership"
+            )
         if self.auth.certificate_tenants and (self.tls is None or not self.tls.mutual):
             raise InvalidRequest(
                 "[auth] certificate_tenants needs mutual TLS: set [tls] client_ca_file "
@@ -469,6 +483,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="seconds the cluster entry outlives a dead daemon (default 10)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="daemon processes, each with 1/N of every tier, registered as N cluster "
+        "members; more than 1 needs --cluster (default 1)",
+    )
     parser.add_argument("--log-level", choices=list(_LOG_LEVELS))
     parser.add_argument(
         "--no-tune-allocator",
@@ -483,6 +503,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     overrides = {
         key: value
         for key, value in vars(args).items()
-        if key in {"listen", "data_port", "log_level", "tune_allocator", "insecure"} or "." in key
+        if key in {"listen", "data_port", "log_level", "tune_allocator", "insecure", "workers"}
+        or "." in key
     }
     return load_config(args.config, overrides)

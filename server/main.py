@@ -1,4 +1,4 @@
-"""`kvstore-server`: run the daemon, or print a running daemon's stats.
+"""`kvstore-server`: run the daemon (or N workers), or print a running daemon's stats.
 
 kvstore-server [--config FILE] [--listen HOST:PORT] [--dram-bytes 4GiB] ...
 kvstore-server stats [--target HOST:PORT] [--json]
@@ -8,9 +8,7 @@ kvstore-server cluster status --cluster etcd://HOST:PORT/PREFIX [--json]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -22,9 +20,9 @@ from rich.console import Console
 from rich.table import Table
 
 from kvstore.errors import InvalidRequest
-from kvstore.server.app import serve
 from kvstore.server.cluster_status import run_cluster_status
 from kvstore.server.config import add_config_arguments, config_from_args
+from kvstore.server.workers import configure_logging, run_daemon, supervise, worker_configs
 from kvstore.units import human_bytes
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -39,25 +37,23 @@ def main(argv: list[str] | None = None) -> int:
         return _cluster_status_main(argv[2:])
     parser = argparse.ArgumentParser(
         prog="kvstore-server",
-        description="Serve the kvstore KV-cache pool. `kvstore-server stats` prints a "
-        "running server's stats.",
+        description="Serve the kvstore KV-cache pool (with --workers N, as N daemon "
+        "processes registered in --cluster). `kvstore-server stats` prints a running "
+        "server's stats; `kvstore-server cluster status` lists a cluster's members.",
     )
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
+        configs = worker_configs(config) if config.workers > 1 else []
     except InvalidRequest as error:
         parser.error(str(error))
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        asyncio.run(serve(config))
-    except (OSError, InvalidRequest) as error:
-        logging.getLogger("kvstore.server").error("cannot start: %s", error)
-        return 1
-    return 0
+    except OSError as error:  # no free port on the listen host for the workers
+        parser.error(f"cannot choose ports for the workers on {config.listen}: {error}")
+    configure_logging(config.log_level, worker_index=None)
+    if configs:
+        return supervise(config, configs)
+    return run_daemon(config)
 
 
 def _add_caller_arguments(parser: argparse.ArgumentParser) -> None:
