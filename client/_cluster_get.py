@@ -17,7 +17,7 @@ from kvstore.layout import KVLayout
 
 
 @dataclass
-class _OwnerProgress:
+class OwnerProgress:
     owner: OwnerRuns
     num_served: int = -1  # blocks the member serves of its runs; -1: not known yet
     num_layers_done: int = 0
@@ -84,7 +84,7 @@ class ChainGather:
                     dest.shape, dtype=dest.dtype, pin_memory=torch.cuda.is_available()
                 )
             self._host_map = ByteMap(self._host, layout, form)
-        self._progress = [_OwnerProgress(owner) for owner in by_owner(runs).values()]
+        self._progress = [OwnerProgress(owner) for owner in by_owner(runs).values()]
         self._changed = asyncio.Event()
 
     def _target(self, layer: int) -> tuple[ByteMap, int]:
@@ -102,7 +102,7 @@ class ChainGather:
             )
         return found[1], 0
 
-    async def _drive(self, progress: _OwnerProgress) -> None:
+    async def _drive(self, progress: OwnerProgress) -> None:
         owner = progress.owner
         nodes = self._nodes
         if not nodes.reachable(owner.member):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from pathlib import Path
@@ -102,6 +103,28 @@ def test_save_then_load_round_trips_pages_through_the_store(store_target: str) -
         stats = loader.wait_for_load()
     assert (stats.num_blocks, stats.num_bytes) == (3, 3 * LAYOUT.block_bytes)
     assert not dest.layers[0][[1, 3, 4, 6, 7]].any(), "pages outside the load were written"
+
+
+def test_the_connector_takes_a_cluster_target() -> None:
+    """Saved through a cluster of three daemons (a run per block, so spread over them),
+    loaded back page for page."""
+    prompt = tokens(4 * 16 + 5, seed=11)
+    source, dest = PagedCache(seed=8), PagedCache()
+    options = ClientOptions(cluster_run_blocks=1)
+    with contextlib.ExitStack() as servers:
+        target = "cluster://" + ",".join(servers.enter_context(server_thread()) for _ in range(3))
+        with KVConnector(target, NAMESPACE, source, options=options) as saver:
+            assert save_all(saver, saver.keys(prompt), [4, 1, 7, 2]) == 4
+        with KVConnector(target, NAMESPACE, dest, options=options) as loader:
+            match = loader.lookup(prompt)
+            assert match.num_matched == 4
+            loader.start_load_kv(match, [0, 2, 5, 6])
+            assert loader.wait_for_load().num_blocks == 4
+        for layer in range(LAYOUT.num_layers):
+            for src_page, dst_page in ((4, 0), (1, 2), (7, 5), (2, 6)):
+                assert torch.equal(
+                    dest.page_view(layer, dst_page), source.page_view(layer, src_page)
+                )
 
 
 def test_lookup_leaves_at_least_one_token_to_compute(store_target: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,12 +20,14 @@ from kvstore.client import (
     KVForm,
     PutOutcome,
     SyncKVClient,
+    Unauthenticated,
 )
 from kvstore.client._cluster import ClusterClient
 from kvstore.cluster.members import parse_static_target
 from kvstore.cluster.placement import Placement
 from kvstore.layout import Namespace
 from kvstore.server import RunningServer
+from kvstore.server.auth import token_sha256
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]
 RUN_BLOCKS = 2
@@ -287,3 +290,34 @@ async def _first_layer_then(
             if arrival.layer == 0:
                 await action()
     return seen
+
+
+async def test_credentials_reach_every_node_and_a_refusal_is_raised(
+    server_factory: ServerFactory,
+    tmp_path: Path,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
+    """With auth on every node, the cluster client's token goes to each; a wrong token is
+    the caller's error, raised, not a node's failure taken for a miss."""
+    token = "tok-cluster-0123456789"
+    tokens_file = tmp_path / "tokens.toml"
+    tokens_file.write_text(
+        f'[[tokens]]\nsha256 = "{token_sha256(token)}"\ntenant = "tenant-a"\nrole = "tenant"\n'
+    )
+    nodes = [await server_factory(auth__tokens_file=str(tokens_file)) for _ in range(3)]
+    namespace = make_namespace(tenant="tenant-a")
+    layout = namespace.layout
+    tokens = tokens_for(NUM_BLOCKS, layout.block_tokens, seed=13)
+    kv = make_kv(layout, NUM_BLOCKS, seed=14)
+    options = cluster_options(True, token=token)
+    async with KVClient(static_target(nodes), namespace, options=options) as cluster:
+        assert (await cluster.put(tokens, kv)).num_committed == NUM_BLOCKS
+        dest = torch.zeros_like(kv)
+        assert await cluster.get_into(await cluster.lookup(tokens), dest) == NUM_BLOCKS
+        assert same_bytes(dest, kv)
+    wrong = cluster_options(True, token="tok-never-issued-0")
+    async with KVClient(static_target(nodes), namespace, options=wrong) as cluster:
+        with pytest.raises(Unauthenticated):
+            await cluster.lookup(tokens)
