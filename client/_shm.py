@@ -17,7 +17,7 @@ import fcntl
 import mmap
 import os
 import socket
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from kvstore.client._dataplane import DataConnection, DataPlanePool, DataPlaneUnreachable
 from kvstore.client._errors import (
@@ -43,6 +43,7 @@ from kvstore.wire.frames import (
 from kvstore.wire.shm import (
     BUFFER_ID,
     BUFFER_SIZE,
+    SHM_MESSAGE_BYTES,
     Region,
     RegionRing,
     copy_parts,
@@ -129,6 +130,22 @@ class ShmConnection(DataConnection):
             kind, parts = FrameKind.PUT_SHM, [Region(self.buffer_id, offset, length).encode()]
         await super().send(kind, parts)
 
+    async def put(self, messages: AsyncIterator[list[bytes | memoryview]]) -> pb.PutBlocksResponse:
+        """A whole put, its messages joined into PUT_SHM messages of about
+        SHM_MESSAGE_BYTES (concatenated PutBlocksRequests are one message)."""
+        joined: list[bytes | memoryview] = []
+        joined_bytes = 0
+        async for parts in messages:
+            length = sum(memoryview(part).nbytes for part in parts)
+            if joined and joined_bytes + length > SHM_MESSAGE_BYTES:
+                await self.send(FrameKind.PUT, joined)
+                joined, joined_bytes = [], 0
+            joined.extend(parts)
+            joined_bytes += length
+        if joined:
+            await self.send(FrameKind.PUT, joined)
+        return await self.finish_put()
+
     async def _reserve(self, length: int) -> int:
         try:
             offset = self._ring.reserve(length)
@@ -192,6 +209,11 @@ class ShmConnection(DataConnection):
         """Each reply of a get, decoded from the buffer; its data are views valid until
         the next one (the daemon writes over them only once they are handed back)."""
         whole = Region(self.buffer_id, 0, self._buffer.size)
+        # Larger replies cost no copy here, and fewer frames; the ring holds several.
+        if request.max_chunk_bytes < SHM_MESSAGE_BYTES:
+            request = pb.GetBlocksRequest(
+                namespace=request.namespace, keys=request.keys, max_chunk_bytes=SHM_MESSAGE_BYTES
+            )
         await self.send(FrameKind.GET_SHM, [whole.encode(), request.SerializeToString()])
         while True:
             kind, payload = await self._read()

@@ -55,6 +55,7 @@ from kvstore.wire.shm import (
     BUFFER_ID,
     INSTANCE_BYTES,
     REGION,
+    SHM_MESSAGE_BYTES,
     Region,
     RegionRing,
     copy_parts,
@@ -439,7 +440,8 @@ class DataPlane:
         while True:
             if kind == FrameKind.PUT_SHM and link.buffers is not None:
                 region = decode_region(payload)
-                yield link.buffers.view(region, self._limits.max_message_bytes)
+                limit = max(self._limits.max_message_bytes, SHM_MESSAGE_BYTES)
+                yield link.buffers.view(region, limit)
                 # Applied (the put asks for the next message only then): the client may
                 # write over the region.
                 await link.send(FrameKind.SHM_DONE)

@@ -47,6 +47,11 @@ from kvstore.wire.errors import WireError
 REGION = struct.Struct("<IQQ")
 BUFFER_SIZE = struct.Struct("<Q")
 BUFFER_ID = struct.Struct("<I")
+# A PUT_SHM message may carry this much even where the daemon's max_message_bytes is
+# less: a message in shared memory costs the daemon no buffer, and fewer, larger ones
+# cost fewer frames. Clients join a put's messages up to this size (protobuf messages
+# concatenate into one), and ask for get replies this large.
+SHM_MESSAGE_BYTES = 4 << 20
 # Said by the daemon after HELLO_PAYLOAD on the Unix socket, and in GetDataPlane: a
 # client checks that the socket it reached belongs to the daemon it talks to over gRPC.
 INSTANCE_BYTES = 16
