@@ -505,9 +505,9 @@ class DataPlane:
                 pacing.waiting()
                 await link.send(FrameKind.GET_DATA_SHM, [reply.encode()])
                 pacing.working()
-        await link.send(FrameKind.GET_END)
-        while ring.num_in_use:  # the stream is in step again once every reply is back
+        while ring.num_in_use:  # every reply is handed back before the get ends
             await self._await_done(link, pacing, ring)
+        await link.send(FrameKind.GET_END)
 
     async def _await_done(self, link: _Link, pacing: TransferPacing, ring: RegionRing) -> None:
         kind, _ = await link.read_frame(pacing)

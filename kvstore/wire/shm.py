@@ -20,7 +20,7 @@ a SHM_DONE frame. Only block bytes move through the buffer; frames stay on the s
     GET_SHM   region + GetBlocksRequest -> (the region is where replies may be written)
                                     <-   GET_DATA_SHM  region (the reply lies there)
     SHM_DONE                         ->  (one per GET_DATA_SHM, once it is read)
-                                    <-   GET_END
+                                    <-   GET_END  (once every reply is handed back)
 
 A region is a buffer id (u32), an offset (u64) and a length (u64) in that buffer. Buffer
 ids name buffers registered on the same connection only: there is no way to name
