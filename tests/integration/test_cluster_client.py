@@ -124,9 +124,23 @@ def cut_inside_a_run(nodes: list[RunningServer], keys: list[bytes]) -> int:
     return next(cut for cut in range(3, len(keys)) if placement.lead_blocks(keys[cut:]) > 0)
 
 
+async def put_tail(
+    cluster: KVClient, how: str, keys: list[bytes], kv: torch.Tensor, parent_key: bytes
+) -> tuple[PutOutcome, ...]:
+    if how == "put_blocks":
+        return (await cluster.put_blocks(keys, kv, parent_key=parent_key)).outcomes
+    async with cluster.layer_put(keys, parent_key=parent_key) as put:  # the connector's save
+        for layer in range(cluster.namespace.layout.num_layers):
+            await put.send_layer(layer, kv[:, layer])
+    assert put.result is not None
+    return put.result.outcomes
+
+
+@pytest.mark.parametrize("how", ["put_blocks", "layer_put"])
 async def test_a_tail_put_after_its_head_is_placed_as_the_whole_chain_is(
     cluster: KVClient,
     nodes: list[RunningServer],
+    how: str,
     make_kv: Callable[..., torch.Tensor],
     same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
 ) -> None:
@@ -137,8 +151,8 @@ async def test_a_tail_put_after_its_head_is_placed_as_the_whole_chain_is(
     kv = make_kv(layout, NUM_BLOCKS, form=KVForm.BLOCKS, seed=22)
     cut = cut_inside_a_run(nodes, keys)
     head = await cluster.put_blocks(keys[:cut], kv[:cut])
-    tail = await cluster.put_blocks(keys[cut:], kv[cut:], parent_key=keys[cut - 1])
-    assert head.outcomes + tail.outcomes == (PutOutcome.COMMITTED,) * NUM_BLOCKS
+    tail = await put_tail(cluster, how, keys[cut:], kv[cut:], keys[cut - 1])
+    assert head.outcomes + tail == (PutOutcome.COMMITTED,) * NUM_BLOCKS
     placed = owners(nodes, keys)
     for index, node in enumerate(nodes):
         here = await stored_on(node, cluster.namespace, keys)
@@ -147,28 +161,6 @@ async def test_a_tail_put_after_its_head_is_placed_as_the_whole_chain_is(
     assert match.num_matched == NUM_BLOCKS
     dest = torch.zeros_like(kv)
     assert await cluster.get_into(match, dest, form=KVForm.BLOCKS) == NUM_BLOCKS
-    assert same_bytes(dest, kv)
-
-
-async def test_a_layer_put_of_a_tail_is_placed_as_the_whole_chain_is(
-    cluster: KVClient,
-    nodes: list[RunningServer],
-    make_kv: Callable[..., torch.Tensor],
-    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
-) -> None:
-    layout = cluster.namespace.layout
-    keys = cluster.keys(tokens_for(NUM_BLOCKS, layout.block_tokens, seed=23))
-    kv = make_kv(layout, NUM_BLOCKS, form=KVForm.BLOCKS, seed=24)
-    cut = cut_inside_a_run(nodes, keys)
-    await cluster.put_blocks(keys[:cut], kv[:cut])
-    async with cluster.layer_put(keys[cut:], parent_key=keys[cut - 1]) as put:
-        for layer in range(layout.num_layers):
-            await put.send_layer(layer, kv[cut:, layer])
-    assert put.result is not None
-    assert put.result.outcomes == (PutOutcome.COMMITTED,) * (NUM_BLOCKS - cut)
-    assert (await cluster.lookup_keys(keys)).num_matched == NUM_BLOCKS
-    dest = torch.zeros_like(kv)
-    assert await cluster.get_into(keys, dest, form=KVForm.BLOCKS) == NUM_BLOCKS
     assert same_bytes(dest, kv)
 
 
