@@ -42,6 +42,7 @@ from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult, StoreStats
 from kvstore.client._stats_sum import sum_store_stats
 from kvstore.client._transport import Transport
+from kvstore.client.cost import BandwidthMeter
 from kvstore.cluster.etcd import EtcdUnavailable
 from kvstore.cluster.members import SCHEME, Member, parse_etcd_url, parse_static_target
 from kvstore.cluster.placement import Placement, Run
@@ -113,7 +114,9 @@ class ClusterClient(KVClient):
                 self.membership = Membership(parse_static_target(target), run_blocks)
         except ValueError as error:
             raise InvalidArgument(str(error)) from None
-        self.nodes = NodePool(namespace, self.options)
+        self._meter = BandwidthMeter()
+        self._meter_node = ""
+        self.nodes = NodePool(namespace, self.options, self._meter)
         self.membership.on_change(self.nodes.keep_only)
         self._started = False
         self._start_lock = asyncio.Lock()
