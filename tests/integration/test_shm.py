@@ -660,3 +660,68 @@ async def test_a_client_killed_mid_put_frees_what_it_held(
             await child.wait()
     await assert_unharmed(client, kv)
     assert (await client.lookup_keys([b"dying-0"])).num_matched == 0
+
+
+_DYING_READER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from kvstore.client import ClientOptions, DType, KVClient, KVLayout, Namespace
+    layout = KVLayout(num_layers=32, num_kv_heads=8, head_dim=64, dtype=DType.BFLOAT16,
+                      block_tokens=8)
+    ns = Namespace(tenant="tenant-a", model_fingerprint="shm", layout=layout)
+
+    async def main():
+        client = KVClient(sys.argv[1], ns, options=ClientOptions(shared_memory=True))
+        keys = [f"read-{i}".encode() for i in range(96)]
+        async for arrival in client.iter_layers(keys):
+            print("got", arrival.layer, arrival.num_blocks, flush=True)
+            await asyncio.sleep(60)  # killed here, mid-get, replies in its buffer
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_client_killed_mid_get_releases_the_blocks(
+    server_factory: ServerFactory,
+    clients: Callable[..., KVClient],
+    make_kv: MakeKV,
+    poll: Poll,
+    tmp_path: Path,
+) -> None:
+    shm_server = await server_factory(
+        shm_socket=str(tmp_path / "kv.sock"), store__dram_bytes=96 * MiB
+    )
+    client = clients(shm_server)
+    # 48 MiB: more than the client's 32 MiB buffer, so the daemon is still reading.
+    keys = [f"read-{index}".encode() for index in range(96)]
+    kv = make_kv(LARGE, len(keys), form=KVForm.BLOCKS, seed=21)
+    assert (await client.put_blocks(keys, kv)).num_committed == len(keys)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _DYING_READER,
+        f"127.0.0.1:{shm_server.port}",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(child.stdout.readline(), 60)
+        assert line.split() == [b"got", b"0", b"96"]
+        # Mid-get the daemon holds every block for the read.
+        assert await client.delete(keys[:1]) == (0, len(keys))
+        child.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(child.wait(), 10)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+
+    async def released() -> bool:
+        return (await client.delete(keys[:1])) == (len(keys), 0)
+
+    await poll(released)
+    assert (await client.lookup_keys(keys)).num_matched == 0
+    # The daemon serves on, through shared memory.
+    dest = await put_and_get(client, kv[:2], "after")
+    assert torch.equal(dest.view(torch.uint8), kv[:2].view(torch.uint8))
