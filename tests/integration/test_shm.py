@@ -725,3 +725,27 @@ async def test_a_client_killed_mid_get_releases_the_blocks(
     # The daemon serves on, through shared memory.
     dest = await put_and_get(client, kv[:2], "after")
     assert torch.equal(dest.view(torch.uint8), kv[:2].view(torch.uint8))
+
+
+def mapped_memfds(name: str) -> int:
+    """Mappings of memfds called `name` in this process (the daemon runs in it here)."""
+    with open("/proc/self/maps") as maps:
+        return sum(f"/memfd:{name} (deleted)" in line for line in maps)
+
+
+async def test_the_daemon_unmaps_a_buffer_when_its_connection_ends(
+    shm_server: RunningServer, poll: Poll
+) -> None:
+    raw = await (await RawShm.open(shm_server)).admitted(shm_server)
+    fd = os.memfd_create("unmap-probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, MiB)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    assert (await raw.register(fd, MiB))[0] == FrameKind.REGISTERED
+    os.close(fd)  # from here only the daemon's mapping keeps the buffer
+    assert mapped_memfds("unmap-probe") == 1
+    raw.close()
+
+    async def unmapped() -> bool:
+        return mapped_memfds("unmap-probe") == 0
+
+    await poll(unmapped)
