@@ -30,6 +30,7 @@ from kvstore.client import (
     KVForm,
     KVLayout,
     Namespace,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -749,3 +750,26 @@ async def test_the_daemon_unmaps_a_buffer_when_its_connection_ends(
         return mapped_memfds("unmap-probe") == 0
 
     await poll(unmapped)
+
+
+async def test_the_tenant_transfer_quota_counts_shared_memory_transfers(
+    server_factory: ServerFactory,
+    clients: Callable[..., KVClient],
+    make_kv: MakeKV,
+    tmp_path: Path,
+) -> None:
+    running = await server_factory(
+        shm_socket=str(tmp_path / "kv.sock"), **{"quotas.tenant-a.max_transfers": 1}
+    )
+    client = clients(running, shared_memory=True)
+    kv = make_kv(LARGE, 2, form=KVForm.BLOCKS, seed=31)
+    async with client.layer_put([b"held-0", b"held-1"]) as put:
+        await put.send_layer(0, kv[:, 0].contiguous())  # the put holds the one slot
+        with pytest.raises(ResourceExhausted, match="max_transfers"):
+            await client.put_blocks([b"second-0"], kv[:1])
+        for layer in range(1, LARGE.num_layers):
+            await put.send_layer(layer, kv[:, layer].contiguous())
+    assert put.result is not None
+    assert put.result.num_committed == 2
+    assert running.data_plane is not None
+    assert running.data_plane.shm_transfers >= 1
