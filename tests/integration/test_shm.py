@@ -39,7 +39,8 @@ from kvstore.client._shm import ShmPool
 from kvstore.errors import InvalidRequest
 from kvstore.server import RunningServer
 from kvstore.server.auth import token_sha256
-from kvstore.server.config import load_config
+from kvstore.server.config import ServerConfig, load_config
+from kvstore.server.workers import worker_configs
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.chunks import encode_put_header
 from kvstore.wire.frames import HELLO_PAYLOAD, FrameKind
@@ -773,3 +774,27 @@ async def test_the_tenant_transfer_quota_counts_shared_memory_transfers(
     assert put.result.num_committed == 2
     assert running.data_plane is not None
     assert running.data_plane.shm_transfers >= 1
+
+
+def test_workers_get_a_socket_each() -> None:
+    def config(shm_socket: str) -> ServerConfig:
+        return load_config(
+            None,
+            {
+                "shm_socket": shm_socket,
+                "workers": 3,
+                "cluster.etcd": "etcd://127.0.0.1:2379/kv",
+                "store.dram_bytes": 96 * MiB,
+            },
+        )
+
+    set_path = worker_configs(config("/run/kv.sock"))
+    assert [share.shm_socket for share in set_path] == [
+        "/run/kv.sock.0",
+        "/run/kv.sock.1",
+        "/run/kv.sock.2",
+    ]
+    auto = worker_configs(config("auto"))
+    assert {share.shm_socket for share in auto} == {"auto"}
+    paths = {share.shm_socket_path() for share in auto}
+    assert len(paths) == 3  # "auto" picks a fresh name each time
