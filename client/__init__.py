@@ -45,8 +45,10 @@ from kvstore.client._results import (
     TierStats,
 )
 from kvstore.client._sync import SyncKVClient, SyncLayerPut
+from kvstore.client._watch import BlockEvents, BlockView, WatchedBlock
 from kvstore.codec import KVForm
 from kvstore.enums import Durability, PutOutcome, TierKind
+from kvstore.events import BlockEvent, BlockEventKind
 from kvstore.keys import HashAlgorithm
 from kvstore.layout import DType, KVLayout, Namespace
 
@@ -54,6 +56,10 @@ __all__ = [
     "TOKEN_ENV",
     "Aborted",
     "AlreadyExists",
+    "BlockEvent",
+    "BlockEventKind",
+    "BlockEvents",
+    "BlockView",
     "Cancelled",
     "ChecksumError",
     "ChecksumKind",
@@ -94,4 +100,5 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "Unknown",
+    "WatchedBlock",
 ]

@@ -76,6 +76,10 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = 256
 
 
+# The largest BlockEvent on the wire: two keys of 64 bytes, a tier, a kind and framing.
+MAX_WATCH_EVENT_BYTES = 160
+
+
 @dataclass(frozen=True, kw_only=True)
 class Limits:
     max_message_bytes: int = 8 << 20
@@ -99,6 +103,13 @@ class Limits:
     # over gRPC). The client library's default is 120 s; 128K tokens of Llama-3-70B
     # (40 GiB) move in well under a minute on the reference machine's loopback.
     max_transfer_s: float = 600.0
+    # WatchBlocks (kvstore.server.watch): live events one watcher may fall behind before
+    # they are dropped for a GAP and a fresh snapshot; the most events in one message;
+    # watch streams open at once, in all and per namespace tenant.
+    watch_queue_events: int = 65536
+    watch_batch_events: int = 1024
+    max_watchers: int = 256
+    max_watchers_per_tenant: int = 32
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 64 << 10:
@@ -119,6 +130,22 @@ class Limits:
         for name in ("stream_idle_timeout_s", "frame_timeout_s", "max_transfer_s"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"limits.{name} must be > 0 seconds")
+        for name in (
+            "watch_queue_events",
+            "watch_batch_events",
+            "max_watchers",
+            "max_watchers_per_tenant",
+        ):
+            if getattr(self, name) < 1:
+                raise InvalidRequest(f"limits.{name} must be >= 1")
+        # An event is at most two 64-byte keys and a few bytes of framing.
+        if self.watch_batch_events * MAX_WATCH_EVENT_BYTES > self.max_message_bytes:
+            raise InvalidRequest(
+                f"limits.watch_batch_events ({self.watch_batch_events}) events of up to "
+                f"{MAX_WATCH_EVENT_BYTES} B must fit in max_message_bytes "
+                f"({self.max_message_bytes} B): lower it to at most "
+                f"{self.max_message_bytes // MAX_WATCH_EVENT_BYTES}"
+            )
 
     @property
     def max_chunk_bytes(self) -> int:
@@ -438,6 +465,24 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         dest="limits.max_transfer_s",
         type=float,
         help="the longest deadline a put or get may have, whatever the client asks (default 600)",
+    )
+    parser.add_argument(
+        "--watch-queue-events",
+        dest="limits.watch_queue_events",
+        type=int,
+        help="WatchBlocks: live events a watcher may fall behind before a GAP (default 65536)",
+    )
+    parser.add_argument(
+        "--max-watchers",
+        dest="limits.max_watchers",
+        type=int,
+        help="WatchBlocks streams open at once (default 256)",
+    )
+    parser.add_argument(
+        "--max-watchers-per-tenant",
+        dest="limits.max_watchers_per_tenant",
+        type=int,
+        help="WatchBlocks streams open at once on one tenant's namespaces (default 32)",
     )
     parser.add_argument(
         "--tokens-file",

@@ -17,6 +17,10 @@ from kvstore.client import KVStoreClientError, connector
 EXPECTED_CLIENT_API = [
     "Aborted",
     "AlreadyExists",
+    "BlockEvent",
+    "BlockEventKind",
+    "BlockEvents",
+    "BlockView",
     "Cancelled",
     "ChecksumError",
     "ChecksumKind",
@@ -58,6 +62,7 @@ EXPECTED_CLIENT_API = [
     "Unavailable",
     "Unimplemented",
     "Unknown",
+    "WatchedBlock",
 ]
 
 
