@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Generator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -122,7 +122,9 @@ class SyncKVClient:
         finally:
             self._run(stream.aclose())
 
-    def watch_blocks(self, *, max_events_per_message: int = 0) -> Iterator[BlockEvents]:
+    def watch_blocks(
+        self, *, max_events_per_message: int = 0
+    ) -> Generator[BlockEvents, None, None]:
         """KVClient.watch_blocks, blocking; close the iterator to end the watch."""
         stream = self._client.watch_blocks(max_events_per_message=max_events_per_message)
         try:
