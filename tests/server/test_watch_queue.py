@@ -9,7 +9,7 @@ import pytest
 
 from kvstore.checksum import ChecksumKind, checksum
 from kvstore.enums import PutOutcome, TierKind
-from kvstore.errors import CapacityExhausted
+from kvstore.errors import CapacityExhausted, InvalidRequest
 from kvstore.events import BlockEventKind
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.put import PutSession
@@ -102,10 +102,13 @@ def test_the_limits_refuse_a_watcher_with_a_clear_reason(store: BlockStore) -> N
     with hub.watch(NS):
         with pytest.raises(CapacityExhausted, match="max_watchers_per_tenant"), hub.watch(NS):
             pass
-        with hub.watch(OTHER_NS):
-            with pytest.raises(CapacityExhausted, match=r"limits\.max_watchers\)"):
-                with hub.watch(Namespace(tenant="v", model_fingerprint="m", layout=LAYOUT)):
-                    pass
+        third = Namespace(tenant="v", model_fingerprint="m", layout=LAYOUT)
+        with (
+            hub.watch(OTHER_NS),
+            pytest.raises(CapacityExhausted, match=r"limits\.max_watchers\)"),
+            hub.watch(third),
+        ):
+            pass
     assert hub.num_watchers == 0
 
 
@@ -119,7 +122,5 @@ def test_the_limits_refuse_a_watcher_with_a_clear_reason(store: BlockStore) -> N
     ],
 )
 def test_bad_watch_limits_are_refused_at_start_up(settings: dict[str, int], message: str) -> None:
-    from kvstore.errors import InvalidRequest
-
     with pytest.raises(InvalidRequest, match=message):
         Limits(**settings)  # type: ignore[arg-type]
