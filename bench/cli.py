@@ -18,6 +18,7 @@ from kvstore.bench.soak import add_soak_arguments, run_soak
 from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
 from kvstore.bench.tls import add_tls_arguments, run_tls
+from kvstore.bench.watch import add_watch_arguments, run_watch
 from kvstore.client import TOKEN_ENV
 from kvstore.wire.tls import CLIENT_TLS_SETTINGS
 
@@ -74,6 +75,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "data-plane put/get GB/s over TLS against plaintext in the same run",
         add_tls_arguments,
         run_tls,
+    ),
+    "watch": (
+        "put blocks/s of small blocks with N WatchBlocks watcher processes, against none",
+        add_watch_arguments,
+        run_watch,
     ),
     "disagg": (
         "prefill and decode workers on a real transformer: exactness check, agent-session TTFT",
