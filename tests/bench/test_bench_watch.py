@@ -1,0 +1,29 @@
+"""kvstore-bench watch, run small: a server process, watcher processes, the ratio."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvstore.bench.cli import main as bench_main
+
+
+@pytest.mark.slow
+def test_watch_reports_the_ratio_and_checks_every_watcher_saw_every_block(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["watch", "--watchers", "2", "--puts", "10", "--rounds", "1", "--json"]
+    assert bench_main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["every_watcher_saw_every_block"] is True
+    assert results["watchers"] == 2
+    assert len(results["rounds"]["none"]) == len(results["rounds"]["watched"]) == 1
+    rates = results["blocks_per_s_none"], results["blocks_per_s_watched"]
+    assert all(rate > 0 for rate in rates)
+    assert results["ratio"] == pytest.approx(rates[1] / rates[0])
+
+
+def test_watch_needs_a_watcher() -> None:
+    with pytest.raises(SystemExit, match="--watchers must be >= 1"):
+        bench_main(["watch", "--watchers", "0"])
