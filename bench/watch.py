@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -98,8 +100,41 @@ def watcher_processes(
 # -- the load ----------------------------------------------------------------------------------
 
 
-async def put_round(client: KVClient, round_name: str, args: argparse.Namespace) -> float:
-    """Blocks committed per second over `args.puts` puts of fresh chains."""
+@dataclass(frozen=True)
+class RoundResult:
+    blocks_per_s: float
+    server_cpu_us_per_block: float  # the daemon's CPU time (all threads) per block put
+
+
+@dataclass
+class WatchResults:
+    watchers: int
+    blocks_per_put: int
+    block_bytes: int
+    rounds_none: list[RoundResult] = field(default_factory=list)
+    rounds_watched: list[RoundResult] = field(default_factory=list)
+    slowest_watcher_done_s: float = 0.0  # after the last put, until every watcher saw it
+    every_watcher_saw_every_block: bool = True
+
+    def median(self, rounds: list[RoundResult], name: str) -> float:
+        return statistics.median(getattr(result, name) for result in rounds)
+
+    def ratio(self, name: str) -> float:
+        """watched ÷ none, of the medians of `name`."""
+        return self.median(self.rounds_watched, name) / self.median(self.rounds_none, name)
+
+    def to_json(self) -> dict[str, object]:
+        summary = dataclasses.asdict(self)
+        for name in ("blocks_per_s", "server_cpu_us_per_block"):
+            summary[f"{name}_none"] = self.median(self.rounds_none, name)
+            summary[f"{name}_watched"] = self.median(self.rounds_watched, name)
+            summary[f"{name}_ratio"] = self.ratio(name)
+        return summary
+
+
+async def put_round(client: KVClient, round_name: str, args: argparse.Namespace) -> RoundResult:
+    """`args.puts` puts of fresh chains: blocks committed per second, and the daemon's
+    CPU time per block (from Stats before and after)."""
     kv = torch.zeros((args.blocks_per_put, 1, *LAYOUT.layer_shape), dtype=torch.float16)
     pending = list(range(args.puts))
     committed = 0
@@ -112,12 +147,14 @@ async def put_round(client: KVClient, round_name: str, args: argparse.Namespace)
             result = await client.put_blocks(keys, kv, form=KVForm.BLOCKS)
             committed += result.num_committed
 
+    cpu_before = (await client.stats()).process_cpu_us
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     seconds = time.perf_counter() - start
+    cpu_us = (await client.stats()).process_cpu_us - cpu_before
     if committed != args.puts * args.blocks_per_put:
         raise RuntimeError(f"only {committed} blocks committed in round {round_name}")
-    return committed / seconds
+    return RoundResult(committed / seconds, cpu_us / committed)
 
 
 async def _put_one(client: KVClient, key: bytes) -> None:
@@ -125,17 +162,15 @@ async def _put_one(client: KVClient, key: bytes) -> None:
     await client.put_blocks([key], kv, form=KVForm.BLOCKS)
 
 
-def measure(target: str, args: argparse.Namespace) -> dict[str, object]:
-    rates: dict[str, list[float]] = {"none": [], "watched": []}
-    lags_s: list[float] = []
-    checked = True
+def measure(target: str, args: argparse.Namespace) -> WatchResults:
+    results = WatchResults(args.watchers, args.blocks_per_put, LAYOUT.block_bytes)
     for round_index in range(args.rounds):
         # The cases swap order every round, so a drift in the machine's speed lands on both.
         if round_index % 2 == 0:
-            rates["none"].append(asyncio.run(_one_round(target, f"n{round_index}", args)))
+            results.rounds_none.append(asyncio.run(_one_round(target, f"n{round_index}", args)))
         sentinel = f"sentinel-{round_index}".encode()
         with watcher_processes(target, args.watchers, sentinel) as processes:
-            rate = asyncio.run(_one_round(target, f"w{round_index}", args))
+            results.rounds_watched.append(asyncio.run(_one_round(target, f"w{round_index}", args)))
             done = time.perf_counter()
             asyncio.run(_with_client(target, sentinel))
             for process in processes:
@@ -144,27 +179,17 @@ def measure(target: str, args: argparse.Namespace) -> dict[str, object]:
                 # Each watcher started after the earlier rounds: it saw this round's
                 # blocks, the warm-up block and the sentinel as STORED, and no GAP.
                 expected = args.puts * args.blocks_per_put + 2
-                checked &= report["stored"] == expected and report["gaps"] == 0
-            lags_s.append(time.perf_counter() - done)
-            rates["watched"].append(rate)
+                if report["stored"] != expected or report["gaps"]:
+                    results.every_watcher_saw_every_block = False
+            results.slowest_watcher_done_s = max(
+                results.slowest_watcher_done_s, time.perf_counter() - done
+            )
         if round_index % 2 == 1:
-            rates["none"].append(asyncio.run(_one_round(target, f"n{round_index}", args)))
-    none = statistics.median(rates["none"])
-    watched = statistics.median(rates["watched"])
-    return {
-        "watchers": args.watchers,
-        "blocks_per_put": args.blocks_per_put,
-        "block_bytes": LAYOUT.block_bytes,
-        "blocks_per_s_none": none,
-        "blocks_per_s_watched": watched,
-        "ratio": watched / none,
-        "rounds": rates,
-        "slowest_watcher_done_s": max(lags_s),
-        "every_watcher_saw_every_block": checked,
-    }
+            results.rounds_none.append(asyncio.run(_one_round(target, f"n{round_index}", args)))
+    return results
 
 
-async def _one_round(target: str, name: str, args: argparse.Namespace) -> float:
+async def _one_round(target: str, name: str, args: argparse.Namespace) -> RoundResult:
     async with KVClient(target, NAMESPACE) as client:
         # One untimed block first: the client connects and finds the data plane.
         await _put_one(client, f"{name}-warmup".encode())
@@ -182,21 +207,26 @@ def run_watch(args: argparse.Namespace) -> int:
     with spawned_server(_SERVER_ARGS) as target:
         results = measure(target, args)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results.to_json(), indent=2))
         return 0
+    none, watched = results.rounds_none, results.rounds_watched
     print(
         f"puts of {args.blocks_per_put} blocks of {LAYOUT.block_bytes} B, {args.concurrency} "
-        f"in flight, {args.puts} puts per round, {args.rounds} rounds per case (median):"
+        f"in flight, {args.puts} puts per round, {args.rounds} rounds per case (medians):"
     )
-    print(f"  no watcher          {results['blocks_per_s_none']:10.0f} blocks/s")
+    for label, rounds in (("no watcher", none), (f"{args.watchers} watchers", watched)):
+        print(
+            f"  {label:12} {results.median(rounds, 'blocks_per_s'):8.0f} blocks/s  "
+            f"daemon CPU {results.median(rounds, 'server_cpu_us_per_block'):6.1f} us/block"
+        )
     print(
-        f"  {args.watchers} watcher processes {results['blocks_per_s_watched']:10.0f} blocks/s"
-        f"  ({results['ratio']:.2f}x no watcher)"
+        f"  with watchers ÷ without: {results.ratio('blocks_per_s'):.2f}x blocks/s, "
+        f"{results.ratio('server_cpu_us_per_block'):.2f}x daemon CPU per block"
     )
     print(
-        f"  slowest watcher had every event {results['slowest_watcher_done_s'] * 1000:.0f} ms "
+        f"  the slowest watcher had every event {results.slowest_watcher_done_s * 1000:.0f} ms "
         f"after the last put; every watcher saw every block, no GAP: "
-        f"{results['every_watcher_saw_every_block']}"
+        f"{results.every_watcher_saw_every_block}"
     )
     return 0
 
