@@ -29,7 +29,16 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.bench.spawn import spawned_server
-from kvstore.client import BlockEventKind, BlockView, DType, KVClient, KVForm, KVLayout, Namespace
+from kvstore.client import (
+    BlockEventKind,
+    BlockView,
+    ClientOptions,
+    DType,
+    KVClient,
+    KVForm,
+    KVLayout,
+    Namespace,
+)
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=64, dtype=DType.FLOAT16, block_tokens=16)
 NAMESPACE = Namespace(tenant="bench", model_fingerprint="watch", layout=LAYOUT)
@@ -46,6 +55,9 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="puts in flight (default 4)")
     parser.add_argument(
         "--rounds", type=int, default=3, help="rounds of each case, alternating (default 3)"
+    )
+    parser.add_argument(
+        "--grpc-only", action="store_true", help="puts over gRPC, not the TCP data plane"
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
 
@@ -190,7 +202,8 @@ def measure(target: str, args: argparse.Namespace) -> WatchResults:
 
 
 async def _one_round(target: str, name: str, args: argparse.Namespace) -> RoundResult:
-    async with KVClient(target, NAMESPACE) as client:
+    options = ClientOptions(data_plane=not args.grpc_only)
+    async with KVClient(target, NAMESPACE, options=options) as client:
         # One untimed block first: the client connects and finds the data plane.
         await _put_one(client, f"{name}-warmup".encode())
         return await put_round(client, name, args)
