@@ -46,6 +46,13 @@ from kvstore.client._results import (
 )
 from kvstore.client._sync import SyncKVClient, SyncLayerPut
 from kvstore.client._watch import BlockEvents, BlockView, WatchedBlock
+from kvstore.client.cost import (
+    BandwidthMeter,
+    FetchPlan,
+    PrefillModel,
+    break_even_bandwidth,
+    plan_fetch,
+)
 from kvstore.codec import KVForm
 from kvstore.enums import Durability, PutOutcome, TierKind
 from kvstore.events import BlockEvent, BlockEventKind
@@ -56,6 +63,7 @@ __all__ = [
     "TOKEN_ENV",
     "Aborted",
     "AlreadyExists",
+    "BandwidthMeter",
     "BlockEvent",
     "BlockEventKind",
     "BlockEvents",
@@ -69,6 +77,7 @@ __all__ = [
     "DeadlineExceeded",
     "Durability",
     "FailedPrecondition",
+    "FetchPlan",
     "HashAlgorithm",
     "Internal",
     "InvalidArgument",
@@ -82,6 +91,7 @@ __all__ = [
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
+    "PrefillModel",
     "PrefixMatch",
     "ProtocolError",
     "PutOutcome",
@@ -101,4 +111,6 @@ __all__ = [
     "Unimplemented",
     "Unknown",
     "WatchedBlock",
+    "break_even_bandwidth",
+    "plan_fetch",
 ]

@@ -17,6 +17,7 @@ from kvstore.client import KVStoreClientError, connector
 EXPECTED_CLIENT_API = [
     "Aborted",
     "AlreadyExists",
+    "BandwidthMeter",
     "BlockEvent",
     "BlockEventKind",
     "BlockEvents",
@@ -30,6 +31,7 @@ EXPECTED_CLIENT_API = [
     "DeadlineExceeded",
     "Durability",
     "FailedPrecondition",
+    "FetchPlan",
     "HashAlgorithm",
     "Internal",
     "InvalidArgument",
@@ -43,6 +45,7 @@ EXPECTED_CLIENT_API = [
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
+    "PrefillModel",
     "PrefixMatch",
     "ProtocolError",
     "PutOutcome",
@@ -63,6 +66,8 @@ EXPECTED_CLIENT_API = [
     "Unimplemented",
     "Unknown",
     "WatchedBlock",
+    "break_even_bandwidth",
+    "plan_fetch",
 ]
 
 
