@@ -59,6 +59,12 @@ def add_watch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grpc-only", action="store_true", help="puts over gRPC, not the TCP data plane"
     )
+    parser.add_argument(
+        "--control-wakers",
+        action="store_true",
+        help="a third case: as many processes as --watchers that only wake every 0.5 ms, "
+        "touching no kvstore (what busier cores alone do to the puts' speed)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -125,11 +131,13 @@ class WatchResults:
     block_bytes: int
     rounds_none: list[RoundResult] = field(default_factory=list)
     rounds_watched: list[RoundResult] = field(default_factory=list)
+    rounds_wakers: list[RoundResult] = field(default_factory=list)  # --control-wakers
     slowest_watcher_done_s: float = 0.0  # after the last put, until every watcher saw it
     every_watcher_saw_every_block: bool = True
 
     def median(self, rounds: list[RoundResult], name: str) -> float:
-        return statistics.median(getattr(result, name) for result in rounds)
+        values: list[float] = [getattr(result, name) for result in rounds]
+        return statistics.median(values)
 
     def ratio(self, name: str) -> float:
         """watched ÷ none, of the medians of `name`."""
@@ -141,6 +149,8 @@ class WatchResults:
             summary[f"{name}_none"] = self.median(self.rounds_none, name)
             summary[f"{name}_watched"] = self.median(self.rounds_watched, name)
             summary[f"{name}_ratio"] = self.ratio(name)
+            if self.rounds_wakers:
+                summary[f"{name}_wakers"] = self.median(self.rounds_wakers, name)
         return summary
 
 
@@ -198,7 +208,25 @@ def measure(target: str, args: argparse.Namespace) -> WatchResults:
             )
         if round_index % 2 == 1:
             results.rounds_none.append(asyncio.run(_one_round(target, f"n{round_index}", args)))
+        if args.control_wakers:
+            with waker_processes(args.watchers):
+                results.rounds_wakers.append(
+                    asyncio.run(_one_round(target, f"c{round_index}", args))
+                )
     return results
+
+
+@contextlib.contextmanager
+def waker_processes(count: int) -> Iterator[None]:
+    """Processes that sleep 0.5 ms at a time and do nothing else."""
+    spin = "import time\nwhile True:\n    time.sleep(0.0005)"
+    processes = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 async def _one_round(target: str, name: str, args: argparse.Namespace) -> RoundResult:
@@ -227,7 +255,10 @@ def run_watch(args: argparse.Namespace) -> int:
         f"puts of {args.blocks_per_put} blocks of {LAYOUT.block_bytes} B, {args.concurrency} "
         f"in flight, {args.puts} puts per round, {args.rounds} rounds per case (medians):"
     )
-    for label, rounds in (("no watcher", none), (f"{args.watchers} watchers", watched)):
+    cases = [("no watcher", none), (f"{args.watchers} watchers", watched)]
+    if results.rounds_wakers:
+        cases.append((f"{args.watchers} wakers", results.rounds_wakers))
+    for label, rounds in cases:
         print(
             f"  {label:12} {results.median(rounds, 'blocks_per_s'):8.0f} blocks/s  "
             f"daemon CPU {results.median(rounds, 'server_cpu_us_per_block'):6.1f} us/block"

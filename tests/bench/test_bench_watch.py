@@ -13,12 +13,15 @@ from kvstore.bench.cli import main as bench_main
 def test_watch_reports_the_ratio_and_checks_every_watcher_saw_every_block(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    argv = ["watch", "--watchers", "2", "--puts", "10", "--rounds", "1", "--json"]
+    argv = ["watch", "--watchers", "2", "--puts", "10", "--rounds", "1", "--control-wakers"]
+    argv.append("--json")
     assert bench_main(argv) == 0
     results = json.loads(capsys.readouterr().out)
     assert results["every_watcher_saw_every_block"] is True
     assert results["watchers"] == 2
     assert len(results["rounds_none"]) == len(results["rounds_watched"]) == 1
+    assert len(results["rounds_wakers"]) == 1
+    assert results["blocks_per_s_wakers"] > 0
     for name in ("blocks_per_s", "server_cpu_us_per_block"):
         none, watched = results[f"{name}_none"], results[f"{name}_watched"]
         assert none > 0
