@@ -828,9 +828,8 @@ class BlockPool:
             ssd.discard_file(location)
             return False
         ssd.commit(location)
-        fastest_before = entry.fastest
+        # No event: the memory copy, read-pinned until now, stays the fastest.
         entry.add_copy(TierKind.SSD, location)
-        self._tell_if_moved(entry, fastest_before)  # it was read-pinned in memory: no change
         return True
 
     async def read_from_ssd(self, entry: BlockEntry) -> bytes:

@@ -431,3 +431,36 @@ async def test_a_drain_ends_watch_streams_unavailable(
         with pytest.raises(Unavailable, match="draining"):
             await anext(stream)
         await draining
+
+
+async def test_an_hbm_promotion_is_a_tier_change(
+    server_factory: ServerFactory,
+    make_namespace: Callable[..., Namespace],
+    make_kv: MakeKV,
+    follow: Callable[..., Follower],
+) -> None:
+    server = await server_factory(
+        store__hbm_bytes=8 * BLOCK_BYTES,
+        store__hbm_device="cpu",
+        store__page_bytes=BLOCK_BYTES,
+        store__hbm_promote_after_seen=2,
+    )
+    namespace = make_namespace()
+    async with KVClient(f"127.0.0.1:{server.port}", namespace) as client:
+        follower = follow(client)
+        await follower.wait_until(lambda: client.target in follower.view.synced)
+        keys = [b"h-0", b"h-1", b"h-2"]
+        await client.put_blocks(keys, make_kv(namespace.layout, 3, form=KVForm.BLOCKS))
+        dest = make_kv(namespace.layout, 3, form=KVForm.BLOCKS)
+        for _ in range(3):  # seen often enough: copied into (emulated) HBM
+            await client.get_into(keys, dest, form=KVForm.BLOCKS)
+        await catch_up(client, follower, namespace.layout, b"sentinel")
+        truth = await stored_now(client, keys)
+        assert set(truth.values()) == {TierKind.HBM}
+        assert_view_is_the_store(follower, client.target, truth, b"sentinel")
+        assert [
+            (event.key, event.tier)
+            for batch in follower.batches
+            for event in batch.events
+            if event.kind is BlockEventKind.TIER_CHANGED
+        ] == [(key, TierKind.HBM) for key in keys]
