@@ -140,14 +140,12 @@ class Limits:
         ):
             if getattr(self, name) < 1:
                 raise InvalidRequest(f"limits.{name} must be >= 1")
-        # An event is at most two 64-byte keys and a few bytes of framing.
-        if self.watch_batch_events * MAX_WATCH_EVENT_BYTES > self.max_message_bytes:
-            raise InvalidRequest(
-                f"limits.watch_batch_events ({self.watch_batch_events}) events of up to "
-                f"{MAX_WATCH_EVENT_BYTES} B must fit in max_message_bytes "
-                f"({self.max_message_bytes} B): lower it to at most "
-                f"{self.max_message_bytes // MAX_WATCH_EVENT_BYTES}"
-            )
+
+    @property
+    def watch_message_events(self) -> int:
+        """The most events one WatchBlocks message carries: `watch_batch_events`, or fewer
+        where that many of the largest events would not fit in `max_message_bytes`."""
+        return min(self.watch_batch_events, self.max_message_bytes // MAX_WATCH_EVENT_BYTES)
 
     @property
     def max_chunk_bytes(self) -> int:

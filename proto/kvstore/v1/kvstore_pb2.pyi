@@ -1211,7 +1211,8 @@ class WatchBlocksRequest(_message.Message):
     MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     max_events_per_message: _builtins.int
     """The most events one message carries; 0: the server's limit
-    (limits.watch_batch_events, 1024 by default), and it caps larger values.
+    (limits.watch_batch_events, 1024 by default, or fewer if that many would not fit in
+    the message limit), and it caps larger values.
     """
     @_builtins.property
     def namespace(self) -> Global___Namespace: ...
