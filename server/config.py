@@ -6,6 +6,8 @@ reads configuration from outside (files, flags); components receive their own pa
     listen = "127.0.0.1:50051"
     data_port = 0                # TCP data plane for put/get bytes, on listen's host;
                                  # 0: any free port (clients ask over gRPC), -1: off
+    shm_socket = "auto"          # the same-host path's Unix socket: auto (a fresh path
+                                 # under $XDG_RUNTIME_DIR or the temp dir), off, or a path
     log_level = "info"
     tune_allocator = true        # keep megabyte message buffers on the heap
     workers = 1                  # daemon processes splitting the capacity (> 1 needs
@@ -62,6 +64,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import secrets
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +77,9 @@ from kvstore.cluster.members import is_concrete_host, parse_etcd_url, parse_host
 from kvstore.config import StoreConfig, TenantQuota
 from kvstore.errors import InvalidRequest
 from kvstore.wire.chunks import MIN_CHUNK_BYTES
+
+# sun_path holds 108 bytes, the last a NUL.
+_MAX_UNIX_PATH_BYTES = 107
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # Past this, a host is better served by more machines than by more processes.
@@ -236,6 +244,9 @@ class ServerConfig:
     # The TCP data plane (kvstore.wire.frames) listens on listen's host at this port; 0
     # takes any free port (clients learn it over gRPC), -1 turns it off.
     data_port: int = 0
+    # The same-host path's Unix socket (kvstore.wire.shm): "auto" (a fresh path in the
+    # runtime directory; off under mutual TLS), "off", or a path.
+    shm_socket: str = "auto"
     log_level: str = "info"
     # Keep megabyte message buffers on the heap (see kvstore.allocator).
     tune_allocator: bool = True
@@ -272,6 +283,17 @@ class ServerConfig:
                 f"data_port must be a port, 0 for any free port or -1 for none, "
                 f"got {self.data_port}"
             )
+        if self.shm_socket not in ("auto", "off"):
+            if len(os.fsencode(self.shm_socket)) > _MAX_UNIX_PATH_BYTES:
+                raise InvalidRequest(
+                    f"shm_socket is a Unix socket path of at most {_MAX_UNIX_PATH_BYTES} "
+                    f"bytes, got {self.shm_socket!r}"
+                )
+            if self.tls is not None and self.tls.mutual:
+                raise InvalidRequest(
+                    "shm_socket cannot be set with mutual TLS: a Unix socket carries no "
+                    'client certificate; set shm_socket = "off"'
+                )
         if (
             self.cluster is not None
             and not self.cluster.advertise
@@ -281,6 +303,23 @@ class ServerConfig:
                 f"[cluster] needs advertise (--advertise HOST:PORT): listen {self.listen!r} "
                 f"does not name an address other machines can reach"
             )
+
+    def shm_socket_path(self) -> str | None:
+        """Where the same-host path listens; None: it is off. "auto" makes a fresh name
+        per call, in $XDG_RUNTIME_DIR where set, else the temporary directory."""
+        if self.shm_socket == "off" or (
+            self.shm_socket == "auto" and self.tls is not None and self.tls.mutual
+        ):
+            return None
+        if self.shm_socket != "auto":
+            return self.shm_socket
+        name = f"kvstore-{os.getpid()}-{secrets.token_hex(4)}.sock"
+        for directory in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
+            if directory and os.access(directory, os.W_OK):
+                path = os.path.join(directory, name)
+                if len(os.fsencode(path)) <= _MAX_UNIX_PATH_BYTES:
+                    return path
+        return None
 
     @property
     def listen_host(self) -> str:
@@ -452,6 +491,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="TCP data plane port on the listen host (default 0: any free port; -1: off)",
     )
+    parser.add_argument(
+        "--shm-socket",
+        help="the same-host path's Unix socket: auto (default), off, or a path",
+    )
     parser.add_argument("--dram-bytes", dest="store.dram_bytes", help="DRAM tier size, e.g. 4GiB")
     parser.add_argument("--page-bytes", dest="store.page_bytes", help="DRAM arena page size")
     parser.add_argument(
@@ -596,11 +639,31 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_TOP_LEVEL_FLAGS = {
+    "listen",
+    "data_port",
+    "shm_socket",
+    "log_level",
+    "tune_allocator",
+    "insecure",
+    "workers",
+}
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     overrides = {
         key: value
         for key, value in vars(args).items()
-        if key in {"listen", "data_port", "log_level", "tune_allocator", "insecure", "workers"}
+        if key
+        in {
+            "listen",
+            "data_port",
+            "shm_socket",
+            "log_level",
+            "tune_allocator",
+            "insecure",
+            "workers",
+        }
         or "." in key
     }
     return load_config(args.config, overrides)

@@ -65,6 +65,9 @@ class KVStoreServicer:
         self.watch_hub = WatchHub(store, limits)
         self.data_plane_port = 0  # set once the data plane listens; 0: none
         self.data_plane_tls = False  # whether the data plane speaks TLS (kvstore.server.tls)
+        # The same-host path's Unix socket and the daemon's instance id ("": none).
+        self.shm_path = ""
+        self.shm_instance = b""
         # (open connections, transfers carried), from the data plane once it listens.
         self.data_plane_counts: Callable[[], tuple[int, int]] | None = None
         self.loop_watch: LoopWatch | None = None  # set once the server runs; lag 0 without
@@ -261,7 +264,11 @@ class KVStoreServicer:
         async def handle(caller: Caller) -> pb.DataPlaneResponse:
             open_request(request)
             return pb.DataPlaneResponse(
-                port=self.data_plane_port, version=DATAPLANE_VERSION, tls=self.data_plane_tls
+                port=self.data_plane_port,
+                version=DATAPLANE_VERSION,
+                tls=self.data_plane_tls,
+                shm_path=self.shm_path,
+                shm_instance=self.shm_instance,
             )
 
         return await self._answer(context, handle)
