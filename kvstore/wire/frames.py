@@ -270,15 +270,21 @@ async def _send_views(sock: socket.socket, views: list[memoryview]) -> None:
     """send_parts for flat byte views (`views` is consumed), LOOP_SLICE_BYTES at a time."""
     loop = asyncio.get_running_loop()
     views = [view for view in views if len(view)]
+    unsent = sum(len(view) for view in views)
     first = 0
     while first < len(views):
+        # The common frame (a 1 MiB chunk and its headers) goes in one call, uncut.
+        batch = views[first : first + _MAX_BUFFERS]
+        if unsent >= 2 * LOOP_SLICE_BYTES:
+            batch = _slice_of(batch)
         try:
-            sent = sock.sendmsg(_slice_of(views, first))
+            sent = sock.sendmsg(batch)
         except (BlockingIOError, InterruptedError):
             await _writable(loop, sock)
             continue
         except OSError as error:
             raise ConnectionClosed(str(error)) from error
+        unsent -= sent
         if sent >= LOOP_SLICE_BYTES:
             await asyncio.sleep(0)
         while sent:
@@ -291,11 +297,11 @@ async def _send_views(sock: socket.socket, views: list[memoryview]) -> None:
                 sent = 0
 
 
-def _slice_of(views: list[memoryview], first: int) -> list[memoryview]:
-    """The views from `first` on, cut to at most LOOP_SLICE_BYTES and _MAX_BUFFERS."""
+def _slice_of(views: list[memoryview]) -> list[memoryview]:
+    """The first LOOP_SLICE_BYTES of `views`."""
     batch = []
     budget = LOOP_SLICE_BYTES
-    for view in views[first : first + _MAX_BUFFERS]:
+    for view in views:
         if len(view) >= budget:
             batch.append(view[:budget])
             break

@@ -4,8 +4,8 @@ nothing would make it wait.
 
 The sockets are real loopback TCP connections whose send and receive calls are
 recorded: each call notes how many bytes it moved and how often, by then, a ticker
-task on the same loop had run. Between two runs of the ticker, a send moves at most
-one slice and a read less than two. The far end is a thread with a blocking socket,
+task on the same loop had run. Between two runs of the ticker, a send or a read
+moves less than two slices. The far end is a thread with a blocking socket,
 and the read starts only once the kernel holds several slices, so without the slicing
 it would take them all in one step of its task.
 """
@@ -123,7 +123,7 @@ def queued_bytes(sock: socket.socket) -> int:
     return int(struct.unpack("i", raw)[0])
 
 
-async def test_a_big_send_moves_one_slice_between_runs_of_the_loop() -> None:
+async def test_a_big_send_moves_less_than_two_slices_between_runs_of_the_loop() -> None:
     ticker = Ticker()
     payload = bytes(range(256)) * (FRAME_BYTES // 256)
     received = bytearray()
@@ -139,7 +139,7 @@ async def test_a_big_send_moves_one_slice_between_runs_of_the_loop() -> None:
             async with ticker.running():
                 await send_frame(sender, FrameKind.GET_DATA, [payload])
         assert bytes(received[HEADER.size :]) == payload
-        assert most_between_ticks(sender.moved) <= LOOP_SLICE_BYTES
+        assert most_between_ticks(sender.moved) < 2 * LOOP_SLICE_BYTES
 
 
 async def test_a_big_read_moves_less_than_two_slices_between_runs_of_the_loop() -> None:
