@@ -12,6 +12,7 @@ from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
 from kvstore.bench.durability import add_durability_arguments, run_durability
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
 from kvstore.bench.plan import add_plan_arguments, run_plan
+from kvstore.bench.plot import add_plot_arguments, run_plot
 from kvstore.bench.replay import add_trace_arguments, run_trace
 from kvstore.bench.restart import add_restart_arguments, run_restart
 from kvstore.bench.soak import add_soak_arguments, run_soak
@@ -74,6 +75,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "data-plane put/get GB/s over TLS against plaintext in the same run",
         add_tls_arguments,
         run_tls,
+    ),
+    "plot": (
+        "plot a daemon's metrics over a run from the JSONL file --scrape wrote",
+        add_plot_arguments,
+        run_plot,
     ),
     "disagg": (
         "prefill and decode workers on a real transformer: exactness check, agent-session TTFT",
