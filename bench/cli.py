@@ -11,6 +11,7 @@ from kvstore.bench.agent import add_agent_arguments, run_agent
 from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
 from kvstore.bench.durability import add_durability_arguments, run_durability
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
+from kvstore.bench.metrics_cost import add_metrics_cost_arguments, run_metrics_cost
 from kvstore.bench.plan import add_plan_arguments, run_plan
 from kvstore.bench.plot import add_plot_arguments, run_plot
 from kvstore.bench.replay import add_trace_arguments, run_trace
@@ -75,6 +76,12 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "data-plane put/get GB/s over TLS against plaintext in the same run",
         add_tls_arguments,
         run_tls,
+    ),
+    "metrics": (
+        "lookup latency and put/get GB/s with Prometheus metrics on and scraped, against "
+        "metrics off, in the same run",
+        add_metrics_cost_arguments,
+        run_metrics_cost,
     ),
     "plot": (
         "plot a daemon's metrics over a run from the JSONL file --scrape wrote",
