@@ -93,6 +93,7 @@ class Scraper:
         self.interval_s = interval_s
         self.num_scrapes = 0
         self.num_failed = 0
+        self.seconds: list[float] = []  # each successful scrape's round trip
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = 0.0
@@ -131,8 +132,10 @@ class Scraper:
             "unix_s": round(time.time(), 4),
         }
         try:
+            started = time.perf_counter()
             with urllib.request.urlopen(self.url, timeout=max(self.interval_s, 5.0)) as reply:
                 text = reply.read().decode()
+            self.seconds.append(time.perf_counter() - started)
             rows = parse_samples(text).rows()
             line["samples"] = [[name, labels, value] for name, labels, value in rows if _kept(name)]
             self.num_scrapes += 1

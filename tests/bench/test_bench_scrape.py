@@ -98,6 +98,7 @@ async def test_scraper_writes_one_line_per_scrape_and_a_last_one_at_stop(
     scrapes = read_scrapes(path)
     assert len(scrapes) == scraper.num_scrapes >= 3
     assert scraper.num_failed == 0
+    assert len(scraper.seconds) == scraper.num_scrapes
     assert [s.t_s for s in scrapes] == sorted(s.t_s for s in scrapes)
     last = scrapes[-1].samples
     assert last is not None
@@ -192,3 +193,5 @@ def test_metrics_cost_compares_a_scraped_daemon_with_a_plain_one(tmp_path: Path)
     assert ratios["put_gbps_ratio"] > 0
     assert ratios["get_gbps_ratio"] > 0
     assert math.isfinite(ratios["lookup_p50_added_ms"])
+    assert 0 < figures["costs"]["observe_lookup_ns"] < 1e6
+    assert figures["costs"]["scrape_ms"] > 0
