@@ -105,6 +105,11 @@ def _tier_families(tiers: tuple[TierReport, ...]) -> Iterator[Metric]:
     blocks = GaugeMetricFamily(
         "kvstore_tier_blocks", "Indexed blocks with a copy in the tier.", labels=labels
     )
+    read_limit = GaugeMetricFamily(
+        "kvstore_tier_read_limit_bytes_per_second",
+        "The tier's configured read throttle (`[store] read_bytes_per_s`); 0: none.",
+        labels=labels,
+    )
     degraded = GaugeMetricFamily(
         "kvstore_tier_degraded",
         "1 while the tier is degraded (an SSD that failed writes and is skipped), else 0.",
@@ -120,9 +125,10 @@ def _tier_families(tiers: tuple[TierReport, ...]) -> Iterator[Metric]:
         used.add_metric(label, tier.used_bytes)
         blocks.add_metric(label, tier.num_blocks)
         degraded.add_metric(label, int(tier.degraded))
+        read_limit.add_metric(label, tier.read_bytes_per_s)
         for family, (_, _, field) in zip(counters, _TIER_COUNTERS, strict=True):
             family.add_metric(label, getattr(tier.counters, field))
-    yield from (capacity, used, blocks, degraded, *counters)
+    yield from (capacity, used, blocks, degraded, read_limit, *counters)
 
 
 def tenant_families(tenants: tuple[TenantReport, ...]) -> Iterator[Metric]:

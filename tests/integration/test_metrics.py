@@ -126,6 +126,7 @@ async def test_counters_equal_the_traffic(
     assert after.value("kvstore_tier_blocks", tier="dram") == 4
     assert after.value("kvstore_tenant_blocks", tenant="tenant-a", tier="dram") == 4
     assert after.value("kvstore_tier_capacity_bytes", tier="dram") == 32 << 20
+    assert after.value("kvstore_tier_read_limit_bytes_per_second", tier="dram") == 0
     assert after.value("kvstore_namespaces") == 1
     carried = 2 if request.node.callspec.params["connect"] == "data-plane" else 0
     assert delta("kvstore_data_plane_transfers_total") == carried
@@ -199,6 +200,14 @@ def hold_the_loop(seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         pass
+
+
+async def test_a_read_throttle_is_reported(server_factory: ServerFactory) -> None:
+    running: RunningServer = await server_factory(
+        metrics_port=0, store__read_bytes_per_s={"dram": 200_000_000}
+    )
+    samples = await scrape(running)
+    assert samples.value("kvstore_tier_read_limit_bytes_per_second", tier="dram") == 200_000_000
 
 
 async def test_event_loop_lag_is_reported(metered: RunningServer) -> None:
