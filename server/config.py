@@ -12,6 +12,9 @@ reads configuration from outside (files, flags); components receive their own pa
     tune_allocator = true        # keep megabyte message buffers on the heap
     workers = 1                  # daemon processes splitting the capacity (> 1 needs
                                  # [cluster]; kvstore.server.workers)
+    metrics_port = -1            # Prometheus /metrics over HTTP: -1 off, 0 any free port
+    metrics_host = ""            # where /metrics listens; empty: listen's host if
+                                 # loopback, else 127.0.0.1
 
     [store]
     dram_bytes = "1GiB"
@@ -260,6 +263,12 @@ class ServerConfig:
     # Daemon processes on this host, each with 1/workers of every tier, registered as
     # one member each (kvstore.server.workers); more than one needs [cluster].
     workers: int = 1
+    # Prometheus `/metrics` over plain HTTP (kvstore.server.metrics): -1 off, 0 any free
+    # port (logged), else that port; on `metrics_host`. Empty: listen's host where that is
+    # loopback, else 127.0.0.1: it has no authentication and shows every tenant's use, so
+    # it reaches beyond this machine only where an operator names such a host.
+    metrics_port: int = -1
+    metrics_host: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -294,6 +303,18 @@ class ServerConfig:
                     "shm_socket cannot be set with mutual TLS: a Unix socket carries no "
                     'client certificate; set shm_socket = "off"'
                 )
+        if not -1 <= self.metrics_port <= 65535:
+            raise InvalidRequest(
+                f"metrics_port must be a port, 0 for any free port or -1 for none (the "
+                f"default), got {self.metrics_port}"
+            )
+        if self.metrics_host and (
+            self.metrics_host != self.metrics_host.strip() or "/" in self.metrics_host
+        ):
+            raise InvalidRequest(
+                f"metrics_host must be a host name or address (no port, no scheme), "
+                f"got {self.metrics_host!r}"
+            )
         if (
             self.cluster is not None
             and not self.cluster.advertise
@@ -629,6 +650,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="daemon processes, each with 1/N of every tier, registered as N cluster "
         "members; more than 1 needs --cluster (default 1)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics over HTTP on this port (0: any free port, logged; "
+        "default -1: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        help="host /metrics listens on (default: the --listen host); it shows every "
+        "tenant's use, so keep it private",
+    )
     parser.add_argument("--log-level", choices=list(_LOG_LEVELS))
     parser.add_argument(
         "--no-tune-allocator",
@@ -663,6 +695,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             "tune_allocator",
             "insecure",
             "workers",
+            "metrics_port",
+            "metrics_host",
         }
         or "." in key
     }
