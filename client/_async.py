@@ -151,8 +151,11 @@ class KVClient:
             settle=self._settle,
             token=self._token,
             tls=self._tls,
+            shared_memory=self.options.shared_memory,
         )
-        return AutoTransport(grpc_transport, find)
+        return AutoTransport(
+            grpc_transport, find, require_data_plane=self.options.shared_memory is True
+        )
 
     async def __aenter__(self) -> KVClient:
         return self

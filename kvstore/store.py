@@ -98,6 +98,8 @@ class TenantReport:
     tiers: tuple[TenantTierReport, ...]
     pinned_bytes: int  # block bytes under unexpired leases
     pinned_quota_bytes: int | None
+    lookup_keys: int = 0  # keys its lookups asked for
+    lookup_hits: int = 0  # of those, the keys found
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,10 @@ class BlockStore:
         counters.lookups += 1
         counters.lookup_keys += len(keys)
         counters.lookup_hits += len(found)
+        usage = found[0].namespace.usage if found else pool.tenant_usage(namespace.tenant)
+        if usage is not None:  # None: the tenant has nothing here, so nothing to report
+            usage.lookup_keys += len(keys)
+            usage.lookup_hits += len(found)
         tier_runs = self.tier_runs(found)
         self.record_hits(tier_runs, len(found), missed=len(found) < len(keys))
         if defer_touch and not pool.counts_sightings:
@@ -394,6 +400,8 @@ class BlockStore:
                 ),
                 pinned_bytes=usage.leased_bytes,
                 pinned_quota_bytes=usage.quota.pinned_bytes if usage.quota else None,
+                lookup_keys=usage.lookup_keys,
+                lookup_hits=usage.lookup_hits,
             )
             for usage in usages
         )

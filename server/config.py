@@ -6,10 +6,15 @@ reads configuration from outside (files, flags); components receive their own pa
     listen = "127.0.0.1:50051"
     data_port = 0                # TCP data plane for put/get bytes, on listen's host;
                                  # 0: any free port (clients ask over gRPC), -1: off
+    shm_socket = "auto"          # the same-host path's Unix socket: auto (a fresh path
+                                 # under $XDG_RUNTIME_DIR or the temp dir), off, or a path
     log_level = "info"
     tune_allocator = true        # keep megabyte message buffers on the heap
     workers = 1                  # daemon processes splitting the capacity (> 1 needs
                                  # [cluster]; kvstore.server.workers)
+    metrics_port = -1            # Prometheus /metrics over HTTP: -1 off, 0 any free port
+    metrics_host = ""            # where /metrics listens; empty: listen's host if
+                                 # loopback, else 127.0.0.1
 
     [store]
     dram_bytes = "1GiB"
@@ -62,6 +67,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import secrets
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +80,9 @@ from kvstore.cluster.members import is_concrete_host, parse_etcd_url, parse_host
 from kvstore.config import StoreConfig, TenantQuota
 from kvstore.errors import InvalidRequest
 from kvstore.wire.chunks import MIN_CHUNK_BYTES
+
+# sun_path holds 108 bytes, the last a NUL.
+_MAX_UNIX_PATH_BYTES = 107
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # Past this, a host is better served by more machines than by more processes.
@@ -234,6 +245,9 @@ class ServerConfig:
     # The TCP data plane (kvstore.wire.frames) listens on listen's host at this port; 0
     # takes any free port (clients learn it over gRPC), -1 turns it off.
     data_port: int = 0
+    # The same-host path's Unix socket (kvstore.wire.shm): "auto" (a fresh path in the
+    # runtime directory; off under mutual TLS), "off", or a path.
+    shm_socket: str = "auto"
     log_level: str = "info"
     # Keep megabyte message buffers on the heap (see kvstore.allocator).
     tune_allocator: bool = True
@@ -247,6 +261,12 @@ class ServerConfig:
     # Daemon processes on this host, each with 1/workers of every tier, registered as
     # one member each (kvstore.server.workers); more than one needs [cluster].
     workers: int = 1
+    # Prometheus `/metrics` over plain HTTP (kvstore.server.metrics): -1 off, 0 any free
+    # port (logged), else that port; on `metrics_host`. Empty: listen's host where that is
+    # loopback, else 127.0.0.1: it has no authentication and shows every tenant's use, so
+    # it reaches beyond this machine only where an operator names such a host.
+    metrics_port: int = -1
+    metrics_host: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -270,6 +290,29 @@ class ServerConfig:
                 f"data_port must be a port, 0 for any free port or -1 for none, "
                 f"got {self.data_port}"
             )
+        if self.shm_socket not in ("auto", "off"):
+            if len(os.fsencode(self.shm_socket)) > _MAX_UNIX_PATH_BYTES:
+                raise InvalidRequest(
+                    f"shm_socket is a Unix socket path of at most {_MAX_UNIX_PATH_BYTES} "
+                    f"bytes, got {self.shm_socket!r}"
+                )
+            if self.tls is not None and self.tls.mutual:
+                raise InvalidRequest(
+                    "shm_socket cannot be set with mutual TLS: a Unix socket carries no "
+                    'client certificate; set shm_socket = "off"'
+                )
+        if not -1 <= self.metrics_port <= 65535:
+            raise InvalidRequest(
+                f"metrics_port must be a port, 0 for any free port or -1 for none (the "
+                f"default), got {self.metrics_port}"
+            )
+        if self.metrics_host and (
+            self.metrics_host != self.metrics_host.strip() or "/" in self.metrics_host
+        ):
+            raise InvalidRequest(
+                f"metrics_host must be a host name or address (no port, no scheme), "
+                f"got {self.metrics_host!r}"
+            )
         if (
             self.cluster is not None
             and not self.cluster.advertise
@@ -279,6 +322,23 @@ class ServerConfig:
                 f"[cluster] needs advertise (--advertise HOST:PORT): listen {self.listen!r} "
                 f"does not name an address other machines can reach"
             )
+
+    def shm_socket_path(self) -> str | None:
+        """Where the same-host path listens; None: it is off. "auto" makes a fresh name
+        per call, in $XDG_RUNTIME_DIR where set, else the temporary directory."""
+        if self.shm_socket == "off" or (
+            self.shm_socket == "auto" and self.tls is not None and self.tls.mutual
+        ):
+            return None
+        if self.shm_socket != "auto":
+            return self.shm_socket
+        name = f"kvstore-{os.getpid()}-{secrets.token_hex(4)}.sock"
+        for directory in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
+            if directory and os.access(directory, os.W_OK):
+                path = os.path.join(directory, name)
+                if len(os.fsencode(path)) <= _MAX_UNIX_PATH_BYTES:
+                    return path
+        return None
 
     @property
     def listen_host(self) -> str:
@@ -450,6 +510,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="TCP data plane port on the listen host (default 0: any free port; -1: off)",
     )
+    parser.add_argument(
+        "--shm-socket",
+        help="the same-host path's Unix socket: auto (default), off, or a path",
+    )
     parser.add_argument("--dram-bytes", dest="store.dram_bytes", help="DRAM tier size, e.g. 4GiB")
     parser.add_argument("--page-bytes", dest="store.page_bytes", help="DRAM arena page size")
     parser.add_argument(
@@ -584,6 +648,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="daemon processes, each with 1/N of every tier, registered as N cluster "
         "members; more than 1 needs --cluster (default 1)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics over HTTP on this port (0: any free port, logged; "
+        "default -1: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        help="host /metrics listens on (default: the --listen host); it shows every "
+        "tenant's use, so keep it private",
+    )
     parser.add_argument("--log-level", choices=list(_LOG_LEVELS))
     parser.add_argument(
         "--no-tune-allocator",
@@ -594,11 +669,33 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_TOP_LEVEL_FLAGS = {
+    "listen",
+    "data_port",
+    "shm_socket",
+    "log_level",
+    "tune_allocator",
+    "insecure",
+    "workers",
+}
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     overrides = {
         key: value
         for key, value in vars(args).items()
-        if key in {"listen", "data_port", "log_level", "tune_allocator", "insecure", "workers"}
+        if key
+        in {
+            "listen",
+            "data_port",
+            "shm_socket",
+            "log_level",
+            "tune_allocator",
+            "insecure",
+            "workers",
+            "metrics_port",
+            "metrics_host",
+        }
         or "." in key
     }
     return load_config(args.config, overrides)

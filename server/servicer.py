@@ -36,6 +36,7 @@ from kvstore.server.replies import (
     scoped_to_tenant,
     watch_reply,
 )
+from kvstore.server.request_metrics import RequestMetrics
 from kvstore.server.status import status_for
 from kvstore.server.transfer import Transfers
 from kvstore.server.watch import WatchHub
@@ -65,11 +66,15 @@ class KVStoreServicer:
         self.watch_hub = WatchHub(store, limits)
         self.data_plane_port = 0  # set once the data plane listens; 0: none
         self.data_plane_tls = False  # whether the data plane speaks TLS (kvstore.server.tls)
+        # The same-host path's Unix socket and the daemon's instance id ("": none).
+        self.shm_path = ""
+        self.shm_instance = b""
         # (open connections, transfers carried), from the data plane once it listens.
         self.data_plane_counts: Callable[[], tuple[int, int]] | None = None
         self.loop_watch: LoopWatch | None = None  # set once the server runs; lag 0 without
         # Whether the daemon is registered in etcd now, and its node id (--cluster only).
         self.cluster_state: Callable[[], tuple[bool, str]] | None = None
+        self.request_metrics: RequestMetrics | None = None  # the lookup histograms, if on
 
     def start_draining(self) -> None:
         """Drain both transports: see kvstore.server.lifecycle."""
@@ -135,12 +140,18 @@ class KVStoreServicer:
     def _lookup(
         self, request: pb.LookupPrefixRequest | MalformedRequest, caller: Caller
     ) -> pb.LookupPrefixResponse:
+        started_s = time.perf_counter()
         _, namespace, keys = open_keyed_request(request, self._max_keys, allow_empty=True)
         caller.authorize(namespace.tenant)
         match = self._store.lookup(namespace, keys, defer_touch=True)
         # Runs after this handler returns, once gRPC has handed the reply to its transport.
         asyncio.get_running_loop().call_soon(self._store.settle_touches)
-        return prefix_match_to_wire(match)
+        reply = prefix_match_to_wire(match)
+        if self.request_metrics is not None:
+            self.request_metrics.observe_lookup(
+                time.perf_counter() - started_s, match.num_matched * match.block_bytes
+            )
+        return reply
 
     async def Pin(
         self, request: pb.PinRequest | MalformedRequest, context: Context
@@ -261,7 +272,11 @@ class KVStoreServicer:
         async def handle(caller: Caller) -> pb.DataPlaneResponse:
             open_request(request)
             return pb.DataPlaneResponse(
-                port=self.data_plane_port, version=DATAPLANE_VERSION, tls=self.data_plane_tls
+                port=self.data_plane_port,
+                version=DATAPLANE_VERSION,
+                tls=self.data_plane_tls,
+                shm_path=self.shm_path,
+                shm_instance=self.shm_instance,
             )
 
         return await self._answer(context, handle)

@@ -1150,22 +1150,32 @@ class DataPlaneResponse(_message.Message):
     PORT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     TLS_FIELD_NUMBER: _builtins.int
+    SHM_PATH_FIELD_NUMBER: _builtins.int
+    SHM_INSTANCE_FIELD_NUMBER: _builtins.int
     port: _builtins.int
     """on the host the client reached this server at; 0: none"""
     version: _builtins.int
     """the framing version the data plane speaks (now 3)"""
     tls: _builtins.bool
     """the data plane speaks TLS, with the gRPC port's certificate"""
+    shm_path: _builtins.str
+    """The same-host path (kvstore.wire.shm): the daemon's Unix socket, where a client on
+    its host passes buffers it owns and blocks move through them; "": none. A client
+    uses it only where the socket's HELLO names this same `shm_instance`.
+    """
+    shm_instance: _builtins.bytes
     def __init__(
         self,
         *,
         port: _builtins.int = ...,
         version: _builtins.int = ...,
         tls: _builtins.bool = ...,
+        shm_path: _builtins.str = ...,
+        shm_instance: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "tls", b"tls", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "shm_instance", b"shm_instance", "shm_path", b"shm_path", "tls", b"tls", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
