@@ -78,6 +78,13 @@ class FrameKind(enum.IntEnum):
     GET_END = 7
     ERROR = 8
     DEADLINE = 9
+    # The same-host path's frames (kvstore.wire.shm), on its Unix socket only.
+    REGISTER = 10
+    REGISTERED = 11
+    PUT_SHM = 12
+    GET_SHM = 13
+    GET_DATA_SHM = 14
+    SHM_DONE = 15
 
 
 class ByteStream(Protocol):
