@@ -107,7 +107,9 @@ class TierMover:
 
     # -- reads ------------------------------------------------------------------------
 
-    async def load(self, entries: list[BlockEntry]) -> tuple[int, dict[BlockEntry, bytes]]:
+    async def load(
+        self, entries: list[BlockEntry]
+    ) -> tuple[int, dict[BlockEntry, bytes | bytearray]]:
         """Bring SSD-only blocks of a pinned chain into memory (kvstore.read.BlockLoader).
 
         Returns how many leading entries can be served and, for blocks that could not
@@ -115,7 +117,7 @@ class TierMover:
         cannot be read ends the served prefix and is dropped with its descendants.
         """
         pool = self._pool
-        payloads: dict[BlockEntry, bytes] = {}
+        payloads: dict[BlockEntry, bytes | bytearray] = {}
         served = len(entries)
         needs = [entry for entry in entries if not _in_memory(entry)]
         if needs and pool.ssd is not None:
@@ -141,7 +143,7 @@ class TierMover:
                 self._spawn(self.flush(entry, demote=False))
         return served, payloads
 
-    def _promote_to_dram(self, entry: BlockEntry, payload: bytes) -> bool:
+    def _promote_to_dram(self, entry: BlockEntry, payload: bytes | bytearray) -> bool:
         if not self._config.promote_on_hit or not entry.is_indexed():
             return False
         pool = self._pool
@@ -149,7 +151,7 @@ class TierMover:
             handle = pool.allocate(TierKind.DRAM, len(payload), entry.namespace.usage)
         except CapacityExhausted:
             return False
-        pool.dram.write(handle, 0, payload)
+        pool.dram.write(handle, 0, memoryview(payload))
         pool.add_copy(entry, TierKind.DRAM, handle)
         return True
 

@@ -23,7 +23,9 @@ from kvstore.store import BlockStore
 
 
 class BlockLoader(Protocol):
-    async def load(self, entries: list[BlockEntry]) -> tuple[int, dict[BlockEntry, bytes]]:
+    async def load(
+        self, entries: list[BlockEntry]
+    ) -> tuple[int, dict[BlockEntry, bytes | bytearray]]:
         """Bring SSD-only blocks of a pinned chain into memory: returns how many leading
         entries can be served and the verified payloads of blocks left out of memory."""
         ...
@@ -67,7 +69,7 @@ class ReadSession:
         pool.touch(self.entries)
         for entry in self.entries:
             entry.num_hits += 1
-        self._payloads: dict[BlockEntry, bytes] = {}
+        self._payloads: dict[BlockEntry, bytes | bytearray] = {}
         self._closed = False
 
     async def load(self, loader: BlockLoader | None) -> None:
