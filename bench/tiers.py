@@ -13,9 +13,9 @@ Two ratios, each from measurements taken in the same run:
 - **Raw and lz4.** The SSD get runs twice, with `--ssd-compression off` and `lz4`
   (each on its own directory); the plain reads are of each run's own files, so a
   compressed dataset's baseline reads fewer bytes. **Time to first layer**: from the
-  GetBlocks request to the first reply (layer 0 of the first block), cold, over plain
-  gRPC; its baseline is a cold plain read of one block file. The get reads SSD blocks
-  as it streams, so the first layer should arrive within about one block's read.
+  get's request to its first bytes (layer 0 of the first block), cold; its baseline
+  is a cold plain read of one block file. The get reads SSD blocks as it streams, so
+  the first layer should arrive within about one block's read.
 - **Write-back put / DRAM-only put.** The same puts (same blocks, same bytes, more
   than DRAM holds) go to a write-back server, which must demote blocks to SSD to take
   them, and to a DRAM-only server, which drops blocks instead. A ratio near 1 means the
@@ -39,7 +39,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -49,9 +48,6 @@ from kvstore.bench.spawn import spawned_server
 from kvstore.bench.throughput import layout_for
 from kvstore.client import KVClient, KVForm, Namespace, StoreStats, TierKind
 from kvstore.units import human_bytes, parse_size
-from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from kvstore.wire.namespace import namespace_to_wire
 
 _READ_BUFFER_BYTES = 8 << 20
 
@@ -255,20 +251,34 @@ class GetFigures:
     files_bytes: int
 
 
+class _FirstBytes:
+    """A BlockWriter that notes when the first bytes of the get arrive, and drops them."""
+
+    def __init__(self) -> None:
+        self.first_at: float | None = None
+
+    def write(self, block: int, layer: int, offset: int, data: memoryview | bytes) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+
+    def write_run(self, first_block: int, num_blocks: int, layer: int, data: memoryview) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+
+
 async def _first_reply_s(target: str, namespace: Namespace, keys: list[bytes]) -> float:
-    """Seconds from a GetBlocks request to its first reply, over plain gRPC; the rest of
-    the stream is read to its end."""
-    request = pb.GetBlocksRequest(namespace=namespace_to_wire(namespace), keys=keys)
-    async with grpc.aio.insecure_channel(target) as channel:
+    """Seconds from a get's request to its first bytes (layer 0 of block 0); the rest of
+    the stream is read to its end. Through the client's block-writer path (the one the
+    cluster client uses), which hands over bytes as they arrive, not whole layers."""
+    writer = _FirstBytes()
+    async with KVClient(target, namespace) as client:
         start = time.perf_counter()
-        replies = pb_grpc.KVStoreStub(channel).GetBlocks(request)
-        first = await replies.read()
-        seconds = time.perf_counter() - start
-        if first is grpc.aio.EOF or first.num_blocks != len(keys):
-            raise RuntimeError("the first-layer get did not serve the whole chain")
-        while await replies.read() is not grpc.aio.EOF:
-            pass
-    return seconds
+        num_layers = 0
+        async for _ in client._stream_to_writer(keys, writer):
+            num_layers += 1
+    if writer.first_at is None or num_layers != namespace.layout.num_layers:
+        raise RuntimeError("the first-layer get did not serve the chain")
+    return writer.first_at - start
 
 
 def _first_layer_ms(
