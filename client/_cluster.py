@@ -195,8 +195,15 @@ class ClusterClient(KVClient):
         placement = await self.start()
         if first >= len(keys):
             return PutResult(outcomes=(), num_skipped=first, bytes_sent=0)
+        chain_runs = await self.chain_runs(placement, keys, parent_key if not first else b"")
+        if chain_runs is None:  # as one daemon answers a chain whose parent it lacks
+            return PutResult(
+                outcomes=(PutOutcome.PARENT_MISSING,) * (len(keys) - first),
+                num_skipped=first,
+                bytes_sent=0,
+            )
         kv = cpu_contiguous(kv)  # once, not once per run
-        runs = runs_from(placement, keys, first)
+        runs = runs_from(chain_runs, first)
         outcomes: dict[int, tuple[PutOutcome, ...]] = {}
         results: list[PutResult] = []
 
@@ -227,6 +234,30 @@ class ClusterClient(KVClient):
             bytes_sent=sum(result.bytes_sent for result in results),
             durability=weakest_durability(results),
         )
+
+    async def chain_runs(
+        self, placement: Placement, keys: list[bytes], parent_key: bytes
+    ) -> list[Run] | None:
+        """The runs of `keys`, a whole chain, or with `parent_key` its tail.
+
+        A tail's blocks before its first run start belong to its parent's run, on the
+        member that holds the parent: one parallel ask of every member finds it. None
+        when no reachable member holds it: no lookup can reach the tail then.
+        """
+        if not placement.members:
+            return []  # nothing can be stored: every block is NODE_UNREACHABLE
+        if not parent_key or placement.lead_blocks(keys) == 0:
+            return placement.runs(keys)
+        answers = await asyncio.gather(
+            *(
+                self.nodes.call(member, lambda node: node.lookup_keys([parent_key]))
+                for member in placement.members
+            )
+        )
+        for member, answer in zip(placement.members, answers, strict=True):
+            if answer is not None and answer.num_matched:
+                return placement.runs(keys, lead_owner=member)
+        return None
 
     def layer_put(
         self, keys: list[bytes], *, parent_key: bytes = b"", parent_remote: bool = False

@@ -132,13 +132,6 @@ def by_owner(runs: Sequence[Run]) -> dict[str, OwnerRuns]:
     return owners
 
 
-def runs_from(placement: Placement, keys: Sequence[bytes], first: int) -> list[Run]:
-    """The runs of `keys` from block `first` on (the first one cut to start there)."""
-    if not placement.members:
-        return []
-    runs = []
-    for run in placement.runs(keys):
-        if run.stop <= first:
-            continue
-        runs.append(Run(max(run.start, first), run.stop, run.owner))
-    return runs
+def runs_from(runs: Sequence[Run], first: int) -> list[Run]:
+    """`runs` from block `first` on (the first one cut to start there)."""
+    return [Run(max(run.start, first), run.stop, run.owner) for run in runs if run.stop > first]
