@@ -72,6 +72,9 @@ class SweepReport:
     prefill_tokens_per_s: float
     prefill_fixed_s: float
     predicted_break_even_bytes_per_s: float
+    # The same formula over the prefill rate the sweep's own no-store runs showed: the
+    # prediction with the machine's speed during the sweep, not before it.
+    in_sweep_break_even_bytes_per_s: float
     measured_break_even_bytes_per_s: float | None  # None: no crossover inside the rates
     crossover_note: str
     points: list[SweepPoint]
@@ -122,6 +125,11 @@ def run_sweep(args: argparse.Namespace, model_name: str) -> SweepReport:
         for rate in sorted(rates)
     ]
     crossover, note = measured_crossover(points)
+    # No store recomputes the hit tokens plus the suffix; the suffix's time is prefill's.
+    hit_tokens = num_matched * block_tokens
+    suffix_s = prefill.seconds(prompt_tokens - hit_tokens)
+    no_store_s = statistics.median(point.no_store_ttft_s for point in points)
+    in_sweep = PrefillModel(tokens_per_s=hit_tokens / max(no_store_s - suffix_s, 1e-9))
     return SweepReport(
         model=model_name,
         dtype=args.dtype,
@@ -133,6 +141,9 @@ def run_sweep(args: argparse.Namespace, model_name: str) -> SweepReport:
         prefill_tokens_per_s=prefill.tokens_per_s,
         prefill_fixed_s=prefill.fixed_s,
         predicted_break_even_bytes_per_s=predicted,
+        in_sweep_break_even_bytes_per_s=break_even_bandwidth(
+            block_bytes=block_bytes, block_tokens=block_tokens, prefill=in_sweep
+        ),
         measured_break_even_bytes_per_s=crossover,
         crossover_note=note,
         points=points,
@@ -145,7 +156,8 @@ def measure_prefill(
     """The prefill rate of the `num_hit_tokens` a hit saves: whole prompt against the suffix
     left after a hit, both timed here (medians; one warm-up first)."""
     suffix = prompt[num_hit_tokens:]
-    recompute(model, cache, prompt, 1)  # warm-up: allocations, kernels
+    for _ in range(2):  # warm-up: allocations, kernels, the allocator's caches
+        recompute(model, cache, prompt, 1)
     whole_s = _median(repeats, lambda: recompute(model, cache, prompt, 1).ttft_s)
     suffix_s = _median(repeats, lambda: recompute(model, cache, suffix, 1).ttft_s)
     saved_s = max(whole_s - suffix_s, 1e-9)
@@ -260,7 +272,9 @@ def print_report(report: SweepReport, console: Console) -> None:
     )
     console.print(
         f"break-even predicted: {_rate(report.predicted_break_even_bytes_per_s)} "
-        f"(block bytes x prefill tokens/s / block tokens)"
+        f"(block bytes x prefill tokens/s / block tokens); "
+        f"{_rate(report.in_sweep_break_even_bytes_per_s)} at the prefill rate the "
+        f"no-store runs showed"
     )
     measured = report.measured_break_even_bytes_per_s
     console.print(

@@ -56,6 +56,9 @@ def test_the_sweep_reports_every_rate_and_a_finite_positive_break_even(
     # Equal to the cost model's formula over the measured prefill rate.
     expected = report["block_bytes"] * report["prefill_tokens_per_s"] / report["block_tokens"]
     assert predicted == pytest.approx(expected)
+    in_sweep = report["in_sweep_break_even_bytes_per_s"]
+    assert math.isfinite(in_sweep)
+    assert in_sweep > 0
     rates = [p["rate_bytes_per_s"] for p in report["points"]]
     assert rates == pytest.approx([0.5 * predicted, 4 * predicted])
     for entry in report["points"]:
