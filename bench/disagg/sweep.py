@@ -6,13 +6,15 @@ process with `--throttle-read dram=RATE` and the same request is served three wa
 
 - **fetch**: load the whole stored prefix (layer by layer, overlapped with the suffix);
 - **no store**: prefill the whole prompt, no lookup;
-- **planned**: look up, ask `plan_fetch` with the bandwidth the connector measured, and load
-  only what it says (all of it, or nothing at this prompt's single rate).
+- **planned**: look up, ask `plan_fetch` with the bandwidth the connector measured and the
+  prefill rate this rate's no-store runs showed (a worker measuring its own prefills), and
+  load only what it says (all of it, or nothing at this prompt's single rate).
 
-The prefill rate comes from two timed prefills on this machine (the whole prompt, and the
-suffix that a hit leaves to compute), so the predicted break-even is
-``block_bytes * tokens_per_s / block_tokens`` for this model here. The measured crossover is
-where fetch stops being slower than no store, interpolated between neighbouring rates.
+The predicted break-even is ``block_bytes * tokens_per_s / block_tokens`` with the prefill
+rate of two timed prefills before the sweep (the whole prompt, and the suffix a hit leaves
+to compute); it is printed again at the rate the sweep's no-store runs showed, since a
+shared machine's speed drifts. The measured crossover is where fetch stops being slower
+than no store, interpolated between neighbouring rates.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class SweepPoint:
     planned_ttft_s: float
     num_load_blocks: int  # what the plan loaded
     decision: str
+    # The prefill rate the plan used: the worker's own, from this rate's no-store runs.
+    plan_tokens_per_s: float
 
 
 @dataclass(frozen=True)
@@ -126,11 +130,8 @@ def run_sweep(args: argparse.Namespace, model_name: str) -> SweepReport:
         for rate in sorted(rates)
     ]
     crossover, note = measured_crossover(points)
-    # No store recomputes the hit tokens plus the suffix; the suffix's time is prefill's.
-    hit_tokens = num_matched * block_tokens
-    suffix_s = prefill.seconds(prompt_tokens - hit_tokens)
     no_store_s = statistics.median(point.no_store_ttft_s for point in points)
-    in_sweep = PrefillModel(tokens_per_s=hit_tokens / max(no_store_s - suffix_s, 1e-9))
+    in_sweep = in_sweep_prefill(prefill, no_store_s, num_matched * block_tokens, prompt_tokens)
     return SweepReport(
         model=model_name,
         dtype=args.dtype,
@@ -188,6 +189,11 @@ def _sweep_point(
         for _ in range(args.repeats):
             fetch.append(serve_request(model, cache, connector, prompt, 1, save=False).ttft_s)
             no_store.append(recompute(model, cache, prompt, 1).ttft_s)
+        # The worker plans with the prefill rate it just measured, as a serving worker
+        # would: the machine's speed now, not at start-up.
+        current = in_sweep_prefill(
+            prefill, statistics.median(no_store), num_matched * config.page_tokens, len(prompt)
+        )
         planned, plans = [], []
         for _ in range(args.repeats):
             # The lookup and the plan count toward TTFT, as serve_request's own lookup does.
@@ -198,7 +204,7 @@ def _sweep_point(
                 block_bytes=block_bytes,
                 block_tokens=config.page_tokens,
                 bandwidth_bytes_per_s=connector.bandwidth.rate(),
-                prefill=prefill,
+                prefill=current,
                 bandwidth_source="measured",
             )
             plans.append(plan)
@@ -216,7 +222,17 @@ def _sweep_point(
         planned_ttft_s=statistics.median(planned),
         num_load_blocks=last.num_load_blocks,
         decision=last.reason,
+        plan_tokens_per_s=current.tokens_per_s,
     )
+
+
+def in_sweep_prefill(
+    prefill: PrefillModel, no_store_s: float, num_hit_tokens: int, num_prompt_tokens: int
+) -> PrefillModel:
+    """The prefill rate of the hit tokens from a no-store TTFT: the whole prompt's time less
+    the suffix's (as `prefill`, timed before the sweep, gives it)."""
+    suffix_s = prefill.seconds(num_prompt_tokens - num_hit_tokens)
+    return PrefillModel(tokens_per_s=num_hit_tokens / max(no_store_s - suffix_s, 1e-9))
 
 
 def measured_crossover(points: list[SweepPoint]) -> tuple[float | None, str]:

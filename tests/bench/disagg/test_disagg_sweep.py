@@ -20,6 +20,7 @@ def point(rate: float, fetch_s: float, no_store_s: float) -> SweepPoint:
         planned_ttft_s=min(fetch_s, no_store_s),
         num_load_blocks=0,
         decision="recompute",
+        plan_tokens_per_s=1000.0,
     )
 
 
