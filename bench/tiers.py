@@ -492,7 +492,7 @@ def print_report(report: TiersReport, where: Path) -> None:
         f"{report.ssd_get_vs_one_file:.2f}x",
     )
     table.add_row(
-        "  time to first layer (ms), cold",
+        "  first bytes (layer 0 of block 0), ms, cold",
         f"{report.first_layer_ms:.1f}",
         "read of one block file (ms)",
         f"{report.one_block_read_ms:.1f}",
@@ -513,7 +513,7 @@ def print_report(report: TiersReport, where: Path) -> None:
         f"{report.lz4_ssd_get_gbps / report.ssd_get_gbps:.2f}x",
     )
     table.add_row(
-        "  time to first layer (ms), lz4, cold",
+        "  first bytes (layer 0 of block 0), ms, lz4, cold",
         f"{report.lz4_first_layer_ms:.1f}",
         "read of one block file (ms)",
         f"{report.one_block_read_ms:.1f}",
