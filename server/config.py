@@ -29,6 +29,8 @@ reads configuration from outside (files, flags); components receive their own pa
     ssd_fsync = false            # true survives power loss too, not only process crashes
     write_policy = "write-back"  # write-back | write-through
     ssd_admit_after_seen = 1     # 2: a block must be seen twice before it earns SSD
+    ssd_compression = "off"      # off | lz4: byte-shuffled lz4 per layer, where it pays
+    ssd_compress_min_saving = 0.1  # a layer stays raw unless lz4 saves this fraction
     promote_on_hit = true
     high_watermark = 0.95
     low_watermark = 0.85
@@ -529,6 +531,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--write-policy", dest="store.write_policy", choices=["write-back", "write-through"]
     )
     parser.add_argument("--ssd-admit-after-seen", dest="store.ssd_admit_after_seen", type=int)
+    parser.add_argument(
+        "--ssd-compression",
+        dest="store.ssd_compression",
+        choices=["off", "lz4"],
+        help="SSD block files: off (default) or lz4 per layer after a byte shuffle",
+    )
+    parser.add_argument(
+        "--ssd-compress-min-saving",
+        dest="store.ssd_compress_min_saving",
+        type=float,
+        help="a layer is stored raw unless lz4 saves this fraction of it (default 0.1)",
+    )
     parser.add_argument(
         "--no-promote-on-hit", dest="store.promote_on_hit", action="store_false", default=None
     )
