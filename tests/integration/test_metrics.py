@@ -329,3 +329,16 @@ async def test_a_metrics_port_in_use_stops_the_start_cleanly() -> None:
         )
         with pytest.raises(OSError, match=f"metrics endpoint cannot listen on 127.0.0.1:{port}"):
             await build_server(config)
+
+
+async def test_the_endpoint_serves_until_the_drain_ends_then_closes() -> None:
+    config = load_config(
+        None, {"listen": "127.0.0.1:0", "metrics_port": 0, "store.dram_bytes": 8 << 20}
+    )
+    running = await build_server(config)
+    assert running.metrics is not None
+    port = running.metrics.port
+    assert (await scrape(running)).value("kvstore_namespaces") == 0
+    await running.drain()
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)
