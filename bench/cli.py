@@ -21,6 +21,7 @@ from kvstore.bench.soak import add_soak_arguments, run_soak
 from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
 from kvstore.bench.tls import add_tls_arguments, run_tls
+from kvstore.bench.watch import add_watch_arguments, run_watch
 from kvstore.client import TOKEN_ENV
 from kvstore.wire.tls import CLIENT_TLS_SETTINGS
 
@@ -88,6 +89,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "plot a daemon's metrics over a run from the JSONL file --scrape wrote",
         add_plot_arguments,
         run_plot,
+    ),
+    "watch": (
+        "put blocks/s of small blocks with N WatchBlocks watcher processes, against none",
+        add_watch_arguments,
+        run_watch,
     ),
     "placement": (
         "a trace through the cluster's placement and per-node LRUs: hit rate and balance by "

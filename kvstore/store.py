@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from kvstore.config import StoreConfig
 from kvstore.enums import Durability, TierKind
 from kvstore.errors import CapacityExhausted, InvalidRequest
+from kvstore.events import BlockEvent, BlockEventKind, BlockListener
 from kvstore.index import BlockEntry, NamespaceState
 from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
@@ -192,6 +193,28 @@ class BlockStore:
             tier_runs=tier_runs,
             block_bytes=namespace.layout.block_bytes,
         )
+
+    def snapshot(self, namespace: Namespace) -> list[BlockEvent]:
+        """A SNAPSHOT event per block the namespace holds now, every parent before its
+        children (a child is indexed only after its parent, and a parent with children
+        never leaves); O(blocks of the namespace)."""
+        state = self._pool.find_namespace(namespace)
+        if state is None:
+            return []
+        snapshot = BlockEventKind.SNAPSHOT
+        return [
+            BlockEvent(snapshot, key, entry.parent.key if entry.parent else b"", entry.fastest)
+            for key, entry in state.blocks.items()
+        ]
+
+    @property
+    def listener(self) -> BlockListener | None:
+        """Told of every change to what lookups find (kvstore.events); None: nobody."""
+        return self._pool.listener
+
+    @listener.setter
+    def listener(self, listener: BlockListener | None) -> None:
+        self._pool.listener = listener
 
     def find_prefix(self, namespace: Namespace, keys: list[bytes]) -> list[BlockEntry]:
         """The entries of the longest stored prefix of `keys`; nothing counts as used."""

@@ -168,7 +168,8 @@ async def build_server(config: ServerConfig) -> RunningServer:
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     data_plane = None
-    if config.data_port >= 0:
+    shm_path = config.shm_socket_path()
+    if config.data_port >= 0 or shm_path is not None:
         tls_context = tls.data_plane_context if tls is not None else None
         data_plane = DataPlane(
             transfers,
@@ -180,9 +181,17 @@ async def build_server(config: ServerConfig) -> RunningServer:
         )
         servicer.data_plane_tls = tls is not None
         try:
-            servicer.data_plane_port = await data_plane.start(config.listen_host, config.data_port)
+            if config.data_port >= 0:
+                servicer.data_plane_port = await data_plane.start(
+                    config.listen_host, config.data_port
+                )
+            if shm_path is not None:
+                await data_plane.start_unix(shm_path)
+                servicer.shm_path = shm_path
+                servicer.shm_instance = data_plane.instance
             servicer.data_plane_counts = data_plane.counts
         except OSError:
+            await data_plane.drain(0)
             await mover.close()
             raise
     loop_watch = LoopWatch()
@@ -208,7 +217,8 @@ async def build_server(config: ServerConfig) -> RunningServer:
         "serving kvstore.v1 on %s (port %d), data plane %s; tiers: %s; eviction %s, %s",
         config.listen,
         port,
-        f"on port {servicer.data_plane_port}" if data_plane is not None else "off",
+        (f"on port {servicer.data_plane_port}" if servicer.data_plane_port else "off")
+        + (f", same-host path on {servicer.shm_path}" if servicer.shm_path else ""),
         ", ".join(f"{tier.name} {tier.capacity_bytes >> 20} MiB" for tier in store.report().tiers),
         config.store.eviction_policy,
         config.store.write_policy if store.has_ssd else "no SSD",

@@ -99,6 +99,10 @@ def worker_configs(
                 metrics_port=(
                     config.metrics_port + index if config.metrics_port > 0 else config.metrics_port
                 ),
+                # One Unix socket each: a set path gets the worker's index.
+                shm_socket=config.shm_socket
+                if config.shm_socket in ("auto", "off")
+                else f"{config.shm_socket}.{index}",
                 store=worker_store,
                 cluster=cluster,
             )
