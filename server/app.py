@@ -199,7 +199,12 @@ async def build_server(config: ServerConfig) -> RunningServer:
     if config.metrics_port >= 0:
         try:
             metrics = await start_metrics(
-                metrics_host(config), config.metrics_port, store, loop_watch, data_plane
+                metrics_host(config),
+                config.metrics_port,
+                store,
+                loop_watch,
+                data_plane,
+                servicer.watch_hub,
             )
         except OSError:
             if data_plane is not None:

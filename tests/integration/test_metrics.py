@@ -8,6 +8,7 @@ endpoint get a clear HTTP status while the daemon keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import urllib.error
@@ -128,6 +129,7 @@ async def test_counters_equal_the_traffic(
     assert after.value("kvstore_tier_capacity_bytes", tier="dram") == 32 << 20
     assert after.value("kvstore_tier_read_limit_bytes_per_second", tier="dram") == 0
     assert after.value("kvstore_namespaces") == 1
+    assert after.value("kvstore_block_watchers") == 0
     carried = 2 if request.node.callspec.params["connect"] == "data-plane" else 0
     assert delta("kvstore_data_plane_transfers_total") == carried
     assert after.value("process_resident_memory_bytes") > 0
@@ -200,6 +202,17 @@ def hold_the_loop(seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         pass
+
+
+async def test_open_watch_streams_are_counted(
+    metered: RunningServer, make_namespace: Callable[..., Namespace]
+) -> None:
+    async with (
+        KVClient(f"127.0.0.1:{metered.port}", make_namespace()) as client,
+        contextlib.aclosing(client.watch_blocks()) as stream,
+    ):
+        await anext(stream)  # the snapshot's end: the watch is open
+        assert (await scrape(metered)).value("kvstore_block_watchers") == 1
 
 
 async def test_a_read_throttle_is_reported(server_factory: ServerFactory) -> None:
