@@ -212,6 +212,8 @@ async def build_server(config: ServerConfig) -> RunningServer:
             await mover.close()
             raise
         servicer.request_metrics = transfers.request_metrics = metrics.requests
+        if data_plane is not None:
+            data_plane.request_metrics = metrics.requests
     # Started last, so that a failed start leaves no probe behind; stopped by drain.
     loop_watch.start()
     servicer.loop_watch = loop_watch

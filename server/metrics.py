@@ -102,6 +102,11 @@ class KVStoreCollector(Collector):
             "Puts and gets the data plane carried (the rest went over gRPC).",
             value=transfers,
         )
+        yield CounterMetricFamily(
+            "kvstore_data_plane_shm_transfers",
+            "Of those, the ones whose bytes moved through shared memory (the same-host path).",
+            value=self._data_plane.shm_transfers,
+        )
 
 
 @dataclass

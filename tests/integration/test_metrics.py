@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from kvstore.bench.scrape import Samples, parse_samples
-from kvstore.client import KVClient
+from kvstore.client import InvalidArgument, KVClient, KVForm
 from kvstore.errors import InvalidRequest
 from kvstore.layout import KVLayout, Namespace
 from kvstore.server import RunningServer, build_server, load_config
@@ -231,6 +231,33 @@ async def test_event_loop_lag_is_reported(metered: RunningServer) -> None:
     samples = await scrape(metered)
     assert samples.value("kvstore_event_loop_lag_max_seconds") >= 0.15
     assert samples.value("kvstore_event_loop_lag_p99_seconds") >= 0
+
+
+async def test_requests_answered_with_an_error_are_counted_by_transport_and_code(
+    metered: RunningServer, connect: Connect, make_kv: MakeKV, request: pytest.FixtureRequest
+) -> None:
+    client = connect()
+    layout = client.namespace.layout
+    before = await scrape(metered)
+    too_many = [b"k%d" % index for index in range(1001)]  # the test server's max_keys: 1000
+    with pytest.raises(InvalidArgument, match="1001 keys in one request"):
+        await client.lookup_keys(too_many)  # a lookup stream's result
+    dest = make_kv(layout, 1001, form=KVForm.BLOCKS)
+    with pytest.raises(InvalidArgument, match="1001 keys in one request"):
+        await client.get_into(too_many, dest, form=KVForm.BLOCKS)
+    after = await scrape(metered)
+    errors = "kvstore_request_errors_total"
+    assert not before.has(errors, transport="grpc", code="INVALID_ARGUMENT")
+    grpc_errors = after.value(errors, transport="grpc", code="INVALID_ARGUMENT")
+    if request.node.callspec.params["connect"] == "data-plane":
+        assert grpc_errors == 1
+        assert after.value(errors, transport="data_plane", code="INVALID_ARGUMENT") == 1
+    else:
+        assert grpc_errors == 2
+        assert not after.has(errors, transport="data_plane", code="INVALID_ARGUMENT")
+    # The daemon still serves the tenant.
+    await client.put(tokens(1, layout), make_kv(layout, 1))
+    assert (await client.lookup(tokens(1, layout))).num_matched == 1
 
 
 # -- the endpoint's answers to bad requests -------------------------------------------------
