@@ -11,6 +11,7 @@ from kvstore.bench.agent import add_agent_arguments, run_agent
 from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
 from kvstore.bench.durability import add_durability_arguments, run_durability
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
+from kvstore.bench.lz4 import add_lz4_arguments, run_lz4
 from kvstore.bench.metrics_cost import add_metrics_cost_arguments, run_metrics_cost
 from kvstore.bench.placement_sim import add_placement_arguments, run_placement
 from kvstore.bench.plan import add_plan_arguments, run_plan
@@ -63,6 +64,12 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         add_tiers_arguments,
         run_tiers,
     ),
+    "lz4": (
+        "SSD-tier lz4 on a real prefill's KV (fp16, bf16, fp8) and random bytes: ratio, "
+        "codec GB/s, SSD put/get GB/s and capacity, raw against lz4 in the same run",
+        add_lz4_arguments,
+        run_lz4,
+    ),
     "restart": (
         "daemon restart to first served lookup and to a whole index, by SSD size; "
         "against a sequential read of the same files",
@@ -79,6 +86,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         add_tls_arguments,
         run_tls,
     ),
+    "watch": (
+        "put blocks/s of small blocks with N WatchBlocks watcher processes, against none",
+        add_watch_arguments,
+        run_watch,
+    ),
     "metrics": (
         "lookup latency and put/get GB/s with Prometheus metrics on and scraped, against "
         "metrics off, in the same run",
@@ -89,11 +101,6 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "plot a daemon's metrics over a run from the JSONL file --scrape wrote",
         add_plot_arguments,
         run_plot,
-    ),
-    "watch": (
-        "put blocks/s of small blocks with N WatchBlocks watcher processes, against none",
-        add_watch_arguments,
-        run_watch,
     ),
     "placement": (
         "a trace through the cluster's placement and per-node LRUs: hit rate and balance by "

@@ -316,6 +316,8 @@ class DataPlane:
                     if kind == FrameKind.REGISTER and link.buffers is not None:
                         await self._register(link, payload)
                         continue  # not a transfer
+                    if link.fd_stream is not None:
+                        link.fd_stream.close_fds()  # descriptors come with REGISTER only
                     self._lifecycle.refuse_if_draining()
                     if kind == FrameKind.DEADLINE:
                         pacing.set_deadline(_deadline_of(payload))

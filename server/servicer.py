@@ -258,7 +258,7 @@ class KVStoreServicer:
             # The stream may stay open for days: its credential is checked again before
             # every message, so a token revoked (SIGHUP) or expired stops it.
             credential = None if self._auth is None else grpc_credential(self._auth, context)
-            limit = self._limits.watch_batch_events
+            limit = self._limits.watch_message_events
             max_events = min(watch.max_events_per_message or limit, limit)
             with self.watch_hub.watch(namespace) as watcher:
                 while True:

@@ -96,13 +96,13 @@ def worker_configs(
                 workers=1,
                 listen=_join_address(host, ports[index]),
                 data_port=config.data_port + index if config.data_port > 0 else config.data_port,
-                metrics_port=(
-                    config.metrics_port + index if config.metrics_port > 0 else config.metrics_port
-                ),
                 # One Unix socket each: a set path gets the worker's index.
                 shm_socket=config.shm_socket
                 if config.shm_socket in ("auto", "off")
                 else f"{config.shm_socket}.{index}",
+                metrics_port=(
+                    config.metrics_port + index if config.metrics_port > 0 else config.metrics_port
+                ),
                 store=worker_store,
                 cluster=cluster,
             )
