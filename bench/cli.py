@@ -11,8 +11,8 @@ from kvstore.bench.agent import add_agent_arguments, run_agent
 from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
 from kvstore.bench.durability import add_durability_arguments, run_durability
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
-from kvstore.bench.metrics_cost import add_metrics_cost_arguments, run_metrics_cost
 from kvstore.bench.lz4 import add_lz4_arguments, run_lz4
+from kvstore.bench.metrics_cost import add_metrics_cost_arguments, run_metrics_cost
 from kvstore.bench.placement_sim import add_placement_arguments, run_placement
 from kvstore.bench.plan import add_plan_arguments, run_plan
 from kvstore.bench.plot import add_plot_arguments, run_plot
