@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -33,8 +34,10 @@ from rich.table import Table
 from kvstore.allocator import tune_allocator
 from kvstore.bench.ceiling import measure_ceiling
 from kvstore.bench.cost import CpuCost, Round, median_cpu, timed_phase, usable_cores
+from kvstore.bench.nodes import add_nodes_argument, check_nodes, local_cluster
 from kvstore.bench.spawn import spawned_ceiling_server, spawned_server
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
+from kvstore.cluster.members import is_cluster_target
 from kvstore.enums import Durability
 from kvstore.units import human_bytes, parse_size
 
@@ -186,7 +189,8 @@ async def measure_size(
         kvstore = KVStoreRounds(client, layout, total_bytes, streams, label="dp-")
         over_grpc = KVStoreRounds(grpc_client, layout, total_bytes, streams, label="grpc-")
         await kvstore.run()  # warms up both processes
-        if client.data_plane is None:
+        # A cluster client has a data plane per member, none of its own.
+        if client.data_plane is None and not is_cluster_target(target):
             raise RuntimeError("the kvstore client did not reach the server's data plane")
         await over_grpc.run()
         await measure_ceiling(ceiling_target, min(total_bytes, 64 << 20), chunk_bytes)
@@ -240,16 +244,28 @@ async def measure_size(
     )
 
 
-def run_sweep(sweep: Sweep) -> list[ThroughputRow]:
+def run_sweep(
+    sweep: Sweep, *, target: str | None = None, nodes: int | None = None
+) -> list[ThroughputRow]:
+    """Against `target`, else a daemon started here, else (`nodes`) a local cluster of
+    that many daemons sharing the same DRAM."""
     if sweep.tune_client_allocator:
         tune_allocator()  # this process runs both clients: kvstore's and the ceiling's
     dram = max(2 * sweep.total_bytes + (256 << 20), 1 << 30)
-    with (
-        spawned_server(
-            ["--dram-bytes", str(dram), "--page-bytes", "1MiB", "--log-level", "warning"]
-        ) as target,
-        spawned_ceiling_server() as ceiling_target,
-    ):
+    page_bytes = 1 << 20
+    with contextlib.ExitStack() as stack:
+        if target is None and nodes is not None:
+            cluster = local_cluster(
+                nodes,
+                total_dram_bytes=dram,
+                page_bytes=page_bytes,
+                server_args=["--log-level", "warning"],
+            )
+            target = stack.enter_context(cluster).etcd_target
+        elif target is None:
+            flags = ["--dram-bytes", str(dram), "--page-bytes", str(page_bytes)]
+            target = stack.enter_context(spawned_server([*flags, "--log-level", "warning"]))
+        ceiling_target = stack.enter_context(spawned_ceiling_server())
         return [
             asyncio.run(measure_size(target, ceiling_target, size, sweep))
             for size in sweep.block_sizes
@@ -278,12 +294,19 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
         "ClientOptions(tune_allocator=False) runs; both clients run here, the servers "
         "stay tuned",
     )
+    parser.add_argument(
+        "--target",
+        help="HOST:PORT of a running server, or a cluster: etcd://HOST:PORT/PREFIX or "
+        "cluster://H1:P1,H2:P2 (default: start one)",
+    )
+    add_nodes_argument(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run_throughput(args: argparse.Namespace) -> int:
     if args.streams < 1:
         raise SystemExit("--streams must be at least 1")
+    nodes = check_nodes(args, "throughput")
     rows = run_sweep(
         Sweep(
             block_sizes=[parse_size(part) for part in args.block_sizes.split(",")],
@@ -292,7 +315,9 @@ def run_throughput(args: argparse.Namespace) -> int:
             chunk_bytes=parse_size(args.chunk),
             streams=args.streams,
             tune_client_allocator=not args.untuned_clients,
-        )
+        ),
+        target=args.target,
+        nodes=nodes,
     )
     if args.json:
         print(
