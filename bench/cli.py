@@ -12,6 +12,7 @@ from kvstore.bench.cluster_cli import add_cluster_arguments, run_cluster
 from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
 from kvstore.bench.durability import add_durability_arguments, run_durability
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
+from kvstore.bench.placement_sim import add_placement_arguments, run_placement
 from kvstore.bench.plan import add_plan_arguments, run_plan
 from kvstore.bench.replay import add_trace_arguments, run_trace
 from kvstore.bench.restart import add_restart_arguments, run_restart
@@ -81,6 +82,12 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "GB/s, a node killed under load",
         add_cluster_arguments,
         run_cluster,
+    ),
+    "placement": (
+        "a trace through the cluster's placement and per-node LRUs: hit rate and balance by "
+        "run length K, against one node of the same capacity",
+        add_placement_arguments,
+        run_placement,
     ),
     "disagg": (
         "prefill and decode workers on a real transformer: exactness check, agent-session TTFT",
