@@ -6,8 +6,9 @@ processes, each with 1/N of the DRAM), one with `--workers 1`. `clients` client
 processes, each with one cluster client (`etcd://`) that stays open, then move
 `total_bytes` in all, round after round and side after side:
 
-- put: every client puts its own `total / clients` bytes of blocks, all starting at one
-  agreed instant; aggregate GB/s = all bytes / (the last client's end - that instant);
+- put: every client puts its own `total / clients` bytes of blocks; each makes its
+  blocks first, then waits at a barrier for the others, so all begin together;
+  aggregate GB/s = all bytes / (the last client's end - the first client's begin);
 - get: the same blocks back into a tensor, compared with what was put (after the clock);
 - their blocks are then deleted, untimed.
 
@@ -33,6 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from threading import Barrier
 
 import torch
 
@@ -45,7 +47,7 @@ from kvstore.cluster.etcd import EtcdUnavailable, list_members
 from kvstore.units import human_bytes
 
 PUT, GET, DELETE = "put", "get", "delete"
-_START_LEAD_S = 1.0  # the agreed instant is this far ahead of the submission
+_BARRIER_TIMEOUT_S = 120.0
 _REGISTER_TIMEOUT_S = 120.0
 _STOP_TIMEOUT_S = 30.0
 
@@ -61,10 +63,10 @@ class WorkersSetup:
 
 @dataclass(frozen=True)
 class Phase:
-    """One timed phase of one side: aggregate GB/s, and how late the latest client began."""
+    """One timed phase of one side: aggregate GB/s, and how far apart the clients began."""
 
     gbps: float
-    late_s: float
+    start_spread_s: float
 
 
 def measure_workers(setup: WorkersSetup) -> PartResult:
@@ -86,18 +88,21 @@ def measure_workers(setup: WorkersSetup) -> PartResult:
                     )
                     for w in sides
                 }
+                context = multiprocessing.get_context("spawn")
+                manager = stack.enter_context(context.Manager())
+                barrier = manager.Barrier(setup.clients)
                 pool = stack.enter_context(
                     concurrent.futures.ProcessPoolExecutor(
-                        max_workers=setup.clients,
-                        mp_context=multiprocessing.get_context("spawn"),
+                        max_workers=setup.clients, mp_context=context
                     )
                 )
                 for side in sides:  # warm-up: imports, connections, first allocations
-                    _round(pool, targets[side], setup, per_client_blocks, f"warm-{side}")
+                    _round(pool, barrier, targets[side], setup, per_client_blocks, f"w-{side}")
                 for number in range(setup.rounds):
                     for side in sides:
+                        tag = f"{number}-{side}"
                         put, get = _round(
-                            pool, targets[side], setup, per_client_blocks, f"{number}-{side}"
+                            pool, barrier, targets[side], setup, per_client_blocks, tag
                         )
                         results[side][PUT].append(put)
                         results[side][GET].append(get)
@@ -108,6 +113,7 @@ def measure_workers(setup: WorkersSetup) -> PartResult:
 
 def _round(
     pool: concurrent.futures.Executor,
+    barrier: Barrier,
     target: str,
     setup: WorkersSetup,
     num_blocks: int,
@@ -115,10 +121,10 @@ def _round(
 ) -> tuple[Phase, Phase]:
     phases = []
     for phase in (PUT, GET, DELETE):
-        start_at = time.time() + _START_LEAD_S
+        # As many tasks as processes, and each waits at the barrier: one task per process.
         futures = [
             pool.submit(
-                client_phase, target, phase, tag, index, num_blocks, setup.block_bytes, start_at
+                client_phase, barrier, target, phase, tag, index, num_blocks, setup.block_bytes
             )
             for index in range(setup.clients)
         ]
@@ -126,9 +132,12 @@ def _round(
         if phase == DELETE:
             continue
         moved = num_blocks * setup.block_bytes * setup.clients
-        late_s = max(begin for begin, _ in spans) - start_at
+        first_begin = min(begin for begin, _ in spans)
         phases.append(
-            Phase(gbps=moved / (max(end for _, end in spans) - start_at) / 1e9, late_s=late_s)
+            Phase(
+                gbps=moved / (max(end for _, end in spans) - first_begin) / 1e9,
+                start_spread_s=max(begin for begin, _ in spans) - first_begin,
+            )
         )
     return phases[0], phases[1]
 
@@ -140,32 +149,33 @@ _clients: dict[str, KVClient] = {}
 
 
 def client_phase(
+    barrier: Barrier,
     target: str,
     phase: str,
     tag: str,
     index: int,
     num_blocks: int,
     block_bytes: int,
-    start_at: float,
 ) -> tuple[float, float]:
-    """Run in a client process: one phase of one client's blocks, begun at `start_at`;
-    returns (begin, end) as unix times. Its client and event loop stay open between calls."""
+    """Run in a client process: one phase of one client's blocks, begun once every client
+    has passed `barrier`; returns (begin, end) as unix times. Its client and event loop
+    stay open between calls."""
     global _loop
     if _loop is None:
         _loop = asyncio.new_event_loop()
     return _loop.run_until_complete(
-        _client_phase(target, phase, tag, index, num_blocks, block_bytes, start_at)
+        _client_phase(barrier, target, phase, tag, index, num_blocks, block_bytes)
     )
 
 
 async def _client_phase(
+    barrier: Barrier,
     target: str,
     phase: str,
     tag: str,
     index: int,
     num_blocks: int,
     block_bytes: int,
-    start_at: float,
 ) -> tuple[float, float]:
     layout = layout_for(block_bytes)
     if target not in _clients:
@@ -181,7 +191,7 @@ async def _client_phase(
         layout.num_layers, tuple(layout.layer_shape), layout.dtype.torch_dtype, num_blocks, prefix
     )
     dest = torch.empty_like(source) if phase == GET else None
-    await asyncio.sleep(max(0.0, start_at - time.time()))
+    barrier.wait(_BARRIER_TIMEOUT_S)  # nothing else runs on this loop meanwhile
     begin = time.time()
     if phase == PUT:
         result = await client.put_blocks(keys, source, form=KVForm.BLOCKS)
@@ -305,7 +315,9 @@ def _result(
         for side, ops in results.items()
     }
     ratio = {op: gbps[setup.workers][op] / gbps[1][op] for op in (PUT, GET)}
-    late = max(p.late_s for ops in results.values() for phases in ops.values() for p in phases)
+    spread = max(
+        p.start_spread_s for ops in results.values() for phases in ops.values() for p in phases
+    )
     rows = [
         [f"--workers {side}", f"{gbps[side][PUT]:.3f}", f"{gbps[side][GET]:.3f}"]
         for side in (1, setup.workers)
@@ -318,7 +330,7 @@ def _result(
         "every daemon and client its own process",
         f"this machine: {cores} usable cores, shared by the daemons and the clients; "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end",
-        f"the latest client began {late * 1000:.0f} ms after the agreed instant (counted in)",
+        f"clients began at most {spread * 1000:.0f} ms apart (after a barrier; counted in)",
     ]
     return PartResult(
         part="workers",
