@@ -21,7 +21,8 @@ from kvstore.bench.load import LoadConfig, LoadDriver, LoadRun
 from kvstore.bench.nodes import add_nodes_argument, check_nodes, local_cluster
 from kvstore.bench.presets import ModelPreset, get_preset, preset_names
 from kvstore.bench.report import build_report, merge_results, print_report
-from kvstore.bench.spawn import spawned_server
+from kvstore.bench.scrape import AUTO, Scraper, add_scrape_arguments
+from kvstore.bench.spawn import free_port, spawned_server
 from kvstore.bench.workload import Workload, page_bytes_for, parse_scale, scaled_layout
 from kvstore.client import KVLayout
 from kvstore.units import human_bytes, parse_size
@@ -165,6 +166,7 @@ def add_load_arguments(
     output.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
     output.add_argument("--plot", type=Path, metavar="PATH.png", help="latency and hit-rate plot")
     output.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    add_scrape_arguments(output)
 
 
 def load_config_from_args(
@@ -197,6 +199,11 @@ def server_for(args: argparse.Namespace, layout: KVLayout, console: Console) -> 
     policy = ["--eviction-policy", args.eviction_policy] if args.eviction_policy else []
     more_flags = [*policy, *shlex.split(args.server_args)]
     if nodes is not None:
+        if getattr(args, "scrape", None) == AUTO:
+            raise SystemExit(
+                "kvstore-bench: a bare --scrape scrapes the one daemon started here; with "
+                "--nodes give one node's URL (--scrape http://HOST:PORT/metrics) or drop --nodes"
+            )
         console.print(
             f"starting etcd and {nodes} kvstore-server daemons: dram "
             f"{human_bytes(parse_size(args.dram_bytes))} in all, "
@@ -214,6 +221,10 @@ def server_for(args: argparse.Namespace, layout: KVLayout, console: Console) -> 
         return
     flags = ["--dram-bytes", args.dram_bytes, "--page-bytes", page_bytes, "--log-level", "warning"]
     flags += more_flags
+    if getattr(args, "scrape", None) == AUTO:
+        metrics_port = free_port()
+        flags += ["--metrics-port", str(metrics_port)]
+        args.scrape = f"http://127.0.0.1:{metrics_port}/metrics"
     console.print(
         f"starting kvstore-server: dram {human_bytes(parse_size(args.dram_bytes))} in "
         f"{human_bytes(parse_size(page_bytes))} pages; blocks of "
@@ -222,6 +233,28 @@ def server_for(args: argparse.Namespace, layout: KVLayout, console: Console) -> 
     )
     with spawned_server(flags, log_path=args.server_log) as target:
         yield target
+
+
+@contextlib.contextmanager
+def scraping(args: argparse.Namespace, console: Console) -> Iterator[Scraper | None]:
+    """Scrape `--scrape`'s endpoint while the block runs (enter it after `server_for`,
+    which points a bare `--scrape` at the daemon it starts); None without `--scrape`."""
+    url = getattr(args, "scrape", None)
+    if url is None:
+        yield None
+        return
+    if url == AUTO:
+        raise SystemExit(
+            "kvstore-bench: --scrape with --target needs the daemon's metrics URL: "
+            "--scrape http://HOST:PORT/metrics (started with kvstore-server --metrics-port)"
+        )
+    with Scraper(url, args.scrape_out, args.scrape_interval) as scraper:
+        yield scraper
+    console.print(
+        f"wrote {scraper.num_scrapes} scrapes of {url} to {args.scrape_out}"
+        + (f" ({scraper.num_failed} failed)" if scraper.num_failed else "")
+        + f"; plot them: kvstore-bench plot {args.scrape_out}"
+    )
 
 
 def run_command(
@@ -236,7 +269,11 @@ def run_command(
     console = Console()
     driver = LoadDriver(workload, config, console=console, show_progress=not args.no_progress)
     # The workers start first: they import torch while the server starts.
-    with driver, server_for(args, workload.namespace.layout, console) as target:
+    with (
+        driver,
+        server_for(args, workload.namespace.layout, console) as target,
+        scraping(args, console),
+    ):
         run = driver.run(target)
     report = build_report(run, settings=settings, reference=reference(run) if reference else None)
     print_report(report, console)

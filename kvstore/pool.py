@@ -37,6 +37,7 @@ from kvstore.checksum import ChecksumKind
 from kvstore.config import StoreConfig
 from kvstore.enums import Durability, TierKind
 from kvstore.errors import CapacityExhausted
+from kvstore.events import BlockEventKind, BlockListener
 from kvstore.eviction import POLICIES, EvictionQueue
 from kvstore.index import BlockEntry, BlockIndex, NamespaceState
 from kvstore.layout import Namespace
@@ -142,6 +143,8 @@ class BlockPool:
         # `_ssd_writers` are those whose write_to_ssd call is running.
         self._ssd_writes: dict[BlockEntry, asyncio.Event] = {}
         self._ssd_writers: set[BlockEntry] = set()
+        # Told of every change to what lookups find (kvstore.events); None: nobody asks.
+        self.listener: BlockListener | None = None
 
     # -- tiers (read-only views) --------------------------------------------------------
 
@@ -307,6 +310,8 @@ class BlockPool:
         if entry.parent is not None:
             self.refresh(entry.parent)
         self.refresh(entry)
+        if self.listener is not None:
+            self._tell_stored(entry)
 
     def restore(self, entry: BlockEntry) -> None:
         """Index a block recovered from its SSD file (its only copy) at start-up."""
@@ -318,6 +323,26 @@ class BlockPool:
         if entry.parent is not None:
             self.refresh(entry.parent)
         self.refresh(entry)
+        if self.listener is not None:  # recovery may run while the store serves
+            self._tell_stored(entry)
+
+    def _tell_stored(self, entry: BlockEntry) -> None:
+        assert self.listener is not None
+        parent_key = entry.parent.key if entry.parent is not None else b""
+        self.listener.block_changed(
+            entry.namespace.namespace, BlockEventKind.STORED, entry.key, parent_key, entry.fastest
+        )
+
+    def _tell_if_moved(self, entry: BlockEntry, fastest_before: TierKind) -> None:
+        """TIER_CHANGED, if the fastest tier holding the (still indexed) block changed."""
+        if self.listener is not None and entry.fastest is not fastest_before:
+            self.listener.block_changed(
+                entry.namespace.namespace,
+                BlockEventKind.TIER_CHANGED,
+                entry.key,
+                b"",
+                entry.fastest,
+            )
 
     # -- touches ------------------------------------------------------------------------
 
@@ -570,12 +595,15 @@ class BlockPool:
 
     def add_copy(self, entry: BlockEntry, kind: TierKind, handle: object) -> None:
         """Give an indexed block a copy in a memory tier it was promoted into."""
+        fastest_before = entry.fastest
         entry.add_copy(kind, handle)
         self._tiers[kind].counters.promotions += 1
         self.refresh(entry)
+        self._tell_if_moved(entry, fastest_before)
 
     def drop_copy(self, entry: BlockEntry, kind: TierKind, *, demoted: bool = False) -> None:
         """Free the entry's copy in one tier; the last copy takes the block out of the index."""
+        fastest_before = entry.fastest
         handle = entry.take_copy(kind)
         tier = self._tiers[kind]
         if demoted:
@@ -585,6 +613,7 @@ class BlockPool:
         tier.free(handle)
         if entry.copies:
             self.refresh(entry)
+            self._tell_if_moved(entry, fastest_before)
         else:
             self._unindex(entry)
 
@@ -597,6 +626,10 @@ class BlockPool:
         if new_tail is not None:
             self.refresh(new_tail)
         self._free_if_empty(entry.namespace)
+        if self.listener is not None:
+            self.listener.block_changed(
+                entry.namespace.namespace, BlockEventKind.REMOVED, entry.key, b"", None
+            )
 
     def remove(self, entry: BlockEntry) -> None:
         """Take a chain tail out of the store, freeing every copy."""
@@ -795,6 +828,7 @@ class BlockPool:
             ssd.discard_file(location)
             return False
         ssd.commit(location)
+        # No event: the memory copy, read-pinned until now, stays the fastest.
         entry.add_copy(TierKind.SSD, location)
         return True
 

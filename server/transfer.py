@@ -15,6 +15,7 @@ freed however its transfer ends.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 from kvstore.enums import TierKind
@@ -29,6 +30,7 @@ from kvstore.server.config import Limits
 from kvstore.server.decode import MalformedRequest, open_keyed_request, put_namespace_from_wire
 from kvstore.server.put_floor import PutFloor
 from kvstore.server.replies import put_reply
+from kvstore.server.request_metrics import RequestMetrics
 from kvstore.server.throttle import ReadThrottle
 from kvstore.store import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
@@ -60,6 +62,8 @@ class Transfers:
         self._put_floor_bytes = min(MIN_PUT_PIECE_BYTES, limits.min_chunk_bytes // 4)
         # Puts and gets running per tenant with a max_transfers quota.
         self._num_running: dict[str, int] = {}
+        # The put and get histograms, both transports' (None: metrics off).
+        self.request_metrics: RequestMetrics | None = None
 
     def num_running(self, tenant: str) -> int:
         """Puts and gets of a tenant with a `max_transfers` quota running now."""
@@ -98,6 +102,7 @@ class Transfers:
         Each message is applied before the next is read, so it may be a view into a
         buffer that the transport reuses.
         """
+        started_s = time.perf_counter()
         session: PutSession | None = None
         floor: PutFloor | None = None
         slot: str | None = None
@@ -125,6 +130,10 @@ class Transfers:
             # blocks' files are in place before the reply goes (and puts slow down to
             # the disk's pace).
             durability = await self._store.wait_durable(committed)
+            if self.request_metrics is not None:
+                self.request_metrics.observe_put(
+                    time.perf_counter() - started_s, session.num_declared * session.block_bytes
+                )
             return put_reply(outcomes, durability)
         finally:
             # A cancelled or failed stream frees whatever it had reserved.
@@ -169,6 +178,7 @@ class Transfers:
         The blocks stay pinned, and the arena views valid, until the generator is
         closed: the transport sends each message before it asks for the next.
         """
+        started_s = time.perf_counter()
         session: ReadSession | None = None
         slot: str | None = None
         try:
@@ -194,6 +204,11 @@ class Transfers:
                 # Paced before it is sent, on both transports (`[store] read_bytes_per_s`).
                 await self._throttle.pace(tiers, _payload_bytes(parts))
                 yield parts
+            if self.request_metrics is not None:
+                self.request_metrics.observe_get(
+                    time.perf_counter() - started_s,
+                    len(session.entries) * namespace.layout.block_bytes,
+                )
         finally:
             if session is not None:
                 session.close()
