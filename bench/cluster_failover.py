@@ -61,6 +61,7 @@ class FailoverSetup:
     concurrency: int = 6
     scale: str = "1/1024"  # of Llama-3-8B's KV bytes per token: 32 KiB blocks of 256 tokens
     block_tokens: int = 256
+    num_layers: int = 2  # 16 KiB per layer of a block: no put message under the put floor
     total_dram_bytes: int = 384 << 20
     seed: int | None = None
 
@@ -96,7 +97,12 @@ class _Killer(threading.Thread):
 
 
 def measure_failover(setup: FailoverSetup) -> PartResult:
-    layout = scaled_layout(get_preset("Llama-3-8B"), parse_scale(setup.scale), setup.block_tokens)
+    layout = scaled_layout(
+        get_preset("Llama-3-8B"),
+        parse_scale(setup.scale),
+        setup.block_tokens,
+        num_layers=setup.num_layers,
+    )
     seed = setup.seed if setup.seed is not None else secrets.randbits(32)
     workload = AgentWorkload(
         profile=PROFILE,

@@ -19,9 +19,20 @@ from kvstore.bench.trace_sample import CONVERSATION_SAMPLE, write_sample
 
 MiB = 1 << 20
 DAEMONS_AND_ETCD = ("kvstore.server.main", "etcd")
-# Small agent sessions: 2 sessions of 2 turns, 1 KiB-per-token blocks of 256 tokens.
+# Small agent sessions: 2 sessions of 2 turns, 32 KiB blocks of 256 tokens in 2 layers.
 TINY_AGENT = [
-    *("--scale", "1/1024", "--sessions", "2", "--turns", "2-2", "--think-time", "0-0"),
+    *(
+        "--scale",
+        "1/1024",
+        "--layers",
+        "2",
+        "--sessions",
+        "2",
+        "--turns",
+        "2-2",
+        "--think-time",
+        "0-0",
+    ),
     *("--system-tokens", "512", "--tool-tokens", "0", "--task-tokens", "300-300"),
     *("--tool-result-tokens", "600-600", "--reply-tokens", "100-100", "--duration", "30"),
     *("--concurrency", "2", "--processes", "0", "--no-progress"),
