@@ -12,6 +12,7 @@ from kvstore.bench.cluster_cli import add_cluster_arguments, run_cluster
 from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
 from kvstore.bench.durability import add_durability_arguments, run_durability
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
+from kvstore.bench.lz4 import add_lz4_arguments, run_lz4
 from kvstore.bench.metrics_cost import add_metrics_cost_arguments, run_metrics_cost
 from kvstore.bench.placement_sim import add_placement_arguments, run_placement
 from kvstore.bench.plan import add_plan_arguments, run_plan
@@ -63,6 +64,12 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "SSD-tier get against a plain read of the same disk; write-back put against DRAM-only",
         add_tiers_arguments,
         run_tiers,
+    ),
+    "lz4": (
+        "SSD-tier lz4 on a real prefill's KV (fp16, bf16, fp8) and random bytes: ratio, "
+        "codec GB/s, SSD put/get GB/s and capacity, raw against lz4 in the same run",
+        add_lz4_arguments,
+        run_lz4,
     ),
     "restart": (
         "daemon restart to first served lookup and to a whole index, by SSD size; "

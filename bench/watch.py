@@ -42,7 +42,7 @@ from kvstore.client import (
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=64, dtype=DType.FLOAT16, block_tokens=16)
 NAMESPACE = Namespace(tenant="bench", model_fingerprint="watch", layout=LAYOUT)
-_SERVER_ARGS = ["--dram-bytes", "1GiB", "--page-bytes", "4KiB", "--log-level", "warning"]
+_SERVER_ARGS = ["--dram-bytes", "256MiB", "--page-bytes", "4KiB", "--log-level", "warning"]
 _READY = "ready"
 
 

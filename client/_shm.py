@@ -132,19 +132,28 @@ class ShmConnection(DataConnection):
 
     async def put(self, messages: AsyncIterator[list[bytes | memoryview]]) -> pb.PutBlocksResponse:
         """A whole put, its messages joined into PUT_SHM messages of about
-        SHM_MESSAGE_BYTES (concatenated PutBlocksRequests are one message)."""
-        joined: list[bytes | memoryview] = []
-        joined_bytes = 0
+        SHM_MESSAGE_BYTES (concatenated PutBlocksRequests are one message). Each is
+        copied in as soon as it is made, while the bytes its checksums just read are
+        still in the cache."""
+        start: int | None = None  # the open region's offset
+        capacity = filled = 0
         async for parts in messages:
             length = sum(memoryview(part).nbytes for part in parts)
-            if joined and joined_bytes + length > SHM_MESSAGE_BYTES:
-                await self.send(FrameKind.PUT, joined)
-                joined, joined_bytes = [], 0
-            joined.extend(parts)
-            joined_bytes += length
-        if joined:
-            await self.send(FrameKind.PUT, joined)
+            if start is not None and filled + length > capacity:
+                await self._send_region(start, filled)
+                start = None
+            if start is None:
+                capacity = min(max(SHM_MESSAGE_BYTES, length), self._ring.size)
+                start = await self._reserve(capacity)
+                filled = 0
+            filled += copy_parts(self._buffer.view, start + filled, parts)
+        if start is not None:
+            await self._send_region(start, filled)
         return await self.finish_put()
+
+    async def _send_region(self, offset: int, length: int) -> None:
+        self._ring.shrink_newest(length)
+        await super().send(FrameKind.PUT_SHM, [Region(self.buffer_id, offset, length).encode()])
 
     async def _reserve(self, length: int) -> int:
         try:

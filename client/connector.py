@@ -47,6 +47,7 @@ from kvstore.client._async import KVClient
 from kvstore.client._loop import LoopThread
 from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
+from kvstore.client.cost import BandwidthMeter
 from kvstore.layout import Namespace
 
 T = TypeVar("T")
@@ -176,6 +177,11 @@ class KVConnector:
         self.abort()
         self._call(self._client.close())
         self._loop.stop()
+
+    @property
+    def bandwidth(self) -> BandwidthMeter:
+        """What this connector's loads delivered, per node and tier (kvstore.client.cost)."""
+        return self._client.bandwidth
 
     # -- lookups -------------------------------------------------------------------------
 

@@ -105,6 +105,8 @@ class BlockPool:
                 config.ssd_bytes,
                 fsync=config.ssd_fsync,
                 io_threads=config.ssd_io_threads,
+                compression=config.ssd_compression,
+                compress_min_saving=config.ssd_compress_min_saving,
             )
         # Fastest first: TierKind orders that way, and reports list tiers in this order.
         self._memory: dict[TierKind, MemoryTier] = {TierKind.DRAM: self._dram}
@@ -804,14 +806,18 @@ class BlockPool:
             checksum_kind=ChecksumKind(entry.checksum_kind_value),
             layer_checksums=tuple(entry.layer_checksums),
         )
+        block_bytes = entry.layout.block_bytes
+        payload = self._memory[source].read(entry.copies[source], 0, block_bytes)
+        # Encoded before the reservation, so the tier accounts the file's real size.
+        header, stored = await ssd.encode(header, payload)
+        if not entry.is_indexed():
+            return False
         location = ssd.location_for(header.namespace, entry.key, ssd.file_bytes(header))
         usage = entry.namespace.usage
         if not self.reserve_ssd(location.nbytes, usage):
             return False
-        block_bytes = entry.layout.block_bytes
         try:
-            payload = self._memory[source].read(entry.copies[source], 0, block_bytes)
-            await ssd.write(location, header, payload)
+            await ssd.write(location, header, stored)
         except OSError as error:
             ssd.record_error(error, "writing a block")
             ssd.release(location)
@@ -832,7 +838,7 @@ class BlockPool:
         entry.add_copy(TierKind.SSD, location)
         return True
 
-    async def read_from_ssd(self, entry: BlockEntry) -> bytes:
+    async def read_from_ssd(self, entry: BlockEntry) -> bytes | bytearray:
         """The verified payload of the block's SSD copy; raises CorruptBlockFile or OSError."""
         ssd = self._ssd
         location = entry.copies.get(TierKind.SSD)

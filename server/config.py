@@ -29,6 +29,8 @@ reads configuration from outside (files, flags); components receive their own pa
     ssd_fsync = false            # true survives power loss too, not only process crashes
     write_policy = "write-back"  # write-back | write-through
     ssd_admit_after_seen = 1     # 2: a block must be seen twice before it earns SSD
+    ssd_compression = "off"      # off | lz4: byte-shuffled lz4 per layer, where it pays
+    ssd_compress_min_saving = 0.1  # a layer stays raw unless lz4 saves this fraction
     promote_on_hit = true
     high_watermark = 0.95
     low_watermark = 0.85
@@ -151,14 +153,12 @@ class Limits:
         ):
             if getattr(self, name) < 1:
                 raise InvalidRequest(f"limits.{name} must be >= 1")
-        # An event is at most two 64-byte keys and a few bytes of framing.
-        if self.watch_batch_events * MAX_WATCH_EVENT_BYTES > self.max_message_bytes:
-            raise InvalidRequest(
-                f"limits.watch_batch_events ({self.watch_batch_events}) events of up to "
-                f"{MAX_WATCH_EVENT_BYTES} B must fit in max_message_bytes "
-                f"({self.max_message_bytes} B): lower it to at most "
-                f"{self.max_message_bytes // MAX_WATCH_EVENT_BYTES}"
-            )
+
+    @property
+    def watch_message_events(self) -> int:
+        """The most events one WatchBlocks message carries: `watch_batch_events`, or fewer
+        where that many of the largest events would not fit in `max_message_bytes`."""
+        return min(self.watch_batch_events, self.max_message_bytes // MAX_WATCH_EVENT_BYTES)
 
     @property
     def max_chunk_bytes(self) -> int:
@@ -531,6 +531,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--write-policy", dest="store.write_policy", choices=["write-back", "write-through"]
     )
     parser.add_argument("--ssd-admit-after-seen", dest="store.ssd_admit_after_seen", type=int)
+    parser.add_argument(
+        "--ssd-compression",
+        dest="store.ssd_compression",
+        choices=["off", "lz4"],
+        help="SSD block files: off (default) or lz4 per layer after a byte shuffle",
+    )
+    parser.add_argument(
+        "--ssd-compress-min-saving",
+        dest="store.ssd_compress_min_saving",
+        type=float,
+        help="a layer is stored raw unless lz4 saves this fraction of it (default 0.1)",
+    )
     parser.add_argument(
         "--no-promote-on-hit", dest="store.promote_on_hit", action="store_false", default=None
     )

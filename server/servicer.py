@@ -95,6 +95,8 @@ class KVStoreServicer:
                 # answer, and it is no internal error. gRPC ends the call as it ends any.
                 raise
             code, message = status_for(error)
+            if self.request_metrics is not None:
+                self.request_metrics.count_error("grpc", code.name)
             await context.abort(code, message)
             raise AssertionError("unreachable") from error
 
@@ -131,6 +133,8 @@ class KVStoreServicer:
                     result = pb.LookupPrefixResult(match=self._lookup(request, caller))
                 except Exception as error:  # answered in the result: the stream goes on
                     code, message = status_for(error)
+                    if self.request_metrics is not None:
+                        self.request_metrics.count_error("grpc", code.name)
                     result = pb.LookupPrefixResult(code=code.value[0], message=message)
                 await context.write(result)
                 self._lifecycle.refuse_if_draining()
@@ -254,7 +258,7 @@ class KVStoreServicer:
             # The stream may stay open for days: its credential is checked again before
             # every message, so a token revoked (SIGHUP) or expired stops it.
             credential = None if self._auth is None else grpc_credential(self._auth, context)
-            limit = self._limits.watch_batch_events
+            limit = self._limits.watch_message_events
             max_events = min(watch.max_events_per_message or limit, limit)
             with self.watch_hub.watch(namespace) as watcher:
                 while True:

@@ -192,7 +192,7 @@ class Transfers:
             header = encode_get_header(
                 checksum_kind=kind,
                 block_bytes=namespace.layout.block_bytes,
-                num_blocks=len(session.entries),
+                num_blocks=session.num_blocks,
                 tiers=[tier.value for tier in session.tiers],
             )
             if uses_runs(namespace.layout, chunk_bytes):
@@ -200,7 +200,7 @@ class Transfers:
             else:
                 messages = _chunk_messages(session, chunk_bytes, header, kind)
             tiers = session.tiers
-            for parts in messages:
+            async for parts in messages:
                 # Paced before it is sent, on both transports (`[store] read_bytes_per_s`).
                 await self._throttle.pace(tiers, _payload_bytes(parts))
                 yield parts
@@ -237,11 +237,20 @@ def _blocks_written(message: PutMessage, num_declared: int) -> Iterator[int]:
         yield from range(run.first_block, min(run.first_block + run.num_blocks, num_declared))
 
 
-def _run_messages(session: ReadSession, chunk_bytes: int, header: bytes) -> Iterator[WireParts]:
+async def _run_messages(
+    session: ReadSession, chunk_bytes: int, header: bytes
+) -> AsyncIterator[WireParts]:
     """One message per run of whole small layers; the first carries the stream header."""
     sent = False
-    for run in session.runs(chunk_bytes):
-        prefix = header if not sent else encode_get_header(checksum_kind=run.checksum_kind_value)
+    declared = session.num_blocks
+    async for run in session.stream_runs(chunk_bytes):
+        if not sent:
+            prefix = header
+        elif session.num_blocks != declared:
+            declared = session.num_blocks
+            prefix = _shortened_header(run.checksum_kind_value, declared)
+        else:
+            prefix = encode_get_header(checksum_kind=run.checksum_kind_value)
         sent = True
         yield [
             prefix,
@@ -249,25 +258,35 @@ def _run_messages(session: ReadSession, chunk_bytes: int, header: bytes) -> Iter
         ]
     if not sent:
         yield [header]
+    elif session.num_blocks != declared:
+        yield [_shortened_header(0, session.num_blocks)]
 
 
-def _chunk_messages(
+async def _chunk_messages(
     session: ReadSession, chunk_bytes: int, header: bytes, kind: int
-) -> Iterator[WireParts]:
+) -> AsyncIterator[WireParts]:
     """Messages of about `chunk_bytes` of layer chunks; the first carries the stream header.
 
     A chunk whose checksum kind differs from the message's starts a new message: each
-    message carries the kind of the checksums in it.
+    message carries the kind of the checksums in it; so does a shorter served prefix.
     """
     parts: WireParts = [header]
     message_bytes = 0
-    for chunk in session.chunks(chunk_bytes):
-        if message_bytes and (
-            message_bytes + chunk.nbytes > chunk_bytes or chunk.checksum_kind_value != kind
+    declared = session.num_blocks
+    async for chunk in session.stream_chunks(chunk_bytes):
+        shortened = session.num_blocks != declared
+        if shortened or (
+            message_bytes
+            and (message_bytes + chunk.nbytes > chunk_bytes or chunk.checksum_kind_value != kind)
         ):
             yield parts
             kind = chunk.checksum_kind_value
-            parts, message_bytes = [encode_get_header(checksum_kind=kind)], 0
+            if shortened:
+                declared = session.num_blocks
+                parts = [_shortened_header(kind, declared)]
+            else:
+                parts = [encode_get_header(checksum_kind=kind)]
+            message_bytes = 0
         parts.extend(
             chunk_parts(
                 GET_CHUNKS,
@@ -280,3 +299,11 @@ def _chunk_messages(
         )
         message_bytes += chunk.nbytes
     yield parts
+    if session.num_blocks != declared:
+        yield [_shortened_header(kind, session.num_blocks)]
+
+
+def _shortened_header(checksum_kind: int, num_blocks: int) -> bytes:
+    """A block was found unreadable while layer 0 streamed: from this message on, the
+    get serves only its first `num_blocks` blocks (the client has completed no layer)."""
+    return encode_get_header(checksum_kind=checksum_kind, num_blocks=num_blocks)

@@ -121,6 +121,13 @@ class RegionRing:
             return 0 if length <= oldest else None
         return newest_end if newest_end + length <= oldest else None
 
+    def shrink_newest(self, length: int) -> None:
+        """The newest message turned out `length` bytes long (at most what it reserved)."""
+        offset, end = self._in_use[-1]
+        if length > end - offset:
+            raise ValueError(f"{length} bytes is more than the {end - offset} reserved")
+        self._in_use[-1] = (offset, offset + length)
+
     def free_oldest(self) -> None:
         """The oldest message's space is free again; WireError if none is in use (the
         peer acknowledged a message it was never sent)."""

@@ -32,7 +32,8 @@ def test_lookup_under_load_reports_both_phases_and_the_loop_lag(
         assert row["num_lookups"] > 0
         assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
         # The daemon's probe woke a dozen times or more in each phase: some lag, however small.
-        assert row["loop_lag_max_ms"] >= row["loop_lag_p99_ms"] > 0
+        assert row["loop_lag_max_ms"] >= row["loop_lag_p99_ms"] >= 0
+        assert row["loop_lag_max_ms"] > 0
     assert results["idle"]["load_gbps"] == 0
     # Paced at 0.05 GB/s: it moved bytes, and not much faster than asked.
     assert 0 < results["loaded"]["load_gbps"] < 0.2

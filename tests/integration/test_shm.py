@@ -30,6 +30,7 @@ from kvstore.client import (
     KVForm,
     KVLayout,
     Namespace,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -38,7 +39,8 @@ from kvstore.client._shm import ShmPool
 from kvstore.errors import InvalidRequest
 from kvstore.server import RunningServer
 from kvstore.server.auth import token_sha256
-from kvstore.server.config import load_config
+from kvstore.server.config import ServerConfig, load_config
+from kvstore.server.workers import worker_configs
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.chunks import encode_put_header
 from kvstore.wire.frames import HELLO_PAYLOAD, FrameKind
@@ -660,3 +662,139 @@ async def test_a_client_killed_mid_put_frees_what_it_held(
             await child.wait()
     await assert_unharmed(client, kv)
     assert (await client.lookup_keys([b"dying-0"])).num_matched == 0
+
+
+_DYING_READER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from kvstore.client import ClientOptions, DType, KVClient, KVLayout, Namespace
+    layout = KVLayout(num_layers=32, num_kv_heads=8, head_dim=64, dtype=DType.BFLOAT16,
+                      block_tokens=8)
+    ns = Namespace(tenant="tenant-a", model_fingerprint="shm", layout=layout)
+
+    async def main():
+        client = KVClient(sys.argv[1], ns, options=ClientOptions(shared_memory=True))
+        keys = [f"read-{i}".encode() for i in range(96)]
+        async for arrival in client.iter_layers(keys):
+            print("got", arrival.layer, arrival.num_blocks, flush=True)
+            await asyncio.sleep(60)  # killed here, mid-get, replies in its buffer
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_client_killed_mid_get_releases_the_blocks(
+    server_factory: ServerFactory,
+    clients: Callable[..., KVClient],
+    make_kv: MakeKV,
+    poll: Poll,
+    tmp_path: Path,
+) -> None:
+    shm_server = await server_factory(
+        shm_socket=str(tmp_path / "kv.sock"), store__dram_bytes=96 * MiB
+    )
+    client = clients(shm_server)
+    # 48 MiB: more than the client's 32 MiB buffer, so the daemon is still reading.
+    keys = [f"read-{index}".encode() for index in range(96)]
+    kv = make_kv(LARGE, len(keys), form=KVForm.BLOCKS, seed=21)
+    assert (await client.put_blocks(keys, kv)).num_committed == len(keys)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _DYING_READER,
+        f"127.0.0.1:{shm_server.port}",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(child.stdout.readline(), 60)
+        assert line.split() == [b"got", b"0", b"96"]
+        # Mid-get the daemon holds every block for the read.
+        assert await client.delete(keys[:1]) == (0, len(keys))
+        child.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(child.wait(), 10)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+
+    async def released() -> bool:
+        return (await client.delete(keys[:1])) == (len(keys), 0)
+
+    await poll(released)
+    assert (await client.lookup_keys(keys)).num_matched == 0
+    # The daemon serves on, through shared memory.
+    dest = await put_and_get(client, kv[:2], "after")
+    assert torch.equal(dest.view(torch.uint8), kv[:2].view(torch.uint8))
+
+
+def mapped_memfds(name: str) -> int:
+    """Mappings of memfds called `name` in this process (the daemon runs in it here)."""
+    with open("/proc/self/maps") as maps:
+        return sum(f"/memfd:{name} (deleted)" in line for line in maps)
+
+
+async def test_the_daemon_unmaps_a_buffer_when_its_connection_ends(
+    shm_server: RunningServer, poll: Poll
+) -> None:
+    raw = await (await RawShm.open(shm_server)).admitted(shm_server)
+    fd = os.memfd_create("unmap-probe", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, MiB)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    assert (await raw.register(fd, MiB))[0] == FrameKind.REGISTERED
+    os.close(fd)  # from here only the daemon's mapping keeps the buffer
+    assert mapped_memfds("unmap-probe") == 1
+    raw.close()
+
+    async def unmapped() -> bool:
+        return mapped_memfds("unmap-probe") == 0
+
+    await poll(unmapped)
+
+
+async def test_the_tenant_transfer_quota_counts_shared_memory_transfers(
+    server_factory: ServerFactory,
+    clients: Callable[..., KVClient],
+    make_kv: MakeKV,
+    tmp_path: Path,
+) -> None:
+    running = await server_factory(
+        shm_socket=str(tmp_path / "kv.sock"), **{"quotas.tenant-a.max_transfers": 1}
+    )
+    client = clients(running, shared_memory=True)
+    kv = make_kv(LARGE, 2, form=KVForm.BLOCKS, seed=31)
+    async with client.layer_put([b"held-0", b"held-1"]) as put:
+        await put.send_layer(0, kv[:, 0].contiguous())  # the put holds the one slot
+        with pytest.raises(ResourceExhausted, match="max_transfers"):
+            await client.put_blocks([b"second-0"], kv[:1])
+        for layer in range(1, LARGE.num_layers):
+            await put.send_layer(layer, kv[:, layer].contiguous())
+    assert put.result is not None
+    assert put.result.num_committed == 2
+    assert running.data_plane is not None
+    assert running.data_plane.shm_transfers >= 1
+
+
+def test_workers_get_a_socket_each() -> None:
+    def config(shm_socket: str) -> ServerConfig:
+        return load_config(
+            None,
+            {
+                "shm_socket": shm_socket,
+                "workers": 3,
+                "cluster.etcd": "etcd://127.0.0.1:2379/kv",
+                "store.dram_bytes": 96 * MiB,
+            },
+        )
+
+    set_path = worker_configs(config("/run/kv.sock"))
+    assert [share.shm_socket for share in set_path] == [
+        "/run/kv.sock.0",
+        "/run/kv.sock.1",
+        "/run/kv.sock.2",
+    ]
+    auto = worker_configs(config("auto"))
+    assert {share.shm_socket for share in auto} == {"auto"}
+    paths = {share.shm_socket_path() for share in auto}
+    assert len(paths) == 3  # "auto" picks a fresh name each time

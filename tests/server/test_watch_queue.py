@@ -13,9 +13,10 @@ from kvstore.errors import CapacityExhausted, InvalidRequest
 from kvstore.events import BlockEventKind
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.put import PutSession
-from kvstore.server.config import Limits
+from kvstore.server.config import MAX_WATCH_EVENT_BYTES, Limits
 from kvstore.server.watch import WatchHub
 from kvstore.store import BlockStore, StoreConfig
+from kvstore.v1 import kvstore_pb2 as pb
 
 LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=DType.FLOAT16, block_tokens=8)
 NS = Namespace(tenant="t", model_fingerprint="m", layout=LAYOUT)
@@ -118,9 +119,24 @@ def test_the_limits_refuse_a_watcher_with_a_clear_reason(store: BlockStore) -> N
         ({"watch_queue_events": 0}, "watch_queue_events must be >= 1"),
         ({"max_watchers": 0}, "max_watchers must be >= 1"),
         ({"max_watchers_per_tenant": 0}, "max_watchers_per_tenant must be >= 1"),
-        ({"watch_batch_events": 1 << 20}, "watch_batch_events"),
+        ({"watch_batch_events": 0}, "watch_batch_events must be >= 1"),
     ],
 )
 def test_bad_watch_limits_are_refused_at_start_up(settings: dict[str, int], message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
         Limits(**settings)  # type: ignore[arg-type]
+
+
+def test_a_message_never_holds_more_events_than_fit_in_the_message_limit() -> None:
+    assert Limits().watch_message_events == 1024
+    tight = Limits(max_message_bytes=64 << 10, default_chunk_bytes=60 << 10)
+    assert tight.watch_message_events == (64 << 10) // MAX_WATCH_EVENT_BYTES
+    # Two 64-byte keys, the largest kind and tier numbers, and every byte of framing.
+    event = pb.BlockEvent(
+        kind=pb.GAP, key=b"k" * 64, parent_key=b"p" * 64, tier=pb.SSD
+    ).SerializeToString()
+    reply = pb.WatchBlocksResponse(
+        first_sequence=(1 << 64) - 1,
+        events=[pb.BlockEvent.FromString(event)] * tight.watch_message_events,
+    )
+    assert reply.ByteSize() + 5 <= tight.max_message_bytes  # + gRPC's message header

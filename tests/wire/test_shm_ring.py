@@ -74,3 +74,12 @@ def test_copy_parts_joins_bytes_and_views_of_any_item_size() -> None:
     words = memoryview(array.array("H", [0x0201, 0x0403]))
     assert copy_parts(buffer, 2, [b"ab", words, memoryview(b"xyz")]) == 9
     assert bytes(buffer[:12]) == b"\0\0ab\x01\x02\x03\x04xyz\0"
+
+
+def test_the_newest_message_can_give_back_what_it_did_not_use() -> None:
+    ring = RegionRing(100)
+    assert ring.reserve(80) == 0
+    ring.shrink_newest(30)
+    assert ring.reserve(70) == 30  # the 50 bytes it gave back, and the 20 after them
+    with pytest.raises(ValueError, match="more than the 70 reserved"):
+        ring.shrink_newest(71)

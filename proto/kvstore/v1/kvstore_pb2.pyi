@@ -662,9 +662,12 @@ class GetBlocksResponse(_message.Message):
     block_bytes: _builtins.int
     """set on the first message only"""
     num_blocks: _builtins.int
-    """First message only: how many blocks will be streamed. The server serves
+    """First message: how many blocks will be streamed. The server serves
     the longest present prefix of `keys`; a miss is not an error, so this may be
-    less than len(keys) (0 when the first key is absent).
+    less than len(keys) (0 when the first key is absent). A later message sets it
+    only to shorten the get: SSD blocks are read while layer 0 streams, and a block
+    found unreadable then ends the served prefix before it. It comes before any
+    chunk of layer 1, so no layer the client completed ever included a dropped block.
     """
     @_builtins.property
     def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerChunk]: ...
@@ -1221,7 +1224,8 @@ class WatchBlocksRequest(_message.Message):
     MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     max_events_per_message: _builtins.int
     """The most events one message carries; 0: the server's limit
-    (limits.watch_batch_events, 1024 by default), and it caps larger values.
+    (limits.watch_batch_events, 1024 by default, or fewer if that many would not fit in
+    the message limit), and it caps larger values.
     """
     @_builtins.property
     def namespace(self) -> Global___Namespace: ...
