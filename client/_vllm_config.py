@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvstore.client._options import ClientOptions, TLSOptions
+from kvstore.errors import InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
 
 _DTYPES = {dtype.name.lower(): dtype for dtype in DType}
@@ -114,7 +115,7 @@ class ConnectorConfig:
                 tls=_tls(extra),
                 data_plane=_boolean(extra, "data_plane", True),
             )
-        except ValueError as error:  # InvalidRequest is a ValueError
+        except (ValueError, InvalidRequest) as error:
             raise ConnectorConfigError(f"kv_connector_extra_config: {error}") from None
         return cls(
             target=_string(extra, "target"),

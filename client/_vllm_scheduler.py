@@ -89,10 +89,11 @@ class SchedulerSide:
         prompt = list(request.prompt_token_ids)
         # The last position's logits come from the forward pass: one token is computed.
         keys = self._client.keys(prompt[: (len(prompt) - 1) // block_tokens * block_tokens])
-        # A block computed in part locally cannot be loaded whole; loads start after it.
-        first_block = -(-num_computed_tokens // block_tokens)
-        wanted = _param(request, LOAD_PARAM, True)
-        if not wanted or first_block >= len(keys):
+        first_block = num_computed_tokens // block_tokens
+        if num_computed_tokens % block_tokens:
+            # Loads fill whole blocks; one computed in part locally cannot take one.
+            return MatchPlan(keys, 0, first_block, _no_fetch("local prefix ends mid-block"))
+        if not _param(request, LOAD_PARAM, True) or first_block >= len(keys):
             return MatchPlan(keys, 0, first_block, _no_fetch("nothing to load"))
         try:
             match = self._loop.run(self._client.lookup_keys(keys))

@@ -162,6 +162,9 @@ class SaveHandle:
     def abort(self) -> None:
         """Cancel the put and wait until it no longer reads the cache; the server drops it."""
         self._connector._abort_op(self._save)
+        self._connector._open_saves = [
+            save for save in self._connector._open_saves if save is not self._save
+        ]
 
 
 class KVConnector:
