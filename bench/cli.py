@@ -11,6 +11,7 @@ from kvstore.bench.agent import add_agent_arguments, run_agent
 from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
 from kvstore.bench.durability import add_durability_arguments, run_durability
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
+from kvstore.bench.placement_sim import add_placement_arguments, run_placement
 from kvstore.bench.plan import add_plan_arguments, run_plan
 from kvstore.bench.replay import add_trace_arguments, run_trace
 from kvstore.bench.restart import add_restart_arguments, run_restart
@@ -74,6 +75,12 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "data-plane put/get GB/s over TLS against plaintext in the same run",
         add_tls_arguments,
         run_tls,
+    ),
+    "placement": (
+        "a trace through the cluster's placement and per-node LRUs: hit rate and balance by "
+        "run length K, against one node of the same capacity",
+        add_placement_arguments,
+        run_placement,
     ),
     "disagg": (
         "prefill and decode workers on a real transformer: exactness check, agent-session TTFT",

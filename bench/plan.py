@@ -27,6 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kvstore.bench.presets import ModelPreset, UnknownPresetError, get_preset, preset_names
+from kvstore.client import cost
+from kvstore.client.cost import PrefillModel
 from kvstore.units import human_bytes
 
 DEFAULT_CONTEXT_TOKENS = 131_072
@@ -172,12 +174,21 @@ def prefill_flops_per_token(preset: ModelPreset, context_tokens: int) -> float:
     return 2 * preset.params_active + attention_flops_per_key(preset, absorbed=False) * mean_keys
 
 
+def prefill_model(
+    preset: ModelPreset, context_tokens: int, prefill_flops_per_s: float
+) -> PrefillModel:
+    """The prefill rate of ``preset`` over a ``context_tokens`` prefix at the given FLOP rate."""
+    return PrefillModel.from_flops(
+        flops_per_token=prefill_flops_per_token(preset, context_tokens),
+        flops_per_s=prefill_flops_per_s,
+    )
+
+
 def recompute_seconds(
     preset: ModelPreset, context_tokens: int, prefill_flops_per_s: float
 ) -> float:
     """Seconds to recompute the KV cache of a ``context_tokens`` prefix at the given FLOP rate."""
-    _require_positive(prefill_flops_per_s=prefill_flops_per_s)
-    return context_tokens * prefill_flops_per_token(preset, context_tokens) / prefill_flops_per_s
+    return prefill_model(preset, context_tokens, prefill_flops_per_s).seconds(context_tokens)
 
 
 def break_even_bandwidth(
@@ -185,20 +196,16 @@ def break_even_bandwidth(
 ) -> float:
     """Bandwidth (bytes/s) above which fetching a prefix's cached KV beats recomputing it.
 
-    Recompute takes ``L * F(L) / R`` seconds (``F`` = `prefill_flops_per_token`, ``R`` = FLOP
-    rate); fetching takes ``L * b / BW`` (``b`` = KV bytes per token). They are equal at::
-
-        BW* = L * b / (L * F(L) / R) = b * R / F(L)
-
-    The prefix length cancels except through the attention term of ``F(L)``, and batch size,
-    weight precision and tier never enter: the break-even is set by bytes per token against FLOPs
-    per token. Longer prefixes cost more FLOPs per token, so they lower the bar for fetching.
+    `kvstore.client.cost.break_even_bandwidth` per token: ``BW* = b * R / F(L)`` with ``b`` the
+    KV bytes per token, ``R`` the FLOP rate and ``F`` = `prefill_flops_per_token`. The prefix
+    length cancels except through the attention term of ``F(L)``, and batch size, weight
+    precision and tier never enter: the break-even is set by bytes per token against FLOPs per
+    token. Longer prefixes cost more FLOPs per token, so they lower the bar for fetching.
     """
-    _require_positive(prefill_flops_per_s=prefill_flops_per_s)
-    return (
-        preset.kv_bytes_per_token
-        * prefill_flops_per_s
-        / prefill_flops_per_token(preset, context_tokens)
+    return cost.break_even_bandwidth(
+        block_bytes=preset.kv_bytes_per_token,
+        block_tokens=1,
+        prefill=prefill_model(preset, context_tokens, prefill_flops_per_s),
     )
 
 

@@ -45,6 +45,13 @@ from kvstore.client._results import (
     TierStats,
 )
 from kvstore.client._sync import SyncKVClient, SyncLayerPut
+from kvstore.client.cost import (
+    BandwidthMeter,
+    FetchPlan,
+    PrefillModel,
+    break_even_bandwidth,
+    plan_fetch,
+)
 from kvstore.codec import KVForm
 from kvstore.enums import Durability, PutOutcome, TierKind
 from kvstore.keys import HashAlgorithm
@@ -54,6 +61,7 @@ __all__ = [
     "TOKEN_ENV",
     "Aborted",
     "AlreadyExists",
+    "BandwidthMeter",
     "Cancelled",
     "ChecksumError",
     "ChecksumKind",
@@ -63,6 +71,7 @@ __all__ = [
     "DeadlineExceeded",
     "Durability",
     "FailedPrecondition",
+    "FetchPlan",
     "HashAlgorithm",
     "Internal",
     "InvalidArgument",
@@ -76,6 +85,7 @@ __all__ = [
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
+    "PrefillModel",
     "PrefixMatch",
     "ProtocolError",
     "PutOutcome",
@@ -94,4 +104,6 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "Unknown",
+    "break_even_bandwidth",
+    "plan_fetch",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Sequence
 from functools import partial
 from types import TracebackType
@@ -30,9 +31,11 @@ from kvstore.client._send import block_headers, layer_messages, put_messages
 from kvstore.client._settle import CallSettle
 from kvstore.client._tls import load_client_tls, tls_from_environment
 from kvstore.client._transport import Parts, PutStream, Transport
+from kvstore.client.cost import BandwidthMeter
 from kvstore.cluster.members import is_cluster_target
 from kvstore.codec import ByteMap, KVForm, cpu_contiguous
 from kvstore.codec import check_tensor as _check_tensor_core
+from kvstore.enums import TierKind
 from kvstore.errors import InvalidRequest
 from kvstore.keys import chain_keys, validate_key
 from kvstore.layout import KVLayout, Namespace
@@ -40,6 +43,8 @@ from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.wire.chunks import GetMessage, encode_put_header
 from kvstore.wire.namespace import namespace_to_wire
+
+_TIER_VALUES = frozenset(kind.value for kind in TierKind)
 
 
 class KVClient:
@@ -112,6 +117,18 @@ class KVClient:
         self.namespace_bytes = self._namespace_wire.SerializeToString()
         self._layout = namespace.layout
         self.transport = transport or self._default_transport(target)
+        self._meter = BandwidthMeter()
+        self._meter_node = ""
+
+    @property
+    def bandwidth(self) -> BandwidthMeter:
+        """What gets delivered, per node and tier: every complete get is one sample."""
+        return self._meter
+
+    def _report_bandwidth_to(self, meter: BandwidthMeter, node: str) -> None:
+        """Feed `meter` instead of this client's own, as `node` (a cluster member)."""
+        self._meter = meter
+        self._meter_node = node
 
     def _default_transport(self, target: str) -> Transport:
         grpc_transport = GrpcTransport(
@@ -321,12 +338,13 @@ class KVClient:
         request = pb.GetBlocksRequest(
             namespace=self._namespace_wire, keys=keys, max_chunk_bytes=self.options.chunk_bytes
         )
+        started = time.perf_counter()
         replies = await self.transport.open_get(request, self.options.timeouts.transfer)
         # A consumer that stops early (once this generator is closed), or a bad stream,
         # closes the replies: that ends the transfer, and the server frees the blocks.
         async with (
             contextlib.aclosing(replies),
-            contextlib.aclosing(self._receive(replies, dest, form)) as arrivals,
+            contextlib.aclosing(self._receive(replies, dest, form, started)) as arrivals,
         ):
             async for arrival in arrivals:
                 yield arrival
@@ -339,10 +357,12 @@ class KVClient:
         request = pb.GetBlocksRequest(
             namespace=self._namespace_wire, keys=keys, max_chunk_bytes=self.options.chunk_bytes
         )
+        started = time.perf_counter()
         replies = await self.transport.open_get(request, self.options.timeouts.transfer)
+        receive = self._receive(replies, None, KVForm.LAYER, started, writer)
         async with (
             contextlib.aclosing(replies),
-            contextlib.aclosing(self._receive(replies, None, KVForm.LAYER, writer)) as arrivals,
+            contextlib.aclosing(receive) as arrivals,
         ):
             async for arrival in arrivals:
                 yield arrival
@@ -352,13 +372,17 @@ class KVClient:
         replies: AsyncIterable[GetMessage],
         dest: torch.Tensor | None,
         form: KVForm,
+        started: float,
         writer: BlockWriter | None = None,
     ) -> AsyncGenerator[LayerArrival, None]:
         """The layers of a get's replies, written into `dest` (or fresh tensors, or
-        `writer`), verified."""
+        `writer`), verified. A get that ends complete is a sample of `bandwidth`, timed
+        from `started` (before the get was opened)."""
         receiver: LayerReceiver | None = None
+        tiers: list[int] = []
         async for reply in replies:
             if receiver is None:
+                tiers = list(reply.tiers)
                 receiver = LayerReceiver(
                     self._layout,
                     reply,
@@ -372,8 +396,20 @@ class KVClient:
             for arrival in receiver.accept(reply):
                 yield arrival
         if receiver is not None and receiver.num_blocks:
-            for arrival in receiver.finish():
+            arrivals = receiver.finish()
+            self._observe_get(receiver.num_blocks, time.perf_counter() - started, tiers)
+            for arrival in arrivals:
                 yield arrival
+
+    def _observe_get(self, num_blocks: int, seconds: float, tiers: list[int]) -> None:
+        # A get that mixes tiers is as slow as its slowest one: the sample is that tier's
+        # (it understates the faster tier's rate, which errs toward recomputing). Tier
+        # numbers on the wire are TierKind values, fastest first.
+        slowest = max(tiers, default=0)
+        tier = TierKind(slowest).name.lower() if slowest in _TIER_VALUES else ""
+        self._meter.observe(
+            num_blocks * self._layout.block_bytes, seconds, node=self._meter_node, tier=tier
+        )
 
     # -- control ---------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult, StoreStats
 from kvstore.client._stats_sum import sum_store_stats
 from kvstore.client._transport import Transport
+from kvstore.client.cost import BandwidthMeter
 from kvstore.cluster.etcd import EtcdUnavailable
 from kvstore.cluster.members import SCHEME, Member, parse_etcd_url, parse_static_target
 from kvstore.cluster.placement import Placement, Run
@@ -113,7 +114,9 @@ class ClusterClient(KVClient):
                 self.membership = Membership(parse_static_target(target), run_blocks)
         except ValueError as error:
             raise InvalidArgument(str(error)) from None
-        self.nodes = NodePool(namespace, self.options)
+        self._meter = BandwidthMeter()
+        self._meter_node = ""
+        self.nodes = NodePool(namespace, self.options, self._meter)
         self.membership.on_change(self.nodes.keep_only)
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -192,8 +195,15 @@ class ClusterClient(KVClient):
         placement = await self.start()
         if first >= len(keys):
             return PutResult(outcomes=(), num_skipped=first, bytes_sent=0)
+        chain_runs = await self.chain_runs(placement, keys, parent_key if not first else b"")
+        if chain_runs is None:  # as one daemon answers a chain whose parent it lacks
+            return PutResult(
+                outcomes=(PutOutcome.PARENT_MISSING,) * (len(keys) - first),
+                num_skipped=first,
+                bytes_sent=0,
+            )
         kv = cpu_contiguous(kv)  # once, not once per run
-        runs = runs_from(placement, keys, first)
+        runs = runs_from(chain_runs, first)
         outcomes: dict[int, tuple[PutOutcome, ...]] = {}
         results: list[PutResult] = []
 
@@ -224,6 +234,30 @@ class ClusterClient(KVClient):
             bytes_sent=sum(result.bytes_sent for result in results),
             durability=weakest_durability(results),
         )
+
+    async def chain_runs(
+        self, placement: Placement, keys: list[bytes], parent_key: bytes
+    ) -> list[Run] | None:
+        """The runs of `keys`, a whole chain, or with `parent_key` its tail.
+
+        A tail's blocks before its first run start belong to its parent's run, on the
+        member that holds the parent: one parallel ask of every member finds it. None
+        when no reachable member holds it: no lookup can reach the tail then.
+        """
+        if not placement.members:
+            return []  # nothing can be stored: every block is NODE_UNREACHABLE
+        if not parent_key or placement.lead_blocks(keys) == 0:
+            return placement.runs(keys)
+        answers = await asyncio.gather(
+            *(
+                self.nodes.call(member, lambda node: node.lookup_keys([parent_key]))
+                for member in placement.members
+            )
+        )
+        for member, answer in zip(placement.members, answers, strict=True):
+            if answer is not None and answer.num_matched:
+                return placement.runs(keys, lead_owner=member)
+        return None
 
     def layer_put(
         self, keys: list[bytes], *, parent_key: bytes = b"", parent_remote: bool = False

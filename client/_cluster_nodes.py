@@ -23,6 +23,7 @@ from kvstore.client._errors import (
     Unknown,
 )
 from kvstore.client._options import ClientOptions
+from kvstore.client.cost import BandwidthMeter
 from kvstore.cluster.members import Member
 from kvstore.cluster.placement import Placement, Run
 from kvstore.layout import Namespace
@@ -47,9 +48,12 @@ NODE_FAILURES: tuple[type[BaseException], ...] = (
 class NodePool:
     """A KVClient per member talked to, made on first use and closed when it leaves."""
 
-    def __init__(self, namespace: Namespace, options: ClientOptions) -> None:
+    def __init__(
+        self, namespace: Namespace, options: ClientOptions, meter: BandwidthMeter | None = None
+    ) -> None:
         self._namespace = namespace
         self._options = options
+        self._meter = meter if meter is not None else BandwidthMeter()
         self._clients: dict[str, KVClient] = {}
         self._passed_over_until: dict[str, float] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -60,6 +64,8 @@ class NodePool:
             node = self._clients[member.node_id] = KVClient(
                 member.address, self._namespace, options=self._options
             )
+            # Every member's gets feed the cluster client's meter, keyed by member.
+            node._report_bandwidth_to(self._meter, member.node_id)
         return node
 
     def keep_only(self, placement: Placement) -> None:
@@ -126,13 +132,6 @@ def by_owner(runs: Sequence[Run]) -> dict[str, OwnerRuns]:
     return owners
 
 
-def runs_from(placement: Placement, keys: Sequence[bytes], first: int) -> list[Run]:
-    """The runs of `keys` from block `first` on (the first one cut to start there)."""
-    if not placement.members:
-        return []
-    runs = []
-    for run in placement.runs(keys):
-        if run.stop <= first:
-            continue
-        runs.append(Run(max(run.start, first), run.stop, run.owner))
-    return runs
+def runs_from(runs: Sequence[Run], first: int) -> list[Run]:
+    """`runs` from block `first` on (the first one cut to start there)."""
+    return [Run(max(run.start, first), run.stop, run.owner) for run in runs if run.stop > first]

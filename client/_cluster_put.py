@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvstore.client._async import KVClient, LayerPut, check_tensor
-from kvstore.client._cluster_nodes import NODE_FAILURES, runs_from
+from kvstore.client._cluster_nodes import NODE_FAILURES
 from kvstore.client._errors import InvalidArgument
 from kvstore.client._results import PutResult
 from kvstore.cluster.placement import Run
@@ -45,11 +45,16 @@ class ClusterLayerPut(LayerPut):
         self._next_layer = 0
         self._runs: list[Run] = []
         self._puts: dict[int, LayerPut] = {}  # by run start; a failed run's put leaves
+        self._parent_missing = False  # no member holds `parent_key`: nothing is sent
         self.result: PutResult | None = None
 
     async def __aenter__(self) -> ClusterLayerPut:
         placement = await self._cluster.start()
-        self._runs = runs_from(placement, self._keys, 0)
+        chain_runs = await self._cluster.chain_runs(placement, self._keys, self._parent_key)
+        if chain_runs is None:
+            self._parent_missing = True
+            return self
+        self._runs = chain_runs
 
         async def open_run(run: Run) -> None:
             parent = self._keys[run.start - 1] if run.start else self._parent_key
@@ -104,6 +109,8 @@ class ClusterLayerPut(LayerPut):
         if exc is not None:
             return
         outcomes: list[PutOutcome] = []
+        if self._parent_missing:  # as one daemon answers a chain whose parent it lacks
+            outcomes = [PutOutcome.PARENT_MISSING] * len(self._keys)
         for run in self._runs:
             result = results.get(run.start)
             if result is None:

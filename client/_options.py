@@ -88,7 +88,7 @@ class ClientOptions:
     # TLS on every connection (gRPC and the data plane); None: plaintext.
     tls: TLSOptions | None = None
     # For a cluster target (etcd:// or cluster://; kvstore.client._cluster): blocks per
-    # run, the unit of placement, which every client of a store must agree on; how often
+    # run on average, the unit of placement, which every client of a store must agree on; how often
     # etcd is read for members; and how long a node that failed a call is passed over
     # (its runs count as misses) before it is tried again.
     cluster_run_blocks: int = DEFAULT_RUN_BLOCKS

@@ -118,6 +118,7 @@ def _tier_stats(tier: pb.TierStats) -> TierStats:
         bytes_written=tier.bytes_written,
         errors=tier.errors,
         degraded=tier.degraded,
+        read_bytes_per_s=tier.read_bytes_per_s,
     )
 
 

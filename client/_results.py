@@ -68,6 +68,8 @@ class TierStats:
     bytes_written: int
     errors: int
     degraded: bool
+    # The daemon's read throttle on the tier, bytes/s (summed over a cluster); 0: none.
+    read_bytes_per_s: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from kvstore.client._async import KVClient, LayerPut
 from kvstore.client._loop import LoopThread
 from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult, StoreStats
+from kvstore.client.cost import BandwidthMeter
 from kvstore.codec import KVForm
 from kvstore.layout import Namespace
 
@@ -51,6 +52,11 @@ class SyncKVClient:
     @property
     def namespace(self) -> Namespace:
         return self._client.namespace
+
+    @property
+    def bandwidth(self) -> BandwidthMeter:
+        """The async client's meter (safe to read from any thread)."""
+        return self._client.bandwidth
 
     def keys(self, tokens: Tokens) -> list[bytes]:
         return self._client.keys(tokens)

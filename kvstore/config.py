@@ -81,6 +81,9 @@ class StoreConfig:
       is freed when its last block and put are gone.
     - `quotas`: per tenant, its hard limits (TenantQuota). Tenants without a quota on a
       tier share what the quotas leave of it.
+    - `read_bytes_per_s`: per tier name ("hbm", "dram", "ssd"), the bytes per second
+      gets may read from it, all gets together (kvstore.server.throttle): emulates a
+      slower tier or network. A tier not named is not throttled.
     """
 
     dram_bytes: int = 1 * GiB
@@ -103,6 +106,7 @@ class StoreConfig:
     max_put_reserved_bytes: int = 0
     max_namespaces: int = 65536
     quotas: Mapping[str, TenantQuota] = field(default_factory=dict)
+    read_bytes_per_s: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.eviction_policy not in POLICIES:
@@ -142,6 +146,7 @@ class StoreConfig:
         if self.max_namespaces < 1:
             raise InvalidRequest(f"max_namespaces must be >= 1, got {self.max_namespaces}")
         self._check_quotas()
+        self._check_read_rates()
 
     def tier_capacity_bytes(self, kind: TierKind) -> int:
         """The configured size of `kind`'s tier; 0 when the store has no such tier."""
@@ -172,6 +177,29 @@ class StoreConfig:
                     f"{human_bytes(total)}, more than the {kind.name} tier's "
                     f"{human_bytes(capacity)}; shrink the quotas or grow the tier"
                 )
+
+    def _check_read_rates(self) -> None:
+        names = {kind.name.lower(): kind for kind in TierKind}
+        for name, rate in self.read_bytes_per_s.items():
+            kind = names.get(name)
+            if kind is None:
+                raise InvalidRequest(
+                    f"read_bytes_per_s names an unknown tier {name!r}; tiers are {sorted(names)}"
+                )
+            if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
+                raise InvalidRequest(
+                    f"read_bytes_per_s.{name} must be a positive rate in bytes/s "
+                    f"(e.g. 200MB), got {rate!r}"
+                )
+            if not self.tier_capacity_bytes(kind):
+                raise InvalidRequest(
+                    f"read_bytes_per_s throttles {name}, but the store has no {kind.name} "
+                    f"tier; remove the throttle or configure the tier"
+                )
+
+    def read_rate(self, kind: TierKind) -> int:
+        """Bytes/s gets may read from `kind`'s tier; 0: not throttled."""
+        return self.read_bytes_per_s.get(kind.name.lower(), 0)
 
     @property
     def put_reserved_limit_bytes(self) -> int:

@@ -61,6 +61,9 @@ class ReadSession:
         self._pinned = list(self.entries)
         pool.acquire_read(self._pinned)
         tiers = store.tiers_of(self.entries)
+        # Where each block is read from: `load` may bring an SSD-only block into DRAM
+        # first, but its bytes still came off the SSD.
+        self._source_tiers = tiers
         store.record_hits(
             Counter(tiers).items(), len(self.entries), missed=len(self.entries) < len(keys)
         )
@@ -79,7 +82,8 @@ class ReadSession:
 
     @property
     def tiers(self) -> list[TierKind]:
-        return self._store.tiers_of(self.entries)
+        """The fastest tier of each served block, as the session opened (before `load`)."""
+        return self._source_tiers[: len(self.entries)]
 
     def chunks(self, max_chunk_bytes: int) -> Iterator[ReadChunk]:
         if max_chunk_bytes < 1:

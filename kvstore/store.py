@@ -79,6 +79,7 @@ class TierReport:
     num_blocks: int
     counters: TierCounters
     degraded: bool = False
+    read_bytes_per_s: int = 0  # the configured read throttle; 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +334,7 @@ class BlockStore:
                     num_blocks=pool.num_blocks(kind),
                     counters=tier.counters,
                     degraded=tier.degraded,
+                    read_bytes_per_s=self._config.read_rate(kind),
                 )
             )
         return StoreReport(

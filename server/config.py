@@ -27,6 +27,8 @@ reads configuration from outside (files, flags); components receive their own pa
     promote_on_hit = true
     high_watermark = 0.95
     low_watermark = 0.85
+    read_bytes_per_s = {dram = "200MB", ssd = "50MB"}  # throttle gets' reads of a tier
+                                 # (--throttle-read dram=200MB); unnamed tiers: no limit
 
     [limits]
     max_message_bytes = "8MiB"   # largest gRPC message accepted or sent
@@ -319,6 +321,13 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
     for dotted, value in overrides.items():
         if value is None:
             continue
+        if dotted == _THROTTLE_KEY and isinstance(value, list | tuple):
+            # --throttle-read TIER=RATE, repeatable: each names one tier, over the file's.
+            rates = data.setdefault("store", {}).setdefault("read_bytes_per_s", {})
+            if not isinstance(rates, dict):
+                raise InvalidRequest(_THROTTLE_TABLE_ERROR)
+            rates.update(parse_throttle(item) for item in value)
+            continue
         table = data
         *parents, leaf = dotted.split(".")
         for name in parents:
@@ -326,6 +335,8 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
         table[leaf] = value
     if "quotas" in data.get("store", {}):
         raise InvalidRequest('quotas go in [quotas."TENANT"] tables, not in [store]')
+    if "read_bytes_per_s" in data.get("store", {}):
+        data["store"]["read_bytes_per_s"] = _read_rates(data["store"]["read_bytes_per_s"])
     sections = {"store": StoreConfig, "limits": Limits, "auth": AuthConfig}
     top = {
         k: v for k, v in data.items() if k not in sections and k not in ("quotas", "tls", "cluster")
@@ -341,6 +352,39 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
         # adding up to more than a tier, fail at start-up.
         parts["store"] = dataclasses.replace(parts["store"], quotas=quotas)
     return _build(ServerConfig, {**top, **parts}, "top level")  # type: ignore[no-any-return]
+
+
+_THROTTLE_KEY = "store.read_bytes_per_s"
+_THROTTLE_TABLE_ERROR = (
+    'store.read_bytes_per_s must be a table of tier = rate, e.g. {dram = "200MB", ssd = "50MB"}'
+)
+
+
+def parse_throttle(text: str) -> tuple[str, int]:
+    """'dram=200MB' (a --throttle-read value) → ("dram", 200000000); InvalidRequest otherwise.
+    The tier name is checked with the rest of the store's config."""
+    tier, equals, rate = text.partition("=")
+    if not equals or not tier.strip():
+        raise InvalidRequest(
+            f"--throttle-read takes TIER=RATE (e.g. dram=200MB, ssd=1GiB), got {text!r}"
+        )
+    return tier.strip().lower(), _rate(tier.strip(), rate)
+
+
+def _read_rates(table: Any) -> dict[str, int]:
+    """`[store] read_bytes_per_s` as {tier: bytes/s}; sizes like "200MB" are read here."""
+    if not isinstance(table, dict):
+        raise InvalidRequest(_THROTTLE_TABLE_ERROR)
+    return {str(tier).lower(): _rate(str(tier), rate) for tier, rate in table.items()}
+
+
+def _rate(tier: str, rate: Any) -> int:
+    if isinstance(rate, str) and rate.strip().startswith("-"):
+        raise InvalidRequest(f"the read rate of {tier} must be positive, got {rate!r}")
+    try:
+        return parse_size(rate)
+    except InvalidRequest as error:
+        raise InvalidRequest(f"the read rate of {tier}: {error}") from None
 
 
 _QUOTA_SIZES = ("dram_bytes", "hbm_bytes", "ssd_bytes", "pinned_bytes")
@@ -411,6 +455,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="namespaces holding blocks or puts at once (default 65536)",
     )
     parser.add_argument("--high-watermark", dest="store.high_watermark", type=float)
+    parser.add_argument(
+        "--throttle-read",
+        dest=_THROTTLE_KEY,
+        action="append",
+        metavar="TIER=RATE",
+        help="limit the bytes/s gets read from a tier, all gets together (e.g. dram=200MB, "
+        "ssd=1GiB); repeatable; emulates a slow tier or network",
+    )
     parser.add_argument("--low-watermark", dest="store.low_watermark", type=float)
     parser.add_argument("--max-message-bytes", dest="limits.max_message_bytes")
     parser.add_argument(

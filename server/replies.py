@@ -40,6 +40,7 @@ def scoped_to_tenant(full: pb.StatsResponse, tenant: str) -> pb.StatsResponse:
                 name=tier.name,
                 capacity_bytes=tier.capacity_bytes,
                 degraded=tier.degraded,
+                read_bytes_per_s=tier.read_bytes_per_s,
             )
             for tier in full.tiers
         ],
@@ -73,6 +74,7 @@ def report_to_wire(
                 bytes_written=tier.counters.bytes_written,
                 errors=tier.counters.errors,
                 degraded=tier.degraded,
+                read_bytes_per_s=tier.read_bytes_per_s,
             )
             for tier in report.tiers
         ],

@@ -29,6 +29,7 @@ from kvstore.server.config import Limits
 from kvstore.server.decode import MalformedRequest, open_keyed_request, put_namespace_from_wire
 from kvstore.server.put_floor import PutFloor
 from kvstore.server.replies import put_reply
+from kvstore.server.throttle import ReadThrottle
 from kvstore.store import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.chunks import (
@@ -54,6 +55,7 @@ class Transfers:
         self._store = store
         self._mover = mover
         self._limits = limits
+        self._throttle = ReadThrottle({kind: store.config.read_rate(kind) for kind in TierKind})
         # MIN_PUT_PIECE_BYTES, or a quarter of the largest chunk where messages are small.
         self._put_floor_bytes = min(MIN_PUT_PIECE_BYTES, limits.min_chunk_bytes // 4)
         # Puts and gets running per tenant with a max_transfers quota.
@@ -187,7 +189,10 @@ class Transfers:
                 messages = _run_messages(session, chunk_bytes, header)
             else:
                 messages = _chunk_messages(session, chunk_bytes, header, kind)
+            tiers = session.tiers
             for parts in messages:
+                # Paced before it is sent, on both transports (`[store] read_bytes_per_s`).
+                await self._throttle.pace(tiers, _payload_bytes(parts))
                 yield parts
         finally:
             if session is not None:
@@ -202,6 +207,10 @@ class Transfers:
         limits = self._limits
         requested_bytes = requested_bytes or limits.default_chunk_bytes
         return min(max(requested_bytes, limits.min_chunk_bytes), limits.max_chunk_bytes)
+
+
+def _payload_bytes(parts: WireParts) -> int:
+    return sum(part.nbytes if isinstance(part, memoryview) else len(part) for part in parts)
 
 
 def _blocks_written(message: PutMessage, num_declared: int) -> Iterator[int]:

@@ -102,9 +102,9 @@ def worker_configs(
 
 
 def _store_share(config: ServerConfig) -> StoreConfig:
-    """The store settings of one worker: 1/N of each tier and of each byte quota. Counts
-    (max_transfers, connections, namespaces) stay whole: one client call reaches
-    several workers, and each counts it."""
+    """The store settings of one worker: 1/N of each tier, of each byte quota and of each
+    read throttle. Counts (max_transfers, connections, namespaces) stay whole: one client
+    call reaches several workers, and each counts it."""
     num_workers, store = config.workers, config.store
     quotas = {
         tenant: dataclasses.replace(
@@ -125,6 +125,10 @@ def _store_share(config: ServerConfig) -> StoreConfig:
             ssd_bytes=store.ssd_bytes // num_workers,
             max_put_reserved_bytes=store.max_put_reserved_bytes // num_workers,
             quotas=quotas,
+            # The host's tier (or network) bandwidth is shared like its capacity.
+            read_bytes_per_s={
+                tier: max(1, rate // num_workers) for tier, rate in store.read_bytes_per_s.items()
+            },
         )
     except InvalidRequest as error:
         raise InvalidRequest(

@@ -17,6 +17,7 @@ from kvstore.client import KVStoreClientError, connector
 EXPECTED_CLIENT_API = [
     "Aborted",
     "AlreadyExists",
+    "BandwidthMeter",
     "Cancelled",
     "ChecksumError",
     "ChecksumKind",
@@ -26,6 +27,7 @@ EXPECTED_CLIENT_API = [
     "DeadlineExceeded",
     "Durability",
     "FailedPrecondition",
+    "FetchPlan",
     "HashAlgorithm",
     "Internal",
     "InvalidArgument",
@@ -39,6 +41,7 @@ EXPECTED_CLIENT_API = [
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
+    "PrefillModel",
     "PrefixMatch",
     "ProtocolError",
     "PutOutcome",
@@ -58,6 +61,8 @@ EXPECTED_CLIENT_API = [
     "Unavailable",
     "Unimplemented",
     "Unknown",
+    "break_even_bandwidth",
+    "plan_fetch",
 ]
 
 

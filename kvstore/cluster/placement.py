@@ -1,9 +1,17 @@
 """Where a chain's blocks live in a cluster: weighted rendezvous hashing over runs.
 
-A chain is cut into runs of `run_blocks` consecutive blocks. A run belongs to the
-member with the highest score for the key of the run's first block. That key is a
+A chain is cut into runs of consecutive blocks, `run_blocks` long on average. A run
+starts at the chain's first block and at every block whose key is a *run start*: its
+CRC-32 is 0 modulo `run_blocks`. The cut depends only on the keys, never on a block's
+position in the caller's list, so a client that puts a chain's tail (`put_blocks` with
+a `parent_key`) cuts it where a client holding the whole chain does. A run belongs to
+the member with the highest score for the key of the run's first block. That key is a
 chain hash, so it names the whole prefix before it: every client computes the same
 owner without asking anyone.
+
+A tail's first blocks, before its first run start, belong to the run its parent is in;
+that run's first key is not in the tail, so the client asks the members which holds
+the parent (`Placement.lead_blocks` says how many blocks that is).
 
 The score is weighted rendezvous (highest-random-weight) hashing, `-weight / ln(u)`,
 where `u` in (0, 1) is a hash of (node id, key). A member with twice the weight owns
@@ -12,20 +20,26 @@ about 1/N of them; no other run changes owner.
 
 Runs keep a long chain's lookup to a few parallel round trips, one per member that owns
 some of its runs. They also spread a chain over the members, a shared system prompt
-included: the prompt's runs go to their owners like any others.
+included: the prompt is cut where its keys say, and its runs go to their owners like
+any others; a conversation's own blocks start runs of their own within about
+`run_blocks` blocks of where they leave the shared prompt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvstore.cluster.members import Member
 
-# Blocks per run unless configured: at 512-token blocks, 8K tokens per owner.
-DEFAULT_RUN_BLOCKS = 16
+# Blocks per run on average unless configured: at 512-token blocks, 2K tokens per owner.
+# Shorter runs spread a shared prompt's conversations sooner; each run of a put is one
+# call to its owner.
+DEFAULT_RUN_BLOCKS = 4
 _SCALE = float(1 << 64)
 
 
@@ -76,9 +90,33 @@ class Placement:
         ]
         return self.members[max(range(len(scores)), key=scores.__getitem__)]
 
-    def runs(self, keys: Sequence[bytes]) -> list[Run]:
-        """The chain `keys` cut into runs of `run_blocks`, each with its owner, in order."""
+    def is_run_start(self, key: bytes) -> bool:
+        """Whether a run starts at the block with `key` (beside a chain's first block)."""
+        return zlib.crc32(key) % self.run_blocks == 0
+
+    def lead_blocks(self, keys: Sequence[bytes]) -> int:
+        """How many of `keys`, the tail of a chain, come before its first run start: they
+        belong to the run of the tail's parent, whose owner the keys do not name."""
+        for index, key in enumerate(keys):
+            if self.is_run_start(key):
+                return index
+        return len(keys)
+
+    def runs(self, keys: Sequence[bytes], *, lead_owner: Member | None = None) -> list[Run]:
+        """The chain `keys` cut into runs, each with its owner, in order.
+
+        `keys[0]` starts a run: `keys` is a whole chain. With `lead_owner`, `keys` is the
+        tail of a chain and its first `lead_blocks(keys)` blocks continue the parent's
+        run, held by `lead_owner`.
+        """
+        if not keys:
+            return []
+        starts = [index for index, key in enumerate(keys) if index and self.is_run_start(key)]
+        first_owner = self.owner(keys[0])
+        if lead_owner is not None and not self.is_run_start(keys[0]):
+            first_owner = lead_owner
+        bounds = [0, *starts, len(keys)]
         return [
-            Run(start, min(start + self.run_blocks, len(keys)), self.owner(keys[start]))
-            for start in range(0, len(keys), self.run_blocks)
+            Run(start, stop, first_owner if start == 0 else self.owner(keys[start]))
+            for start, stop in itertools.pairwise(bounds)
         ]

@@ -4,7 +4,9 @@ move. The keys are seeded, so every count here is the same on every run."""
 
 from __future__ import annotations
 
+import itertools
 import random
+import zlib
 
 import pytest
 
@@ -35,17 +37,58 @@ def shares(placement: Placement, keys: list[bytes]) -> dict[str, float]:
     return {node: count / len(keys) for node, count in counts.items()}
 
 
-def test_a_chain_is_cut_into_runs_in_order_each_with_its_first_keys_owner() -> None:
-    placement = Placement([member("a"), member("b"), member("c")], run_blocks=16)
-    keys = run_keys(1, 35)
+def test_a_chain_is_cut_at_its_run_start_keys_each_run_with_its_first_keys_owner() -> None:
+    placement = Placement([member("a"), member("b"), member("c")], run_blocks=4)
+    keys = run_keys(1, 400)
     runs = placement.runs(keys)
-    assert [(run.start, run.stop) for run in runs] == [(0, 16), (16, 32), (32, 35)]
+    assert runs[0].start == 0
+    assert runs[-1].stop == len(keys)
+    for before, after in itertools.pairwise(runs):
+        assert before.stop == after.start
+    starts = [run.start for run in runs]
+    assert starts == [0] + [i for i in range(1, len(keys)) if zlib.crc32(keys[i]) % 4 == 0]
     for run in runs:
         assert run.owner == placement.owner(keys[run.start])
+    # About run_blocks long on average, not a fixed length.
+    assert len(runs) == pytest.approx(len(keys) / 4, rel=0.25)
+    assert len({run.stop - run.start for run in runs}) > 3
     # Another client, members listed in another order, computes the same owners.
-    again = Placement([member("c"), member("a"), member("b")], run_blocks=16)
+    again = Placement([member("c"), member("a"), member("b")], run_blocks=4)
     assert [run.owner.node_id for run in again.runs(keys)] == [r.owner.node_id for r in runs]
     assert placement.runs([]) == []
+
+
+def test_a_tail_is_cut_where_the_whole_chain_is() -> None:
+    placement = Placement([member(name) for name in "abc"], run_blocks=4)
+    keys = run_keys(7, 200)
+    whole = placement.runs(keys)
+    owner_of = [run.owner for run in whole for _ in range(run.start, run.stop)]
+    for cut in (1, 5, 37, 101, 199):
+        tail = keys[cut:]
+        lead = placement.lead_blocks(tail)
+        assert all(not placement.is_run_start(key) for key in tail[:lead])
+        assert lead == len(tail) or placement.is_run_start(tail[lead])
+        # The lead continues the parent's run, so its owner is the parent's.
+        tail_runs = placement.runs(tail, lead_owner=owner_of[cut - 1])
+        assert [run.owner for run in tail_runs for _ in range(run.start, run.stop)] == owner_of[
+            cut:
+        ]
+
+
+def test_conversations_that_share_a_prompt_spread_over_the_members() -> None:
+    # 500 conversations of 14 blocks, all starting with the same 2-block prompt: the
+    # prompt's owner takes its share and the few blocks of each before its first run
+    # start (about run_blocks - 1), not all of them, as runs cut by position would.
+    placement = Placement([member(name) for name in "abc"], run_blocks=4)
+    prompt = run_keys(8, 2)
+    counts = {name: 0 for name in "abc"}
+    for conversation in range(500):
+        keys = prompt + run_keys(1000 + conversation, 12)
+        for run in placement.runs(keys):
+            counts[run.owner.node_id] += run.stop - run.start
+    shares_seen = [count / sum(counts.values()) for count in counts.values()]
+    assert max(shares_seen) < 0.6
+    assert min(shares_seen) > 0.2
 
 
 def test_equal_members_share_runs_equally() -> None:

@@ -117,6 +117,70 @@ async def test_put_places_each_run_on_its_owner_and_the_chain_reads_back(
     assert same_bytes(dest, kv)
 
 
+def cut_inside_a_run(nodes: list[RunningServer], keys: list[bytes]) -> int:
+    """A cut of `keys` whose tail starts inside a run: its first blocks continue the
+    parent's run, whose first key is not in the tail."""
+    placement = Placement(parse_static_target(static_target(nodes)), RUN_BLOCKS)
+    return next(cut for cut in range(3, len(keys)) if placement.lead_blocks(keys[cut:]) > 0)
+
+
+async def put_tail(
+    cluster: KVClient, how: str, keys: list[bytes], kv: torch.Tensor, parent_key: bytes
+) -> tuple[PutOutcome, ...]:
+    if how == "put_blocks":
+        return (await cluster.put_blocks(keys, kv, parent_key=parent_key)).outcomes
+    async with cluster.layer_put(keys, parent_key=parent_key) as put:  # the connector's save
+        for layer in range(cluster.namespace.layout.num_layers):
+            await put.send_layer(layer, kv[:, layer])
+    assert put.result is not None
+    return put.result.outcomes
+
+
+@pytest.mark.parametrize("how", ["put_blocks", "layer_put"])
+async def test_a_tail_put_after_its_head_is_placed_as_the_whole_chain_is(
+    cluster: KVClient,
+    nodes: list[RunningServer],
+    how: str,
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
+    # An agent's next turn puts only its new blocks, chained to the last cached one;
+    # a later lookup of the whole chain must find them where it looks.
+    layout = cluster.namespace.layout
+    keys = cluster.keys(tokens_for(NUM_BLOCKS, layout.block_tokens, seed=21))
+    kv = make_kv(layout, NUM_BLOCKS, form=KVForm.BLOCKS, seed=22)
+    cut = cut_inside_a_run(nodes, keys)
+    head = await cluster.put_blocks(keys[:cut], kv[:cut])
+    tail = await put_tail(cluster, how, keys[cut:], kv[cut:], keys[cut - 1])
+    assert head.outcomes + tail == (PutOutcome.COMMITTED,) * NUM_BLOCKS
+    placed = owners(nodes, keys)
+    for index, node in enumerate(nodes):
+        here = await stored_on(node, cluster.namespace, keys)
+        assert here == [owner == index for owner in placed], f"node {index} holds the wrong runs"
+    match = await cluster.lookup_keys(keys)
+    assert match.num_matched == NUM_BLOCKS
+    dest = torch.zeros_like(kv)
+    assert await cluster.get_into(match, dest, form=KVForm.BLOCKS) == NUM_BLOCKS
+    assert same_bytes(dest, kv)
+
+
+async def test_a_tail_whose_parent_no_node_holds_is_parent_missing_and_stores_nothing(
+    cluster: KVClient,
+    nodes: list[RunningServer],
+    make_kv: Callable[..., torch.Tensor],
+) -> None:
+    layout = cluster.namespace.layout
+    keys = cluster.keys(tokens_for(NUM_BLOCKS, layout.block_tokens, seed=25))
+    cut = cut_inside_a_run(nodes, keys)
+    tail = keys[cut:]
+    result = await cluster.put_blocks(
+        tail, make_kv(layout, len(tail), form=KVForm.BLOCKS), parent_key=keys[cut - 1]
+    )
+    assert result.outcomes == (PutOutcome.PARENT_MISSING,) * len(tail)
+    for node in nodes:
+        assert not any(await stored_on(node, cluster.namespace, tail))
+
+
 async def test_iter_layers_yields_each_layer_once_every_node_delivered_it(
     cluster: KVClient,
     make_namespace: Callable[..., Namespace],

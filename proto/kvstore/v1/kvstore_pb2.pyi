@@ -820,6 +820,7 @@ class TierStats(_message.Message):
     BYTES_WRITTEN_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    READ_BYTES_PER_S_FIELD_NUMBER: _builtins.int
     tier: Global___Tier.ValueType
     name: _builtins.str
     """"dram", "ssd", "hbm (emulated)", ..."""
@@ -835,6 +836,10 @@ class TierStats(_message.Message):
     bytes_written: _builtins.int
     errors: _builtins.int
     degraded: _builtins.bool
+    read_bytes_per_s: _builtins.int
+    """The daemon's read throttle on this tier ([store] read_bytes_per_s, --throttle-read):
+    the bytes/s all gets together may read from it. 0: not throttled.
+    """
     def __init__(
         self,
         *,
@@ -852,10 +857,11 @@ class TierStats(_message.Message):
         bytes_written: _builtins.int = ...,
         errors: _builtins.int = ...,
         degraded: _builtins.bool = ...,
+        read_bytes_per_s: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_read", b"bytes_read", "bytes_written", b"bytes_written", "capacity_bytes", b"capacity_bytes", "degraded", b"degraded", "demotions", b"demotions", "errors", b"errors", "evictions", b"evictions", "hits", b"hits", "misses", b"misses", "name", b"name", "num_blocks", b"num_blocks", "promotions", b"promotions", "tier", b"tier", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_read", b"bytes_read", "bytes_written", b"bytes_written", "capacity_bytes", b"capacity_bytes", "degraded", b"degraded", "demotions", b"demotions", "errors", b"errors", "evictions", b"evictions", "hits", b"hits", "misses", b"misses", "name", b"name", "num_blocks", b"num_blocks", "promotions", b"promotions", "read_bytes_per_s", b"read_bytes_per_s", "tier", b"tier", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
