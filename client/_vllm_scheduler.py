@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore.client._async import KVClient
-from kvstore.client._cost_shim import FetchPlan, PrefillModel, plan_fetch
 from kvstore.client._errors import KVStoreClientError
 from kvstore.client._loop import LoopThread
 from kvstore.client._vllm_config import ConnectorConfig
 from kvstore.client._vllm_metadata import KVStoreConnectorMetadata, LoadSpec, SaveSpec
+from kvstore.client.cost import FetchPlan, PrefillModel, plan_fetch
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class SchedulerSide:
         self._sessions: dict[str, list[bytes]] = {}  # session id -> keys it has pinned
         self._control: list[concurrent.futures.Future[int]] = []
         self._fetch_bytes_per_s = config.fetch_bytes_per_s
+        self._bandwidth_measured = False
         self._measured_prefill_tokens_per_s: float | None = None
 
     # -- get_num_new_matched_tokens ---------------------------------------------------------
@@ -101,15 +102,27 @@ class SchedulerSide:
             logger.warning("kvstore lookup failed, recomputing: %s", error)
             return MatchPlan(keys, 0, first_block, _no_fetch(f"lookup failed: {error}"))
         candidates = max(0, match.num_matched - first_block)
-        fetch = plan_fetch(
-            num_matched_blocks=candidates,
+        return MatchPlan(keys, match.num_matched, first_block, self._plan(candidates))
+
+    def _plan(self, num_candidates: int) -> FetchPlan:
+        """Fetch the part of the match that arrives sooner than it could be recomputed."""
+        if num_candidates == 0:
+            return _no_fetch("miss")
+        prefill = self._prefill_model()
+        if prefill is None or self._fetch_bytes_per_s is None:
+            # Nothing to weigh yet; the first fetch is what measures the store.
+            unknown = "prefill rate" if prefill is None else "bandwidth"
+            return FetchPlan(num_candidates, 0.0, 0.0, f"fetch: no {unknown} measured yet")
+        source = "measured" if self._bandwidth_measured else "configured prior"
+        return plan_fetch(
+            num_matched_blocks=num_candidates,
             block_bytes=self.config.namespace.layout.block_bytes,
-            block_tokens=block_tokens,
+            block_tokens=self.config.block_tokens,
             bandwidth_bytes_per_s=self._fetch_bytes_per_s,
-            prefill=self._prefill_model(),
+            prefill=prefill,
             per_fetch_overhead_s=self.config.fetch_overhead_s,
+            bandwidth_source=source,
         )
-        return MatchPlan(keys, match.num_matched, first_block, fetch)
 
     def _prefill_model(self) -> PrefillModel | None:
         rate = self.config.prefill_tokens_per_s or self._measured_prefill_tokens_per_s
@@ -246,6 +259,7 @@ class SchedulerSide:
             rate = data.get("fetch_bytes_per_s")
             if isinstance(rate, int | float) and rate > 0:
                 self._fetch_bytes_per_s = float(rate)
+                self._bandwidth_measured = True
             prefill = data.get("prefill_tokens_per_s")
             if isinstance(prefill, int | float) and prefill > 0:
                 self._measured_prefill_tokens_per_s = float(prefill)

@@ -99,7 +99,6 @@ class WorkerSide:
         self._failed_block_ids: set[int] = set()
         self._step_started: float | None = None
         self._step_tokens = 0
-        self.fetch_bytes_per_s: float | None = None
         self.prefill_tokens_per_s: float | None = None
         self._step_saves: list[SaveHandle] = []  # opened by this step
         self.save_reports: dict[str, SaveReport] = {}  # of requests get_finished reported
@@ -143,8 +142,14 @@ class WorkerSide:
             engine.start_load_kv(keys, self._load_block_ids)
         self._step_saves = []
         for save in metadata.saves:
-            handle = engine.open_save(save.keys, save.block_ids, parent_key=save.parent_key)
-            self._saves.setdefault(save.request_id, []).append(handle)
+            chain = self._saves.setdefault(save.request_id, [])
+            handle = engine.open_save(
+                save.keys,
+                save.block_ids,
+                parent_key=save.parent_key,
+                after=chain[-1] if chain else None,
+            )
+            chain.append(handle)
             self._step_saves.append(handle)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -182,10 +187,6 @@ class WorkerSide:
                 self._fail_load(engine, error)
             else:
                 self.last_load = LoadReport(stats.num_blocks, stats.num_bytes, stats.stall_s)
-                if stats.elapsed_s > 0:
-                    self.fetch_bytes_per_s = _smooth(
-                        self.fetch_bytes_per_s, stats.num_bytes / stats.elapsed_s
-                    )
         elif not self._load_block_ids:
             self.last_load = None
         self._measure_prefill()
@@ -234,9 +235,13 @@ class WorkerSide:
         return failed
 
     def stats(self) -> dict[str, float]:
+        """What the scheduler side plans with: the bandwidth the client's gets delivered
+        (kvstore.client.cost.BandwidthMeter) and the prefill rate of steps that loaded
+        nothing."""
         data: dict[str, float] = {}
-        if self.fetch_bytes_per_s is not None:
-            data["fetch_bytes_per_s"] = self.fetch_bytes_per_s
+        fetch_bytes_per_s = self._engine.bandwidth.rate() if self._engine is not None else None
+        if fetch_bytes_per_s is not None:
+            data["fetch_bytes_per_s"] = fetch_bytes_per_s
         if self.prefill_tokens_per_s is not None:
             data["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         return data

@@ -47,6 +47,7 @@ from kvstore.client._async import KVClient
 from kvstore.client._loop import LoopThread
 from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult
+from kvstore.client.cost import BandwidthMeter
 from kvstore.layout import Namespace
 
 T = TypeVar("T")
@@ -193,6 +194,11 @@ class KVConnector:
         # Every save still waiting for layers, `_save` among them: save_kv_layer feeds each.
         self._open_saves: list[_Save] = []
         self._handles: list[SaveHandle] = []
+
+    @property
+    def bandwidth(self) -> BandwidthMeter:
+        """What this connector's loads delivered, per node and tier (`KVClient.bandwidth`)."""
+        return self._client.bandwidth
 
     def __enter__(self) -> KVConnector:
         return self
@@ -354,24 +360,43 @@ class KVConnector:
         self._save = self._start_save(keys, page_ids, parent_key)
 
     def open_save(
-        self, keys: list[bytes], page_ids: Sequence[int], *, parent_key: bytes = b""
+        self,
+        keys: list[bytes],
+        page_ids: Sequence[int],
+        *,
+        parent_key: bytes = b"",
+        after: SaveHandle | None = None,
     ) -> SaveHandle:
         """Like `start_save_kv`, but any number may be open at once, each fed by the same
         `save_kv_layer` calls, and none is waited on by `wait_for_save`: poll or wait on the
-        returned handle. The pages must not change until the handle is done."""
+        returned handle. The pages must not change until the handle is done.
+
+        `after`: the save that stores `parent_key`; this one's put opens once that one has
+        ended, since the server refuses a block whose parent is not stored (PARENT_MISSING).
+        """
         if len(keys) != len(page_ids):
             raise ValueError(f"{len(keys)} keys but {len(page_ids)} pages to save")
         if not keys:
             raise ValueError("nothing to save: no full blocks")
-        handle = SaveHandle(self, self._start_save(keys, page_ids, parent_key), len(keys))
+        previous = after._save if after is not None else None
+        save = self._start_save(keys, page_ids, parent_key, previous)
+        handle = SaveHandle(self, save, len(keys))
         self._handles = [h for h in self._handles if not h.done()] + [handle]
         return handle
 
-    def _start_save(self, keys: list[bytes], page_ids: Sequence[int], parent_key: bytes) -> _Save:
+    def _start_save(
+        self,
+        keys: list[bytes],
+        page_ids: Sequence[int],
+        parent_key: bytes,
+        previous: _Save | None = None,
+    ) -> _Save:
         self._check_pages(page_ids)
         save = _Save()
         self._open_saves.append(save)
-        save.future = self._submit(self._run_save(save, list(keys), list(page_ids), parent_key))
+        save.future = self._submit(
+            self._run_save(save, list(keys), list(page_ids), parent_key, previous)
+        )
         return save
 
     def save_kv_layer(self, layer: int) -> None:
@@ -413,9 +438,17 @@ class KVConnector:
         return result
 
     async def _run_save(
-        self, save: _Save, keys: list[bytes], page_ids: list[int], parent_key: bytes
+        self,
+        save: _Save,
+        keys: list[bytes],
+        page_ids: list[int],
+        parent_key: bytes,
+        previous: _Save | None = None,
     ) -> PutResult:
         save.task = asyncio.current_task()
+        if previous is not None and previous.future is not None:
+            # Its failure shows in this put's outcomes (PARENT_MISSING), not as an error here.
+            await asyncio.wait([asyncio.wrap_future(previous.future)])
         async with self._client.layer_put(keys, parent_key=parent_key) as put:
             for _ in range(self._layout.num_layers):
                 layer = await save.queue.get()
