@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 
 from kvstore.client._vllm_types import KVConnectorMetadata
 
+# The worker side's stats, back to the scheduler side in KVConnectorOutput.kv_connector_stats,
+# name each tier's measured rate "fetch_bytes_per_s:dram" and so on.
+TIER_RATE_PREFIX = "fetch_bytes_per_s:"
+
 
 @dataclass(frozen=True)
 class LoadSpec:

@@ -20,8 +20,13 @@ from kvstore.client._async import KVClient
 from kvstore.client._errors import KVStoreClientError
 from kvstore.client._loop import LoopThread
 from kvstore.client._vllm_config import ConnectorConfig
-from kvstore.client._vllm_metadata import KVStoreConnectorMetadata, LoadSpec, SaveSpec
-from kvstore.client.cost import FetchPlan, PrefillModel, plan_fetch
+from kvstore.client._vllm_metadata import (
+    TIER_RATE_PREFIX,
+    KVStoreConnectorMetadata,
+    LoadSpec,
+    SaveSpec,
+)
+from kvstore.client.cost import FetchPlan, PrefillModel, plan_fetch_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +76,7 @@ class SchedulerSide:
         self._control: list[concurrent.futures.Future[int]] = []
         self._fetch_bytes_per_s = config.fetch_bytes_per_s
         self._bandwidth_measured = False
+        self._tier_bytes_per_s: dict[str, float] = {}  # "dram", "ssd", ...: measured
         self._measured_prefill_tokens_per_s: float | None = None
 
     # -- get_num_new_matched_tokens ---------------------------------------------------------
@@ -101,24 +107,25 @@ class SchedulerSide:
         except KVStoreClientError as error:
             logger.warning("kvstore lookup failed, recomputing: %s", error)
             return MatchPlan(keys, 0, first_block, _no_fetch(f"lookup failed: {error}"))
-        candidates = max(0, match.num_matched - first_block)
-        return MatchPlan(keys, match.num_matched, first_block, self._plan(candidates))
+        tiers = [tier.name.lower() for tier in match.tiers[first_block : match.num_matched]]
+        return MatchPlan(keys, match.num_matched, first_block, self._plan(tiers))
 
-    def _plan(self, num_candidates: int) -> FetchPlan:
-        """Fetch the part of the match that arrives sooner than it could be recomputed."""
-        if num_candidates == 0:
+    def _plan(self, tiers: list[str]) -> FetchPlan:
+        """Fetch the part of the match (its blocks' tiers) that arrives sooner than it could
+        be recomputed: all of it, a prefix (a fast tier's head), or none."""
+        if not tiers:
             return _no_fetch("miss")
         prefill = self._prefill_model()
         if prefill is None or self._fetch_bytes_per_s is None:
             # Nothing to weigh yet; the first fetch is what measures the store.
             unknown = "prefill rate" if prefill is None else "bandwidth"
-            return FetchPlan(num_candidates, 0.0, 0.0, f"fetch: no {unknown} measured yet")
+            return FetchPlan(len(tiers), 0.0, 0.0, f"fetch: no {unknown} measured yet")
         source = "measured" if self._bandwidth_measured else "configured prior"
-        return plan_fetch(
-            num_matched_blocks=num_candidates,
+        overall = self._fetch_bytes_per_s
+        return plan_fetch_blocks(
+            block_bandwidths=[self._tier_bytes_per_s.get(tier, overall) for tier in tiers],
             block_bytes=self.config.namespace.layout.block_bytes,
             block_tokens=self.config.block_tokens,
-            bandwidth_bytes_per_s=self._fetch_bytes_per_s,
             prefill=prefill,
             per_fetch_overhead_s=self.config.fetch_overhead_s,
             bandwidth_source=source,
@@ -260,6 +267,10 @@ class SchedulerSide:
             if isinstance(rate, int | float) and rate > 0:
                 self._fetch_bytes_per_s = float(rate)
                 self._bandwidth_measured = True
+            for key, value in data.items():
+                tier = key.removeprefix(TIER_RATE_PREFIX)
+                if tier != key and isinstance(value, int | float) and value > 0:
+                    self._tier_bytes_per_s[tier] = float(value)
             prefill = data.get("prefill_tokens_per_s")
             if isinstance(prefill, int | float) and prefill > 0:
                 self._measured_prefill_tokens_per_s = float(prefill)

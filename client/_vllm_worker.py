@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvstore.client._vllm_config import ConnectorConfig
-from kvstore.client._vllm_metadata import KVStoreConnectorMetadata
+from kvstore.client._vllm_metadata import TIER_RATE_PREFIX, KVStoreConnectorMetadata
 from kvstore.client.connector import KVConnector, KVLoadError, KVSaveError, SaveHandle
 
 logger = logging.getLogger(__name__)
@@ -242,6 +242,11 @@ class WorkerSide:
         fetch_bytes_per_s = self._engine.bandwidth.rate() if self._engine is not None else None
         if fetch_bytes_per_s is not None:
             data["fetch_bytes_per_s"] = fetch_bytes_per_s
+        if self._engine is not None:
+            for tier in {tier for _, tier in self._engine.bandwidth.snapshot()}:
+                rate = self._engine.bandwidth.rate(tier=tier)
+                if tier and rate is not None:
+                    data[f"{TIER_RATE_PREFIX}{tier}"] = rate
         if self.prefill_tokens_per_s is not None:
             data["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         return data

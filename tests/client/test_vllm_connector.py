@@ -7,15 +7,18 @@ from __future__ import annotations
 import inspect
 import pickle
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
+from threaded_server import server_thread  # tests/threaded_server.py
 
-from kvstore.client import SyncKVClient
+from kvstore.client import SyncKVClient, TierKind
 from kvstore.client._vllm_types import (
     CachedRequestData,
     KVCacheBlocks,
+    KVConnectorOutput,
     KVTransferConfig,
     NewRequestData,
     Request,
@@ -394,4 +397,54 @@ def test_a_preempted_requests_save_is_dropped(store_target: str) -> None:
             assert client.lookup(request.prompt_token_ids).num_matched == 0
     finally:
         worker.shutdown()
+        scheduler.shutdown()
+
+
+# -- fetch or recompute ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hbm_target() -> Iterator[str]:
+    """A server whose (CPU-emulated) HBM tier takes blocks seen twice."""
+    settings = {"store.hbm_bytes": 1 << 20, "store.hbm_device": "cpu"}
+    with server_thread(**settings, **{"store.hbm_promote_after_seen": 2}) as target:
+        yield target
+
+
+@pytest.mark.parametrize(
+    ("hbm_rate", "dram_rate", "num_loaded", "reason"),
+    [
+        (1e9, 1e9, 4, "fetch"),
+        (1e9, 1e6, 2, "fetch prefix: 2 of 4"),
+        (1e6, 1e6, 0, "recompute"),
+    ],
+)
+def test_the_plan_loads_all_a_fast_prefix_or_nothing(
+    hbm_target: str, hbm_rate: float, dram_rate: float, num_loaded: int, reason: str
+) -> None:
+    prompt = tokens(4 * BLOCK + 1, seed=20 + num_loaded)  # a chain of its own per case
+    save_prompt(hbm_target, prompt, blocks_first_caches(seed=20))
+    # Recomputing a block takes 1 ms; fetching one (8 KiB) 8 us at 1e9 B/s, 8 ms at 1e6.
+    scheduler = make(KVConnectorRole.SCHEDULER, hbm_target, prefill_tokens_per_s=16_000.0)
+    try:
+        with SyncKVClient(hbm_target, scheduler.config.namespace) as client:
+            head = client.lookup(prompt[: 2 * BLOCK])
+            for _ in range(2):  # seen twice: the head is copied into HBM
+                client.get_into(head, torch.zeros(LAYERS, 2, 2 * BLOCK, HEADS, HEAD_DIM))
+            tiers = client.lookup(prompt).tiers
+        assert tiers == (TierKind.HBM, TierKind.HBM, TierKind.DRAM, TierKind.DRAM)
+        stats = {
+            "fetch_bytes_per_s": dram_rate,
+            "fetch_bytes_per_s:hbm": hbm_rate,
+            "fetch_bytes_per_s:dram": dram_rate,
+        }
+        scheduler.update_connector_output(KVConnectorOutput(kv_connector_stats=stats))
+        request = Request("planned", prompt)
+        counted = scheduler.get_num_new_matched_tokens(request, 0)
+        plan = scheduler.scheduler_side.plan_for("planned")
+        assert plan is not None
+        assert counted == (num_loaded * BLOCK, False), plan
+        assert plan.num_matched_blocks == 4
+        assert plan.fetch.reason.startswith(reason)
+    finally:
         scheduler.shutdown()
