@@ -11,14 +11,18 @@ from kvstore.bench.agent import add_agent_arguments, run_agent
 from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
 from kvstore.bench.durability import add_durability_arguments, run_durability
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
+from kvstore.bench.lz4 import add_lz4_arguments, run_lz4
+from kvstore.bench.metrics_cost import add_metrics_cost_arguments, run_metrics_cost
 from kvstore.bench.placement_sim import add_placement_arguments, run_placement
 from kvstore.bench.plan import add_plan_arguments, run_plan
+from kvstore.bench.plot import add_plot_arguments, run_plot
 from kvstore.bench.replay import add_trace_arguments, run_trace
 from kvstore.bench.restart import add_restart_arguments, run_restart
 from kvstore.bench.soak import add_soak_arguments, run_soak
 from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
 from kvstore.bench.tls import add_tls_arguments, run_tls
+from kvstore.bench.watch import add_watch_arguments, run_watch
 from kvstore.client import TOKEN_ENV
 from kvstore.wire.tls import CLIENT_TLS_SETTINGS
 
@@ -60,6 +64,12 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         add_tiers_arguments,
         run_tiers,
     ),
+    "lz4": (
+        "SSD-tier lz4 on a real prefill's KV (fp16, bf16, fp8) and random bytes: ratio, "
+        "codec GB/s, SSD put/get GB/s and capacity, raw against lz4 in the same run",
+        add_lz4_arguments,
+        run_lz4,
+    ),
     "restart": (
         "daemon restart to first served lookup and to a whole index, by SSD size; "
         "against a sequential read of the same files",
@@ -75,6 +85,22 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "data-plane put/get GB/s over TLS against plaintext in the same run",
         add_tls_arguments,
         run_tls,
+    ),
+    "watch": (
+        "put blocks/s of small blocks with N WatchBlocks watcher processes, against none",
+        add_watch_arguments,
+        run_watch,
+    ),
+    "metrics": (
+        "lookup latency and put/get GB/s with Prometheus metrics on and scraped, against "
+        "metrics off, in the same run",
+        add_metrics_cost_arguments,
+        run_metrics_cost,
+    ),
+    "plot": (
+        "plot a daemon's metrics over a run from the JSONL file --scrape wrote",
+        add_plot_arguments,
+        run_plot,
     ),
     "placement": (
         "a trace through the cluster's placement and per-node LRUs: hit rate and balance by "

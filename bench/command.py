@@ -18,7 +18,8 @@ from rich.console import Console
 from kvstore.bench.load import LoadConfig, LoadDriver, LoadRun
 from kvstore.bench.presets import ModelPreset, get_preset, preset_names
 from kvstore.bench.report import build_report, merge_results, print_report
-from kvstore.bench.spawn import spawned_server
+from kvstore.bench.scrape import AUTO, Scraper, add_scrape_arguments
+from kvstore.bench.spawn import free_port, spawned_server
 from kvstore.bench.workload import Workload, page_bytes_for, parse_scale, scaled_layout
 from kvstore.client import KVLayout
 from kvstore.units import human_bytes, parse_size
@@ -155,6 +156,7 @@ def add_load_arguments(
     output.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
     output.add_argument("--plot", type=Path, metavar="PATH.png", help="latency and hit-rate plot")
     output.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    add_scrape_arguments(output)
 
 
 def load_config_from_args(
@@ -187,6 +189,10 @@ def server_for(args: argparse.Namespace, layout: KVLayout, console: Console) -> 
     if args.eviction_policy:
         flags += ["--eviction-policy", args.eviction_policy]
     flags += shlex.split(args.server_args)
+    if getattr(args, "scrape", None) == AUTO:
+        metrics_port = free_port()
+        flags += ["--metrics-port", str(metrics_port)]
+        args.scrape = f"http://127.0.0.1:{metrics_port}/metrics"
     console.print(
         f"starting kvstore-server: dram {human_bytes(parse_size(args.dram_bytes))} in "
         f"{human_bytes(parse_size(page_bytes))} pages; blocks of "
@@ -195,6 +201,28 @@ def server_for(args: argparse.Namespace, layout: KVLayout, console: Console) -> 
     )
     with spawned_server(flags, log_path=args.server_log) as target:
         yield target
+
+
+@contextlib.contextmanager
+def scraping(args: argparse.Namespace, console: Console) -> Iterator[Scraper | None]:
+    """Scrape `--scrape`'s endpoint while the block runs (enter it after `server_for`,
+    which points a bare `--scrape` at the daemon it starts); None without `--scrape`."""
+    url = getattr(args, "scrape", None)
+    if url is None:
+        yield None
+        return
+    if url == AUTO:
+        raise SystemExit(
+            "kvstore-bench: --scrape with --target needs the daemon's metrics URL: "
+            "--scrape http://HOST:PORT/metrics (started with kvstore-server --metrics-port)"
+        )
+    with Scraper(url, args.scrape_out, args.scrape_interval) as scraper:
+        yield scraper
+    console.print(
+        f"wrote {scraper.num_scrapes} scrapes of {url} to {args.scrape_out}"
+        + (f" ({scraper.num_failed} failed)" if scraper.num_failed else "")
+        + f"; plot them: kvstore-bench plot {args.scrape_out}"
+    )
 
 
 def run_command(
@@ -209,7 +237,11 @@ def run_command(
     console = Console()
     driver = LoadDriver(workload, config, console=console, show_progress=not args.no_progress)
     # The workers start first: they import torch while the server starts.
-    with driver, server_for(args, workload.namespace.layout, console) as target:
+    with (
+        driver,
+        server_for(args, workload.namespace.layout, console) as target,
+        scraping(args, console),
+    ):
         run = driver.run(target)
     report = build_report(run, settings=settings, reference=reference(run) if reference else None)
     print_report(report, console)

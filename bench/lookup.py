@@ -33,6 +33,7 @@ import torch
 
 from kvstore.allocator import tune_allocator
 from kvstore.bench.ceiling import OPTIONS, StreamCall, unary_call
+from kvstore.bench.lookup_load import add_under_load_arguments, run_under_load
 from kvstore.bench.spawn import spawned_ceiling_server, spawned_server
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
 from kvstore.wire.lookup import encode_lookup_request
@@ -154,12 +155,15 @@ def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
         "what authentication adds (not with --target)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
+    add_under_load_arguments(parser)
 
 
 _SERVER_ARGS = ["--dram-bytes", "256MiB", "--log-level", "warning"]
 
 
 def run_lookup(args: argparse.Namespace) -> int:
+    if args.under_load is not None:
+        return run_under_load(args)
     tune_allocator()
     if args.compare_auth and args.target:
         raise SystemExit(

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvstore.bench.agent import add_agent_arguments, agent_load_from_args
-from kvstore.bench.command import parse_seconds, server_for
+from kvstore.bench.command import parse_seconds, scraping, server_for
 from kvstore.bench.drift import DriftBounds, HealthSample, Verdict, judge_drift
 from kvstore.bench.load import LoadDriver, LoadRun
 from kvstore.bench.report import build_report, merge_results, print_report
@@ -279,6 +279,7 @@ def run_soak(args: argparse.Namespace) -> int:
         driver,
         server_for(args, workload.namespace.layout, console) as target,
         StatsSampler(target, workload.namespace, args.sample_s) as sampler,
+        scraping(args, console),
     ):
         run = driver.run(target)
     report = build_report(run, settings=settings)

@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 def wait_until_serving(
-    target: str, timeout_s: float = 30.0, credentials: grpc.ChannelCredentials | None = None
+    target: str, timeout_s: float = 120.0, credentials: grpc.ChannelCredentials | None = None
 ) -> None:
     """Until `target` answers health checks SERVING (over TLS with `credentials`)."""
     deadline = time.monotonic() + timeout_s

@@ -1,12 +1,16 @@
-"""`kvstore-bench throughput`: put and get GB/s through the client, against plain grpcio.
+"""`kvstore-bench throughput`: put and get GB/s through the client, against plain grpcio
+and a bare memcpy.
 
 The kvstore server and the ceiling server each run in their own process; the client
 moves torch tensors. For each block size, kvstore and the ceiling take turns for
-`rounds` rounds of `total_bytes` each: kvstore as clients use it by default (bytes on
-the TCP data plane, kvstore.wire.frames), kvstore over gRPC alone
-(`ClientOptions(data_plane=False)`), and plain grpcio streaming raw-bytes messages of
-`chunk` size (its fastest mode here) and of whole-block size. Medians are reported,
-and each ratio is the median of the per-round ratios.
+`rounds` rounds of `total_bytes` each: kvstore as clients use it by default (on this
+host: the same-host path, block bytes through shared memory, kvstore.wire.shm), kvstore
+on its TCP data plane (`ClientOptions(shared_memory=False)`, kvstore.wire.frames),
+kvstore over gRPC alone (`ClientOptions(data_plane=False)`), plain grpcio streaming
+raw-bytes messages of `chunk` size (its fastest mode here) and of whole-block size, and
+a bare memcpy of the same bytes in this process (kvstore.bench.memcpy), the limit of
+any path that copies each byte once. Medians are reported, and each ratio is the median
+of the per-round ratios.
 
 A third line, "grpcio + copies", is plain grpcio doing only the per-byte work kvstore's
 design requires on top (kvstore.bench.ceiling: a copy into or out of a preallocated
@@ -32,7 +36,8 @@ from rich.table import Table
 
 from kvstore.allocator import tune_allocator
 from kvstore.bench.ceiling import measure_ceiling
-from kvstore.bench.cost import CpuCost, Round, median_cpu, timed_phase, usable_cores
+from kvstore.bench.cost import CpuCost, Phase, Round, median_cpu, timed_phase, usable_cores
+from kvstore.bench.memcpy import measure_memcpy
 from kvstore.bench.spawn import spawned_ceiling_server, spawned_server
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
 from kvstore.enums import Durability
@@ -46,8 +51,14 @@ BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
 @dataclass(frozen=True)
 class ThroughputRow:
     block_bytes: int
-    put_gbps: float  # kvstore as clients use it by default: the data plane
+    path: str  # the default client's data plane: "shm" (same host) or "tcp"
+    put_gbps: float  # kvstore as clients use it by default: shared memory on one host
     get_gbps: float
+    tcp_put_gbps: float  # kvstore with ClientOptions(shared_memory=False): the TCP data plane
+    tcp_get_gbps: float
+    memcpy_gbps: float  # a bare memcpy of the same bytes, one thread
+    memcpy_put_ratio: float  # median over rounds of kvstore / memcpy in the same round
+    memcpy_get_ratio: float
     grpc_put_gbps: float  # kvstore with ClientOptions(data_plane=False)
     grpc_get_gbps: float
     grpc_put_ratio: float  # median over rounds of kvstore over gRPC / chunked grpcio
@@ -65,6 +76,9 @@ class ThroughputRow:
     # CPU seconds per GB moved, client and server process (medians over rounds).
     put_cpu: CpuCost
     get_cpu: CpuCost
+    tcp_put_cpu: CpuCost
+    tcp_get_cpu: CpuCost
+    memcpy_cpu: CpuCost
     grpc_put_cpu: CpuCost
     grpc_get_cpu: CpuCost
     ceiling_put_cpu: CpuCost
@@ -103,7 +117,8 @@ class KVStoreRounds:
         self._num_blocks = max(1, total_bytes // layout.block_bytes)
         self._block_bytes = layout.block_bytes
         shape = (self._num_blocks, layout.num_layers, *layout.layer_shape)
-        self._source = torch.randn(shape, dtype=torch.float32).to(torch.bfloat16)
+        self.source = torch.randn(shape, dtype=torch.float32).to(torch.bfloat16)
+        self._source = self.source
         self._dest = torch.empty_like(self._source)
         self._round = 0
         # What the puts' replies said their committed blocks survive, over every round.
@@ -178,26 +193,36 @@ async def measure_size(
     total_bytes, chunk_bytes, streams = sweep.total_bytes, sweep.chunk_bytes, sweep.streams
     options = ClientOptions(chunk_bytes=chunk_bytes, tune_allocator=sweep.tune_client_allocator)
     grpc_only = dataclasses.replace(options, data_plane=False)
+    tcp_only = dataclasses.replace(options, shared_memory=False)
     namespace = _namespace(layout)
     async with (
         KVClient(target, namespace, options=options) as client,
+        KVClient(target, namespace, options=tcp_only) as tcp_client,
         KVClient(target, namespace, options=grpc_only) as grpc_client,
     ):
         kvstore = KVStoreRounds(client, layout, total_bytes, streams, label="dp-")
+        over_tcp = KVStoreRounds(tcp_client, layout, total_bytes, streams, label="tcp-")
         over_grpc = KVStoreRounds(grpc_client, layout, total_bytes, streams, label="grpc-")
         await kvstore.run()  # warms up both processes
         if client.data_plane is None:
             raise RuntimeError("the kvstore client did not reach the server's data plane")
+        path = "shm" if client.data_plane.startswith("unix:") else "tcp"
+        await over_tcp.run()
         await over_grpc.run()
+        measure_memcpy(kvstore.source, block_bytes)
         await measure_ceiling(ceiling_target, min(total_bytes, 64 << 20), chunk_bytes)
         await measure_ceiling(ceiling_target, total_bytes, chunk_bytes, with_copies=True)
         ours: list[Round] = []
+        ours_tcp: list[Round] = []
+        memcpy: list[Phase] = []
         ours_grpc: list[Round] = []
         chunked: list[Round] = []
         whole: list[Round] = []
         copies: list[Round] = []
         for _ in range(sweep.rounds):
             ours.append(await kvstore.run())
+            memcpy.append(measure_memcpy(kvstore.source, block_bytes))
+            ours_tcp.append(await over_tcp.run())
             ours_grpc.append(await over_grpc.run())
             chunked.append(await measure_ceiling(ceiling_target, total_bytes, chunk_bytes, streams))
             whole.append(await measure_ceiling(ceiling_target, total_bytes, block_bytes, streams))
@@ -209,8 +234,14 @@ async def measure_size(
     median = statistics.median
     return ThroughputRow(
         block_bytes=block_bytes,
+        path=path,
         put_gbps=median(r.put.gbps for r in ours),
         get_gbps=median(r.get.gbps for r in ours),
+        tcp_put_gbps=median(r.put.gbps for r in ours_tcp),
+        tcp_get_gbps=median(r.get.gbps for r in ours_tcp),
+        memcpy_gbps=median(m.gbps for m in memcpy),
+        memcpy_put_ratio=median(o.put.gbps / m.gbps for o, m in zip(ours, memcpy, strict=True)),
+        memcpy_get_ratio=median(o.get.gbps / m.gbps for o, m in zip(ours, memcpy, strict=True)),
         grpc_put_gbps=median(r.put.gbps for r in ours_grpc),
         grpc_get_gbps=median(r.get.gbps for r in ours_grpc),
         grpc_put_ratio=median(
@@ -231,6 +262,9 @@ async def measure_size(
         copies_get_ratio=median(o.get.gbps / c.get.gbps for o, c in zip(ours, copies, strict=True)),
         put_cpu=median_cpu([r.put for r in ours]),
         get_cpu=median_cpu([r.get for r in ours]),
+        tcp_put_cpu=median_cpu([r.put for r in ours_tcp]),
+        tcp_get_cpu=median_cpu([r.get for r in ours_tcp]),
+        memcpy_cpu=median_cpu(memcpy),
         grpc_put_cpu=median_cpu([r.put for r in ours_grpc]),
         grpc_get_cpu=median_cpu([r.get for r in ours_grpc]),
         ceiling_put_cpu=median_cpu([r.put for r in chunked]),
@@ -305,30 +339,47 @@ def run_throughput(args: argparse.Namespace) -> int:
     streams = f", {args.streams} streams each" if args.streams > 1 else ""
     untuned = ", clients on glibc's default allocator" if args.untuned_clients else ""
     table = Table(
-        title=f"kvstore put/get vs plain grpcio, GB/s (same run, loopback, separate "
-        f"processes{streams}{untuned})"
+        title=f"kvstore put/get vs memcpy and plain grpcio, GB/s (same run, one host, "
+        f"separate processes{streams}{untuned})"
     )
     _add_op_rows(
         table,
-        ["kvstore", "÷grpcio", "gRPC-only", "÷grpcio", "grpcio", "whole", "+copies"],
+        [
+            "kvstore",
+            "÷memcpy",
+            "÷grpcio",
+            "TCP",
+            "gRPC-only",
+            "÷grpcio",
+            "grpcio",
+            "whole",
+            "+copies",
+            "memcpy",
+        ],
         rows,
         lambda line: [
-            f"{line.gbps:.2f}",
+            f"{line.gbps:.2f} ({line.path})",
+            f"{line.memcpy_ratio:.2f}x",
             f"{line.ratio:.2f}x",
+            f"{line.tcp_gbps:.2f}",
             f"{line.grpc_gbps:.2f}",
             f"{line.grpc_ratio:.2f}x",
             f"{line.plain_gbps:.2f}",
             f"{line.whole_gbps:.2f}",
             f"{line.copies_gbps:.2f}",
+            f"{line.memcpy_gbps:.2f}",
         ],
     )
     table.caption = (
-        "kvstore: bytes over its TCP data plane (the default); gRPC-only: "
-        "ClientOptions(data_plane=False); grpcio: plain grpcio, raw 1-message-per-chunk; "
-        "whole: plain grpcio, one message per block; +copies: plain grpcio plus the "
-        "copies and checksum a gRPC store needs"
+        "kvstore: as clients use it by default (shm: block bytes through shared memory, "
+        "the same-host path; tcp: its TCP data plane); TCP: "
+        "ClientOptions(shared_memory=False); gRPC-only: ClientOptions(data_plane=False); "
+        "grpcio: plain grpcio, raw 1-message-per-chunk; whole: plain grpcio, one message "
+        "per block; +copies: plain grpcio plus the copies and checksum a gRPC store needs; "
+        "memcpy: one bare copy of the same bytes, one thread. Each ÷ is the column to "
+        "its left over memcpy or grpcio in the same round"
     )
-    console = Console(width=max(Console().width, 120))  # wide tables; piped output too
+    console = Console(width=max(Console().width, 170))  # wide tables; piped output too
     console.print(table)
     console.print(_cpu_table(rows))
     cores = usable_cores()
@@ -345,6 +396,10 @@ class _Line:
     """One operation's figures from a row, for the tables."""
 
     gbps: float
+    path: str
+    memcpy_ratio: float
+    tcp_gbps: float
+    memcpy_gbps: float
     ratio: float
     grpc_gbps: float
     grpc_ratio: float
@@ -352,6 +407,8 @@ class _Line:
     whole_gbps: float
     copies_gbps: float
     cpu: CpuCost
+    tcp_cpu: CpuCost
+    memcpy_cpu: CpuCost
     grpc_cpu: CpuCost
     plain_cpu: CpuCost
 
@@ -364,6 +421,10 @@ def _line(row: ThroughputRow, op: str) -> _Line:
 
     return _Line(
         gbps=field("{op}_gbps"),
+        path=row.path,
+        memcpy_ratio=field("memcpy_{op}_ratio"),
+        tcp_gbps=field("tcp_{op}_gbps"),
+        memcpy_gbps=row.memcpy_gbps,
         ratio=field("{op}_ratio"),
         grpc_gbps=field("grpc_{op}_gbps"),
         grpc_ratio=field("grpc_{op}_ratio"),
@@ -371,6 +432,8 @@ def _line(row: ThroughputRow, op: str) -> _Line:
         whole_gbps=field("whole_{op}_gbps"),
         copies_gbps=field("copies_{op}_gbps"),
         cpu=field("{op}_cpu"),
+        tcp_cpu=field("tcp_{op}_cpu"),
+        memcpy_cpu=row.memcpy_cpu,
         grpc_cpu=field("grpc_{op}_cpu"),
         plain_cpu=field("ceiling_{op}_cpu"),
     )
@@ -380,15 +443,20 @@ def _cpu_table(rows: list[ThroughputRow]) -> Table:
     table = Table(title="CPU seconds per GB moved (client / server), and the GB/s it allows")
     _add_op_rows(
         table,
-        ["kvstore", "bound", "gRPC-only", "bound", "grpcio", "bound", "÷grpcio"],
+        ["kvstore", "bound", "TCP", "bound", "gRPC-only", "bound", "grpcio", "bound", "÷grpcio"],
         rows,
         lambda line: [
             *_cpu_cells(line.cpu),
+            *_cpu_cells(line.tcp_cpu),
             *_cpu_cells(line.grpc_cpu),
             *_cpu_cells(line.plain_cpu),
             f"{line.cpu.total_s_per_gb / line.plain_cpu.total_s_per_gb:.2f}x",
         ],
     )
+    memcpy = ", ".join(
+        f"{human_bytes(row.block_bytes)} {row.memcpy_cpu.client_s_per_gb:.3f}" for row in rows
+    )
+    table.caption = f"memcpy of the same bytes, one thread, CPU s/GB: {memcpy}"
     return table
 
 

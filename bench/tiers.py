@@ -10,6 +10,12 @@ Two ratios, each from measurements taken in the same run:
   written next to them. Goal: >= 0.7x. The same get with the files in the page cache
   and the same get from DRAM (before the restart) show what the get path costs
   without the disk.
+- **Raw and lz4.** The SSD get runs twice, with `--ssd-compression off` and `lz4`
+  (each on its own directory); the plain reads are of each run's own files, so a
+  compressed dataset's baseline reads fewer bytes. **Time to first layer**: from the
+  get's request to its first bytes (layer 0 of the first block), cold; its baseline
+  is a cold plain read of one block file. The get reads SSD blocks as it streams, so
+  the first layer should arrive within about one block's read.
 - **Write-back put / DRAM-only put.** The same puts (same blocks, same bytes, more
   than DRAM holds) go to a write-back server, which must demote blocks to SSD to take
   them, and to a DRAM-only server, which drops blocks instead. A ratio near 1 means the
@@ -57,6 +63,12 @@ class TiersReport:
     dram_get_gbps: float  # the same get from DRAM (before the restart)
     same_files_read_gbps: float  # the block files themselves, plain sequential reads
     one_file_read_gbps: float  # one file of the same size on the same filesystem
+    first_layer_ms: float  # cold: request to the first reply (layer 0 of block 0)
+    one_block_read_ms: float  # cold: a plain read of one block file
+    lz4_ssd_get_gbps: float  # the same cold get, block files written with lz4
+    lz4_same_files_read_gbps: float  # plain reads of the lz4 files
+    lz4_first_layer_ms: float
+    lz4_stored_fraction: float  # the lz4 files' bytes / the raw files' bytes
     put_bytes: int
     dram_bytes: int
     write_back_put_gbps: float
@@ -234,16 +246,68 @@ class GetFigures:
     same_files_read_gbps: float
     one_file_read_gbps: float
     cache_drop: str
+    first_layer_ms: float
+    one_block_read_ms: float
+    files_bytes: int
+
+
+class _FirstBytes:
+    """A BlockWriter that notes when the first bytes of the get arrive, and drops them."""
+
+    def __init__(self) -> None:
+        self.first_at: float | None = None
+
+    def write(self, block: int, layer: int, offset: int, data: memoryview | bytes) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+
+    def write_run(self, first_block: int, num_blocks: int, layer: int, data: memoryview) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+
+
+async def _first_reply_s(target: str, namespace: Namespace, keys: list[bytes]) -> float:
+    """Seconds from a get's request to its first bytes (layer 0 of block 0); the rest of
+    the stream is read to its end. Through the client's block-writer path (the one the
+    cluster client uses), which hands over bytes as they arrive, not whole layers."""
+    writer = _FirstBytes()
+    async with KVClient(target, namespace) as client:
+        start = time.perf_counter()
+        num_layers = 0
+        async for _ in client._stream_to_writer(keys, writer):
+            num_layers += 1
+    if writer.first_at is None or num_layers != namespace.layout.num_layers:
+        raise RuntimeError("the first-layer get did not serve the chain")
+    return writer.first_at - start
+
+
+def _first_layer_ms(
+    target: str, namespace: Namespace, keys: list[bytes], ssd_dir: Path, rounds: int
+) -> float:
+    samples = []
+    for _ in range(rounds):
+        make_cold(block_files(ssd_dir))
+        samples.append(asyncio.run(_first_reply_s(target, namespace, keys)) * 1e3)
+    return statistics.median(samples)
 
 
 def measure_ssd_get(
-    workdir: Path, block_bytes: int, get_bytes: int, chain_blocks: int, rounds: int, streams: int
+    workdir: Path,
+    block_bytes: int,
+    get_bytes: int,
+    chain_blocks: int,
+    rounds: int,
+    streams: int,
+    compression: str = "off",
 ) -> GetFigures:
     namespace = make_namespace(block_bytes, "ssd-get")
     num_blocks = max(1, get_bytes // block_bytes)
     keys = list(chains("g", num_blocks, chain_blocks))
-    ssd_dir = workdir / "ssd-get"
-    common = ["--ssd-dir", str(ssd_dir), "--page-bytes", "1MiB", "--log-level", "warning"]
+    ssd_dir = workdir / f"ssd-get-{compression}"
+    common = [
+        *("--ssd-dir", str(ssd_dir), "--page-bytes", "1MiB", "--log-level", "warning"),
+        *("--ssd-compression", compression),
+    ]
     dram = str(num_blocks * block_bytes + (64 << 20))
     with spawned_server(
         [*common, "--dram-bytes", dram, "--write-policy", "write-through"]
@@ -254,13 +318,14 @@ def measure_ssd_get(
     # A restart leaves every block on SSD only; without promotion it stays there.
     with spawned_server([*common, "--dram-bytes", dram, "--no-promote-on-hit"]) as target:
         cold, warm, how = asyncio.run(_get_all(target, namespace, keys, rounds, streams, ssd_dir))
+        first_layer_ms = _first_layer_ms(target, namespace, keys[0], ssd_dir, rounds)
 
     # The same bytes, read the plain way: the block files in the order the get read them.
     by_key = {path.stem: path for path in block_files(ssd_dir)}
     files = [by_key[key.hex()] for chain in keys for key in chain]
     one_file = workdir / "sequential.bin"
     write_file(one_file, sum(path.stat().st_size for path in files))
-    file_samples, one_samples = [], []
+    file_samples, one_samples, block_samples = [], [], []
     for _ in range(rounds):
         make_cold(files)
         nbytes, seconds = read_sequentially(files)
@@ -268,7 +333,12 @@ def measure_ssd_get(
         make_cold([one_file])
         nbytes, seconds = read_sequentially([one_file])
         one_samples.append(nbytes / seconds / 1e9)
+        make_cold(files[:1])
+        block_samples.append(read_sequentially(files[:1])[1] * 1e3)
     return GetFigures(
+        first_layer_ms=first_layer_ms,
+        one_block_read_ms=statistics.median(block_samples),
+        files_bytes=sum(path.stat().st_size for path in files),
         dram_get_gbps=statistics.median(from_dram),
         ssd_get_gbps=statistics.median(cold),
         warm_ssd_get_gbps=statistics.median(warm),
@@ -350,6 +420,9 @@ def run_tiers(args: argparse.Namespace) -> int:
         gets = measure_ssd_get(
             workdir, block_bytes, get_bytes, args.chain_blocks, args.rounds, args.streams
         )
+        lz4_gets = measure_ssd_get(
+            workdir, block_bytes, get_bytes, args.chain_blocks, args.rounds, args.streams, "lz4"
+        )
         write_back, dram_only, wb_stats, dram_stats = measure_puts(
             workdir, block_bytes, put_bytes, dram_bytes, args.chain_blocks, args.rounds
         )
@@ -365,6 +438,12 @@ def run_tiers(args: argparse.Namespace) -> int:
         dram_get_gbps=gets.dram_get_gbps,
         same_files_read_gbps=gets.same_files_read_gbps,
         one_file_read_gbps=gets.one_file_read_gbps,
+        first_layer_ms=gets.first_layer_ms,
+        one_block_read_ms=gets.one_block_read_ms,
+        lz4_ssd_get_gbps=lz4_gets.ssd_get_gbps,
+        lz4_same_files_read_gbps=lz4_gets.same_files_read_gbps,
+        lz4_first_layer_ms=lz4_gets.first_layer_ms,
+        lz4_stored_fraction=lz4_gets.files_bytes / gets.files_bytes,
         put_bytes=put_bytes // block_bytes * block_bytes,
         dram_bytes=dram_bytes,
         write_back_put_gbps=write_back,
@@ -381,6 +460,8 @@ def run_tiers(args: argparse.Namespace) -> int:
                     "ssd_get_ratio": report.ssd_get_ratio,
                     "ssd_get_vs_one_file": report.ssd_get_vs_one_file,
                     "write_back_put_ratio": report.write_back_put_ratio,
+                    "first_layer_vs_one_block_read": report.first_layer_ms
+                    / report.one_block_read_ms,
                 },
                 indent=2,
             )
@@ -410,6 +491,34 @@ def print_report(report: TiersReport, where: Path) -> None:
         "read of one file of that size",
         f"{report.one_file_read_gbps:.2f}",
         f"{report.ssd_get_vs_one_file:.2f}x",
+    )
+    table.add_row(
+        "  time to first layer (ms), cold",
+        f"{report.first_layer_ms:.1f}",
+        "read of one block file (ms)",
+        f"{report.one_block_read_ms:.1f}",
+        f"{report.first_layer_ms / report.one_block_read_ms:.2f}x",
+    )
+    table.add_row(
+        f"same get, lz4 files ({report.lz4_stored_fraction:.0%} of the raw bytes), cold",
+        f"{report.lz4_ssd_get_gbps:.2f}",
+        "read of the same lz4 files",
+        f"{report.lz4_same_files_read_gbps:.2f}",
+        f"{report.lz4_ssd_get_gbps / report.lz4_same_files_read_gbps:.2f}x",
+    )
+    table.add_row(
+        "",
+        "",
+        "the raw get above",
+        f"{report.ssd_get_gbps:.2f}",
+        f"{report.lz4_ssd_get_gbps / report.ssd_get_gbps:.2f}x",
+    )
+    table.add_row(
+        "  time to first layer (ms), lz4, cold",
+        f"{report.lz4_first_layer_ms:.1f}",
+        "read of one block file (ms)",
+        f"{report.one_block_read_ms:.1f}",
+        f"{report.lz4_first_layer_ms / report.one_block_read_ms:.2f}x",
     )
     table.add_row(
         "  same get, files in page cache",

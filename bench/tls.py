@@ -90,9 +90,10 @@ async def _measure_block(
     layout = layout_for(block_bytes)
     namespace = Namespace(tenant="bench", model_fingerprint=f"tls-{block_bytes}", layout=layout)
     chunk_bytes = min(block_bytes, 1 << 20)
+    # Both on the TCP data plane: on one host the same-host path would carry both.
     options = {
-        PLAINTEXT: ClientOptions(chunk_bytes=chunk_bytes),
-        TLS: ClientOptions(chunk_bytes=chunk_bytes, tls=tls),
+        PLAINTEXT: ClientOptions(chunk_bytes=chunk_bytes, shared_memory=False),
+        TLS: ClientOptions(chunk_bytes=chunk_bytes, tls=tls, shared_memory=False),
     }
     async with contextlib.AsyncExitStack() as stack:
         runners: dict[str, KVStoreRounds] = {}

@@ -45,6 +45,7 @@ from kvstore.client._results import (
     TierStats,
 )
 from kvstore.client._sync import SyncKVClient, SyncLayerPut
+from kvstore.client._watch import BlockEvents, BlockView, WatchedBlock
 from kvstore.client.cost import (
     BandwidthMeter,
     FetchPlan,
@@ -54,6 +55,7 @@ from kvstore.client.cost import (
 )
 from kvstore.codec import KVForm
 from kvstore.enums import Durability, PutOutcome, TierKind
+from kvstore.events import BlockEvent, BlockEventKind
 from kvstore.keys import HashAlgorithm
 from kvstore.layout import DType, KVLayout, Namespace
 
@@ -62,6 +64,10 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "BandwidthMeter",
+    "BlockEvent",
+    "BlockEventKind",
+    "BlockEvents",
+    "BlockView",
     "Cancelled",
     "ChecksumError",
     "ChecksumKind",
@@ -104,6 +110,7 @@ __all__ = [
     "Unavailable",
     "Unimplemented",
     "Unknown",
+    "WatchedBlock",
     "break_even_bandwidth",
     "plan_fetch",
 ]

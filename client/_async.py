@@ -31,6 +31,7 @@ from kvstore.client._send import block_headers, layer_messages, put_messages
 from kvstore.client._settle import CallSettle
 from kvstore.client._tls import load_client_tls, tls_from_environment
 from kvstore.client._transport import Parts, PutStream, Transport
+from kvstore.client._watch import BlockEvents, node_events
 from kvstore.client.cost import BandwidthMeter
 from kvstore.cluster.members import is_cluster_target
 from kvstore.codec import ByteMap, KVForm, cpu_contiguous
@@ -88,6 +89,7 @@ class KVClient:
         transport: Transport | None = None,
     ) -> None:
         self.namespace = namespace
+        self.target = target
         self.options = options or ClientOptions()
         if self.options.tune_allocator:
             tune_allocator_once()
@@ -149,8 +151,11 @@ class KVClient:
             settle=self._settle,
             token=self._token,
             tls=self._tls,
+            shared_memory=self.options.shared_memory,
         )
-        return AutoTransport(grpc_transport, find)
+        return AutoTransport(
+            grpc_transport, find, require_data_plane=self.options.shared_memory is True
+        )
 
     async def __aenter__(self) -> KVClient:
         return self
@@ -439,6 +444,23 @@ class KVClient:
                 request, timeout=self.options.timeouts.control, metadata=self._metadata
             )
         return int(reply.num_deleted), int(reply.num_busy)
+
+    def watch_blocks(self, *, max_events_per_message: int = 0) -> AsyncGenerator[BlockEvents, None]:
+        """The namespace's block events, batch by batch, until closed: a snapshot of what
+        is stored (SNAPSHOT events, then SNAPSHOT_END), then STORED, REMOVED and
+        TIER_CHANGED as they happen. A watcher that falls behind the server's queue gets
+        a GAP and a fresh snapshot (kvstore.client.BlockView applies it all).
+
+        Sequence numbers are checked: a jump the server did not announce raises
+        ProtocolError. `max_events_per_message` 0 takes the server's limit. Close the
+        iterator (`contextlib.aclosing`) to end the watch at once.
+        """
+        request = pb.WatchBlocksRequest(
+            namespace=self._namespace_wire, max_events_per_message=max_events_per_message
+        )
+        return node_events(
+            self._stub, request, self.target, metadata=self._metadata, settle=self._settle
+        )
 
     async def stats(self) -> StoreStats:
         """The server's tiers and counters."""

@@ -1,7 +1,9 @@
 """The automatic transport: block bytes over the data plane while it answers, else gRPC.
 
 The data plane is asked for once (over gRPC), and again only after a back-off once it
-could not be reached or was not offered. Lookups always go over gRPC.
+could not be reached or was not offered. Where the server offers both, the same-host
+path (shared memory, kvstore.client._shm) is tried before the TCP data plane
+(PlaneChain). Lookups always go over gRPC.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from kvstore.client._dataplane import DataPlaneUnreachable
+from kvstore.client._errors import Unavailable
 from kvstore.client._transport import BlockTransport, GetStream, Parts, PutStream, Transport
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -35,11 +38,55 @@ class DataPlane(BlockTransport, Protocol):
         """Take no more transfers, and cut those in flight."""
 
 
+class PlaneChain:
+    """Data planes in order of preference (the same-host path, then TCP): a transfer
+    goes to the first; one that cannot be reached is retired, and the next takes the
+    transfer and those after it."""
+
+    def __init__(self, planes: list[DataPlane]) -> None:
+        assert planes
+        self._planes = planes
+
+    @property
+    def address(self) -> str:
+        return self._planes[0].address
+
+    async def put(self, messages: AsyncIterator[Parts], timeout_s: float) -> pb.PutBlocksResponse:
+        return await self._route(lambda plane: plane.put(messages, timeout_s))
+
+    async def open_put(self, timeout_s: float) -> PutStream:
+        return await self._route(lambda plane: plane.open_put(timeout_s))
+
+    async def open_get(self, request: pb.GetBlocksRequest, timeout_s: float) -> GetStream:
+        return await self._route(lambda plane: plane.open_get(request, timeout_s))
+
+    def retire(self) -> None:
+        for plane in self._planes:
+            plane.retire()
+
+    def close(self) -> None:
+        for plane in self._planes:
+            plane.close()
+
+    async def _route(self, call: Callable[[BlockTransport], Awaitable[T]]) -> T:
+        while True:
+            plane = self._planes[0]
+            try:
+                return await call(plane)
+            except DataPlaneUnreachable as error:
+                if len(self._planes) == 1:
+                    raise
+                logger.warning("%s; using %s", error, self._planes[1].address)
+                plane.retire()  # its transfers in flight finish there
+                self._planes.pop(0)
+
+
 class AutoTransport:
     """`grpc` for lookups, and for transfers while there is no data plane.
 
     `find_data_plane` asks the server for its data plane (None: it offers none);
-    `clock` (seconds) times the back-off.
+    `clock` (seconds) times the back-off. With `require_data_plane`, transfers never
+    fall back to gRPC: they raise Unavailable instead.
     """
 
     def __init__(
@@ -48,8 +95,10 @@ class AutoTransport:
         find_data_plane: Callable[[], Awaitable[DataPlane | None]],
         *,
         clock: Callable[[], float] = time.monotonic,
+        require_data_plane: bool = False,
     ) -> None:
         self.grpc = grpc  # the fallback, and the lookups' transport
+        self._require_data_plane = require_data_plane
         self._find_data_plane = find_data_plane
         self._clock = clock
         self._current: DataPlane | None = None
@@ -88,12 +137,20 @@ class AutoTransport:
             try:
                 return await call(data_plane)
             except DataPlaneUnreachable as error:
+                if self._require_data_plane:
+                    raise Unavailable(f"{error} (and it is required)") from None
                 logger.warning("%s; using gRPC for %.0f s", error, DATA_PLANE_RETRY_S)
                 # Transfers already on the data plane finish there.
                 data_plane.retire()
                 if self._current is data_plane:
                     self._current = None
                     self._asked_at = self._clock()  # the back-off starts now
+        elif self._require_data_plane:
+            raise Unavailable(
+                "the same-host path is required (ClientOptions.shared_memory=True) and the "
+                "server offers none this client can use: another host, shm_socket off, "
+                "or a socket it may not open"
+            )
         return await call(self.grpc)
 
     async def _data_plane(self) -> DataPlane | None:

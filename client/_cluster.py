@@ -36,12 +36,14 @@ from kvstore.client._async import KVClient, LayerPut, check_tensor
 from kvstore.client._cluster_get import ChainGather
 from kvstore.client._cluster_nodes import NODE_FAILURES, NodePool, OwnerRuns, by_owner, runs_from
 from kvstore.client._cluster_put import ClusterLayerPut, weakest_durability
+from kvstore.client._cluster_watch import cluster_events
 from kvstore.client._errors import InvalidArgument, Unavailable
 from kvstore.client._membership import EtcdMembership, Membership
 from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult, StoreStats
 from kvstore.client._stats_sum import sum_store_stats
 from kvstore.client._transport import Transport
+from kvstore.client._watch import BlockEvents
 from kvstore.client.cost import BandwidthMeter
 from kvstore.cluster.etcd import EtcdUnavailable
 from kvstore.cluster.members import SCHEME, Member, parse_etcd_url, parse_static_target
@@ -319,6 +321,11 @@ class ClusterClient(KVClient):
         evicted: no lookup reaches them while the run before them is missing."""
         answers = await self._everywhere(lambda node: node.delete(keys))
         return sum(deleted for deleted, _ in answers), sum(busy for _, busy in answers)
+
+    def watch_blocks(self, *, max_events_per_message: int = 0) -> AsyncGenerator[BlockEvents, None]:
+        """Every member's block events, merged; each batch names its node (its node id),
+        whose events keep their order and numbering (kvstore.client._cluster_watch)."""
+        return cluster_events(self, max_events_per_message)
 
     async def stats(self) -> StoreStats:
         """The sum of every reachable member's Stats (see `cluster_stats` for each)."""

@@ -43,6 +43,8 @@ _ERROR_WAIT_S = 1.0
 # Pooled connections idle longer are not reused: well inside the server's idle timeout
 # (300 s, kvstore.server.dataplane), so the server never closes one as it is picked up.
 _MAX_IDLE_S = 60.0
+# The frames that start a transfer, after its DEADLINE frame.
+_TRANSFER_STARTS = (FrameKind.PUT, FrameKind.GET, FrameKind.PUT_SHM, FrameKind.GET_SHM)
 
 
 class DataPlaneUnreachable(OSError):
@@ -111,11 +113,10 @@ class DataConnection:
         The transfer's first frame goes after a DEADLINE frame: the server drops the
         transfer, and frees what it holds, once the deadline passes, as over gRPC.
         """
-        if self._server_spoke():
-            await self._raise_server_error()
+        await self._check_server()
         try:
             async with asyncio.timeout_at(self.deadline):
-                if not self._deadline_sent and kind in (FrameKind.PUT, FrameKind.GET):
+                if not self._deadline_sent and kind in _TRANSFER_STARTS:
                     left = self.deadline - asyncio.get_running_loop().time()
                     await send_frame(self._stream, FrameKind.DEADLINE, [encode_deadline(left)])
                     self._deadline_sent = True
@@ -172,6 +173,11 @@ class DataConnection:
         if kind == FrameKind.ERROR:
             raise error_for_code(*decode_error(payload))
         return kind, payload
+
+    async def _check_server(self) -> None:
+        """Before a frame goes out: the server speaks mid-transfer only to cut it short."""
+        if self._server_spoke():
+            await self._raise_server_error()
 
     def _server_spoke(self) -> bool:
         """Whether the server sent something (or hung up) while we were sending."""
@@ -242,6 +248,10 @@ class DataPlanePool:
         connection.pool = self
         self._active.add(connection)
         return connection
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     def release(self, connection: DataConnection) -> None:
         """Back to the pool if its transfer ended cleanly, else closed."""

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from kvstore.client._auto_transport import PlaneChain
 from kvstore.client._credentials import call_metadata
 from kvstore.client._dataplane import DataConnection, DataPlanePool
 from kvstore.client._settle import CallSettle
+from kvstore.client._shm import ShmPool
 from kvstore.client._tls import ClientTLS
 from kvstore.client._transport import Parts
 from kvstore.v1 import kvstore_pb2 as pb
@@ -21,6 +23,9 @@ from kvstore.wire.frames import VERSION as DATAPLANE_VERSION
 from kvstore.wire.frames import FrameKind
 
 logger = logging.getLogger("kvstore.client")
+# A same-host connection's buffer holds this many of the largest messages, so that the
+# next is written while the daemon still reads the last.
+SHM_BUFFER_MESSAGES = 4
 
 
 class DataPlaneTransport:
@@ -38,7 +43,7 @@ class DataPlaneTransport:
 
     @property
     def address(self) -> str:
-        return f"{self._pool.host}:{self._pool.port}"
+        return self._pool.address
 
     async def _acquire(self, timeout_s: float) -> DataConnection:
         now = asyncio.get_running_loop().time()
@@ -114,10 +119,13 @@ async def find_data_plane(
     settle: CallSettle,
     token: str | None = None,
     tls: ClientTLS | None = None,
-) -> DataPlaneTransport | None:
-    """The server's data plane on `host`, asked for over gRPC; None when the server has
-    none, speaks another framing version, does not answer, or, for a client that uses
-    TLS, offers a plaintext one (its bytes would travel in the clear)."""
+    shared_memory: bool | None = None,
+) -> DataPlaneTransport | PlaneChain | None:
+    """The server's data planes, asked for over gRPC: its same-host path where its
+    socket opens here (unless `shared_memory` is False), then its TCP data plane on
+    `host` (unless `shared_memory` is True). None when the server offers none this
+    client can use: none at all, another framing version, no answer, or, for a client
+    that uses TLS, a plaintext TCP one (its bytes would travel in the clear)."""
     try:
         with settle.tracking():
             reply = await stub.GetDataPlane(
@@ -125,7 +133,43 @@ async def find_data_plane(
             )
     except grpc.aio.AioRpcError:
         return None  # an older server, or none at all: the gRPC call will say
-    if not reply.port or reply.version != DATAPLANE_VERSION:
+    if reply.version != DATAPLANE_VERSION:
+        return None
+    hello_token = token.encode() if token else b""
+    planes: list[DataPlaneTransport] = []
+    # The socket is on this host only if the daemon is: a path that does not connect
+    # falls through to TCP, and the socket's HELLO names the daemon's instance, so a
+    # socket of another daemon at the same path is not taken for it.
+    if shared_memory is not False and reply.shm_path:
+        pool = ShmPool(
+            reply.shm_path,
+            reply.shm_instance,
+            max_frame_bytes,
+            buffer_bytes=SHM_BUFFER_MESSAGES * max_frame_bytes,
+            token=hello_token,
+        )
+        planes.append(DataPlaneTransport(pool, timeout_s))
+    tcp = (
+        None
+        if shared_memory
+        else _tcp_plane(reply, host, max_frame_bytes, timeout_s, tls, hello_token)
+    )
+    if tcp is not None:
+        planes.append(tcp)
+    if len(planes) > 1:
+        return PlaneChain(list(planes))
+    return planes[0] if planes else None
+
+
+def _tcp_plane(
+    reply: pb.DataPlaneResponse,
+    host: str,
+    max_frame_bytes: int,
+    timeout_s: float,
+    tls: ClientTLS | None,
+    hello_token: bytes,
+) -> DataPlaneTransport | None:
+    if not reply.port:
         return None
     if reply.tls != (tls is not None):
         logger.debug(
@@ -135,7 +179,6 @@ async def find_data_plane(
             "does" if tls is not None else "does not",
         )
         return None
-    hello_token = token.encode() if token else b""
     pool = DataPlanePool(
         host,
         reply.port,

@@ -82,6 +82,11 @@ class ClientOptions:
     # (kvstore.wire.frames) when it offers one: no HTTP/2, and no copies in gRPC. Falls
     # back to gRPC when the server has none or it cannot be reached. False: gRPC only.
     data_plane: bool = True
+    # The same-host path (kvstore.wire.shm): where the daemon runs on this host, block
+    # bytes move through a shared-memory buffer this client owns, not through TCP. None:
+    # use it when the server offers it and its socket opens, else the TCP data plane,
+    # else gRPC. True: require it (transfers raise Unavailable without it). False: never.
+    shared_memory: bool | None = None
     # A bearer token for a server that authenticates (its tenant and role are the
     # server's to know). None: the KVSTORE_TOKEN environment variable, if set.
     token: str | None = field(default=None, repr=False)
@@ -104,6 +109,8 @@ class ClientOptions:
             raise ValueError("cluster_retry_s must be in [0, 3600]")
         if self.token is not None:
             check_token(self.token, "ClientOptions.token")
+        if self.shared_memory and not self.data_plane:
+            raise ValueError("shared_memory=True needs data_plane=True (it is a data plane)")
         if self.lookup_streams < 0:
             raise ValueError("lookup_streams must be >= 0")
         if self.max_message_bytes < MIN_CHUNK_BYTES + 4096:

@@ -78,6 +78,8 @@ class LayerReceiver:
         arrivals: list[LayerArrival] = []
         if reply.checksum_kind:
             self._kind = checksum_kind_from_wire(reply.checksum_kind)
+        if reply.num_blocks and reply.num_blocks != self.num_blocks:
+            self._shorten(reply.num_blocks)
         for chunk in reply.chunks:
             if chunk.layer != self._current_layer:
                 arrivals.append(self._next_layer(chunk.layer))
@@ -87,6 +89,22 @@ class LayerReceiver:
                 arrivals.append(self._next_layer(run.layer))
             self._write_run(run)
         return arrivals
+
+    def _shorten(self, num_blocks: int) -> None:
+        """The server found a block unreadable while it streamed layer 0 (it reads SSD
+        blocks as it sends): the get serves only the first `num_blocks` blocks. No
+        layer has been handed out yet, so nothing of the dropped blocks was used."""
+        if num_blocks > self.num_blocks or self._current_layer != 0:
+            raise ChecksumError(
+                f"the server changed the get from {self.num_blocks} to {num_blocks} blocks "
+                f"in layer {self._current_layer}"
+            )
+        self.num_blocks = num_blocks
+        for name in ("_hashers", "_actual", "_expected", "_filled"):
+            setattr(self, name, getattr(self, name)[:num_blocks])
+        if self._layer_buffer is not None:
+            self._layer_buffer = self._layer_buffer[:num_blocks]
+            self._layer_buffer_map = ByteMap(self._layer_buffer, self._layout, KVForm.LAYER)
 
     def _next_layer(self, layer: int) -> LayerArrival:
         """Complete the current layer; the stream must go on with the very next one."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Generator, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -13,6 +13,7 @@ from kvstore.client._async import KVClient, LayerPut
 from kvstore.client._loop import LoopThread
 from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult, StoreStats
+from kvstore.client._watch import BlockEvents
 from kvstore.client.cost import BandwidthMeter
 from kvstore.codec import KVForm
 from kvstore.layout import Namespace
@@ -118,6 +119,20 @@ class SyncKVClient:
         form: KVForm = KVForm.SEQUENCE,
     ) -> Iterator[LayerArrival]:
         stream = self._client.iter_layers(keys, dest, form=form)
+        try:
+            while True:
+                try:
+                    yield self._run(stream.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(stream.aclose())
+
+    def watch_blocks(
+        self, *, max_events_per_message: int = 0
+    ) -> Generator[BlockEvents, None, None]:
+        """KVClient.watch_blocks, blocking; close the iterator to end the watch."""
+        stream = self._client.watch_blocks(max_events_per_message=max_events_per_message)
         try:
             while True:
                 try:

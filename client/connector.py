@@ -195,11 +195,6 @@ class KVConnector:
         self._open_saves: list[_Save] = []
         self._handles: list[SaveHandle] = []
 
-    @property
-    def bandwidth(self) -> BandwidthMeter:
-        """What this connector's loads delivered, per node and tier (`KVClient.bandwidth`)."""
-        return self._client.bandwidth
-
     def __enter__(self) -> KVConnector:
         return self
 
@@ -218,6 +213,11 @@ class KVConnector:
         self.abort()
         self._call(self._client.close())
         self._loop.stop()
+
+    @property
+    def bandwidth(self) -> BandwidthMeter:
+        """What this connector's loads delivered, per node and tier (kvstore.client.cost)."""
+        return self._client.bandwidth
 
     # -- lookups -------------------------------------------------------------------------
 

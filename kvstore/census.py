@@ -66,6 +66,10 @@ class TenantUsage:
         default_factory=lambda: dict.fromkeys(TierKind, 0)
     )
     num_namespaces: int = 0
+    # Keys its lookups asked for and found (counted by BlockStore.lookup); they restart
+    # at 0 if the tenant leaves the store (no namespace, no quota) and comes back.
+    lookup_keys: int = 0
+    lookup_hits: int = 0
 
     def used_bytes(self, kind: TierKind) -> int:
         """Footprint in `kind`'s tier: its copies plus the room it has reserved there."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from kvstore.enums import TierKind
 from kvstore.errors import InvalidRequest
 from kvstore.eviction import POLICIES
+from kvstore.tiers.compress import COMPRESSIONS as SSD_COMPRESSIONS
 from kvstore.units import human_bytes
 
 MiB = 1 << 20
@@ -71,6 +72,9 @@ class StoreConfig:
     - `ssd_admit_after_seen`: a block earns SSD only once seen this many times (its put
       counts once, every lookup or get hit once more); 1 admits every block.
     - `promote_on_hit`: a get of an SSD-only block copies it back into DRAM.
+    - `ssd_compression`: "lz4" stores each SSD layer byte-shuffled and lz4-compressed
+      where that saves at least `ssd_compress_min_saving` of it (kvstore.tiers.compress);
+      "off" (the default) writes layers as they are.
     - `hbm_promote_after_seen`: blocks seen this often are copied into HBM on a get.
     - `high_watermark` / `low_watermark`: when a tier fills past high, a background
       task makes room down to low, so puts rarely wait for eviction.
@@ -103,6 +107,8 @@ class StoreConfig:
     high_watermark: float = 0.95
     low_watermark: float = 0.85
     ssd_io_threads: int = 2
+    ssd_compression: str = "off"
+    ssd_compress_min_saving: float = 0.1
     max_put_reserved_bytes: int = 0
     max_namespaces: int = 65536
     quotas: Mapping[str, TenantQuota] = field(default_factory=dict)
@@ -138,6 +144,14 @@ class StoreConfig:
             raise InvalidRequest("ssd_admit_after_seen and hbm_promote_after_seen must be >= 1")
         if self.ssd_io_threads < 1:
             raise InvalidRequest("ssd_io_threads must be >= 1")
+        if self.ssd_compression not in SSD_COMPRESSIONS:
+            raise InvalidRequest(
+                f"ssd_compression must be one of {SSD_COMPRESSIONS}, got {self.ssd_compression!r}"
+            )
+        if not 0.0 <= self.ssd_compress_min_saving < 1.0:
+            raise InvalidRequest(
+                f"ssd_compress_min_saving must be in [0, 1), got {self.ssd_compress_min_saving}"
+            )
         if self.max_put_reserved_bytes < 0:
             raise InvalidRequest(
                 f"max_put_reserved_bytes must be >= 0 (0: half of dram_bytes), "

@@ -107,41 +107,31 @@ class TierMover:
 
     # -- reads ------------------------------------------------------------------------
 
-    async def load(self, entries: list[BlockEntry]) -> tuple[int, dict[BlockEntry, bytes]]:
-        """Bring SSD-only blocks of a pinned chain into memory (kvstore.read.BlockLoader).
+    def load(self, entries: list[BlockEntry]) -> OrderedLoad:
+        """Bring SSD-only blocks of a pinned chain into memory (kvstore.read.BlockLoader):
+        every SSD read starts now, and the blocks come out in chain order, each as soon
+        as it and every block before it are in, so a get streams the first blocks while
+        later ones are still being read."""
+        return OrderedLoad(self, entries)
 
-        Returns how many leading entries can be served and, for blocks that could not
-        be promoted, their verified payloads. A block whose file fails its checksum or
-        cannot be read ends the served prefix and is dropped with its descendants.
-        """
-        pool = self._pool
-        payloads: dict[BlockEntry, bytes] = {}
-        served = len(entries)
-        needs = [entry for entry in entries if not _in_memory(entry)]
-        if needs and pool.ssd is not None:
-            results = await asyncio.gather(
-                *(pool.read_from_ssd(entry) for entry in needs), return_exceptions=True
-            )
-            lost: list[tuple[BlockEntry, BaseException]] = []
-            for entry, result in zip(needs, results, strict=True):
-                if isinstance(result, BaseException):
-                    served = min(served, entries.index(entry))
-                    lost.append((entry, result))
-                    continue
-                if not self._promote_to_dram(entry, result):
-                    payloads[entry] = result
-            for entry, error in lost:
-                logger.error(
-                    "SSD copy of block %s is unusable (%s); dropping it", entry.key.hex(), error
-                )
-                pool.drop_unreadable(entry, error, entries[served:])
-        for entry in entries[:served]:
-            self._maybe_promote_to_hbm(entry)
-            if self._config.write_policy == "write-through" and pool.admitted(entry):
-                self._spawn(self.flush(entry, demote=False))
-        return served, payloads
+    def _settle_read(
+        self, entry: BlockEntry, payload: bytes | bytearray
+    ) -> bytes | bytearray | None:
+        """A block read from SSD: promoted into DRAM (None), or its payload to serve."""
+        return None if self._promote_to_dram(entry, payload) else payload
 
-    def _promote_to_dram(self, entry: BlockEntry, payload: bytes) -> bool:
+    def _settle_served(self, entry: BlockEntry) -> None:
+        self._maybe_promote_to_hbm(entry)
+        if self._config.write_policy == "write-through" and self._pool.admitted(entry):
+            self._spawn(self.flush(entry, demote=False))
+
+    def _drop_unreadable(
+        self, entry: BlockEntry, error: BaseException, unserved: list[BlockEntry]
+    ) -> None:
+        logger.error("SSD copy of block %s is unusable (%s); dropping it", entry.key.hex(), error)
+        self._pool.drop_unreadable(entry, error, unserved)
+
+    def _promote_to_dram(self, entry: BlockEntry, payload: bytes | bytearray) -> bool:
         if not self._config.promote_on_hit or not entry.is_indexed():
             return False
         pool = self._pool
@@ -149,7 +139,7 @@ class TierMover:
             handle = pool.allocate(TierKind.DRAM, len(payload), entry.namespace.usage)
         except CapacityExhausted:
             return False
-        pool.dram.write(handle, 0, payload)
+        pool.dram.write(handle, 0, memoryview(payload))
         pool.add_copy(entry, TierKind.DRAM, handle)
         return True
 
@@ -457,3 +447,64 @@ def _offsets(views: list[memoryview]) -> list[tuple[int, memoryview]]:
         out.append((offset, view))
         offset += len(view)
     return out
+
+
+class OrderedLoad:
+    """The blocks of one get, brought into memory in chain order (TierMover.load).
+
+    A block whose SSD file fails its checksum or cannot be read ends the load: it is
+    dropped with its descendants, and the blocks after it are not served.
+    """
+
+    def __init__(self, mover: TierMover, entries: list[BlockEntry]) -> None:
+        self._mover = mover
+        self._entries = entries
+        pool = mover._pool
+        # All reads start at once: the I/O threads take them in order, so the disk
+        # stays busy while the first blocks stream.
+        self._reads: dict[int, asyncio.Future[bytes | bytearray]] = {}
+        if pool.ssd is not None:
+            for index, entry in enumerate(entries):
+                if not _in_memory(entry):
+                    self._reads[index] = asyncio.ensure_future(pool.read_from_ssd(entry))
+        self._next = 0
+        self._ended = False
+
+    @property
+    def num_reads(self) -> int:
+        """SSD reads this load started and has not yet handed out."""
+        return len(self._reads)
+
+    async def next_block(self) -> tuple[bool, bytes | bytearray | None]:
+        """Bring the next block in: (True, None) when it is in memory, (True, payload)
+        when it is served from the payload, (False, None) once no more can be served."""
+        if self._ended or self._next >= len(self._entries):
+            self.cancel()
+            return False, None
+        index, entry = self._next, self._entries[self._next]
+        payload: bytes | bytearray | None = None
+        read = self._reads.pop(index, None)
+        if read is not None:
+            try:
+                data = await read
+            except Exception as error:  # an unreadable file ends the served prefix
+                self.cancel()
+                self._mover._drop_unreadable(entry, error, self._entries[index:])
+                return False, None
+            payload = self._mover._settle_read(entry, data)
+        self._next += 1
+        self._mover._settle_served(entry)
+        return True, payload
+
+    def cancel(self) -> None:
+        """Stop the reads not yet taken; their results, errors included, are dropped."""
+        self._ended = True
+        for read in self._reads.values():
+            read.cancel()
+            read.add_done_callback(_swallow)
+        self._reads.clear()
+
+
+def _swallow(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -37,6 +37,7 @@ from kvstore.checksum import ChecksumKind
 from kvstore.config import StoreConfig
 from kvstore.enums import Durability, TierKind
 from kvstore.errors import CapacityExhausted
+from kvstore.events import BlockEventKind, BlockListener
 from kvstore.eviction import POLICIES, EvictionQueue
 from kvstore.index import BlockEntry, BlockIndex, NamespaceState
 from kvstore.layout import Namespace
@@ -104,6 +105,8 @@ class BlockPool:
                 config.ssd_bytes,
                 fsync=config.ssd_fsync,
                 io_threads=config.ssd_io_threads,
+                compression=config.ssd_compression,
+                compress_min_saving=config.ssd_compress_min_saving,
             )
         # Fastest first: TierKind orders that way, and reports list tiers in this order.
         self._memory: dict[TierKind, MemoryTier] = {TierKind.DRAM: self._dram}
@@ -142,6 +145,8 @@ class BlockPool:
         # `_ssd_writers` are those whose write_to_ssd call is running.
         self._ssd_writes: dict[BlockEntry, asyncio.Event] = {}
         self._ssd_writers: set[BlockEntry] = set()
+        # Told of every change to what lookups find (kvstore.events); None: nobody asks.
+        self.listener: BlockListener | None = None
 
     # -- tiers (read-only views) --------------------------------------------------------
 
@@ -307,6 +312,8 @@ class BlockPool:
         if entry.parent is not None:
             self.refresh(entry.parent)
         self.refresh(entry)
+        if self.listener is not None:
+            self._tell_stored(entry)
 
     def restore(self, entry: BlockEntry) -> None:
         """Index a block recovered from its SSD file (its only copy) at start-up."""
@@ -318,6 +325,26 @@ class BlockPool:
         if entry.parent is not None:
             self.refresh(entry.parent)
         self.refresh(entry)
+        if self.listener is not None:  # recovery may run while the store serves
+            self._tell_stored(entry)
+
+    def _tell_stored(self, entry: BlockEntry) -> None:
+        assert self.listener is not None
+        parent_key = entry.parent.key if entry.parent is not None else b""
+        self.listener.block_changed(
+            entry.namespace.namespace, BlockEventKind.STORED, entry.key, parent_key, entry.fastest
+        )
+
+    def _tell_if_moved(self, entry: BlockEntry, fastest_before: TierKind) -> None:
+        """TIER_CHANGED, if the fastest tier holding the (still indexed) block changed."""
+        if self.listener is not None and entry.fastest is not fastest_before:
+            self.listener.block_changed(
+                entry.namespace.namespace,
+                BlockEventKind.TIER_CHANGED,
+                entry.key,
+                b"",
+                entry.fastest,
+            )
 
     # -- touches ------------------------------------------------------------------------
 
@@ -570,12 +597,15 @@ class BlockPool:
 
     def add_copy(self, entry: BlockEntry, kind: TierKind, handle: object) -> None:
         """Give an indexed block a copy in a memory tier it was promoted into."""
+        fastest_before = entry.fastest
         entry.add_copy(kind, handle)
         self._tiers[kind].counters.promotions += 1
         self.refresh(entry)
+        self._tell_if_moved(entry, fastest_before)
 
     def drop_copy(self, entry: BlockEntry, kind: TierKind, *, demoted: bool = False) -> None:
         """Free the entry's copy in one tier; the last copy takes the block out of the index."""
+        fastest_before = entry.fastest
         handle = entry.take_copy(kind)
         tier = self._tiers[kind]
         if demoted:
@@ -585,6 +615,7 @@ class BlockPool:
         tier.free(handle)
         if entry.copies:
             self.refresh(entry)
+            self._tell_if_moved(entry, fastest_before)
         else:
             self._unindex(entry)
 
@@ -597,6 +628,10 @@ class BlockPool:
         if new_tail is not None:
             self.refresh(new_tail)
         self._free_if_empty(entry.namespace)
+        if self.listener is not None:
+            self.listener.block_changed(
+                entry.namespace.namespace, BlockEventKind.REMOVED, entry.key, b"", None
+            )
 
     def remove(self, entry: BlockEntry) -> None:
         """Take a chain tail out of the store, freeing every copy."""
@@ -771,14 +806,18 @@ class BlockPool:
             checksum_kind=ChecksumKind(entry.checksum_kind_value),
             layer_checksums=tuple(entry.layer_checksums),
         )
+        block_bytes = entry.layout.block_bytes
+        payload = self._memory[source].read(entry.copies[source], 0, block_bytes)
+        # Encoded before the reservation, so the tier accounts the file's real size.
+        header, stored = await ssd.encode(header, payload)
+        if not entry.is_indexed():
+            return False
         location = ssd.location_for(header.namespace, entry.key, ssd.file_bytes(header))
         usage = entry.namespace.usage
         if not self.reserve_ssd(location.nbytes, usage):
             return False
-        block_bytes = entry.layout.block_bytes
         try:
-            payload = self._memory[source].read(entry.copies[source], 0, block_bytes)
-            await ssd.write(location, header, payload)
+            await ssd.write(location, header, stored)
         except OSError as error:
             ssd.record_error(error, "writing a block")
             ssd.release(location)
@@ -795,10 +834,11 @@ class BlockPool:
             ssd.discard_file(location)
             return False
         ssd.commit(location)
+        # No event: the memory copy, read-pinned until now, stays the fastest.
         entry.add_copy(TierKind.SSD, location)
         return True
 
-    async def read_from_ssd(self, entry: BlockEntry) -> bytes:
+    async def read_from_ssd(self, entry: BlockEntry) -> bytes | bytearray:
         """The verified payload of the block's SSD copy; raises CorruptBlockFile or OSError."""
         ssd = self._ssd
         location = entry.copies.get(TierKind.SSD)

@@ -1,16 +1,23 @@
 """ReadSession: the blocks of one GetBlocks stream, pinned until the stream ends.
 
 The session serves the longest stored prefix of the requested keys, from whichever
-tier holds each block fastest; SSD-only blocks are first brought into memory by a
+tier holds each block fastest; SSD-only blocks are brought into memory by a
 `BlockLoader` (kvstore.mover.TierMover is one). Chunks come out layer-major: every
 chunk of layer 0 of every block, then layer 1, and so on, so a decode worker can start
 on layer 0 while later layers are still in flight.
+
+SSD reads stream: `load` waits only for the first block, and layer 0 of each block goes
+out as soon as that block is in, while later blocks are still being read; layer 1 starts
+once every block is in. If a later block turns out unreadable, the served prefix ends
+before it while layer 0 is still going out: `num_blocks` shrinks, and the transport
+tells the client (no layer is complete before every block of it has arrived, so the
+client has used nothing of the blocks dropped).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,10 +29,21 @@ from kvstore.layout import Namespace
 from kvstore.store import BlockStore
 
 
+class BlockLoad(Protocol):
+    async def next_block(self) -> tuple[bool, bytes | bytearray | None]:
+        """Bring the chain's next block in: (True, None) once it is in memory, (True,
+        payload) when it is served from its verified payload, (False, None) when no more
+        blocks can be served (this one was unreadable, or the chain ended)."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop reads still in flight; the session will take no more blocks."""
+        ...
+
+
 class BlockLoader(Protocol):
-    async def load(self, entries: list[BlockEntry]) -> tuple[int, dict[BlockEntry, bytes]]:
-        """Bring SSD-only blocks of a pinned chain into memory: returns how many leading
-        entries can be served and the verified payloads of blocks left out of memory."""
+    def load(self, entries: list[BlockEntry]) -> BlockLoad:
+        """Start bringing SSD-only blocks of a pinned chain into memory, in order."""
         ...
 
 
@@ -70,100 +88,156 @@ class ReadSession:
         pool.touch(self.entries)
         for entry in self.entries:
             entry.num_hits += 1
-        self._payloads: dict[BlockEntry, bytes] = {}
+        self._payloads: dict[BlockEntry, bytes | bytearray] = {}
+        self._load: BlockLoad | None = None
+        self._num_loaded = len(self.entries)  # leading entries in memory or in _payloads
         self._closed = False
 
     async def load(self, loader: BlockLoader | None) -> None:
-        """Bring SSD-only blocks into memory; the served prefix ends at a block that fails."""
-        if loader is None:
-            return
-        served, self._payloads = await loader.load(self.entries)
-        del self.entries[served:]
+        """Start bringing SSD-only blocks into memory and wait for the first block: the
+        rest come in while `chunks` or `runs` stream layer 0. If the first block is
+        unreadable, nothing is served."""
+        if loader is not None and self.entries:
+            self._load = loader.load(self.entries)
+            self._num_loaded = 0
+            await self._load_through(0)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks served: shrinks if a block read while streaming was unreadable."""
+        return len(self.entries)
+
+    async def _load_through(self, block_index: int) -> bool:
+        """Until block `block_index` is in; False if the served prefix ends before it."""
+        while self._num_loaded <= block_index:
+            if self._load is None:
+                return False
+            servable, payload = await self._load.next_block()
+            if not servable:
+                self._load = None
+                del self.entries[self._num_loaded :]
+                return False
+            if payload is not None:
+                self._payloads[self.entries[self._num_loaded]] = payload
+            self._num_loaded += 1
+        return block_index < len(self.entries)
 
     @property
     def tiers(self) -> list[TierKind]:
         """The fastest tier of each served block, as the session opened (before `load`)."""
         return self._source_tiers[: len(self.entries)]
 
-    def chunks(self, max_chunk_bytes: int) -> Iterator[ReadChunk]:
+    async def stream_chunks(self, max_chunk_bytes: int) -> AsyncIterator[ReadChunk]:
+        """`chunks`, with layer 0 of each block sent as soon as that block is in."""
+        block_index = 0
+        while await self._load_through(block_index):
+            for chunk in self._block_chunks(block_index, 0, max_chunk_bytes):
+                yield chunk
+            block_index += 1
+        for chunk in self.chunks(max_chunk_bytes, first_layer=1):
+            yield chunk
+
+    def chunks(self, max_chunk_bytes: int, first_layer: int = 0) -> Iterator[ReadChunk]:
+        """Every block-layer in chunks of at most `max_chunk_bytes`, layer-major, from
+        `first_layer` on; every block must be in (no load, or `stream_chunks`)."""
+        if max_chunk_bytes < 1:
+            raise InvalidRequest(f"max_chunk_bytes must be >= 1, got {max_chunk_bytes}")
+        assert self._num_loaded >= len(self.entries), "blocks still loading: stream_chunks"
+        for layer in range(first_layer, self._layout.num_layers):
+            for block_index in range(len(self.entries)):
+                yield from self._block_chunks(block_index, layer, max_chunk_bytes)
+        self._count_served()
+
+    def _block_chunks(
+        self, block_index: int, layer: int, max_chunk_bytes: int
+    ) -> Iterator[ReadChunk]:
         if max_chunk_bytes < 1:
             raise InvalidRequest(f"max_chunk_bytes must be >= 1, got {max_chunk_bytes}")
         layer_bytes = self._layout.layer_bytes
-        for layer in range(self._layout.num_layers):
-            base = layer * layer_bytes
-            for block_index, entry in enumerate(self.entries):
-                for offset in range(0, layer_bytes, max_chunk_bytes):
-                    nbytes = min(max_chunk_bytes, layer_bytes - offset)
-                    yield ReadChunk(
-                        block_index=block_index,
-                        layer=layer,
-                        offset=offset,
-                        views=self._read(entry, base + offset, nbytes),
-                        nbytes=nbytes,
-                        layer_checksum=entry.layer_checksums[layer],
-                        checksum_kind_value=entry.checksum_kind_value,
-                    )
-        self._count_served()
+        base = layer * layer_bytes
+        entry = self.entries[block_index]
+        for offset in range(0, layer_bytes, max_chunk_bytes):
+            nbytes = min(max_chunk_bytes, layer_bytes - offset)
+            yield ReadChunk(
+                block_index=block_index,
+                layer=layer,
+                offset=offset,
+                views=self._read(entry, base + offset, nbytes),
+                nbytes=nbytes,
+                layer_checksum=entry.layer_checksums[layer],
+                checksum_kind_value=entry.checksum_kind_value,
+            )
 
-    def runs(self, max_run_bytes: int) -> Iterator[ReadRun]:
-        """Whole layers of consecutive blocks, at most `max_run_bytes` each, layer-major.
+    async def stream_runs(self, max_run_bytes: int) -> AsyncIterator[ReadRun]:
+        """`runs`, where a run of layer 0 holds only blocks already in: the first goes
+        out as soon as the first block is, while later blocks are still being read."""
+        per_run = self._per_run(max_run_bytes)
+        start = 0
+        while await self._load_through(start):
+            end = self._run_end(start, min(self._num_loaded, start + per_run))
+            yield self._run(0, start, end)
+            start = end
+        for run in self.runs(max_run_bytes, first_layer=1):
+            yield run
+
+    def runs(self, max_run_bytes: int, first_layer: int = 0) -> Iterator[ReadRun]:
+        """Whole layers of consecutive blocks, at most `max_run_bytes` each, layer-major,
+        from `first_layer` on; every block must be in (no load, or `stream_runs`).
 
         For layers much smaller than a message: one run costs one header for many
         blocks, where chunks would cost one each.
         """
+        per_run = self._per_run(max_run_bytes)
+        assert self._num_loaded >= len(self.entries), "blocks still loading: stream_runs"
+        groups: list[tuple[int, int]] = []
+        start = 0
+        while start < len(self.entries):
+            end = self._run_end(start, start + per_run)
+            groups.append((start, end))
+            start = end
+        for layer in range(first_layer, self._layout.num_layers):
+            for start, end in groups:
+                yield self._run(layer, start, end)
+        self._count_served()
+
+    def _per_run(self, max_run_bytes: int) -> int:
         layer_bytes = self._layout.layer_bytes
         if layer_bytes > max_run_bytes:
             raise InvalidRequest(
                 f"a layer ({layer_bytes} B) does not fit a run of {max_run_bytes} B"
             )
-        per_run = max_run_bytes // layer_bytes
+        return max_run_bytes // layer_bytes
+
+    def _run_end(self, start: int, limit: int) -> int:
+        """The end of a run from `start`: blocks before `limit` that share its checksum
+        kind (a run carries one kind)."""
         entries = self.entries
-        groups = self._run_groups(per_run)
-        # A DRAM copy stays put while the session pins its block: look handles up once.
-        dram = self._pool.dram
+        kind = entries[start].checksum_kind_value
+        end = start + 1
+        while end < min(limit, len(entries)) and entries[end].checksum_kind_value == kind:
+            end += 1
+        return end
+
+    def _run(self, layer: int, start: int, end: int) -> ReadRun:
+        layer_bytes = self._layout.layer_bytes
+        base = layer * layer_bytes
+        entries = self.entries[start:end]
+        # A DRAM copy stays put while the session pins its block.
         handles = [
             None if entry in self._payloads else entry.copies.get(TierKind.DRAM)
             for entry in entries
         ]
-        for layer in range(self._layout.num_layers):
-            base = layer * layer_bytes
-            for start, end, kind in groups:
-                group_handles = handles[start:end]
-                if None in group_handles:
-                    views = [
-                        view
-                        for entry in entries[start:end]
-                        for view in self._read(entry, base, layer_bytes)
-                    ]
-                else:
-                    views = dram.read_slices(group_handles, base, layer_bytes)
-                yield ReadRun(
-                    layer=layer,
-                    first_block=start,
-                    views=views,
-                    layer_checksums=[entry.layer_checksums[layer] for entry in entries[start:end]],
-                    checksum_kind_value=kind,
-                )
-        self._count_served()
-
-    def _run_groups(self, per_run: int) -> list[tuple[int, int, int]]:
-        """(start, end, checksum kind) of each run: at most `per_run` consecutive blocks
-        that share a checksum kind (a run carries one kind)."""
-        entries = self.entries
-        groups = []
-        start = 0
-        while start < len(entries):
-            kind = entries[start].checksum_kind_value
-            end = start + 1
-            while (
-                end < len(entries)
-                and end - start < per_run
-                and entries[end].checksum_kind_value == kind
-            ):
-                end += 1
-            groups.append((start, end, kind))
-            start = end
-        return groups
+        if None in handles:
+            views = [view for entry in entries for view in self._read(entry, base, layer_bytes)]
+        else:
+            views = self._pool.dram.read_slices(handles, base, layer_bytes)
+        return ReadRun(
+            layer=layer,
+            first_block=start,
+            views=views,
+            layer_checksums=[entry.layer_checksums[layer] for entry in entries],
+            checksum_kind_value=entries[0].checksum_kind_value,
+        )
 
     def _count_served(self) -> None:
         counters = self._store.counters
@@ -182,6 +256,9 @@ class ReadSession:
         raise AssertionError(f"block {entry.key.hex()} has no copy in memory")
 
     def close(self) -> None:
+        if self._load is not None:
+            self._load.cancel()
+            self._load = None
         if not self._closed:
             self._closed = True
             self._pool.release_read(self._pinned)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from kvstore.config import StoreConfig
 from kvstore.enums import Durability, TierKind
 from kvstore.errors import CapacityExhausted, InvalidRequest
+from kvstore.events import BlockEvent, BlockEventKind, BlockListener
 from kvstore.index import BlockEntry, NamespaceState
 from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
@@ -97,6 +98,8 @@ class TenantReport:
     tiers: tuple[TenantTierReport, ...]
     pinned_bytes: int  # block bytes under unexpired leases
     pinned_quota_bytes: int | None
+    lookup_keys: int = 0  # keys its lookups asked for
+    lookup_hits: int = 0  # of those, the keys found
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +178,10 @@ class BlockStore:
         counters.lookups += 1
         counters.lookup_keys += len(keys)
         counters.lookup_hits += len(found)
+        usage = found[0].namespace.usage if found else pool.tenant_usage(namespace.tenant)
+        if usage is not None:  # None: the tenant has nothing here, so nothing to report
+            usage.lookup_keys += len(keys)
+            usage.lookup_hits += len(found)
         tier_runs = self.tier_runs(found)
         self.record_hits(tier_runs, len(found), missed=len(found) < len(keys))
         if defer_touch and not pool.counts_sightings:
@@ -186,6 +193,28 @@ class BlockStore:
             tier_runs=tier_runs,
             block_bytes=namespace.layout.block_bytes,
         )
+
+    def snapshot(self, namespace: Namespace) -> list[BlockEvent]:
+        """A SNAPSHOT event per block the namespace holds now, every parent before its
+        children (a child is indexed only after its parent, and a parent with children
+        never leaves); O(blocks of the namespace)."""
+        state = self._pool.find_namespace(namespace)
+        if state is None:
+            return []
+        snapshot = BlockEventKind.SNAPSHOT
+        return [
+            BlockEvent(snapshot, key, entry.parent.key if entry.parent else b"", entry.fastest)
+            for key, entry in state.blocks.items()
+        ]
+
+    @property
+    def listener(self) -> BlockListener | None:
+        """Told of every change to what lookups find (kvstore.events); None: nobody."""
+        return self._pool.listener
+
+    @listener.setter
+    def listener(self, listener: BlockListener | None) -> None:
+        self._pool.listener = listener
 
     def find_prefix(self, namespace: Namespace, keys: list[bytes]) -> list[BlockEntry]:
         """The entries of the longest stored prefix of `keys`; nothing counts as used."""
@@ -371,6 +400,8 @@ class BlockStore:
                 ),
                 pinned_bytes=usage.leased_bytes,
                 pinned_quota_bytes=usage.quota.pinned_bytes if usage.quota else None,
+                lookup_keys=usage.lookup_keys,
+                lookup_hits=usage.lookup_hits,
             )
             for usage in usages
         )

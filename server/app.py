@@ -24,6 +24,7 @@ from kvstore.server.handlers import add_kvstore_service
 from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.loopwatch import LoopWatch
 from kvstore.server.membership import Registration, node_id_for
+from kvstore.server.metrics import DaemonMetrics, start_metrics
 from kvstore.server.servicer import KVStoreServicer
 from kvstore.server.standard_services import add_health_service, add_reflection_service
 from kvstore.server.tls import load_server_tls
@@ -48,6 +49,7 @@ class RunningServer:
     loop_watch: LoopWatch
     auth: Authenticator | None
     membership: Registration | None = None
+    metrics: DaemonMetrics | None = None  # None: metrics_port = -1
 
     async def drain(self) -> None:
         """Stop taking new work, let streams in flight finish, then stop."""
@@ -69,6 +71,9 @@ class RunningServer:
             flushed = await self.mover.flush_all()
             logger.info("flushed %d blocks to SSD", flushed)
         await self.mover.close()
+        # Served to the end, so that a scrape can watch the drain.
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.loop_watch.stop()
         logger.info("stopped")
 
@@ -105,6 +110,15 @@ def check_exposure(config: ServerConfig) -> None:
         f"[auth] tokens_file (--tokens-file), or [tls] (--tls-cert, --tls-key), or pass "
         f"--insecure (insecure = true) if this network is trusted"
     )
+
+
+def metrics_host(config: ServerConfig) -> str:
+    """Where /metrics listens: `metrics_host`, else listen's host if that is loopback,
+    else 127.0.0.1 (the endpoint has no authentication)."""
+    host = config.metrics_host or (
+        config.listen_host if is_loopback(config.listen_host) else "127.0.0.1"
+    )
+    return host.removeprefix("[").removesuffix("]")
 
 
 def build_authenticator(config: ServerConfig) -> Authenticator | None:
@@ -154,7 +168,8 @@ async def build_server(config: ServerConfig) -> RunningServer:
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     data_plane = None
-    if config.data_port >= 0:
+    shm_path = config.shm_socket_path()
+    if config.data_port >= 0 or shm_path is not None:
         tls_context = tls.data_plane_context if tls is not None else None
         data_plane = DataPlane(
             transfers,
@@ -166,13 +181,33 @@ async def build_server(config: ServerConfig) -> RunningServer:
         )
         servicer.data_plane_tls = tls is not None
         try:
-            servicer.data_plane_port = await data_plane.start(config.listen_host, config.data_port)
+            if config.data_port >= 0:
+                servicer.data_plane_port = await data_plane.start(
+                    config.listen_host, config.data_port
+                )
+            if shm_path is not None:
+                await data_plane.start_unix(shm_path)
+                servicer.shm_path = shm_path
+                servicer.shm_instance = data_plane.instance
             servicer.data_plane_counts = data_plane.counts
         except OSError:
+            await data_plane.drain(0)
             await mover.close()
             raise
-    # Started last, so that a failed start leaves no probe behind; stopped by drain.
     loop_watch = LoopWatch()
+    metrics = None
+    if config.metrics_port >= 0:
+        try:
+            metrics = await start_metrics(
+                metrics_host(config), config.metrics_port, store, loop_watch, data_plane
+            )
+        except OSError:
+            if data_plane is not None:
+                await data_plane.drain(0)
+            await mover.close()
+            raise
+        servicer.request_metrics = transfers.request_metrics = metrics.requests
+    # Started last, so that a failed start leaves no probe behind; stopped by drain.
     loop_watch.start()
     servicer.loop_watch = loop_watch
     await server.start()
@@ -182,15 +217,25 @@ async def build_server(config: ServerConfig) -> RunningServer:
         "serving kvstore.v1 on %s (port %d), data plane %s; tiers: %s; eviction %s, %s",
         config.listen,
         port,
-        f"on port {servicer.data_plane_port}" if data_plane is not None else "off",
+        (f"on port {servicer.data_plane_port}" if servicer.data_plane_port else "off")
+        + (f", same-host path on {servicer.shm_path}" if servicer.shm_path else ""),
         ", ".join(f"{tier.name} {tier.capacity_bytes >> 20} MiB" for tier in store.report().tiers),
         config.store.eviction_policy,
         config.store.write_policy if store.has_ssd else "no SSD",
     )
     logger.info("protections: %s", protections_line(config, auth))
+    if metrics is not None:
+        logger.info("metrics on %s", metrics.url)
+        if not is_loopback(metrics.host):
+            logger.warning(
+                "metrics on %s have no authentication and show every tenant's use: keep "
+                "that port behind a firewall, or a proxy that authenticates",
+                metrics.url,
+            )
     running = RunningServer(
         server, port, store, mover, servicer, health_servicer, config, data_plane, loop_watch, auth
     )
+    running.metrics = metrics
     if config.cluster is not None:
         running.membership = start_membership(running)
     return running
@@ -215,6 +260,8 @@ def start_membership(running: RunningServer) -> Registration:
     )
     registration.start()
     running.servicer.cluster_state = lambda: (registration.registered, member.node_id)
+    if running.metrics is not None:
+        running.metrics.collector.cluster_state = running.servicer.cluster_state
     return registration
 
 

@@ -6,10 +6,15 @@ reads configuration from outside (files, flags); components receive their own pa
     listen = "127.0.0.1:50051"
     data_port = 0                # TCP data plane for put/get bytes, on listen's host;
                                  # 0: any free port (clients ask over gRPC), -1: off
+    shm_socket = "auto"          # the same-host path's Unix socket: auto (a fresh path
+                                 # under $XDG_RUNTIME_DIR or the temp dir), off, or a path
     log_level = "info"
     tune_allocator = true        # keep megabyte message buffers on the heap
     workers = 1                  # daemon processes splitting the capacity (> 1 needs
                                  # [cluster]; kvstore.server.workers)
+    metrics_port = -1            # Prometheus /metrics over HTTP: -1 off, 0 any free port
+    metrics_host = ""            # where /metrics listens; empty: listen's host if
+                                 # loopback, else 127.0.0.1
 
     [store]
     dram_bytes = "1GiB"
@@ -24,6 +29,8 @@ reads configuration from outside (files, flags); components receive their own pa
     ssd_fsync = false            # true survives power loss too, not only process crashes
     write_policy = "write-back"  # write-back | write-through
     ssd_admit_after_seen = 1     # 2: a block must be seen twice before it earns SSD
+    ssd_compression = "off"      # off | lz4: byte-shuffled lz4 per layer, where it pays
+    ssd_compress_min_saving = 0.1  # a layer stays raw unless lz4 saves this fraction
     promote_on_hit = true
     high_watermark = 0.95
     low_watermark = 0.85
@@ -62,6 +69,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import secrets
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,9 +83,16 @@ from kvstore.config import StoreConfig, TenantQuota
 from kvstore.errors import InvalidRequest
 from kvstore.wire.chunks import MIN_CHUNK_BYTES
 
+# sun_path holds 108 bytes, the last a NUL.
+_MAX_UNIX_PATH_BYTES = 107
+
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # Past this, a host is better served by more machines than by more processes.
 MAX_WORKERS = 256
+
+
+# The largest BlockEvent on the wire: two keys of 64 bytes, a tier, a kind and framing.
+MAX_WATCH_EVENT_BYTES = 160
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +118,13 @@ class Limits:
     # over gRPC). The client library's default is 120 s; 128K tokens of Llama-3-70B
     # (40 GiB) move in well under a minute on the reference machine's loopback.
     max_transfer_s: float = 600.0
+    # WatchBlocks (kvstore.server.watch): live events one watcher may fall behind before
+    # they are dropped for a GAP and a fresh snapshot; the most events in one message;
+    # watch streams open at once, in all and per namespace tenant.
+    watch_queue_events: int = 65536
+    watch_batch_events: int = 1024
+    max_watchers: int = 256
+    max_watchers_per_tenant: int = 32
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 64 << 10:
@@ -121,6 +145,20 @@ class Limits:
         for name in ("stream_idle_timeout_s", "frame_timeout_s", "max_transfer_s"):
             if not getattr(self, name) > 0:
                 raise InvalidRequest(f"limits.{name} must be > 0 seconds")
+        for name in (
+            "watch_queue_events",
+            "watch_batch_events",
+            "max_watchers",
+            "max_watchers_per_tenant",
+        ):
+            if getattr(self, name) < 1:
+                raise InvalidRequest(f"limits.{name} must be >= 1")
+
+    @property
+    def watch_message_events(self) -> int:
+        """The most events one WatchBlocks message carries: `watch_batch_events`, or fewer
+        where that many of the largest events would not fit in `max_message_bytes`."""
+        return min(self.watch_batch_events, self.max_message_bytes // MAX_WATCH_EVENT_BYTES)
 
     @property
     def max_chunk_bytes(self) -> int:
@@ -209,6 +247,9 @@ class ServerConfig:
     # The TCP data plane (kvstore.wire.frames) listens on listen's host at this port; 0
     # takes any free port (clients learn it over gRPC), -1 turns it off.
     data_port: int = 0
+    # The same-host path's Unix socket (kvstore.wire.shm): "auto" (a fresh path in the
+    # runtime directory; off under mutual TLS), "off", or a path.
+    shm_socket: str = "auto"
     log_level: str = "info"
     # Keep megabyte message buffers on the heap (see kvstore.allocator).
     tune_allocator: bool = True
@@ -222,6 +263,12 @@ class ServerConfig:
     # Daemon processes on this host, each with 1/workers of every tier, registered as
     # one member each (kvstore.server.workers); more than one needs [cluster].
     workers: int = 1
+    # Prometheus `/metrics` over plain HTTP (kvstore.server.metrics): -1 off, 0 any free
+    # port (logged), else that port; on `metrics_host`. Empty: listen's host where that is
+    # loopback, else 127.0.0.1: it has no authentication and shows every tenant's use, so
+    # it reaches beyond this machine only where an operator names such a host.
+    metrics_port: int = -1
+    metrics_host: str = ""
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= MAX_WORKERS:
@@ -245,6 +292,29 @@ class ServerConfig:
                 f"data_port must be a port, 0 for any free port or -1 for none, "
                 f"got {self.data_port}"
             )
+        if self.shm_socket not in ("auto", "off"):
+            if len(os.fsencode(self.shm_socket)) > _MAX_UNIX_PATH_BYTES:
+                raise InvalidRequest(
+                    f"shm_socket is a Unix socket path of at most {_MAX_UNIX_PATH_BYTES} "
+                    f"bytes, got {self.shm_socket!r}"
+                )
+            if self.tls is not None and self.tls.mutual:
+                raise InvalidRequest(
+                    "shm_socket cannot be set with mutual TLS: a Unix socket carries no "
+                    'client certificate; set shm_socket = "off"'
+                )
+        if not -1 <= self.metrics_port <= 65535:
+            raise InvalidRequest(
+                f"metrics_port must be a port, 0 for any free port or -1 for none (the "
+                f"default), got {self.metrics_port}"
+            )
+        if self.metrics_host and (
+            self.metrics_host != self.metrics_host.strip() or "/" in self.metrics_host
+        ):
+            raise InvalidRequest(
+                f"metrics_host must be a host name or address (no port, no scheme), "
+                f"got {self.metrics_host!r}"
+            )
         if (
             self.cluster is not None
             and not self.cluster.advertise
@@ -254,6 +324,23 @@ class ServerConfig:
                 f"[cluster] needs advertise (--advertise HOST:PORT): listen {self.listen!r} "
                 f"does not name an address other machines can reach"
             )
+
+    def shm_socket_path(self) -> str | None:
+        """Where the same-host path listens; None: it is off. "auto" makes a fresh name
+        per call, in $XDG_RUNTIME_DIR where set, else the temporary directory."""
+        if self.shm_socket == "off" or (
+            self.shm_socket == "auto" and self.tls is not None and self.tls.mutual
+        ):
+            return None
+        if self.shm_socket != "auto":
+            return self.shm_socket
+        name = f"kvstore-{os.getpid()}-{secrets.token_hex(4)}.sock"
+        for directory in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
+            if directory and os.access(directory, os.W_OK):
+                path = os.path.join(directory, name)
+                if len(os.fsencode(path)) <= _MAX_UNIX_PATH_BYTES:
+                    return path
+        return None
 
     @property
     def listen_host(self) -> str:
@@ -425,6 +512,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="TCP data plane port on the listen host (default 0: any free port; -1: off)",
     )
+    parser.add_argument(
+        "--shm-socket",
+        help="the same-host path's Unix socket: auto (default), off, or a path",
+    )
     parser.add_argument("--dram-bytes", dest="store.dram_bytes", help="DRAM tier size, e.g. 4GiB")
     parser.add_argument("--page-bytes", dest="store.page_bytes", help="DRAM arena page size")
     parser.add_argument(
@@ -440,6 +531,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--write-policy", dest="store.write_policy", choices=["write-back", "write-through"]
     )
     parser.add_argument("--ssd-admit-after-seen", dest="store.ssd_admit_after_seen", type=int)
+    parser.add_argument(
+        "--ssd-compression",
+        dest="store.ssd_compression",
+        choices=["off", "lz4"],
+        help="SSD block files: off (default) or lz4 per layer after a byte shuffle",
+    )
+    parser.add_argument(
+        "--ssd-compress-min-saving",
+        dest="store.ssd_compress_min_saving",
+        type=float,
+        help="a layer is stored raw unless lz4 saves this fraction of it (default 0.1)",
+    )
     parser.add_argument(
         "--no-promote-on-hit", dest="store.promote_on_hit", action="store_false", default=None
     )
@@ -492,6 +595,24 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="the longest deadline a put or get may have, whatever the client asks (default 600)",
     )
     parser.add_argument(
+        "--watch-queue-events",
+        dest="limits.watch_queue_events",
+        type=int,
+        help="WatchBlocks: live events a watcher may fall behind before a GAP (default 65536)",
+    )
+    parser.add_argument(
+        "--max-watchers",
+        dest="limits.max_watchers",
+        type=int,
+        help="WatchBlocks streams open at once (default 256)",
+    )
+    parser.add_argument(
+        "--max-watchers-per-tenant",
+        dest="limits.max_watchers_per_tenant",
+        type=int,
+        help="WatchBlocks streams open at once on one tenant's namespaces (default 32)",
+    )
+    parser.add_argument(
         "--tokens-file",
         dest="auth.tokens_file",
         help="TOML file of accepted bearer tokens (their SHA-256), tenants and roles; "
@@ -541,6 +662,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="daemon processes, each with 1/N of every tier, registered as N cluster "
         "members; more than 1 needs --cluster (default 1)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus /metrics over HTTP on this port (0: any free port, logged; "
+        "default -1: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        help="host /metrics listens on (default: the --listen host); it shows every "
+        "tenant's use, so keep it private",
+    )
     parser.add_argument("--log-level", choices=list(_LOG_LEVELS))
     parser.add_argument(
         "--no-tune-allocator",
@@ -551,11 +683,33 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_TOP_LEVEL_FLAGS = {
+    "listen",
+    "data_port",
+    "shm_socket",
+    "log_level",
+    "tune_allocator",
+    "insecure",
+    "workers",
+}
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     overrides = {
         key: value
         for key, value in vars(args).items()
-        if key in {"listen", "data_port", "log_level", "tune_allocator", "insecure", "workers"}
+        if key
+        in {
+            "listen",
+            "data_port",
+            "shm_socket",
+            "log_level",
+            "tune_allocator",
+            "insecure",
+            "workers",
+            "metrics_port",
+            "metrics_host",
+        }
         or "." in key
     }
     return load_config(args.config, overrides)

@@ -6,6 +6,10 @@ reclaiming of abandoned puts are identical. A bad frame gets an ERROR frame with
 status code gRPC would have answered, and the connection is closed: the stream cannot
 be trusted after it. Other connections and stored blocks are untouched. The drain is
 the lifecycle gRPC shares (kvstore.server.lifecycle).
+
+The same-host path (kvstore.wire.shm) is this data plane on a Unix socket: the same
+HELLO, tokens, connection limits and transfers, plus the buffers its clients register
+(kvstore.server.shm), through which the bytes of PUT_SHM and GET_SHM move.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import socket
 import ssl
+import stat
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
@@ -27,6 +34,7 @@ from kvstore.server.credentials import Credential, hello_credential
 from kvstore.server.decode import parse_request
 from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.pacing import TransferPacing
+from kvstore.server.shm import ClientBuffers, FdStream
 from kvstore.server.status import status_for
 from kvstore.server.transfer import Transfers
 from kvstore.v1 import kvstore_pb2 as pb
@@ -42,6 +50,17 @@ from kvstore.wire.frames import (
     frame_header,
     send_frame,
     tune_socket,
+)
+from kvstore.wire.shm import (
+    BUFFER_ID,
+    INSTANCE_BYTES,
+    REGION,
+    SHM_MESSAGE_BYTES,
+    Region,
+    RegionRing,
+    copy_parts,
+    decode_buffer_size,
+    decode_region,
 )
 from kvstore.wire.tls import TLSStream
 
@@ -67,11 +86,23 @@ class _Link:
     """One connection's socket, its TLS layer if any, its reader, and whether a frame
     is half sent."""
 
-    def __init__(self, sock: socket.socket, max_payload: int, tls: TLSStream | None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        max_payload: int,
+        tls: TLSStream | None,
+        fd_stream: FdStream | None = None,
+    ) -> None:
         self.sock = sock if tls is None else tls.sock  # a TLS stream owns the socket
         self.tls = tls
         self.secured = tls is None  # no TLS, or its handshake is done
-        self.stream = sock if tls is None else tls
+        self.stream: socket.socket | TLSStream | FdStream = sock if tls is None else tls
+        # The same-host socket: descriptors it receives, and the buffers they map.
+        self.fd_stream = fd_stream
+        self.buffers: ClientBuffers | None = None
+        if fd_stream is not None:
+            self.stream = fd_stream
+            self.buffers = ClientBuffers()
         self.reader = FrameReader(self.stream, max_payload)
         # True while a frame is on its way out: a frame cut short (a deadline, a drain)
         # leaves the stream where no ERROR frame can follow.
@@ -148,6 +179,13 @@ class DataPlane:
         self._idle: set[asyncio.Task[None]] = set()
         self.transfers = 0  # puts and gets served, for tests and logs
         self.accepted = 0  # connections served (not those turned away at the cap)
+        # The same-host socket (kvstore.wire.shm), once listening.
+        self.shm_path = ""
+        self.shm_transfers = 0  # puts and gets whose bytes moved through shared memory
+        # Said in the Unix socket's HELLO: clients check they reached this daemon.
+        self.instance = secrets.token_bytes(INSTANCE_BYTES)
+        self._unix_listener: socket.socket | None = None
+        self._unix_accepting: asyncio.Task[None] | None = None
 
     def counts(self) -> tuple[int, int]:
         """(connections open now, transfers carried), for Stats."""
@@ -170,6 +208,23 @@ class DataPlane:
         bound: int = listener.getsockname()[1]
         return bound
 
+    async def start_unix(self, path: str) -> None:
+        """Listen for same-host clients on the Unix socket `path`, readable and writable
+        by this user only. A socket file left by a daemon that is gone is replaced."""
+        _remove_stale_socket(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(path)
+            os.chmod(path, 0o600)
+            listener.listen(64)
+            listener.setblocking(False)
+        except OSError as error:
+            listener.close()
+            raise OSError(f"the same-host path cannot listen on {path}: {error}") from error
+        self._unix_listener = listener
+        self.shm_path = path
+        self._unix_accepting = asyncio.create_task(self._accept_loop(listener, unix=True))
+
     async def drain(self, grace_s: float) -> None:
         """Stop accepting, close idle connections, and give transfers in flight
         `grace_s` to finish before they are cut."""
@@ -179,6 +234,14 @@ class DataPlane:
                 await self._accepting
         if self._listener is not None:
             self._listener.close()
+        if self._unix_accepting is not None:
+            self._unix_accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._unix_accepting
+        if self._unix_listener is not None:
+            self._unix_listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.shm_path)
         for task in list(self._idle):
             task.cancel()
         if self._connections:
@@ -188,7 +251,7 @@ class DataPlane:
             if pending:
                 await asyncio.wait(pending)
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    async def _accept_loop(self, listener: socket.socket, *, unix: bool = False) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -200,25 +263,28 @@ class DataPlane:
             tune_socket(sock)
             if len(self._connections) >= self._limits.max_data_connections:
                 _refuse(
-                    sock, self._limits.max_data_connections, plaintext=self._tls_context is None
+                    sock,
+                    self._limits.max_data_connections,
+                    plaintext=unix or self._tls_context is None,
                 )
                 continue
             self.accepted += 1
-            task = asyncio.create_task(self._serve(sock))
+            task = asyncio.create_task(self._serve(sock, unix=unix))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
-    async def _serve(self, sock: socket.socket) -> None:
+    async def _serve(self, sock: socket.socket, *, unix: bool = False) -> None:
         task = asyncio.current_task()
         assert task is not None
         tls = None
-        if self._tls_context is not None:
+        # The same-host socket never leaves the host: it needs no TLS.
+        if self._tls_context is not None and not unix:
             try:
                 tls = TLSStream(sock, self._tls_context, server_side=True)
             except OSError:  # the client is already gone
                 sock.close()
                 return
-        link = _Link(sock, self._limits.max_message_bytes, tls)
+        link = _Link(sock, self._limits.max_message_bytes, tls, FdStream(sock) if unix else None)
         reader = link.reader
         try:
             self._idle.add(task)
@@ -245,6 +311,11 @@ class DataPlane:
                     pacing.receiving()
                     kind, payload = await reader.read()
                     pacing.working()
+                    if kind == FrameKind.REGISTER and link.buffers is not None:
+                        await self._register(link, payload)
+                        continue  # not a transfer
+                    if link.fd_stream is not None:
+                        link.fd_stream.close_fds()  # descriptors come with REGISTER only
                     self._lifecycle.refuse_if_draining()
                     if kind == FrameKind.DEADLINE:
                         pacing.set_deadline(_deadline_of(payload))
@@ -253,6 +324,8 @@ class DataPlane:
                         pacing.set_deadline(DEFAULT_TRANSFER_S)
                     await self._transfer(link, pacing, kind, payload)
                 self.transfers += 1
+                if link.buffers is not None:
+                    self.shm_transfers += 1
         except (ConnectionClosed, asyncio.CancelledError):
             pass  # the client went away, or a drain closed an idle connection
         except FrameTooLarge as error:
@@ -263,6 +336,10 @@ class DataPlane:
             code, message = status_for(error)
             await self._reject(link, code, message)
         finally:
+            if link.buffers is not None:
+                link.buffers.close()
+            if link.fd_stream is not None:
+                link.fd_stream.close_fds()
             if link.tenant is not None:
                 self._tenant_connections[link.tenant] -= 1
             if link.tls is not None and link.secured:
@@ -276,17 +353,21 @@ class DataPlane:
         caller = OPEN
         if link.credential is not None and self._auth is not None:
             caller = link.credential.caller(self._auth)
-        if kind == FrameKind.PUT:
+        if kind in (FrameKind.PUT, FrameKind.PUT_SHM):
             pacing.what = "put"
-            reply = await self._transfers.put(self._put_messages(link, pacing, payload), caller)
+            messages = self._put_messages(link, pacing, kind, payload)
+            reply = await self._transfers.put(messages, caller)
             await link.send(FrameKind.PUT_DONE, [reply.SerializeToString()])
         elif kind == FrameKind.GET:
             pacing.what = "get"
             await self._get(link, pacing, payload, caller)
+        elif kind == FrameKind.GET_SHM and link.buffers is not None:
+            pacing.what = "get"
+            await self._get_shm(link, link.buffers, pacing, payload, caller)
         else:
             raise InvalidRequest(
                 f"a transfer starts with a PUT or GET frame (after an optional DEADLINE), "
-                f"not kind {kind}"
+                f"or on the same-host socket PUT_SHM or GET_SHM; not kind {kind}"
             )
 
     async def _handshake(self, link: _Link) -> None:
@@ -318,7 +399,10 @@ class DataPlane:
             link.credential = hello_credential(self._auth, token, link.peer_common_name)
             caller = link.credential.caller(self._auth)  # refused now, not at a transfer
             link.tenant = self._admit_tenant(caller.tenant)
-        await link.send(FrameKind.HELLO, [HELLO_PAYLOAD])
+        if link.buffers is not None:
+            await link.send(FrameKind.HELLO, [HELLO_PAYLOAD, self.instance])
+        else:
+            await link.send(FrameKind.HELLO, [HELLO_PAYLOAD])
 
     def _admit_tenant(self, tenant: str | None) -> str | None:
         """Count the connection against its tenant's max_data_connections quota; the
@@ -337,18 +421,47 @@ class DataPlane:
         self._tenant_connections[tenant] = open_now + 1
         return tenant
 
+    async def _register(self, link: _Link, payload: memoryview) -> None:
+        """Map the buffer a REGISTER frame passed, and answer with its id."""
+        assert link.buffers is not None
+        assert link.fd_stream is not None
+        fds = link.fd_stream.take_fds()
+        try:
+            size = decode_buffer_size(payload)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        buffer_id = link.buffers.register(fds, size)
+        await link.send(FrameKind.REGISTERED, [BUFFER_ID.pack(buffer_id)])
+
     async def _put_messages(
-        self, link: _Link, pacing: TransferPacing, first: memoryview
+        self, link: _Link, pacing: TransferPacing, kind: int, first: memoryview
     ) -> AsyncIterator[memoryview]:
         payload = first
         while True:
-            yield payload
+            if kind == FrameKind.PUT_SHM and link.buffers is not None:
+                region = decode_region(payload)
+                limit = max(self._limits.max_message_bytes, SHM_MESSAGE_BYTES)
+                yield link.buffers.view(region, limit)
+                # Applied (the put asks for the next message only then): the client may
+                # write over the region.
+                await link.send(FrameKind.SHM_DONE)
+            elif kind == FrameKind.PUT:
+                yield payload
+            else:
+                raise InvalidRequest(
+                    "PUT_SHM is for the same-host socket only; this connection has no buffers"
+                )
+            if link.fd_stream is not None:
+                link.fd_stream.close_fds()  # descriptors come with REGISTER only
             kind, payload = await link.read_frame(pacing)
             if kind == FrameKind.PUT_END:
                 return
-            if kind != FrameKind.PUT:
+            if kind not in (FrameKind.PUT, FrameKind.PUT_SHM):
                 raise InvalidRequest(
-                    f"a put goes on with PUT frames and ends with PUT_END, not kind {kind}"
+                    f"a put goes on with PUT (or PUT_SHM) frames and ends with PUT_END, "
+                    f"not kind {kind}"
                 )
 
     async def _get(
@@ -361,6 +474,48 @@ class DataPlane:
                 await link.send(FrameKind.GET_DATA, parts)
                 pacing.working()
         await link.send(FrameKind.GET_END)
+
+    async def _get_shm(
+        self,
+        link: _Link,
+        buffers: ClientBuffers,
+        pacing: TransferPacing,
+        payload: memoryview,
+        caller: Caller,
+    ) -> None:
+        """A get whose replies are written into the client's region, each named by a
+        GET_DATA_SHM frame; the client hands each back with SHM_DONE."""
+        region = decode_region(payload)
+        target = buffers.view(region, max_length=region.length)
+        ring = RegionRing(region.length)
+        request = parse_request(pb.GetBlocksRequest, bytes(payload[REGION.size :]))
+        async with contextlib.aclosing(self._transfers.get(request, caller)) as messages:
+            async for parts in messages:
+                length = sum(memoryview(part).nbytes for part in parts)
+                try:
+                    offset = ring.reserve(length)
+                except ValueError:
+                    raise InvalidRequest(
+                        f"the region for replies ({region.length} bytes) is smaller than a "
+                        f"{length}-byte reply; name one of at least max_chunk_bytes + 4 KiB"
+                    ) from None
+                while offset is None:  # the client still reads older replies
+                    await self._await_done(link, pacing, ring)
+                    offset = ring.reserve(length)
+                copy_parts(target, offset, parts)
+                reply = Region(region.buffer_id, region.offset + offset, length)
+                pacing.waiting()
+                await link.send(FrameKind.GET_DATA_SHM, [reply.encode()])
+                pacing.working()
+        while ring.num_in_use:  # every reply is handed back before the get ends
+            await self._await_done(link, pacing, ring)
+        await link.send(FrameKind.GET_END)
+
+    async def _await_done(self, link: _Link, pacing: TransferPacing, ring: RegionRing) -> None:
+        kind, _ = await link.read_frame(pacing)
+        if kind != FrameKind.SHM_DONE:
+            raise InvalidRequest(f"a get through shared memory takes SHM_DONE frames, not {kind}")
+        ring.free_oldest()
 
     async def _reject(self, link: _Link, code: grpc.StatusCode, message: str) -> None:
         """Send ERROR, then let the client read it before the connection closes:
@@ -421,3 +576,23 @@ def _refuse(sock: socket.socket, limit: int, *, plaintext: bool) -> None:
     with contextlib.suppress(OSError):
         sock.send(frame_header(FrameKind.ERROR, len(error)) + error)
     sock.close()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a Unix socket file nobody listens on (a daemon that died); refuse to take
+    over one in use, or a path that is not a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket; choose another shm_socket path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"another daemon listens on {path}; give this one its own shm_socket path")

@@ -67,6 +67,14 @@ def open_keyed_request(
     return request, namespace, _keys_from_wire(request.keys, max_keys, allow_empty)
 
 
+def open_watch_request(
+    request: pb.WatchBlocksRequest | MalformedRequest,
+) -> tuple[pb.WatchBlocksRequest, Namespace]:
+    """The watch request and its namespace, checked."""
+    request = open_request(request)
+    return request, namespace_from_wire(request.namespace, request.HasField("namespace"))
+
+
 def put_namespace_from_wire(data: bytes | None) -> Namespace:
     """The namespace of a put, carried serialized in its first message."""
     if data is None:

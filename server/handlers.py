@@ -58,6 +58,9 @@ def method_handlers(servicer: KVStoreServicer) -> dict[str, Any]:
         "Delete": unary(servicer.Delete, _parser(pb.DeleteRequest), _serialize),
         "Stats": unary(servicer.Stats, _parser(pb.StatsRequest), _serialize),
         "GetDataPlane": unary(servicer.GetDataPlane, _parser(pb.DataPlaneRequest), _serialize),
+        "WatchBlocks": grpc.unary_stream_rpc_method_handler(
+            servicer.WatchBlocks, _parser(pb.WatchBlocksRequest), _serialize
+        ),
     }
 
 

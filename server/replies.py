@@ -7,6 +7,7 @@ that point into the arena; these are the small replies.
 from __future__ import annotations
 
 from kvstore.enums import Durability, PutOutcome
+from kvstore.events import BlockEvent
 from kvstore.server.procstat import ProcessHealth
 from kvstore.store import PrefixMatch, StoreReport, TenantReport
 from kvstore.v1 import kvstore_pb2 as pb
@@ -21,6 +22,20 @@ def prefix_match_to_wire(match: PrefixMatch) -> pb.LookupPrefixResponse:
         ],
         block_bytes=match.block_bytes,
     )
+
+
+def watch_reply(first_sequence: int, events: list[BlockEvent]) -> pb.WatchBlocksResponse:
+    reply = pb.WatchBlocksResponse(first_sequence=first_sequence)
+    add = reply.events.add
+    for event in events:
+        tier = event.tier
+        add(
+            kind=event.kind.value,  # equal numbers (kvstore.events)
+            key=event.key,
+            parent_key=event.parent_key,
+            tier=tier_to_wire(tier) if tier is not None else pb.TIER_UNSPECIFIED,
+        )
+    return reply
 
 
 def put_reply(outcomes: list[PutOutcome], durability: Durability) -> pb.PutBlocksResponse:

@@ -20,14 +20,26 @@ from kvstore.errors import InvalidRequest
 from kvstore.server.auth import OPEN, Authenticator, Caller
 from kvstore.server.config import Limits
 from kvstore.server.credentials import grpc_caller, grpc_credential
-from kvstore.server.decode import MalformedRequest, open_keyed_request, open_request
+from kvstore.server.decode import (
+    MalformedRequest,
+    open_keyed_request,
+    open_request,
+    open_watch_request,
+)
 from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.loopwatch import LoopWatch
 from kvstore.server.pacing import TransferPacing
 from kvstore.server.procstat import read_process_health
-from kvstore.server.replies import prefix_match_to_wire, report_to_wire, scoped_to_tenant
+from kvstore.server.replies import (
+    prefix_match_to_wire,
+    report_to_wire,
+    scoped_to_tenant,
+    watch_reply,
+)
+from kvstore.server.request_metrics import RequestMetrics
 from kvstore.server.status import status_for
 from kvstore.server.transfer import Transfers
+from kvstore.server.watch import WatchHub
 from kvstore.store import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.frames import VERSION as DATAPLANE_VERSION
@@ -51,13 +63,18 @@ class KVStoreServicer:
         self._lifecycle = lifecycle
         self._limits = limits
         self._max_keys = limits.max_keys
+        self.watch_hub = WatchHub(store, limits)
         self.data_plane_port = 0  # set once the data plane listens; 0: none
         self.data_plane_tls = False  # whether the data plane speaks TLS (kvstore.server.tls)
+        # The same-host path's Unix socket and the daemon's instance id ("": none).
+        self.shm_path = ""
+        self.shm_instance = b""
         # (open connections, transfers carried), from the data plane once it listens.
         self.data_plane_counts: Callable[[], tuple[int, int]] | None = None
         self.loop_watch: LoopWatch | None = None  # set once the server runs; lag 0 without
         # Whether the daemon is registered in etcd now, and its node id (--cluster only).
         self.cluster_state: Callable[[], tuple[bool, str]] | None = None
+        self.request_metrics: RequestMetrics | None = None  # the lookup histograms, if on
 
     def start_draining(self) -> None:
         """Drain both transports: see kvstore.server.lifecycle."""
@@ -123,12 +140,18 @@ class KVStoreServicer:
     def _lookup(
         self, request: pb.LookupPrefixRequest | MalformedRequest, caller: Caller
     ) -> pb.LookupPrefixResponse:
+        started_s = time.perf_counter()
         _, namespace, keys = open_keyed_request(request, self._max_keys, allow_empty=True)
         caller.authorize(namespace.tenant)
         match = self._store.lookup(namespace, keys, defer_touch=True)
         # Runs after this handler returns, once gRPC has handed the reply to its transport.
         asyncio.get_running_loop().call_soon(self._store.settle_touches)
-        return prefix_match_to_wire(match)
+        reply = prefix_match_to_wire(match)
+        if self.request_metrics is not None:
+            self.request_metrics.observe_lookup(
+                time.perf_counter() - started_s, match.num_matched * match.block_bytes
+            )
+        return reply
 
     async def Pin(
         self, request: pb.PinRequest | MalformedRequest, context: Context
@@ -219,13 +242,41 @@ class KVStoreServicer:
 
         await self._answer(context, handle)
 
+    async def WatchBlocks(
+        self, request: pb.WatchBlocksRequest | MalformedRequest, context: Context
+    ) -> None:
+        """The namespace's snapshot, then its live events (kvstore.server.watch), until
+        the client goes away or the server drains (UNAVAILABLE)."""
+
+        async def handle(caller: Caller) -> None:
+            watch, namespace = open_watch_request(request)
+            caller.authorize(namespace.tenant, admin_may=True)
+            # The stream may stay open for days: its credential is checked again before
+            # every message, so a token revoked (SIGHUP) or expired stops it.
+            credential = None if self._auth is None else grpc_credential(self._auth, context)
+            limit = self._limits.watch_message_events
+            max_events = min(watch.max_events_per_message or limit, limit)
+            with self.watch_hub.watch(namespace) as watcher:
+                while True:
+                    with self._lifecycle.idle_wait():
+                        first_sequence, events = await watcher.take(max_events)
+                    if credential is not None and self._auth is not None:
+                        credential.caller(self._auth).authorize(namespace.tenant, admin_may=True)
+                    await context.write(watch_reply(first_sequence, events))
+
+        await self._answer(context, handle)
+
     async def GetDataPlane(
         self, request: pb.DataPlaneRequest | MalformedRequest, context: Context
     ) -> pb.DataPlaneResponse:
         async def handle(caller: Caller) -> pb.DataPlaneResponse:
             open_request(request)
             return pb.DataPlaneResponse(
-                port=self.data_plane_port, version=DATAPLANE_VERSION, tls=self.data_plane_tls
+                port=self.data_plane_port,
+                version=DATAPLANE_VERSION,
+                tls=self.data_plane_tls,
+                shm_path=self.shm_path,
+                shm_instance=self.shm_instance,
             )
 
         return await self._answer(context, handle)

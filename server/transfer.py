@@ -15,6 +15,7 @@ freed however its transfer ends.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 from kvstore.enums import TierKind
@@ -29,6 +30,7 @@ from kvstore.server.config import Limits
 from kvstore.server.decode import MalformedRequest, open_keyed_request, put_namespace_from_wire
 from kvstore.server.put_floor import PutFloor
 from kvstore.server.replies import put_reply
+from kvstore.server.request_metrics import RequestMetrics
 from kvstore.server.throttle import ReadThrottle
 from kvstore.store import BlockStore
 from kvstore.v1 import kvstore_pb2 as pb
@@ -60,6 +62,8 @@ class Transfers:
         self._put_floor_bytes = min(MIN_PUT_PIECE_BYTES, limits.min_chunk_bytes // 4)
         # Puts and gets running per tenant with a max_transfers quota.
         self._num_running: dict[str, int] = {}
+        # The put and get histograms, both transports' (None: metrics off).
+        self.request_metrics: RequestMetrics | None = None
 
     def num_running(self, tenant: str) -> int:
         """Puts and gets of a tenant with a `max_transfers` quota running now."""
@@ -98,6 +102,7 @@ class Transfers:
         Each message is applied before the next is read, so it may be a view into a
         buffer that the transport reuses.
         """
+        started_s = time.perf_counter()
         session: PutSession | None = None
         floor: PutFloor | None = None
         slot: str | None = None
@@ -125,6 +130,10 @@ class Transfers:
             # blocks' files are in place before the reply goes (and puts slow down to
             # the disk's pace).
             durability = await self._store.wait_durable(committed)
+            if self.request_metrics is not None:
+                self.request_metrics.observe_put(
+                    time.perf_counter() - started_s, session.num_declared * session.block_bytes
+                )
             return put_reply(outcomes, durability)
         finally:
             # A cancelled or failed stream frees whatever it had reserved.
@@ -169,6 +178,7 @@ class Transfers:
         The blocks stay pinned, and the arena views valid, until the generator is
         closed: the transport sends each message before it asks for the next.
         """
+        started_s = time.perf_counter()
         session: ReadSession | None = None
         slot: str | None = None
         try:
@@ -182,7 +192,7 @@ class Transfers:
             header = encode_get_header(
                 checksum_kind=kind,
                 block_bytes=namespace.layout.block_bytes,
-                num_blocks=len(session.entries),
+                num_blocks=session.num_blocks,
                 tiers=[tier.value for tier in session.tiers],
             )
             if uses_runs(namespace.layout, chunk_bytes):
@@ -190,10 +200,15 @@ class Transfers:
             else:
                 messages = _chunk_messages(session, chunk_bytes, header, kind)
             tiers = session.tiers
-            for parts in messages:
+            async for parts in messages:
                 # Paced before it is sent, on both transports (`[store] read_bytes_per_s`).
                 await self._throttle.pace(tiers, _payload_bytes(parts))
                 yield parts
+            if self.request_metrics is not None:
+                self.request_metrics.observe_get(
+                    time.perf_counter() - started_s,
+                    len(session.entries) * namespace.layout.block_bytes,
+                )
         finally:
             if session is not None:
                 session.close()
@@ -222,11 +237,20 @@ def _blocks_written(message: PutMessage, num_declared: int) -> Iterator[int]:
         yield from range(run.first_block, min(run.first_block + run.num_blocks, num_declared))
 
 
-def _run_messages(session: ReadSession, chunk_bytes: int, header: bytes) -> Iterator[WireParts]:
+async def _run_messages(
+    session: ReadSession, chunk_bytes: int, header: bytes
+) -> AsyncIterator[WireParts]:
     """One message per run of whole small layers; the first carries the stream header."""
     sent = False
-    for run in session.runs(chunk_bytes):
-        prefix = header if not sent else encode_get_header(checksum_kind=run.checksum_kind_value)
+    declared = session.num_blocks
+    async for run in session.stream_runs(chunk_bytes):
+        if not sent:
+            prefix = header
+        elif session.num_blocks != declared:
+            declared = session.num_blocks
+            prefix = _shortened_header(run.checksum_kind_value, declared)
+        else:
+            prefix = encode_get_header(checksum_kind=run.checksum_kind_value)
         sent = True
         yield [
             prefix,
@@ -234,25 +258,35 @@ def _run_messages(session: ReadSession, chunk_bytes: int, header: bytes) -> Iter
         ]
     if not sent:
         yield [header]
+    elif session.num_blocks != declared:
+        yield [_shortened_header(0, session.num_blocks)]
 
 
-def _chunk_messages(
+async def _chunk_messages(
     session: ReadSession, chunk_bytes: int, header: bytes, kind: int
-) -> Iterator[WireParts]:
+) -> AsyncIterator[WireParts]:
     """Messages of about `chunk_bytes` of layer chunks; the first carries the stream header.
 
     A chunk whose checksum kind differs from the message's starts a new message: each
-    message carries the kind of the checksums in it.
+    message carries the kind of the checksums in it; so does a shorter served prefix.
     """
     parts: WireParts = [header]
     message_bytes = 0
-    for chunk in session.chunks(chunk_bytes):
-        if message_bytes and (
-            message_bytes + chunk.nbytes > chunk_bytes or chunk.checksum_kind_value != kind
+    declared = session.num_blocks
+    async for chunk in session.stream_chunks(chunk_bytes):
+        shortened = session.num_blocks != declared
+        if shortened or (
+            message_bytes
+            and (message_bytes + chunk.nbytes > chunk_bytes or chunk.checksum_kind_value != kind)
         ):
             yield parts
             kind = chunk.checksum_kind_value
-            parts, message_bytes = [encode_get_header(checksum_kind=kind)], 0
+            if shortened:
+                declared = session.num_blocks
+                parts = [_shortened_header(kind, declared)]
+            else:
+                parts = [encode_get_header(checksum_kind=kind)]
+            message_bytes = 0
         parts.extend(
             chunk_parts(
                 GET_CHUNKS,
@@ -265,3 +299,11 @@ def _chunk_messages(
         )
         message_bytes += chunk.nbytes
     yield parts
+    if session.num_blocks != declared:
+        yield [_shortened_header(kind, session.num_blocks)]
+
+
+def _shortened_header(checksum_kind: int, num_blocks: int) -> bytes:
+    """A block was found unreadable while layer 0 streamed: from this message on, the
+    get serves only its first `num_blocks` blocks (the client has completed no layer)."""
+    return encode_get_header(checksum_kind=checksum_kind, num_blocks=num_blocks)

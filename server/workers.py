@@ -72,6 +72,8 @@ def worker_configs(
     _check_port_range("listen", listen_port, num_workers)
     if config.data_port > 0:
         _check_port_range("data_port", config.data_port, num_workers)
+    if config.metrics_port > 0:
+        _check_port_range("metrics_port", config.metrics_port, num_workers)
     advertise = config.cluster.advertise if config.cluster is not None else ""
     advertise_host, advertise_port = _split_address(advertise, "cluster.advertise")
     if advertise:
@@ -94,6 +96,13 @@ def worker_configs(
                 workers=1,
                 listen=_join_address(host, ports[index]),
                 data_port=config.data_port + index if config.data_port > 0 else config.data_port,
+                # One Unix socket each: a set path gets the worker's index.
+                shm_socket=config.shm_socket
+                if config.shm_socket in ("auto", "off")
+                else f"{config.shm_socket}.{index}",
+                metrics_port=(
+                    config.metrics_port + index if config.metrics_port > 0 else config.metrics_port
+                ),
                 store=worker_store,
                 cluster=cluster,
             )

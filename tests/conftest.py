@@ -30,6 +30,9 @@ MiB = 1 << 20
 # Small enough to fill in a test, big enough for a few MiB of blocks.
 SERVER_DEFAULTS: dict[str, Any] = {
     "listen": "127.0.0.1:0",
+    # Tests of the TCP data plane stay on TCP; tests/integration/test_shm.py turns the
+    # same-host path on.
+    "shm_socket": "off",
     "log_level": "warning",
     "store.dram_bytes": 32 * MiB,
     "store.page_bytes": 4 * KiB,

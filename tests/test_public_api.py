@@ -18,6 +18,10 @@ EXPECTED_CLIENT_API = [
     "Aborted",
     "AlreadyExists",
     "BandwidthMeter",
+    "BlockEvent",
+    "BlockEventKind",
+    "BlockEvents",
+    "BlockView",
     "Cancelled",
     "ChecksumError",
     "ChecksumKind",
@@ -61,6 +65,7 @@ EXPECTED_CLIENT_API = [
     "Unavailable",
     "Unimplemented",
     "Unknown",
+    "WatchedBlock",
     "break_even_bandwidth",
     "plan_fetch",
 ]

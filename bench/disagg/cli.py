@@ -5,6 +5,9 @@
         hit) and decodes; both are compared with a single process that never used the store.
     kvstore-bench disagg agent [--model small] [--turns 8]
         an agent session whose context grows every turn; TTFT with the store vs recompute.
+    kvstore-bench disagg sweep [--model small] [--prompt-tokens 2048] [--rates 20MB,80MB]
+        TTFT (fetch, no store, the cost model's plan) against the store's throttled read
+        rate, a daemon per rate; the predicted break-even beside the measured one.
 
 Without `--target`, a kvstore-server is spawned as a separate process for the run.
 """
@@ -45,13 +48,14 @@ from kvstore.bench.disagg.serving import (
     namespace_for,
     random_prompt,
 )
+from kvstore.bench.disagg.sweep import add_sweep_arguments, print_report, report_json, run_sweep
 from kvstore.bench.spawn import spawned_server
 
-_DEFAULT_MODEL = {"check": "tiny", "agent": "small"}
+_DEFAULT_MODEL = {"check": "tiny", "agent": "small", "sweep": "small"}
 
 
 def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("mode", choices=("check", "agent"), help="what to run (see above)")
+    parser.add_argument("mode", choices=("check", "agent", "sweep"), help="what to run (see above)")
     parser.add_argument("--target", help="a running kvstore server HOST:PORT (default: spawn)")
     parser.add_argument(
         "--model", choices=sorted(MODELS), help="default: tiny for check, small for agent"
@@ -60,7 +64,7 @@ def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     parser.add_argument("--turns", type=int, default=8, help="agent turns")
     parser.add_argument("--decode-tokens", type=int, default=16, help="tokens per reply")
-    parser.add_argument("--prompt-tokens", type=int, help="check: prompt length")
+    parser.add_argument("--prompt-tokens", type=int, help="check, sweep: prompt length")
     parser.add_argument("--system-tokens", type=int, default=512, help="agent: first turn")
     parser.add_argument(
         "--tool-tokens",
@@ -80,6 +84,7 @@ def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-dram-bytes", default="2GiB", help="for a spawned server")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    add_sweep_arguments(parser)
 
 
 def run_disagg(args: argparse.Namespace) -> int:
@@ -90,6 +95,8 @@ def run_disagg(args: argparse.Namespace) -> int:
     model_name = args.model or _DEFAULT_MODEL[args.mode]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mode == "sweep":
+        return _sweep(args, model_name)
     with _store(args.target, args.server_dram_bytes) as target:
         if args.mode == "check":
             return _check(args, model_name, target)
@@ -239,6 +246,22 @@ def _agent(args: argparse.Namespace, model_name: str, target: str) -> int:
     else:
         console.print(summary_table(reports, title))
     return 0 if all(report.first_token_match for report in reports) else 1
+
+
+def _sweep(args: argparse.Namespace, model_name: str) -> int:
+    if args.target is not None:
+        print("kvstore-bench disagg sweep: spawns its own daemons; drop --target", file=sys.stderr)
+        return 2
+    try:
+        report = run_sweep(args, model_name)
+    except ValueError as error:
+        print(f"kvstore-bench disagg sweep: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report_json(report), indent=2))
+    else:
+        print_report(report, _console())
+    return 0
 
 
 def _token_range(text: str) -> tuple[int, int]:

@@ -3,21 +3,30 @@
     offset 0   magic  b"KVSBLK01"
            8   u32    header length H
           12   header (JSON, UTF-8): namespace, key, parent_key, checksum kind,
-                       per-layer checksums, layer_bytes, num_layers
+                       per-layer checksums, and, only when some layer is compressed,
+                       per-layer encodings, stored sizes and stored checksums
         12+H   u64    xxh3-64 of the header bytes
-        20+H   payload: num_layers * layer_bytes bytes, layer-major
+        20+H   payload: the stored layers, layer-major: num_layers * layer_bytes bytes
+                        when no layer is compressed
 
 A file is written under a temporary name and renamed into place only once complete, so
 a crash leaves either no file or a whole one; the header checksum, the exact file size
 and the per-layer payload checksums catch anything else (a torn page, bit rot). Restart
 checks the first two (a small read per file); every read of the block checks all three.
+
+Compressed layers (kvstore.tiers.compress) carry an xxh3-64 of their stored bytes, checked
+before they are decoded; the layer checksum, over the original bytes, is checked after.
+Files without the optional keys are all raw: files written before compression existed
+read as they always did, and so does every file of a tier with compression off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -25,6 +34,7 @@ import xxhash
 from kvstore.checksum import ChecksumKind, checksum
 from kvstore.errors import InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
+from kvstore.tiers.compress import LayerCodec, LayerEncoding, decode_layer
 
 MAGIC = b"KVSBLK01"
 _PREFIX = struct.Struct("<8sI")
@@ -42,10 +52,22 @@ class BlockFileHeader:
     parent_key: bytes
     checksum_kind: ChecksumKind
     layer_checksums: tuple[int, ...]
+    # Empty: every layer raw. Otherwise one each per layer; a raw layer's stored
+    # checksum is 0 (its layer checksum covers its stored bytes).
+    layer_encodings: tuple[LayerEncoding, ...] = ()
+    layer_stored_bytes: tuple[int, ...] = ()
+    stored_checksums: tuple[int, ...] = ()
 
     @property
     def payload_bytes(self) -> int:
+        """The payload's bytes in the file: less than the block's when layers compress."""
+        if self.layer_stored_bytes:
+            return sum(self.layer_stored_bytes)
         return _block_bytes(self.namespace.layout)
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.layer_encodings)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -108,10 +130,21 @@ def encode_header(header: BlockFileHeader) -> bytes:
             "parent_key": header.parent_key.hex(),
             "checksum_kind": header.checksum_kind.name,
             "layer_checksums": list(header.layer_checksums),
+            **_encoding_fields(header),
         },
         sort_keys=True,
     ).encode()
     return _PREFIX.pack(MAGIC, len(body)) + body + _FIXED64.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def _encoding_fields(header: BlockFileHeader) -> dict[str, object]:
+    if not header.layer_encodings:
+        return {}
+    return {
+        "layer_encodings": [encoding.value for encoding in header.layer_encodings],
+        "layer_stored_bytes": list(header.layer_stored_bytes),
+        "stored_checksums": list(header.stored_checksums),
+    }
 
 
 def header_bytes(prefix: bytes) -> int:
@@ -141,15 +174,31 @@ def decode_header(prefix_and_body: bytes) -> tuple[BlockFileHeader, int]:
             parent_key=bytes.fromhex(data["parent_key"]),
             checksum_kind=ChecksumKind[data["checksum_kind"]],
             layer_checksums=tuple(int(value) for value in data["layer_checksums"]),
+            layer_encodings=tuple(
+                LayerEncoding(value) for value in data.get("layer_encodings", ())
+            ),
+            layer_stored_bytes=tuple(int(value) for value in data.get("layer_stored_bytes", ())),
+            stored_checksums=tuple(int(value) for value in data.get("stored_checksums", ())),
         )
     except (KeyError, ValueError, TypeError, AssertionError, InvalidRequest) as error:
         raise CorruptBlockFile(f"unreadable header: {error}") from error
-    if len(header.layer_checksums) != namespace.layout.num_layers:
+    num_layers = namespace.layout.num_layers
+    if len(header.layer_checksums) != num_layers:
         raise CorruptBlockFile("layer checksum count does not match the layout")
+    if header.layer_encodings and not (
+        len(header.layer_encodings)
+        == len(header.layer_stored_bytes)
+        == len(header.stored_checksums)
+        == num_layers
+    ):
+        raise CorruptBlockFile("layer encoding counts do not match the layout")
+    if any(nbytes < 0 for nbytes in header.layer_stored_bytes):
+        raise CorruptBlockFile("a negative stored layer size")
     return header, end + _FIXED64.size
 
 
-def verify_payload(header: BlockFileHeader, payload: bytes | memoryview) -> None:
+def verify_payload(header: BlockFileHeader, payload: bytes | bytearray | memoryview) -> None:
+    """Check the block's bytes (decoded) against the header's layer checksums."""
     layout = header.namespace.layout
     if len(payload) != layout.block_bytes:
         raise CorruptBlockFile(f"payload is {len(payload)} bytes, expected {layout.block_bytes}")
@@ -158,3 +207,85 @@ def verify_payload(header: BlockFileHeader, payload: bytes | memoryview) -> None
         part = view[layer * layout.layer_bytes : (layer + 1) * layout.layer_bytes]
         if checksum(header.checksum_kind, part) != expected:
             raise CorruptBlockFile(f"layer {layer} checksum mismatch")
+
+
+def decode_payload(header: BlockFileHeader, stored: bytes | memoryview) -> bytes | bytearray:
+    """The block's verified bytes from its stored payload; raises CorruptBlockFile.
+
+    An all-raw payload is returned as it is; a compressed one is checked layer by layer
+    (stored checksum, then decode, then the layer checksum of the result).
+    """
+    if not header.compressed:
+        verify_payload(header, stored)
+        return stored if isinstance(stored, bytes) else bytes(stored)
+    layout = header.namespace.layout
+    if len(stored) != header.payload_bytes:
+        raise CorruptBlockFile(f"payload is {len(stored)} bytes, expected {header.payload_bytes}")
+    element_bytes = layout.dtype.itemsize
+    layer_bytes = layout.layer_bytes
+    out = bytearray(layout.block_bytes)
+    target = memoryview(out)
+    source = memoryview(stored)
+    start = 0
+    for layer, encoding in enumerate(header.layer_encodings):
+        end = start + header.layer_stored_bytes[layer]
+        part = source[start:end]
+        start = end
+        if encoding is not LayerEncoding.RAW and (
+            xxhash.xxh3_64_intdigest(part) != header.stored_checksums[layer]
+        ):
+            raise CorruptBlockFile(f"layer {layer} stored checksum mismatch")
+        try:
+            decode_layer(
+                encoding,
+                part,
+                element_bytes,
+                target[layer * layer_bytes : (layer + 1) * layer_bytes],
+            )
+        except ValueError as error:
+            raise CorruptBlockFile(f"layer {layer}: {error}") from error
+    verify_payload(header, target)
+    return out
+
+
+def encode_payload(
+    header: BlockFileHeader, payload: Sequence[bytes | memoryview], codec: LayerCodec
+) -> tuple[BlockFileHeader, list[bytes | memoryview]]:
+    """The header and stored layers of the block with each layer encoded by `codec`
+    (kept raw where compression does not pay). With every layer raw, the header and
+    payload come back as they were: the file is the same as one written uncompressed."""
+    layout = header.namespace.layout
+    layers = [codec.encode(layer) for layer in _layers(payload, layout.layer_bytes)]
+    if all(layer.encoding is LayerEncoding.RAW for layer in layers):
+        return header, list(payload)
+    encoded_header = dataclasses.replace(
+        header,
+        layer_encodings=tuple(layer.encoding for layer in layers),
+        layer_stored_bytes=tuple(len(layer.data) for layer in layers),
+        stored_checksums=tuple(
+            0 if layer.encoding is LayerEncoding.RAW else xxhash.xxh3_64_intdigest(layer.data)
+            for layer in layers
+        ),
+    )
+    return encoded_header, [layer.data for layer in layers]
+
+
+def _layers(payload: Sequence[bytes | memoryview], layer_bytes: int) -> Iterator[memoryview]:
+    """The payload cut into layers: views where a layer lies in one part, else a join."""
+    pending: list[memoryview] = []
+    pending_bytes = 0
+    for part in payload:
+        view = memoryview(part).cast("B")
+        while view:
+            take = min(len(view), layer_bytes - pending_bytes)
+            piece, view = view[:take], view[take:]
+            if not pending and take == layer_bytes:
+                yield piece
+                continue
+            pending.append(piece)
+            pending_bytes += take
+            if pending_bytes == layer_bytes:
+                yield memoryview(b"".join(pending))
+                pending, pending_bytes = [], 0
+    if pending:
+        raise ValueError(f"payload ends inside a layer ({pending_bytes} of {layer_bytes} B)")

@@ -17,6 +17,11 @@ Durability: a file is written under a temporary name and renamed into place; wit
 `fsync`, the file is fsynced before the rename and its directory after it (and the tier's
 directory after a namespace directory is created), so a renamed file survives power loss.
 
+Compression (`compression="lz4"`): each layer is byte-shuffled and lz4-compressed where
+that saves `compress_min_saving` of it (kvstore.tiers.compress), on the I/O threads,
+before the file's bytes are reserved: a file is accounted at its stored size, so the
+tier holds more blocks when they compress.
+
 Restart (kvstore.recovery) reads only each file's header and size (`read_header`); the
 payload is verified on every read (`read_block`). While recovery runs next to serving,
 `location_for` claims each path it hands out: recovery neither indexes nor deletes a
@@ -45,16 +50,17 @@ from kvstore.tiers.blockfile import (
     BlockFileHeader,
     CorruptBlockFile,
     decode_header,
+    decode_payload,
     encode_header,
+    encode_payload,
     header_bytes,
     namespace_to_json,
-    verify_payload,
 )
+from kvstore.tiers.compress import COMPRESSIONS, LayerCodec
 
 logger = logging.getLogger("kvstore.ssd")
 SUFFIX = ".kvb"
 TEMPORARY_SUFFIX = ".tmp"
-_HEADER_READ_BYTES = 64 << 10
 # A header with a few dozen layer checksums fits in one page: one read per file at restart.
 _HEADER_PROBE_BYTES = 4 << 10
 _DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
@@ -116,8 +122,15 @@ class SsdTier:
         io_threads: int = 2,
         retry_after_s: float = 30.0,
         syscalls: Syscalls = os,
+        compression: str = "off",
+        compress_min_saving: float = 0.1,
     ) -> None:
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         self.directory = directory
+        self.compression = compression
+        self.compress_min_saving = compress_min_saving
+        self._codecs: dict[int, LayerCodec] = {}  # by element size
         self.fsync = fsync
         self.retry_after_s = retry_after_s
         self.name = "ssd"
@@ -208,7 +221,29 @@ class SsdTier:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.write_block, location, header, payload)
 
-    async def read(self, location: SsdLocation) -> tuple[BlockFileHeader, bytes]:
+    async def encode(
+        self, header: BlockFileHeader, payload: Sequence[bytes | memoryview]
+    ) -> tuple[BlockFileHeader, list[bytes | memoryview]]:
+        """The header and stored parts of the block's file (`encode_block`); on an I/O
+        thread when compression is on. The payload's views must stay valid until then."""
+        if self.compression == "off":
+            return header, list(payload)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.encode_block, header, payload)
+
+    def encode_block(
+        self, header: BlockFileHeader, payload: Sequence[bytes | memoryview]
+    ) -> tuple[BlockFileHeader, list[bytes | memoryview]]:
+        if self.compression == "off":
+            return header, list(payload)
+        element_bytes = header.namespace.layout.dtype.itemsize
+        codec = self._codecs.get(element_bytes)
+        if codec is None:
+            codec = LayerCodec(element_bytes, self.compress_min_saving)
+            self._codecs[element_bytes] = codec
+        return encode_payload(header, payload, codec)
+
+    async def read(self, location: SsdLocation) -> tuple[BlockFileHeader, bytes | bytearray]:
         """`read_block` on an I/O thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.read_block, location)
@@ -317,13 +352,12 @@ class SsdTier:
         finally:
             self._syscalls.close(fd)
 
-    def read_block(self, location: SsdLocation) -> tuple[BlockFileHeader, bytes]:
-        """The verified header and payload; raises CorruptBlockFile or OSError."""
+    def read_block(self, location: SsdLocation) -> tuple[BlockFileHeader, bytes | bytearray]:
+        """The verified header and the block's bytes (decoded); raises CorruptBlockFile
+        or OSError."""
         data = location.path.read_bytes()
-        header, payload_offset = decode_header(data[:_HEADER_READ_BYTES])
-        payload = data[payload_offset:]
-        verify_payload(header, payload)
-        return header, payload
+        header, payload_offset = decode_header(data[: header_bytes(data)])
+        return header, decode_payload(header, data[payload_offset:])
 
     def remove(self, location: SsdLocation) -> None:
         location.path.unlink(missing_ok=True)

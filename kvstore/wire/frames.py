@@ -62,6 +62,10 @@ FIRST_BUFFER_BYTES = 1 << 20
 _QUEUED = struct.Struct("i")
 # Linux's IOV_MAX: sendmsg takes at most this many buffers per call.
 _MAX_BUFFERS = 1024
+# The most bytes one send or receive moves before it lets the event loop run other
+# callbacks. A socket that keeps up never makes a coroutine wait, so without this a
+# 32 MiB get would hold the loop for the whole of it, and every lookup behind it.
+LOOP_SLICE_BYTES = 1 << 20
 
 
 class FrameKind(enum.IntEnum):
@@ -74,6 +78,13 @@ class FrameKind(enum.IntEnum):
     GET_END = 7
     ERROR = 8
     DEADLINE = 9
+    # The same-host path's frames (kvstore.wire.shm), on its Unix socket only.
+    REGISTER = 10
+    REGISTERED = 11
+    PUT_SHM = 12
+    GET_SHM = 13
+    GET_DATA_SHM = 14
+    SHM_DONE = 15
 
 
 class ByteStream(Protocol):
@@ -146,6 +157,7 @@ class FrameReader:
         self._max_payload = max_payload
         self._header = bytearray(HEADER.size)
         self._buffer = bytearray(0)
+        self._unyielded_bytes = 0  # received since the loop last ran other callbacks
 
     @property
     def buffer_bytes(self) -> int:
@@ -202,12 +214,16 @@ class FrameReader:
         received = 0
         while received < len(view):
             try:
-                count = await self._recv_into(view[received:])
+                count = await self._recv_into(view[received : received + LOOP_SLICE_BYTES])
             except OSError as error:  # a reset: the peer is gone
                 raise ConnectionClosed(str(error)) from error
             if count == 0:
                 raise ConnectionClosed("the peer closed the connection")
             received += count
+            self._unyielded_bytes += count
+            if self._unyielded_bytes >= LOOP_SLICE_BYTES:
+                self._unyielded_bytes = 0
+                await asyncio.sleep(0)
 
 
 def _queued_bytes(sock: socket.socket) -> int:
@@ -258,18 +274,26 @@ async def _send(stream: Stream, views: list[memoryview]) -> None:
 
 
 async def _send_views(sock: socket.socket, views: list[memoryview]) -> None:
-    """send_parts for flat byte views (`views` is consumed)."""
+    """send_parts for flat byte views (`views` is consumed), LOOP_SLICE_BYTES at a time."""
     loop = asyncio.get_running_loop()
     views = [view for view in views if len(view)]
+    unsent = sum(len(view) for view in views)
     first = 0
     while first < len(views):
+        # The common frame (a 1 MiB chunk and its headers) goes in one call, uncut.
+        batch = views[first : first + _MAX_BUFFERS]
+        if unsent >= 2 * LOOP_SLICE_BYTES:
+            batch = _slice_of(batch)
         try:
-            sent = sock.sendmsg(views[first : first + _MAX_BUFFERS])
+            sent = sock.sendmsg(batch)
         except (BlockingIOError, InterruptedError):
             await _writable(loop, sock)
             continue
         except OSError as error:
             raise ConnectionClosed(str(error)) from error
+        unsent -= sent
+        if sent >= LOOP_SLICE_BYTES:
+            await asyncio.sleep(0)
         while sent:
             head = views[first]
             if sent >= len(head):
@@ -278,6 +302,19 @@ async def _send_views(sock: socket.socket, views: list[memoryview]) -> None:
             else:
                 views[first] = head[sent:]
                 sent = 0
+
+
+def _slice_of(views: list[memoryview]) -> list[memoryview]:
+    """The first LOOP_SLICE_BYTES of `views`."""
+    batch = []
+    budget = LOOP_SLICE_BYTES
+    for view in views:
+        if len(view) >= budget:
+            batch.append(view[:budget])
+            break
+        batch.append(view)
+        budget -= len(view)
+    return batch
 
 
 def _byte_view(part: bytes | memoryview) -> memoryview:

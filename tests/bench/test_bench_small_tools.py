@@ -171,3 +171,15 @@ def test_the_bench_reaches_a_daemon_with_tls_and_tokens(
         monkeypatch.setenv("KVSTORE_TOKEN", "")
         with pytest.raises(Unauthenticated):
             bench_main([*lookup, *tls])
+
+
+def test_the_memcpy_baseline_copies_every_byte_and_counts_its_cpu() -> None:
+    import torch
+
+    from kvstore.bench.memcpy import measure_memcpy
+
+    source = torch.randint(0, 256, (4 << 20,), dtype=torch.uint8)
+    phase = measure_memcpy(source, 1 << 20)  # raises unless the bytes arrived
+    assert phase.gbps > 0
+    assert phase.cpu.client_s_per_gb >= 0
+    assert phase.cpu.server_s_per_gb == 0  # one process: nothing on a server side

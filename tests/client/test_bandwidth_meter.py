@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
+from metered_blocks import big_layout, tokens_for  # tests/metered_blocks.py
 
 from kvstore.client import BandwidthMeter, ClientOptions, KVClient, SyncKVClient, TierKind
 from kvstore.layout import KVLayout, Namespace
@@ -16,16 +17,6 @@ from kvstore.server import RunningServer
 ServerFactory = Callable[..., Awaitable[RunningServer]]
 ClientFactory = Callable[..., KVClient]
 MiB = 1 << 20
-
-
-def big_layout(make_layout: Callable[..., KVLayout]) -> KVLayout:
-    # 128 KiB a block: every get is above the meter's 64 KiB floor.
-    return make_layout(num_layers=4, num_kv_heads=4, head_dim=64)
-
-
-def tokens_for(num_blocks: int, block_tokens: int, seed: int = 1) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 50_000, (num_blocks * block_tokens,), generator=generator).tolist()
 
 
 async def test_a_get_is_a_sample_of_the_tier_that_served_it(

@@ -6,19 +6,12 @@ import math
 import threading
 
 import pytest
+from metered_blocks import FakeClock  # tests/metered_blocks.py
 
 from kvstore.client import BandwidthMeter, FetchPlan, PrefillModel, plan_fetch
 from kvstore.client.cost import break_even_bandwidth, plan_fetch_blocks
 
 MB = 1_000_000
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- BandwidthMeter -------------------------------------------------------------------------

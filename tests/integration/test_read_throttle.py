@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from metered_blocks import FakeClock, big_layout, tokens_for  # tests/metered_blocks.py
 
 from kvstore.client import KVClient, TierKind
 from kvstore.layout import KVLayout, Namespace
@@ -22,15 +23,6 @@ ClientFactory = Callable[..., KVClient]
 MB = 1000**2
 RATE = 8 * MB
 NUM_BLOCKS = 16  # of 128 KiB: 2 MiB, 0.26 s at RATE
-
-
-def big_layout(make_layout: Callable[..., KVLayout]) -> KVLayout:
-    return make_layout(num_layers=4, num_kv_heads=4, head_dim=64)
-
-
-def tokens_for(num_blocks: int, block_tokens: int, seed: int = 1) -> list[int]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 50_000, (num_blocks * block_tokens,), generator=generator).tolist()
 
 
 def least_seconds(nbytes: int, rate: float = RATE) -> float:
@@ -121,14 +113,6 @@ async def test_only_the_named_tier_is_throttled(
         assert time.perf_counter() - started < 10.0
         rates = {tier.tier: tier.read_bytes_per_s for tier in (await client.stats()).tiers}
         assert rates == {TierKind.DRAM: 0, TierKind.SSD: slow}
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_the_bucket_lends_its_burst_then_charges_debt_in_order() -> None:

@@ -149,8 +149,10 @@ async def get(store: BlockStore, mover: TierMover, keys: list[bytes]) -> list[by
     try:
         await session.load(mover)
         blocks = [bytearray() for _ in session.entries]
-        for chunk in session.chunks(LAYOUT.layer_bytes):
+        async for chunk in session.stream_chunks(LAYOUT.layer_bytes):
             blocks[chunk.block_index] += b"".join(bytes(view) for view in chunk.views)
+        # A block found unreadable while layer 0 streamed ends the served prefix.
+        del blocks[session.num_blocks :]
     finally:
         session.close()
     return [bytes(block) for block in blocks]

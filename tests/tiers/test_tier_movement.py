@@ -143,8 +143,10 @@ async def get(rig: Rig, keys: str) -> list[bytes]:
         await session.load(rig.mover)
         blocks = [bytearray() for _ in session.entries]
         # One chunk per block-layer; chunks come layer-major.
-        for chunk in session.chunks(LAYOUT.layer_bytes):
+        async for chunk in session.stream_chunks(LAYOUT.layer_bytes):
             blocks[chunk.block_index] += b"".join(bytes(view) for view in chunk.views)
+        # A block found unreadable while layer 0 streamed ends the served prefix.
+        del blocks[session.num_blocks :]
     finally:
         session.close()
     await settle(rig.mover)

@@ -14,6 +14,7 @@ from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from kvstore.checksum import ChecksumKind
 from kvstore.enums import Durability, PutOutcome, TierKind
+from kvstore.events import BlockEventKind
 from kvstore.layout import DType
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.enums import (
@@ -36,6 +37,7 @@ PAIRS: list[tuple[type[enum.Enum], EnumTypeWrapper]] = [
     (Durability, pb.Durability),
     (ChecksumKind, pb.ChecksumKind),
     (DType, pb.DType),
+    (BlockEventKind, pb.BlockEventKind),
 ]
 
 
@@ -65,6 +67,14 @@ def test_the_pinned_numbers() -> None:
         "NODE_UNREACHABLE": 4,
     }
     assert proto_members(pb.ChecksumKind) == {"XXH3_64": 1, "CRC32C": 2}
+    assert proto_members(pb.BlockEventKind) == {
+        "SNAPSHOT": 1,
+        "SNAPSHOT_END": 2,
+        "STORED": 3,
+        "REMOVED": 4,
+        "TIER_CHANGED": 5,
+        "GAP": 6,
+    }
     assert proto_members(pb.Durability) == {
         "DURABLE_IN_MEMORY": 1,
         "DURABLE_ON_SSD": 2,

@@ -68,6 +68,12 @@ def test_wire_constants_are_the_documented_protocol() -> None:
         "GET_END": 7,
         "ERROR": 8,
         "DEADLINE": 9,
+        "REGISTER": 10,
+        "REGISTERED": 11,
+        "PUT_SHM": 12,
+        "GET_SHM": 13,
+        "GET_DATA_SHM": 14,
+        "SHM_DONE": 15,
     }
 
 

@@ -165,6 +165,57 @@ DURABLE_ON_SSD_FSYNCED: Durability.ValueType  # 3
 """and the file and its directory are fsynced: survives power loss"""
 Global___Durability: _TypeAlias = Durability  # noqa: Y015
 
+class _BlockEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BlockEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BlockEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BLOCK_EVENT_KIND_UNSPECIFIED: _BlockEventKind.ValueType  # 0
+    SNAPSHOT: _BlockEventKind.ValueType  # 1
+    """A block stored when the watch began (or at a resync after a GAP): key, parent_key, tier."""
+    SNAPSHOT_END: _BlockEventKind.ValueType  # 2
+    """The snapshot is complete: from here on, events are live. No key."""
+    STORED: _BlockEventKind.ValueType  # 3
+    """A block became visible to lookups (a put committed it, or recovery found its SSD
+    file): key, parent_key, tier.
+    """
+    REMOVED: _BlockEventKind.ValueType  # 4
+    """A block left the store (evicted from its last tier, or deleted): key."""
+    TIER_CHANGED: _BlockEventKind.ValueType  # 5
+    """The fastest tier holding a block changed (promoted, demoted, a copy evicted): key, tier."""
+    GAP: _BlockEventKind.ValueType  # 6
+    """The watcher fell more than limits.watch_queue_events behind: the events since its
+    last message were dropped (the sequence number jumps past them). Forget the view:
+    a fresh SNAPSHOT ... SNAPSHOT_END follows at once. No key.
+    """
+
+class BlockEventKind(_BlockEventKind, metaclass=_BlockEventKindEnumTypeWrapper):
+    """What happened to a block of the watched namespace (WatchBlocks). Each event has a
+    sequence number (WatchBlocksResponse.first_sequence) that counts every event of the
+    stream, the dropped ones included, so a watcher sees a jump wherever events were lost.
+    """
+
+BLOCK_EVENT_KIND_UNSPECIFIED: BlockEventKind.ValueType  # 0
+SNAPSHOT: BlockEventKind.ValueType  # 1
+"""A block stored when the watch began (or at a resync after a GAP): key, parent_key, tier."""
+SNAPSHOT_END: BlockEventKind.ValueType  # 2
+"""The snapshot is complete: from here on, events are live. No key."""
+STORED: BlockEventKind.ValueType  # 3
+"""A block became visible to lookups (a put committed it, or recovery found its SSD
+file): key, parent_key, tier.
+"""
+REMOVED: BlockEventKind.ValueType  # 4
+"""A block left the store (evicted from its last tier, or deleted): key."""
+TIER_CHANGED: BlockEventKind.ValueType  # 5
+"""The fastest tier holding a block changed (promoted, demoted, a copy evicted): key, tier."""
+GAP: BlockEventKind.ValueType  # 6
+"""The watcher fell more than limits.watch_queue_events behind: the events since its
+last message were dropped (the sequence number jumps past them). Forget the view:
+a fresh SNAPSHOT ... SNAPSHOT_END follows at once. No key.
+"""
+Global___BlockEventKind: _TypeAlias = BlockEventKind  # noqa: Y015
+
 @_typing.final
 class KVLayout(_message.Message):
     """Shape of one block. A block holds K and V for `block_tokens` tokens of every
@@ -611,9 +662,12 @@ class GetBlocksResponse(_message.Message):
     block_bytes: _builtins.int
     """set on the first message only"""
     num_blocks: _builtins.int
-    """First message only: how many blocks will be streamed. The server serves
+    """First message: how many blocks will be streamed. The server serves
     the longest present prefix of `keys`; a miss is not an error, so this may be
-    less than len(keys) (0 when the first key is absent).
+    less than len(keys) (0 when the first key is absent). A later message sets it
+    only to shorten the get: SSD blocks are read while layer 0 streams, and a block
+    found unreadable then ends the served prefix before it. It comes before any
+    chunk of layer 1, so no layer the client completed ever included a dropped block.
     """
     @_builtins.property
     def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerChunk]: ...
@@ -1099,23 +1153,121 @@ class DataPlaneResponse(_message.Message):
     PORT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     TLS_FIELD_NUMBER: _builtins.int
+    SHM_PATH_FIELD_NUMBER: _builtins.int
+    SHM_INSTANCE_FIELD_NUMBER: _builtins.int
     port: _builtins.int
     """on the host the client reached this server at; 0: none"""
     version: _builtins.int
     """the framing version the data plane speaks (now 3)"""
     tls: _builtins.bool
     """the data plane speaks TLS, with the gRPC port's certificate"""
+    shm_path: _builtins.str
+    """The same-host path (kvstore.wire.shm): the daemon's Unix socket, where a client on
+    its host passes buffers it owns and blocks move through them; "": none. A client
+    uses it only where the socket's HELLO names this same `shm_instance`.
+    """
+    shm_instance: _builtins.bytes
     def __init__(
         self,
         *,
         port: _builtins.int = ...,
         version: _builtins.int = ...,
         tls: _builtins.bool = ...,
+        shm_path: _builtins.str = ...,
+        shm_instance: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "tls", b"tls", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "shm_instance", b"shm_instance", "shm_path", b"shm_path", "tls", b"tls", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DataPlaneResponse: _TypeAlias = DataPlaneResponse  # noqa: Y015
+
+@_typing.final
+class BlockEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    PARENT_KEY_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    kind: Global___BlockEventKind.ValueType
+    key: _builtins.bytes
+    parent_key: _builtins.bytes
+    """SNAPSHOT and STORED: the block's parent here; empty for a chain root, including a
+    block whose parent is on another node (parent_remote) or was not stored here.
+    """
+    tier: Global___Tier.ValueType
+    """SNAPSHOT, STORED, TIER_CHANGED: the fastest tier holding the block"""
+    def __init__(
+        self,
+        *,
+        kind: Global___BlockEventKind.ValueType = ...,
+        key: _builtins.bytes = ...,
+        parent_key: _builtins.bytes = ...,
+        tier: Global___Tier.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "kind", b"kind", "parent_key", b"parent_key", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockEvent: _TypeAlias = BlockEvent  # noqa: Y015
+
+@_typing.final
+class WatchBlocksRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
+    max_events_per_message: _builtins.int
+    """The most events one message carries; 0: the server's limit
+    (limits.watch_batch_events, 1024 by default, or fewer if that many would not fit in
+    the message limit), and it caps larger values.
+    """
+    @_builtins.property
+    def namespace(self) -> Global___Namespace: ...
+    def __init__(
+        self,
+        *,
+        namespace: Global___Namespace | None = ...,
+        max_events_per_message: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_events_per_message", b"max_events_per_message", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchBlocksRequest: _TypeAlias = WatchBlocksRequest  # noqa: Y015
+
+@_typing.final
+class WatchBlocksResponse(_message.Message):
+    """A batch of events, oldest first. events[i] has sequence number first_sequence + i;
+    the first event of a stream is number 1, and the numbers of consecutive messages
+    follow on, except after dropped events, whose numbers are skipped (then events[0] is
+    a GAP).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    first_sequence: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockEvent]: ...
+    def __init__(
+        self,
+        *,
+        first_sequence: _builtins.int = ...,
+        events: _abc.Iterable[Global___BlockEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "first_sequence", b"first_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchBlocksResponse: _TypeAlias = WatchBlocksResponse  # noqa: Y015

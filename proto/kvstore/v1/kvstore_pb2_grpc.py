@@ -79,6 +79,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.DataPlaneRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.DataPlaneResponse.FromString,
                 _registered_method=True)
+        self.WatchBlocks = channel.unary_stream(
+                '/kvstore.v1.KVStore/WatchBlocks',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.WatchBlocksRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.WatchBlocksResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -141,6 +146,17 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchBlocks(self, request, context):
+        """Events of one namespace's blocks, for KV-aware routers: a SNAPSHOT of what is stored,
+        SNAPSHOT_END, then STORED / REMOVED / TIER_CHANGED as they happen, batched. A tenant
+        watches its own namespaces; an admin any. The server ends the stream with
+        UNAVAILABLE when it drains, and refuses a watcher past limits.max_watchers or
+        max_watchers_per_tenant with RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +204,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.GetDataPlane,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.DataPlaneRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.DataPlaneResponse.SerializeToString,
+            ),
+            'WatchBlocks': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBlocks,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.WatchBlocksRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.WatchBlocksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -433,6 +454,33 @@ class KVStore:
             '/kvstore.v1.KVStore/GetDataPlane',
             kvstore_dot_v1_dot_kvstore__pb2.DataPlaneRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.DataPlaneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvstore.v1.KVStore/WatchBlocks',
+            kvstore_dot_v1_dot_kvstore__pb2.WatchBlocksRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.WatchBlocksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,13 @@ class KVStoreStub:
     Delete: _grpc.UnaryUnaryMultiCallable[_kvstore_pb2.DeleteRequest, _kvstore_pb2.DeleteResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_kvstore_pb2.StatsRequest, _kvstore_pb2.StatsResponse]
     GetDataPlane: _grpc.UnaryUnaryMultiCallable[_kvstore_pb2.DataPlaneRequest, _kvstore_pb2.DataPlaneResponse]
+    WatchBlocks: _grpc.UnaryStreamMultiCallable[_kvstore_pb2.WatchBlocksRequest, _kvstore_pb2.WatchBlocksResponse]
+    """Events of one namespace's blocks, for KV-aware routers: a SNAPSHOT of what is stored,
+    SNAPSHOT_END, then STORED / REMOVED / TIER_CHANGED as they happen, batched. A tenant
+    watches its own namespaces; an admin any. The server ends the stream with
+    UNAVAILABLE when it drains, and refuses a watcher past limits.max_watchers or
+    max_watchers_per_tenant with RESOURCE_EXHAUSTED.
+    """
 
 @_typing.type_check_only
 class KVStoreAsyncStub(KVStoreStub):
@@ -65,6 +72,13 @@ class KVStoreAsyncStub(KVStoreStub):
     Delete: _aio.UnaryUnaryMultiCallable[_kvstore_pb2.DeleteRequest, _kvstore_pb2.DeleteResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_kvstore_pb2.StatsRequest, _kvstore_pb2.StatsResponse]  # type: ignore[assignment]
     GetDataPlane: _aio.UnaryUnaryMultiCallable[_kvstore_pb2.DataPlaneRequest, _kvstore_pb2.DataPlaneResponse]  # type: ignore[assignment]
+    WatchBlocks: _aio.UnaryStreamMultiCallable[_kvstore_pb2.WatchBlocksRequest, _kvstore_pb2.WatchBlocksResponse]  # type: ignore[assignment]
+    """Events of one namespace's blocks, for KV-aware routers: a SNAPSHOT of what is stored,
+    SNAPSHOT_END, then STORED / REMOVED / TIER_CHANGED as they happen, batched. A tenant
+    watches its own namespaces; an admin any. The server ends the stream with
+    UNAVAILABLE when it drains, and refuses a watcher past limits.max_watchers or
+    max_watchers_per_tenant with RESOURCE_EXHAUSTED.
+    """
 
 class KVStoreServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -133,5 +147,18 @@ class KVStoreServicer(metaclass=_abc_1.ABCMeta):
         request: _kvstore_pb2.DataPlaneRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvstore_pb2.DataPlaneResponse, _abc.Awaitable[_kvstore_pb2.DataPlaneResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchBlocks(
+        self,
+        request: _kvstore_pb2.WatchBlocksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_kvstore_pb2.WatchBlocksResponse], _abc.AsyncIterator[_kvstore_pb2.WatchBlocksResponse]]:
+        """Events of one namespace's blocks, for KV-aware routers: a SNAPSHOT of what is stored,
+        SNAPSHOT_END, then STORED / REMOVED / TIER_CHANGED as they happen, batched. A tenant
+        watches its own namespaces; an admin any. The server ends the stream with
+        UNAVAILABLE when it drains, and refuses a watcher past limits.max_watchers or
+        max_watchers_per_tenant with RESOURCE_EXHAUSTED.
+        """
 
 def add_KVStoreServicer_to_server(servicer: KVStoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
