@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from kvstore.bench.agent import add_agent_arguments, run_agent
+from kvstore.bench.cluster_cli import add_cluster_arguments, run_cluster
 from kvstore.bench.disagg.cli import add_disagg_arguments, run_disagg
 from kvstore.bench.durability import add_durability_arguments, run_durability
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
@@ -85,6 +86,12 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "data-plane put/get GB/s over TLS against plaintext in the same run",
         add_tls_arguments,
         run_tls,
+    ),
+    "cluster": (
+        "N daemons as one store: hit rate and lookup latency against 1 node, --workers "
+        "GB/s, a node killed under load",
+        add_cluster_arguments,
+        run_cluster,
     ),
     "watch": (
         "put blocks/s of small blocks with N WatchBlocks watcher processes, against none",

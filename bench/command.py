@@ -1,7 +1,9 @@
 """Command-line plumbing shared by the load commands (`agent`, `trace`): flags, the server, output.
 
-Unless ``--target`` names a running server, the command starts its own `kvstore-server` on a free
-loopback port (sized by ``--dram-bytes``, pages fitted to the block size) and stops it afterwards.
+Unless ``--target`` names a running server (or a cluster: ``etcd://HOST:PORT/PREFIX``,
+``cluster://H1:P1,H2:P2``), the command starts its own `kvstore-server` on a free loopback port
+(sized by ``--dram-bytes``, pages fitted to the block size) and stops it afterwards; with
+``--nodes N`` it starts a local etcd and N daemons sharing that size instead (kvstore.bench.nodes).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, TypeVar
 from rich.console import Console
 
 from kvstore.bench.load import LoadConfig, LoadDriver, LoadRun
+from kvstore.bench.nodes import add_nodes_argument, check_nodes, local_cluster
 from kvstore.bench.presets import ModelPreset, get_preset, preset_names
 from kvstore.bench.report import build_report, merge_results, print_report
 from kvstore.bench.scrape import AUTO, Scraper, add_scrape_arguments
@@ -140,9 +143,16 @@ def add_load_arguments(
     load.add_argument("--seed", type=int, help="seed of the run's token streams (default: random)")
     load.set_defaults(default_concurrency=concurrency)
     server = parser.add_argument_group("server")
-    server.add_argument("--target", help="HOST:PORT of a running server (default: start one)")
     server.add_argument(
-        "--dram-bytes", default="4GiB", help="DRAM tier of the started server (default 4GiB)"
+        "--target",
+        help="HOST:PORT of a running server, or a cluster: etcd://HOST:PORT/PREFIX or "
+        "cluster://H1:P1,H2:P2 (default: start one)",
+    )
+    add_nodes_argument(server)
+    server.add_argument(
+        "--dram-bytes",
+        default="4GiB",
+        help="DRAM tier of the started server, split among --nodes (default 4GiB)",
     )
     server.add_argument("--page-bytes", help="its page size (default: fitted to the block size)")
     server.add_argument("--eviction-policy", choices=["lru", "lfu", "session"])
@@ -180,15 +190,37 @@ def load_config_from_args(
 
 @contextlib.contextmanager
 def server_for(args: argparse.Namespace, layout: KVLayout, console: Console) -> Iterator[str]:
-    """The target: ``--target``, or a server started here for the run."""
+    """The target: ``--target``, or a server (``--nodes``: a cluster) started here for the run."""
+    nodes = check_nodes(args, args.command if "command" in args else "load")
     if args.target:
         yield args.target
         return
     page_bytes = args.page_bytes or str(page_bytes_for(layout.block_bytes))
+    policy = ["--eviction-policy", args.eviction_policy] if args.eviction_policy else []
+    more_flags = [*policy, *shlex.split(args.server_args)]
+    if nodes is not None:
+        if getattr(args, "scrape", None) == AUTO:
+            raise SystemExit(
+                "kvstore-bench: a bare --scrape scrapes the one daemon started here; with "
+                "--nodes give one node's URL (--scrape http://HOST:PORT/metrics) or drop --nodes"
+            )
+        console.print(
+            f"starting etcd and {nodes} kvstore-server daemons: dram "
+            f"{human_bytes(parse_size(args.dram_bytes))} in all, "
+            f"{human_bytes(parse_size(page_bytes))} pages; blocks of "
+            f"{human_bytes(layout.block_bytes)}"
+        )
+        with local_cluster(
+            nodes,
+            total_dram_bytes=parse_size(args.dram_bytes),
+            page_bytes=parse_size(page_bytes),
+            server_args=["--log-level", "warning", *more_flags],
+            log_path=args.server_log,
+        ) as cluster:
+            yield cluster.etcd_target
+        return
     flags = ["--dram-bytes", args.dram_bytes, "--page-bytes", page_bytes, "--log-level", "warning"]
-    if args.eviction_policy:
-        flags += ["--eviction-policy", args.eviction_policy]
-    flags += shlex.split(args.server_args)
+    flags += more_flags
     if getattr(args, "scrape", None) == AUTO:
         metrics_port = free_port()
         flags += ["--metrics-port", str(metrics_port)]

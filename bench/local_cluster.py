@@ -84,7 +84,8 @@ def node_dram_share(total_bytes: int, num_nodes: int, page_bytes: int) -> int:
 class LocalCluster:
     """etcd and `num_nodes` daemons on loopback; a context manager (see the module doc).
 
-    `dram_bytes` and `ssd_bytes` are per daemon. `server_args` are more `kvstore-server`
+    `dram_bytes` and `ssd_bytes` are per daemon; `ssd_bytes=0` runs them without an SSD
+    tier (and so with a new node id each start). `server_args` are more `kvstore-server`
     flags for every daemon (later flags win, so they may override the defaults here).
     `lease_ttl_s` is short by default so that a killed node leaves the membership soon.
     `work_dir` keeps etcd's data, the SSD directories and the logs there (default: a
@@ -268,7 +269,9 @@ class LocalCluster:
         return node
 
     def _command(self, node: LocalNode) -> list[str]:
-        sizes = ["--dram-bytes", str(self.dram_bytes), "--ssd-bytes", str(self.ssd_bytes)]
+        sizes = ["--dram-bytes", str(self.dram_bytes)]
+        if self.ssd_bytes > 0:
+            sizes += ["--ssd-dir", str(node.ssd_dir), "--ssd-bytes", str(self.ssd_bytes)]
         if self.page_bytes is not None:
             sizes += ["--page-bytes", str(self.page_bytes)]
         return [
@@ -283,8 +286,6 @@ class LocalCluster:
             node.target,
             "--lease-ttl-s",
             str(self.lease_ttl_s),
-            "--ssd-dir",
-            str(node.ssd_dir),
             *sizes,
             "--drain-grace-s",
             "2",

@@ -34,6 +34,7 @@ import torch
 from kvstore.allocator import tune_allocator
 from kvstore.bench.ceiling import OPTIONS, StreamCall, unary_call
 from kvstore.bench.lookup_load import add_under_load_arguments, run_under_load
+from kvstore.bench.nodes import add_nodes_argument, check_nodes, local_cluster
 from kvstore.bench.spawn import spawned_ceiling_server, spawned_server
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
 from kvstore.wire.lookup import encode_lookup_request
@@ -147,7 +148,12 @@ async def measure_lookups(
 def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keys", type=int, default=1000, help="blocks in the chain")
     parser.add_argument("--iterations", type=int, default=1000, help="timed calls per case")
-    parser.add_argument("--target", help="HOST:PORT of a running server (default: start one)")
+    parser.add_argument(
+        "--target",
+        help="HOST:PORT of a running server, or a cluster: etcd://HOST:PORT/PREFIX or "
+        "cluster://H1:P1,H2:P2 (default: start one)",
+    )
+    add_nodes_argument(parser)
     parser.add_argument(
         "--compare-auth",
         action="store_true",
@@ -158,20 +164,34 @@ def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
     add_under_load_arguments(parser)
 
 
-_SERVER_ARGS = ["--dram-bytes", "256MiB", "--log-level", "warning"]
+_DRAM_BYTES = 256 << 20
+_PAGE_BYTES = 64 << 10
+_SERVER_ARGS = ["--dram-bytes", str(_DRAM_BYTES), "--log-level", "warning"]
 
 
 def run_lookup(args: argparse.Namespace) -> int:
     if args.under_load is not None:
         return run_under_load(args)
     tune_allocator()
-    if args.compare_auth and args.target:
+    if args.compare_auth and (args.target or args.nodes):
         raise SystemExit(
-            "kvstore-bench lookup: --compare-auth starts its own daemons; drop --target"
+            "kvstore-bench lookup: --compare-auth starts its own daemon; drop --target and --nodes"
         )
+    nodes = check_nodes(args, "lookup")
     with contextlib.ExitStack() as stack:
         ceiling_target = stack.enter_context(spawned_ceiling_server())
-        target = args.target or stack.enter_context(spawned_server(_SERVER_ARGS))
+        if args.target:
+            target = args.target
+        elif nodes is not None:
+            cluster = local_cluster(
+                nodes,
+                total_dram_bytes=_DRAM_BYTES,
+                page_bytes=_PAGE_BYTES,
+                server_args=["--log-level", "warning"],
+            )
+            target = stack.enter_context(cluster).etcd_target
+        else:
+            target = stack.enter_context(spawned_server(_SERVER_ARGS))
         auth = None
         if args.compare_auth:
             token = secrets.token_urlsafe(32)

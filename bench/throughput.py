@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -38,8 +39,10 @@ from kvstore.allocator import tune_allocator
 from kvstore.bench.ceiling import measure_ceiling
 from kvstore.bench.cost import CpuCost, Phase, Round, median_cpu, timed_phase, usable_cores
 from kvstore.bench.memcpy import measure_memcpy
+from kvstore.bench.nodes import add_nodes_argument, check_nodes, local_cluster
 from kvstore.bench.spawn import spawned_ceiling_server, spawned_server
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
+from kvstore.cluster.members import is_cluster_target
 from kvstore.enums import Durability
 from kvstore.units import human_bytes, parse_size
 
@@ -51,7 +54,8 @@ BYTES_PER_TOKEN = 2 * LAYERS * KV_HEADS * HEAD_DIM * 2
 @dataclass(frozen=True)
 class ThroughputRow:
     block_bytes: int
-    path: str  # the default client's data plane: "shm" (same host) or "tcp"
+    # the default client's data plane: "shm" (same host) or "tcp"; "cluster": a member's each
+    path: str
     put_gbps: float  # kvstore as clients use it by default: shared memory on one host
     get_gbps: float
     tcp_put_gbps: float  # kvstore with ClientOptions(shared_memory=False): the TCP data plane
@@ -204,9 +208,13 @@ async def measure_size(
         over_tcp = KVStoreRounds(tcp_client, layout, total_bytes, streams, label="tcp-")
         over_grpc = KVStoreRounds(grpc_client, layout, total_bytes, streams, label="grpc-")
         await kvstore.run()  # warms up both processes
-        if client.data_plane is None:
+        # A cluster client has a data plane per member, none of its own.
+        if client.data_plane is None and not is_cluster_target(target):
             raise RuntimeError("the kvstore client did not reach the server's data plane")
-        path = "shm" if client.data_plane.startswith("unix:") else "tcp"
+        if is_cluster_target(target):
+            path = "cluster"  # each member's own: shm or tcp
+        else:
+            path = "shm" if (client.data_plane or "").startswith("unix:") else "tcp"
         await over_tcp.run()
         await over_grpc.run()
         measure_memcpy(kvstore.source, block_bytes)
@@ -274,16 +282,28 @@ async def measure_size(
     )
 
 
-def run_sweep(sweep: Sweep) -> list[ThroughputRow]:
+def run_sweep(
+    sweep: Sweep, *, target: str | None = None, nodes: int | None = None
+) -> list[ThroughputRow]:
+    """Against `target`, else a daemon started here, else (`nodes`) a local cluster of
+    that many daemons sharing the same DRAM."""
     if sweep.tune_client_allocator:
         tune_allocator()  # this process runs both clients: kvstore's and the ceiling's
     dram = max(2 * sweep.total_bytes + (256 << 20), 1 << 30)
-    with (
-        spawned_server(
-            ["--dram-bytes", str(dram), "--page-bytes", "1MiB", "--log-level", "warning"]
-        ) as target,
-        spawned_ceiling_server() as ceiling_target,
-    ):
+    page_bytes = 1 << 20
+    with contextlib.ExitStack() as stack:
+        if target is None and nodes is not None:
+            cluster = local_cluster(
+                nodes,
+                total_dram_bytes=dram,
+                page_bytes=page_bytes,
+                server_args=["--log-level", "warning"],
+            )
+            target = stack.enter_context(cluster).etcd_target
+        elif target is None:
+            flags = ["--dram-bytes", str(dram), "--page-bytes", str(page_bytes)]
+            target = stack.enter_context(spawned_server([*flags, "--log-level", "warning"]))
+        ceiling_target = stack.enter_context(spawned_ceiling_server())
         return [
             asyncio.run(measure_size(target, ceiling_target, size, sweep))
             for size in sweep.block_sizes
@@ -312,12 +332,19 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
         "ClientOptions(tune_allocator=False) runs; both clients run here, the servers "
         "stay tuned",
     )
+    parser.add_argument(
+        "--target",
+        help="HOST:PORT of a running server, or a cluster: etcd://HOST:PORT/PREFIX or "
+        "cluster://H1:P1,H2:P2 (default: start one)",
+    )
+    add_nodes_argument(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run_throughput(args: argparse.Namespace) -> int:
     if args.streams < 1:
         raise SystemExit("--streams must be at least 1")
+    nodes = check_nodes(args, "throughput")
     rows = run_sweep(
         Sweep(
             block_sizes=[parse_size(part) for part in args.block_sizes.split(",")],
@@ -326,7 +353,9 @@ def run_throughput(args: argparse.Namespace) -> int:
             chunk_bytes=parse_size(args.chunk),
             streams=args.streams,
             tune_client_allocator=not args.untuned_clients,
-        )
+        ),
+        target=args.target,
+        nodes=nodes,
     )
     if args.json:
         print(

@@ -95,7 +95,7 @@ class ReadSession:
 
     async def load(self, loader: BlockLoader | None) -> None:
         """Start bringing SSD-only blocks into memory and wait for the first block: the
-        rest come in while `chunks` or `runs` stream layer 0. If the first block is
+        rest come in while `stream_chunks` or `stream_runs` send layer 0. If the first block is
         unreadable, nothing is served."""
         if loader is not None and self.entries:
             self._load = loader.load(self.entries)

@@ -199,7 +199,12 @@ async def build_server(config: ServerConfig) -> RunningServer:
     if config.metrics_port >= 0:
         try:
             metrics = await start_metrics(
-                metrics_host(config), config.metrics_port, store, loop_watch, data_plane
+                metrics_host(config),
+                config.metrics_port,
+                store,
+                loop_watch,
+                data_plane,
+                servicer.watch_hub,
             )
         except OSError:
             if data_plane is not None:
@@ -207,6 +212,8 @@ async def build_server(config: ServerConfig) -> RunningServer:
             await mover.close()
             raise
         servicer.request_metrics = transfers.request_metrics = metrics.requests
+        if data_plane is not None:
+            data_plane.request_metrics = metrics.requests
     # Started last, so that a failed start leaves no probe behind; stopped by drain.
     loop_watch.start()
     servicer.loop_watch = loop_watch

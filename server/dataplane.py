@@ -34,6 +34,7 @@ from kvstore.server.credentials import Credential, hello_credential
 from kvstore.server.decode import parse_request
 from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.pacing import TransferPacing
+from kvstore.server.request_metrics import RequestMetrics
 from kvstore.server.shm import ClientBuffers, FdStream
 from kvstore.server.status import status_for
 from kvstore.server.transfer import Transfers
@@ -179,6 +180,7 @@ class DataPlane:
         self._idle: set[asyncio.Task[None]] = set()
         self.transfers = 0  # puts and gets served, for tests and logs
         self.accepted = 0  # connections served (not those turned away at the cap)
+        self.request_metrics: RequestMetrics | None = None  # errors counted here, if on
         # The same-host socket (kvstore.wire.shm), once listening.
         self.shm_path = ""
         self.shm_transfers = 0  # puts and gets whose bytes moved through shared memory
@@ -524,6 +526,8 @@ class DataPlane:
         After a frame cut short there is no frame boundary left to put an ERROR at:
         the connection just closes, and the client reports it lost.
         """
+        if self.request_metrics is not None:
+            self.request_metrics.count_error("data_plane", code.name)
         if link.mid_frame or not link.secured:
             return
         try:

@@ -148,6 +148,10 @@ def _channel_factory(args: argparse.Namespace) -> Callable[[str], grpc.Channel]:
     return secure
 
 
+def _rate(bytes_per_s: int) -> str:
+    return f"{bytes_per_s / 1e6:g} MB/s"
+
+
 def print_stats(stats: pb.StatsResponse, console: Console) -> None:
     table = Table(title="kvstore tiers")
     for column in (
@@ -166,7 +170,9 @@ def print_stats(stats: pb.StatsResponse, console: Console) -> None:
         table.add_column(column, justify="left" if column == "tier" else "right")
     for tier in stats.tiers:
         table.add_row(
-            tier.name + (" (degraded)" if tier.degraded else ""),
+            tier.name
+            + (" (degraded)" if tier.degraded else "")
+            + (f" (reads {_rate(tier.read_bytes_per_s)})" if tier.read_bytes_per_s else ""),
             f"{human_bytes(tier.used_bytes)} / {human_bytes(tier.capacity_bytes)}",
             str(tier.num_blocks),
             str(tier.hits),

@@ -27,6 +27,7 @@ from kvstore.server.dataplane import DataPlane
 from kvstore.server.loopwatch import LoopWatch
 from kvstore.server.metrics_http import MetricsEndpoint
 from kvstore.server.request_metrics import RequestMetrics
+from kvstore.server.watch import WatchHub
 from kvstore.store import BlockStore
 
 __all__ = ["DaemonMetrics", "KVStoreCollector", "start_metrics"]
@@ -38,11 +39,16 @@ class KVStoreCollector(Collector):
     """Everything a daemon already counts, as metric families, read when scraped."""
 
     def __init__(
-        self, store: BlockStore, loop_watch: LoopWatch, data_plane: DataPlane | None
+        self,
+        store: BlockStore,
+        loop_watch: LoopWatch,
+        data_plane: DataPlane | None,
+        watch_hub: WatchHub | None = None,
     ) -> None:
         self._store = store
         self._loop_watch = loop_watch
         self._data_plane = data_plane
+        self._watch_hub = watch_hub
         # Whether the daemon is registered in etcd now, and its node id (--cluster only).
         self.cluster_state: Callable[[], tuple[bool, str]] | None = None
 
@@ -62,6 +68,12 @@ class KVStoreCollector(Collector):
             "99th percentile of how late the event-loop probe woke over the last 10 s.",
             value=lag.p99_s,
         )
+        if self._watch_hub is not None:
+            yield GaugeMetricFamily(
+                "kvstore_block_watchers",
+                "WatchBlocks streams open now.",
+                value=self._watch_hub.num_watchers,
+            )
         if self.cluster_state is not None:
             registered, node_id = self.cluster_state()
             family = GaugeMetricFamily(
@@ -89,6 +101,11 @@ class KVStoreCollector(Collector):
             "kvstore_data_plane_transfers",
             "Puts and gets the data plane carried (the rest went over gRPC).",
             value=transfers,
+        )
+        yield CounterMetricFamily(
+            "kvstore_data_plane_shm_transfers",
+            "Of those, the ones whose bytes moved through shared memory (the same-host path).",
+            value=self._data_plane.shm_transfers,
         )
 
 
@@ -118,10 +135,11 @@ async def start_metrics(
     store: BlockStore,
     loop_watch: LoopWatch,
     data_plane: DataPlane | None,
+    watch_hub: WatchHub | None = None,
 ) -> DaemonMetrics:
     """A registry of the daemon's metrics, served on `host:port` (0: any free port)."""
     registry = CollectorRegistry()
-    collector = KVStoreCollector(store, loop_watch, data_plane)
+    collector = KVStoreCollector(store, loop_watch, data_plane, watch_hub)
     registry.register(collector)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

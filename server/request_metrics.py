@@ -5,11 +5,15 @@ Each is observed at one place, whichever transport carried the request: lookups 
 the servicer (`KVStoreServicer._lookup`, the unary and the streamed RPC alike), puts
 and gets in kvstore.server.transfer (gRPC and the data plane alike). Only requests that
 succeed are observed. With metrics off, those places hold None and observe nothing.
+
+Requests answered with an error status are counted by transport and code where each
+transport answers them: the servicer's catch-all (and the lookup stream's per-result
+errors) and the data plane's ERROR frame.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 __all__ = ["BYTES_BUCKETS", "SECONDS_BUCKETS", "RequestMetrics"]
 
@@ -71,6 +75,17 @@ class RequestMetrics:
             SECONDS_BUCKETS,
         )
         self._get_bytes = histogram("kvstore_get_bytes", "Block bytes a get sent.", BYTES_BUCKETS)
+        self._errors = Counter(
+            "kvstore_request_errors",
+            "Requests answered with an error status, by transport (grpc, data_plane) and "
+            "status code.",
+            labelnames=["transport", "code"],
+            registry=registry,
+        )
+
+    def count_error(self, transport: str, code_name: str) -> None:
+        """A request on `transport` was answered with status `code_name`."""
+        self._errors.labels(transport, code_name).inc()
 
     def observe_lookup(self, seconds: float, matched_bytes: int) -> None:
         self._lookup_seconds.observe(seconds)

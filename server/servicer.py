@@ -95,6 +95,8 @@ class KVStoreServicer:
                 # answer, and it is no internal error. gRPC ends the call as it ends any.
                 raise
             code, message = status_for(error)
+            if self.request_metrics is not None:
+                self.request_metrics.count_error("grpc", code.name)
             await context.abort(code, message)
             raise AssertionError("unreachable") from error
 
@@ -131,6 +133,8 @@ class KVStoreServicer:
                     result = pb.LookupPrefixResult(match=self._lookup(request, caller))
                 except Exception as error:  # answered in the result: the stream goes on
                     code, message = status_for(error)
+                    if self.request_metrics is not None:
+                        self.request_metrics.count_error("grpc", code.name)
                     result = pb.LookupPrefixResult(code=code.value[0], message=message)
                 await context.write(result)
                 self._lifecycle.refuse_if_draining()

@@ -6,8 +6,8 @@ process (`python -m kvstore.server.workers`, its config pickled on stdin), so th
 spread blocks over them through the same placement as over machines.
 
 - Worker i gets 1/N of every tier (DRAM, HBM, SSD), rounded down, and of every tenant's
-  byte quotas; its own ports (P+i) and SSD directory (`<ssd_dir>/worker-<i>`, where its
-  node id and blocks outlive restarts).
+  byte quotas; its own ports (P+i: gRPC, data plane, metrics) and SSD directory
+  (`<ssd_dir>/worker-<i>`, where its node id and blocks outlive restarts).
 - SIGTERM and SIGINT are forwarded (each worker drains and withdraws its member), and so
   is SIGHUP (token reload). The supervisor exits when every worker has: 0 if all drained
   cleanly.

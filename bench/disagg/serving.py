@@ -126,7 +126,7 @@ class Recompute:
 def recompute(
     model: Transformer, cache: PagedKVCache, prompt: Tensor, num_new_tokens: int
 ) -> Recompute:
-    """Full prefill of `prompt` then greedy decoding, timed like `serve_request`."""
+    """Full prefill of `prompt` then greedy decoding, timed like `Engine.serve`."""
     start = time.perf_counter()
     seq = Sequence()
     first_logits = model.forward(prompt, seq, cache, last_logits_only=True)[0]

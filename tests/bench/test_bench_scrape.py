@@ -195,3 +195,4 @@ def test_metrics_cost_compares_a_scraped_daemon_with_a_plain_one(tmp_path: Path)
     assert math.isfinite(ratios["lookup_p50_added_ms"])
     assert 0 < figures["costs"]["observe_lookup_ns"] < 1e6
     assert figures["costs"]["scrape_ms"] > 0
+    assert 0 < figures["costs"]["scrape_hold_ms"] < figures["costs"]["scrape_ms"] * 10

@@ -3,11 +3,11 @@ membership follows kill, restart and add_node; nothing outlives the block."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from child_processes import children_named  # tests/child_processes.py
 
 from kvstore.bench.local_cluster import LocalCluster, node_dram_share
 from kvstore.bench.local_etcd import EtcdMissing, EtcdServer, etcd_missing_reason
@@ -20,21 +20,6 @@ def _needs_etcd() -> None:
     reason = etcd_missing_reason()
     if reason is not None:
         pytest.skip(reason)
-
-
-def children_named(*needles: str) -> list[str]:
-    """Command lines of this process's live (not zombie) children that contain a needle."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except (OSError, IndexError):
-            continue  # exited while we looked
-        state, parent_pid = fields[0], int(fields[1])
-        if parent_pid == os.getpid() and state != "Z" and any(n in cmdline for n in needles):
-            found.append(cmdline)
-    return found
 
 
 @pytest.fixture

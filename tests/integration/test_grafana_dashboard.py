@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from kvstore.bench.scrape import parse_samples
-from kvstore.client import KVClient
+from kvstore.client import InvalidArgument, KVClient
 from kvstore.layout import Namespace
 from kvstore.server import RunningServer
 
@@ -79,6 +80,8 @@ async def test_every_metric_the_dashboard_uses_exists_in_a_scrape(
         match = await client.lookup(tokens)
         await client.get_into(match, make_kv(layout, 4))
         await client.pin(client.keys(tokens), ttl_s=60)
+        with pytest.raises(InvalidArgument):  # an error, so that the error series exist
+            await client.lookup_keys([b"k%d" % index for index in range(1001)])
     assert running.metrics is not None
     url = running.metrics.url
 

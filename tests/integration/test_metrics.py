@@ -8,6 +8,7 @@ endpoint get a clear HTTP status while the daemon keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import urllib.error
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from kvstore.bench.scrape import Samples, parse_samples
-from kvstore.client import KVClient
+from kvstore.client import InvalidArgument, KVClient, KVForm
 from kvstore.errors import InvalidRequest
 from kvstore.layout import KVLayout, Namespace
 from kvstore.server import RunningServer, build_server, load_config
@@ -128,6 +129,7 @@ async def test_counters_equal_the_traffic(
     assert after.value("kvstore_tier_capacity_bytes", tier="dram") == 32 << 20
     assert after.value("kvstore_tier_read_limit_bytes_per_second", tier="dram") == 0
     assert after.value("kvstore_namespaces") == 1
+    assert after.value("kvstore_block_watchers") == 0
     carried = 2 if request.node.callspec.params["connect"] == "data-plane" else 0
     assert delta("kvstore_data_plane_transfers_total") == carried
     assert after.value("process_resident_memory_bytes") > 0
@@ -202,6 +204,17 @@ def hold_the_loop(seconds: float) -> None:
         pass
 
 
+async def test_open_watch_streams_are_counted(
+    metered: RunningServer, make_namespace: Callable[..., Namespace]
+) -> None:
+    async with (
+        KVClient(f"127.0.0.1:{metered.port}", make_namespace()) as client,
+        contextlib.aclosing(client.watch_blocks()) as stream,
+    ):
+        await anext(stream)  # the snapshot's end: the watch is open
+        assert (await scrape(metered)).value("kvstore_block_watchers") == 1
+
+
 async def test_a_read_throttle_is_reported(server_factory: ServerFactory) -> None:
     running: RunningServer = await server_factory(
         metrics_port=0, store__read_bytes_per_s={"dram": 200_000_000}
@@ -218,6 +231,33 @@ async def test_event_loop_lag_is_reported(metered: RunningServer) -> None:
     samples = await scrape(metered)
     assert samples.value("kvstore_event_loop_lag_max_seconds") >= 0.15
     assert samples.value("kvstore_event_loop_lag_p99_seconds") >= 0
+
+
+async def test_requests_answered_with_an_error_are_counted_by_transport_and_code(
+    metered: RunningServer, connect: Connect, make_kv: MakeKV, request: pytest.FixtureRequest
+) -> None:
+    client = connect()
+    layout = client.namespace.layout
+    before = await scrape(metered)
+    too_many = [b"k%d" % index for index in range(1001)]  # the test server's max_keys: 1000
+    with pytest.raises(InvalidArgument, match="1001 keys in one request"):
+        await client.lookup_keys(too_many)  # a lookup stream's result
+    dest = make_kv(layout, 1001, form=KVForm.BLOCKS)
+    with pytest.raises(InvalidArgument, match="1001 keys in one request"):
+        await client.get_into(too_many, dest, form=KVForm.BLOCKS)
+    after = await scrape(metered)
+    errors = "kvstore_request_errors_total"
+    assert not before.has(errors, transport="grpc", code="INVALID_ARGUMENT")
+    grpc_errors = after.value(errors, transport="grpc", code="INVALID_ARGUMENT")
+    if request.node.callspec.params["connect"] == "data-plane":
+        assert grpc_errors == 1
+        assert after.value(errors, transport="data_plane", code="INVALID_ARGUMENT") == 1
+    else:
+        assert grpc_errors == 2
+        assert not after.has(errors, transport="data_plane", code="INVALID_ARGUMENT")
+    # The daemon still serves the tenant.
+    await client.put(tokens(1, layout), make_kv(layout, 1))
+    assert (await client.lookup(tokens(1, layout))).num_matched == 1
 
 
 # -- the endpoint's answers to bad requests -------------------------------------------------
@@ -329,3 +369,16 @@ async def test_a_metrics_port_in_use_stops_the_start_cleanly() -> None:
         )
         with pytest.raises(OSError, match=f"metrics endpoint cannot listen on 127.0.0.1:{port}"):
             await build_server(config)
+
+
+async def test_the_endpoint_serves_until_the_drain_ends_then_closes() -> None:
+    config = load_config(
+        None, {"listen": "127.0.0.1:0", "metrics_port": 0, "store.dram_bytes": 8 << 20}
+    )
+    running = await build_server(config)
+    assert running.metrics is not None
+    port = running.metrics.port
+    assert (await scrape(running)).value("kvstore_namespaces") == 0
+    await running.drain()
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)

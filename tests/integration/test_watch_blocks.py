@@ -28,6 +28,7 @@ from kvstore.client import (
     PermissionDenied,
     ResourceExhausted,
     TierKind,
+    Unauthenticated,
     Unavailable,
 )
 from kvstore.codec import expected_shape
@@ -464,3 +465,38 @@ async def test_an_hbm_promotion_is_a_tier_change(
             for event in batch.events
             if event.kind is BlockEventKind.TIER_CHANGED
         ] == [(key, TierKind.HBM) for key in keys]
+
+
+async def test_a_revoked_token_ends_an_open_watch(
+    server_factory: ServerFactory,
+    make_namespace: Callable[..., Namespace],
+    make_kv: MakeKV,
+    tmp_path: Path,
+) -> None:
+    tokens = _tokens_file(tmp_path)
+    server = await server_factory(auth__tokens_file=str(tokens))
+    target = f"127.0.0.1:{server.port}"
+    ns_b = make_namespace(tenant="team-b")
+    b_options = ClientOptions(token="tok-b-0123456789")
+    admin_options = ClientOptions(token="tok-admin-012345")
+    async with (
+        KVClient(target, ns_b, options=b_options) as b,
+        KVClient(target, ns_b, options=admin_options) as admin,
+        contextlib.aclosing(b.watch_blocks()) as stream,
+    ):
+        await b.put_blocks([b"b-0"], make_kv(ns_b.layout, 1, form=KVForm.BLOCKS))
+        first = await anext(stream)  # the watch began after the put: b-0 is in the snapshot
+        assert [event.key for event in first.events] == [b"b-0", b""]
+        kept = [line for line in tokens.read_text().split("[[tokens]]") if "team-b" not in line]
+        tokens.write_text("[[tokens]]".join(kept))
+        assert server.auth is not None
+        assert server.auth.reload()  # what SIGHUP does
+        # The next message is checked against the reloaded tokens: the stream ends.
+        assert await admin.delete([b"b-0"]) == (1, 0)
+        with pytest.raises(Unauthenticated):
+            await asyncio.wait_for(_read_to_the_end(stream), timeout=20)
+
+
+async def _read_to_the_end(stream: AsyncIterator[BlockEvents]) -> None:
+    async for _ in stream:
+        pass

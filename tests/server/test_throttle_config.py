@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from kvstore.enums import TierKind
 from kvstore.errors import InvalidRequest
 from kvstore.server import ServerConfig, load_config
 from kvstore.server.config import add_config_arguments, config_from_args, parse_throttle
+from kvstore.server.main import print_stats
 from kvstore.server.workers import worker_configs
+from kvstore.v1 import kvstore_pb2 as pb
 
 MB, MiB = 1000**2, 1 << 20
 
@@ -110,3 +114,17 @@ def test_workers_split_the_throttle_like_the_capacity() -> None:
     )
     shares = worker_configs(config)  # listen 127.0.0.1:50051: ports 50051..50054
     assert [share.store.read_bytes_per_s for share in shares] == [{"dram": 100 * MB}] * 4
+
+
+def test_stats_prints_a_throttled_tier_with_its_rate() -> None:
+    stats = pb.StatsResponse(
+        tiers=[
+            pb.TierStats(tier=pb.DRAM, name="dram", read_bytes_per_s=200 * MB),
+            pb.TierStats(tier=pb.SSD, name="ssd"),
+        ]
+    )
+    out = io.StringIO()
+    print_stats(stats, Console(file=out, width=200))
+    lines = out.getvalue().splitlines()
+    assert any("dram (reads 200 MB/s)" in line for line in lines)
+    assert not any("ssd (reads" in line for line in lines)

@@ -1,0 +1,202 @@
+"""`kvstore-bench cluster hits`: a trace's prefix hit rate on N nodes against 1 of the same size.
+
+The trace (by default the conversation sample in bench/data, cut by
+kvstore.bench.trace_sample) is replayed request after request (one in flight: the order,
+and so every cache decision, is the trace's) through `kvstore-bench trace`'s workload:
+look up the full blocks, get the hit prefix, put the rest. It is replayed four times,
+each against a fresh local cluster (etcd and daemons, separate processes, no SSD tier):
+
+- ample: DRAM for twice the trace's unique blocks, so that nothing is evicted;
+- eviction: DRAM for a quarter of them, so that eviction decides the hits;
+
+each with 1 node and with N nodes whose DRAM adds up to the same. Placement cuts
+chains into runs and spreads them over the nodes, and each node evicts on its own, so
+the N-node rate can differ from the 1-node one only through how evenly runs spread and
+how each node's LRU order differs from the global one. The goal is a gap within 1 point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kvstore.bench.cluster_report import PartResult, percent, verdict
+from kvstore.bench.load import LoadConfig, run_load
+from kvstore.bench.nodes import local_cluster
+from kvstore.bench.presets import get_preset
+from kvstore.bench.replay import trace_workload
+from kvstore.bench.report import merge_results
+from kvstore.bench.trace import (
+    TraceRequest,
+    infinite_cache_hit_rate,
+    load_trace,
+    lru_cache_hit_rate,
+)
+from kvstore.bench.trace_sample import CONVERSATION_SAMPLE
+from kvstore.bench.workload import page_bytes_for, parse_scale, scaled_layout
+from kvstore.client import KVLayout
+from kvstore.units import human_bytes
+
+GOAL_GAP_POINTS = 1.0
+AMPLE, EVICTION = "ample", "eviction"
+# DRAM as a multiple of the unique blocks' footprint.
+CAPACITY_FACTORS = {AMPLE: 2.0, EVICTION: 0.25}
+
+
+@dataclass(frozen=True)
+class HitsSetup:
+    trace: Path = CONVERSATION_SAMPLE
+    max_requests: int | None = None
+    nodes: int = 3
+    scale: str = "1/16384"  # of Llama-3-8B's bytes per token: 4 KiB blocks of 512 tokens
+    block_tokens: int = 512
+    processes: int = 1  # load processes (0: a thread of this one)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """One replay's outcome."""
+
+    capacity: str
+    nodes: int
+    dram_bytes: int  # in all
+    block_hit_rate: float
+    token_hit_rate: float
+    hit_blocks: int
+    blocks: int
+    errors: int
+    evictions: int
+
+
+def measure_hits(setup: HitsSetup) -> PartResult:
+    requests = load_trace(setup.trace, block_tokens=setup.block_tokens)
+    if setup.max_requests is not None:
+        requests = requests[: setup.max_requests]
+    if not requests:
+        raise SystemExit(f"kvstore-bench cluster hits: {setup.trace} holds no requests")
+    layout = scaled_layout(get_preset("Llama-3-8B"), parse_scale(setup.scale), setup.block_tokens)
+    page_bytes = page_bytes_for(layout.block_bytes)
+    footprint = -(-layout.block_bytes // page_bytes) * page_bytes
+    infinite = infinite_cache_hit_rate(requests, setup.block_tokens)
+    unique = infinite.num_unique_blocks
+    # Whole pages for every node of either cluster, and the same total for both.
+    quantum = page_bytes * setup.nodes
+    replays: list[Replay] = []
+    models: dict[str, float] = {}
+    for capacity, factor in CAPACITY_FACTORS.items():
+        total = max(quantum, int(unique * footprint * factor) // quantum * quantum)
+        capacity_blocks = total // footprint
+        model = (
+            lru_cache_hit_rate(requests, capacity_blocks, setup.block_tokens)
+            if capacity_blocks < unique
+            else infinite
+        )
+        models[capacity] = model.block_hit_rate
+        for nodes in (1, setup.nodes):
+            replays.append(_replay(setup, requests, layout, page_bytes, capacity, nodes, total))
+    return _result(setup, len(requests), infinite.block_hit_rate, unique, replays, models)
+
+
+def _replay(
+    setup: HitsSetup,
+    requests: list[TraceRequest],
+    layout: KVLayout,
+    page_bytes: int,
+    capacity: str,
+    nodes: int,
+    total_dram_bytes: int,
+) -> Replay:
+    workload = trace_workload(
+        requests, layout, time_scale=1.0, salt=f"cluster-hits-{capacity}-{nodes}".encode()
+    )
+    # One request in flight: the replay's order is the trace's, in every run.
+    config = LoadConfig(processes=setup.processes, concurrency=1, max_units=len(requests))
+    with local_cluster(
+        nodes,
+        total_dram_bytes=total_dram_bytes,
+        page_bytes=page_bytes,
+        server_args=["--log-level", "warning"],
+    ) as cluster:
+        run = run_load(workload, config, cluster.etcd_target, show_progress=False)
+    merged = merge_results(run.results)
+    blocks = int(merged.request_blocks.sum())
+    hit_blocks = int(merged.request_hit_blocks.sum())
+    tokens = int(merged.request_tokens.sum())
+    evictions = 0
+    if run.stats_after is not None:
+        evictions = sum(int(tier.evictions) for tier in run.stats_after.tiers)
+    return Replay(
+        capacity=capacity,
+        nodes=nodes,
+        dram_bytes=total_dram_bytes,
+        block_hit_rate=hit_blocks / blocks if blocks else 0.0,
+        token_hit_rate=int(merged.request_hit_tokens.sum()) / tokens if tokens else 0.0,
+        hit_blocks=hit_blocks,
+        blocks=blocks,
+        errors=sum(merged.errors.values()),
+        evictions=evictions,
+    )
+
+
+def _result(
+    setup: HitsSetup,
+    num_requests: int,
+    infinite_rate: float,
+    unique_blocks: int,
+    replays: list[Replay],
+    models: dict[str, float],
+) -> PartResult:
+    rows: list[list[str]] = []
+    gaps: dict[str, float] = {}
+    for capacity in CAPACITY_FACTORS:
+        single, spread = (r for r in replays if r.capacity == capacity)
+        gap = (spread.block_hit_rate - single.block_hit_rate) * 100
+        gaps[capacity] = gap
+        rows.append(
+            [
+                capacity,
+                human_bytes(single.dram_bytes),
+                percent(models[capacity]),
+                percent(single.block_hit_rate),
+                percent(spread.block_hit_rate),
+                f"{gap:+.2f}",
+                f"{single.evictions} / {spread.evictions}",
+                f"{single.errors} / {spread.errors}",
+            ]
+        )
+    met = all(abs(gap) <= GOAL_GAP_POINTS for gap in gaps.values())
+    notes = [
+        f"{num_requests} requests of {setup.trace.name}, one in flight; {unique_blocks} unique "
+        f"full blocks; infinite-cache hit rate {infinite_rate:.2%}",
+        "hit rate: blocks the get served / full blocks looked up; LRU model: the trace "
+        "replayed through one LRU of that many blocks (kvstore.bench.trace)",
+        f"goal: the {setup.nodes}-node hit rate within {GOAL_GAP_POINTS:g} point of 1 node's, "
+        f"ample and with eviction: {verdict(met)}",
+    ]
+    return PartResult(
+        part="hits",
+        title=f"prefix hit rate, {setup.nodes} nodes vs 1 node of the same DRAM",
+        columns=[
+            "capacity",
+            "DRAM in all",
+            "LRU model",
+            "1 node",
+            f"{setup.nodes} nodes",
+            "gap, points",
+            "evictions 1 / N",
+            "errors 1 / N",
+        ],
+        rows=rows,
+        data={
+            "trace": str(setup.trace),
+            "num_requests": num_requests,
+            "unique_blocks": unique_blocks,
+            "infinite_cache_hit_rate": infinite_rate,
+            "lru_model_hit_rate": models,
+            "gap_points": gaps,
+            "goal_gap_points": GOAL_GAP_POINTS,
+            "goal_met": met,
+            "replays": [asdict(replay) for replay in replays],
+        },
+        notes=notes,
+    )
