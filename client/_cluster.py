@@ -344,7 +344,8 @@ class ClusterClient(KVClient):
 
         async def one(member: Member) -> MemberStats:
             try:
-                return MemberStats(member, await self.nodes.client(member).stats())
+                with self.nodes.lease(member) as node:
+                    return MemberStats(member, await node.stats())
             except NODE_FAILURES as error:
                 self.nodes.failed(member, error)
                 return MemberStats(member, None, f"{type(error).__name__}: {error}")

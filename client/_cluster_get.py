@@ -110,13 +110,13 @@ class ChainGather:
             return
         writer = _PlacedWriter(owner.positions(), self._target)
         try:
-            node = nodes.client(owner.member)
-            arrivals = node._stream_to_writer(owner.keys(self._keys), writer)
-            async with contextlib.aclosing(arrivals):
-                async for arrival in arrivals:
-                    progress.num_served = arrival.num_blocks
-                    progress.num_layers_done = arrival.layer + 1
-                    self._changed.set()
+            with nodes.lease(owner.member) as node:
+                arrivals = node._stream_to_writer(owner.keys(self._keys), writer)
+                async with contextlib.aclosing(arrivals):
+                    async for arrival in arrivals:
+                        progress.num_served = arrival.num_blocks
+                        progress.num_layers_done = arrival.layer + 1
+                        self._changed.set()
             progress.finished = True
         except NODE_FAILURES as error:
             nodes.failed(owner.member, error)

@@ -8,9 +8,10 @@ instead of each waiting on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -57,6 +58,11 @@ class NodePool:
         self._clients: dict[str, KVClient] = {}
         self._passed_over_until: dict[str, float] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # Calls and streams in flight per client (by id): a member that leaves has its
+        # client closed once the last of them ends, never under one (a closed channel
+        # fails a call with a usage error, not as a node failure).
+        self._in_use: dict[int, int] = {}
+        self._departed: dict[int, KVClient] = {}
 
     def client(self, member: Member) -> KVClient:
         node = self._clients.get(member.node_id)
@@ -74,13 +80,40 @@ class NodePool:
         for node_id in [node_id for node_id in self._clients if node_id not in present]:
             node = self._clients.pop(node_id)
             self._passed_over_until.pop(node_id, None)
-            task = asyncio.get_running_loop().create_task(node.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            if self._in_use.get(id(node)):
+                self._departed[id(node)] = node
+            else:
+                self._close_soon(node)
+
+    @contextlib.contextmanager
+    def lease(self, member: Member) -> Iterator[KVClient]:
+        """The member's client, kept open until the block ends even if the member leaves."""
+        node = self.client(member)
+        self._in_use[id(node)] = self._in_use.get(id(node), 0) + 1
+        try:
+            yield node
+        finally:
+            left = self._in_use[id(node)] - 1
+            if left:
+                self._in_use[id(node)] = left
+            else:
+                del self._in_use[id(node)]
+                departed = self._departed.pop(id(node), None)
+                if departed is not None:
+                    self._close_soon(departed)
+
+    def _close_soon(self, node: KVClient) -> None:
+        task = asyncio.get_running_loop().create_task(node.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         clients, self._clients = self._clients, {}
-        await asyncio.gather(*(node.close() for node in clients.values()), return_exceptions=True)
+        departed, self._departed = self._departed, {}
+        await asyncio.gather(
+            *(node.close() for node in [*clients.values(), *departed.values()]),
+            return_exceptions=True,
+        )
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
@@ -104,7 +137,8 @@ class NodePool:
         if not self.reachable(member):
             return None
         try:
-            return await call(self.client(member))
+            with self.lease(member) as node:
+                return await call(node)
         except NODE_FAILURES as error:
             self.failed(member, error)
             return None

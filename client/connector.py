@@ -61,6 +61,7 @@ __all__ = [
     "KVTransferError",
     "LoadStats",
     "PagedCache",
+    "SaveHandle",
 ]
 
 
@@ -135,6 +136,38 @@ class _Save(_Op):
         self.num_queued = 0
 
 
+class SaveHandle:
+    """One save opened by `KVConnector.open_save`: it runs on after the forward pass that
+    queued its layers, and is polled (`done`) or waited on (`result`) later."""
+
+    def __init__(self, connector: KVConnector, save: _Save, num_blocks: int) -> None:
+        self._connector = connector
+        self._save = save
+        self.num_blocks = num_blocks
+
+    def done(self) -> bool:
+        """Whether the put has finished, committed or failed."""
+        return self._save.future is not None and self._save.future.done()
+
+    def result(self, timeout: float | None = None) -> PutResult:
+        """The put's result; raises `KVSaveError` if it failed or did not finish in time."""
+        assert self._save.future is not None
+        try:
+            result: PutResult = self._save.future.result(timeout)
+            return result
+        except TimeoutError:
+            raise KVSaveError(f"the save did not finish within {timeout}s") from None
+        except Exception as error:
+            raise KVSaveError(f"the save failed: {error}") from error
+
+    def abort(self) -> None:
+        """Cancel the put and wait until it no longer reads the cache; the server drops it."""
+        self._connector._abort_op(self._save)
+        self._connector._open_saves = [
+            save for save in self._connector._open_saves if save is not self._save
+        ]
+
+
 class KVConnector:
     """Loads and saves the blocks of `cache` for one namespace of a kvstore server.
 
@@ -158,6 +191,9 @@ class KVConnector:
         self._client: KVClient = self._loop.open_client(target, namespace, options)
         self._load: _Load | None = None
         self._save: _Save | None = None
+        # Every save still waiting for layers, `_save` among them: save_kv_layer feeds each.
+        self._open_saves: list[_Save] = []
+        self._handles: list[SaveHandle] = []
 
     def __enter__(self) -> KVConnector:
         return self
@@ -271,6 +307,16 @@ class KVConnector:
             stall_s=load.stall_s,
         )
 
+    def load_in_flight(self) -> bool:
+        """Whether a load was started and has not been ended by `wait_for_load` or an abort."""
+        return self._load is not None
+
+    def abort_load(self) -> None:
+        """Cancel the load (if any) and wait until it no longer writes the cache."""
+        if self._load is not None:
+            self._abort_op(self._load)
+        self._load = None
+
     async def _run_load(self, load: _Load, keys: list[bytes], page_ids: list[int]) -> None:
         load.task = asyncio.current_task()
         stream = self._client.iter_layers(keys)
@@ -311,24 +357,63 @@ class KVConnector:
             raise ValueError("nothing to save: no full blocks")
         if self._save is not None:
             raise RuntimeError("a save is already in flight; call wait_for_save() first")
+        self._save = self._start_save(keys, page_ids, parent_key)
+
+    def open_save(
+        self,
+        keys: list[bytes],
+        page_ids: Sequence[int],
+        *,
+        parent_key: bytes = b"",
+        after: SaveHandle | None = None,
+    ) -> SaveHandle:
+        """Like `start_save_kv`, but any number may be open at once, each fed by the same
+        `save_kv_layer` calls, and none is waited on by `wait_for_save`: poll or wait on the
+        returned handle. The pages must not change until the handle is done.
+
+        `after`: the save that stores `parent_key`; this one's put opens once that one has
+        ended, since the server refuses a block whose parent is not stored (PARENT_MISSING).
+        """
+        if len(keys) != len(page_ids):
+            raise ValueError(f"{len(keys)} keys but {len(page_ids)} pages to save")
+        if not keys:
+            raise ValueError("nothing to save: no full blocks")
+        previous = after._save if after is not None else None
+        save = self._start_save(keys, page_ids, parent_key, previous)
+        handle = SaveHandle(self, save, len(keys))
+        self._handles = [h for h in self._handles if not h.done()] + [handle]
+        return handle
+
+    def _start_save(
+        self,
+        keys: list[bytes],
+        page_ids: Sequence[int],
+        parent_key: bytes,
+        previous: _Save | None = None,
+    ) -> _Save:
         self._check_pages(page_ids)
         save = _Save()
-        self._save = save
-        save.future = self._submit(self._run_save(save, list(keys), list(page_ids), parent_key))
+        self._open_saves.append(save)
+        save.future = self._submit(
+            self._run_save(save, list(keys), list(page_ids), parent_key, previous)
+        )
+        return save
 
     def save_kv_layer(self, layer: int) -> None:
-        """Queue layer `layer` of the current save for sending; returns at once.
+        """Queue layer `layer` of every open save for sending; returns at once.
 
         Layers go in order 0, 1, ... Calls with no save started, or after every layer has
         been queued, do nothing, so the model may call this on every forward pass.
         """
-        save = self._save
-        if save is None or save.num_queued == self._layout.num_layers:
-            return
-        if layer != save.num_queued:
-            raise ValueError(f"save layer {save.num_queued} next, not layer {layer}")
-        save.num_queued += 1
-        self._loop.call_soon(save.queue.put_nowait, layer)
+        for save in self._open_saves:
+            if layer != save.num_queued:
+                raise ValueError(f"save layer {save.num_queued} next, not layer {layer}")
+        for save in self._open_saves:
+            save.num_queued += 1
+            self._loop.call_soon(save.queue.put_nowait, layer)
+        self._open_saves = [
+            save for save in self._open_saves if save.num_queued < self._layout.num_layers
+        ]
 
     def wait_for_save(self, timeout: float | None = None) -> PutResult | None:
         """Wait for the current save's put to finish; its result, or None if no save was
@@ -353,9 +438,17 @@ class KVConnector:
         return result
 
     async def _run_save(
-        self, save: _Save, keys: list[bytes], page_ids: list[int], parent_key: bytes
+        self,
+        save: _Save,
+        keys: list[bytes],
+        page_ids: list[int],
+        parent_key: bytes,
+        previous: _Save | None = None,
     ) -> PutResult:
         save.task = asyncio.current_task()
+        if previous is not None and previous.future is not None:
+            # Its failure shows in this put's outcomes (PARENT_MISSING), not as an error here.
+            await asyncio.wait([asyncio.wrap_future(previous.future)])
         async with self._client.layer_put(keys, parent_key=parent_key) as put:
             for _ in range(self._layout.num_layers):
                 layer = await save.queue.get()
@@ -372,8 +465,12 @@ class KVConnector:
         for op in (self._load, self._save):
             if op is not None:
                 self._abort_op(op)
+        for handle in self._handles:
+            handle.abort()
         self._load = None
         self._save = None
+        self._open_saves = []
+        self._handles = []
 
     def _abort_op(self, op: _Op) -> None:
         if op.future is None or op.future.done():

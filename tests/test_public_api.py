@@ -141,14 +141,18 @@ EXPECTED_CONNECTOR_API = [
     "KVTransferError",
     "LoadStats",
     "PagedCache",
+    "SaveHandle",
 ]
 # The vLLM KV-connector-style calls a serving engine's worker makes.
 EXPECTED_CONNECTOR_METHODS = [
     "abort",
+    "abort_load",
     "close",
     "get_num_new_matched_tokens",
     "keys",
+    "load_in_flight",
     "lookup",
+    "open_save",
     "save_kv_layer",
     "start_load_kv",
     "start_save_kv",
@@ -173,3 +177,28 @@ def test_connector_methods_are_exactly_the_published_list() -> None:
     assert methods == EXPECTED_CONNECTOR_METHODS
     assert issubclass(connector.KVLoadError, connector.KVTransferError)
     assert issubclass(connector.KVSaveError, connector.KVTransferError)
+
+
+# -- the vLLM connector's surface ----------------------------------------------------------
+
+EXPECTED_VLLM_CONNECTOR_API = [
+    "LOAD_PARAM",
+    "SAVE_PARAM",
+    "SESSION_END_PARAM",
+    "SESSION_PARAM",
+    "VLLM_AVAILABLE",
+    "ConnectorConfig",
+    "ConnectorConfigError",
+    "KVConnectorRole",
+    "KVStoreConnector",
+    "KVStoreConnectorMetadata",
+    "MatchPlan",
+]
+
+
+def test_vllm_connector_all_is_exactly_the_published_list() -> None:
+    from kvstore.client import vllm_connector
+
+    assert sorted(vllm_connector.__all__) == sorted(EXPECTED_VLLM_CONNECTOR_API)
+    for name in EXPECTED_VLLM_CONNECTOR_API:
+        assert hasattr(vllm_connector, name)

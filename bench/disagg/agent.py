@@ -1,15 +1,20 @@
 """An agent session whose context only grows: each turn appends a tool result and the model's
 reply, and the next turn reuses, through the store, everything the earlier turns cached.
 
-Per turn, the same process serves the context twice on the same cache: once with the store
-(lookup, layer-wise load overlapped with the suffix prefill, layer-wise save of the new full
-blocks, then the reply's blocks after decoding) and once by full recompute. Time to first token
-(TTFT) is measured from the request to the first token's logits in both.
+Per turn, the same process serves the context three ways on the same cache: through the engine
+(kvstore.bench.disagg.engine: the vLLM connector's scheduler side decides fetch or recompute,
+its worker side loads layer by layer while the suffix computes and saves the new blocks, the
+reply's too, after the first token), by full recompute, and as the overhead-free bound: the
+fetch at the bandwidth the connector measured plus the prefill of the suffix alone, over a
+prefix already in the cache. Time to first token (TTFT) runs from the request to the first
+token's logits. The session's chain stays pinned between turns (`pin_ttl_s`, the think time)
+and is released by the last turn.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -17,9 +22,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvstore.bench.disagg.model import PagedKVCache, Transformer
-from kvstore.bench.disagg.serving import random_prompt, recompute, serve_request
-from kvstore.client.connector import KVConnector
+from kvstore.bench.disagg.engine import Engine
+from kvstore.bench.disagg.model import PagedKVCache, Sequence, Transformer
+from kvstore.bench.disagg.serving import random_prompt, recompute
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,22 +67,29 @@ class TurnReport:
     max_logit_diff: float  # first token's logits, store vs recompute
     fallback: str | None  # why the store was bypassed, if it was
     save_error: str | None
+    decision: str  # the connector's fetch-or-recompute reason
+    matched_tokens: int  # stored when the turn began, loaded or not
+    bound_s: float  # fetch at the measured bandwidth + prefill of the suffix alone
 
     @property
     def speedup(self) -> float:
         return self.ttft_recompute_s / self.ttft_store_s
 
+    @property
+    def over_bound(self) -> float:
+        """TTFT with the store over the overhead-free bound (1.0: no overhead)."""
+        return self.ttft_store_s / self.bound_s
+
 
 def run_session(
-    model: Transformer,
-    cache: PagedKVCache,
-    connector: KVConnector,
+    engine: Engine,
     settings: AgentSettings,
     on_turn: Callable[[TurnReport], None] | None = None,
 ) -> list[TurnReport]:
-    """Run `settings.turns` turns; `cache` must hold `settings.max_context_tokens`."""
+    """Run `settings.turns` turns; the engine's cache must hold `settings.max_context_tokens`."""
+    model, cache = engine.model, engine.cache
     config = model.config
-    _warm_up(model, cache, connector)
+    _warm_up(engine, settings)
     lengths = torch.randint(
         settings.tool_tokens[0],
         settings.tool_tokens[1] + 1,
@@ -91,10 +103,16 @@ def run_session(
             tool_result = random_prompt(config, int(lengths[turn - 1]), settings.seed + turn)
             context = torch.cat([context, tool_result])
         prompt = context.to(model.device)
-        stored = serve_request(
-            model, cache, connector, prompt, settings.decode_tokens, save=True, save_decoded=True
+        stored = engine.serve(
+            prompt,
+            settings.decode_tokens,
+            session=f"agent-{settings.seed}",
+            session_end=turn == settings.turns,
         )
         baseline = recompute(model, cache, prompt, 1)
+        bandwidth = engine.scheduler.scheduler_side.fetch_bytes_per_s
+        fetch_s = stored.bytes_fetched / bandwidth if stored.bytes_fetched and bandwidth else 0.0
+        suffix_s = _suffix_prefill_s(model, cache, prompt, stored.num_reused_tokens)
         report = TurnReport(
             turn=turn,
             context_tokens=context.numel(),
@@ -109,6 +127,9 @@ def run_session(
             max_logit_diff=float((stored.logits[0] - baseline.logits[0]).abs().max()),
             fallback=stored.fallback,
             save_error=stored.save_error,
+            decision=stored.decision,
+            matched_tokens=stored.num_matched_tokens,
+            bound_s=fetch_s + suffix_s,
         )
         reports.append(report)
         if on_turn is not None:
@@ -117,12 +138,31 @@ def run_session(
     return reports
 
 
-def _warm_up(model: Transformer, cache: PagedKVCache, connector: KVConnector) -> None:
-    """A short pass and a lookup, so turn 1 pays neither for lazy initialisation nor for
-    connecting to the server: a serving worker would have done both long before."""
-    prompt = random_prompt(model.config, 2 * model.config.page_tokens, 0)
-    recompute(model, cache, prompt.to(model.device), 2)
-    connector.lookup(prompt)
+def _suffix_prefill_s(
+    model: Transformer, cache: PagedKVCache, prompt: torch.Tensor, num_reused: int
+) -> float:
+    """The prefill of `prompt[num_reused:]` alone, over a prefix already in the cache."""
+    seq = Sequence()
+    try:
+        if num_reused:
+            model.forward(prompt[:num_reused], seq, cache, last_logits_only=True)
+        start = time.perf_counter()
+        model.forward(prompt[num_reused:], seq, cache, last_logits_only=True)
+        return time.perf_counter() - start
+    finally:
+        cache.free(seq)
+
+
+def _warm_up(engine: Engine, settings: AgentSettings) -> None:
+    """A prompt the size of turn 1, saved and then loaded, so that turn 1 pays neither for
+    lazy initialisation nor for connecting to the server (a serving worker would have done
+    both long before), and the connector has measured a prefill and a fetch."""
+    config = engine.model.config
+    num_tokens = max(settings.system_tokens, 2 * config.page_tokens) + 1
+    # A seed no session uses: its blocks share no prefix with the session's.
+    prompt = random_prompt(config, num_tokens, settings.seed + 1_000_003).to(engine.model.device)
+    engine.serve(prompt, 1)
+    engine.serve(prompt, 1, save=False)
 
 
 def describe_turn(report: TurnReport) -> str:
@@ -130,7 +170,8 @@ def describe_turn(report: TurnReport) -> str:
         f"turn {report.turn}: context {report.context_tokens} tokens, reused "
         f"{report.reused_tokens}, fetched {_mib(report.bytes_fetched)}, TTFT store "
         f"{report.ttft_store_s * 1000:.0f} ms vs recompute {report.ttft_recompute_s * 1000:.0f} "
-        f"ms ({report.speedup:.1f}x)"
+        f"ms ({report.speedup:.1f}x), bound {report.bound_s * 1000:.0f} ms "
+        f"({report.over_bound:.2f}x); {report.decision}"
     )
     notes = [note for note in (report.fallback, report.save_error) if note]
     return line + "".join(f" [{note}]" for note in notes)
@@ -144,8 +185,11 @@ def summary_table(reports: list[TurnReport], title: str) -> Table:
         "reused",
         "computed",
         "fetched",
+        "decision",
         "TTFT store",
         "TTFT recompute",
+        "bound",
+        "store/bound",
         "speed-up",
         "load stall",
         "same token",
@@ -160,8 +204,11 @@ def summary_table(reports: list[TurnReport], title: str) -> Table:
             str(r.reused_tokens),
             str(r.computed_tokens),
             _mib(r.bytes_fetched),
+            r.decision,
             f"{r.ttft_store_s * 1000:.0f} ms",
             f"{r.ttft_recompute_s * 1000:.0f} ms",
+            f"{r.bound_s * 1000:.0f} ms",
+            f"{r.over_bound:.2f}x",
             f"{r.speedup:.1f}x",
             f"{r.load_stall_s * 1000:.0f} ms",
             "yes" if r.first_token_match else "NO",
@@ -169,6 +216,7 @@ def summary_table(reports: list[TurnReport], title: str) -> Table:
         )
     store_s = sum(r.ttft_store_s for r in reports)
     recompute_s = sum(r.ttft_recompute_s for r in reports)
+    bound_s = sum(r.bound_s for r in reports)
     table.add_section()
     table.add_row(
         "all",
@@ -176,8 +224,11 @@ def summary_table(reports: list[TurnReport], title: str) -> Table:
         str(sum(r.reused_tokens for r in reports)),
         str(sum(r.computed_tokens for r in reports)),
         _mib(sum(r.bytes_fetched for r in reports)),
+        "",
         f"{store_s * 1000:.0f} ms",
         f"{recompute_s * 1000:.0f} ms",
+        f"{bound_s * 1000:.0f} ms",
+        f"{store_s / bound_s:.2f}x",
         f"{recompute_s / store_s:.1f}x",
         f"{sum(r.load_stall_s for r in reports) * 1000:.0f} ms",
         "yes" if all(r.first_token_match for r in reports) else "NO",
@@ -187,7 +238,7 @@ def summary_table(reports: list[TurnReport], title: str) -> Table:
 
 
 def reports_json(reports: list[TurnReport], context: dict[str, object]) -> str:
-    turns = [{**asdict(r), "speedup": r.speedup} for r in reports]
+    turns = [{**asdict(r), "speedup": r.speedup, "over_bound": r.over_bound} for r in reports]
     store_s = sum(r.ttft_store_s for r in reports)
     recompute_s = sum(r.ttft_recompute_s for r in reports)
     totals = {"ttft_store_s": store_s, "ttft_recompute_s": recompute_s}

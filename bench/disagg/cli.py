@@ -35,6 +35,7 @@ from kvstore.bench.disagg.agent import (
     run_session,
     summary_table,
 )
+from kvstore.bench.disagg.engine import Engine
 from kvstore.bench.disagg.model import Transformer, generate_greedy
 from kvstore.bench.disagg.serving import (
     DTYPES,
@@ -49,7 +50,6 @@ from kvstore.bench.disagg.serving import (
 )
 from kvstore.bench.disagg.sweep import add_sweep_arguments, print_report, report_json, run_sweep
 from kvstore.bench.spawn import spawned_server
-from kvstore.client.connector import KVConnector
 
 _DEFAULT_MODEL = {"check": "tiny", "agent": "small", "sweep": "small"}
 
@@ -74,6 +74,13 @@ def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
         help="agent: tool result length range (default 256:1536)",
     )
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--pin-ttl", type=float, default=30.0, help="agent: seconds a turn's chain stays pinned"
+    )
+    parser.add_argument(
+        "--prefill-rate", type=float, help="agent: tokens/s to plan with (default: measured)"
+    )
+    parser.add_argument("--chunk-tokens", type=int, help="agent: chunked prefill step size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-dram-bytes", default="2GiB", help="for a spawned server")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -226,8 +233,13 @@ def _agent(args: argparse.Namespace, model_name: str, target: str) -> int:
     console = _console(stderr=args.json)
     title = f"agent session: {model_name} {args.dtype} on {args.device}, {settings.turns} turns"
     console.print(title)
-    with KVConnector(target, namespace, cache) as connector:
-        reports = run_session(model, cache, connector, settings, print_turn(console))
+    settings_keys = {"pin_ttl_s": args.pin_ttl}
+    if args.prefill_rate is not None:
+        settings_keys["prefill_tokens_per_s"] = args.prefill_rate
+    with Engine(
+        model, cache, target, namespace, chunk_tokens=args.chunk_tokens, **settings_keys
+    ) as engine:
+        reports = run_session(engine, settings, print_turn(console))
     if args.json:
         context = {"model": model_name, "dtype": args.dtype, "device": args.device}
         print(reports_json(reports, {**context, "settings": settings.__dict__}))

@@ -16,17 +16,16 @@ import json
 import sys
 from pathlib import Path
 
+from kvstore.bench.disagg.engine import Engine
 from kvstore.bench.disagg.serving import (
     WorkerProcess,
     add_worker_arguments,
     cache_for,
     namespace_for,
     save_runs,
-    serve_request,
     setup_worker,
     start_worker,
 )
-from kvstore.client.connector import KVConnector
 
 
 def launch(
@@ -59,17 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model, prompts = setup_worker(args)
     cache = cache_for(model, max(prompt.numel() for prompt in prompts) + args.decode_tokens)
-    with KVConnector(args.target, namespace_for(model.config), cache) as connector:
+    with Engine(model, cache, args.target, namespace_for(model.config)) as engine:
         runs = [
-            serve_request(
-                model,
-                cache,
-                connector,
-                prompt.to(model.device),
-                args.decode_tokens,
-                load=True,
-                save=False,
-            )
+            engine.serve(prompt.to(model.device), args.decode_tokens, save=False)
             for prompt in prompts
         ]
     save_runs(runs, args.out)

@@ -15,17 +15,16 @@ import json
 import sys
 from pathlib import Path
 
+from kvstore.bench.disagg.engine import Engine
 from kvstore.bench.disagg.serving import (
     WorkerProcess,
     add_worker_arguments,
     cache_for,
     namespace_for,
     save_runs,
-    serve_request,
     setup_worker,
     start_worker,
 )
-from kvstore.client.connector import KVConnector
 
 
 def launch(
@@ -55,13 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model, prompts = setup_worker(args)
     cache = cache_for(model, max(prompt.numel() for prompt in prompts))
-    with KVConnector(args.target, namespace_for(model.config), cache) as connector:
-        runs = [
-            serve_request(
-                model, cache, connector, prompt.to(model.device), 1, load=False, save=True
-            )
-            for prompt in prompts
-        ]
+    with Engine(model, cache, args.target, namespace_for(model.config)) as engine:
+        runs = [engine.serve(prompt.to(model.device), 1, load=False) for prompt in prompts]
     save_runs(runs, args.out)
     for run in runs:
         summary = {

@@ -1,11 +1,12 @@
 """What the disaggregated workers share: the model and its store namespace, `LayerHooks` over a
-`KVConnector`, and one request served through the store with recompute as the fallback.
+`KVConnector`, what one request served through the store reports (`StoreRun`; the engine in
+kvstore.bench.disagg.engine serves it), and recompute without the store.
 
 Fallback policy: the store only ever saves work. If the lookup fails (store down), the request
 is prefilled in full. If a load fails part-way (store down, blocks evicted since the lookup,
-a checksum mismatch), `wait_for_layer_load` raises in the forward pass; the partial pass is
-dropped and the whole prompt is recomputed, so a store failure costs time, never tokens. A
-failed save is reported in `StoreRun.save_error` and does not affect the output.
+a checksum mismatch), the worker side reports its blocks and they are recomputed, so a store
+failure costs time, never tokens. A failed save is reported in `StoreRun.save_error` and does
+not affect the output.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import torch
 from torch import Tensor
 
 from kvstore.bench.disagg.model import ModelConfig, PagedKVCache, Sequence, Transformer
-from kvstore.client import DType, KVLayout, KVStoreClientError, Namespace, PrefixMatch
-from kvstore.client.connector import KVConnector, KVLoadError, KVSaveError
+from kvstore.client import DType, KVLayout, Namespace
+from kvstore.client.connector import KVConnector
 
 MODELS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": ModelConfig.tiny,
@@ -109,150 +110,8 @@ class StoreRun:
     save_wait_s: float  # blocked in wait_for_save after the first token
     fallback: str | None = None  # why the store was bypassed, if it was
     save_error: str | None = None
-
-
-def serve_request(
-    model: Transformer,
-    cache: PagedKVCache,
-    connector: KVConnector,
-    prompt: Tensor,
-    num_new_tokens: int,
-    *,
-    load: bool = True,
-    save: bool = True,
-    save_decoded: bool = False,
-    match: PrefixMatch | None = None,
-) -> StoreRun:
-    """Prefill `prompt` reusing its longest stored prefix, then decode greedily.
-
-    With `load`, the stored prefix (`match`, or a fresh lookup) is loaded layer by layer
-    while the suffix computes. With `save`, the prompt's new full blocks are saved layer by
-    layer as they are computed; with `save_decoded` too, the full blocks that decoding
-    filled are saved afterwards, so a next turn that extends this context reuses all of it.
-    """
-    start = time.perf_counter()
-    block_tokens = model.config.page_tokens
-    keys = connector.keys(prompt)
-    fallback: str | None = None
-    num_matched = 0
-    if load:
-        try:
-            match = connector.lookup(prompt) if match is None else match
-        except KVStoreClientError as error:
-            fallback = f"lookup failed, recomputing: {error}"
-        else:
-            # At least one token is computed: the last position's logits come from the pass.
-            num_matched = min(match.num_matched, (prompt.numel() - 1) // block_tokens)
-            if match.keys[:num_matched] != keys[:num_matched]:
-                raise ValueError("match is not a lookup of this prompt")
-    hooks = ConnectorHooks(connector)
-    seq = Sequence()
-    try:
-        try:
-            first_logits = _prefill(
-                model, cache, connector, hooks, prompt, keys, seq, num_matched, save
-            )
-        except KVLoadError as error:
-            connector.abort()
-            cache.free(seq)
-            fallback = f"load failed, recomputing: {error}"
-            num_matched = 0
-            first_logits = _prefill(model, cache, connector, hooks, prompt, keys, seq, 0, save)
-        token_ids = [int(first_logits.argmax())]
-        ttft_s = time.perf_counter() - start
-        load_stats = connector.wait_for_load()
-        saved = _SaveTally()
-        saved.wait(connector)
-        logits = _decode(model, cache, seq, token_ids, [first_logits], num_new_tokens)
-        if save_decoded:
-            _save_decoded(connector, seq, prompt, keys, token_ids, model.config.num_layers)
-            saved.wait(connector)
-    except BaseException:
-        connector.abort()  # nothing in flight may touch the pages once they are freed
-        raise
-    finally:
-        cache.free(seq)
-    return StoreRun(
-        token_ids=token_ids,
-        logits=logits,
-        num_prompt_tokens=prompt.numel(),
-        num_reused_tokens=num_matched * block_tokens,
-        bytes_fetched=load_stats.num_bytes,
-        ttft_s=ttft_s,
-        load_stall_s=load_stats.stall_s,
-        num_saved_blocks=saved.num_committed,
-        save_wait_s=saved.wait_s,
-        fallback=fallback,
-        save_error=saved.error,
-    )
-
-
-def _save_decoded(
-    connector: KVConnector,
-    seq: Sequence,
-    prompt: Tensor,
-    keys: list[bytes],
-    token_ids: list[int],
-    num_layers: int,
-) -> None:
-    """Start saving the full blocks that decoding filled after the prompt's."""
-    # The last token is not fed back, so its K/V is not in the cache.
-    context = torch.cat([prompt.cpu(), torch.tensor(token_ids[:-1], dtype=prompt.dtype)])
-    context_keys = connector.keys(context)
-    first, end = len(keys), len(context_keys)
-    if end == first:
-        return
-    parent_key = keys[-1] if keys else b""
-    connector.start_save_kv(context_keys[first:end], seq.page_ids[first:end], parent_key=parent_key)
-    for layer in range(num_layers):
-        connector.save_kv_layer(layer)
-
-
-def _prefill(
-    model: Transformer,
-    cache: PagedKVCache,
-    connector: KVConnector,
-    hooks: ConnectorHooks,
-    prompt: Tensor,
-    keys: list[bytes],
-    seq: Sequence,
-    num_matched: int,
-    save: bool,
-) -> Tensor:
-    """Load blocks [0, num_matched), compute the rest of `prompt`; last position's logits."""
-    block_tokens = model.config.page_tokens
-    # Every page is allocated up front: loads and saves name their pages before the pass.
-    cache.allocate(seq, prompt.numel())
-    if num_matched:
-        connector.start_load_kv(keys[:num_matched], seq.page_ids[:num_matched])
-        seq.num_tokens = num_matched * block_tokens
-    if save and len(keys) > num_matched:
-        parent_key = keys[num_matched - 1] if num_matched else b""
-        connector.start_save_kv(
-            keys[num_matched:], seq.page_ids[num_matched : len(keys)], parent_key=parent_key
-        )
-    suffix = prompt[num_matched * block_tokens :]
-    return model.forward(suffix, seq, cache, hooks, last_logits_only=True)[0]
-
-
-class _SaveTally:
-    """Sums what the saves of one request committed, and how long it waited for them."""
-
-    def __init__(self) -> None:
-        self.num_committed = 0
-        self.wait_s = 0.0
-        self.error: str | None = None
-
-    def wait(self, connector: KVConnector) -> None:
-        start = time.perf_counter()
-        try:
-            result = connector.wait_for_save()
-        except KVSaveError as error:
-            self.error = str(error)
-            result = None
-        self.wait_s += time.perf_counter() - start
-        if result is not None:
-            self.num_committed += result.num_committed
+    decision: str = ""  # the scheduler side's fetch-or-recompute reason
+    num_matched_tokens: int = 0  # stored, whether loaded or recomputed
 
 
 @dataclass(frozen=True)
@@ -267,7 +126,7 @@ class Recompute:
 def recompute(
     model: Transformer, cache: PagedKVCache, prompt: Tensor, num_new_tokens: int
 ) -> Recompute:
-    """Full prefill of `prompt` then greedy decoding, timed like `serve_request`."""
+    """Full prefill of `prompt` then greedy decoding, timed like `Engine.serve`."""
     start = time.perf_counter()
     seq = Sequence()
     first_logits = model.forward(prompt, seq, cache, last_logits_only=True)[0]

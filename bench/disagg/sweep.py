@@ -6,9 +6,10 @@ process with `--throttle-read dram=RATE` and the same request is served three wa
 
 - **fetch**: load the whole stored prefix (layer by layer, overlapped with the suffix);
 - **no store**: prefill the whole prompt, no lookup;
-- **planned**: look up, ask `plan_fetch` with the bandwidth the connector measured and the
-  prefill rate this rate's no-store runs showed (a worker measuring its own prefills), and
-  load only what it says (all of it, or nothing at this prompt's single rate).
+- **planned**: the vLLM connector's scheduler side (through kvstore.bench.disagg.engine) looks
+  up and plans with the bandwidth the fetches measured and the prefill rate this rate's
+  no-store runs showed (a worker measuring its own prefills), and loads only what it says
+  (all of it, or nothing at this prompt's single rate).
 
 The predicted break-even is ``block_bytes * tokens_per_s / block_tokens`` with the prefill
 rate of two timed prefills before the sweep (the whole prompt, and the suffix a hit leaves
@@ -23,15 +24,16 @@ import argparse
 import dataclasses
 import math
 import statistics
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from kvstore.bench.disagg.engine import Engine
 from kvstore.bench.disagg.model import PagedKVCache, Transformer
 from kvstore.bench.disagg.serving import (
     cache_for,
@@ -39,11 +41,9 @@ from kvstore.bench.disagg.serving import (
     namespace_for,
     random_prompt,
     recompute,
-    serve_request,
 )
 from kvstore.bench.spawn import spawned_server
-from kvstore.client import PrefillModel, break_even_bandwidth, plan_fetch
-from kvstore.client.connector import KVConnector
+from kvstore.client import PrefillModel, break_even_bandwidth
 from kvstore.units import parse_size
 
 DEFAULT_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
@@ -113,7 +113,7 @@ def run_sweep(args: argparse.Namespace, model_name: str) -> SweepReport:
     model = Transformer(config, device=args.device)
     prompt_tokens = args.prompt_tokens or DEFAULT_PROMPT_TOKENS
     block_tokens = config.page_tokens
-    # serve_request computes at least the last token: a hit covers the full blocks before it.
+    # A request computes at least the last token: a hit covers the full blocks before it.
     num_matched = (prompt_tokens - 1) // block_tokens
     if num_matched < 1:
         raise ValueError(f"--prompt-tokens must exceed one block ({block_tokens} tokens)")
@@ -183,45 +183,39 @@ def _sweep_point(
     flags = ["--dram-bytes", args.server_dram_bytes, "--log-level", "warning"]
     flags += ["--throttle-read", f"dram={max(1, round(rate))}"]
     namespace = namespace_for(config, tenant=f"sweep-{uuid.uuid4().hex[:12]}")
-    with spawned_server(flags) as target, KVConnector(target, namespace, cache) as connector:
-        serve_request(model, cache, connector, prompt, 1, load=False, save=True)
-        fetch, no_store = [], []
-        for _ in range(args.repeats):
-            fetch.append(serve_request(model, cache, connector, prompt, 1, save=False).ttft_s)
-            no_store.append(recompute(model, cache, prompt, 1).ttft_s)
+    with spawned_server(flags) as target:
+        # A prefill rate of 1 token/s makes the connector's plan fetch every stored block.
+        with Engine(model, cache, target, namespace, prefill_tokens_per_s=1.0) as engine:
+            engine.serve(prompt, 1, load=False)
+            fetch, no_store = [], []
+            for _ in range(args.repeats):
+                fetch.append(engine.serve(prompt, 1, save=False).ttft_s)
+                no_store.append(recompute(model, cache, prompt, 1).ttft_s)
+            measured = engine.worker.worker_side.stats().get("fetch_bytes_per_s")
         # The worker plans with the prefill rate it just measured, as a serving worker
-        # would: the machine's speed now, not at start-up.
+        # would: the machine's speed now, not at start-up; and the bandwidth the fetches
+        # above measured. The scheduler side's lookup and plan count toward TTFT.
         current = in_sweep_prefill(
             prefill, statistics.median(no_store), num_matched * config.page_tokens, len(prompt)
         )
-        planned, plans = [], []
-        for _ in range(args.repeats):
-            # The lookup and the plan count toward TTFT, as serve_request's own lookup does.
-            started = time.perf_counter()
-            match = connector.lookup(prompt)
-            plan = plan_fetch(
-                num_matched_blocks=min(match.num_matched, num_matched),
-                block_bytes=block_bytes,
-                block_tokens=config.page_tokens,
-                bandwidth_bytes_per_s=connector.bandwidth.rate(),
-                prefill=current,
-                bandwidth_source="measured",
-            )
-            plans.append(plan)
-            loaded = dataclasses.replace(match, num_matched=plan.num_load_blocks)
-            planning_s = time.perf_counter() - started
-            run = serve_request(model, cache, connector, prompt, 1, save=False, match=loaded)
-            planned.append(planning_s + run.ttft_s)
-        measured = connector.bandwidth.rate()
-    last = plans[-1]
+        settings: dict[str, Any] = {"prefill_tokens_per_s": current.tokens_per_s}
+        if measured is not None:
+            settings["fetch_bytes_per_s"] = measured
+        planned, runs = [], []
+        with Engine(model, cache, target, namespace, **settings) as engine:
+            for _ in range(args.repeats):
+                run = engine.serve(prompt, 1, save=False)
+                runs.append(run)
+                planned.append(run.ttft_s)
+    last = runs[-1]
     return SweepPoint(
         rate_bytes_per_s=rate,
         measured_bytes_per_s=measured,
         fetch_ttft_s=statistics.median(fetch),
         no_store_ttft_s=statistics.median(no_store),
         planned_ttft_s=statistics.median(planned),
-        num_load_blocks=last.num_load_blocks,
-        decision=last.reason,
+        num_load_blocks=last.num_reused_tokens // config.page_tokens,
+        decision=last.decision,
         plan_tokens_per_s=current.tokens_per_s,
     )
 

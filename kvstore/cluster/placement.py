@@ -41,6 +41,7 @@ from kvstore.cluster.members import Member
 # call to its owner.
 DEFAULT_RUN_BLOCKS = 4
 _SCALE = float(1 << 64)
+_OWNER_CACHE_RUNS = 1 << 16
 
 
 def member_weight(member: Member) -> float:
@@ -79,16 +80,26 @@ class Placement:
         self.members = tuple(sorted(members, key=lambda member: member.node_id))
         self.run_blocks = run_blocks
         self._weights = [member_weight(member) for member in self.members]
+        self._owners: dict[bytes, Member] = {}
 
     def owner(self, run_key: bytes) -> Member:
         """The member that owns the run whose first block has `run_key`."""
+        found = self._owners.get(run_key)
+        if found is not None:
+            return found
         if not self.members:
             raise LookupError("the cluster has no members")
         scores = [
             rendezvous_score(member.node_id, run_key, weight)
             for member, weight in zip(self.members, self._weights, strict=True)
         ]
-        return self.members[max(range(len(scores)), key=scores.__getitem__)]
+        found = self.members[max(range(len(scores)), key=scores.__getitem__)]
+        # An agent looks its chain up again every turn: remember owners, bounded. A
+        # placement lives until membership changes, which makes a new one.
+        if len(self._owners) >= _OWNER_CACHE_RUNS:
+            self._owners.clear()
+        self._owners[run_key] = found
+        return found
 
     def is_run_start(self, key: bytes) -> bool:
         """Whether a run starts at the block with `key` (beside a chain's first block)."""

@@ -385,3 +385,26 @@ async def test_credentials_reach_every_node_and_a_refusal_is_raised(
     async with KVClient(static_target(nodes), namespace, options=wrong) as cluster:
         with pytest.raises(Unauthenticated):
             await cluster.lookup(tokens)
+
+
+async def test_a_member_that_leaves_mid_get_is_closed_only_after_the_get_ends(
+    cluster: KVClient,
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
+    # Membership can change while a get streams from a member; closing its client under
+    # the stream would fail the get with a closed channel.
+    assert isinstance(cluster, ClusterClient)
+    layout = cluster.namespace.layout
+    keys = cluster.keys(tokens_for(NUM_BLOCKS, layout.block_tokens, seed=31))
+    kv = make_kv(layout, NUM_BLOCKS, form=KVForm.BLOCKS, seed=32)
+    await cluster.put_blocks(keys, kv)
+    layers = []
+    async for arrival in cluster.iter_layers(keys):
+        if not layers:
+            cluster.nodes.keep_only(Placement([], RUN_BLOCKS))  # every member leaves
+        assert arrival.num_blocks == NUM_BLOCKS
+        assert same_bytes(arrival.kv, kv[:, arrival.layer])
+        layers.append(arrival.layer)
+    assert layers == list(range(layout.num_layers))
+    assert not cluster.nodes._departed, "a departed member's client stayed open"

@@ -14,6 +14,7 @@ import torch
 
 from kvstore.bench.disagg import decode_worker, prefill_worker
 from kvstore.bench.disagg.agent import AgentSettings, reports_json, run_session
+from kvstore.bench.disagg.engine import Engine
 from kvstore.bench.disagg.model import Sequence, Transformer, generate_greedy
 from kvstore.bench.disagg.serving import (
     ConnectorHooks,
@@ -23,10 +24,10 @@ from kvstore.bench.disagg.serving import (
     model_config,
     namespace_for,
     random_prompt,
-    serve_request,
 )
 from kvstore.client import SyncKVClient
 from kvstore.client.connector import KVConnector, KVLoadError
+from kvstore.client.vllm_connector import KVStoreConnectorMetadata
 
 DECODE_TOKENS = 6
 BLOCK = model_config("tiny").page_tokens
@@ -97,17 +98,11 @@ def in_process_runs(target: str, dtype: str) -> dict[str, list[StoreRun]]:
     saved_prompts, cases = make_cases(dtype)
     model = Transformer(config)
     cache = cache_for(model, 200)
-    with KVConnector(target, namespace_for(config), cache) as connector:
-        saved = [
-            serve_request(model, cache, connector, prompt, 1, load=False, save=True)
-            for prompt in saved_prompts
-        ]
+    with Engine(model, cache, target, namespace_for(config)) as engine:
+        saved = [engine.serve(prompt, 1, load=False) for prompt in saved_prompts]
     cache = cache_for(model, 200)
-    with KVConnector(target, namespace_for(config), cache) as connector:
-        decoded = [
-            serve_request(model, cache, connector, case.prompt, DECODE_TOKENS, save=False)
-            for case in cases.values()
-        ]
+    with Engine(model, cache, target, namespace_for(config)) as engine:
+        decoded = [engine.serve(case.prompt, DECODE_TOKENS, save=False) for case in cases.values()]
     return {"prefill": saved, "decode": decoded}
 
 
@@ -150,8 +145,8 @@ def test_a_store_that_is_down_falls_back_to_recompute() -> None:
     model = Transformer(config)
     cache = cache_for(model, 200)
     prompt = random_prompt(config, 3 * BLOCK + 2, seed=5)
-    with KVConnector(dead_target, namespace_for(config), cache) as connector:
-        run = serve_request(model, cache, connector, prompt, DECODE_TOKENS, save=True)
+    with Engine(model, cache, dead_target, namespace_for(config)) as engine:
+        run = engine.serve(prompt, DECODE_TOKENS)
     assert run.fallback is not None
     assert "lookup failed" in run.fallback
     assert run.save_error is not None
@@ -166,17 +161,27 @@ def test_blocks_evicted_after_the_lookup_fall_back_to_recompute(store_target: st
     cache = cache_for(model, 200)
     prompt = random_prompt(config, 3 * BLOCK + 2, seed=6)
     namespace = namespace_for(config, tenant="evicted")
-    with KVConnector(store_target, namespace, cache) as connector:
-        serve_request(model, cache, connector, prompt, 1, load=False, save=True)
-        match = connector.lookup(prompt)
-        assert match.num_matched == 3
-        with SyncKVClient(store_target, namespace) as client:
-            client.delete(match.matched_keys[1:2])
-        run = serve_request(model, cache, connector, prompt, DECODE_TOKENS, match=match)
+    loads: list[list[bytes]] = []
+
+    def evict_after_the_lookup(metadata: KVStoreConnectorMetadata) -> None:
+        if metadata.loads:
+            loads.append(metadata.loads[0].keys)
+            with SyncKVClient(store_target, namespace) as client:
+                client.delete(metadata.loads[0].keys[1:2])
+
+    with Engine(model, cache, store_target, namespace) as engine:
+        engine.serve(prompt, 1, load=False)
+        run = engine.serve(prompt, DECODE_TOKENS, before_step=evict_after_the_lookup)
+        assert len(loads[0]) == 3
+        # The recompute saved the evicted block (and its descendants) again.
+        again = engine.serve(prompt, DECODE_TOKENS, save=False)
     assert run.fallback is not None
     assert "served 1 of 3 blocks" in run.fallback
     assert run.num_reused_tokens == 0
     assert run.token_ids == reference("float32", prompt)[0]
+    assert again.fallback is None
+    assert again.num_reused_tokens == 3 * BLOCK
+    assert again.token_ids == run.token_ids
 
 
 def test_a_failed_load_raises_from_the_forward_pass(store_target: str) -> None:
@@ -201,12 +206,12 @@ def test_the_next_turn_reuses_the_reply_saved_after_decoding(store_target: str) 
     model = Transformer(config)
     cache = cache_for(model, 200)
     prompt = random_prompt(config, 2 * BLOCK + 10, seed=8)
-    with KVConnector(store_target, namespace_for(config, tenant="turns"), cache) as connector:
-        first = serve_request(model, cache, connector, prompt, 8, save=True, save_decoded=True)
+    with Engine(model, cache, store_target, namespace_for(config, tenant="turns")) as engine:
+        first = engine.serve(prompt, 8)
         # 2 prompt blocks during prefill, then the block that tokens 32..47 filled in decoding.
         assert (first.num_reused_tokens, first.num_saved_blocks) == (0, 3)
         follow_up = torch.tensor([*prompt.tolist(), *first.token_ids, 7, 8, 9])
-        second = serve_request(model, cache, connector, follow_up, 2, save=False)
+        second = engine.serve(follow_up, 2, save=False)
     assert second.num_reused_tokens == 3 * BLOCK
     assert second.fallback is None
     assert second.ttft_s > 0
@@ -218,8 +223,8 @@ def test_each_agent_turn_reuses_everything_earlier_turns_cached(store_target: st
     model = Transformer(config)
     settings = AgentSettings(turns=3, system_tokens=40, tool_tokens=(20, 50), decode_tokens=5)
     cache = cache_for(model, settings.max_context_tokens)
-    with KVConnector(store_target, namespace_for(config, tenant="agent"), cache) as connector:
-        reports = run_session(model, cache, connector, settings)
+    with Engine(model, cache, store_target, namespace_for(config, tenant="agent")) as engine:
+        reports = run_session(engine, settings)
     assert [report.turn for report in reports] == [1, 2, 3]
     assert reports[0].reused_tokens == 0
     for previous, report in itertools.pairwise(reports):
@@ -245,9 +250,9 @@ def test_a_cuda_cache_loads_from_the_store_and_matches(store_target: str) -> Non
     model = Transformer(config, device="cuda")
     cache = cache_for(model, 200)
     prompt = random_prompt(config, 2 * BLOCK + 5, seed=9).cuda()
-    with KVConnector(store_target, namespace_for(config, tenant="cuda"), cache) as connector:
-        serve_request(model, cache, connector, prompt, 1, load=False, save=True)
-        run = serve_request(model, cache, connector, prompt, DECODE_TOKENS, save=False)
+    with Engine(model, cache, store_target, namespace_for(config, tenant="cuda")) as engine:
+        engine.serve(prompt, 1, load=False)
+        run = engine.serve(prompt, DECODE_TOKENS, save=False)
     reference_run = generate_greedy(model, prompt, DECODE_TOKENS, cache_for(model, 200))
     assert run.fallback is None
     assert run.num_reused_tokens == 2 * BLOCK

@@ -1,0 +1,215 @@
+"""The vLLM connector's settings, read from `kv_transfer_config.kv_connector_extra_config`.
+
+Every key, with its default (see the README's "In vLLM" section):
+
+    target              HOST:PORT, etcd://... or cluster://... of the store (required)
+    tenant              the namespace's tenant (default "vllm")
+    model_fingerprint   what the KV depends on: weights, revision, dtype... (required)
+    block_size          tokens per block; must equal vLLM's --block-size (required)
+    num_layers, num_kv_heads, head_dim, dtype
+                        the KV layout per worker (required; the worker checks them against
+                        the caches vLLM registers); dtype: float16 | bfloat16 | float32 ...
+    tp_rank, tp_size    this worker's tensor-parallel shard (default 0 of 1)
+    token               bearer token (default: the KVSTORE_TOKEN environment variable)
+    tls_ca, tls_cert, tls_key, tls_server_name
+                        TLS files (PEM) and the name to check; any one turns TLS on
+    data_plane          carry bytes over the store's TCP data plane (default true)
+    prefill_tokens_per_s, prefill_fixed_s
+                        the model's prefill rate, for fetch-or-recompute (default: none,
+                        which fetches every stored block)
+    fetch_overhead_s    fixed cost of starting one fetch (default 0)
+    fetch_bytes_per_s   the bandwidth to assume until one is measured (default: none)
+    pin_ttl_s           how long a finished request's chain stays pinned: the think time
+                        of an agent's tool call (default 0: no pin)
+    save_decoded        also save the full blocks that decoding fills (default true)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvstore.client._options import ClientOptions, TLSOptions
+from kvstore.errors import InvalidRequest
+from kvstore.layout import DType, KVLayout, Namespace
+
+_DTYPES = {dtype.name.lower(): dtype for dtype in DType}
+_KNOWN_KEYS = frozenset(
+    {
+        "target",
+        "tenant",
+        "model_fingerprint",
+        "block_size",
+        "num_layers",
+        "num_kv_heads",
+        "head_dim",
+        "dtype",
+        "tp_rank",
+        "tp_size",
+        "token",
+        "tls_ca",
+        "tls_cert",
+        "tls_key",
+        "tls_server_name",
+        "data_plane",
+        "prefill_tokens_per_s",
+        "prefill_fixed_s",
+        "fetch_overhead_s",
+        "fetch_bytes_per_s",
+        "pin_ttl_s",
+        "save_decoded",
+    }
+)
+
+
+class ConnectorConfigError(ValueError):
+    """kv_connector_extra_config is missing a key or holds a bad value."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectorConfig:
+    target: str
+    namespace: Namespace
+    options: ClientOptions
+    prefill_tokens_per_s: float | None
+    prefill_fixed_s: float
+    fetch_overhead_s: float
+    fetch_bytes_per_s: float | None
+    pin_ttl_s: float
+    save_decoded: bool
+
+    @property
+    def block_tokens(self) -> int:
+        return self.namespace.layout.block_tokens
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any]) -> ConnectorConfig:
+        """Parse and check `kv_connector_extra_config`; `ConnectorConfigError` names the key."""
+        unknown = sorted(set(extra) - _KNOWN_KEYS)
+        if unknown:
+            raise ConnectorConfigError(
+                f"kv_connector_extra_config: unknown key(s) {unknown}; known: {sorted(_KNOWN_KEYS)}"
+            )
+        dtype_name = _string(extra, "dtype").lower()
+        if dtype_name not in _DTYPES:
+            raise ConnectorConfigError(
+                f"kv_connector_extra_config.dtype: {dtype_name!r} is not one of {sorted(_DTYPES)}"
+            )
+        try:
+            layout = KVLayout(
+                num_layers=_integer(extra, "num_layers"),
+                num_kv_heads=_integer(extra, "num_kv_heads"),
+                head_dim=_integer(extra, "head_dim"),
+                dtype=_DTYPES[dtype_name],
+                block_tokens=_integer(extra, "block_size"),
+            )
+            namespace = Namespace(
+                tenant=str(extra.get("tenant", "vllm")),
+                model_fingerprint=_string(extra, "model_fingerprint"),
+                layout=layout,
+                tp_rank=_integer(extra, "tp_rank", 0),
+                tp_size=_integer(extra, "tp_size", 1),
+            )
+            options = ClientOptions(
+                token=_optional_string(extra, "token"),
+                tls=_tls(extra),
+                data_plane=_boolean(extra, "data_plane", True),
+            )
+        except (ValueError, InvalidRequest) as error:
+            raise ConnectorConfigError(f"kv_connector_extra_config: {error}") from None
+        return cls(
+            target=_string(extra, "target"),
+            namespace=namespace,
+            options=options,
+            prefill_tokens_per_s=_optional_positive(extra, "prefill_tokens_per_s"),
+            prefill_fixed_s=_non_negative(extra, "prefill_fixed_s"),
+            fetch_overhead_s=_non_negative(extra, "fetch_overhead_s"),
+            fetch_bytes_per_s=_optional_positive(extra, "fetch_bytes_per_s"),
+            pin_ttl_s=_non_negative(extra, "pin_ttl_s"),
+            save_decoded=_boolean(extra, "save_decoded", True),
+        )
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> ConnectorConfig:
+        transfer = vllm_config.kv_transfer_config
+        if transfer is None:
+            raise ConnectorConfigError("vllm_config.kv_transfer_config is not set")
+        return cls.from_extra_config(dict(transfer.kv_connector_extra_config or {}))
+
+
+def _tls(extra: dict[str, Any]) -> TLSOptions | None:
+    files = {
+        "ca_file": _optional_string(extra, "tls_ca"),
+        "cert_file": _optional_string(extra, "tls_cert"),
+        "key_file": _optional_string(extra, "tls_key"),
+        "server_name": _optional_string(extra, "tls_server_name"),
+    }
+    if all(value is None for value in files.values()):
+        return None
+    return TLSOptions(**files)
+
+
+def _missing(key: str) -> ConnectorConfigError:
+    return ConnectorConfigError(f"kv_connector_extra_config.{key} is required")
+
+
+def _string(extra: dict[str, Any], key: str) -> str:
+    value = extra.get(key)
+    if value is None:
+        raise _missing(key)
+    if not isinstance(value, str) or not value:
+        raise ConnectorConfigError(
+            f"kv_connector_extra_config.{key} must be a non-empty string, got {value!r}"
+        )
+    return value
+
+
+def _optional_string(extra: dict[str, Any], key: str) -> str | None:
+    return None if extra.get(key) is None else _string(extra, key)
+
+
+def _integer(extra: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = extra.get(key, default)
+    if value is None:
+        raise _missing(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConnectorConfigError(
+            f"kv_connector_extra_config.{key} must be an integer, got {value!r}"
+        )
+    return value
+
+
+def _number(extra: dict[str, Any], key: str) -> float | None:
+    value = extra.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ConnectorConfigError(
+            f"kv_connector_extra_config.{key} must be a number, got {value!r}"
+        )
+    return float(value)
+
+
+def _optional_positive(extra: dict[str, Any], key: str) -> float | None:
+    value = _number(extra, key)
+    if value is not None and not 0 < value < float("inf"):
+        raise ConnectorConfigError(f"kv_connector_extra_config.{key} must be > 0, got {value}")
+    return value
+
+
+def _non_negative(extra: dict[str, Any], key: str) -> float:
+    value = _number(extra, key)
+    if value is None:
+        return 0.0
+    if not 0 <= value < float("inf"):
+        raise ConnectorConfigError(f"kv_connector_extra_config.{key} must be >= 0, got {value}")
+    return value
+
+
+def _boolean(extra: dict[str, Any], key: str, default: bool) -> bool:
+    value = extra.get(key, default)
+    if not isinstance(value, bool):
+        raise ConnectorConfigError(
+            f"kv_connector_extra_config.{key} must be true or false, got {value!r}"
+        )
+    return value

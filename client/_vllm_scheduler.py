@@ -1,0 +1,333 @@
+"""The scheduler side of the vLLM connector: how many tokens to load, and what each step loads
+and saves.
+
+A request's life here: `get_num_new_matched_tokens` looks its prompt up (one lookup; a miss
+costs nothing more) and plans how much of the match to fetch, only what arrives sooner than
+it could be recomputed (`plan_fetch`); `update_state_after_alloc` turns the plan into a load
+into the blocks vLLM allocated; each `build_connector_meta` hands the worker that load and
+the saves of the blocks this step fills; `request_finished` keeps the blocks until the
+worker reports the saves done, and pins the chain for the think time of an agent's tool call.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvstore.client._async import KVClient
+from kvstore.client._errors import KVStoreClientError
+from kvstore.client._loop import LoopThread
+from kvstore.client._vllm_config import ConnectorConfig
+from kvstore.client._vllm_metadata import (
+    TIER_RATE_PREFIX,
+    KVStoreConnectorMetadata,
+    LoadSpec,
+    SaveSpec,
+)
+from kvstore.client.cost import FetchPlan, PrefillModel, plan_fetch_blocks
+
+logger = logging.getLogger(__name__)
+
+# kv_transfer_params keys a request may carry.
+SESSION_PARAM = "kvstore_session"  # requests of one agent session share this id
+SESSION_END_PARAM = "kvstore_session_end"  # true on the session's last request
+LOAD_PARAM = "kvstore_load"  # false: never load this request from the store
+SAVE_PARAM = "kvstore_save"  # false: never save this request's blocks
+
+
+@dataclass(frozen=True)
+class MatchPlan:
+    """What `get_num_new_matched_tokens` found and decided for one request."""
+
+    keys: list[bytes]  # the prompt's loadable full blocks (the last token is never loaded)
+    num_matched_blocks: int  # stored, counted from the first block
+    first_block: int  # the first block not computed locally: loads start here
+    fetch: FetchPlan
+
+    @property
+    def num_load_blocks(self) -> int:
+        return self.fetch.num_load_blocks
+
+
+@dataclass
+class _Tracked:
+    request: Any
+    plan: MatchPlan | None
+    block_ids: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)  # of the first `len(keys)` full blocks
+    stored_blocks: int = 0  # blocks [0, stored_blocks) are in the store or being saved
+    pending_load: LoadSpec | None = None
+    saves_scheduled: bool = False
+
+
+class SchedulerSide:
+    def __init__(self, config: ConnectorConfig) -> None:
+        self.config = config
+        self._loop = LoopThread("kvstore-vllm-scheduler")
+        self._client: KVClient = self._loop.open_client(
+            config.target, config.namespace, config.options
+        )
+        self._plans: dict[str, MatchPlan] = {}
+        self._tracked: dict[str, _Tracked] = {}
+        self._pin_after_save: dict[str, tuple[str, list[bytes]]] = {}
+        self._sessions: dict[str, list[bytes]] = {}  # session id -> keys it has pinned
+        self._control: list[concurrent.futures.Future[int]] = []
+        self._fetch_bytes_per_s = config.fetch_bytes_per_s
+        self._bandwidth_measured = False
+        self._tier_bytes_per_s: dict[str, float] = {}  # "dram", "ssd", ...: measured
+        self._measured_prefill_tokens_per_s: float | None = None
+
+    # -- get_num_new_matched_tokens ---------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        plan = self._match(request, num_computed_tokens)
+        self._plans[request.request_id] = plan
+        if plan.num_load_blocks == 0:
+            return 0, False
+        end = (plan.first_block + plan.num_load_blocks) * self.config.block_tokens
+        return end - num_computed_tokens, False
+
+    def _match(self, request: Any, num_computed_tokens: int) -> MatchPlan:
+        block_tokens = self.config.block_tokens
+        prompt = list(request.prompt_token_ids)
+        # The last position's logits come from the forward pass: one token is computed.
+        keys = self._client.keys(prompt[: (len(prompt) - 1) // block_tokens * block_tokens])
+        first_block = num_computed_tokens // block_tokens
+        if num_computed_tokens % block_tokens:
+            # Loads fill whole blocks; one computed in part locally cannot take one.
+            return MatchPlan(keys, 0, first_block, _no_fetch("local prefix ends mid-block"))
+        if not _param(request, LOAD_PARAM, True) or first_block >= len(keys):
+            return MatchPlan(keys, 0, first_block, _no_fetch("nothing to load"))
+        try:
+            match = self._loop.run(self._client.lookup_keys(keys))
+        except KVStoreClientError as error:
+            logger.warning("kvstore lookup failed, recomputing: %s", error)
+            return MatchPlan(keys, 0, first_block, _no_fetch(f"lookup failed: {error}"))
+        tiers = [tier.name.lower() for tier in match.tiers[first_block : match.num_matched]]
+        return MatchPlan(keys, match.num_matched, first_block, self._plan(tiers))
+
+    def _plan(self, tiers: list[str]) -> FetchPlan:
+        """Fetch the part of the match (its blocks' tiers) that arrives sooner than it could
+        be recomputed: all of it, a prefix (a fast tier's head), or none."""
+        if not tiers:
+            return _no_fetch("miss")
+        prefill = self._prefill_model()
+        if prefill is None or self._fetch_bytes_per_s is None:
+            # Nothing to weigh yet; the first fetch is what measures the store.
+            unknown = "prefill rate" if prefill is None else "bandwidth"
+            return FetchPlan(len(tiers), 0.0, 0.0, f"fetch: no {unknown} measured yet")
+        source = "measured" if self._bandwidth_measured else "configured prior"
+        overall = self._fetch_bytes_per_s
+        return plan_fetch_blocks(
+            block_bandwidths=[self._tier_bytes_per_s.get(tier, overall) for tier in tiers],
+            block_bytes=self.config.namespace.layout.block_bytes,
+            block_tokens=self.config.block_tokens,
+            prefill=prefill,
+            per_fetch_overhead_s=self.config.fetch_overhead_s,
+            bandwidth_source=source,
+        )
+
+    def _prefill_model(self) -> PrefillModel | None:
+        rate = self.config.prefill_tokens_per_s or self._measured_prefill_tokens_per_s
+        if rate is None:
+            return None
+        return PrefillModel(tokens_per_s=rate, fixed_s=self.config.prefill_fixed_s)
+
+    def plan_for(self, request_id: str) -> MatchPlan | None:
+        """The last plan made for `request_id` (kept until the request finishes)."""
+        tracked = self._tracked.get(request_id)
+        return tracked.plan if tracked is not None else self._plans.get(request_id)
+
+    # -- update_state_after_alloc, build_connector_meta -------------------------------------
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        plan = self._plans.pop(request.request_id, None)
+        tracked = self._tracked.get(request.request_id)
+        if tracked is None:
+            tracked = _Tracked(request=request, plan=plan)
+            self._tracked[request.request_id] = tracked
+        tracked.block_ids = list(blocks.get_block_ids()[0])
+        if plan is None:
+            return
+        # The store holds the matched blocks whether this request loads them or not.
+        tracked.stored_blocks = plan.num_matched_blocks
+        tracked.keys = plan.keys[: plan.num_matched_blocks]
+        if num_external_tokens <= 0:
+            return
+        num_load = plan.num_load_blocks
+        first, end = plan.first_block, plan.first_block + num_load
+        if len(tracked.block_ids) < end:
+            raise ValueError(
+                f"request {request.request_id}: {len(tracked.block_ids)} blocks allocated, "
+                f"the load needs {end}"
+            )
+        tracked.pending_load = LoadSpec(
+            request.request_id, plan.keys[first:end], tracked.block_ids[first:end]
+        )
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVStoreConnectorMetadata:
+        computed_after: dict[str, int] = {}
+        for new in scheduler_output.scheduled_new_reqs:
+            tracked = self._tracked.get(new.req_id)
+            if tracked is None:
+                continue
+            tracked.block_ids = list(new.block_ids[0])
+            scheduled = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
+            computed_after[new.req_id] = new.num_computed_tokens + scheduled
+        cached = scheduler_output.scheduled_cached_reqs
+        for index, req_id in enumerate(cached.req_ids):
+            tracked = self._tracked.get(req_id)
+            if tracked is None:
+                continue
+            new_block_ids = cached.new_block_ids[index]
+            if new_block_ids is not None:
+                tracked.block_ids.extend(new_block_ids[0])
+            scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            computed_after[req_id] = cached.num_computed_tokens[index] + scheduled
+        loads: list[LoadSpec] = []
+        saves: list[SaveSpec] = []
+        for req_id, num_tokens in computed_after.items():
+            tracked = self._tracked[req_id]
+            if tracked.pending_load is not None:
+                loads.append(tracked.pending_load)
+                tracked.pending_load = None
+            save = self._save_for(tracked, num_tokens)
+            if save is not None:
+                saves.append(save)
+        preempted = frozenset(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        for req_id in preempted:
+            # Its blocks are freed; when it resumes, vLLM asks for its match again.
+            self._tracked.pop(req_id, None)
+        return KVStoreConnectorMetadata(loads=loads, saves=saves, preempted_req_ids=preempted)
+
+    def _save_for(self, tracked: _Tracked, num_computed_tokens: int) -> SaveSpec | None:
+        """The blocks that are full once this step has run and that are not stored yet."""
+        request = tracked.request
+        if not _param(request, SAVE_PARAM, True):
+            return None
+        tokens = list(
+            request.all_token_ids if self.config.save_decoded else request.prompt_token_ids
+        )
+        block_tokens = self.config.block_tokens
+        num_full = min(num_computed_tokens, len(tokens)) // block_tokens
+        num_full = min(num_full, len(tracked.block_ids))
+        first = tracked.stored_blocks
+        if num_full <= first:
+            return None
+        if len(tracked.keys) < num_full:
+            tracked.keys = self._client.keys(tokens[: num_full * block_tokens])
+        tracked.stored_blocks = num_full
+        tracked.saves_scheduled = True
+        return SaveSpec(
+            request_id=request.request_id,
+            keys=tracked.keys[first:num_full],
+            block_ids=tracked.block_ids[first:num_full],
+            parent_key=tracked.keys[first - 1] if first else b"",
+        )
+
+    # -- request_finished, update_connector_output ------------------------------------------
+
+    def request_finished(
+        self, request: Any, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        self._plans.pop(request.request_id, None)
+        tracked = self._tracked.pop(request.request_id, None)
+        if tracked is None:
+            return False, None
+        session = _param(request, SESSION_PARAM, None)
+        if _param(request, SESSION_END_PARAM, False):
+            self._end_session(str(session) if session is not None else None)
+        elif self.config.pin_ttl_s > 0:
+            session_id = str(session) if session is not None else request.request_id
+            chain = tracked.keys[: tracked.stored_blocks]
+            if tracked.saves_scheduled:
+                self._pin_after_save[request.request_id] = (session_id, chain)
+            else:
+                self._pin(session_id, chain)
+        # With saves scheduled the worker still reads the blocks: vLLM keeps them until the
+        # worker lists the request in finished_sending.
+        return tracked.saves_scheduled, None
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        failed = set(getattr(connector_output, "invalid_block_ids", None) or ())
+        if failed:
+            self._forget_failed(failed)
+        for req_id in connector_output.finished_sending or ():
+            pending = self._pin_after_save.pop(req_id, None)
+            if pending is not None:
+                self._pin(*pending)
+        stats = getattr(connector_output, "kv_connector_stats", None)
+        data = getattr(stats, "data", stats)
+        if isinstance(data, dict):
+            rate = data.get("fetch_bytes_per_s")
+            if isinstance(rate, int | float) and rate > 0:
+                self._fetch_bytes_per_s = float(rate)
+                self._bandwidth_measured = True
+            for key, value in data.items():
+                tier = key.removeprefix(TIER_RATE_PREFIX)
+                if tier != key and isinstance(value, int | float) and value > 0:
+                    self._tier_bytes_per_s[tier] = float(value)
+            prefill = data.get("prefill_tokens_per_s")
+            if isinstance(prefill, int | float) and prefill > 0:
+                self._measured_prefill_tokens_per_s = float(prefill)
+
+    def _forget_failed(self, failed: set[int]) -> None:
+        """Blocks that failed to load are recomputed by vLLM, and the step's saves after
+        them were dropped by the worker: save them again from the first failed block."""
+        for tracked in self._tracked.values():
+            positions = [i for i, block in enumerate(tracked.block_ids) if block in failed]
+            if positions:
+                tracked.stored_blocks = min(tracked.stored_blocks, positions[0])
+
+    @property
+    def fetch_bytes_per_s(self) -> float | None:
+        """The bandwidth the plans use: the workers' latest measure, else the configured one."""
+        return self._fetch_bytes_per_s
+
+    def _pin(self, session_id: str, chain: list[bytes]) -> None:
+        if not chain:
+            return
+        self._sessions[session_id] = chain
+        self._control_call(self._client.pin(chain, self.config.pin_ttl_s))
+
+    def _end_session(self, session_id: str | None) -> None:
+        if session_id is None:
+            return
+        chain = self._sessions.pop(session_id, None)
+        if chain:
+            self._control_call(self._client.unpin(chain))
+
+    def _control_call(self, coroutine: Any) -> None:
+        # Pins run on the loop thread: the scheduler's step does not wait on the network.
+        future = self._loop.submit(coroutine)
+        future.add_done_callback(_log_failure)
+        self._control = [call for call in self._control if not call.done()] + [future]
+
+    def wait_for_control_calls(self, timeout: float | None = None) -> None:
+        """Wait for the pins and unpins sent so far (tests and shutdown)."""
+        concurrent.futures.wait(self._control, timeout)
+
+    def shutdown(self) -> None:
+        if not self._loop.running:
+            return
+        self.wait_for_control_calls(self.config.options.timeouts.control)
+        self._loop.run(self._client.close())
+        self._loop.stop()
+
+
+def _no_fetch(reason: str) -> FetchPlan:
+    return FetchPlan(num_load_blocks=0, fetch_s=0.0, recompute_s=0.0, reason=reason)
+
+
+def _param(request: Any, key: str, default: Any) -> Any:
+    params = getattr(request, "kv_transfer_params", None) or {}
+    return params.get(key, default)
+
+
+def _log_failure(future: concurrent.futures.Future[int]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("kvstore pin/unpin failed: %s", future.exception())

@@ -1,0 +1,271 @@
+"""The worker side of the vLLM connector: loads and saves vLLM's paged KV cache layer by layer
+through a `KVConnector`, as the scheduler side's metadata says.
+
+Per step: `start_load_kv` starts one fetch of every block the step loads, and opens one put
+per request that fills blocks; in each attention layer `wait_for_layer_load` waits for that
+layer's pages and `save_kv_layer` queues the layer for every put. `wait_for_save` does not
+wait for the puts: they finish while later steps run, and a request's blocks are kept until
+`get_finished` lists it (the scheduler side returned True from `request_finished`). So the
+time to first token never includes a save.
+
+A failed load never leaves wrong pages in use: every block of the step's load is reported by
+`get_block_ids_with_load_errors`, and vLLM recomputes from the first of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvstore.client._vllm_config import ConnectorConfig
+from kvstore.client._vllm_metadata import TIER_RATE_PREFIX, KVStoreConnectorMetadata
+from kvstore.client.connector import KVConnector, KVLoadError, KVSaveError, SaveHandle
+
+logger = logging.getLogger(__name__)
+
+# A step that computes fewer tokens than this is decoding: it says nothing of prefill speed.
+_MIN_PREFILL_SAMPLE_TOKENS = 64
+_RATE_SMOOTHING = 0.5  # weight of the newest sample in the moving averages
+
+
+class RegisteredCache:
+    """`PagedCache` over the per-layer tensors vLLM registers.
+
+    vLLM's attention backends lay a layer out either as ``[2, num_blocks, block_size, heads,
+    head_dim]`` (FlashAttention: K and V first) or ``[num_blocks, 2, block_size, heads,
+    head_dim]`` (FlashInfer, and the emulator's model); a block-layer of the store is
+    ``[2, block_size, heads, head_dim]``, a view of either.
+    """
+
+    def __init__(
+        self, kv_caches: dict[str, torch.Tensor], layer_shape: tuple[int, ...], dtype: torch.dtype
+    ) -> None:
+        if not kv_caches:
+            raise ValueError("register_kv_caches: no KV cache tensors")
+        self.layer_names = list(kv_caches)
+        self._tensors = list(kv_caches.values())
+        first = self._tensors[0]
+        inner = tuple(layer_shape[1:])
+        if first.dim() == 5 and first.shape[1] == 2 and tuple(first.shape[2:]) == inner:
+            self._kv_first = False
+        elif first.dim() == 5 and first.shape[0] == 2 and tuple(first.shape[2:]) == inner:
+            self._kv_first = True
+        else:
+            raise ValueError(
+                f"KV cache layer {self.layer_names[0]!r} is {tuple(first.shape)}; the connector's "
+                f"layout needs [2, blocks, {', '.join(map(str, inner))}] or "
+                f"[blocks, 2, {', '.join(map(str, inner))}] (check block_size, num_kv_heads, "
+                "head_dim in kv_connector_extra_config)"
+            )
+        for name, tensor in kv_caches.items():
+            if tensor.shape != first.shape or tensor.dtype != dtype:
+                raise ValueError(
+                    f"KV cache layer {name!r} is {tuple(tensor.shape)} {tensor.dtype}; "
+                    f"expected {tuple(first.shape)} {dtype}"
+                )
+        self.layer_index = {name: index for index, name in enumerate(self.layer_names)}
+
+    def page_view(self, layer: int, page: int) -> torch.Tensor:
+        tensor = self._tensors[layer]
+        return tensor[:, page] if self._kv_first else tensor[page]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    num_blocks: int
+    num_bytes: int
+    stall_s: float  # the forward pass's wait in wait_for_layer_load
+    error: str | None = None  # why it failed; its blocks were reported for recompute
+
+
+@dataclass
+class SaveReport:
+    num_committed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class WorkerSide:
+    def __init__(self, config: ConnectorConfig) -> None:
+        self.config = config
+        self._engine: KVConnector | None = None
+        self._cache: RegisteredCache | None = None
+        self._saves: dict[str, list[SaveHandle]] = {}  # request id -> its puts not reported
+        self._finishing: set[str] = set()  # finished in vLLM, saves maybe still running
+        self._load_block_ids: list[int] = []  # the blocks of the step's load
+        self._load_failed = False
+        self._failed_block_ids: set[int] = set()
+        self._step_started: float | None = None
+        self._step_tokens = 0
+        self.prefill_tokens_per_s: float | None = None
+        self._step_saves: list[SaveHandle] = []  # opened by this step
+        self.save_reports: dict[str, SaveReport] = {}  # of requests get_finished reported
+        self.last_load: LoadReport | None = None  # the last step's load, if it had one
+
+    # -- registration ------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        layout = self.config.namespace.layout
+        if len(kv_caches) != layout.num_layers:
+            raise ValueError(
+                f"vLLM registered {len(kv_caches)} KV cache layers; kv_connector_extra_config "
+                f"says num_layers={layout.num_layers}"
+            )
+        self._cache = RegisteredCache(kv_caches, layout.layer_shape, layout.dtype.torch_dtype)
+        self._engine = KVConnector(
+            self.config.target, self.config.namespace, self._cache, options=self.config.options
+        )
+
+    def _require(self) -> tuple[KVConnector, RegisteredCache]:
+        if self._engine is None or self._cache is None:
+            raise RuntimeError("register_kv_caches was not called")
+        return self._engine, self._cache
+
+    # -- a step ------------------------------------------------------------------------------
+
+    def handle_preemptions(self, metadata: KVStoreConnectorMetadata) -> None:
+        for req_id in metadata.preempted_req_ids:
+            for handle in self._saves.pop(req_id, []):
+                handle.abort()
+
+    def start_load_kv(self, metadata: KVStoreConnectorMetadata, num_step_tokens: int) -> None:
+        engine, _ = self._require()
+        self.handle_preemptions(metadata)
+        self._step_started = time.perf_counter()
+        self._step_tokens = num_step_tokens
+        self._load_failed = False
+        self._load_block_ids = [block for load in metadata.loads for block in load.block_ids]
+        keys = [key for load in metadata.loads for key in load.keys]
+        if keys:
+            engine.start_load_kv(keys, self._load_block_ids)
+        self._step_saves = []
+        for save in metadata.saves:
+            chain = self._saves.setdefault(save.request_id, [])
+            handle = engine.open_save(
+                save.keys,
+                save.block_ids,
+                parent_key=save.parent_key,
+                after=chain[-1] if chain else None,
+            )
+            chain.append(handle)
+            self._step_saves.append(handle)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        engine, cache = self._require()
+        if self._load_failed:
+            return
+        try:
+            engine.wait_for_layer_load(cache.layer_index[layer_name])
+        except KVLoadError as error:
+            self._fail_load(engine, error)
+
+    def _fail_load(self, engine: KVConnector, error: KVLoadError) -> None:
+        logger.warning("kvstore load failed; vLLM recomputes its blocks: %s", error)
+        self._load_failed = True
+        self._failed_block_ids.update(self._load_block_ids)
+        self.last_load = LoadReport(0, 0, 0.0, error=str(error))
+        engine.abort_load()
+        # This step's new K/V attends over the pages that did not arrive: none of it may
+        # reach the store. The scheduler side saves those blocks again once recomputed.
+        for handle in self._step_saves:
+            handle.abort()
+
+    def save_kv_layer(self, layer_name: str) -> None:
+        engine, cache = self._require()
+        engine.save_kv_layer(cache.layer_index[layer_name])
+
+    def wait_for_save(self) -> None:
+        """End the step: close its load (every layer is in place by now) and measure it. The
+        puts run on: their blocks are held until `get_finished` reports the request."""
+        engine, _ = self._require()
+        if self._load_block_ids and not self._load_failed:
+            try:
+                stats = engine.wait_for_load()
+            except KVLoadError as error:
+                self._fail_load(engine, error)
+            else:
+                self.last_load = LoadReport(stats.num_blocks, stats.num_bytes, stats.stall_s)
+        elif not self._load_block_ids:
+            self.last_load = None
+        self._measure_prefill()
+        self._load_block_ids = []
+
+    def _measure_prefill(self) -> None:
+        if self._step_started is None or self._step_tokens < _MIN_PREFILL_SAMPLE_TOKENS:
+            return
+        if self._load_block_ids:
+            return  # a step that loaded also waited on the network
+        elapsed = time.perf_counter() - self._step_started
+        if elapsed > 0:
+            self.prefill_tokens_per_s = _smooth(
+                self.prefill_tokens_per_s, self._step_tokens / elapsed
+            )
+
+    # -- completion --------------------------------------------------------------------------
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        self._finishing.update(req_id for req_id in finished_req_ids if req_id in self._saves)
+        done: set[str] = set()
+        for req_id in list(self._finishing):
+            handles = self._saves[req_id]
+            if all(handle.done() for handle in handles):
+                for handle in handles:
+                    self._record_save(req_id, handle)
+                del self._saves[req_id]
+                self._finishing.discard(req_id)
+                done.add(req_id)
+        return (done or None), None
+
+    def _record_save(self, req_id: str, handle: SaveHandle) -> None:
+        report = self.save_reports.setdefault(req_id, SaveReport())
+        try:
+            report.num_committed += handle.result(0).num_committed
+        except KVSaveError as error:
+            # A dropped save is a future miss, never wrong data: the server drops the put.
+            report.errors.append(str(error))
+            logger.warning("kvstore save of request %s failed: %s", req_id, error)
+
+    def saves_in_flight(self, req_id: str) -> list[SaveHandle]:
+        return list(self._saves.get(req_id, ()))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_block_ids = self._failed_block_ids, set()
+        return failed
+
+    def stats(self) -> dict[str, float]:
+        """What the scheduler side plans with: the bandwidth the client's gets delivered
+        (kvstore.client.cost.BandwidthMeter) and the prefill rate of steps that loaded
+        nothing."""
+        data: dict[str, float] = {}
+        fetch_bytes_per_s = self._engine.bandwidth.rate() if self._engine is not None else None
+        if fetch_bytes_per_s is not None:
+            data["fetch_bytes_per_s"] = fetch_bytes_per_s
+        if self._engine is not None:
+            for tier in {tier for _, tier in self._engine.bandwidth.snapshot()}:
+                rate = self._engine.bandwidth.rate(tier=tier)
+                if tier and rate is not None:
+                    data[f"{TIER_RATE_PREFIX}{tier}"] = rate
+        if self.prefill_tokens_per_s is not None:
+            data["prefill_tokens_per_s"] = self.prefill_tokens_per_s
+        return data
+
+    def abort_all(self) -> None:
+        """Cancel every load and save in flight, and forget them (a request torn down)."""
+        if self._engine is not None:
+            self._engine.abort()
+        self._saves.clear()
+        self._finishing.clear()
+        self._load_block_ids = []
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+def _smooth(previous: float | None, sample: float) -> float:
+    if previous is None:
+        return sample
+    return (1 - _RATE_SMOOTHING) * previous + _RATE_SMOOTHING * sample

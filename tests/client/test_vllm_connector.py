@@ -1,0 +1,450 @@
+"""KVStoreConnector against a real server, driven hook by hook as vLLM's scheduler and model
+runner call it: config, the scheduler side's count, metadata, the worker side's loads and
+saves, failed loads reported as block ids, preemption, and the contract with vLLM's base."""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from threaded_server import server_thread  # tests/threaded_server.py
+
+from kvstore.client import SyncKVClient, TierKind
+from kvstore.client._vllm_types import (
+    CachedRequestData,
+    KVCacheBlocks,
+    KVConnectorOutput,
+    KVTransferConfig,
+    NewRequestData,
+    Request,
+    SchedulerOutput,
+    VllmConfig,
+)
+from kvstore.client.vllm_connector import (
+    VLLM_AVAILABLE,
+    ConnectorConfig,
+    ConnectorConfigError,
+    KVConnectorRole,
+    KVStoreConnector,
+    KVStoreConnectorMetadata,
+)
+
+BLOCK = 16
+LAYERS = 2
+HEADS = 2
+HEAD_DIM = 16
+NUM_BLOCKS = 12
+NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
+
+
+def extra(target: str, **settings: Any) -> dict[str, Any]:
+    return {
+        "target": target,
+        "tenant": "vllm-test",
+        "model_fingerprint": "tiny",
+        "block_size": BLOCK,
+        "num_layers": LAYERS,
+        "num_kv_heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "dtype": "float32",
+        **settings,
+    }
+
+
+def make(role: Any, target: str, **settings: Any) -> KVStoreConnector:
+    config = VllmConfig(KVTransferConfig(kv_connector_extra_config=extra(target, **settings)))
+    return KVStoreConnector(config, role)
+
+
+def blocks_first_caches(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (NUM_BLOCKS, 2, BLOCK, HEADS, HEAD_DIM)
+    return {name: torch.randn(shape, generator=generator) for name in NAMES}
+
+
+def kv_first_caches() -> dict[str, torch.Tensor]:
+    """FlashAttention's layout: [2, num_blocks, block_size, heads, head_dim]."""
+    return {name: torch.zeros(2, NUM_BLOCKS, BLOCK, HEADS, HEAD_DIM) for name in NAMES}
+
+
+def tokens(num: int, seed: int) -> list[int]:
+    return torch.randint(0, 1000, (num,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def new_step(request: Request, block_ids: list[int], computed: int, scheduled: int) -> Any:
+    return SchedulerOutput(
+        scheduled_new_reqs=[
+            NewRequestData(request.request_id, request.prompt_token_ids, (block_ids,), computed)
+        ],
+        scheduled_cached_reqs=CachedRequestData(),
+        num_scheduled_tokens={request.request_id: scheduled},
+    )
+
+
+def run_step(worker: KVStoreConnector, metadata: KVStoreConnectorMetadata, tokens: int) -> None:
+    """What vLLM's model runner does with a step's metadata."""
+    worker.bind_connector_metadata(pickle.loads(pickle.dumps(metadata)))
+    worker.start_load_kv(None, num_step_tokens=tokens)
+    for name in NAMES:
+        worker.wait_for_layer_load(name)
+        worker.save_kv_layer(name, torch.empty(0), None)
+    worker.wait_for_save()
+    worker.clear_connector_metadata()
+
+
+def wait_finished(worker: KVStoreConnector, req_id: str) -> None:
+    announced = {req_id}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        sending, recving = worker.get_finished(announced)
+        announced = set()
+        assert recving is None
+        if sending and req_id in sending:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{req_id} never finished sending")
+
+
+def save_prompt(target: str, prompt: list[int], caches: dict[str, torch.Tensor]) -> None:
+    """A scheduler and a worker that prefill `prompt` into blocks 0.. and save it."""
+    scheduler = make(KVConnectorRole.SCHEDULER, target)
+    worker = make(KVConnectorRole.WORKER, target)
+    try:
+        worker.register_kv_caches(caches)
+        request = Request("saver", prompt)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+        block_ids = list(range(-(-len(prompt) // BLOCK)))
+        scheduler.update_state_after_alloc(request, KVCacheBlocks((block_ids,)), 0)
+        metadata = scheduler.build_connector_meta(new_step(request, block_ids, 0, len(prompt)))
+        assert metadata.loads == []
+        [save] = metadata.saves
+        assert save.block_ids == block_ids[: len(prompt) // BLOCK]
+        assert save.parent_key == b""
+        run_step(worker, metadata, len(prompt))
+        # Saves outlive the step; vLLM keeps the blocks until get_finished lists the request.
+        assert scheduler.request_finished(request, block_ids) == (True, None)
+        wait_finished(worker, "saver")
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
+# -- the contract ----------------------------------------------------------------------------
+
+# KVConnectorBase_V1's abstract methods, and the optional ones this connector implements, with
+# vLLM's parameter names (vllm/distributed/kv_transfer/kv_connector/v1/base.py).
+CONTRACT = {
+    "get_num_new_matched_tokens": ["request", "num_computed_tokens"],
+    "update_state_after_alloc": ["request", "blocks", "num_external_tokens"],
+    "build_connector_meta": ["scheduler_output"],
+    "request_finished": ["request", "block_ids"],
+    "update_connector_output": ["connector_output"],
+    "register_kv_caches": ["kv_caches"],
+    "handle_preemptions": ["kv_connector_metadata"],
+    "start_load_kv": ["forward_context", "kwargs"],
+    "wait_for_layer_load": ["layer_name"],
+    "save_kv_layer": ["layer_name", "kv_layer", "attn_metadata", "kwargs"],
+    "wait_for_save": [],
+    "get_finished": ["finished_req_ids"],
+    "get_block_ids_with_load_errors": [],
+    "shutdown": [],
+}
+
+
+@pytest.mark.parametrize("method", sorted(CONTRACT))
+def test_every_hook_has_vllms_signature(method: str) -> None:
+    function = vars(KVStoreConnector)[method]
+    assert list(inspect.signature(function).parameters)[1:] == CONTRACT[method]
+
+
+def test_no_abstract_method_of_vllms_base_is_left() -> None:
+    pytest.importorskip("vllm")
+    assert VLLM_AVAILABLE
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    assert issubclass(KVStoreConnector, KVConnectorBase_V1)
+    assert not KVStoreConnector.__abstractmethods__
+
+
+def test_a_best_effort_cache_needs_no_kv_delivery(store_target: str) -> None:
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    try:
+        assert scheduler.requires_kv_delivery is False
+        assert scheduler.role == KVConnectorRole.SCHEDULER
+        with pytest.raises(RuntimeError, match=r"worker-side method .* SCHEDULER connector"):
+            scheduler.get_block_ids_with_load_errors()
+    finally:
+        scheduler.shutdown()
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def test_config_reads_every_key() -> None:
+    config = ConnectorConfig.from_extra_config(
+        extra(
+            "127.0.0.1:1",
+            token="secret-token",
+            tls_ca="/ca.pem",
+            tls_server_name="kv.internal",
+            data_plane=False,
+            prefill_tokens_per_s=5000,
+            fetch_bytes_per_s=1e9,
+            fetch_overhead_s=0.002,
+            pin_ttl_s=45,
+            save_decoded=False,
+            tp_rank=1,
+            tp_size=2,
+        )
+    )
+    assert config.namespace.layout.block_tokens == BLOCK
+    assert (config.namespace.tp_rank, config.namespace.tp_size) == (1, 2)
+    assert config.options.token == "secret-token"
+    assert config.options.tls is not None
+    assert config.options.tls.ca_file == "/ca.pem"
+    assert config.options.tls.server_name == "kv.internal"
+    assert config.options.data_plane is False
+    assert (config.prefill_tokens_per_s, config.fetch_bytes_per_s) == (5000.0, 1e9)
+    assert (config.fetch_overhead_s, config.pin_ttl_s, config.save_decoded) == (0.002, 45, False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"target": None}, "target is required"),
+        ({"block_size": "16"}, "block_size must be an integer"),
+        ({"dtype": "float64"}, "dtype"),
+        ({"pin_ttl_s": -1}, "pin_ttl_s must be >= 0"),
+        ({"prefill_tokens_per_s": 0}, "prefill_tokens_per_s must be > 0"),
+        ({"save_decoded": "yes"}, "save_decoded must be true or false"),
+        ({"tls_cert": "/c.pem"}, "cert_file and key_file"),
+        ({"token": "two words"}, "printable"),
+        ({"block_sise": 16}, "unknown key"),
+        ({"num_layers": 0}, "num_layers"),
+    ],
+)
+def test_bad_config_names_the_key(change: dict[str, Any], message: str) -> None:
+    merged = {**extra("127.0.0.1:1"), **change}
+    settings = {key: value for key, value in merged.items() if value is not None}
+    with pytest.raises(ConnectorConfigError, match=message):
+        ConnectorConfig.from_extra_config(settings)
+
+
+def test_register_kv_caches_rejects_a_layout_the_config_does_not_describe(
+    store_target: str,
+) -> None:
+    worker = make(KVConnectorRole.WORKER, store_target)
+    try:
+        with pytest.raises(ValueError, match="num_layers=2"):
+            worker.register_kv_caches({"only": torch.zeros(NUM_BLOCKS, 2, BLOCK, HEADS, HEAD_DIM)})
+        wrong = {name: torch.zeros(NUM_BLOCKS, 2, BLOCK, HEADS, 8) for name in NAMES}
+        with pytest.raises(ValueError, match="head_dim"):
+            worker.register_kv_caches(wrong)
+        halves = {name: torch.zeros(NUM_BLOCKS, 2, BLOCK, HEADS, HEAD_DIM).half() for name in NAMES}
+        with pytest.raises(ValueError, match="float32"):
+            worker.register_kv_caches(halves)
+    finally:
+        worker.shutdown()
+
+
+# -- scheduler side --------------------------------------------------------------------------
+
+
+def test_matched_tokens_are_whole_stored_blocks_and_counting_has_no_side_effects(
+    store_target: str,
+) -> None:
+    prompt = tokens(3 * BLOCK, seed=1)
+    save_prompt(store_target, prompt, blocks_first_caches(seed=1))
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    try:
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            before = client.stats()
+            # Every block is stored, but the last token is computed: 2 blocks, not 3.
+            exact = Request("exact", prompt)
+            assert scheduler.get_num_new_matched_tokens(exact, 0) == (2 * BLOCK, False)
+            assert scheduler.get_num_new_matched_tokens(exact, 0) == (2 * BLOCK, False)
+            longer = Request("longer", [*prompt, *tokens(BLOCK + 5, seed=2)])
+            assert scheduler.get_num_new_matched_tokens(longer, 0) == (3 * BLOCK, False)
+            # Beyond a local prefix-cache hit of one block; none beyond a partial block.
+            assert scheduler.get_num_new_matched_tokens(longer, BLOCK) == (2 * BLOCK, False)
+            assert scheduler.get_num_new_matched_tokens(longer, BLOCK + 3) == (0, False)
+            miss = Request("miss", tokens(4 * BLOCK, seed=3))
+            assert scheduler.get_num_new_matched_tokens(miss, 0) == (0, False)
+            after = client.stats()
+        # One lookup a call (none for the unaligned one), no get, nothing stored or pinned.
+        assert after.lookups - before.lookups == 5
+        assert after.blocks_got == before.blocks_got
+        assert after.blocks_put == before.blocks_put
+        assert after.num_pinned == before.num_pinned
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_request_that_asks_not_to_load_costs_no_lookup(store_target: str) -> None:
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    try:
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            before = client.stats().lookups
+            request = Request(
+                "r", tokens(5 * BLOCK, seed=4), kv_transfer_params={"kvstore_load": False}
+            )
+            assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+            assert client.stats().lookups == before
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_store_that_is_down_matches_nothing(unused_target: str) -> None:
+    scheduler = make(KVConnectorRole.SCHEDULER, unused_target)
+    try:
+        request = Request("r", tokens(5 * BLOCK, seed=5))
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+        plan = scheduler.scheduler_side.plan_for("r")
+        assert plan is not None
+        assert plan.fetch.reason.startswith("lookup failed")
+    finally:
+        scheduler.shutdown()
+
+
+@pytest.fixture
+def unused_target() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+# -- worker side -----------------------------------------------------------------------------
+
+
+def test_a_load_fills_a_flash_attention_layout_with_the_saved_pages(store_target: str) -> None:
+    source = blocks_first_caches(seed=6)
+    prompt = tokens(3 * BLOCK + 4, seed=6)
+    save_prompt(store_target, prompt, source)
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    worker = make(KVConnectorRole.WORKER, store_target)
+    caches = kv_first_caches()
+    try:
+        worker.register_kv_caches(caches)
+        request = Request("loader", prompt)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK, False)
+        block_ids = [7, 2, 9, 4]
+        scheduler.update_state_after_alloc(request, KVCacheBlocks((block_ids,)), 3 * BLOCK)
+        metadata = scheduler.build_connector_meta(new_step(request, block_ids, 3 * BLOCK, 4))
+        [load] = metadata.loads
+        assert load.block_ids == [7, 2, 9]
+        assert metadata.saves == []  # every full block is stored already
+        run_step(worker, metadata, 4)
+        assert worker.get_block_ids_with_load_errors() == set()
+        for name in NAMES:
+            for page, block in zip(range(3), [7, 2, 9], strict=True):
+                assert torch.equal(caches[name][:, block], source[name][page])
+        # Nothing saved, so nothing to wait for: the blocks may be freed at once.
+        assert scheduler.request_finished(request, block_ids) == (False, None)
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
+def test_a_failed_load_is_reported_as_block_ids_once(store_target: str) -> None:
+    prompt = tokens(3 * BLOCK + 4, seed=7)
+    save_prompt(store_target, prompt, blocks_first_caches(seed=7))
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    worker = make(KVConnectorRole.WORKER, store_target)
+    try:
+        worker.register_kv_caches(blocks_first_caches(seed=8))
+        request = Request("evicted", prompt)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK, False)
+        scheduler.update_state_after_alloc(request, KVCacheBlocks(([3, 4, 5, 6],)), 3 * BLOCK)
+        metadata = scheduler.build_connector_meta(new_step(request, [3, 4, 5, 6], 3 * BLOCK, 4))
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            client.delete(metadata.loads[0].keys[2:])  # evicted between lookup and load
+            run_step(worker, metadata, 4)
+            assert worker.get_block_ids_with_load_errors() == {3, 4, 5}
+            assert worker.get_block_ids_with_load_errors() == set()
+            # The store still serves what it holds: nothing was harmed.
+            assert client.lookup(prompt).num_matched == 2
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
+def test_a_preempted_requests_save_is_dropped(store_target: str) -> None:
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    worker = make(KVConnectorRole.WORKER, store_target)
+    try:
+        worker.register_kv_caches(blocks_first_caches(seed=9))
+        request = Request("preempted", tokens(2 * BLOCK + 1, seed=9))
+        scheduler.get_num_new_matched_tokens(request, 0)
+        scheduler.update_state_after_alloc(request, KVCacheBlocks(([0, 1, 2],)), 0)
+        metadata = scheduler.build_connector_meta(new_step(request, [0, 1, 2], 0, 2 * BLOCK + 1))
+        worker.bind_connector_metadata(metadata)
+        worker.start_load_kv(None)
+        worker.save_kv_layer(NAMES[0], torch.empty(0), None)  # preempted after one layer
+        worker.clear_connector_metadata()
+        later = scheduler.build_connector_meta(
+            SchedulerOutput([], CachedRequestData(), {}, preempted_req_ids={"preempted"})
+        )
+        assert later.preempted_req_ids == frozenset({"preempted"})
+        worker.handle_preemptions(later)
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            assert client.lookup(request.prompt_token_ids).num_matched == 0
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
+# -- fetch or recompute ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hbm_target() -> Iterator[str]:
+    """A server whose (CPU-emulated) HBM tier takes blocks seen twice."""
+    settings = {"store.hbm_bytes": 1 << 20, "store.hbm_device": "cpu"}
+    with server_thread(**settings, **{"store.hbm_promote_after_seen": 2}) as target:
+        yield target
+
+
+@pytest.mark.parametrize(
+    ("hbm_rate", "dram_rate", "num_loaded", "reason"),
+    [
+        (1e9, 1e9, 4, "fetch"),
+        (1e9, 1e6, 2, "fetch prefix: 2 of 4"),
+        (1e6, 1e6, 0, "recompute"),
+    ],
+)
+def test_the_plan_loads_all_a_fast_prefix_or_nothing(
+    hbm_target: str, hbm_rate: float, dram_rate: float, num_loaded: int, reason: str
+) -> None:
+    prompt = tokens(4 * BLOCK + 1, seed=20 + num_loaded)  # a chain of its own per case
+    save_prompt(hbm_target, prompt, blocks_first_caches(seed=20))
+    # Recomputing a block takes 1 ms; fetching one (8 KiB) 8 us at 1e9 B/s, 8 ms at 1e6.
+    scheduler = make(KVConnectorRole.SCHEDULER, hbm_target, prefill_tokens_per_s=16_000.0)
+    try:
+        with SyncKVClient(hbm_target, scheduler.config.namespace) as client:
+            head = client.lookup(prompt[: 2 * BLOCK])
+            for _ in range(2):  # seen twice: the head is copied into HBM
+                client.get_into(head, torch.zeros(LAYERS, 2, 2 * BLOCK, HEADS, HEAD_DIM))
+            tiers = client.lookup(prompt).tiers
+        assert tiers == (TierKind.HBM, TierKind.HBM, TierKind.DRAM, TierKind.DRAM)
+        stats = {
+            "fetch_bytes_per_s": dram_rate,
+            "fetch_bytes_per_s:hbm": hbm_rate,
+            "fetch_bytes_per_s:dram": dram_rate,
+        }
+        scheduler.update_connector_output(KVConnectorOutput(kv_connector_stats=stats))
+        request = Request("planned", prompt)
+        counted = scheduler.get_num_new_matched_tokens(request, 0)
+        plan = scheduler.scheduler_side.plan_for("planned")
+        assert plan is not None
+        assert counted == (num_loaded * BLOCK, False), plan
+        assert plan.num_matched_blocks == 4
+        assert plan.fetch.reason.startswith(reason)
+    finally:
+        scheduler.shutdown()
