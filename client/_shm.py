@@ -204,9 +204,9 @@ class ShmConnection(DataConnection):
     async def _raise_server_error(self) -> None:
         try:
             async with asyncio.timeout(_ERROR_WAIT_S):
-                while True:
+                while True:  # what the daemon sent before it stopped, then its ERROR
                     kind, payload = await self._reader.read()
-                    if kind != FrameKind.SHM_DONE:
+                    if kind not in (FrameKind.SHM_DONE, FrameKind.GET_DATA_SHM):
                         break
         except (TimeoutError, ConnectionClosed, FrameTooLarge):
             raise Unavailable("the same-host connection was lost mid-transfer") from None
@@ -220,9 +220,10 @@ class ShmConnection(DataConnection):
         whole = Region(self.buffer_id, 0, self._buffer.size)
         # Larger replies cost no copy here, and fewer frames; the ring holds several.
         if request.max_chunk_bytes < SHM_MESSAGE_BYTES:
-            request = pb.GetBlocksRequest(
-                namespace=request.namespace, keys=request.keys, max_chunk_bytes=SHM_MESSAGE_BYTES
-            )
+            larger = pb.GetBlocksRequest()
+            larger.CopyFrom(request)
+            larger.max_chunk_bytes = SHM_MESSAGE_BYTES
+            request = larger
         await self.send(FrameKind.GET_SHM, [whole.encode(), request.SerializeToString()])
         while True:
             kind, payload = await self._read()

@@ -42,6 +42,7 @@ from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.frames import (
     DEFAULT_TRANSFER_S,
     HELLO_PAYLOAD,
+    LOOP_SLICE_BYTES,
     ConnectionClosed,
     FrameKind,
     FrameReader,
@@ -504,7 +505,7 @@ class DataPlane:
                 while offset is None:  # the client still reads older replies
                     await self._await_done(link, pacing, ring)
                     offset = ring.reserve(length)
-                copy_parts(target, offset, parts)
+                await _copy_sliced(target, offset, parts)
                 reply = Region(region.buffer_id, region.offset + offset, length)
                 pacing.waiting()
                 await link.send(FrameKind.GET_DATA_SHM, [reply.encode()])
@@ -548,6 +549,18 @@ class DataPlane:
                     await link.reader.read_into(scratch)
         except (ConnectionClosed, OSError, TimeoutError, asyncio.CancelledError):
             pass
+
+
+async def _copy_sliced(target: memoryview, offset: int, parts: list[bytes | memoryview]) -> None:
+    """copy_parts, letting the loop run other callbacks (lookups) after each
+    LOOP_SLICE_BYTES, as the TCP path's sends do."""
+    unyielded = 0
+    for part in parts:
+        offset += copy_parts(target, offset, [part])
+        unyielded += memoryview(part).nbytes
+        if unyielded >= LOOP_SLICE_BYTES:
+            unyielded = 0
+            await asyncio.sleep(0)
 
 
 def _deadline_of(payload: memoryview) -> float:

@@ -50,8 +50,9 @@ BUFFER_ID = struct.Struct("<I")
 # A PUT_SHM message may carry this much even where the daemon's max_message_bytes is
 # less: a message in shared memory costs the daemon no buffer, and fewer, larger ones
 # cost fewer frames. Clients join a put's messages up to this size (protobuf messages
-# concatenate into one), and ask for get replies this large.
-SHM_MESSAGE_BYTES = 4 << 20
+# concatenate into one), and ask for get replies this large. Not more: the daemon
+# applies a put's message in one go, and lookups wait meanwhile.
+SHM_MESSAGE_BYTES = 2 << 20
 # Said by the daemon after HELLO_PAYLOAD on the Unix socket, and in GetDataPlane: a
 # client checks that the socket it reached belongs to the daemon it talks to over gRPC.
 INSTANCE_BYTES = 16
