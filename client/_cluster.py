@@ -152,7 +152,11 @@ class ClusterClient(KVClient):
         block_tokens = self._layout.block_tokens
         if not keys or not placement.members:
             return PrefixMatch(keys=keys, num_matched=0, tiers=(), block_tokens=block_tokens)
-        runs = placement.runs(keys)
+        runs = placement.spans(keys)
+        if len(runs) == 1:  # one owner holds the whole chain: its answer is the answer
+            return await self.nodes.call(
+                runs[0].owner, lambda node: node.lookup_keys(keys)
+            ) or PrefixMatch(keys=keys, num_matched=0, tiers=(), block_tokens=block_tokens)
         owners = list(by_owner(runs).values())
 
         async def ask(owner: OwnerRuns) -> PrefixMatch | None:
@@ -249,7 +253,7 @@ class ClusterClient(KVClient):
         if not placement.members:
             return []  # nothing can be stored: every block is NODE_UNREACHABLE
         if not parent_key or placement.lead_blocks(keys) == 0:
-            return placement.runs(keys)
+            return placement.spans(keys)
         answers = await asyncio.gather(
             *(
                 self.nodes.call(member, lambda node: node.lookup_keys([parent_key]))
@@ -258,7 +262,7 @@ class ClusterClient(KVClient):
         )
         for member, answer in zip(placement.members, answers, strict=True):
             if answer is not None and answer.num_matched:
-                return placement.runs(keys, lead_owner=member)
+                return placement.spans(keys, lead_owner=member)
         return None
 
     def layer_put(
@@ -292,7 +296,7 @@ class ClusterClient(KVClient):
         placement = await self.start()
         if not placement.members:
             return
-        gather = ChainGather(self.nodes, self._layout, keys, placement.runs(keys), dest, form)
+        gather = ChainGather(self.nodes, self._layout, keys, placement.spans(keys), dest, form)
         async with contextlib.aclosing(gather.arrivals()) as arrivals:
             async for arrival in arrivals:
                 yield arrival

@@ -510,6 +510,9 @@ class DataPlane:
                 pacing.waiting()
                 await link.send(FrameKind.GET_DATA_SHM, [reply.encode()])
                 pacing.working()
+                # A reply's frame is a few bytes and never waits: without this the whole
+                # get would be copied in one step of the loop, and lookups behind it.
+                await asyncio.sleep(0)
         while ring.num_in_use:  # every reply is handed back before the get ends
             await self._await_done(link, pacing, ring)
         await link.send(FrameKind.GET_END)

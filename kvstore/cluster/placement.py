@@ -32,7 +32,7 @@ import itertools
 import math
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvstore.cluster.members import Member
 
@@ -59,8 +59,7 @@ def rendezvous_score(node_id: str, key: bytes, weight: float) -> float:
     return -weight / math.log(unit)
 
 
-@dataclass(frozen=True)
-class Run:
+class Run(NamedTuple):
     """Blocks [start, stop) of a chain, and the member that owns them."""
 
     start: int
@@ -122,12 +121,33 @@ class Placement:
         """
         if not keys:
             return []
-        starts = [index for index, key in enumerate(keys) if index and self.is_run_start(key)]
-        first_owner = self.owner(keys[0])
-        if lead_owner is not None and not self.is_run_start(keys[0]):
-            first_owner = lead_owner
+        first_owner, starts = self._cut(keys, lead_owner)
         bounds = [0, *starts, len(keys)]
         return [
             Run(start, stop, first_owner if start == 0 else self.owner(keys[start]))
             for start, stop in itertools.pairwise(bounds)
         ]
+
+    def spans(self, keys: Sequence[bytes], *, lead_owner: Member | None = None) -> list[Run]:
+        """`runs`, with neighbours of one owner joined: what a client sends each owner
+        as one piece (one lookup range, one put whose blocks chain locally)."""
+        if not keys:
+            return []
+        span_owner, starts = self._cut(keys, lead_owner)
+        spans: list[Run] = []
+        span_start = 0
+        for start in starts:
+            owner = self.owner(keys[start])
+            if owner.node_id != span_owner.node_id:
+                spans.append(Run(span_start, start, span_owner))
+                span_start, span_owner = start, owner
+        spans.append(Run(span_start, len(keys), span_owner))
+        return spans
+
+    def _cut(self, keys: Sequence[bytes], lead_owner: Member | None) -> tuple[Member, list[int]]:
+        """The owner of the first run of `keys`, and where the later runs start."""
+        run_blocks, crc32 = self.run_blocks, zlib.crc32  # once per key: kept lean
+        starts = [index for index, key in enumerate(keys) if not crc32(key) % run_blocks]
+        if starts[:1] == [0]:
+            return self.owner(keys[0]), starts[1:]
+        return (lead_owner if lead_owner is not None else self.owner(keys[0])), starts

@@ -137,3 +137,18 @@ def test_bad_placements_are_refused() -> None:
         Placement([member("a"), member("a")])
     with pytest.raises(LookupError, match="no members"):
         Placement([]).owner(b"key")
+
+
+def test_spans_join_neighbouring_runs_of_one_owner_and_keep_every_blocks_owner() -> None:
+    placement = Placement([member(name) for name in "abc"], run_blocks=4)
+    keys = run_keys(9, 300)
+    for lead_owner in (None, member("b")):
+        tail = keys[3:] if lead_owner else keys
+        runs = placement.runs(tail, lead_owner=lead_owner)
+        spans = placement.spans(tail, lead_owner=lead_owner)
+        per_block = [run.owner.node_id for run in runs for _ in range(run.start, run.stop)]
+        assert [s.owner.node_id for s in spans for _ in range(s.start, s.stop)] == per_block
+        assert all(a.owner != b.owner for a, b in itertools.pairwise(spans))
+        assert len(spans) < len(runs)
+    assert len(Placement([member("a")], run_blocks=4).spans(keys)) == 1
+    assert placement.spans([]) == []

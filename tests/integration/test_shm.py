@@ -798,3 +798,47 @@ def test_workers_get_a_socket_each() -> None:
     assert {share.shm_socket for share in auto} == {"auto"}
     paths = {share.shm_socket_path() for share in auto}
     assert len(paths) == 3  # "auto" picks a fresh name each time
+
+
+async def test_a_get_through_shared_memory_lets_the_loop_run_between_replies(
+    shm_server: RunningServer, seeded: tuple[KVClient, torch.Tensor]
+) -> None:
+    """Replies the region has room for go out without waiting on the client, each a
+    copy and a few-byte frame that never blocks: the daemon still lets its loop run
+    (lookups, other transfers) between them, not only once the whole get is written."""
+    _, kv = seeded
+    keys = [f"seed-{index}".encode() for index in range(kv.shape[0])]
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    raw = await (await RawShm.open(shm_server)).admitted(shm_server)
+    fd = sealed_memfd(8 * MiB)
+    try:
+        assert await raw.register(fd, 8 * MiB) == (FrameKind.REGISTERED, b"\x01\x00\x00\x00")
+    finally:
+        os.close(fd)
+    request = pb.GetBlocksRequest(
+        namespace=namespace_to_wire(NS), keys=keys, max_chunk_bytes=64 << 10
+    )
+    ticker = asyncio.create_task(tick())
+    ticks_at_replies = []
+    try:
+        await raw.send(
+            frame(FrameKind.GET_SHM, region(1, 0, 8 * MiB) + request.SerializeToString())
+        )
+        while (kind := (await raw.read_frame())[0]) == FrameKind.GET_DATA_SHM:
+            ticks_at_replies.append(ticks)
+            await raw.send(frame(FrameKind.SHM_DONE))
+        assert kind == FrameKind.GET_END
+    finally:
+        ticker.cancel()
+        raw.close()
+    assert len(ticks_at_replies) >= 8  # 1.5 MiB in 64 KiB replies
+    # All sent in one step of the daemon's task, every reply would be read at one count.
+    assert len(set(ticks_at_replies)) >= len(ticks_at_replies) // 4
+    await assert_unharmed(*seeded)
