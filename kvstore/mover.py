@@ -496,6 +496,12 @@ class OrderedLoad:
         self._mover._settle_served(entry)
         return True, payload
 
+    def next_is_ready(self) -> bool:
+        if self._ended or self._next >= len(self._entries):
+            return False
+        read = self._reads.get(self._next)
+        return read is None or read.done()
+
     def cancel(self) -> None:
         """Stop the reads not yet taken; their results, errors included, are dropped."""
         self._ended = True

@@ -40,6 +40,11 @@ class BlockLoad(Protocol):
         """Stop reads still in flight; the session will take no more blocks."""
         ...
 
+    def next_is_ready(self) -> bool:
+        """Whether `next_block` would answer without waiting (the block is in memory,
+        its read is done, or nothing more can be served)."""
+        ...
+
 
 class BlockLoader(Protocol):
     def load(self, entries: list[BlockEntry]) -> BlockLoad:
@@ -108,19 +113,22 @@ class ReadSession:
         return len(self.entries)
 
     async def _load_through(self, block_index: int) -> bool:
-        """Until block `block_index` is in; False if the served prefix ends before it."""
-        while self._num_loaded <= block_index:
+        """Until block `block_index` is in, and every later block that is in already
+        (so runs stay as long as they can); False if the served prefix ends before it."""
+        while self._num_loaded <= block_index or (
+            self._load is not None and self._load.next_is_ready()
+        ):
             if self._load is None:
                 return False
             servable, payload = await self._load.next_block()
             if not servable:
                 self._load = None
                 del self.entries[self._num_loaded :]
-                return False
+                break
             if payload is not None:
                 self._payloads[self.entries[self._num_loaded]] = payload
             self._num_loaded += 1
-        return block_index < len(self.entries)
+        return block_index < min(self._num_loaded, len(self.entries))
 
     @property
     def tiers(self) -> list[TierKind]:

@@ -12,7 +12,11 @@ bytes cost in normal pieces. The rule (docs/protocol.md, "The put floor"), with
   (the last, partial group of a put or of a layer);
 - a message after the first must carry something (a declaration, a chunk or a run);
 - the put's messages number at most 3 + num_layers + data_bytes // floor: on average
-  a message carries `floor` bytes, beyond one short message per layer.
+  a message carries `floor` bytes, beyond one short message per layer;
+- its chunks and runs, counted over the whole put, number at most 4 per message +
+  num_layers + 2 x data_bytes // floor: each carries `floor` bytes, beyond a few short
+  ones per message and one per layer (a put of a few blocks of a many-layer model
+  sends every layer's short run in one message).
 
 kvstore's client sends pieces of at least MIN_PUT_CHUNK_BYTES (2 x floor), which
 meets every clause (see the docs for why). Anything else is INVALID_ARGUMENT, before
@@ -43,6 +47,7 @@ class PutFloor:
         self._num_layers = layout.num_layers
         self._num_messages = 0
         self._data_bytes = 0
+        self._num_pieces = 0
 
     def admit(self, message: PutMessage) -> None:
         """Before `message` is applied: raise InvalidRequest if it is empty (after the
@@ -59,11 +64,18 @@ class PutFloor:
                 "an empty put message (no block, chunk or run); every message after the "
                 "first must carry something"
             )
-        if num_pieces > _SPARE_PIECES + 2 * data_bytes // floor:
+        self._num_pieces += num_pieces
+        # Counted over the whole put, not per message: a put of short layers (a few blocks
+        # of a many-layer model) may carry every layer's one short piece in one message.
+        allowed_pieces = (
+            _SPARE_PIECES * self._num_messages + self._num_layers + 2 * self._data_bytes // floor
+        )
+        if self._num_pieces > allowed_pieces:
             raise InvalidRequest(
-                f"a put message of {num_pieces} chunks and runs carries {data_bytes} bytes: "
-                f"they carry at least {floor} bytes each (the server's put floor) unless they "
-                f"end a layer; send fewer, larger chunks (see docs/protocol.md)"
+                f"{self._num_pieces} chunks and runs in {self._num_messages} put messages carry "
+                f"{self._data_bytes} bytes: they carry at least {floor} bytes each (the "
+                f"server's put floor), beyond one short piece per layer; send fewer, larger "
+                f"chunks (see docs/protocol.md)"
             )
         allowed = _SPARE_MESSAGES + self._num_layers + self._data_bytes // floor
         if self._num_messages > allowed:

@@ -128,7 +128,7 @@ async def test_a_layer_in_one_byte_chunks_is_refused(
         message = opening(WIDE_NS, [b"tiny"]) + b"".join(bytes(part) for part in parts)
         code, details = await raw_put(running, [message], data_plane)
         assert code == INVALID_ARGUMENT, details
-        assert "4096 chunks and runs carries 4096 bytes" in details
+        assert "4096 chunks and runs in 1 put messages carry 4096 bytes" in details
         assert "put floor" in details
         assert (await client.lookup_keys([b"tiny"])).num_matched == 0
         await assert_unharmed(client, poll)

@@ -181,6 +181,22 @@ async def test_put_and_get_through_shared_memory_are_byte_identical(
     assert shm_server.data_plane.transfers == 2
 
 
+@pytest.mark.parametrize("num_blocks", [1, 3, 40])
+async def test_a_few_blocks_of_a_many_layer_model_pass_the_put_floor(
+    shm_server: RunningServer, clients: Callable[..., KVClient], make_kv: MakeKV, num_blocks: int
+) -> None:
+    # 32 layers of 2 KiB: every layer's one short run fits in one message, which the
+    # server's put floor must take (it once refused it as too many small pieces).
+    layout = KVLayout(
+        num_layers=32, num_kv_heads=1, head_dim=1, dtype=DType.BFLOAT16, block_tokens=512
+    )
+    namespace = Namespace(tenant="tenant-a", model_fingerprint="deep", layout=layout)
+    client = clients(shm_server, namespace, shared_memory=True)
+    kv = make_kv(layout, num_blocks, form=KVForm.BLOCKS, seed=9)
+    dest = await put_and_get(client, kv, f"deep-{num_blocks}")
+    assert torch.equal(dest.view(torch.uint8), kv.view(torch.uint8))
+
+
 async def test_layer_put_and_iter_layers_through_shared_memory(
     shm_server: RunningServer, clients: Callable[..., KVClient], make_kv: MakeKV
 ) -> None:

@@ -155,3 +155,22 @@ async def test_a_block_found_unreadable_while_layer_0_streams_shortens_the_get(
         return not damaged.exists()
 
     await poll(file_gone)
+
+
+SMALL = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=DType.FLOAT16, block_tokens=1)
+SMALL_NS = Namespace(tenant="stream", model_fingerprint="small", layout=SMALL)
+
+
+async def test_blocks_already_in_memory_go_out_in_one_run_per_layer(server_factory: Any) -> None:
+    # Streaming layer 0 as blocks come in must not cut a get of in-memory blocks into
+    # a message per block: 64 tiny blocks, 2 layers, fit one message per layer.
+    running = await server_factory()
+    keys = [b"small-%d" % index for index in range(64)]
+    shape = (len(keys), SMALL.num_layers, *SMALL.layer_shape)
+    async with KVClient(f"127.0.0.1:{running.port}", SMALL_NS) as client:
+        await client.put_blocks(keys, torch.ones(shape, dtype=torch.float16), form=KVForm.BLOCKS)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        request = pb.GetBlocksRequest(namespace=namespace_to_wire(SMALL_NS), keys=keys)
+        replies = [reply async for reply in stub.GetBlocks(request)]
+    assert len(replies) == SMALL.num_layers
