@@ -249,11 +249,14 @@ class ClusterClient(KVClient):
         A tail's blocks before its first run start belong to its parent's run, on the
         member that holds the parent: one parallel ask of every member finds it. None
         when no reachable member holds it: no lookup can reach the tail then.
+
+        Runs, not spans: each run is a put of its own, so a put holds at most a run's
+        blocks in flight on its node however long the chain (a span may be all of it).
         """
         if not placement.members:
             return []  # nothing can be stored: every block is NODE_UNREACHABLE
         if not parent_key or placement.lead_blocks(keys) == 0:
-            return placement.spans(keys)
+            return placement.runs(keys)
         answers = await asyncio.gather(
             *(
                 self.nodes.call(member, lambda node: node.lookup_keys([parent_key]))
@@ -262,7 +265,7 @@ class ClusterClient(KVClient):
         )
         for member, answer in zip(placement.members, answers, strict=True):
             if answer is not None and answer.num_matched:
-                return placement.spans(keys, lead_owner=member)
+                return placement.runs(keys, lead_owner=member)
         return None
 
     def layer_put(

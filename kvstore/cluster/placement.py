@@ -130,7 +130,7 @@ class Placement:
 
     def spans(self, keys: Sequence[bytes], *, lead_owner: Member | None = None) -> list[Run]:
         """`runs`, with neighbours of one owner joined: what a client sends each owner
-        as one piece (one lookup range, one put whose blocks chain locally)."""
+        as one piece (one lookup range, one get stream)."""
         if not keys:
             return []
         span_owner, starts = self._cut(keys, lead_owner)
