@@ -450,6 +450,9 @@ class DataPlane:
                 # Applied (the put asks for the next message only then): the client may
                 # write over the region.
                 await link.send(FrameKind.SHM_DONE)
+                # Frames already queued are read without a wait, so a whole put would
+                # run as one step of the loop: let lookups in after each message.
+                await asyncio.sleep(0)
             elif kind == FrameKind.PUT:
                 yield payload
             else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import mmap
 import os
 import signal
 import socket
@@ -617,6 +618,65 @@ async def test_a_raw_put_through_a_registered_buffer_commits(
     os.close(fd)
     dest = torch.zeros_like(kv)
     assert await client.get_into([b"raw-0"], dest, form=KVForm.BLOCKS) == 1
+    assert torch.equal(dest.view(torch.uint8), kv.view(torch.uint8))
+
+
+async def test_a_put_through_shared_memory_lets_the_loop_run_between_messages(
+    shm_server: RunningServer, seeded: tuple[KVClient, torch.Tensor], make_kv: MakeKV
+) -> None:
+    """PUT_SHM frames the client sent back to back are read without a wait: the daemon
+    still lets its loop run (lookups, other transfers) after applying each, not only
+    once the whole put is in."""
+    from kvstore.checksum import ChecksumKind
+    from kvstore.client._send import put_messages
+    from kvstore.codec import ByteMap
+
+    client, _ = seeded
+    kv = make_kv(LARGE, 8, form=KVForm.BLOCKS, seed=13)
+    keys = [f"sliced-{index}".encode() for index in range(8)]
+    header = encode_put_header(
+        namespace=namespace_to_wire(NS).SerializeToString(),
+        checksum_kind=ChecksumKind.XXH3_64.value,
+    )
+    source = ByteMap(kv, LARGE, KVForm.BLOCKS)
+    messages = [
+        b"".join(bytes(part) for part in parts)
+        for parts in put_messages(header, keys, 0, b"", source, LARGE, ChecksumKind.XXH3_64, 1)
+    ]
+    raw = await (await RawShm.open(shm_server)).admitted(shm_server)
+    fd = sealed_memfd(8 * MiB)
+    assert (await raw.register(fd, 8 * MiB))[0] == FrameKind.REGISTERED
+    mapped = mmap.mmap(fd, 8 * MiB)
+    frames, offset = [], 0
+    for message in messages:
+        mapped[offset : offset + len(message)] = message
+        frames.append(frame(FrameKind.PUT_SHM, region(1, offset, len(message))))
+        offset += len(message)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(tick())
+    ticks_at_done = []
+    try:
+        await raw.send(b"".join(frames) + frame(FrameKind.PUT_END))
+        while (kind := (await raw.read_frame())[0]) == FrameKind.SHM_DONE:
+            ticks_at_done.append(ticks)
+        assert kind == FrameKind.PUT_DONE
+    finally:
+        ticker.cancel()
+        raw.close()
+        mapped.close()
+        os.close(fd)
+    assert len(ticks_at_done) == len(messages) >= 8
+    # Applied in one step of the daemon's task, every SHM_DONE would be read at one count.
+    assert len(set(ticks_at_done)) >= len(ticks_at_done) // 4
+    dest = torch.zeros_like(kv)
+    assert await client.get_into(keys, dest, form=KVForm.BLOCKS) == 8
     assert torch.equal(dest.view(torch.uint8), kv.view(torch.uint8))
 
 
