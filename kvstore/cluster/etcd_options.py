@@ -86,11 +86,21 @@ class EtcdOptions:
         return any(getattr(self, name) is not None for name in _TLS_FIELDS)
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> EtcdOptions | None:
+    def from_environment(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        overrides: Mapping[str, str | None] | None = None,
+    ) -> EtcdOptions | None:
         """EtcdOptions from KVSTORE_ETCD_* (and KVSTORE_ETCD_PASSWORD where no password
-        file is named); None when none of them is set."""
+        file is named), each under the `overrides` (field: value; None: unset) a command
+        line gives; None when nothing is set."""
         environ = os.environ if environ is None else environ
-        values = {name: environ.get(variable) or None for name, _, variable, _ in ETCD_SETTINGS}
+        overrides = overrides or {}
+        values = {
+            name: overrides.get(name) or environ.get(variable) or None
+            for name, _, variable, _ in ETCD_SETTINGS
+        }
         if values["password_file"] is None:
             values["password"] = environ.get(PASSWORD_ENV) or None
         if not any(values.values()):
