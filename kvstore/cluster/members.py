@@ -1,4 +1,5 @@
-"""Cluster membership as etcd holds it: the `etcd://` target, and what a member registers.
+"""Cluster membership as etcd holds it: the `etcd://` target (`etcds://` for etcd over
+TLS), and what a member registers.
 
 A daemon started with `--cluster etcd://HOST:PORT[,HOST:PORT...]/PREFIX` keeps one key,
 `PREFIX/members/<node_id>`, alive under a lease (kvstore.server.membership); its value is

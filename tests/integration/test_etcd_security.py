@@ -190,6 +190,9 @@ async def test_a_daemon_registers_and_a_client_finds_it_over_tls_with_credential
     assert await asyncio.to_thread(server_main, [*status, "--etcd-user", USER]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(row["node_id"], row["health"]) for row in rows] == [(node_id, "SERVING")]
+    monkeypatch.setenv("KVSTORE_ETCD_PASSWORD", "not-the-password")
+    assert await asyncio.to_thread(server_main, [*status, "--etcd-user", USER]) == 1
+    assert f"refused user '{USER}': wrong password" in capsys.readouterr().out
 
     # The daemon's token has gone stale (etcd forgets it after 1 s unused; keep-alives
     # do not use it): withdrawing logs in again, and the key goes at once, not with
