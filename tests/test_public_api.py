@@ -193,6 +193,7 @@ EXPECTED_VLLM_CONNECTOR_API = [
     "KVConnectorRole",
     "KVStoreConnector",
     "KVStoreConnectorMetadata",
+    "KVStoreConnectorStats",
     "MatchPlan",
 ]
 
