@@ -30,6 +30,7 @@ EXPECTED_CLIENT_API = [
     "DataLoss",
     "DeadlineExceeded",
     "Durability",
+    "EtcdOptions",
     "FailedPrecondition",
     "FetchPlan",
     "HashAlgorithm",
