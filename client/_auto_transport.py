@@ -3,7 +3,7 @@
 The data plane is asked for once (over gRPC), and again only after a back-off once it
 could not be reached or was not offered. Where the server offers both, the same-host
 path (shared memory, kvstore.client._shm) is tried before the TCP data plane
-(PlaneChain). Lookups always go over gRPC.
+(PlaneChain). Lookups go over the data plane too (a LOOKUP frame), else over gRPC.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from kvstore.client._dataplane import DataPlaneUnreachable
-from kvstore.client._errors import Unavailable
+from kvstore.client._errors import InvalidArgument, Unavailable
 from kvstore.client._transport import BlockTransport, GetStream, Parts, PutStream, Transport
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -23,6 +23,8 @@ T = TypeVar("T")
 logger = logging.getLogger("kvstore.client")
 # After the data plane could not be reached, use gRPC this long before asking again.
 DATA_PLANE_RETRY_S = 30.0
+# After the data plane refused a LOOKUP frame (an older server), use gRPC this long.
+LOOKUP_RETRY_S = 60.0
 
 
 class DataPlane(BlockTransport, Protocol):
@@ -30,6 +32,10 @@ class DataPlane(BlockTransport, Protocol):
 
     @property
     def address(self) -> str: ...
+
+    async def lookup(
+        self, request: pb.LookupPrefixRequest, deadline: float
+    ) -> pb.LookupPrefixResponse: ...
 
     def retire(self) -> None:
         """Take no more transfers; those in flight finish."""
@@ -51,6 +57,11 @@ class PlaneChain:
     def address(self) -> str:
         return self._planes[0].address
 
+    async def lookup(
+        self, request: pb.LookupPrefixRequest, deadline: float
+    ) -> pb.LookupPrefixResponse:
+        return await self._route(lambda plane: plane.lookup(request, deadline))
+
     async def put(self, messages: AsyncIterator[Parts], timeout_s: float) -> pb.PutBlocksResponse:
         return await self._route(lambda plane: plane.put(messages, timeout_s))
 
@@ -68,7 +79,7 @@ class PlaneChain:
         for plane in self._planes:
             plane.close()
 
-    async def _route(self, call: Callable[[BlockTransport], Awaitable[T]]) -> T:
+    async def _route(self, call: Callable[[DataPlane], Awaitable[T]]) -> T:
         while True:
             plane = self._planes[0]
             try:
@@ -104,6 +115,7 @@ class AutoTransport:
         self._current: DataPlane | None = None
         self._asked_at: float | None = None
         self._lock = asyncio.Lock()
+        self._lookups_off_until = 0.0  # clock time; until then lookups use gRPC
 
     @property
     def data_plane(self) -> str | None:
@@ -113,7 +125,29 @@ class AutoTransport:
     async def lookup(
         self, request: pb.LookupPrefixRequest, deadline: float
     ) -> pb.LookupPrefixResponse:
-        return await self.grpc.lookup(request, deadline)
+        """Over the data plane (a LOOKUP frame) where there is one that takes lookups,
+        else over gRPC. A server from before LOOKUP answers it INVALID_ARGUMENT: the
+        lookup goes again over gRPC, and if that answers, the data plane is not asked
+        for lookups for a while (a server upgrade is noticed then)."""
+        data_plane = await self._data_plane() if self._lookups_on() else None
+        if data_plane is None:
+            return await self.grpc.lookup(request, deadline)
+        try:
+            return await data_plane.lookup(request, deadline)
+        except DataPlaneUnreachable as error:
+            logger.warning("%s; using gRPC for %.0f s", error, DATA_PLANE_RETRY_S)
+            data_plane.retire()
+            if self._current is data_plane:
+                self._current = None
+                self._asked_at = self._clock()
+            return await self.grpc.lookup(request, deadline)
+        except InvalidArgument:
+            reply = await self.grpc.lookup(request, deadline)  # raises if it is the request
+            self._lookups_off_until = self._clock() + LOOKUP_RETRY_S
+            return reply
+
+    def _lookups_on(self) -> bool:
+        return self._clock() >= self._lookups_off_until
 
     async def put(self, messages: AsyncIterator[Parts], timeout_s: float) -> pb.PutBlocksResponse:
         return await self._route(lambda transport: transport.put(messages, timeout_s))

@@ -14,6 +14,8 @@ import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
+from google.protobuf.message import DecodeError
+
 from kvstore.client._errors import (
     DeadlineExceeded,
     KVStoreClientError,
@@ -141,6 +143,19 @@ class DataConnection:
     async def finish_put(self) -> pb.PutBlocksResponse:
         await self.send(FrameKind.PUT_END)
         reply = pb.PutBlocksResponse.FromString(bytes(await self.expect(FrameKind.PUT_DONE)))
+        self.clean = True
+        return reply
+
+    async def lookup(self, request: pb.LookupPrefixRequest) -> pb.LookupPrefixResponse:
+        """One LOOKUP frame, answered by LOOKUP_RESULT (or an ERROR, raised)."""
+        await self.send(FrameKind.LOOKUP, [request.SerializeToString()])
+        payload = await self.expect(FrameKind.LOOKUP_RESULT)
+        try:
+            reply = pb.LookupPrefixResponse.FromString(bytes(payload))
+        except DecodeError as error:
+            raise Unknown(
+                f"the data plane sent a LookupPrefixResponse that does not parse: {error}"
+            ) from None
         self.clean = True
         return reply
 

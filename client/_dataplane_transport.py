@@ -49,6 +49,17 @@ class DataPlaneTransport:
         now = asyncio.get_running_loop().time()
         return await self._pool.acquire(now + timeout_s, now + self._connect_timeout_s)
 
+    async def lookup(
+        self, request: pb.LookupPrefixRequest, deadline: float
+    ) -> pb.LookupPrefixResponse:
+        """One lookup on a pooled connection, by `deadline` (loop time)."""
+        now = asyncio.get_running_loop().time()
+        connection = await self._pool.acquire(deadline, now + self._connect_timeout_s)
+        try:
+            return await connection.lookup(request)
+        finally:
+            connection.release()
+
     async def put(self, messages: AsyncIterator[Parts], timeout_s: float) -> pb.PutBlocksResponse:
         connection = await self._acquire(timeout_s)
         try:

@@ -181,6 +181,7 @@ async def build_server(config: ServerConfig) -> RunningServer:
             auth,
             tls_context=tls_context,
             quotas=config.store.quotas,
+            lookups=servicer.lookups,
         )
         servicer.data_plane_tls = tls is not None
         try:

@@ -28,11 +28,13 @@ import grpc
 
 from kvstore.config import TenantQuota
 from kvstore.errors import CapacityExhausted, InvalidRequest
+from kvstore.keys import MAX_KEY_BYTES
 from kvstore.server.auth import MAX_TOKEN_BYTES, OPEN, Authenticator, Caller
 from kvstore.server.config import Limits
 from kvstore.server.credentials import Credential, hello_credential
 from kvstore.server.decode import parse_request
 from kvstore.server.lifecycle import Lifecycle
+from kvstore.server.lookup import Lookups
 from kvstore.server.pacing import TransferPacing
 from kvstore.server.request_metrics import RequestMetrics
 from kvstore.server.shm import ClientBuffers, FdStream
@@ -41,6 +43,7 @@ from kvstore.server.transfer import Transfers
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.frames import (
     DEFAULT_TRANSFER_S,
+    HEADER,
     HELLO_PAYLOAD,
     LOOP_SLICE_BYTES,
     ConnectionClosed,
@@ -165,8 +168,16 @@ class DataPlane:
         auth: Authenticator | None = None,
         tls_context: ssl.SSLContext | None = None,
         quotas: Mapping[str, TenantQuota] | None = None,
+        lookups: Lookups | None = None,
     ) -> None:
         self._transfers = transfers
+        self._lookups = lookups  # None: LOOKUP frames are refused as unknown kinds
+        # A LOOKUP frame is at most this long: max_keys keys and a namespace. Its cost
+        # is bounded by these bytes; a longer one is RESOURCE_EXHAUSTED, unread.
+        self._lookup_limit = min(
+            limits.max_message_bytes, limits.max_keys * (MAX_KEY_BYTES + 3) + 4096
+        )
+        self.lookups = 0  # LOOKUP frames answered, for tests
         self._tls_context = tls_context  # None: plaintext
         self._quotas = quotas or {}
         # Open connections per tenant with a max_data_connections quota.
@@ -310,6 +321,8 @@ class DataPlane:
                 # (DEFAULT_TRANSFER_S without a DEADLINE frame), capped by the server's
                 # limits.max_transfer_s. Idle waits and trickled frames are cut sooner
                 # (kvstore.server.pacing); a cut frees what the transfer held.
+                if self._lookups is not None and await self._lookup(link):
+                    continue  # a lookup, answered: no transfer, no pacing
                 async with TransferPacing(self._limits, "transfer") as pacing:
                     pacing.receiving()
                     kind, payload = await reader.read()
@@ -349,6 +362,37 @@ class DataPlane:
                 link.tls.close_notify()
             link.sock.close()
 
+    async def _lookup(self, link: _Link) -> bool:
+        """Answer a LOOKUP frame if the next frame is one (its header is peeked at);
+        False, having read nothing, for any other frame."""
+        header = _peek_header(link)
+        if header is None or header[0] != FrameKind.LOOKUP:
+            return False
+        assert self._lookups is not None
+        try:
+            async with asyncio.timeout(self._limits.frame_timeout_s):
+                _, payload = await link.reader.read(self._lookup_limit)
+        except TimeoutError:
+            raise _Rejected(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"a LOOKUP frame did not arrive whole within {self._limits.frame_timeout_s:g} "
+                "s of its first byte (the server's limits.frame_timeout_s)",
+            ) from None
+        self._lifecycle.refuse_if_draining()
+        await self._answer_lookup(link, payload)
+        return True
+
+    async def _answer_lookup(self, link: _Link, payload: memoryview) -> None:
+        assert self._lookups is not None
+        if len(payload) > self._lookup_limit:
+            raise FrameTooLarge(FrameKind.LOOKUP, len(payload), self._lookup_limit)
+        caller = OPEN
+        if link.credential is not None and self._auth is not None:
+            caller = link.credential.caller(self._auth)  # a token revoked since HELLO stops it
+        reply = self._lookups.answer(parse_request(pb.LookupPrefixRequest, bytes(payload)), caller)
+        await link.send(FrameKind.LOOKUP_RESULT, [reply.SerializeToString()])
+        self.lookups += 1
+
     async def _transfer(
         self, link: _Link, pacing: TransferPacing, kind: int, payload: memoryview
     ) -> None:
@@ -361,6 +405,9 @@ class DataPlane:
             messages = self._put_messages(link, pacing, kind, payload)
             reply = await self._transfers.put(messages, caller)
             await link.send(FrameKind.PUT_DONE, [reply.SerializeToString()])
+        elif kind == FrameKind.LOOKUP and self._lookups is not None:
+            # Over TLS or the same-host socket, where the header is not peeked at.
+            await self._answer_lookup(link, payload)
         elif kind == FrameKind.GET:
             pacing.what = "get"
             await self._get(link, pacing, payload, caller)
@@ -564,6 +611,21 @@ async def _copy_sliced(target: memoryview, offset: int, parts: list[bytes | memo
         if unyielded >= LOOP_SLICE_BYTES:
             unyielded = 0
             await asyncio.sleep(0)
+
+
+def _peek_header(link: _Link) -> tuple[int, int] | None:
+    """The next frame's (kind, length) where its header has arrived on a plain socket;
+    None otherwise (TLS, or not all there yet), and the frame goes the transfer's way."""
+    if link.tls is not None or link.fd_stream is not None:
+        return None
+    try:
+        header = link.sock.recv(HEADER.size, socket.MSG_PEEK)
+    except OSError:
+        return None
+    if len(header) < HEADER.size:
+        return None
+    kind, length = HEADER.unpack(header)
+    return kind, length
 
 
 def _deadline_of(payload: memoryview) -> float:

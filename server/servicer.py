@@ -8,7 +8,6 @@ alone answers a bad request inside its result, so the stream goes on.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,11 +26,11 @@ from kvstore.server.decode import (
     open_watch_request,
 )
 from kvstore.server.lifecycle import Lifecycle
+from kvstore.server.lookup import Lookups
 from kvstore.server.loopwatch import LoopWatch
 from kvstore.server.pacing import TransferPacing
 from kvstore.server.procstat import read_process_health
 from kvstore.server.replies import (
-    prefix_match_to_wire,
     report_to_wire,
     scoped_to_tenant,
     watch_reply,
@@ -64,6 +63,8 @@ class KVStoreServicer:
         self._limits = limits
         self._max_keys = limits.max_keys
         self.watch_hub = WatchHub(store, limits)
+        # Shared with the data plane's LOOKUP frame (kvstore.server.lookup).
+        self.lookups = Lookups(store, limits.max_keys)
         self.data_plane_port = 0  # set once the data plane listens; 0: none
         self.data_plane_tls = False  # whether the data plane speaks TLS (kvstore.server.tls)
         # The same-host path's Unix socket and the daemon's instance id ("": none).
@@ -144,18 +145,8 @@ class KVStoreServicer:
     def _lookup(
         self, request: pb.LookupPrefixRequest | MalformedRequest, caller: Caller
     ) -> pb.LookupPrefixResponse:
-        started_s = time.perf_counter()
-        _, namespace, keys = open_keyed_request(request, self._max_keys, allow_empty=True)
-        caller.authorize(namespace.tenant)
-        match = self._store.lookup(namespace, keys, defer_touch=True)
-        # Runs after this handler returns, once gRPC has handed the reply to its transport.
-        asyncio.get_running_loop().call_soon(self._store.settle_touches)
-        reply = prefix_match_to_wire(match)
-        if self.request_metrics is not None:
-            self.request_metrics.observe_lookup(
-                time.perf_counter() - started_s, match.num_matched * match.block_bytes
-            )
-        return reply
+        self.lookups.request_metrics = self.request_metrics
+        return self.lookups.answer(request, caller)
 
     async def Pin(
         self, request: pb.PinRequest | MalformedRequest, context: Context

@@ -85,6 +85,9 @@ class FrameKind(enum.IntEnum):
     GET_SHM = 13
     GET_DATA_SHM = 14
     SHM_DONE = 15
+    # A lookup: a LookupPrefixRequest, answered by a LookupPrefixResponse (or ERROR).
+    LOOKUP = 16
+    LOOKUP_RESULT = 17
 
 
 class ByteStream(Protocol):

@@ -1,0 +1,116 @@
+"""Lookups over the data plane (LOOKUP / LOOKUP_RESULT frames), against a real server."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import torch
+from raw_data_plane import Raw, frame  # tests/raw_data_plane.py
+
+from kvstore.client import (
+    ClientOptions,
+    DType,
+    InvalidArgument,
+    KVClient,
+    KVForm,
+    KVLayout,
+    Namespace,
+)
+from kvstore.server import RunningServer
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.frames import FrameKind
+from kvstore.wire.namespace import namespace_to_wire
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=16)
+NS = Namespace(tenant="acme", model_fingerprint="toy", layout=LAYOUT)
+INVALID_ARGUMENT, RESOURCE_EXHAUSTED = 3, 8
+MakeKV = Callable[..., torch.Tensor]
+ServerFactory = Callable[..., Awaitable[RunningServer]]
+
+
+def lookups(running: RunningServer) -> int:
+    assert running.data_plane is not None
+    return running.data_plane.lookups
+
+
+def client_for(running: RunningServer, **options: Any) -> KVClient:
+    return KVClient(f"127.0.0.1:{running.port}", NS, options=ClientOptions(**options))
+
+
+async def test_lookups_go_over_the_data_plane_and_match_grpc(
+    server: RunningServer, make_kv: MakeKV
+) -> None:
+    keys = [b"k-%d" % i for i in range(5)]
+    async with (
+        client_for(server) as client,
+        client_for(server, data_plane=False) as grpc_client,
+        client_for(server, data_plane=False, lookup_streams=0) as unary_client,
+    ):
+        kv = make_kv(LAYOUT, 3, form=KVForm.BLOCKS, seed=1)
+        assert (await client.put_blocks(keys[:3], kv)).num_committed == 3
+        before = lookups(server)
+        for asked in (keys, keys[:2], [b"absent"] + keys, []):
+            over_data_plane = await client.lookup_keys(asked)
+            assert over_data_plane == await grpc_client.lookup_keys(asked)
+            assert over_data_plane == await unary_client.lookup_keys(asked)
+        assert (await client.lookup_keys(keys)).num_matched == 3
+        assert lookups(server) == before + 5
+        stats = await client.stats()
+        assert stats.lookup_keys >= 3 * (5 + 2 + 6)
+
+
+async def test_malformed_and_oversized_lookups_are_refused_and_the_server_serves_on(
+    server: RunningServer, make_kv: MakeKV
+) -> None:
+    async with client_for(server) as client:
+        kv = make_kv(LAYOUT, 2, form=KVForm.BLOCKS, seed=2)
+        assert (await client.put_blocks([b"a", b"b"], kv)).num_committed == 2
+        raw = await Raw.open(server)
+        try:
+            await raw.send(frame(FrameKind.LOOKUP, b"\xff\xff\xff"))
+            code, message = await raw.read_error()
+            assert code == INVALID_ARGUMENT, message
+            assert "LookupPrefixRequest" in message
+        finally:
+            raw.close()
+        raw = await Raw.open(server)
+        try:
+            await raw.send(struct.pack("<BI", FrameKind.LOOKUP, 1 << 30))
+            code, message = await raw.read_error()
+            assert code == RESOURCE_EXHAUSTED, message
+        finally:
+            raw.close()
+        raw = await Raw.open(server)
+        try:  # a well-formed lookup on a raw connection, and the connection stays open
+            request = pb.LookupPrefixRequest(namespace=namespace_to_wire(NS), keys=[b"a", b"b"])
+            for _ in range(2):
+                await raw.send(frame(FrameKind.LOOKUP, request.SerializeToString()))
+                kind, payload = await raw.read_frame()
+                assert kind == FrameKind.LOOKUP_RESULT
+                assert pb.LookupPrefixResponse.FromString(payload).num_matched == 2
+        finally:
+            raw.close()
+        assert (await client.lookup_keys([b"a", b"b"])).num_matched == 2
+        got = torch.zeros_like(kv)
+        assert await client.get_into([b"a", b"b"], got, form=KVForm.BLOCKS) == 2
+        assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+
+
+async def test_too_many_keys_is_invalid_argument_like_grpc(
+    server_factory: ServerFactory,
+) -> None:
+    running = await server_factory(limits__max_keys=4)
+    async with client_for(running) as client:
+        with pytest.raises(InvalidArgument, match="limit is 4"):
+            await client.lookup_keys([b"k%d" % i for i in range(5)])
+        assert (await client.lookup_keys([b"k"])).num_matched == 0
+
+
+async def test_without_a_data_plane_lookups_use_grpc(server_factory: ServerFactory) -> None:
+    running = await server_factory(data_port=-1)
+    async with client_for(running) as client:
+        assert (await client.lookup_keys([b"x"])).num_matched == 0
+        assert client.data_plane is None
