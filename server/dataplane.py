@@ -339,6 +339,8 @@ class DataPlane:
                     else:
                         pacing.set_deadline(DEFAULT_TRANSFER_S)
                     await self._transfer(link, pacing, kind, payload)
+                if kind == FrameKind.LOOKUP:
+                    continue  # a lookup (over TLS or the same-host socket): no transfer
                 self.transfers += 1
                 if link.buffers is not None:
                     self.shm_transfers += 1

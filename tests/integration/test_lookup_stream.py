@@ -42,7 +42,7 @@ MakeKV = Callable[..., torch.Tensor]
 
 @pytest.fixture
 async def client(connect: Connect, make_kv: MakeKV) -> KVClient:
-    client = connect(NS)
+    client = connect(NS, data_plane=False)  # these tests are of the gRPC lookup streams
     kv = make_kv(LAYOUT, len(KEYS), form=KVForm.BLOCKS)
     assert (await client.put_blocks(KEYS, kv)).num_committed == len(KEYS)
     return client
@@ -79,7 +79,7 @@ async def test_concurrent_lookups_all_get_their_own_answer(
     """As many ride streams as the client keeps; the rest go out as unary calls."""
     counts = [index % (len(KEYS) + 1) for index in range(40)]
     for max_streams in (1, 3):
-        other = connect(NS, lookup_streams=max_streams)
+        other = connect(NS, lookup_streams=max_streams, data_plane=False)
         for _ in range(2):
             matches = await asyncio.gather(*(other.lookup_keys(KEYS[:count]) for count in counts))
             assert [match.num_matched for match in matches] == counts
@@ -241,7 +241,7 @@ async def test_drain_ends_a_busy_lookup_stream_after_the_result_in_hand(
 
 
 async def test_unary_only_clients_still_look_up(connect: Connect, client: KVClient) -> None:
-    unary = connect(NS, lookup_streams=0)
+    unary = connect(NS, lookup_streams=0, data_plane=False)
     assert (await unary.lookup_keys(KEYS)).num_matched == len(KEYS)
     with pytest.raises(InvalidArgument, match="at most 64 bytes"):
         await unary.lookup_keys([b"k" * 65])
