@@ -592,3 +592,23 @@ async def test_an_admitted_data_plane_connection_loses_a_revoked_token_at_its_ne
         assert "not known" in text
     finally:
         raw.close()
+
+
+async def test_data_plane_lookups_take_the_tenant_from_hello_not_the_request(
+    secured: RunningServer, open_client: Callable[..., KVClient], make_kv: MakeKV
+) -> None:
+    """LOOKUP frames: a's own namespace is answered, b's is PERMISSION_DENIED, and the
+    lookups are counted for the tenant the token names."""
+    assert secured.data_plane is not None
+    owner = open_client(secured, NS_B, TOKEN_B)
+    await seed_b(owner, make_kv)
+    before = secured.data_plane.lookups
+    assert (await owner.lookup_keys(B_KEYS)).num_matched == len(B_KEYS)
+    intruder = open_client(secured, NS_B, TOKEN_A)
+    with pytest.raises(PermissionDenied, match="team-b"):
+        await intruder.lookup_keys(B_KEYS)
+    a_client = open_client(secured, NS_A, TOKEN_A)
+    assert (await a_client.lookup_keys(B_KEYS)).num_matched == 0
+    assert secured.data_plane.lookups == before + 2  # the refused one is no answer
+    (counted_b,) = [t for t in secured.store.report().tenants if t.tenant == "team-b"]
+    assert (counted_b.lookup_keys, counted_b.lookup_hits) == (3, 3)
