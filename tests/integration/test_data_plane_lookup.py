@@ -52,7 +52,7 @@ async def test_lookups_go_over_the_data_plane_and_match_grpc(
         kv = make_kv(LAYOUT, 3, form=KVForm.BLOCKS, seed=1)
         assert (await client.put_blocks(keys[:3], kv)).num_committed == 3
         before = lookups(server)
-        for asked in (keys, keys[:2], [b"absent"] + keys, []):
+        for asked in (keys, keys[:2], [b"absent", *keys], []):
             over_data_plane = await client.lookup_keys(asked)
             assert over_data_plane == await grpc_client.lookup_keys(asked)
             assert over_data_plane == await unary_client.lookup_keys(asked)
