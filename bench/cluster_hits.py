@@ -13,6 +13,13 @@ each with 1 node and with N nodes whose DRAM adds up to the same. Placement cuts
 chains into runs and spreads them over the nodes, and each node evicts on its own, so
 the N-node rate can differ from the 1-node one only through how evenly runs spread and
 how each node's LRU order differs from the global one. The goal is a gap within 1 point.
+
+Each replay also reads every node's Stats at its end (`NodeCounts`): blocks stored,
+evictions, blocks held and capacity per node show whether one node stored, and so
+evicted, more than its share; and it counts the outcomes of the puts, so that a put
+that failed or was dropped would show. The daemons draw their node ids at random (no
+SSD directory), so the N-node placement, and its rate, differ slightly between runs;
+`kvstore-bench placement --draws` gives the spread a plain per-node LRU model predicts.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvstore.bench.cluster_report import PartResult, percent, verdict
-from kvstore.bench.load import LoadConfig, run_load
+from kvstore.bench.load import LoadConfig, fetch_stats, run_load
 from kvstore.bench.nodes import local_cluster
 from kvstore.bench.presets import get_preset
 from kvstore.bench.replay import trace_workload
@@ -34,7 +41,7 @@ from kvstore.bench.trace import (
 )
 from kvstore.bench.trace_sample import CONVERSATION_SAMPLE
 from kvstore.bench.workload import page_bytes_for, parse_scale, scaled_layout
-from kvstore.client import KVLayout
+from kvstore.client import KVLayout, StoreStats
 from kvstore.units import human_bytes
 
 GOAL_GAP_POINTS = 1.0
@@ -54,6 +61,17 @@ class HitsSetup:
 
 
 @dataclass(frozen=True)
+class NodeCounts:
+    """One daemon at the end of a replay, from its Stats (DRAM only: no SSD tier)."""
+
+    node_id: str
+    capacity_blocks: int
+    num_blocks: int  # held at the end
+    blocks_put: int  # stored since it started
+    evictions: int
+
+
+@dataclass(frozen=True)
 class Replay:
     """One replay's outcome."""
 
@@ -66,6 +84,8 @@ class Replay:
     blocks: int
     errors: int
     evictions: int
+    put_outcomes: dict[str, int]  # blocks per PutOutcome name
+    node_counts: list[NodeCounts]
 
 
 def measure_hits(setup: HitsSetup) -> PartResult:
@@ -93,7 +113,9 @@ def measure_hits(setup: HitsSetup) -> PartResult:
         )
         models[capacity] = model.block_hit_rate
         for nodes in (1, setup.nodes):
-            replays.append(_replay(setup, requests, layout, page_bytes, capacity, nodes, total))
+            replays.append(
+                _replay(setup, requests, layout, footprint, page_bytes, capacity, nodes, total)
+            )
     return _result(setup, len(requests), infinite.block_hit_rate, unique, replays, models)
 
 
@@ -101,6 +123,7 @@ def _replay(
     setup: HitsSetup,
     requests: list[TraceRequest],
     layout: KVLayout,
+    footprint: int,
     page_bytes: int,
     capacity: str,
     nodes: int,
@@ -118,6 +141,10 @@ def _replay(
         server_args=["--log-level", "warning"],
     ) as cluster:
         run = run_load(workload, config, cluster.etcd_target, show_progress=False)
+        node_counts = [
+            _node_counts(node.node_id, fetch_stats(node.target, workload.namespace), footprint)
+            for node in cluster.nodes
+        ]
     merged = merge_results(run.results)
     blocks = int(merged.request_blocks.sum())
     hit_blocks = int(merged.request_hit_blocks.sum())
@@ -135,6 +162,31 @@ def _replay(
         blocks=blocks,
         errors=sum(merged.errors.values()),
         evictions=evictions,
+        put_outcomes=dict(merged.put_outcomes),
+        node_counts=node_counts,
+    )
+
+
+def _node_counts(node_id: str, stats: StoreStats | None, footprint: int) -> NodeCounts:
+    if stats is None:
+        raise RuntimeError(f"node {node_id} did not answer Stats at the end of the replay")
+    return NodeCounts(
+        node_id=node_id,
+        capacity_blocks=sum(int(tier.capacity_bytes) // footprint for tier in stats.tiers),
+        num_blocks=sum(int(tier.num_blocks) for tier in stats.tiers),
+        blocks_put=int(stats.blocks_put),
+        evictions=sum(int(tier.evictions) for tier in stats.tiers),
+    )
+
+
+def _node_note(replay: Replay) -> str:
+    """Per node of an N-node replay: blocks stored, evicted, and held of its capacity."""
+    nodes = ", ".join(
+        f"{count.blocks_put} / {count.evictions} / {count.num_blocks} of {count.capacity_blocks}"
+        for count in sorted(replay.node_counts, key=lambda count: -count.blocks_put)
+    )
+    return (
+        f"{replay.capacity}, {replay.nodes} nodes, blocks stored / evicted / held per node: {nodes}"
     )
 
 
@@ -172,6 +224,13 @@ def _result(
         "replayed through one LRU of that many blocks (kvstore.bench.trace)",
         f"goal: the {setup.nodes}-node hit rate within {GOAL_GAP_POINTS:g} point of 1 node's, "
         f"ample and with eviction: {verdict(met)}",
+        *(_node_note(replay) for replay in replays if replay.nodes > 1),
+        "put outcomes, blocks: "
+        + "; ".join(
+            f"{replay.capacity} {replay.nodes} node(s) "
+            + ", ".join(f"{name} {count}" for name, count in sorted(replay.put_outcomes.items()))
+            for replay in replays
+        ),
     ]
     return PartResult(
         part="hits",

@@ -62,7 +62,9 @@ def chain_keys(hash_ids: Sequence[int]) -> list[bytes]:
     return keys
 
 
-def owners_of(placement: Placement, keys: Sequence[bytes], *, root_alone: bool = False) -> list[str]:
+def owners_of(
+    placement: Placement, keys: Sequence[bytes], *, root_alone: bool = False
+) -> list[str]:
     """The node id of each block's owner. With `root_alone`, the what-if placement: the
     chain's first block is a run of its own and `keys[1:]` is cut as a whole chain."""
     if root_alone and len(keys) > 1:
@@ -119,9 +121,7 @@ def largest_share(
 def draw_members(num_nodes: int, draw: int = 0) -> list[Member]:
     """`num_nodes` members of equal weight; each `draw` names them differently."""
     prefix = f"draw-{draw}-" if draw else ""
-    return [
-        Member(f"{prefix}node-{i}", f"node-{i}:1", 0, {"dram": 1}) for i in range(num_nodes)
-    ]
+    return [Member(f"{prefix}node-{i}", f"node-{i}:1", 0, {"dram": 1}) for i in range(num_nodes)]
 
 
 def simulate(
