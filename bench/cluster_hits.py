@@ -30,8 +30,9 @@ from pathlib import Path
 from kvstore.bench.cluster_report import PartResult, percent, verdict
 from kvstore.bench.load import LoadConfig, fetch_stats, run_load
 from kvstore.bench.nodes import local_cluster
+from kvstore.bench.placement_sim import replay as replay_placement
 from kvstore.bench.presets import get_preset
-from kvstore.bench.replay import trace_workload
+from kvstore.bench.replay import TraceWorkload, trace_workload
 from kvstore.bench.report import merge_results
 from kvstore.bench.trace import (
     TraceRequest,
@@ -41,7 +42,9 @@ from kvstore.bench.trace import (
 )
 from kvstore.bench.trace_sample import CONVERSATION_SAMPLE
 from kvstore.bench.workload import page_bytes_for, parse_scale, scaled_layout
-from kvstore.client import KVLayout, StoreStats
+from kvstore.client import ClientOptions, KVLayout, StoreStats
+from kvstore.cluster.members import Member
+from kvstore.cluster.placement import Placement
 from kvstore.units import human_bytes
 
 GOAL_GAP_POINTS = 1.0
@@ -86,6 +89,9 @@ class Replay:
     evictions: int
     put_outcomes: dict[str, int]  # blocks per PutOutcome name
     node_counts: list[NodeCounts]
+    # The same keys through plain LRUs, one per node of the same capacity, placed as this
+    # replay's client placed them (its node ids): what placement alone explains.
+    placement_model_hit_rate: float
 
 
 def measure_hits(setup: HitsSetup) -> PartResult:
@@ -164,7 +170,17 @@ def _replay(
         evictions=evictions,
         put_outcomes=dict(merged.put_outcomes),
         node_counts=node_counts,
+        placement_model_hit_rate=_placement_model(workload, node_counts),
     )
+
+
+def _placement_model(workload: TraceWorkload, node_counts: list[NodeCounts]) -> float:
+    members = [
+        Member(count.node_id, "", 0, {"dram": count.capacity_blocks}) for count in node_counts
+    ]
+    chains = [chain for index in range(workload.num_units()) if (chain := workload.chain(index))]
+    placement = Placement(members, ClientOptions().cluster_run_blocks)
+    return replay_placement(chains, placement, sum(count.capacity_blocks for count in node_counts))
 
 
 def _node_counts(node_id: str, stats: StoreStats | None, footprint: int) -> NodeCounts:
@@ -211,6 +227,7 @@ def _result(
                 percent(models[capacity]),
                 percent(single.block_hit_rate),
                 percent(spread.block_hit_rate),
+                percent(spread.placement_model_hit_rate),
                 f"{gap:+.2f}",
                 f"{single.evictions} / {spread.evictions}",
                 f"{single.errors} / {spread.errors}",
@@ -221,7 +238,9 @@ def _result(
         f"{num_requests} requests of {setup.trace.name}, one in flight; {unique_blocks} unique "
         f"full blocks; infinite-cache hit rate {infinite_rate:.2%}",
         "hit rate: blocks the get served / full blocks looked up; LRU model: the trace "
-        "replayed through one LRU of that many blocks (kvstore.bench.trace)",
+        "replayed through one LRU of that many blocks (kvstore.bench.trace); "
+        f"{setup.nodes}-LRU model: the same keys through one plain LRU per node, placed by "
+        "this run's node ids (kvstore.bench.placement_sim)",
         f"goal: the {setup.nodes}-node hit rate within {GOAL_GAP_POINTS:g} point of 1 node's, "
         f"ample and with eviction: {verdict(met)}",
         *(_node_note(replay) for replay in replays if replay.nodes > 1),
@@ -241,6 +260,7 @@ def _result(
             "LRU model",
             "1 node",
             f"{setup.nodes} nodes",
+            f"{setup.nodes}-LRU model",
             "gap, points",
             "evictions 1 / N",
             "errors 1 / N",

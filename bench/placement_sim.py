@@ -226,5 +226,7 @@ def run_placement(args: argparse.Namespace) -> int:
                 f"{statistics.mean(r.largest_share for r in results):.2f}",
                 f"{statistics.mean(r.busiest_store_share for r in results):.2f}",
             )
-    Console().print(table)
+    console = Console()
+    # Wide enough for every column unwrapped, on a terminal or not (tests read it).
+    Console(width=max(console.width, 150)).print(table)
     return 0
