@@ -25,6 +25,7 @@ from kvstore.bench.tiers import add_tiers_arguments, run_tiers
 from kvstore.bench.tls import add_tls_arguments, run_tls
 from kvstore.bench.watch import add_watch_arguments, run_watch
 from kvstore.client import TOKEN_ENV
+from kvstore.cluster.etcd_options import ETCD_SETTINGS
 from kvstore.wire.tls import CLIENT_TLS_SETTINGS
 
 Runner = Callable[[argparse.Namespace], int]
@@ -137,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         for _, flag, variable, what in CLIENT_TLS_SETTINGS:
             credentials.add_argument(flag, help=f"{what} (default: ${variable})")
+        etcd = sub.add_argument_group("a secured etcd, for an etcd:// or etcds:// --target")
+        for name, flag, variable, what in ETCD_SETTINGS:
+            etcd.add_argument(flag, dest=f"etcd_{name}", help=f"{what} (default: ${variable})")
         sub.set_defaults(runner=runner)
     return parser
 
@@ -148,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[TOKEN_ENV] = args.token
     for _, flag, variable, _ in CLIENT_TLS_SETTINGS:
         value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            os.environ[variable] = value
+    # The password stays in a file (or $KVSTORE_ETCD_PASSWORD): only its path travels.
+    for name, _, variable, _ in ETCD_SETTINGS:
+        value = getattr(args, f"etcd_{name}")
         if value is not None:
             os.environ[variable] = value
     runner: Runner = args.runner

@@ -7,6 +7,9 @@ cluster's etcd with it, and the tests' `tests/etcd_server.py` wraps it.
     etcd.start()                            # EtcdMissing where there is no `etcd` binary
     etcd.url("kvstore")                     # etcd://127.0.0.1:PORT/kvstore
     etcd.stop(); etcd.start()               # the same ports and data again
+
+    EtcdServer(path, tls=EtcdServerTLS(cert_file, key_file, client_ca_file))
+                                            # clients over TLS: etcds://127.0.0.1:PORT/...
 """
 
 from __future__ import annotations
@@ -39,14 +42,29 @@ def etcd_missing_reason() -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class EtcdServerTLS:
+    """etcd's certificate and key for its client port; with `client_ca_file`, clients
+    must present a certificate that CA signed (etcd's --client-cert-auth)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
 @dataclass
 class EtcdServer:
-    """One etcd member serving clients on `client_port`, with its data in `data_dir`; its
-    log goes to `<data_dir>.log` next to it (appended to on every start)."""
+    """One etcd member serving clients on `client_port` (over TLS with `tls`), with its
+    data in `data_dir`; its log goes to `<data_dir>.log` next to it (appended to on every
+    start). `/health` is asked on a plaintext metrics port, whatever the client port
+    demands. `auth_token_ttl_s` is how long etcd keeps an unused auth token."""
 
     data_dir: Path
     client_port: int = field(default_factory=free_port)
     peer_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    tls: EtcdServerTLS | None = None
+    auth_token_ttl_s: int = 300
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,8 +81,9 @@ class EtcdServer:
         return self.process is not None and self.process.poll() is None
 
     def url(self, prefix: str) -> str:
-        """The `etcd://` target of a cluster under `prefix`."""
-        return f"etcd://{self.endpoint}/{prefix}"
+        """The `etcd://` target of a cluster under `prefix` (`etcds://` with TLS)."""
+        scheme = "etcds" if self.tls is not None else "etcd"
+        return f"{scheme}://{self.endpoint}/{prefix}"
 
     def start(self) -> None:
         """Start it and return once it answers its health check; raises EtcdMissing without
@@ -74,8 +93,13 @@ class EtcdServer:
             raise EtcdMissing(reason)
         if self.running:
             raise RuntimeError(f"etcd on {self.endpoint} is already running")
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
+        tls_flags = []
+        if self.tls is not None:
+            tls_flags = [f"--cert-file={self.tls.cert_file}", f"--key-file={self.tls.key_file}"]
+            if self.tls.client_ca_file is not None:
+                tls_flags += ["--client-cert-auth", f"--trusted-ca-file={self.tls.client_ca_file}"]
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -88,6 +112,9 @@ class EtcdServer:
                     f"--listen-peer-urls={peer}",
                     f"--initial-advertise-peer-urls={peer}",
                     f"--initial-cluster=kvstore-local={peer}",
+                    f"--listen-metrics-urls=http://127.0.0.1:{self.metrics_port}",
+                    f"--auth-token-ttl={self.auth_token_ttl_s}",
+                    *tls_flags,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -115,7 +142,7 @@ class EtcdServer:
     def _healthy(self) -> bool:
         try:
             with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.client_port}/health", timeout=1
+                f"http://127.0.0.1:{self.metrics_port}/health", timeout=1
             ) as reply:
                 return b'"health":"true"' in reply.read()
         except OSError:

@@ -53,6 +53,7 @@ from kvstore.client.cost import (
     break_even_bandwidth,
     plan_fetch,
 )
+from kvstore.cluster.etcd_options import EtcdOptions
 from kvstore.codec import KVForm
 from kvstore.enums import Durability, PutOutcome, TierKind
 from kvstore.events import BlockEvent, BlockEventKind
@@ -76,6 +77,7 @@ __all__ = [
     "DataLoss",
     "DeadlineExceeded",
     "Durability",
+    "EtcdOptions",
     "FailedPrecondition",
     "FetchPlan",
     "HashAlgorithm",

@@ -1,9 +1,11 @@
 """The client of a cluster: many daemons as one store, placed by the client.
 
-`KVClient("etcd://HOST:PORT/PREFIX", ns)` follows the members registered in etcd;
-`KVClient("cluster://H1:P1,H2:P2", ns)` takes a fixed list. Either way the calls are
-those of a single daemon. A chain is cut into runs of `ClientOptions.cluster_run_blocks`
-blocks, each owned by one member (kvstore.cluster.placement), and:
+`KVClient("etcd://HOST:PORT/PREFIX", ns)` follows the members registered in etcd
+(`etcds://` over TLS; ClientOptions.etcd or KVSTORE_ETCD_* say with what certificates
+and credentials); `KVClient("cluster://H1:P1,H2:P2", ns)` takes a fixed list. Either way
+the calls are those of a single daemon. A chain is cut into runs of
+`ClientOptions.cluster_run_blocks` blocks, each owned by one member
+(kvstore.cluster.placement), and:
 
 - a lookup asks every owner once, in parallel, for its runs back to back, and returns the
   longest prefix that is present run after run;
@@ -37,7 +39,13 @@ from kvstore.client._cluster_get import ChainGather
 from kvstore.client._cluster_nodes import NODE_FAILURES, NodePool, OwnerRuns, by_owner, runs_from
 from kvstore.client._cluster_put import ClusterLayerPut, weakest_durability
 from kvstore.client._cluster_watch import cluster_events
-from kvstore.client._errors import InvalidArgument, Unavailable
+from kvstore.client._errors import (
+    InvalidArgument,
+    KVStoreClientError,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from kvstore.client._membership import EtcdMembership, Membership
 from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult, StoreStats
@@ -45,8 +53,9 @@ from kvstore.client._stats_sum import sum_store_stats
 from kvstore.client._transport import Transport
 from kvstore.client._watch import BlockEvents
 from kvstore.client.cost import BandwidthMeter
-from kvstore.cluster.etcd import EtcdUnavailable
-from kvstore.cluster.members import SCHEME, Member, parse_etcd_url, parse_static_target
+from kvstore.cluster.etcd import EtcdRefused, EtcdUnavailable
+from kvstore.cluster.etcd_options import EtcdOptions, load_access
+from kvstore.cluster.members import Member, is_etcd_target, parse_etcd_url, parse_static_target
 from kvstore.cluster.placement import Placement, Run
 from kvstore.codec import KVForm, cpu_contiguous
 from kvstore.enums import PutOutcome, TierKind
@@ -54,6 +63,19 @@ from kvstore.layout import Namespace
 from kvstore.wire.namespace import namespace_to_wire
 
 T = TypeVar("T")
+
+# How an etcd that refused this client's settings is raised: as the daemons' own
+# refusals are (a wrong password is Unauthenticated), TLS trouble as Unavailable.
+_REFUSALS: dict[str, type[KVStoreClientError]] = {
+    "auth": Unauthenticated,
+    "permission": PermissionDenied,
+    "tls": Unavailable,
+}
+
+
+def _etcd_error(target: str, error: EtcdUnavailable) -> KVStoreClientError:
+    kind = _REFUSALS[error.cause] if isinstance(error, EtcdRefused) else Unavailable
+    return kind(f"cannot read the cluster's members from {target}: {error}")
 
 
 @dataclass(frozen=True)
@@ -108,9 +130,14 @@ class ClusterClient(KVClient):
         self.namespace_bytes = self._namespace_wire.SerializeToString()
         run_blocks = self.options.cluster_run_blocks
         try:
-            if target.startswith(SCHEME):
+            if is_etcd_target(target):
+                etcd_target = parse_etcd_url(target)
+                etcd_options = self.options.etcd or EtcdOptions.from_environment()
                 self.membership: Membership = EtcdMembership(
-                    parse_etcd_url(target), run_blocks, refresh_s=self.options.cluster_refresh_s
+                    etcd_target,
+                    run_blocks,
+                    access=load_access(etcd_target, etcd_options),
+                    refresh_s=self.options.cluster_refresh_s,
                 )
             else:
                 self.membership = Membership(parse_static_target(target), run_blocks)
@@ -135,9 +162,7 @@ class ClusterClient(KVClient):
                     try:
                         await self.membership.start()
                     except EtcdUnavailable as error:
-                        raise Unavailable(
-                            f"cannot read the cluster's members from {self.target}: {error}"
-                        ) from error
+                        raise _etcd_error(self.target, error) from error
                     self._started = True
         return self.membership.placement
 

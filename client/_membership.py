@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import aetcd
 
-from kvstore.cluster.etcd import EtcdUnavailable, open_etcd, read_members
+from kvstore.cluster.etcd import PLAINTEXT, EtcdUnavailable, open_etcd, read_members
+from kvstore.cluster.etcd_options import EtcdAccess
 from kvstore.cluster.members import EtcdTarget, Member
 from kvstore.cluster.placement import Placement
 
@@ -68,26 +69,30 @@ class Membership:
 
 
 class EtcdMembership(Membership):
-    """Members registered in etcd under a target's prefix, read every `refresh_s`."""
+    """Members registered in etcd under a target's prefix, read every `refresh_s`, with
+    `access`'s TLS and credentials."""
 
     def __init__(
         self,
         target: EtcdTarget,
         run_blocks: int,
         *,
+        access: EtcdAccess = PLAINTEXT,
         refresh_s: float = DEFAULT_REFRESH_S,
         timeout_s: float = 3.0,
     ) -> None:
         super().__init__((), run_blocks)
         self._target = target
+        self._access = access
         self._refresh_s = refresh_s
         self._timeout_s = timeout_s
         self._etcd: aetcd.Client | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Read the members once; raises EtcdUnavailable when no endpoint answers, since a
-        client that never saw the cluster has nothing to serve from."""
+        """Read the members once; raises EtcdUnavailable when no endpoint answers (its
+        EtcdRefused where one refused these settings), since a client that never saw
+        the cluster has nothing to serve from."""
         self._set(await self._read())
         self._task = asyncio.get_running_loop().create_task(
             self._follow(), name="kvstore-cluster-membership"
@@ -95,7 +100,7 @@ class EtcdMembership(Membership):
 
     async def _read(self) -> list[Member]:
         if self._etcd is None:
-            self._etcd = await open_etcd(self._target, timeout_s=self._timeout_s)
+            self._etcd = await open_etcd(self._target, self._access, timeout_s=self._timeout_s)
         try:
             return await asyncio.wait_for(
                 read_members(self._etcd, self._target), timeout=self._timeout_s

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from kvstore.checksum import ChecksumKind
 from kvstore.client._credentials import check_token
+from kvstore.cluster.etcd_options import EtcdOptions
 from kvstore.cluster.placement import DEFAULT_RUN_BLOCKS
 from kvstore.keys import HashAlgorithm
 from kvstore.wire.chunks import MIN_CHUNK_BYTES
@@ -99,6 +100,10 @@ class ClientOptions:
     cluster_run_blocks: int = DEFAULT_RUN_BLOCKS
     cluster_refresh_s: float = 1.0
     cluster_retry_s: float = 1.0
+    # A secured etcd behind an etcd:// or etcds:// target: TLS files and credentials
+    # (kvstore.cluster.etcd_options). None: the KVSTORE_ETCD_* environment variables
+    # (and KVSTORE_ETCD_PASSWORD), if any is set. Read when the client is made.
+    etcd: EtcdOptions | None = None
 
     def __post_init__(self) -> None:
         if self.cluster_run_blocks < 1:

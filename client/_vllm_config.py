@@ -2,7 +2,8 @@
 
 Every key, with its default (see the README's "In vLLM" section):
 
-    target              HOST:PORT, etcd://... or cluster://... of the store (required)
+    target              HOST:PORT, etcd://..., etcds://... or cluster://... of the store
+                        (required; a secured etcd's CA and credentials: KVSTORE_ETCD_*)
     tenant              the namespace's tenant (default "vllm")
     model_fingerprint   what the KV depends on: weights, revision, dtype... (required)
     block_size          tokens per block; must equal vLLM's --block-size (required)

@@ -24,6 +24,7 @@ __all__ = [
     "KVConnectorMetadata",
     "KVConnectorOutput",
     "KVConnectorRole",
+    "KVConnectorStats",
     "KVTransferConfig",
     "NewRequestData",
     "Request",
@@ -72,7 +73,16 @@ class _StandInBase:
         return self._connector_metadata
 
 
+@dataclass
+class _StandInStats:
+    """vLLM's `KVConnectorStats`: a worker's telemetry, carried to the scheduler in
+    `KVConnectorOutput.kv_connector_stats` (and to vLLM's logger)."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+
+
 if TYPE_CHECKING:
+    KVConnectorStats: Any = _StandInStats
     KVConnectorBase: Any = _StandInBase
     KVConnectorMetadata: Any = _StandInMetadata
     KVConnectorRole: Any = _StandInRole
@@ -93,6 +103,10 @@ else:
         KVConnectorMetadata = _StandInMetadata
         KVConnectorRole = _StandInRole
         VLLM_AVAILABLE = False
+    try:  # vLLM releases before connector stats (about 0.10) lack the module
+        from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+    except ImportError:
+        KVConnectorStats = _StandInStats
 
 
 # -- stand-ins for what vLLM passes in (the emulator builds these) ---------------------------

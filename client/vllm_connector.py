@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from kvstore.client._vllm_config import ConnectorConfig, ConnectorConfigError
-from kvstore.client._vllm_metadata import KVStoreConnectorMetadata
+from kvstore.client._vllm_metadata import KVStoreConnectorMetadata, KVStoreConnectorStats
 from kvstore.client._vllm_scheduler import (
     LOAD_PARAM,
     SAVE_PARAM,
@@ -44,6 +44,7 @@ __all__ = [
     "KVConnectorRole",
     "KVStoreConnector",
     "KVStoreConnectorMetadata",
+    "KVStoreConnectorStats",
     "MatchPlan",
 ]
 
@@ -133,6 +134,22 @@ class KVStoreConnector(KVConnectorBase):  # type: ignore[misc]
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker_side.get_block_ids_with_load_errors()
+
+    def get_kv_connector_stats(self) -> KVStoreConnectorStats | None:
+        """The rates this worker measured, for the scheduler side's plans (None on the
+        scheduler, or before anything was measured)."""
+        if self._worker is None:
+            return None
+        data = self._worker.stats()
+        return KVStoreConnectorStats(data=dict(data)) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> KVStoreConnectorStats | None:
+        """Stats rebuilt from their data, as vLLM does after sending them between
+        processes."""
+        return KVStoreConnectorStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
         if self._scheduler is not None:

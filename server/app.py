@@ -23,7 +23,7 @@ from kvstore.server.dataplane import DataPlane
 from kvstore.server.handlers import add_kvstore_service
 from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.loopwatch import LoopWatch
-from kvstore.server.membership import Registration, node_id_for
+from kvstore.server.membership import Registration, check_etcd, node_id_for
 from kvstore.server.metrics import DaemonMetrics, start_metrics
 from kvstore.server.servicer import KVStoreServicer
 from kvstore.server.standard_services import add_health_service, add_reflection_service
@@ -137,6 +137,9 @@ async def build_server(config: ServerConfig) -> RunningServer:
     check_exposure(config)
     auth = build_authenticator(config)
     tls = load_server_tls(config.tls) if config.tls is not None else None
+    if config.cluster is not None:
+        # Before anything listens: settings etcd refuses stop the daemon here.
+        await check_etcd(parse_etcd_url(config.cluster.etcd), config.cluster.etcd_access())
     if config.tune_allocator:
         tune_allocator()
     store = BlockStore(config.store)
@@ -263,7 +266,10 @@ def start_membership(running: RunningServer) -> Registration:
         capacity_bytes={tier.name: tier.capacity_bytes for tier in running.store.report().tiers},
     )
     registration = Registration(
-        parse_etcd_url(config.cluster.etcd), member, config.cluster.lease_ttl_s
+        parse_etcd_url(config.cluster.etcd),
+        member,
+        config.cluster.lease_ttl_s,
+        config.cluster.etcd_access(),
     )
     registration.start()
     running.servicer.cluster_state = lambda: (registration.registered, member.node_id)

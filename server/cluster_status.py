@@ -1,10 +1,11 @@
 """`kvstore-server cluster status --cluster etcd://HOST:PORT/PREFIX`: every registered
 member, its address, capacity, use and health, and how long its lease has left.
 
-Membership comes from etcd (kvstore.cluster.etcd); use and health come from each
-member's own Stats, asked over gRPC with the same token and TLS flags as
-`kvstore-server stats`. A member that does not answer is listed with the status it
-failed with: it is registered, but it serves nothing.
+Membership comes from etcd (kvstore.cluster.etcd), over TLS and logged in where the
+`--etcd-*` flags or KVSTORE_ETCD_* variables say (kvstore.cluster.etcd_options); use
+and health come from each member's own Stats, asked over gRPC with the same token and
+TLS flags as `kvstore-server stats`. A member that does not answer is listed with the
+status it failed with: it is registered, but it serves nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvstore.cluster.etcd import EtcdUnavailable, list_members
+from kvstore.cluster.etcd_options import EtcdOptions
 from kvstore.cluster.members import Member
 from kvstore.units import human_bytes
 from kvstore.v1 import kvstore_pb2 as pb
@@ -66,11 +68,17 @@ def member_status(
 
 
 def run_cluster_status(
-    args: argparse.Namespace, channel_for: ChannelFor, metadata: Metadata
+    args: argparse.Namespace,
+    channel_for: ChannelFor,
+    metadata: Metadata,
+    etcd_options: EtcdOptions | None = None,
 ) -> int:
-    """Print the members of `args.cluster`; 1 when etcd cannot be read."""
+    """Print the members of `args.cluster`; 1 when etcd cannot be read (the message says
+    why, and what to change where etcd refused these settings)."""
     try:
-        members = asyncio.run(list_members(args.cluster, timeout_s=args.timeout))
+        members = asyncio.run(
+            list_members(args.cluster, options=etcd_options, timeout_s=args.timeout)
+        )
     except (EtcdUnavailable, ValueError) as error:
         print(f"kvstore-server cluster status: {error}")
         return 1

@@ -61,8 +61,16 @@ reads configuration from outside (files, flags); components receive their own pa
 
     [cluster]                    # absent: a lone daemon, registered nowhere
     etcd = "etcd://10.0.0.5:2379,10.0.0.6:2379/kvstore"  # registers under PREFIX/members/
+                                 # (etcds://... : etcd over TLS)
     advertise = "10.0.0.7:50051" # gRPC HOST:PORT others reach it at (default: listen)
     lease_ttl_s = 10             # its key goes this long after the daemon dies
+    etcd_ca_file = "etcd-ca.pem" # etcds://: the CA etcd's certificate chains to (unset:
+                                 # the system's trust store)
+    etcd_cert_file = "node.pem"  # etcds://: a client certificate, for an etcd with
+    etcd_key_file = "node.key"   #   --client-cert-auth
+    etcd_server_name = ""        # the name to check in etcd's certificate (default: host)
+    etcd_user = "kvstore"        # etcd auth: the user, and its password's file (the first
+    etcd_password_file = "/run/secrets/etcd"  # line); or $KVSTORE_ETCD_PASSWORD
 """
 
 from __future__ import annotations
@@ -78,6 +86,13 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import units
+from kvstore.cluster.etcd_options import (
+    ETCD_SETTINGS,
+    PASSWORD_ENV,
+    EtcdAccess,
+    EtcdOptions,
+    load_access,
+)
 from kvstore.cluster.members import is_concrete_host, parse_etcd_url, parse_host_port
 from kvstore.config import StoreConfig, TenantQuota
 from kvstore.errors import InvalidRequest
@@ -214,17 +229,29 @@ class TLSConfig:
 class ClusterConfig:
     """Membership in etcd (kvstore.server.membership)."""
 
-    etcd: str = ""  # etcd://HOST:PORT[,HOST:PORT...]/PREFIX
+    etcd: str = ""  # etcd://HOST:PORT[,HOST:PORT...]/PREFIX, or etcds:// for TLS
     # The gRPC HOST:PORT other machines reach this daemon at; empty: listen's (which
     # must then be a concrete address); its data plane is on the same host.
     advertise: str = ""
     lease_ttl_s: int = 10
+    # A secured etcd (kvstore.cluster.etcd_options.EtcdOptions; empty: unset). The TLS
+    # settings need an etcds:// URL.
+    etcd_ca_file: str = ""
+    etcd_cert_file: str = ""
+    etcd_key_file: str = ""
+    etcd_server_name: str = ""
+    etcd_user: str = ""
+    etcd_password_file: str = ""
+    # Never a setting: load_config takes it from $KVSTORE_ETCD_PASSWORD where etcd_user
+    # is set and etcd_password_file is not.
+    etcd_password: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if not self.etcd:
             raise InvalidRequest('[cluster] needs etcd = "etcd://HOST:PORT/PREFIX" (--cluster)')
         try:
-            parse_etcd_url(self.etcd)
+            # Reads the TLS and password files: a missing one stops the daemon here.
+            load_access(parse_etcd_url(self.etcd), self.etcd_options())
             if self.advertise:
                 parse_host_port(self.advertise, what="cluster.advertise (--advertise)")
         except ValueError as error:
@@ -239,6 +266,26 @@ class ClusterConfig:
             raise InvalidRequest(
                 f"cluster.lease_ttl_s must be in [2, 3600], got {self.lease_ttl_s}"
             )
+
+    def etcd_access(self) -> EtcdAccess:
+        """The etcd settings with their files read (again: a file that went away since
+        start-up is InvalidRequest)."""
+        try:
+            return load_access(parse_etcd_url(self.etcd), self.etcd_options())
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from None
+
+    def etcd_options(self) -> EtcdOptions:
+        """The etcd TLS and credential settings (ValueError where they contradict)."""
+        return EtcdOptions(
+            ca_file=self.etcd_ca_file or None,
+            cert_file=self.etcd_cert_file or None,
+            key_file=self.etcd_key_file or None,
+            server_name=self.etcd_server_name or None,
+            user=self.etcd_user or None,
+            password_file=self.etcd_password_file or None,
+            password=self.etcd_password or None,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -432,13 +479,26 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
     if data.get("tls"):
         parts["tls"] = _build(TLSConfig, data["tls"], "tls")
     if data.get("cluster"):
-        parts["cluster"] = _build(ClusterConfig, data["cluster"], "cluster")
+        parts["cluster"] = _build(ClusterConfig, _with_etcd_password(data["cluster"]), "cluster")
     quotas = _quotas(data.get("quotas", {}))
     if quotas:
         # Checked against the tiers here: a quota on a tier the store lacks, or quotas
         # adding up to more than a tier, fail at start-up.
         parts["store"] = dataclasses.replace(parts["store"], quotas=quotas)
     return _build(ServerConfig, {**top, **parts}, "top level")  # type: ignore[no-any-return]
+
+
+def _with_etcd_password(table: dict[str, Any]) -> dict[str, Any]:
+    """The [cluster] table, with the etcd password from $KVSTORE_ETCD_PASSWORD where a
+    user is set and no password file is: a password is never a flag or a TOML value."""
+    if "etcd_password" in table:
+        raise InvalidRequest(
+            "[cluster] etcd_password is not a setting: put the password in a file named by "
+            f"etcd_password_file (--etcd-password-file), or in ${PASSWORD_ENV}"
+        )
+    if table.get("etcd_user") and not table.get("etcd_password_file"):
+        return {**table, "etcd_password": os.environ.get(PASSWORD_ENV, "")}
+    return table
 
 
 _THROTTLE_KEY = "store.read_bytes_per_s"
@@ -643,7 +703,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cluster",
         dest="cluster.etcd",
-        help="register in etcd: etcd://HOST:PORT[,HOST:PORT...]/PREFIX",
+        help="register in etcd: etcd://HOST:PORT[,HOST:PORT...]/PREFIX (etcds:// for TLS)",
     )
     parser.add_argument(
         "--advertise",
@@ -656,6 +716,10 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="seconds the cluster entry outlives a dead daemon (default 10)",
     )
+    for name, flag, _, what in ETCD_SETTINGS:
+        parser.add_argument(
+            flag, dest=f"cluster.etcd_{name}", help=f"{what} ([cluster] etcd_{name})"
+        )
     parser.add_argument(
         "--workers",
         type=int,

@@ -2,7 +2,7 @@
 
 kvstore-server [--config FILE] [--listen HOST:PORT] [--dram-bytes 4GiB] ...
 kvstore-server stats [--target HOST:PORT] [--json]
-kvstore-server cluster status --cluster etcd://HOST:PORT/PREFIX [--json]
+kvstore-server cluster status --cluster etcd://HOST:PORT/PREFIX [--json] [--etcd-ca ...]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
+from kvstore.cluster.etcd_options import ETCD_SETTINGS, EtcdOptions
 from kvstore.errors import InvalidRequest
 from kvstore.server.cluster_status import run_cluster_status
 from kvstore.server.config import add_config_arguments, config_from_args
@@ -77,14 +78,23 @@ def _cluster_status_main(argv: list[str]) -> int:
         prog="kvstore-server cluster status",
         description="Each member registered in etcd: address, capacity, use, health, lease.",
     )
-    parser.add_argument("--cluster", required=True, help="etcd://HOST:PORT[,HOST:PORT...]/PREFIX")
+    parser.add_argument(
+        "--cluster", required=True, help="etcd://HOST:PORT[,HOST:PORT...]/PREFIX (etcds:// for TLS)"
+    )
     _add_caller_arguments(parser)
+    etcd = parser.add_argument_group("a secured etcd")
+    for name, flag, variable, what in ETCD_SETTINGS:
+        etcd.add_argument(flag, dest=f"etcd_{name}", help=f"{what} (default: ${variable})")
     args = parser.parse_args(argv)
     try:
         channel_for = _channel_factory(args)
+        overrides = {name: getattr(args, f"etcd_{name}") for name, _, _, _ in ETCD_SETTINGS}
+        etcd_options = EtcdOptions.from_environment(overrides=overrides)
     except OSError as error:
         parser.error(f"cannot read a TLS file: {error}")
-    return run_cluster_status(args, channel_for, _caller_metadata(args))
+    except ValueError as error:
+        parser.error(str(error))
+    return run_cluster_status(args, channel_for, _caller_metadata(args), etcd_options)
 
 
 def _stats_main(argv: list[str]) -> int:

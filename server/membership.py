@@ -3,6 +3,9 @@
 Registration never blocks serving. With etcd unreachable at start the daemon serves
 anyway and keeps trying in the background; if etcd goes away later, or the lease is
 lost, it keeps serving and registers again, under a new lease, once etcd answers.
+An etcd that answers but refuses the daemon's settings (`check_etcd`: a certificate that
+does not verify, plaintext against TLS, a wrong password) stops it at start-up instead,
+since waiting would not help.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from pathlib import Path
 
 import aetcd
 
-from kvstore.cluster.etcd import EtcdUnavailable, open_etcd
+from kvstore.cluster.etcd import PLAINTEXT, EtcdRefused, EtcdUnavailable, open_etcd
+from kvstore.cluster.etcd_options import EtcdAccess
 from kvstore.cluster.members import EtcdTarget, Member
 
 logger = logging.getLogger("kvstore.server.membership")
@@ -41,11 +45,34 @@ def node_id_for(ssd_dir: str | None) -> str:
     return node_id
 
 
+async def check_etcd(target: EtcdTarget, access: EtcdAccess, *, timeout_s: float = 3.0) -> None:
+    """Connect once at start-up: EtcdRefused (an OSError) where etcd answers but refuses
+    these settings; an etcd that does not answer is only logged, the daemon serves on."""
+    try:
+        client = await open_etcd(target, access, timeout_s=timeout_s)
+    except EtcdRefused:
+        raise
+    except EtcdUnavailable as error:
+        logger.warning(
+            "etcd does not answer yet (%s); serving, and registering when it does", error
+        )
+        return
+    with contextlib.suppress(aetcd.ClientError, OSError):
+        await client.close()
+
+
 class Registration:
     """Keeps `member` registered at `target` under a lease of `lease_ttl_s`."""
 
-    def __init__(self, target: EtcdTarget, member: Member, lease_ttl_s: int) -> None:
+    def __init__(
+        self,
+        target: EtcdTarget,
+        member: Member,
+        lease_ttl_s: int,
+        access: EtcdAccess = PLAINTEXT,
+    ) -> None:
         self.target = target
+        self.access = access
         self.member = member
         self.lease_ttl_s = lease_ttl_s
         self.registered = False
@@ -99,7 +126,7 @@ class Registration:
             await asyncio.sleep(self._interval_s)
 
     async def _register(self) -> None:
-        self._client = await open_etcd(self.target, timeout_s=self._interval_s)
+        self._client = await open_etcd(self.target, self.access, timeout_s=self._interval_s)
         lease = await self._client.lease(self.lease_ttl_s)
         self._lease_id = lease.id
         await self._client.put(self.key.encode(), self.member.to_json(), lease=lease)

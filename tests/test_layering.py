@@ -48,8 +48,9 @@ UPPER = ("kvstore.client", "kvstore.server", "kvstore.bench")
             ("grpc", "google.protobuf", "kvstore.v1", "kvstore.wire", "aetcd", *UPPER),
             ("wire", "cluster"),
         ),
-        # Cluster membership talks to etcd (aetcd, over gRPC), never to the engine.
-        ("kvstore/cluster", ("grpc", "kvstore.v1", *UPPER, *ENGINE), ()),
+        # Cluster membership talks to etcd (aetcd, over gRPC), never to the engine; only
+        # kvstore/cluster/etcd.py opens gRPC channels (see below).
+        ("kvstore/cluster", ("kvstore.v1", *UPPER, *ENGINE), ()),
         # The wire knows messages and frames, not gRPC and not who uses it.
         ("kvstore/wire", ("grpc", *UPPER, *ENGINE), ()),
         # The client library loads no part of the server's engine.
@@ -89,6 +90,12 @@ def test_folder_does_not_import(
         ("server/dataplane.py", ("kvstore.server.servicer", "kvstore.server.handlers")),
         ("server/transfer.py", ("kvstore.server.servicer", "kvstore.server.dataplane", "grpc")),
         ("server/servicer.py", ("kvstore.server.dataplane",)),
+        # etcd's channel (TLS or not) is opened in kvstore/cluster/etcd.py alone; targets,
+        # members, placement and the etcd settings know no gRPC.
+        ("kvstore/cluster/members.py", ("grpc", "aetcd")),
+        ("kvstore/cluster/placement.py", ("grpc", "aetcd")),
+        ("kvstore/cluster/etcd_options.py", ("grpc", "aetcd")),
+        ("kvstore/cluster/etcd_probe.py", ("grpc", "aetcd")),
     ],
 )
 def test_module_does_not_import(module: str, forbidden: tuple[str, ...]) -> None:

@@ -30,6 +30,7 @@ EXPECTED_CLIENT_API = [
     "DataLoss",
     "DeadlineExceeded",
     "Durability",
+    "EtcdOptions",
     "FailedPrecondition",
     "FetchPlan",
     "HashAlgorithm",
@@ -192,6 +193,7 @@ EXPECTED_VLLM_CONNECTOR_API = [
     "KVConnectorRole",
     "KVStoreConnector",
     "KVStoreConnectorMetadata",
+    "KVStoreConnectorStats",
     "MatchPlan",
 ]
 

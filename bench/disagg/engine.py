@@ -297,7 +297,8 @@ class Engine:
             KVConnectorOutput(
                 finished_sending=sending,
                 invalid_block_ids=self._last_failed,
-                kv_connector_stats=self.worker.worker_side.stats(),
+                # As vLLM carries them: from the worker process, pickled.
+                kv_connector_stats=pickle.loads(pickle.dumps(self.worker.get_kv_connector_stats())),
             )
         )
         return sending or set()

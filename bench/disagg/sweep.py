@@ -9,7 +9,9 @@ process with `--throttle-read dram=RATE` and the same request is served three wa
 - **planned**: the vLLM connector's scheduler side (through kvstore.bench.disagg.engine) looks
   up and plans with the bandwidth the fetches measured and the prefill rate this rate's
   no-store runs showed (a worker measuring its own prefills), and loads only what it says
-  (all of it, or nothing at this prompt's single rate).
+  (all of it, or nothing at this prompt's single rate). Each planned run is paired with a
+  no-store run timed beside it, in alternating order, and the column "planned/no store"
+  is the median of those pairs' ratios.
 
 The predicted break-even is ``block_bytes * tokens_per_s / block_tokens`` with the prefill
 rate of two timed prefills before the sweep (the whole prompt, and the suffix a hit leaves
@@ -59,6 +61,9 @@ class SweepPoint:
     fetch_ttft_s: float
     no_store_ttft_s: float
     planned_ttft_s: float
+    # The median over the repeats of planned / no store, each pair timed back to back
+    # (in alternating order): drift of a shared machine's speed cancels within a pair.
+    planned_over_no_store: float
     num_load_blocks: int  # what the plan loaded
     decision: str
     # The prefill rate the plan used: the worker's own, from this rate's no-store runs.
@@ -201,12 +206,17 @@ def _sweep_point(
         settings: dict[str, Any] = {"prefill_tokens_per_s": current.tokens_per_s}
         if measured is not None:
             settings["fetch_bytes_per_s"] = measured
-        planned, runs = [], []
+        planned, ratios, runs = [], [], []
         with Engine(model, cache, target, namespace, **settings) as engine:
-            for _ in range(args.repeats):
+            for repeat in range(args.repeats):
+                if repeat % 2:
+                    baseline_s = recompute(model, cache, prompt, 1).ttft_s
                 run = engine.serve(prompt, 1, save=False)
+                if not repeat % 2:
+                    baseline_s = recompute(model, cache, prompt, 1).ttft_s
                 runs.append(run)
                 planned.append(run.ttft_s)
+                ratios.append(run.ttft_s / baseline_s)
     last = runs[-1]
     return SweepPoint(
         rate_bytes_per_s=rate,
@@ -214,6 +224,7 @@ def _sweep_point(
         fetch_ttft_s=statistics.median(fetch),
         no_store_ttft_s=statistics.median(no_store),
         planned_ttft_s=statistics.median(planned),
+        planned_over_no_store=statistics.median(ratios),
         num_load_blocks=last.num_reused_tokens // config.page_tokens,
         decision=last.decision,
         plan_tokens_per_s=current.tokens_per_s,
@@ -265,7 +276,7 @@ def print_report(report: SweepReport, console: Console) -> None:
         "no store",
         "planned",
         "plan",
-        "planned/no store",
+        "planned/no store, paired",
     )
     for column in columns:
         table.add_column(column, justify="left" if column == "plan" else "right")
@@ -277,7 +288,7 @@ def print_report(report: SweepReport, console: Console) -> None:
             f"{point.no_store_ttft_s * 1e3:.0f} ms",
             f"{point.planned_ttft_s * 1e3:.0f} ms",
             "fetch" if point.num_load_blocks else "recompute",
-            f"{point.planned_ttft_s / point.no_store_ttft_s:.2f}",
+            f"{point.planned_over_no_store:.3f}",
         )
     console.print(table)
     console.print(

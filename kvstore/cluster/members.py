@@ -1,4 +1,5 @@
-"""Cluster membership as etcd holds it: the `etcd://` target, and what a member registers.
+"""Cluster membership as etcd holds it: the `etcd://` target (`etcds://` for etcd over
+TLS), and what a member registers.
 
 A daemon started with `--cluster etcd://HOST:PORT[,HOST:PORT...]/PREFIX` keeps one key,
 `PREFIX/members/<node_id>`, alive under a lease (kvstore.server.membership); its value is
@@ -14,20 +15,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCHEME = "etcd://"
+TLS_SCHEME = "etcds://"  # etcd over TLS (kvstore.cluster.etcd_options says with what)
+ETCD_SCHEMES = (SCHEME, TLS_SCHEME)
 STATIC_SCHEME = "cluster://"
 
 
 def is_cluster_target(target: str) -> bool:
-    """Whether a client target names a cluster (`etcd://` or `cluster://`), not one daemon."""
-    return target.startswith((SCHEME, STATIC_SCHEME))
+    """Whether a client target names a cluster (`etcd://`, `etcds://` or `cluster://`), not
+    one daemon."""
+    return target.startswith((*ETCD_SCHEMES, STATIC_SCHEME))
+
+
+def is_etcd_target(target: str) -> bool:
+    """Whether a target names a cluster kept in etcd (`etcd://` or `etcds://`)."""
+    return target.startswith(ETCD_SCHEMES)
 
 
 @dataclass(frozen=True)
 class EtcdTarget:
-    """Where etcd answers (HOST, PORT pairs, tried in order) and the key prefix to use."""
+    """Where etcd answers (HOST, PORT pairs, tried in order), the key prefix to use, and
+    whether etcd is spoken to over TLS (`etcds://`)."""
 
     endpoints: tuple[tuple[str, int], ...]
     prefix: str
+    tls: bool = False
 
     @property
     def members_prefix(self) -> str:
@@ -38,11 +49,16 @@ class EtcdTarget:
 
 
 def parse_etcd_url(url: str) -> EtcdTarget:
-    """`etcd://HOST:PORT[,HOST:PORT...]/PREFIX` → EtcdTarget; ValueError saying what is wrong."""
-    usage = "expected etcd://HOST:PORT[,HOST:PORT...]/PREFIX, e.g. etcd://127.0.0.1:2379/kvstore"
-    if not url.startswith(SCHEME):
-        raise ValueError(f"cluster URL {url!r} must start with {SCHEME}; {usage}")
-    rest = url[len(SCHEME) :]
+    """`etcd://HOST:PORT[,HOST:PORT...]/PREFIX` (`etcds://...` for TLS) → EtcdTarget;
+    ValueError saying what is wrong."""
+    usage = (
+        "expected etcd://HOST:PORT[,HOST:PORT...]/PREFIX (etcds:// for TLS), "
+        "e.g. etcd://127.0.0.1:2379/kvstore"
+    )
+    if not url.startswith(ETCD_SCHEMES):
+        raise ValueError(f"cluster URL {url!r} must start with {SCHEME} or {TLS_SCHEME}; {usage}")
+    tls = url.startswith(TLS_SCHEME)
+    rest = url[len(TLS_SCHEME if tls else SCHEME) :]
     hosts, slash, prefix = rest.partition("/")
     prefix = prefix.strip("/")
     if not slash or not prefix:
@@ -52,7 +68,7 @@ def parse_etcd_url(url: str) -> EtcdTarget:
     endpoints = tuple(
         parse_host_port(part, what=f"cluster URL {url!r}") for part in hosts.split(",")
     )
-    return EtcdTarget(endpoints, "/" + prefix)
+    return EtcdTarget(endpoints, "/" + prefix, tls=tls)
 
 
 def parse_static_target(target: str) -> tuple[Member, ...]:

@@ -32,6 +32,7 @@ from kvstore.client.vllm_connector import (
     KVConnectorRole,
     KVStoreConnector,
     KVStoreConnectorMetadata,
+    KVStoreConnectorStats,
 )
 
 BLOCK = 16
@@ -152,6 +153,7 @@ CONTRACT = {
     "wait_for_save": [],
     "get_finished": ["finished_req_ids"],
     "get_block_ids_with_load_errors": [],
+    "get_kv_connector_stats": [],
     "shutdown": [],
 }
 
@@ -347,6 +349,52 @@ def test_a_load_fills_a_flash_attention_layout_with_the_saved_pages(store_target
                 assert torch.equal(caches[name][:, block], source[name][page])
         # Nothing saved, so nothing to wait for: the blocks may be freed at once.
         assert scheduler.request_finished(request, block_ids) == (False, None)
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
+def test_the_rates_a_worker_measures_reach_the_scheduler_as_vllms_connector_stats(
+    store_target: str,
+) -> None:
+    """vLLM's path: get_kv_connector_stats in each worker, pickled to the engine core,
+    merged over the ranks with aggregate, then KVConnectorOutput.kv_connector_stats."""
+    # 11 blocks of 8 KiB: above the 64 KiB a bandwidth sample needs (client.cost).
+    prompt = tokens(11 * BLOCK + 4, seed=16)
+    save_prompt(store_target, prompt, blocks_first_caches(seed=16))
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    worker = make(KVConnectorRole.WORKER, store_target)
+    try:
+        worker.register_kv_caches(kv_first_caches())
+        assert worker.get_kv_connector_stats() is None  # nothing measured yet
+        assert scheduler.get_kv_connector_stats() is None  # the scheduler measures nothing
+        request = Request("measured", prompt)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (11 * BLOCK, False)
+        block_ids = list(range(12))
+        scheduler.update_state_after_alloc(request, KVCacheBlocks((block_ids,)), 11 * BLOCK)
+        step = new_step(request, block_ids, 11 * BLOCK, 4)
+        run_step(worker, scheduler.build_connector_meta(step), 4)
+        assert worker.get_block_ids_with_load_errors() == set()
+
+        stats = pickle.loads(pickle.dumps(worker.get_kv_connector_stats()))
+        assert isinstance(stats, KVStoreConnectorStats)
+        measured = stats.data["fetch_bytes_per_s"]
+        assert measured > 0
+        assert stats.data["fetch_bytes_per_s:dram"] > 0
+        # A second rank that fetched at a tenth of the rate: the merge keeps the slower.
+        other = KVStoreConnector.build_kv_connector_stats(
+            {"fetch_bytes_per_s": measured / 10, "prefill_tokens_per_s": 500.0}
+        )
+        merged = stats.aggregate(other)
+        assert merged.reduce()["fetch_bytes_per_s"] == measured / 10
+        assert merged.reduce()["prefill_tokens_per_s"] == 500.0
+        assert stats.data["fetch_bytes_per_s"] == measured  # aggregate made a new object
+        assert KVStoreConnectorStats().is_empty()
+        assert not merged.is_empty()
+
+        assert scheduler.scheduler_side.fetch_bytes_per_s != measured / 10
+        scheduler.update_connector_output(KVConnectorOutput(kv_connector_stats=merged))
+        assert scheduler.scheduler_side.fetch_bytes_per_s == measured / 10
     finally:
         worker.shutdown()
         scheduler.shutdown()

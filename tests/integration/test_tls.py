@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import trustme
+from certificates import Pki, make_pki  # tests/certificates.py
 from daemons import daemon_launcher  # tests/daemons.py
 
 from kvstore.client import (
@@ -50,41 +49,10 @@ MakeKV = Callable[..., torch.Tensor]
 SameBytes = Callable[[torch.Tensor, torch.Tensor], bool]
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: str  # the CA of the server and of the good client
-    server_cert: str
-    server_key: str
-    client_cert: str
-    client_key: str
-    other_ca: str  # a CA nobody here uses: its client certificate is foreign
-    foreign_cert: str
-    foreign_key: str
-
-
-def _write_cert(cert: trustme.LeafCert, directory: Path, name: str) -> tuple[str, str]:
-    chain = directory / f"{name}.pem"
-    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
-    key = directory / f"{name}.key"
-    cert.private_key_pem.write_to_path(str(key))
-    return str(chain), str(key)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    ca, other = trustme.CA(), trustme.CA()
-    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
-    other.cert_pem.write_to_path(str(directory / "other-ca.pem"))
-    server = ca.issue_cert("127.0.0.1", "localhost", SERVER_ALT_NAME)
-    client = ca.issue_cert(f"{CLIENT_NAME}.example", common_name=CLIENT_NAME)
-    foreign = other.issue_cert(f"{CLIENT_NAME}.example", common_name=CLIENT_NAME)
-    return Pki(
-        str(directory / "ca.pem"),
-        *_write_cert(server, directory, "server"),
-        *_write_cert(client, directory, "client"),
-        str(directory / "other-ca.pem"),
-        *_write_cert(foreign, directory, "foreign"),
+    return make_pki(
+        tmp_path_factory.mktemp("pki"), client_name=CLIENT_NAME, server_alt_name=SERVER_ALT_NAME
     )
 
 
