@@ -13,6 +13,13 @@ each with 1 node and with N nodes whose DRAM adds up to the same. Placement cuts
 chains into runs and spreads them over the nodes, and each node evicts on its own, so
 the N-node rate can differ from the 1-node one only through how evenly runs spread and
 how each node's LRU order differs from the global one. The goal is a gap within 1 point.
+
+Each replay also reads every node's Stats at its end (`NodeCounts`): blocks stored,
+evictions, blocks held and capacity per node show whether one node stored, and so
+evicted, more than its share; and it counts the outcomes of the puts, so that a put
+that failed or was dropped would show. The daemons draw their node ids at random (no
+SSD directory), so the N-node placement, and its rate, differ slightly between runs;
+`kvstore-bench placement --draws` gives the spread a plain per-node LRU model predicts.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvstore.bench.cluster_report import PartResult, percent, verdict
-from kvstore.bench.load import LoadConfig, run_load
+from kvstore.bench.load import LoadConfig, fetch_stats, run_load
 from kvstore.bench.nodes import local_cluster
+from kvstore.bench.placement_sim import replay as replay_placement
 from kvstore.bench.presets import get_preset
-from kvstore.bench.replay import trace_workload
+from kvstore.bench.replay import TraceWorkload, trace_workload
 from kvstore.bench.report import merge_results
 from kvstore.bench.trace import (
     TraceRequest,
@@ -34,7 +42,9 @@ from kvstore.bench.trace import (
 )
 from kvstore.bench.trace_sample import CONVERSATION_SAMPLE
 from kvstore.bench.workload import page_bytes_for, parse_scale, scaled_layout
-from kvstore.client import KVLayout
+from kvstore.client import ClientOptions, KVLayout, StoreStats
+from kvstore.cluster.members import Member
+from kvstore.cluster.placement import Placement
 from kvstore.units import human_bytes
 
 GOAL_GAP_POINTS = 1.0
@@ -54,6 +64,17 @@ class HitsSetup:
 
 
 @dataclass(frozen=True)
+class NodeCounts:
+    """One daemon at the end of a replay, from its Stats (DRAM only: no SSD tier)."""
+
+    node_id: str
+    capacity_blocks: int
+    num_blocks: int  # held at the end
+    blocks_put: int  # stored since it started
+    evictions: int
+
+
+@dataclass(frozen=True)
 class Replay:
     """One replay's outcome."""
 
@@ -66,6 +87,11 @@ class Replay:
     blocks: int
     errors: int
     evictions: int
+    put_outcomes: dict[str, int]  # blocks per PutOutcome name
+    node_counts: list[NodeCounts]
+    # The same keys through plain LRUs, one per node of the same capacity, placed as this
+    # replay's client placed them (its node ids): what placement alone explains.
+    placement_model_hit_rate: float
 
 
 def measure_hits(setup: HitsSetup) -> PartResult:
@@ -93,7 +119,9 @@ def measure_hits(setup: HitsSetup) -> PartResult:
         )
         models[capacity] = model.block_hit_rate
         for nodes in (1, setup.nodes):
-            replays.append(_replay(setup, requests, layout, page_bytes, capacity, nodes, total))
+            replays.append(
+                _replay(setup, requests, layout, footprint, page_bytes, capacity, nodes, total)
+            )
     return _result(setup, len(requests), infinite.block_hit_rate, unique, replays, models)
 
 
@@ -101,6 +129,7 @@ def _replay(
     setup: HitsSetup,
     requests: list[TraceRequest],
     layout: KVLayout,
+    footprint: int,
     page_bytes: int,
     capacity: str,
     nodes: int,
@@ -118,6 +147,10 @@ def _replay(
         server_args=["--log-level", "warning"],
     ) as cluster:
         run = run_load(workload, config, cluster.etcd_target, show_progress=False)
+        node_counts = [
+            _node_counts(node.node_id, fetch_stats(node.target, workload.namespace), footprint)
+            for node in cluster.nodes
+        ]
     merged = merge_results(run.results)
     blocks = int(merged.request_blocks.sum())
     hit_blocks = int(merged.request_hit_blocks.sum())
@@ -135,6 +168,41 @@ def _replay(
         blocks=blocks,
         errors=sum(merged.errors.values()),
         evictions=evictions,
+        put_outcomes=dict(merged.put_outcomes),
+        node_counts=node_counts,
+        placement_model_hit_rate=_placement_model(workload, node_counts),
+    )
+
+
+def _placement_model(workload: TraceWorkload, node_counts: list[NodeCounts]) -> float:
+    members = [
+        Member(count.node_id, "", 0, {"dram": count.capacity_blocks}) for count in node_counts
+    ]
+    chains = [chain for index in range(workload.num_units()) if (chain := workload.chain(index))]
+    placement = Placement(members, ClientOptions().cluster_run_blocks)
+    return replay_placement(chains, placement, sum(count.capacity_blocks for count in node_counts))
+
+
+def _node_counts(node_id: str, stats: StoreStats | None, footprint: int) -> NodeCounts:
+    if stats is None:
+        raise RuntimeError(f"node {node_id} did not answer Stats at the end of the replay")
+    return NodeCounts(
+        node_id=node_id,
+        capacity_blocks=sum(int(tier.capacity_bytes) // footprint for tier in stats.tiers),
+        num_blocks=sum(int(tier.num_blocks) for tier in stats.tiers),
+        blocks_put=int(stats.blocks_put),
+        evictions=sum(int(tier.evictions) for tier in stats.tiers),
+    )
+
+
+def _node_note(replay: Replay) -> str:
+    """Per node of an N-node replay: blocks stored, evicted, and held of its capacity."""
+    nodes = ", ".join(
+        f"{count.blocks_put} / {count.evictions} / {count.num_blocks} of {count.capacity_blocks}"
+        for count in sorted(replay.node_counts, key=lambda count: -count.blocks_put)
+    )
+    return (
+        f"{replay.capacity}, {replay.nodes} nodes, blocks stored / evicted / held per node: {nodes}"
     )
 
 
@@ -159,6 +227,7 @@ def _result(
                 percent(models[capacity]),
                 percent(single.block_hit_rate),
                 percent(spread.block_hit_rate),
+                percent(spread.placement_model_hit_rate),
                 f"{gap:+.2f}",
                 f"{single.evictions} / {spread.evictions}",
                 f"{single.errors} / {spread.errors}",
@@ -169,9 +238,18 @@ def _result(
         f"{num_requests} requests of {setup.trace.name}, one in flight; {unique_blocks} unique "
         f"full blocks; infinite-cache hit rate {infinite_rate:.2%}",
         "hit rate: blocks the get served / full blocks looked up; LRU model: the trace "
-        "replayed through one LRU of that many blocks (kvstore.bench.trace)",
+        "replayed through one LRU of that many blocks (kvstore.bench.trace); "
+        f"{setup.nodes}-LRU model: the same keys through one plain LRU per node, placed by "
+        "this run's node ids (kvstore.bench.placement_sim)",
         f"goal: the {setup.nodes}-node hit rate within {GOAL_GAP_POINTS:g} point of 1 node's, "
         f"ample and with eviction: {verdict(met)}",
+        *(_node_note(replay) for replay in replays if replay.nodes > 1),
+        "put outcomes, blocks: "
+        + "; ".join(
+            f"{replay.capacity} {replay.nodes} node(s) "
+            + ", ".join(f"{name} {count}" for name, count in sorted(replay.put_outcomes.items()))
+            for replay in replays
+        ),
     ]
     return PartResult(
         part="hits",
@@ -182,6 +260,7 @@ def _result(
             "LRU model",
             "1 node",
             f"{setup.nodes} nodes",
+            f"{setup.nodes}-LRU model",
             "gap, points",
             "evictions 1 / N",
             "errors 1 / N",

@@ -3,18 +3,25 @@
 It replays a Mooncake trace's prefix chains through the cluster client's placement
 (`kvstore.cluster.placement`, the code the client runs) and through one LRU of blocks per
 node, against one LRU of the same total capacity, for each K asked. No daemon runs: it
-isolates what placement alone costs. A request's hit is its longest prefix present, run
-after run, as a cluster lookup walks it; then every block of the request is touched or
-stored at its owner, evicting that owner's least recently used block when full. The real
-daemons evict chain tails first and keep more state; `kvstore-bench cluster hits` measures
-them.
+isolates what placement alone costs. A request's chain is its full blocks, as
+`kvstore-bench trace` and `cluster hits` store them (a partial last block is never
+stored). A request's hit is its longest prefix present, run after run, as a cluster
+lookup walks it; then every block of the request is touched or stored at its owner,
+evicting that owner's least recently used block when full.
+
+Owners depend on the members' node ids, which real daemons draw at random when they have
+no SSD directory: each row is replayed over `--draws` sets of node ids, and shows the
+gap's mean and range. `--root-alone` replays a placement the client does not use: every
+chain's first block a run of its own, so that conversations sharing it do not all put
+their next blocks on its owner (a what-if, for the cost of that concentration).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-from collections import OrderedDict
+import statistics
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +34,7 @@ from kvstore.cluster.placement import Placement
 
 DEFAULT_RUN_BLOCKS = "1,2,4,8,16"
 DEFAULT_CAPACITIES = "2,0.25"  # of the trace's unique blocks: ample, and forcing eviction
+DEFAULT_DRAWS = 5
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,9 @@ class PlacementResult:
     one_node_hit_rate: float
     cluster_hit_rate: float
     largest_share: float  # of the distinct blocks, on the fullest node
+    # Of the blocks stored (each miss stores one), on the node that stored the most: the
+    # node that evicts soonest when every node has the same capacity.
+    busiest_store_share: float
 
     @property
     def gap_points(self) -> float:
@@ -51,17 +62,33 @@ def chain_keys(hash_ids: Sequence[int]) -> list[bytes]:
     return keys
 
 
-def replay(chains: Sequence[list[bytes]], placement: Placement, capacity_blocks: int) -> float:
-    """The block hit rate of `chains` over per-member LRUs of capacity/N blocks each."""
+def owners_of(
+    placement: Placement, keys: Sequence[bytes], *, root_alone: bool = False
+) -> list[str]:
+    """The node id of each block's owner. With `root_alone`, the what-if placement: the
+    chain's first block is a run of its own and `keys[1:]` is cut as a whole chain."""
+    if root_alone and len(keys) > 1:
+        return [placement.owner(keys[0]).node_id, *owners_of(placement, keys[1:])]
+    return [run.owner.node_id for run in placement.runs(keys) for _ in range(run.start, run.stop)]
+
+
+def replay(
+    chains: Sequence[list[bytes]],
+    placement: Placement,
+    capacity_blocks: int,
+    *,
+    root_alone: bool = False,
+    stored: Counter[str] | None = None,
+) -> float:
+    """The block hit rate of `chains` over per-member LRUs of capacity/N blocks each;
+    `stored` counts the blocks each member stored."""
     lrus: dict[str, OrderedDict[bytes, None]] = {
         m.node_id: OrderedDict() for m in placement.members
     }
     per_node = max(1, capacity_blocks // len(placement.members))
     hits = total = 0
     for keys in chains:
-        owners = [
-            run.owner.node_id for run in placement.runs(keys) for _ in range(run.start, run.stop)
-        ]
+        owners = owners_of(placement, keys, root_alone=root_alone)
         matched = 0
         while matched < len(keys) and keys[matched] in lrus[owners[matched]]:
             matched += 1
@@ -72,36 +99,52 @@ def replay(chains: Sequence[list[bytes]], placement: Placement, capacity_blocks:
             if key in lru:
                 lru.move_to_end(key)
                 continue
+            if stored is not None:
+                stored[owner] += 1
             lru[key] = None
             if len(lru) > per_node:
                 lru.popitem(last=False)
     return hits / total if total else 0.0
 
 
-def largest_share(chains: Sequence[list[bytes]], placement: Placement) -> float:
+def largest_share(
+    chains: Sequence[list[bytes]], placement: Placement, *, root_alone: bool = False
+) -> float:
     owner_of: dict[bytes, str] = {}
     for keys in chains:
-        for run in placement.runs(keys):
-            for key in keys[run.start : run.stop]:
-                owner_of[key] = run.owner.node_id
-    counts: dict[str, int] = {}
-    for owner in owner_of.values():
-        counts[owner] = counts.get(owner, 0) + 1
+        for key, owner in zip(keys, owners_of(placement, keys, root_alone=root_alone), strict=True):
+            owner_of[key] = owner
+    counts = Counter(owner_of.values())
     return max(counts.values()) / len(owner_of) if owner_of else 0.0
 
 
+def draw_members(num_nodes: int, draw: int = 0) -> list[Member]:
+    """`num_nodes` members of equal weight; each `draw` names them differently."""
+    prefix = f"draw-{draw}-" if draw else ""
+    return [Member(f"{prefix}node-{i}", f"node-{i}:1", 0, {"dram": 1}) for i in range(num_nodes)]
+
+
 def simulate(
-    chains: Sequence[list[bytes]], num_nodes: int, run_blocks: int, capacity_blocks: int
+    chains: Sequence[list[bytes]],
+    num_nodes: int,
+    run_blocks: int,
+    capacity_blocks: int,
+    *,
+    draw: int = 0,
+    root_alone: bool = False,
 ) -> PlacementResult:
-    members = [Member(f"node-{i}", f"node-{i}:1", 0, {"dram": 1}) for i in range(num_nodes)]
+    members = draw_members(num_nodes, draw)
     one = Placement(members[:1], run_blocks)
     cluster = Placement(members, run_blocks)
+    stored: Counter[str] = Counter()
+    cluster_rate = replay(chains, cluster, capacity_blocks, root_alone=root_alone, stored=stored)
     return PlacementResult(
         run_blocks=run_blocks,
         capacity_blocks=capacity_blocks,
         one_node_hit_rate=replay(chains, one, capacity_blocks),
-        cluster_hit_rate=replay(chains, cluster, capacity_blocks),
-        largest_share=largest_share(chains, cluster),
+        cluster_hit_rate=cluster_rate,
+        largest_share=largest_share(chains, cluster, root_alone=root_alone),
+        busiest_store_share=max(stored.values()) / stored.total() if stored else 0.0,
     )
 
 
@@ -119,6 +162,18 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated total capacities, as fractions of the trace's unique blocks "
         f"(default {DEFAULT_CAPACITIES}: ample, then forcing eviction)",
     )
+    parser.add_argument("--max-requests", type=int, help="replay only the first N requests")
+    parser.add_argument(
+        "--draws",
+        type=int,
+        default=DEFAULT_DRAWS,
+        help=f"sets of node ids to replay each row over (default {DEFAULT_DRAWS})",
+    )
+    parser.add_argument(
+        "--root-alone",
+        action="store_true",
+        help="what-if: each chain's first block a run of its own (not the client's placement)",
+    )
 
 
 def _parse_list(text: str, kind: type[float] | type[int], flag: str) -> list[float]:
@@ -134,25 +189,44 @@ def _parse_list(text: str, kind: type[float] | type[int], flag: str) -> list[flo
 def run_placement(args: argparse.Namespace) -> int:
     if args.nodes < 2:
         raise SystemExit("kvstore-bench placement: --nodes must be at least 2")
+    if args.draws < 1:
+        raise SystemExit(f"kvstore-bench placement: --draws must be at least 1, got {args.draws}")
     run_blocks = [int(value) for value in _parse_list(args.run_blocks, int, "--run-blocks")]
     fractions = _parse_list(args.capacity, float, "--capacity")
-    chains = [chain_keys(request.hash_ids) for request in load_trace(args.trace)]
+    requests = load_trace(args.trace)
+    if args.max_requests is not None:
+        requests = requests[: args.max_requests]
+    chains = [chain_keys(request.full_block_ids()) for request in requests]
+    chains = [keys for keys in chains if keys]
     unique = len({key for keys in chains for key in keys})
-    table = Table(title=f"placement: {len(chains)} requests, {unique} unique blocks")
-    for column in ("capacity", "K", "1 node hit %", f"{args.nodes} nodes hit %", "gap (points)"):
+    placement = "each chain's first block alone, then " if args.root_alone else ""
+    table = Table(
+        title=f"placement: {len(requests)} requests, {unique} unique full blocks; "
+        f"{placement}runs of K; {args.draws} draws of node ids"
+    )
+    for column in ("capacity", "K", "1 node hit %", f"{args.nodes} nodes hit %"):
         table.add_column(column, justify="right")
+    table.add_column("gap (points): mean [min, max]", justify="right")
     table.add_column("fullest node's share", justify="right")
+    table.add_column("busiest node's share of stores", justify="right")
     for fraction in fractions:
         capacity = max(args.nodes, int(unique * fraction))
         for k in run_blocks:
-            result = simulate(chains, args.nodes, k, capacity)
+            results = [
+                simulate(chains, args.nodes, k, capacity, draw=draw, root_alone=args.root_alone)
+                for draw in range(args.draws)
+            ]
+            gaps = [result.gap_points for result in results]
             table.add_row(
                 f"{fraction:g}x ({capacity})",
                 str(k),
-                f"{result.one_node_hit_rate * 100:.2f}",
-                f"{result.cluster_hit_rate * 100:.2f}",
-                f"{result.gap_points:+.2f}",
-                f"{result.largest_share:.2f}",
+                f"{results[0].one_node_hit_rate * 100:.2f}",
+                f"{statistics.mean(r.cluster_hit_rate for r in results) * 100:.2f}",
+                f"{statistics.mean(gaps):+.2f} [{min(gaps):+.2f}, {max(gaps):+.2f}]",
+                f"{statistics.mean(r.largest_share for r in results):.2f}",
+                f"{statistics.mean(r.busiest_store_share for r in results):.2f}",
             )
-    Console().print(table)
+    console = Console()
+    # Wide enough for every column unwrapped, on a terminal or not (tests read it).
+    Console(width=max(console.width, 150)).print(table)
     return 0

@@ -72,11 +72,17 @@ class TraceWorkload:
             "namespace": self.namespace.describe(),
         }
 
-    async def run_unit(self, index: int, context: UnitContext) -> None:
+    def chain(self, index: int) -> list[bytes]:
+        """The keys request `index` looks up and stores: its full blocks'."""
         request = self.requests[index]
         num_full = request.input_length // self.namespace.layout.block_tokens
-        keys = block_keys_for_request(request, self.salt)[:num_full]
-        await fetch_and_store(context, keys, num_tokens=request.input_length, group=ALL_REQUESTS)
+        return block_keys_for_request(request, self.salt)[:num_full]
+
+    async def run_unit(self, index: int, context: UnitContext) -> None:
+        request = self.requests[index]
+        await fetch_and_store(
+            context, self.chain(index), num_tokens=request.input_length, group=ALL_REQUESTS
+        )
 
 
 def trace_workload(

@@ -460,15 +460,34 @@ class OrderedLoad:
         self._mover = mover
         self._entries = entries
         pool = mover._pool
-        # All reads start at once: the I/O threads take them in order, so the disk
-        # stays busy while the first blocks stream.
+        # The first SSD read starts alone, so that it has the disk and an I/O thread to
+        # itself and the get's first bytes leave after one block's read; every other
+        # read starts once it is done, and the I/O threads take them in order, so the
+        # disk stays busy while the first blocks stream.
         self._reads: dict[int, asyncio.Future[bytes | bytearray]] = {}
-        if pool.ssd is not None:
-            for index, entry in enumerate(entries):
-                if not _in_memory(entry):
-                    self._reads[index] = asyncio.ensure_future(pool.read_from_ssd(entry))
-        self._next = 0
+        self._not_started: list[int] = []  # SSD reads that wait for the first one
         self._ended = False
+        self._next = 0
+        if pool.ssd is None:
+            return
+        on_ssd = [index for index, entry in enumerate(entries) if not _in_memory(entry)]
+        if not on_ssd:
+            return
+        self._not_started = on_ssd[1:]
+        first = self._start_read(on_ssd[0])
+        if self._not_started:
+            first.add_done_callback(lambda _: self._start_reads())
+
+    def _start_read(self, index: int) -> asyncio.Future[bytes | bytearray]:
+        read = asyncio.ensure_future(self._mover._pool.read_from_ssd(self._entries[index]))
+        self._reads[index] = read
+        return read
+
+    def _start_reads(self) -> None:
+        indices, self._not_started = self._not_started, []
+        if not self._ended:
+            for index in indices:
+                self._start_read(index)
 
     @property
     def num_reads(self) -> int:
@@ -483,6 +502,8 @@ class OrderedLoad:
             return False, None
         index, entry = self._next, self._entries[self._next]
         payload: bytes | bytearray | None = None
+        if index in self._not_started:  # taken before the first read's callback ran
+            self._start_reads()
         read = self._reads.pop(index, None)
         if read is not None:
             try:
@@ -498,6 +519,8 @@ class OrderedLoad:
 
     def next_is_ready(self) -> bool:
         if self._ended or self._next >= len(self._entries):
+            return False
+        if self._next in self._not_started:
             return False
         read = self._reads.get(self._next)
         return read is None or read.done()

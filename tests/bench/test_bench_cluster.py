@@ -198,11 +198,31 @@ def test_cluster_hits_compares_n_nodes_with_one_ample_and_under_eviction(
         gap = (spread["block_hit_rate"] - single["block_hit_rate"]) * 100
         assert hits["gap_points"][capacity] == pytest.approx(gap)
     assert replays["ample", 1]["evictions"] == replays["ample", 2]["evictions"] == 0
+    for (_, nodes), replay in replays.items():
+        counts = replay["node_counts"]
+        assert len(counts) == nodes
+        assert len({count["node_id"] for count in counts}) == nodes
+        # Every block the daemons stored is a put the client saw committed, and no put
+        # was dropped for a missing parent or an unreachable node.
+        assert sum(count["blocks_put"] for count in counts) == replay["put_outcomes"]["COMMITTED"]
+        assert set(replay["put_outcomes"]) <= {"COMMITTED", "ALREADY_PRESENT"}
+        assert sum(count["evictions"] for count in counts) == replay["evictions"]
+        for count in counts:
+            assert 0 < count["num_blocks"] <= count["capacity_blocks"]
+        # Each node has an even share of the DRAM.
+        assert len({count["capacity_blocks"] for count in counts}) == 1
     assert replays["eviction", 1]["evictions"] > 0
     assert replays["eviction", 2]["evictions"] > 0
     # One request at a time into ample DRAM: one node hits what an unbounded cache would.
     assert replays["ample", 1]["block_hit_rate"] == hits["infinite_cache_hit_rate"] > 0
     assert replays["eviction", 1]["block_hit_rate"] <= replays["ample", 1]["block_hit_rate"]
+    # The per-node LRU model of the run's own placement: exact where nothing is evicted.
+    assert replays["ample", 2]["placement_model_hit_rate"] == replays["ample", 2]["block_hit_rate"]
+    assert (
+        0
+        < replays["eviction", 2]["placement_model_hit_rate"]
+        <= replays["ample", 2]["placement_model_hit_rate"]
+    )
     assert hits["goal_met"] == all(abs(g) <= 1.0 for g in hits["gap_points"].values())
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvstore.bench.cli import main
-from kvstore.bench.placement_sim import chain_keys, simulate
+from kvstore.bench.placement_sim import chain_keys, draw_members, simulate
 
 
 def shared_prompt_trace(path: Path, num_requests: int = 300) -> Path:
@@ -53,6 +53,43 @@ def test_under_eviction_long_runs_pile_onto_the_prompts_owner(tmp_path: Path) ->
     long = simulate(chains, 3, 64, capacity_blocks=unique // 4)
     assert long.largest_share > short.largest_share
     assert short.gap_points > long.gap_points
+
+
+def test_each_chains_first_block_alone_spreads_what_follows_the_shared_prompt(
+    tmp_path: Path,
+) -> None:
+    trace = shared_prompt_trace(tmp_path / "t.jsonl")
+    chains = [chain_keys(json.loads(line)["hash_ids"]) for line in trace.read_text().splitlines()]
+    unique = len({key for keys in chains for key in keys})
+    for draw in range(3):
+        runs = simulate(chains, 3, 16, capacity_blocks=unique // 4, draw=draw)
+        alone = simulate(chains, 3, 16, capacity_blocks=unique // 4, draw=draw, root_alone=True)
+        # Runs of 16 from the shared block 0: its owner stores most conversations' starts.
+        assert runs.busiest_store_share > 0.5
+        assert alone.busiest_store_share < runs.busiest_store_share
+        assert alone.largest_share < runs.largest_share
+        assert alone.gap_points > runs.gap_points
+
+
+def test_draws_name_the_nodes_differently_and_only_full_blocks_are_chained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = tmp_path / "t.jsonl"
+    # 1,000 tokens: one full block of 512 and a partial one, which is never stored.
+    lines = [
+        {"timestamp": 0, "input_length": 1000, "output_length": 1, "hash_ids": [0, i]}
+        for i in range(1, 40)
+    ]
+    trace.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["placement", str(trace), "--run-blocks", "1", "--capacity", "2", "--draws", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 unique full blocks" in out
+    assert "3 draws of node ids" in out
+    assert "+0.00 [+0.00, +0.00]" in out  # block 0 hits on its owner, whichever it is
+    assert {m.node_id for m in draw_members(3, 1)}.isdisjoint(m.node_id for m in draw_members(3, 2))
+    with pytest.raises(SystemExit, match="--draws"):
+        main([*argv[:-1], "0"])
 
 
 def test_the_command_prints_a_row_per_capacity_and_k(

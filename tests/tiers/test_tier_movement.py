@@ -390,6 +390,29 @@ async def test_without_promote_on_hit_blocks_are_served_from_ssd(tmp_path: Path)
     assert rig.ssd.counters.bytes_read == 4 * PAGE_BYTES  # read again every time
 
 
+async def test_a_cold_gets_first_ssd_read_runs_alone_then_the_rest_start(
+    tmp_path: Path,
+) -> None:
+    """The first block's read has the disk to itself, so the get's first bytes leave after
+    one block's read; the others start the moment it is done, all at once."""
+    rig = make_rig(tmp_path, dram_blocks=3, promote_on_hit=False)
+    await put_chains(rig, "ABC", "D", "E", "F")  # D, E and F demote A, B and C
+    assert placement(rig, "ABC") == ["SSD", "SSD", "SSD"]
+    session = ReadSession(rig.store, NS, [b"A", b"B", b"C"])
+    try:
+        load = rig.mover.load(session.entries)
+        assert load.num_reads == 1  # A only
+        assert not load.next_is_ready()
+        assert await load.next_block() == (True, payload(b"A"))
+        assert load.num_reads == 2  # B and C, started together once A was read
+        for key in (b"B", b"C"):
+            assert await load.next_block() == (True, payload(key))
+        assert await load.next_block() == (False, None)
+    finally:
+        session.close()
+    assert await get(rig, "ABC") == [payload(b"A"), payload(b"B"), payload(b"C")]
+
+
 # -- eviction policies drive the demotion order --------------------------------------------------
 
 
