@@ -2,8 +2,9 @@
 
 Puts a chain of `--keys` small blocks, then times lookups of the whole chain (all
 hits), of a chain that misses at its first key, and of no keys at all, one call at a
-time from one client. The client sends lookups over its lookup streams (open
-LookupPrefixStream calls); "hit, unary" is the same lookup as a unary LookupPrefix call.
+time from one client. "hit" goes over the client's lookup streams (open
+LookupPrefixStream calls); "hit, unary" is the same lookup as a unary LookupPrefix call;
+"hit, data plane" is the same lookup as a LOOKUP frame on the TCP data plane.
 
 The baselines, measured in the same run, are plain grpcio carrying the same request
 bytes to a server that answers 8 bytes, without protobuf or any kvstore code: as one
@@ -46,6 +47,7 @@ STREAM_FLOOR = "plain grpcio stream"
 UNARY_FLOOR = "plain grpcio unary"
 UNARY_HIT = "hit, unary"
 AUTH_HIT = "hit, with auth"
+DATA_PLANE_HIT = "hit, data plane"
 AUTH_UNARY_HIT = "hit, unary, with auth"
 # Which floor each case is measured against.
 FLOOR_OF = {
@@ -55,6 +57,7 @@ FLOOR_OF = {
     "hit": STREAM_FLOOR,
     "miss": STREAM_FLOOR,
     UNARY_HIT: UNARY_FLOOR,
+    DATA_PLANE_HIT: STREAM_FLOOR,
     AUTH_HIT: STREAM_FLOOR,
     AUTH_UNARY_HIT: UNARY_FLOOR,
 }
@@ -86,18 +89,25 @@ async def measure_lookups(
     tokens = np.arange(num_keys * _LAYOUT.block_tokens, dtype=np.int64)
     auth_target, token = auth if auth is not None else (target, None)
     async with (
-        KVClient(target, namespace) as client,
-        KVClient(target, namespace, options=ClientOptions(lookup_streams=0)) as unary_client,
-        KVClient(auth_target, namespace, options=ClientOptions(token=token)) as auth_client,
+        KVClient(target, namespace, options=ClientOptions(data_plane=False)) as client,
         KVClient(
-            auth_target, namespace, options=ClientOptions(lookup_streams=0, token=token)
+            target, namespace, options=ClientOptions(lookup_streams=0, data_plane=False)
+        ) as unary_client,
+        KVClient(target, namespace) as data_plane_client,
+        KVClient(
+            auth_target, namespace, options=ClientOptions(token=token, data_plane=False)
+        ) as auth_client,
+        KVClient(
+            auth_target,
+            namespace,
+            options=ClientOptions(lookup_streams=0, token=token, data_plane=False),
         ) as auth_unary_client,
         grpc.aio.insecure_channel(ceiling_target, options=OPTIONS) as ceiling,
     ):
         keys = client.keys(tokens)
         kv = torch.zeros((num_keys, 1, *_LAYOUT.layer_shape), dtype=torch.float16)
         await client.put_blocks(keys, kv, form=KVForm.BLOCKS)
-        lookups = [client.lookup_keys, unary_client.lookup_keys]
+        lookups = [client.lookup_keys, unary_client.lookup_keys, data_plane_client.lookup_keys]
         if auth is not None:
             await auth_client.put_blocks(keys, kv, form=KVForm.BLOCKS)
             lookups += [auth_client.lookup_keys, auth_unary_client.lookup_keys]
@@ -118,6 +128,9 @@ async def measure_lookups(
             "hit": lambda count: _timed(lambda: client.lookup_keys(keys), count),
             "miss": lambda count: _timed(lambda: client.lookup_keys(missing), count),
             UNARY_HIT: lambda count: _timed(lambda: unary_client.lookup_keys(keys), count),
+            DATA_PLANE_HIT: lambda count: _timed(
+                lambda: data_plane_client.lookup_keys(keys), count
+            ),
         }
         if auth is not None:
             cases[AUTH_HIT] = lambda count: _timed(lambda: auth_client.lookup_keys(keys), count)
