@@ -171,14 +171,17 @@ def data_plane_case(seed: int, index: int) -> DataPlaneCase:
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
         if rng.random() < 0.5:
             frames.append((FrameKind.DEADLINE, rng.choice(_DEADLINE_PAYLOADS)))
-        if rng.random() < 0.6:
+        roll = rng.random()
+        if roll < 0.2:  # a lookup: answered at once, no transfer
+            frames.append((FrameKind.LOOKUP, unary_request(rng, "LookupPrefix")))
+        elif roll < 0.6:
             frames += [(FrameKind.PUT, message) for message in put_stream(rng)]
             frames.append((FrameKind.PUT_END, b""))
         else:
             frames.append((FrameKind.GET, get_request(rng)))
     names: list[str] = []
     if rng.random() < 0.5:  # a message's bytes
-        carrying = [at for at, (kind, _) in enumerate(frames) if kind in (2, 5)]
+        carrying = [at for at, (kind, _) in enumerate(frames) if kind in (2, 5, 16)]
         if carrying:
             at = rng.choice(carrying)
             payload, applied = mutate(rng, frames[at][1])

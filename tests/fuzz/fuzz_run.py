@@ -383,7 +383,7 @@ def _sent_put_transfers(stream: bytes, *, ended_only: bool) -> list[list[bytes]]
             current = None
         elif kind == FrameKind.PUT:
             current = [payload]
-        elif kind not in (FrameKind.DEADLINE, FrameKind.GET):
+        elif kind not in (FrameKind.DEADLINE, FrameKind.GET, FrameKind.LOOKUP):
             break
     if current is not None and not ended_only:
         puts.append(current)
@@ -434,6 +434,12 @@ def _judge_frames(case: DataPlaneCase, received: bytes, seen: Observation) -> No
                 continue
             accepted_put(puts[num_done], payload, seen)
             num_done += 1
+        elif kind == FrameKind.LOOKUP_RESULT:
+            seen.codes.append(Code.OK)
+            try:
+                pb.LookupPrefixResponse.FromString(payload)
+            except DecodeError as error:
+                seen.problems.append(f"a LOOKUP_RESULT payload does not parse: {error}")
         elif kind == FrameKind.GET_END:
             seen.codes.append(Code.OK)
             seen.check_get_messages(num_messages, data_bytes, "a data-plane get")
