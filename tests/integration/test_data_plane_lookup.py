@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,16 +13,18 @@ from raw_data_plane import Raw, frame  # tests/raw_data_plane.py
 
 from kvstore.client import (
     ClientOptions,
+    DeadlineExceeded,
     DType,
     InvalidArgument,
     KVClient,
     KVForm,
     KVLayout,
     Namespace,
+    Timeouts,
 )
 from kvstore.server import RunningServer
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire.frames import FrameKind
+from kvstore.wire.frames import HELLO_PAYLOAD, FrameKind
 from kvstore.wire.namespace import namespace_to_wire
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=16)
@@ -114,3 +117,46 @@ async def test_without_a_data_plane_lookups_use_grpc(server_factory: ServerFacto
     async with client_for(running) as client:
         assert (await client.lookup_keys([b"x"])).num_matched == 0
         assert client.data_plane is None
+
+
+async def test_a_server_without_lookup_frames_is_detected_once_and_grpc_answers(
+    server_factory: ServerFactory, make_kv: MakeKV
+) -> None:
+    """A data plane that refuses LOOKUP as an unknown kind (a server from before it):
+    the lookup is answered over gRPC, and the data plane is not asked again."""
+    running = await server_factory()
+    assert running.data_plane is not None
+    running.data_plane._lookups = None  # serves as an older server does
+    async with client_for(running) as client:
+        kv = make_kv(LAYOUT, 2, form=KVForm.BLOCKS, seed=3)
+        assert (await client.put_blocks([b"o-0", b"o-1"], kv)).num_committed == 2
+        transfers_before = running.data_plane.transfers
+        for _ in range(3):
+            assert (await client.lookup_keys([b"o-0", b"o-1"])).num_matched == 2
+        assert running.data_plane.lookups == 0
+        # The pooled connection carried the refused LOOKUP; no other was made for lookups.
+        assert running.data_plane.accepted == 1
+        assert running.data_plane.transfers == transfers_before
+
+
+async def test_a_lookup_past_its_deadline_is_deadline_exceeded(server: RunningServer) -> None:
+    """A data plane that takes the LOOKUP and never answers: the client's deadline ends it."""
+    silent: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, length = struct.unpack("<BI", await reader.readexactly(5))
+        await reader.readexactly(length)
+        writer.write(frame(FrameKind.HELLO, HELLO_PAYLOAD))
+        silent.append(writer)  # reads nothing more, answers nothing
+
+    listener = await asyncio.start_server(accept, "127.0.0.1", 0)
+    server.servicer.data_plane_port = listener.sockets[0].getsockname()[1]
+    try:
+        timeouts = Timeouts(lookup=0.2)
+        async with client_for(server, timeouts=timeouts) as client:
+            with pytest.raises(DeadlineExceeded):
+                await client.lookup_keys([b"x"])
+    finally:
+        for writer in silent:
+            writer.close()
+        listener.close()
