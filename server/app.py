@@ -216,6 +216,7 @@ async def build_server(config: ServerConfig) -> RunningServer:
             await mover.close()
             raise
         servicer.request_metrics = transfers.request_metrics = metrics.requests
+        servicer.lookups.request_metrics = metrics.requests
         if data_plane is not None:
             data_plane.request_metrics = metrics.requests
     # Started last, so that a failed start leaves no probe behind; stopped by drain.

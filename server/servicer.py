@@ -145,7 +145,6 @@ class KVStoreServicer:
     def _lookup(
         self, request: pb.LookupPrefixRequest | MalformedRequest, caller: Caller
     ) -> pb.LookupPrefixResponse:
-        self.lookups.request_metrics = self.request_metrics
         return self.lookups.answer(request, caller)
 
     async def Pin(

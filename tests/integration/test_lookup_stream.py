@@ -198,7 +198,7 @@ async def test_drain_ends_idle_lookup_streams_at_once_with_unavailable(
     running = await server_factory(limits__drain_grace_s=60.0)
     target = f"127.0.0.1:{running.port}"
     channel, raw = raw_lookup_stream(target)
-    async with KVClient(target, NS) as client:
+    async with KVClient(target, NS, options=ClientOptions(data_plane=False)) as client:
         kv = make_kv(LAYOUT, len(KEYS), form=KVForm.BLOCKS)
         await client.put_blocks(KEYS, kv)
         assert (await client.lookup_keys(KEYS)).num_matched == len(KEYS)
@@ -223,7 +223,7 @@ async def test_drain_ends_a_busy_lookup_stream_after_the_result_in_hand(
     ends soon, every result it sent is right, and it ends with UNAVAILABLE."""
     running = await server_factory(limits__drain_grace_s=60.0)
     target = f"127.0.0.1:{running.port}"
-    async with KVClient(target, NS) as client:
+    async with KVClient(target, NS, options=ClientOptions(data_plane=False)) as client:
         await client.put_blocks(KEYS, make_kv(LAYOUT, len(KEYS), form=KVForm.BLOCKS))
     channel, raw = raw_lookup_stream(target)
     requests = [wire_request(KEYS[: index % len(KEYS)]) for index in range(400)]
