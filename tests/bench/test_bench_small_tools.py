@@ -35,6 +35,7 @@ def test_lookup_reports_hits_misses_and_the_plain_grpcio_floor(
         "hit",
         "miss",
         "hit, unary",
+        "hit, data plane",
     }
     floors = {"hit, unary": "plain grpcio unary", "plain grpcio unary": "plain grpcio unary"}
     for name, row in results.items():
