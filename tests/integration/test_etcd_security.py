@@ -374,6 +374,25 @@ def test_a_daemon_that_etcd_refuses_does_not_start_and_says_why(
     assert re.search(message, logged), logged
 
 
+@pytest.mark.slow
+def test_workers_that_etcd_refuses_stop_the_supervisor_and_say_why(
+    secured_etcd: EtcdServer,
+    pki: Pki,
+    secrets_dir: Path,
+    capfd: pytest.CaptureFixture[str],
+    no_etcd_environment: None,
+) -> None:
+    # Each worker checks etcd as a lone daemon does; the first that cannot start stops
+    # the rest, and the supervisor exits 1 rather than restarting them forever.
+    argv = ["--listen", "127.0.0.1:0", "--dram-bytes", "16MiB", "--workers", "2"]
+    argv += ["--cluster", secured_etcd.url(PREFIX), "--etcd-ca", pki.ca, "--etcd-user", USER]
+    argv += ["--etcd-password-file", str(secrets_dir / "wrong-password")]
+    assert server_main(argv) == 1
+    output = capfd.readouterr()
+    logged = output.out + output.err
+    assert re.search(f"refused user '{USER}': wrong password", logged), logged[-2000:]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
