@@ -129,6 +129,16 @@ async def daemons() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
         await running.drain()
 
 
+def secured_daemon_settings(url: str, pki: Pki, secrets_dir: Path) -> dict[str, Any]:
+    """[cluster] settings of a daemon that registers in the secured etcd as USER."""
+    return {
+        "cluster.etcd": url,
+        "cluster.etcd_ca_file": pki.ca,
+        "cluster.etcd_user": USER,
+        "cluster.etcd_password_file": str(secrets_dir / "password"),
+    }
+
+
 async def members_of(url: str, options: EtcdOptions) -> list[str]:
     return [member.node_id for member in await list_members(url, options=options)]
 
@@ -168,14 +178,7 @@ async def test_a_daemon_registers_and_a_client_finds_it_over_tls_with_credential
 ) -> None:
     url = secured_etcd.url(PREFIX)
     assert url.startswith("etcds://")
-    node = await daemons(
-        **{
-            "cluster.etcd": url,
-            "cluster.etcd_ca_file": pki.ca,
-            "cluster.etcd_user": USER,
-            "cluster.etcd_password_file": str(secrets_dir / "password"),
-        }
-    )
+    node = await daemons(**secured_daemon_settings(url, pki, secrets_dir))
     assert node.membership is not None
     node_id = node.membership.member.node_id
     assert await wait_for_members(url, good_options(pki), 1) == [node_id]
@@ -215,14 +218,7 @@ async def test_the_vllm_connector_reaches_a_secured_etcd_through_its_own_setting
     # kv_connector_extra_config's etcd_* keys, with nothing in the environment: the
     # scheduler side finds through the secured etcd what a client put.
     url = secured_etcd.url(PREFIX)
-    node = await daemons(
-        **{
-            "cluster.etcd": url,
-            "cluster.etcd_ca_file": pki.ca,
-            "cluster.etcd_user": USER,
-            "cluster.etcd_password_file": str(secrets_dir / "password"),
-        }
-    )
+    node = await daemons(**secured_daemon_settings(url, pki, secrets_dir))
     assert node.membership is not None
     await wait_for_members(url, good_options(pki), 1)
     extra = {
