@@ -140,8 +140,15 @@ class KillReport:
     corrupt: int
     dram_only_bound: int
     ssd_blocks_at_stats: int
+    # The restarted daemon's warnings and errors, shown beside a loss to say what
+    # recovery or the check's gets dropped, and why.
+    daemon_notes: tuple[str, ...] = ()
 
     def line(self) -> str:
+        notes = "".join(f"\n    daemon: {note}" for note in self.daemon_notes if self.lost)
+        return self._counts() + notes
+
+    def _counts(self) -> str:
         return (
             f"{self.policy:13} kill {self.kill:2}: storm {self.storm_s:4.2f} s, "
             f"{self.acked:4} acked, {self.interrupted} puts cut, "
@@ -317,6 +324,11 @@ async def kill_repeatedly(launch: Launch, ssd_dir: Path, policy: str) -> list[Ki
             corrupt=survival.num_corrupt,
             dram_only_bound=life.dram_only_bound(),
             ssd_blocks_at_stats=life.last_stats[3],
+            daemon_notes=tuple(
+                line.rstrip()
+                for line in server.log_lines
+                if " WARNING " in line or " ERROR " in line
+            )[-12:],
         )
         print(report.line())
         reports.append(report)
