@@ -44,7 +44,12 @@ from pathlib import Path
 
 import pytest
 from daemons import Launch, ServerProcess, daemon_launcher, serving  # tests/daemons.py
-from keyed_blocks import keyed_payload, keyed_tensor, served_blocks  # tests/keyed_blocks.py
+from keyed_blocks import (  # tests/keyed_blocks.py
+    keyed_payload,
+    keyed_tensor,
+    served_blocks,
+    until_recovered,
+)
 
 from kvstore.client import (
     ClientOptions,
@@ -263,6 +268,7 @@ async def check_sessions(target: str, sessions: list[Session], files: set[str]) 
     what is served. `files`: the block files (key hex) in place when the daemon died."""
     survival = Survival()
     async with KVClient(target, NS, options=OPTIONS) as client:
+        await until_recovered(client)
 
         async def check(session: Session) -> None:
             served = await served_blocks(client, session.acked)
