@@ -213,8 +213,8 @@ class ClusterClient(KVClient):
             num_matched=num_matched,
             tiers=tuple(tiers),
             block_tokens=block_tokens,
-            first_is_chain_root=bool(num_matched)
-            and bool(first_answer)
+            first_is_chain_root=first_answer is not None
+            and num_matched > 0
             and first_answer.first_is_chain_root,
         )
 
