@@ -11,9 +11,11 @@ evicting that owner's least recently used block when full.
 
 Owners depend on the members' node ids, which real daemons draw at random when they have
 no SSD directory: each row is replayed over `--draws` sets of node ids, and shows the
-gap's mean and range. `--root-alone` replays a placement the client does not use: every
-chain's first block a run of its own, so that conversations sharing it do not all put
-their next blocks on its owner (a what-if, for the cost of that concentration).
+gap's mean and range. The placement is the client's: each chain's first block a run of
+its own. `--root-with-run` replays the placement from before that rule, the first block
+heading a run of K like any other run start, so that conversations sharing it all put
+their next blocks, up to their first run start, on its owner (for the cost of that
+concentration).
 """
 
 from __future__ import annotations
@@ -63,12 +65,18 @@ def chain_keys(hash_ids: Sequence[int]) -> list[bytes]:
 
 
 def owners_of(
-    placement: Placement, keys: Sequence[bytes], *, root_alone: bool = False
+    placement: Placement, keys: Sequence[bytes], *, root_with_run: bool = False
 ) -> list[str]:
-    """The node id of each block's owner. With `root_alone`, the what-if placement: the
-    chain's first block is a run of its own and `keys[1:]` is cut as a whole chain."""
-    if root_alone and len(keys) > 1:
-        return [placement.owner(keys[0]).node_id, *owners_of(placement, keys[1:])]
+    """The node id of each block's owner. With `root_with_run`, the placement from before
+    a chain's first block was a run alone: the blocks after it, up to the first run
+    start, continue its run."""
+    if root_with_run and len(keys) > 1:
+        root_owner = placement.owner(keys[0])
+        runs = placement.runs(keys[1:], tail=True, lead_owner=root_owner)
+        return [
+            root_owner.node_id,
+            *(r.owner.node_id for r in runs for _ in range(r.start, r.stop)),
+        ]
     return [run.owner.node_id for run in placement.runs(keys) for _ in range(run.start, run.stop)]
 
 
@@ -77,7 +85,7 @@ def replay(
     placement: Placement,
     capacity_blocks: int,
     *,
-    root_alone: bool = False,
+    root_with_run: bool = False,
     stored: Counter[str] | None = None,
 ) -> float:
     """The block hit rate of `chains` over per-member LRUs of capacity/N blocks each;
@@ -88,7 +96,7 @@ def replay(
     per_node = max(1, capacity_blocks // len(placement.members))
     hits = total = 0
     for keys in chains:
-        owners = owners_of(placement, keys, root_alone=root_alone)
+        owners = owners_of(placement, keys, root_with_run=root_with_run)
         matched = 0
         while matched < len(keys) and keys[matched] in lrus[owners[matched]]:
             matched += 1
@@ -108,11 +116,13 @@ def replay(
 
 
 def largest_share(
-    chains: Sequence[list[bytes]], placement: Placement, *, root_alone: bool = False
+    chains: Sequence[list[bytes]], placement: Placement, *, root_with_run: bool = False
 ) -> float:
     owner_of: dict[bytes, str] = {}
     for keys in chains:
-        for key, owner in zip(keys, owners_of(placement, keys, root_alone=root_alone), strict=True):
+        for key, owner in zip(
+            keys, owners_of(placement, keys, root_with_run=root_with_run), strict=True
+        ):
             owner_of[key] = owner
     counts = Counter(owner_of.values())
     return max(counts.values()) / len(owner_of) if owner_of else 0.0
@@ -131,19 +141,21 @@ def simulate(
     capacity_blocks: int,
     *,
     draw: int = 0,
-    root_alone: bool = False,
+    root_with_run: bool = False,
 ) -> PlacementResult:
     members = draw_members(num_nodes, draw)
     one = Placement(members[:1], run_blocks)
     cluster = Placement(members, run_blocks)
     stored: Counter[str] = Counter()
-    cluster_rate = replay(chains, cluster, capacity_blocks, root_alone=root_alone, stored=stored)
+    cluster_rate = replay(
+        chains, cluster, capacity_blocks, root_with_run=root_with_run, stored=stored
+    )
     return PlacementResult(
         run_blocks=run_blocks,
         capacity_blocks=capacity_blocks,
         one_node_hit_rate=replay(chains, one, capacity_blocks),
         cluster_hit_rate=cluster_rate,
-        largest_share=largest_share(chains, cluster, root_alone=root_alone),
+        largest_share=largest_share(chains, cluster, root_with_run=root_with_run),
         busiest_store_share=max(stored.values()) / stored.total() if stored else 0.0,
     )
 
@@ -170,9 +182,10 @@ def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"sets of node ids to replay each row over (default {DEFAULT_DRAWS})",
     )
     parser.add_argument(
-        "--root-alone",
+        "--root-with-run",
         action="store_true",
-        help="what-if: each chain's first block a run of its own (not the client's placement)",
+        help="the placement before a chain's first block was a run alone: it heads a run "
+        "of K (not the client's placement)",
     )
 
 
@@ -199,7 +212,11 @@ def run_placement(args: argparse.Namespace) -> int:
     chains = [chain_keys(request.full_block_ids()) for request in requests]
     chains = [keys for keys in chains if keys]
     unique = len({key for keys in chains for key in keys})
-    placement = "each chain's first block alone, then " if args.root_alone else ""
+    placement = (
+        "each chain's first block heading a run (the placement before), "
+        if args.root_with_run
+        else "each chain's first block alone, then "
+    )
     table = Table(
         title=f"placement: {len(requests)} requests, {unique} unique full blocks; "
         f"{placement}runs of K; {args.draws} draws of node ids"
@@ -213,7 +230,9 @@ def run_placement(args: argparse.Namespace) -> int:
         capacity = max(args.nodes, int(unique * fraction))
         for k in run_blocks:
             results = [
-                simulate(chains, args.nodes, k, capacity, draw=draw, root_alone=args.root_alone)
+                simulate(
+                    chains, args.nodes, k, capacity, draw=draw, root_with_run=args.root_with_run
+                )
                 for draw in range(args.draws)
             ]
             gaps = [result.gap_points for result in results]

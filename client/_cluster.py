@@ -195,6 +195,7 @@ class ClusterClient(KVClient):
         offsets: dict[str, int] = {}
         tiers: list[TierKind] = []
         num_matched = 0
+        first_answer = found[runs[0].owner.node_id]
         for run in runs:
             node_id = run.owner.node_id
             offset = offsets.get(node_id, 0)
@@ -208,7 +209,13 @@ class ClusterClient(KVClient):
             if num_present < run.stop - run.start:
                 break
         return PrefixMatch(
-            keys=keys, num_matched=num_matched, tiers=tuple(tiers), block_tokens=block_tokens
+            keys=keys,
+            num_matched=num_matched,
+            tiers=tuple(tiers),
+            block_tokens=block_tokens,
+            first_is_chain_root=first_answer is not None
+            and num_matched > 0
+            and first_answer.first_is_chain_root,
         )
 
     # -- puts ----------------------------------------------------------------------------
@@ -272,26 +279,40 @@ class ClusterClient(KVClient):
         """The runs of `keys`, a whole chain, or with `parent_key` its tail.
 
         A tail's blocks before its first run start belong to its parent's run, on the
-        member that holds the parent: one parallel ask of every member finds it. None
-        when no reachable member holds it: no lookup can reach the tail then.
+        member that holds the parent, unless the parent is a chain's first block: that
+        is a run alone, and the tail starts a run of its own. One parallel ask of every
+        member finds the holder, whose answer says whether the parent is a chain's first
+        block; a server that predates that mark never says so, and the tail continues
+        the parent's run, as it did before the mark. None when no reachable member
+        holds the parent: no lookup can reach the tail then.
 
         Runs, not spans: each run is a put of its own, so a put holds at most a run's
         blocks in flight on its node however long the chain (a span may be all of it).
         """
         if not placement.members:
             return []  # nothing can be stored: every block is NODE_UNREACHABLE
-        if not parent_key or placement.lead_blocks(keys) == 0:
+        if not parent_key:
             return placement.runs(keys)
+        if placement.lead_blocks(keys) == 0:
+            return placement.runs(keys, tail=True)
         answers = await asyncio.gather(
             *(
                 self.nodes.call(member, lambda node: node.lookup_keys([parent_key]))
                 for member in placement.members
             )
         )
-        for member, answer in zip(placement.members, answers, strict=True):
-            if answer is not None and answer.num_matched:
-                return placement.runs(keys, lead_owner=member)
-        return None
+        holders = [
+            (member, answer)
+            for member, answer in zip(placement.members, answers, strict=True)
+            if answer is not None and answer.num_matched
+        ]
+        if not holders:
+            return None
+        # A key names its whole prefix, so any holder that knows it as a chain's first
+        # block speaks for all (another may hold a copy restored from an older file).
+        if any(answer.first_is_chain_root for _, answer in holders):
+            return placement.runs(keys, tail=True)
+        return placement.runs(keys, tail=True, lead_owner=holders[0][0])
 
     def layer_put(
         self, keys: list[bytes], *, parent_key: bytes = b"", parent_remote: bool = False

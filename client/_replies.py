@@ -31,7 +31,11 @@ def prefix_match(
     except WireError as error:
         raise protocol_error(error) from error
     return PrefixMatch(
-        keys=keys, num_matched=reply.num_matched, tiers=tiers, block_tokens=block_tokens
+        keys=keys,
+        num_matched=reply.num_matched,
+        tiers=tiers,
+        block_tokens=block_tokens,
+        first_is_chain_root=reply.num_matched > 0 and reply.first_is_chain_root,
     )
 
 

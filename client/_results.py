@@ -17,6 +17,10 @@ class PrefixMatch:
     num_matched: int
     tiers: tuple[TierKind, ...]
     block_tokens: int
+    # The server stored `keys[0]` as a chain's first block, not under a parent (False on
+    # a miss, and from a server that predates the mark). A cluster client asks this of a
+    # tail's parent to place the tail.
+    first_is_chain_root: bool = False
 
     @property
     def matched_keys(self) -> list[bytes]:

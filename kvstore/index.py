@@ -26,6 +26,11 @@ class BlockEntry:
     parent: BlockEntry | None
     layer_checksums: list[int]
     checksum_kind_value: int
+    # Put as a chain's first block (no parent key). False for a block put under a
+    # parent, whether linked here or continuing one on another node (`parent` is None
+    # then too), and for one restored from a block file that predates the mark: a
+    # cluster client places what follows a chain's first block differently.
+    chain_root: bool = False
     # Handles of the copies this block has, per tier. A block is findable while
     # it has at least one copy. Change it only through add_copy/take_copy, which
     # keep `fastest` right (lookups read that once per block) and the census's counts.

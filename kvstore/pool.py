@@ -805,6 +805,7 @@ class BlockPool:
             parent_key=entry.parent.key if entry.parent is not None else b"",
             checksum_kind=ChecksumKind(entry.checksum_kind_value),
             layer_checksums=tuple(entry.layer_checksums),
+            chain_root=entry.chain_root,
         )
         block_bytes = entry.layout.block_bytes
         payload = self._memory[source].read(entry.copies[source], 0, block_bytes)

@@ -13,7 +13,8 @@ node (a cluster places a chain's runs on different members): it links to its par
 the parent is stored here, and otherwise commits as the root of a chain on this node,
 rather than as PARENT_MISSING. Nothing here remembers the remote parent: every
 per-node invariant (a child's parent is stored, eviction takes chain tails, a delete
-takes the subtree) holds with the block as a root.
+takes the subtree) holds with the block as a root. Its entry's `chain_root` is False,
+which tells it from a chain's true first block, put with no parent key.
 """
 
 from __future__ import annotations
@@ -362,6 +363,7 @@ class PutSession:
             parent=parent,
             layer_checksums=block.layer_checksums,
             checksum_kind_value=self._checksum_kind.value,
+            chain_root=not block.parent_key,
             copies={TierKind.DRAM: block.handle},
         )
         block.handle = None

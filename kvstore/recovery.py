@@ -11,7 +11,9 @@ the block's identity, and the pool drops the block with its descendants
 A block comes back only if its parent did, so a lookup never finds a child whose parent
 is gone; block files whose parent never came back are deleted at the end. A file names
 the parent its index entry had (`BlockPool._write_claimed`), so a block put with
-`parent_remote` whose parent was on another node is a root in its file too, not an orphan.
+`parent_remote` whose parent was on another node is a root in its file too, not an orphan;
+the file's `chain_root` tells it from a chain's true first block (a file written before
+that mark reads as not a chain root).
 
 `recover_while_serving` gives the rebuild a short budget before the daemon serves, and
 lets a larger directory go on being indexed in the background. Until it is done, Stats
@@ -249,6 +251,7 @@ class IndexRebuild:
             parent=parent,
             layer_checksums=list(header.layer_checksums),
             checksum_kind_value=header.checksum_kind.value,
+            chain_root=header.chain_root,
             copies={TierKind.SSD: block.location},
         )
         self._pool.restore(entry)

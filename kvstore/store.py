@@ -50,6 +50,8 @@ class PrefixMatch:
     # Fastest tier of each matched block, run-length encoded: (tier, number of blocks).
     tier_runs: tuple[tuple[TierKind, int], ...]
     block_bytes: int
+    # The first matched block was put as a chain's first block (BlockEntry.chain_root).
+    first_is_chain_root: bool = False
 
     @property
     def tiers(self) -> tuple[TierKind, ...]:
@@ -192,6 +194,7 @@ class BlockStore:
             num_matched=len(found),
             tier_runs=tier_runs,
             block_bytes=namespace.layout.block_bytes,
+            first_is_chain_root=bool(found) and found[0].chain_root,
         )
 
     def snapshot(self, namespace: Namespace) -> list[BlockEvent]:

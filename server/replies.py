@@ -21,6 +21,7 @@ def prefix_match_to_wire(match: PrefixMatch) -> pb.LookupPrefixResponse:
             pb.TierRun(tier=tier_to_wire(kind), num_blocks=count) for kind, count in match.tier_runs
         ],
         block_bytes=match.block_bytes,
+        first_is_chain_root=match.first_is_chain_root,
     )
 
 

@@ -1,17 +1,24 @@
 """Where a chain's blocks live in a cluster: weighted rendezvous hashing over runs.
 
-A chain is cut into runs of consecutive blocks, `run_blocks` long on average. A run
-starts at the chain's first block and at every block whose key is a *run start*: its
-CRC-32 is 0 modulo `run_blocks`. The cut depends only on the keys, never on a block's
-position in the caller's list, so a client that puts a chain's tail (`put_blocks` with
-a `parent_key`) cuts it where a client holding the whole chain does. A run belongs to
-the member with the highest score for the key of the run's first block. That key is a
-chain hash, so it names the whole prefix before it: every client computes the same
-owner without asking anyone.
+A chain is cut into runs of consecutive blocks, `run_blocks` long on average. The
+chain's first block (its root) is a run alone; a run starts at its second block and at
+every later block whose key is a *run start*: its CRC-32 is 0 modulo `run_blocks`. The
+cut depends only on the keys and on whether a list begins at the chain's root, never on
+a block's position in the caller's list, so a client that puts a chain's tail
+(`put_blocks` with a `parent_key`) cuts it where a client holding the whole chain does.
+A run belongs to the member with the highest score for the key of the run's first block.
+That key is a chain hash, so it names the whole prefix before it: every client computes
+the same owner without asking anyone.
 
-A tail's first blocks, before its first run start, belong to the run its parent is in;
-that run's first key is not in the tail, so the client asks the members which holds
-the parent (`Placement.lead_blocks` says how many blocks that is).
+The root is alone because many chains share it (a system prompt): were it to head a run
+of `run_blocks`, its owner would also get every such chain's next blocks, up to their
+first run start, and evict first. With it alone, each chain's own blocks go to the owner
+of their own first key.
+
+A tail whose parent is a chain's root starts a run at its first block. Any other tail's
+first blocks, before its first run start, belong to the run its parent is in; that run's
+first key is not in the tail, so the client asks the members which holds the parent, and
+whether it is a chain's root (`Placement.lead_blocks` says how many blocks that is).
 
 The score is weighted rendezvous (highest-random-weight) hashing, `-weight / ln(u)`,
 where `u` in (0, 1) is a hash of (node id, key). A member with twice the weight owns
@@ -101,39 +108,47 @@ class Placement:
         return found
 
     def is_run_start(self, key: bytes) -> bool:
-        """Whether a run starts at the block with `key` (beside a chain's first block)."""
+        """Whether a run starts at the block with `key` (beside a chain's first and
+        second blocks, where runs always start)."""
         return zlib.crc32(key) % self.run_blocks == 0
 
     def lead_blocks(self, keys: Sequence[bytes]) -> int:
-        """How many of `keys`, the tail of a chain, come before its first run start: they
-        belong to the run of the tail's parent, whose owner the keys do not name."""
+        """How many of `keys`, the tail of a chain whose parent is not the chain's root,
+        come before its first run start: they belong to the run of the tail's parent,
+        whose owner the keys do not name."""
         for index, key in enumerate(keys):
             if self.is_run_start(key):
                 return index
         return len(keys)
 
-    def runs(self, keys: Sequence[bytes], *, lead_owner: Member | None = None) -> list[Run]:
+    def runs(
+        self, keys: Sequence[bytes], *, tail: bool = False, lead_owner: Member | None = None
+    ) -> list[Run]:
         """The chain `keys` cut into runs, each with its owner, in order.
 
-        `keys[0]` starts a run: `keys` is a whole chain. With `lead_owner`, `keys` is the
-        tail of a chain and its first `lead_blocks(keys)` blocks continue the parent's
-        run, held by `lead_owner`.
+        By default `keys` is a whole chain: `keys[0]`, its root, is a run alone and
+        `keys[1]` starts the next. With `tail`, `keys` continues a parent block: its
+        first `lead_blocks(keys)` blocks continue the parent's run, held by `lead_owner`;
+        without a `lead_owner` they start a run of their own (the parent is a chain's
+        root, which is a run alone).
         """
         if not keys:
             return []
-        first_owner, starts = self._cut(keys, lead_owner)
+        first_owner, starts = self._cut(keys, tail, lead_owner)
         bounds = [0, *starts, len(keys)]
         return [
             Run(start, stop, first_owner if start == 0 else self.owner(keys[start]))
             for start, stop in itertools.pairwise(bounds)
         ]
 
-    def spans(self, keys: Sequence[bytes], *, lead_owner: Member | None = None) -> list[Run]:
+    def spans(
+        self, keys: Sequence[bytes], *, tail: bool = False, lead_owner: Member | None = None
+    ) -> list[Run]:
         """`runs`, with neighbours of one owner joined: what a client sends each owner
         as one piece (one lookup range, one get stream)."""
         if not keys:
             return []
-        span_owner, starts = self._cut(keys, lead_owner)
+        span_owner, starts = self._cut(keys, tail, lead_owner)
         spans: list[Run] = []
         span_start = 0
         for start in starts:
@@ -144,9 +159,17 @@ class Placement:
         spans.append(Run(span_start, len(keys), span_owner))
         return spans
 
-    def _cut(self, keys: Sequence[bytes], lead_owner: Member | None) -> tuple[Member, list[int]]:
+    def _cut(
+        self, keys: Sequence[bytes], tail: bool, lead_owner: Member | None
+    ) -> tuple[Member, list[int]]:
         """The owner of the first run of `keys`, and where the later runs start."""
+        if lead_owner is not None and not tail:
+            raise ValueError("lead_owner is the owner of a tail's parent: pass tail=True")
         run_blocks, crc32 = self.run_blocks, zlib.crc32  # once per key: kept lean
+        if not tail:  # the root alone, then a run from keys[1]
+            later = enumerate(itertools.islice(keys, 2, None), 2)
+            starts = [index for index, key in later if not crc32(key) % run_blocks]
+            return self.owner(keys[0]), [1, *starts] if len(keys) > 1 else []
         starts = [index for index, key in enumerate(keys) if not crc32(key) % run_blocks]
         if starts[:1] == [0]:
             return self.owner(keys[0]), starts[1:]

@@ -3,8 +3,8 @@
     offset 0   magic  b"KVSBLK01"
            8   u32    header length H
           12   header (JSON, UTF-8): namespace, key, parent_key, checksum kind,
-                       per-layer checksums, and, only when some layer is compressed,
-                       per-layer encodings, stored sizes and stored checksums
+                       per-layer checksums, chain_root, and, only when some layer is
+                       compressed, per-layer encodings, stored sizes and stored checksums
         12+H   u64    xxh3-64 of the header bytes
         20+H   payload: the stored layers, layer-major: num_layers * layer_bytes bytes
                         when no layer is compressed
@@ -18,6 +18,9 @@ Compressed layers (kvstore.tiers.compress) carry an xxh3-64 of their stored byte
 before they are decoded; the layer checksum, over the original bytes, is checked after.
 Files without the optional keys are all raw: files written before compression existed
 read as they always did, and so does every file of a tier with compression off.
+`chain_root` (the block was put as a chain's first block, not under a parent here or
+on another node) is optional too: a file without it, written before it existed, reads
+as not a chain root, which is how such blocks were treated then.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class BlockFileHeader:
     parent_key: bytes
     checksum_kind: ChecksumKind
     layer_checksums: tuple[int, ...]
+    chain_root: bool = False  # see kvstore.index.BlockEntry.chain_root
     # Empty: every layer raw. Otherwise one each per layer; a raw layer's stored
     # checksum is 0 (its layer checksum covers its stored bytes).
     layer_encodings: tuple[LayerEncoding, ...] = ()
@@ -130,6 +134,7 @@ def encode_header(header: BlockFileHeader) -> bytes:
             "parent_key": header.parent_key.hex(),
             "checksum_kind": header.checksum_kind.name,
             "layer_checksums": list(header.layer_checksums),
+            "chain_root": header.chain_root,
             **_encoding_fields(header),
         },
         sort_keys=True,
@@ -145,6 +150,12 @@ def _encoding_fields(header: BlockFileHeader) -> dict[str, object]:
         "layer_stored_bytes": list(header.layer_stored_bytes),
         "stored_checksums": list(header.stored_checksums),
     }
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"a flag must be true or false, got {value!r}")
+    return value
 
 
 def header_bytes(prefix: bytes) -> int:
@@ -174,6 +185,7 @@ def decode_header(prefix_and_body: bytes) -> tuple[BlockFileHeader, int]:
             parent_key=bytes.fromhex(data["parent_key"]),
             checksum_kind=ChecksumKind[data["checksum_kind"]],
             layer_checksums=tuple(int(value) for value in data["layer_checksums"]),
+            chain_root=_flag(data.get("chain_root", False)),
             layer_encodings=tuple(
                 LayerEncoding(value) for value in data.get("layer_encodings", ())
             ),

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from kvstore.bench.cli import main
-from kvstore.bench.placement_sim import chain_keys, draw_members, simulate
+from kvstore.bench.placement_sim import chain_keys, draw_members, owners_of, simulate
+from kvstore.cluster.placement import Placement
 
 
 def shared_prompt_trace(path: Path, num_requests: int = 300) -> Path:
@@ -62,13 +63,29 @@ def test_each_chains_first_block_alone_spreads_what_follows_the_shared_prompt(
     chains = [chain_keys(json.loads(line)["hash_ids"]) for line in trace.read_text().splitlines()]
     unique = len({key for keys in chains for key in keys})
     for draw in range(3):
-        runs = simulate(chains, 3, 16, capacity_blocks=unique // 4, draw=draw)
-        alone = simulate(chains, 3, 16, capacity_blocks=unique // 4, draw=draw, root_alone=True)
+        before = simulate(chains, 3, 16, capacity_blocks=unique // 4, draw=draw, root_with_run=True)
+        alone = simulate(chains, 3, 16, capacity_blocks=unique // 4, draw=draw)
         # Runs of 16 from the shared block 0: its owner stores most conversations' starts.
-        assert runs.busiest_store_share > 0.5
-        assert alone.busiest_store_share < runs.busiest_store_share
-        assert alone.largest_share < runs.largest_share
-        assert alone.gap_points > runs.gap_points
+        assert before.busiest_store_share > 0.5
+        assert alone.busiest_store_share < before.busiest_store_share
+        assert alone.largest_share < before.largest_share
+        assert alone.gap_points > before.gap_points
+
+
+def test_the_model_places_as_the_client_does() -> None:
+    members = draw_members(3)
+    placement = Placement(members, 4)
+    keys = chain_keys(list(range(40)))
+    assert owners_of(placement, keys) == [
+        run.owner.node_id for run in placement.runs(keys) for _ in range(run.start, run.stop)
+    ]
+    assert owners_of(placement, keys)[:2] == [
+        placement.owner(keys[0]).node_id,
+        placement.owner(keys[1]).node_id,
+    ]
+    before = owners_of(placement, keys, root_with_run=True)
+    first_start = next(i for i in range(1, len(keys)) if placement.is_run_start(keys[i]))
+    assert set(before[:first_start]) == {placement.owner(keys[0]).node_id}
 
 
 def test_draws_name_the_nodes_differently_and_only_full_blocks_are_chained(

@@ -11,7 +11,7 @@ import zlib
 import pytest
 
 from kvstore.cluster.members import Member
-from kvstore.cluster.placement import Placement, member_weight
+from kvstore.cluster.placement import Placement, Run, member_weight
 
 NUM_RUNS = 30_000
 
@@ -37,7 +37,7 @@ def shares(placement: Placement, keys: list[bytes]) -> dict[str, float]:
     return {node: count / len(keys) for node, count in counts.items()}
 
 
-def test_a_chain_is_cut_at_its_run_start_keys_each_run_with_its_first_keys_owner() -> None:
+def test_a_chains_root_is_a_run_alone_and_the_rest_is_cut_at_run_start_keys() -> None:
     placement = Placement([member("a"), member("b"), member("c")], run_blocks=4)
     keys = run_keys(1, 400)
     runs = placement.runs(keys)
@@ -46,7 +46,8 @@ def test_a_chain_is_cut_at_its_run_start_keys_each_run_with_its_first_keys_owner
     for before, after in itertools.pairwise(runs):
         assert before.stop == after.start
     starts = [run.start for run in runs]
-    assert starts == [0] + [i for i in range(1, len(keys)) if zlib.crc32(keys[i]) % 4 == 0]
+    assert starts == [0, 1] + [i for i in range(2, len(keys)) if zlib.crc32(keys[i]) % 4 == 0]
+    assert runs[0].stop == 1  # the root alone, whatever its key
     for run in runs:
         assert run.owner == placement.owner(keys[run.start])
     # About run_blocks long on average, not a fixed length.
@@ -56,23 +57,56 @@ def test_a_chain_is_cut_at_its_run_start_keys_each_run_with_its_first_keys_owner
     again = Placement([member("c"), member("a"), member("b")], run_blocks=4)
     assert [run.owner.node_id for run in again.runs(keys)] == [r.owner.node_id for r in runs]
     assert placement.runs([]) == []
+    assert placement.runs(keys[:1]) == [(0, 1, placement.owner(keys[0]))]
+
+
+def test_a_root_that_is_a_run_start_key_is_still_alone() -> None:
+    placement = Placement([member(name) for name in "abc"], run_blocks=4)
+    keys = next(
+        keys for seed in range(100) if placement.is_run_start((keys := run_keys(seed, 50))[0])
+    )
+    runs = placement.runs(keys)
+    assert [(run.start, run.stop) for run in runs[:2]] == [(0, 1), (1, runs[1].stop)]
+    assert runs[1].owner == placement.owner(keys[1])
+
+
+def owners_per_block(runs: list[Run]) -> list[Member]:
+    return [run.owner for run in runs for _ in range(run.start, run.stop)]
 
 
 def test_a_tail_is_cut_where_the_whole_chain_is() -> None:
     placement = Placement([member(name) for name in "abc"], run_blocks=4)
     keys = run_keys(7, 200)
-    whole = placement.runs(keys)
-    owner_of = [run.owner for run in whole for _ in range(run.start, run.stop)]
-    for cut in (1, 5, 37, 101, 199):
+    owner_of = owners_per_block(placement.runs(keys))
+    # After the root, the tail starts a run of its own: no owner to ask for.
+    assert owners_per_block(placement.runs(keys[1:], tail=True)) == owner_of[1:]
+    for cut in (2, 5, 37, 101, 199):
         tail = keys[cut:]
         lead = placement.lead_blocks(tail)
         assert all(not placement.is_run_start(key) for key in tail[:lead])
         assert lead == len(tail) or placement.is_run_start(tail[lead])
         # The lead continues the parent's run, so its owner is the parent's.
-        tail_runs = placement.runs(tail, lead_owner=owner_of[cut - 1])
-        assert [run.owner for run in tail_runs for _ in range(run.start, run.stop)] == owner_of[
-            cut:
-        ]
+        tail_runs = placement.runs(tail, tail=True, lead_owner=owner_of[cut - 1])
+        assert owners_per_block(tail_runs) == owner_of[cut:]
+    with pytest.raises(ValueError, match="tail=True"):
+        placement.runs(keys[5:], lead_owner=owner_of[4])
+
+
+def test_the_next_blocks_of_chains_that_share_a_root_go_to_their_own_owners() -> None:
+    # 600 chains of one shared root and their own blocks after it: the root's owner gets
+    # the root and its share of the rest, not each chain's first blocks on top.
+    placement = Placement([member(name) for name in "abc"], run_blocks=4)
+    root = run_keys(10, 1)
+    counts = {name: 0 for name in "abc"}
+    for chain in range(600):
+        keys = root + run_keys(2000 + chain, 6)
+        runs = placement.runs(keys)
+        assert runs[1].start == 1
+        assert runs[1].owner == placement.owner(keys[1])
+        for run in runs[1:]:
+            counts[run.owner.node_id] += run.stop - run.start
+    for count in counts.values():
+        assert count / sum(counts.values()) == pytest.approx(1 / 3, abs=0.05)
 
 
 def test_conversations_that_share_a_prompt_spread_over_the_members() -> None:
@@ -142,10 +176,10 @@ def test_bad_placements_are_refused() -> None:
 def test_spans_join_neighbouring_runs_of_one_owner_and_keep_every_blocks_owner() -> None:
     placement = Placement([member(name) for name in "abc"], run_blocks=4)
     keys = run_keys(9, 300)
-    for lead_owner in (None, member("b")):
-        tail = keys[3:] if lead_owner else keys
-        runs = placement.runs(tail, lead_owner=lead_owner)
-        spans = placement.spans(tail, lead_owner=lead_owner)
+    for tail, lead_owner in ((False, None), (True, None), (True, member("b"))):
+        chain = keys[3:] if tail else keys
+        runs = placement.runs(chain, tail=tail, lead_owner=lead_owner)
+        spans = placement.spans(chain, tail=tail, lead_owner=lead_owner)
         per_block = [run.owner.node_id for run in runs for _ in range(run.start, run.stop)]
         assert [s.owner.node_id for s in spans for _ in range(s.start, s.stop)] == per_block
         assert all(a.owner != b.owner for a, b in itertools.pairwise(spans))

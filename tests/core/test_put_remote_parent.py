@@ -151,3 +151,16 @@ def test_a_remote_parent_committed_earlier_in_the_put_is_linked() -> None:
     outcomes = put(store, [(P, b"", False), (R0, P, True)], order=[1, 0])
     assert outcomes == [PutOutcome.COMMITTED] * 2
     assert parent_of(store, R0) == P  # R0 waited for P, declared before it
+
+
+def test_only_a_block_put_without_a_parent_key_is_a_chains_root() -> None:
+    store = make_store()
+    put(store, [(b"C0", b"", False), (b"C1", b"C0", False)])
+    put(store, [(R0, P, True), (R1, R0, False)])
+    (c0, c1, r0, r1) = (store.find_prefix(NS, [key])[0] for key in (b"C0", b"C1", R0, R1))
+    assert [c0.chain_root, c1.chain_root, r0.chain_root, r1.chain_root] == [True] + [False] * 3
+    assert r0.parent is None  # a root on this node all the same
+    assert store.lookup(NS, [b"C0", b"C1"]).first_is_chain_root
+    assert not store.lookup(NS, [R0, R1]).first_is_chain_root
+    assert not store.lookup(NS, [b"C1"]).first_is_chain_root
+    assert not store.lookup(NS, [b"absent"]).first_is_chain_root

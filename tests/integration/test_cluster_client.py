@@ -18,6 +18,7 @@ from kvstore.client import (
     InvalidArgument,
     KVClient,
     KVForm,
+    PrefixMatch,
     PutOutcome,
     SyncKVClient,
     Unauthenticated,
@@ -179,6 +180,154 @@ async def test_a_tail_whose_parent_no_node_holds_is_parent_missing_and_stores_no
     assert result.outcomes == (PutOutcome.PARENT_MISSING,) * len(tail)
     for node in nodes:
         assert not any(await stored_on(node, cluster.namespace, tail))
+
+
+def placement_of(nodes: list[RunningServer]) -> Placement:
+    return Placement(parse_static_target(static_target(nodes)), RUN_BLOCKS)
+
+
+def node_of(nodes: list[RunningServer], placement: Placement, key: bytes) -> RunningServer:
+    """The node that owns the run that starts at `key`."""
+    address = placement.owner(key).address
+    return next(node for node in nodes if f"127.0.0.1:{node.port}" == address)
+
+
+def chain_whose_second_block_leaves_the_root(
+    nodes: list[RunningServer], client: KVClient, first_seed: int
+) -> list[bytes]:
+    """A chain whose second block is no run start key and is owned by another node than
+    its root: were the root to head a run, that block would be the root's node's."""
+    placement = placement_of(nodes)
+    block_tokens = client.namespace.layout.block_tokens
+    for seed in range(first_seed, first_seed + 200):
+        keys = client.keys(tokens_for(NUM_BLOCKS, block_tokens, seed=seed))
+        if not placement.is_run_start(keys[1]) and (
+            placement.owner(keys[0]) != placement.owner(keys[1])
+        ):
+            return keys
+    raise AssertionError("no such chain in 200 seeds")
+
+
+async def lookup_on(node: RunningServer, namespace: Namespace, keys: list[bytes]) -> PrefixMatch:
+    async with KVClient(f"127.0.0.1:{node.port}", namespace) as client:
+        return await client.lookup_keys(keys)
+
+
+async def assert_placed(cluster: KVClient, nodes: list[RunningServer], keys: list[bytes]) -> None:
+    placed = owners(nodes, keys)
+    for index, node in enumerate(nodes):
+        here = await stored_on(node, cluster.namespace, keys)
+        assert here == [owner == index for owner in placed], f"node {index} holds the wrong runs"
+
+
+async def test_a_chains_root_is_stored_alone_and_its_next_blocks_by_their_own_keys(
+    cluster: KVClient,
+    nodes: list[RunningServer],
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
+    keys = chain_whose_second_block_leaves_the_root(nodes, cluster, 40)
+    layout = cluster.namespace.layout
+    kv = make_kv(layout, NUM_BLOCKS, form=KVForm.BLOCKS, seed=41)
+    result = await cluster.put_blocks(keys, kv)
+    assert result.outcomes == (PutOutcome.COMMITTED,) * NUM_BLOCKS
+    placement = placement_of(nodes)
+    root_node = node_of(nodes, placement, keys[0])
+    next_node = node_of(nodes, placement, keys[1])
+    assert await stored_on(root_node, cluster.namespace, keys[:2]) == [True, False]
+    assert await stored_on(next_node, cluster.namespace, keys[1:2]) == [True]
+    await assert_placed(cluster, nodes, keys)
+    # The root's node knows it as a chain's first block; keys[1], whose parent is on
+    # another node, is a local root there but not a chain's first block.
+    assert (await lookup_on(root_node, cluster.namespace, keys[:1])).first_is_chain_root
+    second = await lookup_on(next_node, cluster.namespace, keys[1:2])
+    assert second.num_matched == 1
+    assert not second.first_is_chain_root
+    match = await cluster.lookup_keys(keys)
+    assert match.num_matched == NUM_BLOCKS
+    assert match.first_is_chain_root
+    dest = torch.zeros_like(kv)
+    assert await cluster.get_into(match, dest, form=KVForm.BLOCKS) == NUM_BLOCKS
+    assert same_bytes(dest, kv)
+
+
+@pytest.mark.parametrize("how", ["put_blocks", "layer_put"])
+async def test_a_tail_put_after_a_root_only_put_starts_a_run_of_its_own(
+    cluster: KVClient,
+    nodes: list[RunningServer],
+    how: str,
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
+    # A system prompt of one block put first; a conversation then puts its own blocks
+    # chained to it. They go to the owner of their own first key, where a lookup of the
+    # whole chain looks, not to the root's node.
+    keys = chain_whose_second_block_leaves_the_root(nodes, cluster, 60)
+    layout = cluster.namespace.layout
+    kv = make_kv(layout, NUM_BLOCKS, form=KVForm.BLOCKS, seed=61)
+    root = await cluster.put_blocks(keys[:1], kv[:1])
+    tail = await put_tail(cluster, how, keys[1:], kv[1:], keys[0])
+    assert root.outcomes + tail == (PutOutcome.COMMITTED,) * NUM_BLOCKS
+    root_node = node_of(nodes, placement_of(nodes), keys[0])
+    assert await stored_on(root_node, cluster.namespace, keys[:2]) == [True, False]
+    await assert_placed(cluster, nodes, keys)
+    match = await cluster.lookup_keys(keys)
+    assert match.num_matched == NUM_BLOCKS
+    dest = torch.zeros_like(kv)
+    assert await cluster.get_into(match, dest, form=KVForm.BLOCKS) == NUM_BLOCKS
+    assert same_bytes(dest, kv)
+
+
+def cut_after_a_remote_run_start(
+    nodes: list[RunningServer], client: KVClient
+) -> tuple[list[bytes], int]:
+    """A chain and cut whose tail's parent starts a run on another node than the block
+    before it (so it is stored as a local root continuing a remote parent), and whose
+    tail's first block is no run start and has another owner than the parent."""
+    placement = placement_of(nodes)
+    block_tokens = client.namespace.layout.block_tokens
+    for seed in range(80, 400):
+        keys = client.keys(tokens_for(NUM_BLOCKS, block_tokens, seed=seed))
+        per_block = owners(nodes, keys)
+        for cut in range(3, NUM_BLOCKS - 1):
+            parent = keys[cut - 1]
+            if (
+                placement.is_run_start(parent)
+                and per_block[cut - 2] != per_block[cut - 1]
+                and placement.lead_blocks(keys[cut:]) > 0
+                and placement.owner(keys[cut]) != placement.owner(parent)
+            ):
+                return keys, cut
+    raise AssertionError("no such chain")
+
+
+@pytest.mark.parametrize("how", ["put_blocks", "layer_put"])
+async def test_a_tail_whose_parent_is_a_remote_parent_run_start_continues_its_run(
+    cluster: KVClient,
+    nodes: list[RunningServer],
+    how: str,
+    make_kv: Callable[..., torch.Tensor],
+    same_bytes: Callable[[torch.Tensor, torch.Tensor], bool],
+) -> None:
+    keys, cut = cut_after_a_remote_run_start(nodes, cluster)
+    layout = cluster.namespace.layout
+    kv = make_kv(layout, NUM_BLOCKS, form=KVForm.BLOCKS, seed=81)
+    head = await cluster.put_blocks(keys[:cut], kv[:cut])
+    # The parent is a root on its node, but not a chain's first block: the tail's lead
+    # blocks continue its run there.
+    holder = node_of(nodes, placement_of(nodes), keys[cut - 1])
+    parent = await lookup_on(holder, cluster.namespace, [keys[cut - 1]])
+    assert parent.num_matched == 1
+    assert not parent.first_is_chain_root
+    tail = await put_tail(cluster, how, keys[cut:], kv[cut:], keys[cut - 1])
+    assert head.outcomes + tail == (PutOutcome.COMMITTED,) * NUM_BLOCKS
+    assert await stored_on(holder, cluster.namespace, keys[cut : cut + 1]) == [True]
+    await assert_placed(cluster, nodes, keys)
+    match = await cluster.lookup_keys(keys)
+    assert match.num_matched == NUM_BLOCKS
+    dest = torch.zeros_like(kv)
+    assert await cluster.get_into(match, dest, form=KVForm.BLOCKS) == NUM_BLOCKS
+    assert same_bytes(dest, kv)
 
 
 async def test_iter_layers_yields_each_layer_once_every_node_delivered_it(

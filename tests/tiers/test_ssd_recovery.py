@@ -7,6 +7,7 @@ the server tests run the real server in-process and talk to it with the real cli
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import hashlib
 import json
@@ -465,4 +466,28 @@ async def test_closing_during_a_background_rebuild_stops_it(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not ssd_of(pool).recovering
+    pool.close()
+
+
+def test_the_chain_root_mark_comes_back_and_a_bad_one_is_damage(tmp_path: Path) -> None:
+    writer = SsdTier(tmp_path, 64 * MiB, fsync=False)
+    for key, mark in ((b"marked", True), (b"plain", False), (b"odd", True)):
+        header = dataclasses.replace(header_for(key, b""), chain_root=mark)
+        location = SsdLocation(writer.path_for(NS, key), writer.file_bytes(header))
+        writer.write_block(location, header, [payload(key)])
+    writer.close()
+    odd = writer.path_for(NS, b"odd")
+    data = odd.read_bytes()
+    (length,) = struct.unpack_from("<I", data, 8)
+    body = json.loads(data[12 : 12 + length])
+    body["chain_root"] = "yes"
+    new_body = json.dumps(body, sort_keys=True).encode()
+    prefix = data[:8] + struct.pack("<I", len(new_body))
+    digest = struct.pack("<Q", xxhash.xxh3_64_intdigest(new_body))
+    odd.write_bytes(prefix + new_body + digest + data[12 + length + 8 :])
+    pool = make_pool(tmp_path)
+    assert recover_index(pool) == 2
+    assert ssd_of(pool).counters.errors == 1
+    assert [entry.chain_root for entry in pool.find_prefix(NS, [b"marked"])] == [True]
+    assert [entry.chain_root for entry in pool.find_prefix(NS, [b"plain"])] == [False]
     pool.close()

@@ -178,6 +178,7 @@ def file_bytes(key: bytes, parent_key: bytes = b"") -> int:
             checksum(CHECKSUM, data[i * LAYOUT.layer_bytes : (i + 1) * LAYOUT.layer_bytes])
             for i in range(LAYOUT.num_layers)
         ),
+        chain_root=not parent_key,  # every block here is put under its parent, or as a root
     )
     return len(encode_header(header)) + LAYOUT.block_bytes
 

@@ -359,10 +359,18 @@ class LookupPrefixResponse(_message.Message):
     NUM_MATCHED_FIELD_NUMBER: _builtins.int
     BLOCK_BYTES_FIELD_NUMBER: _builtins.int
     TIER_RUNS_FIELD_NUMBER: _builtins.int
+    FIRST_IS_CHAIN_ROOT_FIELD_NUMBER: _builtins.int
     num_matched: _builtins.int
     """length of the longest present prefix of `keys`"""
     block_bytes: _builtins.int
     """bytes of one block in this namespace"""
+    first_is_chain_root: _builtins.bool
+    """The first matched block was stored as a chain's first block (put without a
+    parent_key), not under a parent, here or on another node (parent_remote). False
+    when nothing matched, and for a block whose SSD file predates the mark. A cluster
+    client asks this of a tail's parent: a chain's first block is a run alone, so the
+    tail starts a run of its own.
+    """
     @_builtins.property
     def tier_runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierRun]:
         """The tier of each matched block, run-length encoded, first block first: the runs'
@@ -375,10 +383,11 @@ class LookupPrefixResponse(_message.Message):
         num_matched: _builtins.int = ...,
         block_bytes: _builtins.int = ...,
         tier_runs: _abc.Iterable[Global___TierRun] | None = ...,
+        first_is_chain_root: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "num_matched", b"num_matched", "tier_runs", b"tier_runs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "first_is_chain_root", b"first_is_chain_root", "num_matched", b"num_matched", "tier_runs", b"tier_runs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
