@@ -68,11 +68,11 @@ class GatedReads:
         self.read_paths: list[Path] = []
         original = ssd.read_block
 
-        def read_block(location: SsdLocation) -> Any:
+        def read_block(location: SsdLocation, *args: Any) -> Any:
             if location.path == held:
                 assert self.gate.wait(GUARD_S), "the held read was never released"
             self.read_paths.append(location.path)  # appended once the read goes ahead
-            return original(location)
+            return original(location, *args)
 
         monkeypatch.setattr(ssd, "read_block", read_block)
 
