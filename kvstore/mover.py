@@ -510,7 +510,11 @@ class OrderedLoad:
         self._not_started = on_ssd[1:]
         first = self._start_read(on_ssd[0])
         if self._not_started:
-            first.first_layer.add_done_callback(lambda _: self._start_reads())
+            # After the get's own wake-up: starting a few dozen reads takes a while on
+            # the loop, and the first block's rest is still being read meanwhile.
+            first.first_layer.add_done_callback(
+                lambda _: asyncio.get_running_loop().call_soon(self._start_reads)
+            )
 
     def _start_read(self, index: int) -> _BlockRead:
         read = _BlockRead(self._mover._pool, self._entries[index])
