@@ -207,7 +207,7 @@ def stored_layer_bytes(header: BlockFileHeader, layer: int) -> int:
 def decode_layer_checked(
     header: BlockFileHeader,
     layer: int,
-    stored: bytes | bytearray | memoryview | None,
+    stored: bytes | memoryview | None,
     out: memoryview,
 ) -> None:
     """Layer `layer`'s verified bytes from its stored bytes, into `out` (layer_bytes long);

@@ -389,7 +389,9 @@ class SsdTier:
             header, payload_offset = decode_header(head)
             expected = payload_offset + header.payload_bytes
             if file_bytes != expected:
-                raise CorruptBlockFile(f"file is {file_bytes} B, a whole block file is {expected} B")
+                raise CorruptBlockFile(
+                    f"file is {file_bytes} B, a whole block file is {expected} B"
+                )
             layout = header.namespace.layout
             layer_bytes = layout.layer_bytes
             out = bytearray(layout.block_bytes)
