@@ -168,8 +168,8 @@ class ReadSession:
         """Every served block in whole, once layer 0 went out: a block that fails now is
         dropped from the served prefix, with the blocks after it (the transport tells
         the client before layer 1). Raises UnreadableBlock when that is the first."""
-        # Layer 0 is out (each message is sent before the next is asked for): the views
-        # need not keep the payloads of blocks promoted into DRAM alive any longer.
+        # Layer 0 is handed out (its views hold their buffers while they are sent): the
+        # session need not keep the payloads of blocks promoted into DRAM alive.
         self._first_layers.clear()
         if not self.entries:  # nothing was served: nothing went out
             return
