@@ -24,6 +24,7 @@ from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
 from kvstore.bench.tls import add_tls_arguments, run_tls
 from kvstore.bench.watch import add_watch_arguments, run_watch
+from kvstore.bench.watch_snapshot import add_watch_snapshot_arguments, run_watch_snapshot
 from kvstore.client import TOKEN_ENV
 from kvstore.cluster.etcd_options import ETCD_SETTINGS
 from kvstore.wire.tls import CLIENT_TLS_SETTINGS
@@ -98,6 +99,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "put blocks/s of small blocks with N WatchBlocks watcher processes, against none",
         add_watch_arguments,
         run_watch,
+    ),
+    "watch-snapshot": (
+        "the loop time a WatchBlocks snapshot takes, against building its events at once",
+        add_watch_snapshot_arguments,
+        run_watch_snapshot,
     ),
     "metrics": (
         "lookup latency and put/get GB/s with Prometheus metrics on and scraped, against "

@@ -3,7 +3,7 @@
 Every key, with its default (see the README's "In vLLM" section):
 
     target              HOST:PORT, etcd://..., etcds://... or cluster://... of the store
-                        (required; a secured etcd's CA and credentials: KVSTORE_ETCD_*)
+                        (required)
     tenant              the namespace's tenant (default "vllm")
     model_fingerprint   what the KV depends on: weights, revision, dtype... (required)
     block_size          tokens per block; must equal vLLM's --block-size (required)
@@ -14,6 +14,11 @@ Every key, with its default (see the README's "In vLLM" section):
     token               bearer token (default: the KVSTORE_TOKEN environment variable)
     tls_ca, tls_cert, tls_key, tls_server_name
                         TLS files (PEM) and the name to check; any one turns TLS on
+    etcd_ca, etcd_cert, etcd_key, etcd_server_name, etcd_user, etcd_password_file
+                        a secured etcd's TLS files (PEM), the name to check, and etcd
+                        credentials (the password: the file's first line, or the
+                        KVSTORE_ETCD_PASSWORD variable); each over its KVSTORE_ETCD_*
+                        variable (default: those variables)
     data_plane          carry bytes over the store's TCP data plane (default true)
     prefill_tokens_per_s, prefill_fixed_s
                         the model's prefill rate, for fetch-or-recompute (default: none,
@@ -31,10 +36,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvstore.client._options import ClientOptions, TLSOptions
+from kvstore.cluster.etcd_options import EtcdOptions
 from kvstore.errors import InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
 
 _DTYPES = {dtype.name.lower(): dtype for dtype in DType}
+# Connector key: EtcdOptions field.
+_ETCD_KEYS = {
+    "etcd_ca": "ca_file",
+    "etcd_cert": "cert_file",
+    "etcd_key": "key_file",
+    "etcd_server_name": "server_name",
+    "etcd_user": "user",
+    "etcd_password_file": "password_file",
+}
 _KNOWN_KEYS = frozenset(
     {
         "target",
@@ -52,6 +67,7 @@ _KNOWN_KEYS = frozenset(
         "tls_cert",
         "tls_key",
         "tls_server_name",
+        *_ETCD_KEYS,
         "data_plane",
         "prefill_tokens_per_s",
         "prefill_fixed_s",
@@ -114,6 +130,7 @@ class ConnectorConfig:
             options = ClientOptions(
                 token=_optional_string(extra, "token"),
                 tls=_tls(extra),
+                etcd=_etcd(extra),
                 data_plane=_boolean(extra, "data_plane", True),
             )
         except (ValueError, InvalidRequest) as error:
@@ -136,6 +153,15 @@ class ConnectorConfig:
         if transfer is None:
             raise ConnectorConfigError("vllm_config.kv_transfer_config is not set")
         return cls.from_extra_config(dict(transfer.kv_connector_extra_config or {}))
+
+
+def _etcd(extra: dict[str, Any]) -> EtcdOptions | None:
+    """The etcd_* keys over the KVSTORE_ETCD_* variables; None when no key is set, which
+    leaves the cluster client to read the variables itself."""
+    overrides = {field: _optional_string(extra, key) for key, field in _ETCD_KEYS.items()}
+    if all(value is None for value in overrides.values()):
+        return None
+    return EtcdOptions.from_environment(overrides=overrides)
 
 
 def _tls(extra: dict[str, Any]) -> TLSOptions | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from kvstore.server.loopwatch import LoopWatch
 from kvstore.server.membership import Registration, check_etcd, node_id_for
 from kvstore.server.metrics import DaemonMetrics, start_metrics
 from kvstore.server.servicer import KVStoreServicer
+from kvstore.server.shm_socket import sweep_dead_auto_sockets
 from kvstore.server.standard_services import add_health_service, add_reflection_service
 from kvstore.server.tls import load_server_tls
 from kvstore.server.transfer import Transfers
@@ -172,6 +174,8 @@ async def build_server(config: ServerConfig) -> RunningServer:
         raise OSError(f"cannot listen on {config.listen}")
     data_plane = None
     shm_path = config.shm_socket_path()
+    if shm_path is not None and config.shm_socket == "auto":
+        sweep_dead_auto_sockets(os.path.dirname(shm_path))
     if config.data_port >= 0 or shm_path is not None:
         tls_context = tls.data_plane_context if tls is not None else None
         data_plane = DataPlane(

@@ -96,6 +96,7 @@ from kvstore.cluster.etcd_options import (
 from kvstore.cluster.members import is_concrete_host, parse_etcd_url, parse_host_port
 from kvstore.config import StoreConfig, TenantQuota
 from kvstore.errors import InvalidRequest
+from kvstore.server.shm_socket import auto_socket_name
 from kvstore.wire.chunks import MIN_CHUNK_BYTES
 
 # sun_path holds 108 bytes, the last a NUL.
@@ -381,7 +382,7 @@ class ServerConfig:
             return None
         if self.shm_socket != "auto":
             return self.shm_socket
-        name = f"kvstore-{os.getpid()}-{secrets.token_hex(4)}.sock"
+        name = auto_socket_name(os.getpid(), secrets.token_hex(4))
         for directory in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir(), "/tmp"):
             if directory and os.access(directory, os.W_OK):
                 path = os.path.join(directory, name)

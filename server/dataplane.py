@@ -21,7 +21,6 @@ import os
 import secrets
 import socket
 import ssl
-import stat
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
@@ -38,6 +37,7 @@ from kvstore.server.lookup import Lookups
 from kvstore.server.pacing import TransferPacing
 from kvstore.server.request_metrics import RequestMetrics
 from kvstore.server.shm import ClientBuffers, FdStream
+from kvstore.server.shm_socket import remove_stale_socket
 from kvstore.server.status import status_for
 from kvstore.server.transfer import Transfers
 from kvstore.v1 import kvstore_pb2 as pb
@@ -225,7 +225,7 @@ class DataPlane:
     async def start_unix(self, path: str) -> None:
         """Listen for same-host clients on the Unix socket `path`, readable and writable
         by this user only. A socket file left by a daemon that is gone is replaced."""
-        _remove_stale_socket(path)
+        remove_stale_socket(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(path)
@@ -663,23 +663,3 @@ def _refuse(sock: socket.socket, limit: int, *, plaintext: bool) -> None:
     with contextlib.suppress(OSError):
         sock.send(frame_header(FrameKind.ERROR, len(error)) + error)
     sock.close()
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a Unix socket file nobody listens on (a daemon that died); refuse to take
-    over one in use, or a path that is not a socket."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket; choose another shm_socket path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise OSError(f"another daemon listens on {path}; give this one its own shm_socket path")

@@ -10,7 +10,8 @@ the hand-off, and its memory is bounded.
 
 Sequence numbers count every event a watcher was due, the dropped ones too: a watcher
 sees a jump exactly where events were lost. A snapshot is taken in the same step as a
-watcher starts (or resyncs) to queue live events, so no change falls between the two.
+watcher starts (or resyncs) to queue live events, so no change falls between the two;
+its events are built as they are sent (`Watcher`).
 """
 
 from __future__ import annotations
@@ -23,23 +24,37 @@ from contextlib import contextmanager
 from kvstore.enums import TierKind
 from kvstore.errors import CapacityExhausted
 from kvstore.events import BlockEvent, BlockEventKind
+from kvstore.index import BlockEntry
 from kvstore.layout import Namespace
 from kvstore.server.config import Limits
-from kvstore.store import BlockStore
+from kvstore.store import BlockStore, snapshot_event
 
 _SNAPSHOT_END = BlockEvent(BlockEventKind.SNAPSHOT_END)
 _GAP = BlockEvent(BlockEventKind.GAP)
 
 
 class Watcher:
-    """One WatchBlocks stream's queue: a snapshot first, then live events, bounded."""
+    """One WatchBlocks stream's queue: a snapshot first, then live events, bounded.
+
+    A snapshot is taken as references to the namespace's entries, in one step with the
+    start of live queuing, and each turns into its SNAPSHOT event only as it is taken
+    (`take`, a message at a time): a namespace of a million blocks does not hold the
+    loop for the half second that building every event at once would take. An entry
+    that changed meanwhile is sent as it is then; the live events queued behind the
+    snapshot (TIER_CHANGED, REMOVED) end in the same view either way.
+    """
 
     def __init__(self, store: BlockStore, namespace: Namespace, max_queued_events: int) -> None:
         self.namespace = namespace
         self._store = store
         self._max_queued = max_queued_events
-        self._events: deque[BlockEvent] = deque()
-        self._num_snapshot_queued = 0  # snapshot events at the head of _events: unbounded
+        # The snapshot not yet taken: GAP (on a resync), the entries from
+        # `_snapshot_next` on, then SNAPSHOT_END. Not bounded by the queue's limit.
+        self._snapshot_head: list[BlockEvent] = []
+        self._snapshot: list[BlockEntry] = []
+        self._snapshot_next = 0
+        self._snapshot_end_due = False
+        self._events: deque[BlockEvent] = deque()  # live events, bounded
         self._next_sequence = 1  # the number the next event due gets
         self._lost = False  # events were dropped: the next take resyncs
         self.num_gaps = 0
@@ -47,23 +62,33 @@ class Watcher:
         self._queue_snapshot()
 
     def _queue_snapshot(self, *, after_gap: bool = False) -> None:
-        events = self._store.snapshot(self.namespace)
-        if after_gap:
-            events.insert(0, _GAP)
-        events.append(_SNAPSHOT_END)
-        self._events.extend(events)
-        self._num_snapshot_queued = len(self._events)
-        self._next_sequence += len(events)
+        self._snapshot = self._store.snapshot_entries(self.namespace)
+        self._snapshot_next = 0
+        self._snapshot_head = [_GAP] if after_gap else []
+        self._snapshot_end_due = True
+        self._next_sequence += self._num_snapshot_due()
         self._ready.set()
+
+    def _num_snapshot_due(self) -> int:
+        return (
+            len(self._snapshot_head)
+            + len(self._snapshot)
+            - self._snapshot_next
+            + self._snapshot_end_due
+        )
+
+    def _drop_snapshot(self) -> None:
+        self._snapshot_head, self._snapshot, self._snapshot_next = [], [], 0
+        self._snapshot_end_due = False
 
     def push(self, event: BlockEvent) -> None:
         """Queue a live event, or drop it (and every event queued) past the bound."""
         self._next_sequence += 1
         if self._lost:
             return
-        if len(self._events) - self._num_snapshot_queued >= self._max_queued:
+        if len(self._events) >= self._max_queued:
             self._events.clear()
-            self._num_snapshot_queued = 0
+            self._drop_snapshot()
             self._lost = True
             self.num_gaps += 1
         else:
@@ -72,18 +97,30 @@ class Watcher:
 
     async def take(self, max_events: int) -> tuple[int, list[BlockEvent]]:
         """(sequence number of the first, up to `max_events` events), once there are any."""
-        while not self._events and not self._lost:
+        while not self._events and not self._num_snapshot_due() and not self._lost:
             self._ready.clear()
             await self._ready.wait()
         if self._lost:
             self._lost = False
             self._queue_snapshot(after_gap=True)
+        first_sequence = self._next_sequence - self._num_snapshot_due() - len(self._events)
+        batch = self._take_snapshot(max_events)
         events = self._events
-        first_sequence = self._next_sequence - len(events)
-        count = min(max_events, len(events))
-        batch = [events.popleft() for _ in range(count)]
-        self._num_snapshot_queued = max(0, self._num_snapshot_queued - count)
+        batch.extend(events.popleft() for _ in range(min(max_events - len(batch), len(events))))
         return first_sequence, batch
+
+    def _take_snapshot(self, max_events: int) -> list[BlockEvent]:
+        batch = self._snapshot_head[:max_events]
+        del self._snapshot_head[: len(batch)]
+        stop = min(len(self._snapshot), self._snapshot_next + max_events - len(batch))
+        batch.extend(map(snapshot_event, self._snapshot[self._snapshot_next : stop]))
+        self._snapshot_next = stop
+        if stop == len(self._snapshot):
+            self._snapshot, self._snapshot_next = [], 0  # let the entries go
+            if self._snapshot_end_due and len(batch) < max_events:
+                batch.append(_SNAPSHOT_END)
+                self._snapshot_end_due = False
+        return batch
 
 
 class WatchHub:

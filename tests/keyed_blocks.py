@@ -6,7 +6,9 @@ checked against a recomputation: no record of what was sent needs to survive.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 
 import torch
 
@@ -36,3 +38,16 @@ async def served_blocks(client: KVClient, keys: list[bytes]) -> list[bytes]:
     dest = torch.zeros(shape, dtype=layout.dtype.torch_dtype)
     served = await client.get_into(keys, dest, form=KVForm.BLOCKS)
     return [dest[index].view(torch.uint8).numpy().tobytes() for index in range(served)]
+
+
+async def until_recovered(client: KVClient, timeout_s: float = 60.0) -> None:
+    """Until the daemon has indexed its whole SSD directory. A large directory goes on
+    being indexed after the daemon serves (kvstore.recovery), and until then the blocks
+    not yet indexed are misses: a check for losses must not start before."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        names = [tier.name for tier in (await client.stats()).tiers]
+        if not any("recovering" in name for name in names):
+            return
+        assert time.monotonic() < deadline, f"still recovering after {timeout_s:g} s: {names}"
+        await asyncio.sleep(0.05)

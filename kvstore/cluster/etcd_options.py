@@ -108,7 +108,10 @@ class EtcdOptions:
         try:
             return cls(**values)
         except ValueError as error:
-            raise ValueError(f"{error} (from the KVSTORE_ETCD_* environment variables)") from None
+            source = "settings and " if any(overrides.values()) else ""
+            raise ValueError(
+                f"{error} (from the {source}KVSTORE_ETCD_* environment variables)"
+            ) from None
 
 
 @dataclass(frozen=True)

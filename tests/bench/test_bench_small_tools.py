@@ -184,3 +184,15 @@ def test_the_memcpy_baseline_copies_every_byte_and_counts_its_cpu() -> None:
     assert phase.gbps > 0
     assert phase.cpu.client_s_per_gb >= 0
     assert phase.cpu.server_s_per_gb == 0  # one process: nothing on a server side
+
+
+def test_watch_snapshot_times_taking_the_entries_against_building_the_events(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert bench_main(["watch-snapshot", "--blocks", "300", "--repeats", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["blocks"] == 300
+    assert report["entries_ms"] > 0 and report["events_ms"] > 0
+    assert report["events_over_entries"] == pytest.approx(
+        report["events_ms"] / report["entries_ms"]
+    )

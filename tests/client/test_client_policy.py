@@ -316,6 +316,11 @@ class FakeDataPlane:
     def __init__(self) -> None:
         self.store = FakeTransport()
 
+    async def lookup(
+        self, request: pb.LookupPrefixRequest, deadline: float
+    ) -> pb.LookupPrefixResponse:
+        return await self.store.lookup(request, deadline)
+
     async def put(self, messages: AsyncIterator[Parts], timeout_s: float) -> pb.PutBlocksResponse:
         return await self.store.put(messages, timeout_s)
 
@@ -339,6 +344,11 @@ class UnreachableDataPlane:
 
     def __init__(self) -> None:
         self.retired = False
+
+    async def lookup(
+        self, request: pb.LookupPrefixRequest, deadline: float
+    ) -> pb.LookupPrefixResponse:
+        raise DataPlaneUnreachable("cannot reach the data plane at 127.0.0.1:9: refused")
 
     async def put(self, messages: AsyncIterator[Parts], timeout_s: float) -> pb.PutBlocksResponse:
         raise DataPlaneUnreachable("cannot reach the data plane at 127.0.0.1:9: refused")

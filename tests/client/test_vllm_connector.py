@@ -215,6 +215,34 @@ def test_config_reads_every_key() -> None:
     assert (config.fetch_overhead_s, config.pin_ttl_s, config.save_decoded) == (0.002, 45, False)
 
 
+def test_etcd_keys_override_the_environment_and_are_absent_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KVSTORE_ETCD_CA", "/env-ca.pem")
+    monkeypatch.setenv("KVSTORE_ETCD_USER", "env-user")
+    monkeypatch.setenv("KVSTORE_ETCD_PASSWORD", "env-password")
+    # No etcd_* key: the cluster client reads the variables itself when it starts.
+    assert ConnectorConfig.from_extra_config(extra("etcds://e:2379/kv")).options.etcd is None
+    config = ConnectorConfig.from_extra_config(
+        extra(
+            "etcds://e:2379/kv",
+            etcd_ca="/ca.pem",
+            etcd_server_name="etcd.internal",
+            etcd_password_file="/pw",
+        )
+    )
+    etcd = config.options.etcd
+    assert etcd is not None
+    assert (etcd.ca_file, etcd.server_name, etcd.password_file) == (
+        "/ca.pem",
+        "etcd.internal",
+        "/pw",
+    )
+    # What no key names comes from the environment; a password file replaces the
+    # variable's password.
+    assert (etcd.user, etcd.password) == ("env-user", None)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -227,6 +255,8 @@ def test_config_reads_every_key() -> None:
         ({"tls_cert": "/c.pem"}, "cert_file and key_file"),
         ({"token": "two words"}, "printable"),
         ({"block_sise": 16}, "unknown key"),
+        ({"etcd_password_file": "/pw"}, "password needs its user"),
+        ({"etcd_cert": "/c.pem"}, "etcd TLS needs both"),
         ({"num_layers": 0}, "num_layers"),
     ],
 )

@@ -15,7 +15,12 @@ from pathlib import Path
 
 import pytest
 from daemons import Launch, daemon_launcher, serving  # tests/daemons.py
-from keyed_blocks import keyed_payload, keyed_tensor, served_blocks  # tests/keyed_blocks.py
+from keyed_blocks import (  # tests/keyed_blocks.py
+    keyed_payload,
+    keyed_tensor,
+    served_blocks,
+    until_recovered,
+)
 
 from kvstore.client import ClientOptions, Durability, KVClient, PutOutcome
 from kvstore.layout import DType, KVLayout, Namespace
@@ -79,6 +84,7 @@ async def test_write_through_files_are_whole_when_the_reply_arrives_and_survive_
     running = await build_server(load_config(None, settings))
     try:
         async with KVClient(f"127.0.0.1:{running.port}", NS, options=TRANSPORTS["grpc"]) as client:
+            await until_recovered(client)
             for keys in chains:
                 served = await served_blocks(client, keys)
                 assert served == [keyed_payload(key, BLOCK) for key in keys]

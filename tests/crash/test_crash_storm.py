@@ -44,7 +44,12 @@ from pathlib import Path
 
 import pytest
 from daemons import Launch, ServerProcess, daemon_launcher, serving  # tests/daemons.py
-from keyed_blocks import keyed_payload, keyed_tensor, served_blocks  # tests/keyed_blocks.py
+from keyed_blocks import (  # tests/keyed_blocks.py
+    keyed_payload,
+    keyed_tensor,
+    served_blocks,
+    until_recovered,
+)
 
 from kvstore.client import (
     ClientOptions,
@@ -140,8 +145,15 @@ class KillReport:
     corrupt: int
     dram_only_bound: int
     ssd_blocks_at_stats: int
+    # The restarted daemon's warnings and errors, shown beside a loss to say what
+    # recovery or the check's gets dropped, and why.
+    daemon_notes: tuple[str, ...] = ()
 
     def line(self) -> str:
+        notes = "".join(f"\n    daemon: {note}" for note in self.daemon_notes if self.lost)
+        return self._counts() + notes
+
+    def _counts(self) -> str:
         return (
             f"{self.policy:13} kill {self.kill:2}: storm {self.storm_s:4.2f} s, "
             f"{self.acked:4} acked, {self.interrupted} puts cut, "
@@ -256,6 +268,7 @@ async def check_sessions(target: str, sessions: list[Session], files: set[str]) 
     what is served. `files`: the block files (key hex) in place when the daemon died."""
     survival = Survival()
     async with KVClient(target, NS, options=OPTIONS) as client:
+        await until_recovered(client)
 
         async def check(session: Session) -> None:
             served = await served_blocks(client, session.acked)
@@ -317,6 +330,11 @@ async def kill_repeatedly(launch: Launch, ssd_dir: Path, policy: str) -> list[Ki
             corrupt=survival.num_corrupt,
             dram_only_bound=life.dram_only_bound(),
             ssd_blocks_at_stats=life.last_stats[3],
+            daemon_notes=tuple(
+                line.rstrip()
+                for line in server.log_lines
+                if " WARNING " in line or " ERROR " in line
+            )[-12:],
         )
         print(report.line())
         reports.append(report)

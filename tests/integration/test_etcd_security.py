@@ -33,6 +33,8 @@ from kvstore.client import (
     Unavailable,
 )
 from kvstore.client._cluster import ClusterClient
+from kvstore.client._vllm_types import KVTransferConfig, Request, VllmConfig
+from kvstore.client.vllm_connector import ConnectorConfig, KVConnectorRole, KVStoreConnector
 from kvstore.cluster.etcd import list_members
 from kvstore.cluster.etcd_options import load_access
 from kvstore.cluster.members import parse_etcd_url
@@ -127,6 +129,16 @@ async def daemons() -> AsyncIterator[Callable[..., Awaitable[RunningServer]]]:
         await running.drain()
 
 
+def secured_daemon_settings(url: str, pki: Pki, secrets_dir: Path) -> dict[str, Any]:
+    """[cluster] settings of a daemon that registers in the secured etcd as USER."""
+    return {
+        "cluster.etcd": url,
+        "cluster.etcd_ca_file": pki.ca,
+        "cluster.etcd_user": USER,
+        "cluster.etcd_password_file": str(secrets_dir / "password"),
+    }
+
+
 async def members_of(url: str, options: EtcdOptions) -> list[str]:
     return [member.node_id for member in await list_members(url, options=options)]
 
@@ -166,14 +178,7 @@ async def test_a_daemon_registers_and_a_client_finds_it_over_tls_with_credential
 ) -> None:
     url = secured_etcd.url(PREFIX)
     assert url.startswith("etcds://")
-    node = await daemons(
-        **{
-            "cluster.etcd": url,
-            "cluster.etcd_ca_file": pki.ca,
-            "cluster.etcd_user": USER,
-            "cluster.etcd_password_file": str(secrets_dir / "password"),
-        }
-    )
+    node = await daemons(**secured_daemon_settings(url, pki, secrets_dir))
     assert node.membership is not None
     node_id = node.membership.member.node_id
     assert await wait_for_members(url, good_options(pki), 1) == [node_id]
@@ -200,6 +205,51 @@ async def test_a_daemon_registers_and_a_client_finds_it_over_tls_with_credential
     await asyncio.sleep(2.5)
     await node.drain()
     assert await members_of(url, good_options(pki)) == []
+
+
+async def test_the_vllm_connector_reaches_a_secured_etcd_through_its_own_settings(
+    secured_etcd: EtcdServer,
+    pki: Pki,
+    secrets_dir: Path,
+    daemons: Callable[..., Awaitable[RunningServer]],
+    make_kv: Callable[..., torch.Tensor],
+    no_etcd_environment: None,
+) -> None:
+    # kv_connector_extra_config's etcd_* keys, with nothing in the environment: the
+    # scheduler side finds through the secured etcd what a client put.
+    url = secured_etcd.url(PREFIX)
+    node = await daemons(**secured_daemon_settings(url, pki, secrets_dir))
+    assert node.membership is not None
+    await wait_for_members(url, good_options(pki), 1)
+    extra = {
+        "target": url,
+        "tenant": "vllm-etcd",
+        "model_fingerprint": "tiny",
+        "block_size": 16,
+        "num_layers": 2,
+        "num_kv_heads": 2,
+        "head_dim": 8,
+        "dtype": "float16",
+        "etcd_ca": pki.ca,
+        "etcd_user": USER,
+        "etcd_password_file": str(secrets_dir / "password"),
+    }
+    config = ConnectorConfig.from_extra_config(extra)
+    prompt = list(range(NUM_BLOCKS * 16 + 1))  # the last token is always computed
+    kv = make_kv(config.namespace.layout, NUM_BLOCKS, seed=5)
+    options = ClientOptions(etcd=good_options(pki))
+    async with KVClient(url, config.namespace, options=options) as client:
+        assert (await client.put(prompt[:-1], kv)).num_committed == NUM_BLOCKS
+
+    vllm_config = VllmConfig(KVTransferConfig(kv_connector_extra_config=extra))
+    scheduler = await asyncio.to_thread(KVStoreConnector, vllm_config, KVConnectorRole.SCHEDULER)
+    try:
+        matched = await asyncio.to_thread(
+            scheduler.get_num_new_matched_tokens, Request("turn-2", prompt), 0
+        )
+        assert matched == (NUM_BLOCKS * 16, False)
+    finally:
+        await asyncio.to_thread(scheduler.shutdown)
 
 
 async def test_mutual_tls_etcd_takes_the_certificate_its_ca_signed_and_no_other(
@@ -318,6 +368,25 @@ def test_a_daemon_that_etcd_refuses_does_not_start_and_says_why(
     assert logged.startswith("cannot start: ")
     assert len(logged) < 1000
     assert re.search(message, logged), logged
+
+
+@pytest.mark.slow
+def test_workers_that_etcd_refuses_stop_the_supervisor_and_say_why(
+    secured_etcd: EtcdServer,
+    pki: Pki,
+    secrets_dir: Path,
+    capfd: pytest.CaptureFixture[str],
+    no_etcd_environment: None,
+) -> None:
+    # Each worker checks etcd as a lone daemon does; the first that cannot start stops
+    # the rest, and the supervisor exits 1 rather than restarting them forever.
+    argv = ["--listen", "127.0.0.1:0", "--dram-bytes", "16MiB", "--workers", "2"]
+    argv += ["--cluster", secured_etcd.url(PREFIX), "--etcd-ca", pki.ca, "--etcd-user", USER]
+    argv += ["--etcd-password-file", str(secrets_dir / "wrong-password")]
+    assert server_main(argv) == 1
+    output = capfd.readouterr()
+    logged = output.out + output.err
+    assert re.search(f"refused user '{USER}': wrong password", logged), logged[-2000:]
 
 
 @pytest.mark.parametrize(

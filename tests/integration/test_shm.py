@@ -41,6 +41,7 @@ from kvstore.errors import InvalidRequest
 from kvstore.server import RunningServer
 from kvstore.server.auth import token_sha256
 from kvstore.server.config import ServerConfig, load_config
+from kvstore.server.shm_socket import auto_socket_name
 from kvstore.server.workers import worker_configs
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.chunks import encode_put_header
@@ -312,6 +313,47 @@ async def test_auto_puts_the_socket_in_the_runtime_dir_and_drain_removes_it(
     await running.drain()
     with pytest.raises(FileNotFoundError):
         os.stat(path)
+
+
+async def test_an_auto_socket_sweeps_the_files_of_daemons_that_are_gone(
+    server_factory: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SIGKILLed daemons leave their auto-named files behind; the next auto daemon in the
+    # directory removes those whose process is gone and which nobody listens on.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await gone.wait()
+    dead_pid = gone.pid  # reaped: no process has it now
+
+    def bound(name: str, *, listening: bool = False) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(tmp_path / name))
+        if listening:
+            sock.listen(1)
+        return sock
+
+    bound(auto_socket_name(dead_pid, "0badf00d")).close()  # a killed daemon's: swept
+    own = bound(auto_socket_name(os.getpid(), "00c0ffee"))  # its process lives: kept
+    own.close()
+    # A live daemon seen under another pid namespace: its pid means nothing here, but
+    # it listens, so its file stays.
+    elsewhere = bound(auto_socket_name(dead_pid, "feedf00d"), listening=True)
+    bound("kvstore-not-ours.sock").close()  # not an auto name: kept
+    (tmp_path / auto_socket_name(dead_pid, "0000beef")).write_text("x")  # not a socket
+    try:
+        running = await server_factory(shm_socket="auto")
+        left = sorted(os.listdir(tmp_path))
+        assert left == sorted(
+            [
+                auto_socket_name(os.getpid(), "00c0ffee"),
+                auto_socket_name(dead_pid, "feedf00d"),
+                auto_socket_name(dead_pid, "0000beef"),
+                "kvstore-not-ours.sock",
+                os.path.basename(running.servicer.shm_path),
+            ]
+        )
+    finally:
+        elsewhere.close()
 
 
 async def test_a_stale_socket_file_is_replaced_and_a_live_one_refused(

@@ -140,3 +140,41 @@ def test_a_message_never_holds_more_events_than_fit_in_the_message_limit() -> No
         events=[pb.BlockEvent.FromString(event)] * tight.watch_message_events,
     )
     assert reply.ByteSize() + 5 <= tight.max_message_bytes  # + gRPC's message header
+
+
+async def test_a_snapshot_is_built_as_it_is_taken_and_ends_in_the_stores_view() -> None:
+    # A watcher takes the namespace's entries at once but builds each SNAPSHOT event only
+    # when it is taken: a block that moved meanwhile is sent where it is then, and the
+    # live events behind the snapshot leave the view equal to the store either way.
+    store = BlockStore(
+        StoreConfig(dram_bytes=1 << 20, page_bytes=4096, hbm_bytes=1 << 16, hbm_device="cpu")
+    )
+    keys = [b"k%03d" % index for index in range(40)]
+    for key in keys:
+        put(store, key)
+    hub = WatchHub(store, Limits(watch_queue_events=16))
+    with hub.watch(NS) as watcher:
+        first, head = await watcher.take(10)
+        assert (first, [e.key for e in head]) == (1, keys[:10])
+        # Promoted into HBM after the snapshot was taken, before its event was built.
+        [promoted] = store.find_prefix(NS, [keys[30]])
+        pool = store.pool
+        pool.add_copy(promoted, TierKind.HBM, pool.allocate(TierKind.HBM, LAYOUT.block_bytes))
+        store.delete(NS, [keys[20]])  # gone before its event was built
+        put(store, b"late")
+        first, rest = await watcher.take(100)
+        assert first == 11
+        events = head + rest
+        assert [e.kind for e in events] == (
+            [K.SNAPSHOT] * 40 + [K.SNAPSHOT_END, K.TIER_CHANGED, K.REMOVED, K.STORED]
+        )
+        assert (events[30].key, events[30].tier) == (keys[30], TierKind.HBM)
+        assert (events[20].key, events[20].tier) == (keys[20], TierKind.DRAM)
+        view: dict[bytes, TierKind | None] = {}
+        for event in events:
+            if event.kind in (K.SNAPSHOT, K.STORED, K.TIER_CHANGED):
+                view[event.key] = event.tier
+            elif event.kind is K.REMOVED:
+                del view[event.key]
+        assert view == {entry.key: entry.fastest for entry in store.snapshot_entries(NS)}
+        assert len(view) == 40  # 40 put, one deleted, one late

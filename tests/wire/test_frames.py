@@ -74,6 +74,8 @@ def test_wire_constants_are_the_documented_protocol() -> None:
         "GET_SHM": 13,
         "GET_DATA_SHM": 14,
         "SHM_DONE": 15,
+        "LOOKUP": 16,
+        "LOOKUP_RESULT": 17,
     }
 
 
