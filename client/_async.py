@@ -309,6 +309,8 @@ class KVClient:
 
         The server serves the longest prefix still stored, which may be shorter than
         `keys` if blocks were evicted since a lookup: the caller recomputes the rest.
+        Rows of `dest` past the blocks that arrived may have been written (layer 0 of
+        an SSD block found unreadable mid-get): they hold no block the caller may use.
         """
         num_blocks = 0
         async for arrival in self._stream(keys, dest, form):

@@ -26,6 +26,7 @@ from kvstore.census import TenantUsage
 from kvstore.enums import TierKind
 from kvstore.errors import CapacityExhausted
 from kvstore.index import BlockEntry
+from kvstore.pool import BlockPool
 from kvstore.recovery import recover_index, recover_while_serving
 from kvstore.store import BlockStore
 
@@ -449,11 +450,42 @@ def _offsets(views: list[memoryview]) -> list[tuple[int, memoryview]]:
     return out
 
 
+class _BlockRead:
+    """One block's SSD read: its verified layer 0 first, then the whole block."""
+
+    def __init__(self, pool: BlockPool, entry: BlockEntry) -> None:
+        self.first_layer: asyncio.Future[memoryview] = asyncio.get_running_loop().create_future()
+        self.whole = asyncio.ensure_future(pool.read_from_ssd(entry, self.first_layer))
+        self.whole.add_done_callback(self._fail_first_layer)
+        self.first_layer.add_done_callback(_swallow)
+
+    def _fail_first_layer(self, whole: asyncio.Future[bytearray]) -> None:
+        """A read that failed (or was cancelled) before layer 0 was in fails that too."""
+        if self.first_layer.done():
+            return
+        if whole.cancelled():
+            self.first_layer.cancel()
+            return
+        error = whole.exception()
+        if error is not None:
+            self.first_layer.set_exception(error)
+        else:  # the result always follows the first layer: not reached
+            self.first_layer.set_exception(RuntimeError("the read ended without its first layer"))
+
+    def cancel(self) -> None:
+        for future in (self.first_layer, self.whole):
+            future.cancel()
+            future.add_done_callback(_swallow)
+
+
 class OrderedLoad:
     """The blocks of one get, brought into memory in chain order (TierMover.load).
 
-    A block whose SSD file fails its checksum or cannot be read ends the load: it is
-    dropped with its descendants, and the blocks after it are not served.
+    Each SSD read hands out its block's layer 0, verified, as soon as that is read
+    (`next_first_layer`), and the whole block once the rest is read and verified
+    (`next_block`): two cursors over the chain, each in order. A block whose SSD file
+    fails its checksum or cannot be read, at either step, ends the served prefix: it is
+    dropped with its descendants, and no block from it on is handed out any more.
     """
 
     def __init__(self, mover: TierMover, entries: list[BlockEntry]) -> None:
@@ -461,13 +493,15 @@ class OrderedLoad:
         self._entries = entries
         pool = mover._pool
         # The first SSD read starts alone, so that it has the disk and an I/O thread to
-        # itself and the get's first bytes leave after one block's read; every other
-        # read starts once it is done, and the I/O threads take them in order, so the
-        # disk stays busy while the first blocks stream.
-        self._reads: dict[int, asyncio.Future[bytes | bytearray]] = {}
+        # itself and the get's first bytes (its layer 0) leave after one small read;
+        # every other read starts once that layer is in, and the I/O threads take them
+        # in order, so the disk stays busy while the first blocks stream.
+        self._reads: dict[int, _BlockRead] = {}
         self._not_started: list[int] = []  # SSD reads that wait for the first one
         self._ended = False
-        self._next = 0
+        self._end = len(entries)  # the served prefix: blocks from here on are not served
+        self._next = 0  # the next block to hand out whole
+        self._next_first = 0  # the next block whose layer 0 to hand out
         if pool.ssd is None:
             return
         on_ssd = [index for index, entry in enumerate(entries) if not _in_memory(entry)]
@@ -476,61 +510,102 @@ class OrderedLoad:
         self._not_started = on_ssd[1:]
         first = self._start_read(on_ssd[0])
         if self._not_started:
-            first.add_done_callback(lambda _: self._start_reads())
+            # After the get's own wake-up: starting a few dozen reads takes a while on
+            # the loop, and the first block's rest is still being read meanwhile.
+            first.first_layer.add_done_callback(
+                lambda _: asyncio.get_running_loop().call_soon(self._start_reads)
+            )
 
-    def _start_read(self, index: int) -> asyncio.Future[bytes | bytearray]:
-        read = asyncio.ensure_future(self._mover._pool.read_from_ssd(self._entries[index]))
+    def _start_read(self, index: int) -> _BlockRead:
+        read = _BlockRead(self._mover._pool, self._entries[index])
         self._reads[index] = read
         return read
 
     def _start_reads(self) -> None:
         indices, self._not_started = self._not_started, []
-        if not self._ended:
-            for index in indices:
+        for index in indices:
+            if not self._ended and index < self._end:
                 self._start_read(index)
 
     @property
     def num_reads(self) -> int:
-        """SSD reads this load started and has not yet handed out."""
+        """SSD reads this load started and has not yet handed out whole."""
         return len(self._reads)
+
+    async def next_first_layer(self) -> tuple[bool, memoryview | None]:
+        """Layer 0 of the next block: (True, None) when the block is in memory, (True,
+        its verified bytes) from its SSD read, (False, None) once no more can be served.
+        Never ahead of `next_block`'s blocks: it is called before them."""
+        index = self._next_first
+        if self._ended or index >= self._end:
+            return False, None
+        if index in self._not_started:  # taken before the first read's callback ran
+            self._start_reads()
+        read = self._reads.get(index)
+        layer: memoryview | None = None
+        if read is not None:
+            try:
+                layer = await read.first_layer
+            except Exception as error:  # an unreadable file ends the served prefix
+                self._cut(index, error)
+                return False, None
+        self._next_first += 1
+        return True, layer
+
+    def next_first_layer_is_ready(self) -> bool:
+        index = self._next_first
+        if self._ended or index >= self._end or index in self._not_started:
+            return False
+        read = self._reads.get(index)
+        return read is None or read.first_layer.done()
 
     async def next_block(self) -> tuple[bool, bytes | bytearray | None]:
         """Bring the next block in: (True, None) when it is in memory, (True, payload)
         when it is served from the payload, (False, None) once no more can be served."""
-        if self._ended or self._next >= len(self._entries):
+        index = self._next
+        if self._ended or index >= self._end:
             self.cancel()
             return False, None
-        index, entry = self._next, self._entries[self._next]
+        entry = self._entries[index]
         payload: bytes | bytearray | None = None
-        if index in self._not_started:  # taken before the first read's callback ran
+        if index in self._not_started:
             self._start_reads()
         read = self._reads.pop(index, None)
         if read is not None:
             try:
-                data = await read
+                data = await read.whole
             except Exception as error:  # an unreadable file ends the served prefix
+                self._cut(index, error)
                 self.cancel()
-                self._mover._drop_unreadable(entry, error, self._entries[index:])
                 return False, None
             payload = self._mover._settle_read(entry, data)
         self._next += 1
+        self._next_first = max(self._next_first, self._next)
         self._mover._settle_served(entry)
         return True, payload
 
     def next_is_ready(self) -> bool:
-        if self._ended or self._next >= len(self._entries):
+        index = self._next
+        if self._ended or index >= self._end or index in self._not_started:
             return False
-        if self._next in self._not_started:
-            return False
-        read = self._reads.get(self._next)
-        return read is None or read.done()
+        read = self._reads.get(index)
+        return read is None or read.whole.done()
+
+    def _cut(self, index: int, error: BaseException) -> None:
+        """Block `index` is unreadable: drop it and its descendants, stop the reads of
+        it and every block after it; the blocks before it are still served."""
+        if index >= self._end:
+            return
+        self._end = index
+        for later in [other for other in self._reads if other >= index]:
+            self._reads.pop(later).cancel()
+        self._mover._drop_unreadable(self._entries[index], error, self._entries[index:])
 
     def cancel(self) -> None:
         """Stop the reads not yet taken; their results, errors included, are dropped."""
         self._ended = True
         for read in self._reads.values():
             read.cancel()
-            read.add_done_callback(_swallow)
         self._reads.clear()
 
 

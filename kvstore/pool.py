@@ -839,15 +839,27 @@ class BlockPool:
         entry.add_copy(TierKind.SSD, location)
         return True
 
-    async def read_from_ssd(self, entry: BlockEntry) -> bytes | bytearray:
-        """The verified payload of the block's SSD copy; raises CorruptBlockFile or OSError."""
+    async def read_from_ssd(
+        self, entry: BlockEntry, first_layer: asyncio.Future[memoryview] | None = None
+    ) -> bytearray:
+        """The verified payload of the block's SSD copy; raises CorruptBlockFile or OSError.
+
+        With `first_layer`, the block's layer 0, verified, is set there (a view of the
+        payload) as soon as it is read, while the rest of the file is still being read.
+        """
         ssd = self._ssd
         location = entry.copies.get(TierKind.SSD)
         if ssd is None or not isinstance(location, SsdLocation):
             raise CorruptBlockFile("no SSD copy")
-        header, payload = await ssd.read(location)
-        if header.key != entry.key or list(header.layer_checksums) != entry.layer_checksums:
-            raise CorruptBlockFile(f"{location.path} holds a different block")
+        loop = asyncio.get_running_loop()
+
+        def on_first_layer(header: BlockFileHeader, layer: memoryview) -> None:  # I/O thread
+            if header.key != entry.key or list(header.layer_checksums) != entry.layer_checksums:
+                raise CorruptBlockFile(f"{location.path} holds a different block")
+            if first_layer is not None:
+                loop.call_soon_threadsafe(_resolve, first_layer, layer)
+
+        _, payload = await ssd.read(location, on_first_layer, entry.layout.layer_bytes)
         ssd.counters.bytes_read += len(payload)
         return payload
 
@@ -940,3 +952,8 @@ def _subtrees(roots: list[BlockEntry]) -> list[BlockEntry]:
 
 def _in_memory(entry: BlockEntry) -> bool:
     return TierKind.DRAM in entry.copies or TierKind.HBM in entry.copies
+
+
+def _resolve(future: asyncio.Future[memoryview], layer: memoryview) -> None:
+    if not future.done():  # a cancelled read drops its first layer
+        future.set_result(layer)

@@ -6,12 +6,16 @@ tier holds each block fastest; SSD-only blocks are brought into memory by a
 chunk of layer 0 of every block, then layer 1, and so on, so a decode worker can start
 on layer 0 while later layers are still in flight.
 
-SSD reads stream: `load` waits only for the first block, and layer 0 of each block goes
-out as soon as that block is in, while later blocks are still being read; layer 1 starts
-once every block is in. If a later block turns out unreadable, the served prefix ends
-before it while layer 0 is still going out: `num_blocks` shrinks, and the transport
-tells the client (no layer is complete before every block of it has arrived, so the
-client has used nothing of the blocks dropped).
+SSD reads stream: `load` waits only for layer 0 of the first block, and layer 0 of each
+block goes out as soon as it is read and verified, while the rest of that block and
+later blocks are still being read; layer 1 starts once every block is in whole. If a
+block turns out unreadable (its layer 0, or a later layer after its layer 0 went out),
+the served prefix ends before it: `num_blocks` shrinks, and the transport tells the
+client before any byte of layer 1 (no layer is complete before every block of it has
+arrived, so the client has used nothing of the blocks dropped). Only the first block
+cannot be dropped that way once its layer 0 went out (the wire has no shorter get than
+one block): `stream_runs` and `stream_chunks` then raise UnreadableBlock, and the get
+fails (a retry misses the dropped block).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvstore.enums import TierKind
-from kvstore.errors import InvalidRequest
+from kvstore.errors import InvalidRequest, UnreadableBlock
 from kvstore.index import BlockEntry
 from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
@@ -30,6 +34,16 @@ from kvstore.store import BlockStore
 
 
 class BlockLoad(Protocol):
+    async def next_first_layer(self) -> tuple[bool, memoryview | None]:
+        """Layer 0 of the chain's next block, ahead of the whole block: (True, None) when
+        the block is in memory, (True, its verified bytes), or (False, None) when no more
+        blocks can be served (this one was unreadable, or the chain ended)."""
+        ...
+
+    def next_first_layer_is_ready(self) -> bool:
+        """Whether `next_first_layer` would answer without waiting."""
+        ...
+
     async def next_block(self) -> tuple[bool, bytes | bytearray | None]:
         """Bring the chain's next block in: (True, None) once it is in memory, (True,
         payload) when it is served from its verified payload, (False, None) when no more
@@ -94,18 +108,21 @@ class ReadSession:
         for entry in self.entries:
             entry.num_hits += 1
         self._payloads: dict[BlockEntry, bytes | bytearray] = {}
+        self._first_layers: dict[BlockEntry, memoryview] = {}  # layer 0 ahead of the rest
         self._load: BlockLoad | None = None
         self._num_loaded = len(self.entries)  # leading entries in memory or in _payloads
+        # Leading entries whose layer 0 is in memory, in _payloads or in _first_layers.
+        self._num_first = len(self.entries)
         self._closed = False
 
     async def load(self, loader: BlockLoader | None) -> None:
-        """Start bringing SSD-only blocks into memory and wait for the first block: the
-        rest come in while `stream_chunks` or `stream_runs` send layer 0. If the first block is
-        unreadable, nothing is served."""
+        """Start bringing SSD-only blocks into memory and wait for layer 0 of the first
+        block: the rest come in while `stream_chunks` or `stream_runs` send layer 0. If
+        the first block's layer 0 is unreadable, nothing is served."""
         if loader is not None and self.entries:
             self._load = loader.load(self.entries)
-            self._num_loaded = 0
-            await self._load_through(0)
+            self._num_loaded = self._num_first = 0
+            await self._first_layers_through(0)
 
     @property
     def num_blocks(self) -> int:
@@ -130,18 +147,53 @@ class ReadSession:
             self._num_loaded += 1
         return block_index < min(self._num_loaded, len(self.entries))
 
+    async def _first_layers_through(self, block_index: int) -> bool:
+        """Until layer 0 of block `block_index` is in, and that of every later block that
+        is in already; False if the served prefix ends before it."""
+        while self._num_first <= block_index or (
+            self._load is not None and self._load.next_first_layer_is_ready()
+        ):
+            if self._load is None:
+                return False
+            servable, layer = await self._load.next_first_layer()
+            if not servable:
+                del self.entries[self._num_first :]
+                break
+            if layer is not None:
+                self._first_layers[self.entries[self._num_first]] = layer
+            self._num_first += 1
+        return block_index < min(self._num_first, len(self.entries))
+
+    async def _load_all(self) -> None:
+        """Every served block in whole, once layer 0 went out: a block that fails now is
+        dropped from the served prefix, with the blocks after it (the transport tells
+        the client before layer 1). Raises UnreadableBlock when that is the first."""
+        # Layer 0 is handed out (its views hold their buffers while they are sent): the
+        # session need not keep the payloads of blocks promoted into DRAM alive.
+        self._first_layers.clear()
+        if not self.entries:  # nothing was served: nothing went out
+            return
+        if self._num_loaded < len(self.entries):
+            await self._load_through(len(self.entries) - 1)
+        if not self.entries:
+            raise UnreadableBlock(
+                "the first block of the get turned out unreadable on SSD after its layer 0 "
+                "was sent; it was dropped, so a retry will miss it"
+            )
+
     @property
     def tiers(self) -> list[TierKind]:
         """The fastest tier of each served block, as the session opened (before `load`)."""
         return self._source_tiers[: len(self.entries)]
 
     async def stream_chunks(self, max_chunk_bytes: int) -> AsyncIterator[ReadChunk]:
-        """`chunks`, with layer 0 of each block sent as soon as that block is in."""
+        """`chunks`, with layer 0 of each block sent as soon as it is in."""
         block_index = 0
-        while await self._load_through(block_index):
+        while await self._first_layers_through(block_index):
             for chunk in self._block_chunks(block_index, 0, max_chunk_bytes):
                 yield chunk
             block_index += 1
+        await self._load_all()
         for chunk in self.chunks(max_chunk_bytes, first_layer=1):
             yield chunk
 
@@ -177,14 +229,16 @@ class ReadSession:
             )
 
     async def stream_runs(self, max_run_bytes: int) -> AsyncIterator[ReadRun]:
-        """`runs`, where a run of layer 0 holds only blocks already in: the first goes
-        out as soon as the first block is, while later blocks are still being read."""
+        """`runs`, where a run of layer 0 holds only blocks whose layer 0 is in: the
+        first goes out as soon as the first block's is, while the rest of it and later
+        blocks are still being read."""
         per_run = self._per_run(max_run_bytes)
         start = 0
-        while await self._load_through(start):
-            end = self._run_end(start, min(self._num_loaded, start + per_run))
+        while await self._first_layers_through(start):
+            end = self._run_end(start, min(self._num_first, start + per_run))
             yield self._run(0, start, end)
             start = end
+        await self._load_all()
         for run in self.runs(max_run_bytes, first_layer=1):
             yield run
 
@@ -232,7 +286,9 @@ class ReadSession:
         entries = self.entries[start:end]
         # A DRAM copy stays put while the session pins its block.
         handles = [
-            None if entry in self._payloads else entry.copies.get(TierKind.DRAM)
+            None
+            if entry in self._payloads or entry in self._first_layers
+            else entry.copies.get(TierKind.DRAM)
             for entry in entries
         ]
         if None in handles:
@@ -253,6 +309,9 @@ class ReadSession:
         counters.bytes_got += len(self.entries) * self._layout.block_bytes
 
     def _read(self, entry: BlockEntry, offset: int, nbytes: int) -> list[memoryview]:
+        layer = self._first_layers.get(entry)
+        if layer is not None and offset + nbytes <= len(layer):
+            return [layer[offset : offset + nbytes]]
         payload = self._payloads.get(entry)
         if payload is not None:
             return [memoryview(payload)[offset : offset + nbytes]]

@@ -209,54 +209,65 @@ def decode_header(prefix_and_body: bytes) -> tuple[BlockFileHeader, int]:
     return header, end + _FIXED64.size
 
 
-def verify_payload(header: BlockFileHeader, payload: bytes | bytearray | memoryview) -> None:
-    """Check the block's bytes (decoded) against the header's layer checksums."""
-    layout = header.namespace.layout
-    if len(payload) != layout.block_bytes:
-        raise CorruptBlockFile(f"payload is {len(payload)} bytes, expected {layout.block_bytes}")
-    view = memoryview(payload)
-    for layer, expected in enumerate(header.layer_checksums):
-        part = view[layer * layout.layer_bytes : (layer + 1) * layout.layer_bytes]
-        if checksum(header.checksum_kind, part) != expected:
-            raise CorruptBlockFile(f"layer {layer} checksum mismatch")
+def stored_layer_bytes(header: BlockFileHeader, layer: int) -> int:
+    """The bytes layer `layer` takes in the file's payload."""
+    if header.layer_stored_bytes:
+        return header.layer_stored_bytes[layer]
+    return header.namespace.layout.layer_bytes
+
+
+def decode_layer_checked(
+    header: BlockFileHeader,
+    layer: int,
+    stored: bytes | memoryview | None,
+    out: memoryview,
+) -> None:
+    """Layer `layer`'s verified bytes from its stored bytes, into `out` (layer_bytes long);
+    raises CorruptBlockFile. `stored` None: `out` holds them already (a raw layer read in
+    place). A compressed layer's stored checksum is checked before it is decoded, and
+    every layer's checksum after: no byte of `out` may be used before this returns."""
+    encoding = header.layer_encodings[layer] if header.compressed else LayerEncoding.RAW
+    if stored is not None:
+        if encoding is not LayerEncoding.RAW and (
+            xxhash.xxh3_64_intdigest(stored) != header.stored_checksums[layer]
+        ):
+            raise CorruptBlockFile(f"layer {layer} stored checksum mismatch")
+        try:
+            decode_layer(encoding, stored, header.namespace.layout.dtype.itemsize, out)
+        except ValueError as error:
+            raise CorruptBlockFile(f"layer {layer}: {error}") from error
+    elif encoding is not LayerEncoding.RAW:
+        raise ValueError("only a raw layer can be read in place")
+    if checksum(header.checksum_kind, out) != header.layer_checksums[layer]:
+        raise CorruptBlockFile(f"layer {layer} checksum mismatch")
 
 
 def decode_payload(header: BlockFileHeader, stored: bytes | memoryview) -> bytes | bytearray:
     """The block's verified bytes from its stored payload; raises CorruptBlockFile.
 
-    An all-raw payload is returned as it is; a compressed one is checked layer by layer
-    (stored checksum, then decode, then the layer checksum of the result).
-    """
-    if not header.compressed:
-        verify_payload(header, stored)
-        return stored if isinstance(stored, bytes) else bytes(stored)
+    Each layer is checked as `decode_layer_checked` does; an all-raw payload is
+    returned as it is."""
     layout = header.namespace.layout
     if len(stored) != header.payload_bytes:
         raise CorruptBlockFile(f"payload is {len(stored)} bytes, expected {header.payload_bytes}")
-    element_bytes = layout.dtype.itemsize
+    if not header.compressed:
+        out: bytes | bytearray = stored if isinstance(stored, bytes) else bytes(stored)
+        in_place = True
+    else:
+        out = bytearray(layout.block_bytes)
+        in_place = False
+    source, target = memoryview(stored), memoryview(out)
     layer_bytes = layout.layer_bytes
-    out = bytearray(layout.block_bytes)
-    target = memoryview(out)
-    source = memoryview(stored)
     start = 0
-    for layer, encoding in enumerate(header.layer_encodings):
-        end = start + header.layer_stored_bytes[layer]
-        part = source[start:end]
+    for layer in range(layout.num_layers):
+        end = start + stored_layer_bytes(header, layer)
+        decode_layer_checked(
+            header,
+            layer,
+            None if in_place else source[start:end],
+            target[layer * layer_bytes : (layer + 1) * layer_bytes],
+        )
         start = end
-        if encoding is not LayerEncoding.RAW and (
-            xxhash.xxh3_64_intdigest(part) != header.stored_checksums[layer]
-        ):
-            raise CorruptBlockFile(f"layer {layer} stored checksum mismatch")
-        try:
-            decode_layer(
-                encoding,
-                part,
-                element_bytes,
-                target[layer * layer_bytes : (layer + 1) * layer_bytes],
-            )
-        except ValueError as error:
-            raise CorruptBlockFile(f"layer {layer}: {error}") from error
-    verify_payload(header, target)
     return out
 
 

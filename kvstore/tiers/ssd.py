@@ -37,7 +37,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +50,12 @@ from kvstore.tiers.blockfile import (
     BlockFileHeader,
     CorruptBlockFile,
     decode_header,
-    decode_payload,
+    decode_layer_checked,
     encode_header,
     encode_payload,
     header_bytes,
     namespace_to_json,
+    stored_layer_bytes,
 )
 from kvstore.tiers.compress import COMPRESSIONS, LayerCodec
 
@@ -69,6 +70,10 @@ _DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 _DEGRADING_ERRNOS = frozenset(
     (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
 )
+
+
+# Called on the I/O thread with a read's header and its verified layer 0.
+FirstLayerCallback = Callable[[BlockFileHeader, memoryview], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,10 +248,17 @@ class SsdTier:
             self._codecs[element_bytes] = codec
         return encode_payload(header, payload, codec)
 
-    async def read(self, location: SsdLocation) -> tuple[BlockFileHeader, bytes | bytearray]:
+    async def read(
+        self,
+        location: SsdLocation,
+        on_first_layer: FirstLayerCallback | None = None,
+        layer_bytes_hint: int = 0,
+    ) -> tuple[BlockFileHeader, bytearray]:
         """`read_block` on an I/O thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.read_block, location)
+        return await loop.run_in_executor(
+            self._executor, self.read_block, location, on_first_layer, layer_bytes_hint
+        )
 
     def close(self) -> None:
         """Wait for I/O in flight, then stop the I/O threads."""
@@ -352,12 +364,62 @@ class SsdTier:
         finally:
             self._syscalls.close(fd)
 
-    def read_block(self, location: SsdLocation) -> tuple[BlockFileHeader, bytes | bytearray]:
+    def read_block(
+        self,
+        location: SsdLocation,
+        on_first_layer: FirstLayerCallback | None = None,
+        layer_bytes_hint: int = 0,
+    ) -> tuple[BlockFileHeader, bytearray]:
         """The verified header and the block's bytes (decoded); raises CorruptBlockFile
-        or OSError."""
-        data = location.path.read_bytes()
-        header, payload_offset = decode_header(data[: header_bytes(data)])
-        return header, decode_payload(header, data[payload_offset:])
+        or OSError.
+
+        Layer 0 comes first: the header and layer 0 are read (one read when the header
+        fits `_HEADER_PROBE_BYTES` and layer 0 `layer_bytes_hint`), checked against the
+        file's size, verified, and handed to `on_first_layer` (on this thread; it may
+        raise to stop the read) as a view of the returned buffer; then the rest of the
+        file is read and verified. A raw file's layers are read straight into the buffer.
+        """
+        fd = os.open(location.path, os.O_RDONLY)
+        try:
+            file_bytes = os.fstat(fd).st_size
+            head = os.pread(fd, _HEADER_PROBE_BYTES + layer_bytes_hint, 0)
+            needed = header_bytes(head)
+            if needed > len(head) and file_bytes >= needed:
+                head = os.pread(fd, needed, 0)
+            header, payload_offset = decode_header(head)
+            expected = payload_offset + header.payload_bytes
+            if file_bytes != expected:
+                raise CorruptBlockFile(
+                    f"file is {file_bytes} B, a whole block file is {expected} B"
+                )
+            layout = header.namespace.layout
+            layer_bytes = layout.layer_bytes
+            out = bytearray(layout.block_bytes)
+            target = memoryview(out)
+            first_end = payload_offset + stored_layer_bytes(header, 0)
+            first = memoryview(head)[payload_offset:first_end]
+            if len(first) < first_end - payload_offset:
+                first = memoryview(os.pread(fd, first_end - payload_offset, payload_offset))
+            decode_layer_checked(header, 0, first, target[:layer_bytes])
+            if on_first_layer is not None:
+                on_first_layer(header, target[:layer_bytes])
+            rest = target[layer_bytes:] if not header.compressed else None
+            stored = _pread_exactly(
+                fd, rest if rest is not None else bytearray(expected - first_end), first_end
+            )
+            start = 0
+            for layer in range(1, layout.num_layers):
+                end = start + stored_layer_bytes(header, layer)
+                decode_layer_checked(
+                    header,
+                    layer,
+                    None if rest is not None else stored[start:end],
+                    target[layer * layer_bytes : (layer + 1) * layer_bytes],
+                )
+                start = end
+            return header, out
+        finally:
+            os.close(fd)
 
     def remove(self, location: SsdLocation) -> None:
         location.path.unlink(missing_ok=True)
@@ -409,6 +471,18 @@ class SsdTier:
         ):
             raise CorruptBlockFile("the file's name or directory does not match its header")
         return RecoveredBlock(header, SsdLocation(path, file_bytes))
+
+
+def _pread_exactly(fd: int, into: bytearray | memoryview, offset: int) -> memoryview:
+    """Fill `into` from `offset` of the file; a shorter file is a torn one."""
+    view = memoryview(into)
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count == 0:
+            raise CorruptBlockFile(f"the file ended {len(view) - done} B early")
+        done += count
+    return view
 
 
 @functools.lru_cache(maxsize=4096)

@@ -18,10 +18,10 @@ import grpc
 import pytest
 import torch
 
-from kvstore.client import ClientOptions, KVClient, KVForm, TierKind
+from kvstore.client import ClientOptions, DataLoss, KVClient, KVForm, TierKind
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.server import RunningServer
-from kvstore.tiers.blockfile import header_bytes
+from kvstore.tiers.blockfile import decode_header, header_bytes, stored_layer_bytes
 from kvstore.tiers.ssd import SsdLocation, SsdTier
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -68,11 +68,11 @@ class GatedReads:
         self.read_paths: list[Path] = []
         original = ssd.read_block
 
-        def read_block(location: SsdLocation) -> Any:
+        def read_block(location: SsdLocation, *args: Any) -> Any:
             if location.path == held:
                 assert self.gate.wait(GUARD_S), "the held read was never released"
             self.read_paths.append(location.path)  # appended once the read goes ahead
-            return original(location)
+            return original(location, *args)
 
         monkeypatch.setattr(ssd, "read_block", read_block)
 
@@ -155,6 +155,201 @@ async def test_a_block_found_unreadable_while_layer_0_streams_shortens_the_get(
         return not damaged.exists()
 
     await poll(file_gone)
+
+
+class HeldRest:
+    """Holds the rest of one block file's read, after its layer 0 was read and handed
+    on, until `release`; `done` is set once that read returns."""
+
+    def __init__(self, ssd: SsdTier, held: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.gate = threading.Event()
+        self.done = threading.Event()
+        original = ssd.read_block
+
+        def read_block(location: SsdLocation, *args: Any) -> Any:
+            if location.path != held:
+                return original(location, *args)
+            on_first_layer = args[0] if args else None
+
+            def first_layer_then_wait(header: Any, layer: memoryview) -> None:
+                if on_first_layer is not None:
+                    on_first_layer(header, layer)
+                assert self.gate.wait(GUARD_S), "the held read was never released"
+
+            try:
+                return original(location, first_layer_then_wait, *args[1:])
+            finally:
+                self.done.set()
+
+        monkeypatch.setattr(ssd, "read_block", read_block)
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+def layer_bytes_of(data: torch.Tensor, block: int, layer: int) -> bytes:
+    return data[block, layer].contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("compression", ["off", "lz4"])
+@pytest.mark.parametrize("max_chunk_bytes", [4 * KiB, 256 * KiB], ids=["chunks", "runs"])
+async def test_layer_0_of_a_cold_block_goes_out_before_the_rest_of_its_file_is_read(
+    server_factory: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    compression: str,
+    max_chunk_bytes: int,
+) -> None:
+    server, data = await ssd_only_server(server_factory, tmp_path / "ssd", compression)
+    ssd = server.store.pool.ssd
+    assert ssd is not None
+    held = HeldRest(ssd, ssd.path_for(NS, KEYS[0]), monkeypatch)
+    request = pb.GetBlocksRequest(
+        namespace=namespace_to_wire(NS), keys=KEYS, max_chunk_bytes=max_chunk_bytes
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        replies = pb_grpc.KVStoreStub(channel).GetBlocks(request)
+        first = await asyncio.wait_for(replies.read(), GUARD_S)
+        # Block 0's read is held after its layer 0: the rest of its file is unread.
+        assert not held.done.is_set()
+        assert first.num_blocks == NUM_BLOCKS
+        if first.chunks:
+            chunks = [chunk for chunk in first.chunks if (chunk.block_index, chunk.layer) == (0, 0)]
+            sent = b"".join(chunk.data for chunk in chunks)
+            assert sent
+            assert layer_bytes_of(data, 0, 0).startswith(sent)
+        else:
+            run = first.runs[0]
+            assert (run.first_block, run.layer) == (0, 0)
+            assert run.data[: LAYOUT.layer_bytes] == layer_bytes_of(data, 0, 0)
+        held.release()
+        rest = []
+        while (reply := await replies.read()) is not grpc.aio.EOF:
+            rest.append(reply)
+    assert held.done.is_set()
+    assert rest
+    async with KVClient(f"127.0.0.1:{server.port}", NS) as client:
+        dest = torch.empty_like(data)
+        assert await client.get_into(KEYS, dest, form=KVForm.BLOCKS) == NUM_BLOCKS
+        assert torch.equal(dest.view(torch.uint8), data.view(torch.uint8))
+
+
+def damage_layer(ssd: SsdTier, key: bytes, layer: int) -> Path:
+    """Flip a byte inside layer `layer`'s stored bytes of the block's file."""
+    path = ssd.path_for(NS, key)
+    raw = bytearray(path.read_bytes())
+    header, payload_offset = decode_header(bytes(raw[: header_bytes(bytes(raw))]))
+    start = payload_offset + sum(stored_layer_bytes(header, index) for index in range(layer))
+    raw[start + stored_layer_bytes(header, layer) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("compression", ["off", "lz4"])
+@pytest.mark.parametrize("max_chunk_bytes", [4 * KiB, 256 * KiB], ids=["chunks", "runs"])
+async def test_a_block_whose_later_layer_fails_after_its_layer_0_went_out_is_never_counted(
+    server_factory: Any, tmp_path: Path, poll: Any, compression: str, max_chunk_bytes: int
+) -> None:
+    server, data = await ssd_only_server(server_factory, tmp_path / "ssd", compression)
+    ssd = server.store.pool.ssd
+    assert ssd is not None
+    damaged = damage_layer(ssd, KEYS[3], LAYOUT.num_layers - 1)
+    request = pb.GetBlocksRequest(
+        namespace=namespace_to_wire(NS), keys=KEYS, max_chunk_bytes=max_chunk_bytes
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        replies = [reply async for reply in pb_grpc.KVStoreStub(channel).GetBlocks(request)]
+    # Layer 0 of block 3 went out (verified), then its last layer failed: the get is
+    # shortened to 3 blocks before any byte of layer 1.
+    sent = [(chunk.block_index, chunk.layer) for reply in replies for chunk in reply.chunks]
+    sent += [
+        (block, run.layer)
+        for reply in replies
+        for run in reply.runs
+        for block in range(run.first_block, run.first_block + len(run.layer_checksums))
+    ]
+    assert (3, 0) in sent
+    shortened = next(index for index, reply in enumerate(replies) if reply.num_blocks == 3)
+    assert all(layer == 0 for reply in replies[:shortened] for _, layer in _pieces(reply))
+    assert all(block < 3 for reply in replies[shortened:] for block, _ in _pieces(reply))
+
+    async def file_gone() -> bool:  # deleted on an I/O thread
+        return not damaged.exists()
+
+    await poll(file_gone)
+    for data_plane in (True, False):
+        async with KVClient(
+            f"127.0.0.1:{server.port}", NS, options=ClientOptions(data_plane=data_plane)
+        ) as client:
+            dest = torch.zeros_like(data)
+            assert await client.get_into(KEYS, dest, form=KVForm.BLOCKS) == 3
+            assert torch.equal(dest[:3].view(torch.uint8), data[:3].view(torch.uint8))
+            assert (await client.lookup_keys(KEYS)).num_matched == 3
+
+
+def _pieces(reply: pb.GetBlocksResponse) -> list[tuple[int, int]]:
+    pieces = [(chunk.block_index, chunk.layer) for chunk in reply.chunks]
+    pieces += [
+        (block, run.layer)
+        for run in reply.runs
+        for block in range(run.first_block, run.first_block + len(run.layer_checksums))
+    ]
+    return pieces
+
+
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
+@pytest.mark.parametrize("compression", ["off", "lz4"])
+async def test_a_later_layer_failing_mid_get_through_the_client(
+    server_factory: Any, tmp_path: Path, poll: Any, data_plane: bool, compression: str
+) -> None:
+    """The client counts only whole blocks: iter_layers yields each layer of the 3 whole
+    blocks, get_into counts 3, though layer 0 of block 3 arrived."""
+    server, data = await ssd_only_server(server_factory, tmp_path / "ssd", compression)
+    ssd = server.store.pool.ssd
+    assert ssd is not None
+    damaged = damage_layer(ssd, KEYS[3], 1)
+    options = ClientOptions(data_plane=data_plane)
+    async with KVClient(f"127.0.0.1:{server.port}", NS, options=options) as client:
+        arrivals = [arrival async for arrival in client.iter_layers(KEYS, form=KVForm.BLOCKS)]
+        assert [arrival.layer for arrival in arrivals] == list(range(LAYOUT.num_layers))
+        assert {arrival.num_blocks for arrival in arrivals} == {3}
+        for arrival in arrivals:
+            assert torch.equal(
+                arrival.kv.view(torch.uint8), data[:3, arrival.layer].view(torch.uint8)
+            )
+
+        async def file_gone() -> bool:
+            return not damaged.exists()
+
+        await poll(file_gone)
+        # The server keeps serving: the same get now stops before the dropped block.
+        dest = torch.zeros_like(data)
+        assert await client.get_into(KEYS, dest, form=KVForm.BLOCKS) == 3
+        assert torch.equal(dest[:3].view(torch.uint8), data[:3].view(torch.uint8))
+
+
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
+@pytest.mark.parametrize("compression", ["off", "lz4"])
+async def test_a_first_block_failing_after_its_layer_0_went_out_fails_the_get_once(
+    server_factory: Any, tmp_path: Path, poll: Any, data_plane: bool, compression: str
+) -> None:
+    """The get cannot be shortened to no block: it fails with DATA_LOSS, nothing is
+    counted, the block is dropped, and the next get is a plain miss."""
+    server, data = await ssd_only_server(server_factory, tmp_path / "ssd", compression)
+    ssd = server.store.pool.ssd
+    assert ssd is not None
+    damaged = damage_layer(ssd, KEYS[0], 2)
+    options = ClientOptions(data_plane=data_plane)
+    async with KVClient(f"127.0.0.1:{server.port}", NS, options=options) as client:
+        with pytest.raises(DataLoss, match="unreadable on SSD after its layer 0"):
+            await client.get_into(KEYS, torch.zeros_like(data), form=KVForm.BLOCKS)
+
+        async def file_gone() -> bool:
+            return not damaged.exists()
+
+        await poll(file_gone)
+        assert (await client.lookup_keys(KEYS)).num_matched == 0
+        assert [arrival async for arrival in client.iter_layers(KEYS, form=KVForm.BLOCKS)] == []
 
 
 SMALL = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=DType.FLOAT16, block_tokens=1)

@@ -394,8 +394,9 @@ async def test_without_promote_on_hit_blocks_are_served_from_ssd(tmp_path: Path)
 async def test_a_cold_gets_first_ssd_read_runs_alone_then_the_rest_start(
     tmp_path: Path,
 ) -> None:
-    """The first block's read has the disk to itself, so the get's first bytes leave after
-    one block's read; the others start the moment it is done, all at once."""
+    """The first block's read has the disk to itself until its layer 0 is in, so the
+    get's first bytes leave after one small read; the others start right after that,
+    all at once, while the rest of the first block is still being read."""
     rig = make_rig(tmp_path, dram_blocks=3, promote_on_hit=False)
     await put_chains(rig, "ABC", "D", "E", "F")  # D, E and F demote A, B and C
     assert placement(rig, "ABC") == ["SSD", "SSD", "SSD"]
@@ -403,15 +404,51 @@ async def test_a_cold_gets_first_ssd_read_runs_alone_then_the_rest_start(
     try:
         load = rig.mover.load(session.entries)
         assert load.num_reads == 1  # A only
-        assert not load.next_is_ready()
+        assert not load.next_first_layer_is_ready()
+        servable, layer = await load.next_first_layer()
+        assert servable
+        assert layer is not None
+        assert bytes(layer) == payload(b"A")[: LAYOUT.layer_bytes]
+        await asyncio.sleep(0)  # they start just after the get's own wake-up
+        assert load.num_reads == 3  # B and C, started together once A's layer 0 was in
         assert await load.next_block() == (True, payload(b"A"))
-        assert load.num_reads == 2  # B and C, started together once A was read
         for key in (b"B", b"C"):
+            servable, layer = await load.next_first_layer()
+            assert servable
+            assert layer is not None
+            assert bytes(layer) == payload(key)[: LAYOUT.layer_bytes]
             assert await load.next_block() == (True, payload(key))
+        assert await load.next_first_layer() == (False, None)
         assert await load.next_block() == (False, None)
     finally:
         session.close()
     assert await get(rig, "ABC") == [payload(b"A"), payload(b"B"), payload(b"C")]
+
+
+async def test_a_block_unreadable_after_its_layer_0_ends_the_load_there(tmp_path: Path) -> None:
+    """B's layer 0 is handed out, then its last layer fails: A is still served whole,
+    B and its descendant C are dropped, and no later block is handed out."""
+    rig = make_rig(tmp_path, dram_blocks=3, promote_on_hit=False)
+    await put_chains(rig, "ABC", "D", "E", "F")
+    path = rig.ssd.path_for(NS, b"B")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # in the last layer
+    path.write_bytes(bytes(data))
+    session = ReadSession(rig.store, NS, [b"A", b"B", b"C"])
+    try:
+        load = rig.mover.load(session.entries)
+        for key in (b"A", b"B"):
+            servable, layer = await load.next_first_layer()
+            assert servable
+            assert layer is not None
+            assert bytes(layer) == payload(key)[: LAYOUT.layer_bytes]
+        assert await load.next_block() == (True, payload(b"A"))
+        assert await load.next_block() == (False, None)
+        assert await load.next_first_layer() == (False, None)
+    finally:
+        session.close()
+    assert placement(rig, "ABC") == ["SSD", "-", "-"]
+    assert await get(rig, "ABC") == [payload(b"A")]
 
 
 # -- eviction policies drive the demotion order --------------------------------------------------
