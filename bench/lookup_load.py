@@ -8,6 +8,12 @@ p99 and max, and the daemon's own event-loop lag (Stats: the longest and the p99
 wake-up of its loop probe over the last 10 s, read as the phase ends; a phase as long
 as that window sees only its own lag). A lookup that waits behind a put's or a get's
 work on the daemon's loop shows in both.
+
+`--resident-blocks N` adds a phase between the two: lookups while another process stores
+N more small blocks (chains in another namespace), so the daemon's index grows to a
+full pool's; the loaded phase then runs beside that index. Whatever costs the daemon
+time per block it holds (a garbage-collector pass over every object) shows in the
+lookups' tail.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -28,8 +36,12 @@ from kvstore.bench.spawn import spawned_server
 from kvstore.client import DType, KVClient, KVForm, KVLayout, Namespace
 from kvstore.units import parse_size
 
-_LAYOUT = KVLayout(num_layers=1, num_kv_heads=1, head_dim=16, dtype=DType.FLOAT16, block_tokens=16)
+LOOKUP_LAYOUT = KVLayout(
+    num_layers=1, num_kv_heads=1, head_dim=16, dtype=DType.FLOAT16, block_tokens=16
+)
 _WARMUP = 50
+_RESIDENT_CHAIN = 1000  # blocks per put of the resident blocks
+_RESIDENT_PAGE_BYTES = 4096  # one page per resident block (a block is 1 KiB)
 GOAL_P99_MS = 3.0
 GOAL_LOOP_LAG_MS = 5.0
 
@@ -53,11 +65,11 @@ class ChainLookups:
     def __init__(self, client: KVClient, num_keys: int) -> None:
         self._client = client
         self._num_keys = num_keys
-        tokens = np.arange(num_keys * _LAYOUT.block_tokens, dtype=np.int64)
+        tokens = np.arange(num_keys * LOOKUP_LAYOUT.block_tokens, dtype=np.int64)
         self._keys = client.keys(tokens)
 
     async def store(self) -> None:
-        kv = torch.zeros((self._num_keys, 1, *_LAYOUT.layer_shape), dtype=torch.float16)
+        kv = torch.zeros((self._num_keys, 1, *LOOKUP_LAYOUT.layer_shape), dtype=torch.float16)
         await self._client.put_blocks(self._keys, kv, form=KVForm.BLOCKS)
         await self._lookup_once()
 
@@ -68,17 +80,40 @@ class ChainLookups:
 
     async def run_for(self, duration_s: float) -> list[float]:
         """Back-to-back lookups of the whole chain for `duration_s`: each one's seconds."""
+        end = time.perf_counter() + duration_s
+        return await self.run_while(lambda: time.perf_counter() < end)
+
+    async def run_while(self, going: Callable[[], bool]) -> list[float]:
+        """Back-to-back lookups while `going()`: each one's seconds."""
         for _ in range(_WARMUP):
             await self._lookup_once()
         samples = []
-        end = time.perf_counter() + duration_s
-        while (start := time.perf_counter()) < end:
+        while going():
+            start = time.perf_counter()
             await self._lookup_once()
             samples.append(time.perf_counter() - start)
         return samples
 
     async def phase(self, duration_s: float, load_gbps: float = 0.0) -> PhaseResult:
-        ms = np.array(await self.run_for(duration_s)) * 1000
+        return await self.result(await self.run_for(duration_s), load_gbps)
+
+    async def filling_phase(self, target: str, num_blocks: int) -> PhaseResult:
+        """Lookups while another process stores `num_blocks` resident blocks."""
+        filler = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kvstore.bench.lookup_load", target, str(num_blocks)
+        )
+        try:
+            samples = await self.run_while(lambda: filler.returncode is None)
+        finally:
+            if filler.returncode is None:
+                filler.kill()
+            code = await filler.wait()
+        if code != 0:
+            raise RuntimeError(f"storing the resident blocks failed (exit {code})")
+        return await self.result(samples, 0.0)
+
+    async def result(self, samples: list[float], load_gbps: float) -> PhaseResult:
+        ms = np.array(samples) * 1000
         stats = await self._client.stats()
         return PhaseResult(
             num_lookups=len(ms),
@@ -100,9 +135,12 @@ def measure_under_load(
     num_processes: int,
     block_bytes: int,
     transfer_bytes: int,
+    resident_blocks: int = 0,
 ) -> dict[str, PhaseResult]:
     """The idle phase, then the loaded one; the load processes connect during the first."""
-    namespace = Namespace(tenant="bench", model_fingerprint="lookup-under-load", layout=_LAYOUT)
+    namespace = Namespace(
+        tenant="bench", model_fingerprint="lookup-under-load", layout=LOOKUP_LAYOUT
+    )
     load = BulkLoad(
         target,
         rate_gbps,
@@ -115,14 +153,42 @@ def measure_under_load(
         async with KVClient(target, namespace) as client:
             lookups = ChainLookups(client, num_keys)
             await lookups.store()
-            idle = await lookups.phase(duration_s)
+            results = {"idle": await lookups.phase(duration_s)}
+            if resident_blocks > 0:
+                results["filling"] = await lookups.filling_phase(target, resident_blocks)
             load.start()
             loaded = await lookups.phase(duration_s)
             moved = await asyncio.to_thread(load.stop)
-        return {"idle": idle, "loaded": replace(loaded, load_gbps=moved.gbps)}
+        return {**results, "loaded": replace(loaded, load_gbps=moved.gbps)}
 
     with load:  # the load processes are connected, and idle, before the first phase
         return asyncio.run(phases())
+
+
+async def store_resident_blocks(target: str, num_blocks: int) -> None:
+    """`num_blocks` small blocks in chains of _RESIDENT_CHAIN, in a namespace of their own."""
+    if num_blocks <= 0:
+        return
+    namespace = Namespace(tenant="bench", model_fingerprint="resident", layout=LOOKUP_LAYOUT)
+    async with KVClient(target, namespace) as client:
+        for first in range(0, num_blocks, _RESIDENT_CHAIN):
+            count = min(_RESIDENT_CHAIN, num_blocks - first)
+            keys = [b"resident-%d" % index for index in range(first, first + count)]
+            kv = torch.zeros((count, 1, *LOOKUP_LAYOUT.layer_shape), dtype=torch.float16)
+            result = await client.put_blocks(keys, kv, form=KVForm.BLOCKS)
+            if result.num_committed != count:
+                raise RuntimeError(
+                    f"the daemon took {result.num_committed} of {count} resident blocks: "
+                    "give it more DRAM (--target) or ask for fewer (--resident-blocks)"
+                )
+
+
+def resident_server_args(num_blocks: int) -> list[str]:
+    """The spawned daemon's flags: room for the resident blocks beside the load's GiB."""
+    if num_blocks <= 0:
+        return _SERVER_ARGS
+    dram = (1 << 30) + num_blocks * _RESIDENT_PAGE_BYTES
+    return ["--dram-bytes", str(dram), "--page-bytes", str(_RESIDENT_PAGE_BYTES), *_SERVER_LOG]
 
 
 def add_under_load_arguments(parser: argparse.ArgumentParser) -> None:
@@ -145,9 +211,17 @@ def add_under_load_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--load-transfer", default="32MiB", help="bytes per bulk put or get (whole blocks)"
     )
+    group.add_argument(
+        "--resident-blocks",
+        type=int,
+        default=0,
+        help="small blocks stored first, so the daemon holds an index this large "
+        "(a spawned daemon then has 4 KiB pages and room for them)",
+    )
 
 
-_SERVER_ARGS = ["--dram-bytes", "1GiB", "--page-bytes", "64KiB", "--log-level", "warning"]
+_SERVER_LOG = ["--log-level", "warning"]
+_SERVER_ARGS = ["--dram-bytes", "1GiB", "--page-bytes", "64KiB", *_SERVER_LOG]
 
 
 def run_under_load(args: argparse.Namespace) -> int:
@@ -157,7 +231,10 @@ def run_under_load(args: argparse.Namespace) -> int:
         raise SystemExit("kvstore-bench lookup: --duration must be above 0 seconds")
     tune_allocator()
     with contextlib.ExitStack() as stack:
-        target = args.target or stack.enter_context(spawned_server(_SERVER_ARGS))
+        if args.resident_blocks < 0:
+            raise SystemExit("kvstore-bench lookup: --resident-blocks must be 0 or more")
+        server_args = resident_server_args(args.resident_blocks)
+        target = args.target or stack.enter_context(spawned_server(server_args))
         try:
             results = measure_under_load(
                 target,
@@ -167,19 +244,23 @@ def run_under_load(args: argparse.Namespace) -> int:
                 num_processes=args.load_processes,
                 block_bytes=parse_size(args.load_block),
                 transfer_bytes=parse_size(args.load_transfer),
+                resident_blocks=args.resident_blocks,
             )
         except ValueError as error:
             raise SystemExit(f"kvstore-bench lookup: {error}") from None
     if args.json:
         print(json.dumps({name: asdict(row) for name, row in results.items()}, indent=2))
         return 0
+    resident = f", {args.resident_blocks} more blocks stored" if args.resident_blocks else ""
     print(
-        f"LookupPrefix of a {args.keys}-key chain, back to back for {args.duration:g} s per "
-        f"phase; the load: {args.load_processes} processes putting and getting "
-        f"{args.load_transfer} transfers of {args.load_block} blocks"
+        f"LookupPrefix of a {args.keys}-key chain{resident}, back to back for "
+        f"{args.duration:g} s per phase; the load: {args.load_processes} processes putting "
+        f"and getting {args.load_transfer} transfers of {args.load_block} blocks"
     )
     for name, row in results.items():
-        load = f"load {row.load_gbps:.2f} GB/s" if name == "loaded" else "no load"
+        load = {"loaded": f"load {row.load_gbps:.2f} GB/s", "filling": "index growing"}.get(
+            name, "no load"
+        )
         print(
             f"  {name:7} ({load:16})  {row.num_lookups:6} lookups  p50 {row.p50_ms:.3f} ms  "
             f"p99 {row.p99_ms:.3f} ms  max {row.max_ms:.3f} ms  |  daemon loop lag "
@@ -200,3 +281,7 @@ def run_under_load(args: argparse.Namespace) -> int:
     verdict = "met" if loaded.loop_lag_max_ms <= GOAL_LOOP_LAG_MS else "not met"
     print(f"  goal: loaded loop lag max <= {GOAL_LOOP_LAG_MS:g} ms: {verdict}")
     return 0
+
+
+if __name__ == "__main__":  # the filling phase's process: TARGET NUM_BLOCKS
+    asyncio.run(store_resident_blocks(sys.argv[1], int(sys.argv[2])))

@@ -21,6 +21,7 @@ from kvstore.mover import TierMover
 from kvstore.server.auth import Authenticator
 from kvstore.server.config import ServerConfig
 from kvstore.server.dataplane import DataPlane
+from kvstore.server.gc_policy import GcPolicy
 from kvstore.server.handlers import add_kvstore_service
 from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.loopwatch import LoopWatch
@@ -52,6 +53,7 @@ class RunningServer:
     auth: Authenticator | None
     membership: Registration | None = None
     metrics: DaemonMetrics | None = None  # None: metrics_port = -1
+    gc_policy: GcPolicy | None = None  # None: gc_freeze_interval_s = 0
 
     async def drain(self) -> None:
         """Stop taking new work, let streams in flight finish, then stop."""
@@ -77,6 +79,8 @@ class RunningServer:
         if self.metrics is not None:
             await self.metrics.stop()
         await self.loop_watch.stop()
+        if self.gc_policy is not None:
+            await self.gc_policy.stop()
         logger.info("stopped")
 
 
@@ -252,6 +256,10 @@ async def build_server(config: ServerConfig) -> RunningServer:
         server, port, store, mover, servicer, health_servicer, config, data_plane, loop_watch, auth
     )
     running.metrics = metrics
+    if config.gc_freeze_interval_s > 0:
+        # After recovery and start-up: the index and the modules are frozen at once.
+        running.gc_policy = GcPolicy(config.gc_freeze_interval_s, config.gc_full_interval_s)
+        running.gc_policy.start()
     if config.cluster is not None:
         running.membership = start_membership(running)
     return running

@@ -10,6 +10,9 @@ reads configuration from outside (files, flags); components receive their own pa
                                  # under $XDG_RUNTIME_DIR or the temp dir), off, or a path
     log_level = "info"
     tune_allocator = true        # keep megabyte message buffers on the heap
+    gc_freeze_interval_s = 1     # no automatic full collections; freeze what survives
+                                 # the young ones this often; 0: CPython's collector as is
+    gc_full_interval_s = 3600    # a full collection of everything this often; 0: never
     workers = 1                  # daemon processes splitting the capacity (> 1 needs
                                  # [cluster]; kvstore.server.workers)
     metrics_port = -1            # Prometheus /metrics over HTTP: -1 off, 0 any free port
@@ -301,6 +304,11 @@ class ServerConfig:
     log_level: str = "info"
     # Keep megabyte message buffers on the heap (see kvstore.allocator).
     tune_allocator: bool = True
+    # kvstore.server.gc_policy: every gc_freeze_interval_s the survivors of a young
+    # collection leave the collector's walks (0: CPython's collector as it is); every
+    # gc_full_interval_s one full collection, frozen objects too (0: never).
+    gc_freeze_interval_s: float = 1.0
+    gc_full_interval_s: float = 3600.0
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: Limits = field(default_factory=Limits)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -319,6 +327,9 @@ class ServerConfig:
     metrics_host: str = ""
 
     def __post_init__(self) -> None:
+        for name in ("gc_freeze_interval_s", "gc_full_interval_s"):
+            if not getattr(self, name) >= 0:
+                raise InvalidRequest(f"{name} must be 0 (off) or more seconds")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise InvalidRequest(f"workers must be in [1, {MAX_WORKERS}], got {self.workers}")
         if self.workers > 1 and self.cluster is None:
@@ -740,6 +751,20 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", choices=list(_LOG_LEVELS))
     parser.add_argument(
+        "--gc-freeze-interval-s",
+        dest="gc_freeze_interval_s",
+        type=float,
+        help="seconds between moving what survives young collections out of the garbage "
+        "collector's walks, with no automatic full collections (default 1; 0: CPython's "
+        "collector as it is)",
+    )
+    parser.add_argument(
+        "--gc-full-interval-s",
+        dest="gc_full_interval_s",
+        type=float,
+        help="seconds between full garbage collections of everything (default 3600; 0: never)",
+    )
+    parser.add_argument(
         "--no-tune-allocator",
         dest="tune_allocator",
         action="store_false",
@@ -754,27 +779,17 @@ _TOP_LEVEL_FLAGS = {
     "shm_socket",
     "log_level",
     "tune_allocator",
+    "gc_freeze_interval_s",
+    "gc_full_interval_s",
     "insecure",
     "workers",
+    "metrics_port",
+    "metrics_host",
 }
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     overrides = {
-        key: value
-        for key, value in vars(args).items()
-        if key
-        in {
-            "listen",
-            "data_port",
-            "shm_socket",
-            "log_level",
-            "tune_allocator",
-            "insecure",
-            "workers",
-            "metrics_port",
-            "metrics_host",
-        }
-        or "." in key
+        key: value for key, value in vars(args).items() if key in _TOP_LEVEL_FLAGS or "." in key
     }
     return load_config(args.config, overrides)

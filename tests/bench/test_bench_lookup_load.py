@@ -10,6 +10,7 @@ import pytest
 
 from kvstore.bench.bulk_load import BulkLoad
 from kvstore.bench.cli import main as bench_main
+from kvstore.bench.lookup_load import LOOKUP_LAYOUT as RESIDENT_LAYOUT
 from kvstore.bench.throughput import layout_for
 from kvstore.client import Namespace, SyncKVClient
 
@@ -37,6 +38,24 @@ def test_lookup_under_load_reports_both_phases_and_the_loop_lag(
     assert results["idle"]["load_gbps"] == 0
     # Paced at 0.05 GB/s: it moved bytes, and not much faster than asked.
     assert 0 < results["loaded"]["load_gbps"] < 0.2
+
+
+@pytest.mark.slow
+def test_resident_blocks_add_a_filling_phase_and_stay_stored(
+    store_target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["lookup", "--keys", "32", "--under-load", "0.05", "--duration", "1"]
+    args += ["--target", store_target, "--resident-blocks", "2500"]
+    args += ["--load-processes", "1", "--load-transfer", "2MiB", "--json"]
+    assert bench_main(args) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert list(results) == ["idle", "filling", "loaded"]
+    assert results["filling"]["num_lookups"] > 0
+    assert results["filling"]["load_gbps"] == 0
+    resident = Namespace(tenant="bench", model_fingerprint="resident", layout=RESIDENT_LAYOUT)
+    with SyncKVClient(store_target, resident) as client:
+        keys = [b"resident-%d" % index for index in range(2000, 2500)]  # the last chain
+        assert client.lookup_keys(keys).num_matched == 500
 
 
 @pytest.mark.slow

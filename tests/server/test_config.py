@@ -136,6 +136,9 @@ def test_flags_alone() -> None:
     assert config.listen == "127.0.0.1:50051"
     assert config.tune_allocator is True
     assert parse_flags("--no-tune-allocator").tune_allocator is False
+    assert (config.gc_freeze_interval_s, config.gc_full_interval_s) == (1.0, 3600.0)
+    gc_flags = parse_flags("--gc-freeze-interval-s", "0", "--gc-full-interval-s", "60")
+    assert (gc_flags.gc_freeze_interval_s, gc_flags.gc_full_interval_s) == (0.0, 60.0)
 
 
 def test_a_smaller_message_limit_needs_a_smaller_default_chunk() -> None:
