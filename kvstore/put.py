@@ -87,6 +87,10 @@ class PutSession:
         self._closed = False
 
     @property
+    def layer_bytes(self) -> int:
+        return self._layout.layer_bytes
+
+    @property
     def block_bytes(self) -> int:
         return self._layout.block_bytes
 
