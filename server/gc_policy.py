@@ -31,10 +31,34 @@ logger = logging.getLogger("kvstore.server.gc")
 _NEVER = 2**31 - 1
 
 
+class _Collector:
+    """The process's collector settings while policies run: the first to start saves
+    CPython's thresholds, the last to stop gives them back and thaws (several daemons
+    may share a process, as in tests)."""
+
+    running = 0
+    saved_thresholds: tuple[int, int, int] = gc.get_threshold()
+
+    @classmethod
+    def take(cls) -> None:
+        if not cls.running:
+            cls.saved_thresholds = gc.get_threshold()
+            young, middle = cls.saved_thresholds[:2]
+            gc.set_threshold(young, middle, _NEVER)
+        cls.running += 1
+
+    @classmethod
+    def give_back(cls) -> None:
+        cls.running -= 1
+        if not cls.running:
+            gc.set_threshold(*cls.saved_thresholds)
+            gc.unfreeze()
+
+
 class GcPolicy:
     """No automatic full collections; survivors frozen every `freeze_interval_s`; a
-    full collection every `full_interval_s` (0: never). The collector is global: one
-    policy runs at a time in a process."""
+    full collection every `full_interval_s` (0: never). The collector is the process's:
+    CPython's settings come back when the last policy in the process stops."""
 
     def __init__(self, freeze_interval_s: float, full_interval_s: float) -> None:
         if freeze_interval_s <= 0:
@@ -44,14 +68,11 @@ class GcPolicy:
         self.num_freezes = 0
         self.num_full_collections = 0
         self._task: asyncio.Task[None] | None = None
-        self._thresholds = gc.get_threshold()
 
     def start(self) -> None:
-        """Freeze what start-up made (modules, the recovered index), stop the automatic
-        full collections, and keep freezing."""
-        self._thresholds = gc.get_threshold()
-        young, middle = self._thresholds[:2]
-        gc.set_threshold(young, middle, _NEVER)
+        """Stop the automatic full collections, freeze what start-up made (modules, the
+        recovered index), and keep freezing."""
+        _Collector.take()
         self.freeze()
         self._task = asyncio.create_task(self._run(), name="kvstore-gc")
 
@@ -62,8 +83,7 @@ class GcPolicy:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-            gc.set_threshold(*self._thresholds)
-            gc.unfreeze()
+            _Collector.give_back()
 
     def freeze(self) -> None:
         """Collect the young generations, then move every survivor out of the collector's

@@ -112,3 +112,18 @@ async def test_a_daemon_freezes_on_its_interval_and_thaws_when_it_drains(
 def test_negative_intervals_are_refused(name: str) -> None:
     with pytest.raises(InvalidRequest, match=f"{name} must be 0"):
         load_config(None, {name: -1})
+
+
+async def test_two_daemons_in_one_process_give_cpythons_settings_back_when_both_stop(
+    unfrozen: None,
+) -> None:
+    thresholds = gc.get_threshold()
+    settings = {"listen": "127.0.0.1:0", "log_level": "warning", "shm_socket": "off"}
+    first = await build_server(load_config(None, settings))
+    second = await build_server(load_config(None, settings))
+    await first.drain()
+    assert gc.get_threshold()[2] > 10**9  # the second still runs its policy
+    assert gc.get_freeze_count() > 0
+    await second.drain()
+    assert gc.get_threshold() == thresholds
+    assert gc.get_freeze_count() == 0
