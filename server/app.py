@@ -260,6 +260,8 @@ async def build_server(config: ServerConfig) -> RunningServer:
         # After recovery and start-up: the index and the modules are frozen at once.
         running.gc_policy = GcPolicy(config.gc_freeze_interval_s, config.gc_full_interval_s)
         running.gc_policy.start()
+        if metrics is not None:
+            metrics.collector.gc_policy = running.gc_policy
     if config.cluster is not None:
         running.membership = start_membership(running)
     return running

@@ -67,6 +67,7 @@ class GcPolicy:
         self.full_interval_s = full_interval_s
         self.num_freezes = 0
         self.num_full_collections = 0
+        self.last_full_collection_s = 0.0  # the pause of the last full collection
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -100,10 +101,11 @@ class GcPolicy:
         found = gc.collect()
         gc.freeze()
         self.num_full_collections += 1
+        self.last_full_collection_s = time.perf_counter() - started
         logger.info(
             "full garbage collection: %d unreachable objects in %.0f ms",
             found,
-            (time.perf_counter() - started) * 1000,
+            self.last_full_collection_s * 1000,
         )
         return found
 

@@ -14,6 +14,7 @@ kvstore.server.metrics_http serves scrapes there.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from kvstore.server.census_metrics import store_families, tenant_families
 from kvstore.server.dataplane import DataPlane
+from kvstore.server.gc_policy import GcPolicy
 from kvstore.server.loopwatch import LoopWatch
 from kvstore.server.metrics_http import MetricsEndpoint
 from kvstore.server.request_metrics import RequestMetrics
@@ -51,6 +53,7 @@ class KVStoreCollector(Collector):
         self._watch_hub = watch_hub
         # Whether the daemon is registered in etcd now, and its node id (--cluster only).
         self.cluster_state: Callable[[], tuple[bool, str]] | None = None
+        self.gc_policy: GcPolicy | None = None  # the collector policy, when it runs
 
     def collect(self) -> Iterator[Metric]:
         report = self._store.report()
@@ -74,6 +77,8 @@ class KVStoreCollector(Collector):
                 "WatchBlocks streams open now.",
                 value=self._watch_hub.num_watchers,
             )
+        if self.gc_policy is not None:
+            yield from _gc_families(self.gc_policy)
         if self.cluster_state is not None:
             registered, node_id = self.cluster_state()
             family = GaugeMetricFamily(
@@ -107,6 +112,25 @@ class KVStoreCollector(Collector):
             "Of those, the ones whose bytes moved through shared memory (the same-host path).",
             value=self._data_plane.shm_transfers,
         )
+
+
+def _gc_families(policy: GcPolicy) -> Iterator[Metric]:
+    """What the garbage-collector policy holds back from the collector's walks."""
+    yield GaugeMetricFamily(
+        "kvstore_gc_frozen_objects",
+        "Objects frozen out of the garbage collector's walks (kvstore.server.gc_policy).",
+        value=gc.get_freeze_count(),
+    )
+    yield CounterMetricFamily(
+        "kvstore_gc_full_collections",
+        "Full garbage collections the policy ran (every gc_full_interval_s).",
+        value=policy.num_full_collections,
+    )
+    yield GaugeMetricFamily(
+        "kvstore_gc_last_full_collection_seconds",
+        "How long the policy's last full garbage collection held the event loop.",
+        value=policy.last_full_collection_s,
+    )
 
 
 @dataclass

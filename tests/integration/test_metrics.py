@@ -130,6 +130,9 @@ async def test_counters_equal_the_traffic(
     assert after.value("kvstore_tier_read_limit_bytes_per_second", tier="dram") == 0
     assert after.value("kvstore_namespaces") == 1
     assert after.value("kvstore_block_watchers") == 0
+    # The garbage-collector policy runs at its defaults: start-up's objects are frozen.
+    assert after.value("kvstore_gc_frozen_objects") > 0
+    assert after.value("kvstore_gc_full_collections_total") == 0
     carried = 2 if request.node.callspec.params["connect"] == "data-plane" else 0
     assert delta("kvstore_data_plane_transfers_total") == carried
     assert after.value("process_resident_memory_bytes") > 0

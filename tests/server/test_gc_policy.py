@@ -82,9 +82,8 @@ async def test_a_daemon_freezes_on_its_interval_and_thaws_when_it_drains(
 ) -> None:
     settings = {"listen": "127.0.0.1:0", "log_level": "warning", "shm_socket": "off"}
     thresholds = gc.get_threshold()
-    running = await build_server(
-        load_config(None, {**settings, "gc_freeze_interval_s": 0.05, "gc_full_interval_s": 0.2})
-    )
+    timing = {"gc_freeze_interval_s": 0.05, "gc_full_interval_s": 0.2, "metrics_port": 0}
+    running = await build_server(load_config(None, {**settings, **timing}))
     try:
         policy = running.gc_policy
         assert policy is not None
@@ -97,6 +96,13 @@ async def test_a_daemon_freezes_on_its_interval_and_thaws_when_it_drains(
             await asyncio.sleep(0.02)
         assert policy.num_freezes >= 3
         assert policy.num_full_collections >= 1
+        assert running.metrics is not None  # the policy's figures reach /metrics
+        families = {family.name: family for family in running.metrics.collector.collect()}
+        [full] = families["kvstore_gc_full_collections"].samples[:1]
+        assert full.value == policy.num_full_collections
+        assert families["kvstore_gc_frozen_objects"].samples[0].value > 0
+        pause = families["kvstore_gc_last_full_collection_seconds"].samples[0].value
+        assert pause == policy.last_full_collection_s > 0
     finally:
         await running.drain()
     assert gc.get_freeze_count() == 0
