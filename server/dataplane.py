@@ -322,7 +322,11 @@ class DataPlane:
                 # limits.max_transfer_s. Idle waits and trickled frames are cut sooner
                 # (kvstore.server.pacing); a cut frees what the transfer held.
                 if self._lookups is not None and await self._lookup(link):
-                    continue  # a lookup, answered: no transfer, no pacing
+                    # Answered: no transfer, no pacing. A client that sends its next
+                    # lookup as soon as it has this answer finds it already read at the
+                    # next wait; let other connections in before it, every request.
+                    await asyncio.sleep(0)
+                    continue
                 async with TransferPacing(self._limits, "transfer") as pacing:
                     pacing.receiving()
                     kind, payload = await reader.read()
@@ -339,6 +343,7 @@ class DataPlane:
                     else:
                         pacing.set_deadline(DEFAULT_TRANSFER_S)
                     await self._transfer(link, pacing, kind, payload)
+                await asyncio.sleep(0)  # as after a lookup: one request a step at most
                 if kind == FrameKind.LOOKUP:
                     continue  # a lookup (over TLS or the same-host socket): no transfer
                 self.transfers += 1

@@ -160,3 +160,38 @@ async def test_a_lookup_past_its_deadline_is_deadline_exceeded(server: RunningSe
         for writer in silent:
             writer.close()
         listener.close()
+
+
+async def test_pipelined_lookups_on_one_connection_let_other_work_run_between_them(
+    server_factory: ServerFactory,
+) -> None:
+    # A client that sends each lookup as soon as it has the last answer finds its next
+    # one already read: the server still lets the loop run other work after each one,
+    # so one busy connection cannot hold the loop for many requests in one step.
+    server = await server_factory()
+    raw = await Raw.open(server)
+    request = pb.LookupPrefixRequest(
+        namespace=namespace_to_wire(NS), keys=[b"k%d" % index for index in range(200)]
+    )
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def probe() -> None:
+        while not done.is_set():
+            seen.append(lookups(server))
+            await asyncio.sleep(0)
+
+    first = lookups(server)
+    probing = asyncio.create_task(probe())
+    try:
+        await raw.send(frame(FrameKind.LOOKUP, request.SerializeToString()) * 20)
+        for _ in range(20):
+            kind, _ = await raw.read_frame()
+            assert kind == FrameKind.LOOKUP_RESULT
+    finally:
+        done.set()
+        await probing
+        raw.close()
+    assert lookups(server) - first == 20
+    between = {count - first for count in seen} & set(range(1, 20))
+    assert len(between) >= 15, sorted(between)  # the probe ran between the answers
