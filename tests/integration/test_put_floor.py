@@ -6,16 +6,13 @@ stored block; kvstore's own client meets the floor whatever chunk size it is giv
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
 import torch
-import xxhash
-from raw_data_plane import Raw, frame  # tests/raw_data_plane.py
+from raw_puts import checksum, opening, raw_put  # tests/raw_puts.py
 
-from kvstore.checksum import ChecksumKind
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
 from kvstore.server import RunningServer
 from kvstore.wire.chunks import (
@@ -23,11 +20,8 @@ from kvstore.wire.chunks import (
     PUT_CHUNKS,
     PUT_RUNS,
     chunk_parts,
-    encode_put_header,
     run_parts,
 )
-from kvstore.wire.frames import FrameKind
-from kvstore.wire.namespace import namespace_to_wire
 
 KiB = 1 << 10
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -42,49 +36,6 @@ NARROW_NS = Namespace(tenant="acme", model_fingerprint="floor-narrow", layout=NA
 ServerFactory = Callable[..., Awaitable[RunningServer]]
 MakeKV = Callable[..., torch.Tensor]
 Poll = Callable[..., Awaitable[None]]
-
-
-def opening(namespace: Namespace, keys: list[bytes]) -> bytes:
-    return encode_put_header(
-        namespace=namespace_to_wire(namespace).SerializeToString(),
-        checksum_kind=ChecksumKind.XXH3_64.value,
-        blocks=[(key, keys[index - 1] if index else b"") for index, key in enumerate(keys)],
-    )
-
-
-def checksum(data: bytes) -> int:
-    return xxhash.xxh3_64_intdigest(data)
-
-
-async def raw_put(
-    running: RunningServer, messages: list[bytes], data_plane: bool
-) -> tuple[int, str]:
-    """Send a put's raw messages; the status code and message the server answers."""
-    if data_plane:
-        raw = await Raw.open(running)
-        try:
-            await raw.send(b"".join(frame(FrameKind.PUT, message) for message in messages))
-            await raw.send(frame(FrameKind.PUT_END))
-            kind, payload = await raw.read_frame()
-            if kind == FrameKind.PUT_DONE:
-                return 0, ""
-            assert kind == FrameKind.ERROR, (kind, payload[:100])
-            (code,) = struct.unpack_from("<I", payload)
-            return code, payload[4:].decode()
-        finally:
-            raw.close()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-        put_blocks = channel.stream_unary("/kvstore.v1.KVStore/PutBlocks")
-
-        async def requests():  # type: ignore[no-untyped-def]
-            for message in messages:
-                yield message
-
-        try:
-            await put_blocks(requests(), timeout=30)
-        except grpc.aio.AioRpcError as error:
-            return error.code().value[0], error.details() or ""
-        return 0, ""
 
 
 async def seeded(running: RunningServer, namespace: Namespace, make_kv: MakeKV) -> KVClient:

@@ -1,0 +1,87 @@
+"""A put of many small blocks is applied in steps of the event loop (server/transfer.py,
+BLOCKS_PER_STEP), on both transports: other work runs while one message of hundreds of
+blocks commits, and a checksum that fails in a later step fails the put without harming
+the blocks the earlier steps committed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import grpc
+import pytest
+import torch
+import xxhash
+from raw_puts import opening, raw_put  # tests/raw_puts.py
+
+from kvstore.client import DType, KVClient, KVForm, KVLayout, Namespace
+from kvstore.server import RunningServer
+from kvstore.server.transfer import BLOCKS_PER_STEP
+from kvstore.wire.chunks import PUT_RUNS, run_parts
+
+# 512-byte blocks of one layer: a few hundred fit one short message, in one run.
+SMALL = KVLayout(num_layers=1, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=8)
+NS = Namespace(tenant="acme", model_fingerprint="put-steps", layout=SMALL)
+NUM_BLOCKS = 5 * BLOCKS_PER_STEP
+DATA_LOSS = grpc.StatusCode.DATA_LOSS.value[0]
+TRANSPORTS = pytest.mark.parametrize("data_plane", [False, True], ids=["grpc", "data-plane"])
+ServerFactory = Callable[..., Awaitable[RunningServer]]
+
+
+def one_message(keys: list[bytes], layers: list[bytes], checksums: list[int]) -> bytes:
+    parts = run_parts(PUT_RUNS, 0, 0, checksums, layers)
+    return opening(NS, keys) + b"".join(bytes(part) for part in parts)
+
+
+def layer_of(index: int) -> bytes:
+    return bytes([index % 251]) * SMALL.layer_bytes
+
+
+@TRANSPORTS
+async def test_one_message_of_many_blocks_commits_in_steps(
+    server_factory: ServerFactory, data_plane: bool
+) -> None:
+    server = await server_factory()
+    keys = [b"step-%d" % index for index in range(NUM_BLOCKS)]
+    layers = [layer_of(index) for index in range(NUM_BLOCKS)]
+    message = one_message(keys, layers, [xxhash.xxh3_64_intdigest(layer) for layer in layers])
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def probe() -> None:
+        while not done.is_set():
+            seen.append(len(server.store.snapshot_entries(NS)))
+            await asyncio.sleep(0)
+
+    probing = asyncio.create_task(probe())
+    try:
+        assert await raw_put(server, [message], data_plane) == (0, "")
+    finally:
+        done.set()
+        await probing
+    assert len(server.store.snapshot_entries(NS)) == NUM_BLOCKS
+    # Other work ran between the steps: it saw the message part-committed.
+    between = {count for count in seen if 0 < count < NUM_BLOCKS}
+    assert len(between) >= 3, sorted(set(seen))
+
+
+@TRANSPORTS
+async def test_a_checksum_failing_in_a_later_step_fails_the_put_and_harms_nothing(
+    server_factory: ServerFactory, data_plane: bool
+) -> None:
+    server = await server_factory()
+    keys = [b"bad-%d" % index for index in range(NUM_BLOCKS)]
+    layers = [layer_of(index) for index in range(NUM_BLOCKS)]
+    checksums = [xxhash.xxh3_64_intdigest(layer) for layer in layers]
+    bad = 3 * BLOCKS_PER_STEP + 5
+    checksums[bad] ^= 1
+    code, message = await raw_put(server, [one_message(keys, layers, checksums)], data_plane)
+    assert code == DATA_LOSS, message
+    async with KVClient(f"127.0.0.1:{server.port}", NS) as client:
+        # What committed before the failing step is whole and right; nothing from it on.
+        match = await client.lookup_keys(keys)
+        assert match.num_matched <= bad
+        stored = match.matched_keys
+        dest = torch.zeros((len(stored), 1, *SMALL.layer_shape), dtype=torch.float16)
+        assert await client.get_into(stored, dest, form=KVForm.BLOCKS) == len(stored)
+        assert dest.view(torch.uint8).numpy().tobytes() == b"".join(layers[: len(stored)])
