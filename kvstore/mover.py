@@ -553,11 +553,7 @@ class OrderedLoad:
         return True, layer
 
     def next_first_layer_is_ready(self) -> bool:
-        index = self._next_first
-        if self._ended or index >= self._end or index in self._not_started:
-            return False
-        read = self._reads.get(index)
-        return read is None or read.first_layer.done()
+        return self._ready(self._next_first, whole=False)
 
     async def next_block(self) -> tuple[bool, bytes | bytearray | None]:
         """Bring the next block in: (True, None) when it is in memory, (True, payload)
@@ -585,11 +581,14 @@ class OrderedLoad:
         return True, payload
 
     def next_is_ready(self) -> bool:
-        index = self._next
+        return self._ready(self._next, whole=True)
+
+    def _ready(self, index: int, *, whole: bool) -> bool:
+        """Whether block `index` (its layer 0, or with `whole` all of it) is in."""
         if self._ended or index >= self._end or index in self._not_started:
             return False
         read = self._reads.get(index)
-        return read is None or read.whole.done()
+        return read is None or (read.whole if whole else read.first_layer).done()
 
     def _cut(self, index: int, error: BaseException) -> None:
         """Block `index` is unreadable: drop it and its descendants, stop the reads of
