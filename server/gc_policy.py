@@ -2,8 +2,9 @@
 
 CPython's full (generation-2) collection walks every container object the process
 holds, on the thread that allocated, which here is the event loop. A daemon's index is
-about six such objects a block, so at 200,000 blocks one full collection holds the loop
-for about 0.4 s (`kvstore-bench lookup --under-load ... --resident-blocks`). CPython
+several such objects a block, so while 200,000 blocks were stored the walks held the
+loop for up to 0.2-0.3 s (`kvstore-bench lookup --under-load 1 --resident-blocks
+200000`, against a daemon run with `--gc-freeze-interval-s 0`). CPython
 starts one whenever the objects promoted since the last reach a quarter of the old
 ones: each time the index grows by a quarter, and each time eviction has turned a
 quarter of it over.
