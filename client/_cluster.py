@@ -36,6 +36,7 @@ import torch
 
 from kvstore.client._async import KVClient, LayerPut, check_tensor
 from kvstore.client._cluster_get import ChainGather
+from kvstore.client._cluster_lookup import LookupPlans, merge_answers
 from kvstore.client._cluster_nodes import NODE_FAILURES, NodePool, OwnerRuns, by_owner, runs_from
 from kvstore.client._cluster_put import ClusterLayerPut, weakest_durability
 from kvstore.client._cluster_watch import cluster_events
@@ -58,7 +59,7 @@ from kvstore.cluster.etcd_options import EtcdOptions, load_access
 from kvstore.cluster.members import Member, is_etcd_target, parse_etcd_url, parse_static_target
 from kvstore.cluster.placement import Placement, Run
 from kvstore.codec import KVForm, cpu_contiguous
-from kvstore.enums import PutOutcome, TierKind
+from kvstore.enums import PutOutcome
 from kvstore.layout import Namespace
 from kvstore.wire.namespace import namespace_to_wire
 
@@ -147,6 +148,7 @@ class ClusterClient(KVClient):
         self._meter_node = ""
         self.nodes = NodePool(namespace, self.options, self._meter)
         self.membership.on_change(self.nodes.keep_only)
+        self._lookup_plans = LookupPlans()
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -177,46 +179,18 @@ class ClusterClient(KVClient):
         block_tokens = self._layout.block_tokens
         if not keys or not placement.members:
             return PrefixMatch(keys=keys, num_matched=0, tiers=(), block_tokens=block_tokens)
-        runs = placement.spans(keys)
-        if len(runs) == 1:  # one owner holds the whole chain: its answer is the answer
+        plan = self._lookup_plans.plan(placement, keys)
+        if len(plan.owners) == 1:  # one owner holds the whole chain: its answer is the answer
             return await self.nodes.call(
-                runs[0].owner, lambda node: node.lookup_keys(keys)
+                plan.owners[0].member, lambda node: node.lookup_keys(keys)
             ) or PrefixMatch(keys=keys, num_matched=0, tiers=(), block_tokens=block_tokens)
-        owners = list(by_owner(runs).values())
-
-        async def ask(owner: OwnerRuns) -> PrefixMatch | None:
-            owner_keys = owner.keys(keys)
-            return await self.nodes.call(owner.member, lambda node: node.lookup_keys(owner_keys))
-
-        answers = await asyncio.gather(*(ask(owner) for owner in owners))
-        found = {
-            owner.member.node_id: answer for owner, answer in zip(owners, answers, strict=True)
-        }
-        offsets: dict[str, int] = {}
-        tiers: list[TierKind] = []
-        num_matched = 0
-        first_answer = found[runs[0].owner.node_id]
-        for run in runs:
-            node_id = run.owner.node_id
-            offset = offsets.get(node_id, 0)
-            offsets[node_id] = offset + (run.stop - run.start)
-            answer = found[node_id]
-            num_present = 0
-            if answer is not None:
-                num_present = max(0, min(answer.num_matched - offset, run.stop - run.start))
-                tiers.extend(answer.tiers[offset : offset + num_present])
-            num_matched += num_present
-            if num_present < run.stop - run.start:
-                break
-        return PrefixMatch(
-            keys=keys,
-            num_matched=num_matched,
-            tiers=tuple(tiers),
-            block_tokens=block_tokens,
-            first_is_chain_root=first_answer is not None
-            and num_matched > 0
-            and first_answer.first_is_chain_root,
+        answers = await asyncio.gather(
+            *(
+                self.nodes.call(owner.member, partial(_lookup_on, keys=owner.keys))
+                for owner in plan.owners
+            )
         )
+        return merge_answers(plan, keys, answers, block_tokens)
 
     # -- puts ----------------------------------------------------------------------------
 
@@ -409,6 +383,10 @@ class ClusterClient(KVClient):
             membership_stale_since=self.membership.stale_since,
             membership_error=self.membership.last_error,
         )
+
+
+async def _lookup_on(node: KVClient, keys: list[bytes]) -> PrefixMatch:
+    return await node.lookup_keys(keys)
 
 
 def _check_key(key: bytes, index: int) -> None:
