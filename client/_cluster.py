@@ -8,7 +8,8 @@ the calls are those of a single daemon. A chain is cut into runs of
 (kvstore.cluster.placement), and:
 
 - a lookup asks every owner once, in parallel, for its runs back to back, and returns the
-  longest prefix that is present run after run;
+  longest prefix that is present run after run, without waiting for an owner whose runs
+  all lie past a block already found missing (kvstore.client._cluster_lookup);
 - a get streams from every owner at once into one destination, and a layer is yielded
   once every owner has delivered it;
 - a put sends each run to its owner, owners in parallel; a run's first block continues
@@ -36,7 +37,7 @@ import torch
 
 from kvstore.client._async import KVClient, LayerPut, check_tensor
 from kvstore.client._cluster_get import ChainGather
-from kvstore.client._cluster_lookup import LookupPlans, merge_answers
+from kvstore.client._cluster_lookup import LookupPlans, OwnerAsk, ask_owners, merge_answers
 from kvstore.client._cluster_nodes import NODE_FAILURES, NodePool, OwnerRuns, by_owner, runs_from
 from kvstore.client._cluster_put import ClusterLayerPut, weakest_durability
 from kvstore.client._cluster_watch import cluster_events
@@ -149,6 +150,8 @@ class ClusterClient(KVClient):
         self.nodes = NodePool(namespace, self.options, self._meter)
         self.membership.on_change(self.nodes.keep_only)
         self._lookup_plans = LookupPlans()
+        # Lookups' asks of owners whose answers were not needed, left to end on their own.
+        self._stragglers: set[asyncio.Task[PrefixMatch | None]] = set()
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -170,6 +173,10 @@ class ClusterClient(KVClient):
 
     async def close(self) -> None:
         await self.membership.close()
+        stragglers = list(self._stragglers)
+        for task in stragglers:
+            task.cancel()
+        await asyncio.gather(*stragglers, return_exceptions=True)
         await self.nodes.close()
 
     # -- lookups -------------------------------------------------------------------------
@@ -184,13 +191,11 @@ class ClusterClient(KVClient):
             return await self.nodes.call(
                 plan.owners[0].member, lambda node: node.lookup_keys(keys)
             ) or PrefixMatch(keys=keys, num_matched=0, tiers=(), block_tokens=block_tokens)
-        answers = await asyncio.gather(
-            *(
-                self.nodes.call(owner.member, partial(_lookup_on, keys=owner.keys))
-                for owner in plan.owners
-            )
-        )
+        answers = await ask_owners(plan, len(keys), self._ask_owner, self._stragglers)
         return merge_answers(plan, keys, answers, block_tokens)
+
+    async def _ask_owner(self, owner: OwnerAsk) -> PrefixMatch | None:
+        return await self.nodes.call(owner.member, partial(_lookup_on, keys=owner.keys))
 
     # -- puts ----------------------------------------------------------------------------
 

@@ -10,15 +10,19 @@ owners does.
 Each owner is asked for its spans' keys back to back and answers with how many of them,
 from the first, it holds. So its first missing key is the first block it lacks, and the
 chain's prefix ends at the earliest first missing block over all owners: one step per
-owner, not per span.
+owner, not per span. Once the answers in hand put that end before every block an owner
+still to answer holds, its answer cannot change the prefix: the lookup returns without
+it (`ask_owners`), so a slow or hung node whose runs lie past a miss delays nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from kvstore.client._results import PrefixMatch
 from kvstore.cluster.members import Member
@@ -114,6 +118,53 @@ class LookupPlans:
         if len(self._plans) > self._kept:
             self._plans.popitem(last=False)
         return found
+
+
+async def ask_owners(
+    plan: LookupPlan,
+    chain_length: int,
+    ask: Callable[[OwnerAsk], Awaitable[PrefixMatch | None]],
+    stragglers: set[asyncio.Task[PrefixMatch | None]],
+) -> list[PrefixMatch | None]:
+    """Every owner's answer (None: it failed) that can bear on the prefix; the others
+    are left None and their asks, all sent at once at the start, are added to
+    `stragglers` to end on their own (a caller's error from one of them is dropped: it
+    no longer bears on this lookup). A caller's error from an owner that bears on the
+    prefix is raised, the other asks left as stragglers; a cancelled lookup cancels
+    its asks."""
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(ask(owner)) for owner in plan.owners]
+    answers: list[PrefixMatch | None] = [None] * len(tasks)
+    waiting = dict(enumerate(tasks))
+    end = chain_length  # the prefix ends here at the latest, by the answers so far
+    try:
+        while needed := [
+            task for index, task in waiting.items() if plan.owners[index].span_starts[0] < end
+        ]:
+            await asyncio.wait(needed, return_when=asyncio.FIRST_COMPLETED)
+            for index, task in list(waiting.items()):
+                if task.done():
+                    del waiting[index]
+                    answer = answers[index] = task.result()
+                    held = answer.num_matched if answer is not None else 0
+                    end = min(end, plan.owners[index].first_missing(held, chain_length))
+    except asyncio.CancelledError:
+        for task in waiting.values():
+            task.cancel()
+        raise
+    finally:
+        for task in waiting.values():
+            stragglers.add(task)
+            task.add_done_callback(partial(_retire, stragglers))
+    return answers
+
+
+def _retire(
+    stragglers: set[asyncio.Task[PrefixMatch | None]], task: asyncio.Task[PrefixMatch | None]
+) -> None:
+    stragglers.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a straggler's error bears on no lookup
 
 
 def merge_answers(
