@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from kvstore.client._results import PrefixMatch
 from kvstore.cluster.members import Member
@@ -123,7 +124,7 @@ class LookupPlans:
 async def ask_owners(
     plan: LookupPlan,
     chain_length: int,
-    ask: Callable[[OwnerAsk], Awaitable[PrefixMatch | None]],
+    ask: Callable[[OwnerAsk], Coroutine[Any, Any, PrefixMatch | None]],
     stragglers: set[asyncio.Task[PrefixMatch | None]],
 ) -> list[PrefixMatch | None]:
     """Every owner's answer (None: it failed) that can bear on the prefix; the others
