@@ -37,7 +37,13 @@ import torch
 
 from kvstore.client._async import KVClient, LayerPut, check_tensor
 from kvstore.client._cluster_get import ChainGather
-from kvstore.client._cluster_lookup import LookupPlans, OwnerAsk, ask_owners, merge_answers
+from kvstore.client._cluster_lookup import (
+    LookupPlans,
+    OwnerAsk,
+    Stragglers,
+    ask_owners,
+    merge_answers,
+)
 from kvstore.client._cluster_nodes import NODE_FAILURES, NodePool, OwnerRuns, by_owner, runs_from
 from kvstore.client._cluster_put import ClusterLayerPut, weakest_durability
 from kvstore.client._cluster_watch import cluster_events
@@ -151,7 +157,7 @@ class ClusterClient(KVClient):
         self.membership.on_change(self.nodes.keep_only)
         self._lookup_plans = LookupPlans()
         # Lookups' asks of owners whose answers were not needed, left to end on their own.
-        self._stragglers: set[asyncio.Task[PrefixMatch | None]] = set()
+        self._stragglers = Stragglers()
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -173,10 +179,7 @@ class ClusterClient(KVClient):
 
     async def close(self) -> None:
         await self.membership.close()
-        stragglers = list(self._stragglers)
-        for task in stragglers:
-            task.cancel()
-        await asyncio.gather(*stragglers, return_exceptions=True)
+        await self._stragglers.cancel()
         await self.nodes.close()
 
     # -- lookups -------------------------------------------------------------------------

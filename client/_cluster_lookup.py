@@ -22,7 +22,6 @@ import bisect
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from kvstore.client._results import PrefixMatch
@@ -30,6 +29,8 @@ from kvstore.cluster.members import Member
 from kvstore.cluster.placement import Placement, Run
 from kvstore.enums import TierKind
 
+# Asks per member that lookups leave to end on their own (Stragglers).
+STRAGGLERS_PER_MEMBER = 4
 # Chains whose plans are kept. A plan holds references to its chain's keys, about 16
 # bytes per key: 64 plans of 1,000-key chains hold about 1 MiB.
 PLANS_KEPT = 64
@@ -121,18 +122,57 @@ class LookupPlans:
         return found
 
 
+class Stragglers:
+    """Asks whose answers no lookup needed, left to end on their own, at most
+    `per_member` per member at once: a hung node's asks end only at their timeout, and
+    lookups that left one behind each would pile them up (and a connection each)."""
+
+    def __init__(self, per_member: int = STRAGGLERS_PER_MEMBER) -> None:
+        self._per_member = per_member
+        self._members: dict[asyncio.Task[PrefixMatch | None], str] = {}
+        self._counts: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def admit(self, node_id: str, task: asyncio.Task[PrefixMatch | None], *, force: bool) -> bool:
+        """Leave `task` to end on its own, unless its member has its share already (and
+        not `force`): False then, and the caller waits for it."""
+        if not force and self._counts.get(node_id, 0) >= self._per_member:
+            return False
+        self._members[task] = node_id
+        self._counts[node_id] = self._counts.get(node_id, 0) + 1
+        task.add_done_callback(self._retire)
+        return True
+
+    def _retire(self, task: asyncio.Task[PrefixMatch | None]) -> None:
+        node_id = self._members.pop(task)
+        self._counts[node_id] -= 1
+        if not self._counts[node_id]:
+            del self._counts[node_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: a straggler's error bears on no lookup
+
+    async def cancel(self) -> None:
+        """Cancel every straggler and wait until they have ended."""
+        tasks = list(self._members)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def ask_owners(
     plan: LookupPlan,
     chain_length: int,
     ask: Callable[[OwnerAsk], Coroutine[Any, Any, PrefixMatch | None]],
-    stragglers: set[asyncio.Task[PrefixMatch | None]],
+    stragglers: Stragglers,
 ) -> list[PrefixMatch | None]:
     """Every owner's answer (None: it failed) that can bear on the prefix; the others
-    are left None and their asks, all sent at once at the start, are added to
-    `stragglers` to end on their own (a caller's error from one of them is dropped: it
-    no longer bears on this lookup). A caller's error from an owner that bears on the
-    prefix is raised, the other asks left as stragglers; a cancelled lookup cancels
-    its asks."""
+    are left None and their asks, all sent at once at the start, are left to
+    `stragglers` (a caller's error from one of them is dropped: it no longer bears on
+    this lookup), or waited for where their member has its share of stragglers. A
+    caller's error from an owner that bears on the prefix is raised, the other asks
+    left as stragglers; a cancelled lookup cancels its asks."""
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(ask(owner)) for owner in plan.owners]
     answers: list[PrefixMatch | None] = [None] * len(tasks)
@@ -153,19 +193,21 @@ async def ask_owners(
         for task in waiting.values():
             task.cancel()
         raise
-    finally:
-        for task in waiting.values():
-            stragglers.add(task)
-            task.add_done_callback(partial(_retire, stragglers))
+    except BaseException:
+        for index, task in waiting.items():
+            stragglers.admit(plan.owners[index].member.node_id, task, force=True)
+        raise
+    unwanted = [
+        task
+        for index, task in waiting.items()
+        if not stragglers.admit(plan.owners[index].member.node_id, task, force=False)
+    ]
+    if unwanted:
+        await asyncio.wait(unwanted)
+        for task in unwanted:
+            if not task.cancelled():
+                task.exception()  # its answer bears on nothing, nor does its error
     return answers
-
-
-def _retire(
-    stragglers: set[asyncio.Task[PrefixMatch | None]], task: asyncio.Task[PrefixMatch | None]
-) -> None:
-    stragglers.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved: a straggler's error bears on no lookup
 
 
 def merge_answers(

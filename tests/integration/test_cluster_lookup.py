@@ -1,7 +1,8 @@
 """A cluster lookup waits only for the owners whose answers can change its prefix
 (kvstore.client._cluster_lookup): a node that hangs (here a listener that the kernel
 accepts on and nobody answers) but whose runs all lie past a block found missing delays
-nothing; one whose runs come first is waited for; a cancelled lookup cancels its asks."""
+nothing, until it has its share of asks left in flight; one whose runs come first is
+waited for; a cancelled lookup cancels its asks."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from kvstore.client import ClientOptions, KVClient, KVForm, Timeouts
 from kvstore.client._cluster import ClusterClient
+from kvstore.client._cluster_lookup import STRAGGLERS_PER_MEMBER
 from kvstore.cluster.members import parse_static_target
 from kvstore.cluster.placement import Placement
 from kvstore.layout import Namespace
@@ -127,3 +129,39 @@ async def test_a_hung_node_whose_runs_come_first_is_waited_for_and_a_cancel_canc
         await asyncio.sleep(0.01)
     assert not cluster._stragglers
     await cluster.close()
+
+
+async def test_a_hung_node_is_left_at_most_its_share_of_asks_then_waited_for_and_passed_over(
+    server_factory: ServerFactory,
+    hung_node: str,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+) -> None:
+    servers = [await server_factory() for _ in range(2)]
+    target = "cluster://" + ",".join([*(f"127.0.0.1:{s.port}" for s in servers), hung_node])
+    lookup_s = 2.0
+    options = ClientOptions(
+        cluster_run_blocks=RUN_BLOCKS, cluster_retry_s=60, timeouts=Timeouts(lookup=lookup_s)
+    )
+    async with KVClient(target, make_namespace(), options=options) as cluster:
+        assert isinstance(cluster, ClusterClient)
+        keys, hung_first = chain_where_the_hung_node_comes_late(cluster, hung_node)
+        stored = hung_first - 1
+        layout = cluster.namespace.layout
+        await cluster.put_blocks(keys[:stored], make_kv(layout, stored, form=KVForm.BLOCKS))
+        for _ in range(STRAGGLERS_PER_MEMBER):  # each leaves its ask of the hung node
+            match = await asyncio.wait_for(cluster.lookup_keys(keys), timeout=lookup_s / 2)
+            assert match.num_matched == stored
+        assert len(cluster._stragglers) == STRAGGLERS_PER_MEMBER
+        # The hung node has its share: the next lookup waits for its ask, which ends at
+        # the lookup timeout and has the node passed over.
+        lookup = asyncio.ensure_future(cluster.lookup_keys(keys))
+        done, _ = await asyncio.wait([lookup], timeout=lookup_s / 4)
+        assert not done
+        assert (await lookup).num_matched == stored
+        hung = next(m for m in cluster.membership.placement.members if m.address == hung_node)
+        assert not cluster.nodes.reachable(hung)
+        assert not cluster._stragglers
+        match = await asyncio.wait_for(cluster.lookup_keys(keys), timeout=lookup_s / 2)
+        assert match.num_matched == stored  # asked of the live nodes only, now
+        assert not cluster._stragglers
