@@ -41,7 +41,7 @@ from kvstore.checksum import ChecksumKind, checksum
 from kvstore.client import KVClient, KVForm, Namespace, TierKind
 from kvstore.layout import DType, KVLayout
 from kvstore.tiers.blockfile import BlockFileHeader, decode_payload, encode_payload
-from kvstore.tiers.compress import LayerCodec
+from kvstore.layer_codec import LayerCodec
 from kvstore.units import human_bytes, parse_size
 
 DTYPES = {

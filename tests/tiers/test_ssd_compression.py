@@ -29,7 +29,7 @@ from kvstore.tiers.blockfile import (
     encode_header,
     header_bytes,
 )
-from kvstore.tiers.compress import (
+from kvstore.layer_codec import (
     LayerCodec,
     LayerEncoding,
     decode_layer,
