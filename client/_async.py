@@ -31,8 +31,8 @@ from kvstore.client._send import block_headers, layer_messages, put_messages
 from kvstore.client._settle import CallSettle
 from kvstore.client._tls import load_client_tls, tls_from_environment
 from kvstore.client._transport import GetStream, Parts, PutStream, Transport
-from kvstore.client._wire_compression import WireCompressionPolicy, open_get_stream
 from kvstore.client._watch import BlockEvents, node_events
+from kvstore.client._wire_compression import WireCompressionPolicy, open_get_stream
 from kvstore.client.cost import BandwidthMeter
 from kvstore.cluster.members import is_cluster_target
 from kvstore.codec import ByteMap, KVForm, cpu_contiguous

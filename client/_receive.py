@@ -194,7 +194,7 @@ class LayerReceiver:
         filled = self._filled[block]
         if chunk.offset != filled:
             raise ChecksumError(f"block {block} layer {chunk.layer}: chunk out of order")
-        data: memoryview | bytes = chunk.data
+        data: memoryview = chunk.data
         if chunk.compression:
             data = self._decode(
                 chunk.compression,
@@ -223,7 +223,7 @@ class LayerReceiver:
         layer_bytes = self._layout.layer_bytes
         if first < 0 or first + count > self.num_blocks or len(run.layer_checksums) != count:
             raise ChecksumError(f"server sent a malformed run of blocks {first}..{first + count}")
-        data: memoryview | bytes = run.data
+        data: memoryview = run.data
         if run.compression:
             data = self._decode(
                 run.compression,
@@ -245,7 +245,7 @@ class LayerReceiver:
             self._actual[blocks] = checksums_of_slices(self._kind, data, layer_bytes)
         self._filled[blocks] = [layer_bytes] * count
         byte_map, layer = self._layer_map()
-        byte_map.write_run(first, count, layer, memoryview(data))
+        byte_map.write_run(first, count, layer, data)
 
     def _account(self, data: memoryview) -> None:
         """Count raw bytes received, and keep the first as the probe's sample if wanted."""

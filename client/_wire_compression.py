@@ -64,11 +64,11 @@ class WireRates:
 
     def pays(self, margin: float) -> bool:
         """Whether a compressed get is expected to beat a raw one by `margin`."""
-        if None in (self.link, self.encode, self.decode, self.ratio):
+        link, encode, decode, ratio = self.link, self.encode, self.decode, self.ratio
+        if link is None or encode is None or decode is None or ratio is None:
             return False
-        assert self.link and self.encode and self.decode and self.ratio
-        raw_s = 1.0 / self.link
-        compressed_s = 1.0 / (self.ratio * self.link) + 1.0 / self.encode + 1.0 / self.decode
+        raw_s = 1.0 / link
+        compressed_s = 1.0 / (ratio * link) + 1.0 / encode + 1.0 / decode
         return compressed_s * (1.0 + margin) < raw_s
 
 

@@ -36,8 +36,8 @@ import xxhash
 
 from kvstore.checksum import ChecksumKind, checksum
 from kvstore.errors import InvalidRequest
-from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.layer_codec import LayerCodec, LayerEncoding, decode_layer
+from kvstore.layout import DType, KVLayout, Namespace
 
 MAGIC = b"KVSBLK01"
 _PREFIX = struct.Struct("<8sI")

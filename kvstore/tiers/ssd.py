@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Protocol
 
 from kvstore.enums import TierKind
+from kvstore.layer_codec import COMPRESSIONS, LayerCodec
 from kvstore.layout import Namespace
 from kvstore.tiers.base import TierCounters
 from kvstore.tiers.blockfile import (
@@ -57,7 +58,6 @@ from kvstore.tiers.blockfile import (
     namespace_to_json,
     stored_layer_bytes,
 )
-from kvstore.layer_codec import COMPRESSIONS, LayerCodec
 
 logger = logging.getLogger("kvstore.ssd")
 SUFFIX = ".kvb"

@@ -71,7 +71,7 @@ def decode_wire_data(
     if raw_bytes % element_bytes:
         raise WireDataError(f"{raw_bytes} raw bytes is not whole {element_bytes}-byte elements")
     encoding = LayerEncoding.LZ4 if element_bytes == 1 else LayerEncoding.SHUFFLE_LZ4
-    out = memoryview(np.empty(raw_bytes, dtype=np.uint8))
+    out = np.empty(raw_bytes, dtype=np.uint8).data  # not zeroed: decoding fills it
     try:
         decode_layer(encoding, data, element_bytes, out)
     except ValueError as error:

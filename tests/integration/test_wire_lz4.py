@@ -142,7 +142,8 @@ async def test_auto_stays_off_on_an_unthrottled_loopback(
     rates = client.wire_compression.rates
     # Measured, and lz4 would not beat this link: the link is faster than the codec.
     assert None not in (rates.link, rates.encode, rates.decode, rates.ratio)
-    assert rates.ratio is not None and rates.ratio > 1.2  # the data would shrink...
+    assert rates.ratio is not None
+    assert rates.ratio > 1.2  # the data would shrink...
     assert not client.wire_compression.ask()  # ...but not fast enough to win
 
 
@@ -164,9 +165,11 @@ async def test_auto_turns_on_under_a_slow_link_once_it_has_measured_it(
     dest = torch.zeros_like(kv)
     assert await client.get_into(keys, dest) == NUM_BLOCKS
     first = client.wire_stats
-    assert first is not None and first.compressed_raw_bytes == 0
+    assert first is not None
+    assert first.compressed_raw_bytes == 0
     rates = client.wire_compression.rates
-    assert rates.link is not None and rates.link < 1.5 * rate
+    assert rates.link is not None
+    assert rates.link < 1.5 * rate
     assert client.wire_compression.ask()
 
     dest = torch.zeros_like(kv)
@@ -228,7 +231,7 @@ async def test_bad_compressed_replies_are_data_loss_and_the_server_serves_on(
 
     monkeypatch.setattr(transfer_module, "WireEncoder", fault)
     dest = torch.zeros_like(kv)
-    with pytest.raises(ChecksumError, match="do not decode|checksum"):
+    with pytest.raises(ChecksumError, match=r"do not decode|checksum"):
         await client.get_into(keys, dest)
     monkeypatch.undo()
 
@@ -264,10 +267,12 @@ async def test_a_request_without_the_field_gets_raw_bytes(
         return found
 
     plain = await runs(0)
-    assert plain and all(item.compression == 0 for item in plain)  # type: ignore[attr-defined]
+    assert plain
+    assert all(item.compression == 0 for item in plain)  # type: ignore[attr-defined]
     assert sum(len(item.data) for item in plain) == NUM_BLOCKS * layout.block_bytes  # type: ignore[attr-defined]
     asked = await runs(LZ4_SHUFFLE)
-    assert asked and all(item.compression == LZ4_SHUFFLE for item in asked)  # type: ignore[attr-defined]
+    assert asked
+    assert all(item.compression == LZ4_SHUFFLE for item in asked)  # type: ignore[attr-defined]
 
 
 async def test_a_server_without_the_field_gets_the_request_again_without_it(
@@ -296,7 +301,8 @@ async def test_a_server_without_the_field_gets_the_request_again_without_it(
     assert await client.get_into(keys, dest) == NUM_BLOCKS
     assert same(dest, kv)
     stats = client.wire_stats
-    assert stats is not None and stats.compressed_raw_bytes == 0
+    assert stats is not None
+    assert stats.compressed_raw_bytes == 0
     assert not client.wire_compression.ask()  # not asked again for a while
 
 
@@ -319,4 +325,5 @@ async def test_shared_memory_never_compresses(
         assert same(dest, kv)
         assert client.data_plane == f"unix:{server.servicer.shm_path}"
         stats = client.wire_stats
-        assert stats is not None and stats.compressed_raw_bytes == 0
+        assert stats is not None
+        assert stats.compressed_raw_bytes == 0
