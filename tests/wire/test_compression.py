@@ -73,7 +73,7 @@ def test_claimed_sizes_are_checked_against_the_layout(
 
 def test_a_size_larger_than_the_data_hold_is_an_error() -> None:
     data, raw_bytes = encoded(32 * KiB)
-    with pytest.raises(WireDataError, match="decodes to|does not decode"):
+    with pytest.raises(WireDataError, match=r"decodes to|does not decode"):
         decode_wire_data(LZ4_SHUFFLE, data, raw_bytes * 2, 2, raw_bytes * 2)
 
 
