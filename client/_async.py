@@ -379,7 +379,9 @@ class KVClient:
         # closes the replies: that ends the transfer, and the server frees the blocks.
         async with (
             contextlib.aclosing(replies),
-            contextlib.aclosing(self._receive(replies, dest, form, started)) as arrivals,
+            contextlib.aclosing(
+                self._receive(replies, dest, form, started, asked=request.wire_compression != 0)
+            ) as arrivals,
         ):
             async for arrival in arrivals:
                 yield arrival
@@ -392,7 +394,9 @@ class KVClient:
         request = self._get_request(keys)
         started = time.perf_counter()
         replies = await self._open_get(request)
-        receive = self._receive(replies, None, KVForm.LAYER, started, writer)
+        receive = self._receive(
+            replies, None, KVForm.LAYER, started, writer, asked=request.wire_compression != 0
+        )
         async with (
             contextlib.aclosing(replies),
             contextlib.aclosing(receive) as arrivals,
@@ -407,10 +411,13 @@ class KVClient:
         form: KVForm,
         started: float,
         writer: BlockWriter | None = None,
+        *,
+        asked: bool = False,
     ) -> AsyncGenerator[LayerArrival, None]:
         """The layers of a get's replies, written into `dest` (or fresh tensors, or
         `writer`), verified. A get that ends complete is a sample of `bandwidth`, timed
-        from `started` (before the get was opened)."""
+        from `started` (before the get was opened), and of the wire compression's rates
+        (`asked`: it asked for compression)."""
         receiver: LayerReceiver | None = None
         tiers: list[int] = []
         async for reply in replies:
@@ -434,7 +441,7 @@ class KVClient:
             seconds = time.perf_counter() - started
             self._observe_get(receiver.num_blocks, seconds, tiers)
             self._wire_stats = receiver.stats
-            self._wire.observe(receiver.stats)
+            self._wire.observe(receiver.stats, seconds, asked)
             for arrival in arrivals:
                 yield arrival
 

@@ -39,29 +39,19 @@ SAMPLE_BYTES = 256 << 10
 class WireStats:
     """What one get's replies cost on the wire: layer bytes received, the raw bytes and
     received bytes of its compressed chunks and runs, the seconds spent decoding them,
-    and (when asked for) a copy of some of its raw bytes. `streamed_bytes` and
-    `streaming_s` are what arrived after the first message and how long that took: the
-    link's rate without the get's fixed costs (request, lookup, first reads)."""
+    and (when asked for) a copy of some of its raw bytes."""
 
     __slots__ = (
         "compressed_raw_bytes",
         "compressed_wire_bytes",
         "decode_s",
-        "first_at",
-        "first_bytes",
+        "raw_bytes",
         "sample",
-        "streaming_s",
         "wire_bytes",
     )
 
-    @property
-    def streamed_bytes(self) -> int:
-        return self.wire_bytes - self.first_bytes
-
     def __init__(self, *, want_sample: bool = False) -> None:
-        self.first_at: float | None = None  # perf_counter() when the first message came
-        self.first_bytes = 0
-        self.streaming_s = 0.0
+        self.raw_bytes = 0  # layer bytes, decoded
         self.wire_bytes = 0
         self.compressed_raw_bytes = 0
         self.compressed_wire_bytes = 0
@@ -132,12 +122,6 @@ class LayerReceiver:
             if run.layer != self._current_layer:
                 arrivals.append(self._next_layer(run.layer))
             self._write_run(run)
-        stats = self.stats
-        now = time.perf_counter()
-        if stats.first_at is None:
-            stats.first_at, stats.first_bytes = now, stats.wire_bytes
-        else:
-            stats.streaming_s = now - stats.first_at
         return arrivals
 
     def _shorten(self, num_blocks: int) -> None:
@@ -251,6 +235,7 @@ class LayerReceiver:
         """Count raw bytes received, and keep the first as the probe's sample if wanted."""
         stats = self.stats
         stats.wire_bytes += len(data)
+        stats.raw_bytes += len(data)
         if stats.sample == b"" and len(data) >= self._layout.dtype.itemsize:
             size = min(len(data), SAMPLE_BYTES)
             stats.sample = bytes(data[: size - size % self._layout.dtype.itemsize])
@@ -273,6 +258,7 @@ class LayerReceiver:
         stats = self.stats
         stats.decode_s += time.perf_counter() - started
         stats.wire_bytes += len(data)
+        stats.raw_bytes += raw_bytes
         stats.compressed_wire_bytes += len(data)
         stats.compressed_raw_bytes += raw_bytes
         return raw

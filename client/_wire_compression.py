@@ -1,21 +1,28 @@
 """Whether a get asks the server for lz4 on the wire (ClientOptions.wire_compression).
 
 "lz4" always asks, "off" never does, and "auto" asks where the measured rates say it
-pays: a raw get takes ``raw / link`` and a compressed one about
-``raw / (ratio * link) + raw / encode + raw / decode`` (the server encodes a message
-before it sends it, and this client decodes it before it takes the next), so auto asks
-when the first, with `margin`, exceeds the second. Which needs a link slower than the
-codec and data that shrink.
+pays. First a model: a raw get streams in ``raw / link``, a compressed one in about
+``max(raw / (ratio * link), raw / encode) + raw / decode`` (the server encodes the next
+message while the link carries the last; this client decodes on its loop, between
+reads), and auto asks when the first exceeds the second by `margin`. Which needs a link
+slower than the codec and data that shrink.
+
+Then the verdict of the gets themselves: once both a raw and a compressed get have
+run within `VERDICT_S`, auto asks only if the compressed ones delivered more raw
+bytes per second, by half the margin. That catches what the model misses: on loopback
+the "link" is the same CPUs the codec runs on. A verdict ages out, so a decision is
+tried again.
 
 The rates, per client (so per server node):
 
-- link: the bytes per second a get streams after its first message (its fixed costs,
-  which compression cannot cut, left out), less the time spent decoding and the
-  server's estimated encoding, from gets that stream at least 512 KiB so;
+- link: bytes received per second by gets of at least 1 MiB on the wire, less the time
+  spent decoding;
 - ratio, decode: from the compressed replies received, and before any from a probe;
 - encode (and first ratio and decode): a probe, on this client, of lz4 over a sample of
   a received reply (its first `SAMPLE_BYTES`), taken at first use and again after
-  `PROBE_EVERY_S` while auto has not switched on.
+  `PROBE_EVERY_S`;
+- delivered: raw bytes per second of gets of at least 1 MiB, raw gets and gets that
+  asked for compression apart.
 
 Through shared memory a get never asks (the daemon would not compress there either).
 A server from before the field answers INVALID_ARGUMENT: the get is sent again without
@@ -46,9 +53,12 @@ WIRE_COMPRESSION_MODES: tuple[WireCompressionMode, ...] = ("auto", "off", "lz4")
 # codec would use.
 DEFAULT_MARGIN = 0.5
 PROBE_EVERY_S = 60.0
-# Gets of fewer bytes on the wire are not samples of the link.
-MIN_LINK_SAMPLE_BYTES = 512 << 10
+# Gets of fewer bytes on the wire are not samples of the link: their time is mostly
+# fixed costs (request, lookup), which compression cannot cut.
+MIN_SAMPLE_BYTES = 1 << 20
 UNSUPPORTED_RETRY_S = 300.0
+VERDICT_S = 60.0
+_RECENT = 8
 # How much of the weight of earlier ratio and decode samples a new one leaves.
 _KEEP = 0.75
 # What a server that predates `wire_compression` says (kvstore.wire.namespace).
@@ -63,6 +73,9 @@ class WireRates:
     encode: float | None
     decode: float | None
     ratio: float | None  # raw bytes / bytes on the wire, of gets that asked
+    # Raw bytes per second of recent gets, raw and asking for lz4 (the verdict).
+    delivered_raw: float | None = None
+    delivered_lz4: float | None = None
 
     def pays(self, margin: float) -> bool:
         """Whether a compressed get is expected to beat a raw one by `margin`."""
@@ -70,8 +83,30 @@ class WireRates:
         if link is None or encode is None or decode is None or ratio is None:
             return False
         raw_s = 1.0 / link
-        compressed_s = 1.0 / (ratio * link) + 1.0 / encode + 1.0 / decode
+        compressed_s = max(1.0 / (ratio * link), 1.0 / encode) + 1.0 / decode
         return compressed_s * (1.0 + margin) < raw_s
+
+    def verdict(self, margin: float = DEFAULT_MARGIN) -> bool | None:
+        """Whether recent compressed gets beat recent raw ones by half `margin` (single
+        gets on a busy host vary that much); None: not both measured."""
+        if self.delivered_raw is None or self.delivered_lz4 is None:
+            return None
+        return self.delivered_lz4 > self.delivered_raw * (1.0 + margin / 2)
+
+
+class _Recent:
+    """Bytes per second of the samples of the last `VERDICT_S` (at most `_RECENT`)."""
+
+    def __init__(self) -> None:
+        self._samples: list[tuple[float, float, float]] = []  # (bytes, seconds, at)
+
+    def add(self, nbytes: float, seconds: float, at: float) -> None:
+        self._samples = [*self._samples[-(_RECENT - 1) :], (nbytes, seconds, at)]
+
+    def rate(self, now: float) -> float | None:
+        fresh = [sample for sample in self._samples if now - sample[2] < VERDICT_S]
+        seconds = sum(sample[1] for sample in fresh)
+        return sum(sample[0] for sample in fresh) / seconds if seconds > 0 else None
 
 
 class _Average:
@@ -109,20 +144,34 @@ class WireCompressionPolicy:
         self._ratio = _Average()
         self._decode = _Average()
         self._encode = _Average()
+        self._delivered = {False: _Recent(), True: _Recent()}  # by: compression was asked
         self._probed_at: float | None = None
         self._unsupported_until = -math.inf
 
     @property
     def rates(self) -> WireRates:
-        return WireRates(
-            self._link.rate(), self._encode.value(), self._decode.value(), self._ratio.value()
-        )
+        now = self._clock()
+        with self._lock:
+            return WireRates(
+                self._link.rate(),
+                self._encode.value(),
+                self._decode.value(),
+                self._ratio.value(),
+                self._delivered[False].rate(now),
+                self._delivered[True].rate(now),
+            )
 
     def ask(self) -> bool:
         """Whether the next get asks for LZ4_SHUFFLE."""
         if self.mode == "off" or self._clock() < self._unsupported_until:
             return False
-        return self.mode == "lz4" or self.rates.pays(self._margin)
+        if self.mode == "lz4":
+            return True
+        rates = self.rates
+        if not rates.pays(self._margin):
+            return False
+        verdict = rates.verdict(self._margin)
+        return True if verdict is None else verdict
 
     def wants_sample(self) -> bool:
         """Whether the next get should keep a sample of its bytes for a probe."""
@@ -134,24 +183,20 @@ class WireCompressionPolicy:
         """The server does not know the field: stop asking it for a while."""
         self._unsupported_until = self._clock() + UNSUPPORTED_RETRY_S
 
-    def observe(self, stats: WireStats) -> None:
-        """A finished get: its bytes, its decoding and its streaming time."""
+    def observe(self, stats: WireStats, seconds: float, asked: bool) -> None:
+        """A finished get of `seconds` (`asked`: it asked for compression): its bytes
+        and its decoding."""
+        sample = stats.wire_bytes >= MIN_SAMPLE_BYTES and seconds > 0
         with self._lock:
+            if sample:
+                self._delivered[asked].add(stats.raw_bytes, seconds, self._clock())
             if stats.compressed_raw_bytes:
-                raw_bytes = stats.wire_bytes - stats.compressed_wire_bytes
-                raw_bytes += stats.compressed_raw_bytes
-                self._ratio.add(raw_bytes, stats.wire_bytes)
+                self._ratio.add(stats.raw_bytes, stats.wire_bytes)
                 if stats.decode_s > 0:
                     self._decode.add(stats.compressed_raw_bytes, stats.decode_s)
-            encode = self._encode.value()
-            # Decoding and encoding of what came after the first message, about.
-            share = stats.streamed_bytes / stats.wire_bytes if stats.wire_bytes else 0.0
-            codec_s = stats.decode_s
-            if encode is not None:
-                codec_s += stats.compressed_raw_bytes / encode
-            link_s = stats.streaming_s - codec_s * share
-            if link_s > 0 and stats.streamed_bytes >= MIN_LINK_SAMPLE_BYTES:
-                self._link.observe(stats.streamed_bytes, link_s)
+            link_s = seconds - stats.decode_s
+            if sample and link_s > 0:
+                self._link.observe(stats.wire_bytes, link_s)
         if stats.sample:
             self.probe(stats.sample)
 

@@ -12,6 +12,7 @@ from kvstore.client._receive import WireStats
 from kvstore.client._wire_compression import (
     PROBE_EVERY_S,
     UNSUPPORTED_RETRY_S,
+    VERDICT_S,
     WireCompressionPolicy,
     WireRates,
 )
@@ -40,12 +41,10 @@ def test_pays_compares_expected_times(rates: WireRates, pays: bool) -> None:
     assert rates.pays(0.5) is pays
 
 
-def raw_get(seconds: float, nbytes: int = 4 * MiB) -> WireStats:
-    """A raw get that streamed `nbytes` after its first message in `seconds`."""
+def raw_get(nbytes: int = 4 * MiB) -> WireStats:
+    """A get whose `nbytes` all came raw."""
     stats = WireStats()
-    stats.first_at, stats.first_bytes = 0.0, MiB
-    stats.wire_bytes = nbytes + MiB
-    stats.streaming_s = seconds
+    stats.wire_bytes = stats.raw_bytes = nbytes
     return stats
 
 
@@ -59,9 +58,9 @@ def test_auto_asks_once_a_slow_link_and_a_shrinking_sample_are_measured() -> Non
     policy = WireCompressionPolicy("auto", 2)
     assert not policy.ask()  # nothing measured
     assert policy.wants_sample()
-    slow = raw_get(4 * MiB / 20e6)  # 20 MB/s
+    slow = raw_get()
     slow.sample = smooth(256 << 10)
-    policy.observe(slow)
+    policy.observe(slow, 4 * MiB / 20e6, False)  # 20 MB/s
     rates = policy.rates
     assert rates.link == pytest.approx(20e6)
     assert rates.ratio is not None
@@ -71,39 +70,56 @@ def test_auto_asks_once_a_slow_link_and_a_shrinking_sample_are_measured() -> Non
 
 def test_auto_stays_off_on_a_fast_link_or_for_data_that_do_not_shrink() -> None:
     fast = WireCompressionPolicy("auto", 2)
-    stats = raw_get(4 * MiB / 10e9)
+    stats = raw_get()
     stats.sample = smooth(256 << 10)
-    fast.observe(stats)
+    fast.observe(stats, 4 * MiB / 10e9, False)
     assert not fast.ask()
 
     noise = WireCompressionPolicy("auto", 2)
-    stats = raw_get(4 * MiB / 20e6)
+    stats = raw_get()
     stats.sample = torch.randint(0, 256, (256 << 10,), dtype=torch.uint8).numpy().tobytes()
-    noise.observe(stats)
+    noise.observe(stats, 4 * MiB / 20e6, False)
     assert noise.rates.ratio == pytest.approx(1.0)
     assert not noise.ask()
 
 
 def test_small_gets_are_not_link_samples() -> None:
     policy = WireCompressionPolicy("auto", 2)
-    policy.observe(raw_get(1.0, nbytes=64 << 10))  # 64 KiB in a second: latency, not a link
+    policy.observe(raw_get(64 << 10), 1.0, False)  # 64 KiB in a second: latency, not a link
     assert policy.rates.link is None
 
 
-def test_a_compressed_get_updates_ratio_and_decode_and_discounts_its_codec_time() -> None:
+def test_a_compressed_get_updates_ratio_and_decode_and_discounts_its_decoding() -> None:
     policy = WireCompressionPolicy("auto", 2)
-    policy.probe(smooth(256 << 10))
-    encode = policy.rates.encode
-    assert encode is not None
-    stats = raw_get(0.0, nbytes=2 * MiB)
-    stats.first_bytes = 0
+    stats = WireStats()
+    stats.wire_bytes, stats.raw_bytes = 3 * MiB, 5 * MiB
     stats.compressed_raw_bytes, stats.compressed_wire_bytes = 4 * MiB, 2 * MiB
     stats.decode_s = 0.01
-    stats.streaming_s = 0.1 + 0.01 + 4 * MiB / encode
-    policy.observe(stats)
+    policy.observe(stats, 0.1 + 0.01, True)
     rates = policy.rates
     assert rates.link == pytest.approx(3 * MiB / 0.1, rel=1e-6)
-    assert rates.decode is not None
+    assert rates.decode == pytest.approx(4 * MiB / 0.01)
+    assert rates.ratio == pytest.approx(5 / 3)
+    assert rates.delivered_lz4 == pytest.approx(5 * MiB / 0.11)
+    assert rates.delivered_raw is None
+
+
+def test_the_gets_verdict_overrules_the_model_until_it_ages_out() -> None:
+    clock = FakeClock()
+    policy = WireCompressionPolicy("auto", 2, clock=clock)
+    slow = raw_get()
+    slow.sample = smooth(256 << 10)
+    policy.observe(slow, 4 * MiB / 20e6, False)  # a raw get at 20 MB/s...
+    assert policy.ask()  # ...so the model expects lz4 to win
+    policy.observe(raw_get(), 4 * MiB / 10e6, True)  # but one asking got 10 MB/s of KV
+    assert policy.rates.verdict() is False
+    assert not policy.ask()
+    clock.now += VERDICT_S
+    policy.observe(raw_get(), 4 * MiB / 20e6, False)
+    assert policy.ask()  # the compressed get's sample aged out: try it again
+    policy.observe(raw_get(), 4 * MiB / 40e6, True)  # and now it wins
+    assert policy.rates.verdict() is True
+    assert policy.ask()
 
 
 def test_samples_are_wanted_again_after_a_while() -> None:

@@ -130,21 +130,29 @@ async def test_auto_stays_off_on_an_unthrottled_loopback(
     layout = layout_for(make_layout)
     client = connect(make_namespace(layout))
     assert client.options.wire_compression == "auto"
-    kv = smooth_kv(layout, NUM_BLOCKS)
+    num_blocks = 32  # 8 MiB gets: a busy host's hiccups are a smaller part of each
+    kv = smooth_kv(layout, num_blocks)
     keys = await stored(client, kv)
-    for _ in range(3):
+    compressed = []
+    for _ in range(8):
         dest = torch.zeros_like(kv)
-        assert await client.get_into(keys, dest) == NUM_BLOCKS
+        assert await client.get_into(keys, dest) == num_blocks
         assert same(dest, kv)
         stats = client.wire_stats
         assert stats is not None
-        assert stats.compressed_raw_bytes == 0
+        compressed.append(stats.compressed_raw_bytes > 0)
     rates = client.wire_compression.rates
-    # Measured, and lz4 would not beat this link: the link is faster than the codec.
     assert None not in (rates.link, rates.encode, rates.decode, rates.ratio)
     assert rates.ratio is not None
-    assert rates.ratio > 1.2  # the data would shrink...
-    assert not client.wire_compression.ask()  # ...but not fast enough to win
+    assert rates.ratio > 1.2  # the data would shrink, but the link is faster than lz4
+    # The model may expect a gain at the margin (a busy host's link rate varies): then
+    # a get or two try lz4, which delivers less (loopback's "link" is the CPUs lz4
+    # needs), and that verdict keeps the later gets raw.
+    assert sum(compressed) <= 2
+    assert not any(compressed[-3:])
+    if any(compressed):
+        assert rates.verdict() is False
+        assert not client.wire_compression.ask()
 
 
 async def test_auto_turns_on_under_a_slow_link_once_it_has_measured_it(
