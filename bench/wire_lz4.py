@@ -3,8 +3,9 @@
 Two `kvstore-server` processes: one whose DRAM reads are throttled (`--throttle-read
 dram=RATE`, which paces gets by the bytes they send, so compressed bytes pass faster:
 a slow link's stand-in), and one unthrottled (loopback as it is). On each, the same
-blocks are got with `ClientOptions.wire_compression` "off", "lz4" and "auto", over the
-TCP data plane (shared memory off: it never compresses), or gRPC with `--grpc`.
+blocks are got with `ClientOptions.wire_compression` "off", "lz4" and "auto" (a client
+each, taking turns get by get), over the TCP data plane (shared memory off: it never
+compresses), or gRPC with `--grpc`.
 
 The data are KV of a real prefill (`kvstore-bench lz4`'s: the disagg transformer, cast to
 fp16 and bf16), KV of a narrow range of values (uniform in [1.0, 1.2), fp16: what
@@ -72,26 +73,32 @@ async def _measure(
         for index in range(len(blocks))
     ]
     kv = blocks.repeat(copies, *([1] * (blocks.dim() - 1)))
-    gbps: dict[str, float] = {}
-    ratio: dict[str, float] = {}
-    auto_asked = False
-    auto_rates: dict[str, float | None] = {}
-    for mode in MODES:
-        options = ClientOptions(
-            wire_compression=mode,  # type: ignore[arg-type]
-            shared_memory=False,
-            data_plane=not grpc_only,
+    block_bytes = namespace.layout.block_bytes
+    clients = {
+        mode: KVClient(
+            target,
+            namespace,
+            options=ClientOptions(
+                wire_compression=mode,  # type: ignore[arg-type]
+                shared_memory=False,
+                data_plane=not grpc_only,
+            ),
         )
-        async with KVClient(target, namespace, options=options) as client:
-            if mode == MODES[0]:
-                result = await client.put_blocks(keys, kv)
-                if result.num_committed != len(keys):
-                    raise RuntimeError(f"only {result.num_committed} of {len(keys)} blocks stored")
-            dest = torch.empty_like(kv)
-            await client.get_into(keys, dest, form=KVForm.BLOCKS)  # warm-up; auto measures
-            samples = []
-            wire = raw = 0
-            for _ in range(rounds):
+        for mode in MODES
+    }
+    samples: dict[str, list[float]] = {mode: [] for mode in MODES}
+    wire = dict.fromkeys(MODES, 0)
+    auto_asked = False
+    try:
+        result = await clients["off"].put_blocks(keys, kv)
+        if result.num_committed != len(keys):
+            raise RuntimeError(f"only {result.num_committed} of {len(keys)} blocks stored")
+        dest = torch.empty_like(kv)
+        for client in clients.values():  # warm-up; auto measures the link and probes lz4
+            await client.get_into(keys, dest, form=KVForm.BLOCKS)
+        # Modes take turns within each round, so load from elsewhere falls on all alike.
+        for _ in range(rounds):
+            for mode, client in clients.items():
                 asked = client.wire_compression.ask()
                 started = time.perf_counter()
                 got = await client.get_into(keys, dest, form=KVForm.BLOCKS)
@@ -100,17 +107,18 @@ async def _measure(
                     dest.view(torch.uint8), kv.view(torch.uint8)
                 ):
                     raise RuntimeError(f"the get ({mode}) did not return the stored bytes")
-                samples.append(len(keys) * namespace.layout.block_bytes / seconds / 1e9)
+                samples[mode].append(len(keys) * block_bytes / seconds / 1e9)
                 stats = client.wire_stats
                 assert stats is not None
-                wire += stats.wire_bytes
-                raw += len(keys) * namespace.layout.block_bytes
+                wire[mode] += stats.wire_bytes
                 if mode == "auto":
                     auto_asked = auto_asked or asked
-            if mode == "auto":
-                auto_rates = asdict(client.wire_compression.rates)
-            gbps[mode] = statistics.median(samples)
-            ratio[mode] = raw / wire
+        auto_rates: dict[str, float | None] = asdict(clients["auto"].wire_compression.rates)
+    finally:
+        for client in clients.values():
+            await client.close()
+    gbps = {mode: statistics.median(samples[mode]) for mode in MODES}
+    ratio = {mode: rounds * len(keys) * block_bytes / wire[mode] for mode in MODES}
     return gbps, ratio, auto_asked, auto_rates
 
 
