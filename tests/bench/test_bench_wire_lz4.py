@@ -30,7 +30,7 @@ async def test_a_slow_link_measures_every_mode_and_auto_chooses_lz4(
     assert all(value > 0 for value in gbps.values())
     assert ratio["off"] == 1.0
     assert ratio["lz4"] > 1.5
-    assert asked
+    assert asked >= 1
     assert rates["link"] is not None
     assert rates["link"] < 1.5 * 8 * MB
 
