@@ -9,7 +9,7 @@ slower than the codec and data that shrink.
 
 Then the verdict of the gets themselves: once both a raw and a compressed get have
 run within `VERDICT_S`, auto asks only if the compressed ones delivered more raw
-bytes per second, by half the margin. That catches what the model misses: on loopback
+bytes per second, by `VERDICT_MARGIN`. That catches what the model misses: on loopback
 the "link" is the same CPUs the codec runs on. A verdict ages out, so a decision is
 tried again.
 
@@ -48,10 +48,11 @@ from kvstore.wire.compression import LZ4_SHUFFLE, WireEncoder, decode_wire_data
 
 WireCompressionMode = Literal["auto", "off", "lz4"]
 WIRE_COMPRESSION_MODES: tuple[WireCompressionMode, ...] = ("auto", "off", "lz4")
-# Auto asks when a raw get is expected to take (1 + margin) times a compressed one:
-# rates measured on a busy host are noisy, and a loopback "link" is the same CPUs the
-# codec would use.
-DEFAULT_MARGIN = 0.5
+# Auto tries lz4 when a raw get is expected to take (1 + margin) times a compressed one.
+DEFAULT_MARGIN = 0.2
+# What recent gets that asked for lz4 must deliver over raw ones for auto to keep asking
+# (single gets on a busy host vary by more than the model's margin).
+VERDICT_MARGIN = 0.25
 PROBE_EVERY_S = 60.0
 # Gets of fewer bytes on the wire are not samples of the link: their time is mostly
 # fixed costs (request, lookup), which compression cannot cut.
@@ -86,12 +87,12 @@ class WireRates:
         compressed_s = max(1.0 / (ratio * link), 1.0 / encode) + 1.0 / decode
         return compressed_s * (1.0 + margin) < raw_s
 
-    def verdict(self, margin: float = DEFAULT_MARGIN) -> bool | None:
-        """Whether recent compressed gets beat recent raw ones by half `margin` (single
-        gets on a busy host vary that much); None: not both measured."""
+    def verdict(self, margin: float = VERDICT_MARGIN) -> bool | None:
+        """Whether recent gets that asked for lz4 beat recent raw ones by `margin`;
+        None: not both measured."""
         if self.delivered_raw is None or self.delivered_lz4 is None:
             return None
-        return self.delivered_lz4 > self.delivered_raw * (1.0 + margin / 2)
+        return self.delivered_lz4 > self.delivered_raw * (1.0 + margin)
 
 
 class _Recent:
@@ -170,7 +171,7 @@ class WireCompressionPolicy:
         rates = self.rates
         if not rates.pays(self._margin):
             return False
-        verdict = rates.verdict(self._margin)
+        verdict = rates.verdict()
         return True if verdict is None else verdict
 
     def wants_sample(self) -> bool:
