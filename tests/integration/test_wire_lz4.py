@@ -19,7 +19,7 @@ from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.server import RunningServer
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from kvstore.wire.chunks import decode_get_message
+from kvstore.wire.chunks import WireChunk, WireRun, decode_get_message
 from kvstore.wire.compression import LZ4_SHUFFLE, WireEncoder
 from kvstore.wire.errors import WireError
 from kvstore.wire.namespace import namespace_to_wire
@@ -261,26 +261,26 @@ async def test_a_request_without_the_field_gets_raw_bytes(
     client = connect(namespace)
     keys = await stored(client, smooth_kv(layout, NUM_BLOCKS))
 
-    async def runs(compression: int) -> list[pb.LayerRun | object]:
+    async def items(compression: int) -> list[WireRun | WireChunk]:
         request = pb.GetBlocksRequest(
             namespace=namespace_to_wire(namespace),
             keys=keys,
             wire_compression=compression,  # type: ignore[arg-type]
         )
-        found = []
+        found: list[WireRun | WireChunk] = []
         async for reply in stub.GetBlocks(request):
             message = decode_get_message(reply.SerializeToString())
             found.extend(message.runs)
             found.extend(message.chunks)
         return found
 
-    plain = await runs(0)
+    plain = await items(0)  # as a client from before the field asks
     assert plain
-    assert all(item.compression == 0 for item in plain)  # type: ignore[attr-defined]
-    assert sum(len(item.data) for item in plain) == NUM_BLOCKS * layout.block_bytes  # type: ignore[attr-defined]
-    asked = await runs(LZ4_SHUFFLE)
+    assert all(item.compression == 0 for item in plain)
+    assert sum(len(item.data) for item in plain) == NUM_BLOCKS * layout.block_bytes
+    asked = await items(LZ4_SHUFFLE)
     assert asked
-    assert all(item.compression == LZ4_SHUFFLE for item in asked)  # type: ignore[attr-defined]
+    assert all(item.compression == LZ4_SHUFFLE for item in asked)
 
 
 async def test_a_server_without_the_field_gets_the_request_again_without_it(
