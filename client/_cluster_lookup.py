@@ -59,7 +59,6 @@ class LookupPlan:
     """A chain's spans and, per owner, what it is asked. `owners[0]` owns the chain's
     first span: its answer says whether the chain's first block is a chain root."""
 
-    placement: Placement
     spans: tuple[Run, ...]
     owners: tuple[OwnerAsk, ...]
     span_owner: tuple[int, ...]  # for each span, its owner's index in `owners`
@@ -93,30 +92,34 @@ def plan_lookup(placement: Placement, keys: Sequence[bytes]) -> LookupPlan:
         OwnerAsk(member, asked, tuple(starts), tuple(at))
         for member, asked, starts, at in zip(members, owner_keys, span_starts, offsets, strict=True)
     )
-    return LookupPlan(placement, tuple(spans), owners, tuple(span_owner), tuple(span_offset))
+    return LookupPlan(tuple(spans), owners, tuple(span_owner), tuple(span_offset))
 
 
 class LookupPlans:
-    """The plans of the chains looked up last, by their keys; a plan made under another
-    placement (the membership changed since) is made again."""
+    """The plans of the chains looked up last, by their keys, under one placement: a
+    new placement (the membership changed) drops them all, as none places right under
+    it."""
 
     def __init__(self, kept: int = PLANS_KEPT) -> None:
         self._kept = kept
+        self._placement: Placement | None = None
         self._plans: OrderedDict[tuple[bytes, ...], LookupPlan] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._plans)
 
     def plan(self, placement: Placement, keys: list[bytes]) -> LookupPlan:
+        if placement is not self._placement:
+            self._plans.clear()
+            self._placement = placement
         # Keyed by the keys' values, not the list's identity: a caller may change a
         # list between lookups, and a freed list's id is reused.
         chain = tuple(keys)
         found = self._plans.get(chain)
-        if found is not None and found.placement is placement:
+        if found is not None:
             self._plans.move_to_end(chain)
             return found
         found = self._plans[chain] = plan_lookup(placement, chain)
-        self._plans.move_to_end(chain)
         if len(self._plans) > self._kept:
             self._plans.popitem(last=False)
         return found

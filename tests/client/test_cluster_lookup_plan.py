@@ -140,6 +140,7 @@ def test_a_plan_is_kept_per_chain_and_made_again_under_a_new_placement() -> None
     assert replanned is not first
     assert list(replanned.spans) == after_a_join.spans(keys)
     assert len(replanned.owners) == 4
+    assert len(plans) == 1  # the old placement's plans were dropped with it
 
 
 def test_only_the_last_chains_plans_are_kept() -> None:
