@@ -46,11 +46,9 @@ class PageArena:
             self._tensor = torch.empty(
                 self.capacity_bytes, dtype=torch.uint8, pin_memory=pin_memory
             )
-            self._array: np.ndarray | None = self._tensor.numpy()
-            self._view: memoryview | None = self._array.data
+            self._view: memoryview | None = self._tensor.numpy().data
         else:
             self._tensor = torch.empty(self.capacity_bytes, dtype=torch.uint8, device=self.device)
-            self._array = None
             self._view = None
         # Popped from the end: low page numbers are handed out first.
         self._free_pages = list(range(self.num_pages - 1, -1, -1))
@@ -85,10 +83,8 @@ class PageArena:
         done = 0
         for start, length in self._spans(pages, offset, len(source)):
             part = source[done : done + length]
-            if self._array is not None:
-                # numpy's copy lets go of the GIL (a memoryview's holds it): a put's
-                # bytes may be copied on a thread beside the event loop.
-                self._array[start : start + length] = np.frombuffer(part, dtype=np.uint8)
+            if self._view is not None:
+                self._view[start : start + length] = part
             else:
                 array = np.frombuffer(part, dtype=np.uint8)
                 if not array.flags.writeable:

@@ -20,9 +20,7 @@ which tells it from a chain's true first block, put with no parent key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import cast
 
-from kvstore.arena import PageArena
 from kvstore.census import TenantUsage
 from kvstore.checksum import ChecksumKind, Hasher, checksums_of_slices, new_hasher
 from kvstore.enums import PutOutcome, TierKind
@@ -53,48 +51,6 @@ class _PendingBlock:
     layer_checksums: list[int] = field(default_factory=list)
     layers_done: int = 0
     complete: bool = False
-
-
-@dataclass(slots=True, eq=False)
-class RunCopy:
-    """The byte work of one run (PutSession.begin_run): each layer's checksum, and the
-    copy into its blocks' pages. It reads only the run's bytes and writes only pages
-    that its put reserved and nothing reads before the put commits them, and it takes
-    the GIL only between copies and between checksums, so it may run on another thread
-    while the event loop serves other requests."""
-
-    arena: PageArena
-    kind: ChecksumKind
-    view: memoryview
-    layer_bytes: int
-    offset: int
-    handles: list[list[int] | None]
-    blocks: list[_PendingBlock]
-    layer: int
-    expected: list[int]
-    actual: list[int] | None = None
-    bytes_written: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.view)
-
-    def __call__(self) -> None:
-        view, layer_bytes = self.view, self.layer_bytes
-        # Checksums before the copy: the bytes are then in cache for it. A mismatch
-        # fails the put after the copy, and its blocks never commit.
-        self.actual = checksums_of_slices(self.kind, view, layer_bytes)
-        handles = self.handles
-        if all(handle is not None for handle in handles):
-            pages = cast(list[list[int]], handles)
-            self.arena.write_slices(pages, self.offset, view, layer_bytes)
-            self.bytes_written = len(view)
-            return
-        for number, handle in enumerate(handles):
-            if handle is not None:
-                part = view[number * layer_bytes : (number + 1) * layer_bytes]
-                self.arena.write(handle, self.offset, part)
-                self.bytes_written += layer_bytes
 
 
 class PutSession:
@@ -292,22 +248,6 @@ class PutSession:
         layer_checksums: tuple[int, ...] | list[int],
     ) -> None:
         """Whole layer `layer` of `num_blocks` declared blocks, concatenated in `data`."""
-        copy = self.begin_run(first_block, num_blocks, layer, data, layer_checksums)
-        copy()
-        self.end_run(copy)
-
-    def begin_run(
-        self,
-        first_block: int,
-        num_blocks: int,
-        layer: int,
-        data: bytes | memoryview,
-        layer_checksums: tuple[int, ...] | list[int],
-    ) -> RunCopy:
-        """`write_run` in three steps: this one checks the run and reserves its blocks'
-        pages; calling the RunCopy does the byte work (it may run on another thread);
-        `end_run` checks the checksums and commits. Nothing else may use the session,
-        nor abort it, until the copy has returned and `end_run` has run."""
         layout = self._layout
         layer_bytes = layout.layer_bytes
         if num_blocks < 1 or len(layer_checksums) != num_blocks:
@@ -329,6 +269,7 @@ class PutSession:
                 f"run of {num_blocks} blocks carries {len(data)} bytes, but a layer is "
                 f"{layer_bytes} bytes in this namespace's layout"
             )
+        view = memoryview(data)
         blocks = self._blocks[first_block : first_block + num_blocks]
         for block in blocks:
             if block.layer_filled[layer]:
@@ -338,35 +279,25 @@ class PutSession:
         for block in blocks:
             if block.outcome is None and block.handle is None:
                 self.start(block.index)
-        return RunCopy(
-            arena=self._dram.arena,
-            kind=self._checksum_kind,
-            view=memoryview(data),
-            layer_bytes=layer_bytes,
-            offset=layer * layer_bytes,
-            # None: blocks the store already holds are checked, not written.
-            handles=[cast(list[int] | None, block.handle) for block in blocks],
-            blocks=blocks,
-            layer=layer,
-            expected=list(layer_checksums),
-        )
-
-    def end_run(self, copy: RunCopy) -> None:
-        """Check the run's checksums against those sent, and commit the blocks it
-        completed; ChecksumMismatch at the first that differs."""
-        assert copy.actual is not None, "the run's copy has not run"
-        layer, layer_bytes = copy.layer, copy.layer_bytes
-        self._dram.counters.bytes_written += copy.bytes_written
-        blocks, actual = copy.blocks, copy.actual
-        if actual != copy.expected:
-            for block, expected, got in zip(blocks, copy.expected, actual, strict=True):
+        actual = checksums_of_slices(self._checksum_kind, view, layer_bytes)
+        # Copy before checking: a mismatch fails the put, and its blocks never commit.
+        handles = [block.handle for block in blocks if block.handle is not None]
+        if len(handles) == num_blocks:
+            self._dram.write_slices(handles, layer * layer_bytes, view, layer_bytes)
+        else:  # blocks the store already holds are checked, not written
+            for number, block in enumerate(blocks):
+                if block.handle is not None:
+                    part = view[number * layer_bytes : (number + 1) * layer_bytes]
+                    self._dram.write(block.handle, layer * layer_bytes, part)
+        if actual != list(layer_checksums):
+            for block, expected, got in zip(blocks, layer_checksums, actual, strict=True):
                 block.layer_expected[layer] = expected
                 block.layer_filled[layer] = layer_bytes
                 self._finish_layer(block, layer, got)  # raises at the first mismatch
             raise AssertionError("unreachable: the lists differ, so one checksum does")
         # Every checksum matched: _finish_layer's work, inlined. A layer sent whole was
         # never started by a chunk (layer_filled was 0), so it has no hasher to drop.
-        num_layers = self._layout.num_layers
+        num_layers = layout.num_layers
         for block, got in zip(blocks, actual, strict=True):
             block.layer_filled[layer] = layer_bytes
             block.layer_checksums[layer] = got

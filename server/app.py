@@ -54,7 +54,6 @@ class RunningServer:
     membership: Registration | None = None
     metrics: DaemonMetrics | None = None  # None: metrics_port = -1
     gc_policy: GcPolicy | None = None  # None: gc_freeze_interval_s = 0
-    transfers: Transfers | None = None  # its byte worker is stopped by drain
 
     async def drain(self) -> None:
         """Stop taking new work, let streams in flight finish, then stop."""
@@ -76,8 +75,6 @@ class RunningServer:
             flushed = await self.mover.flush_all()
             logger.info("flushed %d blocks to SSD", flushed)
         await self.mover.close()
-        if self.transfers is not None:
-            self.transfers.close()
         # Served to the end, so that a scrape can watch the drain.
         if self.metrics is not None:
             await self.metrics.stop()
@@ -259,7 +256,6 @@ async def build_server(config: ServerConfig) -> RunningServer:
         server, port, store, mover, servicer, health_servicer, config, data_plane, loop_watch, auth
     )
     running.metrics = metrics
-    running.transfers = transfers
     if config.gc_freeze_interval_s > 0:
         # After recovery and start-up: the index and the modules are frozen at once.
         running.gc_policy = GcPolicy(config.gc_freeze_interval_s, config.gc_full_interval_s)

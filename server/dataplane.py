@@ -22,7 +22,6 @@ import secrets
 import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
-from functools import partial
 
 import grpc
 
@@ -46,6 +45,7 @@ from kvstore.wire.frames import (
     DEFAULT_TRANSFER_S,
     HEADER,
     HELLO_PAYLOAD,
+    LOOP_SLICE_BYTES,
     ConnectionClosed,
     FrameKind,
     FrameReader,
@@ -562,10 +562,7 @@ class DataPlane:
                 while offset is None:  # the client still reads older replies
                     await self._await_done(link, pacing, ring)
                     offset = ring.reserve(length)
-                # Off the loop (kvstore.server.offload): the copy is most of a get's CPU.
-                await self._transfers.byte_worker.run(
-                    partial(copy_parts, target, offset, parts), length
-                )
+                await _copy_sliced(target, offset, parts)
                 reply = Region(region.buffer_id, region.offset + offset, length)
                 pacing.waiting()
                 await link.send(FrameKind.GET_DATA_SHM, [reply.encode()])
@@ -609,6 +606,18 @@ class DataPlane:
                     await link.reader.read_into(scratch)
         except (ConnectionClosed, OSError, TimeoutError, asyncio.CancelledError):
             pass
+
+
+async def _copy_sliced(target: memoryview, offset: int, parts: list[bytes | memoryview]) -> None:
+    """copy_parts, letting the loop run other callbacks (lookups) after each
+    LOOP_SLICE_BYTES, as the TCP path's sends do."""
+    unyielded = 0
+    for part in parts:
+        offset += copy_parts(target, offset, [part])
+        unyielded += memoryview(part).nbytes
+        if unyielded >= LOOP_SLICE_BYTES:
+            unyielded = 0
+            await asyncio.sleep(0)
 
 
 def _peek_header(link: _Link) -> tuple[int, int] | None:

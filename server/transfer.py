@@ -29,7 +29,6 @@ from kvstore.read import ReadSession
 from kvstore.server.auth import OPEN, Caller
 from kvstore.server.config import Limits
 from kvstore.server.decode import MalformedRequest, open_keyed_request, put_namespace_from_wire
-from kvstore.server.offload import ByteWorker
 from kvstore.server.put_floor import PutFloor
 from kvstore.server.replies import put_reply
 from kvstore.server.request_metrics import RequestMetrics
@@ -69,12 +68,6 @@ class Transfers:
         self._num_running: dict[str, int] = {}
         # The put and get histograms, both transports' (None: metrics off).
         self.request_metrics: RequestMetrics | None = None
-        # Puts' checksums and copies, and same-host gets' copies, beside the loop.
-        self.byte_worker = ByteWorker()
-
-    def close(self) -> None:
-        """Stop the byte worker once no transfer runs (after the drain)."""
-        self.byte_worker.close()
 
     def num_running(self, tenant: str) -> int:
         """Puts and gets of a tenant with a `max_transfers` quota running now."""
@@ -190,14 +183,9 @@ class Transfers:
                 or len(run.data) != run.num_blocks * layer_bytes
                 or not 0 <= run.first_block <= session.num_declared - run.num_blocks
             )
-            if whole:  # small, or malformed: begin_run answers it as sent
-                await self._write_run(
-                    session,
-                    run.first_block,
-                    run.num_blocks,
-                    run.layer,
-                    run.data,
-                    run.layer_checksums,
+            if whole:  # small, or malformed: write_run answers it as sent
+                session.write_run(
+                    run.first_block, run.num_blocks, run.layer, run.data, run.layer_checksums
                 )
                 continue
             for first in range(0, run.num_blocks, BLOCKS_PER_STEP):
@@ -205,8 +193,7 @@ class Transfers:
                     self._take_committed(session, committed)
                     await asyncio.sleep(0)
                 stop = min(first + BLOCKS_PER_STEP, run.num_blocks)
-                await self._write_run(
-                    session,
+                session.write_run(
                     run.first_block + first,
                     stop - first,
                     run.layer,
@@ -214,21 +201,6 @@ class Transfers:
                     run.layer_checksums[first:stop],
                 )
         self._take_committed(session, committed)
-
-    async def _write_run(
-        self,
-        session: PutSession,
-        first_block: int,
-        num_blocks: int,
-        layer: int,
-        data: bytes | memoryview,
-        layer_checksums: tuple[int, ...] | list[int],
-    ) -> None:
-        """session.write_run, its checksums and copy on the byte worker (inline when
-        small)."""
-        copy = session.begin_run(first_block, num_blocks, layer, data, layer_checksums)
-        await self.byte_worker.run(copy, copy.nbytes)
-        session.end_run(copy)
 
     def _take_committed(self, session: PutSession, committed: list[BlockEntry]) -> None:
         """Hand the blocks committed so far to the write policy (write-through starts

@@ -42,8 +42,6 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from kvstore.wire.errors import WireError
 
 REGION = struct.Struct("<IQQ")
@@ -55,8 +53,6 @@ BUFFER_ID = struct.Struct("<I")
 # concatenate into one), and ask for get replies this large. Not more: the daemon
 # applies a put's message in one go, and lookups wait meanwhile.
 SHM_MESSAGE_BYTES = 2 << 20
-# Parts at least this long are copied without the GIL (copy_parts).
-_RELEASED_COPY_BYTES = 4096
 # Said by the daemon after HELLO_PAYLOAD on the Unix socket, and in GetDataPlane: a
 # client checks that the socket it reached belongs to the daemon it talks to over gRPC.
 INSTANCE_BYTES = 16
@@ -142,23 +138,13 @@ class RegionRing:
 
 
 def copy_parts(buffer: memoryview, offset: int, parts: Sequence[bytes | memoryview]) -> int:
-    """Write `parts` back to back at `offset` of `buffer`; the bytes written.
-
-    A part of at least _RELEASED_COPY_BYTES is copied by numpy, which lets go of the GIL
-    (a memoryview's copy holds it), so this may run on a thread beside an event loop.
-    """
+    """Write `parts` back to back at `offset` of `buffer`; the bytes written."""
     position = offset
-    target: np.ndarray | None = None
     for part in parts:
         view = memoryview(part)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         end = position + len(view)
-        if len(view) >= _RELEASED_COPY_BYTES:
-            if target is None:
-                target = np.frombuffer(buffer, dtype=np.uint8)
-            target[position:end] = np.frombuffer(view, dtype=np.uint8)
-        else:
-            buffer[position:end] = view
+        buffer[position:end] = view
         position = end
     return position - offset
