@@ -27,7 +27,6 @@ from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.loopwatch import LoopWatch
 from kvstore.server.membership import Registration, check_etcd, node_id_for
 from kvstore.server.metrics import DaemonMetrics, start_metrics
-from kvstore.server.sched_hint import request_slice
 from kvstore.server.servicer import KVStoreServicer
 from kvstore.server.shm_socket import sweep_dead_auto_sockets
 from kvstore.server.standard_services import add_health_service, add_reflection_service
@@ -149,10 +148,6 @@ async def build_server(config: ServerConfig) -> RunningServer:
         await check_etcd(parse_etcd_url(config.cluster.etcd), config.cluster.etcd_access())
     if config.tune_allocator:
         tune_allocator()
-    if config.loop_slice_ms > 0:
-        # This coroutine runs on the loop's thread: the hint is that thread's.
-        granted = request_slice(config.loop_slice_ms / 1000)
-        logger.debug("event loop thread's scheduler slice: %s s", granted)
     store = BlockStore(config.store)
     mover = TierMover(store)
     # The index holds what the SSD directory holds before serving, or, for a directory

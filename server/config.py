@@ -13,9 +13,6 @@ reads configuration from outside (files, flags); components receive their own pa
     gc_freeze_interval_s = 1     # no automatic full collections; freeze what survives
                                  # the young ones this often; 0: CPython's collector as is
     gc_full_interval_s = 3600    # a full collection of everything this often; 0: never
-    loop_slice_ms = 0.1          # the event loop thread's scheduler slice (Linux 6.12+):
-                                 # short, so it runs soon when a request wakes it; 0: the
-                                 # kernel's default
     workers = 1                  # daemon processes splitting the capacity (> 1 needs
                                  # [cluster]; kvstore.server.workers)
     metrics_port = -1            # Prometheus /metrics over HTTP: -1 off, 0 any free port
@@ -111,8 +108,6 @@ _MAX_UNIX_PATH_BYTES = 107
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 # Past this, a host is better served by more machines than by more processes.
 MAX_WORKERS = 256
-# The loop thread's scheduler slice, ms (kvstore.server.sched_hint): the least Linux takes.
-LOOP_SLICE_MS = 0.1
 
 
 # The largest BlockEvent on the wire: two keys of 64 bytes, a tier, a kind and framing.
@@ -314,9 +309,6 @@ class ServerConfig:
     # gc_full_interval_s one full collection, frozen objects too (0: never).
     gc_freeze_interval_s: float = 1.0
     gc_full_interval_s: float = 3600.0
-    # kvstore.server.sched_hint: the loop thread's scheduler slice, in ms (0: the
-    # kernel's default). Linux clamps it to [0.1, 100].
-    loop_slice_ms: float = LOOP_SLICE_MS
     store: StoreConfig = field(default_factory=StoreConfig)
     limits: Limits = field(default_factory=Limits)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -338,11 +330,6 @@ class ServerConfig:
         for name in ("gc_freeze_interval_s", "gc_full_interval_s"):
             if not getattr(self, name) >= 0:
                 raise InvalidRequest(f"{name} must be 0 (off) or more seconds")
-        if not (self.loop_slice_ms == 0 or 0.1 <= self.loop_slice_ms <= 100):
-            raise InvalidRequest(
-                f"loop_slice_ms must be 0 (the kernel's default slice) or 0.1 to 100 ms, "
-                f"got {self.loop_slice_ms}"
-            )
         if not 1 <= self.workers <= MAX_WORKERS:
             raise InvalidRequest(f"workers must be in [1, {MAX_WORKERS}], got {self.workers}")
         if self.workers > 1 and self.cluster is None:
@@ -778,14 +765,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds between full garbage collections of everything (default 3600; 0: never)",
     )
     parser.add_argument(
-        "--loop-slice-ms",
-        dest="loop_slice_ms",
-        type=float,
-        help="the event loop thread's scheduler slice on Linux 6.12+, so that it runs soon "
-        f"when a request wakes it on a busy machine (default {LOOP_SLICE_MS}; 0: the "
-        "kernel's default)",
-    )
-    parser.add_argument(
         "--no-tune-allocator",
         dest="tune_allocator",
         action="store_false",
@@ -802,7 +781,6 @@ _TOP_LEVEL_FLAGS = {
     "tune_allocator",
     "gc_freeze_interval_s",
     "gc_full_interval_s",
-    "loop_slice_ms",
     "insecure",
     "workers",
     "metrics_port",

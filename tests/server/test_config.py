@@ -139,15 +139,6 @@ def test_flags_alone() -> None:
     assert (config.gc_freeze_interval_s, config.gc_full_interval_s) == (1.0, 3600.0)
     gc_flags = parse_flags("--gc-freeze-interval-s", "0", "--gc-full-interval-s", "60")
     assert (gc_flags.gc_freeze_interval_s, gc_flags.gc_full_interval_s) == (0.0, 60.0)
-    assert config.loop_slice_ms == 0.1
-    assert parse_flags("--loop-slice-ms", "0").loop_slice_ms == 0.0
-    assert parse_flags("--loop-slice-ms", "3").loop_slice_ms == 3.0
-
-
-@pytest.mark.parametrize("slice_ms", ["-1", "0.05", "101"])
-def test_a_loop_slice_outside_what_linux_takes_is_refused(slice_ms: str) -> None:
-    with pytest.raises(InvalidRequest, match=r"loop_slice_ms must be 0 .* or 0.1 to 100 ms"):
-        parse_flags("--loop-slice-ms", slice_ms)
 
 
 def test_a_smaller_message_limit_needs_a_smaller_default_chunk() -> None:
