@@ -84,20 +84,29 @@ class ChainLookups:
             raise RuntimeError(f"the chain matched {matched} of {self._num_keys} keys")
 
     async def run_for(self, duration_s: float) -> list[float]:
-        """Back-to-back lookups of the whole chain for `duration_s`: each one's seconds."""
+        """Back-to-back lookups of the whole chain for `duration_s` after the warm-up (on
+        a busy machine the warm-up alone can take longer): each one's seconds."""
+        await self._warm_up()
         end = time.perf_counter() + duration_s
-        return await self.run_while(lambda: time.perf_counter() < end)
+        return await self._sample_while(lambda: time.perf_counter() < end)
 
     async def run_while(self, going: Callable[[], bool]) -> list[float]:
-        """Back-to-back lookups while `going()`: each one's seconds."""
+        """Back-to-back lookups while `going()`, at least one: each one's seconds."""
+        await self._warm_up()
+        return await self._sample_while(going)
+
+    async def _warm_up(self) -> None:
         for _ in range(_WARMUP):
             await self._lookup_once()
+
+    async def _sample_while(self, going: Callable[[], bool]) -> list[float]:
         samples = []
-        while going():
+        while True:  # at least one: a phase always has a figure
             start = time.perf_counter()
             await self._lookup_once()
             samples.append(time.perf_counter() - start)
-        return samples
+            if not going():
+                return samples
 
     async def phase(self, duration_s: float, load_gbps: float = 0.0) -> PhaseResult:
         return await self.result(await self.run_for(duration_s), load_gbps)

@@ -78,7 +78,9 @@ class LayerReceiver:
         arrivals: list[LayerArrival] = []
         if reply.checksum_kind:
             self._kind = checksum_kind_from_wire(reply.checksum_kind)
-        if reply.num_blocks and reply.num_blocks != self.num_blocks:
+        if reply.served_none:
+            self._shorten(0)
+        elif reply.num_blocks and reply.num_blocks != self.num_blocks:
             self._shorten(reply.num_blocks)
         for chunk in reply.chunks:
             if chunk.layer != self._current_layer:
@@ -92,8 +94,9 @@ class LayerReceiver:
 
     def _shorten(self, num_blocks: int) -> None:
         """The server found a block unreadable while it streamed layer 0 (it reads SSD
-        blocks as it sends): the get serves only the first `num_blocks` blocks. No
-        layer has been handed out yet, so nothing of the dropped blocks was used."""
+        blocks as it sends): the get serves only the first `num_blocks` blocks, none
+        when that was the first. No layer has been handed out yet, so nothing of the
+        dropped blocks was used."""
         if num_blocks > self.num_blocks or self._current_layer != 0:
             raise ChecksumError(
                 f"the server changed the get from {self.num_blocks} to {num_blocks} blocks "

@@ -3,8 +3,7 @@
     KVStoreError
     ├── InvalidRequest        malformed input: a bad key, layout or chunk
     ├── ChecksumMismatch      received bytes do not match their checksum
-    ├── CapacityExhausted     no room, and nothing evictable frees enough
-    └── UnreadableBlock       a stored block failed its checksum after part of it was sent
+    └── CapacityExhausted     no room, and nothing evictable frees enough
 
 A cache miss is a result, never an exception; a degraded SSD tier is a state the
 store reports, not an error (the other tiers serve). The server maps each class to one
@@ -28,8 +27,3 @@ class ChecksumMismatch(KVStoreError):
 
 class CapacityExhausted(KVStoreError):
     """The store has no room for the request and cannot make any by evicting."""
-
-
-class UnreadableBlock(KVStoreError):
-    """A stored block turned out unreadable after part of it had been sent: the block
-    is dropped, and the request cannot be answered as a shorter one."""

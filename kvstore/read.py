@@ -12,10 +12,9 @@ later blocks are still being read; layer 1 starts once every block is in whole. 
 block turns out unreadable (its layer 0, or a later layer after its layer 0 went out),
 the served prefix ends before it: `num_blocks` shrinks, and the transport tells the
 client before any byte of layer 1 (no layer is complete before every block of it has
-arrived, so the client has used nothing of the blocks dropped). Only the first block
-cannot be dropped that way once its layer 0 went out (the wire has no shorter get than
-one block): `stream_runs` and `stream_chunks` then raise UnreadableBlock, and the get
-fails (a retry misses the dropped block).
+arrived, so the client has used nothing of the blocks dropped). If that is the first
+block, the get serves none: the transport says so (`served_none`), and the get is a
+miss, as a retry is.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kvstore.enums import TierKind
-from kvstore.errors import InvalidRequest, UnreadableBlock
+from kvstore.errors import InvalidRequest
 from kvstore.index import BlockEntry
 from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
@@ -167,7 +166,7 @@ class ReadSession:
     async def _load_all(self) -> None:
         """Every served block in whole, once layer 0 went out: a block that fails now is
         dropped from the served prefix, with the blocks after it (the transport tells
-        the client before layer 1). Raises UnreadableBlock when that is the first."""
+        the client before layer 1). If that is the first, the get serves no block."""
         # Layer 0 is handed out (its views hold their buffers while they are sent): the
         # session need not keep the payloads of blocks promoted into DRAM alive.
         self._first_layers.clear()
@@ -175,11 +174,6 @@ class ReadSession:
             return
         if self._num_loaded < len(self.entries):
             await self._load_through(len(self.entries) - 1)
-        if not self.entries:
-            raise UnreadableBlock(
-                "the first block of the get turned out unreadable on SSD after its layer 0 "
-                "was sent; it was dropped, so a retry will miss it"
-            )
 
     @property
     def tiers(self) -> list[TierKind]:

@@ -7,7 +7,7 @@ import logging
 
 import grpc
 
-from kvstore.errors import CapacityExhausted, ChecksumMismatch, InvalidRequest, UnreadableBlock
+from kvstore.errors import CapacityExhausted, ChecksumMismatch, InvalidRequest
 from kvstore.server.auth import PermissionDenied, Unauthenticated
 from kvstore.server.lifecycle import Draining
 from kvstore.server.pacing import StreamCut
@@ -19,7 +19,6 @@ _STATUS_BY_ERROR: dict[type[Exception], grpc.StatusCode] = {
     WireError: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     ChecksumMismatch: grpc.StatusCode.DATA_LOSS,
-    UnreadableBlock: grpc.StatusCode.DATA_LOSS,
     CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Draining: grpc.StatusCode.UNAVAILABLE,
     StreamCut: grpc.StatusCode.DEADLINE_EXCEEDED,

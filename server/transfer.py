@@ -345,5 +345,8 @@ async def _chunk_messages(
 
 def _shortened_header(checksum_kind: int, num_blocks: int) -> bytes:
     """A block was found unreadable while layer 0 streamed: from this message on, the
-    get serves only its first `num_blocks` blocks (the client has completed no layer)."""
-    return encode_get_header(checksum_kind=checksum_kind, num_blocks=num_blocks)
+    get serves only its first `num_blocks` blocks (the client has completed no layer);
+    none at all when the first block was the one."""
+    return encode_get_header(
+        checksum_kind=checksum_kind, num_blocks=num_blocks, served_none=num_blocks == 0
+    )

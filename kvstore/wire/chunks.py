@@ -58,6 +58,7 @@ GET_BLOCK_BYTES = 3
 GET_NUM_BLOCKS = 4
 GET_TIERS = 5
 GET_RUNS = 6
+GET_SERVED_NONE = 7
 
 # The least layer data a get message carries (unless the stream has less left): the
 # server raises a GetBlocksRequest's max_chunk_bytes to this, so a tiny value cannot
@@ -129,6 +130,7 @@ class GetMessage:
     block_bytes: int = 0
     num_blocks: int = 0
     tiers: list[int] = field(default_factory=list)
+    served_none: bool = False  # a later message: the get was shortened to no block
 
 
 # -- encoding ------------------------------------------------------------------------
@@ -217,11 +219,13 @@ def encode_get_header(
     block_bytes: int = 0,
     num_blocks: int = 0,
     tiers: list[int] | None = None,
+    served_none: bool = False,
 ) -> bytes:
     """The scalar fields of a GetBlocksResponse; chunk or run parts may follow it."""
     out = _varint_field(GET_CHECKSUM_KIND, checksum_kind)
     out += _varint_field(GET_BLOCK_BYTES, block_bytes)
     out += _varint_field(GET_NUM_BLOCKS, num_blocks)
+    out += _varint_field(GET_SERVED_NONE, int(served_none))
     if tiers:
         out += len_field(GET_TIERS, b"".join(varint(tier) for tier in tiers))
     return out
@@ -467,6 +471,8 @@ def decode_get_message(data: bytes | memoryview) -> GetMessage:
             message.block_bytes = reader.varint()
         elif number == GET_NUM_BLOCKS and wire_type == _VARINT:
             message.num_blocks = reader.varint()
+        elif number == GET_SERVED_NONE and wire_type == _VARINT:
+            message.served_none = reader.varint() != 0
         elif number == GET_TIERS and wire_type == _LEN:  # packed enums
             start, end = reader.length_delimited()
             packed = _Reader(buffer, start, end)

@@ -3,6 +3,7 @@ real daemon process and real load processes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -11,8 +12,9 @@ import pytest
 from kvstore.bench.bulk_load import BulkLoad
 from kvstore.bench.cli import main as bench_main
 from kvstore.bench.lookup_load import LOOKUP_LAYOUT as RESIDENT_LAYOUT
+from kvstore.bench.lookup_load import ChainLookups
 from kvstore.bench.throughput import layout_for
-from kvstore.client import Namespace, SyncKVClient
+from kvstore.client import KVClient, Namespace, SyncKVClient
 
 LOAD_NAMESPACE = Namespace(
     tenant="bench", model_fingerprint="bulk-load", layout=layout_for(1 << 20)
@@ -99,3 +101,20 @@ def test_the_bulk_load_moves_bytes_at_about_its_rate_and_leaves_nothing_stored(
 def test_a_bulk_load_with_bad_settings_is_refused(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BulkLoad("127.0.0.1:1", **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_phase_times_after_its_warm_up_and_always_has_a_lookup(store_target: str) -> None:
+    """On a busy machine the warm-up alone may outlast a phase: the phase starts after it,
+    and a phase over before its first lookup still times one, so it has figures."""
+
+    async def phases() -> tuple[list[float], list[float]]:
+        namespace = Namespace(tenant="t", model_fingerprint="phase", layout=RESIDENT_LAYOUT)
+        async with KVClient(store_target, namespace) as client:
+            lookups = ChainLookups(client, num_keys=8)
+            await lookups.store()
+            return await lookups.run_for(0.0), await lookups.run_while(lambda: False)
+
+    timed, while_going = asyncio.run(phases())
+    assert len(timed) == 1
+    assert len(while_going) == 1
+    assert all(seconds > 0 for seconds in timed + while_going)

@@ -14,7 +14,6 @@ as the report.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import random
 import time
@@ -31,7 +30,7 @@ import kvstore.store
 from kvstore.checksum import ChecksumKind, checksum
 from kvstore.config import StoreConfig
 from kvstore.enums import TierKind
-from kvstore.errors import CapacityExhausted, UnreadableBlock
+from kvstore.errors import CapacityExhausted
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.mover import TierMover
 from kvstore.put import PutSession
@@ -230,9 +229,8 @@ class Model:
         await session.load(self.mover)
         # Sent as a transport sends it: SSD blocks come in whole (and are promoted) as
         # the stream goes on, not at load, which waits for the first layer 0 only.
-        with contextlib.suppress(UnreadableBlock):
-            async for _ in session.stream_chunks(1 << 20):
-                pass
+        async for _ in session.stream_chunks(1 << 20):
+            pass
         self.reads.append(OpenRead(namespace, session))
         await self.settle()
 

@@ -18,7 +18,7 @@ import grpc
 import pytest
 import torch
 
-from kvstore.client import ClientOptions, DataLoss, KVClient, KVForm, TierKind
+from kvstore.client import ClientOptions, KVClient, KVForm, TierKind
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.server import RunningServer
 from kvstore.tiers.blockfile import decode_header, header_bytes, stored_layer_bytes
@@ -328,21 +328,46 @@ async def test_a_later_layer_failing_mid_get_through_the_client(
         assert torch.equal(dest[:3].view(torch.uint8), data[:3].view(torch.uint8))
 
 
+@pytest.mark.parametrize("compression", ["off", "lz4"])
+async def test_a_first_block_failing_after_its_layer_0_went_out_ends_the_get_with_no_block(
+    server_factory: Any, tmp_path: Path, compression: str
+) -> None:
+    """On the wire: layer 0 of the first block went out, then the stream says the get
+    serves none (`served_none`), before any byte of layer 1, and ends without an error."""
+    server, _ = await ssd_only_server(server_factory, tmp_path / "ssd", compression)
+    ssd = server.store.pool.ssd
+    assert ssd is not None
+    damage_layer(ssd, KEYS[0], 2)
+    request = pb.GetBlocksRequest(namespace=namespace_to_wire(NS), keys=KEYS)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        replies = [reply async for reply in pb_grpc.KVStoreStub(channel).GetBlocks(request)]
+    assert replies[0].num_blocks == len(KEYS)
+    assert (0, 0) in [piece for reply in replies for piece in _pieces(reply)]
+    last = next(index for index, reply in enumerate(replies) if reply.served_none)
+    assert last == len(replies) - 1
+    assert all(layer == 0 for reply in replies for _, layer in _pieces(reply))
+    assert _pieces(replies[last]) == []
+
+
 @pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
 @pytest.mark.parametrize("compression", ["off", "lz4"])
-async def test_a_first_block_failing_after_its_layer_0_went_out_fails_the_get_once(
-    server_factory: Any, tmp_path: Path, poll: Any, data_plane: bool, compression: str
+@pytest.mark.parametrize("api", ["get_into", "iter_layers"])
+async def test_a_first_block_failing_after_its_layer_0_went_out_is_a_miss(
+    server_factory: Any, tmp_path: Path, poll: Any, data_plane: bool, compression: str, api: str
 ) -> None:
-    """The get cannot be shortened to no block: it fails with DATA_LOSS, nothing is
-    counted, the block is dropped, and the next get is a plain miss."""
+    """The client uses none of what arrived: get_into counts 0 (rows past the count
+    hold nothing the caller may use), iter_layers yields nothing; the block is dropped,
+    and the next get misses it."""
     server, data = await ssd_only_server(server_factory, tmp_path / "ssd", compression)
     ssd = server.store.pool.ssd
     assert ssd is not None
     damaged = damage_layer(ssd, KEYS[0], 2)
     options = ClientOptions(data_plane=data_plane)
     async with KVClient(f"127.0.0.1:{server.port}", NS, options=options) as client:
-        with pytest.raises(DataLoss, match="unreadable on SSD after its layer 0"):
-            await client.get_into(KEYS, torch.zeros_like(data), form=KVForm.BLOCKS)
+        if api == "get_into":
+            assert await client.get_into(KEYS, torch.zeros_like(data), form=KVForm.BLOCKS) == 0
+        else:
+            assert [a async for a in client.iter_layers(KEYS, form=KVForm.BLOCKS)] == []
 
         async def file_gone() -> bool:
             return not damaged.exists()

@@ -663,6 +663,7 @@ class GetBlocksResponse(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _builtins.int
     TIERS_FIELD_NUMBER: _builtins.int
     RUNS_FIELD_NUMBER: _builtins.int
+    SERVED_NONE_FIELD_NUMBER: _builtins.int
     checksum_kind: Global___ChecksumKind.ValueType
     """Set on every message that carries blocks: the kind of this message's checksums. It
     can change from one message to the next when the chain's blocks were put with
@@ -677,6 +678,11 @@ class GetBlocksResponse(_message.Message):
     only to shorten the get: SSD blocks are read while layer 0 streams, and a block
     found unreadable then ends the served prefix before it. It comes before any
     chunk of layer 1, so no layer the client completed ever included a dropped block.
+    """
+    served_none: _builtins.bool
+    """A later message only: the get now serves no block at all (num_blocks 0 reads as
+    unset). The first block turned out unreadable after its layer 0 went out; the
+    client uses none of what arrived, and the get is a miss.
     """
     @_builtins.property
     def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerChunk]: ...
@@ -697,10 +703,11 @@ class GetBlocksResponse(_message.Message):
         num_blocks: _builtins.int = ...,
         tiers: _abc.Iterable[Global___Tier.ValueType] | None = ...,
         runs: _abc.Iterable[Global___LayerRun] | None = ...,
+        served_none: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "checksum_kind", b"checksum_kind", "chunks", b"chunks", "num_blocks", b"num_blocks", "runs", b"runs", "tiers", b"tiers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "checksum_kind", b"checksum_kind", "chunks", b"chunks", "num_blocks", b"num_blocks", "runs", b"runs", "served_none", b"served_none", "tiers", b"tiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
