@@ -25,6 +25,7 @@ from kvstore.bench.tiers import add_tiers_arguments, run_tiers
 from kvstore.bench.tls import add_tls_arguments, run_tls
 from kvstore.bench.watch import add_watch_arguments, run_watch
 from kvstore.bench.watch_snapshot import add_watch_snapshot_arguments, run_watch_snapshot
+from kvstore.bench.wire_lz4 import add_wire_lz4_arguments, run_wire_lz4
 from kvstore.client import TOKEN_ENV
 from kvstore.cluster.etcd_options import ETCD_SETTINGS
 from kvstore.wire.tls import CLIENT_TLS_SETTINGS
@@ -72,6 +73,12 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "codec GB/s, SSD put/get GB/s and capacity, raw against lz4 in the same run",
         add_lz4_arguments,
         run_lz4,
+    ),
+    "wire-lz4": (
+        "get GB/s with lz4 on the network path off, on and auto, under a read throttle (a "
+        "slow link) and unthrottled, on a real prefill's KV, narrow-range KV and random bytes",
+        add_wire_lz4_arguments,
+        run_wire_lz4,
     ),
     "restart": (
         "daemon restart to first served lookup and to a whole index, by SSD size; "

@@ -39,9 +39,9 @@ from kvstore.bench.spawn import spawned_server
 from kvstore.bench.tiers import block_files, make_cold
 from kvstore.checksum import ChecksumKind, checksum
 from kvstore.client import KVClient, KVForm, Namespace, TierKind
+from kvstore.layer_codec import LayerCodec
 from kvstore.layout import DType, KVLayout
 from kvstore.tiers.blockfile import BlockFileHeader, decode_payload, encode_payload
-from kvstore.tiers.compress import LayerCodec
 from kvstore.units import human_bytes, parse_size
 
 DTYPES = {

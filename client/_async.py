@@ -24,14 +24,15 @@ from kvstore.client._dataplane_transport import find_data_plane, target_host
 from kvstore.client._errors import InvalidArgument
 from kvstore.client._grpc_transport import GrpcTransport, tracked_call
 from kvstore.client._options import ClientOptions
-from kvstore.client._receive import BlockWriter, LayerReceiver
+from kvstore.client._receive import BlockWriter, LayerReceiver, WireStats
 from kvstore.client._replies import prefix_match, put_result, store_stats
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult, StoreStats
 from kvstore.client._send import block_headers, layer_messages, put_messages
 from kvstore.client._settle import CallSettle
 from kvstore.client._tls import load_client_tls, tls_from_environment
-from kvstore.client._transport import Parts, PutStream, Transport
+from kvstore.client._transport import GetStream, Parts, PutStream, Transport
 from kvstore.client._watch import BlockEvents, node_events
+from kvstore.client._wire_compression import WireCompressionPolicy, open_get_stream
 from kvstore.client.cost import BandwidthMeter
 from kvstore.cluster.members import is_cluster_target
 from kvstore.codec import ByteMap, KVForm, cpu_contiguous
@@ -43,6 +44,7 @@ from kvstore.layout import KVLayout, Namespace
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.wire.chunks import GetMessage, encode_put_header
+from kvstore.wire.compression import LZ4_SHUFFLE
 from kvstore.wire.namespace import namespace_to_wire
 
 _TIER_VALUES = frozenset(kind.value for kind in TierKind)
@@ -122,11 +124,38 @@ class KVClient:
         self.transport = transport or self._default_transport(target)
         self._meter = BandwidthMeter()
         self._meter_node = ""
+        self._wire = WireCompressionPolicy(
+            self.options.wire_compression, self._layout.dtype.itemsize
+        )
+        self._wire_stats: WireStats | None = None
 
     @property
     def bandwidth(self) -> BandwidthMeter:
         """What gets delivered, per node and tier: every complete get is one sample."""
         return self._meter
+
+    @property
+    def wire_compression(self) -> WireCompressionPolicy:
+        """Whether gets ask for lz4 on the wire, and the rates auto decides from."""
+        return self._wire
+
+    @property
+    def wire_stats(self) -> WireStats | None:
+        """The bytes on the wire of the last get that completed (None before one)."""
+        return self._wire_stats
+
+    def _get_request(self, keys: list[bytes]) -> pb.GetBlocksRequest:
+        return pb.GetBlocksRequest(
+            namespace=self._namespace_wire,
+            keys=keys,
+            max_chunk_bytes=self.options.chunk_bytes,
+            wire_compression=LZ4_SHUFFLE if self._wire.ask() else 0,  # type: ignore[arg-type]
+        )
+
+    async def _open_get(self, request: pb.GetBlocksRequest) -> GetStream:
+        return await open_get_stream(
+            self.transport, request, self.options.timeouts.transfer, self._wire
+        )
 
     def _report_bandwidth_to(self, meter: BandwidthMeter, node: str) -> None:
         """Feed `meter` instead of this client's own, as `node` (a cluster member)."""
@@ -343,16 +372,16 @@ class KVClient:
             _validate_key(key, index)
         if dest is not None:
             check_tensor(dest, self._layout, form, len(keys), at_least=True)
-        request = pb.GetBlocksRequest(
-            namespace=self._namespace_wire, keys=keys, max_chunk_bytes=self.options.chunk_bytes
-        )
+        request = self._get_request(keys)
         started = time.perf_counter()
-        replies = await self.transport.open_get(request, self.options.timeouts.transfer)
+        replies = await self._open_get(request)
         # A consumer that stops early (once this generator is closed), or a bad stream,
         # closes the replies: that ends the transfer, and the server frees the blocks.
         async with (
             contextlib.aclosing(replies),
-            contextlib.aclosing(self._receive(replies, dest, form, started)) as arrivals,
+            contextlib.aclosing(
+                self._receive(replies, dest, form, started, asked=request.wire_compression != 0)
+            ) as arrivals,
         ):
             async for arrival in arrivals:
                 yield arrival
@@ -362,12 +391,12 @@ class KVClient:
     ) -> AsyncGenerator[LayerArrival, None]:
         """Get the stored prefix of `keys`, block i's layers written to `writer` as block i;
         each arrival says a layer is complete (its `kv` is empty). For the cluster client."""
-        request = pb.GetBlocksRequest(
-            namespace=self._namespace_wire, keys=keys, max_chunk_bytes=self.options.chunk_bytes
-        )
+        request = self._get_request(keys)
         started = time.perf_counter()
-        replies = await self.transport.open_get(request, self.options.timeouts.transfer)
-        receive = self._receive(replies, None, KVForm.LAYER, started, writer)
+        replies = await self._open_get(request)
+        receive = self._receive(
+            replies, None, KVForm.LAYER, started, writer, asked=request.wire_compression != 0
+        )
         async with (
             contextlib.aclosing(replies),
             contextlib.aclosing(receive) as arrivals,
@@ -382,10 +411,13 @@ class KVClient:
         form: KVForm,
         started: float,
         writer: BlockWriter | None = None,
+        *,
+        asked: bool = False,
     ) -> AsyncGenerator[LayerArrival, None]:
         """The layers of a get's replies, written into `dest` (or fresh tensors, or
         `writer`), verified. A get that ends complete is a sample of `bandwidth`, timed
-        from `started` (before the get was opened)."""
+        from `started` (before the get was opened), and of the wire compression's rates
+        (`asked`: it asked for compression)."""
         receiver: LayerReceiver | None = None
         tiers: list[int] = []
         async for reply in replies:
@@ -398,6 +430,7 @@ class KVClient:
                     form,
                     verify=self.options.verify_checksums,
                     writer=writer,
+                    stats=WireStats(want_sample=self._wire.wants_sample()),
                 )
             if receiver.num_blocks == 0:
                 continue  # nothing stored; read on to the stream's clean end
@@ -405,7 +438,10 @@ class KVClient:
                 yield arrival
         if receiver is not None and receiver.num_blocks:
             arrivals = receiver.finish()
-            self._observe_get(receiver.num_blocks, time.perf_counter() - started, tiers)
+            seconds = time.perf_counter() - started
+            self._observe_get(receiver.num_blocks, seconds, tiers)
+            self._wire_stats = receiver.stats
+            self._wire.observe(receiver.stats, seconds, asked)
             for arrival in arrivals:
                 yield arrival
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from kvstore.checksum import ChecksumKind
 from kvstore.client._credentials import check_token
+from kvstore.client._wire_compression import WIRE_COMPRESSION_MODES, WireCompressionMode
 from kvstore.cluster.etcd_options import EtcdOptions
 from kvstore.cluster.placement import DEFAULT_RUN_BLOCKS
 from kvstore.keys import HashAlgorithm
@@ -88,6 +89,10 @@ class ClientOptions:
     # use it when the server offers it and its socket opens, else the TCP data plane,
     # else gRPC. True: require it (transfers raise Unavailable without it). False: never.
     shared_memory: bool | None = None
+    # lz4 on a get's bytes over TCP and gRPC (kvstore.client._wire_compression): "auto"
+    # asks the server for it where the measured link is slower than lz4 and the data
+    # shrink enough to win; "lz4" always asks, "off" never. Never through shared memory.
+    wire_compression: WireCompressionMode = "auto"
     # A bearer token for a server that authenticates (its tenant and role are the
     # server's to know). None: the KVSTORE_TOKEN environment variable, if set.
     token: str | None = field(default=None, repr=False)
@@ -116,6 +121,11 @@ class ClientOptions:
             check_token(self.token, "ClientOptions.token")
         if self.shared_memory and not self.data_plane:
             raise ValueError("shared_memory=True needs data_plane=True (it is a data plane)")
+        if self.wire_compression not in WIRE_COMPRESSION_MODES:
+            raise ValueError(
+                f"wire_compression must be one of {', '.join(WIRE_COMPRESSION_MODES)}, "
+                f"got {self.wire_compression!r}"
+            )
         if self.lookup_streams < 0:
             raise ValueError("lookup_streams must be >= 0")
         if self.max_message_bytes < MIN_CHUNK_BYTES + 4096:

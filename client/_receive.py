@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
@@ -17,6 +18,7 @@ from kvstore.client._results import LayerArrival
 from kvstore.codec import ByteMap, KVForm
 from kvstore.layout import KVLayout
 from kvstore.wire.chunks import GetMessage, WireChunk, WireRun
+from kvstore.wire.compression import WireDataError, decode_wire_data
 from kvstore.wire.enums import checksum_kind_from_wire
 
 
@@ -28,6 +30,34 @@ class BlockWriter(Protocol):
     def write_run(
         self, first_block: int, num_blocks: int, layer: int, data: memoryview
     ) -> None: ...
+
+
+# The most of a get's raw bytes kept as a sample for the wire-compression probe.
+SAMPLE_BYTES = 256 << 10
+
+
+class WireStats:
+    """What one get's replies cost on the wire: layer bytes received, the raw bytes and
+    received bytes of its compressed chunks and runs, the seconds spent decoding them,
+    and (when asked for) a copy of some of its raw bytes."""
+
+    __slots__ = (
+        "compressed_raw_bytes",
+        "compressed_wire_bytes",
+        "decode_s",
+        "raw_bytes",
+        "sample",
+        "wire_bytes",
+    )
+
+    def __init__(self, *, want_sample: bool = False) -> None:
+        self.raw_bytes = 0  # layer bytes, decoded
+        self.wire_bytes = 0
+        self.compressed_raw_bytes = 0
+        self.compressed_wire_bytes = 0
+        self.decode_s = 0.0
+        # None: no sample wanted; b"": wanted, none taken yet.
+        self.sample: bytes | None = b"" if want_sample else None
 
 
 class LayerReceiver:
@@ -46,8 +76,10 @@ class LayerReceiver:
         *,
         verify: bool,
         writer: BlockWriter | None = None,
+        stats: WireStats | None = None,
     ) -> None:
         self.num_blocks = first.num_blocks
+        self.stats = stats or WireStats()
         self._layout = layout
         self._verify = verify
         self._form = form
@@ -146,7 +178,17 @@ class LayerReceiver:
         filled = self._filled[block]
         if chunk.offset != filled:
             raise ChecksumError(f"block {block} layer {chunk.layer}: chunk out of order")
-        data = chunk.data
+        data: memoryview = chunk.data
+        if chunk.compression:
+            data = self._decode(
+                chunk.compression,
+                chunk.data,
+                chunk.raw_bytes,
+                self._layout.layer_bytes - filled,
+                f"block {block} layer {chunk.layer}",
+            )
+        else:
+            self._account(chunk.data)
         if chunk.offset == 0:
             self._expected[block] = chunk.layer_checksum
             self._hashers[block] = new_hasher(self._kind)
@@ -165,18 +207,61 @@ class LayerReceiver:
         layer_bytes = self._layout.layer_bytes
         if first < 0 or first + count > self.num_blocks or len(run.layer_checksums) != count:
             raise ChecksumError(f"server sent a malformed run of blocks {first}..{first + count}")
-        if len(run.data) != count * layer_bytes:
-            raise ChecksumError(f"a run of {count} blocks carries {len(run.data)} bytes")
+        data: memoryview = run.data
+        if run.compression:
+            data = self._decode(
+                run.compression,
+                run.data,
+                run.raw_bytes,
+                count * layer_bytes,
+                f"blocks {first}..{first + count - 1} layer {run.layer}",
+            )
+        else:
+            self._account(run.data)
+        if len(data) != count * layer_bytes:
+            raise ChecksumError(f"a run of {count} blocks carries {len(data)} bytes")
         blocks = slice(first, first + count)
         if any(self._filled[blocks]):
             twice = next(block for block in range(first, first + count) if self._filled[block])
             raise ChecksumError(f"block {twice} layer {run.layer} arrived twice")
         self._expected[blocks] = run.layer_checksums
         if self._verify:
-            self._actual[blocks] = checksums_of_slices(self._kind, run.data, layer_bytes)
+            self._actual[blocks] = checksums_of_slices(self._kind, data, layer_bytes)
         self._filled[blocks] = [layer_bytes] * count
         byte_map, layer = self._layer_map()
-        byte_map.write_run(first, count, layer, run.data)
+        byte_map.write_run(first, count, layer, data)
+
+    def _account(self, data: memoryview) -> None:
+        """Count raw bytes received, and keep the first as the probe's sample if wanted."""
+        stats = self.stats
+        stats.wire_bytes += len(data)
+        stats.raw_bytes += len(data)
+        if stats.sample == b"" and len(data) >= self._layout.dtype.itemsize:
+            size = min(len(data), SAMPLE_BYTES)
+            stats.sample = bytes(data[: size - size % self._layout.dtype.itemsize])
+
+    def _decode(
+        self, compression: int, data: memoryview, raw_bytes: int, max_raw_bytes: int, where: str
+    ) -> memoryview:
+        """The raw bytes of a compressed chunk or run; a bad one is DATA_LOSS, and nothing
+        of it is used (the layer is never completed)."""
+        started = time.perf_counter()
+        try:
+            raw = decode_wire_data(
+                compression, data, raw_bytes, self._layout.dtype.itemsize, max_raw_bytes
+            )
+        except WireDataError as error:
+            raise ChecksumError(
+                f"{where}: compressed bytes from the server do not decode ({error}); "
+                f"the data was not used"
+            ) from None
+        stats = self.stats
+        stats.decode_s += time.perf_counter() - started
+        stats.wire_bytes += len(data)
+        stats.raw_bytes += raw_bytes
+        stats.compressed_wire_bytes += len(data)
+        stats.compressed_raw_bytes += raw_bytes
+        return raw
 
     def _complete_layer(self) -> LayerArrival:
         layer = self._current_layer

@@ -219,10 +219,12 @@ class ShmConnection(DataConnection):
         the next one (the daemon writes over them only once they are handed back)."""
         whole = Region(self.buffer_id, 0, self._buffer.size)
         # Larger replies cost no copy here, and fewer frames; the ring holds several.
-        if request.max_chunk_bytes < SHM_MESSAGE_BYTES:
+        # Same host: a memcpy beats any codec, so the bytes come raw whatever was asked.
+        if request.max_chunk_bytes < SHM_MESSAGE_BYTES or request.wire_compression:
             larger = pb.GetBlocksRequest()
             larger.CopyFrom(request)
-            larger.max_chunk_bytes = SHM_MESSAGE_BYTES
+            larger.max_chunk_bytes = max(request.max_chunk_bytes, SHM_MESSAGE_BYTES)
+            larger.ClearField("wire_compression")
             request = larger
         await self.send(FrameKind.GET_SHM, [whole.encode(), request.SerializeToString()])
         while True:

@@ -1,24 +1,28 @@
 """The scheduler side of the vLLM connector: how many tokens to load, and what each step loads
 and saves.
 
-A request's life here: `get_num_new_matched_tokens` looks its prompt up (one lookup; a miss
-costs nothing more) and plans how much of the match to fetch, only what arrives sooner than
-it could be recomputed (`plan_fetch`); `update_state_after_alloc` turns the plan into a load
-into the blocks vLLM allocated; each `build_connector_meta` hands the worker that load and
-the saves of the blocks this step fills; `request_finished` keeps the blocks until the
-worker reports the saves done, and pins the chain for the think time of an agent's tool call.
+A request's life here: `on_new_request`, as vLLM's scheduler adds it, starts the lookup of
+its prompt, so the first `get_num_new_matched_tokens`, often a step later, finds the answer
+in (one lookup; a miss costs nothing more); it plans how much of the match to fetch, only
+what arrives sooner than it could be recomputed (`plan_fetch`); `update_state_after_alloc`
+turns the plan into a load into the blocks vLLM allocated; each `build_connector_meta`
+hands the worker that load and the saves of the blocks this step fills; `request_finished`
+keeps the blocks until the worker reports the saves done, and pins the chain for the think
+time of an agent's tool call.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore.client._async import KVClient
 from kvstore.client._errors import KVStoreClientError
 from kvstore.client._loop import LoopThread
+from kvstore.client._results import PrefixMatch
 from kvstore.client._vllm_config import ConnectorConfig
 from kvstore.client._vllm_metadata import (
     TIER_RATE_PREFIX,
@@ -36,6 +40,12 @@ SESSION_END_PARAM = "kvstore_session_end"  # true on the session's last request
 LOAD_PARAM = "kvstore_load"  # false: never load this request from the store
 SAVE_PARAM = "kvstore_save"  # false: never save this request's blocks
 
+# A lookup started at arrival answers the request's first get_num_new_matched_tokens if it
+# is at most this old; that call takes it, and any later call looks up afresh.
+PREFETCH_MAX_AGE_S = 1.0
+# Arrivals neither matched nor finished yet, at most: past it the oldest lookup is dropped.
+MAX_PREFETCHED = 4096
+
 
 @dataclass(frozen=True)
 class MatchPlan:
@@ -49,6 +59,13 @@ class MatchPlan:
     @property
     def num_load_blocks(self) -> int:
         return self.fetch.num_load_blocks
+
+
+@dataclass(frozen=True)
+class _Prefetch:
+    keys: list[bytes]
+    started_s: float  # time.monotonic()
+    lookup: concurrent.futures.Future[PrefixMatch]
 
 
 @dataclass
@@ -70,6 +87,7 @@ class SchedulerSide:
             config.target, config.namespace, config.options
         )
         self._plans: dict[str, MatchPlan] = {}
+        self._prefetched: dict[str, _Prefetch] = {}  # arrival order
         self._tracked: dict[str, _Tracked] = {}
         self._pin_after_save: dict[str, tuple[str, list[bytes]]] = {}
         self._sessions: dict[str, list[bytes]] = {}  # session id -> keys it has pinned
@@ -78,6 +96,26 @@ class SchedulerSide:
         self._bandwidth_measured = False
         self._tier_bytes_per_s: dict[str, float] = {}  # "dram", "ssd", ...: measured
         self._measured_prefill_tokens_per_s: float | None = None
+
+    # -- on_new_request ----------------------------------------------------------------------
+
+    def on_new_request(self, request: Any) -> None:
+        """Start the lookup of a request vLLM's scheduler just added; nothing waits for it."""
+        if not _param(request, LOAD_PARAM, True):
+            return
+        keys = self._loadable_keys(request)
+        if not keys:
+            return
+        while len(self._prefetched) >= MAX_PREFETCHED:
+            self._drop_prefetch(next(iter(self._prefetched)))
+        lookup = self._loop.submit(self._client.lookup_keys(keys))
+        self._prefetched[request.request_id] = _Prefetch(keys, time.monotonic(), lookup)
+
+    def _drop_prefetch(self, request_id: str) -> _Prefetch | None:
+        prefetch = self._prefetched.pop(request_id, None)
+        if prefetch is not None:
+            prefetch.lookup.cancel()
+        return prefetch
 
     # -- get_num_new_matched_tokens ---------------------------------------------------------
 
@@ -91,11 +129,17 @@ class SchedulerSide:
         end = (plan.first_block + plan.num_load_blocks) * self.config.block_tokens
         return end - num_computed_tokens, False
 
-    def _match(self, request: Any, num_computed_tokens: int) -> MatchPlan:
+    def _loadable_keys(self, request: Any) -> list[bytes]:
+        """The keys of the prompt's full blocks but the one holding its last token, whose
+        logits come from the forward pass: one token is always computed."""
         block_tokens = self.config.block_tokens
         prompt = list(request.prompt_token_ids)
-        # The last position's logits come from the forward pass: one token is computed.
-        keys = self._client.keys(prompt[: (len(prompt) - 1) // block_tokens * block_tokens])
+        return self._client.keys(prompt[: (len(prompt) - 1) // block_tokens * block_tokens])
+
+    def _match(self, request: Any, num_computed_tokens: int) -> MatchPlan:
+        block_tokens = self.config.block_tokens
+        prefetch = self._prefetched.pop(request.request_id, None)
+        keys = prefetch.keys if prefetch is not None else self._loadable_keys(request)
         first_block = num_computed_tokens // block_tokens
         if num_computed_tokens % block_tokens:
             # Loads fill whole blocks; one computed in part locally cannot take one.
@@ -103,12 +147,21 @@ class SchedulerSide:
         if not _param(request, LOAD_PARAM, True) or first_block >= len(keys):
             return MatchPlan(keys, 0, first_block, _no_fetch("nothing to load"))
         try:
-            match = self._loop.run(self._client.lookup_keys(keys))
+            match = self._lookup(keys, prefetch)
         except KVStoreClientError as error:
             logger.warning("kvstore lookup failed, recomputing: %s", error)
             return MatchPlan(keys, 0, first_block, _no_fetch(f"lookup failed: {error}"))
         tiers = [tier.name.lower() for tier in match.tiers[first_block : match.num_matched]]
         return MatchPlan(keys, match.num_matched, first_block, self._plan(tiers))
+
+    def _lookup(self, keys: list[bytes], prefetch: _Prefetch | None) -> PrefixMatch:
+        """The arrival's lookup while it is fresh (waiting for it if it is still out),
+        else one made now."""
+        if prefetch is not None:
+            if time.monotonic() - prefetch.started_s <= PREFETCH_MAX_AGE_S:
+                return prefetch.lookup.result()
+            prefetch.lookup.cancel()
+        return self._loop.run(self._client.lookup_keys(keys))
 
     def _plan(self, tiers: list[str]) -> FetchPlan:
         """Fetch the part of the match (its blocks' tiers) that arrives sooner than it could
@@ -235,6 +288,7 @@ class SchedulerSide:
         self, request: Any, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         self._plans.pop(request.request_id, None)
+        self._drop_prefetch(request.request_id)
         tracked = self._tracked.pop(request.request_id, None)
         if tracked is None:
             return False, None
@@ -314,6 +368,8 @@ class SchedulerSide:
     def shutdown(self) -> None:
         if not self._loop.running:
             return
+        for request_id in list(self._prefetched):
+            self._drop_prefetch(request_id)
         self.wait_for_control_calls(self.config.options.timeouts.control)
         self._loop.run(self._client.close())
         self._loop.stop()

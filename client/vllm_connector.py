@@ -80,6 +80,11 @@ class KVStoreConnector(KVConnectorBase):  # type: ignore[misc]
 
     # -- scheduler side -----------------------------------------------------------------------
 
+    def on_new_request(self, request: Any) -> None:
+        """vLLM's scheduler added `request`: its lookup starts now, so that the first
+        `get_num_new_matched_tokens` does not wait a round trip for it."""
+        self.scheduler_side.on_new_request(request)
+
     def get_num_new_matched_tokens(
         self, request: Any, num_computed_tokens: int
     ) -> tuple[int | None, bool]:

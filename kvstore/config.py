@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from kvstore.enums import TierKind
 from kvstore.errors import InvalidRequest
 from kvstore.eviction import POLICIES
-from kvstore.tiers.compress import COMPRESSIONS as SSD_COMPRESSIONS
+from kvstore.layer_codec import COMPRESSIONS as SSD_COMPRESSIONS
 from kvstore.units import human_bytes
 
 MiB = 1 << 20
@@ -73,7 +73,7 @@ class StoreConfig:
       counts once, every lookup or get hit once more); 1 admits every block.
     - `promote_on_hit`: a get of an SSD-only block copies it back into DRAM.
     - `ssd_compression`: "lz4" stores each SSD layer byte-shuffled and lz4-compressed
-      where that saves at least `ssd_compress_min_saving` of it (kvstore.tiers.compress);
+      where that saves at least `ssd_compress_min_saving` of it (kvstore.layer_codec);
       "off" (the default) writes layers as they are.
     - `hbm_promote_after_seen`: blocks seen this often are copied into HBM on a get.
     - `high_watermark` / `low_watermark`: when a tier fills past high, a background

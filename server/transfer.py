@@ -46,6 +46,7 @@ from kvstore.wire.chunks import (
     run_parts,
     uses_runs,
 )
+from kvstore.wire.compression import LZ4_SHUFFLE, WireEncoder
 from kvstore.wire.enums import checksum_kind_from_wire
 
 # Blocks a put declares, reserves or writes in one step of the event loop.
@@ -210,10 +211,16 @@ class Transfers:
         committed.extend(newly_committed)
 
     async def get(
-        self, request: pb.GetBlocksRequest | MalformedRequest, caller: Caller = OPEN
+        self,
+        request: pb.GetBlocksRequest | MalformedRequest,
+        caller: Caller = OPEN,
+        *,
+        may_compress: bool = True,
     ) -> AsyncGenerator[WireParts, None]:
         """A whole get by `caller` as wire parts, one list a message; raises on bad input
-        or a namespace not the caller's.
+        or a namespace not the caller's. Where the request asks for LZ4_SHUFFLE (and
+        `may_compress`: not through shared memory), chunks and runs that shrink travel
+        compressed, encoded on a thread.
 
         The blocks stay pinned, and the arena views valid, until the generator is
         closed: the transport sends each message before it asks for the next.
@@ -235,10 +242,13 @@ class Transfers:
                 num_blocks=session.num_blocks,
                 tiers=[tier.value for tier in session.tiers],
             )
+            encoder = None
+            if may_compress and request.wire_compression == LZ4_SHUFFLE:
+                encoder = WireEncoder(namespace.layout.dtype.itemsize)
             if uses_runs(namespace.layout, chunk_bytes):
-                messages = _run_messages(session, chunk_bytes, header)
+                messages = _run_messages(session, chunk_bytes, header, encoder)
             else:
-                messages = _chunk_messages(session, chunk_bytes, header, kind)
+                messages = _chunk_messages(session, chunk_bytes, header, kind, encoder)
             tiers = session.tiers
             async for parts in messages:
                 # Paced before it is sent, on both transports (`[store] read_bytes_per_s`).
@@ -277,8 +287,18 @@ def _blocks_written(message: PutMessage, num_declared: int) -> Iterator[int]:
         yield from range(run.first_block, min(run.first_block + run.num_blocks, num_declared))
 
 
+async def _encoded(
+    encoder: WireEncoder | None, views: list[memoryview]
+) -> tuple[int, int, list[memoryview | bytes]]:
+    """(compression, raw bytes, data parts) of one chunk or run: compressed on a thread
+    (lz4 and numpy release the GIL), so lookups are not held up meanwhile."""
+    if encoder is None:
+        return 0, 0, list(views)
+    return await asyncio.to_thread(encoder.encode, views)
+
+
 async def _run_messages(
-    session: ReadSession, chunk_bytes: int, header: bytes
+    session: ReadSession, chunk_bytes: int, header: bytes, encoder: WireEncoder | None
 ) -> AsyncIterator[WireParts]:
     """One message per run of whole small layers; the first carries the stream header."""
     sent = False
@@ -292,9 +312,18 @@ async def _run_messages(
         else:
             prefix = encode_get_header(checksum_kind=run.checksum_kind_value)
         sent = True
+        compression, raw_bytes, data = await _encoded(encoder, list(run.views))
         yield [
             prefix,
-            *run_parts(GET_RUNS, run.layer, run.first_block, run.layer_checksums, run.views),
+            *run_parts(
+                GET_RUNS,
+                run.layer,
+                run.first_block,
+                run.layer_checksums,
+                data,
+                compression=compression,
+                raw_bytes=raw_bytes,
+            ),
         ]
     if not sent:
         yield [header]
@@ -303,7 +332,11 @@ async def _run_messages(
 
 
 async def _chunk_messages(
-    session: ReadSession, chunk_bytes: int, header: bytes, kind: int
+    session: ReadSession,
+    chunk_bytes: int,
+    header: bytes,
+    kind: int,
+    encoder: WireEncoder | None,
 ) -> AsyncIterator[WireParts]:
     """Messages of about `chunk_bytes` of layer chunks; the first carries the stream header.
 
@@ -327,6 +360,7 @@ async def _chunk_messages(
             else:
                 parts = [encode_get_header(checksum_kind=kind)]
             message_bytes = 0
+        compression, raw_bytes, data = await _encoded(encoder, list(chunk.views))
         parts.extend(
             chunk_parts(
                 GET_CHUNKS,
@@ -334,7 +368,9 @@ async def _chunk_messages(
                 chunk.layer,
                 chunk.offset,
                 chunk.layer_checksum,
-                list(chunk.views),
+                data,
+                compression=compression,
+                raw_bytes=raw_bytes,
             )
         )
         message_bytes += chunk.nbytes

@@ -7,7 +7,8 @@ the model's forward pass calls `wait_for_layer_load` and `save_kv_layer` in ever
 then `wait_for_save`, `get_block_ids_with_load_errors` and `get_finished` go back to the
 scheduler side in a `KVConnectorOutput`. A request:
 
-1. `get_num_new_matched_tokens`, the cache allocates its pages, `update_state_after_alloc`;
+1. `on_new_request` (vLLM's add_request), `get_num_new_matched_tokens`, the cache allocates
+   its pages, `update_state_after_alloc`;
 2. prefill steps (chunks of `chunk_tokens`, or one): loads run in the first; blocks that
    failed to load are recomputed from the first of them, as vLLM's scheduler does;
 3. decode steps of one token each (their full blocks are saved too, `save_decoded`);
@@ -168,7 +169,11 @@ class Engine:
             params[SESSION_END_PARAM] = session_end
         request = Request(f"req-{next(self._ids)}", prompt.tolist(), kv_transfer_params=params)
         num_prompt = len(request.prompt_token_ids)
+        # vLLM's add_request, then its next schedule: here the engine is idle, so the
+        # lookup that arrival starts has no step to hide behind.
+        self.scheduler.on_new_request(request)
         num_external, _ = self.scheduler.get_num_new_matched_tokens(request, 0)
+        match_s = time.perf_counter() - start
         num_external = num_external or 0
         plan = self.scheduler.scheduler_side.plan_for(request.request_id)
         seq = Sequence()
@@ -229,6 +234,7 @@ class Engine:
             save_error="; ".join(report.errors) if report and report.errors else None,
             decision=plan.fetch.reason if plan is not None else "",
             num_matched_tokens=(plan.num_matched_blocks * block_tokens) if plan else 0,
+            match_s=match_s,
         )
 
     # -- steps ---------------------------------------------------------------------------------

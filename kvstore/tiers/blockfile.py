@@ -14,7 +14,7 @@ a crash leaves either no file or a whole one; the header checksum, the exact fil
 and the per-layer payload checksums catch anything else (a torn page, bit rot). Restart
 checks the first two (a small read per file); every read of the block checks all three.
 
-Compressed layers (kvstore.tiers.compress) carry an xxh3-64 of their stored bytes, checked
+Compressed layers (kvstore.layer_codec) carry an xxh3-64 of their stored bytes, checked
 before they are decoded; the layer checksum, over the original bytes, is checked after.
 Files without the optional keys are all raw: files written before compression existed
 read as they always did, and so does every file of a tier with compression off.
@@ -36,8 +36,8 @@ import xxhash
 
 from kvstore.checksum import ChecksumKind, checksum
 from kvstore.errors import InvalidRequest
+from kvstore.layer_codec import LayerCodec, LayerEncoding, decode_layer
 from kvstore.layout import DType, KVLayout, Namespace
-from kvstore.tiers.compress import LayerCodec, LayerEncoding, decode_layer
 
 MAGIC = b"KVSBLK01"
 _PREFIX = struct.Struct("<8sI")

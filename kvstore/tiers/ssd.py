@@ -18,7 +18,7 @@ Durability: a file is written under a temporary name and renamed into place; wit
 directory after a namespace directory is created), so a renamed file survives power loss.
 
 Compression (`compression="lz4"`): each layer is byte-shuffled and lz4-compressed where
-that saves `compress_min_saving` of it (kvstore.tiers.compress), on the I/O threads,
+that saves `compress_min_saving` of it (kvstore.layer_codec), on the I/O threads,
 before the file's bytes are reserved: a file is accounted at its stored size, so the
 tier holds more blocks when they compress.
 
@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Protocol
 
 from kvstore.enums import TierKind
+from kvstore.layer_codec import COMPRESSIONS, LayerCodec
 from kvstore.layout import Namespace
 from kvstore.tiers.base import TierCounters
 from kvstore.tiers.blockfile import (
@@ -57,7 +58,6 @@ from kvstore.tiers.blockfile import (
     namespace_to_json,
     stored_layer_bytes,
 )
-from kvstore.tiers.compress import COMPRESSIONS, LayerCodec
 
 logger = logging.getLogger("kvstore.ssd")
 SUFFIX = ".kvb"

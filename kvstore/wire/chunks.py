@@ -39,12 +39,16 @@ CHUNK_LAYER = 2
 CHUNK_OFFSET = 3
 CHUNK_DATA = 4
 CHUNK_LAYER_CHECKSUM = 5
+CHUNK_COMPRESSION = 6
+CHUNK_RAW_BYTES = 7
 # LayerRun
 RUN_LAYER = 1
 RUN_FIRST_BLOCK = 2
 RUN_NUM_BLOCKS = 3
 RUN_DATA = 4
 RUN_LAYER_CHECKSUMS = 5
+RUN_COMPRESSION = 6
+RUN_RAW_BYTES = 7
 # PutBlocksRequest
 PUT_NAMESPACE = 1
 PUT_CHECKSUM_KIND = 2
@@ -91,6 +95,9 @@ class WireChunk:
     offset: int
     data: memoryview
     layer_checksum: int
+    # WireCompression of `data` (0: raw) and the bytes it decodes to; gets only.
+    compression: int = 0
+    raw_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -102,6 +109,8 @@ class WireRun:
     num_blocks: int
     data: memoryview
     layer_checksums: tuple[int, ...]
+    compression: int = 0  # as in WireChunk
+    raw_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -176,15 +185,21 @@ def chunk_parts(
     offset: int,
     checksum: int,
     data: Sequence[memoryview | bytes],
+    *,
+    compression: int = 0,
+    raw_bytes: int = 0,
 ) -> list[memoryview | bytes]:
     """Wire parts of one LayerChunk as field `number` of its parent (PUT_CHUNKS or
-    GET_CHUNKS); `data` is not copied."""
+    GET_CHUNKS); `data` is not copied. With `compression`, `data` is encoded so and
+    decodes to `raw_bytes`."""
     data_len = sum(len(part) for part in data)
     head = (
         _varint_field(CHUNK_BLOCK_INDEX, block_index)
         + _varint_field(CHUNK_LAYER, layer)
         + _varint_field(CHUNK_OFFSET, offset)
         + (_CHECKSUM_TAG + _FIXED64.pack(checksum) if checksum else b"")
+        + _varint_field(CHUNK_COMPRESSION, compression)
+        + (_varint_field(CHUNK_RAW_BYTES, raw_bytes) if compression else b"")
         + _DATA_TAG
         + varint(data_len)
     )
@@ -197,9 +212,12 @@ def run_parts(
     first_block: int,
     checksums: list[int],
     data: Sequence[memoryview | bytes],
+    *,
+    compression: int = 0,
+    raw_bytes: int = 0,
 ) -> list[memoryview | bytes]:
     """Wire parts of one LayerRun as field `number` of its parent (PUT_RUNS or
-    GET_RUNS); `data` is not copied."""
+    GET_RUNS); `data` is not copied. `compression` and `raw_bytes` as in chunk_parts."""
     data_len = sum(len(part) for part in data)
     packed = struct.pack(f"<{len(checksums)}Q", *checksums)
     head = (
@@ -207,6 +225,8 @@ def run_parts(
         + _varint_field(RUN_FIRST_BLOCK, first_block)
         + _varint_field(RUN_NUM_BLOCKS, len(checksums))
         + len_field(RUN_LAYER_CHECKSUMS, packed)
+        + _varint_field(RUN_COMPRESSION, compression)
+        + (_varint_field(RUN_RAW_BYTES, raw_bytes) if compression else b"")
         + _RUN_DATA_TAG
         + varint(data_len)
     )
@@ -333,12 +353,19 @@ def _unknown(message: str, number: int, wire_type: int) -> WireError:
     )
 
 
+def _compressed_put(message: str) -> WireError:
+    return WireError(
+        f"a put's {message} sets compression; compressed layer bytes travel in get replies "
+        f"only: send the put's bytes raw"
+    )
+
+
 def _decode_chunk(buffer: memoryview, start: int, end: int, strict: bool) -> WireChunk:
     # The hot loop of every get: single-byte tags and varints are read inline, and
     # anything else falls back to the general reader.
     values = [0, 0, 0, 0]  # unused, block_index, layer, offset (indexed by field number)
     data = buffer[start:start]
-    checksum = 0
+    checksum = compression = raw_bytes = 0
     position = start
     while position < end:
         key = buffer[position]
@@ -371,12 +398,18 @@ def _decode_chunk(buffer: memoryview, start: int, end: int, strict: bool) -> Wir
                 data = buffer[data_start:data_end]
             elif number == CHUNK_LAYER_CHECKSUM and wire_type == _I64:
                 checksum = reader.fixed64()
+            elif number == CHUNK_COMPRESSION and wire_type == _VARINT:
+                compression = reader.varint()
+            elif number == CHUNK_RAW_BYTES and wire_type == _VARINT:
+                raw_bytes = reader.varint()
             elif strict:
                 raise _unknown("LayerChunk", number, wire_type)
             else:
                 reader.skip("LayerChunk", number, wire_type)
             position = reader.position
-    return WireChunk(values[1], values[2], values[3], data, checksum)
+    if strict and compression:
+        raise _compressed_put("LayerChunk")
+    return WireChunk(values[1], values[2], values[3], data, checksum, compression, raw_bytes)
 
 
 def _decode_block_header(buffer: memoryview, start: int, end: int) -> WireBlockHeader:
@@ -430,6 +463,7 @@ def _decode_run(buffer: memoryview, start: int, end: int, strict: bool) -> WireR
     values = [0, 0, 0, 0]  # unused, layer, first_block, num_blocks (indexed by field number)
     data = buffer[start:start]
     checksums: tuple[int, ...] = ()
+    compression = raw_bytes = 0
     while reader.more():
         number, wire_type = reader.tag()
         if number in (RUN_LAYER, RUN_FIRST_BLOCK, RUN_NUM_BLOCKS) and wire_type == _VARINT:
@@ -445,11 +479,17 @@ def _decode_run(buffer: memoryview, start: int, end: int, strict: bool) -> WireR
             checksums += struct.unpack_from(f"<{count}Q", buffer, packed_start)
         elif number == RUN_LAYER_CHECKSUMS and wire_type == _I64:
             checksums += (reader.fixed64(),)
+        elif number == RUN_COMPRESSION and wire_type == _VARINT:
+            compression = reader.varint()
+        elif number == RUN_RAW_BYTES and wire_type == _VARINT:
+            raw_bytes = reader.varint()
         elif strict:
             raise _unknown("LayerRun", number, wire_type)
         else:
             reader.skip("LayerRun", number, wire_type)
-    return WireRun(values[1], values[2], values[3], data, checksums)
+    if strict and compression:
+        raise _compressed_put("LayerRun")
+    return WireRun(values[1], values[2], values[3], data, checksums, compression, raw_bytes)
 
 
 def decode_get_message(data: bytes | memoryview) -> GetMessage:

@@ -140,6 +140,7 @@ def save_prompt(target: str, prompt: list[int], caches: dict[str, torch.Tensor])
 # KVConnectorBase_V1's abstract methods, and the optional ones this connector implements, with
 # vLLM's parameter names (vllm/distributed/kv_transfer/kv_connector/v1/base.py).
 CONTRACT = {
+    "on_new_request": ["request"],
     "get_num_new_matched_tokens": ["request", "num_computed_tokens"],
     "update_state_after_alloc": ["request", "blocks", "num_external_tokens"],
     "build_connector_meta": ["scheduler_output"],
@@ -171,6 +172,10 @@ def test_no_abstract_method_of_vllms_base_is_left() -> None:
 
     assert issubclass(KVStoreConnector, KVConnectorBase_V1)
     assert not KVStoreConnector.__abstractmethods__
+    # Every hook this connector overrides takes the real base's parameters.
+    for method in CONTRACT:
+        theirs = inspect.signature(getattr(KVConnectorBase_V1, method)).parameters
+        assert list(inspect.signature(vars(KVStoreConnector)[method]).parameters) == list(theirs)
 
 
 def test_a_best_effort_cache_needs_no_kv_delivery(store_target: str) -> None:
@@ -325,6 +330,7 @@ def test_a_request_that_asks_not_to_load_costs_no_lookup(store_target: str) -> N
             request = Request(
                 "r", tokens(5 * BLOCK, seed=4), kv_transfer_params={"kvstore_load": False}
             )
+            scheduler.on_new_request(request)
             assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
             assert client.stats().lookups == before
     finally:
@@ -339,6 +345,69 @@ def test_a_store_that_is_down_matches_nothing(unused_target: str) -> None:
         plan = scheduler.scheduler_side.plan_for("r")
         assert plan is not None
         assert plan.fetch.reason.startswith("lookup failed")
+        # A lookup started at arrival fails the same way, when the count takes it.
+        arrived = Request("arrived", tokens(5 * BLOCK, seed=5))
+        scheduler.on_new_request(arrived)
+        assert scheduler.get_num_new_matched_tokens(arrived, 0) == (0, False)
+        plan = scheduler.scheduler_side.plan_for("arrived")
+        assert plan is not None
+        assert plan.fetch.reason.startswith("lookup failed")
+    finally:
+        scheduler.shutdown()
+
+
+def arrive(scheduler: KVStoreConnector, client: SyncKVClient, request: Request) -> int:
+    """vLLM's add_request: the request's lookup starts; returns the server's lookup count
+    once the server has answered it."""
+    before = client.stats().lookups
+    scheduler.on_new_request(request)
+    deadline = time.monotonic() + 30
+    while (lookups := client.stats().lookups) == before:
+        assert time.monotonic() < deadline, "the arrival's lookup never reached the server"
+        time.sleep(0.002)
+    return lookups
+
+
+def test_the_lookup_started_at_arrival_answers_the_first_count_only(store_target: str) -> None:
+    prompt = tokens(3 * BLOCK, seed=40)
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    try:
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            request = Request("arrived", prompt)
+            arrive(scheduler, client, request)
+            # Stored after the arrival's lookup was answered: that answer is a miss.
+            save_prompt(store_target, prompt, blocks_first_caches(seed=40))
+            before = client.stats().lookups
+            assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+            assert client.stats().lookups == before
+            # A later call of the same request looks up afresh.
+            assert scheduler.get_num_new_matched_tokens(request, 0) == (2 * BLOCK, False)
+            assert client.stats().lookups == before + 1
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_stale_finished_or_crowded_out_arrival_lookup_is_made_again(
+    store_target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvstore.client import _vllm_scheduler
+
+    monkeypatch.setattr(_vllm_scheduler, "MAX_PREFETCHED", 2)
+    prompt = tokens(3 * BLOCK, seed=41)
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    try:
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            crowded, finished, kept, stale = (Request(name, prompt) for name in "abcd")
+            for request in (crowded, finished, kept):  # the third crowds the first out
+                arrive(scheduler, client, request)
+            assert scheduler.request_finished(finished, []) == (False, None)
+            monkeypatch.setattr(_vllm_scheduler, "PREFETCH_MAX_AGE_S", 0.0)
+            arrive(scheduler, client, stale)
+            save_prompt(store_target, prompt, blocks_first_caches(seed=41))
+            for request in (crowded, finished, stale):
+                assert scheduler.get_num_new_matched_tokens(request, 0) == (2 * BLOCK, False)
+            monkeypatch.setattr(_vllm_scheduler, "PREFETCH_MAX_AGE_S", 60.0)
+            assert scheduler.get_num_new_matched_tokens(kept, 0) == (0, False)
     finally:
         scheduler.shutdown()
 

@@ -17,6 +17,13 @@ from kvstore.config import StoreConfig
 from kvstore.enums import PutOutcome, TierKind
 from kvstore.errors import InvalidRequest
 from kvstore.index import BlockEntry
+from kvstore.layer_codec import (
+    LayerCodec,
+    LayerEncoding,
+    decode_layer,
+    shuffle,
+    unshuffle_into,
+)
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.mover import TierMover
 from kvstore.put import PutSession
@@ -28,13 +35,6 @@ from kvstore.tiers.blockfile import (
     decode_payload,
     encode_header,
     header_bytes,
-)
-from kvstore.tiers.compress import (
-    LayerCodec,
-    LayerEncoding,
-    decode_layer,
-    shuffle,
-    unshuffle_into,
 )
 from kvstore.tiers.ssd import SUFFIX, SsdTier
 

@@ -129,7 +129,9 @@ def test_put_messages_match_the_generated_classes_both_ways() -> None:
         (b"\xf8\x07\x01", "unknown field number 127"),  # field 127, varint
         (b"\x22\x05\x08", "runs past the end"),  # a chunk longer than the message
         (b"\x10\x80", "truncated"),  # a varint cut short
-        (b"\x22\x02\x30\x01", "unknown field number 6"),  # field 6 inside a LayerChunk
+        (b"\x22\x02\x40\x01", "unknown field number 8"),  # field 8 inside a LayerChunk
+        (b"\x22\x02\x30\x01", "travel in get replies only"),  # a compressed put chunk
+        (b"\x2a\x02\x30\x01", "travel in get replies only"),  # a compressed put run
         (b"\x22\x02\x29\x01", "truncated fixed64"),
     ],
 )
@@ -144,8 +146,8 @@ def test_reply_decoding_skips_unknown_fields() -> None:
     header = encode_get_header(checksum_kind=1, block_bytes=64, num_blocks=1, tiers=[2])
     unknown = b"\xf8\x07\x05" + b"\x82\x08\x03abc" + b"\x8d\x08\x01\x02\x03\x04"
     known_chunk = b"".join(chunk_parts(chunks.GET_CHUNKS, 0, 1, 0, 7, [b"xyz"]))
-    # LayerChunk{layer: 1, layer_checksum: 7, field 6: 1, data: "xyz"}
-    body = b"\x10\x01" + b"\x29" + (7).to_bytes(8, "little") + b"\x30\x01" + b"\x22\x03xyz"
+    # LayerChunk{layer: 1, layer_checksum: 7, field 8: 1, data: "xyz"}
+    body = b"\x10\x01" + b"\x29" + (7).to_bytes(8, "little") + b"\x40\x01" + b"\x22\x03xyz"
     chunk_with_unknown = b"\x0a" + bytes([len(body)]) + body
     reply = header + unknown + known_chunk
     widened = header + unknown + chunk_with_unknown
@@ -250,3 +252,54 @@ def test_parent_remote_reads_any_non_zero_varint_as_protobuf_does(value: int) ->
 def test_block_header_decoding_stays_strict(block_header: bytes, message: str) -> None:
     with pytest.raises(WireError, match=message):
         decode_put_message(chunks.len_field(chunks.PUT_BLOCKS, block_header))
+
+
+@pytest.mark.parametrize("raw_bytes", [*EDGE_VALUES[1:], 2**40])
+def test_compressed_chunks_and_runs_match_the_generated_classes_both_ways(raw_bytes: int) -> None:
+    data = b"compressed"
+    expected = pb.GetBlocksResponse(
+        chunks=[
+            pb.LayerChunk(
+                block_index=1,
+                layer=2,
+                offset=64,
+                data=data,
+                layer_checksum=9,
+                compression=pb.LZ4_SHUFFLE,
+                raw_bytes=raw_bytes,
+            )
+        ],
+        runs=[
+            pb.LayerRun(
+                layer=2,
+                first_block=3,
+                num_blocks=2,
+                data=data,
+                layer_checksums=[5, 6],
+                compression=pb.LZ4_SHUFFLE,
+                raw_bytes=raw_bytes,
+            )
+        ],
+    )
+    encoded = b"".join(
+        [
+            *chunk_parts(
+                chunks.GET_CHUNKS, 1, 2, 64, 9, [data], compression=1, raw_bytes=raw_bytes
+            ),
+            *run_parts(chunks.GET_RUNS, 2, 3, [5, 6], [data], compression=1, raw_bytes=raw_bytes),
+        ]
+    )
+    assert pb.GetBlocksResponse.FromString(encoded) == expected
+    decoded = decode_get_message(expected.SerializeToString())
+    ((chunk,), (run,)) = decoded.chunks, decoded.runs
+    assert (chunk.compression, chunk.raw_bytes, bytes(chunk.data)) == (1, raw_bytes, data)
+    assert (run.compression, run.raw_bytes, bytes(run.data)) == (1, raw_bytes, data)
+
+
+def test_raw_chunks_and_runs_carry_no_compression_fields() -> None:
+    """Raw data: no bytes spent on the new fields, and an older client reads the same."""
+    assert b"".join(chunk_parts(1, 0, 1, 0, 7, [b"xyz"], raw_bytes=3)) == b"".join(
+        chunk_parts(1, 0, 1, 0, 7, [b"xyz"])
+    )
+    (chunk,) = decode_get_message(b"".join(chunk_parts(1, 0, 1, 0, 7, [b"xyz"]))).chunks
+    assert (chunk.compression, chunk.raw_bytes) == (0, 0)

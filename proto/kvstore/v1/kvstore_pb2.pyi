@@ -100,6 +100,34 @@ the 32-bit CRC is the value's low 32 bits, its high 32 bits are zero.
 """
 Global___ChecksumKind: _TypeAlias = ChecksumKind  # noqa: Y015
 
+class _WireCompression:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WireCompressionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WireCompression.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WIRE_COMPRESSION_NONE: _WireCompression.ValueType  # 0
+    """the bytes as stored in the layer"""
+    LZ4_SHUFFLE: _WireCompression.ValueType  # 1
+    """lz4 block format (no frame, no size prefix) of the bytes after a byte shuffle by the
+    layout's element size: byte 0 of every element, then byte 1, ... (identity for
+    1-byte elements). Decodes to exactly `raw_bytes` bytes. Gets only.
+    """
+
+class WireCompression(_WireCompression, metaclass=_WireCompressionEnumTypeWrapper):
+    """How a get's layer bytes may travel (GetBlocksRequest.wire_compression), and how one
+    chunk's or run's `data` is encoded (LayerChunk.compression, LayerRun.compression).
+    """
+
+WIRE_COMPRESSION_NONE: WireCompression.ValueType  # 0
+"""the bytes as stored in the layer"""
+LZ4_SHUFFLE: WireCompression.ValueType  # 1
+"""lz4 block format (no frame, no size prefix) of the bytes after a byte shuffle by the
+layout's element size: byte 0 of every element, then byte 1, ... (identity for
+1-byte elements). Decodes to exactly `raw_bytes` bytes. Gets only.
+"""
+Global___WireCompression: _TypeAlias = WireCompression  # noqa: Y015
+
 class _PutOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -476,14 +504,22 @@ class LayerChunk(_message.Message):
     OFFSET_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     LAYER_CHECKSUM_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    RAW_BYTES_FIELD_NUMBER: _builtins.int
     block_index: _builtins.int
     layer: _builtins.int
     offset: _builtins.int
     data: _builtins.bytes
     layer_checksum: _builtins.int
     """Checksum of the whole layer (all its chunks), of the stream's ChecksumKind.
-    Required on the chunk with offset 0, ignored on the others.
+    Required on the chunk with offset 0, ignored on the others. Always over the
+    layer's raw bytes, whatever the compression.
     """
+    compression: Global___WireCompression.ValueType
+    """Get replies only, to a request that asked for it: `data` is encoded so, and decodes
+    to `raw_bytes` bytes (offset + raw_bytes <= the layer's bytes). Unset: raw.
+    """
+    raw_bytes: _builtins.int
     def __init__(
         self,
         *,
@@ -492,10 +528,12 @@ class LayerChunk(_message.Message):
         offset: _builtins.int = ...,
         data: _builtins.bytes = ...,
         layer_checksum: _builtins.int = ...,
+        compression: Global___WireCompression.ValueType = ...,
+        raw_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_index", b"block_index", "data", b"data", "layer", b"layer", "layer_checksum", b"layer_checksum", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_index", b"block_index", "compression", b"compression", "data", b"data", "layer", b"layer", "layer_checksum", b"layer_checksum", "offset", b"offset", "raw_bytes", b"raw_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -593,14 +631,19 @@ class LayerRun(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     LAYER_CHECKSUMS_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    RAW_BYTES_FIELD_NUMBER: _builtins.int
     layer: _builtins.int
     first_block: _builtins.int
     num_blocks: _builtins.int
     data: _builtins.bytes
-    """num_blocks * layer bytes"""
+    """num_blocks * layer bytes (decoded)"""
+    compression: Global___WireCompression.ValueType
+    """As in LayerChunk: get replies only; `raw_bytes` is then num_blocks * layer bytes."""
+    raw_bytes: _builtins.int
     @_builtins.property
     def layer_checksums(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """one per block, in order"""
+        """one per block, in order, over the raw bytes"""
 
     def __init__(
         self,
@@ -610,10 +653,12 @@ class LayerRun(_message.Message):
         num_blocks: _builtins.int = ...,
         data: _builtins.bytes = ...,
         layer_checksums: _abc.Iterable[_builtins.int] | None = ...,
+        compression: Global___WireCompression.ValueType = ...,
+        raw_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "first_block", b"first_block", "layer", b"layer", "layer_checksums", b"layer_checksums", "num_blocks", b"num_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "data", b"data", "first_block", b"first_block", "layer", b"layer", "layer_checksums", b"layer_checksums", "num_blocks", b"num_blocks", "raw_bytes", b"raw_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -626,9 +671,15 @@ class GetBlocksRequest(_message.Message):
     NAMESPACE_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    WIRE_COMPRESSION_FIELD_NUMBER: _builtins.int
     max_chunk_bytes: _builtins.int
     """Payload bytes per message, for chunks and runs alike. 0: the server's
     limits.default_chunk_bytes (1 MiB); capped at limits.max_message_bytes - 4096.
+    """
+    wire_compression: Global___WireCompression.ValueType
+    """LZ4_SHUFFLE: the server may send any chunk or run compressed so, where it shrinks
+    (others go raw); the client must take raw ones too. Never used through shared
+    memory. Servers from before this field answer INVALID_ARGUMENT (unknown field 4).
     """
     @_builtins.property
     def namespace(self) -> Global___Namespace: ...
@@ -640,10 +691,11 @@ class GetBlocksRequest(_message.Message):
         namespace: Global___Namespace | None = ...,
         keys: _abc.Iterable[_builtins.bytes] | None = ...,
         max_chunk_bytes: _builtins.int = ...,
+        wire_compression: Global___WireCompression.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "max_chunk_bytes", b"max_chunk_bytes", "namespace", b"namespace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "max_chunk_bytes", b"max_chunk_bytes", "namespace", b"namespace", "wire_compression", b"wire_compression"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

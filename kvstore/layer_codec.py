@@ -1,4 +1,5 @@
-"""Per-layer lz4 for SSD block files, after a byte-shuffle filter, kept only where it pays.
+"""Per-layer lz4 after a byte-shuffle filter, kept only where it pays: the SSD tier's block
+files (kvstore.tiers.ssd) and a get's bytes on the network (kvstore.wire.compression).
 
 KV elements are 16-bit floats (fp16, bf16) or 8-bit ones (fp8). A float's high byte
 (sign and exponent) varies far less than its low byte (mantissa), but interleaved the
