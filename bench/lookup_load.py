@@ -7,7 +7,9 @@ at GBPS (GB/s, put and got bytes together). For each phase it prints the lookups
 p99 and max, and the daemon's own event-loop lag (Stats: the longest and the p99 late
 wake-up of its loop probe over the last 10 s, read as the phase ends; a phase as long
 as that window sees only its own lag). A lookup that waits behind a put's or a get's
-work on the daemon's loop shows in both.
+work on the daemon's loop shows in both. Of the longest lag it also prints how long the
+daemon's loop thread waited for a core (Stats' loop_lag_max_runqueue_us): near all of
+it, the daemon was not scheduled (every core busy); near none, its loop was busy.
 
 `--resident-blocks N` adds a phase between the two: lookups while another process stores
 N more small blocks (chains in another namespace), so the daemon's index grows to a
@@ -57,6 +59,9 @@ class PhaseResult:
     loop_lag_max_ms: float
     loop_lag_p99_ms: float
     load_gbps: float  # what the load processes moved (0 on the idle daemon)
+    # Of loop_lag_max_ms, the daemon's loop thread waiting for a core (the machine, not
+    # the loop; 0 where the kernel does not say).
+    loop_lag_max_runqueue_ms: float = 0.0
 
 
 class ChainLookups:
@@ -132,6 +137,7 @@ class ChainLookups:
             loop_lag_max_ms=stats.loop_lag_max_us / 1000,
             loop_lag_p99_ms=stats.loop_lag_p99_us / 1000,
             load_gbps=load_gbps,
+            loop_lag_max_runqueue_ms=stats.loop_lag_max_runqueue_us / 1000,
         )
 
 
@@ -273,7 +279,8 @@ def run_under_load(args: argparse.Namespace) -> int:
         print(
             f"  {name:7} ({load:16})  {row.num_lookups:6} lookups  p50 {row.p50_ms:.3f} ms  "
             f"p99 {row.p99_ms:.3f} ms  max {row.max_ms:.3f} ms  |  daemon loop lag "
-            f"max {row.loop_lag_max_ms:.1f} ms  p99 {row.loop_lag_p99_ms:.1f} ms"
+            f"max {row.loop_lag_max_ms:.1f} ms ({row.loop_lag_max_runqueue_ms:.1f} waiting "
+            f"for a core)  p99 {row.loop_lag_p99_ms:.1f} ms"
         )
     idle, loaded = results["idle"], results["loaded"]
     print(

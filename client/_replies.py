@@ -83,6 +83,7 @@ def store_stats(reply: pb.StatsResponse) -> StoreStats:
         open_fds=reply.open_fds,
         loop_lag_max_us=reply.loop_lag_max_us,
         loop_lag_p99_us=reply.loop_lag_p99_us,
+        loop_lag_max_runqueue_us=reply.loop_lag_max_runqueue_us,
         tenants=tenants,
         tenant_scope=reply.tenant_scope,
     )

@@ -139,6 +139,10 @@ class StoreStats:
     # then only the tiers' sizes, the policy and the caller's own `tenants` entry are
     # filled, and every store-wide count is 0. "": the whole store.
     tenant_scope: str = ""
+    # Of loop_lag_max_us, how long the daemon's loop thread waited for a core (at most
+    # all of it: the machine, not the loop); 0 where the kernel does not say, or from an
+    # older server.
+    loop_lag_max_runqueue_us: int = 0
 
     def tier(self, kind: TierKind) -> TierStats:
         """The stats of tier `kind`; KeyError if the server has no such tier."""

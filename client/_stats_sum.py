@@ -71,7 +71,15 @@ def sum_store_stats(members: Sequence[StoreStats]) -> StoreStats:
     assert members, "no member's Stats to sum"
     policies = sorted({stats.write_policy for stats in members if stats.write_policy})
     durabilities = [stats.durability for stats in members if stats.durability is not None]
-    special = {"uptime_ms", "data_plane_port", "loop_lag_max_us", "loop_lag_p99_us"}
+    special = {
+        "uptime_ms",
+        "data_plane_port",
+        "loop_lag_max_us",
+        "loop_lag_p99_us",
+        "loop_lag_max_runqueue_us",
+    }
+    # The longest lag is one member's: so is the wait for a core within it.
+    worst = max(members, key=lambda stats: stats.loop_lag_max_us)
     return StoreStats(
         tiers=_sum_tiers([tier for stats in members for tier in stats.tiers]),
         tenants=_sum_tenants([tenant for stats in members for tenant in stats.tenants]),
@@ -79,6 +87,7 @@ def sum_store_stats(members: Sequence[StoreStats]) -> StoreStats:
         data_plane_port=0,
         loop_lag_max_us=max(stats.loop_lag_max_us for stats in members),
         loop_lag_p99_us=max(stats.loop_lag_p99_us for stats in members),
+        loop_lag_max_runqueue_us=worst.loop_lag_max_runqueue_us,
         write_policy=",".join(policies),
         durability=min(durabilities) if durabilities else None,
         tenant_scope=members[0].tenant_scope,

@@ -208,7 +208,8 @@ def print_stats(stats: pb.StatsResponse, console: Console) -> None:
     console.print(
         f"process: rss {human_bytes(stats.rss_bytes)}  {stats.open_fds} open fds  "
         f"event-loop lag over the last 10 s: max {stats.loop_lag_max_us / 1000:.1f} ms, "
-        f"p99 {stats.loop_lag_p99_us / 1000:.1f} ms"
+        f"p99 {stats.loop_lag_p99_us / 1000:.1f} ms (of the max, "
+        f"{stats.loop_lag_max_runqueue_us / 1000:.1f} ms waiting for a core)"
     )
     if stats.data_plane_port:
         console.print(

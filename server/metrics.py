@@ -71,6 +71,12 @@ class KVStoreCollector(Collector):
             "99th percentile of how late the event-loop probe woke over the last 10 s.",
             value=lag.p99_s,
         )
+        yield GaugeMetricFamily(
+            "kvstore_event_loop_lag_max_runqueue_seconds",
+            "Of the longest event-loop lag, how long the loop's thread waited for a core "
+            "(at most all of it; 0 where the kernel does not say).",
+            value=lag.max_runqueue_s,
+        )
         if self._watch_hub is not None:
             yield GaugeMetricFamily(
                 "kvstore_block_watchers",

@@ -115,6 +115,7 @@ def report_to_wire(
         open_fds=health.open_fds,
         loop_lag_max_us=int(health.loop_lag.max_s * 1e6),
         loop_lag_p99_us=int(health.loop_lag.p99_s * 1e6),
+        loop_lag_max_runqueue_us=int(health.loop_lag.max_runqueue_s * 1e6),
         tenants=[tenant_to_wire(tenant) for tenant in report.tenants],
     )
 

@@ -173,6 +173,7 @@ class Engine:
         # lookup that arrival starts has no step to hide behind.
         self.scheduler.on_new_request(request)
         num_external, _ = self.scheduler.get_num_new_matched_tokens(request, 0)
+        match_s = time.perf_counter() - start
         num_external = num_external or 0
         plan = self.scheduler.scheduler_side.plan_for(request.request_id)
         seq = Sequence()
@@ -233,6 +234,7 @@ class Engine:
             save_error="; ".join(report.errors) if report and report.errors else None,
             decision=plan.fetch.reason if plan is not None else "",
             num_matched_tokens=(plan.num_matched_blocks * block_tokens) if plan else 0,
+            match_s=match_s,
         )
 
     # -- steps ---------------------------------------------------------------------------------

@@ -112,6 +112,7 @@ class StoreRun:
     save_error: str | None = None
     decision: str = ""  # the scheduler side's fetch-or-recompute reason
     num_matched_tokens: int = 0  # stored, whether loaded or recomputed
+    match_s: float = 0.0  # of ttft_s, the scheduler side's arrival and count (its lookup)
 
 
 @dataclass(frozen=True)

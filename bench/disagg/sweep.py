@@ -64,6 +64,9 @@ class SweepPoint:
     # The median over the repeats of planned / no store, each pair timed back to back
     # (in alternating order): drift of a shared machine's speed cancels within a pair.
     planned_over_no_store: float
+    # Of planned_ttft_s, the median time the scheduler side took to count the match: the
+    # request's lookup and plan, what a planned request adds over no store.
+    planned_match_s: float
     num_load_blocks: int  # what the plan loaded
     decision: str
     # The prefill rate the plan used: the worker's own, from this rate's no-store runs.
@@ -225,6 +228,7 @@ def _sweep_point(
         no_store_ttft_s=statistics.median(no_store),
         planned_ttft_s=statistics.median(planned),
         planned_over_no_store=statistics.median(ratios),
+        planned_match_s=statistics.median(run.match_s for run in runs),
         num_load_blocks=last.num_reused_tokens // config.page_tokens,
         decision=last.decision,
         plan_tokens_per_s=current.tokens_per_s,
@@ -275,6 +279,7 @@ def print_report(report: SweepReport, console: Console) -> None:
         "fetch TTFT",
         "no store",
         "planned",
+        "of which match",
         "plan",
         "planned/no store, paired",
     )
@@ -287,6 +292,7 @@ def print_report(report: SweepReport, console: Console) -> None:
             f"{point.fetch_ttft_s * 1e3:.0f} ms",
             f"{point.no_store_ttft_s * 1e3:.0f} ms",
             f"{point.planned_ttft_s * 1e3:.0f} ms",
+            f"{point.planned_match_s * 1e3:.2f} ms",
             "fetch" if point.num_load_blocks else "recompute",
             f"{point.planned_over_no_store:.3f}",
         )

@@ -37,6 +37,7 @@ def test_lookup_under_load_reports_both_phases_and_the_loop_lag(
         # The daemon's probe woke a dozen times or more in each phase: some lag, however small.
         assert row["loop_lag_max_ms"] >= row["loop_lag_p99_ms"] >= 0
         assert row["loop_lag_max_ms"] > 0
+        assert 0 <= row["loop_lag_max_runqueue_ms"] <= row["loop_lag_max_ms"]
     assert results["idle"]["load_gbps"] == 0
     # Paced at 0.05 GB/s: it moved bytes, and not much faster than asked.
     assert 0 < results["loaded"]["load_gbps"] < 0.2

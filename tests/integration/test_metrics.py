@@ -234,6 +234,8 @@ async def test_event_loop_lag_is_reported(metered: RunningServer) -> None:
     samples = await scrape(metered)
     assert samples.value("kvstore_event_loop_lag_max_seconds") >= 0.15
     assert samples.value("kvstore_event_loop_lag_p99_seconds") >= 0
+    runqueue = samples.value("kvstore_event_loop_lag_max_runqueue_seconds")
+    assert 0 <= runqueue <= samples.value("kvstore_event_loop_lag_max_seconds")
 
 
 async def test_requests_answered_with_an_error_are_counted_by_transport_and_code(

@@ -1,13 +1,15 @@
 """The daemon's process health in Stats: RSS, open fds and event-loop lag.
 
 The lag arithmetic (window, percentile) is tested on a LoopWatch fed by a fake clock;
-the real probe is tested on a real server whose event loop is held by CPU work.
+the real probe is tested on a real server whose event loop is held by CPU work, and
+its wait for a core on a loop whose thread shares one CPU with a spinning process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,12 +18,15 @@ import pytest
 
 from kvstore.client import KVClient, Namespace, StoreStats
 from kvstore.server import RunningServer
-from kvstore.server.loopwatch import LoopLag, LoopWatch
+from kvstore.server.loopwatch import LoopLag, LoopWatch, ThreadRunqueue
 from kvstore.server.procstat import open_fds, rss_bytes
 
 ConnectPeer = Callable[[RunningServer], Awaitable[Any]]  # tests/server/conftest.py
 Poll = Callable[..., Awaitable[None]]
 has_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+has_schedstat = pytest.mark.skipif(
+    ThreadRunqueue().read() is None, reason="needs /proc/thread-self/schedstat"
+)
 
 
 class FakeClock:
@@ -92,6 +97,69 @@ def test_early_wake_ups_count_as_no_lag() -> None:
 def test_a_period_must_fit_the_window(period_s: float, window_s: float) -> None:
     with pytest.raises(ValueError, match="period_s"):
         LoopWatch(period_s=period_s, window_s=window_s)
+
+
+def test_the_wait_for_a_core_is_that_of_the_longest_lag_and_at_most_all_of_it() -> None:
+    clock = FakeClock()
+    watch = LoopWatch(period_s=0.1, window_s=10.0, clock=clock)
+    watch.record(clock.now, 0.002, 0.002)
+    clock.now += 0.1
+    watch.record(clock.now, 0.050, 0.010)  # the longest: 10 ms of its 50 ms waiting
+    clock.now += 0.1
+    watch.record(clock.now, 0.003, 0.003)
+    assert watch.lag().max_s == pytest.approx(0.050)
+    assert watch.lag().max_runqueue_s == pytest.approx(0.010)
+    clock.now += 0.1
+    # Waits read over more than the lag (just before it was due) are cut to the lag.
+    watch.record(clock.now, 0.080, 0.200)
+    assert watch.lag().max_runqueue_s == pytest.approx(0.080)
+    clock.now += 0.1
+    watch.record(clock.now, -0.001, 0.004)  # early: no lag, no wait counted
+    assert min(runqueue for _, _, runqueue in watch._wakes) == 0.0
+
+
+@has_schedstat
+async def test_a_loop_that_holds_its_thread_is_not_counted_as_waiting_for_a_core() -> None:
+    """A blocking call on the loop (its thread asleep, not ready to run) is the loop's
+    own stall: the probe's lag holds next to no wait for a core."""
+    watch = LoopWatch(period_s=0.01, window_s=10.0)
+    watch.start()
+    try:
+        await asyncio.sleep(0.05)
+        time.sleep(0.3)  # noqa: ASYNC251 - the point: the loop is held, its thread sleeps
+        await asyncio.sleep(0.05)
+    finally:
+        await watch.stop()
+    lag = watch.lag()
+    assert lag.max_s >= 0.3 - 0.01
+    assert lag.max_runqueue_s < lag.max_s / 2, lag
+
+
+@has_schedstat
+async def test_a_loop_thread_sharing_its_core_shows_its_wait_for_one() -> None:
+    """Pinned to one CPU with a process that spins there, the loop's thread runs about
+    half the time it is ready to: of a lag while it computes, much is the wait."""
+    cpu = min(os.sched_getaffinity(0))
+    spinner = await asyncio.create_subprocess_exec(sys.executable, "-c", "while True: pass")
+    before = os.sched_getaffinity(0)  # this thread's own (Linux: per thread)
+    watch = LoopWatch(period_s=0.01, window_s=10.0)
+    try:
+        os.sched_setaffinity(spinner.pid, {cpu})
+        os.sched_setaffinity(0, {cpu})
+        watch.start()
+        await asyncio.sleep(0.05)
+        _spin_cpu(0.4)  # 0.4 s of the wall clock, of which the spinner takes its share
+        await asyncio.sleep(0.05)
+    finally:
+        await watch.stop()
+        os.sched_setaffinity(0, before)
+        spinner.kill()
+        await spinner.wait()
+    lag = watch.lag()
+    assert lag.max_s >= 0.4 - 0.01
+    # An even split would be half; a quarter leaves room for the kernel's choices.
+    assert lag.max_runqueue_s >= lag.max_s / 4, lag
+    assert lag.max_runqueue_s <= lag.max_s
 
 
 async def test_the_probe_records_how_late_it_woke() -> None:
@@ -169,6 +237,7 @@ async def test_stats_shows_a_stall_of_the_servers_event_loop(
     # The probe sleeps 100 ms: it was due at most that far into the stall.
     assert stats.loop_lag_max_us >= (stall_s - 0.1) * 1e6
     assert stats.loop_lag_p99_us <= stats.loop_lag_max_us
+    assert 0 <= stats.loop_lag_max_runqueue_us <= stats.loop_lag_max_us
 
 
 def _spin_cpu(seconds: float) -> None:

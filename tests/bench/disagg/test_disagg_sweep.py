@@ -19,6 +19,7 @@ def point(rate: float, fetch_s: float, no_store_s: float) -> SweepPoint:
         no_store_ttft_s=no_store_s,
         planned_ttft_s=min(fetch_s, no_store_s),
         planned_over_no_store=min(fetch_s, no_store_s) / no_store_s,
+        planned_match_s=0.001,
         num_load_blocks=0,
         decision="recompute",
         plan_tokens_per_s=1000.0,
@@ -68,6 +69,7 @@ def test_the_sweep_reports_every_rate_and_a_finite_positive_break_even(
         assert entry["no_store_ttft_s"] > 0
         assert entry["planned_ttft_s"] > 0
         assert entry["planned_over_no_store"] > 0
+        assert 0 < entry["planned_match_s"] < entry["planned_ttft_s"]
         # The connector's meter saw each daemon's throttled loads, and never beat the throttle
         # by more than the bucket's burst allows on a few kilobytes.
         assert entry["measured_bytes_per_s"] is not None
