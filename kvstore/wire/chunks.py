@@ -355,8 +355,8 @@ def _unknown(message: str, number: int, wire_type: int) -> WireError:
 
 def _compressed_put(message: str) -> WireError:
     return WireError(
-        f"a put's {message} sets compression; compressed layer bytes travel in get replies "
-        f"only: send the put's bytes raw"
+        f"a put's {message} sets compression or raw_bytes; compressed layer bytes travel in "
+        f"get replies only: send the put's bytes raw"
     )
 
 
@@ -407,7 +407,7 @@ def _decode_chunk(buffer: memoryview, start: int, end: int, strict: bool) -> Wir
             else:
                 reader.skip("LayerChunk", number, wire_type)
             position = reader.position
-    if strict and compression:
+    if strict and (compression or raw_bytes):
         raise _compressed_put("LayerChunk")
     return WireChunk(values[1], values[2], values[3], data, checksum, compression, raw_bytes)
 
@@ -487,7 +487,7 @@ def _decode_run(buffer: memoryview, start: int, end: int, strict: bool) -> WireR
             raise _unknown("LayerRun", number, wire_type)
         else:
             reader.skip("LayerRun", number, wire_type)
-    if strict and compression:
+    if strict and (compression or raw_bytes):
         raise _compressed_put("LayerRun")
     return WireRun(values[1], values[2], values[3], data, checksums, compression, raw_bytes)
 

@@ -132,6 +132,8 @@ def test_put_messages_match_the_generated_classes_both_ways() -> None:
         (b"\x22\x02\x40\x01", "unknown field number 8"),  # field 8 inside a LayerChunk
         (b"\x22\x02\x30\x01", "travel in get replies only"),  # a compressed put chunk
         (b"\x2a\x02\x30\x01", "travel in get replies only"),  # a compressed put run
+        (b"\x22\x02\x38\x01", "travel in get replies only"),  # a put chunk's raw_bytes
+        (b"\x2a\x02\x38\x01", "travel in get replies only"),  # a put run's raw_bytes
         (b"\x22\x02\x29\x01", "truncated fixed64"),
     ],
 )
