@@ -360,7 +360,9 @@ class DataPlane:
             await self._reject(link, code, message)
         finally:
             if link.buffers is not None:
-                link.buffers.close()
+                # Unmapping a client's buffers takes milliseconds per 64 MiB it touched
+                # (munmap releases the GIL): on a thread, not in a step of the loop.
+                _close_off_loop(link.buffers)
             if link.fd_stream is not None:
                 link.fd_stream.close_fds()
             if link.tenant is not None:
@@ -504,15 +506,16 @@ class DataPlane:
                 # Applied (the put asks for the next message only then): the client may
                 # write over the region.
                 await link.send(FrameKind.SHM_DONE)
-                # Frames already queued are read without a wait, so a whole put would
-                # run as one step of the loop: let lookups in after each message.
-                await asyncio.sleep(0)
             elif kind == FrameKind.PUT:
                 yield payload
             else:
                 raise InvalidRequest(
                     "PUT_SHM is for the same-host socket only; this connection has no buffers"
                 )
+            # Frames already queued (in the socket's buffer or the region) are read
+            # without a wait, so a whole put would run as one step of the loop: let
+            # lookups in after each message.
+            await asyncio.sleep(0)
             if link.fd_stream is not None:
                 link.fd_stream.close_fds()  # descriptors come with REGISTER only
             kind, payload = await link.read_frame(pacing)
@@ -608,6 +611,17 @@ class DataPlane:
                     await link.reader.read_into(scratch)
         except (ConnectionClosed, OSError, TimeoutError, asyncio.CancelledError):
             pass
+
+
+def _close_off_loop(buffers: ClientBuffers) -> None:
+    """Close `buffers` on the loop's default executor; nothing else holds them now."""
+    closing = asyncio.get_running_loop().run_in_executor(None, buffers.close)
+    closing.add_done_callback(_log_close_failure)
+
+
+def _log_close_failure(closing: asyncio.Future[None]) -> None:
+    if not closing.cancelled() and closing.exception() is not None:
+        logger.warning("unmapping a closed connection's buffers failed: %s", closing.exception())
 
 
 async def _copy_sliced(target: memoryview, offset: int, parts: list[bytes | memoryview]) -> None:

@@ -1,7 +1,8 @@
 """A put of many small blocks is applied in steps of the event loop (server/transfer.py,
 BLOCKS_PER_STEP), on both transports: other work runs while one message of hundreds of
 blocks commits, and a checksum that fails in a later step fails the put without harming
-the blocks the earlier steps committed."""
+the blocks the earlier steps committed. A put of many messages that all arrived at once
+is applied a message a step (server/dataplane.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import torch
 import xxhash
 from raw_puts import opening, raw_put  # tests/raw_puts.py
 
+from kvstore.checksum import ChecksumKind
 from kvstore.client import DType, KVClient, KVForm, KVLayout, Namespace
 from kvstore.server import RunningServer
 from kvstore.server.transfer import BLOCKS_PER_STEP
-from kvstore.wire.chunks import PUT_RUNS, run_parts
+from kvstore.wire.chunks import PUT_RUNS, encode_put_header, run_parts
 
 # 512-byte blocks of one layer: a few hundred fit one short message, in one run.
 SMALL = KVLayout(num_layers=1, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=8)
@@ -85,3 +87,48 @@ async def test_a_checksum_failing_in_a_later_step_fails_the_put_and_harms_nothin
         dest = torch.zeros((len(stored), 1, *SMALL.layer_shape), dtype=torch.float16)
         assert await client.get_into(stored, dest, form=KVForm.BLOCKS) == len(stored)
         assert dest.view(torch.uint8).numpy().tobytes() == b"".join(layers[: len(stored)])
+
+
+@TRANSPORTS
+async def test_a_put_of_many_messages_lets_other_work_run_between_them(
+    server_factory: ServerFactory, data_plane: bool
+) -> None:
+    """Frames already in the socket are read without a wait: a put whose messages all
+    arrived would otherwise be applied in one step of the loop, however many there are."""
+    server = await server_factory()
+    # 32 blocks of 512 B: the put floor's 16 KiB a message, and no message long enough to be
+    # cut in steps (BLOCKS_PER_STEP).
+    per_message = BLOCKS_PER_STEP // 2
+    num_messages = 24
+    keys = [b"msg-%d" % index for index in range(per_message * num_messages)]
+    layers = [layer_of(index) for index in range(len(keys))]
+    messages = []
+    for first in range(0, len(keys), per_message):
+        batch = layers[first : first + per_message]
+        checksums = [xxhash.xxh3_64_intdigest(layer) for layer in batch]
+        # Each message declares its blocks (under the last one before them) and carries
+        # them whole: every run reaches the last block declared (the put floor).
+        if first:
+            declared = [(keys[i], keys[i - 1]) for i in range(first, first + per_message)]
+            head = encode_put_header(checksum_kind=ChecksumKind.XXH3_64.value, blocks=declared)
+        else:
+            head = opening(NS, keys[:per_message])
+        parts = run_parts(PUT_RUNS, 0, first, checksums, batch)
+        messages.append(head + b"".join(bytes(part) for part in parts))
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    async def probe() -> None:
+        while not done.is_set():
+            seen.append(len(server.store.snapshot_entries(NS)))
+            await asyncio.sleep(0)
+
+    probing = asyncio.create_task(probe())
+    try:
+        assert await raw_put(server, messages, data_plane) == (0, "")
+    finally:
+        done.set()
+        await probing
+    assert len(server.store.snapshot_entries(NS)) == len(keys)
+    between = {count for count in seen if 0 < count < len(keys)}
+    assert len(between) >= num_messages // 2, sorted(set(seen))

@@ -17,6 +17,7 @@ import socket
 import struct
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -181,6 +182,37 @@ async def test_put_and_get_through_shared_memory_are_byte_identical(
     assert shm_server.data_plane is not None
     assert shm_server.data_plane.shm_transfers == 2  # the put and the get, nothing on TCP
     assert shm_server.data_plane.transfers == 2
+
+
+async def test_a_closed_connections_buffers_are_unmapped_off_the_loop(
+    shm_server: RunningServer,
+    clients: Callable[..., KVClient],
+    make_kv: MakeKV,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """munmap of a client's touched buffers takes milliseconds per 64 MiB: a connection
+    that ends unmaps them on a thread, so no step of the daemon's loop waits for it."""
+    from kvstore.server.shm import ClientBuffers
+
+    closed_on: list[threading.Thread] = []
+    unmap = ClientBuffers.close
+
+    def close(self: ClientBuffers) -> None:
+        closed_on.append(threading.current_thread())
+        unmap(self)
+
+    monkeypatch.setattr(ClientBuffers, "close", close)
+    client = clients(shm_server, NS, shared_memory=True)
+    kv = make_kv(LARGE, 4, form=KVForm.BLOCKS, seed=5)
+    dest = await put_and_get(client, kv, "unmapped")
+    assert torch.equal(dest.view(torch.uint8), kv.view(torch.uint8))
+    await client.close()
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not closed_on:
+        assert asyncio.get_running_loop().time() < deadline, "the buffers were never closed"
+        await asyncio.sleep(0.01)
+    assert threading.current_thread() not in closed_on
 
 
 @pytest.mark.parametrize("num_blocks", [1, 3, 40])
