@@ -39,14 +39,9 @@ def layer_of(index: int) -> bytes:
     return bytes([index % 251]) * SMALL.layer_bytes
 
 
-@TRANSPORTS
-async def test_one_message_of_many_blocks_commits_in_steps(
-    server_factory: ServerFactory, data_plane: bool
-) -> None:
-    server = await server_factory()
-    keys = [b"step-%d" % index for index in range(NUM_BLOCKS)]
-    layers = [layer_of(index) for index in range(NUM_BLOCKS)]
-    message = one_message(keys, layers, [xxhash.xxh3_64_intdigest(layer) for layer in layers])
+async def counts_during(server: RunningServer, put: Awaitable[tuple[int, str]]) -> list[int]:
+    """The blocks stored, as another task sees them at each of its turns while `put` runs
+    (it must succeed)."""
     seen: list[int] = []
     done = asyncio.Event()
 
@@ -57,10 +52,22 @@ async def test_one_message_of_many_blocks_commits_in_steps(
 
     probing = asyncio.create_task(probe())
     try:
-        assert await raw_put(server, [message], data_plane) == (0, "")
+        assert await put == (0, "")
     finally:
         done.set()
         await probing
+    return seen
+
+
+@TRANSPORTS
+async def test_one_message_of_many_blocks_commits_in_steps(
+    server_factory: ServerFactory, data_plane: bool
+) -> None:
+    server = await server_factory()
+    keys = [b"step-%d" % index for index in range(NUM_BLOCKS)]
+    layers = [layer_of(index) for index in range(NUM_BLOCKS)]
+    message = one_message(keys, layers, [xxhash.xxh3_64_intdigest(layer) for layer in layers])
+    seen = await counts_during(server, raw_put(server, [message], data_plane))
     assert len(server.store.snapshot_entries(NS)) == NUM_BLOCKS
     # Other work ran between the steps: it saw the message part-committed.
     between = {count for count in seen if 0 < count < NUM_BLOCKS}
@@ -115,20 +122,7 @@ async def test_a_put_of_many_messages_lets_other_work_run_between_them(
             head = opening(NS, keys[:per_message])
         parts = run_parts(PUT_RUNS, 0, first, checksums, batch)
         messages.append(head + b"".join(bytes(part) for part in parts))
-    seen: list[int] = []
-    done = asyncio.Event()
-
-    async def probe() -> None:
-        while not done.is_set():
-            seen.append(len(server.store.snapshot_entries(NS)))
-            await asyncio.sleep(0)
-
-    probing = asyncio.create_task(probe())
-    try:
-        assert await raw_put(server, messages, data_plane) == (0, "")
-    finally:
-        done.set()
-        await probing
+    seen = await counts_during(server, raw_put(server, messages, data_plane))
     assert len(server.store.snapshot_entries(NS)) == len(keys)
     between = {count for count in seen if 0 < count < len(keys)}
     assert len(between) >= num_messages // 2, sorted(set(seen))
