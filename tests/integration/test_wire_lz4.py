@@ -145,11 +145,10 @@ async def test_auto_stays_off_on_an_unthrottled_loopback(
     assert None not in (rates.link, rates.encode, rates.decode, rates.ratio)
     assert rates.ratio is not None
     assert rates.ratio > 1.2  # the data would shrink, but the link is faster than lz4
-    # The model may expect a gain at the margin (a busy host's link rate varies): then
-    # a get or two try lz4, which delivers less (loopback's "link" is the CPUs lz4
-    # needs), and that verdict keeps the later gets raw.
+    # The model may expect a gain at the margin (a busy host's link rate varies, at
+    # any get of the run): then a get or two try lz4, which delivers less (loopback's
+    # "link" is the CPUs lz4 needs), and that verdict keeps the gets after it raw.
     assert sum(compressed) <= 2
-    assert not any(compressed[-3:])
     if any(compressed):
         assert rates.verdict() is False
         assert not client.wire_compression.ask()
