@@ -381,6 +381,8 @@ class DataPlane:
         try:
             async with asyncio.timeout(self._limits.frame_timeout_s):
                 _, payload = await link.reader.read(self._lookup_limit)
+            if link.fd_stream is not None:
+                link.fd_stream.close_fds()  # descriptors come with REGISTER only
         except TimeoutError:
             raise _Rejected(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -637,9 +639,10 @@ async def _copy_sliced(target: memoryview, offset: int, parts: list[bytes | memo
 
 
 def _peek_header(link: _Link) -> tuple[int, int] | None:
-    """The next frame's (kind, length) where its header has arrived on a plain socket;
-    None otherwise (TLS, or not all there yet), and the frame goes the transfer's way."""
-    if link.tls is not None or link.fd_stream is not None:
+    """The next frame's (kind, length) where its header has arrived on a plain TCP or
+    same-host socket; None otherwise (TLS, or not all there yet), and the frame goes the
+    transfer's way. A peek leaves descriptors sent with the frame (REGISTER) queued."""
+    if link.tls is not None:
         return None
     try:
         header = link.sock.recv(HEADER.size, socket.MSG_PEEK)

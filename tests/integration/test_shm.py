@@ -9,6 +9,7 @@ every refusal is checked to leave the daemon serving and the stored blocks intac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import mmap
 import os
@@ -992,3 +993,38 @@ async def test_a_get_through_shared_memory_lets_the_loop_run_between_replies(
     # All sent in one step of the daemon's task, every reply would be read at one count.
     assert len(set(ticks_at_replies)) >= len(ticks_at_replies) // 4
     await assert_unharmed(*seeded)
+
+
+def open_memfds(name: str) -> int:
+    """Descriptors of memfds called `name` open in this process (the daemon runs in it)."""
+    count = 0
+    for entry in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{entry}") == f"/memfd:{name} (deleted)"
+    return count
+
+
+async def test_lookups_on_the_socket_are_answered_and_descriptors_sent_with_them_closed(
+    shm_server: RunningServer, clients: Callable[..., KVClient], make_kv: MakeKV
+) -> None:
+    """Lookups on the same-host socket take the peeked path, as on TCP: a descriptor a
+    client attaches to a LOOKUP frame is closed at once, and a REGISTER's, which a peek
+    at its header leaves queued, still arrives."""
+    keys = [b"peeked-%d" % index for index in range(3)]
+    client = clients(shm_server, NS, shared_memory=True)
+    assert (await client.put_blocks(keys, make_kv(LARGE, 3, form=KVForm.BLOCKS))).num_committed == 3
+    raw = await (await RawShm.open(shm_server)).admitted(shm_server)
+    try:
+        request = pb.LookupPrefixRequest(namespace=namespace_to_wire(NS), keys=keys)
+        stray = os.memfd_create("lookup-stray", os.MFD_CLOEXEC)
+        socket.send_fds(raw.sock, [frame(FrameKind.LOOKUP, request.SerializeToString())], [stray])
+        os.close(stray)
+        kind, payload = await raw.read_frame()
+        assert kind == FrameKind.LOOKUP_RESULT
+        assert pb.LookupPrefixResponse.FromString(payload).num_matched == 3
+        assert open_memfds("lookup-stray") == 0
+        fd = sealed_memfd(MiB)
+        assert (await raw.register(fd, MiB))[0] == FrameKind.REGISTERED
+        os.close(fd)
+    finally:
+        raw.close()
