@@ -9,22 +9,20 @@ the mark recovers as a block that is not known to be a chain's root. Real server
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import xxhash
+from write_through import write_through_daemon  # tests/write_through.py
 
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
 from kvstore.codec import expected_shape
-from kvstore.server import RunningServer, build_server, load_config
+from kvstore.server import RunningServer
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -101,28 +99,8 @@ async def test_the_lookup_reply_says_whether_the_first_match_is_a_chain_root(
 # -- restart -------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def serving(ssd_dir: Path, data_plane: bool) -> AsyncIterator[KVClient]:
-    """A write-through server on `ssd_dir`, its rebuild done, and a client; drained after."""
-    settings: dict[str, Any] = {
-        "listen": "127.0.0.1:0",
-        "log_level": "warning",
-        "store.dram_bytes": 8 * MiB,
-        "store.page_bytes": 4 * KiB,
-        "limits.drain_grace_s": 2.0,
-        "store.ssd_dir": str(ssd_dir),
-        "store.write_policy": "write-through",
-    }
-    running = await build_server(load_config(None, settings))
-    try:
-        async with client_for(running, data_plane=data_plane) as client:
-            deadline = time.monotonic() + 30
-            while any(tier.name == "ssd (recovering)" for tier in (await client.stats()).tiers):
-                assert time.monotonic() < deadline, "the SSD rebuild did not end"
-                await asyncio.sleep(0.02)
-            yield client
-    finally:
-        await running.drain()
+def serving(ssd_dir: Path, data_plane: bool) -> AbstractAsyncContextManager[KVClient]:
+    return write_through_daemon(ssd_dir, NS, data_plane=data_plane, dram_bytes=8 * MiB)
 
 
 def block_files(ssd_dir: Path) -> dict[bytes, Path]:

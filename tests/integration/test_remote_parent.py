@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from write_through import write_through_daemon  # tests/write_through.py
 
 from kvstore.client import (
-    ClientOptions,
     InvalidArgument,
     KVClient,
     KVForm,
@@ -27,7 +27,6 @@ from kvstore.client import (
 )
 from kvstore.codec import expected_shape
 from kvstore.layout import DType, KVLayout, Namespace
-from kvstore.server import build_server, load_config
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -155,25 +154,8 @@ async def test_parent_remote_without_a_parent_key_is_invalid(connect: Connect) -
 # -- restart -------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def serving(ssd_dir: Path, data_plane: bool) -> AsyncIterator[KVClient]:
-    """A write-through server on `ssd_dir` and a client; drained at the end."""
-    settings: dict[str, Any] = {
-        "listen": "127.0.0.1:0",
-        "log_level": "warning",
-        "store.dram_bytes": 32 * MiB,
-        "store.page_bytes": 4 * KiB,
-        "limits.drain_grace_s": 2.0,
-        "store.ssd_dir": str(ssd_dir),
-        "store.write_policy": "write-through",
-    }
-    running = await build_server(load_config(None, settings))
-    try:
-        options = ClientOptions(data_plane=data_plane)
-        async with KVClient(f"127.0.0.1:{running.port}", SMALL, options=options) as client:
-            yield client
-    finally:
-        await running.drain()
+def serving(ssd_dir: Path, data_plane: bool) -> AbstractAsyncContextManager[KVClient]:
+    return write_through_daemon(ssd_dir, SMALL, data_plane=data_plane, dram_bytes=32 * MiB)
 
 
 async def ssd_recovered(client: KVClient, timeout_s: float = 30.0) -> int:
