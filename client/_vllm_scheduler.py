@@ -106,16 +106,16 @@ class SchedulerSide:
         keys = self._loadable_keys(request)
         if not keys:
             return
+        self._drop_prefetch(request.request_id)  # added again: the newer lookup answers
         while len(self._prefetched) >= MAX_PREFETCHED:
             self._drop_prefetch(next(iter(self._prefetched)))
         lookup = self._loop.submit(self._client.lookup_keys(keys))
         self._prefetched[request.request_id] = _Prefetch(keys, time.monotonic(), lookup)
 
-    def _drop_prefetch(self, request_id: str) -> _Prefetch | None:
+    def _drop_prefetch(self, request_id: str) -> None:
         prefetch = self._prefetched.pop(request_id, None)
         if prefetch is not None:
             prefetch.lookup.cancel()
-        return prefetch
 
     # -- get_num_new_matched_tokens ---------------------------------------------------------
 
