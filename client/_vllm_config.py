@@ -25,6 +25,9 @@ Every key, with its default (see the README's "In vLLM" section):
                         which fetches every stored block)
     fetch_overhead_s    fixed cost of starting one fetch (default 0)
     fetch_bytes_per_s   the bandwidth to assume until one is measured (default: none)
+    remeasure_s         while every rate is below break-even (nothing is fetched, so
+                        nothing is measured), fetch a few blocks of one match this often
+                        to measure the store again (default 60; 0: never)
     pin_ttl_s           how long a finished request's chain stays pinned: the think time
                         of an agent's tool call (default 0: no pin)
     save_decoded        also save the full blocks that decoding fills (default true)
@@ -41,6 +44,7 @@ from kvstore.errors import InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
 
 _DTYPES = {dtype.name.lower(): dtype for dtype in DType}
+DEFAULT_REMEASURE_S = 60.0
 # Connector key: EtcdOptions field.
 _ETCD_KEYS = {
     "etcd_ca": "ca_file",
@@ -73,6 +77,7 @@ _KNOWN_KEYS = frozenset(
         "prefill_fixed_s",
         "fetch_overhead_s",
         "fetch_bytes_per_s",
+        "remeasure_s",
         "pin_ttl_s",
         "save_decoded",
     }
@@ -92,6 +97,7 @@ class ConnectorConfig:
     prefill_fixed_s: float
     fetch_overhead_s: float
     fetch_bytes_per_s: float | None
+    remeasure_s: float
     pin_ttl_s: float
     save_decoded: bool
 
@@ -143,6 +149,7 @@ class ConnectorConfig:
             prefill_fixed_s=_non_negative(extra, "prefill_fixed_s"),
             fetch_overhead_s=_non_negative(extra, "fetch_overhead_s"),
             fetch_bytes_per_s=_optional_positive(extra, "fetch_bytes_per_s"),
+            remeasure_s=_non_negative(extra, "remeasure_s", DEFAULT_REMEASURE_S),
             pin_ttl_s=_non_negative(extra, "pin_ttl_s"),
             save_decoded=_boolean(extra, "save_decoded", True),
         )
@@ -224,10 +231,10 @@ def _optional_positive(extra: dict[str, Any], key: str) -> float | None:
     return value
 
 
-def _non_negative(extra: dict[str, Any], key: str) -> float:
+def _non_negative(extra: dict[str, Any], key: str, default: float = 0.0) -> float:
     value = _number(extra, key)
     if value is None:
-        return 0.0
+        return default
     if not 0 <= value < float("inf"):
         raise ConnectorConfigError(f"kv_connector_extra_config.{key} must be >= 0, got {value}")
     return value

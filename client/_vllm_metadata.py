@@ -27,12 +27,15 @@ class LoadSpec:
 @dataclass(frozen=True)
 class SaveSpec:
     """Put the blocks `block_ids` as `keys`, chained from `parent_key` (b"": the root),
-    layer by layer as this step's forward pass writes them."""
+    layer by layer as this step's forward pass writes them. With `skip_stored` the scheduler
+    did not look the keys up: the worker's put looks them up first and sends only the
+    blocks after the stored prefix."""
 
     request_id: str
     keys: list[bytes]
     block_ids: list[int]
     parent_key: bytes
+    skip_stored: bool = False
 
 
 @dataclass(frozen=True)

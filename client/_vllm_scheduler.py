@@ -16,7 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvstore.client._async import KVClient
@@ -30,7 +30,12 @@ from kvstore.client._vllm_metadata import (
     LoadSpec,
     SaveSpec,
 )
-from kvstore.client.cost import FetchPlan, PrefillModel, plan_fetch_blocks
+from kvstore.client.cost import (
+    FetchPlan,
+    PrefillModel,
+    break_even_bandwidth,
+    plan_fetch_blocks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +50,9 @@ SAVE_PARAM = "kvstore_save"  # false: never save this request's blocks
 PREFETCH_MAX_AGE_S = 1.0
 # Arrivals neither matched nor finished yet, at most: past it the oldest lookup is dropped.
 MAX_PREFETCHED = 4096
+# A fetch made only to measure the store again loads this much of its match, at least one
+# block: what the client's BandwidthMeter needs for one sample.
+REMEASURE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,9 +60,12 @@ class MatchPlan:
     """What `get_num_new_matched_tokens` found and decided for one request."""
 
     keys: list[bytes]  # the prompt's loadable full blocks (the last token is never loaded)
-    num_matched_blocks: int  # stored, counted from the first block
+    num_matched_blocks: int  # stored, counted from the first block (0 if not looked up)
     first_block: int  # the first block not computed locally: loads start here
     fetch: FetchPlan
+    # False when no lookup was made because no tier's rate could beat recomputing: what the
+    # store holds is unknown, so the worker's save looks it up itself, off the forward pass.
+    looked_up: bool = True
 
     @property
     def num_load_blocks(self) -> int:
@@ -75,6 +86,7 @@ class _Tracked:
     block_ids: list[int] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)  # of the first `len(keys)` full blocks
     stored_blocks: int = 0  # blocks [0, stored_blocks) are in the store or being saved
+    stored_unknown: bool = False  # no lookup was made: the next save skips what is stored
     pending_load: LoadSpec | None = None
     saves_scheduled: bool = False
 
@@ -96,12 +108,15 @@ class SchedulerSide:
         self._bandwidth_measured = False
         self._tier_bytes_per_s: dict[str, float] = {}  # "dram", "ssd", ...: measured
         self._measured_prefill_tokens_per_s: float | None = None
+        # While no plan fetches, nothing measures the store: after `remeasure_s` without a
+        # fetch, one plan loads a few blocks (REMEASURE_BYTES) to measure it again.
+        self._last_fetch_planned_s = time.monotonic()
 
     # -- on_new_request ----------------------------------------------------------------------
 
     def on_new_request(self, request: Any) -> None:
         """Start the lookup of a request vLLM's scheduler just added; nothing waits for it."""
-        if not _param(request, LOAD_PARAM, True):
+        if not _param(request, LOAD_PARAM, True) or self._no_tier_can_pay() is not None:
             return
         keys = self._loadable_keys(request)
         if not keys:
@@ -146,6 +161,11 @@ class SchedulerSide:
             return MatchPlan(keys, 0, first_block, _no_fetch("local prefix ends mid-block"))
         if not _param(request, LOAD_PARAM, True) or first_block >= len(keys):
             return MatchPlan(keys, 0, first_block, _no_fetch("nothing to load"))
+        no_tier_pays = self._no_tier_can_pay()
+        if no_tier_pays is not None:
+            if prefetch is not None:
+                prefetch.lookup.cancel()
+            return MatchPlan(keys, 0, first_block, _no_fetch(no_tier_pays), looked_up=False)
         try:
             match = self._lookup(keys, prefetch)
         except KVStoreClientError as error:
@@ -172,16 +192,62 @@ class SchedulerSide:
         if prefill is None or self._fetch_bytes_per_s is None:
             # Nothing to weigh yet; the first fetch is what measures the store.
             unknown = "prefill rate" if prefill is None else "bandwidth"
+            self._last_fetch_planned_s = time.monotonic()
             return FetchPlan(len(tiers), 0.0, 0.0, f"fetch: no {unknown} measured yet")
         source = "measured" if self._bandwidth_measured else "configured prior"
         overall = self._fetch_bytes_per_s
-        return plan_fetch_blocks(
-            block_bandwidths=[self._tier_bytes_per_s.get(tier, overall) for tier in tiers],
-            block_bytes=self.config.namespace.layout.block_bytes,
+        bandwidths = [self._tier_bytes_per_s.get(tier, overall) for tier in tiers]
+        block_bytes = self.config.namespace.layout.block_bytes
+        plan = plan_fetch_blocks(
+            block_bandwidths=bandwidths,
+            block_bytes=block_bytes,
             block_tokens=self.config.block_tokens,
             prefill=prefill,
             per_fetch_overhead_s=self.config.fetch_overhead_s,
             bandwidth_source=source,
+        )
+        if plan.num_load_blocks == 0 and self._remeasure_due():
+            num_probe = min(len(tiers), max(1, -(-REMEASURE_BYTES // block_bytes)))
+            idle_s = time.monotonic() - self._last_fetch_planned_s
+            plan = replace(
+                plan,
+                num_load_blocks=num_probe,
+                fetch_s=self.config.fetch_overhead_s
+                + sum(block_bytes / rate for rate in bandwidths[:num_probe]),
+                recompute_s=num_probe * prefill.marginal_seconds(self.config.block_tokens),
+                reason=f"fetch {num_probe} block(s) to measure the store again "
+                f"(no fetch planned for {idle_s:.0f} s)",
+            )
+        if plan.num_load_blocks:
+            self._last_fetch_planned_s = time.monotonic()
+        return plan
+
+    def _remeasure_due(self) -> bool:
+        interval = self.config.remeasure_s
+        return interval > 0 and time.monotonic() - self._last_fetch_planned_s >= interval
+
+    def _no_tier_can_pay(self) -> str | None:
+        """Why no block of any match could arrive sooner than it is recomputed (every rate
+        the plans may use is below break-even), or None. Then a lookup cannot change the
+        plan, and a request costs a hash, not a round trip.
+
+        Only a worker's fetch measures the store, so every `remeasure_s` one request is
+        looked up and loads a few blocks of its match to measure it again.
+        """
+        prefill = self._prefill_model()
+        if prefill is None or self._fetch_bytes_per_s is None:
+            return None
+        fastest = max([self._fetch_bytes_per_s, *self._tier_bytes_per_s.values()])
+        layout = self.config.namespace.layout
+        break_even = break_even_bandwidth(
+            block_bytes=layout.block_bytes, block_tokens=self.config.block_tokens, prefill=prefill
+        )
+        if fastest >= break_even or self._remeasure_due():
+            return None
+        source = "measured" if self._bandwidth_measured else "configured prior"
+        return (
+            f"recompute, no lookup: the fastest tier delivers {fastest / 1e6:.3g} MB/s "
+            f"({source}), below break-even {break_even / 1e6:.3g} MB/s"
         )
 
     def _prefill_model(self) -> PrefillModel | None:
@@ -209,6 +275,7 @@ class SchedulerSide:
         # The store holds the matched blocks whether this request loads them or not.
         tracked.stored_blocks = plan.num_matched_blocks
         tracked.keys = plan.keys[: plan.num_matched_blocks]
+        tracked.stored_unknown = not plan.looked_up
         if num_external_tokens <= 0:
             return
         num_load = plan.num_load_blocks
@@ -275,11 +342,13 @@ class SchedulerSide:
             tracked.keys = self._client.keys(tokens[: num_full * block_tokens])
         tracked.stored_blocks = num_full
         tracked.saves_scheduled = True
+        skip_stored, tracked.stored_unknown = tracked.stored_unknown, False
         return SaveSpec(
             request_id=request.request_id,
             keys=tracked.keys[first:num_full],
             block_ids=tracked.block_ids[first:num_full],
             parent_key=tracked.keys[first - 1] if first else b"",
+            skip_stored=skip_stored,
         )
 
     # -- request_finished, update_connector_output ------------------------------------------

@@ -148,6 +148,7 @@ class WorkerSide:
                 save.block_ids,
                 parent_key=save.parent_key,
                 after=chain[-1] if chain else None,
+                skip_stored=save.skip_stored,
             )
             chain.append(handle)
             self._step_saves.append(handle)

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
@@ -366,6 +366,7 @@ class KVConnector:
         *,
         parent_key: bytes = b"",
         after: SaveHandle | None = None,
+        skip_stored: bool = False,
     ) -> SaveHandle:
         """Like `start_save_kv`, but any number may be open at once, each fed by the same
         `save_kv_layer` calls, and none is waited on by `wait_for_save`: poll or wait on the
@@ -373,13 +374,15 @@ class KVConnector:
 
         `after`: the save that stores `parent_key`; this one's put opens once that one has
         ended, since the server refuses a block whose parent is not stored (PARENT_MISSING).
+        `skip_stored`: look the keys up first (on the connector's thread, not the caller's)
+        and send only the blocks after the stored prefix.
         """
         if len(keys) != len(page_ids):
             raise ValueError(f"{len(keys)} keys but {len(page_ids)} pages to save")
         if not keys:
             raise ValueError("nothing to save: no full blocks")
         previous = after._save if after is not None else None
-        save = self._start_save(keys, page_ids, parent_key, previous)
+        save = self._start_save(keys, page_ids, parent_key, previous, skip_stored)
         handle = SaveHandle(self, save, len(keys))
         self._handles = [h for h in self._handles if not h.done()] + [handle]
         return handle
@@ -390,12 +393,13 @@ class KVConnector:
         page_ids: Sequence[int],
         parent_key: bytes,
         previous: _Save | None = None,
+        skip_stored: bool = False,
     ) -> _Save:
         self._check_pages(page_ids)
         save = _Save()
         self._open_saves.append(save)
         save.future = self._submit(
-            self._run_save(save, list(keys), list(page_ids), parent_key, previous)
+            self._run_save(save, list(keys), list(page_ids), parent_key, previous, skip_stored)
         )
         return save
 
@@ -444,18 +448,26 @@ class KVConnector:
         page_ids: list[int],
         parent_key: bytes,
         previous: _Save | None = None,
+        skip_stored: bool = False,
     ) -> PutResult:
         save.task = asyncio.current_task()
         if previous is not None and previous.future is not None:
             # Its failure shows in this put's outcomes (PARENT_MISSING), not as an error here.
             await asyncio.wait([asyncio.wrap_future(previous.future)])
+        num_stored = (await self._client.lookup_keys(keys)).num_matched if skip_stored else 0
+        if num_stored:
+            parent_key = keys[num_stored - 1]
+            keys, page_ids = keys[num_stored:], page_ids[num_stored:]
+        if not keys:
+            # Every block is stored; the layers queued for this save are never read.
+            return PutResult(outcomes=(), num_skipped=num_stored, bytes_sent=0)
         async with self._client.layer_put(keys, parent_key=parent_key) as put:
             for _ in range(self._layout.num_layers):
                 layer = await save.queue.get()
                 kv = torch.stack([self._cache.page_view(layer, page) for page in page_ids])
                 await put.send_layer(layer, kv)
         assert put.result is not None
-        return put.result
+        return replace(put.result, num_skipped=put.result.num_skipped + num_stored)
 
     # -- control -------------------------------------------------------------------------
 

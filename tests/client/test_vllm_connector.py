@@ -14,7 +14,7 @@ import pytest
 import torch
 from threaded_server import server_thread  # tests/threaded_server.py
 
-from kvstore.client import SyncKVClient, TierKind
+from kvstore.client import KVForm, SyncKVClient, TierKind
 from kvstore.client._vllm_types import (
     CachedRequestData,
     KVCacheBlocks,
@@ -203,6 +203,7 @@ def test_config_reads_every_key() -> None:
             prefill_tokens_per_s=5000,
             fetch_bytes_per_s=1e9,
             fetch_overhead_s=0.002,
+            remeasure_s=5,
             pin_ttl_s=45,
             save_decoded=False,
             tp_rank=1,
@@ -218,6 +219,8 @@ def test_config_reads_every_key() -> None:
     assert config.options.data_plane is False
     assert (config.prefill_tokens_per_s, config.fetch_bytes_per_s) == (5000.0, 1e9)
     assert (config.fetch_overhead_s, config.pin_ttl_s, config.save_decoded) == (0.002, 45, False)
+    assert config.remeasure_s == 5
+    assert ConnectorConfig.from_extra_config(extra("127.0.0.1:1")).remeasure_s == 60
 
 
 def test_etcd_keys_override_the_environment_and_are_absent_by_default(
@@ -255,6 +258,7 @@ def test_etcd_keys_override_the_environment_and_are_absent_by_default(
         ({"block_size": "16"}, "block_size must be an integer"),
         ({"dtype": "float64"}, "dtype"),
         ({"pin_ttl_s": -1}, "pin_ttl_s must be >= 0"),
+        ({"remeasure_s": float("inf")}, "remeasure_s must be >= 0"),
         ({"prefill_tokens_per_s": 0}, "prefill_tokens_per_s must be > 0"),
         ({"save_decoded": "yes"}, "save_decoded must be true or false"),
         ({"tls_cert": "/c.pem"}, "cert_file and key_file"),
@@ -563,7 +567,8 @@ def hbm_target() -> Iterator[str]:
     [
         (1e9, 1e9, 4, "fetch"),
         (1e9, 1e6, 2, "fetch prefix: 2 of 4"),
-        (1e6, 1e6, 0, "recompute"),
+        # A slow head: loading from the first block never pays, though DRAM would.
+        (1e6, 1e9, 0, "recompute: fetching 4 block(s)"),
     ],
 )
 def test_the_plan_loads_all_a_fast_prefix_or_nothing(
@@ -593,5 +598,89 @@ def test_the_plan_loads_all_a_fast_prefix_or_nothing(
         assert counted == (num_loaded * BLOCK, False), plan
         assert plan.num_matched_blocks == 4
         assert plan.fetch.reason.startswith(reason)
+    finally:
+        scheduler.shutdown()
+
+
+def test_below_break_even_on_every_tier_the_count_looks_nothing_up_and_the_save_skips_stored(
+    store_target: str,
+) -> None:
+    stored = tokens(2 * BLOCK, seed=60)
+    stored_caches = blocks_first_caches(seed=60)
+    save_prompt(store_target, [*stored, 1], stored_caches)
+    prompt = [*stored, *tokens(2 * BLOCK + 1, seed=61)]  # 4 full blocks, the first 2 stored
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target, prefill_tokens_per_s=16_000.0)
+    worker = make(KVConnectorRole.WORKER, store_target)
+    try:
+        caches = blocks_first_caches(seed=62)
+        worker.register_kv_caches(caches)
+        # Break-even: 8 KiB blocks of 16 tokens at 16,000 tokens/s need 8.2 MB/s.
+        rates = {"fetch_bytes_per_s": 4e6, "fetch_bytes_per_s:dram": 4e6}
+        scheduler.update_connector_output(KVConnectorOutput(kv_connector_stats=rates))
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            before = client.stats()
+            request = Request("below", prompt)
+            scheduler.on_new_request(request)
+            assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+            assert client.stats().lookups == before.lookups
+            plan = scheduler.scheduler_side.plan_for("below")
+            assert plan is not None
+            assert not plan.looked_up
+            assert plan.fetch.reason.startswith("recompute, no lookup"), plan.fetch.reason
+            block_ids = list(range(5))
+            scheduler.update_state_after_alloc(request, KVCacheBlocks((block_ids,)), 0)
+            metadata = scheduler.build_connector_meta(new_step(request, block_ids, 0, len(prompt)))
+            [save] = metadata.saves
+            assert save.skip_stored
+            assert save.block_ids == block_ids[:4]
+            assert save.parent_key == b""
+            run_step(worker, metadata, len(prompt))
+            assert scheduler.request_finished(request, block_ids) == (True, None)
+            wait_finished(worker, "below")
+            after = client.stats()
+            # The worker looked the chain up once, then sent only the 2 blocks after it.
+            assert after.lookups == before.lookups + 1
+            assert after.blocks_put - before.blocks_put == 2
+            match = client.lookup(prompt)
+            assert match.num_matched == 4
+            got = torch.zeros(4, LAYERS, 2, BLOCK, HEADS, HEAD_DIM)
+            client.get_into(match, got, form=KVForm.BLOCKS)
+        for layer, name in enumerate(NAMES):
+            assert torch.equal(got[:2, layer], stored_caches[name][:2])
+            assert torch.equal(got[2:, layer], caches[name][2:4])
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
+def test_below_break_even_a_few_blocks_are_fetched_every_remeasure_s_to_measure_again(
+    store_target: str,
+) -> None:
+    prompt = tokens(12 * BLOCK + 1, seed=63)  # 12 blocks of 8 KiB: more than a probe
+    save_prompt(
+        store_target, prompt, {name: torch.randn(13, 2, BLOCK, HEADS, HEAD_DIM) for name in NAMES}
+    )
+    scheduler = make(
+        KVConnectorRole.SCHEDULER, store_target, prefill_tokens_per_s=16_000.0, remeasure_s=0.2
+    )
+    try:
+        rates = {"fetch_bytes_per_s": 4e6}  # below the 8.2 MB/s break-even
+        scheduler.update_connector_output(KVConnectorOutput(kv_connector_stats=rates))
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            before = client.stats().lookups
+            assert scheduler.get_num_new_matched_tokens(Request("a", prompt), 0) == (0, False)
+            assert client.stats().lookups == before
+            time.sleep(0.25)
+            # 64 KiB measure the store: 8 of the 12 stored blocks, though recomputing pays.
+            probe = Request("b", prompt)
+            assert scheduler.get_num_new_matched_tokens(probe, 0) == (8 * BLOCK, False)
+            assert client.stats().lookups == before + 1
+            plan = scheduler.scheduler_side.plan_for("b")
+            assert plan is not None
+            assert plan.num_matched_blocks == 12
+            assert plan.fetch.reason.startswith("fetch 8 block(s) to measure the store again")
+            # The probe counts as a fetch: the next request looks nothing up again.
+            assert scheduler.get_num_new_matched_tokens(Request("c", prompt), 0) == (0, False)
+            assert client.stats().lookups == before + 1
     finally:
         scheduler.shutdown()

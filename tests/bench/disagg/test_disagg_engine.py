@@ -41,26 +41,38 @@ def engine_for(model: Transformer, target: str, tenant: str, **settings: object)
 
 
 @pytest.mark.parametrize(
-    ("prefill_tokens_per_s", "reused_blocks", "decision"),
-    [(1.0, 4, "fetch"), (1e12, 0, "recompute")],
+    ("prefill_tokens_per_s", "fetch_overhead_s", "matched_blocks", "reused_blocks", "decision"),
+    [
+        (1.0, 0.0, 4, 4, "fetch"),
+        # Starting a fetch costs more than recomputing the match: looked up, then recomputed.
+        (1.0, 1e3, 4, 0, "recompute: fetching 4 block(s)"),
+        # No rate could beat recomputing: no lookup at all, so the match is unknown (0).
+        (1e12, 0.0, 0, 0, "recompute, no lookup"),
+    ],
 )
 def test_the_scheduler_side_fetches_only_what_beats_recompute(
     model: Transformer,
     store_target: str,
     prefill_tokens_per_s: float,
+    fetch_overhead_s: float,
+    matched_blocks: int,
     reused_blocks: int,
     decision: str,
 ) -> None:
     prompt = random_prompt(CONFIG, 4 * BLOCK + 5, seed=11)
-    tenant = f"decision-{reused_blocks}"
+    tenant = f"decision-{reused_blocks}-{matched_blocks}"
     with engine_for(model, store_target, tenant) as saver:
         saver.serve(prompt, 1, load=False)
-    settings = {"prefill_tokens_per_s": prefill_tokens_per_s, "fetch_bytes_per_s": 1e9}
+    settings = {
+        "prefill_tokens_per_s": prefill_tokens_per_s,
+        "fetch_bytes_per_s": 1e9,
+        "fetch_overhead_s": fetch_overhead_s,
+    }
     with engine_for(model, store_target, tenant, **settings) as engine:
         run = engine.serve(prompt, 4, save=False)
-    assert run.num_matched_tokens == 4 * BLOCK
+    assert run.num_matched_tokens == matched_blocks * BLOCK
     assert run.num_reused_tokens == reused_blocks * BLOCK
-    assert decision in run.decision
+    assert run.decision.startswith(decision), run.decision
     assert run.fallback is None
     assert run.token_ids == reference(model, prompt, 4)
 
