@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,11 +15,13 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from kvstore.server.workers import free_ports
+
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port free now, from outside the kernel's ephemeral range, so that no
+    process's bind to port 0 or outgoing connection takes it before the child binds it."""
+    return free_ports("127.0.0.1", 1)[0]
 
 
 # A child that exits before serving is started again on a fresh port this many times

@@ -25,9 +25,11 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import logging
 import os
 import pickle
+import random
 import select
 import signal
 import socket
@@ -151,16 +153,50 @@ _QUOTA_SHARES = tuple(
 )
 
 
-def free_ports(host: str, count: int) -> list[int]:
-    """`count` distinct ports free on `host` now (all held open until all are chosen)."""
+def free_ports(host: str, count: int, *, ephemeral: tuple[int, int] | None = None) -> list[int]:
+    """`count` distinct ports free on `host` now (all held open until all are chosen).
+
+    They come from outside the kernel's ephemeral range (`ephemeral`, default: read from
+    /proc) where it leaves room: a port bound to 0 later, by a sibling worker's data plane
+    or any outgoing connection, is drawn from that range, so it cannot take one of these
+    before its worker binds it. Only where no port outside it is free does the kernel pick.
+    """
+    low, high = ephemeral if ephemeral is not None else _ephemeral_range()
+    below = max(0, low - _FIRST_UNPRIVILEGED_PORT)
+    num_outside = below + max(0, 65535 - high)
+    draws = random.SystemRandom().sample(range(num_outside), min(num_outside, _MAX_PORT_TRIES))
+    outside = [
+        _FIRST_UNPRIVILEGED_PORT + draw if draw < below else high + 1 + draw - below
+        for draw in draws
+    ]
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with contextlib.ExitStack() as stack:
-        sockets = [
-            stack.enter_context(socket.socket(family, socket.SOCK_STREAM)) for _ in range(count)
-        ]
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
+        chosen: list[int] = []
+        for port in itertools.chain(outside, itertools.repeat(0)):
+            if len(chosen) == count:
+                return chosen
+            sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            try:
+                sock.bind((host, port))
+            except OSError:
+                if port == 0:
+                    raise
+                continue
+            chosen.append(int(sock.getsockname()[1]))
+        raise AssertionError("unreachable: the ports to try never run out")
+
+
+_FIRST_UNPRIVILEGED_PORT = 1024
+_MAX_PORT_TRIES = 1000  # taken ports skipped before the kernel picks from its own range
+_LINUX_DEFAULT_EPHEMERAL = (32768, 60999)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return _LINUX_DEFAULT_EPHEMERAL
 
 
 def _split_address(address: str, what: str) -> tuple[str, int]:

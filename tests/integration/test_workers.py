@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -120,9 +121,23 @@ def test_port_zero_takes_ports_chosen_once_and_data_port_zero_or_off_stays() -> 
         ("[::1]:7000", -1),
         ("[::1]:7001", -1),
     ]
+
+
+def test_chosen_ports_are_free_and_outside_the_ephemeral_range() -> None:
+    # A port the kernel hands to a later bind to port 0 (a sibling worker's data plane)
+    # could take a chosen one before its worker binds it: none comes from that range.
     ports = free_ports("127.0.0.1", 4)
     assert len(set(ports)) == 4
-    assert all(0 < port < 65536 for port in ports)
+    range_file = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low, high = (int(x) for x in range_file.read_text().split())
+    assert not any(low <= port <= high for port in ports), (ports, low, high)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+    # With no room outside it, the kernel's own choice.
+    ports = free_ports("127.0.0.1", 2, ephemeral=(1024, 65535))
+    assert len(set(ports)) == 2
+    assert all(low <= port <= high for port in ports)
 
 
 @pytest.mark.parametrize(
