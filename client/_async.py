@@ -55,7 +55,7 @@ class KVClient:
 
     Use as `async with KVClient("127.0.0.1:50051", namespace) as client: ...`. A target
     `etcd://HOST:PORT/PREFIX` (`etcds://` for etcd over TLS; ClientOptions.etcd) or
-    `cluster://H1:P1,H2:P2` names a cluster: the client is then a
+    `cluster://H1:P1[=SIZE],H2:P2[=SIZE]` names a cluster: the client is then a
     kvstore.client._cluster.ClusterClient, with the same calls. KV tensors
     come in the forms of `kvstore.codec.KVForm`; the default is `sequence`
     (`[num_layers, 2, num_tokens, num_kv_heads, head_dim]`).

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvstore.units import parse_size
+
 SCHEME = "etcd://"
 TLS_SCHEME = "etcds://"  # etcd over TLS (kvstore.cluster.etcd_options says with what)
 ETCD_SCHEMES = (SCHEME, TLS_SCHEME)
@@ -72,23 +74,51 @@ def parse_etcd_url(url: str) -> EtcdTarget:
 
 
 def parse_static_target(target: str) -> tuple[Member, ...]:
-    """`cluster://HOST:PORT[,HOST:PORT...]` → one Member per address, in the order given.
+    """`cluster://HOST:PORT[=SIZE][,HOST:PORT[=SIZE]...]` → one Member per address, in the
+    order given.
 
-    A static list has no registrations to read: each member's node id is its address,
-    its data port is found as for a lone daemon, and all weigh the same in placement.
+    A static list has no registrations to read: each member's node id is its address and
+    its data port is found as for a lone daemon. `=SIZE` (e.g. `=64GiB`) is the member's
+    DRAM, which weighs its share of runs as a registered capacity does; a list gives a
+    size to every member or to none (then all weigh the same). Every client of one store
+    must use the same list, sizes included: placement is computed from it.
     ValueError says what is wrong.
     """
-    usage = "expected cluster://HOST:PORT[,HOST:PORT...], e.g. cluster://h1:50051,h2:50051"
+    usage = (
+        "expected cluster://HOST:PORT[=SIZE][,HOST:PORT[=SIZE]...], "
+        "e.g. cluster://h1:50051,h2:50051 or cluster://h1:50051=64GiB,h2:50051=32GiB"
+    )
     if not target.startswith(STATIC_SCHEME):
         raise ValueError(f"cluster target {target!r} must start with {STATIC_SCHEME}; {usage}")
-    addresses = [part.strip() for part in target[len(STATIC_SCHEME) :].split(",")]
-    if not any(addresses):
+    entries = [part.strip() for part in target[len(STATIC_SCHEME) :].split(",")]
+    if not any(entries):
         raise ValueError(f"cluster target {target!r} names no daemon; {usage}")
-    for address in addresses:
+    members = []
+    for entry in entries:
+        address, equals, size_text = entry.partition("=")
+        address = address.strip()
         parse_host_port(address, what=f"cluster target {target!r}")
+        capacity: dict[str, int] = {}
+        if equals:
+            try:
+                size = parse_size(size_text)
+            except ValueError as error:
+                raise ValueError(f"cluster target {target!r}: {address}'s size: {error}") from None
+            if size <= 0:
+                raise ValueError(f"cluster target {target!r}: {address}'s size must be above 0")
+            capacity["dram"] = size
+        members.append(
+            Member(node_id=address, address=address, data_port=0, capacity_bytes=capacity)
+        )
+    addresses = [member.address for member in members]
     if len(set(addresses)) != len(addresses):
         raise ValueError(f"cluster target {target!r} names a daemon twice")
-    return tuple(Member(node_id=address, address=address, data_port=0) for address in addresses)
+    if len({bool(member.capacity_bytes) for member in members}) > 1:
+        raise ValueError(
+            f"cluster target {target!r} gives a size to some daemons only: give one to every "
+            "daemon, or to none"
+        )
+    return tuple(members)
 
 
 def parse_host_port(text: str, *, what: str) -> tuple[str, int]:

@@ -469,7 +469,15 @@ def test_the_sync_facade_takes_a_cluster_target(
 
 @pytest.mark.parametrize(
     "target",
-    ["cluster://", "cluster://127.0.0.1", "cluster://127.0.0.1:1,127.0.0.1:1", "etcd://h:1"],
+    [
+        "cluster://",
+        "cluster://127.0.0.1",
+        "cluster://127.0.0.1:1,127.0.0.1:1",
+        "etcd://h:1",
+        "cluster://127.0.0.1:1=1GiB,127.0.0.1:2",  # sizes for some members only
+        "cluster://127.0.0.1:1=0,127.0.0.1:2=0",
+        "cluster://127.0.0.1:1=lots",
+    ],
 )
 def test_bad_cluster_targets_say_what_is_wrong(
     target: str,
@@ -557,3 +565,34 @@ async def test_a_member_that_leaves_mid_get_is_closed_only_after_the_get_ends(
         layers.append(arrival.layer)
     assert layers == list(range(layout.num_layers))
     assert not cluster.nodes._departed, "a departed member's client stayed open"
+
+
+async def test_a_static_list_weighs_its_members_by_the_sizes_it_gives(
+    nodes: list[RunningServer],
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+) -> None:
+    sizes = ["1GiB", "6GiB", "1GiB"]  # the second member should own about 3/4 of the runs
+    target = "cluster://" + ",".join(
+        f"127.0.0.1:{node.port}={size}" for node, size in zip(nodes, sizes, strict=True)
+    )
+    members = parse_static_target(target)
+    assert [member.capacity_bytes["dram"] for member in members] == [1 << 30, 6 << 30, 1 << 30]
+    placement = Placement(members, 1)
+    keys = [b"weighed-%d" % index for index in range(3000)]
+    counts = [0, 0, 0]
+    for key in keys:
+        counts[members.index(placement.owner(key))] += 1
+    assert counts[1] / len(keys) == pytest.approx(0.75, abs=0.03), counts
+    # The client places by the same sizes: each block is stored on its weighed owner.
+    options = ClientOptions(data_plane=True, cluster_run_blocks=1, cluster_retry_s=60)
+    async with KVClient(target, make_namespace(), options=options) as client:
+        layout = client.namespace.layout
+        tokens = tokens_for(12, layout.block_tokens, seed=9)
+        result = await client.put(tokens, make_kv(layout, 12, seed=9))
+        assert result.outcomes == (PutOutcome.COMMITTED,) * 12
+        chain = client.keys(tokens)
+        expected = [members.index(run.owner) for run in Placement(members, 1).runs(chain)]
+        for index, node in enumerate(nodes):
+            here = await stored_on(node, client.namespace, chain)
+            assert here == [owner == index for owner in expected], f"node {index}"
