@@ -22,7 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvstore.census import TenantUsage
-from kvstore.checksum import ChecksumKind, Hasher, checksums_of_slices, new_hasher
+from kvstore.checksum import (
+    ChecksumKind,
+    Hasher,
+    checksums_of,
+    checksums_of_slices,
+    new_hasher,
+)
 from kvstore.enums import PutOutcome, TierKind
 from kvstore.errors import CapacityExhausted, ChecksumMismatch, InvalidRequest
 from kvstore.index import BlockEntry, NamespaceState
@@ -279,16 +285,23 @@ class PutSession:
         for block in blocks:
             if block.outcome is None and block.handle is None:
                 self.start(block.index)
-        actual = checksums_of_slices(self._checksum_kind, view, layer_bytes)
         # Copy before checking: a mismatch fails the put, and its blocks never commit.
         handles = [block.handle for block in blocks if block.handle is not None]
+        actual: list[int] | None = None
         if len(handles) == num_blocks:
             self._dram.write_slices(handles, layer * layer_bytes, view, layer_bytes)
+            # Checked where they landed: the bytes just written are still in the cache
+            # (one read of the source, not two), and what is verified is what is stored.
+            stored = self._dram.read_slices(handles, layer * layer_bytes, layer_bytes)
+            if len(stored) == num_blocks:
+                actual = checksums_of(self._checksum_kind, stored)
         else:  # blocks the store already holds are checked, not written
             for number, block in enumerate(blocks):
                 if block.handle is not None:
                     part = view[number * layer_bytes : (number + 1) * layer_bytes]
                     self._dram.write(block.handle, layer * layer_bytes, part)
+        if actual is None:
+            actual = checksums_of_slices(self._checksum_kind, view, layer_bytes)
         if actual != list(layer_checksums):
             for block, expected, got in zip(blocks, layer_checksums, actual, strict=True):
                 block.layer_expected[layer] = expected
