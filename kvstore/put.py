@@ -289,11 +289,10 @@ class PutSession:
         handles = [block.handle for block in blocks if block.handle is not None]
         actual: list[int] | None = None
         if len(handles) == num_blocks:
-            self._dram.write_slices(handles, layer * layer_bytes, view, layer_bytes)
+            stored = self._dram.write_slices(handles, layer * layer_bytes, view, layer_bytes)
             # Checked where they landed: the bytes just written are still in the cache
             # (one read of the source, not two), and what is verified is what is stored.
-            stored = self._dram.read_slices(handles, layer * layer_bytes, layer_bytes)
-            if len(stored) == num_blocks:
+            if len(stored) == num_blocks:  # one view per block: each layer in one page
                 actual = checksums_of(self._checksum_kind, stored)
         else:  # blocks the store already holds are checked, not written
             for number, block in enumerate(blocks):

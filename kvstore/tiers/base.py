@@ -109,10 +109,14 @@ class ArenaTier:
 
     def write_slices(
         self, handles: list[object], offset: int, data: memoryview, nbytes: int
-    ) -> None:
-        """Slice i (`nbytes` long) of `data` into `handles[i]` at `offset`; see PageArena."""
-        self.arena.write_slices(cast(list[list[int]], handles), offset, data, nbytes)
+    ) -> list[memoryview]:
+        """Slice i (`nbytes` long) of `data` into `handles[i]` at `offset`; see PageArena.
+        Returns where the bytes landed (PageArena.read_slices; not counted as a read), so
+        the caller can check them there while they are in the cache."""
+        blocks = cast(list[list[int]], handles)
+        self.arena.write_slices(blocks, offset, data, nbytes)
         self.counters.bytes_written += len(data)
+        return self.arena.read_slices(blocks, offset, nbytes)
 
     def read(self, handle: object, offset: int, nbytes: int) -> list[memoryview]:
         self.counters.bytes_read += nbytes
