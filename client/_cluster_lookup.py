@@ -138,6 +138,10 @@ class Stragglers:
     def __len__(self) -> int:
         return len(self._members)
 
+    def count(self, node_id: str) -> int:
+        """The asks to `node_id` left to end on their own."""
+        return self._counts.get(node_id, 0)
+
     def admit(self, node_id: str, task: asyncio.Task[PrefixMatch | None], *, force: bool) -> bool:
         """Leave `task` to end on its own, unless its member has its share already (and
         not `force`): False then, and the caller waits for it."""

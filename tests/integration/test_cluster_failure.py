@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -113,9 +113,10 @@ async def run_load(
     num_sessions: int = 4,
     before_s: float = 1.5,
     after_s: float = 4.0,
+    settle: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[Load, Load]:
-    """Sessions run `before_s`, then `during()` runs (in a thread), then they run `after_s`
-    more; returns the load before and after."""
+    """Sessions run `before_s`, then `during()` runs (in a thread), then `settle()` if
+    given, then they run `after_s` more; returns the load before and after."""
     before, after = Load(), Load()
     stop = asyncio.Event()
     tasks = [
@@ -126,6 +127,8 @@ async def run_load(
     stop.set()
     await asyncio.gather(*tasks)
     await asyncio.to_thread(during)
+    if settle is not None:
+        await settle()
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(after.session(client, session, stop)) for session in range(num_sessions)
@@ -157,7 +160,16 @@ async def test_kill_9_of_a_node_under_agent_load_costs_misses_only(
 async def test_a_node_added_under_load_takes_runs(cluster: LocalCluster) -> None:
     async with KVClient(cluster.etcd_target, NAMESPACE, options=OPTIONS) as client:
         assert isinstance(client, ClusterClient)
-        before, after = await run_load(client, cluster.add_node, after_s=3.0)
+
+        async def joined() -> None:
+            # The client reads etcd every second: on a loaded machine the after-phase
+            # would otherwise spend part of its 3 s placing on the old three.
+            deadline = asyncio.get_running_loop().time() + 30
+            while len(client.membership.members) < 4:
+                assert asyncio.get_running_loop().time() < deadline, "the client never saw it"
+                await asyncio.sleep(0.05)
+
+        before, after = await run_load(client, cluster.add_node, after_s=3.0, settle=joined)
         assert before.errors == []
         assert after.errors == []
         assert before.wrong_bytes == 0

@@ -101,7 +101,9 @@ async def test_a_hung_node_whose_runs_lie_past_a_miss_delays_nothing(
         assert match.first_is_chain_root
     hung = next(m for m in cluster.membership.placement.members if m.address == hung_node)
     assert cluster.nodes.reachable(hung)  # its asks are still in flight, not failed
-    assert len(cluster._stragglers) == 2
+    # One left behind per lookup. A live node's ask the answer did not need may still be
+    # finishing on a loaded machine; those end on their own.
+    assert cluster._stragglers.count(hung.node_id) == 2
     await asyncio.wait_for(cluster.close(), timeout=HUNG_FOR_S / 4)
     assert not cluster._stragglers
 
