@@ -9,7 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kvstore.client._cluster_nodes import NODE_FAILURES, NodePool, OwnerRuns, by_owner
+from kvstore.client._cluster_nodes import (
+    NODE_FAILURES,
+    NodePool,
+    OwnerRuns,
+    by_owner,
+    cancel_and_wait,
+)
 from kvstore.client._results import LayerArrival
 from kvstore.cluster.placement import Run
 from kvstore.codec import ByteMap, KVForm
@@ -172,9 +178,7 @@ class ChainGather:
         finally:
             # Stopped early (or done): end every member's stream, so the nodes free the
             # blocks at once.
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait(tasks)
 
     def _view(self, layer: int, num_blocks: int) -> torch.Tensor:
         if self._host is None:

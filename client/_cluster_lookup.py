@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kvstore.client._cluster_nodes import cancel_and_wait
 from kvstore.client._results import PrefixMatch
 from kvstore.cluster.members import Member
 from kvstore.cluster.placement import Placement, Run
@@ -162,10 +163,7 @@ class Stragglers:
 
     async def cancel(self) -> None:
         """Cancel every straggler and wait until they have ended."""
-        tasks = list(self._members)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._members))
 
 
 async def ask_owners(

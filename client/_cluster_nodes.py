@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kvstore.client._async import KVClient
 from kvstore.client._errors import (
@@ -169,3 +169,11 @@ def by_owner(runs: Sequence[Run]) -> dict[str, OwnerRuns]:
 def runs_from(runs: Sequence[Run], first: int) -> list[Run]:
     """`runs` from block `first` on (the first one cut to start there)."""
     return [Run(max(run.start, first), run.stop, run.owner) for run in runs if run.stop > first]
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait until each has ended, whatever it raised."""
+    pending = list(tasks)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)

@@ -25,7 +25,7 @@ import itertools
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING
 
-from kvstore.client._cluster_nodes import NODE_FAILURES
+from kvstore.client._cluster_nodes import NODE_FAILURES, cancel_and_wait
 from kvstore.client._watch import BlockEvents, node_lost
 from kvstore.cluster.members import Member
 
@@ -73,10 +73,7 @@ async def cluster_events(
             if current is not None and current[0] == token:
                 yield item
     finally:
-        tasks = [task for _, task in followers.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(task for _, task in followers.values())
 
 
 async def _follow(

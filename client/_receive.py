@@ -178,17 +178,13 @@ class LayerReceiver:
         filled = self._filled[block]
         if chunk.offset != filled:
             raise ChecksumError(f"block {block} layer {chunk.layer}: chunk out of order")
-        data: memoryview = chunk.data
-        if chunk.compression:
-            data = self._decode(
-                chunk.compression,
-                chunk.data,
-                chunk.raw_bytes,
-                self._layout.layer_bytes - filled,
-                f"block {block} layer {chunk.layer}",
-            )
-        else:
-            self._account(chunk.data)
+        data = self._payload(
+            chunk.compression,
+            chunk.data,
+            chunk.raw_bytes,
+            self._layout.layer_bytes - filled,
+            f"block {block} layer {chunk.layer}",
+        )
         if chunk.offset == 0:
             self._expected[block] = chunk.layer_checksum
             self._hashers[block] = new_hasher(self._kind)
@@ -207,17 +203,13 @@ class LayerReceiver:
         layer_bytes = self._layout.layer_bytes
         if first < 0 or first + count > self.num_blocks or len(run.layer_checksums) != count:
             raise ChecksumError(f"server sent a malformed run of blocks {first}..{first + count}")
-        data: memoryview = run.data
-        if run.compression:
-            data = self._decode(
-                run.compression,
-                run.data,
-                run.raw_bytes,
-                count * layer_bytes,
-                f"blocks {first}..{first + count - 1} layer {run.layer}",
-            )
-        else:
-            self._account(run.data)
+        data = self._payload(
+            run.compression,
+            run.data,
+            run.raw_bytes,
+            count * layer_bytes,
+            f"blocks {first}..{first + count - 1} layer {run.layer}",
+        )
         if len(data) != count * layer_bytes:
             raise ChecksumError(f"a run of {count} blocks carries {len(data)} bytes")
         blocks = slice(first, first + count)
@@ -240,11 +232,14 @@ class LayerReceiver:
             size = min(len(data), SAMPLE_BYTES)
             stats.sample = bytes(data[: size - size % self._layout.dtype.itemsize])
 
-    def _decode(
+    def _payload(
         self, compression: int, data: memoryview, raw_bytes: int, max_raw_bytes: int, where: str
     ) -> memoryview:
-        """The raw bytes of a compressed chunk or run; a bad one is DATA_LOSS, and nothing
-        of it is used (the layer is never completed)."""
+        """The raw bytes of a chunk or run, counted; a compressed one is decoded, and a bad
+        one is DATA_LOSS, nothing of it used (the layer is never completed)."""
+        if not compression:
+            self._account(data)
+            return data
         started = time.perf_counter()
         try:
             raw = decode_wire_data(

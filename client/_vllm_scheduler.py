@@ -194,7 +194,6 @@ class SchedulerSide:
             unknown = "prefill rate" if prefill is None else "bandwidth"
             self._last_fetch_planned_s = time.monotonic()
             return FetchPlan(len(tiers), 0.0, 0.0, f"fetch: no {unknown} measured yet")
-        source = "measured" if self._bandwidth_measured else "configured prior"
         overall = self._fetch_bytes_per_s
         bandwidths = [self._tier_bytes_per_s.get(tier, overall) for tier in tiers]
         block_bytes = self.config.namespace.layout.block_bytes
@@ -204,7 +203,7 @@ class SchedulerSide:
             block_tokens=self.config.block_tokens,
             prefill=prefill,
             per_fetch_overhead_s=self.config.fetch_overhead_s,
-            bandwidth_source=source,
+            bandwidth_source=self._bandwidth_source,
         )
         if plan.num_load_blocks == 0 and self._remeasure_due():
             num_probe = min(len(tiers), max(1, -(-REMEASURE_BYTES // block_bytes)))
@@ -221,6 +220,10 @@ class SchedulerSide:
         if plan.num_load_blocks:
             self._last_fetch_planned_s = time.monotonic()
         return plan
+
+    @property
+    def _bandwidth_source(self) -> str:
+        return "measured" if self._bandwidth_measured else "configured prior"
 
     def _remeasure_due(self) -> bool:
         interval = self.config.remeasure_s
@@ -244,10 +247,9 @@ class SchedulerSide:
         )
         if fastest >= break_even or self._remeasure_due():
             return None
-        source = "measured" if self._bandwidth_measured else "configured prior"
         return (
             f"recompute, no lookup: the fastest tier delivers {fastest / 1e6:.3g} MB/s "
-            f"({source}), below break-even {break_even / 1e6:.3g} MB/s"
+            f"({self._bandwidth_source}), below break-even {break_even / 1e6:.3g} MB/s"
         )
 
     def _prefill_model(self) -> PrefillModel | None:

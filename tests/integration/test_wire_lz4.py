@@ -15,6 +15,7 @@ from metered_blocks import tokens_for  # tests/metered_blocks.py
 
 import kvstore.server.transfer as transfer_module
 from kvstore.client import ChecksumError, ClientOptions, KVClient, KVForm
+from kvstore.client._receive import WireStats
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.server import RunningServer
 from kvstore.v1 import kvstore_pb2 as pb
@@ -55,6 +56,20 @@ def smooth_kv(layout: KVLayout, num_blocks: int, *, seed: int = 0) -> torch.Tens
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+async def got_back_raw(
+    client: KVClient, keys: list[bytes], kv: torch.Tensor, form: KVForm = KVForm.SEQUENCE
+) -> WireStats:
+    """Get `keys` into a fresh tensor, check it equals `kv`, and that nothing of the get
+    came compressed; the get's wire stats."""
+    dest = torch.zeros_like(kv)
+    assert await client.get_into(keys, dest, form=form) == NUM_BLOCKS
+    assert same(dest, kv)
+    stats = client.wire_stats
+    assert stats is not None
+    assert stats.compressed_raw_bytes == 0
+    return stats
 
 
 async def stored(client: KVClient, kv: torch.Tensor, seed: int = 1) -> list[bytes]:
@@ -113,12 +128,7 @@ async def test_incompressible_layers_go_raw(
     client = connect(make_namespace(layout), wire_compression="lz4")
     kv = make_kv(layout, NUM_BLOCKS)  # random bit patterns
     keys = await stored(client, kv)
-    dest = torch.zeros_like(kv)
-    assert await client.get_into(keys, dest) == NUM_BLOCKS
-    assert same(dest, kv)
-    stats = client.wire_stats
-    assert stats is not None
-    assert stats.compressed_raw_bytes == 0
+    stats = await got_back_raw(client, keys, kv)
     assert stats.wire_bytes == NUM_BLOCKS * layout.block_bytes
 
 
@@ -304,12 +314,7 @@ async def test_a_server_without_the_field_gets_the_request_again_without_it(
         return opened(request, max_keys)
 
     monkeypatch.setattr(transfer_module, "open_keyed_request", older_server)
-    dest = torch.zeros_like(kv)
-    assert await client.get_into(keys, dest) == NUM_BLOCKS
-    assert same(dest, kv)
-    stats = client.wire_stats
-    assert stats is not None
-    assert stats.compressed_raw_bytes == 0
+    await got_back_raw(client, keys, kv)
     assert not client.wire_compression.ask()  # not asked again for a while
 
 
@@ -327,10 +332,5 @@ async def test_shared_memory_never_compresses(
     ) as client:
         kv = smooth_kv(layout, NUM_BLOCKS)
         keys = await stored(client, kv)
-        dest = torch.zeros_like(kv)
-        assert await client.get_into(keys, dest, form=KVForm.SEQUENCE) == NUM_BLOCKS
-        assert same(dest, kv)
+        await got_back_raw(client, keys, kv)
         assert client.data_plane == f"unix:{server.servicer.shm_path}"
-        stats = client.wire_stats
-        assert stats is not None
-        assert stats.compressed_raw_bytes == 0
