@@ -602,15 +602,22 @@ def test_the_plan_loads_all_a_fast_prefix_or_nothing(
         scheduler.shutdown()
 
 
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
 def test_below_break_even_on_every_tier_the_count_looks_nothing_up_and_the_save_skips_stored(
-    store_target: str,
+    store_target: str, data_plane: bool
 ) -> None:
-    stored = tokens(2 * BLOCK, seed=60)
-    stored_caches = blocks_first_caches(seed=60)
+    seed = 60 if data_plane else 64  # a chain of its own per transport
+    stored = tokens(2 * BLOCK, seed=seed)
+    stored_caches = blocks_first_caches(seed=seed)
     save_prompt(store_target, [*stored, 1], stored_caches)
-    prompt = [*stored, *tokens(2 * BLOCK + 1, seed=61)]  # 4 full blocks, the first 2 stored
-    scheduler = make(KVConnectorRole.SCHEDULER, store_target, prefill_tokens_per_s=16_000.0)
-    worker = make(KVConnectorRole.WORKER, store_target)
+    prompt = [*stored, *tokens(2 * BLOCK + 1, seed=seed + 1)]  # 4 blocks, the first 2 stored
+    scheduler = make(
+        KVConnectorRole.SCHEDULER,
+        store_target,
+        prefill_tokens_per_s=16_000.0,
+        data_plane=data_plane,
+    )
+    worker = make(KVConnectorRole.WORKER, store_target, data_plane=data_plane)
     try:
         caches = blocks_first_caches(seed=62)
         worker.register_kv_caches(caches)
