@@ -32,6 +32,7 @@ from kvstore.bench.cost import Phase, Round, usable_cores
 from kvstore.bench.report import emit, wide_console
 from kvstore.bench.spawn import spawned_server
 from kvstore.bench.throughput import KVStoreRounds, layout_for
+from kvstore.bench.tls_ceiling import BareStream, StreamCertificates, StreamRound
 from kvstore.client import ClientOptions, KVClient, Namespace, TLSOptions
 from kvstore.units import human_bytes, parse_size
 from kvstore.wire.tls import client_context
@@ -53,28 +54,37 @@ class TLSRow:
 
 
 @dataclass(frozen=True)
+class CeilingFigures:
+    """The bare stream (kvstore.bench.tls_ceiling): the ssl module alone, no kvstore code."""
+
+    round_bytes: int
+    write_bytes: int
+    plain_gbps: float  # medians over rounds
+    tls_gbps: float
+    ratio: float  # median over rounds of TLS / plaintext GB/s in the same turn
+    plain_send_cpu_s_per_gb: float
+    plain_recv_cpu_s_per_gb: float
+    tls_send_cpu_s_per_gb: float
+    tls_recv_cpu_s_per_gb: float
+
+
+@dataclass(frozen=True)
 class TLSReport:
     rounds: int
     streams: int
     tls_version: str  # what the data plane negotiated
     rows: list[TLSRow]
+    ceiling: CeilingFigures
 
 
-@dataclass(frozen=True)
-class _Certificates:
-    ca_file: str
-    cert_file: str
-    key_file: str
-
-
-def make_certificates(directory: Path) -> _Certificates:
+def make_certificates(directory: Path) -> StreamCertificates:
     """A throwaway CA and a server certificate for 127.0.0.1, as PEM files."""
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1", "localhost")
     ca.cert_pem.write_to_path(str(directory / "ca.pem"))
     (directory / "server.pem").write_bytes(b"".join(p.bytes() for p in server.cert_chain_pems))
     server.private_key_pem.write_to_path(str(directory / "server.key"))
-    return _Certificates(
+    return StreamCertificates(
         str(directory / "ca.pem"), str(directory / "server.pem"), str(directory / "server.key")
     )
 
@@ -149,6 +159,40 @@ def _median(phases: list[Phase]) -> float:
     return statistics.median(phase.gbps for phase in phases)
 
 
+def measure_ceiling(
+    certificates: StreamCertificates, round_bytes: int, rounds: int, write_bytes: int = 1 << 20
+) -> CeilingFigures:
+    """Plaintext and TLS bare streams of `round_bytes` a round, taking turns like the
+    daemons do; run before the daemons start, so they take no core from it."""
+    measured: dict[str, list[StreamRound]] = {PLAINTEXT: [], TLS: []}
+    with (
+        BareStream(round_bytes, write_bytes) as plain,
+        BareStream(round_bytes, write_bytes, certificates) as tls,
+    ):
+        streams = {PLAINTEXT: plain, TLS: tls}
+        names = list(streams)
+        for number in range(rounds):
+            for name in names[number % 2 :] + names[: number % 2]:
+                measured[name].append(streams[name].round())
+
+    def median(name: str, field: str) -> float:
+        return float(statistics.median(getattr(one, field) for one in measured[name]))
+
+    return CeilingFigures(
+        round_bytes=round_bytes,
+        write_bytes=write_bytes,
+        plain_gbps=median(PLAINTEXT, "gbps"),
+        tls_gbps=median(TLS, "gbps"),
+        ratio=statistics.median(
+            s.gbps / p.gbps for s, p in zip(measured[TLS], measured[PLAINTEXT], strict=True)
+        ),
+        plain_send_cpu_s_per_gb=median(PLAINTEXT, "send_cpu_s_per_gb"),
+        plain_recv_cpu_s_per_gb=median(PLAINTEXT, "recv_cpu_s_per_gb"),
+        tls_send_cpu_s_per_gb=median(TLS, "send_cpu_s_per_gb"),
+        tls_recv_cpu_s_per_gb=median(TLS, "recv_cpu_s_per_gb"),
+    )
+
+
 def measure_tls(
     workdir: Path, block_sizes: list[int], round_bytes: int, rounds: int, streams: int
 ) -> TLSReport:
@@ -159,6 +203,7 @@ def measure_tls(
     common = ["--dram-bytes", str(dram), "--page-bytes", "1MiB", "--log-level", "warning"]
     common += ["--max-message-bytes", "8MiB"]
     tls_flags = ["--tls-cert", certificates.cert_file, "--tls-key", certificates.key_file]
+    ceiling = measure_ceiling(certificates, round_bytes, rounds)
     with contextlib.ExitStack() as stack:
         targets = {
             PLAINTEXT: stack.enter_context(spawned_server(common)),
@@ -172,7 +217,9 @@ def measure_tls(
                 _measure_block(targets, tls, block_bytes, round_bytes, rounds, streams)
             )
             rows.append(row)
-    return TLSReport(rounds=rounds, streams=streams, tls_version=version, rows=rows)
+    return TLSReport(
+        rounds=rounds, streams=streams, tls_version=version, rows=rows, ceiling=ceiling
+    )
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -238,3 +285,32 @@ def print_report(report: TLSReport) -> None:
         f"Two daemons, each its own process; client and daemons share this machine's "
         f"{usable_cores()} cores."
     )
+    ceiling = report.ceiling
+    bare = Table(
+        title=f"the ssl module alone: a bare stream of {human_bytes(ceiling.round_bytes)} "
+        f"in {human_bytes(ceiling.write_bytes)} writes, two processes, no kvstore code"
+    )
+    for column in ("stream", "GB/s", "send CPU-s per GB", "receive CPU-s per GB"):
+        bare.add_column(column, justify="right")
+    bare.add_row(
+        "plaintext",
+        f"{ceiling.plain_gbps:.2f}",
+        f"{ceiling.plain_send_cpu_s_per_gb:.3f}",
+        f"{ceiling.plain_recv_cpu_s_per_gb:.3f}",
+    )
+    bare.add_row(
+        report.tls_version,
+        f"{ceiling.tls_gbps:.2f}",
+        f"{ceiling.tls_send_cpu_s_per_gb:.3f}",
+        f"{ceiling.tls_recv_cpu_s_per_gb:.3f}",
+    )
+    bare.caption = (
+        f"TLS ÷ plaintext on the bare stream: {ceiling.ratio:.2f}x (median of per-round ratios)"
+    )
+    console.print(bare)
+    for row in report.rows:
+        console.print(
+            f"{human_bytes(row.block_bytes)} blocks: the data plane's TLS put moves "
+            f"{row.tls_put_gbps / ceiling.tls_gbps:.2f}x and its get "
+            f"{row.tls_get_gbps / ceiling.tls_gbps:.2f}x the bare TLS stream's GB/s."
+        )

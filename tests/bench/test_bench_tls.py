@@ -28,6 +28,13 @@ def test_tls_command_reports_both_daemons_and_their_ratios(
         # One round: each ratio is that round's TLS speed over its plaintext speed.
         assert row["put_ratio"] == pytest.approx(row["tls_put_gbps"] / row["plain_put_gbps"])
         assert row["get_ratio"] == pytest.approx(row["tls_get_gbps"] / row["plain_get_gbps"])
+    ceiling = report["ceiling"]  # the ssl module alone, in the same run
+    assert ceiling["round_bytes"] == 1 << 20
+    for name in ("plain", "tls"):
+        assert ceiling[f"{name}_gbps"] > 0
+        assert ceiling[f"{name}_send_cpu_s_per_gb"] > 0
+        assert ceiling[f"{name}_recv_cpu_s_per_gb"] > 0
+    assert ceiling["ratio"] == pytest.approx(ceiling["tls_gbps"] / ceiling["plain_gbps"])
 
 
 def test_tls_command_refuses_zero_rounds() -> None:
