@@ -37,7 +37,7 @@ from kvstore.server.lookup import Lookups
 from kvstore.server.pacing import TransferPacing
 from kvstore.server.request_metrics import RequestMetrics
 from kvstore.server.shm import ClientBuffers, FdStream
-from kvstore.server.shm_socket import remove_stale_socket
+from kvstore.server.shm_socket import bind_private, remove_stale_socket
 from kvstore.server.status import status_for
 from kvstore.server.transfer import Transfers
 from kvstore.v1 import kvstore_pb2 as pb
@@ -228,8 +228,7 @@ class DataPlane:
         remove_stale_socket(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(path)
-            os.chmod(path, 0o600)
+            bind_private(listener, path)
             listener.listen(64)
             listener.setblocking(False)
         except OSError as error:

@@ -1,5 +1,5 @@
-"""The same-host path's socket file: taking over a dead daemon's, and sweeping the ones
-dead daemons left in a shared directory.
+"""The same-host path's socket file: bound where only this user can reach it, taking
+over a dead daemon's, and sweeping the ones dead daemons left in a shared directory.
 
 A daemon removes its socket file when it stops, but one killed with SIGKILL cannot. A set
 path is taken over by the next daemon on it; an "auto" name is fresh every run
@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import stat
+import tempfile
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,42 @@ AUTO_SOCKET_NAME = re.compile(r"kvstore-(\d+)-[0-9a-f]{8}\.sock")
 def auto_socket_name(pid: int, token: str) -> str:
     """The file name an "auto" shm_socket gets: the daemon's pid and a random token."""
     return f"kvstore-{pid}-{token}.sock"
+
+
+# sun_path holds 108 bytes, the terminating NUL included.
+_MAX_SOCKET_PATH_BYTES = 107
+
+
+def bind_private(listener: socket.socket, path: str) -> None:
+    """Bind `listener` to `path` as a socket file of mode 0600, never reachable by other
+    users on the way: it is bound inside a fresh 0700 directory beside `path`, made
+    0600 there, then linked into place (a link, unlike a rename, fails if something
+    took `path` meanwhile). Binding at `path` and then chmod-ing would leave the file
+    with the umask's mode for that moment, and a umask is the whole process's.
+
+    Where the staging name would not fit a socket address, `path` is bound directly and
+    chmod-ed at once, and the log says so."""
+    directory = os.path.dirname(path) or "."
+    staging_name = os.path.join(directory, ".kvXXXXXXXX", "s")
+    if len(os.fsencode(staging_name)) > _MAX_SOCKET_PATH_BYTES:
+        logger.warning(
+            "shm_socket %s is too long to bind privately first; it is made 0600 right "
+            "after binding (until then it has the umask's mode)",
+            path,
+        )
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        return
+    staging = tempfile.mkdtemp(prefix=".kv", dir=directory)  # mode 0700
+    staged = os.path.join(staging, "s")
+    try:
+        listener.bind(staged)
+        os.chmod(staged, 0o600)
+        os.link(staged, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
+        os.rmdir(staging)
 
 
 def remove_stale_socket(path: str) -> None:

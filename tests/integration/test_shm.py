@@ -389,6 +389,33 @@ async def test_an_auto_socket_sweeps_the_files_of_daemons_that_are_gone(
         elsewhere.close()
 
 
+async def test_the_socket_is_bound_where_no_other_user_can_reach_it(
+    server_factory: ServerFactory,
+    clients: Callable[..., KVClient],
+    make_kv: MakeKV,
+    tmp_path: Path,
+) -> None:
+    # Bound in a private directory and linked into place at 0600: at no moment does
+    # the socket file sit at its path with the umask's mode; nothing is left beside it.
+    directory = tmp_path / "run"
+    directory.mkdir()
+    path = directory / "kv.sock"
+    umask = os.umask(0o022)  # what a daemon usually runs with: 0755 files
+    try:
+        running = await server_factory(shm_socket=str(path))
+        assert os.umask(0o022) == 0o022  # the process's umask was never changed
+    finally:
+        os.umask(umask)
+    assert running.servicer.shm_path == str(path)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.listdir(directory) == ["kv.sock"]  # the staging directory is gone
+    client = clients(running)
+    kv = make_kv(LARGE, 2, form=KVForm.BLOCKS)
+    got = await put_and_get(client, kv, "private")
+    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+    assert running.data_plane.shm_transfers == 2  # both through the linked socket
+
+
 async def test_a_stale_socket_file_is_replaced_and_a_live_one_refused(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
