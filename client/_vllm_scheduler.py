@@ -79,6 +79,12 @@ class _Prefetch:
     lookup: concurrent.futures.Future[PrefixMatch]
 
 
+@dataclass(frozen=True)
+class _SessionPin:
+    chain: list[bytes]
+    expires_s: float  # time.monotonic() when the server lets the pin go
+
+
 @dataclass
 class _Tracked:
     request: Any
@@ -101,8 +107,9 @@ class SchedulerSide:
         self._plans: dict[str, MatchPlan] = {}
         self._prefetched: dict[str, _Prefetch] = {}  # arrival order
         self._tracked: dict[str, _Tracked] = {}
-        self._pin_after_save: dict[str, tuple[str, list[bytes]]] = {}
-        self._sessions: dict[str, list[bytes]] = {}  # session id -> keys it has pinned
+        # Request id -> (its session, the chain to pin once the worker reports its saves).
+        self._pin_after_save: dict[str, tuple[str | None, list[bytes]]] = {}
+        self._sessions: dict[str, _SessionPin] = {}  # session id -> its pin, expiry order
         self._control: list[concurrent.futures.Future[int]] = []
         self._fetch_bytes_per_s = config.fetch_bytes_per_s
         self._bandwidth_measured = False
@@ -301,12 +308,16 @@ class SchedulerSide:
             scheduled = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
             computed_after[new.req_id] = new.num_computed_tokens + scheduled
         cached = scheduler_output.scheduled_cached_reqs
+        resumed = _resumed_req_ids(cached)
         for index, req_id in enumerate(cached.req_ids):
             tracked = self._tracked.get(req_id)
             if tracked is None:
                 continue
             new_block_ids = cached.new_block_ids[index]
-            if new_block_ids is not None:
+            if req_id in resumed:
+                # Back from preemption: vLLM sends its whole block table, not an addition.
+                tracked.block_ids = list(new_block_ids[0]) if new_block_ids is not None else []
+            elif new_block_ids is not None:
                 tracked.block_ids.extend(new_block_ids[0])
             scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
             computed_after[req_id] = cached.num_computed_tokens[index] + scheduled
@@ -361,13 +372,15 @@ class SchedulerSide:
         self._plans.pop(request.request_id, None)
         self._drop_prefetch(request.request_id)
         tracked = self._tracked.pop(request.request_id, None)
+        session = _param(request, SESSION_PARAM, None)
+        session_id = str(session) if session is not None else None
+        if _param(request, SESSION_END_PARAM, False):
+            # Even for a request that never ran (aborted while waiting): the session is over.
+            self._end_session(session_id)
+            return (tracked.saves_scheduled if tracked is not None else False), None
         if tracked is None:
             return False, None
-        session = _param(request, SESSION_PARAM, None)
-        if _param(request, SESSION_END_PARAM, False):
-            self._end_session(str(session) if session is not None else None)
-        elif self.config.pin_ttl_s > 0:
-            session_id = str(session) if session is not None else request.request_id
+        if self.config.pin_ttl_s > 0:
             chain = tracked.keys[: tracked.stored_blocks]
             if tracked.saves_scheduled:
                 self._pin_after_save[request.request_id] = (session_id, chain)
@@ -413,18 +426,35 @@ class SchedulerSide:
         """The bandwidth the plans use: the workers' latest measure, else the configured one."""
         return self._fetch_bytes_per_s
 
-    def _pin(self, session_id: str, chain: list[bytes]) -> None:
+    def _pin(self, session_id: str | None, chain: list[bytes]) -> None:
+        """Pin `chain` for `pin_ttl_s`. A session's chain is remembered until the session
+        ends (to unpin it then) or its pin expires; a request of no session is not: its
+        pin simply expires."""
         if not chain:
             return
-        self._sessions[session_id] = chain
+        if session_id is not None:
+            now = time.monotonic()
+            self._sessions.pop(session_id, None)
+            self._sessions[session_id] = _SessionPin(chain, now + self.config.pin_ttl_s)
+            # Entries are in expiry order (every pin lasts pin_ttl_s): drop the expired
+            # ones of sessions that never ended, so abandoned sessions hold no memory.
+            while self._sessions:
+                oldest = next(iter(self._sessions.values()))
+                if oldest.expires_s > now:
+                    break
+                del self._sessions[next(iter(self._sessions))]
         self._control_call(self._client.pin(chain, self.config.pin_ttl_s))
 
     def _end_session(self, session_id: str | None) -> None:
         if session_id is None:
             return
-        chain = self._sessions.pop(session_id, None)
-        if chain:
-            self._control_call(self._client.unpin(chain))
+        # A pin still waiting for an earlier turn's saves must not pin the ended session.
+        for req_id, (pending_session, _) in list(self._pin_after_save.items()):
+            if pending_session == session_id:
+                del self._pin_after_save[req_id]
+        pinned = self._sessions.pop(session_id, None)
+        if pinned is not None and pinned.expires_s > time.monotonic():
+            self._control_call(self._client.unpin(pinned.chain))
 
     def _control_call(self, coroutine: Any) -> None:
         # Pins run on the loop thread: the scheduler's step does not wait on the network.
@@ -444,6 +474,16 @@ class SchedulerSide:
         self.wait_for_control_calls(self.config.options.timeouts.control)
         self._loop.run(self._client.close())
         self._loop.stop()
+
+
+def _resumed_req_ids(cached: Any) -> set[str]:
+    """The cached requests back from preemption this step: `resumed_req_ids` in current
+    vLLM, a `resumed_from_preemption` flag per request in older releases."""
+    resumed = getattr(cached, "resumed_req_ids", None)
+    if resumed is not None:
+        return set(resumed)
+    flags = getattr(cached, "resumed_from_preemption", None) or ()
+    return {req_id for req_id, flag in zip(cached.req_ids, flags, strict=False) if flag}
 
 
 def _no_fetch(reason: str) -> FetchPlan:

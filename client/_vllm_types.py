@@ -156,8 +156,10 @@ class NewRequestData:
 @dataclass(frozen=True)
 class CachedRequestData:
     req_ids: list[str] = field(default_factory=list)
+    # For a request in resumed_req_ids (back from preemption), its whole block table.
     new_block_ids: list[tuple[list[int], ...] | None] = field(default_factory=list)
     num_computed_tokens: list[int] = field(default_factory=list)
+    resumed_req_ids: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 # A step that computes fewer tokens than this is decoding: it says nothing of prefill speed.
 _MIN_PREFILL_SAMPLE_TOKENS = 64
 _RATE_SMOOTHING = 0.5  # weight of the newest sample in the moving averages
+# Save reports kept for inspection (tests, the emulator); older ones are dropped.
+MAX_SAVE_REPORTS = 1024
 
 
 class RegisteredCache:
@@ -100,8 +102,10 @@ class WorkerSide:
         self._step_started: float | None = None
         self._step_tokens = 0
         self.prefill_tokens_per_s: float | None = None
-        self._step_saves: list[SaveHandle] = []  # opened by this step
-        self.save_reports: dict[str, SaveReport] = {}  # of requests get_finished reported
+        self._step_saves: list[tuple[str, SaveHandle]] = []  # (request id, put) of this step
+        self._loading_request_ids: set[str] = set()  # requests whose load this step runs
+        # Of the last MAX_SAVE_REPORTS requests get_finished reported, oldest first.
+        self.save_reports: dict[str, SaveReport] = {}
         self.last_load: LoadReport | None = None  # the last step's load, if it had one
 
     # -- registration ------------------------------------------------------------------------
@@ -140,6 +144,7 @@ class WorkerSide:
         keys = [key for load in metadata.loads for key in load.keys]
         if keys:
             engine.start_load_kv(keys, self._load_block_ids)
+        self._loading_request_ids = {load.request_id for load in metadata.loads}
         self._step_saves = []
         for save in metadata.saves:
             chain = self._saves.setdefault(save.request_id, [])
@@ -151,7 +156,7 @@ class WorkerSide:
                 skip_stored=save.skip_stored,
             )
             chain.append(handle)
-            self._step_saves.append(handle)
+            self._step_saves.append((save.request_id, handle))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         engine, cache = self._require()
@@ -168,10 +173,13 @@ class WorkerSide:
         self._failed_block_ids.update(self._load_block_ids)
         self.last_load = LoadReport(0, 0, 0.0, error=str(error))
         engine.abort_load()
-        # This step's new K/V attends over the pages that did not arrive: none of it may
-        # reach the store. The scheduler side saves those blocks again once recomputed.
-        for handle in self._step_saves:
-            handle.abort()
+        # The new K/V of the requests that loaded attends over pages that did not arrive:
+        # none of it may reach the store (the scheduler side saves those blocks again once
+        # recomputed). Requests that loaded nothing computed over their own pages: their
+        # saves go on.
+        for req_id, handle in self._step_saves:
+            if req_id in self._loading_request_ids:
+                handle.abort()
 
     def save_kv_layer(self, layer_name: str) -> None:
         engine, cache = self._require()
@@ -220,7 +228,11 @@ class WorkerSide:
         return (done or None), None
 
     def _record_save(self, req_id: str, handle: SaveHandle) -> None:
-        report = self.save_reports.setdefault(req_id, SaveReport())
+        report = self.save_reports.get(req_id)
+        if report is None:
+            while len(self.save_reports) >= MAX_SAVE_REPORTS:
+                del self.save_reports[next(iter(self.save_reports))]
+            report = self.save_reports[req_id] = SaveReport()
         try:
             report.num_committed += handle.result(0).num_committed
         except KVSaveError as error:

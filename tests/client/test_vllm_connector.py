@@ -15,6 +15,8 @@ import torch
 from threaded_server import server_thread  # tests/threaded_server.py
 
 from kvstore.client import KVForm, SyncKVClient, TierKind
+from kvstore.client import _vllm_worker as vllm_worker
+from kvstore.client._vllm_scheduler import SESSION_END_PARAM, SESSION_PARAM
 from kvstore.client._vllm_types import (
     CachedRequestData,
     KVCacheBlocks,
@@ -548,6 +550,163 @@ def test_a_preempted_requests_save_is_dropped(store_target: str) -> None:
             assert client.lookup(request.prompt_token_ids).num_matched == 0
     finally:
         worker.shutdown()
+        scheduler.shutdown()
+
+
+def test_a_request_resumed_after_preemption_saves_each_block_from_its_own_page(
+    store_target: str,
+) -> None:
+    # vLLM sends a resumed request's whole block table in scheduled_cached_reqs: it
+    # replaces the table, or later blocks would be saved from the wrong pages.
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    try:
+        request = Request("resumed", tokens(20, seed=21))
+        scheduler.get_num_new_matched_tokens(request, 0)
+        scheduler.update_state_after_alloc(request, KVCacheBlocks(([5, 6],)), 0)
+        first = scheduler.build_connector_meta(new_step(request, [5, 6], 0, 20))
+        assert [save.block_ids for save in first.saves] == [[5]]
+        scheduler.build_connector_meta(
+            SchedulerOutput([], CachedRequestData(), {}, preempted_req_ids={"resumed"})
+        )
+        request.output_token_ids.extend(tokens(12, seed=22))  # 32 tokens: 2 full blocks
+        scheduler.get_num_new_matched_tokens(request, 0)
+        scheduler.update_state_after_alloc(request, KVCacheBlocks(([9, 10],)), 0)
+        resumed = CachedRequestData(["resumed"], [([9, 10],)], [0], resumed_req_ids={"resumed"})
+        again = scheduler.build_connector_meta(SchedulerOutput([], resumed, {"resumed": 32}))
+        assert [save.block_ids for save in again.saves] == [[9, 10]]
+        request.output_token_ids.extend(tokens(16, seed=23))  # block 2 fills in page 11
+        decode = CachedRequestData(["resumed"], [([11],)], [32])
+        later = scheduler.build_connector_meta(SchedulerOutput([], decode, {"resumed": 16}))
+        [save] = later.saves
+        assert save.block_ids == [11]
+        assert save.parent_key == again.saves[0].keys[-1]
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_failed_load_drops_only_the_saves_of_requests_that_loaded(store_target: str) -> None:
+    prompt = tokens(3 * BLOCK + 4, seed=31)
+    save_prompt(store_target, prompt, blocks_first_caches(seed=31))
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    worker = make(KVConnectorRole.WORKER, store_target)
+    try:
+        worker.register_kv_caches(blocks_first_caches(seed=32))
+        loading, fresh = Request("loading", prompt), Request("fresh", tokens(2 * BLOCK + 1, 33))
+        assert scheduler.get_num_new_matched_tokens(loading, 0) == (3 * BLOCK, False)
+        scheduler.update_state_after_alloc(loading, KVCacheBlocks(([4, 5, 6, 7],)), 3 * BLOCK)
+        assert scheduler.get_num_new_matched_tokens(fresh, 0) == (0, False)
+        scheduler.update_state_after_alloc(fresh, KVCacheBlocks(([8, 9, 10],)), 0)
+        step = SchedulerOutput(
+            [
+                NewRequestData("loading", prompt, ([4, 5, 6, 7],), 3 * BLOCK),
+                NewRequestData("fresh", fresh.prompt_token_ids, ([8, 9, 10],), 0),
+            ],
+            CachedRequestData(),
+            {"loading": 4, "fresh": 2 * BLOCK + 1},
+        )
+        metadata = scheduler.build_connector_meta(step)
+        assert {save.request_id for save in metadata.saves} == {"fresh"}
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            client.delete(metadata.loads[0].keys[2:])  # the load fails at its third block
+            run_step(worker, metadata, 4 + 2 * BLOCK + 1)
+            assert worker.get_block_ids_with_load_errors() == {4, 5, 6}
+            assert scheduler.request_finished(fresh, [8, 9, 10]) == (True, None)
+            wait_finished(worker, "fresh")
+            # The request that loaded nothing computed over its own pages: saved.
+            assert worker.worker_side.save_reports["fresh"].num_committed == 2
+            assert worker.worker_side.save_reports["fresh"].errors == []
+            assert client.lookup(fresh.prompt_token_ids).num_matched == 2
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
+def test_save_reports_keep_only_the_latest_requests(
+    store_target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vllm_worker, "MAX_SAVE_REPORTS", 2)
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    worker = make(KVConnectorRole.WORKER, store_target)
+    try:
+        worker.register_kv_caches(blocks_first_caches(seed=41))
+        for index in range(3):
+            request = Request(f"r{index}", tokens(BLOCK + 1, seed=42 + index))
+            scheduler.get_num_new_matched_tokens(request, 0)
+            scheduler.update_state_after_alloc(request, KVCacheBlocks(([index, 11],)), 0)
+            run_step(
+                worker,
+                scheduler.build_connector_meta(new_step(request, [index, 11], 0, BLOCK + 1)),
+                BLOCK + 1,
+            )
+            assert scheduler.request_finished(request, [index, 11]) == (True, None)
+            wait_finished(worker, request.request_id)
+        assert list(worker.worker_side.save_reports) == ["r1", "r2"]
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
+def finish_saved(scheduler: KVStoreConnector, request: Request, block_ids: list[int]) -> None:
+    """Count, allocate, schedule the whole prompt and finish: its full blocks are to be
+    saved, so their pin waits for the worker (update_connector_output says it is done)."""
+    scheduler.get_num_new_matched_tokens(request, 0)
+    scheduler.update_state_after_alloc(request, KVCacheBlocks((block_ids,)), 0)
+    scheduler.build_connector_meta(new_step(request, block_ids, 0, len(request.prompt_token_ids)))
+    assert scheduler.request_finished(request, block_ids) == (True, None)
+
+
+def test_session_pins_are_remembered_per_session_and_only_until_they_expire(
+    store_target: str,
+) -> None:
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target, pin_ttl_s=0.2)
+    side = scheduler.scheduler_side
+    try:
+        # Requests of no session are pinned for the TTL and not remembered.
+        for index in range(5):
+            finish_saved(scheduler, Request(f"solo{index}", tokens(BLOCK + 1, 50 + index)), [0, 1])
+            scheduler.update_connector_output(KVConnectorOutput(finished_sending={f"solo{index}"}))
+        assert side._sessions == {}
+        params = {SESSION_PARAM: "agent"}
+        turn = Request("turn1", tokens(BLOCK + 1, 60), kv_transfer_params=params)
+        finish_saved(scheduler, turn, [2, 3])
+        scheduler.update_connector_output(KVConnectorOutput(finished_sending={"turn1"}))
+        assert list(side._sessions) == ["agent"]
+        time.sleep(0.25)  # the pin expired; a session that never ends holds no memory
+        other = Request("other", tokens(BLOCK + 1, 61), kv_transfer_params={SESSION_PARAM: "b"})
+        finish_saved(scheduler, other, [4, 5])
+        scheduler.update_connector_output(KVConnectorOutput(finished_sending={"other"}))
+        assert list(side._sessions) == ["b"]
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_session_end_that_never_ran_still_unpins_the_session(store_target: str) -> None:
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target, pin_ttl_s=60)
+    side = scheduler.scheduler_side
+    try:
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            pinned_before = client.stats().num_pinned
+            prompt = tokens(2 * BLOCK + 1, 70)
+            client.put(prompt[: 2 * BLOCK], torch.zeros(LAYERS, 2, 2 * BLOCK, HEADS, HEAD_DIM))
+            turn = Request("t1", prompt, kv_transfer_params={SESSION_PARAM: "s"})
+            assert scheduler.get_num_new_matched_tokens(turn, 0) == (2 * BLOCK, False)
+            scheduler.update_state_after_alloc(turn, KVCacheBlocks(([0, 1, 2],)), 2 * BLOCK)
+            scheduler.build_connector_meta(new_step(turn, [0, 1, 2], 2 * BLOCK, 1))
+            assert scheduler.request_finished(turn, [0, 1, 2]) == (False, None)  # nothing saved
+            side.wait_for_control_calls(10)
+            assert client.stats().num_pinned == pinned_before + 2
+            # Turn 2 was queued behind an earlier turn's saves (its pin still pending),
+            # then aborted before it ran, as the session's last request.
+            side._pin_after_save["t0"] = ("s", [b"x"])
+            end = Request(
+                "t2", prompt, kv_transfer_params={SESSION_PARAM: "s", SESSION_END_PARAM: True}
+            )
+            assert scheduler.request_finished(end, []) == (False, None)
+            side.wait_for_control_calls(10)
+            assert client.stats().num_pinned == pinned_before
+            assert side._sessions == {}
+            assert side._pin_after_save == {}  # the pending pin will not pin the ended session
+    finally:
         scheduler.shutdown()
 
 
