@@ -25,8 +25,8 @@ from kvstore.census import TenantUsage
 from kvstore.checksum import (
     ChecksumKind,
     Hasher,
+    checksum_of_parts,
     checksums_of,
-    checksums_of_slices,
     new_hasher,
 )
 from kvstore.enums import PutOutcome, TierKind
@@ -238,9 +238,14 @@ class PutSession:
             block.layer_expected[layer] = layer_checksum
             hasher = block.hashers[layer] = new_hasher(self._checksum_kind)
         assert hasher is not None
-        hasher.update(data)
         if block.handle is not None:
-            self._dram.write(block.handle, layer * layout.layer_bytes + offset, data)
+            # Checked where it landed: the source may be a client's shared buffer, which
+            # it can change between two reads of ours; what is stored is what is checked.
+            offset_in_block = layer * layout.layer_bytes + offset
+            for landed in self._dram.write_landed(block.handle, offset_in_block, data):
+                hasher.update(landed)
+        else:  # a block the store already holds: checked, not written
+            hasher.update(data)
         block.layer_filled[layer] = filled + len(data)
         if block.layer_filled[layer] == layout.layer_bytes:
             self._finish_layer(block, layer, hasher.value())
@@ -285,22 +290,28 @@ class PutSession:
         for block in blocks:
             if block.outcome is None and block.handle is None:
                 self.start(block.index)
-        # Copy before checking: a mismatch fails the put, and its blocks never commit.
+        # Copy, then check where the bytes landed: they are still in the cache (one read
+        # of the source, not two), and what is verified is what is stored, even where the
+        # source is a client's shared buffer that it changes meanwhile. A mismatch fails
+        # the put, and its blocks never commit.
+        kind = self._checksum_kind
         handles = [block.handle for block in blocks if block.handle is not None]
-        actual: list[int] | None = None
+        offset = layer * layer_bytes
         if len(handles) == num_blocks:
-            stored = self._dram.write_slices(handles, layer * layer_bytes, view, layer_bytes)
-            # Checked where they landed: the bytes just written are still in the cache
-            # (one read of the source, not two), and what is verified is what is stored.
+            stored = self._dram.write_slices(handles, offset, view, layer_bytes)
             if len(stored) == num_blocks:  # one view per block: each layer in one page
-                actual = checksums_of(self._checksum_kind, stored)
+                actual = checksums_of(kind, stored)
+            else:  # layers that cross a page: each block's pieces, in order
+                actual = _checksums_of_pieces(kind, stored, layer_bytes)
         else:  # blocks the store already holds are checked, not written
+            actual = []
             for number, block in enumerate(blocks):
+                part = view[number * layer_bytes : (number + 1) * layer_bytes]
                 if block.handle is not None:
-                    part = view[number * layer_bytes : (number + 1) * layer_bytes]
-                    self._dram.write(block.handle, layer * layer_bytes, part)
-        if actual is None:
-            actual = checksums_of_slices(self._checksum_kind, view, layer_bytes)
+                    part_views = self._dram.write_landed(block.handle, offset, part)
+                    actual.append(checksum_of_parts(kind, part_views))
+                else:
+                    actual.append(checksum_of_parts(kind, [part]))
         if actual != list(layer_checksums):
             for block, expected, got in zip(blocks, layer_checksums, actual, strict=True):
                 block.layer_expected[layer] = expected
@@ -449,3 +460,20 @@ class PutSession:
 
 _WAIT = object()
 _MISSING = object()
+
+
+def _checksums_of_pieces(kind: ChecksumKind, pieces: list[memoryview], nbytes: int) -> list[int]:
+    """One checksum per `nbytes` of `pieces`, which hold whole slices one after another
+    (PageArena.read_slices: a slice's pieces never straddle two slices)."""
+    checksums: list[int] = []
+    group: list[memoryview] = []
+    filled = 0
+    for piece in pieces:
+        group.append(piece)
+        filled += len(piece)
+        if filled == nbytes:
+            checksums.append(checksum_of_parts(kind, group))
+            group, filled = [], 0
+    if group:
+        raise AssertionError(f"landed pieces end {filled} bytes into a {nbytes}-byte slice")
+    return checksums

@@ -107,6 +107,15 @@ class ArenaTier:
         self.arena.write(cast(list[int], handle), offset, data)
         self.counters.bytes_written += len(data)
 
+    def write_landed(
+        self, handle: object, offset: int, data: bytes | memoryview
+    ) -> list[memoryview]:
+        """`write`, then where the bytes landed (PageArena.read; not counted as a read): a
+        caller that checks them there checks what is stored, not a source that may change
+        meanwhile (a client's shared buffer)."""
+        self.write(handle, offset, data)
+        return self.arena.read(cast(list[int], handle), offset, len(data))
+
     def write_slices(
         self, handles: list[object], offset: int, data: memoryview, nbytes: int
     ) -> list[memoryview]:

@@ -26,8 +26,10 @@ import grpc
 import pytest
 import torch
 
+from kvstore.arena import PageArena
 from kvstore.client import (
     ClientOptions,
+    DataLoss,
     DType,
     KVClient,
     KVForm,
@@ -387,6 +389,62 @@ async def test_an_auto_socket_sweeps_the_files_of_daemons_that_are_gone(
         )
     finally:
         elsewhere.close()
+
+
+# 64 KiB layers: in 64 KiB messages a put carries each layer as a chunk of its own.
+WIDE_LAYERS = KVLayout(
+    num_layers=4, num_kv_heads=8, head_dim=128, dtype=DType.BFLOAT16, block_tokens=16
+)
+
+
+@pytest.mark.parametrize(
+    "layout", [LARGE, WIDE_LAYERS], ids=["runs-across-pages", "chunk-per-layer"]
+)
+async def test_a_client_changing_its_buffer_during_a_put_never_gets_other_bytes_stored(
+    shm_server: RunningServer,
+    clients: Callable[..., KVClient],
+    make_kv: MakeKV,
+    monkeypatch: pytest.MonkeyPatch,
+    layout: KVLayout,
+) -> None:
+    # The daemon applies PUT_SHM straight from the client's buffer, which the client
+    # (another process: a bug, or malice) can write into meanwhile. The worst moment is
+    # just before the daemon copies a piece into its arena: here a byte of the piece is
+    # changed then, as such a client would. The put may be refused, but no block may
+    # commit with bytes other than those its checksum was verified over.
+    real_write, real_write_slices = PageArena.write, PageArena.write_slices
+    changed: list[int] = []
+
+    def change_first_byte(data: bytes | memoryview) -> None:
+        if not changed and isinstance(data, memoryview) and not data.readonly:
+            changed.append(data[0])
+            data[0] ^= 0xFF
+
+    def write(arena: PageArena, pages: list[int], offset: int, data: bytes | memoryview) -> None:
+        change_first_byte(data)
+        real_write(arena, pages, offset, data)
+
+    def write_slices(
+        arena: PageArena, blocks: list[list[int]], offset: int, data: memoryview, nbytes: int
+    ) -> None:
+        change_first_byte(data)
+        real_write_slices(arena, blocks, offset, data, nbytes)
+
+    monkeypatch.setattr(PageArena, "write", write)
+    monkeypatch.setattr(PageArena, "write_slices", write_slices)
+    namespace = Namespace(tenant="tenant-a", model_fingerprint="changing", layout=layout)
+    client = clients(shm_server, namespace, chunk_bytes=64 * 1024)
+    kv = make_kv(layout, 1, form=KVForm.BLOCKS, seed=12)
+    with pytest.raises(DataLoss, match="checksum"):
+        await client.put_blocks([b"changed"], kv)
+    assert changed, "no piece came from a writable buffer"
+    assert (await client.lookup_keys([b"changed"])).num_matched == 0
+    monkeypatch.undo()  # the client stops changing its buffer: the same put now lands
+    assert (await client.put_blocks([b"changed"], kv)).num_committed == 1
+    assert shm_server.data_plane.shm_transfers == 1  # through the shared buffer
+    got = torch.zeros_like(kv)
+    assert await client.get_into([b"changed"], got, form=KVForm.BLOCKS) == 1
+    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
 
 
 async def test_the_socket_is_bound_where_no_other_user_can_reach_it(
