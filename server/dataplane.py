@@ -36,7 +36,7 @@ from kvstore.server.lifecycle import Lifecycle
 from kvstore.server.lookup import Lookups
 from kvstore.server.pacing import TransferPacing
 from kvstore.server.request_metrics import RequestMetrics
-from kvstore.server.shm import ClientBuffers, FdStream
+from kvstore.server.shm import ClientBuffers, FdStream, MappedBytes
 from kvstore.server.shm_socket import bind_private, remove_stale_socket
 from kvstore.server.status import status_for
 from kvstore.server.transfer import Transfers
@@ -97,6 +97,7 @@ class _Link:
         max_payload: int,
         tls: TLSStream | None,
         fd_stream: FdStream | None = None,
+        mapped_bytes: MappedBytes | None = None,
     ) -> None:
         self.sock = sock if tls is None else tls.sock  # a TLS stream owns the socket
         self.tls = tls
@@ -106,8 +107,9 @@ class _Link:
         self.fd_stream = fd_stream
         self.buffers: ClientBuffers | None = None
         if fd_stream is not None:
+            assert mapped_bytes is not None, "a same-host connection counts what it maps"
             self.stream = fd_stream
-            self.buffers = ClientBuffers()
+            self.buffers = ClientBuffers(mapped_bytes)
         self.reader = FrameReader(self.stream, max_payload)
         # True while a frame is on its way out: a frame cut short (a deadline, a drain)
         # leaves the stream where no ERROR frame can follow.
@@ -196,6 +198,7 @@ class DataPlane:
         # The same-host socket (kvstore.wire.shm), once listening.
         self.shm_path = ""
         self.shm_transfers = 0  # puts and gets whose bytes moved through shared memory
+        self.mapped_bytes = MappedBytes()  # of the clients' buffers, all connections
         # Said in the Unix socket's HELLO: clients check they reached this daemon.
         self.instance = secrets.token_bytes(INSTANCE_BYTES)
         self._unix_listener: socket.socket | None = None
@@ -297,7 +300,13 @@ class DataPlane:
             except OSError:  # the client is already gone
                 sock.close()
                 return
-        link = _Link(sock, self._limits.max_message_bytes, tls, FdStream(sock) if unix else None)
+        link = _Link(
+            sock,
+            self._limits.max_message_bytes,
+            tls,
+            FdStream(sock) if unix else None,
+            self.mapped_bytes,
+        )
         reader = link.reader
         try:
             self._idle.add(task)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import fcntl
 import mmap
 import os
 import socket
 import stat
+import threading
 from collections.abc import Sequence
 
 from kvstore.errors import CapacityExhausted, InvalidRequest
@@ -24,12 +26,22 @@ from kvstore.wire.frames import send_parts
 from kvstore.wire.shm import Region
 
 # Buffers one connection may register; a client needs one.
-MAX_BUFFERS = 8
+MAX_BUFFERS = 2
 # The largest buffer the daemon maps (its address space, not its memory).
 MAX_BUFFER_BYTES = 16 << 30
+# All clients' buffers together, mapped at once: address space again, but a process has
+# 128 TiB of it, and 1,024 connections of 16 GiB buffers would take all of it (then the
+# daemon's own mmaps, thread stacks and allocations would fail).
+MAX_MAPPED_BYTES = 1 << 40
 # File descriptors one read may bring; more are closed and the connection refused.
 _MAX_FDS_PER_READ = 4
+# Descriptors a connection may have sent and the daemon not yet used: a REGISTER passes
+# one, and the daemon takes it when that frame is read. A client that sends more (a
+# frame trickled a byte at a time, each byte with descriptors) would otherwise make the
+# daemon hold them until the frame ends, and fill its descriptor table.
+_MAX_HELD_FDS = 1
 _FD_BYTES = array.array("i").itemsize
+_OUT_OF_RESOURCES = {errno.ENOMEM, errno.EMFILE, errno.ENFILE}
 
 
 class FdStream:
@@ -39,6 +51,7 @@ class FdStream:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._fds: list[int] = []
+        self._refused = False  # too many descriptors came: from now on each is closed
         self._ancillary_bytes = socket.CMSG_SPACE(_MAX_FDS_PER_READ * _FD_BYTES)
 
     def take_fds(self) -> list[int]:
@@ -61,10 +74,16 @@ class FdStream:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     usable = len(data) - len(data) % _FD_BYTES
                     self._fds.extend(array.array("i", data[:usable]))
-            if flags & socket.MSG_CTRUNC:
+            if self._refused:  # the connection is closing: what it sends is discarded
                 self.close_fds()
+            elif flags & socket.MSG_CTRUNC or len(self._fds) > _MAX_HELD_FDS:
+                held = len(self._fds)
+                self.close_fds()  # the kernel closed any that did not fit (MSG_CTRUNC)
+                self._refused = True
                 raise InvalidRequest(
-                    f"more than {_MAX_FDS_PER_READ} descriptors at once; REGISTER passes one"
+                    f"{held if held > _MAX_HELD_FDS else 'too many'} descriptors sent before "
+                    f"the daemon used one; a connection passes one descriptor, with its "
+                    f"REGISTER frame"
                 )
             return count
 
@@ -90,10 +109,38 @@ async def _readable(sock: socket.socket) -> None:
         loop.remove_reader(sock.fileno())
 
 
+class MappedBytes:
+    """The bytes of client buffers the daemon has mapped, against MAX_MAPPED_BYTES (read
+    when it is made). Buffers are unmapped off the loop: the count takes a lock."""
+
+    def __init__(self) -> None:
+        self.limit = MAX_MAPPED_BYTES
+        self._mapped = 0
+        self._lock = threading.Lock()
+
+    @property
+    def mapped(self) -> int:
+        return self._mapped
+
+    def reserve(self, size: int) -> None:
+        with self._lock:
+            if self._mapped + size > self.limit:
+                raise CapacityExhausted(
+                    f"the daemon maps at most {self.limit} bytes of client buffers and "
+                    f"{self._mapped} are mapped; register a smaller buffer or retry later"
+                )
+            self._mapped += size
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self._mapped -= size
+
+
 class ClientBuffers:
     """The buffers one connection registered, mapped, by id."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: MappedBytes) -> None:
+        self._budget = budget
         self._maps: dict[int, mmap.mmap] = {}
         self._views: dict[int, memoryview] = {}
         self._next_id = 1
@@ -115,9 +162,17 @@ class ClientBuffers:
                 )
             fd = fds[0]
             _check_sealed_memfd(fd, size)
+            self._budget.reserve(size)
             try:
                 mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
             except (OSError, ValueError) as error:
+                self._budget.release(size)
+                if (
+                    getattr(error, "errno", None) in _OUT_OF_RESOURCES
+                ):  # the daemon's, not the client's
+                    raise CapacityExhausted(
+                        f"the daemon cannot map the buffer now: {error}"
+                    ) from None
                 raise InvalidRequest(f"the buffer cannot be mapped read-write: {error}") from None
         finally:
             for fd in fds:
@@ -152,6 +207,7 @@ class ClientBuffers:
         for view in self._views.values():
             view.release()
         for mapped in self._maps.values():
+            self._budget.release(len(mapped))
             # A put's decoded views may still be alive; the mapping then goes with them.
             with contextlib.suppress(BufferError):
                 mapped.close()

@@ -679,7 +679,7 @@ async def test_a_client_cannot_name_another_clients_buffer(
     ("what", "expected"),
     [
         ("no descriptor", "exactly one file descriptor"),
-        ("two descriptors", "exactly one file descriptor"),
+        ("two descriptors", "a connection passes one descriptor"),
         ("unsealed memfd", "not sealed against shrinking"),
         ("regular file", "not a sealable memfd"),
         ("pipe", "not a memfd"),
@@ -722,6 +722,66 @@ async def test_bad_registrations_are_refused(
         await raw.send(data)
     assert expected in await raw.expect_error(grpc.StatusCode.INVALID_ARGUMENT)
     raw.close()
+    await assert_unharmed(*seeded)
+
+
+@pytest.mark.parametrize("admitted", [False, True], ids=["in-hello", "after-hello"])
+async def test_descriptors_trickled_with_a_frame_are_refused_not_hoarded(
+    shm_server: RunningServer, seeded: tuple[KVClient, torch.Tensor], admitted: bool
+) -> None:
+    # A frame sent a byte at a time, each byte carrying a descriptor: the daemon holds
+    # at most the one a REGISTER would pass, then refuses the connection and closes
+    # them all, so no client can fill its descriptor table.
+    if admitted:
+        raw = await (await RawShm.open(shm_server)).admitted(shm_server)
+        header = frame(FrameKind.PUT_SHM, REGION.pack(1, 0, 64))
+    else:  # before the daemon knows who this is
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        raw = RawShm(sock)
+        await raw.loop.sock_connect(sock, shm_server.servicer.shm_path)
+        header = frame(FrameKind.HELLO, HELLO_PAYLOAD)
+    await raw.send(header[:5])
+    flood = os.memfd_create("fd-flood", os.MFD_CLOEXEC)
+    try:
+        for byte in header[5:8]:
+            socket.send_fds(raw.sock, [bytes([byte])], [flood, flood])
+        assert "a connection passes one descriptor" in await raw.expect_error(
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
+    finally:
+        os.close(flood)
+        raw.close()
+    assert open_memfds("fd-flood") == 0  # every one the daemon received is closed
+    await assert_unharmed(*seeded)
+
+
+async def test_the_daemon_maps_client_buffers_up_to_its_budget_and_releases_them(
+    shm_server: RunningServer, seeded: tuple[KVClient, torch.Tensor]
+) -> None:
+    # Address space is finite: all clients' buffers together stay within a budget
+    # (MAX_MAPPED_BYTES); past it a REGISTER is RESOURCE_EXHAUSTED, and a closed
+    # connection gives its buffers back.
+    budget = shm_server.data_plane.mapped_bytes
+    budget.limit = budget.mapped + 3 * MiB
+    first = await (await RawShm.open(shm_server)).admitted(shm_server)
+    fd = sealed_memfd(2 * MiB)
+    try:
+        assert (await first.register(fd, 2 * MiB))[0] == FrameKind.REGISTERED
+        second = await (await RawShm.open(shm_server)).admitted(shm_server)
+        socket.send_fds(second.sock, [frame(FrameKind.REGISTER, BUFFER_SIZE.pack(2 * MiB))], [fd])
+        assert "maps at most" in await second.expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        second.close()
+        first.close()  # its 2 MiB are unmapped (off the loop) and counted back
+        deadline = asyncio.get_running_loop().time() + 10
+        while budget.mapped > budget.limit - 3 * MiB:
+            assert asyncio.get_running_loop().time() < deadline, budget.mapped
+            await asyncio.sleep(0.01)
+        third = await (await RawShm.open(shm_server)).admitted(shm_server)
+        assert (await third.register(fd, 2 * MiB))[0] == FrameKind.REGISTERED
+        third.close()
+    finally:
+        os.close(fd)
     await assert_unharmed(*seeded)
 
 
