@@ -127,7 +127,7 @@ class ConnectorConfig:
                 block_tokens=_integer(extra, "block_size"),
             )
             namespace = Namespace(
-                tenant=str(extra.get("tenant", "vllm")),
+                tenant=_string(extra, "tenant") if "tenant" in extra else "vllm",
                 model_fingerprint=_string(extra, "model_fingerprint"),
                 layout=layout,
                 tp_rank=_integer(extra, "tp_rank", 0),
@@ -156,10 +156,39 @@ class ConnectorConfig:
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> ConnectorConfig:
+        """`kv_connector_extra_config`, with the tensor-parallel shard taken from vLLM's
+        own parallel config where there is one: vLLM hands every rank the same extra
+        config, so a rank set there would be every rank's, and ranks holding different
+        heads would store them under one namespace."""
         transfer = vllm_config.kv_transfer_config
         if transfer is None:
             raise ConnectorConfigError("vllm_config.kv_transfer_config is not set")
-        return cls.from_extra_config(dict(transfer.kv_connector_extra_config or {}))
+        extra = dict(transfer.kv_connector_extra_config or {})
+        parallel = getattr(vllm_config, "parallel_config", None)
+        tp_size = getattr(parallel, "tensor_parallel_size", None)
+        if isinstance(tp_size, int) and tp_size >= 1:
+            if "tp_rank" in extra or extra.get("tp_size", tp_size) != tp_size:
+                raise ConnectorConfigError(
+                    "kv_connector_extra_config: tp_rank and tp_size come from vLLM's "
+                    f"parallel config (tensor_parallel_size={tp_size}), the same extra "
+                    "config reaching every rank; remove them"
+                )
+            extra["tp_size"] = tp_size
+            extra["tp_rank"] = _tensor_parallel_rank(parallel, tp_size)
+        return cls.from_extra_config(extra)
+
+
+def _tensor_parallel_rank(parallel: Any, tp_size: int) -> int:
+    """This process's tensor-parallel rank: vLLM's parallel state in a worker, else (the
+    scheduler's process, where no group is set up) the global rank's place in its TP group."""
+    try:
+        from vllm.distributed.parallel_state import (  # type: ignore[import-not-found]
+            get_tensor_model_parallel_rank,
+        )
+
+        return int(get_tensor_model_parallel_rank())
+    except (ImportError, AssertionError, AttributeError, RuntimeError):
+        return int(getattr(parallel, "rank", 0) or 0) % tp_size
 
 
 def _etcd(extra: dict[str, Any]) -> EtcdOptions | None:

@@ -45,6 +45,9 @@ class KVStoreConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
     # Requests preempted since the last step: their blocks are freed and may be rewritten,
     # so their saves in flight are cancelled before the forward pass.
     preempted_req_ids: frozenset[str] = frozenset()
+    # Tokens the step computes (vLLM's total_num_scheduled_tokens): with the step's
+    # time, the worker's prefill-rate sample. vLLM does not pass it to start_load_kv.
+    num_step_tokens: int = 0
 
 
 @dataclass

@@ -335,7 +335,15 @@ class SchedulerSide:
         for req_id in preempted:
             # Its blocks are freed; when it resumes, vLLM asks for its match again.
             self._tracked.pop(req_id, None)
-        return KVStoreConnectorMetadata(loads=loads, saves=saves, preempted_req_ids=preempted)
+        num_step_tokens = getattr(scheduler_output, "total_num_scheduled_tokens", None)
+        if not isinstance(num_step_tokens, int):
+            num_step_tokens = sum(scheduler_output.num_scheduled_tokens.values())
+        return KVStoreConnectorMetadata(
+            loads=loads,
+            saves=saves,
+            preempted_req_ids=preempted,
+            num_step_tokens=num_step_tokens,
+        )
 
     def _save_for(self, tracked: _Tracked, num_computed_tokens: int) -> SaveSpec | None:
         """The blocks that are full once this step has run and that are not stored yet."""

@@ -15,11 +15,11 @@ A failed load never leaves wrong pages in use: every block of the step's load is
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
 
+from kvstore.client._step_clock import StepClock
 from kvstore.client._vllm_config import ConnectorConfig
 from kvstore.client._vllm_metadata import TIER_RATE_PREFIX, KVStoreConnectorMetadata
 from kvstore.client.connector import KVConnector, KVLoadError, KVSaveError, SaveHandle
@@ -99,8 +99,7 @@ class WorkerSide:
         self._load_block_ids: list[int] = []  # the blocks of the step's load
         self._load_failed = False
         self._failed_block_ids: set[int] = set()
-        self._step_started: float | None = None
-        self._step_tokens = 0
+        self._clock: StepClock | None = None  # times steps, once caches are registered
         self.prefill_tokens_per_s: float | None = None
         self._step_saves: list[tuple[str, SaveHandle]] = []  # (request id, put) of this step
         self._loading_request_ids: set[str] = set()  # requests whose load this step runs
@@ -118,6 +117,7 @@ class WorkerSide:
                 f"says num_layers={layout.num_layers}"
             )
         self._cache = RegisteredCache(kv_caches, layout.layer_shape, layout.dtype.torch_dtype)
+        self._clock = StepClock(next(iter(kv_caches.values())).device)
         self._engine = KVConnector(
             self.config.target, self.config.namespace, self._cache, options=self.config.options
         )
@@ -137,8 +137,8 @@ class WorkerSide:
     def start_load_kv(self, metadata: KVStoreConnectorMetadata, num_step_tokens: int) -> None:
         engine, _ = self._require()
         self.handle_preemptions(metadata)
-        self._step_started = time.perf_counter()
-        self._step_tokens = num_step_tokens
+        if self._clock is not None:
+            self._clock.start(num_step_tokens)
         self._load_failed = False
         self._load_block_ids = [block for load in metadata.loads for block in load.block_ids]
         keys = [key for load in metadata.loads for key in load.keys]
@@ -202,15 +202,20 @@ class WorkerSide:
         self._load_block_ids = []
 
     def _measure_prefill(self) -> None:
-        if self._step_started is None or self._step_tokens < _MIN_PREFILL_SAMPLE_TOKENS:
+        if self._clock is None:
             return
         if self._load_block_ids:
-            return  # a step that loaded also waited on the network
-        elapsed = time.perf_counter() - self._step_started
-        if elapsed > 0:
-            self.prefill_tokens_per_s = _smooth(
-                self.prefill_tokens_per_s, self._step_tokens / elapsed
-            )
+            self._clock.cancel()  # a step that loaded also waited on the network
+        else:
+            self._clock.end()
+        self._take_prefill_samples()
+
+    def _take_prefill_samples(self) -> None:
+        if self._clock is None:
+            return
+        for num_tokens, seconds in self._clock.finished():
+            if num_tokens >= _MIN_PREFILL_SAMPLE_TOKENS and seconds > 0:
+                self.prefill_tokens_per_s = _smooth(self.prefill_tokens_per_s, num_tokens / seconds)
 
     # -- completion --------------------------------------------------------------------------
 
@@ -251,6 +256,7 @@ class WorkerSide:
         """What the scheduler side plans with: the bandwidth the client's gets delivered
         (kvstore.client.cost.BandwidthMeter) and the prefill rate of steps that loaded
         nothing."""
+        self._take_prefill_samples()  # CUDA steps the GPU has finished since
         data: dict[str, float] = {}
         fetch_bytes_per_s = self._engine.bandwidth.rate() if self._engine is not None else None
         if fetch_bytes_per_s is not None:

@@ -120,7 +120,9 @@ class KVStoreConnector(KVConnectorBase):  # type: ignore[misc]
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, KVStoreConnectorMetadata)
-        num_tokens = int(kwargs.get("num_step_tokens", _step_tokens(forward_context)))
+        num_tokens = kwargs.get("num_step_tokens")  # the emulator passes it; vLLM does not
+        if not isinstance(num_tokens, int):
+            num_tokens = metadata.num_step_tokens or _step_tokens(forward_context)
         self.worker_side.start_load_kv(metadata, num_tokens)
 
     def wait_for_layer_load(self, layer_name: str) -> None:

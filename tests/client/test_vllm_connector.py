@@ -8,6 +8,7 @@ import inspect
 import pickle
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -266,6 +267,7 @@ def test_etcd_keys_override_the_environment_and_are_absent_by_default(
         ({"tls_cert": "/c.pem"}, "cert_file and key_file"),
         ({"token": "two words"}, "printable"),
         ({"block_sise": 16}, "unknown key"),
+        ({"tenant": 5}, "tenant must be a non-empty string"),
         ({"etcd_password_file": "/pw"}, "password needs its user"),
         ({"etcd_cert": "/c.pem"}, "etcd TLS needs both"),
         ({"num_layers": 0}, "num_layers"),
@@ -276,6 +278,33 @@ def test_bad_config_names_the_key(change: dict[str, Any], message: str) -> None:
     settings = {key: value for key, value in merged.items() if value is not None}
     with pytest.raises(ConnectorConfigError, match=message):
         ConnectorConfig.from_extra_config(settings)
+
+
+def test_the_tensor_parallel_rank_comes_from_vllms_parallel_config() -> None:
+    # vLLM gives every rank the same extra config: the rank cannot come from there.
+    def vllm_config(parallel_size: int, global_rank: int, **settings: Any) -> Any:
+        return SimpleNamespace(
+            kv_transfer_config=KVTransferConfig(
+                kv_connector_extra_config=extra("127.0.0.1:1", **settings)
+            ),
+            parallel_config=SimpleNamespace(tensor_parallel_size=parallel_size, rank=global_rank),
+        )
+
+    namespaces = [
+        ConnectorConfig.from_vllm_config(vllm_config(4, rank)).namespace for rank in range(4)
+    ]
+    assert [(ns.tp_rank, ns.tp_size) for ns in namespaces] == [(r, 4) for r in range(4)]
+    assert len(set(namespaces)) == 4  # one namespace per shard
+    # A pipeline stage's ranks count on: rank 6 of TP 4 is the third shard of its stage.
+    assert ConnectorConfig.from_vllm_config(vllm_config(4, 6)).namespace.tp_rank == 2
+    for settings in ({"tp_rank": 1}, {"tp_size": 2}):
+        with pytest.raises(ConnectorConfigError, match="come from vLLM's parallel config"):
+            ConnectorConfig.from_vllm_config(vllm_config(4, 0, **settings))
+    # Without a parallel config (the emulator), the extra config says.
+    plain = VllmConfig(
+        KVTransferConfig(kv_connector_extra_config=extra("h:1", tp_rank=1, tp_size=2))
+    )
+    assert ConnectorConfig.from_vllm_config(plain).namespace.tp_rank == 1
 
 
 def test_register_kv_caches_rejects_a_layout_the_config_does_not_describe(
@@ -707,6 +736,33 @@ def test_a_session_end_that_never_ran_still_unpins_the_session(store_target: str
             assert side._sessions == {}
             assert side._pin_after_save == {}  # the pending pin will not pin the ended session
     finally:
+        scheduler.shutdown()
+
+
+def test_the_worker_times_prefill_steps_without_being_told_their_tokens(store_target: str) -> None:
+    # vLLM calls start_load_kv(forward_context) with no token count: the metadata carries
+    # the step's scheduled tokens, so the prefill rate is measured under vLLM too.
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    worker = make(KVConnectorRole.WORKER, store_target)
+    try:
+        worker.register_kv_caches(blocks_first_caches(seed=81))
+        request = Request("timed", tokens(4 * BLOCK + 1, seed=81))
+        scheduler.get_num_new_matched_tokens(request, 0)
+        scheduler.update_state_after_alloc(request, KVCacheBlocks(([0, 1, 2, 3, 4],)), 0)
+        metadata = scheduler.build_connector_meta(new_step(request, [0, 1, 2, 3, 4], 0, 65))
+        assert metadata.num_step_tokens == 65
+        worker.bind_connector_metadata(pickle.loads(pickle.dumps(metadata)))
+        worker.start_load_kv(None)  # as vLLM's model runner calls it
+        for name in NAMES:
+            worker.wait_for_layer_load(name)
+            worker.save_kv_layer(name, torch.empty(0), None)
+        worker.wait_for_save()
+        worker.clear_connector_metadata()
+        stats = worker.get_kv_connector_stats()
+        assert stats is not None
+        assert stats.data["prefill_tokens_per_s"] > 0
+    finally:
+        worker.shutdown()
         scheduler.shutdown()
 
 
