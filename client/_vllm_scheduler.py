@@ -36,6 +36,7 @@ from kvstore.client.cost import (
     break_even_bandwidth,
     plan_fetch_blocks,
 )
+from kvstore.keys import chain_keys
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class SchedulerSide:
         """Start the lookup of a request vLLM's scheduler just added; nothing waits for it."""
         if not _param(request, LOAD_PARAM, True) or self._no_tier_can_pay() is not None:
             return
+        if _uncacheable(request) is not None:
+            return
         keys = self._loadable_keys(request)
         if not keys:
             return
@@ -156,13 +159,30 @@ class SchedulerSide:
         logits come from the forward pass: one token is always computed."""
         block_tokens = self.config.block_tokens
         prompt = list(request.prompt_token_ids)
-        return self._client.keys(prompt[: (len(prompt) - 1) // block_tokens * block_tokens])
+        return self._request_keys(
+            request, prompt[: (len(prompt) - 1) // block_tokens * block_tokens]
+        )
+
+    def _request_keys(self, request: Any, tokens: list[int]) -> list[bytes]:
+        """The chain keys of `tokens` for this request: its LoRA adapter and cache salt
+        are hashed into the first block, as vLLM's own prefix cache does, so requests
+        that must not share KV (another adapter, another salt) never match."""
+        options = self.config.options
+        return chain_keys(
+            tokens,
+            self.config.block_tokens,
+            extra=options.key_extra + _request_salt(request),
+            algorithm=options.hash_algorithm,
+        )
 
     def _match(self, request: Any, num_computed_tokens: int) -> MatchPlan:
         block_tokens = self.config.block_tokens
+        first_block = num_computed_tokens // block_tokens
+        uncacheable = _uncacheable(request)
+        if uncacheable is not None:
+            return MatchPlan([], 0, first_block, _no_fetch(uncacheable), looked_up=False)
         prefetch = self._prefetched.pop(request.request_id, None)
         keys = prefetch.keys if prefetch is not None else self._loadable_keys(request)
-        first_block = num_computed_tokens // block_tokens
         if num_computed_tokens % block_tokens:
             # Loads fill whole blocks; one computed in part locally cannot take one.
             return MatchPlan(keys, 0, first_block, _no_fetch("local prefix ends mid-block"))
@@ -348,7 +368,7 @@ class SchedulerSide:
     def _save_for(self, tracked: _Tracked, num_computed_tokens: int) -> SaveSpec | None:
         """The blocks that are full once this step has run and that are not stored yet."""
         request = tracked.request
-        if not _param(request, SAVE_PARAM, True):
+        if not _param(request, SAVE_PARAM, True) or _uncacheable(request) is not None:
             return None
         tokens = list(
             request.all_token_ids if self.config.save_decoded else request.prompt_token_ids
@@ -360,7 +380,7 @@ class SchedulerSide:
         if num_full <= first:
             return None
         if len(tracked.keys) < num_full:
-            tracked.keys = self._client.keys(tokens[: num_full * block_tokens])
+            tracked.keys = self._request_keys(request, tokens[: num_full * block_tokens])
         tracked.stored_blocks = num_full
         tracked.saves_scheduled = True
         skip_stored, tracked.stored_unknown = tracked.stored_unknown, False
@@ -482,6 +502,29 @@ class SchedulerSide:
         self.wait_for_control_calls(self.config.options.timeouts.control)
         self._loop.run(self._client.close())
         self._loop.stop()
+
+
+def _uncacheable(request: Any) -> str | None:
+    """Why a request's KV cannot be keyed by its token ids alone, or None."""
+    if getattr(request, "prompt_token_ids", None) is None:
+        return "no store: the prompt is given as embeddings, not token ids"
+    for name in ("mm_features", "mm_hashes", "mm_positions"):
+        if getattr(request, name, None):
+            return "no store: multimodal inputs make its KV more than its token ids"
+    return None
+
+
+def _request_salt(request: Any) -> bytes:
+    """What besides its tokens decides a request's KV, length-prefixed so that no two
+    requests' salts run together: its LoRA adapter and its cache salt."""
+    lora = getattr(request, "lora_request", None)
+    adapter = getattr(lora, "lora_name", None) or getattr(lora, "lora_int_id", None)
+    salt = b""
+    for tag, value in ((b"lora", adapter), (b"salt", getattr(request, "cache_salt", None))):
+        if value is not None:
+            encoded = str(value).encode()
+            salt += tag + len(encoded).to_bytes(4, "little") + encoded
+    return salt
 
 
 def _resumed_req_ids(cached: Any) -> set[str]:

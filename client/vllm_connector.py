@@ -66,6 +66,13 @@ class KVStoreConnector(KVConnectorBase):  # type: ignore[misc]
     def requires_kv_delivery(self) -> bool:
         return False
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Loads and saves run layer by layer from Python (`wait_for_layer_load`,
+        `save_kv_layer`): a full CUDA graph's replay would skip them, so vLLM must capture
+        piecewise graphs around attention."""
+        return True
+
     @property
     def scheduler_side(self) -> SchedulerSide:
         if self._scheduler is None:

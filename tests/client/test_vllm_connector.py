@@ -8,6 +8,7 @@ import inspect
 import pickle
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -764,6 +765,76 @@ def test_the_worker_times_prefill_steps_without_being_told_their_tokens(store_ta
     finally:
         worker.shutdown()
         scheduler.shutdown()
+
+
+@dataclass
+class ServingRequest(Request):
+    """What else vLLM's Request carries that decides its KV."""
+
+    cache_salt: str | None = None
+    lora_request: Any = None
+    mm_features: list[Any] = field(default_factory=list)
+
+
+def test_a_cache_salt_or_lora_adapter_keeps_requests_from_sharing_kv(store_target: str) -> None:
+    prompt = tokens(3 * BLOCK + 4, seed=91)
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    worker = make(KVConnectorRole.WORKER, store_target)
+    try:
+        worker.register_kv_caches(blocks_first_caches(seed=91))
+        saver = ServingRequest("salted", prompt, cache_salt="team-a")
+        scheduler.get_num_new_matched_tokens(saver, 0)
+        scheduler.update_state_after_alloc(saver, KVCacheBlocks(([0, 1, 2, 3],)), 0)
+        run_step(
+            worker,
+            scheduler.build_connector_meta(new_step(saver, [0, 1, 2, 3], 0, len(prompt))),
+            len(prompt),
+        )
+        assert scheduler.request_finished(saver, [0, 1, 2, 3]) == (True, None)
+        wait_finished(worker, "salted")
+        adapter = SimpleNamespace(lora_name="adapter-1", lora_int_id=1)
+        cases = {
+            "same salt": (ServingRequest("a", prompt, cache_salt="team-a"), 3 * BLOCK),
+            "other salt": (ServingRequest("b", prompt, cache_salt="team-b"), 0),
+            "no salt": (ServingRequest("c", prompt), 0),
+            "salt and adapter": (
+                ServingRequest("d", prompt, cache_salt="team-a", lora_request=adapter),
+                0,
+            ),
+        }
+        for name, (request, expected) in cases.items():
+            assert scheduler.get_num_new_matched_tokens(request, 0) == (expected, False), name
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
+def test_multimodal_and_embedding_prompts_are_neither_looked_up_nor_saved(
+    store_target: str,
+) -> None:
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    try:
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            lookups = client.stats().lookups
+            image = ServingRequest("image", tokens(2 * BLOCK + 1, 92), mm_features=[object()])
+            embedded = ServingRequest("embedded", [])
+            embedded.prompt_token_ids = None  # type: ignore[assignment]
+            for request in (image, embedded):
+                scheduler.on_new_request(request)
+                assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+                plan = scheduler.scheduler_side.plan_for(request.request_id)
+                assert plan is not None
+                assert plan.fetch.reason.startswith("no store:")
+            scheduler.update_state_after_alloc(image, KVCacheBlocks(([0, 1, 2],)), 0)
+            metadata = scheduler.build_connector_meta(new_step(image, [0, 1, 2], 0, 2 * BLOCK + 1))
+            assert metadata.saves == []  # its KV is not its tokens' alone: never stored
+            assert client.stats().lookups == lookups
+    finally:
+        scheduler.shutdown()
+
+
+def test_layer_wise_hooks_ask_vllm_for_piecewise_cuda_graphs() -> None:
+    assert KVStoreConnector.requires_piecewise_for_cudagraph({}) is True
 
 
 # -- fetch or recompute ------------------------------------------------------------------------
