@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from kvstore.client._dataplane import DataPlaneUnreachable
-from kvstore.client._errors import InvalidArgument, Unavailable
+from kvstore.client._errors import DeadlineExceeded, InvalidArgument, Unavailable
 from kvstore.client._transport import BlockTransport, GetStream, Parts, PutStream, Transport
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -116,6 +116,7 @@ class AutoTransport:
         self._asked_at: float | None = None
         self._lock = asyncio.Lock()
         self._lookups_off_until = 0.0  # clock time; until then lookups use gRPC
+        self._finding: asyncio.Future[DataPlane | None] | None = None  # a lookup's search
 
     @property
     def data_plane(self) -> str | None:
@@ -129,7 +130,7 @@ class AutoTransport:
         else over gRPC. A server from before LOOKUP answers it INVALID_ARGUMENT: the
         lookup goes again over gRPC, and if that answers, the data plane is not asked
         for lookups for a while (a server upgrade is noticed then)."""
-        data_plane = await self._data_plane() if self._lookups_on() else None
+        data_plane = await self._data_plane_by(deadline) if self._lookups_on() else None
         if data_plane is None:
             return await self.grpc.lookup(request, deadline)
         try:
@@ -146,6 +147,24 @@ class AutoTransport:
             self._lookups_off_until = self._clock() + LOOKUP_RETRY_S
             return reply
 
+    async def _data_plane_by(self, deadline: float) -> DataPlane | None:
+        """`_data_plane`, within a lookup's deadline (loop time): finding the data plane
+        takes a round trip of its own, and a server that does not answer it must cost a
+        lookup its own timeout, not the control timeout. The search goes on meanwhile,
+        for the calls after."""
+        if self._current is not None:
+            return self._current
+        if self._finding is None or self._finding.done():
+            self._finding = asyncio.ensure_future(self._data_plane())
+        left_s = deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._finding), max(left_s, 0.0))
+        except TimeoutError:
+            raise DeadlineExceeded(
+                "no lookup result before the deadline: the server has not said where its "
+                "data plane is"
+            ) from None
+
     def _lookups_on(self) -> bool:
         return self._clock() >= self._lookups_off_until
 
@@ -159,6 +178,8 @@ class AutoTransport:
         return await self._route(lambda transport: transport.open_get(request, timeout_s))
 
     async def close(self) -> None:
+        if self._finding is not None and not self._finding.done():
+            self._finding.cancel()
         if self._current is not None:
             self._current.close()
         await self.grpc.close()

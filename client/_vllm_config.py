@@ -10,7 +10,8 @@ Every key, with its default (see the README's "In vLLM" section):
     num_layers, num_kv_heads, head_dim, dtype
                         the KV layout per worker (required; the worker checks them against
                         the caches vLLM registers); dtype: float16 | bfloat16 | float32 ...
-    tp_rank, tp_size    this worker's tensor-parallel shard (default 0 of 1)
+    tp_rank, tp_size    this worker's tensor-parallel shard (default 0 of 1); only without
+                        vLLM's parallel config, which decides it under vLLM
     token               bearer token (default: the KVSTORE_TOKEN environment variable)
     tls_ca, tls_cert, tls_key, tls_server_name
                         TLS files (PEM) and the name to check; any one turns TLS on
@@ -31,6 +32,8 @@ Every key, with its default (see the README's "In vLLM" section):
     pin_ttl_s           how long a finished request's chain stays pinned: the think time
                         of an agent's tool call (default 0: no pin)
     save_decoded        also save the full blocks that decoding fills (default true)
+    lookup_timeout_s    the longest the scheduler waits for a lookup (default 2); after one
+                        fails, lookups pause (1 s, doubling to 30 s) and requests recompute
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kvstore.client._options import ClientOptions, TLSOptions
+from kvstore.client._options import ClientOptions, Timeouts, TLSOptions
 from kvstore.cluster.etcd_options import EtcdOptions
 from kvstore.errors import InvalidRequest
 from kvstore.layout import DType, KVLayout, Namespace
@@ -80,6 +83,7 @@ _KNOWN_KEYS = frozenset(
         "remeasure_s",
         "pin_ttl_s",
         "save_decoded",
+        "lookup_timeout_s",
     }
 )
 
@@ -133,11 +137,13 @@ class ConnectorConfig:
                 tp_rank=_integer(extra, "tp_rank", 0),
                 tp_size=_integer(extra, "tp_size", 1),
             )
+            lookup_timeout_s = _optional_positive(extra, "lookup_timeout_s")
             options = ClientOptions(
                 token=_optional_string(extra, "token"),
                 tls=_tls(extra),
                 etcd=_etcd(extra),
                 data_plane=_boolean(extra, "data_plane", True),
+                timeouts=Timeouts(lookup=lookup_timeout_s or Timeouts.lookup),
             )
         except (ValueError, InvalidRequest) as error:
             raise ConnectorConfigError(f"kv_connector_extra_config: {error}") from None

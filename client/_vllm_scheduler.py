@@ -51,6 +51,10 @@ SAVE_PARAM = "kvstore_save"  # false: never save this request's blocks
 PREFETCH_MAX_AGE_S = 1.0
 # Arrivals neither matched nor finished yet, at most: past it the oldest lookup is dropped.
 MAX_PREFETCHED = 4096
+# After a failed lookup, the scheduler side looks nothing up for this long, doubling
+# while lookups keep failing, up to the maximum.
+LOOKUP_BACKOFF_S = 1.0
+LOOKUP_BACKOFF_MAX_S = 30.0
 # A fetch made only to measure the store again loads this much of its match, at least one
 # block: what the client's BandwidthMeter needs for one sample.
 REMEASURE_BYTES = 64 * 1024
@@ -119,6 +123,10 @@ class SchedulerSide:
         # While no plan fetches, nothing measures the store: after `remeasure_s` without a
         # fetch, one plan loads a few blocks (REMEASURE_BYTES) to measure it again.
         self._last_fetch_planned_s = time.monotonic()
+        # After a failed lookup none is made until _lookups_resume_s (time.monotonic()).
+        self._lookup_backoff_s = 0.0
+        self._lookups_resume_s = 0.0
+        self._last_lookup_error = ""
 
     # -- on_new_request ----------------------------------------------------------------------
 
@@ -126,7 +134,7 @@ class SchedulerSide:
         """Start the lookup of a request vLLM's scheduler just added; nothing waits for it."""
         if not _param(request, LOAD_PARAM, True) or self._no_tier_can_pay() is not None:
             return
-        if _uncacheable(request) is not None:
+        if _uncacheable(request) is not None or self._lookups_paused() is not None:
             return
         keys = self._loadable_keys(request)
         if not keys:
@@ -136,6 +144,30 @@ class SchedulerSide:
             self._drop_prefetch(next(iter(self._prefetched)))
         lookup = self._loop.submit(self._client.lookup_keys(keys))
         self._prefetched[request.request_id] = _Prefetch(keys, time.monotonic(), lookup)
+
+    def _lookup_failed(self, error: KVStoreClientError) -> None:
+        """A lookup failed (the store down, or hung until the lookup timeout): look nothing
+        up for a while, doubling while it keeps failing, so that a store that does not
+        answer costs vLLM's scheduler one timeout, not one per request."""
+        self._lookup_backoff_s = min(
+            LOOKUP_BACKOFF_MAX_S, max(LOOKUP_BACKOFF_S, 2 * self._lookup_backoff_s)
+        )
+        self._lookups_resume_s = time.monotonic() + self._lookup_backoff_s
+        self._last_lookup_error = str(error)
+        logger.warning(
+            "kvstore lookup failed, recomputing; no lookups for %.0f s: %s",
+            self._lookup_backoff_s,
+            error,
+        )
+
+    def _lookups_paused(self) -> str | None:
+        left_s = self._lookups_resume_s - time.monotonic()
+        if left_s <= 0:
+            return None
+        return (
+            f"recompute, no lookup: lookups pause {left_s:.1f} s more after a failed one "
+            f"({self._last_lookup_error})"
+        )
 
     def _drop_prefetch(self, request_id: str) -> None:
         prefetch = self._prefetched.pop(request_id, None)
@@ -193,11 +225,17 @@ class SchedulerSide:
             if prefetch is not None:
                 prefetch.lookup.cancel()
             return MatchPlan(keys, 0, first_block, _no_fetch(no_tier_pays), looked_up=False)
+        paused = self._lookups_paused()
+        if paused is not None:
+            if prefetch is not None:
+                prefetch.lookup.cancel()
+            return MatchPlan(keys, 0, first_block, _no_fetch(paused), looked_up=False)
         try:
             match = self._lookup(keys, prefetch)
         except KVStoreClientError as error:
-            logger.warning("kvstore lookup failed, recomputing: %s", error)
+            self._lookup_failed(error)
             return MatchPlan(keys, 0, first_block, _no_fetch(f"lookup failed: {error}"))
+        self._lookup_backoff_s = 0.0
         tiers = [tier.name.lower() for tier in match.tiers[first_block : match.num_matched]]
         return MatchPlan(keys, match.num_matched, first_block, self._plan(tiers))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import pickle
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from threaded_server import server_thread  # tests/threaded_server.py
 
 from kvstore.client import KVForm, SyncKVClient, TierKind
+from kvstore.client import _vllm_scheduler as vllm_scheduler
 from kvstore.client import _vllm_worker as vllm_worker
 from kvstore.client._vllm_scheduler import SESSION_END_PARAM, SESSION_PARAM
 from kvstore.client._vllm_types import (
@@ -373,23 +375,64 @@ def test_a_request_that_asks_not_to_load_costs_no_lookup(store_target: str) -> N
         scheduler.shutdown()
 
 
-def test_a_store_that_is_down_matches_nothing(unused_target: str) -> None:
+def test_a_store_that_is_down_matches_nothing_and_pauses_lookups(
+    unused_target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vllm_scheduler, "LOOKUP_BACKOFF_S", 0.2)
     scheduler = make(KVConnectorRole.SCHEDULER, unused_target)
+    side = scheduler.scheduler_side
+
+    def reason(request_id: str) -> str:
+        plan = side.plan_for(request_id)
+        assert plan is not None
+        return plan.fetch.reason
+
     try:
         request = Request("r", tokens(5 * BLOCK, seed=5))
         assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
-        plan = scheduler.scheduler_side.plan_for("r")
-        assert plan is not None
-        assert plan.fetch.reason.startswith("lookup failed")
-        # A lookup started at arrival fails the same way, when the count takes it.
+        assert reason("r").startswith("lookup failed")
+        # Paused now: neither arrival nor count looks up, and the request recomputes.
+        paused = Request("paused", tokens(5 * BLOCK, seed=5))
+        scheduler.on_new_request(paused)
+        assert side._prefetched == {}
+        assert scheduler.get_num_new_matched_tokens(paused, 0) == (0, False)
+        assert "lookups pause" in reason("paused")
+        time.sleep(0.25)
+        # A lookup started at arrival fails the same way, when the count takes it; the
+        # pause doubles.
         arrived = Request("arrived", tokens(5 * BLOCK, seed=5))
         scheduler.on_new_request(arrived)
         assert scheduler.get_num_new_matched_tokens(arrived, 0) == (0, False)
-        plan = scheduler.scheduler_side.plan_for("arrived")
-        assert plan is not None
-        assert plan.fetch.reason.startswith("lookup failed")
+        assert reason("arrived").startswith("lookup failed")
+        assert side._lookup_backoff_s == pytest.approx(0.4)
     finally:
         scheduler.shutdown()
+
+
+def test_a_store_that_hangs_costs_the_scheduler_one_lookup_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A port that takes connections and never answers: every lookup would wait out its
+    # timeout. After the first, lookups pause, so the next requests do not wait.
+    with socket.create_server(("127.0.0.1", 0)) as black_hole:
+        target = f"127.0.0.1:{black_hole.getsockname()[1]}"
+        scheduler = make(KVConnectorRole.SCHEDULER, target, lookup_timeout_s=0.3)
+        side = scheduler.scheduler_side
+        lookups: list[int] = []
+        real_lookup = side._lookup
+
+        def counted(*args: Any) -> Any:
+            lookups.append(1)
+            return real_lookup(*args)
+
+        monkeypatch.setattr(side, "_lookup", counted)
+        try:
+            for index in range(6):
+                request = Request(f"hung-{index}", tokens(5 * BLOCK, seed=6))
+                assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+            assert len(lookups) == 1
+        finally:
+            scheduler.shutdown()
 
 
 def arrive(scheduler: KVStoreConnector, client: SyncKVClient, request: Request) -> int:

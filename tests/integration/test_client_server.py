@@ -599,6 +599,38 @@ async def test_every_call_has_a_deadline(make_kv: MakeKV) -> None:
         await silent.stop(0)
 
 
+async def test_a_lookup_keeps_its_deadline_while_the_data_plane_is_being_found() -> None:
+    """The first lookup also asks where the data plane is: a server that never answers
+    that costs the lookup its own timeout, not the (much longer) control timeout."""
+    never = asyncio.Event()
+
+    async def hang(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await never.wait()
+        return b""
+
+    silent = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(hang)
+    silent.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "kvstore.v1.KVStore", {"LookupPrefix": handler, "GetDataPlane": handler}
+            )
+        ]
+    )
+    port = silent.add_insecure_port("127.0.0.1:0")
+    await silent.start()
+    try:
+        options = ClientOptions(timeouts=Timeouts(lookup=0.2, control=60.0))
+        async with KVClient(f"127.0.0.1:{port}", namespace(), options=options) as client:
+            for _ in range(2):  # the search goes on behind the first; the second waits too
+                with pytest.raises(DeadlineExceeded, match="data plane"):
+                    # Far below the control timeout: the lookup gave up at its own.
+                    await asyncio.wait_for(client.lookup_keys([b"k"]), timeout=10)
+    finally:
+        never.set()
+        await silent.stop(0)
+
+
 async def test_drain_finishes_streams_in_flight_and_refuses_new_calls(
     server_factory: Callable[..., Awaitable[RunningServer]], make_kv: MakeKV
 ) -> None:
