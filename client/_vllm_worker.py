@@ -198,8 +198,23 @@ class WorkerSide:
                 self.last_load = LoadReport(stats.num_blocks, stats.num_bytes, stats.stall_s)
         elif not self._load_block_ids:
             self.last_load = None
+        self._abort_unfed_saves()
         self._measure_prefill()
         self._load_block_ids = []
+
+    def _abort_unfed_saves(self) -> None:
+        """A save of this step that did not get every layer (the forward pass skipped a
+        save_kv_layer, or failed part way) can never complete: drop it now, so the next
+        step's saves start from layer 0. Its blocks are a future miss, and the saves
+        chained after it fail on their missing parent; no wrong bytes are stored."""
+        for req_id, handle in self._step_saves:
+            if not handle.fully_queued and not handle.done():
+                logger.warning(
+                    "kvstore: request %s's save got only some layers this step; dropped",
+                    req_id,
+                )
+                handle.abort()
+        self._step_saves = []
 
     def _measure_prefill(self) -> None:
         if self._clock is None:

@@ -160,6 +160,11 @@ class SaveHandle:
         except Exception as error:
             raise KVSaveError(f"the save failed: {error}") from error
 
+    @property
+    def fully_queued(self) -> bool:
+        """Whether every layer was queued (`save_kv_layer` reached the last one)."""
+        return self._save.num_queued >= self._connector.num_layers
+
     def abort(self) -> None:
         """Cancel the put and wait until it no longer reads the cache; the server drops it."""
         self._connector._abort_op(self._save)
@@ -213,6 +218,10 @@ class KVConnector:
         self.abort()
         self._call(self._client.close())
         self._loop.stop()
+
+    @property
+    def num_layers(self) -> int:
+        return self._layout.num_layers
 
     @property
     def bandwidth(self) -> BandwidthMeter:

@@ -694,6 +694,41 @@ def test_a_failed_load_drops_only_the_saves_of_requests_that_loaded(store_target
         scheduler.shutdown()
 
 
+def test_a_save_the_forward_pass_fed_only_in_part_is_dropped_not_wedged(store_target: str) -> None:
+    # A forward pass that skipped save_kv_layer for a layer: that save can never end, and
+    # must not make the next step's saves (starting at layer 0) fail.
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    worker = make(KVConnectorRole.WORKER, store_target)
+    try:
+        worker.register_kv_caches(blocks_first_caches(seed=95))
+        partial = Request("partial", tokens(BLOCK + 1, seed=95))
+        scheduler.get_num_new_matched_tokens(partial, 0)
+        scheduler.update_state_after_alloc(partial, KVCacheBlocks(([0, 1],)), 0)
+        metadata = scheduler.build_connector_meta(new_step(partial, [0, 1], 0, BLOCK + 1))
+        worker.bind_connector_metadata(pickle.loads(pickle.dumps(metadata)))
+        worker.start_load_kv(None)
+        worker.save_kv_layer(NAMES[0], torch.empty(0), None)  # layer 1 never saved
+        worker.wait_for_save()
+        worker.clear_connector_metadata()
+        whole = Request("whole", tokens(BLOCK + 1, seed=96))
+        scheduler.get_num_new_matched_tokens(whole, 0)
+        scheduler.update_state_after_alloc(whole, KVCacheBlocks(([2, 3],)), 0)
+        run_step(
+            worker,
+            scheduler.build_connector_meta(new_step(whole, [2, 3], 0, BLOCK + 1)),
+            BLOCK + 1,
+        )
+        for request in (partial, whole):
+            scheduler.request_finished(request, [])
+            wait_finished(worker, request.request_id)
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            assert client.lookup(partial.prompt_token_ids).num_matched == 0
+            assert client.lookup(whole.prompt_token_ids).num_matched == 1
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
+
+
 def test_save_reports_keep_only_the_latest_requests(
     store_target: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
