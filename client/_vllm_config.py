@@ -170,6 +170,12 @@ class ConnectorConfig:
         if transfer is None:
             raise ConnectorConfigError("vllm_config.kv_transfer_config is not set")
         extra = dict(transfer.kv_connector_extra_config or {})
+        cache_block_size = getattr(getattr(vllm_config, "cache_config", None), "block_size", None)
+        if isinstance(cache_block_size, int) and extra.get("block_size") != cache_block_size:
+            raise ConnectorConfigError(
+                f"kv_connector_extra_config.block_size is {extra.get('block_size')!r}, but "
+                f"vLLM's blocks hold {cache_block_size} tokens (--block-size): they must be equal"
+            )
         parallel = getattr(vllm_config, "parallel_config", None)
         tp_size = getattr(parallel, "tensor_parallel_size", None)
         if isinstance(tp_size, int) and tp_size >= 1:

@@ -303,6 +303,11 @@ def test_the_tensor_parallel_rank_comes_from_vllms_parallel_config() -> None:
     for settings in ({"tp_rank": 1}, {"tp_size": 2}):
         with pytest.raises(ConnectorConfigError, match="come from vLLM's parallel config"):
             ConnectorConfig.from_vllm_config(vllm_config(4, 0, **settings))
+    # vLLM's block size must be the store's block size.
+    mismatched = vllm_config(1, 0)
+    mismatched.cache_config = SimpleNamespace(block_size=2 * BLOCK)
+    with pytest.raises(ConnectorConfigError, match="--block-size"):
+        ConnectorConfig.from_vllm_config(mismatched)
     # Without a parallel config (the emulator), the extra config says.
     plain = VllmConfig(
         KVTransferConfig(kv_connector_extra_config=extra("h:1", tp_rank=1, tp_size=2))
