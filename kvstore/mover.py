@@ -133,7 +133,13 @@ class TierMover:
         self._pool.drop_unreadable(entry, error, unserved)
 
     def _promote_to_dram(self, entry: BlockEntry, payload: bytes | bytearray) -> bool:
-        if not self._config.promote_on_hit or not entry.is_indexed():
+        # Two reads of one SSD-only block may end one after the other: the second finds
+        # it in DRAM already, and serves its own payload.
+        if (
+            not self._config.promote_on_hit
+            or not entry.is_indexed()
+            or TierKind.DRAM in entry.copies
+        ):
             return False
         pool = self._pool
         try:
@@ -175,7 +181,7 @@ class TierMover:
             self._demoting.add(entry)
         try:
             written = await (
-                self._write_with_ancestors(entry) if demote else pool.write_to_ssd(entry)
+                self._write_with_ancestors(entry) if demote else self._write_through(entry)
             )
         finally:
             if marks:
@@ -196,15 +202,22 @@ class TierMover:
         crash would lose the parent and, with it, the child (recovery drops orphans).
         """
         pool = self._pool
-        ancestors: list[BlockEntry] = []
-        node = entry.parent
-        while node is not None and TierKind.SSD not in node.copies:
-            ancestors.append(node)
-            node = node.parent
-        for ancestor in reversed(ancestors):
+        for ancestor in _ancestors_not_on_ssd(entry):
             if not await pool.write_to_ssd(ancestor):
                 pool.refresh(entry)
                 return False
+        return await pool.write_to_ssd(entry)
+
+    async def _write_through(self, entry: BlockEntry) -> bool:
+        """Write-through: the block's ancestors that are not on SSD first (an SSD copy of
+        a chain tail may have been evicted before the chain grew under it), then the
+        block, whose write was claimed at commit and must run whatever happened to its
+        ancestors (its claim pins it, and `wait_durable` waits for it; that then reports
+        the put durable in memory only, if an ancestor is still not on SSD)."""
+        pool = self._pool
+        for ancestor in _ancestors_not_on_ssd(entry):
+            if not await pool.write_to_ssd(ancestor):
+                break
         return await pool.write_to_ssd(entry)
 
     async def ensure_room(
@@ -436,6 +449,16 @@ def _loop_is_running() -> bool:
     except RuntimeError:  # the store is used synchronously (tests, tools)
         return False
     return True
+
+
+def _ancestors_not_on_ssd(entry: BlockEntry) -> list[BlockEntry]:
+    """The block's ancestors above it up to the first on SSD, root first."""
+    ancestors: list[BlockEntry] = []
+    node = entry.parent
+    while node is not None and TierKind.SSD not in node.copies:
+        ancestors.append(node)
+        node = node.parent
+    return ancestors[::-1]
 
 
 def _in_memory(entry: BlockEntry) -> bool:

@@ -413,6 +413,10 @@ class BlockPool:
         """Whether the entry belongs in the tier's queue: it could leave, now or by demotion."""
         if kind not in entry.copies or entry.is_pinned(now):
             return False
+        if kind is TierKind.SSD and _has_child_on_ssd(entry):
+            # SSD tail-first: a restart rebuilds chains from the block files and drops a
+            # file whose parent has none, so a parent's file must outlive its children's.
+            return False
         return self.droppable(entry) or (kind is TierKind.DRAM and self.demotable(entry))
 
     def droppable(self, entry: BlockEntry) -> bool:
@@ -596,7 +600,12 @@ class BlockPool:
             self._dram.free(handle)
 
     def add_copy(self, entry: BlockEntry, kind: TierKind, handle: object) -> None:
-        """Give an indexed block a copy in a memory tier it was promoted into."""
+        """Give an indexed block a copy in a memory tier it was promoted into. A block
+        that has one there already (two reads promoted it at once) keeps it, and the new
+        copy is freed: a second copy would be memory no count knows of."""
+        if kind in entry.copies:
+            self._tiers[kind].free(handle)
+            return
         fastest_before = entry.fastest
         entry.add_copy(kind, handle)
         self._tiers[kind].counters.promotions += 1
@@ -618,6 +627,9 @@ class BlockPool:
             self._tell_if_moved(entry, fastest_before)
         else:
             self._unindex(entry)
+        parent = entry.parent
+        if kind is TierKind.SSD and parent is not None and parent.is_indexed():
+            self.refresh(parent)  # its SSD copy may leave now (SSD tail-first)
 
     def _unindex(self, entry: BlockEntry) -> None:
         usage = entry.namespace.usage
@@ -707,10 +719,14 @@ class BlockPool:
         """SSD writes claimed or in flight (their blocks are pinned until they end)."""
         return len(self._ssd_writes)
 
-    def reserve_ssd(self, nbytes: int, usage: TenantUsage | None = None) -> bool:
+    def reserve_ssd(
+        self, nbytes: int, usage: TenantUsage | None = None, keep: BlockEntry | None = None
+    ) -> bool:
         """Reserve `nbytes` on SSD for the tenant (None: one without a quota), dropping
-        SSD copies as `eviction_needs` says, coldest first; False if that cannot be done.
-        A reservation counts as the tenant's until `end_ssd_reservation`."""
+        SSD copies as `eviction_needs` says, coldest first, but never `keep`'s (the parent
+        of the block the room is for: until that block has its file, the parent's is a
+        chain tail's, and a parent's file must outlive its children's); False if that
+        cannot be done. A reservation counts as the tenant's until `end_ssd_reservation`."""
         ssd = self._ssd
         if ssd is None or nbytes > ssd.capacity_bytes:
             return False
@@ -725,6 +741,9 @@ class BlockPool:
                     victim = victims.take()
                     if victim is None:
                         return False
+                    if victim is keep:
+                        victims.keep(victim)
+                        continue
                     location = victim.copies[TierKind.SSD]
                     assert isinstance(location, SsdLocation)
                     needed_bytes -= location.nbytes
@@ -815,7 +834,7 @@ class BlockPool:
             return False
         location = ssd.location_for(header.namespace, entry.key, ssd.file_bytes(header))
         usage = entry.namespace.usage
-        if not self.reserve_ssd(location.nbytes, usage):
+        if not self.reserve_ssd(location.nbytes, usage, keep=entry.parent):
             return False
         try:
             await ssd.write(location, header, stored)
@@ -915,7 +934,9 @@ class BlockPool:
             ended = self._ssd_writes.get(entry)
             if ended is not None:
                 await ended.wait()
-        if not all(TierKind.SSD in entry.copies for entry in entries):
+        # A block file whose parent has none is dropped at restart: the chain above each
+        # block must be on SSD too (the write-through writes put it there first).
+        if not all(TierKind.SSD in entry.copies for entry in _with_ancestors(entries)):
             return Durability.DURABLE_IN_MEMORY
         return durability
 
@@ -947,6 +968,23 @@ def _subtrees(roots: list[BlockEntry]) -> list[BlockEntry]:
         found.append(entry)
         if entry.children:
             pending.extend(entry.children)
+    return found
+
+
+def _has_child_on_ssd(entry: BlockEntry) -> bool:
+    return any(TierKind.SSD in child.copies for child in entry.children or ())
+
+
+def _with_ancestors(entries: list[BlockEntry]) -> list[BlockEntry]:
+    """The entries and every block above them, each once."""
+    seen: set[int] = set()
+    found: list[BlockEntry] = []
+    for entry in entries:
+        node: BlockEntry | None = entry
+        while node is not None and id(node) not in seen:
+            seen.add(id(node))
+            found.append(node)
+            node = node.parent
     return found
 
 

@@ -33,7 +33,7 @@ import torch
 from kvstore.checksum import ChecksumKind, checksum
 from kvstore.client import KVClient, KVForm, TierKind
 from kvstore.config import StoreConfig
-from kvstore.enums import PutOutcome
+from kvstore.enums import Durability, PutOutcome
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.mover import TierMover
 from kvstore.put import PutSession
@@ -717,3 +717,77 @@ async def test_write_back_never_puts_a_block_on_ssd_before_its_parent(tmp_path: 
                     f"{entry.key!r} is on SSD but its parent {entry.parent.key!r} is not"
                 )
     assert rig.store.dram.counters.demotions > 10, "the storm must make DRAM turn over"
+
+
+# -- acknowledged write-through blocks survive SSD eviction and a restart ----------------------
+
+
+async def put_durably(rig: Rig, key: str, parent: str = "") -> Durability:
+    """One block put as the server does, and what the put is acknowledged as."""
+    session = PutSession(rig.store, NS, CHECKSUM)
+    try:
+        session.declare(key.encode(), parent.encode())
+        data = payload(key.encode())
+        for layer in range(LAYOUT.num_layers):
+            part = data[layer * LAYOUT.layer_bytes : (layer + 1) * LAYOUT.layer_bytes]
+            session.write(0, layer, 0, part, checksum(CHECKSUM, part))
+        committed = session.take_committed()
+        rig.mover.on_committed(committed)
+        assert session.finish() == [PutOutcome.COMMITTED]
+    finally:
+        session.abort()
+    durability = await rig.store.wait_durable(committed)
+    await settle(rig.mover)
+    return durability
+
+
+async def test_blocks_acknowledged_on_ssd_survive_ssd_eviction_and_a_restart(
+    tmp_path: Path,
+) -> None:
+    # An SSD with room for 4 block files, under write-through: SSD eviction must take
+    # tails first (a file whose parent has none is dropped at restart), and a block put
+    # under a parent whose file was evicted writes the parent again first.
+    probe = make_rig(tmp_path / "probe", dram_blocks=64, write_policy="write-through")
+    await put_chains(probe, "Q")
+    file_bytes = probe.ssd.used_bytes
+    rig = make_rig(
+        tmp_path, dram_blocks=64, write_policy="write-through", ssd_bytes=4 * file_bytes + 10
+    )
+    for key, parent in (("P", ""), ("C", "P"), ("X", ""), ("Y", ""), ("Z", ""), ("D", "P")):
+        durability = await put_durably(rig, key, parent)
+        # Acknowledged durable on SSD only with its whole chain there.
+        on_ssd = [
+            letter
+            for letter, where in zip("PCXYZD", placement(rig, "PCXYZD"), strict=True)
+            if "SSD" in where
+        ]
+        assert (durability is Durability.DURABLE_ON_SSD) == ({key, parent} - {""} <= set(on_ssd))
+    assert "D" in on_ssd  # the last put: the SSD took it, and kept its parent
+    # As after kill -9: the files alone. Every block the SSD held (the cache may have
+    # evicted others since their puts) comes back, none dropped as an orphan.
+    restarted = make_rig(tmp_path, dram_blocks=64)
+    state = restarted.store.pool.find_namespace(NS)
+    assert state is not None
+    assert [key for key in on_ssd if state.blocks.get(key.encode()) is None] == []
+    assert await get(restarted, "PD") == [payload(b"P"), payload(b"D")]
+
+
+async def test_two_reads_promoting_one_ssd_block_leave_one_dram_copy(tmp_path: Path) -> None:
+    # Both reads of an SSD-only block promote it: the second must not allocate another
+    # DRAM copy (memory no tenant's count knows of, never freed).
+    rig = make_rig(tmp_path, dram_blocks=16, write_policy="write-through")
+    await put_chains(rig, "AB")
+    pool = rig.store.pool
+    for key in (b"A", b"B"):
+        entry = pool.find_namespace(NS).blocks[key]  # type: ignore[union-attr]
+        pool.drop_copy(entry, TierKind.DRAM, demoted=True)
+    assert placement(rig, "AB") == ["SSD", "SSD"]
+    used_before = pool.dram.used_bytes
+    first, second = await asyncio.gather(get(rig, "AB"), get(rig, "AB"))
+    assert first == second == [payload(b"A"), payload(b"B")]
+    assert placement(rig, "AB") == ["DRAM+SSD", "DRAM+SSD"]
+    assert pool.dram.used_bytes == used_before + 2 * PAGE_BYTES
+    for key in (b"A", b"B"):
+        entry = pool.find_namespace(NS).blocks[key]  # type: ignore[union-attr]
+        pool.drop_copy(entry, TierKind.DRAM)
+    assert pool.dram.used_bytes == used_before  # every page came back
