@@ -878,7 +878,9 @@ class BlockPool:
             if first_layer is not None:
                 loop.call_soon_threadsafe(_resolve, first_layer, layer)
 
-        _, payload = await ssd.read(location, on_first_layer, entry.layout.layer_bytes)
+        _, payload = await ssd.read(
+            location, on_first_layer, entry.layout.layer_bytes, entry.namespace.namespace
+        )
         ssd.counters.bytes_read += len(payload)
         return payload
 

@@ -44,6 +44,11 @@ _PREFIX = struct.Struct("<8sI")
 _FIXED64 = struct.Struct("<Q")
 
 
+# A header is JSON of a namespace, two keys and a few numbers per layer: kilobytes.
+MAX_HEADER_BYTES = 1 << 20
+_LZ4_MAX_RATIO = 255
+
+
 class CorruptBlockFile(Exception):
     """The file is not a complete, intact block."""
 
@@ -165,6 +170,10 @@ def header_bytes(prefix: bytes) -> int:
     magic, length = _PREFIX.unpack_from(prefix)
     if magic != MAGIC:
         raise CorruptBlockFile("bad magic")
+    if length > MAX_HEADER_BYTES:
+        raise CorruptBlockFile(
+            f"a {length}-byte header; a block file's is under {MAX_HEADER_BYTES}"
+        )
     return int(_PREFIX.size + length + _FIXED64.size)
 
 
@@ -192,7 +201,17 @@ def decode_header(prefix_and_body: bytes) -> tuple[BlockFileHeader, int]:
             layer_stored_bytes=tuple(int(value) for value in data.get("layer_stored_bytes", ())),
             stored_checksums=tuple(int(value) for value in data.get("stored_checksums", ())),
         )
-    except (KeyError, ValueError, TypeError, AssertionError, InvalidRequest) as error:
+    # OverflowError: an Infinity where a number belongs; RecursionError: nesting deeper
+    # than the parser goes. A hostile file must not stop recovery.
+    except (
+        KeyError,
+        ValueError,
+        TypeError,
+        AssertionError,
+        InvalidRequest,
+        OverflowError,
+        RecursionError,
+    ) as error:
         raise CorruptBlockFile(f"unreadable header: {error}") from error
     num_layers = namespace.layout.num_layers
     if len(header.layer_checksums) != num_layers:
@@ -206,6 +225,17 @@ def decode_header(prefix_and_body: bytes) -> tuple[BlockFileHeader, int]:
         raise CorruptBlockFile("layer encoding counts do not match the layout")
     if any(nbytes < 0 for nbytes in header.layer_stored_bytes):
         raise CorruptBlockFile("a negative stored layer size")
+    layer_bytes = namespace.layout.layer_bytes
+    for layer, (encoding, stored) in enumerate(
+        zip(header.layer_encodings, header.layer_stored_bytes, strict=True)
+    ):
+        # Nothing is allocated for a layer before this: a file cannot declare more than
+        # its stored bytes can decode to (lz4 expands at most about 255-fold).
+        limit = layer_bytes if encoding is LayerEncoding.RAW else _LZ4_MAX_RATIO * stored + 64
+        if layer_bytes > limit or (encoding is LayerEncoding.RAW and stored != layer_bytes):
+            raise CorruptBlockFile(
+                f"layer {layer} stores {stored} B ({encoding.value}) for {layer_bytes} B"
+            )
     return header, end + _FIXED64.size
 
 

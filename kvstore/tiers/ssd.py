@@ -36,6 +36,7 @@ import functools
 import hashlib
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -253,11 +254,17 @@ class SsdTier:
         location: SsdLocation,
         on_first_layer: FirstLayerCallback | None = None,
         layer_bytes_hint: int = 0,
+        namespace: Namespace | None = None,
     ) -> tuple[BlockFileHeader, bytearray]:
         """`read_block` on an I/O thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, self.read_block, location, on_first_layer, layer_bytes_hint
+            self._executor,
+            self.read_block,
+            location,
+            on_first_layer,
+            layer_bytes_hint,
+            namespace,
         )
 
     def close(self) -> None:
@@ -369,9 +376,11 @@ class SsdTier:
         location: SsdLocation,
         on_first_layer: FirstLayerCallback | None = None,
         layer_bytes_hint: int = 0,
+        namespace: Namespace | None = None,
     ) -> tuple[BlockFileHeader, bytearray]:
         """The verified header and the block's bytes (decoded); raises CorruptBlockFile
-        or OSError.
+        or OSError. With `namespace`, a file of another namespace is CorruptBlockFile
+        before anything is allocated for it: its layout says how much that would be.
 
         Layer 0 comes first: the header and layer 0 are read (one read when the header
         fits `_HEADER_PROBE_BYTES` and layer 0 `layer_bytes_hint`), checked against the
@@ -379,7 +388,7 @@ class SsdTier:
         raise to stop the read) as a view of the returned buffer; then the rest of the
         file is read and verified. A raw file's layers are read straight into the buffer.
         """
-        fd = os.open(location.path, os.O_RDONLY)
+        fd = _open_block_file(location.path)
         try:
             file_bytes = os.fstat(fd).st_size
             head = os.pread(fd, _HEADER_PROBE_BYTES + layer_bytes_hint, 0)
@@ -387,6 +396,8 @@ class SsdTier:
             if needed > len(head) and file_bytes >= needed:
                 head = os.pread(fd, needed, 0)
             header, payload_offset = decode_header(head)
+            if namespace is not None and header.namespace != namespace:
+                raise CorruptBlockFile(f"{location.path} holds a block of another namespace")
             expected = payload_offset + header.payload_bytes
             if file_bytes != expected:
                 raise CorruptBlockFile(
@@ -453,7 +464,7 @@ class SsdTier:
         """A block file's header, checked against the file's size and name; the payload
         is not read. Raises CorruptBlockFile (torn, damaged or misplaced) or OSError."""
         path = directory / name
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open_block_file(path)
         try:
             file_bytes = os.fstat(fd).st_size
             head = os.pread(fd, _HEADER_PROBE_BYTES, 0)
@@ -488,3 +499,19 @@ def _pread_exactly(fd: int, into: bytearray | memoryview, offset: int) -> memory
 @functools.lru_cache(maxsize=4096)
 def _namespace_directory(namespace: Namespace) -> str:
     return hashlib.sha256(repr(namespace_to_json(namespace)).encode()).hexdigest()[:16]
+
+
+def _open_block_file(path: Path) -> int:
+    """A descriptor of the regular file at `path`, read-only; CorruptBlockFile for
+    anything else. Neither a FIFO (whose open would block the I/O thread for ever) nor a
+    symbolic link (to a file elsewhere) is a block file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise CorruptBlockFile("a symbolic link, not a block file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptBlockFile("not a regular file")
+    return fd

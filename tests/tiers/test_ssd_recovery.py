@@ -491,3 +491,123 @@ def test_the_chain_root_mark_comes_back_and_a_bad_one_is_damage(tmp_path: Path) 
     assert [entry.chain_root for entry in pool.find_prefix(NS, [b"marked"])] == [True]
     assert [entry.chain_root for entry in pool.find_prefix(NS, [b"plain"])] == [False]
     pool.close()
+
+
+# -- hostile files in the SSD directory ----------------------------------------------------------
+
+
+def rewrite_header(path: Path, body: bytes) -> None:
+    """Replace the file's header body, re-signed: only its content is hostile."""
+    data = path.read_bytes()
+    (length,) = struct.unpack_from("<I", data, 8)
+    payload_start = 12 + length + 8
+    path.write_bytes(
+        data[:8]
+        + struct.pack("<I", len(body))
+        + body
+        + struct.pack("<Q", xxhash.xxh3_64_intdigest(body))
+        + data[payload_start:]
+    )
+
+
+def _with(path: Path, change: Any) -> bytes:
+    (length,) = struct.unpack_from("<I", path.read_bytes(), 8)
+    body = json.loads(path.read_bytes()[12 : 12 + length])
+    change(body)
+    return json.dumps(body).encode()
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "infinite checksum",
+        "infinite layer count",
+        "nesting past the parser",
+        "a header of gigabytes",
+    ],
+)
+def test_a_hostile_header_is_dropped_and_recovery_goes_on(tmp_path: Path, hostile: str) -> None:
+    writer = SsdTier(tmp_path, 64 * MiB, fsync=False)
+    good = write_block_file(writer, b"good")
+    bad = write_block_file(writer, b"bad")
+    writer.close()
+    if hostile == "infinite checksum":
+        rewrite_header(
+            bad.path, _with(bad.path, lambda b: b["layer_checksums"].__setitem__(0, float("inf")))
+        )
+    elif hostile == "infinite layer count":
+        rewrite_header(
+            bad.path,
+            _with(
+                bad.path, lambda b: b["namespace"]["layout"].__setitem__("num_layers", float("inf"))
+            ),
+        )
+    elif hostile == "nesting past the parser":
+        rewrite_header(bad.path, b"[" * 200_000 + b"]" * 200_000)
+    else:  # announces 4 GiB of header: never read, never allocated
+        data = bytearray(bad.path.read_bytes())
+        struct.pack_into("<I", data, 8, 0xFFFF_FF00)
+        bad.path.write_bytes(bytes(data))
+    pool = make_pool(tmp_path)
+    try:
+        assert recover_index(pool) == 1
+        state = pool.find_namespace(NS)
+        assert state is not None
+        assert set(state.blocks) == {b"good"}
+        assert good.path.exists()
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_a_fifo_or_link_named_as_a_block_file_neither_hangs_nor_is_followed(
+    tmp_path: Path, kind: str
+) -> None:
+    writer = SsdTier(tmp_path, 64 * MiB, fsync=False)
+    good = write_block_file(writer, b"good")
+    writer.close()
+    odd = good.path.parent / ("ab" * 4 + ".kvb")
+    if kind == "fifo":
+        os.mkfifo(odd)  # an open for reading would wait for a writer for ever
+    else:
+        os.symlink(good.path, odd)  # a block file elsewhere, under another name
+    pool = make_pool(tmp_path)
+    done: list[int] = []
+    worker = threading.Thread(target=lambda: done.append(recover_index(pool)), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    try:
+        assert done == [1], "recovery hung or failed"
+        state = pool.find_namespace(NS)
+        assert state is not None
+        assert set(state.blocks) == {b"good"}
+    finally:
+        pool.close()
+
+
+def test_a_file_declaring_more_than_its_bytes_decode_to_is_refused_before_allocating(
+    tmp_path: Path,
+) -> None:
+    # A few hundred bytes claiming a 1.5 GiB block of lz4 layers: the header is refused
+    # as it is read, so neither recovery nor a read allocates what it declares.
+    import lz4.block
+
+    from kvstore.layer_codec import LayerEncoding
+    from kvstore.tiers.blockfile import decode_header, encode_header
+
+    layout = KVLayout(
+        num_layers=2, num_kv_heads=1024, head_dim=4096, dtype=DType.FLOAT32, block_tokens=24
+    )
+    stored = lz4.block.compress(b"\0" * 1000, store_size=False)
+    header = BlockFileHeader(
+        Namespace(tenant="t", model_fingerprint="m", layout=layout),
+        b"bomb",
+        b"",
+        ChecksumKind.XXH3_64,
+        (0, 0),
+        layer_encodings=(LayerEncoding.LZ4, LayerEncoding.LZ4),
+        layer_stored_bytes=(len(stored), len(stored)),
+        stored_checksums=(xxhash.xxh3_64_intdigest(stored),) * 2,
+    )
+    with pytest.raises(CorruptBlockFile, match=r"stores .* for"):
+        decode_header(encode_header(header) + stored + stored)
