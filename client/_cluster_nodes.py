@@ -56,6 +56,7 @@ class NodePool:
         self._options = options
         self._meter = meter if meter is not None else BandwidthMeter()
         self._clients: dict[str, KVClient] = {}
+        self._addresses: dict[str, str] = {}  # node id -> the address its client dials
         self._passed_over_until: dict[str, float] = {}
         self._closing: set[asyncio.Task[None]] = set()
         # Calls and streams in flight per client (by id): a member that leaves has its
@@ -66,24 +67,36 @@ class NodePool:
 
     def client(self, member: Member) -> KVClient:
         node = self._clients.get(member.node_id)
+        if node is not None and self._addresses[member.node_id] != member.address:
+            # The node came back under its id (its SSD directory) at another address.
+            self._retire(member.node_id)
+            node = None
         if node is None:
             node = self._clients[member.node_id] = KVClient(
                 member.address, self._namespace, options=self._options
             )
+            self._addresses[member.node_id] = member.address
             # Every member's gets feed the cluster client's meter, keyed by member.
             node._report_bandwidth_to(self._meter, member.node_id)
         return node
 
     def keep_only(self, placement: Placement) -> None:
-        """Close the clients of members no longer in `placement`."""
-        present = {member.node_id for member in placement.members}
-        for node_id in [node_id for node_id in self._clients if node_id not in present]:
-            node = self._clients.pop(node_id)
-            self._passed_over_until.pop(node_id, None)
-            if self._in_use.get(id(node)):
-                self._departed[id(node)] = node
-            else:
-                self._close_soon(node)
+        """Close the clients of members no longer in `placement`, or now at another
+        address."""
+        present = {member.node_id: member.address for member in placement.members}
+        for node_id in list(self._clients):
+            if present.get(node_id) != self._addresses[node_id]:
+                self._retire(node_id)
+
+    def _retire(self, node_id: str) -> None:
+        """Close the member's client once no call uses it; the next call makes a new one."""
+        node = self._clients.pop(node_id)
+        del self._addresses[node_id]
+        self._passed_over_until.pop(node_id, None)
+        if self._in_use.get(id(node)):
+            self._departed[id(node)] = node
+        else:
+            self._close_soon(node)
 
     @contextlib.contextmanager
     def lease(self, member: Member) -> Iterator[KVClient]:

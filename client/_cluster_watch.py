@@ -46,14 +46,20 @@ async def cluster_events(
     await client.start()
     queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=_QUEUED_BATCHES)
     tokens = itertools.count(1)
-    # node id -> (token, follower); a batch whose token is not its node's is stale.
-    followers: dict[str, tuple[int, asyncio.Task[None]]] = {}
+    # node id -> (token, the member record followed, follower); a batch whose token is
+    # not its node's is stale.
+    followers: dict[str, tuple[int, Member, asyncio.Task[None]]] = {}
     refresh_s = client.options.cluster_refresh_s
     try:
         while True:
             present = {member.node_id: member for member in client.membership.placement.members}
-            for node_id in [node_id for node_id in followers if node_id not in present]:
-                followers.pop(node_id)[1].cancel()
+            # Gone, or back under its id at another address (its old stream is dead).
+            for node_id in [
+                node_id
+                for node_id, (_, followed, _) in followers.items()
+                if node_id not in present or _moved(followed, present[node_id])
+            ]:
+                followers.pop(node_id)[2].cancel()
                 yield node_lost(node_id)
             for node_id, member in present.items():
                 if node_id not in followers:
@@ -61,7 +67,7 @@ async def cluster_events(
                     task = asyncio.create_task(
                         _follow(client, member, token, queue, max_events_per_message)
                     )
-                    followers[node_id] = (token, task)
+                    followers[node_id] = (token, member, task)
             try:
                 async with asyncio.timeout(refresh_s):
                     token, item = await queue.get()
@@ -73,7 +79,11 @@ async def cluster_events(
             if current is not None and current[0] == token:
                 yield item
     finally:
-        await cancel_and_wait(task for _, task in followers.values())
+        await cancel_and_wait(task for _, _, task in followers.values())
+
+
+def _moved(followed: Member, now: Member) -> bool:
+    return (followed.address, followed.data_port) != (now.address, now.data_port)
 
 
 async def _follow(
@@ -105,3 +115,4 @@ async def _follow(
             return
         if delivered:
             await queue.put((token, node_lost(member.node_id)))
+        await asyncio.sleep(retry_s)  # a stream that fails at once must not spin

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import aetcd
 
-from kvstore.cluster.etcd import PLAINTEXT, EtcdUnavailable, open_etcd, read_members
+from kvstore.cluster.etcd import PLAINTEXT, open_etcd, read_members
 from kvstore.cluster.etcd_options import EtcdAccess
 from kvstore.cluster.members import EtcdTarget, Member
 from kvstore.cluster.placement import Placement
@@ -116,7 +116,7 @@ class EtcdMembership(Membership):
             await asyncio.sleep(self._refresh_s)
             try:
                 members = await self._read()
-            except (EtcdUnavailable, aetcd.ClientError, OSError, TimeoutError) as error:
+            except Exception as error:  # etcd down, or a value that cannot be read
                 self.last_error = f"{type(error).__name__}: {error}".rstrip(": ")
                 if self.stale_since is None:
                     self.stale_since = time.time()
@@ -126,16 +126,20 @@ class EtcdMembership(Membership):
                         len(self.members),
                     )
                 continue
+            try:
+                self._set(members)
+            except Exception as error:  # an unusable membership: serve the last one
+                logger.warning("keeping the last membership; the new one is unusable: %s", error)
+                continue
             if self.stale_since is not None:
                 logger.info("etcd answers again after %.1f s", time.time() - self.stale_since)
                 self.stale_since = None
                 self.last_error = ""
-            self._set(members)
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
         if self._etcd is not None:

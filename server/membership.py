@@ -117,6 +117,7 @@ class Registration:
                 await self._register()
                 failures = 0
                 await self._keep_alive()
+                await self._disconnect()  # the lease is gone: a new client registers again
             except (aetcd.ClientError, EtcdUnavailable, OSError) as error:
                 failures += 1
                 if self.registered or failures == 1:
@@ -136,14 +137,26 @@ class Registration:
         )
 
     async def _keep_alive(self) -> None:
-        """Until the lease is lost (returns) or etcd fails (raises)."""
+        """Until the lease is lost (returns) or etcd fails (raises). The record itself is
+        checked too: one deleted (or overwritten by another daemon claiming this node id)
+        while the lease lives would leave this daemon refreshing a lease nobody sees."""
         assert self._client is not None
+        key = self.key.encode()
         while True:
             await asyncio.sleep(self._interval_s)
             reply = await self._client.refresh_lease(self._lease_id)
             if reply is None or reply.TTL <= 0:
                 logger.warning("etcd lease for %s expired; registering again", self.key)
                 self.registered = False
+                return
+            record = await self._client.get(key)
+            if record is None or record.lease != self._lease_id:
+                logger.warning(
+                    "%s is gone from etcd (deleted or taken over); registering again", self.key
+                )
+                self.registered = False
+                with contextlib.suppress(aetcd.ClientError, OSError):
+                    await self._client.revoke_lease(self._lease_id)
                 return
 
     async def _disconnect(self) -> None:

@@ -231,17 +231,24 @@ async def read_members(
     each with its lease's seconds left (one more call per member). Values that are not
     member records are skipped (and logged)."""
     found = await client.get_prefix(target.members_prefix.encode())
-    members = []
+    members: dict[str, Member] = {}
     for entry in found:
         ttl_left_s = -1
         if with_leases and entry.lease:
             info = await client.get_lease_info(entry.lease, keys=False)
             ttl_left_s = int(info.TTL)
         try:
-            members.append(Member.from_json(entry.value, lease_ttl_left_s=ttl_left_s))
+            member = Member.from_json(entry.value, lease_ttl_left_s=ttl_left_s)
         except ValueError as error:
             logger.warning("skipping %r in etcd: %s", entry.key, error)
-    return sorted(members, key=lambda member: member.node_id)
+            continue
+        # A daemon registers under its own node id: a record under another key, or a
+        # second record of one id, is not one daemon's and could not be placed.
+        if bytes(entry.key) != target.member_key(member.node_id).encode():
+            logger.warning("skipping %r in etcd: it names node %r", entry.key, member.node_id)
+            continue
+        members[member.node_id] = member
+    return sorted(members.values(), key=lambda member: member.node_id)
 
 
 async def list_members(

@@ -163,16 +163,43 @@ class Member:
 
     @classmethod
     def from_json(cls, raw: bytes, *, lease_ttl_left_s: int = -1) -> Member:
-        """A registered value → Member; ValueError where it is not one."""
+        """A registered value → Member; ValueError where it is not one. Anything in etcd
+        may be written by anyone who can write there: every field is checked (a HOST:PORT
+        address, not a URL; a port; capacities as bounded whole numbers) so that no
+        value can stop a client from following the membership."""
         try:
             value: Any = json.loads(raw)
-            capacity = {str(k): int(v) for k, v in dict(value["capacity_bytes"]).items()}
+            capacity = {
+                str(tier): _capacity(nbytes)
+                for tier, nbytes in dict(value["capacity_bytes"]).items()
+            }
+            node_id, address = value["node_id"], value["address"]
+            data_port = value["data_port"]
+            if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_NODE_ID_CHARS:
+                raise ValueError(f"node_id must be 1 to {MAX_NODE_ID_CHARS} characters")
+            if not isinstance(address, str) or "/" in address or any(c.isspace() for c in address):
+                raise ValueError(f"address {address!r} is not HOST:PORT")
+            parse_host_port(address, what="address")
+            if type(data_port) is not int or not 0 <= data_port < 65536:
+                raise ValueError(f"data_port {data_port!r} is not a port")
             return cls(
-                node_id=str(value["node_id"]),
-                address=str(value["address"]),
-                data_port=int(value["data_port"]),
+                node_id=node_id,
+                address=address,
+                data_port=data_port,
                 capacity_bytes=capacity,
                 lease_ttl_left_s=lease_ttl_left_s,
             )
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as error:
             raise ValueError(f"not a kvstore member record: {error}") from None
+
+
+# Longer node ids are refused: placement hashes at most the first 64 bytes of an id.
+MAX_NODE_ID_CHARS = 64
+# A capacity above this (1 EiB) is no real tier's.
+_MAX_CAPACITY_BYTES = 1 << 60
+
+
+def _capacity(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= _MAX_CAPACITY_BYTES:
+        raise ValueError(f"a capacity must be a whole number of bytes up to 1 EiB, not {value!r}")
+    return value

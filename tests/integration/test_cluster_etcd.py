@@ -16,7 +16,9 @@ from etcd_server import EtcdServer, etcd_server  # tests/etcd_server.py
 
 from kvstore.client import ClientOptions, KVClient, PutOutcome, Unavailable
 from kvstore.client._cluster import ClusterClient
-from kvstore.cluster.etcd import list_members
+from kvstore.cluster.etcd import list_members, open_etcd
+from kvstore.cluster.etcd_options import EtcdAccess
+from kvstore.cluster.members import parse_etcd_url
 from kvstore.layout import Namespace
 from kvstore.server import RunningServer, build_server, load_config
 
@@ -193,3 +195,61 @@ async def test_an_empty_cluster_misses_and_stores_nothing(
         result = await client.put(tokens(6), make_kv(layout, NUM_BLOCKS))
         assert result.outcomes == (PutOutcome.NODE_UNREACHABLE,) * NUM_BLOCKS
         assert await client.get_into(client.keys(tokens(6)), make_kv(layout, NUM_BLOCKS)) == 0
+
+
+async def etcd_client(etcd: EtcdServer) -> Any:
+    return await open_etcd(parse_etcd_url(etcd.url(PREFIX)), EtcdAccess())
+
+
+HOSTILE_RECORDS = {
+    "infinite capacity": b'{"node_id": "inf", "address": "127.0.0.1:1", "data_port": 0,'
+    b' "capacity_bytes": {"dram": Infinity}}',
+    "huge capacity": b'{"node_id": "big", "address": "127.0.0.1:1", "data_port": 0,'
+    b' "capacity_bytes": {"dram": 1' + b"0" * 400 + b"}}",
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "a URL for an address": b'{"node_id": "url", "address": "cluster://127.0.0.1:1",'
+    b' "data_port": 0, "capacity_bytes": {"dram": 1}}',
+}
+
+
+async def test_hostile_member_records_are_skipped_and_the_membership_followed(
+    etcd: EtcdServer, start_node: Any, make_namespace: Callable[..., Namespace]
+) -> None:
+    # Anyone who can write under the prefix can write anything there: no value may stop
+    # a client from following the membership, nor its close.
+    first = await start_node()
+    await registered(etcd, 1)
+    assert first.membership is not None
+    writer = await etcd_client(etcd)
+    try:
+        target = parse_etcd_url(etcd.url(PREFIX))
+        for name, value in HOSTILE_RECORDS.items():
+            await writer.put(target.member_key(name.replace(" ", "-")).encode(), value)
+        # A second record of the first node's id, under another key: not that daemon's.
+        twin = first.membership.member.to_json()
+        await writer.put(target.member_key("twin").encode(), twin)
+        client = KVClient(etcd.url(PREFIX), make_namespace(), options=OPTIONS)
+        assert isinstance(client, ClusterClient)
+        await client.lookup(tokens(3))
+        assert [m.node_id for m in client.membership.members] == [first.membership.member.node_id]
+        second = await start_node()
+        assert second.membership is not None
+        await wait_until(lambda: len(client.membership.members) == 2)
+        await client.close()  # raises nothing
+    finally:
+        await writer.close()
+
+
+async def test_a_daemon_whose_record_is_deleted_registers_again(
+    etcd: EtcdServer, start_node: Any
+) -> None:
+    node = await start_node(**{"cluster.lease_ttl_s": 30})
+    await registered(etcd, 1)
+    assert node.membership is not None
+    writer = await etcd_client(etcd)
+    try:
+        await writer.delete(node.membership.key.encode())  # its lease lives on
+        assert await list_members(etcd.url(PREFIX)) == []
+        await registered(etcd, 1)
+    finally:
+        await writer.close()

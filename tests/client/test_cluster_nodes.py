@@ -1,0 +1,56 @@
+"""NodePool: one client per member, replaced when the member comes back elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstore.client import ClientOptions, DType, KVLayout, Namespace
+from kvstore.client._cluster_nodes import NodePool
+from kvstore.cluster.members import Member
+from kvstore.cluster.placement import Placement
+
+NAMESPACE = Namespace(
+    tenant="t",
+    model_fingerprint="m",
+    layout=KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, dtype=DType.FLOAT16, block_tokens=4),
+)
+
+
+async def test_a_member_back_under_its_id_at_another_address_gets_a_new_client() -> None:
+    # A daemon restarted on its SSD directory keeps its node id; if it listens elsewhere,
+    # the old client would dial the old address for ever.
+    pool = NodePool(NAMESPACE, ClientOptions())
+    before = Member("n1", "127.0.0.1:1001", 0, {"dram": 1})
+    moved = Member("n1", "127.0.0.1:2002", 0, {"dram": 1})
+    try:
+        first = pool.client(before)
+        assert pool.client(before) is first
+        second = pool.client(moved)
+        assert second is not first
+        assert second.target == "127.0.0.1:2002"
+        # A membership that lists it at its new address keeps the new client only.
+        pool.keep_only(Placement([moved], run_blocks=2))
+        assert pool.client(moved) is second
+        pool.keep_only(Placement([before], run_blocks=2))  # and back again
+        assert pool.client(before).target == "127.0.0.1:1001"
+    finally:
+        await pool.close()
+
+
+def test_member_records_are_checked_field_by_field() -> None:
+    good = b'{"node_id": "n", "address": "h:1", "data_port": 2, "capacity_bytes": {"dram": 3}}'
+    assert Member.from_json(good) == Member("n", "h:1", 2, {"dram": 3})
+    bad = [
+        good.replace(b'"dram": 3', b'"dram": Infinity'),
+        good.replace(b'"dram": 3', b'"dram": 1' + b"0" * 30),
+        good.replace(b'"dram": 3', b'"dram": -3'),
+        good.replace(b'"dram": 3', b'"dram": 3.5'),
+        good.replace(b'"h:1"', b'"etcd://h:1/x"'),
+        good.replace(b'"h:1"', b'"h"'),
+        good.replace(b'"data_port": 2', b'"data_port": 70000'),
+        good.replace(b'"n"', b'"' + b"n" * 65 + b'"'),
+        b"[" * 100_000 + b"]" * 100_000,
+    ]
+    for raw in bad:
+        with pytest.raises(ValueError, match="not a kvstore member record"):
+            Member.from_json(raw)
