@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,6 +53,9 @@ from kvstore.units import human_bytes
 _MAX_UNTOUCHED = 64
 
 __all__ = ["BlockPool", "Victims"]
+
+
+logger = logging.getLogger("kvstore")
 
 
 @dataclass(slots=True)
@@ -546,13 +550,20 @@ class BlockPool:
         return self._priority(entry, now)
 
     def _full_message(self, kind: TierKind, tier: MemoryTier, nbytes: int) -> str:
-        pinned = self.num_pinned(time.monotonic())
-        free = tier.capacity_bytes - tier.used_bytes
+        # The caller may be one tenant among several: the message says nothing of what
+        # the others use or pin; the daemon's log (debug) and an admin's Stats do.
+        logger.debug(
+            "%s tier full: %d B needed, %d B free of %d B, %d blocks pinned",
+            kind.name,
+            nbytes,
+            tier.capacity_bytes - tier.used_bytes,
+            tier.capacity_bytes,
+            self.num_pinned(time.monotonic()),
+        )
         return (
-            f"{kind.name} tier is full: a block needs {nbytes} B, {free} B are free of "
-            f"{tier.capacity_bytes} B and nothing can be evicted ({pinned} blocks "
-            f"pinned by leases or reads; the rest is held by puts in flight); unpin blocks, wait "
-            f"for reads to finish, or give the tier more memory"
+            f"{kind.name} tier is full: a block needs {nbytes} B of its {tier.capacity_bytes} B "
+            f"and nothing can be evicted now (blocks pinned by leases or reads, or held by puts "
+            f"in flight); unpin blocks, wait for reads to finish, or give the tier more memory"
         )
 
     def _group_full_message(
@@ -564,11 +575,14 @@ class BlockPool:
         if group == SHARED:
             if len(self._limits[kind]) == 1:  # no quotas on this tier: the old, whole-tier case
                 return self._full_message(kind, self._memory[kind], nbytes)
+            logger.debug(
+                "%s shared space full: %d B used, %d B evictable", kind.name, used, evictable_bytes
+            )
             return (
                 f"tenants without a {kind.name} quota share {human_bytes(limit)} of the "
-                f"{kind.name} tier ({human_bytes(used)} used, {human_bytes(evictable_bytes)} "
-                f"evictable): a block needs {human_bytes(nbytes)}; unpin blocks, wait for "
-                f"reads and puts to finish, or give the tenant a quota (quotas.TENANT.{tier_key})"
+                f"{kind.name} tier, and not enough of it can be evicted now: a block needs "
+                f"{human_bytes(nbytes)}; unpin blocks, wait for reads and puts to finish, or "
+                f"give the tenant a quota (quotas.TENANT.{tier_key})"
             )
         return (
             f"tenant {group!r} is at its {kind.name} quota ({human_bytes(limit)}, "

@@ -124,6 +124,35 @@ async def test_a_full_quota_with_nothing_evictable_is_resource_exhausted_naming_
         assert (await noisy.put_blocks([b"n-late"], kv[:1])).num_committed == 1
 
 
+@TRANSPORTS
+@pytest.mark.parametrize("quoted_tier", [False, True], ids=["whole-tier", "shared-space"])
+async def test_an_out_of_room_error_tells_a_tenant_nothing_of_the_others(
+    server_factory: ServerFactory, make_kv: MakeKV, data_plane: bool, quoted_tier: bool
+) -> None:
+    # Another tenant's pinned blocks fill the space: the error says there is no room,
+    # not how much the others use, pin or could evict (their own Stats hide that too).
+    quotas = {"somebody": {"dram_bytes": "8KiB"}} if quoted_tier else {}
+    running = await start(server_factory, 16, **quotas)
+    count = 11 if quoted_tier else 13  # of the 12 blocks shared, or the tier's 16
+    kv = make_kv(LAYOUT, count, form=KVForm.BLOCKS)
+    pinned = [b"noisy-%d" % i for i in range(count)]
+    async with (
+        client(running, QUIET, data_plane) as quiet,
+        client(running, NOISY, data_plane) as noisy,
+    ):
+        for start_at in range(0, count, 4):  # a put holds at most a few started blocks
+            batch = slice(start_at, start_at + 4)
+            await noisy.put_blocks(pinned[batch], kv[batch])
+        assert await noisy.pin(pinned, ttl_s=60) == count
+        with pytest.raises(ResourceExhausted) as raised:
+            await quiet.put_blocks([b"q-%d" % i for i in range(4)], kv[:4])
+    message = str(raised.value)
+    assert str(count) not in message  # the pinned blocks' count
+    assert "used" not in message
+    assert "evictable" not in message
+    assert "free of" not in message
+
+
 async def test_a_pin_past_the_pinned_quota_is_resource_exhausted(
     server_factory: ServerFactory, make_kv: MakeKV
 ) -> None:
