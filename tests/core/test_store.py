@@ -171,7 +171,7 @@ def test_leased_tail_keeps_its_whole_chain_and_full_store_is_exhausted() -> None
     assert expires_at > time.time() + 50
     assert eviction_order(store, 3) == [C, B, A]  # the arena is now full of D→E and reservations
     assert store.pin(NS, [D, b"absent"], ttl_s=60)[0] == 1
-    with pytest.raises(CapacityExhausted, match="2 blocks pinned"):
+    with pytest.raises(CapacityExhausted, match="nothing can be evicted now"):
         put(store, [(b"one-too-many", b"")])
     assert present(store, D)
     assert present(store, E)
