@@ -31,12 +31,14 @@ claimed path, since a live write owns it now.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import hashlib
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -145,6 +147,10 @@ class SsdTier:
         self._claimed: set[Path] | None = None
         self.counters = TierCounters()
         self._capacity_bytes = capacity_bytes
+        # Namespace directories whose entry in `directory` is known fsynced (I/O threads
+        # add to it; set membership is read without the lock, adds take it).
+        self._durable_directories: set[Path] = set()
+        self._lock = threading.Lock()
         self._used_bytes = 0
         self._reserved_bytes = 0
         # Threads start on first use; `close` joins them.
@@ -335,13 +341,15 @@ class SsdTier:
         fsync the file before the rename and the directory after it."""
         path = location.path
         directory = path.parent
-        try:
+        with contextlib.suppress(FileExistsError):
             directory.mkdir()
-        except FileExistsError:
-            pass
-        else:
-            if self.fsync:  # the new directory's own entry must survive too
-                self._fsync_directory(self.directory)
+        if self.fsync and directory not in self._durable_directories:
+            # The namespace directory's own entry must survive power loss too: fsync its
+            # parent until that has once succeeded, whichever write made the directory
+            # (a write that found it made by another, still in flight, must not skip it).
+            self._fsync_directory(self.directory)
+            with self._lock:
+                self._durable_directories.add(directory)
         temporary = path.with_name(f".{path.name}{TEMPORARY_SUFFIX}")
         try:
             with open(temporary, "wb") as file:

@@ -151,6 +151,29 @@ async def test_fsync_covers_the_file_before_the_rename_and_the_directory_after(
         ssd.close()
 
 
+async def test_the_namespace_directory_entry_is_fsynced_until_once_it_succeeds(
+    tmp_path: Path,
+) -> None:
+    # The write that made the namespace directory failed to fsync its parent: the next
+    # write into it (which finds the directory there) must not skip that fsync.
+    syscalls = RecordingSyscalls(fail_fsync_of_directories=True)
+    ssd = SsdTier(tmp_path / "ssd", 64 * MiB, fsync=True, syscalls=syscalls)
+    root = str(tmp_path / "ssd")
+    try:
+        with pytest.raises(OSError, match="injected EIO"):
+            await write(ssd, b"first")
+        syscalls._fail_directories = False
+        syscalls.calls.clear()
+        second = await write(ssd, b"second")
+        assert syscalls.calls[0] == ("fsync", root)
+        assert syscalls.calls[-1] == ("fsync", str(second.parent))
+        syscalls.calls.clear()
+        await write(ssd, b"third")
+        assert ("fsync", root) not in syscalls.calls  # once durable, not again
+    finally:
+        ssd.close()
+
+
 async def test_without_fsync_a_write_only_renames(tmp_path: Path) -> None:
     syscalls = RecordingSyscalls()
     ssd = SsdTier(tmp_path / "ssd", 64 * MiB, fsync=False, syscalls=syscalls)
