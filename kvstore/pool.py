@@ -751,9 +751,14 @@ class BlockPool:
         for group, needed_bytes in needs:
             quoted = census.tenant(group) if group != SHARED else None
             with self.victims(TierKind.SSD, group) as victims:
+                # Chosen first, dropped only once they are enough: a reservation that
+                # cannot be made evicts nothing for it.
+                chosen: list[BlockEntry] = []
                 while needed_bytes > 0:
                     victim = victims.take()
                     if victim is None:
+                        for unused in chosen:
+                            victims.keep(unused)
                         return False
                     if victim is keep:
                         victims.keep(victim)
@@ -761,6 +766,8 @@ class BlockPool:
                     location = victim.copies[TierKind.SSD]
                     assert isinstance(location, SsdLocation)
                     needed_bytes -= location.nbytes
+                    chosen.append(victim)
+                for victim in chosen:
                     self.drop_copy(victim, TierKind.SSD)
                     if quoted is not None:
                         quoted.num_quota_evictions[TierKind.SSD] += 1

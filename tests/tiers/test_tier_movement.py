@@ -791,3 +791,24 @@ async def test_two_reads_promoting_one_ssd_block_leave_one_dram_copy(tmp_path: P
         entry = pool.find_namespace(NS).blocks[key]  # type: ignore[union-attr]
         pool.drop_copy(entry, TierKind.DRAM)
     assert pool.dram.used_bytes == used_before  # every page came back
+
+
+async def test_an_ssd_reservation_that_cannot_be_made_evicts_nothing(tmp_path: Path) -> None:
+    probe = make_rig(tmp_path / "probe", dram_blocks=64, write_policy="write-through")
+    await put_chains(probe, "Q")
+    file_bytes = probe.ssd.used_bytes
+    rig = make_rig(
+        tmp_path, dram_blocks=64, write_policy="write-through", ssd_bytes=3 * file_bytes + 10
+    )
+    await put_chains(rig, "A", "B", "C")
+    assert placement(rig, "ABC") == ["DRAM+SSD"] * 3
+    pool = rig.store.pool
+    state = pool.find_namespace(NS)
+    assert state is not None
+    pool.acquire_read([state.blocks[b"A"], state.blocks[b"B"]])  # only C could leave
+    # Room for two more files needs two victims: there is one, so none is taken.
+    assert not pool.reserve_ssd(2 * file_bytes)
+    assert placement(rig, "ABC") == ["DRAM+SSD"] * 3
+    assert pool.reserve_ssd(file_bytes)  # one file's room: C makes it
+    assert placement(rig, "ABC") == ["DRAM+SSD", "DRAM+SSD", "DRAM"]
+    pool.release_read([state.blocks[b"A"], state.blocks[b"B"]])
