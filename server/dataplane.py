@@ -496,6 +496,9 @@ class DataPlane:
         assert link.fd_stream is not None
         fds = link.fd_stream.take_fds()
         try:
+            # Checked again, as at every transfer: a revoked or expired token maps nothing.
+            if link.credential is not None and self._auth is not None:
+                link.credential.caller(self._auth)
             size = decode_buffer_size(payload)
         except BaseException:
             for fd in fds:

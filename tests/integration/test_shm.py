@@ -551,6 +551,26 @@ async def test_tokens_decide_the_tenant_on_the_socket_too(
     assert not dest.any()
 
 
+async def test_a_revoked_token_maps_no_more_buffers_on_an_open_connection(
+    secured: RunningServer, tmp_path: Path
+) -> None:
+    raw = await (await RawShm.open(secured, TOKEN_A.encode())).admitted(secured)
+    try:
+        fd = sealed_memfd(MiB)
+        assert (await raw.register(fd, MiB))[0] == FrameKind.REGISTERED
+        # Tenant a's token leaves the file; the reload (SIGHUP) takes effect at once.
+        tokens = tmp_path / "tokens.toml"
+        kept = [line for line in tokens.read_text().split("[[tokens]]") if "tenant-a" not in line]
+        tokens.write_text("[[tokens]]".join(kept))
+        assert secured.auth is not None
+        assert secured.auth.reload()
+        socket.send_fds(raw.sock, [frame(FrameKind.REGISTER, BUFFER_SIZE.pack(MiB))], [fd])
+        os.close(fd)
+        await raw.expect_error(grpc.StatusCode.UNAUTHENTICATED)
+    finally:
+        raw.close()
+
+
 async def test_the_tenant_connection_quota_counts_socket_connections(
     secured: RunningServer,
 ) -> None:
