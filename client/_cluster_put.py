@@ -70,7 +70,15 @@ class ClusterLayerPut(LayerPut):
             if put is not None:
                 self._puts[run.start] = put
 
-        await asyncio.gather(*(open_run(run) for run in self._runs))
+        opened = await asyncio.gather(
+            *(open_run(run) for run in self._runs), return_exceptions=True
+        )
+        failure = next((item for item in opened if isinstance(item, BaseException)), None)
+        if failure is not None:
+            # `async with` runs no __aexit__ when __aenter__ raises: close the runs that
+            # did open here, or their streams would stay open until their deadline.
+            await self._close_all(type(failure), failure)
+            raise failure
         return self
 
     async def send_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
