@@ -197,6 +197,55 @@ class PutSession:
         self._pool.acquire_read([entry])
         self._pinned_parents.append(entry)
 
+    def check_chunk(self, block_index: int, layer: int, offset: int, nbytes: int) -> None:
+        """What can be checked of a chunk before anything is written: InvalidRequest if it
+        names an undeclared block or a layer the layout lacks, is empty, or runs past its
+        layer."""
+        if not 0 <= block_index < len(self._blocks):
+            raise InvalidRequest(
+                f"chunk names block {block_index}, but {len(self._blocks)} blocks are declared; "
+                f"declare a block in `blocks` before sending its chunks"
+            )
+        layout = self._layout
+        if not 0 <= layer < layout.num_layers:
+            raise InvalidRequest(
+                f"chunk names layer {layer}; the namespace's layout has {layout.num_layers} layers"
+            )
+        if not nbytes:
+            raise InvalidRequest(f"block {block_index} layer {layer}: empty chunk")
+        if offset < 0 or offset + nbytes > layout.layer_bytes:
+            raise InvalidRequest(
+                f"block {block_index} layer {layer}: {offset + nbytes} bytes sent but a layer "
+                f"is {layout.layer_bytes} bytes in this namespace's layout "
+                f"(2 x {layout.block_tokens} tokens x {layout.num_kv_heads} heads x "
+                f"{layout.head_dim} dims x {layout.dtype.itemsize} B)"
+            )
+
+    def check_run(
+        self, first_block: int, num_blocks: int, layer: int, nbytes: int, num_checksums: int
+    ) -> None:
+        """What can be checked of a run before anything is written (see check_chunk)."""
+        layout = self._layout
+        if num_blocks < 1 or num_checksums != num_blocks:
+            raise InvalidRequest(
+                f"a run must name at least one block and carry one checksum per block; it names "
+                f"{num_blocks} blocks and carries {num_checksums} checksums"
+            )
+        if first_block < 0 or first_block + num_blocks > len(self._blocks):
+            raise InvalidRequest(
+                f"run names blocks {first_block}..{first_block + num_blocks - 1}, but "
+                f"{len(self._blocks)} blocks are declared; declare blocks before their bytes"
+            )
+        if not 0 <= layer < layout.num_layers:
+            raise InvalidRequest(
+                f"run names layer {layer}; the namespace's layout has {layout.num_layers} layers"
+            )
+        if nbytes != num_blocks * layout.layer_bytes:
+            raise InvalidRequest(
+                f"run of {num_blocks} blocks carries {nbytes} bytes, but a layer is "
+                f"{layout.layer_bytes} bytes in this namespace's layout"
+            )
+
     def write(
         self,
         block_index: int,
@@ -205,31 +254,14 @@ class PutSession:
         data: bytes | memoryview,
         layer_checksum: int,
     ) -> None:
-        if not 0 <= block_index < len(self._blocks):
-            raise InvalidRequest(
-                f"chunk names block {block_index}, but {len(self._blocks)} blocks are declared; "
-                f"declare a block in `blocks` before sending its chunks"
-            )
+        self.check_chunk(block_index, layer, offset, len(data))
         block = self._blocks[block_index]
         layout = self._layout
-        if not 0 <= layer < layout.num_layers:
-            raise InvalidRequest(
-                f"chunk names layer {layer}; the namespace's layout has {layout.num_layers} layers"
-            )
         filled = block.layer_filled[layer]
         if offset != filled:
             raise InvalidRequest(
                 f"block {block_index} layer {layer}: chunk offset {offset} but {filled} bytes "
                 f"were sent; send each layer's chunks in order without gaps or overlap"
-            )
-        if not data:
-            raise InvalidRequest(f"block {block_index} layer {layer}: empty chunk")
-        if filled + len(data) > layout.layer_bytes:
-            raise InvalidRequest(
-                f"block {block_index} layer {layer}: {filled + len(data)} bytes sent but a layer "
-                f"is {layout.layer_bytes} bytes in this namespace's layout "
-                f"(2 x {layout.block_tokens} tokens x {layout.num_kv_heads} heads x "
-                f"{layout.head_dim} dims x {layout.dtype.itemsize} B)"
             )
         if block.outcome is None and block.handle is None:
             self.start(block_index)
@@ -261,25 +293,7 @@ class PutSession:
         """Whole layer `layer` of `num_blocks` declared blocks, concatenated in `data`."""
         layout = self._layout
         layer_bytes = layout.layer_bytes
-        if num_blocks < 1 or len(layer_checksums) != num_blocks:
-            raise InvalidRequest(
-                f"a run must name at least one block and carry one checksum per block; it names "
-                f"{num_blocks} blocks and carries {len(layer_checksums)} checksums"
-            )
-        if first_block < 0 or first_block + num_blocks > len(self._blocks):
-            raise InvalidRequest(
-                f"run names blocks {first_block}..{first_block + num_blocks - 1}, but "
-                f"{len(self._blocks)} blocks are declared; declare blocks before their bytes"
-            )
-        if not 0 <= layer < layout.num_layers:
-            raise InvalidRequest(
-                f"run names layer {layer}; the namespace's layout has {layout.num_layers} layers"
-            )
-        if len(data) != num_blocks * layer_bytes:
-            raise InvalidRequest(
-                f"run of {num_blocks} blocks carries {len(data)} bytes, but a layer is "
-                f"{layer_bytes} bytes in this namespace's layout"
-            )
+        self.check_run(first_block, num_blocks, layer, len(data), len(layer_checksums))
         view = memoryview(data)
         blocks = self._blocks[first_block : first_block + num_blocks]
         for block in blocks:

@@ -141,8 +141,11 @@ class Transfers:
                 )
             return put_reply(outcomes, durability)
         finally:
-            # A cancelled or failed stream frees whatever it had reserved.
+            # A cancelled or failed stream frees whatever it had reserved. Blocks that it
+            # committed before it failed stay stored: the write policy gets them too (a
+            # write-through block must reach SSD whatever came after it).
             if session is not None:
+                self._take_committed(session, committed)
                 session.abort()
             self._free_slot(slot)
 
@@ -161,6 +164,14 @@ class Transfers:
             session.declare(header.key, header.parent_key, parent_remote=header.parent_remote)
             if not count % BLOCKS_PER_STEP:
                 await asyncio.sleep(0)
+        # Every piece is checked before any room is made for it: a malformed one must not
+        # evict others' blocks for a put that then fails.
+        for chunk in message.chunks:
+            session.check_chunk(chunk.block_index, chunk.layer, chunk.offset, len(chunk.data))
+        for run in message.runs:
+            session.check_run(
+                run.first_block, run.num_blocks, run.layer, len(run.data), len(run.layer_checksums)
+            )
         # Room is reserved as a block's first bytes arrive. Under pressure, wait for
         # demotions to SSD (or write-through writes) rather than fail the put.
         for count, block_index in enumerate(_blocks_written(message, session.num_declared), 1):

@@ -73,6 +73,12 @@ MIN_CHUNK_BYTES = 64 << 10
 # one short message per layer. Senders cut a put's layers into pieces of at least
 # MIN_PUT_CHUNK_BYTES (twice the floor), which always satisfies it.
 MIN_PUT_PIECE_BYTES = MIN_CHUNK_BYTES // 4
+# Blocks declared, chunks and runs in one put message, at most: a put declares at most
+# 65,536 blocks, and a real message carries fewer pieces than that (each is a layer's
+# worth, or ends one).
+MAX_PUT_FIELDS = 3 << 16
+# A run's checksums, at most: one per block, and a put declares at most 65,536 blocks.
+MAX_RUN_CHECKSUMS = 1 << 16
 MIN_PUT_CHUNK_BYTES = 2 * MIN_PUT_PIECE_BYTES
 
 
@@ -438,6 +444,7 @@ def decode_put_message(data: bytes | memoryview) -> PutMessage:
     buffer = memoryview(data)
     reader = _Reader(buffer)
     message = PutMessage()
+    namespace_parts: list[bytes] = []
     while reader.more():
         number, wire_type = reader.tag()
         if wire_type == _LEN and number in (PUT_NAMESPACE, PUT_BLOCKS, PUT_CHUNKS, PUT_RUNS):
@@ -449,12 +456,21 @@ def decode_put_message(data: bytes | memoryview) -> PutMessage:
             elif number == PUT_BLOCKS:
                 message.blocks.append(_decode_block_header(buffer, start, end))
             else:
-                # A repeated message field merges, as in protobuf: its parts concatenate.
-                message.namespace = (message.namespace or b"") + bytes(buffer[start:end])
+                # A repeated message field merges, as in protobuf: its parts concatenate
+                # (joined once below: joining as they come would be quadratic).
+                namespace_parts.append(bytes(buffer[start:end]))
+            # A piece or header costs an object: no message may make more than its
+            # bytes could carry in real ones (a field of a few bytes each is an attack).
+            if len(message.chunks) + len(message.runs) + len(message.blocks) > MAX_PUT_FIELDS:
+                raise WireError(
+                    f"more than {MAX_PUT_FIELDS} blocks, chunks and runs in one put message"
+                )
         elif number == PUT_CHECKSUM_KIND and wire_type == _VARINT:
             message.checksum_kind = reader.varint()
         else:
             raise _unknown("PutBlocksRequest", number, wire_type)
+    if namespace_parts:
+        message.namespace = b"".join(namespace_parts)
     return message
 
 
@@ -462,7 +478,7 @@ def _decode_run(buffer: memoryview, start: int, end: int, strict: bool) -> WireR
     reader = _Reader(buffer, start, end)
     values = [0, 0, 0, 0]  # unused, layer, first_block, num_blocks (indexed by field number)
     data = buffer[start:start]
-    checksums: tuple[int, ...] = ()
+    checksums: list[int] = []  # appended to, never concatenated: repeats stay linear
     compression = raw_bytes = 0
     while reader.more():
         number, wire_type = reader.tag()
@@ -476,9 +492,9 @@ def _decode_run(buffer: memoryview, start: int, end: int, strict: bool) -> WireR
             if (packed_end - packed_start) % 8:
                 raise WireError("malformed LayerRun: packed checksums are not 8-byte aligned")
             count = (packed_end - packed_start) // 8
-            checksums += struct.unpack_from(f"<{count}Q", buffer, packed_start)
+            checksums.extend(struct.unpack_from(f"<{count}Q", buffer, packed_start))
         elif number == RUN_LAYER_CHECKSUMS and wire_type == _I64:
-            checksums += (reader.fixed64(),)
+            checksums.append(reader.fixed64())
         elif number == RUN_COMPRESSION and wire_type == _VARINT:
             compression = reader.varint()
         elif number == RUN_RAW_BYTES and wire_type == _VARINT:
@@ -487,9 +503,11 @@ def _decode_run(buffer: memoryview, start: int, end: int, strict: bool) -> WireR
             raise _unknown("LayerRun", number, wire_type)
         else:
             reader.skip("LayerRun", number, wire_type)
+        if len(checksums) > MAX_RUN_CHECKSUMS:
+            raise WireError(f"malformed LayerRun: more than {MAX_RUN_CHECKSUMS} checksums")
     if strict and (compression or raw_bytes):
         raise _compressed_put("LayerRun")
-    return WireRun(values[1], values[2], values[3], data, checksums, compression, raw_bytes)
+    return WireRun(values[1], values[2], values[3], data, tuple(checksums), compression, raw_bytes)
 
 
 def decode_get_message(data: bytes | memoryview) -> GetMessage:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,6 +21,7 @@ from kvstore.client import DType, KVClient, KVForm, KVLayout, Namespace
 from kvstore.server import RunningServer
 from kvstore.server.transfer import BLOCKS_PER_STEP
 from kvstore.wire.chunks import PUT_RUNS, encode_put_header, run_parts
+from kvstore.wire.namespace import namespace_to_wire
 
 # 512-byte blocks of one layer: a few hundred fit one short message, in one run.
 SMALL = KVLayout(num_layers=1, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=8)
@@ -126,3 +128,69 @@ async def test_a_put_of_many_messages_lets_other_work_run_between_them(
     assert len(server.store.snapshot_entries(NS)) == len(keys)
     between = {count for count in seen if 0 < count < len(keys)}
     assert len(between) >= num_messages // 2, sorted(set(seen))
+
+
+@TRANSPORTS
+async def test_a_malformed_put_evicts_nothing_before_it_is_refused(
+    server_factory: ServerFactory, data_plane: bool
+) -> None:
+    # DRAM full of another tenant's blocks; a put that declares many blocks and names
+    # them all in a run without their bytes is refused before any room is made for it.
+    running = await server_factory(
+        **{"store.dram_bytes": 128 * SMALL.block_bytes, "store.page_bytes": SMALL.block_bytes}
+    )
+    for part in range(4):  # 100 blocks, in puts small enough to hold their blocks
+        stored = [b"s-%d-%d" % (part, index) for index in range(25)]
+        layers = [layer_of(index) for index in range(25)]
+        checksums = [xxhash.xxh3_64_intdigest(layer) for layer in layers]
+        message = one_message(stored, layers, checksums)
+        assert await raw_put(running, [message], data_plane) == (0, "")
+    other = Namespace(tenant="other", model_fingerprint="put-steps", layout=SMALL)
+    keys = [b"o-%d" % index for index in range(100)]
+    bare_run = run_parts(PUT_RUNS, 0, 0, [0] * len(keys), [b""])
+    header = encode_put_header(
+        namespace=namespace_to_wire(other).SerializeToString(),
+        checksum_kind=ChecksumKind.XXH3_64.value,
+        blocks=[(key, b"") for key in keys],
+    )
+    code, message = await raw_put(
+        running, [header + b"".join(bytes(part) for part in bare_run)], data_plane
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "carries 0 bytes" in message
+    assert len(running.store.snapshot_entries(NS)) == 100  # not one evicted for it
+
+
+@TRANSPORTS
+async def test_write_through_blocks_committed_before_a_put_fails_reach_ssd(
+    server_factory: ServerFactory, tmp_path: Path, data_plane: bool
+) -> None:
+    running = await server_factory(
+        **{
+            "store.ssd_dir": str(tmp_path / "ssd"),
+            "store.ssd_bytes": 64 * SMALL.block_bytes,
+            "store.write_policy": "write-through",
+        }
+    )
+    keys = [b"w-0", b"w-1"]
+    good = layer_of(1)
+    # Block 0 whole and right; block 1's checksum wrong: the put fails after block 0
+    # committed, and block 0 stays stored, so write-through owes it its file.
+    message = opening(NS, keys) + b"".join(
+        bytes(part)
+        for part in run_parts(
+            PUT_RUNS, 0, 0, [xxhash.xxh3_64_intdigest(good), 12345], [good + layer_of(2)]
+        )
+    )
+    code, _ = await raw_put(running, [message], data_plane)
+    assert code == DATA_LOSS
+    entry = running.store.pool.find_namespace(NS).blocks[b"w-0"]  # type: ignore[union-attr]
+
+    async def on_ssd() -> bool:
+        return "SSD" in {kind.name for kind in entry.copies}
+
+    for _ in range(200):
+        if await on_ssd():
+            break
+        await asyncio.sleep(0.01)
+    assert await on_ssd()

@@ -305,3 +305,28 @@ def test_raw_chunks_and_runs_carry_no_compression_fields() -> None:
     )
     (chunk,) = decode_get_message(b"".join(chunk_parts(1, 0, 1, 0, 7, [b"xyz"]))).chunks
     assert (chunk.compression, chunk.raw_bytes) == (0, 0)
+
+
+def test_a_namespace_sent_in_many_parts_merges_as_protobuf_merges_it() -> None:
+    namespace = pb.Namespace(tenant="t", model_fingerprint="m").SerializeToString()
+    # Field 1 (namespace) repeated once per byte: the parts join in order, once.
+    raw = b"".join(b"\x0a\x01" + bytes([byte]) for byte in namespace)
+    assert decode_put_message(raw).namespace == namespace
+
+
+def test_a_put_message_has_bounded_fields_and_checksums() -> None:
+    # An empty chunk costs two bytes and an object: a message of them is refused once
+    # there are more than a real message could carry, not decoded to the end.
+    empty_chunks = b"\x22\x00" * (chunks.MAX_PUT_FIELDS + 1)
+    with pytest.raises(WireError, match="blocks, chunks and runs in one put message"):
+        decode_put_message(empty_chunks)
+    assert len(decode_put_message(b"\x22\x00" * 1000).chunks) == 1000
+    # A run's checksums, one fixed64 field each (field 5, wire type 1).
+    one = b"\x29" + bytes(8)
+    too_many = one * (chunks.MAX_RUN_CHECKSUMS + 1)
+    run = b"\x2a" + chunks.varint(len(too_many)) + too_many
+    with pytest.raises(WireError, match="more than 65536 checksums"):
+        decode_put_message(run)
+    enough = one * chunks.MAX_RUN_CHECKSUMS
+    (decoded,) = decode_put_message(b"\x2a" + chunks.varint(len(enough)) + enough).runs
+    assert len(decoded.layer_checksums) == chunks.MAX_RUN_CHECKSUMS
