@@ -380,7 +380,14 @@ class KVClient:
         async with (
             contextlib.aclosing(replies),
             contextlib.aclosing(
-                self._receive(replies, dest, form, started, asked=request.wire_compression != 0)
+                self._receive(
+                    replies,
+                    dest,
+                    form,
+                    started,
+                    asked=request.wire_compression != 0,
+                    num_asked=len(request.keys),
+                )
             ) as arrivals,
         ):
             async for arrival in arrivals:
@@ -395,7 +402,13 @@ class KVClient:
         started = time.perf_counter()
         replies = await self._open_get(request)
         receive = self._receive(
-            replies, None, KVForm.LAYER, started, writer, asked=request.wire_compression != 0
+            replies,
+            None,
+            KVForm.LAYER,
+            started,
+            writer,
+            asked=request.wire_compression != 0,
+            num_asked=len(request.keys),
         )
         async with (
             contextlib.aclosing(replies),
@@ -413,6 +426,7 @@ class KVClient:
         writer: BlockWriter | None = None,
         *,
         asked: bool = False,
+        num_asked: int | None = None,
     ) -> AsyncGenerator[LayerArrival, None]:
         """The layers of a get's replies, written into `dest` (or fresh tensors, or
         `writer`), verified. A get that ends complete is a sample of `bandwidth`, timed
@@ -431,6 +445,7 @@ class KVClient:
                     verify=self.options.verify_checksums,
                     writer=writer,
                     stats=WireStats(want_sample=self._wire.wants_sample()),
+                    max_blocks=num_asked,
                 )
             if receiver.num_blocks == 0:
                 continue  # nothing stored; read on to the stream's clean end

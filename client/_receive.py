@@ -77,7 +77,13 @@ class LayerReceiver:
         verify: bool,
         writer: BlockWriter | None = None,
         stats: WireStats | None = None,
+        max_blocks: int | None = None,
     ) -> None:
+        # Nothing is sized from the server's word before it is checked against the ask.
+        if max_blocks is not None and first.num_blocks > max_blocks:
+            raise ChecksumError(
+                f"the server announced {first.num_blocks} blocks for a get of {max_blocks}"
+            )
         self.num_blocks = first.num_blocks
         self.stats = stats or WireStats()
         self._layout = layout
@@ -114,13 +120,14 @@ class LayerReceiver:
             self._shorten(0)
         elif reply.num_blocks and reply.num_blocks != self.num_blocks:
             self._shorten(reply.num_blocks)
+        num_layers = self._layout.num_layers
         for chunk in reply.chunks:
             if chunk.layer != self._current_layer:
-                arrivals.append(self._next_layer(chunk.layer))
+                arrivals.append(self._next_layer(chunk.layer, num_layers))
             self._write(chunk)
         for run in reply.runs:
             if run.layer != self._current_layer:
-                arrivals.append(self._next_layer(run.layer))
+                arrivals.append(self._next_layer(run.layer, num_layers))
             self._write_run(run)
         return arrivals
 
@@ -141,11 +148,13 @@ class LayerReceiver:
             self._layer_buffer = self._layer_buffer[:num_blocks]
             self._layer_buffer_map = ByteMap(self._layer_buffer, self._layout, KVForm.LAYER)
 
-    def _next_layer(self, layer: int) -> LayerArrival:
-        """Complete the current layer; the stream must go on with the very next one."""
-        if layer != self._current_layer + 1:
+    def _next_layer(self, layer: int, num_layers: int) -> LayerArrival:
+        """Complete the current layer; the stream must go on with the very next one, and
+        one the layout has (a layer past the last would land on the next block's)."""
+        if layer != self._current_layer + 1 or layer >= num_layers:
             raise ChecksumError(
-                f"the stream jumped from layer {self._current_layer} to layer {layer}"
+                f"the stream jumped from layer {self._current_layer} to layer {layer} "
+                f"(of {num_layers})"
             )
         arrival = self._complete_layer()
         self._current_layer = layer

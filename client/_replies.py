@@ -26,6 +26,13 @@ from kvstore.wire.errors import WireError
 def prefix_match(
     reply: pb.LookupPrefixResponse, keys: list[bytes], block_tokens: int
 ) -> PrefixMatch:
+    # Checked before anything is sized from them: a reply is the server's word.
+    if reply.num_matched > len(keys):
+        raise protocol_error(
+            WireError(f"{reply.num_matched} blocks matched of the {len(keys)} keys looked up")
+        )
+    if sum(run.num_blocks for run in reply.tier_runs) > reply.num_matched:
+        raise protocol_error(WireError("tier runs cover more blocks than matched"))
     try:
         tiers = _expand_tier_runs(reply.tier_runs)
     except WireError as error:

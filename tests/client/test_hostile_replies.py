@@ -1,0 +1,123 @@
+"""A server's replies are its word, checked before the client sizes anything from them
+or writes a byte: a transport (KVClient's `transport=`) that answers what a buggy or
+hostile server might."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import torch
+
+from kvstore.checksum import ChecksumKind, checksums_of_slices
+from kvstore.client import ChecksumError, DType, KVClient, KVLayout, Namespace, ProtocolError
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.wire.chunks import (
+    GET_RUNS,
+    GetMessage,
+    decode_get_message,
+    encode_get_header,
+    run_parts,
+)
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=4)
+NAMESPACE = Namespace(tenant="a", model_fingerprint="m", layout=LAYOUT)
+
+
+class Replies:
+    def __init__(self, messages: list[bytes]) -> None:
+        self._messages = messages
+
+    async def __aiter__(self) -> AsyncIterator[GetMessage]:
+        for message in self._messages:
+            yield decode_get_message(message)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class HostileTransport:
+    """Answers every get with `num_blocks` blocks over `layers` layers, each verified by
+    its checksum, and every lookup with `lookup`."""
+
+    data_plane = None
+
+    def __init__(
+        self, num_blocks: int, layers: int, lookup: pb.LookupPrefixResponse | None = None
+    ) -> None:
+        self._num_blocks, self._layers, self._lookup = num_blocks, layers, lookup
+
+    async def open_get(self, request: pb.GetBlocksRequest, timeout_s: float) -> Replies:
+        header = encode_get_header(
+            block_bytes=LAYOUT.block_bytes, num_blocks=self._num_blocks, checksum_kind=1
+        )
+        messages = []
+        for layer in range(self._layers):
+            data = b"".join(
+                bytes([block + 1 + 10 * layer]) * LAYOUT.layer_bytes
+                for block in range(self._num_blocks)
+            )
+            checksums = checksums_of_slices(
+                ChecksumKind.XXH3_64, memoryview(data), LAYOUT.layer_bytes
+            )
+            parts = run_parts(GET_RUNS, layer, 0, checksums, [data])
+            messages.append((header if layer == 0 else b"") + b"".join(bytes(p) for p in parts))
+        return Replies(messages)
+
+    async def lookup(
+        self, request: pb.LookupPrefixRequest, deadline: float
+    ) -> pb.LookupPrefixResponse:
+        assert self._lookup is not None
+        return self._lookup
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_more_blocks_than_asked_are_refused_before_any_is_written() -> None:
+    client = KVClient("hostile:1", NAMESPACE, transport=HostileTransport(3, 2))
+    keys = client.keys(list(range(8)))  # two blocks asked
+    room_for_four = torch.zeros((2, 2, 16, 2, 8), dtype=torch.float16)
+    with pytest.raises(ChecksumError, match="announced 3 blocks for a get of 2"):
+        await client.get_into(keys, room_for_four)
+    assert not room_for_four.any()
+
+
+async def test_a_layer_past_the_last_is_refused_before_it_lands_anywhere() -> None:
+    client = KVClient("hostile:1", NAMESPACE, transport=HostileTransport(2, 3))
+    keys = client.keys(list(range(8)))
+    dest = torch.zeros((2, 2, 8, 2, 8), dtype=torch.float16)  # layers, K/V, tokens, ...
+    arrivals: list[int] = []
+
+    async def read_all() -> None:
+        async for arrival in client.iter_layers(keys, dest):
+            arrivals.append(arrival.layer)
+
+    with pytest.raises(ChecksumError, match="to layer 2"):
+        await read_all()
+    assert arrivals == [0]  # layer 1, the last, completes only at the stream's end
+    # Layer 0, handed out as verified, still holds exactly what was verified: block b's
+    # bytes are all b + 1. A stray layer 2 of block 0 would have landed on block 1's.
+    layer_zero = dest[0].view(torch.uint8)
+    assert layer_zero[:, :4].eq(1).all()
+    assert layer_zero[:, 4:].eq(2).all()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pb.LookupPrefixResponse(num_matched=5, block_bytes=LAYOUT.block_bytes),
+        pb.LookupPrefixResponse(
+            num_matched=1,
+            block_bytes=LAYOUT.block_bytes,
+            tier_runs=[pb.TierRun(tier=pb.DRAM, num_blocks=10**9)],
+        ),
+    ],
+    ids=["more-matched-than-asked", "tier-runs-past-the-match"],
+)
+async def test_a_lookup_reply_claiming_more_than_was_asked_is_a_protocol_error(
+    reply: pb.LookupPrefixResponse,
+) -> None:
+    client = KVClient("hostile:1", NAMESPACE, transport=HostileTransport(0, 0, reply))
+    with pytest.raises(ProtocolError):
+        await client.lookup(list(range(8)))
