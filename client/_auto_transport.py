@@ -117,6 +117,7 @@ class AutoTransport:
         self._lock = asyncio.Lock()
         self._lookups_off_until = 0.0  # clock time; until then lookups use gRPC
         self._finding: asyncio.Future[DataPlane | None] | None = None  # a lookup's search
+        self._closed = False
 
     @property
     def data_plane(self) -> str | None:
@@ -130,6 +131,7 @@ class AutoTransport:
         else over gRPC. A server from before LOOKUP answers it INVALID_ARGUMENT: the
         lookup goes again over gRPC, and if that answers, the data plane is not asked
         for lookups for a while (a server upgrade is noticed then)."""
+        self._check_open()
         data_plane = await self._data_plane_by(deadline) if self._lookups_on() else None
         if data_plane is None:
             return await self.grpc.lookup(request, deadline)
@@ -165,6 +167,12 @@ class AutoTransport:
                 "data plane is"
             ) from None
 
+    def _check_open(self) -> None:
+        # A closed client's pools refuse as "unreachable": that must not read as a data
+        # plane to fall back from, onto a channel that is closed too.
+        if self._closed:
+            raise Unavailable("this client is closed; make a new one")
+
     def _lookups_on(self) -> bool:
         return self._clock() >= self._lookups_off_until
 
@@ -178,6 +186,7 @@ class AutoTransport:
         return await self._route(lambda transport: transport.open_get(request, timeout_s))
 
     async def close(self) -> None:
+        self._closed = True
         if self._finding is not None and not self._finding.done():
             self._finding.cancel()
         if self._current is not None:
@@ -187,6 +196,7 @@ class AutoTransport:
     async def _route(self, call: Callable[[BlockTransport], Awaitable[T]]) -> T:
         """`call` on the data plane, or on gRPC when there is none or it cannot be reached
         (DataPlaneUnreachable means nothing was sent, so gRPC can still carry it all)."""
+        self._check_open()
         data_plane = await self._data_plane()
         if data_plane is not None:
             try:

@@ -171,5 +171,7 @@ def translate_errors() -> Iterator[None]:
         yield
     except grpc.aio.AioRpcError as error:
         raise error_for(error) from error
+    except grpc.aio.UsageError as error:  # a call on the channel of a closed client
+        raise Unavailable(f"this client is closed ({error}); make a new one") from error
     except WireError as error:
         raise protocol_error(error) from error

@@ -83,11 +83,13 @@ class GrpcTransport:
         return reply
 
     async def open_put(self, timeout_s: float) -> GrpcPutStream:
-        call = self._put_blocks(timeout=timeout_s, metadata=self._metadata)
+        with translate_errors():  # a closed channel refuses here already
+            call = self._put_blocks(timeout=timeout_s, metadata=self._metadata)
         return GrpcPutStream(call, self._settle)
 
     async def open_get(self, request: pb.GetBlocksRequest, timeout_s: float) -> GrpcGetStream:
-        call = self._get_blocks(request, timeout=timeout_s, metadata=self._metadata)
+        with translate_errors():
+            call = self._get_blocks(request, timeout=timeout_s, metadata=self._metadata)
         return GrpcGetStream(call, self._settle)
 
     async def close(self) -> None:

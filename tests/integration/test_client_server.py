@@ -565,6 +565,29 @@ async def test_put_cut_off_by_a_closed_channel_is_reclaimed(
     assert lookup.num_matched == 0
 
 
+@pytest.mark.parametrize("data_plane", [False, True], ids=["grpc", "data-plane"])
+async def test_a_closed_client_says_so_on_every_call(
+    server_factory: Callable[..., Awaitable[RunningServer]], make_kv: MakeKV, data_plane: bool
+) -> None:
+    running = await server_factory()
+    ns = namespace()
+    client = KVClient(f"127.0.0.1:{running.port}", ns, options=ClientOptions(data_plane=data_plane))
+    kv = make_kv(ns.layout, 1, form=KVForm.BLOCKS)
+    assert (await client.put_blocks([b"closed-0"], kv)).num_committed == 1
+    await client.close()
+    calls = {
+        "lookup": lambda: client.lookup_keys([b"closed-0"]),
+        "get": lambda: client.get_into([b"closed-0"], torch.zeros_like(kv), form=KVForm.BLOCKS),
+        "put": lambda: client.put_blocks([b"closed-1"], kv),
+        "pin": lambda: client.pin([b"closed-0"], ttl_s=1),
+        "stats": lambda: client.stats(),
+    }
+    for call in calls.values():  # each a client error that says what happened
+        with pytest.raises(Unavailable, match="client is closed"):
+            await call()
+    assert data_plane == (running.data_plane.transfers > 0)
+
+
 async def test_every_call_has_a_deadline(make_kv: MakeKV) -> None:
     """A server that accepts calls and never answers: the client gives up on time."""
     never = asyncio.Event()
