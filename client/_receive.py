@@ -16,10 +16,12 @@ from kvstore.checksum import (
 from kvstore.client._errors import ChecksumError
 from kvstore.client._results import LayerArrival
 from kvstore.codec import ByteMap, KVForm
+from kvstore.errors import InvalidRequest
 from kvstore.layout import KVLayout
 from kvstore.wire.chunks import GetMessage, WireChunk, WireRun
 from kvstore.wire.compression import WireDataError, decode_wire_data
 from kvstore.wire.enums import checksum_kind_from_wire
+from kvstore.wire.errors import WireError
 
 
 class BlockWriter(Protocol):
@@ -113,6 +115,14 @@ class LayerReceiver:
         self._kind = ChecksumKind.XXH3_64
 
     def accept(self, reply: GetMessage) -> list[LayerArrival]:
+        """The layers `reply` completes. Whatever the server sent, a fault is a
+        ChecksumError (a KVStoreClientError), never a codec's or numpy's own error."""
+        try:
+            return self._accept(reply)
+        except (WireError, InvalidRequest, ValueError) as error:
+            raise ChecksumError(f"the server's reply does not fit the get: {error}") from error
+
+    def _accept(self, reply: GetMessage) -> list[LayerArrival]:
         arrivals: list[LayerArrival] = []
         if reply.checksum_kind:
             self._kind = checksum_kind_from_wire(reply.checksum_kind)

@@ -13,8 +13,10 @@ from kvstore.checksum import ChecksumKind, checksums_of_slices
 from kvstore.client import ChecksumError, DType, KVClient, KVLayout, Namespace, ProtocolError
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.chunks import (
+    GET_CHUNKS,
     GET_RUNS,
     GetMessage,
+    chunk_parts,
     decode_get_message,
     encode_get_header,
     run_parts,
@@ -121,3 +123,40 @@ async def test_a_lookup_reply_claiming_more_than_was_asked_is_a_protocol_error(
     client = KVClient("hostile:1", NAMESPACE, transport=HostileTransport(0, 0, reply))
     with pytest.raises(ProtocolError):
         await client.lookup(list(range(8)))
+
+
+class OddTransport(HostileTransport):
+    """Answers with a reply of its own making."""
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__(0, 0)
+        self._reply = reply
+
+    async def open_get(self, request: pb.GetBlocksRequest, timeout_s: float) -> Replies:
+        return Replies([self._reply])
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        encode_get_header(block_bytes=LAYOUT.block_bytes, num_blocks=1, checksum_kind=99),
+        encode_get_header(block_bytes=LAYOUT.block_bytes, num_blocks=1, checksum_kind=1)
+        + b"".join(
+            bytes(part)
+            for part in chunk_parts(
+                GET_CHUNKS,
+                0,
+                0,
+                0,
+                0,
+                [bytes(LAYOUT.layer_bytes + 2)],  # past its layer
+            )
+        ),
+    ],
+    ids=["unknown-checksum-kind", "chunk-past-its-layer"],
+)
+async def test_a_reply_that_does_not_fit_is_a_client_error(reply: bytes) -> None:
+    client = KVClient("hostile:1", NAMESPACE, transport=OddTransport(reply))
+    keys = client.keys(list(range(4)))
+    with pytest.raises(ChecksumError, match="does not fit"):
+        await client.get_into(keys, torch.zeros((2, 2, 4, 2, 8), dtype=torch.float16))
