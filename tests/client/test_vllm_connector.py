@@ -4,6 +4,7 @@ saves, failed loads reported as block ids, preemption, and the contract with vLL
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import pickle
 import socket
@@ -115,6 +116,22 @@ def wait_finished(worker: KVStoreConnector, req_id: str) -> None:
             return
         time.sleep(0.005)
     raise AssertionError(f"{req_id} never finished sending")
+
+
+@contextlib.contextmanager
+def both_roles(
+    target: str, caches: dict[str, torch.Tensor], **settings: Any
+) -> Iterator[tuple[KVStoreConnector, KVStoreConnector]]:
+    """A scheduler-side and a worker-side connector (its caches registered), shut down
+    after."""
+    scheduler = make(KVConnectorRole.SCHEDULER, target, **settings)
+    worker = make(KVConnectorRole.WORKER, target, **settings)
+    try:
+        worker.register_kv_caches(caches)
+        yield scheduler, worker
+    finally:
+        worker.shutdown()
+        scheduler.shutdown()
 
 
 def save_prompt(target: str, prompt: list[int], caches: dict[str, torch.Tensor]) -> None:
@@ -586,10 +603,7 @@ def test_the_rates_a_worker_measures_reach_the_scheduler_as_vllms_connector_stat
 def test_a_failed_load_is_reported_as_block_ids_once(store_target: str) -> None:
     prompt = tokens(3 * BLOCK + 4, seed=7)
     save_prompt(store_target, prompt, blocks_first_caches(seed=7))
-    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
-    worker = make(KVConnectorRole.WORKER, store_target)
-    try:
-        worker.register_kv_caches(blocks_first_caches(seed=8))
+    with both_roles(store_target, blocks_first_caches(seed=8)) as (scheduler, worker):
         request = Request("evicted", prompt)
         assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK, False)
         scheduler.update_state_after_alloc(request, KVCacheBlocks(([3, 4, 5, 6],)), 3 * BLOCK)
@@ -601,16 +615,10 @@ def test_a_failed_load_is_reported_as_block_ids_once(store_target: str) -> None:
             assert worker.get_block_ids_with_load_errors() == set()
             # The store still serves what it holds: nothing was harmed.
             assert client.lookup(prompt).num_matched == 2
-    finally:
-        worker.shutdown()
-        scheduler.shutdown()
 
 
 def test_a_preempted_requests_save_is_dropped(store_target: str) -> None:
-    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
-    worker = make(KVConnectorRole.WORKER, store_target)
-    try:
-        worker.register_kv_caches(blocks_first_caches(seed=9))
+    with both_roles(store_target, blocks_first_caches(seed=9)) as (scheduler, worker):
         request = Request("preempted", tokens(2 * BLOCK + 1, seed=9))
         scheduler.get_num_new_matched_tokens(request, 0)
         scheduler.update_state_after_alloc(request, KVCacheBlocks(([0, 1, 2],)), 0)
@@ -626,9 +634,6 @@ def test_a_preempted_requests_save_is_dropped(store_target: str) -> None:
         worker.handle_preemptions(later)
         with SyncKVClient(store_target, scheduler.config.namespace) as client:
             assert client.lookup(request.prompt_token_ids).num_matched == 0
-    finally:
-        worker.shutdown()
-        scheduler.shutdown()
 
 
 def test_a_request_resumed_after_preemption_saves_each_block_from_its_own_page(
@@ -665,10 +670,7 @@ def test_a_request_resumed_after_preemption_saves_each_block_from_its_own_page(
 def test_a_failed_load_drops_only_the_saves_of_requests_that_loaded(store_target: str) -> None:
     prompt = tokens(3 * BLOCK + 4, seed=31)
     save_prompt(store_target, prompt, blocks_first_caches(seed=31))
-    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
-    worker = make(KVConnectorRole.WORKER, store_target)
-    try:
-        worker.register_kv_caches(blocks_first_caches(seed=32))
+    with both_roles(store_target, blocks_first_caches(seed=32)) as (scheduler, worker):
         loading, fresh = Request("loading", prompt), Request("fresh", tokens(2 * BLOCK + 1, 33))
         assert scheduler.get_num_new_matched_tokens(loading, 0) == (3 * BLOCK, False)
         scheduler.update_state_after_alloc(loading, KVCacheBlocks(([4, 5, 6, 7],)), 3 * BLOCK)
@@ -694,18 +696,12 @@ def test_a_failed_load_drops_only_the_saves_of_requests_that_loaded(store_target
             assert worker.worker_side.save_reports["fresh"].num_committed == 2
             assert worker.worker_side.save_reports["fresh"].errors == []
             assert client.lookup(fresh.prompt_token_ids).num_matched == 2
-    finally:
-        worker.shutdown()
-        scheduler.shutdown()
 
 
 def test_a_save_the_forward_pass_fed_only_in_part_is_dropped_not_wedged(store_target: str) -> None:
     # A forward pass that skipped save_kv_layer for a layer: that save can never end, and
     # must not make the next step's saves (starting at layer 0) fail.
-    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
-    worker = make(KVConnectorRole.WORKER, store_target)
-    try:
-        worker.register_kv_caches(blocks_first_caches(seed=95))
+    with both_roles(store_target, blocks_first_caches(seed=95)) as (scheduler, worker):
         partial = Request("partial", tokens(BLOCK + 1, seed=95))
         scheduler.get_num_new_matched_tokens(partial, 0)
         scheduler.update_state_after_alloc(partial, KVCacheBlocks(([0, 1],)), 0)
@@ -729,19 +725,13 @@ def test_a_save_the_forward_pass_fed_only_in_part_is_dropped_not_wedged(store_ta
         with SyncKVClient(store_target, scheduler.config.namespace) as client:
             assert client.lookup(partial.prompt_token_ids).num_matched == 0
             assert client.lookup(whole.prompt_token_ids).num_matched == 1
-    finally:
-        worker.shutdown()
-        scheduler.shutdown()
 
 
 def test_save_reports_keep_only_the_latest_requests(
     store_target: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(vllm_worker, "MAX_SAVE_REPORTS", 2)
-    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
-    worker = make(KVConnectorRole.WORKER, store_target)
-    try:
-        worker.register_kv_caches(blocks_first_caches(seed=41))
+    with both_roles(store_target, blocks_first_caches(seed=41)) as (scheduler, worker):
         for index in range(3):
             request = Request(f"r{index}", tokens(BLOCK + 1, seed=42 + index))
             scheduler.get_num_new_matched_tokens(request, 0)
@@ -754,9 +744,6 @@ def test_save_reports_keep_only_the_latest_requests(
             assert scheduler.request_finished(request, [index, 11]) == (True, None)
             wait_finished(worker, request.request_id)
         assert list(worker.worker_side.save_reports) == ["r1", "r2"]
-    finally:
-        worker.shutdown()
-        scheduler.shutdown()
 
 
 def finish_saved(scheduler: KVStoreConnector, request: Request, block_ids: list[int]) -> None:
@@ -826,10 +813,7 @@ def test_a_session_end_that_never_ran_still_unpins_the_session(store_target: str
 def test_the_worker_times_prefill_steps_without_being_told_their_tokens(store_target: str) -> None:
     # vLLM calls start_load_kv(forward_context) with no token count: the metadata carries
     # the step's scheduled tokens, so the prefill rate is measured under vLLM too.
-    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
-    worker = make(KVConnectorRole.WORKER, store_target)
-    try:
-        worker.register_kv_caches(blocks_first_caches(seed=81))
+    with both_roles(store_target, blocks_first_caches(seed=81)) as (scheduler, worker):
         request = Request("timed", tokens(4 * BLOCK + 1, seed=81))
         scheduler.get_num_new_matched_tokens(request, 0)
         scheduler.update_state_after_alloc(request, KVCacheBlocks(([0, 1, 2, 3, 4],)), 0)
@@ -845,9 +829,6 @@ def test_the_worker_times_prefill_steps_without_being_told_their_tokens(store_ta
         stats = worker.get_kv_connector_stats()
         assert stats is not None
         assert stats.data["prefill_tokens_per_s"] > 0
-    finally:
-        worker.shutdown()
-        scheduler.shutdown()
 
 
 @dataclass
@@ -861,10 +842,7 @@ class ServingRequest(Request):
 
 def test_a_cache_salt_or_lora_adapter_keeps_requests_from_sharing_kv(store_target: str) -> None:
     prompt = tokens(3 * BLOCK + 4, seed=91)
-    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
-    worker = make(KVConnectorRole.WORKER, store_target)
-    try:
-        worker.register_kv_caches(blocks_first_caches(seed=91))
+    with both_roles(store_target, blocks_first_caches(seed=91)) as (scheduler, worker):
         saver = ServingRequest("salted", prompt, cache_salt="team-a")
         scheduler.get_num_new_matched_tokens(saver, 0)
         scheduler.update_state_after_alloc(saver, KVCacheBlocks(([0, 1, 2, 3],)), 0)
@@ -887,9 +865,6 @@ def test_a_cache_salt_or_lora_adapter_keeps_requests_from_sharing_kv(store_targe
         }
         for name, (request, expected) in cases.items():
             assert scheduler.get_num_new_matched_tokens(request, 0) == (expected, False), name
-    finally:
-        worker.shutdown()
-        scheduler.shutdown()
 
 
 def test_multimodal_and_embedding_prompts_are_neither_looked_up_nor_saved(
