@@ -243,7 +243,7 @@ async def test_hostile_member_records_are_skipped_and_the_membership_followed(
 async def test_a_daemon_whose_record_is_deleted_registers_again(
     etcd: EtcdServer, start_node: Any
 ) -> None:
-    node = await start_node(**{"cluster.lease_ttl_s": 30})
+    node = await start_node(**{"cluster.lease_ttl_s": 6})
     await registered(etcd, 1)
     assert node.membership is not None
     writer = await etcd_client(etcd)
