@@ -292,7 +292,12 @@ class BlockStore:
         pool = self._pool
         state = pool.find_namespace(namespace)
         now = time.monotonic()
-        entries = [entry for key in keys if (entry := state.blocks.get(key) if state else None)]
+        # Each block once, however often the request names it: the count is of blocks.
+        entries = list(
+            dict.fromkeys(
+                entry for key in keys if (entry := state.blocks.get(key) if state else None)
+            )
+        )
         if quota is not None and quota.pinned_bytes is not None and state is not None:
             self._check_pinned_quota(namespace.tenant, quota.pinned_bytes, state, entries, now)
         for entry in entries:

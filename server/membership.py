@@ -118,7 +118,9 @@ class Registration:
                 failures = 0
                 await self._keep_alive()
                 await self._disconnect()  # the lease is gone: a new client registers again
-            except (aetcd.ClientError, EtcdUnavailable, OSError) as error:
+            # Any failure (a refused re-login raises grpc's own error) is retried: the
+            # daemon serves on, and registers again once etcd lets it.
+            except Exception as error:
                 failures += 1
                 if self.registered or failures == 1:
                     logger.warning("not registered in etcd (%s); serving on and retrying", error)

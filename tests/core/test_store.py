@@ -217,6 +217,12 @@ def test_pin_rejects_a_non_positive_ttl() -> None:
         store.pin(NS, [A], ttl_s=0)
 
 
+def test_pin_counts_each_block_once_however_often_it_is_named() -> None:
+    store = make_store()
+    put_root(store, A)
+    assert store.pin(NS, [A, A, A, b"absent"], ttl_s=60)[0] == 1
+
+
 def test_read_in_flight_is_never_evicted() -> None:
     store = make_store()
     fill_two_chains(store)
