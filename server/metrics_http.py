@@ -24,6 +24,9 @@ __all__ = ["MetricsEndpoint"]
 logger = logging.getLogger("kvstore.server.metrics")
 
 _HEAD_TIMEOUT_S = 10.0
+# The longest a reply may take to leave once written: a client that does not read it
+# loses its connection rather than hold one of the slots.
+_WRITE_TIMEOUT_S = 10.0
 _MAX_HEAD_BYTES = 16 << 10
 _MAX_CONNECTIONS = 16
 _REASONS = {
@@ -85,14 +88,20 @@ class MetricsEndpoint:
                 "Connection: close\r\n\r\n"
             )
             writer.write(head.encode("ascii") + body)
-            await writer.drain()
+            # A client that does not read must not hold a slot (or stop()) for ever.
+            async with asyncio.timeout(_WRITE_TIMEOUT_S):
+                await writer.drain()
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            pass  # the client went away or never sent a request: nothing to answer
+            writer.transport.abort()  # gone, silent or not reading: drop what is unsent
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
         finally:
             self._handlers.discard(task)
             writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                async with asyncio.timeout(_WRITE_TIMEOUT_S):
+                    await writer.wait_closed()
 
     async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
         """(status, content type, body) for the request `reader` brings."""
@@ -112,7 +121,10 @@ class MetricsEndpoint:
             return _plain(405, f"{method} /metrics: use GET\n")
         headers = _headers(lines[1:])
         encode: Callable[[CollectorRegistry], bytes]
-        encode, content_type = choose_encoder(headers.get("accept", ""))
+        try:
+            encode, content_type = choose_encoder(headers.get("accept", ""))
+        except Exception:  # a malformed Accept (prometheus_client raises on some)
+            return _plain(400, "unsupported Accept header; send text/plain or none\n")
         try:
             body = encode(self._registry)
         except Exception:  # the endpoint's edge: a broken collector must not stop the daemon

@@ -23,7 +23,7 @@ from kvstore.bench.scrape import Samples, parse_samples
 from kvstore.client import InvalidArgument, KVClient, KVForm
 from kvstore.errors import InvalidRequest
 from kvstore.layout import KVLayout, Namespace
-from kvstore.server import RunningServer, build_server, load_config
+from kvstore.server import RunningServer, build_server, load_config, metrics_http
 from kvstore.server.metrics_http import _MAX_CONNECTIONS, _MAX_HEAD_BYTES
 
 Connect = Callable[..., KVClient]
@@ -344,6 +344,39 @@ async def test_idle_connections_past_the_limit_are_closed(metered: RunningServer
     await asyncio.sleep(0.1)
     samples = await scrape(metered)
     assert samples.has("kvstore_lookups_total")
+
+
+async def test_a_malformed_accept_header_is_answered_400(metered: RunningServer) -> None:
+    request = b"GET /metrics HTTP/1.1\r\nAccept: text/plain; version=abc\r\n\r\n"
+    assert await asyncio.to_thread(raw_exchange, metered, request) == (b"HTTP/1.1 400 Bad Request")
+    assert (await scrape(metered)).has("kvstore_lookups_total")  # and it serves on
+
+
+async def test_clients_that_never_read_a_large_reply_lose_their_slots_not_the_endpoint(
+    metered: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Many tenants make a large reply. A client that asks and never reads it must not
+    # hold its slot (or the daemon's shutdown) for ever.
+    monkeypatch.setattr(metrics_http, "_WRITE_TIMEOUT_S", 0.5)
+    assert metered.metrics is not None
+    large = b"# padding\n" * 800_000  # 8 MB: more than the sockets' buffers hold
+    monkeypatch.setattr(
+        metrics_http, "choose_encoder", lambda accept: (lambda registry: large, "text/plain")
+    )
+    silent = []
+    try:
+        for _ in range(_MAX_CONNECTIONS):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.connect(("127.0.0.1", metered.metrics.port))
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")  # and never reads
+            silent.append(sock)
+        await asyncio.sleep(2.0)  # past the write timeout: their slots are free again
+        monkeypatch.undo()
+        assert (await scrape(metered)).has("kvstore_lookups_total")
+    finally:
+        for sock in silent:
+            sock.close()
 
 
 # -- bad settings -----------------------------------------------------------------------------
