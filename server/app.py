@@ -158,7 +158,11 @@ async def build_server(config: ServerConfig) -> RunningServer:
     lifecycle = Lifecycle()
     transfers = Transfers(store, mover, config.limits)
     servicer = KVStoreServicer(store, transfers, lifecycle, config.limits, auth)
-    server = grpc.aio.server(options=channel_options(config.limits.max_message_bytes))
+    # No SO_REUSEPORT (gRPC's default): a second daemon on this port must fail to start,
+    # not share its connections; and a port-0 bind cannot land on another server's port.
+    server = grpc.aio.server(
+        options=[*channel_options(config.limits.max_message_bytes), ("grpc.so_reuseport", 0)]
+    )
     add_kvstore_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     # Registered so that a request that does not parse is INVALID_ARGUMENT, not UNKNOWN.

@@ -588,6 +588,16 @@ async def test_a_closed_client_says_so_on_every_call(
     assert data_plane == (running.data_plane.transfers > 0)
 
 
+async def test_a_second_daemon_on_a_served_port_fails_to_start(
+    server_factory: Callable[..., Awaitable[RunningServer]],
+) -> None:
+    # gRPC would share the port (SO_REUSEPORT) and split the connections between two
+    # daemons that know nothing of each other's blocks.
+    first = await server_factory()
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{first.port}"):
+        await server_factory(listen=f"127.0.0.1:{first.port}")
+
+
 async def test_every_call_has_a_deadline(make_kv: MakeKV) -> None:
     """A server that accepts calls and never answers: the client gives up on time."""
     never = asyncio.Event()
