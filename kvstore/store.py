@@ -353,6 +353,13 @@ class BlockStore:
             result.num_deleted, result.num_busy = self._pool.delete_subtree(roots, time.monotonic())
         return result
 
+    async def settle_deletes(self) -> None:
+        """Wait until the files of blocks deleted so far are gone from the SSD directory
+        (fsynced with `fsync`): a restart after this cannot bring them back."""
+        ssd = self._pool.ssd
+        if ssd is not None:
+            await ssd.settle_removals()
+
     # -- reporting -------------------------------------------------------------------
 
     def report(self) -> StoreReport:

@@ -177,6 +177,7 @@ class KVStoreServicer:
             _, namespace, keys = open_keyed_request(request, self._max_keys)
             caller.authorize(namespace.tenant, admin_may=True)
             result = self._store.delete(namespace, keys)
+            await self._store.settle_deletes()
             return pb.DeleteResponse(num_deleted=result.num_deleted, num_busy=result.num_busy)
 
         return await self._answer(context, handle)

@@ -16,6 +16,9 @@ A failing disk degrades the tier instead of failing requests: after a write erro
 Durability: a file is written under a temporary name and renamed into place; with
 `fsync`, the file is fsynced before the rename and its directory after it (and the tier's
 directory after a namespace directory is created), so a renamed file survives power loss.
+A Delete answers once its blocks' unlinks have run (`settle_removals`; with `fsync`, their
+directories fsynced too), so a restart cannot bring a deleted block back; a write waits for
+an unlink of its own path still queued, which another I/O thread could run after it.
 
 Compression (`compression="lz4"`): each layer is byte-shuffled and lz4-compressed where
 that saves `compress_min_saving` of it (kvstore.layer_codec), on the I/O threads,
@@ -153,6 +156,12 @@ class SsdTier:
         self._lock = threading.Lock()
         self._used_bytes = 0
         self._reserved_bytes = 0
+        # Unlinks queued on the I/O threads, by path (loop thread only). A write of the
+        # same path waits for its unlink, which another I/O thread could otherwise run
+        # after the write's rename; `settle_removals` waits for them all.
+        self._removals: dict[Path, asyncio.Future[None]] = {}
+        # Directories with unlinks not yet fsynced (I/O threads add, under the lock).
+        self._unsynced_removal_directories: set[Path] = set()
         # Threads start on first use; `close` joins them.
         self._executor = ThreadPoolExecutor(
             max_workers=io_threads, thread_name_prefix="kvstore-ssd"
@@ -221,7 +230,37 @@ class SsdTier:
         except RuntimeError:  # the I/O threads are shut down: the tier is closing
             self.remove(location)
             return
-        future.add_done_callback(lambda done: done.exception())
+        path = location.path
+        self._removals[path] = future
+
+        def forget(done: asyncio.Future[None]) -> None:
+            done.exception()
+            if self._removals.get(path) is done:
+                del self._removals[path]
+
+        future.add_done_callback(forget)
+
+    async def settle_removals(self) -> None:
+        """Wait until every unlink queued so far has run, then (with `fsync`) fsync their
+        directories: a block deleted before this returns stays deleted after a crash."""
+        pending = list(self._removals.values())
+        if pending:
+            await asyncio.wait(pending)
+        if self.fsync and self._unsynced_removal_directories:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._fsync_removal_directories)
+
+    def _fsync_removal_directories(self) -> None:
+        with self._lock:
+            directories = list(self._unsynced_removal_directories)
+            self._unsynced_removal_directories.clear()
+        for index, directory in enumerate(directories):
+            try:
+                self._fsync_directory(directory)
+            except BaseException:
+                with self._lock:  # not durable yet: the next settle tries again
+                    self._unsynced_removal_directories.update(directories[index:])
+                raise
 
     # -- I/O on the tier's threads ----------------------------------------------------
 
@@ -230,6 +269,9 @@ class SsdTier:
     ) -> None:
         """`write_block` on an I/O thread: once it returns, the file is renamed into place,
         and with `fsync` the file and its directory are fsynced (it survives power loss)."""
+        removal = self._removals.get(location.path)
+        if removal is not None:
+            await asyncio.wait([removal])
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.write_block, location, header, payload)
 
@@ -442,6 +484,9 @@ class SsdTier:
 
     def remove(self, location: SsdLocation) -> None:
         location.path.unlink(missing_ok=True)
+        if self.fsync:
+            with self._lock:
+                self._unsynced_removal_directories.add(location.path.parent)
 
     def discard(self, path: Path, doing: str) -> None:
         """Delete a file the tier will not use; a read-only directory only counts an error."""

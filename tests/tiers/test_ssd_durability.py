@@ -300,6 +300,41 @@ async def _poll_files(ssd_dir: Path, names: set[str], timeout_s: float = 10.0) -
         await asyncio.sleep(0.01)
 
 
+async def test_a_delete_answers_once_its_files_are_gone(tmp_path: Path) -> None:
+    """After Delete's reply a restart must not bring a block back: the unlinks, done on
+    the SSD tier's I/O threads, have run (and with fsync, their directory is fsynced)."""
+    ssd_dir = tmp_path / "ssd"
+    settings: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "log_level": "warning",
+        "store.dram_bytes": 4 * MiB,
+        "store.page_bytes": 16 * KiB,
+        "store.ssd_dir": str(ssd_dir),
+        "store.write_policy": "write-through",
+        "store.ssd_fsync": True,
+    }
+    running: RunningServer = await build_server(load_config(None, settings))
+    try:
+        async with KVClient(f"127.0.0.1:{running.port}", NS, options=OPTIONS) as client:
+            keys = chain_keys("deleted", 3)
+            await put_chain(client, keys)  # write-through: acknowledged once on SSD
+            assert len(block_files(ssd_dir)) == 3
+            ssd = running.store.pool.ssd
+            assert ssd is not None
+            plain_remove = ssd.remove
+
+            def slow_remove(location: Any) -> None:
+                time.sleep(0.3)  # a slow disk: the reply must wait for it
+                plain_remove(location)
+
+            ssd.remove = slow_remove  # type: ignore[method-assign]
+            assert await client.delete(keys[:1]) == (3, 0)
+            assert block_files(ssd_dir) == []
+            assert (await client.lookup_keys(keys)).num_matched == 0
+    finally:
+        await running.drain()
+
+
 # -- capacity and failing disks -----------------------------------------------------------------
 
 

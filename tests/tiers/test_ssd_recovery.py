@@ -185,6 +185,63 @@ async def test_without_fsync_a_write_only_renames(tmp_path: Path) -> None:
         ssd.close()
 
 
+def held_unlinks(ssd: SsdTier) -> threading.Event:
+    """Make the tier's unlinks wait (on its I/O threads) until the returned event is set."""
+    may_run = threading.Event()
+    plain_remove = ssd.remove
+
+    def held_remove(location: SsdLocation) -> None:
+        may_run.wait(10)
+        plain_remove(location)
+
+    ssd.remove = held_remove  # type: ignore[method-assign]
+    return may_run
+
+
+async def test_a_rewrite_waits_for_a_queued_unlink_of_its_path(tmp_path: Path) -> None:
+    # With two I/O threads, an unlink queued before a write of the same path could run
+    # after the write's rename and take the new (acknowledged) file with it.
+    ssd = SsdTier(tmp_path / "ssd", 64 * MiB, fsync=False)
+    try:
+        path = await write(ssd, b"again")
+        unlinks_may_run = held_unlinks(ssd)
+        ssd.discard_file(SsdLocation(path, 0))
+        rewrite = asyncio.create_task(write(ssd, b"again"))
+        await asyncio.sleep(0.2)
+        assert not rewrite.done(), "the rewrite went ahead of the unlink queued before it"
+        unlinks_may_run.set()
+        assert await rewrite == path
+        assert path.read_bytes()[-BLOCK:] == payload(b"again")
+    finally:
+        ssd.close()
+    assert path.exists()
+
+
+async def test_settle_removals_waits_for_the_unlinks_and_fsyncs_their_directory(
+    tmp_path: Path,
+) -> None:
+    syscalls = RecordingSyscalls()
+    ssd = SsdTier(tmp_path / "ssd", 64 * MiB, fsync=True, syscalls=syscalls)
+    try:
+        paths = [await write(ssd, key) for key in (b"one", b"two")]
+        unlinks_may_run = held_unlinks(ssd)
+        for path in paths:
+            ssd.discard_file(SsdLocation(path, 0))
+        settle = asyncio.create_task(ssd.settle_removals())
+        await asyncio.sleep(0.2)
+        assert not settle.done()
+        syscalls.calls.clear()
+        unlinks_may_run.set()
+        await settle
+        assert not any(path.exists() for path in paths)
+        assert syscalls.calls == [("fsync", str(paths[0].parent))]
+        syscalls.calls.clear()
+        await ssd.settle_removals()  # nothing new to make durable
+        assert syscalls.calls == []
+    finally:
+        ssd.close()
+
+
 async def test_a_failed_directory_fsync_fails_the_write_and_leaves_no_file(
     tmp_path: Path,
 ) -> None:
