@@ -332,6 +332,13 @@ class BlockPool:
         if self.listener is not None:  # recovery may run while the store serves
             self._tell_stored(entry)
 
+    def adopt_ssd_copy(self, entry: BlockEntry, location: SsdLocation) -> None:
+        """Give an indexed block the SSD file recovery found for it (same bytes)."""
+        assert self._ssd is not None
+        self._ssd.adopt(location)
+        entry.add_copy(TierKind.SSD, location)
+        self.refresh(entry)
+
     def _tell_stored(self, entry: BlockEntry) -> None:
         assert self.listener is not None
         parent_key = entry.parent.key if entry.parent is not None else b""
@@ -752,14 +759,20 @@ class BlockPool:
             quoted = census.tenant(group) if group != SHARED else None
             with self.victims(TierKind.SSD, group) as victims:
                 # Chosen first, dropped only once they are enough: a reservation that
-                # cannot be made evicts nothing for it.
+                # cannot be made evicts nothing for it. Except along a chain: SSD goes
+                # tail first, so a block becomes a victim only once the file below it is
+                # gone; when only that holds the rest back, the chosen go now.
                 chosen: list[BlockEntry] = []
                 while needed_bytes > 0:
                     victim = victims.take()
                     if victim is None:
-                        for unused in chosen:
-                            victims.keep(unused)
-                        return False
+                        if not any(_parent_on_ssd(entry) for entry in chosen):
+                            for unused in chosen:
+                                victims.keep(unused)
+                            return False
+                        self._drop_ssd_victims(chosen, quoted)
+                        chosen = []
+                        continue
                     if victim is keep:
                         victims.keep(victim)
                         continue
@@ -767,15 +780,28 @@ class BlockPool:
                     assert isinstance(location, SsdLocation)
                     needed_bytes -= location.nbytes
                     chosen.append(victim)
-                for victim in chosen:
-                    self.drop_copy(victim, TierKind.SSD)
-                    if quoted is not None:
-                        quoted.num_quota_evictions[TierKind.SSD] += 1
+                self._drop_ssd_victims(chosen, quoted)
         if not ssd.reserve(nbytes):
             return False
         if usage is not None:
             census.reserve(usage, TierKind.SSD, nbytes)
         return True
+
+    def _drop_ssd_victims(self, victims: list[BlockEntry], quoted: TenantUsage | None) -> None:
+        for victim in victims:
+            self.drop_copy(victim, TierKind.SSD)
+            if quoted is not None:
+                quoted.num_quota_evictions[TierKind.SSD] += 1
+
+    def trim_ssd(self) -> int:
+        """Drop the coldest SSD copies (chain tails first) until the tier is within its
+        capacity, as after a restart with a smaller `ssd_bytes`; returns the bytes dropped."""
+        ssd = self._ssd
+        if ssd is None:
+            return 0
+        before = ssd.used_bytes
+        self.reserve_ssd(0)
+        return before - ssd.used_bytes
 
     def end_ssd_reservation(self, nbytes: int, usage: TenantUsage | None) -> None:
         """An SSD reservation was committed or released by the tier."""
@@ -1018,3 +1044,7 @@ def _in_memory(entry: BlockEntry) -> bool:
 def _resolve(future: asyncio.Future[memoryview], layer: memoryview) -> None:
     if not future.done():  # a cancelled read drops its first layer
         future.set_result(layer)
+
+
+def _parent_on_ssd(entry: BlockEntry) -> bool:
+    return entry.parent is not None and TierKind.SSD in entry.parent.copies

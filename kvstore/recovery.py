@@ -9,7 +9,9 @@ the block's identity, and the pool drops the block with its descendants
 (`drop_unreadable`), so a client gets a shorter prefix or a miss, never wrong bytes.
 
 A block comes back only if its parent did, so a lookup never finds a child whose parent
-is gone; block files whose parent never came back are deleted at the end. A file names
+is gone; block files whose parent never came back are deleted at the end, and so are
+files beyond the tier's capacity (a restart with a smaller `ssd_bytes`), chain tails
+first, as eviction would have. A file names
 the parent its index entry had (`BlockPool._write_claimed`), so a block put with
 `parent_remote` whose parent was on another node is a root in its file too, not an orphan;
 the file's `chain_root` tells it from a chain's true first block (a file written before
@@ -207,6 +209,16 @@ class IndexRebuild:
                 "blocks that were only in DRAM, and files not yet written)",
                 len(orphans),
             )
+        if self._ssd.used_bytes > self._ssd.capacity_bytes:
+            over = self._ssd.used_bytes - self._ssd.capacity_bytes
+            dropped = self._pool.trim_ssd()
+            logger.warning(
+                "the SSD directory held %d B more than ssd_bytes (%d B): dropped %d B of the "
+                "coldest block files",
+                over,
+                self._ssd.capacity_bytes,
+                dropped,
+            )
         logger.info(
             "recovered %d blocks (%d B) from %s in %.2fs; %d damaged files dropped, "
             "%d left to writes made meanwhile",
@@ -241,6 +253,14 @@ class IndexRebuild:
         existing = self._indexed(header.namespace, header.key)
         if existing is not None:
             self.num_left_alone += 1
+            path = block.location.path
+            if TierKind.SSD not in existing.copies and not self._ssd.is_claimed(path):
+                # A put stored the block again before the rebuild reached its file, and
+                # has not written it: the file is its SSD copy if it holds the same bytes.
+                if _same_block(existing, block):
+                    self._pool.adopt_ssd_copy(existing, block.location)
+                else:
+                    self._ssd.discard(path, "deleting a block file a put replaced")
             return existing
         if self._ssd.is_claimed(block.location.path):
             self.num_left_alone += 1
@@ -264,3 +284,13 @@ class IndexRebuild:
         self.num_damaged += 1
         if not self._ssd.is_claimed(damaged.path):
             self._ssd.discard(damaged.path, "deleting a damaged block file")
+
+
+def _same_block(entry: BlockEntry, block: RecoveredBlock) -> bool:
+    header = block.header
+    parent_key = entry.parent.key if entry.parent is not None else b""
+    return (
+        header.parent_key == parent_key
+        and header.checksum_kind.value == entry.checksum_kind_value
+        and list(header.layer_checksums) == entry.layer_checksums
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -30,17 +31,20 @@ def make_store(tmp_path: Path, **config: object) -> BlockStore:
     return BlockStore(StoreConfig(**{**settings, **config}))  # type: ignore[arg-type]
 
 
-def put(store: BlockStore, key: bytes, parent: bytes = b"") -> BlockEntry:
-    session = PutSession(store, NS, KIND)
+def put(
+    store: BlockStore, key: bytes, parent: bytes = b"", namespace: Namespace = NS
+) -> BlockEntry:
+    layout = namespace.layout
+    session = PutSession(store, namespace, KIND)
     try:
         session.declare(key, parent)
-        for layer in range(LAYOUT.num_layers):
-            data = hashlib.sha256(key + bytes([layer])).digest() * (LAYOUT.layer_bytes // 32)
+        for layer in range(layout.num_layers):
+            data = hashlib.sha256(key + bytes([layer])).digest() * (layout.layer_bytes // 32)
             session.write(0, layer, 0, data, checksum(KIND, data))
         assert session.finish() == [PutOutcome.COMMITTED]
     finally:
         session.abort()
-    (entry,) = store.find_prefix(NS, [key])
+    (entry,) = store.find_prefix(namespace, [key])
     return entry
 
 
@@ -170,3 +174,28 @@ async def test_wait_durable_waits_for_the_write_through_file(tmp_path: Path) -> 
     assert len(block_files(store)) == 1
     assert TierKind.SSD in entry.copies
     await mover.close()
+
+
+async def test_room_for_a_larger_file_is_made_along_one_chain_tail_first(tmp_path: Path) -> None:
+    # SSD copies leave tail first, so the chain's second-to-last file becomes a victim
+    # only once the last one is gone: a reservation needing both must still be made.
+    chain = [b"c0", b"c1", b"c2", b"c3"]
+    probe = make_store(tmp_path / "probe")
+    for index, key in enumerate(chain):
+        assert await probe.pool.write_to_ssd(put(probe, key, chain[index - 1] if index else b""))
+    chain_bytes = ssd_of(probe).used_bytes
+    probe.pool.close()
+    store = make_store(tmp_path, ssd_bytes=chain_bytes)
+    for index, key in enumerate(chain):
+        assert await store.pool.write_to_ssd(put(store, key, chain[index - 1] if index else b""))
+    assert ssd_of(store).used_bytes == chain_bytes
+    wide = Namespace(
+        tenant="t", model_fingerprint="wide", layout=dataclasses.replace(LAYOUT, num_layers=3)
+    )
+    big = put(store, b"big", namespace=wide)
+    assert await store.pool.write_to_ssd(big)
+    assert TierKind.SSD in big.copies
+    on_ssd = [entry.key for entry in store.find_prefix(NS, chain) if TierKind.SSD in entry.copies]
+    assert on_ssd == chain[:2]  # the two tails' files made the room
+    assert ssd_of(store).used_bytes <= chain_bytes
+    store.pool.close()

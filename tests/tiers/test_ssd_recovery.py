@@ -429,8 +429,35 @@ def test_a_block_put_during_the_rebuild_keeps_its_entry_and_takes_its_children(
     ssd.end_recovery()
     (parent, child) = pool.find_prefix(NS, [b"P", b"C"])
     assert child.parent is parent
-    assert set(parent.copies) == {TierKind.DRAM}  # the put's entry, not the file's
+    # The put's entry, with the file (the same bytes) as its SSD copy, accounted.
+    assert set(parent.copies) == {TierKind.DRAM, TierKind.SSD}
+    assert ssd.used_bytes == sum(path.stat().st_size for path in ssd.directory.glob("*/*.kvb"))
     assert rebuild.num_left_alone == 1
+    pool.close()
+
+
+def test_a_file_a_put_replaced_with_other_bytes_is_deleted(tmp_path: Path) -> None:
+    writer = SsdTier(tmp_path / "ssd", 64 * MiB, fsync=False)
+    # P's file from before the restart held other bytes than the put stores now.
+    header = dataclasses.replace(
+        header_for(b"P", b""), layer_checksums=header_for(b"Q", b"").layer_checksums
+    )
+    stale = SsdLocation(writer.path_for(NS, b"P"), writer.file_bytes(header))
+    writer.write_block(stale, header, [payload(b"Q")])
+    writer.close()
+    store = BlockStore(
+        StoreConfig(dram_bytes=MiB, page_bytes=16 * KiB, ssd_dir=str(tmp_path / "ssd"))
+    )
+    pool = store.pool
+    ssd = ssd_of(pool)
+    put(store, b"P")
+    rebuild = IndexRebuild(pool, ssd)
+    rebuild.apply(all_headers(ssd))
+    assert rebuild.finish() == 0
+    (entry,) = pool.find_prefix(NS, [b"P"])
+    assert set(entry.copies) == {TierKind.DRAM}
+    assert not stale.path.exists()
+    assert ssd.used_bytes == 0
     pool.close()
 
 
@@ -691,3 +718,29 @@ def test_a_file_declaring_more_than_its_bytes_decode_to_is_refused_before_alloca
     )
     with pytest.raises(CorruptBlockFile, match=r"stores .* for"):
         decode_header(encode_header(header) + stored + stored)
+
+
+def test_a_restart_with_a_smaller_ssd_drops_the_excess_tails_first(tmp_path: Path) -> None:
+    writer = SsdTier(tmp_path, 64 * MiB, fsync=False)
+    chain = [f"c{index}".encode() for index in range(6)]
+    file_bytes = 0
+    for index, key in enumerate(chain):
+        file_bytes = write_block_file(writer, key, chain[index - 1] if index else b"").nbytes
+    writer.close()
+    pool = BlockPool(
+        StoreConfig(
+            # Four files fit (a file's size varies by a few bytes with its keys).
+            dram_bytes=MiB,
+            page_bytes=16 * KiB,
+            ssd_dir=str(tmp_path),
+            ssd_bytes=4 * file_bytes + 64,
+        )
+    )
+    ssd = ssd_of(pool)
+    assert recover_index(pool) == 6
+    assert ssd.used_bytes <= ssd.capacity_bytes
+    assert chain_of(pool, chain) == chain[:4]  # a whole prefix: the tails went
+    pool.close()
+    assert sorted(path.name for path in tmp_path.glob("*/*.kvb")) == sorted(
+        f"{key.hex()}.kvb" for key in chain[:4]
+    )
