@@ -55,6 +55,15 @@ class RunningServer:
     metrics: DaemonMetrics | None = None  # None: metrics_port = -1
     gc_policy: GcPolicy | None = None  # None: gc_freeze_interval_s = 0
 
+    def reload_tokens(self) -> bool:
+        """Read the tokens file again (SIGHUP) and close the idle data-plane connections
+        of tokens it no longer grants; False (old tokens kept) if it cannot be read."""
+        if self.auth is None or not self.auth.reload():
+            return False
+        if self.data_plane is not None:
+            self.data_plane.close_revoked()
+        return True
+
     async def drain(self) -> None:
         """Stop taking new work, let streams in flight finish, then stop."""
         logger.info(
@@ -322,6 +331,6 @@ async def serve(config: ServerConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     if running.auth is not None:
-        loop.add_signal_handler(signal.SIGHUP, running.auth.reload)
+        loop.add_signal_handler(signal.SIGHUP, running.reload_tokens)
     await stop.wait()
     await running.drain()

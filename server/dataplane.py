@@ -28,7 +28,7 @@ import grpc
 from kvstore.config import TenantQuota
 from kvstore.errors import CapacityExhausted, InvalidRequest
 from kvstore.keys import MAX_KEY_BYTES
-from kvstore.server.auth import MAX_TOKEN_BYTES, OPEN, Authenticator, Caller
+from kvstore.server.auth import MAX_TOKEN_BYTES, OPEN, Authenticator, Caller, Unauthenticated
 from kvstore.server.config import Limits
 from kvstore.server.credentials import Credential, hello_credential
 from kvstore.server.decode import parse_request
@@ -191,7 +191,7 @@ class DataPlane:
         self._accepting: asyncio.Task[None] | None = None
         self._connections: set[asyncio.Task[None]] = set()
         # Connections waiting for their next transfer: a drain closes these at once.
-        self._idle: set[asyncio.Task[None]] = set()
+        self._idle: dict[asyncio.Task[None], _Link] = {}
         self.transfers = 0  # puts and gets served, for tests and logs
         self.accepted = 0  # connections served (not those turned away at the cap)
         self.request_metrics: RequestMetrics | None = None  # errors counted here, if on
@@ -240,6 +240,30 @@ class DataPlane:
         self._unix_listener = listener
         self.shm_path = path
         self._unix_accepting = asyncio.create_task(self._accept_loop(listener, unix=True))
+
+    def close_revoked(self) -> int:
+        """Close the idle connections whose credential no longer proves their caller (after
+        the tokens file is reloaded: a revoked token must not keep its connection slots,
+        or its tenant's max_data_connections share, until its next request). Returns how
+        many were closed; a connection in a transfer is checked at its next one."""
+        if self._auth is None:
+            return 0
+        closed = 0
+        for task, link in list(self._idle.items()):
+            if link.credential is None:
+                continue  # still in its HELLO: checked there
+            try:
+                caller = link.credential.caller(self._auth)
+            except Unauthenticated:
+                caller = None
+            # A token moved to another tenant closes too: the connection is counted
+            # against the tenant its HELLO proved.
+            if caller is None or (link.tenant is not None and caller.tenant != link.tenant):
+                task.cancel()
+                closed += 1
+        if closed:
+            logger.info("closed %d idle data-plane connections of revoked tokens", closed)
+        return closed
 
     async def drain(self, grace_s: float) -> None:
         """Stop accepting, close idle connections, and give transfers in flight
@@ -309,22 +333,22 @@ class DataPlane:
         )
         reader = link.reader
         try:
-            self._idle.add(task)
+            self._idle[task] = link
             try:
                 await self._handshake(link)
             finally:
-                self._idle.discard(task)
+                self._idle.pop(task, None)
             # A drain ends the connection between transfers; the client's pool sees it.
             while not self._lifecycle.draining:
                 reader.release_buffer()  # an idle connection holds no megabyte buffer
-                self._idle.add(task)
+                self._idle[task] = link
                 try:
                     async with asyncio.timeout(_IDLE_TIMEOUT_S):
                         await link.readable()
                 except TimeoutError:
                     return  # idle too long: close quietly, the client's pool sees it
                 finally:
-                    self._idle.discard(task)
+                    self._idle.pop(task, None)
                 # The transfer's deadline runs from its first byte: the client's own
                 # (DEFAULT_TRANSFER_S without a DEADLINE frame), capped by the server's
                 # limits.max_transfer_s. Idle waits and trickled frames are cut sooner

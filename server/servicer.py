@@ -251,7 +251,7 @@ class KVStoreServicer:
             credential = None if self._auth is None else grpc_credential(self._auth, context)
             limit = self._limits.watch_message_events
             max_events = min(watch.max_events_per_message or limit, limit)
-            with self.watch_hub.watch(namespace) as watcher:
+            with self.watch_hub.watch(namespace, caller.tenant) as watcher:
                 while True:
                     with self._lifecycle.idle_wait():
                         first_sequence, events = await watcher.take(max_events)

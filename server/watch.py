@@ -138,11 +138,12 @@ class WatchHub:
         return self._num_watchers
 
     @contextmanager
-    def watch(self, namespace: Namespace) -> Iterator[Watcher]:
+    def watch(self, namespace: Namespace, caller_tenant: str | None = None) -> Iterator[Watcher]:
         """A watcher of `namespace` for the `with` block; CapacityExhausted past the
-        limits (counted per namespace tenant)."""
+        limits. Counted against the caller's tenant (an admin watching another tenant
+        uses up its own share, not theirs), or the namespace's without authentication."""
         limits = self._limits
-        tenant = namespace.tenant
+        tenant = namespace.tenant if caller_tenant is None else caller_tenant
         if self._num_watchers >= limits.max_watchers:
             raise CapacityExhausted(
                 f"the server has {self._num_watchers} WatchBlocks streams open, its limit "

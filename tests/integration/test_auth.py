@@ -7,6 +7,7 @@ checked to harm nothing: the other tenant's blocks stay byte-identical and unpin
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -592,6 +593,28 @@ async def test_an_admitted_data_plane_connection_loses_a_revoked_token_at_its_ne
         assert "not known" in text
     finally:
         raw.close()
+
+
+async def test_a_reload_closes_the_idle_connections_of_revoked_tokens(
+    secured: RunningServer, tokens_file: Path
+) -> None:
+    """An idle connection of a revoked token must not hold its slot (and its tenant's
+    max_data_connections share) until it next asks for something."""
+    revoked = await Raw.open(secured, TOKEN_A.encode())
+    kept = await Raw.open(secured, TOKEN_B.encode())
+    try:
+        tokens_file.write_text(tokens_toml([(TOKEN_B, "team-b", "tenant", None)]))  # noqa: ASYNC240
+        assert secured.reload_tokens()  # what SIGHUP does
+        async with asyncio.timeout(5):
+            assert await asyncio.get_running_loop().sock_recv(revoked.sock, 1) == b""
+        # The other tenant's connection stays open and serves.
+        request = pb.GetBlocksRequest(namespace=namespace_to_wire(NS_B), keys=[b"b-none"])
+        await kept.send(frame(FrameKind.GET, request.SerializeToString()))
+        kind, _ = await kept.read_frame()
+        assert kind != FrameKind.ERROR
+    finally:
+        revoked.close()
+        kept.close()
 
 
 async def test_data_plane_lookups_take_the_tenant_from_hello_not_the_request(

@@ -339,6 +339,32 @@ async def test_a_tenant_watches_only_its_own_namespaces(
         assert (await b.lookup_keys([b"b-0"])).num_matched == 1
 
 
+async def test_an_admins_watches_count_against_its_own_share(
+    server_factory: ServerFactory,
+    make_namespace: Callable[..., Namespace],
+    follow: Callable[..., Follower],
+    tmp_path: Path,
+) -> None:
+    server = await server_factory(
+        auth__tokens_file=str(_tokens_file(tmp_path)), limits__max_watchers_per_tenant=1
+    )
+    target = f"127.0.0.1:{server.port}"
+    ns_b = make_namespace(tenant="team-b")
+
+    def as_(token: str) -> KVClient:
+        return KVClient(target, ns_b, options=ClientOptions(token=token))
+
+    async with as_("tok-b-0123456789") as b, as_("tok-admin-012345") as admin:
+        watching = follow(admin)
+        await watching.wait_until(lambda: target in watching.view.synced)
+        # The admin's watch of b's namespace did not take b's one place.
+        own = follow(b)
+        await own.wait_until(lambda: target in own.view.synced)
+        with pytest.raises(ResourceExhausted, match="'ops' has 1"):
+            async with contextlib.aclosing(admin.watch_blocks()) as stream:
+                await anext(stream)
+
+
 # -- bad requests and limits ----------------------------------------------------------------------
 
 
