@@ -119,8 +119,10 @@ class StoreConfig:
             raise InvalidRequest(
                 f"unknown eviction policy {self.eviction_policy!r}; choose from {sorted(POLICIES)}"
             )
-        if self.max_lease_s <= 0:
+        if not self.max_lease_s > 0:  # NaN too: it would cap no lease
             raise InvalidRequest(f"max_lease_s must be > 0, got {self.max_lease_s}")
+        if self.ssd_bytes < 0:
+            raise InvalidRequest(f"ssd_bytes must be >= 0, got {self.ssd_bytes}")
         # Checked here too, not only by the arena, so a bad config fails when it is loaded.
         if self.page_bytes < 512 or self.page_bytes & (self.page_bytes - 1):
             raise InvalidRequest(f"page_bytes must be a power of two >= 512, got {self.page_bytes}")

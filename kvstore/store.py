@@ -276,7 +276,8 @@ class BlockStore:
     # -- pins ----------------------------------------------------------------------
 
     def pin(self, namespace: Namespace, keys: list[bytes], ttl_s: float) -> tuple[int, float]:
-        """Lease the present blocks among `keys`; returns (count, wall-clock expiry).
+        """Lease the present blocks among `keys`; returns (count, wall-clock time at which
+        the first of their leases ends: this pin's, or a longer one held already).
 
         The lease is cut to the tenant's `max_lease_s` quota, else the store's. A pin
         that would take the tenant's leased bytes past its `pinned_bytes` quota raises
@@ -302,7 +303,10 @@ class BlockStore:
             self._check_pinned_quota(namespace.tenant, quota.pinned_bytes, state, entries, now)
         for entry in entries:
             pool.extend_lease(entry, now + ttl_s)
-        return len(entries), time.time() + ttl_s
+        # A lease is only ever extended: an earlier, longer pin may hold a block past this
+        # one. The reply names when the first of the pinned blocks' leases ends.
+        first_end = min((entry.lease_expiry for entry in entries), default=now + ttl_s)
+        return len(entries), time.time() + (first_end - now)
 
     def _check_pinned_quota(
         self,

@@ -325,12 +325,24 @@ def protections_line(config: ServerConfig, auth: Authenticator | None) -> str:
 
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
+    loop = asyncio.get_running_loop()
+    # A SIGHUP while the daemon starts must neither kill it (the default action) nor be
+    # lost: the tokens file may have been read before the change it announces.
+    reload_asked = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
     running = await build_server(config)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     if running.auth is not None:
         loop.add_signal_handler(signal.SIGHUP, running.reload_tokens)
+        if reload_asked.is_set():
+            running.reload_tokens()
+    else:
+        loop.add_signal_handler(signal.SIGHUP, _no_tokens_to_reload)
     await stop.wait()
     await running.drain()
+
+
+def _no_tokens_to_reload() -> None:
+    logger.info("SIGHUP: no tokens file to reload (authentication is off)")

@@ -206,8 +206,8 @@ def bearer_token(value: str) -> str:
     """The token of an `authorization` metadata value; Unauthenticated if malformed."""
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
+        # The scheme is not echoed: a token sent without `Bearer ` would be in it.
         raise Unauthenticated(
-            "the authorization metadata must be `Bearer TOKEN` (RFC 6750), got a "
-            f"{scheme[:16]!r} credential"
+            "the authorization metadata must be `Bearer TOKEN` (RFC 6750), got another form"
         )
     return token.strip()

@@ -146,8 +146,9 @@ class Limits:
     max_watchers_per_tenant: int = 32
 
     def __post_init__(self) -> None:
-        if self.max_message_bytes < 64 << 10:
-            raise InvalidRequest("limits.max_message_bytes must be at least 64KiB")
+        # gRPC takes the limit as a C int; 1 GiB keeps well inside it.
+        if not 64 << 10 <= self.max_message_bytes <= 1 << 30:
+            raise InvalidRequest("limits.max_message_bytes must be between 64KiB and 1GiB")
         # A chunk travels with a few dozen bytes of framing; keep it inside the limit.
         if not self.min_chunk_bytes <= self.default_chunk_bytes <= self.max_chunk_bytes:
             raise InvalidRequest(
@@ -157,7 +158,7 @@ class Limits:
             )
         if self.max_keys < 1:
             raise InvalidRequest("limits.max_keys must be >= 1")
-        if self.drain_grace_s < 0:
+        if not self.drain_grace_s >= 0:  # NaN too: a drain would never end
             raise InvalidRequest("limits.drain_grace_s must be >= 0")
         if self.max_data_connections < 1:
             raise InvalidRequest("limits.max_data_connections must be >= 1")

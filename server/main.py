@@ -253,10 +253,6 @@ def tenants_table(stats: pb.StatsResponse) -> Table:
     return table
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def durability_line(stats: pb.StatsResponse) -> str:
     """What a COMMITTED put promises now, and the writes still owed to that promise."""
     durability = (
@@ -269,3 +265,7 @@ def durability_line(stats: pb.StatsResponse) -> str:
         f"durable {durability}  put reservations {human_bytes(stats.put_reserved_bytes)}  "
         f"SSD writes pending {stats.ssd_writes_pending}"
     )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,7 @@ alone answers a bad request inside its result, so the stream goes on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,6 +46,9 @@ from kvstore.wire.frames import VERSION as DATAPLANE_VERSION
 
 Reply = TypeVar("Reply")
 Context: TypeAlias = grpc.aio.ServicerContext
+
+# How often a WatchBlocks stream with a credential checks it while no event is due.
+WATCH_RECHECK_S = 5.0
 
 
 class KVStoreServicer:
@@ -251,13 +255,23 @@ class KVStoreServicer:
             credential = None if self._auth is None else grpc_credential(self._auth, context)
             limit = self._limits.watch_message_events
             max_events = min(watch.max_events_per_message or limit, limit)
+            # On a quiet namespace no message is due for long: the credential is checked
+            # every WATCH_RECHECK_S meanwhile, so a revoked stream does not keep its place.
+            recheck_s = WATCH_RECHECK_S if credential is not None else None
             with self.watch_hub.watch(namespace, caller.tenant) as watcher:
                 while True:
-                    with self._lifecycle.idle_wait():
-                        first_sequence, events = await watcher.take(max_events)
+                    try:
+                        with self._lifecycle.idle_wait():
+                            async with asyncio.timeout(recheck_s):
+                                first_sequence, events = await watcher.take(max_events)
+                    except TimeoutError:  # take() gives up nothing when cancelled waiting
+                        events = []
                     if credential is not None and self._auth is not None:
                         credential.caller(self._auth).authorize(namespace.tenant, admin_may=True)
-                    await context.write(watch_reply(first_sequence, events))
+                    if events:
+                        await context.write(watch_reply(first_sequence, events))
+                    # A drain that began while a slow reader held the write ends it here.
+                    self._lifecycle.refuse_if_draining()
 
         await self._answer(context, handle)
 

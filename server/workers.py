@@ -248,8 +248,9 @@ def worker_main(argv: list[str]) -> int:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--supervisor-pid", type=int, required=True)
     args = parser.parse_args(argv)
-    # Ignored until the daemon installs its handler: a token reload sent while this
-    # worker starts must not kill it (the tokens file is read at start anyway).
+    # Ignored until the daemon installs its handler, which it does before it reads the
+    # tokens file (and reloads it once if a SIGHUP came meanwhile): a reload sent while
+    # this worker starts must not kill it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _exit_with_supervisor(args.supervisor_pid)
     config = pickle.load(sys.stdin.buffer)

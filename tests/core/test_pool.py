@@ -112,6 +112,17 @@ def test_a_pinned_block_is_not_offered_and_returns_once_unpinned() -> None:
     assert take_all(store.pool, TierKind.DRAM) == [b"C", b"D", b"B", b"A"]
 
 
+def test_a_shorter_pin_reports_the_longer_lease_it_leaves_in_force() -> None:
+    store = four_roots_used_in_order()
+    _, first_end = store.pin(NS, [b"D"], ttl_s=600)
+    count, reported_end = store.pin(NS, [b"D"], ttl_s=1)
+    assert count == 1
+    # The block stays pinned for the first lease; the reply must not say 1 s.
+    assert reported_end == pytest.approx(first_end, abs=0.5)
+    _, both_end = store.pin(NS, [b"C", b"D"], ttl_s=5)
+    assert both_end == pytest.approx(time.time() + 5, abs=0.5)  # C's lease ends first
+
+
 def test_a_stale_queue_entry_is_skipped_and_ranked_where_it_belongs() -> None:
     store = four_roots_used_in_order()
     entry = entry_of(store, b"D")

@@ -32,8 +32,12 @@ def tokens(*pairs: tuple[str, str]) -> str:
     )
 
 
-def stats_cli(target: str, token: str | None) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "kvstore.server.main", "stats", "--target", target, "--json"]
+def stats_cli(
+    target: str, token: str | None, *, as_json: bool = True
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "kvstore.server.main", "stats", "--target", target]
+    if as_json:
+        command.append("--json")
     if token is not None:
         command += ["--token", token]
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
@@ -55,6 +59,21 @@ def test_sighup_rotates_tokens_and_stats_takes_one(launch: Launch, tmp_path: Pat
         assert time.monotonic() < deadline, f"SIGHUP did not reload the tokens:\n{server.log}"
         time.sleep(0.2)
     assert "UNAUTHENTICATED" in stats_cli(server.target, OLD).stderr
+    table = stats_cli(server.target, NEW, as_json=False)  # the module run as a script
+    assert table.returncode == 0, table.stderr
+    assert "kvstore tiers" in table.stdout
     assert server.process.poll() is None  # still serving
     assert "tokens file reloaded: 1 tokens" in server.log
+    assert server.stop(signal.SIGTERM) == 0
+
+
+def test_sighup_without_a_tokens_file_is_logged_not_fatal(launch: Launch, tmp_path: Path) -> None:
+    server = launch(tmp_path / "ssd")
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while "no tokens file to reload" not in server.log:
+        assert server.process.poll() is None, f"SIGHUP ended the daemon:\n{server.log}"
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.1)
+    assert stats_cli(server.target, None).returncode == 0
     assert server.stop(signal.SIGTERM) == 0

@@ -523,6 +523,36 @@ async def test_a_revoked_token_ends_an_open_watch(
             await asyncio.wait_for(_read_to_the_end(stream), timeout=20)
 
 
+async def test_a_revoked_token_ends_a_watch_of_a_quiet_namespace(
+    server_factory: ServerFactory,
+    make_namespace: Callable[..., Namespace],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No event is due on a quiet namespace: the stream still checks its credential, so
+    a revoked one does not keep its watcher place."""
+    import kvstore.server.servicer as servicer
+
+    monkeypatch.setattr(servicer, "WATCH_RECHECK_S", 0.2)
+    tokens = _tokens_file(tmp_path)
+    server = await server_factory(auth__tokens_file=str(tokens))
+    ns_b = make_namespace(tenant="team-b")
+    options = ClientOptions(token="tok-b-0123456789")
+    async with (
+        KVClient(f"127.0.0.1:{server.port}", ns_b, options=options) as b,
+        contextlib.aclosing(b.watch_blocks()) as stream,
+    ):
+        first = await anext(stream)
+        assert [event.key for event in first.events] == [b""]  # SNAPSHOT_END only
+        kept = [line for line in tokens.read_text().split("[[tokens]]") if "team-b" not in line]
+        tokens.write_text("[[tokens]]".join(kept))
+        assert server.auth is not None
+        assert server.auth.reload()
+        with pytest.raises(Unauthenticated):
+            await asyncio.wait_for(_read_to_the_end(stream), timeout=20)
+    assert server.servicer.watch_hub.num_watchers == 0
+
+
 async def _read_to_the_end(stream: AsyncIterator[BlockEvents]) -> None:
     async for _ in stream:
         pass
