@@ -173,6 +173,12 @@ class Authenticator:
         if token is not None:
             return self._caller_for_token(token)
         if self.certificate_tenants and certificate_name:
+            if not certificate_name.isprintable():
+                # A NUL or control byte: a name some parsers cut short (another tenant's).
+                raise Unauthenticated(
+                    "the client certificate's common name holds control characters; it "
+                    "cannot name a tenant"
+                )
             return Caller(tenant=certificate_name, role=Role.TENANT)
         raise Unauthenticated(
             "no credential: send `authorization: Bearer TOKEN` (gRPC metadata) or a token in "

@@ -7,9 +7,12 @@ certificate's common name. The data plane: the token after the version in HELLO
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from kvstore.server.auth import (
     MAX_TOKEN_BYTES,
@@ -52,12 +55,25 @@ def grpc_credential(auth: Authenticator, context: grpc.aio.ServicerContext) -> C
 
 
 def grpc_certificate_name(context: grpc.aio.ServicerContext) -> str | None:
-    """The common name of the call's verified client certificate, if it has one."""
-    names = context.auth_context().get("x509_common_name")
+    """The common name of the call's verified client certificate, if it has one.
+
+    Read from the certificate itself, as the data plane reads it (`getpeercert`): gRPC's
+    `x509_common_name` ends at a NUL byte, so "team-b\\0.team-a.example" would read as
+    "team-b" there (the authenticator refuses such a name)."""
+    certificates = context.auth_context().get("x509_pem_cert")
+    if not certificates:
+        return None
+    return _first_common_name(bytes(certificates[0]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _first_common_name(pem: bytes) -> str | None:
+    subject = x509.load_pem_x509_certificate(pem).subject
+    names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names:
         return None
-    name: bytes = names[0]
-    return name.decode(errors="replace")
+    value = names[0].value
+    return value if isinstance(value, str) else value.decode(errors="replace")
 
 
 def hello_credential(auth: Authenticator, token: bytes, certificate_name: str | None) -> Credential:

@@ -24,6 +24,7 @@ class Pki:
     other_ca: str  # a CA nobody here uses: its client certificate is foreign
     foreign_cert: str
     foreign_key: str
+    ca_key: str  # to issue more client certificates from `ca`
 
 
 def write_cert(cert: trustme.LeafCert, directory: Path, name: str) -> tuple[str, str]:
@@ -40,6 +41,7 @@ def make_pki(directory: Path, *, client_name: str, server_alt_name: str) -> Pki:
     certificate whose common name is `client_name`, and the same client from another CA."""
     ca, other = trustme.CA(), trustme.CA()
     ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    ca.private_key_pem.write_to_path(str(directory / "ca.key"))
     other.cert_pem.write_to_path(str(directory / "other-ca.pem"))
     server = ca.issue_cert("127.0.0.1", "localhost", server_alt_name)
     client = ca.issue_cert(f"{client_name}.example", common_name=client_name)
@@ -50,4 +52,12 @@ def make_pki(directory: Path, *, client_name: str, server_alt_name: str) -> Pki:
         *write_cert(client, directory, "client"),
         str(directory / "other-ca.pem"),
         *write_cert(foreign, directory, "foreign"),
+        str(directory / "ca.key"),
     )
+
+
+def issue_client_cert(pki: Pki, directory: Path, common_name: str) -> tuple[str, str]:
+    """Another client certificate from `pki`'s CA, whose common name is `common_name`."""
+    ca = trustme.CA.from_pem(Path(pki.ca).read_bytes(), Path(pki.ca_key).read_bytes())
+    cert = ca.issue_cert("issued.example", common_name=common_name)
+    return write_cert(cert, directory, "issued")

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from certificates import Pki, make_pki  # tests/certificates.py
+from certificates import Pki, issue_client_cert, make_pki  # tests/certificates.py
 from daemons import daemon_launcher  # tests/daemons.py
 
 from kvstore.client import (
@@ -28,6 +28,7 @@ from kvstore.client import (
     Namespace,
     PermissionDenied,
     TLSOptions,
+    Unauthenticated,
     Unavailable,
 )
 from kvstore.client._dataplane import DataPlanePool, DataPlaneUnreachable
@@ -270,6 +271,30 @@ async def test_the_client_certificate_names_the_tenant_on_both_transports(
     ) as client:
         with pytest.raises(PermissionDenied, match=CLIENT_NAME):
             await client.put(list(range(16)), make_kv(LAYOUT, 1))
+
+
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
+async def test_a_common_name_with_a_nul_byte_names_no_tenant(
+    pki: Pki,
+    server_factory: ServerFactory,
+    make_kv: MakeKV,
+    tmp_path: Path,
+    data_plane: bool,
+) -> None:
+    """gRPC's own x509_common_name ends at a NUL: "tenant-tls\\0.other" must not pass
+    for tenant-tls on either transport (a CA that checks only a suffix signs it)."""
+    cert_file, key_file = issue_client_cert(pki, tmp_path, f"{CLIENT_NAME}\x00.other.example")
+    running = await server_factory(
+        **tls_settings(pki, mutual=True), **{"auth.certificate_tenants": True}
+    )
+    async with make_client(running, data_plane=True, tls=client_tls(pki)) as owner:
+        assert (await owner.put(list(range(16)), make_kv(LAYOUT, 1))).num_committed == 1
+    tls = client_tls(pki, cert_file=cert_file, key_file=key_file)
+    async with make_client(running, data_plane=data_plane, tls=tls) as intruder:
+        with pytest.raises(Unauthenticated, match="control characters"):
+            await intruder.lookup(list(range(16)))
+        with pytest.raises(Unauthenticated, match="control characters"):
+            await intruder.delete([b"any"])
 
 
 async def test_the_data_plane_link_carries_the_certificate_name(
