@@ -151,13 +151,21 @@ async def find_data_plane(
     # The socket is on this host only if the daemon is: a path that does not connect
     # falls through to TCP, and the socket's HELLO names the daemon's instance, so a
     # socket of another daemon at the same path is not taken for it.
-    if shared_memory is not False and reply.shm_path:
+    # The listener must run as the daemon's user (SO_PEERCRED) before a token is sent
+    # there; a server that does not say its user gets no token over the socket.
+    daemon_uid = reply.shm_uid if reply.HasField("shm_uid") else None
+    if (
+        shared_memory is not False
+        and reply.shm_path
+        and (daemon_uid is not None or not hello_token)
+    ):
         pool = ShmPool(
             reply.shm_path,
             reply.shm_instance,
             max_frame_bytes,
             buffer_bytes=SHM_BUFFER_MESSAGES * max_frame_bytes,
             token=hello_token,
+            daemon_uid=daemon_uid,
         )
         planes.append(DataPlaneTransport(pool, timeout_s))
     tcp = (

@@ -17,6 +17,7 @@ import fcntl
 import mmap
 import os
 import socket
+import struct
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 
 from kvstore.client._dataplane import DataConnection, DataPlanePool, DataPlaneUnreachable
@@ -51,6 +52,7 @@ from kvstore.wire.shm import (
 )
 
 _ERROR_WAIT_S = 1.0
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -254,6 +256,19 @@ class ShmConnection(DataConnection):
             await self._raise_server_error()
 
 
+def check_listener_user(sock: socket.socket, path: str, daemon_uid: int) -> None:
+    """Refuse a Unix socket whose listener is not the daemon's user: another user who put
+    a socket at `path` must never see the HELLO's token. The kernel vouches for the uid
+    (SO_PEERCRED: the listener's credentials when it called listen())."""
+    credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    _, uid, _ = _UCRED.unpack(credentials)
+    if uid != daemon_uid:
+        raise OSError(
+            f"its listener runs as uid {uid}, not the daemon's uid {daemon_uid}: another "
+            f"user's socket at {path}; no token is sent there"
+        )
+
+
 class ShmPool(DataPlanePool):
     """Connections to the daemon's Unix socket at `path`, each with its own buffer of
     `buffer_bytes`."""
@@ -265,11 +280,13 @@ class ShmPool(DataPlanePool):
         max_frame_bytes: int,
         buffer_bytes: int,
         token: bytes = b"",
+        daemon_uid: int | None = None,
     ) -> None:
         super().__init__("unix", 0, max_frame_bytes, token=token)
         self.path = path
         self._instance = instance
         self._buffer_bytes = buffer_bytes
+        self._daemon_uid = daemon_uid  # None: not checked (allowed only without a token)
 
     @property
     def address(self) -> str:
@@ -283,6 +300,8 @@ class ShmPool(DataPlanePool):
             async with asyncio.timeout_at(deadline):
                 sock.setblocking(False)
                 await loop.sock_connect(sock, self.path)
+                if self._daemon_uid is not None:
+                    check_listener_user(sock, self.path, self._daemon_uid)
                 tune_socket(sock)
                 buffer = SharedBuffer(self._buffer_bytes)
                 connection = ShmConnection(sock, self._max_frame_bytes, buffer)

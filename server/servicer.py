@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeAlias, TypeVar
@@ -286,6 +287,7 @@ class KVStoreServicer:
                 tls=self.data_plane_tls,
                 shm_path=self.shm_path,
                 shm_instance=self.shm_instance,
+                shm_uid=os.geteuid() if self.shm_path else None,
             )
 
         return await self._answer(context, handle)

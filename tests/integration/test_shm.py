@@ -13,10 +13,12 @@ import contextlib
 import fcntl
 import mmap
 import os
+import shutil
 import signal
 import socket
 import struct
 import sys
+import tempfile
 import textwrap
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -569,6 +571,68 @@ async def test_a_revoked_token_maps_no_more_buffers_on_an_open_connection(
         await raw.expect_error(grpc.StatusCode.UNAUTHENTICATED)
     finally:
         raw.close()
+
+
+_SQUATTER = """
+import os, socket, sys
+path = sys.argv[1]
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(path)
+os.chmod(path, 0o777)
+listener.listen(4)
+listener.settimeout(20)
+print("ready", flush=True)
+connection, _ = listener.accept()
+connection.settimeout(3)
+received = b""
+try:
+    while chunk := connection.recv(65536):
+        received += chunk
+except socket.timeout:
+    pass
+print(received.hex(), flush=True)
+"""
+
+
+# The other user's listener runs on the system's interpreter: this one may sit where only
+# root can reach it (a pyenv under /root).
+_OTHER_USERS_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a listener as another user")
+@pytest.mark.skipif(not os.path.exists(_OTHER_USERS_PYTHON), reason="no /usr/bin/python3")
+async def test_no_token_goes_to_another_users_socket_at_the_daemons_path(
+    server_factory: ServerFactory, clients: Callable[..., KVClient], make_kv: MakeKV
+) -> None:
+    """Another user holds the advertised path (the daemon's socket was removed, or the
+    daemon is on another host): the client must not send its token there, and falls
+    back to TCP."""
+    shared = Path(tempfile.mkdtemp(prefix="kvstore-squat-"))
+    shared.chmod(0o777)  # noqa: ASYNC240
+    try:
+        tokens = shared / "tokens.toml"
+        entry = f'[[tokens]]\nsha256 = "{token_sha256(TOKEN_A)}"\ntenant = "tenant-a"\n'
+        tokens.write_text(entry)
+        path = shared / "kv.sock"
+        running = await server_factory(shm_socket=str(path), auth__tokens_file=str(tokens))
+        path.unlink()
+        squatter = await asyncio.create_subprocess_exec(
+            _OTHER_USERS_PYTHON, "-c", _SQUATTER, str(path),
+            stdout=asyncio.subprocess.PIPE, user=65534, group=65534,
+        )  # fmt: skip
+        assert squatter.stdout is not None
+        assert await squatter.stdout.readline() == b"ready\n"
+        client = clients(running, token=TOKEN_A)
+        kv = make_kv(LARGE, 1, form=KVForm.BLOCKS, seed=3)
+        dest = await put_and_get(client, kv, "squat")
+        assert torch.equal(dest.view(torch.uint8), kv.view(torch.uint8))
+        assert client.data_plane == f"127.0.0.1:{running.servicer.data_plane_port}"
+        received = bytes.fromhex((await squatter.stdout.readline()).decode().strip())
+        await squatter.wait()
+        assert TOKEN_A.encode() not in received
+        assert received == b""  # refused before HELLO: nothing at all was sent
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 async def test_the_tenant_connection_quota_counts_socket_connections(

@@ -1230,6 +1230,7 @@ class DataPlaneResponse(_message.Message):
     TLS_FIELD_NUMBER: _builtins.int
     SHM_PATH_FIELD_NUMBER: _builtins.int
     SHM_INSTANCE_FIELD_NUMBER: _builtins.int
+    SHM_UID_FIELD_NUMBER: _builtins.int
     port: _builtins.int
     """on the host the client reached this server at; 0: none"""
     version: _builtins.int
@@ -1242,6 +1243,12 @@ class DataPlaneResponse(_message.Message):
     uses it only where the socket's HELLO names this same `shm_instance`.
     """
     shm_instance: _builtins.bytes
+    shm_uid: _builtins.int
+    """The daemon's user id: a client connects to `shm_path` only where the socket's
+    listener (SO_PEERCRED) runs as this user, so it never sends its token to a socket
+    another user put at that path. Unset by servers from before it: a client with a
+    token then keeps to TCP.
+    """
     def __init__(
         self,
         *,
@@ -1250,12 +1257,15 @@ class DataPlaneResponse(_message.Message):
         tls: _builtins.bool = ...,
         shm_path: _builtins.str = ...,
         shm_instance: _builtins.bytes = ...,
+        shm_uid: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_shm_uid", b"_shm_uid", "shm_uid", b"shm_uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["port", b"port", "shm_instance", b"shm_instance", "shm_path", b"shm_path", "tls", b"tls", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_shm_uid", b"_shm_uid", "port", b"port", "shm_instance", b"shm_instance", "shm_path", b"shm_path", "shm_uid", b"shm_uid", "tls", b"tls", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__shm_uid: _TypeAlias = _typing.Literal["shm_uid"]  # noqa: Y015
+    _WhichOneofArgType__shm_uid: _TypeAlias = _typing.Literal["_shm_uid", b"_shm_uid"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__shm_uid) -> _WhichOneofReturnType__shm_uid | None: ...
 
 Global___DataPlaneResponse: _TypeAlias = DataPlaneResponse  # noqa: Y015
 
