@@ -91,6 +91,7 @@ def store_stats(reply: pb.StatsResponse) -> StoreStats:
         loop_lag_max_us=reply.loop_lag_max_us,
         loop_lag_p99_us=reply.loop_lag_p99_us,
         loop_lag_max_runqueue_us=reply.loop_lag_max_runqueue_us,
+        tenants_omitted=reply.tenants_omitted,
         tenants=tenants,
         tenant_scope=reply.tenant_scope,
     )

@@ -143,6 +143,9 @@ class StoreStats:
     # all of it: the machine, not the loop); 0 where the kernel does not say, or from an
     # older server.
     loop_lag_max_runqueue_us: int = 0
+    # Tenants the server left out of `tenants` to keep the reply within its message
+    # limit (`tenants` then holds the first ones by name).
+    tenants_omitted: int = 0
 
     def tier(self, kind: TierKind) -> TierStats:
         """The stats of tier `kind`; KeyError if the server has no such tier."""

@@ -77,6 +77,7 @@ def sum_store_stats(members: Sequence[StoreStats]) -> StoreStats:
         "loop_lag_max_us",
         "loop_lag_p99_us",
         "loop_lag_max_runqueue_us",
+        "tenants_omitted",
     }
     # The longest lag is one member's: so is the wait for a core within it.
     worst = max(members, key=lambda stats: stats.loop_lag_max_us)
@@ -91,5 +92,7 @@ def sum_store_stats(members: Sequence[StoreStats]) -> StoreStats:
         write_policy=",".join(policies),
         durability=min(durabilities) if durabilities else None,
         tenant_scope=members[0].tenant_scope,
+        # Members list the same tenants by name: the most any one left out.
+        tenants_omitted=max(stats.tenants_omitted for stats in members),
         **_sum_ints(members, special),
     )

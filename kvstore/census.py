@@ -148,6 +148,11 @@ class BlockCensus:
     def tenant(self, tenant: str) -> TenantUsage | None:
         return self._tenants.get(tenant)
 
+    def tenant_now(self, tenant: str, now: float) -> TenantUsage | None:
+        """`tenant`'s usage with leases pruned at `now`, as `tenants` gives it."""
+        self._prune(now)
+        return self._tenants.get(tenant)
+
     def tenants(self, now: float) -> list[TenantUsage]:
         """Every tenant with a namespace or a quota, by name; leases pruned at `now`."""
         self._prune(now)

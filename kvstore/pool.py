@@ -196,6 +196,10 @@ class BlockPool:
         """Every tenant with a namespace or a quota, by name (leases counted as of now)."""
         return self._index.census.tenants(time.monotonic())
 
+    def tenant_usage_now(self, tenant: str) -> TenantUsage | None:
+        """One tenant's usage (leases counted as of now); None if it has none."""
+        return self._index.census.tenant_now(tenant, time.monotonic())
+
     def leased_bytes(self, usage: TenantUsage, now: float) -> int:
         return self._index.census.leased_bytes(usage, now)
 

@@ -366,9 +366,10 @@ class BlockStore:
 
     # -- reporting -------------------------------------------------------------------
 
-    def report(self) -> StoreReport:
-        """Sizes, counts and counters of the store and each tier; O(tiers), whatever the
-        number of blocks (the counts are kept as blocks change: kvstore.census)."""
+    def report(self, tenants: Iterable[str] | None = None) -> StoreReport:
+        """Sizes, counts and counters of the store and each tier, whatever the number of
+        blocks (the counts are kept as blocks change: kvstore.census); the usage of the
+        named `tenants` only, or of every tenant (None: O(tenants))."""
         pool = self._pool
         reports = []
         for kind in pool.tier_kinds:
@@ -395,15 +396,21 @@ class BlockStore:
             durability=pool.policy_durability,
             put_reserved_bytes=pool.put_reserved_bytes,
             num_ssd_writes=pool.num_ssd_writes,
-            tenants=self.tenant_reports(),
+            tenants=self.tenant_reports(tenants),
         )
 
-    def tenant_reports(self, tenant: str | None = None) -> tuple[TenantReport, ...]:
-        """Each tenant's usage and quotas (only `tenant`'s, if given); O(tenants)."""
+    def tenant_names(self) -> list[str]:
+        """Every tenant with a namespace or a quota, by name."""
+        return [usage.tenant for usage in self._pool.tenant_usages()]
+
+    def tenant_reports(self, tenants: Iterable[str] | None = None) -> tuple[TenantReport, ...]:
+        """The usage and quotas of the named tenants that have any (None: every tenant;
+        O(tenants))."""
         pool = self._pool
-        usages = pool.tenant_usages()
-        if tenant is not None:
-            usages = [usage for usage in usages if usage.tenant == tenant]
+        if tenants is None:
+            usages = pool.tenant_usages()
+        else:
+            usages = [usage for name in tenants if (usage := pool.tenant_usage_now(name))]
         return tuple(
             TenantReport(
                 tenant=usage.tenant,

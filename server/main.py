@@ -224,6 +224,11 @@ def print_stats(stats: pb.StatsResponse, console: Console) -> None:
         console.print(f"cluster: node {stats.cluster_node_id}, {state} in etcd")
     if stats.tenants:
         console.print(tenants_table(stats))
+    if stats.tenants_omitted:
+        console.print(
+            f"{stats.tenants_omitted} more tenants left out: the reply would pass the "
+            "server's limits.max_message_bytes"
+        )
 
 
 def tenants_table(stats: pb.StatsResponse) -> Table:

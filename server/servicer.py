@@ -35,6 +35,7 @@ from kvstore.server.procstat import read_process_health
 from kvstore.server.replies import (
     report_to_wire,
     scoped_to_tenant,
+    tenant_to_wire,
     watch_reply,
 )
 from kvstore.server.request_metrics import RequestMetrics
@@ -50,6 +51,11 @@ Context: TypeAlias = grpc.aio.ServicerContext
 
 # How often a WatchBlocks stream with a credential checks it while no event is due.
 WATCH_RECHECK_S = 5.0
+# Stats: tenants converted per step of the loop; room kept for the reply's framing; a
+# repeated field's tag and length per entry.
+_TENANTS_PER_SLICE = 512
+_STATS_MARGIN_BYTES = 1024
+_FIELD_OVERHEAD_BYTES = 6
 
 
 class KVStoreServicer:
@@ -192,8 +198,12 @@ class KVStoreServicer:
     ) -> pb.StatsResponse:
         async def handle(caller: Caller) -> pb.StatsResponse:
             open_request(request)
+            scoped = caller.tenant is not None and not caller.is_admin
+            # A tenant's reply costs its own entry; the whole store's, every tenant's,
+            # built a slice at a time and cut to fit the message limit.
+            report = self._store.report([caller.tenant] if scoped and caller.tenant else [])
             reply = report_to_wire(
-                self._store.report(), time.process_time(), read_process_health(self.loop_watch)
+                report, time.process_time(), read_process_health(self.loop_watch)
             )
             reply.data_plane_port = self.data_plane_port
             if self.data_plane_counts is not None:
@@ -202,11 +212,30 @@ class KVStoreServicer:
                 reply.data_plane_transfers = transfers
             if self.cluster_state is not None:
                 reply.cluster_registered, reply.cluster_node_id = self.cluster_state()
-            if caller.tenant is not None and not caller.is_admin:
+            if scoped and caller.tenant is not None:
                 return scoped_to_tenant(reply, caller.tenant)
+            await self._add_tenant_stats(reply)
             return reply
 
         return await self._answer(context, handle)
+
+    async def _add_tenant_stats(self, reply: pb.StatsResponse) -> None:
+        """Every tenant's entry, by name, while the reply stays within the message limit
+        (the rest counted in `tenants_omitted`); yields to the loop between slices."""
+        names = self._store.tenant_names()
+        budget = self._limits.max_message_bytes - reply.ByteSize() - _STATS_MARGIN_BYTES
+        for start in range(0, len(names), _TENANTS_PER_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for index, report in enumerate(
+                self._store.tenant_reports(names[start : start + _TENANTS_PER_SLICE]), start
+            ):
+                entry = tenant_to_wire(report)
+                budget -= entry.ByteSize() + _FIELD_OVERHEAD_BYTES
+                if budget < 0:
+                    reply.tenants_omitted = len(names) - index
+                    return
+                reply.tenants.append(entry)
 
     async def PutBlocks(
         self, request_iterator: AsyncIterator[bytes], context: Context

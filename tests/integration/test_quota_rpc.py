@@ -256,3 +256,30 @@ async def test_stats_report_each_tenant_against_its_quotas(
     assert "kvstore tenants" in text
     assert "8.0 KiB / 8.0 KiB (4, 2)" in text
     assert "4.0 KiB / shared (2, 0)" in text
+
+
+async def test_stats_of_more_tenants_than_a_message_holds_is_cut_to_fit(
+    server_factory: ServerFactory,
+) -> None:
+    """An admin's (or an unauthenticated) Stats lists every tenant only while the reply
+    fits the message limit; it says how many it left out, rather than failing."""
+    names = [f"tenant-{index:05d}-{'x' * 40}" for index in range(3000)]
+    running = await server_factory(
+        **{
+            "limits.max_message_bytes": 64 << 10,
+            "limits.default_chunk_bytes": 60 << 10,
+            "quotas": {name: {"pinned_bytes": 1 << 20} for name in names},
+        }
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = pb_grpc.KVStoreStub(channel)
+        reply = await stub.Stats(pb.StatsRequest(), timeout=10)
+    listed = [entry.tenant for entry in reply.tenants]
+    assert listed == names[: len(listed)]  # the first ones by name
+    assert 0 < len(listed) < len(names)
+    assert reply.tenants_omitted == len(names) - len(listed)
+    assert reply.ByteSize() <= 64 << 10
+    # Printed by `kvstore-server stats` with the count left out.
+    console = Console(record=True, width=200)
+    print_stats(reply, console)
+    assert f"{reply.tenants_omitted} more tenants left out" in console.export_text()

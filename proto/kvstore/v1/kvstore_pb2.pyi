@@ -1023,6 +1023,7 @@ class StatsResponse(_message.Message):
     CLUSTER_REGISTERED_FIELD_NUMBER: _builtins.int
     CLUSTER_NODE_ID_FIELD_NUMBER: _builtins.int
     LOOP_LAG_MAX_RUNQUEUE_US_FIELD_NUMBER: _builtins.int
+    TENANTS_OMITTED_FIELD_NUMBER: _builtins.int
     num_namespaces: _builtins.int
     lookups: _builtins.int
     lookup_keys: _builtins.int
@@ -1080,6 +1081,10 @@ class StatsResponse(_message.Message):
     (microseconds; at most loop_lag_max_us): near it, the daemon was not scheduled (a
     machine short of cores); near 0, its loop was busy. 0 where the kernel does not say.
     """
+    tenants_omitted: _builtins.int
+    """Tenants left out of `tenants` because the reply would pass the server's message
+    limit (limits.max_message_bytes): `tenants` then holds the first ones by name.
+    """
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]: ...
     @_builtins.property
@@ -1119,10 +1124,11 @@ class StatsResponse(_message.Message):
         cluster_registered: _builtins.bool = ...,
         cluster_node_id: _builtins.str = ...,
         loop_lag_max_runqueue_us: _builtins.int = ...,
+        tenants_omitted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_got", b"blocks_got", "blocks_put", b"blocks_put", "bytes_got", b"bytes_got", "bytes_put", b"bytes_put", "checksum_failures", b"checksum_failures", "cluster_node_id", b"cluster_node_id", "cluster_registered", b"cluster_registered", "data_plane_connections", b"data_plane_connections", "data_plane_port", b"data_plane_port", "data_plane_transfers", b"data_plane_transfers", "durability", b"durability", "lookup_hits", b"lookup_hits", "lookup_keys", b"lookup_keys", "lookups", b"lookups", "loop_lag_max_runqueue_us", b"loop_lag_max_runqueue_us", "loop_lag_max_us", b"loop_lag_max_us", "loop_lag_p99_us", b"loop_lag_p99_us", "num_namespaces", b"num_namespaces", "num_pinned", b"num_pinned", "open_fds", b"open_fds", "process_cpu_us", b"process_cpu_us", "put_reserved_bytes", b"put_reserved_bytes", "puts_abandoned", b"puts_abandoned", "rss_bytes", b"rss_bytes", "ssd_writes_pending", b"ssd_writes_pending", "tenant_scope", b"tenant_scope", "tenants", b"tenants", "tiers", b"tiers", "uptime_ms", b"uptime_ms", "write_policy", b"write_policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_got", b"blocks_got", "blocks_put", b"blocks_put", "bytes_got", b"bytes_got", "bytes_put", b"bytes_put", "checksum_failures", b"checksum_failures", "cluster_node_id", b"cluster_node_id", "cluster_registered", b"cluster_registered", "data_plane_connections", b"data_plane_connections", "data_plane_port", b"data_plane_port", "data_plane_transfers", b"data_plane_transfers", "durability", b"durability", "lookup_hits", b"lookup_hits", "lookup_keys", b"lookup_keys", "lookups", b"lookups", "loop_lag_max_runqueue_us", b"loop_lag_max_runqueue_us", "loop_lag_max_us", b"loop_lag_max_us", "loop_lag_p99_us", b"loop_lag_p99_us", "num_namespaces", b"num_namespaces", "num_pinned", b"num_pinned", "open_fds", b"open_fds", "process_cpu_us", b"process_cpu_us", "put_reserved_bytes", b"put_reserved_bytes", "puts_abandoned", b"puts_abandoned", "rss_bytes", b"rss_bytes", "ssd_writes_pending", b"ssd_writes_pending", "tenant_scope", b"tenant_scope", "tenants", b"tenants", "tenants_omitted", b"tenants_omitted", "tiers", b"tiers", "uptime_ms", b"uptime_ms", "write_policy", b"write_policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
