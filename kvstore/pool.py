@@ -51,6 +51,7 @@ from kvstore.units import human_bytes
 
 # Deferred touches settle by themselves past this many, should nobody settle them.
 _MAX_UNTOUCHED = 64
+_ALL = 1 << 62  # a step budget no subtree reaches
 
 __all__ = ["BlockPool", "Victims"]
 
@@ -89,6 +90,58 @@ class Victims:
     def keep(self, entry: BlockEntry) -> None:
         """Put a taken entry back in the queue once the pass ends."""
         self.kept.append(entry)
+
+
+class SubtreeDelete:
+    """Deleting `roots` and every block chained below them, each block once (keys of one
+    chain share their subtrees), a bounded number of blocks per `step`: between steps
+    the caller may let other work run, so a deep subtree never holds the loop. Pinned
+    blocks and their ancestors stay (`num_busy`). The work is proportional to the
+    subtrees, not the namespace.
+
+    Between steps the store may change: a block evicted meanwhile is skipped, and one
+    that gained a child meanwhile stays (a removal only ever takes a chain tail).
+    """
+
+    def __init__(self, pool: BlockPool, roots: list[BlockEntry]) -> None:
+        self._pool = pool
+        # The shallowest root is walked first and its whole subtree before the next root
+        # (a stack): a root inside another's subtree is then seen there, and subtrees of
+        # a tree are nested or disjoint, so `_found` stays in pre-order.
+        self._pending = sorted(roots, key=lambda root: root.depth, reverse=True)
+        self._seen: set[int] = set()
+        # Pre-order: each block before its descendants; removed from the end, so every
+        # block comes after its children.
+        self._found: list[BlockEntry] = []
+        self.num_deleted = 0
+        self.num_busy = 0
+
+    def step(self, now: float, max_blocks: int) -> bool:
+        """Walk or delete up to `max_blocks` blocks; True once the whole delete is done."""
+        budget = max_blocks
+        pending, seen, found = self._pending, self._seen, self._found
+        while pending and budget > 0:
+            entry = pending.pop()
+            if id(entry) in seen:
+                continue
+            seen.add(id(entry))
+            found.append(entry)
+            if entry.children:
+                pending.extend(entry.children)
+            budget -= 1
+        if pending:
+            return False
+        while found and budget > 0:
+            entry = found.pop()
+            budget -= 1
+            if not entry.is_indexed():
+                continue  # evicted meanwhile
+            if entry.is_pinned(now) or entry.num_children:
+                self.num_busy += 1
+                continue
+            self._pool.remove(entry)
+            self.num_deleted += 1
+        return not found
 
 
 class BlockPool:
@@ -677,21 +730,12 @@ class BlockPool:
         self._unindex(entry)
 
     def delete_subtree(self, roots: list[BlockEntry], now: float) -> tuple[int, int]:
-        """Delete `roots` and every block chained below them, each block once (keys of
-        one chain share their subtrees); pinned blocks and their ancestors stay. The
-        work is proportional to the subtrees, not the namespace. Returns (blocks
-        deleted, blocks left busy)."""
-        subtree = _subtrees(roots)
-        # Deepest first, so every removal takes a chain tail.
-        subtree.sort(key=lambda entry: entry.depth, reverse=True)
-        num_deleted = num_busy = 0
-        for entry in subtree:
-            if entry.is_pinned(now) or entry.num_children:
-                num_busy += 1
-                continue
-            self.remove(entry)
-            num_deleted += 1
-        return num_deleted, num_busy
+        """Delete `roots` and every block chained below them, at once (`SubtreeDelete`);
+        returns (blocks deleted, blocks left busy)."""
+        deletion = SubtreeDelete(self, roots)
+        while not deletion.step(now, _ALL):
+            pass
+        return deletion.num_deleted, deletion.num_busy
 
     # -- pins and leases ----------------------------------------------------------------
 
@@ -1006,22 +1050,6 @@ class BlockPool:
         """Stop the SSD tier's I/O threads once the I/O in flight is done."""
         if self._ssd is not None:
             self._ssd.close()
-
-
-def _subtrees(roots: list[BlockEntry]) -> list[BlockEntry]:
-    """The roots and every block chained below them, each once."""
-    seen: set[int] = set()
-    found: list[BlockEntry] = []
-    pending = list(roots)
-    while pending:
-        entry = pending.pop()
-        if id(entry) in seen:
-            continue
-        seen.add(id(entry))
-        found.append(entry)
-        if entry.children:
-            pending.extend(entry.children)
-    return found
 
 
 def _has_child_on_ssd(entry: BlockEntry) -> bool:

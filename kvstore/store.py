@@ -8,6 +8,7 @@ SSD tier's threads, scheduled by kvstore.mover, which settles it back on that lo
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import operator
 import time
@@ -22,12 +23,14 @@ from kvstore.events import BlockEvent, BlockEventKind, BlockListener
 from kvstore.index import BlockEntry, NamespaceState
 from kvstore.keys import validate_keys
 from kvstore.layout import Namespace
-from kvstore.pool import BlockPool
+from kvstore.pool import BlockPool, SubtreeDelete
 from kvstore.tiers.base import TierCounters
 from kvstore.tiers.dram import DramTier
 from kvstore.units import human_bytes
 
 _FASTEST = operator.attrgetter("fastest")
+# Blocks a Delete walks or removes per step of the event loop (about a millisecond).
+DELETE_STEP_BLOCKS = 2048
 
 __all__ = [
     "BlockStore",
@@ -347,15 +350,30 @@ class BlockStore:
 
     def delete(self, namespace: Namespace, keys: list[bytes]) -> DeleteResult:
         """Delete each key's block and every block chained below it; pinned ones stay."""
+        deletion = self._start_delete(namespace, keys)
+        if deletion is not None:
+            while not deletion.step(time.monotonic(), 1 << 62):
+                pass
+        return _delete_result(deletion)
+
+    async def delete_stepwise(self, namespace: Namespace, keys: list[bytes]) -> DeleteResult:
+        """`delete`, `DELETE_STEP_BLOCKS` blocks per step of the event loop: a deep
+        subtree (or one a pinned block keeps) never holds the loop for long."""
+        deletion = self._start_delete(namespace, keys)
+        if deletion is not None:
+            while True:
+                if deletion.step(time.monotonic(), DELETE_STEP_BLOCKS):
+                    break
+                await asyncio.sleep(0)  # let other requests in between steps
+        return _delete_result(deletion)
+
+    def _start_delete(self, namespace: Namespace, keys: list[bytes]) -> SubtreeDelete | None:
         validate_keys(keys)
-        result = DeleteResult()
         state = self._pool.find_namespace(namespace)
         if state is None:
-            return result
+            return None
         roots = [root for key in keys if (root := state.blocks.get(key)) is not None]
-        if roots:
-            result.num_deleted, result.num_busy = self._pool.delete_subtree(roots, time.monotonic())
-        return result
+        return SubtreeDelete(self._pool, roots) if roots else None
 
     async def settle_deletes(self) -> None:
         """Wait until the files of blocks deleted so far are gone from the SSD directory
@@ -438,3 +456,10 @@ def snapshot_event(entry: BlockEntry) -> BlockEvent:
     one it had if it has left since (the REMOVED event that followed then says so)."""
     parent_key = entry.parent.key if entry.parent is not None else b""
     return BlockEvent(BlockEventKind.SNAPSHOT, entry.key, parent_key, entry.fastest)
+
+
+def _delete_result(deletion: SubtreeDelete | None) -> DeleteResult:
+    result = DeleteResult()
+    if deletion is not None:
+        result.num_deleted, result.num_busy = deletion.num_deleted, deletion.num_busy
+    return result

@@ -187,7 +187,7 @@ class KVStoreServicer:
         async def handle(caller: Caller) -> pb.DeleteResponse:
             _, namespace, keys = open_keyed_request(request, self._max_keys)
             caller.authorize(namespace.tenant, admin_may=True)
-            result = self._store.delete(namespace, keys)
+            result = await self._store.delete_stepwise(namespace, keys)
             await self._store.settle_deletes()
             return pb.DeleteResponse(num_deleted=result.num_deleted, num_busy=result.num_busy)
 

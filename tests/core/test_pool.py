@@ -16,7 +16,7 @@ from kvstore.index import BlockEntry
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.pool import BlockPool
 from kvstore.put import PutSession
-from kvstore.store import BlockStore, StoreConfig
+from kvstore.store import DELETE_STEP_BLOCKS, BlockStore, StoreConfig
 
 PAGE_BYTES = 512
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=DType.FLOAT16, block_tokens=8)
@@ -286,3 +286,62 @@ def test_past_the_namespace_limit_a_put_is_refused() -> None:
     PutSession(store, third, KIND).abort()
     held[1].abort()
     assert store.pool.num_namespaces == 0
+
+
+async def test_a_deep_delete_lets_other_work_run_between_its_steps() -> None:
+    """A Delete of a long chain that a pinned tail keeps deletes nothing, yet walks the
+    chain: over the daemon's loop it must do so a step at a time."""
+    depth = 3 * DELETE_STEP_BLOCKS
+    store = make_store(num_pages=depth + 8)
+    keys = [f"deep-{index}".encode() for index in range(depth)]
+    for index, key in enumerate(keys):
+        put(store, key, keys[index - 1] if index else b"")
+    store.pin(NS, [keys[-1]], ttl_s=60)
+    ticks = 0
+
+    async def other_work() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticking = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    result = await store.delete_stepwise(NS, keys[:1])
+    ticking.cancel()
+    assert (result.num_deleted, result.num_busy) == (0, depth)
+    assert ticks >= 4  # walked in three steps, then kept in three more
+    # Unpinned, the same delete takes the whole chain, tails first.
+    store.unpin(NS, [keys[-1]])
+    result = await store.delete_stepwise(NS, keys[:1])
+    assert (result.num_deleted, result.num_busy) == (depth, 0)
+    assert store.find_prefix(NS, keys) == []
+
+
+async def test_a_block_evicted_or_given_a_child_between_delete_steps_is_handled() -> None:
+    store = make_store(num_pages=DELETE_STEP_BLOCKS * 2 + 8)
+    keys = [f"c-{index}".encode() for index in range(DELETE_STEP_BLOCKS + 10)]
+    for index, key in enumerate(keys):
+        put(store, key, keys[index - 1] if index else b"")
+    deleting = asyncio.create_task(store.delete_stepwise(NS, keys[:1]))
+    await asyncio.sleep(0)  # the first step walked part of the chain
+    put(store, b"late-child", keys[5])  # a child the walk may not have seen
+    result = await deleting
+    # The blocks below keys[5] went; keys[0..5] stay for the late child, which stays too.
+    assert [entry.key for entry in store.find_prefix(NS, [*keys[:6], b"late-child"])] == [
+        *keys[:6],
+        b"late-child",
+    ]
+    assert result.num_deleted == len(keys) - 6
+
+
+def test_a_delete_naming_several_keys_of_one_chain_takes_it_all() -> None:
+    store = make_store(num_pages=16)
+    keys = [f"k-{index}".encode() for index in range(8)]
+    for index, key in enumerate(keys):
+        put(store, key, keys[index - 1] if index else b"")
+    put(store, b"side", keys[2])
+    # Deepest first, shallowest last, a branch between: every one is deleted once.
+    result = store.delete(NS, [keys[7], keys[5], b"side", keys[3], keys[1]])
+    assert (result.num_deleted, result.num_busy) == (8, 0)
+    assert [entry.key for entry in store.find_prefix(NS, keys)] == [keys[0]]
