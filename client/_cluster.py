@@ -167,6 +167,7 @@ class ClusterClient(KVClient):
 
     async def start(self) -> Placement:
         """The current placement, once membership has been read the first time."""
+        self.nodes.check_open()
         if not self._started:
             async with self._start_lock:
                 if not self._started:

@@ -64,8 +64,16 @@ class NodePool:
         # fails a call with a usage error, not as a node failure).
         self._in_use: dict[int, int] = {}
         self._departed: dict[int, KVClient] = {}
+        self._closed = False
+
+    def check_open(self) -> None:
+        """Unavailable once closed: a call must not open node clients nothing would close
+        (raised to the caller, never taken for a node's failure)."""
+        if self._closed:
+            raise Unavailable("this client is closed; make a new one")
 
     def client(self, member: Member) -> KVClient:
+        self.check_open()
         node = self._clients.get(member.node_id)
         if node is not None and self._addresses[member.node_id] != member.address:
             # The node came back under its id (its SSD directory) at another address.
@@ -121,6 +129,7 @@ class NodePool:
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        self._closed = True
         clients, self._clients = self._clients, {}
         departed, self._departed = self._departed, {}
         await asyncio.gather(
@@ -147,6 +156,7 @@ class NodePool:
 
     async def call(self, member: Member, call: Callable[[KVClient], Awaitable[T]]) -> T | None:
         """`call` on the member's client; None when the node is passed over or fails."""
+        self.check_open()
         if not self.reachable(member):
             return None
         try:

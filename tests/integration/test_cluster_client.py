@@ -22,6 +22,7 @@ from kvstore.client import (
     PutOutcome,
     SyncKVClient,
     Unauthenticated,
+    Unavailable,
 )
 from kvstore.client._cluster import ClusterClient
 from kvstore.cluster.members import parse_static_target
@@ -596,3 +597,27 @@ async def test_a_static_list_weighs_its_members_by_the_sizes_it_gives(
         for index, node in enumerate(nodes):
             here = await stored_on(node, client.namespace, chain)
             assert here == [owner == index for owner in expected], f"node {index}"
+
+
+async def test_a_closed_cluster_client_refuses_calls_and_opens_nothing(
+    nodes: list[RunningServer],
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+) -> None:
+    namespace = make_namespace()
+    layout = namespace.layout
+    tokens = tokens_for(NUM_BLOCKS, layout.block_tokens, seed=21)
+    cluster = KVClient(static_target(nodes), namespace, options=cluster_options(True))
+    await cluster.put(tokens, make_kv(layout, NUM_BLOCKS))
+    await cluster.close()
+    calls = [
+        lambda: cluster.lookup(tokens),
+        lambda: cluster.put(tokens, make_kv(layout, NUM_BLOCKS)),
+        lambda: cluster.pin(cluster.keys(tokens), ttl_s=5),
+        lambda: cluster.stats(),
+    ]
+    for call in calls:
+        with pytest.raises(Unavailable, match="closed"):
+            await call()
+    # Nothing was opened that no one will close.
+    assert cluster.nodes._clients == {}  # type: ignore[attr-defined]
