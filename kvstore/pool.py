@@ -599,6 +599,8 @@ class BlockPool:
                 parent = victim.parent
                 if parent is None or kind not in parent.copies or parent.is_pinned(now):
                     continue
+                if len(victim.copies) > 1:
+                    continue  # the child stays indexed (another tier keeps it): still a child
                 planned_children[parent] = planned_children.get(parent, 0) + 1
                 if len(parent.copies) == 1 and parent.num_children == planned_children[parent]:
                     heapq.heappush(freed_up, (self._rank(parent, now), id(parent), parent))

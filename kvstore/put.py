@@ -393,7 +393,12 @@ class PutSession:
         if parent is _MISSING:
             self._drop(block, PutOutcome.PARENT_MISSING)
             return
-        if block.key in self._state.blocks:
+        existing = self._state.blocks.get(block.key)
+        if existing is not None:
+            # Another put committed it meanwhile: as at declare, a parent of blocks still
+            # to come stays resident until this put ends.
+            if block.key in self._parent_keys:
+                self._pin_until_close(existing)
             self._drop(block, PutOutcome.ALREADY_PRESENT)
             return
         assert block.handle is not None

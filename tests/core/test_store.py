@@ -558,3 +558,25 @@ def test_report_counts_blocks_bytes_and_hits() -> None:
     assert report.counters.blocks_put == 5
     assert report.counters.blocks_got == 1
     assert report.counters.bytes_got == PAGE_BYTES
+
+
+def test_a_parent_another_put_commits_first_stays_pinned_for_this_puts_children() -> None:
+    store = make_store(num_pages=2)
+    session = PutSession(store, NS, ChecksumKind.XXH3_64)
+    try:
+        session.declare(A, b"")  # A is not stored yet: nothing to pin at declare
+        session.declare(B, A)
+        assert put(store, [(A, b"")]) == [PutOutcome.COMMITTED]  # another put, meanwhile
+
+        def send(index: int, key: bytes) -> None:
+            for layer in range(LAYOUT.num_layers):
+                data = layer_data(key, layer)
+                session.write(index, layer, 0, data, checksum(ChecksumKind.XXH3_64, data))
+
+        send(0, A)  # ALREADY_PRESENT at commit: still B's parent, so it stays
+        put_root(store, C)  # DRAM is full now; A is the least recently used
+        send(1, B)  # B's own room must not come from its parent
+        assert session.finish() == [PutOutcome.ALREADY_PRESENT, PutOutcome.COMMITTED]
+    finally:
+        session.abort()
+    assert [entry.key for entry in store.find_prefix(NS, [A, B])] == [A, B]

@@ -307,3 +307,44 @@ def test_emulated_name_is_used_in_the_startup_log(
     with caplog.at_level("INFO", logger="kvstore.server"):
         asyncio.run(start_and_stop())
     assert "hbm (emulated) 1 MiB" in caplog.text
+
+
+@pytest.mark.parametrize("device", DEVICES)
+async def test_a_child_kept_in_hbm_still_holds_its_parent_in_dram(device: str) -> None:
+    """Evicting a child's DRAM copy while its HBM copy stays leaves it a child: its parent
+    (only in DRAM) is no chain tail and must not be planned as one. It was: the parent's
+    last copy went, the index refused to drop a non-tail, and the chain was left with a
+    copyless parent that lookups still matched."""
+    store = make_store(device, hbm_promote_after_seen=3)
+    mover = make_mover(store)
+    await put(store, mover, b"P")
+    await put(store, mover, b"C", b"P")
+    store.lookup(NS, [b"C"])  # C seen twice, P once
+    assert await get(store, mover, [b"P", b"C"]) == [payload(b"P"), payload(b"C")]
+    assert copies(store, b"C") == {TierKind.DRAM, TierKind.HBM}
+    assert copies(store, b"P") == {TierKind.DRAM}
+    await put(store, mover, b"X")
+    await put(store, mover, b"Y")
+    # A two-page block of another model: DRAM must free two pages.
+    wide = Namespace(
+        tenant="t", model_fingerprint="wide", layout=KVLayout(
+            num_layers=4, num_kv_heads=1, head_dim=8, dtype=DType.FLOAT16, block_tokens=8
+        )
+    )  # fmt: skip
+    await mover.ensure_room(TierKind.DRAM, wide.layout.block_bytes)
+    session = PutSession(store, wide, CHECKSUM)
+    try:
+        session.declare(b"Z", b"")
+        data = payload(b"Z", wide.layout.block_bytes)
+        layer_bytes = wide.layout.layer_bytes
+        for layer in range(wide.layout.num_layers):
+            part = data[layer * layer_bytes : (layer + 1) * layer_bytes]
+            session.write(0, layer, 0, part, checksum(CHECKSUM, part))
+        assert session.finish() == [PutOutcome.COMMITTED]
+    finally:
+        session.abort()
+    # Whatever was evicted, every indexed block still has a copy and serves its bytes.
+    for entry in store.pool.entries():
+        assert entry.copies, f"{entry.key!r} is indexed with no copy"
+    matched = store.lookup(NS, [b"P", b"C"]).num_matched
+    assert await get(store, mover, [b"P", b"C"]) == [payload(b"P"), payload(b"C")][:matched]
