@@ -565,7 +565,7 @@ class LayerPut:
         """Send layer `layer` (`[num_blocks, 2, T, H, D]`) of every block; layers go in order."""
         if layer != self._next_layer:
             raise InvalidArgument(f"send layer {self._next_layer} next, not layer {layer}")
-        check_tensor(kv_layer, self._layout, KVForm.LAYER, len(self._keys))
+        check_tensor(kv_layer, self._layout, KVForm.LAYER, len(self._keys), one_layer=True)
         assert self._stream is not None, "send_layer runs inside `async with`"
         source = ByteMap(cpu_contiguous(kv_layer), self._layout, KVForm.LAYER)
         options = self._options
@@ -603,9 +603,23 @@ def _validate_key(key: bytes, index: int) -> None:
 
 
 def check_tensor(
-    tensor: torch.Tensor, layout: KVLayout, form: KVForm, num_blocks: int, *, at_least: bool = False
+    tensor: torch.Tensor,
+    layout: KVLayout,
+    form: KVForm,
+    num_blocks: int,
+    *,
+    at_least: bool = False,
+    one_layer: bool = False,
 ) -> None:
-    """kvstore.codec.check_tensor, raising the client's InvalidArgument like every other check."""
+    """kvstore.codec.check_tensor, raising the client's InvalidArgument like every other check.
+
+    The `layer` form holds one layer: only a call that moves one layer (`one_layer`) takes
+    it; a whole-block put or get would read or write every layer through it."""
+    if form is KVForm.LAYER and not one_layer:
+        raise InvalidArgument(
+            "the layer form holds one layer of each block; whole-block puts and gets take "
+            "the blocks or sequence form (layer_put sends one layer at a time)"
+        )
     try:
         _check_tensor_core(tensor, layout, form, num_blocks, at_least=at_least)
     except InvalidRequest as error:

@@ -84,7 +84,7 @@ class ClusterLayerPut(LayerPut):
     async def send_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
         if layer != self._next_layer:
             raise InvalidArgument(f"send layer {self._next_layer} next, not layer {layer}")
-        check_tensor(kv_layer, self._layout, KVForm.LAYER, len(self._keys))
+        check_tensor(kv_layer, self._layout, KVForm.LAYER, len(self._keys), one_layer=True)
         kv_layer = cpu_contiguous(kv_layer)
 
         async def send(run: Run, put: LayerPut) -> None:

@@ -456,3 +456,25 @@ async def test_auto_transport_without_a_data_plane_asks_again_after_the_back_off
         await client.put(tokens_of(1), make_kv(LAYOUT, 1), skip_cached=False)
         assert discovery.num_asked == 2
         assert len(grpc_fake.puts) == 3
+
+
+async def test_whole_block_calls_refuse_the_one_layer_form(
+    client: KVClient, fake: FakeTransport, make_kv: MakeKV
+) -> None:
+    """A `[blocks, 2, T, H, D]` tensor holds one layer: taken by a whole-block put, every
+    layer stored would be that one; by a get, every layer would land in it."""
+    one_layer = make_kv(LAYOUT, 2, form=KVForm.LAYER)
+    keys = [b"k0", b"k1"]
+    tokens = list(range(2 * LAYOUT.block_tokens))
+    calls = [
+        lambda: client.put(tokens, one_layer, form=KVForm.LAYER),
+        lambda: client.put_blocks(keys, one_layer, form=KVForm.LAYER),
+        lambda: client.get_into(keys, one_layer, form=KVForm.LAYER),
+        lambda: anext(client.iter_layers(keys, one_layer, form=KVForm.LAYER)),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgument, match="layer form holds one layer"):
+            await call()
+    # Refused before anything was sent.
+    assert fake.puts == []
+    assert fake.gets == []
