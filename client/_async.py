@@ -312,7 +312,8 @@ class KVClient:
                 yield message
 
         reply = await self.transport.put(requests(), options.timeouts.transfer)
-        return put_result(reply, first, (len(keys) - first) * self._layout.block_bytes)
+        sent = len(keys) - first
+        return put_result(reply, first, sent * self._layout.block_bytes, sent)
 
     def layer_put(
         self, keys: list[bytes], *, parent_key: bytes = b"", parent_remote: bool = False
@@ -592,7 +593,9 @@ class LayerPut:
                 f"layer_put ended after {self._next_layer} of {self._layout.num_layers} layers"
             )
         reply = await stream.finish()
-        self.result = put_result(reply, 0, len(self._keys) * self._layout.block_bytes)
+        self.result = put_result(
+            reply, 0, len(self._keys) * self._layout.block_bytes, len(self._keys)
+        )
 
 
 def _validate_key(key: bytes, index: int) -> None:

@@ -142,7 +142,13 @@ class DataConnection:
 
     async def finish_put(self) -> pb.PutBlocksResponse:
         await self.send(FrameKind.PUT_END)
-        reply = pb.PutBlocksResponse.FromString(bytes(await self.expect(FrameKind.PUT_DONE)))
+        payload = await self.expect(FrameKind.PUT_DONE)
+        try:
+            reply = pb.PutBlocksResponse.FromString(bytes(payload))
+        except DecodeError as error:
+            raise Unknown(
+                f"the data plane sent a PutBlocksResponse that does not parse: {error}"
+            ) from None
         self.clean = True
         return reply
 

@@ -28,6 +28,7 @@ A ProtocolError is raised `from` the kvstore.wire.errors.WireError that found th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 
@@ -173,5 +174,17 @@ def translate_errors() -> Iterator[None]:
         raise error_for(error) from error
     except grpc.aio.UsageError as error:  # a call on the channel of a closed client
         raise Unavailable(f"this client is closed ({error}); make a new one") from error
+    except asyncio.CancelledError:
+        raise_if_closed_during_call()
+        raise
     except WireError as error:
         raise protocol_error(error) from error
+
+
+def raise_if_closed_during_call() -> None:
+    """Raise Unavailable for a CancelledError no one asked of the running task: gRPC
+    cancels the calls of a channel that the client's close() shuts, and the caller must
+    get a client error for that, as the data plane gives, not a cancellation."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() == 0:
+        raise Unavailable("the client was closed during the call; make a new one") from None

@@ -10,7 +10,13 @@ from typing import NoReturn
 import grpc
 
 from kvstore.client._credentials import Metadata
-from kvstore.client._errors import Unknown, error_for, protocol_error, translate_errors
+from kvstore.client._errors import (
+    Unknown,
+    error_for,
+    protocol_error,
+    raise_if_closed_during_call,
+    translate_errors,
+)
 from kvstore.client._lookup_stream import LookupStreams
 from kvstore.client._settle import CallSettle
 from kvstore.client._transport import Parts
@@ -152,6 +158,7 @@ class GrpcGetStream:
             raise error_for(error) from error
         except asyncio.CancelledError:
             self._settle.note_cancel()
+            raise_if_closed_during_call()
             raise
         if raw is grpc.aio.EOF:
             raise StopAsyncIteration

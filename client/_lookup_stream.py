@@ -16,7 +16,7 @@ import asyncio
 import grpc
 
 from kvstore.client._credentials import Metadata
-from kvstore.client._errors import DeadlineExceeded, error_for_code
+from kvstore.client._errors import DeadlineExceeded, error_for_code, raise_if_closed_during_call
 from kvstore.client._settle import CallSettle
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -86,6 +86,9 @@ class LookupStreams:
             return None
         except asyncio.InvalidStateError:  # the call had already ended (server restart)
             return None
+        except asyncio.CancelledError:
+            raise_if_closed_during_call()  # the client's close() ended the stream
+            raise
         finally:
             self._in_use.discard(call)
             # Only a stream that answered is reused. One whose lookup timed out or was

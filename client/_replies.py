@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from itertools import chain, repeat
 
-from kvstore.client._errors import protocol_error
+from kvstore.client._errors import ProtocolError, protocol_error
 from kvstore.client._results import (
     PrefixMatch,
     PutResult,
@@ -46,7 +46,14 @@ def prefix_match(
     )
 
 
-def put_result(reply: pb.PutBlocksResponse, num_skipped: int, bytes_sent: int) -> PutResult:
+def put_result(
+    reply: pb.PutBlocksResponse, num_skipped: int, bytes_sent: int, num_sent: int
+) -> PutResult:
+    """The result of a put that sent `num_sent` blocks: one outcome each, or ProtocolError."""
+    if len(reply.outcomes) != num_sent:
+        raise ProtocolError(
+            f"the server answered a put of {num_sent} blocks with {len(reply.outcomes)} outcomes"
+        )
     try:
         outcomes = tuple(outcome_from_wire(number) for number in reply.outcomes)
         durability = durability_from_wire(reply.durability)

@@ -29,7 +29,11 @@ class SyncKVClient:
         self, target: str, namespace: Namespace, *, options: ClientOptions | None = None
     ) -> None:
         self._loop = LoopThread("kvstore-client")
-        self._client: KVClient = self._loop.open_client(target, namespace, options)
+        try:
+            self._client: KVClient = self._loop.open_client(target, namespace, options)
+        except BaseException:
+            self._loop.stop()  # a client that failed to open leaves no thread behind
+            raise
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self._loop.run(coroutine)

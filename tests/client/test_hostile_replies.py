@@ -160,3 +160,28 @@ async def test_a_reply_that_does_not_fit_is_a_client_error(reply: bytes) -> None
     keys = client.keys(list(range(4)))
     with pytest.raises(ChecksumError, match="does not fit"):
         await client.get_into(keys, torch.zeros((2, 2, 4, 2, 8), dtype=torch.float16))
+
+
+class OutcomesTransport(HostileTransport):
+    """Answers every put with `outcomes`, whatever it carried."""
+
+    def __init__(self, outcomes: list[int]) -> None:
+        super().__init__(0, 0)
+        self._outcomes = outcomes
+
+    async def put(self, messages: AsyncIterator[object], timeout_s: float) -> pb.PutBlocksResponse:
+        async for _ in messages:
+            pass
+        return pb.PutBlocksResponse(outcomes=self._outcomes)
+
+
+@pytest.mark.parametrize("num_outcomes", [0, 1, 7])
+async def test_a_put_answered_with_another_number_of_outcomes_is_a_protocol_error(
+    num_outcomes: int,
+) -> None:
+    transport = OutcomesTransport([pb.COMMITTED] * num_outcomes)
+    client = KVClient("hostile:1", NAMESPACE, transport=transport)
+    kv = torch.zeros(2, LAYOUT.num_layers, *LAYOUT.layer_shape, dtype=torch.float16)
+    with pytest.raises(ProtocolError, match=f"put of 2 blocks with {num_outcomes} outcomes"):
+        await client.put_blocks([b"k0", b"k1"], kv)
+    await client.close()

@@ -26,6 +26,7 @@ from kvstore.client import (
     KVLayout,
     Namespace,
     ProtocolError,
+    Unknown,
 )
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.chunks import GET_RUNS, encode_get_header, run_parts
@@ -55,6 +56,7 @@ class RawServers:
 
     def __init__(self) -> None:
         self.replies: list[bytes] = []
+        self.put_done = b""  # what a data-plane put is answered with
         self.num_data_plane_gets = 0
         self.grpc_port = 0
         self.data_port = 0
@@ -89,6 +91,9 @@ class RawServers:
                     for reply in self.replies:
                         writer.write(HEADER.pack(FrameKind.GET_DATA, len(reply)) + reply)
                     writer.write(HEADER.pack(FrameKind.GET_END, 0))
+                elif kind == FrameKind.PUT_END:
+                    done = self.put_done
+                    writer.write(HEADER.pack(FrameKind.PUT_DONE, len(done)) + done)
                 await writer.drain()
         writer.close()
 
@@ -133,3 +138,14 @@ async def test_a_malformed_reply_raises_protocol_error(
         await client.get_into([b"key-0"], dest, form=KVForm.BLOCKS)
     assert isinstance(caught.value, Internal)
     assert caught.value.code is grpc.StatusCode.INTERNAL
+
+
+async def test_a_malformed_put_answer_on_the_data_plane_is_a_client_error(
+    servers: RawServers,
+) -> None:
+    servers.put_done = MALFORMED
+    options = ClientOptions(data_plane=True)
+    async with KVClient(f"127.0.0.1:{servers.grpc_port}", NS, options=options) as client:
+        kv = torch.zeros((1, 1, *LAYOUT.layer_shape), dtype=torch.float16)
+        with pytest.raises(Unknown, match="PutBlocksResponse that does not parse"):
+            await client.put_blocks([b"key-0"], kv)
