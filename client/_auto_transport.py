@@ -85,11 +85,13 @@ class PlaneChain:
             try:
                 return await call(plane)
             except DataPlaneUnreachable as error:
-                if len(self._planes) == 1:
-                    raise
-                logger.warning("%s; using %s", error, self._planes[1].address)
-                plane.retire()  # its transfers in flight finish there
-                self._planes.pop(0)
+                if plane in self._planes:
+                    if len(self._planes) == 1:
+                        raise
+                    self._planes.remove(plane)
+                    logger.warning("%s; using %s", error, self._planes[0].address)
+                    plane.retire()  # its transfers in flight finish there
+                # else a transfer beside this one retired it already: take the next plane
 
 
 class AutoTransport:

@@ -264,7 +264,17 @@ class DataPlanePool:
                 break
             connection.close()  # the server restarted, drained, or may be closing it
         else:
-            connection = await self._connect(min(deadline, connect_by))
+            try:
+                connection = await self._connect(min(deadline, connect_by))
+            except DataPlaneUnreachable:
+                if deadline < connect_by and asyncio.get_running_loop().time() >= deadline:
+                    # The call's own deadline ran out first (a short lookup's): that says
+                    # nothing of the data plane, which must not be given up for it.
+                    raise DeadlineExceeded(
+                        f"no connection to the data plane at {self.address} before the "
+                        "call's deadline"
+                    ) from None
+                raise
         connection.begin(deadline)
         connection.pool = self
         self._active.add(connection)
