@@ -341,6 +341,9 @@ class KVClient:
         `keys` if blocks were evicted since a lookup: the caller recomputes the rest.
         Rows of `dest` past the blocks that arrived may have been written (layer 0 of
         an SSD block found unreadable mid-get): they hold no block the caller may use.
+        A get that raises (ChecksumError, a lost connection) may have written any of
+        `dest` with bytes not yet verified: none of it may be used, as with
+        `iter_layers`, where only the layers already yielded are verified.
         """
         num_blocks = 0
         async for arrival in self._stream(keys, dest, form):
