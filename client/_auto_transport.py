@@ -232,5 +232,10 @@ class AutoTransport:
             if asked_at is not None and now - asked_at < DATA_PLANE_RETRY_S:
                 return None
             self._asked_at = now
-            self._current = await self._find_data_plane()
-            return self._current
+            found = await self._find_data_plane()
+            if self._closed:  # closed during the search: nothing may keep its pools open
+                if found is not None:
+                    found.close()
+                self._check_open()
+            self._current = found
+            return found

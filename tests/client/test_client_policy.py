@@ -7,6 +7,7 @@ encodes, so what the client sends and accepts is checked byte for byte.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from kvstore.client import (
     KVLayout,
     Namespace,
     PutOutcome,
+    Unavailable,
 )
 from kvstore.client._auto_transport import DATA_PLANE_RETRY_S, AutoTransport
 from kvstore.client._dataplane import DataPlaneUnreachable
@@ -478,3 +480,37 @@ async def test_whole_block_calls_refuse_the_one_layer_form(
     # Refused before anything was sent.
     assert fake.puts == []
     assert fake.gets == []
+
+
+class ClosableDataPlane(FakeDataPlane):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_data_plane_found_after_close_is_closed_and_carries_nothing(
+    make_kv: MakeKV,
+) -> None:
+    grpc_fake, found = FakeTransport(), ClosableDataPlane()
+    searching = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def slow_discovery() -> ClosableDataPlane:
+        searching.set()
+        await answer.wait()
+        return found
+
+    transport = AutoTransport(grpc_fake, slow_discovery, clock=Clock())
+    client = KVClient("fake-target:1", NS, transport=transport)
+    put = asyncio.create_task(client.put(tokens_of(1), make_kv(LAYOUT, 1), skip_cached=False))
+    await searching.wait()
+    await client.close()  # while the search is still out
+    answer.set()
+    with pytest.raises(Unavailable, match="closed"):
+        await put
+    assert found.closed
+    assert found.store.puts == []
+    assert grpc_fake.puts == []
