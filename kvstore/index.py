@@ -1,9 +1,11 @@
 """The block index: namespaces, their committed blocks and the chain links between them.
 
 Every entry also sits on a `ChainPath`: the keys and entries from its chain's root down
-to it, shared with the other entries of an unbranched run of the chain. A lookup of a
-whole chain then checks one entry's path against the request with a single list
-comparison instead of probing the dict once per key.
+to it, shared with the other entries of an unbranched run of the chain (a branch refers
+to the stretch above it, so siblings under a deep block cost no copy of the chain). A
+lookup of a whole chain then checks one entry's path against the request with a list
+comparison per stretch (one for an unbranched chain) instead of probing the dict once
+per key.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ class BlockEntry:
     last_access: int = 0  # store-wide tick, larger is more recent
     num_hits: int = 0
     num_seen: int = 1  # the put, then every hit: what the SSD admission filter counts
-    # Set by BlockIndex.insert, cleared by remove: path.keys[: depth + 1] are this block's
-    # chain, root first.
+    # Set by BlockIndex.insert, cleared by remove: the path's first depth + 1 keys are this
+    # block's chain, root first.
     path: ChainPath | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,20 +86,91 @@ class BlockEntry:
         return self.namespace.namespace.layout
 
 
+# A stretch of a chain held by another path's lists: (keys, entries, start, stop), list
+# element i at depth start + i, depths [start, stop) of the chain.
+_Segment = tuple[list[bytes], list["BlockEntry"], int, int]
+# Branches off branches nest segments; past this many a new branch copies its chain
+# instead, so a comparison never walks more than this many slices.
+_MAX_SEGMENTS = 16
+
+
 @dataclass(slots=True, eq=False)
 class ChainPath:
     """Keys and entries of a chain from its root, shared by the entries along it.
 
-    Invariant: every element is an indexed entry, and element i is the parent of
-    element i + 1. An entry at depth d whose path is P has P.entries[d] is entry, so
-    P.keys[: d + 1] is its chain. Paths only grow at their end (a child of the last
-    entry) and shrink at their end (that entry leaving, which eviction allows only for
-    chain tails); a child of any other entry starts a new path holding a copy of the
-    prefix, so no element ever changes under an entry that relies on it.
+    A path holds its own stretch of the chain, from depth `start` (its first entry's),
+    and refers for the depths above it to stretches of the paths it branched from
+    (`above`), so a branch costs what it adds, not a copy of the chain above it.
+
+    Invariant: every element is an indexed entry, and the element at depth i is the
+    parent of the one at i + 1. An entry at depth d whose path is P is P's element at
+    depth d, so P's first d + 1 keys are its chain. Own stretches only grow at their end
+    (a child of the last entry) and shrink at their end (that entry leaving, which
+    eviction allows only for chain tails); a child of any other entry starts a new path.
+    A stretch another path refers to ends at that path's first entry's parent, which
+    keeps a child while the referring path has entries, so no element ever changes
+    under an entry that relies on it.
     """
 
     keys: list[bytes]
     entries: list[BlockEntry]
+    start: int = 0
+    above: tuple[_Segment, ...] = ()
+
+    @property
+    def end(self) -> int:
+        """The depth just past this path's last element."""
+        return self.start + len(self.keys)
+
+    def entry_at(self, depth: int) -> BlockEntry:
+        if depth >= self.start:
+            return self.entries[depth - self.start]
+        for _, entries, start, stop in self.above:
+            if depth < stop:
+                return entries[depth - start]
+        raise IndexError(depth)
+
+    def segments(self, length: int) -> tuple[_Segment, ...]:
+        """The stretches holding depths [0, length), root first."""
+        found: list[_Segment] = []
+        for keys, entries, start, stop in self.above:
+            if start >= length:
+                break
+            found.append((keys, entries, start, min(stop, length)))
+        if self.start < length:
+            found.append((self.keys, self.entries, self.start, min(self.end, length)))
+        return tuple(found)
+
+    def keys_match(self, head: list[bytes], length: int) -> bool:
+        """Whether the first `length` keys of this path are `head` (`length` long)."""
+        if not self.above:
+            return self.keys[:length] == head
+        return all(
+            keys[: stop - start] == head[start:stop]
+            for keys, _, start, stop in self.segments(length)
+        )
+
+    def entries_to(self, length: int) -> list[BlockEntry]:
+        """The entries at depths [0, length)."""
+        if not self.above:
+            return self.entries[:length]
+        found: list[BlockEntry] = []
+        for _, entries, start, stop in self.segments(length):
+            found += entries[: stop - start]
+        return found
+
+    def branch(self, entry: BlockEntry) -> ChainPath:
+        """A new path for `entry`, a child of this path's element at `entry.depth - 1`
+        that is not its last."""
+        above = self.segments(entry.depth)
+        if len(above) < _MAX_SEGMENTS:
+            return ChainPath([entry.key], [entry], entry.depth, above)
+        keys: list[bytes] = []
+        entries: list[BlockEntry] = []
+        for segment_keys, segment_entries, start, stop in above:
+            keys += segment_keys[: stop - start]
+            entries += segment_entries[: stop - start]
+        return ChainPath([*keys, entry.key], [*entries, entry])
 
 
 @dataclass(slots=True, eq=False)
@@ -180,15 +253,13 @@ class BlockIndex:
         entry.depth = parent.depth + 1
         path = parent.path
         assert path is not None, "the parent is not indexed"
-        assert path.entries[parent.depth] is parent, "the parent is not indexed"
-        if len(path.entries) == entry.depth:  # the parent ends its path: extend it
+        assert path.entry_at(parent.depth) is parent, "the parent is not indexed"
+        if path.end == entry.depth:  # the parent ends its path: extend it
             path.keys.append(entry.key)
             path.entries.append(entry)
             entry.path = path
         else:
-            entry.path = ChainPath(
-                [*path.keys[: entry.depth], entry.key], [*path.entries[: entry.depth], entry]
-            )
+            entry.path = path.branch(entry)
         entry.namespace.census.entered(entry)
 
     def remove(self, entry: BlockEntry) -> BlockEntry | None:
@@ -198,6 +269,7 @@ class BlockIndex:
         del entry.namespace.blocks[entry.key]
         path = entry.path
         assert path is not None, "the entry is not indexed"
+        assert path.entries, "a chain tail ends its path"
         assert path.entries[-1] is entry, "a chain tail ends its path"
         path.keys.pop()
         path.entries.pop()
@@ -233,9 +305,9 @@ def _stored_chain_prefix(blocks: dict[bytes, BlockEntry], keys: list[bytes]) -> 
         path = entry.path
         assert path is not None
         head = keys if length == len(keys) else keys[:length]
-        if path.keys[:length] != head:
+        if not path.keys_match(head, length):
             return None
-        return path.entries[:length]
+        return path.entries_to(length)
 
     whole = chain_of(len(keys))
     if whole is not None:

@@ -40,10 +40,13 @@ def probed_prefix(state: NamespaceState, keys: list[bytes]) -> list[BlockEntry]:
 
 def assert_paths_hold(index: BlockIndex) -> None:
     for entry in index.entries():
-        assert entry.path is not None
-        assert entry.path.entries[entry.depth] is entry
-        assert entry.path.keys[: entry.depth + 1] == chain_keys(entry)
-        assert all(element.is_indexed() for element in entry.path.entries)
+        path = entry.path
+        assert path is not None
+        assert path.entry_at(entry.depth) is entry
+        chain = chain_keys(entry)
+        assert path.keys_match(chain, entry.depth + 1)
+        assert [element.key for element in path.entries_to(entry.depth + 1)] == chain
+        assert all(element.is_indexed() for element in path.entries_to(path.end))
 
 
 def test_a_whole_chain_and_each_of_its_prefixes_are_found() -> None:
@@ -130,3 +133,41 @@ def test_children_lists_match_the_parent_links_through_inserts_and_removals() ->
         expected = [other for other in entries if other.parent is entry]
         assert sorted(map(id, entry.children or [])) == sorted(map(id, expected))
         assert entry.num_children == len(expected)
+
+
+def test_siblings_under_a_deep_block_cost_no_copy_of_the_chain_above() -> None:
+    """Thousands of branches off a block thousands deep: each path holds what it adds
+    (a copy of the chain per branch was quadratic: a reviewer's depth 8,000 with 8,000
+    siblings took +1 GB)."""
+    index = BlockIndex()
+    chain = [add(index, b"c0")]
+    for number in range(1, 2000):
+        chain.append(add(index, b"c%d" % number, chain[-1]))
+    middle = chain[1000]
+    siblings = [add(index, b"s%d" % number, middle) for number in range(2000)]
+    paths = {id(entry.path): entry.path for entry in index.entries()}
+    held = sum(len(path.keys) for path in paths.values() if path is not None)
+    assert held == len(chain) + len(siblings)  # every element held once
+    state = index.namespace(NS)
+    head = [entry.key for entry in chain[:1001]]
+    for sibling in (siblings[0], siblings[-1]):
+        assert index.present_prefix(state, [*head, sibling.key]) == [*chain[:1001], sibling]
+    assert_paths_hold(index)
+
+
+def test_branches_of_branches_stay_correct_past_the_segment_limit() -> None:
+    """A zig-zag: each block's second child branches again, nesting segments until a
+    branch copies its chain; every prefix is still found exactly."""
+    index = BlockIndex()
+    state = index.namespace(NS)
+    spine = [add(index, b"z0")]
+    for number in range(1, 60):
+        add(index, b"z%d-first" % number, spine[-1])  # the first child extends the path
+        spine.append(add(index, b"z%d" % number, spine[-1]))  # the second one branches
+    keys = [entry.key for entry in spine]
+    assert index.present_prefix(state, keys) == spine
+    for length in (1, 17, 33, 59):
+        assert index.present_prefix(state, [*keys[:length], b"nope"]) == spine[:length]
+    depths = [len(entry.path.above) for entry in spine if entry.path is not None]
+    assert max(depths) < 16
+    assert_paths_hold(index)
