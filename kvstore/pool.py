@@ -727,9 +727,13 @@ class BlockPool:
 
     def remove(self, entry: BlockEntry) -> None:
         """Take a chain tail out of the store, freeing every copy."""
+        had_file = TierKind.SSD in entry.copies
         for kind in list(entry.copies):
             self._tiers[kind].free(entry.take_copy(kind))
         self._unindex(entry)
+        parent = entry.parent
+        if had_file and parent is not None and parent.is_indexed():
+            self.refresh(parent)  # its SSD copy may leave now (SSD tail-first)
 
     def delete_subtree(self, roots: list[BlockEntry], now: float) -> tuple[int, int]:
         """Delete `roots` and every block chained below them, at once (`SubtreeDelete`);
@@ -802,6 +806,8 @@ class BlockPool:
         if ssd is None or nbytes > ssd.capacity_bytes:
             return False
         needs, short = self.eviction_needs(TierKind.SSD, nbytes, usage)
+        if needs:
+            self.release_expired_leases()  # leases that ended may queue victims again
         if short:
             return False
         census = self._index.census

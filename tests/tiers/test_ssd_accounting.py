@@ -199,3 +199,52 @@ async def test_room_for_a_larger_file_is_made_along_one_chain_tail_first(tmp_pat
     assert on_ssd == chain[:2]  # the two tails' files made the room
     assert ssd_of(store).used_bytes <= chain_bytes
     store.pool.close()
+
+
+async def test_ssd_copies_whose_lease_ended_make_room_again(tmp_path: Path) -> None:
+    probe = make_store(tmp_path / "probe")
+    assert await probe.pool.write_to_ssd(put(probe, b"A"))
+    file_bytes = ssd_of(probe).used_bytes
+    probe.pool.close()
+    store = make_store(tmp_path, ssd_bytes=2 * file_bytes + 16)
+    for key in (b"A", b"B"):
+        assert await store.pool.write_to_ssd(put(store, key))
+    store.pin(NS, [b"A", b"B"], ttl_s=0.05)
+    await asyncio.sleep(0.1)  # both leases have ended; nothing has looked at them since
+    assert await store.pool.write_to_ssd(put(store, b"C"))
+    on_ssd = [key for key in (b"A", b"B", b"C") if TierKind.SSD in entry_copies(store, key)]
+    assert len(on_ssd) == 2
+    assert b"C" in on_ssd
+    store.pool.close()
+
+
+def entry_copies(store: BlockStore, key: bytes) -> set[TierKind]:
+    (entry,) = store.find_prefix(NS, [key])
+    return set(entry.copies)
+
+
+async def test_a_parent_whose_last_child_file_is_deleted_can_leave_ssd(tmp_path: Path) -> None:
+    probe = make_store(tmp_path / "probe")
+    assert await probe.pool.write_to_ssd(put(probe, b"A"))
+    file_bytes = ssd_of(probe).used_bytes
+    probe.pool.close()
+    store = make_store(tmp_path, ssd_bytes=3 * file_bytes + 16)
+    parent = put(store, b"P")
+    assert await store.pool.write_to_ssd(parent)
+    assert await store.pool.write_to_ssd(put(store, b"C1", b"P"))
+    put(store, b"C2", b"P")  # a child with no file
+    assert await store.pool.write_to_ssd(put(store, b"A"))
+    store.pin(NS, [b"C1", b"A"], ttl_s=60)
+    # Full, and nothing may leave: P has a child on SSD, the rest are pinned. The
+    # attempt took P off the SSD queue as not evictable.
+    wide = Namespace(
+        tenant="t", model_fingerprint="wide", layout=dataclasses.replace(LAYOUT, num_layers=4)
+    )
+    big = put(store, b"B", namespace=wide)  # its file takes about two of the others'
+    assert not await store.pool.write_to_ssd(big)
+    store.unpin(NS, [b"C1"])
+    assert store.delete(NS, [b"C1"]).num_deleted == 1
+    # C1's file freed one place; P's may go now too (its DRAM copy stays): room for B.
+    assert await store.pool.write_to_ssd(big)
+    assert TierKind.SSD not in parent.copies
+    store.pool.close()
