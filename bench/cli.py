@@ -23,6 +23,7 @@ from kvstore.bench.soak import add_soak_arguments, run_soak
 from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
 from kvstore.bench.tls import add_tls_arguments, run_tls
+from kvstore.bench.trace import TraceFormatError
 from kvstore.bench.watch import add_watch_arguments, run_watch
 from kvstore.bench.watch_snapshot import add_watch_snapshot_arguments, run_watch_snapshot
 from kvstore.bench.wire_lz4 import add_wire_lz4_arguments, run_wire_lz4
@@ -173,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             os.environ[variable] = value
     runner: Runner = args.runner
-    return runner(args)
+    try:
+        return runner(args)
+    except TraceFormatError as error:  # a trace a person must fix: say where, no traceback
+        print(f"kvstore-bench: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -161,7 +161,8 @@ def _result(
 ) -> PartResult:
     merged = merge_results(run.results)
     starts = merged.request_start_s
-    error_times = np.array([at for at, _, _ in merged.error_log], dtype=float)
+    # A failed unit is already counted at its failed RPC (as in kvstore.bench.report).
+    error_times = np.array([at for at, op, _ in merged.error_log if op != run.unit_op], dtype=float)
     edges = np.arange(0.0, max(run.wall_s, setup.duration_s) + setup.interval_s, setup.interval_s)
     drop_s = kill_s + dropped_after_s if dropped_after_s is not None else None
     rows: list[list[str]] = []
@@ -212,8 +213,9 @@ def _result(
         phase_rates[name] = (
             int(merged.request_hit_blocks[inside].sum()) / blocks if blocks else None
         )
-    num_errors = sum(merged.errors.values())
-    by_code = Counter({f"{op} {code}": count for (op, code), count in merged.errors.items()})
+    rpc_errors = {key: count for key, count in merged.errors.items() if key[0] != run.unit_op}
+    num_errors = sum(rpc_errors.values())
+    by_code = Counter({f"{op} {code}": count for (op, code), count in rpc_errors.items()})
     dropped = f"{dropped_after_s:.1f}s" if dropped_after_s is not None else "never"
     notes = [
         f"agent sessions, {setup.concurrency} in flight from {setup.processes} processes, "

@@ -140,15 +140,17 @@ async def measure_lookups(
         for case in cases.values():
             await case(_WARMUP)
         samples: dict[str, list[float]] = {name: [] for name in cases}
-        per_round = max(1, iterations // _ROUNDS)
-        for _ in range(_ROUNDS):
+        for round_index in range(_ROUNDS):  # `iterations` calls per case in all
+            count = iterations // _ROUNDS + (round_index < iterations % _ROUNDS)
             for name, case in cases.items():
-                samples[name] += await case(per_round)
+                if count:
+                    samples[name] += await case(count)
         raw_stream.close()
     results = {}
     for name, seconds in samples.items():
         ms = np.array(seconds) * 1000
         results[name] = {
+            "calls": len(seconds),
             "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99)),
             "max_ms": float(ms.max()),
@@ -183,7 +185,14 @@ _SERVER_ARGS = ["--dram-bytes", str(_DRAM_BYTES), "--log-level", "warning"]
 
 
 def run_lookup(args: argparse.Namespace) -> int:
+    if args.iterations < 1:
+        raise SystemExit("kvstore-bench lookup: --iterations must be at least 1")
     if args.under_load is not None:
+        if args.nodes is not None:
+            raise SystemExit(
+                "kvstore-bench lookup: --under-load measures one daemon beside its load "
+                "processes; drop --nodes (or measure a cluster's lookups without --under-load)"
+            )
         return run_under_load(args)
     tune_allocator()
     if args.compare_auth and (args.target or args.nodes):

@@ -252,13 +252,24 @@ def add_lz4_arguments(parser: argparse.ArgumentParser) -> None:
 def run_lz4(args: argparse.Namespace) -> int:
     tune_allocator()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    wanted = args.datasets.split(",")
+    known = [*DTYPES, "random"]  # the names `datasets` makes
+    unknown = [name for name in wanted if name not in known]
+    if unknown:
+        raise SystemExit(
+            f"kvstore-bench lz4: unknown dataset(s) {', '.join(unknown)}; "
+            f"choose from {', '.join(known)}"
+        )
+    if args.rounds < 1:
+        raise SystemExit("kvstore-bench lz4: --rounds must be at least 1")
     config, kv = prefill_kv(args.tokens)
     ssd_bytes = parse_size(args.ssd_bytes)
+    available = datasets(kv)
     figures = []
     workdir = Path(tempfile.mkdtemp(prefix="kvstore-bench-lz4-", dir=args.dir))
     try:
-        for name, blocks in datasets(kv).items():
-            if name not in args.datasets.split(","):
+        for name, blocks in available.items():
+            if name not in wanted:
                 continue
             layout = layout_of(config, blocks.dtype)
             namespace = Namespace(tenant="bench", model_fingerprint=f"lz4-{name}", layout=layout)

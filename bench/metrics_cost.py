@@ -87,14 +87,16 @@ async def _measure(targets: dict[str, str], args: argparse.Namespace) -> dict[st
             dtype=torch.bfloat16,
         )
         moved_bytes = args.blocks * transfer_layout.block_bytes
-        per_round = max(1, args.iterations // args.rounds)
         names = list(targets)
         for round_index in range(args.rounds + 1):  # round 0 warms up and is not kept
+            # `iterations` timed lookups per daemon in all, spread over the kept rounds.
+            kept = max(round_index - 1, 0)
+            count = args.iterations // args.rounds + (kept < args.iterations % args.rounds)
             # Each daemon goes first in every other round: no order favours either.
             for name in names if round_index % 2 else names[::-1]:
                 lookup = lookups[name].lookup_keys
                 timed = []
-                for _ in range(per_round):
+                for _ in range(count):
                     start = time.perf_counter()
                     await lookup(chain)
                     timed.append(time.perf_counter() - start)
@@ -170,6 +172,13 @@ async def scrape_hold_ms(repeats: int = 20) -> float:
 
 
 def run_metrics_cost(args: argparse.Namespace) -> int:
+    if args.rounds < 1:
+        raise SystemExit("kvstore-bench metrics: --rounds must be at least 1")
+    if args.iterations < args.rounds:
+        raise SystemExit(
+            f"kvstore-bench metrics: --iterations ({args.iterations}) must be at least "
+            f"--rounds ({args.rounds}): each round times some lookups"
+        )
     tune_allocator()
     common = ["--dram-bytes", "512MiB", "--log-level", "warning"]
     metrics_port = free_port()

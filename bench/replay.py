@@ -29,6 +29,7 @@ from kvstore.bench.command import (
 from kvstore.bench.load import LoadRun
 from kvstore.bench.report import merge_results
 from kvstore.bench.trace import (
+    BLOCK_TOKENS,
     TraceRequest,
     block_keys_for_request,
     infinite_cache_hit_rate,
@@ -146,6 +147,14 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
 def run_trace(args: argparse.Namespace) -> int:
     """Run ``kvstore-bench trace``; returns the exit status."""
     preset, layout = model_layout(args)
+    if layout.block_tokens != BLOCK_TOKENS:
+        # A hash id names one 512-token block of the trace: a store block of another size
+        # would need ids the trace does not have.
+        raise SystemExit(
+            f"kvstore-bench trace: a Mooncake trace's hash_ids are {BLOCK_TOKENS}-token blocks, "
+            f"and each is replayed as one store block: --block-tokens must be {BLOCK_TOKENS}, "
+            f"not {layout.block_tokens}"
+        )
     requests = load_trace(args.file, block_tokens=layout.block_tokens)
     if args.max_requests is not None:
         requests = requests[: args.max_requests]

@@ -381,8 +381,24 @@ def print_report(report: LoadReport, console: Console | None = None) -> None:
             ]
             errors.add_row(code, str(report.errors_by_code.get(code, 0)), ", ".join(parts))
         console.print(errors)
+    not_stored = {
+        name: count
+        for name, count in report.put_outcomes.items()
+        if name not in ("COMMITTED", "ALREADY_PRESENT")
+    }
+    if not_stored:
+        # A cluster client answers a put to a node it cannot reach with NODE_UNREACHABLE
+        # outcomes, not an error: without this line a run against dead nodes looks sound.
+        total = sum(report.put_outcomes.values())
+        console.print(
+            "[bold red]blocks put but not stored[/]: "
+            + ", ".join(f"{name} {count}" for name, count in sorted(not_stored.items()))
+            + f" of {total} (put GB/s counts only blocks a server received)"
+        )
     if report.server is not None:
         console.print(_server_table(report.server, report.wall_s))
+    else:
+        console.print("[bold red]server Stats: no answer[/] (the server or every node is down)")
 
 
 def _milliseconds(value: float) -> str:

@@ -344,6 +344,8 @@ def add_throughput_arguments(parser: argparse.ArgumentParser) -> None:
 def run_throughput(args: argparse.Namespace) -> int:
     if args.streams < 1:
         raise SystemExit("--streams must be at least 1")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     nodes = check_nodes(args, "throughput")
     rows = run_sweep(
         Sweep(

@@ -33,7 +33,9 @@ class TraceFormatError(ValueError):
     """A trace line that is not a valid request; the message names the file and line number."""
 
     def __init__(self, path: str, line_number: int, reason: str) -> None:
-        super().__init__(f"{path}:{line_number}: {reason}")
+        # Line 0: the file itself (it could not be opened or read).
+        where = f"{path}:{line_number}" if line_number else path
+        super().__init__(f"{where}: {reason}")
         self.path = path
         self.line_number = line_number
         self.reason = reason
@@ -96,18 +98,24 @@ def load_trace(
         raise ValueError("block_tokens must be positive")
     name = os.fspath(path)
     requests = []
-    with open(path, encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TraceFormatError(name, line_number, f"invalid JSON: {exc.msg}") from exc
-            try:
-                requests.append(_parse_request(record, block_tokens))
-            except ValueError as exc:
-                raise TraceFormatError(name, line_number, str(exc)) from exc
+    line_number = 0
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for line_number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise TraceFormatError(name, line_number, f"invalid JSON: {exc.msg}") from exc
+                try:
+                    requests.append(_parse_request(record, block_tokens))
+                except ValueError as exc:
+                    raise TraceFormatError(name, line_number, str(exc)) from exc
+    except UnicodeDecodeError as exc:
+        raise TraceFormatError(name, line_number + 1, f"not UTF-8 text ({exc.reason})") from exc
+    except OSError as exc:
+        raise TraceFormatError(name, 0, f"cannot read the trace: {exc.strerror or exc}") from exc
     return requests
 
 

@@ -34,6 +34,8 @@ from kvstore.client import (
     KVLayout,
     KVStoreClientError,
     Namespace,
+    PutOutcome,
+    PutResult,
     TierKind,
 )
 
@@ -387,7 +389,6 @@ async def fetch_and_store(
             moved += served * layout.block_bytes
         missed = keys[served:]
         if missed:
-            nbytes = len(missed) * layout.block_bytes
             result = await recorder.measured(
                 PUT,
                 client.put_blocks(
@@ -396,10 +397,10 @@ async def fetch_and_store(
                     parent_key=keys[served - 1] if served else b"",
                     form=KVForm.BLOCKS,
                 ),
-                nbytes,
+                lambda result: _bytes_reaching_a_server(result, layout.block_bytes),
             )
             recorder.put_outcomes.update(outcome.name for outcome in result.outcomes)
-            moved += nbytes
+            moved += _bytes_reaching_a_server(result, layout.block_bytes)
     except KVStoreClientError as error:
         recorder.error(recorder.unit_op, error)
         return None
@@ -425,3 +426,10 @@ async def _get(client: KVClient, keys: list[bytes]) -> int:
     async for arrival in client.iter_layers(keys, form=KVForm.BLOCKS):
         num_blocks = arrival.num_blocks
     return num_blocks
+
+
+def _bytes_reaching_a_server(result: PutResult, block_bytes: int) -> int:
+    """A put's bytes that a server received: a cluster client does not send the blocks
+    of a node it cannot reach (NODE_UNREACHABLE), and they must not count as moved."""
+    sent = sum(outcome is not PutOutcome.NODE_UNREACHABLE for outcome in result.outcomes)
+    return sent * block_bytes

@@ -239,3 +239,29 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     path = tmp_path / "run.png"
     write_plot(merge_results([result]), report, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_blocks_no_node_took_are_reported_and_a_silent_server_is_named() -> None:
+    """A cluster client answers puts to dead nodes with NODE_UNREACHABLE outcomes and
+    lookups with misses, no errors: the report must still show that nothing was stored."""
+    result = make_result(
+        [("put", 0.0, 0.001, 0)],
+        [("all", 10, 0, 5000, 0)],
+        put_outcomes={"COMMITTED": 2, "NODE_UNREACHABLE": 98},
+    )
+    report = build_report(make_run([result]), settings={})
+    assert report.server is None
+    console = Console(record=True, width=160)
+    print_report(report, console)
+    text = console.export_text()
+    assert "blocks put but not stored: NODE_UNREACHABLE 98 of 100" in text
+    assert "server Stats: no answer" in text
+
+
+async def test_a_put_counts_only_the_bytes_a_server_received() -> None:
+    from kvstore.bench.workload import _bytes_reaching_a_server
+    from kvstore.client import PutOutcome, PutResult
+
+    outcomes = (PutOutcome.COMMITTED, PutOutcome.NODE_UNREACHABLE, PutOutcome.PARENT_MISSING)
+    result = PutResult(outcomes=outcomes, num_skipped=0, bytes_sent=300)
+    assert _bytes_reaching_a_server(result, 100) == 200

@@ -24,10 +24,11 @@ def test_lookup_reports_hits_misses_and_the_plain_grpcio_floor(
     store_target: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = bench_main(
-        ["lookup", "--keys", "64", "--iterations", "20", "--target", store_target, "--json"]
+        ["lookup", "--keys", "64", "--iterations", "19", "--target", store_target, "--json"]
     )
     assert code == 0
     results = json.loads(capsys.readouterr().out)
+    assert {row["calls"] for row in results.values()} == {19}  # as asked, not rounded
     assert set(results) == {
         "plain grpcio stream",
         "plain grpcio unary",
@@ -197,3 +198,52 @@ def test_watch_snapshot_times_taking_the_entries_against_building_the_events(
     assert report["events_over_entries"] == pytest.approx(
         report["events_ms"] / report["entries_ms"]
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["lookup", "--under-load", "0.1", "--nodes", "2"], "drop --nodes"),
+        (["lookup", "--iterations", "0"], "--iterations must be at least 1"),
+        (["throughput", "--rounds", "0"], "--rounds must be at least 1"),
+        (["metrics", "--rounds", "0"], "--rounds must be at least 1"),
+        (["metrics", "--rounds", "5", "--iterations", "3"], "must be at least --rounds"),
+        (["lz4", "--datasets", "bf16x"], "unknown dataset(s) bf16x"),
+        (["trace", "/dev/null", "--block-tokens", "256"], "--block-tokens must be 512"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_runs(argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        bench_main(argv)
+    assert message in str(exited.value.code)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b'{"timestamp": 1, "input_length": 2, "output_length": 1, "hash_ids": [1]}\n{"t',
+            ":2: invalid JSON",
+        ),
+        (b"\xff\xfe\n", ":1: not UTF-8 text"),
+    ],
+)
+@pytest.mark.parametrize("command", [["trace"], ["placement"], ["cluster", "hits", "--trace"]])
+def test_a_bad_trace_is_a_message_not_a_traceback(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    content: bytes,
+    message: str,
+) -> None:
+    trace = tmp_path / "bad.jsonl"
+    trace.write_bytes(content)
+    assert bench_main([*command, str(trace)]) == 2
+    assert f"kvstore-bench: {trace}{message}" in capsys.readouterr().err
+
+
+def test_a_missing_trace_is_a_message_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench_main(["trace", str(tmp_path / "none.jsonl")]) == 2
+    assert "cannot read the trace: No such file or directory" in capsys.readouterr().err
