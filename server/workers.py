@@ -250,8 +250,9 @@ def worker_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     # Ignored until the daemon installs its handler, which it does before it reads the
     # tokens file (and reloads it once if a SIGHUP came meanwhile): a reload sent while
-    # this worker starts must not kill it.
+    # this worker starts must not kill it. The supervisor started it with SIGHUP blocked.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     _exit_with_supervisor(args.supervisor_pid)
     config = pickle.load(sys.stdin.buffer)
     assert isinstance(config, ServerConfig)
@@ -314,7 +315,12 @@ class _Supervisor:
     def run(self) -> int:
         for worker in self.workers:
             self._start(worker)
-        while any(worker.process is not None for worker in self.workers):
+        # Until every worker has exited and none is waiting for its restart: workers that
+        # all die at once (or each within another's back-off) are restarted, not taken for
+        # a finished service.
+        while any(
+            worker.process is not None or worker.restart_at is not None for worker in self.workers
+        ):
             received = self.wait_for_signals(self._wait_s())
             for signum in _STOP_SIGNALS:
                 if signum in received:
@@ -346,7 +352,14 @@ class _Supervisor:
             "--supervisor-pid",
             str(os.getpid()),
         ]
-        process = subprocess.Popen(command, stdin=subprocess.PIPE)
+        # SIGHUP is blocked across the exec (a blocked signal stays blocked, and pending, in
+        # the child): a reload forwarded while the worker starts cannot kill it before
+        # worker_main ignores it; the daemon reads the tokens file after that anyway.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.PIPE)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         assert process.stdin is not None
         # A worker that dies at once closes the pipe; its exit is reaped like any other.
         with contextlib.suppress(BrokenPipeError), process.stdin:
@@ -385,7 +398,9 @@ class _Supervisor:
             worker.process = None
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
             if self.stopping:
-                if code != 0:
+                # A worker still starting has no handler yet: the stop signal itself ends
+                # it, which is the stop asked for, not a failure.
+                if code != 0 and -code not in _STOP_SIGNALS:
                     self.failed = True
                     logger.warning("worker %d %s while draining", worker.index, how)
                 continue

@@ -494,3 +494,44 @@ def test_a_worker_that_cannot_start_stops_the_supervisor_with_exit_1(
     )
     assert "could not start (its log says why); stopping" in supervisor.log
     assert not any(is_running(pid) for pid in supervisor.worker_pids().values())
+
+
+@pytest.mark.slow
+async def test_workers_that_all_die_at_once_are_restarted_not_taken_for_an_exit(
+    etcd: EtcdServer, supervisor_launcher: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    """Each waits out its restart back-off with no process: the supervisor must not read
+    that as every worker having exited, and end the service with status 0."""
+    supervisor = supervisor_launcher(*worker_flags(etcd, tmp_path / "ssd", "--lease-ttl-s", "2"))
+    await registered_members(etcd, supervisor, 2)
+    pids = supervisor.worker_pids()
+    for pid in pids.values():
+        os.kill(pid, signal.SIGKILL)
+
+    async def both_restarted() -> bool:
+        now = supervisor.worker_pids()
+        return all(now[index] != pid for index, pid in pids.items())
+
+    await wait_until(both_restarted, "both workers restarted", lambda: supervisor.log)
+    assert supervisor.process.poll() is None, supervisor.log
+    assert "every worker has exited" not in supervisor.log
+    await registered_members(etcd, supervisor, 2)
+    assert await asyncio.to_thread(supervisor.stop, signal.SIGTERM) == 0
+
+
+@pytest.mark.slow
+async def test_a_stop_while_workers_start_is_a_clean_exit(
+    etcd: EtcdServer, supervisor_launcher: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    """Stop and reload signals sent while the workers are still importing: no worker is
+    killed by a SIGHUP, and a worker ended by the stop signal itself is no failure."""
+    supervisor = supervisor_launcher(*worker_flags(etcd, tmp_path / "ssd"))
+
+    async def both_spawned() -> bool:
+        return len(supervisor.worker_pids()) == 2
+
+    await wait_until(both_spawned, "both workers spawned", lambda: supervisor.log)
+    supervisor.process.send_signal(signal.SIGHUP)
+    await asyncio.sleep(0.05)
+    assert "killed by SIGHUP" not in supervisor.log
+    assert await asyncio.to_thread(supervisor.stop, signal.SIGTERM) == 0, supervisor.log
