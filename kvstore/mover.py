@@ -62,11 +62,13 @@ class TierMover:
         self._wake = asyncio.Event()
         self._maintenance = asyncio.create_task(self._maintain(), name="kvstore-maintenance")
 
-    async def flush_all(self) -> int:
-        """Write every admitted DRAM-only block to SSD (a graceful shutdown does this)."""
-        pool = self._pool
-        if pool.ssd is None:
-            return 0
+    async def flush_all(self) -> tuple[int, int]:
+        """Write every admitted DRAM-only block to SSD (a graceful shutdown does this);
+        returns (blocks written, blocks that could not be). This is the blocks' last
+        chance: a tier degraded by an earlier error is tried again for each of them."""
+        pool, ssd = self._pool, self._pool.ssd
+        if ssd is None:
+            return 0, 0
         pending = [
             entry
             for entry in pool.entries()
@@ -75,8 +77,11 @@ class TierMover:
         # Parents first, so the files on disk always form whole chains.
         pending.sort(key=lambda entry: entry.depth)
         for entry in pending:
+            if ssd.degraded:
+                ssd.retry_writes_now()
             await self.flush(entry, demote=False)
-        return len(pending)
+        written = sum(TierKind.SSD in entry.copies for entry in pending if entry.is_indexed())
+        return written, len(pending) - written
 
     async def close(self) -> None:
         if self._recovery is not None:

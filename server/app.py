@@ -81,8 +81,15 @@ class RunningServer:
         else:
             await self.server.stop(grace_s)
         if self.store.has_ssd:
-            flushed = await self.mover.flush_all()
+            flushed, unwritten = await self.mover.flush_all()
             logger.info("flushed %d blocks to SSD", flushed)
+            if unwritten:
+                logger.error(
+                    "%d write-back blocks could not be written to SSD and are lost with this "
+                    "process (the SSD tier: %s)",
+                    unwritten,
+                    self.store.pool.ssd.degraded_reason if self.store.pool.ssd else "none",
+                )
         await self.mover.close()
         # Served to the end, so that a scrape can watch the drain.
         if self.metrics is not None:

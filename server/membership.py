@@ -101,7 +101,9 @@ class Registration:
             try:
                 await client.revoke_lease(lease_id)
                 logger.info("withdrew from the cluster: %s deleted", self.key)
-            except (aetcd.ClientError, OSError) as error:
+            except Exception as error:
+                # Any error (a re-login's grpc error too): a drain goes on to flush the
+                # write-back blocks whatever etcd answers.
                 logger.warning(
                     "could not withdraw %s (%s); it goes when its lease expires in <= %ds",
                     self.key,

@@ -329,6 +329,10 @@ class SsdTier:
             self.degraded_reason = None
         return self.degraded_reason is None
 
+    def retry_writes_now(self) -> None:
+        """End a degraded spell early: the next write is tried (a shutdown's flush)."""
+        self._degraded_until = 0.0
+
     def record_error(self, error: BaseException, doing: str) -> None:
         """Count an error; disk-level ones degrade the tier for a while."""
         self.counters.errors += 1

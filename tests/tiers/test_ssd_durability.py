@@ -335,6 +335,40 @@ async def test_a_delete_answers_once_its_files_are_gone(tmp_path: Path) -> None:
         await running.drain()
 
 
+async def test_a_drain_flushes_write_back_blocks_even_just_after_a_disk_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transient disk error degrades the SSD for a while; the drain is the blocks' last
+    chance and must try them anyway (it skipped them all and logged them flushed)."""
+    ssd_dir = tmp_path / "ssd"
+    settings: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "log_level": "info",
+        "store.dram_bytes": 4 * MiB,
+        "store.page_bytes": 16 * KiB,
+        "store.ssd_dir": str(ssd_dir),
+        "store.write_policy": "write-back",
+        "limits.drain_grace_s": 2.0,
+    }
+    running: RunningServer = await build_server(load_config(None, settings))
+    keys = chain_keys("last-chance", 6)
+    try:
+        async with KVClient(f"127.0.0.1:{running.port}", NS, options=OPTIONS) as client:
+            await put_chain(client, keys)
+        ssd = running.store.pool.ssd
+        assert ssd is not None
+        # What a write that hit a full disk a moment ago leaves (the disk has room again).
+        ssd.record_error(OSError(errno.ENOSPC, "No space left on device"), "writing a block")
+        assert ssd.degraded
+    finally:
+        with caplog.at_level(logging.INFO, logger="kvstore"):
+            await running.drain()
+    assert len(block_files(ssd_dir)) == len(keys)
+    assert "flushed 6 blocks to SSD" in caplog.text
+    async with inprocess_server(ssd_dir) as client:
+        assert await assert_intact_prefix(client, keys) == len(keys)
+
+
 # -- capacity and failing disks -----------------------------------------------------------------
 
 
