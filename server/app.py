@@ -7,6 +7,8 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,15 +189,13 @@ async def build_server(config: ServerConfig) -> RunningServer:
     # authentication on it is served only where [auth] reflection says so.
     if auth is None or config.auth.reflection:
         add_reflection_service((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    try:
-        if tls is None:
-            port = server.add_insecure_port(config.listen)
-        else:
-            port = server.add_secure_port(config.listen, tls.grpc_credentials)
-    except RuntimeError as error:  # grpcio reports a failed bind (port in use) this way
-        raise OSError(f"cannot listen on {config.listen}: {error}") from error
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+    if tls is None:
+        port = _listen_on_every_address(config.listen, server.add_insecure_port)
+    else:
+        credentials = tls.grpc_credentials
+        port = _listen_on_every_address(
+            config.listen, lambda address: server.add_secure_port(address, credentials)
+        )
     data_plane = None
     shm_path = config.shm_socket_path()
     if shm_path is not None and config.shm_socket == "auto":
@@ -353,3 +353,31 @@ async def serve(config: ServerConfig) -> None:
 
 def _no_tokens_to_reload() -> None:
     logger.info("SIGHUP: no tokens file to reload (authentication is off)")
+
+
+def _listen_on_every_address(listen: str, add_port: Callable[[str], int]) -> int:
+    """Bind `listen` (HOST:PORT) on every address its host resolves to, each or none;
+    returns the port. gRPC given a name binds what it can of the addresses it resolves
+    and carries on: a daemon on `localhost:P` whose 127.0.0.1:P another daemon holds
+    would serve on ::1 alone, as if it owned the port."""
+    host, _, port_text = listen.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        addresses = [str(ipaddress.ip_address(host))]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError as error:
+            raise OSError(f"cannot listen on {listen}: {error}") from error
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    port = int(port_text)
+    for address in addresses:
+        target = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        try:
+            bound = add_port(target)
+        except RuntimeError as error:  # grpcio reports a failed bind (port in use) this way
+            raise OSError(f"cannot listen on {listen} ({target}): {error}") from error
+        if bound == 0:
+            raise OSError(f"cannot listen on {listen} ({target})")
+        port = bound  # a port-0 listen: every address on the port the first one took
+    return port
