@@ -22,8 +22,8 @@ from kvstore.server import RunningServer
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]
 
-BLOCK_TOKENS = 16
-BLOCK_BYTES = 512  # the layout the flags below give: 16 tokens x 32 B
+BLOCK_TOKENS = 512  # a Mooncake hash id is one 512-token block
+BLOCK_BYTES = 16384  # the layout the flags below give: 512 tokens x 32 B
 LAYOUT_FLAGS = ["--scale", "1/4096", "--layers", "2", "--block-tokens", str(BLOCK_TOKENS)]
 INFINITE = "trace, infinite cache"
 
@@ -81,8 +81,10 @@ async def replay(argv: list[str], out: Path) -> tuple[dict[str, Any], float]:
 
 
 def test_workload_scales_arrival_times(tmp_path: Path) -> None:
-    requests = load_trace(conversation_trace(tmp_path / "t.jsonl", gap_ms=500), block_tokens=16)
-    layout = scaled_layout(get_preset("Llama-3-8B"), 1 / 4096, 16, num_layers=2)
+    requests = load_trace(
+        conversation_trace(tmp_path / "t.jsonl", gap_ms=500), block_tokens=BLOCK_TOKENS
+    )
+    layout = scaled_layout(get_preset("Llama-3-8B"), 1 / 4096, BLOCK_TOKENS, num_layers=2)
     workload = trace_workload(requests, layout, time_scale=0.1, salt=b"s")
     assert workload.num_units() == 30
     assert workload.offsets_s[:3] == pytest.approx((0.0, 0.05, 0.1))
@@ -91,10 +93,10 @@ def test_workload_scales_arrival_times(tmp_path: Path) -> None:
 
 
 def test_reference_adds_lru_only_below_the_unique_blocks(tmp_path: Path) -> None:
-    requests = load_trace(conversation_trace(tmp_path / "t.jsonl"), block_tokens=16)
-    unique = infinite_cache_hit_rate(requests, 16).num_unique_blocks
-    assert list(reference_hit_rates(requests, 16, unique)) == [INFINITE]
-    rates = reference_hit_rates(requests, 16, unique // 3)
+    requests = load_trace(conversation_trace(tmp_path / "t.jsonl"), block_tokens=BLOCK_TOKENS)
+    unique = infinite_cache_hit_rate(requests, BLOCK_TOKENS).num_unique_blocks
+    assert list(reference_hit_rates(requests, BLOCK_TOKENS, unique)) == [INFINITE]
+    rates = reference_hit_rates(requests, BLOCK_TOKENS, unique // 3)
     lru = rates[f"trace, LRU at {unique // 3} blocks"]
     assert lru[0] < rates[INFINITE][0]
 
@@ -106,7 +108,7 @@ async def test_replay_matches_the_infinite_cache_when_capacity_is_ample(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
     trace = conversation_trace(tmp_path / "t.jsonl")
-    expected = infinite_cache_hit_rate(load_trace(trace, block_tokens=16), 16)
+    expected = infinite_cache_hit_rate(load_trace(trace, block_tokens=BLOCK_TOKENS), BLOCK_TOKENS)
     assert 0.5 < expected.block_hit_rate < 0.9, "the generated trace has hits and misses"
     server = await server_factory(store__page_bytes=BLOCK_BYTES)
     out = tmp_path / "ample.json"
@@ -130,7 +132,7 @@ async def test_replay_hits_less_when_capacity_forces_eviction(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
     trace = conversation_trace(tmp_path / "t.jsonl")
-    expected = infinite_cache_hit_rate(load_trace(trace, block_tokens=16), 16)
+    expected = infinite_cache_hit_rate(load_trace(trace, block_tokens=BLOCK_TOKENS), BLOCK_TOKENS)
     capacity_blocks = 32  # of 92 unique blocks
     server = await server_factory(
         store__page_bytes=BLOCK_BYTES, store__dram_bytes=capacity_blocks * BLOCK_BYTES
