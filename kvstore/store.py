@@ -9,6 +9,7 @@ SSD tier's threads, scheduled by kvstore.mover, which settles it back on that lo
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import operator
 import time
@@ -420,6 +421,17 @@ class BlockStore:
     def tenant_names(self) -> list[str]:
         """Every tenant with a namespace or a quota, by name."""
         return [usage.tenant for usage in self._pool.tenant_usages()]
+
+    def largest_tenants(self, count: int) -> list[str]:
+        """The `count` tenants using the most bytes over all tiers, by name."""
+        pool = self._pool
+        kinds = pool.tier_kinds
+        largest = heapq.nlargest(
+            count,
+            pool.tenant_usages(),
+            key=lambda usage: sum(usage.used_bytes(kind) for kind in kinds),
+        )
+        return sorted(usage.tenant for usage in largest)
 
     def tenant_reports(self, tenants: Iterable[str] | None = None) -> tuple[TenantReport, ...]:
         """The usage and quotas of the named tenants that have any (None: every tenant;

@@ -200,6 +200,27 @@ async def test_a_quota_has_its_series(
     assert samples.value("kvstore_tenant_used_bytes", tenant="team-q", tier="dram") == 0
 
 
+async def test_past_the_series_limit_only_the_largest_tenants_have_series(
+    server_factory: ServerFactory, make_namespace: Callable[..., Namespace], make_kv: MakeKV
+) -> None:
+    """A scrape costs the loop per tenant: past the limit, the tenants using the most
+    bytes get series and a gauge counts the rest."""
+    quoted = {f"idle-{index:02d}": {"dram_bytes": "1MiB"} for index in range(20)}
+    running: RunningServer = await server_factory(metrics_port=0, quotas=quoted)
+    assert running.metrics is not None
+    running.metrics.collector.max_tenant_series = 3
+    target = f"127.0.0.1:{running.port}"
+    layout = make_namespace().layout
+    for tenant, blocks in (("big", 3), ("mid", 2), ("small", 1)):
+        async with KVClient(target, make_namespace(tenant=tenant)) as client:
+            await client.put(tokens(blocks, layout), make_kv(layout, blocks))
+    samples = await scrape(running)
+    assert samples.value("kvstore_tenant_blocks", tenant="big", tier="dram") == 3
+    assert samples.value("kvstore_tenant_blocks", tenant="small", tier="dram") == 1
+    assert not samples.has("kvstore_tenant_used_bytes", tenant="idle-00", tier="dram")
+    assert samples.value("kvstore_tenants_without_series") == 20
+
+
 def hold_the_loop(seconds: float) -> None:
     """Keep the calling event loop busy, as a long synchronous handler would."""
     end = time.monotonic() + seconds
