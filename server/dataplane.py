@@ -192,6 +192,12 @@ class DataPlane:
         self._connections: set[asyncio.Task[None]] = set()
         # Connections waiting for their next transfer: a drain closes these at once.
         self._idle: dict[asyncio.Task[None], _Link] = {}
+        # Connections not past HELLO yet, oldest first, with their sockets. At the
+        # connection limit a new one closes the oldest of these instead of being turned
+        # away: silent connections (unauthenticated, as far as anyone knows) cannot keep
+        # the slots from clients that prove themselves within moments.
+        self._handshaking: dict[asyncio.Task[None], socket.socket] = {}
+        self.handshakes_cut = 0  # connections closed in their handshake to make room
         self.transfers = 0  # puts and gets served, for tests and logs
         self.accepted = 0  # connections served (not those turned away at the cap)
         self.request_metrics: RequestMetrics | None = None  # errors counted here, if on
@@ -302,16 +308,34 @@ class DataPlane:
                 continue
             tune_socket(sock)
             if len(self._connections) >= self._limits.max_data_connections:
-                _refuse(
-                    sock,
-                    self._limits.max_data_connections,
-                    plaintext=unix or self._tls_context is None,
-                )
-                continue
+                if not self._handshaking:
+                    _refuse(
+                        sock,
+                        self._limits.max_data_connections,
+                        plaintext=unix or self._tls_context is None,
+                    )
+                    continue
+                self._cut_oldest_handshake()
             self.accepted += 1
             task = asyncio.create_task(self._serve(sock, unix=unix))
             self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            self._handshaking[task] = sock
+            task.add_done_callback(self._connection_ended)
+
+    def _cut_oldest_handshake(self) -> None:
+        """Close the connection that has waited longest for its HELLO, freeing its slot now."""
+        task, _ = next(iter(self._handshaking.items()))
+        del self._handshaking[task]
+        self._connections.discard(task)
+        task.cancel()  # its socket is closed when it ends, even if it never ran
+        self.handshakes_cut += 1
+        logger.debug("data plane at its connection limit: closed a connection still in HELLO")
+
+    def _connection_ended(self, task: asyncio.Task[None]) -> None:
+        self._connections.discard(task)
+        sock = self._handshaking.pop(task, None)
+        if sock is not None:
+            sock.close()  # a task cancelled before it ran never reached its own close
 
     async def _serve(self, sock: socket.socket, *, unix: bool = False) -> None:
         task = asyncio.current_task()
@@ -338,6 +362,7 @@ class DataPlane:
                 await self._handshake(link)
             finally:
                 self._idle.pop(task, None)
+            self._handshaking.pop(task, None)  # past HELLO: its slot is its own
             # A drain ends the connection between transfers; the client's pool sees it.
             while not self._lifecycle.draining:
                 reader.release_buffer()  # an idle connection holds no megabyte buffer

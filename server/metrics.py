@@ -126,6 +126,11 @@ class KVStoreCollector(Collector):
             value=self._data_plane.accepted,
         )
         yield CounterMetricFamily(
+            "kvstore_data_plane_handshakes_cut",
+            "Connections closed before their HELLO to make room at the connection limit.",
+            value=self._data_plane.handshakes_cut,
+        )
+        yield CounterMetricFamily(
             "kvstore_data_plane_transfers",
             "Puts and gets the data plane carried (the rest went over gRPC).",
             value=transfers,

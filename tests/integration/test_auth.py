@@ -571,6 +571,53 @@ async def test_a_tenants_data_plane_connections_are_capped_by_its_quota(
     await poll(admitted_again, timeout_s=10.0)
 
 
+async def test_silent_connections_cannot_keep_the_data_plane_from_a_tenant(
+    server_factory: ServerFactory,
+    tokens_file: Path,
+    open_client: Callable[..., KVClient],
+    make_kv: MakeKV,
+) -> None:
+    """Connections that never say HELLO hold every slot: a tenant's client still gets the
+    data plane, by closing the oldest of them, and once all slots are proven a new
+    connection is turned away rather than cutting a proven one."""
+    running = await server_factory(
+        auth__tokens_file=str(tokens_file), limits__max_data_connections=3
+    )
+    assert running.data_plane is not None
+    silent = [await Raw.connect(running) for _ in range(3)]
+    try:
+        client = open_client(running, NS_A, TOKEN_A)
+        kv = make_kv(LAYOUT, 1, form=KVForm.BLOCKS, seed=11)
+        assert (await client.put_blocks([b"a-0"], kv)).num_committed == 1
+        assert running.data_plane.transfers == 1  # not sent to gRPC
+        assert running.data_plane.handshakes_cut == 1
+        async with asyncio.timeout(10):
+            assert await silent[0].loop.sock_recv(silent[0].sock, 1) == b""  # the oldest
+        # The other two are now proven (HELLO said) and the client's own is pooled: a
+        # fourth connection finds no handshake to cut, and is refused.
+        for raw in silent[1:]:
+            await raw.send(frame(FrameKind.HELLO, HELLO + TOKEN_B.encode()))
+            assert await raw.read_frame() == (FrameKind.HELLO, HELLO)
+        late = await Raw.connect(running)
+        try:
+            code, text = await late.read_error()
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert "limits.max_data_connections" in text
+        finally:
+            late.close()
+        assert running.data_plane.handshakes_cut == 1
+        for raw in silent[1:]:  # the proven ones are still served
+            request = pb.GetBlocksRequest(namespace=namespace_to_wire(NS_B), keys=[b"none"])
+            await raw.send(frame(FrameKind.GET, request.SerializeToString()))
+            kinds = [(await raw.read_frame())[0]]
+            while kinds[-1] == FrameKind.GET_DATA:
+                kinds.append((await raw.read_frame())[0])
+            assert kinds[-1] == FrameKind.GET_END, kinds
+    finally:
+        for raw in silent:
+            raw.close()
+
+
 def test_certificate_tenants_without_mutual_tls_is_a_config_error() -> None:
     with pytest.raises(InvalidRequest, match="needs mutual TLS"):
         load_config(None, {"auth.certificate_tenants": True})
