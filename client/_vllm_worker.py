@@ -103,6 +103,10 @@ class WorkerSide:
         self.prefill_tokens_per_s: float | None = None
         self._step_saves: list[tuple[str, SaveHandle]] = []  # (request id, put) of this step
         self._loading_request_ids: set[str] = set()  # requests whose load this step runs
+        # The step under way (its saves open) until wait_for_save, and whether its forward
+        # pass has started saving layers.
+        self._step_metadata: KVStoreConnectorMetadata | None = None
+        self._forward_seen = False
         # Of the last MAX_SAVE_REPORTS requests get_finished reported, oldest first.
         self.save_reports: dict[str, SaveReport] = {}
         self.last_load: LoadReport | None = None  # the last step's load, if it had one
@@ -134,17 +138,26 @@ class WorkerSide:
             for handle in self._saves.pop(req_id, []):
                 handle.abort()
 
-    def start_load_kv(self, metadata: KVStoreConnectorMetadata, num_step_tokens: int) -> None:
+    def begin_step(self, metadata: KVStoreConnectorMetadata, num_step_tokens: int) -> None:
+        """Open the step's saves and start timing it, once per step, before its forward
+        pass: called when the metadata is bound, which vLLM does before the forward pass in
+        every release (its `start_load_kv` comes after the pass on steps without synchronous
+        loads since mid-2026), and again, doing nothing, from `start_load_kv`."""
+        if metadata is self._step_metadata:
+            return
         engine, _ = self._require()
-        self.handle_preemptions(metadata)
+        if self._step_metadata is not None:  # the last step had no wait_for_save
+            self._abort_unfed_saves()
+            if self._clock is not None:
+                self._clock.cancel()
+        self._step_metadata = metadata
+        self._forward_seen = False
+        self._load_failed = False
+        self._load_block_ids = []
+        self._loading_request_ids = set()
+        self.handle_preemptions(metadata)  # before the saves open: a preempted chain restarts
         if self._clock is not None:
             self._clock.start(num_step_tokens)
-        self._load_failed = False
-        self._load_block_ids = [block for load in metadata.loads for block in load.block_ids]
-        keys = [key for load in metadata.loads for key in load.keys]
-        if keys:
-            engine.start_load_kv(keys, self._load_block_ids)
-        self._loading_request_ids = {load.request_id for load in metadata.loads}
         self._step_saves = []
         for save in metadata.saves:
             chain = self._saves.setdefault(save.request_id, [])
@@ -157,6 +170,31 @@ class WorkerSide:
             )
             chain.append(handle)
             self._step_saves.append((save.request_id, handle))
+
+    def start_load_kv(self, metadata: KVStoreConnectorMetadata, num_step_tokens: int) -> None:
+        engine, _ = self._require()
+        self.begin_step(metadata, num_step_tokens)
+        block_ids = [block for load in metadata.loads for block in load.block_ids]
+        if not block_ids:
+            return
+        if self._forward_seen:
+            # The forward pass has already read these pages: loading them now would leave
+            # its output computed over whatever they held. vLLM recomputes them instead.
+            logger.error(
+                "kvstore: start_load_kv came after the forward pass with %d blocks to load "
+                "(vLLM defers it only on steps without synchronous loads); they are "
+                "reported as load errors and recomputed",
+                len(block_ids),
+            )
+            self._failed_block_ids.update(block_ids)
+            loading = {load.request_id for load in metadata.loads}
+            for req_id, handle in self._step_saves:
+                if req_id in loading:
+                    handle.abort()  # its new K/V attended over pages that never arrived
+            return
+        self._load_block_ids = block_ids
+        self._loading_request_ids = {load.request_id for load in metadata.loads}
+        engine.start_load_kv([key for load in metadata.loads for key in load.keys], block_ids)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         engine, cache = self._require()
@@ -183,6 +221,7 @@ class WorkerSide:
 
     def save_kv_layer(self, layer_name: str) -> None:
         engine, cache = self._require()
+        self._forward_seen = True
         engine.save_kv_layer(cache.layer_index[layer_name])
 
     def wait_for_save(self) -> None:
@@ -201,6 +240,7 @@ class WorkerSide:
         self._abort_unfed_saves()
         self._measure_prefill()
         self._load_block_ids = []
+        self._step_metadata = None
 
     def _abort_unfed_saves(self) -> None:
         """A save of this step that did not get every layer (the forward pass skipped a

@@ -124,6 +124,13 @@ class KVStoreConnector(KVConnectorBase):  # type: ignore[misc]
     def handle_preemptions(self, kv_connector_metadata: Any) -> None:
         self.worker_side.handle_preemptions(kv_connector_metadata)
 
+    def bind_connector_metadata(self, connector_metadata: Any) -> None:
+        """Bind the step's metadata, and open its saves now: this is the one call vLLM
+        makes before every forward pass, whatever the release."""
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None and isinstance(connector_metadata, KVStoreConnectorMetadata):
+            self._worker.begin_step(connector_metadata, connector_metadata.num_step_tokens)
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         metadata = self._get_connector_metadata()
         assert isinstance(metadata, KVStoreConnectorMetadata)

@@ -286,10 +286,17 @@ class Engine:
         """The worker's half: vLLM pickles the metadata to the worker process."""
         metadata = pickle.loads(pickle.dumps(metadata))
         self.worker.bind_connector_metadata(metadata)
-        self.worker.start_load_kv(ForwardContext(num_tokens))
+        # vLLM's order since mid-2026 (SchedulerOutput.has_sync_kv_loads): loads this step
+        # needs start before the forward pass; on steps without one, start_load_kv comes
+        # after it (this connector's loads are all synchronous).
+        has_sync_kv_loads = bool(metadata.loads)
+        if has_sync_kv_loads:
+            self.worker.start_load_kv(ForwardContext(num_tokens))
         logits = self.model.forward(
             tokens.to(self.model.device), seq, self.cache, self._hooks, last_logits_only=True
         )
+        if not has_sync_kv_loads:
+            self.worker.start_load_kv(ForwardContext(num_tokens))
         self.worker.wait_for_save()
         self.worker.clear_connector_metadata()
         self._report(self._pending_finished)

@@ -94,13 +94,24 @@ def new_step(request: Request, block_ids: list[int], computed: int, scheduled: i
     )
 
 
-def run_step(worker: KVStoreConnector, metadata: KVStoreConnectorMetadata, tokens: int) -> None:
-    """What vLLM's model runner does with a step's metadata."""
+def run_step(
+    worker: KVStoreConnector,
+    metadata: KVStoreConnectorMetadata,
+    tokens: int,
+    *,
+    load_after_forward: bool = False,
+) -> None:
+    """What vLLM's model runner does with a step's metadata. `load_after_forward`: the
+    order of vLLM since mid-2026 on steps without synchronous loads (its KV connector
+    mixin's post_forward calls start_load_kv, after the forward pass)."""
     worker.bind_connector_metadata(pickle.loads(pickle.dumps(metadata)))
-    worker.start_load_kv(None, num_step_tokens=tokens)
+    if not load_after_forward:
+        worker.start_load_kv(None, num_step_tokens=tokens)
     for name in NAMES:
         worker.wait_for_layer_load(name)
         worker.save_kv_layer(name, torch.empty(0), None)
+    if load_after_forward:
+        worker.start_load_kv(None, num_step_tokens=tokens)
     worker.wait_for_save()
     worker.clear_connector_metadata()
 
@@ -134,7 +145,13 @@ def both_roles(
         scheduler.shutdown()
 
 
-def save_prompt(target: str, prompt: list[int], caches: dict[str, torch.Tensor]) -> None:
+def save_prompt(
+    target: str,
+    prompt: list[int],
+    caches: dict[str, torch.Tensor],
+    *,
+    load_after_forward: bool = False,
+) -> None:
     """A scheduler and a worker that prefill `prompt` into blocks 0.. and save it."""
     scheduler = make(KVConnectorRole.SCHEDULER, target)
     worker = make(KVConnectorRole.WORKER, target)
@@ -149,7 +166,7 @@ def save_prompt(target: str, prompt: list[int], caches: dict[str, torch.Tensor])
         [save] = metadata.saves
         assert save.block_ids == block_ids[: len(prompt) // BLOCK]
         assert save.parent_key == b""
-        run_step(worker, metadata, len(prompt))
+        run_step(worker, metadata, len(prompt), load_after_forward=load_after_forward)
         # Saves outlive the step; vLLM keeps the blocks until get_finished lists the request.
         assert scheduler.request_finished(request, block_ids) == (True, None)
         wait_finished(worker, "saver")
@@ -171,6 +188,7 @@ CONTRACT = {
     "update_connector_output": ["connector_output"],
     "register_kv_caches": ["kv_caches"],
     "handle_preemptions": ["kv_connector_metadata"],
+    "bind_connector_metadata": ["connector_metadata"],
     "start_load_kv": ["forward_context", "kwargs"],
     "wait_for_layer_load": ["layer_name"],
     "save_kv_layer": ["layer_name", "kv_layer", "attn_metadata", "kwargs"],
@@ -552,6 +570,42 @@ def test_a_load_fills_a_flash_attention_layout_with_the_saved_pages(store_target
     finally:
         worker.shutdown()
         scheduler.shutdown()
+
+
+def test_saves_are_whole_when_vllm_starts_loads_after_the_forward_pass(store_target: str) -> None:
+    """vLLM since mid-2026 calls start_load_kv after the forward pass on steps without
+    synchronous loads: the saves must already be open when the layers are saved."""
+    source = blocks_first_caches(seed=71)
+    prompt = tokens(3 * BLOCK + 4, seed=71)
+    save_prompt(store_target, prompt, source, load_after_forward=True)
+    caches = kv_first_caches()
+    with both_roles(store_target, caches) as (scheduler, worker):
+        request = Request("loader", prompt)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK, False)
+        scheduler.update_state_after_alloc(request, KVCacheBlocks(([5, 1, 8, 3],)), 3 * BLOCK)
+        metadata = scheduler.build_connector_meta(new_step(request, [5, 1, 8, 3], 3 * BLOCK, 4))
+        run_step(worker, metadata, 4)  # a step with a (synchronous) load: the old order
+        assert worker.get_block_ids_with_load_errors() == set()
+        for name in NAMES:
+            for page, block in zip(range(3), [5, 1, 8], strict=True):
+                assert torch.equal(caches[name][:, block], source[name][page])
+
+
+def test_a_load_started_after_the_forward_pass_is_reported_not_loaded(store_target: str) -> None:
+    """Pages the forward pass has already read are too late to fill: vLLM is told to
+    recompute them, and nothing lands in them."""
+    prompt = tokens(3 * BLOCK + 4, seed=72)
+    save_prompt(store_target, prompt, blocks_first_caches(seed=72))
+    caches = kv_first_caches()
+    with both_roles(store_target, caches) as (scheduler, worker):
+        request = Request("late", prompt)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK, False)
+        scheduler.update_state_after_alloc(request, KVCacheBlocks(([7, 2, 9, 4],)), 3 * BLOCK)
+        metadata = scheduler.build_connector_meta(new_step(request, [7, 2, 9, 4], 3 * BLOCK, 4))
+        run_step(worker, metadata, 4, load_after_forward=True)
+        assert worker.get_block_ids_with_load_errors() == {7, 2, 9}
+        for name in NAMES:
+            assert not caches[name].any()  # nothing was written into the pages
 
 
 def test_the_rates_a_worker_measures_reach_the_scheduler_as_vllms_connector_stats(
