@@ -5,6 +5,9 @@
         hit) and decodes; both are compared with a single process that never used the store.
     kvstore-bench disagg agent [--model small] [--turns 8]
         an agent session whose context grows every turn; TTFT with the store vs recompute.
+    kvstore-bench disagg miss [--model tiny] [--prompt-tokens 1024] [--repeats 15]
+        fresh prompts (misses) through the connector, each save mode against recompute
+        timed beside it: the medians of the paired ratios.
     kvstore-bench disagg sweep [--model small] [--prompt-tokens 2048] [--rates 20MB,80MB]
         TTFT (fetch, no store, the cost model's plan) against the store's throttled read
         rate, a daemon per rate; the predicted break-even beside the measured one.
@@ -36,6 +39,7 @@ from kvstore.bench.disagg.agent import (
     summary_table,
 )
 from kvstore.bench.disagg.engine import Engine
+from kvstore.bench.disagg.miss import describe, run_misses
 from kvstore.bench.disagg.model import Transformer, generate_greedy
 from kvstore.bench.disagg.serving import (
     DTYPES,
@@ -51,11 +55,13 @@ from kvstore.bench.disagg.serving import (
 from kvstore.bench.disagg.sweep import add_sweep_arguments, print_report, report_json, run_sweep
 from kvstore.bench.spawn import spawned_server
 
-_DEFAULT_MODEL = {"check": "tiny", "agent": "small", "sweep": "small"}
+_DEFAULT_MODEL = {"check": "tiny", "agent": "small", "sweep": "small", "miss": "tiny"}
 
 
 def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("mode", choices=("check", "agent", "sweep"), help="what to run (see above)")
+    parser.add_argument(
+        "mode", choices=("check", "agent", "sweep", "miss"), help="what to run (see above)"
+    )
     parser.add_argument("--target", help="a running kvstore server HOST:PORT (default: spawn)")
     parser.add_argument(
         "--model", choices=sorted(MODELS), help="default: tiny for check, small for agent"
@@ -81,6 +87,12 @@ def add_disagg_arguments(parser: argparse.ArgumentParser) -> None:
         "--prefill-rate", type=float, help="agent: tokens/s to plan with (default: measured)"
     )
     parser.add_argument("--chunk-tokens", type=int, help="agent: chunked prefill step size")
+    parser.add_argument(
+        "--save-during-forward",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="agent: the connector's save_during_forward (default auto: after the pass on CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-dram-bytes", default="2GiB", help="for a spawned server")
     parser.add_argument("--json", action="store_true", help="print JSON")
@@ -100,7 +112,30 @@ def run_disagg(args: argparse.Namespace) -> int:
     with _store(args.target, args.server_dram_bytes) as target:
         if args.mode == "check":
             return _check(args, model_name, target)
+        if args.mode == "miss":
+            return _miss(args, model_name, target)
         return _agent(args, model_name, target)
+
+
+def _miss(args: argparse.Namespace, model_name: str, target: str) -> int:
+    prompt_tokens = args.prompt_tokens or 1024
+    config = model_config(model_name, args.dtype)
+    model = Transformer(config, device=args.device)
+    cache = cache_for(model, 2 * prompt_tokens + 2 * config.page_tokens)
+    try:
+        reports = run_misses(
+            model, cache, target, prompt_tokens, 15 if args.repeats is None else args.repeats
+        )
+    except ValueError as error:
+        print(f"kvstore-bench disagg miss: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([report.__dict__ for report in reports], indent=2))
+    else:
+        print(f"misses of {prompt_tokens} tokens, {model_name} {args.dtype} on {args.device}")
+        for report in reports:
+            print(describe(report))
+    return 0
 
 
 @contextlib.contextmanager
@@ -233,7 +268,9 @@ def _agent(args: argparse.Namespace, model_name: str, target: str) -> int:
     console = _console(stderr=args.json)
     title = f"agent session: {model_name} {args.dtype} on {args.device}, {settings.turns} turns"
     console.print(title)
-    settings_keys = {"pin_ttl_s": args.pin_ttl}
+    settings_keys: dict[str, float | bool | str] = {"pin_ttl_s": args.pin_ttl}
+    if args.save_during_forward != "auto":
+        settings_keys["save_during_forward"] = args.save_during_forward == "true"
     if args.prefill_rate is not None:
         settings_keys["prefill_tokens_per_s"] = args.prefill_rate
     with Engine(

@@ -110,11 +110,18 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         help="sweep: rates as multiples of the predicted break-even (default "
         f"{','.join(f'{f:g}' for f in DEFAULT_FACTORS)})",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="sweep: runs per rate (median)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="sweep: runs per rate, their median (default 3); miss: pairs per save mode "
+        "(default 15)",
+    )
 
 
 def run_sweep(args: argparse.Namespace, model_name: str) -> SweepReport:
     """The sweep the parsed `args` describe; spawns one daemon per rate."""
+    if args.repeats is None:
+        args.repeats = 3
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     config = model_config(model_name, args.dtype)

@@ -1,0 +1,33 @@
+"""`kvstore-bench disagg miss`: misses through the connector against recompute, per save
+mode, the tiny model and a spawned daemon."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvstore.bench.disagg.cli import main
+from kvstore.bench.disagg.serving import model_config
+
+
+def test_each_save_mode_reports_paired_ratios_and_saves_every_block(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["miss", "--model", "tiny", "--prompt-tokens", "64", "--repeats", "2"]
+    assert main([*argv, "--threads", "1", "--device", "cpu", "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [report["save_during_forward"] for report in reports] == [True, False]
+    blocks_per_prompt = 64 // model_config("tiny").page_tokens
+    for report in reports:
+        assert len(report["ratios"]) == 2
+        assert all(ratio > 0 for ratio in report["ratios"])
+        assert all(0 < match_ms < 1000 for match_ms in report["match_ms"])
+        # Each miss was saved whole, whichever the mode: it was a miss, not a hit.
+        assert report["saved_blocks"] == 2 * blocks_per_prompt
+
+
+def test_no_pairs_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["miss", "--model", "tiny", "--prompt-tokens", "64", "--repeats", "0", "--json"]
+    assert main(argv) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
