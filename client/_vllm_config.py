@@ -32,6 +32,10 @@ Every key, with its default (see the README's "In vLLM" section):
     pin_ttl_s           how long a finished request's chain stays pinned: the think time
                         of an agent's tool call (default 0: no pin)
     save_decoded        also save the full blocks that decoding fills (default true)
+    save_during_forward send each layer's saves while later layers compute (true), or
+                        all of them once the forward pass ends (false); default "auto":
+                        during the pass when the KV caches are on a GPU, after it when
+                        they are on the CPU, whose cores the pass itself needs
     lookup_timeout_s    the longest the scheduler waits for a lookup (default 2); after one
                         fails, lookups pause (1 s, doubling to 30 s) and requests recompute
 """
@@ -83,6 +87,7 @@ _KNOWN_KEYS = frozenset(
         "remeasure_s",
         "pin_ttl_s",
         "save_decoded",
+        "save_during_forward",
         "lookup_timeout_s",
     }
 )
@@ -104,6 +109,7 @@ class ConnectorConfig:
     remeasure_s: float
     pin_ttl_s: float
     save_decoded: bool
+    save_during_forward: bool | None = None  # None: "auto", by the caches' device
 
     @property
     def block_tokens(self) -> int:
@@ -158,6 +164,7 @@ class ConnectorConfig:
             remeasure_s=_non_negative(extra, "remeasure_s", DEFAULT_REMEASURE_S),
             pin_ttl_s=_non_negative(extra, "pin_ttl_s"),
             save_decoded=_boolean(extra, "save_decoded", True),
+            save_during_forward=_boolean_or_auto(extra, "save_during_forward"),
         )
 
     @classmethod
@@ -278,6 +285,17 @@ def _non_negative(extra: dict[str, Any], key: str, default: float = 0.0) -> floa
         return default
     if not 0 <= value < float("inf"):
         raise ConnectorConfigError(f"kv_connector_extra_config.{key} must be >= 0, got {value}")
+    return value
+
+
+def _boolean_or_auto(extra: dict[str, Any], key: str) -> bool | None:
+    value = extra.get(key, "auto")
+    if value == "auto":
+        return None
+    if not isinstance(value, bool):
+        raise ConnectorConfigError(
+            f'kv_connector_extra_config.{key} must be true, false or "auto", got {value!r}'
+        )
     return value
 
 

@@ -21,7 +21,7 @@ import torch
 
 from kvstore.client._step_clock import StepClock
 from kvstore.client._vllm_config import ConnectorConfig
-from kvstore.client._vllm_metadata import TIER_RATE_PREFIX, KVStoreConnectorMetadata
+from kvstore.client._vllm_metadata import TIER_RATE_PREFIX, KVStoreConnectorMetadata, SaveSpec
 from kvstore.client.connector import KVConnector, KVLoadError, KVSaveError, SaveHandle
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,11 @@ class WorkerSide:
         # pass has started saving layers.
         self._step_metadata: KVStoreConnectorMetadata | None = None
         self._forward_seen = False
+        # Whether saves wait for the forward pass to end (config.save_during_forward,
+        # decided by the caches' device when "auto"), and the layers it has saved so far.
+        self.saves_after_forward = False
+        self._layers_to_queue: list[int] = []
+        self._unopened_saves: list[SaveSpec] = []  # the step's saves, until the pass ends
         # Of the last MAX_SAVE_REPORTS requests get_finished reported, oldest first.
         self.save_reports: dict[str, SaveReport] = {}
         self.last_load: LoadReport | None = None  # the last step's load, if it had one
@@ -121,7 +126,12 @@ class WorkerSide:
                 f"says num_layers={layout.num_layers}"
             )
         self._cache = RegisteredCache(kv_caches, layout.layer_shape, layout.dtype.torch_dtype)
-        self._clock = StepClock(next(iter(kv_caches.values())).device)
+        device = next(iter(kv_caches.values())).device
+        self._clock = StepClock(device)
+        during = self.config.save_during_forward
+        # On the CPU the pass and the saves' copies and sends would share the same cores,
+        # and the first token would wait for both.
+        self.saves_after_forward = not during if during is not None else device.type == "cpu"
         self._engine = KVConnector(
             self.config.target, self.config.namespace, self._cache, options=self.config.options
         )
@@ -134,19 +144,24 @@ class WorkerSide:
     # -- a step ------------------------------------------------------------------------------
 
     def handle_preemptions(self, metadata: KVStoreConnectorMetadata) -> None:
-        for req_id in metadata.preempted_req_ids:
+        preempted = metadata.preempted_req_ids
+        for req_id in preempted:
             for handle in self._saves.pop(req_id, []):
                 handle.abort()
+        self._unopened_saves = [s for s in self._unopened_saves if s.request_id not in preempted]
 
     def begin_step(self, metadata: KVStoreConnectorMetadata, num_step_tokens: int) -> None:
-        """Open the step's saves and start timing it, once per step, before its forward
-        pass: called when the metadata is bound, which vLLM does before the forward pass in
-        every release (its `start_load_kv` comes after the pass on steps without synchronous
+        """Start the step once, before its forward pass: time it, and open its saves (with
+        `saves_after_forward`, only note them: they open when the pass has ended). Called
+        when the metadata is bound, which vLLM does before the forward pass in every
+        release (its `start_load_kv` comes after the pass on steps without synchronous
         loads since mid-2026), and again, doing nothing, from `start_load_kv`."""
         if metadata is self._step_metadata:
             return
         engine, _ = self._require()
         if self._step_metadata is not None:  # the last step had no wait_for_save
+            self._forget_unopened_saves()
+            self._layers_to_queue = []
             self._abort_unfed_saves()
             if self._clock is not None:
                 self._clock.cancel()
@@ -159,7 +174,13 @@ class WorkerSide:
         if self._clock is not None:
             self._clock.start(num_step_tokens)
         self._step_saves = []
-        for save in metadata.saves:
+        if self.saves_after_forward:
+            self._unopened_saves = list(metadata.saves)
+        else:
+            self._open_saves(engine, metadata.saves)
+
+    def _open_saves(self, engine: KVConnector, saves: list[SaveSpec]) -> None:
+        for save in saves:
             chain = self._saves.setdefault(save.request_id, [])
             handle = engine.open_save(
                 save.keys,
@@ -170,6 +191,26 @@ class WorkerSide:
             )
             chain.append(handle)
             self._step_saves.append((save.request_id, handle))
+
+    def _drop_saves_of(self, request_ids: set[str]) -> None:
+        """Drop this step's saves of `request_ids`: their new K/V attended over pages
+        that never arrived."""
+        for req_id, handle in self._step_saves:
+            if req_id in request_ids:
+                handle.abort()
+        self._forget_unopened_saves(request_ids)
+
+    def _forget_unopened_saves(self, request_ids: set[str] | None = None) -> None:
+        """Drop the unopened saves of `request_ids` (None: all). Their requests are still
+        reported by `get_finished`: the scheduler side waits for every request it planned
+        a save for."""
+        kept = []
+        for save in self._unopened_saves:
+            if request_ids is None or save.request_id in request_ids:
+                self._saves.setdefault(save.request_id, [])
+            else:
+                kept.append(save)
+        self._unopened_saves = kept
 
     def start_load_kv(self, metadata: KVStoreConnectorMetadata, num_step_tokens: int) -> None:
         engine, _ = self._require()
@@ -187,10 +228,7 @@ class WorkerSide:
                 len(block_ids),
             )
             self._failed_block_ids.update(block_ids)
-            loading = {load.request_id for load in metadata.loads}
-            for req_id, handle in self._step_saves:
-                if req_id in loading:
-                    handle.abort()  # its new K/V attended over pages that never arrived
+            self._drop_saves_of({load.request_id for load in metadata.loads})
             return
         self._load_block_ids = block_ids
         self._loading_request_ids = {load.request_id for load in metadata.loads}
@@ -215,14 +253,37 @@ class WorkerSide:
         # none of it may reach the store (the scheduler side saves those blocks again once
         # recomputed). Requests that loaded nothing computed over their own pages: their
         # saves go on.
-        for req_id, handle in self._step_saves:
-            if req_id in self._loading_request_ids:
-                handle.abort()
+        self._drop_saves_of(self._loading_request_ids)
 
     def save_kv_layer(self, layer_name: str) -> None:
         engine, cache = self._require()
         self._forward_seen = True
-        engine.save_kv_layer(cache.layer_index[layer_name])
+        if self.saves_after_forward:
+            self._layers_to_queue.append(cache.layer_index[layer_name])
+        else:
+            engine.save_kv_layer(cache.layer_index[layer_name])
+
+    def _queue_saved_layers(self, engine: KVConnector) -> None:
+        """With `saves_after_forward`: the pass has ended, so open the step's saves and
+        hand them every layer it saved. A pass that skipped a layer leaves saves that
+        could never complete: they are not opened (their blocks are a future miss)."""
+        saves = self._unopened_saves
+        layers, self._layers_to_queue = self._layers_to_queue, []
+        if not saves:
+            return
+        if layers != list(range(self.config.namespace.layout.num_layers)):
+            logger.warning(
+                "kvstore: the forward pass saved layers %s, not every layer; this step's "
+                "saves of %d requests are dropped",
+                layers,
+                len(saves),
+            )
+            self._forget_unopened_saves()
+            return
+        self._unopened_saves = []
+        self._open_saves(engine, saves)
+        for layer in layers:
+            engine.save_kv_layer(layer)
 
     def wait_for_save(self) -> None:
         """End the step: close its load (every layer is in place by now) and measure it. The
@@ -237,6 +298,7 @@ class WorkerSide:
                 self.last_load = LoadReport(stats.num_blocks, stats.num_bytes, stats.stall_s)
         elif not self._load_block_ids:
             self.last_load = None
+        self._queue_saved_layers(engine)
         self._abort_unfed_saves()
         self._measure_prefill()
         self._load_block_ids = []
@@ -332,6 +394,7 @@ class WorkerSide:
         self._saves.clear()
         self._finishing.clear()
         self._load_block_ids = []
+        self._unopened_saves, self._layers_to_queue = [], []
 
     def shutdown(self) -> None:
         if self._engine is not None:

@@ -247,6 +247,7 @@ def test_config_reads_every_key() -> None:
             remeasure_s=5,
             pin_ttl_s=45,
             save_decoded=False,
+            save_during_forward=True,
             tp_rank=1,
             tp_size=2,
         )
@@ -261,7 +262,10 @@ def test_config_reads_every_key() -> None:
     assert (config.prefill_tokens_per_s, config.fetch_bytes_per_s) == (5000.0, 1e9)
     assert (config.fetch_overhead_s, config.pin_ttl_s, config.save_decoded) == (0.002, 45, False)
     assert config.remeasure_s == 5
-    assert ConnectorConfig.from_extra_config(extra("127.0.0.1:1")).remeasure_s == 60
+    assert config.save_during_forward is True
+    defaults = ConnectorConfig.from_extra_config(extra("127.0.0.1:1"))
+    assert defaults.remeasure_s == 60
+    assert defaults.save_during_forward is None  # "auto"
 
 
 def test_etcd_keys_override_the_environment_and_are_absent_by_default(
@@ -302,6 +306,7 @@ def test_etcd_keys_override_the_environment_and_are_absent_by_default(
         ({"remeasure_s": float("inf")}, "remeasure_s must be >= 0"),
         ({"prefill_tokens_per_s": 0}, "prefill_tokens_per_s must be > 0"),
         ({"save_decoded": "yes"}, "save_decoded must be true or false"),
+        ({"save_during_forward": "later"}, 'save_during_forward must be true, false or "auto"'),
         ({"tls_cert": "/c.pem"}, "cert_file and key_file"),
         ({"token": "two words"}, "printable"),
         ({"block_sise": 16}, "unknown key"),
@@ -572,6 +577,41 @@ def test_a_load_fills_a_flash_attention_layout_with_the_saved_pages(store_target
         scheduler.shutdown()
 
 
+@pytest.mark.parametrize("during", [True, False, "auto"])
+def test_saves_go_during_or_after_the_forward_pass_as_configured(
+    store_target: str, during: bool | str
+) -> None:
+    """Layer-wise during the pass, or every layer once it ends ("auto" on CPU caches:
+    after, since the pass needs the cores the saves' copies and sends would take)."""
+    seed = {True: 73, False: 74, "auto": 75}[during]  # a prompt of its own each
+    source = blocks_first_caches(seed=seed)
+    prompt = tokens(2 * BLOCK + 3, seed=seed)
+    with both_roles(store_target, source, save_during_forward=during) as (scheduler, worker):
+        assert worker.worker_side.saves_after_forward is (during is not True)
+        request = Request(f"saved-{during}", prompt)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+        scheduler.update_state_after_alloc(request, KVCacheBlocks(([0, 1, 2],)), 0)
+        metadata = scheduler.build_connector_meta(new_step(request, [0, 1, 2], 0, len(prompt)))
+        worker.bind_connector_metadata(pickle.loads(pickle.dumps(metadata)))
+        worker.start_load_kv(None, num_step_tokens=len(prompt))
+        for name in NAMES:
+            worker.wait_for_layer_load(name)
+            worker.save_kv_layer(name, torch.empty(0), None)
+        opened = worker.worker_side.saves_in_flight(request.request_id)
+        # After the pass: the put is not even opened (no connection, no stream) until then.
+        assert len(opened) == (1 if during is True else 0)
+        assert all(handle.fully_queued for handle in opened)
+        worker.wait_for_save()
+        worker.clear_connector_metadata()
+        [handle] = worker.worker_side.saves_in_flight(request.request_id)
+        assert handle.fully_queued
+        assert scheduler.request_finished(request, [0, 1, 2]) == (True, None)
+        wait_finished(worker, request.request_id)
+        assert worker.worker_side.save_reports[request.request_id].num_committed == 2
+    with SyncKVClient(store_target, scheduler.config.namespace) as client:
+        assert client.lookup(prompt).num_matched == 2
+
+
 def test_saves_are_whole_when_vllm_starts_loads_after_the_forward_pass(store_target: str) -> None:
     """vLLM since mid-2026 calls start_load_kv after the forward pass on steps without
     synchronous loads: the saves must already be open when the layers are saved."""
@@ -721,11 +761,17 @@ def test_a_request_resumed_after_preemption_saves_each_block_from_its_own_page(
         scheduler.shutdown()
 
 
-def test_a_failed_load_drops_only_the_saves_of_requests_that_loaded(store_target: str) -> None:
-    prompt = tokens(3 * BLOCK + 4, seed=31)
-    save_prompt(store_target, prompt, blocks_first_caches(seed=31))
-    with both_roles(store_target, blocks_first_caches(seed=32)) as (scheduler, worker):
-        loading, fresh = Request("loading", prompt), Request("fresh", tokens(2 * BLOCK + 1, 33))
+@pytest.mark.parametrize("during", [True, False], ids=["saves-during", "saves-after"])
+def test_a_failed_load_drops_only_the_saves_of_requests_that_loaded(
+    store_target: str, during: bool
+) -> None:
+    seed = 31 if during else 131  # prompts of their own
+    prompt = tokens(3 * BLOCK + 4, seed=seed)
+    save_prompt(store_target, prompt, blocks_first_caches(seed=seed))
+    caches = blocks_first_caches(seed=32)
+    with both_roles(store_target, caches, save_during_forward=during) as (scheduler, worker):
+        loading = Request("loading", prompt)
+        fresh = Request("fresh", tokens(2 * BLOCK + 1, seed + 2))
         assert scheduler.get_num_new_matched_tokens(loading, 0) == (3 * BLOCK, False)
         scheduler.update_state_after_alloc(loading, KVCacheBlocks(([4, 5, 6, 7],)), 3 * BLOCK)
         assert scheduler.get_num_new_matched_tokens(fresh, 0) == (0, False)
@@ -750,6 +796,41 @@ def test_a_failed_load_drops_only_the_saves_of_requests_that_loaded(store_target
             assert worker.worker_side.save_reports["fresh"].num_committed == 2
             assert worker.worker_side.save_reports["fresh"].errors == []
             assert client.lookup(fresh.prompt_token_ids).num_matched == 2
+
+
+@pytest.mark.parametrize("during", [True, False], ids=["saves-during", "saves-after"])
+def test_a_failed_loads_own_save_is_dropped_and_its_request_still_finishes(
+    store_target: str, during: bool
+) -> None:
+    """The request that loaded also computes a block of its own this step: with its load
+    failed, that block attends over pages that never arrived, so it is not saved; the
+    request is still reported finished, so vLLM frees its pages."""
+    seed = 241 if during else 341  # prompts no other test stores
+    prefix = tokens(2 * BLOCK, seed=seed)
+    save_prompt(store_target, prefix, blocks_first_caches(seed=seed))
+    prompt = prefix + tokens(BLOCK + 1, seed=seed + 1)
+    with both_roles(store_target, blocks_first_caches(seed=42), save_during_forward=during) as (
+        scheduler,
+        worker,
+    ):
+        request = Request("loads-and-saves", prompt)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (2 * BLOCK, False)
+        scheduler.update_state_after_alloc(request, KVCacheBlocks(([4, 5, 6, 7],)), 2 * BLOCK)
+        metadata = scheduler.build_connector_meta(
+            new_step(request, [4, 5, 6, 7], 2 * BLOCK, BLOCK + 1)
+        )
+        [save] = metadata.saves
+        assert save.block_ids == [6]
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            client.delete(metadata.loads[0].keys[1:])  # the load fails at its second block
+            run_step(worker, metadata, BLOCK + 1)
+            assert worker.get_block_ids_with_load_errors() == {4, 5}
+            assert scheduler.request_finished(request, [4, 5, 6, 7]) == (True, None)
+            wait_finished(worker, request.request_id)
+            assert worker.worker_side.save_reports.get(request.request_id) is None or (
+                worker.worker_side.save_reports[request.request_id].num_committed == 0
+            )
+            assert client.lookup(prompt).num_matched == 1  # the first block, nothing after
 
 
 def test_a_save_the_forward_pass_fed_only_in_part_is_dropped_not_wedged(store_target: str) -> None:
