@@ -44,7 +44,14 @@ from kvstore.client._cluster_lookup import (
     ask_owners,
     merge_answers,
 )
-from kvstore.client._cluster_nodes import NODE_FAILURES, NodePool, OwnerRuns, by_owner, runs_from
+from kvstore.client._cluster_nodes import (
+    NODE_FAILURES,
+    NodePool,
+    OwnerRuns,
+    by_owner,
+    gather_or_cancel,
+    runs_from,
+)
 from kvstore.client._cluster_put import ClusterLayerPut, weakest_durability
 from kvstore.client._cluster_watch import cluster_events
 from kvstore.client._errors import (
@@ -246,7 +253,7 @@ class ClusterClient(KVClient):
                     results.append(result)
 
         if runs:
-            await asyncio.gather(*(put_owner(owner) for owner in by_owner(runs).values()))
+            await gather_or_cancel(*(put_owner(owner) for owner in by_owner(runs).values()))
         else:  # no members: nothing can be stored
             outcomes[first] = (PutOutcome.NODE_UNREACHABLE,) * (len(keys) - first)
         return PutResult(
@@ -278,7 +285,7 @@ class ClusterClient(KVClient):
             return placement.runs(keys)
         if placement.lead_blocks(keys) == 0:
             return placement.runs(keys, tail=True)
-        answers = await asyncio.gather(
+        answers = await gather_or_cancel(
             *(
                 self.nodes.call(member, lambda node: node.lookup_keys([parent_key]))
                 for member in placement.members
@@ -338,7 +345,7 @@ class ClusterClient(KVClient):
     async def _everywhere(self, call: Callable[[KVClient], Awaitable[T]]) -> list[T]:
         """`call` on every reachable member at once; the answers of those that answered."""
         placement = await self.start()
-        answers = await asyncio.gather(
+        answers = await gather_or_cancel(
             *(self.nodes.call(member, call) for member in placement.members)
         )
         return [answer for answer in answers if answer is not None]
@@ -386,7 +393,7 @@ class ClusterClient(KVClient):
                 self.nodes.failed(member, error)
                 return MemberStats(member, None, f"{type(error).__name__}: {error}")
 
-        members = await asyncio.gather(*(one(member) for member in placement.members))
+        members = await gather_or_cancel(*(one(member) for member in placement.members))
         return ClusterStats(
             members=tuple(members),
             membership_stale_since=self.membership.stale_since,

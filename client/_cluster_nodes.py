@@ -194,6 +194,29 @@ def runs_from(runs: Sequence[Run], first: int) -> list[Run]:
     return [Run(max(run.start, first), run.stop, run.owner) for run in runs if run.stop > first]
 
 
+async def gather_or_cancel(*calls: Awaitable[T]) -> list[T]:
+    """Every call's result, in order; at the first one that raises, the others are
+    cancelled and waited for before it is raised. Unlike `asyncio.gather`, which leaves
+    them running: a put to one node that a caller error ended must not go on reading the
+    caller's tensor on the others after the call has returned."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    if not tasks:
+        return []
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:  # this call was cancelled: so are its parts
+        await cancel_and_wait(tasks)
+        raise
+    if pending:
+        await cancel_and_wait(pending)
+    for task in tasks:  # the first in order of those that ended by themselves
+        if task in done and not task.cancelled():
+            error = task.exception()
+            if error is not None:
+                raise error
+    return [task.result() for task in tasks]
+
+
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
     """Cancel `tasks` and wait until each has ended, whatever it raised."""
     pending = list(tasks)

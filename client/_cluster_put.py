@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvstore.client._async import KVClient, LayerPut, check_tensor
-from kvstore.client._cluster_nodes import NODE_FAILURES
+from kvstore.client._cluster_nodes import NODE_FAILURES, gather_or_cancel
 from kvstore.client._errors import InvalidArgument
 from kvstore.client._results import PutResult
 from kvstore.cluster.placement import Run
@@ -96,7 +96,7 @@ class ClusterLayerPut(LayerPut):
                 with contextlib.suppress(Exception):
                     await put.__aexit__(type(error), error, None)
 
-        await asyncio.gather(
+        await gather_or_cancel(
             *(send(run, self._puts[run.start]) for run in self._runs if run.start in self._puts)
         )
         self._next_layer += 1

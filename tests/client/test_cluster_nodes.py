@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from kvstore.client import ClientOptions, DType, KVLayout, Namespace
-from kvstore.client._cluster_nodes import NodePool
+from kvstore.client._cluster_nodes import NodePool, gather_or_cancel
 from kvstore.cluster.members import Member
 from kvstore.cluster.placement import Placement
 
@@ -54,3 +56,47 @@ def test_member_records_are_checked_field_by_field() -> None:
     for raw in bad:
         with pytest.raises(ValueError, match="not a kvstore member record"):
             Member.from_json(raw)
+
+
+async def test_a_part_that_raises_cancels_the_others_before_the_call_raises() -> None:
+    """asyncio.gather would raise at once and leave the others running: a put on one node
+    that a caller error ended would go on reading the caller's tensor on the others."""
+    ended: list[str] = []
+
+    async def refused() -> int:
+        await asyncio.sleep(0.01)
+        raise PermissionError("refused")
+
+    async def slow(name: str) -> int:
+        try:
+            await asyncio.sleep(30)
+            return 1
+        finally:
+            ended.append(name)
+
+    with pytest.raises(PermissionError, match="refused"):
+        await gather_or_cancel(slow("a"), refused(), slow("b"))
+    assert sorted(ended) == ["a", "b"]  # both had ended when the error was raised
+
+
+async def test_results_come_in_order_and_a_cancelled_call_cancels_its_parts() -> None:
+    async def value(result: int, delay_s: float) -> int:
+        await asyncio.sleep(delay_s)
+        return result
+
+    assert await gather_or_cancel(value(1, 0.02), value(2, 0.0), value(3, 0.01)) == [1, 2, 3]
+    assert await gather_or_cancel() == []
+    ended: list[int] = []
+
+    async def part(index: int) -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            ended.append(index)
+
+    outer = asyncio.ensure_future(gather_or_cancel(part(0), part(1)))
+    await asyncio.sleep(0.01)
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
+    assert sorted(ended) == [0, 1]

@@ -4,6 +4,7 @@ rendezvous, fetched in parallel, and a lost node costing misses, never errors.""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -543,6 +544,37 @@ async def test_credentials_reach_every_node_and_a_refusal_is_raised(
     async with KVClient(static_target(nodes), namespace, options=wrong) as cluster:
         with pytest.raises(Unauthenticated):
             await cluster.lookup(tokens)
+
+
+async def test_a_refusal_by_one_node_ends_the_whole_put_before_it_is_raised(
+    server_factory: ServerFactory,
+    tmp_path: Path,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+) -> None:
+    """One node refuses the caller (its tokens file lacks the token): the put raises, and
+    by then no part of it still runs on the other nodes, reading the caller's tensor."""
+    tokens_file = tmp_path / "tokens.toml"
+    other = "tok-someone-else-0123"
+    tokens_file.write_text(
+        f'[[tokens]]\nsha256 = "{token_sha256(other)}"\ntenant = "tenant-a"\nrole = "tenant"\n'
+    )
+    nodes = [await server_factory(), await server_factory()]
+    nodes.append(await server_factory(auth__tokens_file=str(tokens_file)))
+    namespace = make_namespace(tenant="tenant-a")
+    keys = [b"refused-%d" % index for index in range(NUM_BLOCKS)]
+    assert len(set(owners(nodes, keys))) == 3  # every node owns some of the chain
+    kv = make_kv(namespace.layout, NUM_BLOCKS, form=KVForm.BLOCKS, seed=41)
+    options = cluster_options(True, token="tok-not-on-node-3-0")
+    async with KVClient(static_target(nodes), namespace, options=options) as cluster:
+        with pytest.raises(Unauthenticated):
+            await cluster.put_blocks(keys, kv)
+        running = [
+            task
+            for task in asyncio.all_tasks()
+            if "put_owner" in repr(task.get_coro()) and not task.done()
+        ]
+        assert running == []
 
 
 async def test_a_member_that_leaves_mid_get_is_closed_only_after_the_get_ends(
