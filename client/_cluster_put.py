@@ -146,5 +146,15 @@ class ClusterLayerPut(LayerPut):
                 return start, None
             return start, put.result
 
-        closed = await asyncio.gather(*(close(s, p) for s, p in self._puts.items()))
-        return {start: result for start, result in closed if result is not None}
+        # Every put is closed, whatever another's close raised; then the first error is.
+        closed = await asyncio.gather(
+            *(close(s, p) for s, p in self._puts.items()), return_exceptions=True
+        )
+        results: dict[int, PutResult] = {}
+        for item in closed:
+            if isinstance(item, BaseException):
+                raise item
+            start, result = item
+            if result is not None:
+                results[start] = result
+        return results
