@@ -21,6 +21,7 @@ import os
 import secrets
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import grpc
@@ -74,6 +75,9 @@ logger = logging.getLogger("kvstore.server")
 _LINGER_S = 2.0
 # A connection that has not said HELLO by then is not a kvstore client: close it.
 _HELLO_TIMEOUT_S = 10.0
+# At the connection limit, a connection still before its HELLO this long may be closed to
+# make room: more than the round trips of a TLS handshake and a HELLO between hosts.
+_CUT_AFTER_S = 0.5
 # A connection idle between transfers this long is closed. Clients drop their pooled
 # connections sooner (kvstore.client._dataplane), so they never pick up one being closed.
 _IDLE_TIMEOUT_S = 300.0
@@ -196,7 +200,7 @@ class DataPlane:
         # connection limit a new one closes the oldest of these instead of being turned
         # away: silent connections (unauthenticated, as far as anyone knows) cannot keep
         # the slots from clients that prove themselves within moments.
-        self._handshaking: dict[asyncio.Task[None], socket.socket] = {}
+        self._handshaking: dict[asyncio.Task[None], tuple[socket.socket, float]] = {}
         self.handshakes_cut = 0  # connections closed in their handshake to make room
         self.transfers = 0  # puts and gets served, for tests and logs
         self.accepted = 0  # connections served (not those turned away at the cap)
@@ -307,35 +311,44 @@ class DataPlane:
                 await asyncio.sleep(0.1)
                 continue
             tune_socket(sock)
-            if len(self._connections) >= self._limits.max_data_connections:
-                if not self._handshaking:
-                    _refuse(
-                        sock,
-                        self._limits.max_data_connections,
-                        plaintext=unix or self._tls_context is None,
-                    )
-                    continue
-                self._cut_oldest_handshake()
+            full = len(self._connections) >= self._limits.max_data_connections
+            if full and not self._cut_oldest_handshake():
+                _refuse(
+                    sock,
+                    self._limits.max_data_connections,
+                    plaintext=unix or self._tls_context is None,
+                )
+                continue
             self.accepted += 1
             task = asyncio.create_task(self._serve(sock, unix=unix))
             self._connections.add(task)
-            self._handshaking[task] = sock
+            self._handshaking[task] = (sock, time.monotonic())
             task.add_done_callback(self._connection_ended)
 
-    def _cut_oldest_handshake(self) -> None:
-        """Close the connection that has waited longest for its HELLO, freeing its slot now."""
-        task, _ = next(iter(self._handshaking.items()))
+    def _cut_oldest_handshake(self) -> bool:
+        """Close the connection that has waited longest for its HELLO, if that is longer
+        than _CUT_AFTER_S, freeing its slot now; False if there is none so old. Younger
+        ones are left their round trips: a flood of new connections must not cut every
+        client that is proving itself."""
+        if not self._handshaking:
+            return False
+        task, (sock, accepted_s) = next(iter(self._handshaking.items()))
+        if time.monotonic() - accepted_s < _CUT_AFTER_S:
+            return False
         del self._handshaking[task]
         self._connections.discard(task)
-        task.cancel()  # its socket is closed when it ends, even if it never ran
+        task.cancel()
+        # A task cancelled before it ran never reaches its own close.
+        task.add_done_callback(lambda _: sock.close())
         self.handshakes_cut += 1
         logger.debug("data plane at its connection limit: closed a connection still in HELLO")
+        return True
 
     def _connection_ended(self, task: asyncio.Task[None]) -> None:
         self._connections.discard(task)
-        sock = self._handshaking.pop(task, None)
-        if sock is not None:
-            sock.close()  # a task cancelled before it ran never reached its own close
+        entry = self._handshaking.pop(task, None)
+        if entry is not None:
+            entry[0].close()  # a task cancelled before it ran never reached its own close
 
     async def _serve(self, sock: socket.socket, *, unix: bool = False) -> None:
         task = asyncio.current_task()
@@ -362,7 +375,6 @@ class DataPlane:
                 await self._handshake(link)
             finally:
                 self._idle.pop(task, None)
-            self._handshaking.pop(task, None)  # past HELLO: its slot is its own
             # A drain ends the connection between transfers; the client's pool sees it.
             while not self._lifecycle.draining:
                 reader.release_buffer()  # an idle connection holds no megabyte buffer
@@ -517,6 +529,9 @@ class DataPlane:
             link.credential = hello_credential(self._auth, token, link.peer_common_name)
             caller = link.credential.caller(self._auth)  # refused now, not at a transfer
             link.tenant = self._admit_tenant(caller.tenant)
+        current = asyncio.current_task()
+        if current is not None:
+            self._handshaking.pop(current, None)  # proven: no longer a connection to cut
         if link.buffers is not None:
             await link.send(FrameKind.HELLO, [HELLO_PAYLOAD, self.instance])
         else:

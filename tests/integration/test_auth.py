@@ -36,6 +36,7 @@ from kvstore.server import RunningServer
 from kvstore.server.app import build_server, check_exposure
 from kvstore.server.auth import token_sha256
 from kvstore.server.config import load_config
+from kvstore.server.dataplane import _CUT_AFTER_S
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.wire.frames import FrameKind
@@ -578,14 +579,25 @@ async def test_silent_connections_cannot_keep_the_data_plane_from_a_tenant(
     make_kv: MakeKV,
 ) -> None:
     """Connections that never say HELLO hold every slot: a tenant's client still gets the
-    data plane, by closing the oldest of them, and once all slots are proven a new
-    connection is turned away rather than cutting a proven one."""
+    data plane, by closing the oldest of them once it has waited past the round trips a
+    HELLO needs, and once all slots are proven a new connection is turned away rather
+    than cutting a proven one."""
     running = await server_factory(
         auth__tokens_file=str(tokens_file), limits__max_data_connections=3
     )
     assert running.data_plane is not None
     silent = [await Raw.connect(running) for _ in range(3)]
     try:
+        # A flood of new connections cuts no handshake younger than _CUT_AFTER_S: the
+        # newcomer is refused instead.
+        flood = await Raw.connect(running)
+        try:
+            code, _ = await flood.read_error()
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        finally:
+            flood.close()
+        assert running.data_plane.handshakes_cut == 0
+        await asyncio.sleep(_CUT_AFTER_S + 0.1)
         client = open_client(running, NS_A, TOKEN_A)
         kv = make_kv(LAYOUT, 1, form=KVForm.BLOCKS, seed=11)
         assert (await client.put_blocks([b"a-0"], kv)).num_committed == 1
