@@ -1,10 +1,13 @@
 """The worker side of the vLLM connector: loads and saves vLLM's paged KV cache layer by layer
 through a `KVConnector`, as the scheduler side's metadata says.
 
-Per step: `start_load_kv` starts one fetch of every block the step loads, and opens one put
-per request that fills blocks; in each attention layer `wait_for_layer_load` waits for that
-layer's pages and `save_kv_layer` queues the layer for every put. `wait_for_save` does not
-wait for the puts: they finish while later steps run, and a request's blocks are kept until
+Per step: binding the metadata (before the forward pass) opens one put per request that
+fills blocks, and `start_load_kv` starts one fetch of every block the step loads; in each
+attention layer `wait_for_layer_load` waits for that layer's pages and `save_kv_layer`
+queues the layer for every put. With `saves_after_forward` (caches on the CPU, by
+default) the puts open, and take every layer, in `wait_for_save` instead, so that they do
+not share the cores the pass runs on. `wait_for_save` does not wait for the puts: they
+finish while later steps run, and a request's blocks are kept until
 `get_finished` lists it (the scheduler side returned True from `request_finished`). So the
 time to first token never includes a save.
 
@@ -161,10 +164,11 @@ class WorkerSide:
         engine, _ = self._require()
         if self._step_metadata is not None:  # the last step had no wait_for_save
             self._forget_unopened_saves()
-            self._layers_to_queue = []
             self._abort_unfed_saves()
             if self._clock is not None:
                 self._clock.cancel()
+        # Layers saved outside a step (a warm-up or dummy forward pass) belong to none.
+        self._layers_to_queue = []
         self._step_metadata = metadata
         self._forward_seen = False
         self._load_failed = False
@@ -298,9 +302,9 @@ class WorkerSide:
                 self.last_load = LoadReport(stats.num_blocks, stats.num_bytes, stats.stall_s)
         elif not self._load_block_ids:
             self.last_load = None
+        self._measure_prefill()  # the pass alone, not the saves opened after it
         self._queue_saved_layers(engine)
         self._abort_unfed_saves()
-        self._measure_prefill()
         self._load_block_ids = []
         self._step_metadata = None
 

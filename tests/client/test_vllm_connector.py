@@ -612,6 +612,26 @@ def test_saves_go_during_or_after_the_forward_pass_as_configured(
         assert client.lookup(prompt).num_matched == 2
 
 
+@pytest.mark.parametrize("during", [True, False], ids=["saves-during", "saves-after"])
+def test_a_layer_saved_outside_a_step_does_not_drop_the_next_steps_saves(
+    store_target: str, during: bool
+) -> None:
+    """A warm-up or dummy forward pass runs the attention layers with no step bound."""
+    seed = 901 if during else 902
+    prompt = tokens(2 * BLOCK + 3, seed=seed)
+    caches = blocks_first_caches(seed=seed)
+    with both_roles(store_target, caches, save_during_forward=during) as (scheduler, worker):
+        worker.save_kv_layer(NAMES[0], torch.empty(0), None)
+        request = Request(f"stray-{during}", prompt)
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+        scheduler.update_state_after_alloc(request, KVCacheBlocks(([0, 1, 2],)), 0)
+        metadata = scheduler.build_connector_meta(new_step(request, [0, 1, 2], 0, len(prompt)))
+        run_step(worker, metadata, len(prompt))
+        assert scheduler.request_finished(request, [0, 1, 2]) == (True, None)
+        wait_finished(worker, request.request_id)
+        assert worker.worker_side.save_reports[request.request_id].num_committed == 2
+
+
 def test_saves_are_whole_when_vllm_starts_loads_after_the_forward_pass(store_target: str) -> None:
     """vLLM since mid-2026 calls start_load_kv after the forward pass on steps without
     synchronous loads: the saves must already be open when the layers are saved."""
