@@ -14,6 +14,7 @@ from kvstore.bench.durability import add_durability_arguments, run_durability
 from kvstore.bench.lookup import add_lookup_arguments, run_lookup
 from kvstore.bench.lz4 import add_lz4_arguments, run_lz4
 from kvstore.bench.metrics_cost import add_metrics_cost_arguments, run_metrics_cost
+from kvstore.bench.peers import add_peers_arguments, run_peers
 from kvstore.bench.placement_sim import add_placement_arguments, run_placement
 from kvstore.bench.plan import add_plan_arguments, run_plan
 from kvstore.bench.plot import add_plot_arguments, run_plot
@@ -38,6 +39,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "put/get GB/s over block sizes, against plain grpcio in the same run",
         add_throughput_arguments,
         run_throughput,
+    ),
+    "peers": (
+        "put/get GB/s side by side with LMCache's lm server (--lmcache-python), same run",
+        add_peers_arguments,
+        run_peers,
     ),
     "lookup": (
         "LookupPrefix latency (p50/p99) for a long chain",
