@@ -343,12 +343,22 @@ class ClusterClient(KVClient):
     # -- control -------------------------------------------------------------------------
 
     async def _everywhere(self, call: Callable[[KVClient], Awaitable[T]]) -> list[T]:
-        """`call` on every reachable member at once; the answers of those that answered."""
+        """`call` on every reachable member at once; the answers of those that answered.
+        A caller error from one is raised once every other has answered: these calls
+        read no buffer of the caller's, and one cut half-way (a delete, a pin) would
+        leave some nodes changed without the caller hearing of it."""
         placement = await self.start()
-        answers = await gather_or_cancel(
-            *(self.nodes.call(member, call) for member in placement.members)
+        answers = await asyncio.gather(
+            *(self.nodes.call(member, call) for member in placement.members),
+            return_exceptions=True,
         )
-        return [answer for answer in answers if answer is not None]
+        found: list[T] = []
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+            if answer is not None:
+                found.append(answer)
+        return found
 
     async def pin(self, keys: list[bytes], ttl_s: float) -> int:
         """Lease the stored blocks among `keys` on every node; returns how many were pinned.

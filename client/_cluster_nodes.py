@@ -200,17 +200,25 @@ async def gather_or_cancel(*calls: Awaitable[T]) -> list[T]:
     them running: a put to one node that a caller error ended must not go on reading the
     caller's tensor on the others after the call has returned."""
     tasks = [asyncio.ensure_future(call) for call in calls]
-    if not tasks:
-        return []
+    pending = set(tasks)
+    ended: set[asyncio.Future[T]] = set()  # by themselves, not cancelled from here
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            ended |= done
+            # A part cancelled from inside counts as failed: asyncio.wait's
+            # FIRST_EXCEPTION would wait for the others then.
+            if any(task.cancelled() or task.exception() is not None for task in done):
+                break
     except BaseException:  # this call was cancelled: so are its parts
         await cancel_and_wait(tasks)
         raise
     if pending:
         await cancel_and_wait(pending)
-    for task in tasks:  # the first in order of those that ended by themselves
-        if task in done and not task.cancelled():
+    for task in tasks:  # the first in call order of those that ended by themselves
+        if task in ended:
+            if task.cancelled():
+                raise asyncio.CancelledError(f"a part of the call was cancelled: {task!r}")
             error = task.exception()
             if error is not None:
                 raise error

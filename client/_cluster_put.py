@@ -70,9 +70,13 @@ class ClusterLayerPut(LayerPut):
             if put is not None:
                 self._puts[run.start] = put
 
-        opened = await asyncio.gather(
-            *(open_run(run) for run in self._runs), return_exceptions=True
-        )
+        try:
+            opened = await asyncio.gather(
+                *(open_run(run) for run in self._runs), return_exceptions=True
+            )
+        except BaseException as error:  # cancelled meanwhile: close what did open
+            await self._close_all(type(error), error)
+            raise
         failure = next((item for item in opened if isinstance(item, BaseException)), None)
         if failure is not None:
             # `async with` runs no __aexit__ when __aenter__ raises: close the runs that

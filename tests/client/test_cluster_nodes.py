@@ -100,3 +100,24 @@ async def test_results_come_in_order_and_a_cancelled_call_cancels_its_parts() ->
     with pytest.raises(asyncio.CancelledError):
         await outer
     assert sorted(ended) == [0, 1]
+
+
+async def test_a_part_cancelled_from_inside_cuts_the_others_too() -> None:
+    ended: list[str] = []
+
+    async def cancelled_inside() -> int:
+        await asyncio.sleep(0.01)
+        raise asyncio.CancelledError
+
+    async def slow() -> int:
+        try:
+            await asyncio.sleep(30)
+            return 1
+        finally:
+            ended.append("slow")
+
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(asyncio.CancelledError):
+        await gather_or_cancel(slow(), cancelled_inside())
+    assert ended == ["slow"]
+    assert asyncio.get_running_loop().time() - started < 10  # not the slow part's 30 s

@@ -577,6 +577,39 @@ async def test_a_refusal_by_one_node_ends_the_whole_put_before_it_is_raised(
         assert running == []
 
 
+async def test_a_delete_one_node_refuses_is_raised_once_the_others_have_deleted(
+    server_factory: ServerFactory,
+    tmp_path: Path,
+    make_namespace: Callable[..., Namespace],
+    make_kv: Callable[..., torch.Tensor],
+) -> None:
+    """A delete reads no buffer of the caller's: it is not cut on the other nodes when
+    one refuses, so none is left half-done without the caller hearing of it."""
+    tokens_file = tmp_path / "tokens.toml"
+    other = "tok-someone-else-0123"
+    tokens_file.write_text(
+        f'[[tokens]]\nsha256 = "{token_sha256(other)}"\ntenant = "tenant-a"\nrole = "tenant"\n'
+    )
+    nodes = [await server_factory(), await server_factory()]
+    nodes.append(await server_factory(auth__tokens_file=str(tokens_file)))
+    namespace = make_namespace(tenant="tenant-a")
+    keys = [b"deleted-%d" % index for index in range(8000)]  # a delete of several steps
+    kv = make_kv(namespace.layout, 1000, form=KVForm.BLOCKS, seed=43)
+    for node in nodes[:2]:
+        async with KVClient(f"127.0.0.1:{node.port}", namespace) as direct:
+            for first in range(0, len(keys), 1000):  # the test servers' max_keys
+                part = keys[first : first + 1000]
+                parent = keys[first - 1] if first else b""
+                put = await direct.put_blocks(part, kv, parent_key=parent)
+                assert put.num_committed == len(part)
+    options = cluster_options(True, token="tok-not-on-node-3-0")
+    async with KVClient(static_target(nodes), namespace, options=options) as cluster:
+        with pytest.raises(Unauthenticated):
+            await cluster.delete(keys[:1])  # the root: the whole chain, several steps
+    for node in nodes[:2]:
+        assert await stored_on(node, namespace, keys[-1:]) == [False]
+
+
 async def test_a_member_that_leaves_mid_get_is_closed_only_after_the_get_ends(
     cluster: KVClient,
     make_kv: Callable[..., torch.Tensor],
