@@ -16,6 +16,7 @@ this process's CPU seconds and the server's (from /proc, by the pid given at sta
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -31,12 +32,14 @@ from lmcache.v1.protocol import (
     ServerReturnCode,
 )
 
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
 
 def process_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / 100.0
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: all threads
+    return ticks / _TICKS_PER_S
 
 
 def receive_into(sock: socket.socket, view: memoryview) -> None:
@@ -58,7 +61,10 @@ class Rounds:
         self.sock = socket.create_connection((host, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server_pid = server_pid
-        self.round = 0
+        # Per block size, the same tensors and keys every round, as kvstore's side keeps
+        # its tensors: a fresh 512 MiB buffer would page-fault inside the timed span, and
+        # fresh keys would pile up in a server that never evicts.
+        self.buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.reply_bytes = len(
             ServerMetaMessage(
                 ServerReturnCode.SUCCESS, 0, MemoryFormat(1), torch.float16, torch.Size((0,))
@@ -76,12 +82,14 @@ class Rounds:
 
     def run(self, block_bytes: int, total_bytes: int) -> dict[str, float]:
         num_blocks = max(1, total_bytes // block_bytes)
-        source = torch.randn(num_blocks, block_bytes // 2).to(torch.bfloat16)
-        dest = torch.empty_like(source)
-        first = self.round * num_blocks
-        self.round += 1
+        if (block_bytes, num_blocks) not in self.buffers:
+            source = torch.randn(num_blocks, block_bytes // 2).to(torch.bfloat16)
+            self.buffers[block_bytes, num_blocks] = (source, torch.zeros_like(source))
+        source, dest = self.buffers[block_bytes, num_blocks]
+        source[:, 0] += 1  # other bytes than last round's: the get must bring them
+        dest.zero_()
         keys = [
-            CacheEngineKey("kvstore-peers", 1, 0, first + index, torch.bfloat16)
+            CacheEngineKey(f"kvstore-peers-{block_bytes}", 1, 0, index, torch.bfloat16)
             for index in range(num_blocks)
         ]
         put = self.timed(lambda: self.put_all(keys, source, block_bytes))

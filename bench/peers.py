@@ -17,13 +17,16 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO, Any
 
 from kvstore.allocator import tune_allocator
 from kvstore.bench.cost import CpuCost, Phase, Round, median_cpu
@@ -34,6 +37,7 @@ from kvstore.units import human_bytes, parse_size
 
 _CLIENT_SCRIPT = Path(__file__).with_name("peer_lmcache_client.py")
 _START_TIMEOUT_S = 120.0
+_LOG_TAIL_BYTES = 2000
 
 
 @dataclass(frozen=True)
@@ -61,17 +65,21 @@ class PeerRow:
 class LMCacheClient:
     """The client script under LMCache's Python, fed one round at a time."""
 
-    def __init__(self, process: subprocess.Popen[str]) -> None:
+    def __init__(self, process: subprocess.Popen[str], log: IO[bytes]) -> None:
         self._process = process
+        self._log = log
 
     def run(self, block_bytes: int, total_bytes: int) -> Round:
         assert self._process.stdin is not None
         assert self._process.stdout is not None
-        self._process.stdin.write(f"round {block_bytes} {total_bytes}\n")
-        self._process.stdin.flush()
-        line = self._process.stdout.readline()
+        try:
+            self._process.stdin.write(f"round {block_bytes} {total_bytes}\n")
+            self._process.stdin.flush()
+            line = self._process.stdout.readline()
+        except OSError:  # its end of the pipe is gone
+            line = ""
         if not line:
-            raise RuntimeError("LMCache's client ended without an answer (see its stderr)")
+            raise RuntimeError(f"LMCache's client ended without an answer:\n{_tail(self._log)}")
         answer = json.loads(line)
         gigabytes = answer["bytes"] / 1e9
         phases = [
@@ -103,26 +111,44 @@ def check_lmcache_python(python: str) -> str:
     return found.stdout.strip()
 
 
+def _tail(log: IO[bytes]) -> str:
+    log.flush()
+    log.seek(0, os.SEEK_END)
+    log.seek(max(0, log.tell() - _LOG_TAIL_BYTES))
+    return log.read().decode(errors="replace")
+
+
+def _stop(process: subprocess.Popen[Any]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextlib.contextmanager
 def lmcache_server(python: str) -> Iterator[tuple[int, int]]:
-    """LMCache's lm server on a free loopback port: (port, pid), terminated on exit."""
+    """LMCache's lm server on a free loopback port: (port, pid), stopped on exit."""
     port = free_port()
     command = [python, "-m", "lmcache.v1.server", "127.0.0.1", str(port), "cpu"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"LMCache's lm server exited with {process.returncode}")
-            with contextlib.suppress(OSError), _connected(port):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError("LMCache's lm server did not listen within 120 s")
-            time.sleep(0.2)
-        yield port, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + _START_TIMEOUT_S
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"LMCache's lm server exited with {process.returncode}:\n{_tail(log)}"
+                    )
+                with contextlib.suppress(OSError), _connected(port):
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError("LMCache's lm server did not listen within 120 s")
+                time.sleep(0.2)
+            yield port, process.pid
+        finally:
+            _stop(process)
 
 
 @contextlib.contextmanager
@@ -134,19 +160,20 @@ def _connected(port: int) -> Iterator[None]:
 @contextlib.contextmanager
 def lmcache_client(python: str, port: int, server_pid: int) -> Iterator[LMCacheClient]:
     command = [python, str(_CLIENT_SCRIPT), "127.0.0.1", str(port), str(server_pid)]
-    process = subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    try:
-        assert process.stdout is not None
-        if not process.stdout.readline():
-            raise RuntimeError(f"LMCache's client did not start ({' '.join(command)})")
-        yield LMCacheClient(process)
-    finally:
-        if process.stdin is not None:
-            process.stdin.close()
-        process.terminate()
-        process.wait(timeout=30)
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True
+        )
+        try:
+            assert process.stdout is not None
+            if not process.stdout.readline():
+                raise RuntimeError(f"LMCache's client did not start:\n{_tail(log)}")
+            yield LMCacheClient(process, log)
+        finally:
+            if process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    process.stdin.close()
+            _stop(process)
 
 
 async def measure_size(
@@ -169,10 +196,20 @@ async def measure_size(
         default: list[Round] = []
         tcp: list[Round] = []
         peer: list[Round] = []
-        for _ in range(rounds):
-            default.append(await ours.run())
-            tcp.append(await over_tcp.run())
-            peer.append(await asyncio.to_thread(lmcache.run, block_bytes, total_bytes))
+
+        async def lmcache_round() -> Round:
+            return await asyncio.to_thread(lmcache.run, block_bytes, total_bytes)
+
+        sides: list[tuple[Callable[[], Awaitable[Round]], list[Round]]] = [
+            (ours.run, default),
+            (over_tcp.run, tcp),
+            (lmcache_round, peer),
+        ]
+        for index in range(rounds):
+            # The order turns each round, so that no store always follows the same one.
+            for offset in range(len(sides)):
+                run, into = sides[(index + offset) % len(sides)]
+                into.append(await run())
     median = statistics.median
 
     def ratio(mine: list[Round], op: str) -> float:
