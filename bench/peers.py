@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -26,18 +25,17 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from kvstore.allocator import tune_allocator
 from kvstore.bench.cost import CpuCost, Phase, Round, median_cpu
-from kvstore.bench.spawn import free_port, spawned_server
+from kvstore.bench.spawn import free_port, log_tail, spawned_server, stop_child
 from kvstore.bench.throughput import KVStoreRounds, layout_for
 from kvstore.client import ClientOptions, KVClient, Namespace
 from kvstore.units import human_bytes, parse_size
 
 _CLIENT_SCRIPT = Path(__file__).with_name("peer_lmcache_client.py")
 _START_TIMEOUT_S = 120.0
-_LOG_TAIL_BYTES = 2000
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ class LMCacheClient:
         except OSError:  # its end of the pipe is gone
             line = ""
         if not line:
-            raise RuntimeError(f"LMCache's client ended without an answer:\n{_tail(self._log)}")
+            raise RuntimeError(f"LMCache's client ended without an answer:\n{log_tail(self._log)}")
         answer = json.loads(line)
         gigabytes = answer["bytes"] / 1e9
         phases = [
@@ -111,22 +109,6 @@ def check_lmcache_python(python: str) -> str:
     return found.stdout.strip()
 
 
-def _tail(log: IO[bytes]) -> str:
-    log.flush()
-    log.seek(0, os.SEEK_END)
-    log.seek(max(0, log.tell() - _LOG_TAIL_BYTES))
-    return log.read().decode(errors="replace")
-
-
-def _stop(process: subprocess.Popen[Any]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @contextlib.contextmanager
 def lmcache_server(python: str) -> Iterator[tuple[int, int]]:
     """LMCache's lm server on a free loopback port: (port, pid), stopped on exit."""
@@ -139,7 +121,7 @@ def lmcache_server(python: str) -> Iterator[tuple[int, int]]:
             while True:
                 if process.poll() is not None:
                     raise RuntimeError(
-                        f"LMCache's lm server exited with {process.returncode}:\n{_tail(log)}"
+                        f"LMCache's lm server exited with {process.returncode}:\n{log_tail(log)}"
                     )
                 with contextlib.suppress(OSError), _connected(port):
                     break
@@ -148,7 +130,7 @@ def lmcache_server(python: str) -> Iterator[tuple[int, int]]:
                 time.sleep(0.2)
             yield port, process.pid
         finally:
-            _stop(process)
+            stop_child(process)
 
 
 @contextlib.contextmanager
@@ -167,13 +149,13 @@ def lmcache_client(python: str, port: int, server_pid: int) -> Iterator[LMCacheC
         try:
             assert process.stdout is not None
             if not process.stdout.readline():
-                raise RuntimeError(f"LMCache's client did not start:\n{_tail(log)}")
+                raise RuntimeError(f"LMCache's client did not start:\n{log_tail(log)}")
             yield LMCacheClient(process, log)
         finally:
             if process.stdin is not None:
                 with contextlib.suppress(OSError):
                     process.stdin.close()
-            _stop(process)
+            stop_child(process)
 
 
 async def measure_size(

@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -81,7 +81,7 @@ def spawned_server(
             try:
                 wait_until_serving(target, credentials=credentials, process=process)
             except ServerExited as exited:
-                tail = _tail(log)
+                tail = log_tail(log)
                 if "cannot listen" in tail and attempt < _PORT_RACE_TRIES:
                     continue  # the port was taken before the child bound it
                 message = f"kvstore-server on {target} {exited}; its log ends:\n{tail}"
@@ -103,7 +103,8 @@ def spawned_ceiling_server() -> Iterator[str]:
         yield target
 
 
-def _tail(log: IO[bytes]) -> str:
+def log_tail(log: IO[bytes]) -> str:
+    """The end of a child's log file, for an error message."""
     log.flush()
     log.seek(0, os.SEEK_END)
     log.seek(max(0, log.tell() - _LOG_TAIL_BYTES))
@@ -120,9 +121,14 @@ def _child(
         try:
             yield process, log
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_child(process)
+
+
+def stop_child(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

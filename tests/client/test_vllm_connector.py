@@ -632,6 +632,16 @@ def test_a_layer_saved_outside_a_step_does_not_drop_the_next_steps_saves(
         assert worker.worker_side.save_reports[request.request_id].num_committed == 2
 
 
+def plan_three_block_load(
+    scheduler: KVStoreConnector, request: Request, block_ids: list[int]
+) -> KVStoreConnectorMetadata:
+    """The step that loads a stored 3-block prefix of a `3 * BLOCK + 4`-token prompt into
+    the first three of `block_ids` and computes its last 4 tokens."""
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK, False)
+    scheduler.update_state_after_alloc(request, KVCacheBlocks((block_ids,)), 3 * BLOCK)
+    return scheduler.build_connector_meta(new_step(request, block_ids, 3 * BLOCK, 4))
+
+
 def test_saves_are_whole_when_vllm_starts_loads_after_the_forward_pass(store_target: str) -> None:
     """vLLM since mid-2026 calls start_load_kv after the forward pass on steps without
     synchronous loads: the saves must already be open when the layers are saved."""
@@ -640,10 +650,7 @@ def test_saves_are_whole_when_vllm_starts_loads_after_the_forward_pass(store_tar
     save_prompt(store_target, prompt, source, load_after_forward=True)
     caches = kv_first_caches()
     with both_roles(store_target, caches) as (scheduler, worker):
-        request = Request("loader", prompt)
-        assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK, False)
-        scheduler.update_state_after_alloc(request, KVCacheBlocks(([5, 1, 8, 3],)), 3 * BLOCK)
-        metadata = scheduler.build_connector_meta(new_step(request, [5, 1, 8, 3], 3 * BLOCK, 4))
+        metadata = plan_three_block_load(scheduler, Request("loader", prompt), [5, 1, 8, 3])
         run_step(worker, metadata, 4)  # a step with a (synchronous) load: the old order
         assert worker.get_block_ids_with_load_errors() == set()
         for name in NAMES:
@@ -658,10 +665,7 @@ def test_a_load_started_after_the_forward_pass_is_reported_not_loaded(store_targ
     save_prompt(store_target, prompt, blocks_first_caches(seed=72))
     caches = kv_first_caches()
     with both_roles(store_target, caches) as (scheduler, worker):
-        request = Request("late", prompt)
-        assert scheduler.get_num_new_matched_tokens(request, 0) == (3 * BLOCK, False)
-        scheduler.update_state_after_alloc(request, KVCacheBlocks(([7, 2, 9, 4],)), 3 * BLOCK)
-        metadata = scheduler.build_connector_meta(new_step(request, [7, 2, 9, 4], 3 * BLOCK, 4))
+        metadata = plan_three_block_load(scheduler, Request("late", prompt), [7, 2, 9, 4])
         run_step(worker, metadata, 4, load_after_forward=True)
         assert worker.get_block_ids_with_load_errors() == {7, 2, 9}
         for name in NAMES:

@@ -546,6 +546,21 @@ async def test_credentials_reach_every_node_and_a_refusal_is_raised(
             await cluster.lookup(tokens)
 
 
+async def two_open_nodes_and_one_refusing(
+    server_factory: ServerFactory, tmp_path: Path
+) -> list[RunningServer]:
+    """Two nodes without authentication, then one whose tokens file knows only another
+    token: a client's token is refused there alone (UNAUTHENTICATED, a caller error)."""
+    tokens_file = tmp_path / "tokens.toml"
+    other = "tok-someone-else-0123"
+    tokens_file.write_text(
+        f'[[tokens]]\nsha256 = "{token_sha256(other)}"\ntenant = "tenant-a"\nrole = "tenant"\n'
+    )
+    nodes = [await server_factory(), await server_factory()]
+    nodes.append(await server_factory(auth__tokens_file=str(tokens_file)))
+    return nodes
+
+
 async def test_a_refusal_by_one_node_ends_the_whole_put_before_it_is_raised(
     server_factory: ServerFactory,
     tmp_path: Path,
@@ -554,13 +569,7 @@ async def test_a_refusal_by_one_node_ends_the_whole_put_before_it_is_raised(
 ) -> None:
     """One node refuses the caller (its tokens file lacks the token): the put raises, and
     by then no part of it still runs on the other nodes, reading the caller's tensor."""
-    tokens_file = tmp_path / "tokens.toml"
-    other = "tok-someone-else-0123"
-    tokens_file.write_text(
-        f'[[tokens]]\nsha256 = "{token_sha256(other)}"\ntenant = "tenant-a"\nrole = "tenant"\n'
-    )
-    nodes = [await server_factory(), await server_factory()]
-    nodes.append(await server_factory(auth__tokens_file=str(tokens_file)))
+    nodes = await two_open_nodes_and_one_refusing(server_factory, tmp_path)
     namespace = make_namespace(tenant="tenant-a")
     keys = [b"refused-%d" % index for index in range(NUM_BLOCKS)]
     assert len(set(owners(nodes, keys))) == 3  # every node owns some of the chain
@@ -585,13 +594,7 @@ async def test_a_delete_one_node_refuses_is_raised_once_the_others_have_deleted(
 ) -> None:
     """A delete reads no buffer of the caller's: it is not cut on the other nodes when
     one refuses, so none is left half-done without the caller hearing of it."""
-    tokens_file = tmp_path / "tokens.toml"
-    other = "tok-someone-else-0123"
-    tokens_file.write_text(
-        f'[[tokens]]\nsha256 = "{token_sha256(other)}"\ntenant = "tenant-a"\nrole = "tenant"\n'
-    )
-    nodes = [await server_factory(), await server_factory()]
-    nodes.append(await server_factory(auth__tokens_file=str(tokens_file)))
+    nodes = await two_open_nodes_and_one_refusing(server_factory, tmp_path)
     namespace = make_namespace(tenant="tenant-a")
     keys = [b"deleted-%d" % index for index in range(8000)]  # a delete of several steps
     kv = make_kv(namespace.layout, 1000, form=KVForm.BLOCKS, seed=43)

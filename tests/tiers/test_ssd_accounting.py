@@ -201,11 +201,17 @@ async def test_room_for_a_larger_file_is_made_along_one_chain_tail_first(tmp_pat
     store.pool.close()
 
 
-async def test_ssd_copies_whose_lease_ended_make_room_again(tmp_path: Path) -> None:
-    probe = make_store(tmp_path / "probe")
+async def one_file_bytes(directory: Path) -> int:
+    """What one block's file takes on SSD, measured in a store of its own."""
+    probe = make_store(directory)
     assert await probe.pool.write_to_ssd(put(probe, b"A"))
     file_bytes = ssd_of(probe).used_bytes
     probe.pool.close()
+    return file_bytes
+
+
+async def test_ssd_copies_whose_lease_ended_make_room_again(tmp_path: Path) -> None:
+    file_bytes = await one_file_bytes(tmp_path / "probe")
     store = make_store(tmp_path, ssd_bytes=2 * file_bytes + 16)
     for key in (b"A", b"B"):
         assert await store.pool.write_to_ssd(put(store, key))
@@ -224,10 +230,7 @@ def entry_copies(store: BlockStore, key: bytes) -> set[TierKind]:
 
 
 async def test_a_parent_whose_last_child_file_is_deleted_can_leave_ssd(tmp_path: Path) -> None:
-    probe = make_store(tmp_path / "probe")
-    assert await probe.pool.write_to_ssd(put(probe, b"A"))
-    file_bytes = ssd_of(probe).used_bytes
-    probe.pool.close()
+    file_bytes = await one_file_bytes(tmp_path / "probe")
     store = make_store(tmp_path, ssd_bytes=3 * file_bytes + 16)
     parent = put(store, b"P")
     assert await store.pool.write_to_ssd(parent)
