@@ -13,6 +13,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import TypeVar
 
 from google.protobuf.message import DecodeError
 
@@ -142,26 +143,14 @@ class DataConnection:
 
     async def finish_put(self) -> pb.PutBlocksResponse:
         await self.send(FrameKind.PUT_END)
-        payload = await self.expect(FrameKind.PUT_DONE)
-        try:
-            reply = pb.PutBlocksResponse.FromString(bytes(payload))
-        except DecodeError as error:
-            raise Unknown(
-                f"the data plane sent a PutBlocksResponse that does not parse: {error}"
-            ) from None
+        reply = _parsed(pb.PutBlocksResponse, await self.expect(FrameKind.PUT_DONE))
         self.clean = True
         return reply
 
     async def lookup(self, request: pb.LookupPrefixRequest) -> pb.LookupPrefixResponse:
         """One LOOKUP frame, answered by LOOKUP_RESULT (or an ERROR, raised)."""
         await self.send(FrameKind.LOOKUP, [request.SerializeToString()])
-        payload = await self.expect(FrameKind.LOOKUP_RESULT)
-        try:
-            reply = pb.LookupPrefixResponse.FromString(bytes(payload))
-        except DecodeError as error:
-            raise Unknown(
-                f"the data plane sent a LookupPrefixResponse that does not parse: {error}"
-            ) from None
+        reply = _parsed(pb.LookupPrefixResponse, await self.expect(FrameKind.LOOKUP_RESULT))
         self.clean = True
         return reply
 
@@ -348,3 +337,16 @@ class DataPlanePool:
         raise DataPlaneUnreachable(
             f"cannot reach the data plane at {self.host}:{self.port}: {'; '.join(failures)}"
         )
+
+
+_Reply = TypeVar("_Reply", pb.PutBlocksResponse, pb.LookupPrefixResponse)
+
+
+def _parsed(message_type: type[_Reply], payload: memoryview | bytes) -> _Reply:
+    """A reply frame's message; one that does not parse is Unknown (the daemon's fault)."""
+    try:
+        return message_type.FromString(bytes(payload))
+    except DecodeError as error:
+        raise Unknown(
+            f"the data plane sent a {message_type.__name__} that does not parse: {error}"
+        ) from None

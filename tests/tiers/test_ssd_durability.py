@@ -33,6 +33,7 @@ from keyed_blocks import keyed_payload, keyed_tensor, served_blocks  # tests/key
 from kvstore.client import ClientOptions, KVClient, KVStoreClientError, TierKind
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.server import RunningServer, build_server, load_config
+from kvstore.server.config import ServerConfig
 from kvstore.v1 import kvstore_pb2 as pb
 
 KiB = 1 << 10
@@ -117,21 +118,27 @@ async def poll_stats(
 # -- servers -----------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def inprocess_server(
-    ssd_dir: Path, options: ClientOptions = OPTIONS, **store: Any
-) -> AsyncIterator[KVClient]:
-    """The real server in this event loop, on port 0; drained (SSD flushed) on exit."""
+def ssd_server_config(ssd_dir: Path, log_level: str = "warning", **store: Any) -> ServerConfig:
+    """A daemon on port 0 with 4 MiB of DRAM in 16 KiB pages and its SSD in `ssd_dir`;
+    `store` sets more store.* keys."""
     settings: dict[str, Any] = {
         "listen": "127.0.0.1:0",
-        "log_level": "warning",
+        "log_level": log_level,
         "store.dram_bytes": 4 * MiB,
         "store.page_bytes": 16 * KiB,
         "store.ssd_dir": str(ssd_dir),
         "limits.drain_grace_s": 2.0,
     }
     settings.update({f"store.{name}": value for name, value in store.items()})
-    running: RunningServer = await build_server(load_config(None, settings))
+    return load_config(None, settings)
+
+
+@contextlib.asynccontextmanager
+async def inprocess_server(
+    ssd_dir: Path, options: ClientOptions = OPTIONS, **store: Any
+) -> AsyncIterator[KVClient]:
+    """The real server in this event loop, on port 0; drained (SSD flushed) on exit."""
+    running: RunningServer = await build_server(ssd_server_config(ssd_dir, **store))
     try:
         async with KVClient(f"127.0.0.1:{running.port}", NS, options=options) as client:
             yield client
@@ -304,16 +311,8 @@ async def test_a_delete_answers_once_its_files_are_gone(tmp_path: Path) -> None:
     """After Delete's reply a restart must not bring a block back: the unlinks, done on
     the SSD tier's I/O threads, have run (and with fsync, their directory is fsynced)."""
     ssd_dir = tmp_path / "ssd"
-    settings: dict[str, Any] = {
-        "listen": "127.0.0.1:0",
-        "log_level": "warning",
-        "store.dram_bytes": 4 * MiB,
-        "store.page_bytes": 16 * KiB,
-        "store.ssd_dir": str(ssd_dir),
-        "store.write_policy": "write-through",
-        "store.ssd_fsync": True,
-    }
-    running: RunningServer = await build_server(load_config(None, settings))
+    config = ssd_server_config(ssd_dir, write_policy="write-through", ssd_fsync=True)
+    running: RunningServer = await build_server(config)
     try:
         async with KVClient(f"127.0.0.1:{running.port}", NS, options=OPTIONS) as client:
             keys = chain_keys("deleted", 3)
@@ -341,16 +340,8 @@ async def test_a_drain_flushes_write_back_blocks_even_just_after_a_disk_error(
     """A transient disk error degrades the SSD for a while; the drain is the blocks' last
     chance and must try them anyway (it skipped them all and logged them flushed)."""
     ssd_dir = tmp_path / "ssd"
-    settings: dict[str, Any] = {
-        "listen": "127.0.0.1:0",
-        "log_level": "info",
-        "store.dram_bytes": 4 * MiB,
-        "store.page_bytes": 16 * KiB,
-        "store.ssd_dir": str(ssd_dir),
-        "store.write_policy": "write-back",
-        "limits.drain_grace_s": 2.0,
-    }
-    running: RunningServer = await build_server(load_config(None, settings))
+    config = ssd_server_config(ssd_dir, log_level="info", write_policy="write-back")
+    running: RunningServer = await build_server(config)
     keys = chain_keys("last-chance", 6)
     try:
         async with KVClient(f"127.0.0.1:{running.port}", NS, options=OPTIONS) as client:
