@@ -29,7 +29,7 @@ from typing import IO
 
 from kvstore.allocator import tune_allocator
 from kvstore.bench.cost import CpuCost, Phase, Round, median_cpu
-from kvstore.bench.spawn import free_port, log_tail, spawned_server, stop_child
+from kvstore.bench.spawn import child_process, free_port, log_tail, spawned_server, stop_child
 from kvstore.bench.throughput import KVStoreRounds, layout_for
 from kvstore.client import ClientOptions, KVClient, Namespace
 from kvstore.units import human_bytes, parse_size
@@ -114,23 +114,19 @@ def lmcache_server(python: str) -> Iterator[tuple[int, int]]:
     """LMCache's lm server on a free loopback port: (port, pid), stopped on exit."""
     port = free_port()
     command = [python, "-m", "lmcache.v1.server", "127.0.0.1", str(port), "cpu"]
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + _START_TIMEOUT_S
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(
-                        f"LMCache's lm server exited with {process.returncode}:\n{log_tail(log)}"
-                    )
-                with contextlib.suppress(OSError), _connected(port):
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError("LMCache's lm server did not listen within 120 s")
-                time.sleep(0.2)
-            yield port, process.pid
-        finally:
-            stop_child(process)
+    with child_process(command, None) as (process, log):
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"LMCache's lm server exited with {process.returncode}:\n{log_tail(log)}"
+                )
+            with contextlib.suppress(OSError), _connected(port):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("LMCache's lm server did not listen within 120 s")
+            time.sleep(0.2)
+        yield port, process.pid
 
 
 @contextlib.contextmanager

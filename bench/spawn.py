@@ -77,7 +77,7 @@ def spawned_server(
     for attempt in range(1, _PORT_RACE_TRIES + 1):
         target = f"127.0.0.1:{free_port()}"
         command = [sys.executable, "-m", "kvstore.server.main", "--listen", target, *extra_args]
-        with _child(command, log_path) as (process, log):
+        with child_process(command, log_path) as (process, log):
             try:
                 wait_until_serving(target, credentials=credentials, process=process)
             except ServerExited as exited:
@@ -97,7 +97,7 @@ def spawned_server(
 def spawned_ceiling_server() -> Iterator[str]:
     port = free_port()
     command = [sys.executable, "-m", "kvstore.bench.ceiling", "--port", str(port)]
-    with _child(command, None) as (process, _):
+    with child_process(command, None) as (process, _):
         target = f"127.0.0.1:{port}"
         wait_until_serving(target, process=process)
         yield target
@@ -112,10 +112,11 @@ def log_tail(log: IO[bytes]) -> str:
 
 
 @contextlib.contextmanager
-def _child(
+def child_process(
     command: list[str], log_path: Path | None
 ) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
-    """The child, its stdout and stderr in `log_path` (appended) or a temporary file."""
+    """The child, its stdout and stderr in `log_path` (appended) or a temporary file;
+    stopped (stop_child) on exit."""
     with open(log_path, "a+b") if log_path else tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, stdout=log, stderr=log, env=os.environ.copy())
         try:
