@@ -561,11 +561,13 @@ async def two_open_nodes_and_one_refusing(
     return nodes
 
 
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
 async def test_a_refusal_by_one_node_ends_the_whole_put_before_it_is_raised(
     server_factory: ServerFactory,
     tmp_path: Path,
     make_namespace: Callable[..., Namespace],
     make_kv: Callable[..., torch.Tensor],
+    data_plane: bool,
 ) -> None:
     """One node refuses the caller (its tokens file lacks the token): the put raises, and
     by then no part of it still runs on the other nodes, reading the caller's tensor."""
@@ -576,7 +578,7 @@ async def test_a_refusal_by_one_node_ends_the_whole_put_before_it_is_raised(
     keys = [b"refused-%d" % index for index in range(96)]
     assert len(set(owners(nodes, keys))) == 3  # every node owns some of the chain
     kv = make_kv(namespace.layout, len(keys), form=KVForm.BLOCKS, seed=41)
-    options = cluster_options(True, token="tok-not-on-node-3-0")
+    options = cluster_options(data_plane, token="tok-not-on-node-3-0")
     async with KVClient(static_target(nodes), namespace, options=options) as cluster:
         with pytest.raises(Unauthenticated):
             await cluster.put_blocks(keys, kv)
