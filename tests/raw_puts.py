@@ -51,8 +51,11 @@ async def raw_put(
         call = channel.stream_unary("/kvstore.v1.KVStore/PutBlocks")(timeout=30)
         try:
             for message in messages:
+                if call.done():  # answered already: a write now would race the status
+                    break
                 await call.write(message)
-            await call.done_writing()
+            else:
+                await call.done_writing()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             # A write to a call the server has ended fails with INTERNAL ("Internal error
             # from Core", grpc issue 36066) or InvalidStateError; the call's own status

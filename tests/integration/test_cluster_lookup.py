@@ -154,14 +154,16 @@ async def test_a_hung_node_is_left_at_most_its_share_of_asks_then_waited_for_and
         for _ in range(STRAGGLERS_PER_MEMBER):  # each leaves its ask of the hung node
             match = await asyncio.wait_for(cluster.lookup_keys(keys), timeout=lookup_s / 2)
             assert match.num_matched == stored
-        assert len(cluster._stragglers) == STRAGGLERS_PER_MEMBER
+        hung = next(m for m in cluster.membership.placement.members if m.address == hung_node)
+        # The hung node's asks; a live node's unneeded ask may still be on its way on a
+        # loaded machine, and is left too (it ends on its own at once).
+        assert cluster._stragglers.count(hung.node_id) == STRAGGLERS_PER_MEMBER
         # The hung node has its share: the next lookup waits for its ask, which ends at
         # the lookup timeout and has the node passed over.
         lookup = asyncio.ensure_future(cluster.lookup_keys(keys))
         done, _ = await asyncio.wait([lookup], timeout=lookup_s / 4)
         assert not done
         assert (await lookup).num_matched == stored
-        hung = next(m for m in cluster.membership.placement.members if m.address == hung_node)
         assert not cluster.nodes.reachable(hung)
         assert not cluster._stragglers
         match = await asyncio.wait_for(cluster.lookup_keys(keys), timeout=lookup_s / 2)
