@@ -21,6 +21,7 @@ from kvstore.bench.plot import add_plot_arguments, run_plot
 from kvstore.bench.replay import add_trace_arguments, run_trace
 from kvstore.bench.restart import add_restart_arguments, run_restart
 from kvstore.bench.soak import add_soak_arguments, run_soak
+from kvstore.bench.sync_lookup import add_sync_lookup_arguments, run_sync_lookup
 from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
 from kvstore.bench.tls import add_tls_arguments, run_tls
@@ -49,6 +50,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "LookupPrefix latency (p50/p99) for a long chain",
         add_lookup_arguments,
         run_lookup,
+    ),
+    "sync-lookup": (
+        "a blocking caller's lookup from its own thread, against through a loop thread",
+        add_sync_lookup_arguments,
+        run_sync_lookup,
     ),
     "plan": (
         "KV bytes per token, capacity footprint, decode operational intensity, tier sizes",

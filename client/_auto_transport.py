@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from kvstore.client._dataplane import DataPlaneUnreachable
+from kvstore.client._dataplane import DataPlanePool, DataPlaneUnreachable
 from kvstore.client._errors import DeadlineExceeded, InvalidArgument, Unavailable
 from kvstore.client._transport import BlockTransport, GetStream, Parts, PutStream, Transport
 from kvstore.v1 import kvstore_pb2 as pb
@@ -32,6 +32,10 @@ class DataPlane(BlockTransport, Protocol):
 
     @property
     def address(self) -> str: ...
+
+    @property
+    def pool(self) -> DataPlanePool:
+        """Its connections; the one lookups go to, for a PlaneChain."""
 
     async def lookup(
         self, request: pb.LookupPrefixRequest, deadline: float
@@ -56,6 +60,10 @@ class PlaneChain:
     @property
     def address(self) -> str:
         return self._planes[0].address
+
+    @property
+    def pool(self) -> DataPlanePool:
+        return self._planes[0].pool
 
     async def lookup(
         self, request: pb.LookupPrefixRequest, deadline: float
@@ -150,6 +158,15 @@ class AutoTransport:
             reply = await self.grpc.lookup(request, deadline)  # raises if it is the request
             self._lookups_off_until = self._clock() + LOOKUP_RETRY_S
             return reply
+
+    def lookup_pool(self) -> DataPlanePool | None:
+        """The pool whose idle connections a blocking lookup may borrow from another
+        thread (kvstore.client._blocking_lookup): where lookups go over the data plane
+        already found. None otherwise; the loop's lookup then finds it (or uses gRPC)."""
+        current = self._current
+        if self._closed or current is None or not self._lookups_on():
+            return None
+        return current.pool
 
     async def _data_plane_by(self, deadline: float) -> DataPlane | None:
         """`_data_plane`, within a lookup's deadline (loop time): finding the data plane

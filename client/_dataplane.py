@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import TypeVar
 
@@ -69,7 +71,7 @@ class DataConnection:
         self._deadline_sent = False
         self.clean = True  # False from the start of a transfer until it ends well
         self.closed = False
-        self.idle_since = 0.0  # loop time it went back to the pool
+        self.idle_since = 0.0  # time.monotonic() it went back to the pool
         self.pool: DataPlanePool | None = None
 
     def begin(self, deadline: float) -> None:
@@ -84,6 +86,11 @@ class DataConnection:
             self.pool.release(self)
         else:
             self.close()
+
+    @property
+    def plaintext_socket(self) -> socket.socket | None:
+        """The bare socket, where no TLS stream wraps it."""
+        return self._sock if self._tls is None else None
 
     def stale(self) -> bool:
         """Whether the server spoke or hung up while the connection sat idle."""
@@ -238,6 +245,9 @@ class DataPlanePool:
         self._max_frame_bytes = max_frame_bytes
         self._max_idle = max_idle
         self._idle: list[DataConnection] = []
+        # Guards _idle: a thread that looks up from outside the loop borrows from it too
+        # (kvstore.client._blocking_lookup). Held for a list operation, never across I/O.
+        self._idle_lock = threading.Lock()
         self._active: set[DataConnection] = set()
         self._closed = False
 
@@ -246,10 +256,8 @@ class DataPlanePool:
         must be made by `connect_by`. Raises DataPlaneUnreachable when it cannot be."""
         if self._closed:
             raise DataPlaneUnreachable("the client is closed")
-        now = asyncio.get_running_loop().time()
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.stale() and now - connection.idle_since < _MAX_IDLE_S:
+        while (connection := self._take_idle()) is not None:
+            if self._fresh(connection):
                 break
             connection.close()  # the server restarted, drained, or may be closing it
         else:
@@ -276,20 +284,50 @@ class DataPlanePool:
     def release(self, connection: DataConnection) -> None:
         """Back to the pool if its transfer ended cleanly, else closed."""
         self._active.discard(connection)
-        reusable = connection.clean and not connection.closed and not self._closed
-        if reusable and len(self._idle) < self._max_idle:
-            connection.idle_since = asyncio.get_running_loop().time()
-            self._idle.append(connection)
-        elif not connection.closed:
+        self._keep_idle(connection, reusable=connection.clean)
+
+    def borrow_idle(self) -> DataConnection | None:
+        """An idle plaintext connection for a caller outside the loop's thread (a blocking
+        lookup), or None; it comes back through `give_back`, or is closed by the caller."""
+        if self._closed or self._tls_context is not None:
+            return None
+        connection = self._take_idle()
+        if connection is None:
+            return None
+        if connection.plaintext_socket is not None and self._fresh(connection):
+            return connection
+        self._keep_idle(connection, reusable=not connection.stale())
+        return None
+
+    def give_back(self, connection: DataConnection) -> None:
+        """A borrowed connection's lookup ended well: idle in the pool again."""
+        self._keep_idle(connection, reusable=True)
+
+    def _take_idle(self) -> DataConnection | None:
+        with self._idle_lock:
+            return self._idle.pop() if self._idle else None
+
+    def _fresh(self, connection: DataConnection) -> bool:
+        return not connection.stale() and time.monotonic() - connection.idle_since < _MAX_IDLE_S
+
+    def _keep_idle(self, connection: DataConnection, *, reusable: bool) -> None:
+        if reusable and not connection.closed and not self._closed:
+            connection.idle_since = time.monotonic()
+            with self._idle_lock:
+                if len(self._idle) < self._max_idle:
+                    self._idle.append(connection)
+                    return
+        if not connection.closed:
             connection.close()
 
     def retire(self) -> None:
         """Take no more transfers: close idle connections, and each one in use once
         its transfer ends."""
         self._closed = True
-        for connection in self._idle:
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
             connection.close()
-        self._idle.clear()
 
     def close(self) -> None:
         """Retire, and cut transfers in flight too (they raise Unavailable)."""

@@ -45,6 +45,10 @@ class DataPlaneTransport:
     def address(self) -> str:
         return self._pool.address
 
+    @property
+    def pool(self) -> DataPlanePool:
+        return self._pool
+
     async def _acquire(self, timeout_s: float) -> DataConnection:
         now = asyncio.get_running_loop().time()
         return await self._pool.acquire(now + timeout_s, now + self._connect_timeout_s)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from kvstore.client._async import KVClient, LayerPut
+from kvstore.client._blocking_lookup import BlockingLookups
 from kvstore.client._loop import LoopThread
 from kvstore.client._options import ClientOptions
 from kvstore.client._results import LayerArrival, PrefixMatch, PutResult, StoreStats
@@ -34,6 +35,7 @@ class SyncKVClient:
         except BaseException:
             self._loop.stop()  # a client that failed to open leaves no thread behind
             raise
+        self._lookups = BlockingLookups(self._client)
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self._loop.run(coroutine)
@@ -51,6 +53,7 @@ class SyncKVClient:
 
     def close(self) -> None:
         if self._loop.running:
+            self._lookups.close()
             self._run(self._client.close())
             self._loop.stop()
 
@@ -67,10 +70,15 @@ class SyncKVClient:
         return self._client.keys(tokens)
 
     def lookup(self, tokens: Tokens) -> PrefixMatch:
-        return self._run(self._client.lookup(tokens))
+        return self.lookup_keys(self._client.keys(tokens))
 
     def lookup_keys(self, keys: list[bytes]) -> PrefixMatch:
-        return self._run(self._client.lookup_keys(keys))
+        """From this thread where it can (kvstore.client._blocking_lookup), else on the
+        client's loop; the answer and the errors are the same."""
+        match = self._lookups.lookup_keys(keys)
+        if match is None:
+            match = self._run(self._client.lookup_keys(keys))
+        return match
 
     def put(
         self,

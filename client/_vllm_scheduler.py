@@ -2,8 +2,10 @@
 and saves.
 
 A request's life here: `on_new_request`, as vLLM's scheduler adds it, starts the lookup of
-its prompt, so the first `get_num_new_matched_tokens`, often a step later, finds the answer
-in (one lookup; a miss costs nothing more); it plans how much of the match to fetch, only
+its prompt while other requests run, so the first `get_num_new_matched_tokens`, often a step
+later, finds the answer in; an idle engine schedules it at once, and that call looks it up
+from the scheduler's own thread, which answers sooner (kvstore.client._blocking_lookup).
+One lookup either way; a miss costs nothing more. It plans how much of the match to fetch, only
 what arrives sooner than it could be recomputed (`plan_fetch`); `update_state_after_alloc`
 turns the plan into a load into the blocks vLLM allocated; each `build_connector_meta`
 hands the worker that load and the saves of the blocks this step fills; `request_finished`
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvstore.client._async import KVClient
+from kvstore.client._blocking_lookup import BlockingLookups
 from kvstore.client._errors import KVStoreClientError
 from kvstore.client._loop import LoopThread
 from kvstore.client._results import PrefixMatch
@@ -81,7 +84,12 @@ class MatchPlan:
 class _Prefetch:
     keys: list[bytes]
     started_s: float  # time.monotonic()
-    lookup: concurrent.futures.Future[PrefixMatch]
+    # None: not started, the match looks up from its own thread (an idle engine).
+    lookup: concurrent.futures.Future[PrefixMatch] | None
+
+    def cancel(self) -> None:
+        if self.lookup is not None:
+            self.lookup.cancel()
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,7 @@ class SchedulerSide:
         self._client: KVClient = self._loop.open_client(
             config.target, config.namespace, config.options
         )
+        self._blocking = BlockingLookups(self._client)
         self._plans: dict[str, MatchPlan] = {}
         self._prefetched: dict[str, _Prefetch] = {}  # arrival order
         self._tracked: dict[str, _Tracked] = {}
@@ -142,7 +151,10 @@ class SchedulerSide:
         self._drop_prefetch(request.request_id)  # added again: the newer lookup answers
         while len(self._prefetched) >= MAX_PREFETCHED:
             self._drop_prefetch(next(iter(self._prefetched)))
-        lookup = self._loop.submit(self._client.lookup_keys(keys))
+        # With nothing running, the next schedule takes this request at once: no step to
+        # hide the lookup behind, and the match's own lookup answers sooner.
+        idle = not self._tracked and self._blocking.available
+        lookup = None if idle else self._loop.submit(self._client.lookup_keys(keys))
         self._prefetched[request.request_id] = _Prefetch(keys, time.monotonic(), lookup)
 
     def _lookup_failed(self, error: KVStoreClientError) -> None:
@@ -172,7 +184,7 @@ class SchedulerSide:
     def _drop_prefetch(self, request_id: str) -> None:
         prefetch = self._prefetched.pop(request_id, None)
         if prefetch is not None:
-            prefetch.lookup.cancel()
+            prefetch.cancel()
 
     # -- get_num_new_matched_tokens ---------------------------------------------------------
 
@@ -195,16 +207,20 @@ class SchedulerSide:
             request, prompt[: (len(prompt) - 1) // block_tokens * block_tokens]
         )
 
-    def _request_keys(self, request: Any, tokens: list[int]) -> list[bytes]:
+    def _request_keys(
+        self, request: Any, tokens: list[int], after: bytes | None = None
+    ) -> list[bytes]:
         """The chain keys of `tokens` for this request: its LoRA adapter and cache salt
         are hashed into the first block, as vLLM's own prefix cache does, so requests
-        that must not share KV (another adapter, another salt) never match."""
+        that must not share KV (another adapter, another salt) never match. `after`:
+        `tokens` continue the request's chain after the block of that key."""
         options = self.config.options
         return chain_keys(
             tokens,
             self.config.block_tokens,
-            extra=options.key_extra + _request_salt(request),
+            extra=options.key_extra + _request_salt(request) if after is None else b"",
             algorithm=options.hash_algorithm,
+            after=after,
         )
 
     def _match(self, request: Any, num_computed_tokens: int) -> MatchPlan:
@@ -223,12 +239,12 @@ class SchedulerSide:
         no_tier_pays = self._no_tier_can_pay()
         if no_tier_pays is not None:
             if prefetch is not None:
-                prefetch.lookup.cancel()
+                prefetch.cancel()
             return MatchPlan(keys, 0, first_block, _no_fetch(no_tier_pays), looked_up=False)
         paused = self._lookups_paused()
         if paused is not None:
             if prefetch is not None:
-                prefetch.lookup.cancel()
+                prefetch.cancel()
             return MatchPlan(keys, 0, first_block, _no_fetch(paused), looked_up=False)
         try:
             match = self._lookup(keys, prefetch)
@@ -242,11 +258,14 @@ class SchedulerSide:
     def _lookup(self, keys: list[bytes], prefetch: _Prefetch | None) -> PrefixMatch:
         """The arrival's lookup while it is fresh (waiting for it if it is still out),
         else one made now."""
-        if prefetch is not None:
+        if prefetch is not None and prefetch.lookup is not None:
             if time.monotonic() - prefetch.started_s <= PREFETCH_MAX_AGE_S:
                 return prefetch.lookup.result()
-            prefetch.lookup.cancel()
-        return self._loop.run(self._client.lookup_keys(keys))
+            prefetch.cancel()
+        match = self._blocking.lookup_keys(keys)
+        if match is None:
+            match = self._loop.run(self._client.lookup_keys(keys))
+        return match
 
     def _plan(self, tiers: list[str]) -> FetchPlan:
         """Fetch the part of the match (its blocks' tiers) that arrives sooner than it could
@@ -341,7 +360,7 @@ class SchedulerSide:
             return
         # The store holds the matched blocks whether this request loads them or not.
         tracked.stored_blocks = plan.num_matched_blocks
-        tracked.keys = plan.keys[: plan.num_matched_blocks]
+        tracked.keys = list(plan.keys)  # every loadable block's, hashed at the match
         tracked.stored_unknown = not plan.looked_up
         if num_external_tokens <= 0:
             return
@@ -408,17 +427,19 @@ class SchedulerSide:
         request = tracked.request
         if not _param(request, SAVE_PARAM, True) or _uncacheable(request) is not None:
             return None
-        tokens = list(
-            request.all_token_ids if self.config.save_decoded else request.prompt_token_ids
-        )
+        tokens = request.all_token_ids if self.config.save_decoded else request.prompt_token_ids
         block_tokens = self.config.block_tokens
         num_full = min(num_computed_tokens, len(tokens)) // block_tokens
         num_full = min(num_full, len(tracked.block_ids))
         first = tracked.stored_blocks
         if num_full <= first:
             return None
-        if len(tracked.keys) < num_full:
-            tracked.keys = self._request_keys(request, tokens[: num_full * block_tokens])
+        hashed = len(tracked.keys)
+        if hashed < num_full:
+            # Only the blocks not hashed yet: a long decode adds a block at a time.
+            tail = list(tokens[hashed * block_tokens : num_full * block_tokens])
+            after = tracked.keys[-1] if hashed else None
+            tracked.keys.extend(self._request_keys(request, tail, after))
         tracked.stored_blocks = num_full
         tracked.saves_scheduled = True
         skip_stored, tracked.stored_unknown = tracked.stored_unknown, False
@@ -538,6 +559,7 @@ class SchedulerSide:
         for request_id in list(self._prefetched):
             self._drop_prefetch(request_id)
         self.wait_for_control_calls(self.config.options.timeouts.control)
+        self._blocking.close()
         self._loop.run(self._client.close())
         self._loop.stop()
 

@@ -45,17 +45,25 @@ def chain_keys(
     *,
     extra: bytes = b"",
     algorithm: HashAlgorithm = HashAlgorithm.SHA256,
+    after: bytes | None = None,
 ) -> list[bytes]:
-    """Keys of every full block of `tokens`, first block first."""
+    """Keys of every full block of `tokens`, first block first.
+
+    `after`: the key of the block before `tokens` (they continue a chain already
+    hashed up to it), so a chain grows without hashing its head again; `extra`, which
+    enters a chain's first block only, must then be empty.
+    """
     if block_tokens < 1:
         raise InvalidRequest(f"block_tokens must be >= 1, got {block_tokens}")
+    if after is not None and extra:
+        raise InvalidRequest("extra enters a chain's first block only; give it or after")
     token_array = _as_u32(tokens)
     num_blocks = len(token_array) // block_tokens
     token_bytes = token_array[: num_blocks * block_tokens].astype("<u4", copy=False).tobytes()
     stride = 4 * block_tokens
     digest = _digest_function(algorithm)
     keys: list[bytes] = []
-    parent = algorithm.root + extra
+    parent = algorithm.root + extra if after is None else after
     for index in range(num_blocks):
         key = digest(parent + token_bytes[index * stride : (index + 1) * stride])
         keys.append(key)

@@ -480,9 +480,15 @@ def test_a_store_that_hangs_costs_the_scheduler_one_lookup_timeout(
             scheduler.shutdown()
 
 
+def keep_busy(scheduler: KVStoreConnector) -> None:
+    """A request running in the engine: arrivals now start their lookups at once."""
+    running = Request("running", tokens(BLOCK, seed=99))
+    scheduler.update_state_after_alloc(running, KVCacheBlocks(([60],)), 0)
+
+
 def arrive(scheduler: KVStoreConnector, client: SyncKVClient, request: Request) -> int:
-    """vLLM's add_request: the request's lookup starts; returns the server's lookup count
-    once the server has answered it."""
+    """vLLM's add_request while another request runs: the request's lookup starts; returns
+    the server's lookup count once the server has answered it."""
     before = client.stats().lookups
     scheduler.on_new_request(request)
     deadline = time.monotonic() + 30
@@ -495,6 +501,7 @@ def arrive(scheduler: KVStoreConnector, client: SyncKVClient, request: Request) 
 def test_the_lookup_started_at_arrival_answers_the_first_count_only(store_target: str) -> None:
     prompt = tokens(3 * BLOCK, seed=40)
     scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    keep_busy(scheduler)
     try:
         with SyncKVClient(store_target, scheduler.config.namespace) as client:
             request = Request("arrived", prompt)
@@ -519,6 +526,7 @@ def test_a_stale_finished_or_crowded_out_arrival_lookup_is_made_again(
     monkeypatch.setattr(_vllm_scheduler, "MAX_PREFETCHED", 2)
     prompt = tokens(3 * BLOCK, seed=41)
     scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    keep_busy(scheduler)
     try:
         with SyncKVClient(store_target, scheduler.config.namespace) as client:
             crowded, finished, kept, stale = (Request(name, prompt) for name in "abcd")
@@ -532,6 +540,33 @@ def test_a_stale_finished_or_crowded_out_arrival_lookup_is_made_again(
                 assert scheduler.get_num_new_matched_tokens(request, 0) == (2 * BLOCK, False)
             monkeypatch.setattr(_vllm_scheduler, "PREFETCH_MAX_AGE_S", 60.0)
             assert scheduler.get_num_new_matched_tokens(kept, 0) == (0, False)
+    finally:
+        scheduler.shutdown()
+
+
+def test_an_idle_engine_looks_up_once_from_the_scheduler_thread(store_target: str) -> None:
+    prompt = tokens(3 * BLOCK, seed=4242)
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    side = scheduler.scheduler_side
+    try:
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            save_prompt(store_target, prompt, blocks_first_caches(seed=4242))
+            # The first lookup finds the data plane; the scheduler's thread borrows its
+            # connection from then on.
+            warm_up = Request("warm-up", tokens(3 * BLOCK, seed=4243))
+            assert scheduler.get_num_new_matched_tokens(warm_up, 0) == (0, False)
+            scheduler.request_finished(warm_up, [])
+            before = client.stats().lookups
+            request = Request("idle", prompt)
+            scheduler.on_new_request(request)
+            time.sleep(0.2)
+            # Nothing runs: the arrival starts no lookup on the loop thread...
+            assert client.stats().lookups == before
+            answered = side._blocking.answered
+            # ...the count makes it, from this thread, once.
+            assert scheduler.get_num_new_matched_tokens(request, 0) == (2 * BLOCK, False)
+            assert side._blocking.answered == answered + 1
+            assert client.stats().lookups == before + 1
     finally:
         scheduler.shutdown()
 

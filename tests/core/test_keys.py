@@ -137,6 +137,23 @@ def test_extra_enters_the_first_block_only() -> None:
     assert salted == [first, second]
 
 
+@pytest.mark.parametrize("algorithm", list(HashAlgorithm))
+@pytest.mark.parametrize("hashed", [1, 3, 5])
+def test_a_chain_continued_after_a_key_equals_the_chain_hashed_whole(
+    algorithm: HashAlgorithm, hashed: int
+) -> None:
+    tokens = list(range(1000, 1000 + 6 * 16 + 5))
+    whole = chain_keys(tokens, 16, extra=SALT, algorithm=algorithm)
+    head = whole[:hashed]
+    tail = chain_keys(tokens[hashed * 16 :], 16, algorithm=algorithm, after=head[-1])
+    assert head + tail == whole
+
+
+def test_extra_and_after_together_are_refused() -> None:
+    with pytest.raises(InvalidRequest, match="extra enters a chain's first block only"):
+        chain_keys(list(range(32)), 16, extra=SALT, after=bytes(32))
+
+
 def test_token_container_types_agree() -> None:
     tokens = list(range(40))
     expected = chain_keys(tokens, 16)
