@@ -183,7 +183,9 @@ class WorkerSide:
         else:
             self._open_saves(engine, metadata.saves)
 
-    def _open_saves(self, engine: KVConnector, saves: list[SaveSpec]) -> None:
+    def _open_saves(
+        self, engine: KVConnector, saves: list[SaveSpec], *, layers_ready: int = 0
+    ) -> None:
         for save in saves:
             chain = self._saves.setdefault(save.request_id, [])
             handle = engine.open_save(
@@ -192,6 +194,7 @@ class WorkerSide:
                 parent_key=save.parent_key,
                 after=chain[-1] if chain else None,
                 skip_stored=save.skip_stored,
+                layers_ready=layers_ready,
             )
             chain.append(handle)
             self._step_saves.append((save.request_id, handle))
@@ -285,9 +288,7 @@ class WorkerSide:
             self._forget_unopened_saves()
             return
         self._unopened_saves = []
-        self._open_saves(engine, saves)
-        for layer in layers:
-            engine.save_kv_layer(layer)
+        self._open_saves(engine, saves, layers_ready=len(layers))
 
     def wait_for_save(self) -> None:
         """End the step: close its load (every layer is in place by now) and measure it. The

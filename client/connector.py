@@ -376,6 +376,7 @@ class KVConnector:
         parent_key: bytes = b"",
         after: SaveHandle | None = None,
         skip_stored: bool = False,
+        layers_ready: int = 0,
     ) -> SaveHandle:
         """Like `start_save_kv`, but any number may be open at once, each fed by the same
         `save_kv_layer` calls, and none is waited on by `wait_for_save`: poll or wait on the
@@ -385,13 +386,18 @@ class KVConnector:
         ended, since the server refuses a block whose parent is not stored (PARENT_MISSING).
         `skip_stored`: look the keys up first (on the connector's thread, not the caller's)
         and send only the blocks after the stored prefix.
+        `layers_ready`: layers 0.. of the pages are in place already (the forward pass has
+        ended): the put takes them without `save_kv_layer` calls, and the connector's
+        thread is woken once, not once per layer.
         """
+        if not 0 <= layers_ready <= self._layout.num_layers:
+            raise ValueError(f"layers_ready must be 0..{self._layout.num_layers}")
         if len(keys) != len(page_ids):
             raise ValueError(f"{len(keys)} keys but {len(page_ids)} pages to save")
         if not keys:
             raise ValueError("nothing to save: no full blocks")
         previous = after._save if after is not None else None
-        save = self._start_save(keys, page_ids, parent_key, previous, skip_stored)
+        save = self._start_save(keys, page_ids, parent_key, previous, skip_stored, layers_ready)
         handle = SaveHandle(self, save, len(keys))
         self._handles = [h for h in self._handles if not h.done()] + [handle]
         return handle
@@ -403,10 +409,17 @@ class KVConnector:
         parent_key: bytes,
         previous: _Save | None = None,
         skip_stored: bool = False,
+        layers_ready: int = 0,
     ) -> _Save:
         self._check_pages(page_ids)
         save = _Save()
-        self._open_saves.append(save)
+        # Queued here, before the put exists: later layers' put_nowait calls reach the
+        # loop after them. Safe off the loop: the queue is new and nothing waits on it.
+        for layer in range(layers_ready):
+            save.queue.put_nowait(layer)
+        save.num_queued = layers_ready
+        if layers_ready < self._layout.num_layers:
+            self._open_saves.append(save)
         save.future = self._submit(
             self._run_save(save, list(keys), list(page_ids), parent_key, previous, skip_stored)
         )

@@ -83,7 +83,9 @@ class ForwardContext:
 class _WorkerHooks:
     """The model's per-layer hooks: vLLM's attention layers call these two."""
 
-    def __init__(self, worker: KVStoreConnector, cache: PagedKVCache, names: list[str]) -> None:
+    def __init__(
+        self, worker: KVStoreConnector | _NoStore, cache: PagedKVCache, names: list[str]
+    ) -> None:
         self.worker = worker
         self.cache = cache
         self.names = names
@@ -93,6 +95,84 @@ class _WorkerHooks:
 
     def after_layer(self, layer: int) -> None:
         self.worker.save_kv_layer(self.names[layer], self.cache.layer(layer), None)
+
+
+class _NoStore:
+    """Both roles of no connector at all, for `Engine.without_store`. vLLM without a
+    `kv_transfer_config` makes none of these calls; here each is a call that does nothing,
+    so that the engine's own scheduling and bookkeeping are timed alike with and without
+    a store, and a store's run is weighed against only what the store adds."""
+
+    def __init__(self) -> None:
+        self.scheduler_side = self
+        self.worker_side = self
+        self.last_load: Any = None
+        self.save_reports: dict[str, Any] = {}
+        self.fetch_bytes_per_s: float | None = None
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def on_new_request(self, request: Request) -> None:
+        pass
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        return 0, False
+
+    def plan_for(self, request_id: str) -> None:
+        return None
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        pass
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVStoreConnectorMetadata:
+        return KVStoreConnectorMetadata()
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, None]:
+        return False, None
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        pass
+
+    def register_kv_caches(self, kv_caches: dict[str, Tensor]) -> None:
+        pass
+
+    def bind_connector_metadata(self, metadata: KVStoreConnectorMetadata) -> None:
+        pass
+
+    def start_load_kv(self, forward_context: ForwardContext) -> None:
+        pass
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Tensor, attn_metadata: None) -> None:
+        pass
+
+    def wait_for_save(self) -> None:
+        pass
+
+    def clear_connector_metadata(self) -> None:
+        pass
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return set()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[None, None]:
+        return None, None
+
+    def get_kv_connector_stats(self) -> None:
+        return None
+
+    def abort_all(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
 
 
 class Engine:
@@ -106,8 +186,8 @@ class Engine:
         self,
         model: Transformer,
         cache: PagedKVCache,
-        target: str,
-        namespace: Namespace,
+        target: str | None,
+        namespace: Namespace | None,
         *,
         chunk_tokens: int | None = None,
         **settings: Any,
@@ -117,14 +197,19 @@ class Engine:
         self.model = model
         self.cache = cache
         self.chunk_tokens = chunk_tokens
-        extra = extra_config_for(target, namespace, **settings)
-        vllm_config = VllmConfig(KVTransferConfig(kv_connector_extra_config=extra))
-        self.scheduler = KVStoreConnector(vllm_config, KVConnectorRole.SCHEDULER)
-        try:
-            self.worker = KVStoreConnector(vllm_config, KVConnectorRole.WORKER)
-        except BaseException:
-            self.scheduler.shutdown()
-            raise
+        self.scheduler: KVStoreConnector | _NoStore
+        self.worker: KVStoreConnector | _NoStore
+        if target is None or namespace is None:
+            self.scheduler = self.worker = _NoStore()
+        else:
+            extra = extra_config_for(target, namespace, **settings)
+            vllm_config = VllmConfig(KVTransferConfig(kv_connector_extra_config=extra))
+            self.scheduler = KVStoreConnector(vllm_config, KVConnectorRole.SCHEDULER)
+            try:
+                self.worker = KVStoreConnector(vllm_config, KVConnectorRole.WORKER)
+            except BaseException:
+                self.scheduler.shutdown()
+                raise
         self._layer_names = [
             f"model.layers.{i}.self_attn.attn" for i in range(cache.config.num_layers)
         ]
@@ -136,6 +221,13 @@ class Engine:
         self._finished_req_ids: set[str] = set()  # reach the worker with the next step
         self._pending_finished: set[str] = set()
         self._last_failed: set[int] = set()
+
+    @classmethod
+    def without_store(
+        cls, model: Transformer, cache: PagedKVCache, *, chunk_tokens: int | None = None
+    ) -> Engine:
+        """The same engine with no connector: what "no store at all" costs it."""
+        return cls(model, cache, None, None, chunk_tokens=chunk_tokens)
 
     def __enter__(self) -> Engine:
         return self

@@ -2,22 +2,25 @@
 
 A miss must never be slower than serving without a store: it costs one lookup and the
 saves of what it computes. Each round serves a fresh prompt (a miss) through the vLLM
-connector once per `save_during_forward` mode, each paired with a plain recompute of the
-same prompt timed beside it (which goes first alternates); a ratio is one such pair, so
-drift of the machine's speed between rounds cancels. The medians of those ratios are
-reported per mode. The recompute is the model alone, without the emulated engine's own
-scheduling, so the ratio errs against the store.
+connector once per `save_during_forward` mode, each timed beside the same prompt served
+by the same engine with no connector at all ("no store", `Engine.without_store`) and by
+the model alone ("recompute", without the engine's own scheduling and bookkeeping, which
+vLLM pays with or without a store). The three take turns in an order that rotates each
+round; a ratio is one round's, so drift of the machine's speed between rounds cancels.
+The medians of those ratios are reported per mode.
 """
 
 from __future__ import annotations
 
 import statistics
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from torch import Tensor
 
 from kvstore.bench.disagg.engine import Engine
 from kvstore.bench.disagg.model import PagedKVCache, Transformer
-from kvstore.bench.disagg.serving import namespace_for, random_prompt, recompute
+from kvstore.bench.disagg.serving import StoreRun, namespace_for, random_prompt, recompute
 
 # The connector's save modes: layer by layer during the pass, or once it ends.
 SAVE_MODES = (True, False)
@@ -31,16 +34,29 @@ class MissReport:
     ratios: list[float]  # TTFT through the connector / recompute's, one per round
     match_ms: list[float]  # the scheduler side's lookup and plan, per round
     saved_blocks: int  # over all rounds: the saves did happen
+    # TTFT through the connector / the same engine's without a store, one per round
+    no_store_ratios: list[float] = field(default_factory=list)
 
     @property
     def median_ratio(self) -> float:
         return statistics.median(self.ratios)
 
+    @property
+    def median_no_store_ratio(self) -> float:
+        return statistics.median(self.no_store_ratios)
+
     def quartiles(self) -> tuple[float, float]:
-        if len(self.ratios) < 2:
-            return self.ratios[0], self.ratios[0]
-        low, _, high = statistics.quantiles(self.ratios, n=4)
-        return low, high
+        return _quartiles(self.ratios)
+
+    def no_store_quartiles(self) -> tuple[float, float]:
+        return _quartiles(self.no_store_ratios)
+
+
+def _quartiles(ratios: list[float]) -> tuple[float, float]:
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return low, high
 
 
 def run_misses(
@@ -61,7 +77,9 @@ def run_misses(
         )
         for mode in SAVE_MODES
     }
+    no_store = Engine.without_store(model, cache)
     ratios: dict[bool, list[float]] = {mode: [] for mode in SAVE_MODES}
+    no_store_ratios: dict[bool, list[float]] = {mode: [] for mode in SAVE_MODES}
     match_ms: dict[bool, list[float]] = {mode: [] for mode in SAVE_MODES}
     saved = dict.fromkeys(SAVE_MODES, 0)
     try:
@@ -70,35 +88,62 @@ def run_misses(
             warm = random_prompt(config, prompt_tokens + 1, _FIRST_SEED - 1 - offset)
             engine.serve(warm.to(model.device), 1)
             engine.serve(warm.to(model.device), 1, save=False)
+        no_store.serve(warm.to(model.device), 1)
         seed = _FIRST_SEED
         for index in range(rounds):
             for mode, engine in engines.items():
                 prompt = random_prompt(config, prompt_tokens, seed).to(model.device)
                 seed += 1
-                # Which of the pair goes first alternates: the second finds the pages
-                # and caches the first left.
-                if (index + int(mode)) % 2:
-                    baseline = recompute(model, cache, prompt, 1)
-                    run = engine.serve(prompt, 1)
-                else:
-                    run = engine.serve(prompt, 1)
-                    baseline = recompute(model, cache, prompt, 1)
-                if run.num_reused_tokens or run.num_matched_tokens:
+                # The order rotates: each one finds the pages and caches another left.
+                stored, no_store_s, recompute_s = _one_round(
+                    engine, no_store, prompt, first=(index + int(mode)) % len(_TURNS)
+                )
+                if stored.num_reused_tokens or stored.num_matched_tokens:
                     raise RuntimeError(f"prompt seed {seed - 1} was not a miss")
-                ratios[mode].append(run.ttft_s / baseline.ttft_s)
-                match_ms[mode].append(run.match_s * 1000)
-                saved[mode] += run.num_saved_blocks
+                ratios[mode].append(stored.ttft_s / recompute_s)
+                no_store_ratios[mode].append(stored.ttft_s / no_store_s)
+                match_ms[mode].append(stored.match_s * 1000)
+                saved[mode] += stored.num_saved_blocks
     finally:
         for engine in engines.values():
             engine.close()
-    return [MissReport(mode, ratios[mode], match_ms[mode], saved[mode]) for mode in SAVE_MODES]
+        no_store.close()
+    return [
+        MissReport(mode, ratios[mode], match_ms[mode], saved[mode], no_store_ratios[mode])
+        for mode in SAVE_MODES
+    ]
+
+
+_TURNS = ("store", "no store", "recompute")
+
+
+def _one_round(
+    engine: Engine, no_store: Engine, prompt: Tensor, *, first: int
+) -> tuple[StoreRun, float, float]:
+    """`prompt` through the store, through the engine without one, and through the model
+    alone, starting with turn `first`: the store's run and the other two's TTFTs."""
+    stored: StoreRun | None = None
+    no_store_s = recompute_s = 0.0
+    for turn in _TURNS[first:] + _TURNS[:first]:
+        if turn == "store":
+            stored = engine.serve(prompt, 1)
+        elif turn == "no store":
+            no_store_s = no_store.serve(prompt, 1).ttft_s
+        else:
+            recompute_s = recompute(engine.model, engine.cache, prompt, 1).ttft_s
+    assert stored is not None
+    return stored, no_store_s, recompute_s
 
 
 def describe(report: MissReport) -> str:
     low, high = report.quartiles()
+    engine_low, engine_high = report.no_store_quartiles()
     mode = "during the pass" if report.save_during_forward else "after the pass"
     return (
-        f"saves {mode}: miss TTFT / recompute, median of {len(report.ratios)} pairs "
-        f"{report.median_ratio:.3f} (quartiles {low:.3f}-{high:.3f}); lookup and plan "
-        f"{statistics.median(report.match_ms):.2f} ms; {report.saved_blocks} blocks saved"
+        f"saves {mode}: miss TTFT, median of {len(report.ratios)} rounds: "
+        f"/ the engine without a store {report.median_no_store_ratio:.3f} "
+        f"(quartiles {engine_low:.3f}-{engine_high:.3f}), "
+        f"/ the model alone {report.median_ratio:.3f} (quartiles {low:.3f}-{high:.3f}); "
+        f"lookup and plan {statistics.median(report.match_ms):.2f} ms; "
+        f"{report.saved_blocks} blocks saved"
     )

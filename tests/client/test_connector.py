@@ -222,6 +222,38 @@ def test_save_layers_go_in_order_and_only_while_a_save_is_open(store_target: str
         assert connector.lookup([*prompt, 1]).num_matched == 1
 
 
+@pytest.mark.parametrize("layers_ready", [LAYOUT.num_layers, 1])
+def test_a_save_opened_with_its_layers_ready_stores_every_layer_once(
+    store_target: str, layers_ready: int
+) -> None:
+    prompt = tokens(2 * 16 + 1, seed=30 + layers_ready)
+    source = PagedCache(seed=11)
+    with KVConnector(store_target, NAMESPACE, source) as saver:
+        keys = saver.keys(prompt)
+        handle = saver.open_save(keys, [3, 6], layers_ready=layers_ready)
+        if layers_ready < LAYOUT.num_layers:
+            with pytest.raises(ValueError, match=f"save layer {layers_ready} next"):
+                saver.save_kv_layer(0)  # only the layers after the ready ones may follow
+        for layer in range(layers_ready, LAYOUT.num_layers):
+            saver.save_kv_layer(layer)
+        assert handle.result(timeout=30).num_committed == 2
+    dest = PagedCache()
+    with KVConnector(store_target, NAMESPACE, dest) as loader:
+        loader.start_load_kv(loader.lookup(prompt), [0, 1])
+        loader.wait_for_load()
+    for layer in range(LAYOUT.num_layers):
+        assert torch.equal(dest.page_view(layer, 0), source.page_view(layer, 3))
+        assert torch.equal(dest.page_view(layer, 1), source.page_view(layer, 6))
+
+
+def test_layers_ready_beyond_the_layout_are_refused(store_target: str) -> None:
+    with KVConnector(store_target, NAMESPACE, PagedCache()) as connector:
+        keys = connector.keys(tokens(16, seed=40))
+        for bad in (-1, LAYOUT.num_layers + 1):
+            with pytest.raises(ValueError, match=r"layers_ready must be 0\.\.3"):
+                connector.open_save(keys, [0], layers_ready=bad)
+
+
 def test_pages_of_another_layout_are_refused(store_target: str) -> None:
     with KVConnector(store_target, NAMESPACE, PagedCache(dtype=torch.float32)) as connector:
         with pytest.raises(ValueError, match="layout needs"):

@@ -93,6 +93,20 @@ def test_a_miss_costs_one_lookup_and_no_get(model: Transformer, store_target: st
     assert after.blocks_put == before.blocks_put
 
 
+def test_the_engine_without_a_store_serves_what_the_model_does_and_asks_no_one(
+    model: Transformer, store_target: str
+) -> None:
+    prompt = random_prompt(CONFIG, 5 * BLOCK + 1, seed=13)
+    with SyncKVClient(store_target, namespace_for(CONFIG, tenant="miss")) as client:
+        before = client.stats()
+        with Engine.without_store(model, cache_for(model, 300), chunk_tokens=BLOCK) as engine:
+            run = engine.serve(prompt, 4)
+        after = client.stats()
+    assert run.token_ids == reference(model, prompt, 4)
+    assert (run.num_reused_tokens, run.num_saved_blocks, run.decision) == (0, 0, "")
+    assert (after.lookups, after.blocks_put) == (before.lookups, before.blocks_put)
+
+
 def pinned_left(target: str, tenant: str, prompt: torch.Tensor) -> int:
     """Delete the chain of `prompt`: how many of its blocks stayed because they are pinned."""
     with SyncKVClient(target, namespace_for(CONFIG, tenant=tenant)) as client:
@@ -150,6 +164,21 @@ def test_chunked_prefill_loads_saves_and_matches(
     assert third.num_reused_tokens == 6 * BLOCK
     assert first.token_ids == reference(model, saved, 3)
     assert second.token_ids == third.token_ids == reference(model, extended, 3)
+
+
+def test_blocks_that_decoding_fills_are_saved_under_the_chain_keys_of_the_whole_text(
+    model: Transformer, store_target: str
+) -> None:
+    # The scheduler side hashes only the blocks each step fills, continuing the chain
+    # from its last key: the next turn, prompted with everything so far, loads them all.
+    prompt = random_prompt(CONFIG, 2 * BLOCK + 3, seed=19)
+    with engine_for(model, store_target, "decoded") as engine:
+        first = engine.serve(prompt, 3 * BLOCK)
+        text = torch.cat([prompt, torch.tensor(first.token_ids[:-1])])
+        second = engine.serve(text, 2, save=False)
+    assert first.num_saved_blocks == len(text) // BLOCK  # prompt's 2, decoding's 3
+    assert second.num_reused_tokens == (len(text) - 1) // BLOCK * BLOCK
+    assert second.token_ids == reference(model, text, 2)
 
 
 def test_engine_rejects_a_bad_chunk_size(model: Transformer, store_target: str) -> None:

@@ -22,6 +22,9 @@ def test_each_save_mode_reports_paired_ratios_and_saves_every_block(
     for report in reports:
         assert len(report["ratios"]) == 2
         assert all(ratio > 0 for ratio in report["ratios"])
+        # and against the same engine without a store, round by round
+        assert len(report["no_store_ratios"]) == 2
+        assert all(ratio > 0 for ratio in report["no_store_ratios"])
         assert all(0 < match_ms < 1000 for match_ms in report["match_ms"])
         # Each miss was saved whole, whichever the mode: it was a miss, not a hit.
         assert report["saved_blocks"] == 2 * blocks_per_prompt
