@@ -14,13 +14,13 @@ import hashlib
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
 
 from kvstore.bench.local_cluster import LocalCluster
-from kvstore.client import ClientOptions, KVClient, KVForm, PutOutcome
+from kvstore.client import ClientOptions, KVClient, KVForm, PutOutcome, Timeouts
 from kvstore.client._cluster import ClusterClient
 from kvstore.layout import DType, KVLayout, Namespace
 
@@ -192,7 +192,11 @@ async def test_a_node_restarted_on_its_ssd_dir_serves_its_blocks_again(
         lease_ttl_s=2,
         server_args=["--write-policy", "write-through"],
     ) as cluster:
-        async with KVClient(cluster.etcd_target, NAMESPACE, options=OPTIONS) as client:
+        # Transfers time out well inside the test's own limit: a get that hangs on the
+        # restarted node fails as DeadlineExceeded there, saying which call hung (once
+        # in a full run, something here outlived pytest-timeout's 120 s).
+        options = replace(OPTIONS, timeouts=Timeouts(transfer=30.0))
+        async with KVClient(cluster.etcd_target, NAMESPACE, options=options) as client:
             context = list(range(24 * LAYOUT.block_tokens))
             keys = client.keys(context)
             result = await client.put_blocks(keys, chain_kv(keys))
