@@ -20,6 +20,7 @@ that ran out of time here raises, as the loop's would.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -48,7 +49,13 @@ class BlockingLookups:
         )
         self._namespace = pb.Namespace.FromString(client.namespace_bytes)
         self._block_tokens = client.namespace.layout.block_tokens
-        self.answered = 0  # lookups answered from the calling thread (approximate)
+        self._answered = 0
+        self._answered_lock = threading.Lock()  # callers may be many threads
+
+    @property
+    def answered(self) -> int:
+        """Lookups answered from a calling thread so far."""
+        return self._answered
 
     @property
     def available(self) -> bool:
@@ -87,7 +94,8 @@ class BlockingLookups:
             return None
         sock.setblocking(False)  # the pool's connections belong to the loop again
         pool.give_back(connection)
-        self.answered += 1
+        with self._answered_lock:
+            self._answered += 1
         return prefix_match(reply, keys, self._block_tokens)
 
 

@@ -151,9 +151,10 @@ class SchedulerSide:
         self._drop_prefetch(request.request_id)  # added again: the newer lookup answers
         while len(self._prefetched) >= MAX_PREFETCHED:
             self._drop_prefetch(next(iter(self._prefetched)))
-        # With nothing running, the next schedule takes this request at once: no step to
-        # hide the lookup behind, and the match's own lookup answers sooner.
-        idle = not self._tracked and self._blocking.available
+        # With nothing running or waiting, the next schedule takes this request at once:
+        # no step to hide the lookup behind, and the match's own lookup answers sooner.
+        # Arrivals behind it (a burst) start theirs now, to overlap while it is matched.
+        idle = not self._tracked and not self._prefetched and self._blocking.available
         lookup = None if idle else self._loop.submit(self._client.lookup_keys(keys))
         self._prefetched[request.request_id] = _Prefetch(keys, time.monotonic(), lookup)
 

@@ -571,6 +571,32 @@ def test_an_idle_engine_looks_up_once_from_the_scheduler_thread(store_target: st
         scheduler.shutdown()
 
 
+def test_arrivals_behind_one_at_an_idle_engine_start_their_lookups_at_once(
+    store_target: str,
+) -> None:
+    prompt = tokens(3 * BLOCK, seed=4244)
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
+    side = scheduler.scheduler_side
+    try:
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            save_prompt(store_target, prompt, blocks_first_caches(seed=4244))
+            warm_up = Request("warm-up", tokens(3 * BLOCK, seed=4245))
+            assert scheduler.get_num_new_matched_tokens(warm_up, 0) == (0, False)
+            scheduler.request_finished(warm_up, [])
+            first, second = Request("first", prompt), Request("second", prompt)
+            before = client.stats().lookups
+            scheduler.on_new_request(first)  # idle: its count looks it up
+            # The second waits behind the first: its lookup starts now, on the loop.
+            assert arrive(scheduler, client, second) == before + 1
+            answered = side._blocking.answered
+            assert scheduler.get_num_new_matched_tokens(first, 0) == (2 * BLOCK, False)
+            assert scheduler.get_num_new_matched_tokens(second, 0) == (2 * BLOCK, False)
+            assert side._blocking.answered == answered + 1  # the first's, from here
+            assert client.stats().lookups == before + 2
+    finally:
+        scheduler.shutdown()
+
+
 @pytest.fixture
 def unused_target() -> str:
     import socket
