@@ -3,9 +3,9 @@ connector's scheduler side.
 
 Both run the async client on a loop thread of their own. A lookup through it wakes that
 thread, and then the caller with the answer: two thread wake-ups that cost more than the
-lookup itself (on the 2-core reference machine, a 64-key lookup of an idle daemon took
-0.50 ms through the loop thread against 0.12 ms from the caller's, and 1.2 against
-0.6 ms after 40 ms without a call; `kvstore-bench sync-lookup`). `BlockingLookups`
+lookup itself (`kvstore-bench sync-lookup` on the 2-core reference machine, a 64-key
+lookup: p50 0.43 ms through a loop thread against 0.26 ms from the caller's, and 1.28
+against 0.74 ms after 40 ms without a call). `BlockingLookups`
 borrows an idle connection from the async client's data-plane pool (one the client made
 and checked: HELLO, the caller's token, the owner of the same-host socket), sends the
 LOOKUP frame on it from the calling thread, and hands it back. It opens no connection of

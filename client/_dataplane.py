@@ -292,11 +292,9 @@ class DataPlanePool:
         if self._closed or self._tls_context is not None:
             return None
         connection = self._take_idle()
-        if connection is None:
-            return None
-        if connection.plaintext_socket is not None and self._fresh(connection):
+        if connection is None or self._fresh(connection):
             return connection
-        self._keep_idle(connection, reusable=not connection.stale())
+        connection.close()  # as `acquire` would: stale, or idle too long
         return None
 
     def give_back(self, connection: DataConnection) -> None:

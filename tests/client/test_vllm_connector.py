@@ -544,6 +544,14 @@ def test_a_stale_finished_or_crowded_out_arrival_lookup_is_made_again(
         scheduler.shutdown()
 
 
+def find_data_plane(scheduler: KVStoreConnector, *, seed: int) -> None:
+    """A first count, a miss: its lookup finds the data plane, whose connections the
+    scheduler's thread borrows from then on."""
+    warm_up = Request("warm-up", tokens(3 * BLOCK, seed=seed))
+    assert scheduler.get_num_new_matched_tokens(warm_up, 0) == (0, False)
+    scheduler.request_finished(warm_up, [])
+
+
 def test_an_idle_engine_looks_up_once_from_the_scheduler_thread(store_target: str) -> None:
     prompt = tokens(3 * BLOCK, seed=4242)
     scheduler = make(KVConnectorRole.SCHEDULER, store_target)
@@ -551,11 +559,7 @@ def test_an_idle_engine_looks_up_once_from_the_scheduler_thread(store_target: st
     try:
         with SyncKVClient(store_target, scheduler.config.namespace) as client:
             save_prompt(store_target, prompt, blocks_first_caches(seed=4242))
-            # The first lookup finds the data plane; the scheduler's thread borrows its
-            # connection from then on.
-            warm_up = Request("warm-up", tokens(3 * BLOCK, seed=4243))
-            assert scheduler.get_num_new_matched_tokens(warm_up, 0) == (0, False)
-            scheduler.request_finished(warm_up, [])
+            find_data_plane(scheduler, seed=4243)
             before = client.stats().lookups
             request = Request("idle", prompt)
             scheduler.on_new_request(request)
@@ -580,9 +584,7 @@ def test_arrivals_behind_one_at_an_idle_engine_start_their_lookups_at_once(
     try:
         with SyncKVClient(store_target, scheduler.config.namespace) as client:
             save_prompt(store_target, prompt, blocks_first_caches(seed=4244))
-            warm_up = Request("warm-up", tokens(3 * BLOCK, seed=4245))
-            assert scheduler.get_num_new_matched_tokens(warm_up, 0) == (0, False)
-            scheduler.request_finished(warm_up, [])
+            find_data_plane(scheduler, seed=4245)
             first, second = Request("first", prompt), Request("second", prompt)
             before = client.stats().lookups
             scheduler.on_new_request(first)  # idle: its count looks it up

@@ -134,6 +134,43 @@ def test_another_tenants_namespace_is_refused_on_this_path_too(
             anonymous.lookup_keys(keys)
 
 
+@pytest.mark.parametrize("shared_memory", [None, False], ids=["unix-socket", "tcp"])
+def test_lookups_borrow_the_pools_connection_and_open_none_against_the_quota(
+    tmp_path: Path, make_namespace: MakeNamespace, shared_memory: bool | None
+) -> None:
+    # One data-plane connection is all team-a may hold: lookups from the calling thread
+    # must share it with the transfers, never open a second one that the quota refuses
+    # (and that would push the tenant's transfers onto gRPC).
+    token = "blocking-lookup-quota-token"
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(
+        f'[[tokens]]\nsha256 = "{token_sha256(token)}"\ntenant = "team-a"\nrole = "tenant"\n'
+    )
+    settings = {
+        "auth.tokens_file": str(tokens),
+        "quotas": {"team-a": {"max_data_connections": 1}},
+    }
+    options = ClientOptions(token=token, shared_memory=shared_memory)
+    with (
+        server_thread(**settings) as target,
+        SyncKVClient(target, make_namespace(tenant="team-a"), options=options) as client,
+    ):
+        keys = _stored_prefix(client, 3)  # the put made the one connection
+        for _ in range(5):
+            assert client.lookup_keys(keys).num_matched == 3
+        assert client._lookups.answered == 5
+        layout = client.namespace.layout
+        dest = torch.empty_like(_blocks(layout, 3))
+        assert client.get_into(keys[:3], dest, form=KVForm.BLOCKS) == 3
+        assert torch.equal(dest, _blocks(layout, 3))
+        assert client._client.data_plane is not None  # transfers still on the data plane
+        # The quota is live on this path: a second client of team-a gets no connection
+        # while the first holds its one, and its put goes over gRPC.
+        with SyncKVClient(target, make_namespace(tenant="team-a"), options=options) as other:
+            _stored_prefix(other, 2, first_token=50_000)
+            assert other._client.data_plane is None
+
+
 @pytest.fixture
 def launch() -> Iterator[Launch]:
     with daemon_launcher() as start:
