@@ -59,7 +59,8 @@ async def raw_put(
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             # A write to a call the server has ended fails with INTERNAL ("Internal error
             # from Core", grpc issue 36066) or InvalidStateError; the call's own status
-            # is the server's answer.
+            # is the server's answer. grpc.aio can overwrite that status with its own
+            # INTERNAL: the server reads a refused put on briefly so that it does not.
             pass
         try:
             await call

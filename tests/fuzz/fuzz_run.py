@@ -30,7 +30,9 @@ Code = grpc.StatusCode
 ANSWER_BOUND_S = 10.0
 ANSWERS = {Code.OK, Code.INVALID_ARGUMENT, Code.RESOURCE_EXHAUSTED, Code.DATA_LOSS}
 # What grpc.aio's client makes of a call whose write failed because the server had
-# already answered: the server's status is lost (issue 14, item 7). The server's side
+# already answered: the server's status is lost (issue 14, item 7; grpc issue 36066).
+# The server reads a refused put on briefly (REFUSED_PUT_READ_ON_S) so that this is
+# rare, but a fuzzed stream may still be writing after that. The server's side
 # is still judged: every INTERNAL it answers is logged, and the session fails on that.
 LOST_STATUS = (Code.INTERNAL, "Internal error from Core")
 _CODES_BY_NUMBER = {code.value[0]: code for code in Code}

@@ -150,6 +150,38 @@ async def test_short_messages_that_each_end_a_half_are_refused_past_the_budget(
         await assert_unharmed(client, poll)
 
 
+async def test_a_put_refused_mid_stream_reaches_a_grpc_aio_client_with_its_status(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll
+) -> None:
+    """grpc.aio's client replaces the status of a call its write finds ended with INTERNAL
+    "Internal error from Core" (grpc issue 36066). The server reads a refused put's
+    remaining messages briefly before it answers, so a client still writing them gets
+    the server's answer: 300 refused puts of 320 messages, every one INVALID_ARGUMENT.
+    Without that read, 5 of 300 came back INTERNAL in the run that found it."""
+    running = await server_factory()
+    async with await seeded(running, NARROW_NS, make_kv) as client:
+        half = NARROW.layer_bytes // 2
+        data = bytes(NARROW.layer_bytes)
+        halves = [
+            b"".join(
+                bytes(part)
+                for part in chunk_parts(
+                    PUT_CHUNKS, block, layer, start, checksum(data), [data[start : start + half]]
+                )
+            )
+            for block in range(40)
+            for layer in range(NARROW.num_layers)
+            for start in (0, half)
+        ]
+        answers: dict[int, int] = {}
+        for attempt in range(300):
+            keys = [b"late-%d-%d" % (attempt, i) for i in range(40)]
+            code, _ = await raw_put(running, [opening(NARROW_NS, keys), *halves], False)
+            answers[code] = answers.get(code, 0) + 1
+        assert answers == {INVALID_ARGUMENT: 300}
+        await assert_unharmed(client, poll)
+
+
 @TRANSPORTS
 async def test_a_short_run_that_would_commit_a_block_is_refused_before_it_does(
     server_factory: ServerFactory, make_kv: MakeKV, poll: Poll, data_plane: bool
