@@ -21,7 +21,7 @@ from kvstore.allocator import tune_allocator_once
 from kvstore.client._auto_transport import AutoTransport
 from kvstore.client._credentials import call_metadata, resolve_token
 from kvstore.client._dataplane_transport import find_data_plane, target_host
-from kvstore.client._errors import InvalidArgument
+from kvstore.client._errors import InvalidArgument, KVStoreClientError
 from kvstore.client._grpc_transport import GrpcTransport, tracked_call
 from kvstore.client._options import ClientOptions
 from kvstore.client._receive import BlockWriter, LayerReceiver, WireStats
@@ -546,6 +546,8 @@ class LayerPut:
         self._parent_remote = parent_remote
         self._next_layer = 0
         self._stream: PutStream | None = None
+        # The error a send raised: the stream is gone, so every later call raises it.
+        self._failure: KVStoreClientError | None = None
         self.result: PutResult | None = None
 
     async def __aenter__(self) -> LayerPut:
@@ -566,18 +568,35 @@ class LayerPut:
         return self
 
     async def send_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
-        """Send layer `layer` (`[num_blocks, 2, T, H, D]`) of every block; layers go in order."""
+        """Send layer `layer` (`[num_blocks, 2, T, H, D]`) of every block; layers go in order.
+
+        Once a send has failed (the server refused the put, the connection was lost),
+        the put is over: this and the put's end raise that failure again."""
+        self._raise_if_failed()
         if layer != self._next_layer:
             raise InvalidArgument(f"send layer {self._next_layer} next, not layer {layer}")
         check_tensor(kv_layer, self._layout, KVForm.LAYER, len(self._keys), one_layer=True)
         assert self._stream is not None, "send_layer runs inside `async with`"
         source = ByteMap(cpu_contiguous(kv_layer), self._layout, KVForm.LAYER)
         options = self._options
-        for message in layer_messages(
-            layer, source, len(self._keys), self._layout, options.checksum, options.chunk_bytes
-        ):
-            await self._stream.send(message)
+        try:
+            for message in layer_messages(
+                layer, source, len(self._keys), self._layout, options.checksum, options.chunk_bytes
+            ):
+                await self._stream.send(message)
+        except KVStoreClientError as error:
+            self._failure = error
+            self._stream.cancel()
+            raise
         self._next_layer += 1
+
+    def _raise_if_failed(self) -> None:
+        failure = self._failure
+        if failure is not None:
+            raise type(failure)(
+                f"this layer put already failed at layer {self._next_layer}, "
+                f"and sends nothing more: {failure.details}"
+            ) from failure
 
     async def __aexit__(
         self,
@@ -590,6 +609,7 @@ class LayerPut:
         if exc is not None:
             stream.cancel()  # the server frees whatever this put had reserved
             return
+        self._raise_if_failed()  # a caller that went on after a failed send
         if self._next_layer != self._layout.num_layers:
             stream.cancel()
             raise InvalidArgument(

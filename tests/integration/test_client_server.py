@@ -21,8 +21,10 @@ from kvstore.client import (
     KVClient,
     KVForm,
     KVLayout,
+    KVStoreClientError,
     Namespace,
     PutOutcome,
+    ResourceExhausted,
     SyncKVClient,
     TierKind,
     Timeouts,
@@ -245,6 +247,46 @@ async def test_layer_put_checks_its_inputs(connect: Connect, make_kv: MakeKV) ->
         async with client.layer_put([b"a", b"b"]) as put:
             await put.send_layer(0, blocks[:, 0])
     assert (await client.lookup_keys([b"a"])).num_matched == 0
+
+
+async def test_a_layer_put_whose_send_failed_raises_that_failure_from_then_on(
+    connect: Connect, make_kv: MakeKV, same_bytes: SameBytes, request: pytest.FixtureRequest
+) -> None:
+    """A layer put larger than the 32 MiB store is refused. Once a send has raised that,
+    a caller that goes on (a later layer, the same layer again, the block's end) gets
+    the same refusal, not a complaint about layer order or about a put that stopped
+    short, and nothing is sent on the ended stream. Over gRPC the refusal arrives at
+    the end; over the data plane the next send sees it."""
+    lay = layout(num_layers=4, num_kv_heads=8, head_dim=128)  # 64 KiB layers
+    client = connect(namespace(lay))
+    num_blocks = 200  # 50 MiB
+    kv_layer = torch.ones(num_blocks, 2, lay.block_tokens, lay.num_kv_heads, lay.head_dim).half()
+    raised: list[tuple[int, KVStoreClientError]] = []
+    with pytest.raises(ResourceExhausted) as at_the_end:  # noqa: PT012 (the put is the test)
+        async with client.layer_put([b"big-%d" % i for i in range(num_blocks)]) as put:
+            for layer in range(lay.num_layers):
+                try:
+                    await put.send_layer(layer, kv_layer)
+                except KVStoreClientError as error:
+                    raised.append((layer, error))
+            if raised:
+                with pytest.raises(ResourceExhausted, match="already failed"):
+                    await put.send_layer(raised[0][0], kv_layer)  # the failed layer again
+    if request.node.callspec.params["connect"] == "data-plane":
+        assert raised, "the data plane's sends see the server's ERROR"
+    if raised:
+        (failed_at, first), *later = raised
+        assert isinstance(first, ResourceExhausted)
+        assert "already failed" not in str(first)
+        for layer, error in later:
+            assert isinstance(error, ResourceExhausted), layer
+            assert f"already failed at layer {failed_at}" in str(error), layer
+        assert "already failed" in str(at_the_end.value)
+    small = make_kv(lay, 2, form=KVForm.BLOCKS)
+    assert (await client.put_blocks([b"after-0", b"after-1"], small)).num_committed == 2
+    dest = torch.zeros_like(small)
+    assert await client.get_into([b"after-0", b"after-1"], dest, form=KVForm.BLOCKS) == 2
+    assert same_bytes(dest, small)
 
 
 async def test_concurrent_puts_of_one_block_commit_it_once(
