@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -514,9 +515,22 @@ class KVConnector:
         self._call(_cancel(op))
 
     def _check_pages(self, page_ids: Sequence[int]) -> None:
+        """Page ids in the cache (a negative one would index from its end: the wrong
+        page, silently), of the namespace's layout, each named once: two blocks loaded
+        into one page would leave one of them wrong, and one page saved as two blocks
+        would store its bytes under the other block's key."""
         if not page_ids:
             return
-        view = self._cache.page_view(0, page_ids[0])
+        lowest, highest = min(page_ids), max(page_ids)
+        if lowest < 0:
+            raise ValueError(f"page id {lowest} is negative; page ids count from 0")
+        try:
+            view = self._cache.page_view(0, highest)
+        except IndexError:
+            raise ValueError(f"page id {highest} is past the cache's last page") from None
+        if len(set(page_ids)) != len(page_ids):
+            twice = next(page for page, count in Counter(page_ids).items() if count > 1)
+            raise ValueError(f"page {twice} is named more than once; each block needs its own")
         shape, dtype = self._layout.layer_shape, self._layout.dtype.torch_dtype
         if tuple(view.shape) != shape or view.dtype != dtype:
             raise ValueError(

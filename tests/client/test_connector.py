@@ -262,6 +262,33 @@ def test_pages_of_another_layout_are_refused(store_target: str) -> None:
             connector.start_save_kv([b"a", b"b"], [0])
 
 
+def test_page_ids_outside_the_cache_or_named_twice_are_refused(store_target: str) -> None:
+    """A negative page id would index the cache from its end (the wrong page, silently);
+    one named twice would put two blocks in one page, or store one page as two blocks."""
+    source = PagedCache(seed=5)
+    with KVConnector(store_target, NAMESPACE, source) as connector:
+        keys = connector.keys(tokens(32, seed=41))
+        assert save_all(connector, keys, [1, 2]) == 2
+        cases = [
+            ([0, -1], "page id -1 is negative"),
+            ([0, 8], "page id 8 is past the cache's last page"),
+            ([3, 3], "page 3 is named more than once"),
+        ]
+        for pages, message in cases:
+            with pytest.raises(ValueError, match=message):
+                connector.start_load_kv(keys, pages)
+            with pytest.raises(ValueError, match=message):
+                connector.start_save_kv([b"x" * 32, b"y" * 32], pages)
+    dest = PagedCache()
+    with KVConnector(store_target, NAMESPACE, dest) as connector:
+        connector.start_load_kv(keys, [6, 7])
+        for layer in range(LAYOUT.num_layers):
+            connector.wait_for_layer_load(layer)
+            assert torch.equal(dest.page_view(layer, 6), source.page_view(layer, 1))
+            assert torch.equal(dest.page_view(layer, 7), source.page_view(layer, 2))
+        assert not any(dest.page_view(layer, 5).any() for layer in range(LAYOUT.num_layers))
+
+
 def test_the_connector_carries_its_options_credentials(tmp_path: Path) -> None:
     """A worker's connector against a daemon that authenticates: its ClientOptions token
     admits it; another tenant's token is refused at the lookup, with nothing loaded."""
