@@ -38,6 +38,10 @@ Every key, with its default (see the README's "In vLLM" section):
                         they are on the CPU, whose cores the pass itself needs
     lookup_timeout_s    the longest the scheduler waits for a lookup (default 2); after one
                         fails, lookups pause (1 s, doubling to 30 s) and requests recompute
+    block_view          follow the store's block events and take a request whose first
+                        uncomputed block the store lacks for a miss with no lookup
+                        (default false); a block stored within the events' delay then
+                        counts as missing and is recomputed
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ _KNOWN_KEYS = frozenset(
         "save_decoded",
         "save_during_forward",
         "lookup_timeout_s",
+        "block_view",
     }
 )
 
@@ -110,6 +115,7 @@ class ConnectorConfig:
     pin_ttl_s: float
     save_decoded: bool
     save_during_forward: bool | None = None  # None: "auto", by the caches' device
+    block_view: bool = False  # misses told by the store's block events, with no lookup
 
     @property
     def block_tokens(self) -> int:
@@ -165,6 +171,7 @@ class ConnectorConfig:
             pin_ttl_s=_non_negative(extra, "pin_ttl_s"),
             save_decoded=_boolean(extra, "save_decoded", True),
             save_during_forward=_boolean_or_auto(extra, "save_during_forward"),
+            block_view=_boolean(extra, "block_view", False),
         )
 
     @classmethod

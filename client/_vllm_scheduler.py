@@ -26,6 +26,7 @@ from kvstore.client._blocking_lookup import BlockingLookups
 from kvstore.client._errors import KVStoreClientError
 from kvstore.client._loop import LoopThread
 from kvstore.client._results import PrefixMatch
+from kvstore.client._vllm_block_view import StoredKeysMirror
 from kvstore.client._vllm_config import ConnectorConfig
 from kvstore.client._vllm_metadata import (
     TIER_RATE_PREFIX,
@@ -118,6 +119,7 @@ class SchedulerSide:
             config.target, config.namespace, config.options
         )
         self._blocking = BlockingLookups(self._client)
+        self._mirror = StoredKeysMirror(self._loop, self._client) if config.block_view else None
         self._plans: dict[str, MatchPlan] = {}
         self._prefetched: dict[str, _Prefetch] = {}  # arrival order
         self._tracked: dict[str, _Tracked] = {}
@@ -154,8 +156,13 @@ class SchedulerSide:
         # With nothing running or waiting, the next schedule takes this request at once:
         # no step to hide the lookup behind, and the match's own lookup answers sooner.
         # Arrivals behind it (a burst) start theirs now, to overlap while it is matched.
+        # A miss by the block view needs none. The keys are kept either way.
         idle = not self._tracked and not self._prefetched and self._blocking.available
-        lookup = None if idle else self._loop.submit(self._client.lookup_keys(keys))
+        lookup = (
+            None
+            if idle or self._miss_by_view(keys, 0) is not None
+            else self._loop.submit(self._client.lookup_keys(keys))
+        )
         self._prefetched[request.request_id] = _Prefetch(keys, time.monotonic(), lookup)
 
     def _lookup_failed(self, error: KVStoreClientError) -> None:
@@ -247,6 +254,11 @@ class SchedulerSide:
             if prefetch is not None:
                 prefetch.cancel()
             return MatchPlan(keys, 0, first_block, _no_fetch(paused), looked_up=False)
+        held = self._miss_by_view(keys, first_block)
+        if held is not None:
+            if prefetch is not None:
+                prefetch.cancel()
+            return MatchPlan(keys, held, first_block, _no_fetch("miss, by the block view"))
         try:
             match = self._lookup(keys, prefetch)
         except KVStoreClientError as error:
@@ -255,6 +267,20 @@ class SchedulerSide:
         self._lookup_backoff_s = 0.0
         tiers = [tier.name.lower() for tier in match.tiers[first_block : match.num_matched]]
         return MatchPlan(keys, match.num_matched, first_block, self._plan(tiers))
+
+    def wait_for_block_view(self, timeout_s: float) -> bool:
+        """With `block_view` on: whether the view of the store became complete within
+        `timeout_s` (until then every request is looked up). False with it off."""
+        return self._mirror is not None and self._mirror.wait_complete(timeout_s)
+
+    def _miss_by_view(self, keys: list[bytes], first_block: int) -> int | None:
+        """With the block view on and complete: the stored blocks of `keys`, from the
+        first, if they end before `first_block` (nothing to load, so no lookup); else
+        None, and a lookup decides."""
+        if self._mirror is None:
+            return None
+        held = self._mirror.held_prefix(keys[: first_block + 1])
+        return held if held is not None and held <= first_block else None
 
     def _lookup(self, keys: list[bytes], prefetch: _Prefetch | None) -> PrefixMatch:
         """The arrival's lookup while it is fresh (waiting for it if it is still out),
@@ -560,6 +586,8 @@ class SchedulerSide:
         for request_id in list(self._prefetched):
             self._drop_prefetch(request_id)
         self.wait_for_control_calls(self.config.options.timeouts.control)
+        if self._mirror is not None:
+            self._mirror.close()
         self._blocking.close()
         self._loop.run(self._client.close())
         self._loop.stop()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
@@ -130,7 +131,7 @@ def _miss(args: argparse.Namespace, model_name: str, target: str) -> int:
         print(f"kvstore-bench disagg miss: {error}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps([report.__dict__ for report in reports], indent=2))
+        print(json.dumps([dataclasses.asdict(report) for report in reports], indent=2))
     else:
         print(f"misses of {prompt_tokens} tokens, {model_name} {args.dtype} on {args.device}")
         for report in reports:

@@ -1,8 +1,9 @@
 """`kvstore-bench disagg miss`: what a miss costs the first token, by save mode.
 
-A miss must never be slower than serving without a store: it costs one lookup and the
-saves of what it computes. Each round serves a fresh prompt (a miss) through the vLLM
-connector once per `save_during_forward` mode, each timed beside the same prompt served
+A miss must never be slower than serving without a store: it costs one lookup (none with
+the connector's `block_view`) and the saves of what it computes. Each round serves a
+fresh prompt (a miss) through the vLLM connector once per variant (saves during or after
+the pass; after it with the block view), each timed beside the same prompt served
 by the same engine with no connector at all ("no store", `Engine.without_store`) and by
 the model alone ("recompute", without the engine's own scheduling and bookkeeping, which
 vLLM pays with or without a store). The three take turns in an order that rotates each
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -21,21 +23,38 @@ from torch import Tensor
 from kvstore.bench.disagg.engine import Engine
 from kvstore.bench.disagg.model import PagedKVCache, Transformer
 from kvstore.bench.disagg.serving import StoreRun, namespace_for, random_prompt, recompute
+from kvstore.client.vllm_connector import KVStoreConnector
 
-# The connector's save modes: layer by layer during the pass, or once it ends.
-SAVE_MODES = (True, False)
+
+@dataclass(frozen=True)
+class Variant:
+    """A connector setting per run: saves layer by layer during the pass or once it ends,
+    and whether misses are told by the store's block events (no lookup)."""
+
+    save_during_forward: bool
+    block_view: bool = False
+
+    def describe(self) -> str:
+        saves = "during the pass" if self.save_during_forward else "after the pass"
+        return f"saves {saves}" + (", block view" if self.block_view else "")
+
+
+VARIANTS = (Variant(True), Variant(False), Variant(False, block_view=True))
 # Seeds well away from the agent session's and the warm-up's.
 _FIRST_SEED = 50_000_000
+# The longest wait for a block view to be complete before the measured rounds.
+_VIEW_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
 class MissReport:
-    save_during_forward: bool
+    variant: Variant
     ratios: list[float]  # TTFT through the connector / recompute's, one per round
     match_ms: list[float]  # the scheduler side's lookup and plan, per round
     saved_blocks: int  # over all rounds: the saves did happen
     # TTFT through the connector / the same engine's without a store, one per round
     no_store_ratios: list[float] = field(default_factory=list)
+    decisions: dict[str, int] = field(default_factory=dict)  # the plans' reasons, counted
 
     @property
     def median_ratio(self) -> float:
@@ -62,26 +81,28 @@ def _quartiles(ratios: list[float]) -> tuple[float, float]:
 def run_misses(
     model: Transformer, cache: PagedKVCache, target: str, prompt_tokens: int, rounds: int
 ) -> list[MissReport]:
-    """`rounds` misses of `prompt_tokens` tokens per save mode, interleaved."""
+    """`rounds` misses of `prompt_tokens` tokens per variant, interleaved."""
     if rounds < 1:
         raise ValueError(f"--repeats must be >= 1, got {rounds}")
     config = model.config
     engines = {
-        mode: Engine(
+        variant: Engine(
             model,
             cache,
             target,
             namespace_for(config, tenant=f"miss-{uuid.uuid4().hex[:12]}"),
             pin_ttl_s=0.0,
-            save_during_forward=mode,
+            save_during_forward=variant.save_during_forward,
+            block_view=variant.block_view,
         )
-        for mode in SAVE_MODES
+        for variant in VARIANTS
     }
     no_store = Engine.without_store(model, cache)
-    ratios: dict[bool, list[float]] = {mode: [] for mode in SAVE_MODES}
-    no_store_ratios: dict[bool, list[float]] = {mode: [] for mode in SAVE_MODES}
-    match_ms: dict[bool, list[float]] = {mode: [] for mode in SAVE_MODES}
-    saved = dict.fromkeys(SAVE_MODES, 0)
+    ratios: dict[Variant, list[float]] = {variant: [] for variant in VARIANTS}
+    no_store_ratios: dict[Variant, list[float]] = {variant: [] for variant in VARIANTS}
+    match_ms: dict[Variant, list[float]] = {variant: [] for variant in VARIANTS}
+    saved = dict.fromkeys(VARIANTS, 0)
+    decisions: dict[Variant, Counter[str]] = {variant: Counter() for variant in VARIANTS}
     try:
         for offset, engine in enumerate(engines.values()):
             # Connect, measure a prefill and a fetch: a serving worker did long before.
@@ -89,28 +110,44 @@ def run_misses(
             engine.serve(warm.to(model.device), 1)
             engine.serve(warm.to(model.device), 1, save=False)
         no_store.serve(warm.to(model.device), 1)
+        for variant, engine in engines.items():
+            scheduler = engine.scheduler
+            if (
+                variant.block_view
+                and isinstance(scheduler, KVStoreConnector)
+                and not scheduler.scheduler_side.wait_for_block_view(_VIEW_WAIT_S)
+            ):
+                raise RuntimeError(f"the block view was not complete in {_VIEW_WAIT_S} s")
         seed = _FIRST_SEED
         for index in range(rounds):
-            for mode, engine in engines.items():
+            for number, (variant, engine) in enumerate(engines.items()):
                 prompt = random_prompt(config, prompt_tokens, seed).to(model.device)
                 seed += 1
                 # The order rotates: each one finds the pages and caches another left.
                 stored, no_store_s, recompute_s = _one_round(
-                    engine, no_store, prompt, first=(index + int(mode)) % len(_TURNS)
+                    engine, no_store, prompt, first=(index + number) % len(_TURNS)
                 )
                 if stored.num_reused_tokens or stored.num_matched_tokens:
                     raise RuntimeError(f"prompt seed {seed - 1} was not a miss")
-                ratios[mode].append(stored.ttft_s / recompute_s)
-                no_store_ratios[mode].append(stored.ttft_s / no_store_s)
-                match_ms[mode].append(stored.match_s * 1000)
-                saved[mode] += stored.num_saved_blocks
+                ratios[variant].append(stored.ttft_s / recompute_s)
+                no_store_ratios[variant].append(stored.ttft_s / no_store_s)
+                match_ms[variant].append(stored.match_s * 1000)
+                saved[variant] += stored.num_saved_blocks
+                decisions[variant][stored.decision] += 1
     finally:
         for engine in engines.values():
             engine.close()
         no_store.close()
     return [
-        MissReport(mode, ratios[mode], match_ms[mode], saved[mode], no_store_ratios[mode])
-        for mode in SAVE_MODES
+        MissReport(
+            variant,
+            ratios[variant],
+            match_ms[variant],
+            saved[variant],
+            no_store_ratios[variant],
+            dict(decisions[variant]),
+        )
+        for variant in VARIANTS
     ]
 
 
@@ -138,9 +175,8 @@ def _one_round(
 def describe(report: MissReport) -> str:
     low, high = report.quartiles()
     engine_low, engine_high = report.no_store_quartiles()
-    mode = "during the pass" if report.save_during_forward else "after the pass"
     return (
-        f"saves {mode}: miss TTFT, median of {len(report.ratios)} rounds: "
+        f"{report.variant.describe()}: miss TTFT, median of {len(report.ratios)} rounds: "
         f"/ the engine without a store {report.median_no_store_ratio:.3f} "
         f"(quartiles {engine_low:.3f}-{engine_high:.3f}), "
         f"/ the model alone {report.median_ratio:.3f} (quartiles {low:.3f}-{high:.3f}); "

@@ -248,6 +248,7 @@ def test_config_reads_every_key() -> None:
             pin_ttl_s=45,
             save_decoded=False,
             save_during_forward=True,
+            block_view=True,
             tp_rank=1,
             tp_size=2,
         )
@@ -263,9 +264,11 @@ def test_config_reads_every_key() -> None:
     assert (config.fetch_overhead_s, config.pin_ttl_s, config.save_decoded) == (0.002, 45, False)
     assert config.remeasure_s == 5
     assert config.save_during_forward is True
+    assert config.block_view is True
     defaults = ConnectorConfig.from_extra_config(extra("127.0.0.1:1"))
     assert defaults.remeasure_s == 60
     assert defaults.save_during_forward is None  # "auto"
+    assert defaults.block_view is False
 
 
 def test_etcd_keys_override_the_environment_and_are_absent_by_default(
@@ -571,6 +574,121 @@ def test_an_idle_engine_looks_up_once_from_the_scheduler_thread(store_target: st
             assert scheduler.get_num_new_matched_tokens(request, 0) == (2 * BLOCK, False)
             assert side._blocking.answered == answered + 1
             assert client.stats().lookups == before + 1
+    finally:
+        scheduler.shutdown()
+
+
+def wait_for_view(scheduler: KVStoreConnector, prompt: list[int], held: int) -> None:
+    """Until the scheduler side's block view is complete and holds `held` of the
+    prompt's loadable blocks."""
+    side = scheduler.scheduler_side
+    mirror = side._mirror
+    assert mirror is not None
+    keys = side._loadable_keys(Request("view", prompt))
+    deadline = time.monotonic() + 30
+    while mirror.held_prefix(keys) != held:
+        assert time.monotonic() < deadline, f"the block view holds {mirror.held_prefix(keys)}"
+        time.sleep(0.005)
+
+
+def test_with_the_block_view_a_miss_costs_no_lookup_and_a_stored_prompt_is_looked_up(
+    store_target: str,
+) -> None:
+    """block_view: the store's events tell the scheduler side which blocks it holds. A
+    prompt whose first block it lacks is a miss at once, at arrival and at the count;
+    a stored one is looked up still (the view may lag an eviction); once deleted, the
+    prompt is a miss again without a lookup."""
+    prompt = tokens(3 * BLOCK, seed=4300)
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target, block_view=True)
+    keep_busy(scheduler)  # arrivals would start lookups at once
+    try:
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            wait_for_view(scheduler, prompt, 0)
+            before = client.stats().lookups
+            for name in ("miss-1", "miss-2"):
+                request = Request(name, tokens(4 * BLOCK, seed=hash(name) % 1000))
+                scheduler.on_new_request(request)
+                assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+            plan = scheduler.scheduler_side.plan_for("miss-2")
+            assert plan is not None
+            assert plan.fetch.reason == "miss, by the block view"
+            assert client.stats().lookups == before, "a miss by the view looked up"
+            save_prompt(store_target, prompt, blocks_first_caches(seed=4300))
+            wait_for_view(scheduler, prompt, 2)
+            before = client.stats().lookups
+            stored = Request("stored", prompt)
+            assert scheduler.get_num_new_matched_tokens(stored, 0) == (2 * BLOCK, False)
+            # Beyond a local prefix of both loadable blocks nothing is left to load.
+            assert scheduler.get_num_new_matched_tokens(stored, 2 * BLOCK) == (0, False)
+            assert client.stats().lookups == before + 1
+            keys = scheduler.scheduler_side._loadable_keys(stored)
+            assert client.delete(keys[:1]) == (3, 0)  # the chain below its root goes too
+            wait_for_view(scheduler, prompt, 0)
+            assert scheduler.get_num_new_matched_tokens(Request("gone", prompt), 0) == (0, False)
+            assert client.stats().lookups == before + 1
+    finally:
+        scheduler.shutdown()
+
+
+def test_the_block_view_of_a_cluster_waits_for_every_member_then_tells_misses(
+    unused_target: str,
+) -> None:
+    """Over a cluster target the view is complete once every member's snapshot has
+    ended: with a member down it never is, and misses are looked up. Then a miss costs
+    no member a lookup, and a chain saved across both members is held in full and
+    looked up."""
+    prompt = tokens(6 * BLOCK, seed=4302)
+    with server_thread() as first, server_thread() as second:
+        partial = make(
+            KVConnectorRole.SCHEDULER, f"cluster://{first},{unused_target}", block_view=True
+        )
+        try:
+            assert not partial.scheduler_side.wait_for_block_view(1.0)
+            miss = Request("miss", tokens(4 * BLOCK, seed=4303))
+            assert partial.get_num_new_matched_tokens(miss, 0) == (0, False)
+            plan = partial.scheduler_side.plan_for("miss")
+            assert plan is not None
+            assert plan.fetch.reason != "miss, by the block view"  # looked up, or failed to
+        finally:
+            partial.shutdown()
+        target = f"cluster://{first},{second}"
+        scheduler = make(KVConnectorRole.SCHEDULER, target, block_view=True)
+        try:
+            assert scheduler.scheduler_side.wait_for_block_view(30)
+            with (
+                SyncKVClient(first, scheduler.config.namespace) as one,
+                SyncKVClient(second, scheduler.config.namespace) as two,
+            ):
+
+                def lookups() -> int:
+                    return one.stats().lookups + two.stats().lookups
+
+                before = lookups()
+                miss = Request("miss", tokens(4 * BLOCK, seed=4303))
+                assert scheduler.get_num_new_matched_tokens(miss, 0) == (0, False)
+                assert lookups() == before
+                save_prompt(target, prompt, blocks_first_caches(seed=4302))
+                wait_for_view(scheduler, prompt, 5)
+                before = lookups()
+                stored = Request("stored", prompt)
+                assert scheduler.get_num_new_matched_tokens(stored, 0) == (5 * BLOCK, False)
+                assert lookups() > before
+        finally:
+            scheduler.shutdown()
+
+
+def test_the_block_view_of_a_store_that_is_down_says_nothing(unused_target: str) -> None:
+    """No events, so no complete view: the count looks up as without it (and fails)."""
+    scheduler = make(KVConnectorRole.SCHEDULER, unused_target, block_view=True)
+    try:
+        mirror = scheduler.scheduler_side._mirror
+        assert mirror is not None
+        assert mirror.held_prefix([b"k" * 32]) is None
+        request = Request("down", tokens(3 * BLOCK, seed=4301))
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+        plan = scheduler.scheduler_side.plan_for("down")
+        assert plan is not None
+        assert plan.fetch.reason.startswith("lookup failed")
     finally:
         scheduler.shutdown()
 

@@ -1,5 +1,5 @@
-"""`kvstore-bench disagg miss`: misses through the connector against recompute, per save
-mode, the tiny model and a spawned daemon."""
+"""`kvstore-bench disagg miss`: misses through the connector against recompute, per
+variant (save mode, block view), the tiny model and a spawned daemon."""
 
 from __future__ import annotations
 
@@ -11,13 +11,23 @@ from kvstore.bench.disagg.cli import main
 from kvstore.bench.disagg.serving import model_config
 
 
-def test_each_save_mode_reports_paired_ratios_and_saves_every_block(
+def test_each_variant_reports_paired_ratios_and_saves_every_block(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = ["miss", "--model", "tiny", "--prompt-tokens", "64", "--repeats", "2"]
     assert main([*argv, "--threads", "1", "--device", "cpu", "--json"]) == 0
     reports = json.loads(capsys.readouterr().out)
-    assert [report["save_during_forward"] for report in reports] == [True, False]
+    assert [report["variant"] for report in reports] == [
+        {"save_during_forward": True, "block_view": False},
+        {"save_during_forward": False, "block_view": False},
+        {"save_during_forward": False, "block_view": True},
+    ]
+    # A lookup told each miss, but where the block view did.
+    assert [report["decisions"] for report in reports] == [
+        {"miss": 2},
+        {"miss": 2},
+        {"miss, by the block view": 2},
+    ]
     blocks_per_prompt = 64 // model_config("tiny").page_tokens
     for report in reports:
         assert len(report["ratios"]) == 2

@@ -1,0 +1,107 @@
+"""The scheduler side's mirror of what the store holds, for misses without a lookup.
+
+With `block_view` on, the scheduler side follows the namespace's WatchBlocks events
+(kvstore.client.BlockView) on its loop thread. A request whose first uncomputed block
+the mirror does not hold is a miss at once: the store cannot match past a block it
+lacks, since a lookup matches a chain from its first block. A request whose blocks
+the mirror does hold is still looked up, since the mirror may lag an eviction.
+
+Where the mirror answers "miss" it may lag a put instead: a block stored within the
+events' delay (a round trip, about a millisecond on one host) is taken for missing
+and its tokens recomputed. That is a cost, never wrong bytes. While the mirror is not
+complete (its snapshot not ended on every member, its stream down), every request is
+looked up as without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from kvstore.client._async import KVClient
+from kvstore.client._cluster import ClusterClient
+from kvstore.client._errors import KVStoreClientError
+from kvstore.client._loop import LoopThread
+from kvstore.client._watch import BlockView
+
+logger = logging.getLogger("kvstore.client.vllm")
+
+# After the watch stream fails, the next try waits this long, doubling up to the maximum.
+RETRY_S = 0.5
+RETRY_MAX_S = 30.0
+_POLL_S = 0.005
+
+
+class StoredKeysMirror:
+    """The namespace's stored keys, as the store's events tell, kept on `loop`."""
+
+    def __init__(self, loop: LoopThread, client: KVClient | ClusterClient) -> None:
+        self._view = BlockView()
+        self._live = False  # a stream is open and its batches applied
+        self._expected_nodes: Callable[[], set[str]] = _nodes_of(client)
+        self._task = loop.submit(self._follow(client))
+
+    def held_prefix(self, keys: Sequence[bytes]) -> int | None:
+        """How many of `keys`, from the first, the store holds by the mirror; None while
+        the mirror is incomplete (then it says nothing). Safe from any thread: the
+        loop thread only adds, replaces and removes dictionary entries."""
+        if not self._live:
+            return None
+        view = self._view
+        synced = set(view.synced)
+        expected = self._expected_nodes()
+        if not expected or not expected <= synced:
+            return None
+        held = [view.blocks.get(node, {}) for node in expected]
+        count = 0
+        for key in keys:
+            if not any(key in node_keys for node_keys in held):
+                break
+            count += 1
+        return count
+
+    def wait_complete(self, timeout_s: float) -> bool:
+        """Whether the mirror became complete within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self.held_prefix(()) is None:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL_S)
+        return True
+
+    def close(self) -> None:
+        self._task.cancel()
+
+    async def _follow(self, client: KVClient | ClusterClient) -> None:
+        wait_s = RETRY_S
+        while True:
+            try:
+                async with contextlib.aclosing(client.watch_blocks()) as batches:
+                    async for batch in batches:
+                        self._live = True
+                        self._view.apply(batch)
+                        wait_s = RETRY_S
+            except KVStoreClientError as error:
+                logger.warning(
+                    "kvstore block view: the watch failed (%s); requests are looked up "
+                    "until it is back (next try in %.1f s)",
+                    error,
+                    wait_s,
+                )
+            finally:
+                self._live = False
+                self._view = BlockView()
+            await asyncio.sleep(wait_s)
+            wait_s = min(RETRY_MAX_S, 2 * wait_s)
+
+
+def _nodes_of(client: KVClient | ClusterClient) -> Callable[[], set[str]]:
+    """The nodes whose snapshot must have ended for the mirror to be complete: the one
+    daemon (its events name its target), or every member of the cluster now."""
+    if isinstance(client, ClusterClient):
+        return lambda: {member.node_id for member in client.membership.placement.members}
+    target = client.target
+    return lambda: {target}
