@@ -365,6 +365,10 @@ class BlockPool:
     def num_namespaces(self) -> int:
         return self._index.num_namespaces
 
+    @property
+    def max_namespaces(self) -> int:
+        return self._config.max_namespaces
+
     def commit(self, entry: BlockEntry) -> None:
         """Index a complete, verified block as the most recently used."""
         self._index.insert(entry)

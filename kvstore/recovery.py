@@ -219,6 +219,17 @@ class IndexRebuild:
                 self._ssd.capacity_bytes,
                 dropped,
             )
+        if self._pool.num_namespaces > self._pool.max_namespaces:
+            # Recovery brings back every namespace it finds (they are the daemon's own
+            # blocks); the limit holds again for puts that would open another.
+            logger.warning(
+                "the SSD directory holds blocks of %d namespaces, more than "
+                "store.max_namespaces (%d): all are served, and a put to a new namespace "
+                "is refused until %d of them have no block left",
+                self._pool.num_namespaces,
+                self._pool.max_namespaces,
+                self._pool.num_namespaces - self._pool.max_namespaces + 1,
+            )
         logger.info(
             "recovered %d blocks (%d B) from %s in %.2fs; %d damaged files dropped, "
             "%d left to writes made meanwhile",

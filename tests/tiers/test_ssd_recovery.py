@@ -30,6 +30,7 @@ from kvstore.checksum import ChecksumKind, checksum
 from kvstore.client import ClientOptions, KVClient, KVForm
 from kvstore.config import StoreConfig
 from kvstore.enums import PutOutcome, TierKind
+from kvstore.errors import CapacityExhausted
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.pool import BlockPool
 from kvstore.put import PutSession
@@ -744,3 +745,32 @@ def test_a_restart_with_a_smaller_ssd_drops_the_excess_tails_first(tmp_path: Pat
     assert sorted(path.name for path in tmp_path.glob("*/*.kvb")) == sorted(
         f"{key.hex()}.kvb" for key in chain[:4]
     )
+
+
+def test_a_restart_with_fewer_namespaces_allowed_serves_them_all_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Recovery brings back every namespace on disk, past a lowered store.max_namespaces,
+    logs how many must empty before a new one is taken, and refuses new ones till then."""
+    writer = SsdTier(tmp_path, 64 * MiB, fsync=False)
+    namespaces = [
+        Namespace(tenant=f"t{index}", model_fingerprint="toy", layout=LAYOUT) for index in range(3)
+    ]
+    for namespace in namespaces:
+        key = namespace.tenant.encode()
+        header = BlockFileHeader(namespace, key, b"", KIND, header_for(key, b"").layer_checksums)
+        location = SsdLocation(writer.path_for(namespace, key), writer.file_bytes(header))
+        writer.write_block(location, header, [payload(key)])
+    writer.close()
+    pool = BlockPool(
+        StoreConfig(dram_bytes=MiB, page_bytes=16 * KiB, ssd_dir=str(tmp_path), max_namespaces=2)
+    )
+    with caplog.at_level(logging.WARNING, logger="kvstore"):
+        assert recover_index(pool) == 3
+    assert "blocks of 3 namespaces, more than store.max_namespaces (2)" in caplog.text
+    assert "refused until 2 of them have no block left" in caplog.text
+    for namespace in namespaces:
+        assert pool.find_prefix(namespace, [namespace.tenant.encode()])
+    with pytest.raises(CapacityExhausted, match=r"store\.max_namespaces"):
+        pool.open_namespace(Namespace(tenant="new", model_fingerprint="toy", layout=LAYOUT))
+    pool.close()
