@@ -607,7 +607,8 @@ class LayerPut:
         stream = self._stream
         assert stream is not None
         if exc is not None:
-            stream.cancel()  # the server frees whatever this put had reserved
+            if self._failure is None:  # a failed send cancelled the stream already
+                stream.cancel()  # the server frees whatever this put had reserved
             return
         self._raise_if_failed()  # a caller that went on after a failed send
         if self._next_layer != self._layout.num_layers:

@@ -12,7 +12,7 @@ import torch
 
 from kvstore.client._async import KVClient, LayerPut, check_tensor
 from kvstore.client._cluster_nodes import NODE_FAILURES, gather_or_cancel
-from kvstore.client._errors import InvalidArgument
+from kvstore.client._errors import InvalidArgument, KVStoreClientError
 from kvstore.client._results import PutResult
 from kvstore.cluster.placement import Run
 from kvstore.codec import KVForm, cpu_contiguous
@@ -46,6 +46,7 @@ class ClusterLayerPut(LayerPut):
         self._runs: list[Run] = []
         self._puts: dict[int, LayerPut] = {}  # by run start; a failed run's put leaves
         self._parent_missing = False  # no member holds `parent_key`: nothing is sent
+        self._failure: KVStoreClientError | None = None  # a caller error a send raised
         self.result: PutResult | None = None
 
     async def __aenter__(self) -> ClusterLayerPut:
@@ -86,6 +87,7 @@ class ClusterLayerPut(LayerPut):
         return self
 
     async def send_layer(self, layer: int, kv_layer: torch.Tensor) -> None:
+        self._raise_if_failed()
         if layer != self._next_layer:
             raise InvalidArgument(f"send layer {self._next_layer} next, not layer {layer}")
         check_tensor(kv_layer, self._layout, KVForm.LAYER, len(self._keys), one_layer=True)
@@ -100,9 +102,13 @@ class ClusterLayerPut(LayerPut):
                 with contextlib.suppress(Exception):
                     await put.__aexit__(type(error), error, None)
 
-        await gather_or_cancel(
-            *(send(run, self._puts[run.start]) for run in self._runs if run.start in self._puts)
-        )
+        try:
+            await gather_or_cancel(
+                *(send(run, self._puts[run.start]) for run in self._runs if run.start in self._puts)
+            )
+        except KVStoreClientError as error:  # a caller error: the whole put is over
+            self._failure = error
+            raise
         self._next_layer += 1
 
     async def __aexit__(
@@ -111,6 +117,9 @@ class ClusterLayerPut(LayerPut):
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        if exc is None and self._failure is not None:  # a caller that went on after it
+            await self._close_all(type(self._failure), self._failure)
+            self._raise_if_failed()
         if exc is None and self._next_layer != self._layout.num_layers:
             exc = InvalidArgument(
                 f"layer_put ended after {self._next_layer} of {self._layout.num_layers} layers"

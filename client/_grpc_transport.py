@@ -109,8 +109,9 @@ class GrpcPutStream:
         self._call = call
         self._settle = settle
         # In flight from here to finish() or cancel(), also between writes: the
-        # client's close() waits for it.
+        # client's close() waits for it. Closed once, whichever ends it, however often.
         settle.opened()
+        self._open = True
 
     async def send(self, parts: Parts) -> None:
         with self._settle.tracking():
@@ -128,13 +129,18 @@ class GrpcPutStream:
                 except grpc.aio.AioRpcError as error:
                     await _raise_status_of_ended_call(self._call, error)
         finally:
-            self._settle.closed()
+            self._close()
         return reply
 
     def cancel(self) -> None:
         if self._call.cancel():
             self._settle.note_cancel()
-        self._settle.closed()
+        self._close()
+
+    def _close(self) -> None:
+        if self._open:
+            self._open = False
+            self._settle.closed()
 
 
 class GrpcGetStream:

@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 
 from kvstore.client._async import KVClient
 from kvstore.client._cluster import ClusterClient
-from kvstore.client._errors import KVStoreClientError
 from kvstore.client._loop import LoopThread
 from kvstore.client._watch import BlockView
 
@@ -84,10 +83,13 @@ class StoredKeysMirror:
                         self._live = True
                         self._view.apply(batch)
                         wait_s = RETRY_S
-            except KVStoreClientError as error:
+            except Exception as error:
+                # Whatever ended it (the store, a protocol error, an event this client
+                # cannot apply), the mirror says nothing until a new stream is synced.
                 logger.warning(
-                    "kvstore block view: the watch failed (%s); requests are looked up "
-                    "until it is back (next try in %.1f s)",
+                    "kvstore block view: the watch failed (%s: %s); requests are looked "
+                    "up until it is back (next try in %.1f s)",
+                    type(error).__name__,
                     error,
                     wait_s,
                 )

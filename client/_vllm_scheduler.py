@@ -274,13 +274,14 @@ class SchedulerSide:
         return self._mirror is not None and self._mirror.wait_complete(timeout_s)
 
     def _miss_by_view(self, keys: list[bytes], first_block: int) -> int | None:
-        """With the block view on and complete: the stored blocks of `keys`, from the
-        first, if they end before `first_block` (nothing to load, so no lookup); else
-        None, and a lookup decides."""
-        if self._mirror is None:
+        """With the block view on and complete: 0 where the store holds not even the
+        chain's first block, so nothing can be loaded and no lookup is made; else None,
+        and a lookup decides. (Where it holds blocks that the local prefix covers, the
+        lookup is still made: it touches them, keeping a shared prefix warm in the
+        store.)"""
+        if self._mirror is None or not keys:
             return None
-        held = self._mirror.held_prefix(keys[: first_block + 1])
-        return held if held is not None and held <= first_block else None
+        return 0 if self._mirror.held_prefix(keys[:1]) == 0 else None
 
     def _lookup(self, keys: list[bytes], prefetch: _Prefetch | None) -> PrefixMatch:
         """The arrival's lookup while it is fresh (waiting for it if it is still out),

@@ -605,8 +605,8 @@ def test_with_the_block_view_a_miss_costs_no_lookup_and_a_stored_prompt_is_looke
         with SyncKVClient(store_target, scheduler.config.namespace) as client:
             wait_for_view(scheduler, prompt, 0)
             before = client.stats().lookups
-            for name in ("miss-1", "miss-2"):
-                request = Request(name, tokens(4 * BLOCK, seed=hash(name) % 1000))
+            for seed, name in enumerate(("miss-1", "miss-2"), 4310):
+                request = Request(name, tokens(4 * BLOCK, seed=seed))
                 scheduler.on_new_request(request)
                 assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
             plan = scheduler.scheduler_side.plan_for("miss-2")

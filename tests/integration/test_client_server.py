@@ -31,6 +31,7 @@ from kvstore.client import (
     Unavailable,
 )
 from kvstore.server import RunningServer
+from kvstore.server.servicer import REFUSED_PUT_READ_ON_S
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.wire.namespace import namespace_to_wire as wire_namespace
@@ -250,16 +251,21 @@ async def test_layer_put_checks_its_inputs(connect: Connect, make_kv: MakeKV) ->
 
 
 async def test_a_layer_put_whose_send_failed_raises_that_failure_from_then_on(
-    connect: Connect, make_kv: MakeKV, same_bytes: SameBytes, request: pytest.FixtureRequest
+    connect: Connect,
+    server_factory: Callable[..., Awaitable[RunningServer]],
+    make_kv: MakeKV,
+    same_bytes: SameBytes,
 ) -> None:
-    """A layer put larger than the 32 MiB store is refused. Once a send has raised that,
-    a caller that goes on (a later layer, the same layer again, the block's end) gets
-    the same refusal, not a complaint about layer order or about a put that stopped
-    short, and nothing is sent on the ended stream. Over gRPC the refusal arrives at
-    the end; over the data plane the next send sees it."""
+    """A layer put larger than the 4 MiB store is refused at its first layer. Once a
+    send has raised that, a caller that goes on (a later layer, the same layer again,
+    the block's end) gets the same refusal, not a complaint about layer order or about
+    a put that stopped short, nothing is sent on the ended stream, and the stream is
+    closed once. The second layer goes after the server's brief read-on of a refused
+    gRPC put (REFUSED_PUT_READ_ON_S), so on both transports it is the send that raises."""
+    small = await server_factory(store__dram_bytes=4 * MiB)
     lay = layout(num_layers=4, num_kv_heads=8, head_dim=128)  # 64 KiB layers
-    client = connect(namespace(lay))
-    num_blocks = 200  # 50 MiB
+    client = connect(namespace(lay), at=f"127.0.0.1:{small.port}")
+    num_blocks = 64  # 16 MiB
     kv_layer = torch.ones(num_blocks, 2, lay.block_tokens, lay.num_kv_heads, lay.head_dim).half()
     raised: list[tuple[int, KVStoreClientError]] = []
     with pytest.raises(ResourceExhausted) as at_the_end:  # noqa: PT012 (the put is the test)
@@ -269,24 +275,32 @@ async def test_a_layer_put_whose_send_failed_raises_that_failure_from_then_on(
                     await put.send_layer(layer, kv_layer)
                 except KVStoreClientError as error:
                     raised.append((layer, error))
-            if raised:
-                with pytest.raises(ResourceExhausted, match="already failed"):
-                    await put.send_layer(raised[0][0], kv_layer)  # the failed layer again
-    if request.node.callspec.params["connect"] == "data-plane":
-        assert raised, "the data plane's sends see the server's ERROR"
-    if raised:
-        (failed_at, first), *later = raised
-        assert isinstance(first, ResourceExhausted)
-        assert "already failed" not in str(first)
-        for layer, error in later:
-            assert isinstance(error, ResourceExhausted), layer
-            assert f"already failed at layer {failed_at}" in str(error), layer
-        assert "already failed" in str(at_the_end.value)
-    small = make_kv(lay, 2, form=KVForm.BLOCKS)
-    assert (await client.put_blocks([b"after-0", b"after-1"], small)).num_committed == 2
-    dest = torch.zeros_like(small)
+                if layer == 0:
+                    await asyncio.sleep(4 * REFUSED_PUT_READ_ON_S)
+            assert raised, "no send saw the refusal"
+            with pytest.raises(ResourceExhausted, match="already failed"):
+                await put.send_layer(raised[0][0], kv_layer)  # the failed layer again
+    (failed_at, first), *later = raised
+    assert isinstance(first, ResourceExhausted)
+    assert "already failed" not in str(first)
+    assert later, "the layers after the failure were not refused again"
+    for layer, error in later:
+        assert isinstance(error, ResourceExhausted), layer
+        assert f"already failed at layer {failed_at}" in str(error), layer
+    assert "already failed" in str(at_the_end.value)
+    # As most callers write it: the failed send's error leaves the block.
+    with pytest.raises(ResourceExhausted) as left:  # noqa: PT012 (the put is the test)
+        async with client.layer_put([b"big-again-%d" % i for i in range(num_blocks)]) as put:
+            for layer in range(lay.num_layers):
+                await put.send_layer(layer, kv_layer)
+                await asyncio.sleep(4 * REFUSED_PUT_READ_ON_S)
+    assert "already failed" not in str(left.value)
+    assert client._settle.in_flight == 0  # each stream was closed once, not twice
+    stored = make_kv(lay, 2, form=KVForm.BLOCKS)
+    assert (await client.put_blocks([b"after-0", b"after-1"], stored)).num_committed == 2
+    dest = torch.zeros_like(stored)
     assert await client.get_into([b"after-0", b"after-1"], dest, form=KVForm.BLOCKS) == 2
-    assert same_bytes(dest, small)
+    assert same_bytes(dest, stored)
 
 
 async def test_concurrent_puts_of_one_block_commit_it_once(

@@ -16,11 +16,15 @@ from threaded_server import server_thread
 
 from kvstore.client import (
     ClientOptions,
+    DType,
     InvalidArgument,
     KVClient,
     KVForm,
+    KVLayout,
+    KVStoreClientError,
     PrefixMatch,
     PutOutcome,
+    ResourceExhausted,
     SyncKVClient,
     Unauthenticated,
     Unavailable,
@@ -35,6 +39,7 @@ from kvstore.server.auth import token_sha256
 ServerFactory = Callable[..., Awaitable[RunningServer]]
 RUN_BLOCKS = 2
 NUM_BLOCKS = 24  # 12 runs over 3 nodes
+MiB = 1 << 20
 
 
 def cluster_options(data_plane: bool, **overrides: Any) -> ClientOptions:
@@ -693,3 +698,45 @@ async def test_a_closed_cluster_client_refuses_calls_and_opens_nothing(
             await call()
     # Nothing was opened that no one will close.
     assert cluster.nodes._clients == {}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
+async def test_a_cluster_layer_put_one_node_refused_raises_that_refusal_from_then_on(
+    server_factory: ServerFactory, make_namespace: Callable[..., Namespace], data_plane: bool
+) -> None:
+    """One node is too small for its runs of a layer put (RESOURCE_EXHAUSTED, a caller
+    error): whichever call raises it first (a layer, the end), every later call raises
+    it again, not a complaint about layer order or a put that stopped short. The data
+    plane's next send sees the refusal; over gRPC it arrives at the end."""
+    nodes = [await server_factory(), await server_factory()]
+    nodes.append(await server_factory(store__dram_bytes=MiB))
+    layout = KVLayout(
+        num_layers=4, num_kv_heads=8, head_dim=128, dtype=DType.FLOAT16, block_tokens=16
+    )  # 256 KiB blocks
+    namespace = make_namespace(tenant="tenant-a", layout=layout)
+    keys = [b"layered-refused-%d" % index for index in range(96)]
+    assert owners(nodes, keys).count(2) > 4  # more than the small node's DRAM
+    kv_layer = torch.ones(len(keys), *layout.layer_shape, dtype=torch.float16)
+    raised: list[tuple[str, KVStoreClientError]] = []
+    options = cluster_options(data_plane)
+    async with KVClient(static_target(nodes), namespace, options=options) as cluster:
+        try:
+            async with cluster.layer_put(keys) as put:
+                for layer in range(layout.num_layers):
+                    for attempt in range(2):  # a caller that retries the layer once
+                        try:
+                            await put.send_layer(layer, kv_layer)
+                            break
+                        except KVStoreClientError as error:
+                            raised.append((f"layer {layer} try {attempt}", error))
+        except KVStoreClientError as error:
+            raised.append(("end", error))
+    assert raised, "the small node's refusal never reached the caller"
+    if data_plane:
+        assert raised[0][0].startswith("layer"), raised[0][0]
+    for where, error in raised:
+        assert isinstance(error, ResourceExhausted), (where, error)
+    assert "already failed" not in str(raised[0][1])
+    for where, error in raised[1:]:
+        assert "already failed" in str(error), where
+    assert raised[-1][0] == "end"
