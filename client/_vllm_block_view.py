@@ -1,10 +1,11 @@
 """The scheduler side's mirror of what the store holds, for misses without a lookup.
 
 With `block_view` on, the scheduler side follows the namespace's WatchBlocks events
-(kvstore.client.BlockView) on its loop thread. A request whose first uncomputed block
-the mirror does not hold is a miss at once: the store cannot match past a block it
-lacks, since a lookup matches a chain from its first block. A request whose blocks
-the mirror does hold is still looked up, since the mirror may lag an eviction.
+(kvstore.client.BlockView) on its loop thread. A request whose first block the mirror
+does not hold is a miss at once: a lookup matches a chain from its first block, so
+the store can match none of it. A request with any block the mirror holds is still
+looked up: the mirror may lag an eviction, and the lookup touches the blocks it
+matches, which keeps a prefix that vLLM's own cache covers warm in the store.
 
 Where the mirror answers "miss" it may lag a put instead: a block stored within the
 events' delay (a round trip, about a millisecond on one host) is taken for missing

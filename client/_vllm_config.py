@@ -39,7 +39,7 @@ Every key, with its default (see the README's "In vLLM" section):
     lookup_timeout_s    the longest the scheduler waits for a lookup (default 2); after one
                         fails, lookups pause (1 s, doubling to 30 s) and requests recompute
     block_view          follow the store's block events and take a request whose first
-                        uncomputed block the store lacks for a miss with no lookup
+                        block the store lacks for a miss with no lookup
                         (default false); a block stored within the events' delay then
                         counts as missing and is recomputed
 """
