@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 from kvstore.client._async import KVClient
 from kvstore.client._cluster import ClusterClient
+from kvstore.client._errors import KVStoreClientError
 from kvstore.client._loop import LoopThread
 from kvstore.client._watch import BlockEvents
 from kvstore.events import BlockEventKind
@@ -39,8 +40,10 @@ _POLL_S = 0.005
 class KeySets:
     """Per node, the set of keys its events say it holds, and which nodes' snapshots
     have ended (no parent or tier: a miss needs neither). Applied on one thread, read
-    from others: a reader sees whole sets, and a GAP unsyncs its node before emptying it,
-    so an emptied set is never taken for the node's whole content."""
+    from others. A GAP unsyncs its node, then gives it a new set; a reader takes the
+    sets first and checks the nodes are synced after, so a set it took that a GAP had
+    already replaced fails that check (the node is synced again only once the new set
+    holds a whole snapshot)."""
 
     def __init__(self) -> None:
         self._held: dict[str, set[bytes]] = {}
@@ -64,9 +67,9 @@ class KeySets:
     def held_prefix(self, keys: Sequence[bytes], nodes: set[str]) -> int | None:
         """How many of `keys`, from the first, one of `nodes` holds; None unless every
         one of `nodes` (at least one) has its snapshot."""
+        held = [self._held.get(node, set()) for node in nodes]  # before the check
         if not nodes or not nodes <= set(self._synced):
             return None
-        held = [self._held.get(node, set()) for node in nodes]
         count = 0
         for key in keys:
             if not any(key in node_keys for node_keys in held):
@@ -121,6 +124,7 @@ class StoredKeysMirror:
                     type(error).__name__,
                     error,
                     wait_s,
+                    exc_info=not isinstance(error, KVStoreClientError),
                 )
             finally:
                 self._live = False

@@ -256,7 +256,8 @@ async def test_a_layer_put_whose_send_failed_raises_that_failure_from_then_on(
     make_kv: MakeKV,
     same_bytes: SameBytes,
 ) -> None:
-    """A layer put larger than the 4 MiB store is refused at its first layer. Once a
+    """A layer put that cannot fit a 4 MiB store is refused at its first layer (the
+    blocks it has started but not finished exceed what the store lets one put hold). Once a
     send has raised that, a caller that goes on (a later layer, the same layer again,
     the block's end) gets the same refusal, not a complaint about layer order or about
     a put that stopped short, nothing is sent on the ended stream, and the stream is

@@ -7,6 +7,7 @@ stored block; kvstore's own client meets the floor whatever chunk size it is giv
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -16,6 +17,7 @@ from raw_puts import checksum, opening, raw_put  # tests/raw_puts.py
 
 from kvstore.client import ClientOptions, DType, KVClient, KVForm, KVLayout, Namespace
 from kvstore.server import RunningServer
+from kvstore.server.servicer import REFUSED_PUT_READ_ON_S
 from kvstore.wire.chunks import (
     MIN_PUT_PIECE_BYTES,
     PUT_CHUNKS,
@@ -158,9 +160,10 @@ async def test_a_put_refused_mid_stream_reaches_a_grpc_aio_client_with_its_statu
     "Internal error from Core" (grpc issue 36066). The server reads a refused put's
     remaining messages briefly before it answers, so a client still writing them
     finishes its writes and gets the server's answer: 100 puts refused at their 8th of
-    321 messages, every one written whole and answered INVALID_ARGUMENT. Without that
-    read, the call ended a few messages after the refusal, and 5 of 300 such puts came
-    back INTERNAL in the run that found it."""
+    321 messages, each written whole and answered INVALID_ARGUMENT (one that stalled
+    past the read-on may be cut, but not sooner; at least 90 get through). Without
+    that read, every call ended a few messages after the refusal, and 5 of 300 such
+    puts came back INTERNAL in the run that found it."""
     running = await server_factory()
     async with await seeded(running, NARROW_NS, make_kv) as client:
         half = NARROW.layer_bytes // 2
@@ -176,13 +179,15 @@ async def test_a_put_refused_mid_stream_reaches_a_grpc_aio_client_with_its_statu
             for layer in range(NARROW.num_layers)
             for start in (0, half)
         ]
-        answers: dict[int, int] = {}
-        cut_short = 0
+        quick_cuts: list[float] = []  # attempts ended early without a stall to excuse it
+        answered = 0
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             put_blocks = channel.stream_unary("/kvstore.v1.KVStore/PutBlocks")
             for attempt in range(100):
                 keys = [b"late-%d-%d" % (attempt, i) for i in range(40)]
+                started = time.monotonic()
                 call = put_blocks(timeout=30)
+                cut_short = False
                 try:
                     for message in [opening(NARROW_NS, keys), *halves]:
                         if call.done():  # ended before the client was through
@@ -190,14 +195,23 @@ async def test_a_put_refused_mid_stream_reaches_a_grpc_aio_client_with_its_statu
                         await call.write(message)
                     await call.done_writing()
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                    cut_short += 1
+                    cut_short = True
+                elapsed_s = time.monotonic() - started
                 try:
                     await call
                     code = 0
                 except grpc.aio.AioRpcError as error:
                     code = error.code().value[0]
-                answers[code] = answers.get(code, 0) + 1
-        assert (answers, cut_short) == ({INVALID_ARGUMENT: 100}, 0)
+                if cut_short:
+                    # A client stalled past the read-on (a loaded machine) may be cut;
+                    # one cut sooner means the server did not read on.
+                    if elapsed_s < REFUSED_PUT_READ_ON_S:
+                        quick_cuts.append(elapsed_s)
+                else:
+                    assert code == INVALID_ARGUMENT, code
+                    answered += 1
+        assert quick_cuts == []
+        assert answered >= 90
         await assert_unharmed(client, poll)
 
 
