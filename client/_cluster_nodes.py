@@ -207,8 +207,10 @@ async def gather_or_cancel(*calls: Awaitable[T]) -> list[T]:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             ended |= done
             # A part cancelled from inside counts as failed: asyncio.wait's
-            # FIRST_EXCEPTION would wait for the others then.
-            if any(task.cancelled() or task.exception() is not None for task in done):
+            # FIRST_EXCEPTION would wait for the others then. Every part's exception is
+            # read (a list, not any()), so none that failed beside the first is left
+            # for asyncio to log as never retrieved.
+            if [task for task in done if task.cancelled() or task.exception() is not None]:
                 break
     except BaseException:  # this call was cancelled: so are its parts
         await cancel_and_wait(tasks)

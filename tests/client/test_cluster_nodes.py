@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -77,6 +78,28 @@ async def test_a_part_that_raises_cancels_the_others_before_the_call_raises() ->
     with pytest.raises(PermissionError, match="refused"):
         await gather_or_cancel(slow("a"), refused(), slow("b"))
     assert sorted(ended) == ["a", "b"]  # both had ended when the error was raised
+
+
+async def test_parts_that_fail_together_leave_no_exception_unretrieved() -> None:
+    """Several parts failing in one step: the first is raised, and the others' errors are
+    read, not left for asyncio to log as "Task exception was never retrieved" when the
+    tasks are collected (a finalizer that ran Python code inside a later ast.parse and
+    broke a test run on CPython 3.11.7)."""
+    unretrieved: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    try:
+
+        async def refused(name: str) -> int:
+            raise PermissionError(name)
+
+        with pytest.raises(PermissionError, match="first"):
+            await gather_or_cancel(refused("first"), refused("second"), refused("third"))
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert [context.get("message") for context in unretrieved] == []
 
 
 async def test_results_come_in_order_and_a_cancelled_call_cancels_its_parts() -> None:
