@@ -630,6 +630,27 @@ def test_with_the_block_view_a_miss_costs_no_lookup_and_a_stored_prompt_is_looke
         scheduler.shutdown()
 
 
+def test_with_the_block_view_a_prefix_the_local_cache_covers_is_still_looked_up(
+    store_target: str,
+) -> None:
+    """The store holds only what vLLM's own prefix cache already computed: nothing to
+    load, but the lookup is made, so the store sees the shared prefix used (it touches
+    the blocks it matches) and keeps it warm for other engines."""
+    shared = tokens(BLOCK, seed=4320)
+    save_prompt(store_target, shared, blocks_first_caches(seed=4320))
+    prompt = [*shared, *tokens(2 * BLOCK + 3, seed=4321)]
+    scheduler = make(KVConnectorRole.SCHEDULER, store_target, block_view=True)
+    try:
+        with SyncKVClient(store_target, scheduler.config.namespace) as client:
+            wait_for_view(scheduler, prompt, 1)
+            before = client.stats().lookups
+            request = Request("covered", prompt)
+            assert scheduler.get_num_new_matched_tokens(request, BLOCK) == (0, False)
+            assert client.stats().lookups == before + 1
+    finally:
+        scheduler.shutdown()
+
+
 def test_the_block_view_of_a_cluster_waits_for_every_member_then_tells_misses(
     unused_target: str,
 ) -> None:
