@@ -3,7 +3,8 @@
 A miss must never be slower than serving without a store: it costs one lookup (none with
 the connector's `block_view`) and the saves of what it computes. Each round serves a
 fresh prompt (a miss) through the vLLM connector once per variant (saves during or after
-the pass; after it with the block view), each timed beside the same prompt served
+the pass; after it with the block view; the block view with no save, which isolates what
+the saves cost), each timed beside the same prompt served
 by the same engine with no connector at all ("no store", `Engine.without_store`) and by
 the model alone ("recompute", without the engine's own scheduling and bookkeeping, which
 vLLM pays with or without a store). The three take turns in an order that rotates each
@@ -33,13 +34,22 @@ class Variant:
 
     save_during_forward: bool
     block_view: bool = False
+    save: bool = True  # False: the request asks for no save (what the saves cost)
 
     def describe(self) -> str:
-        saves = "during the pass" if self.save_during_forward else "after the pass"
+        if not self.save:
+            saves = "off"
+        else:
+            saves = "during the pass" if self.save_during_forward else "after the pass"
         return f"saves {saves}" + (", block view" if self.block_view else "")
 
 
-VARIANTS = (Variant(True), Variant(False), Variant(False, block_view=True))
+VARIANTS = (
+    Variant(True),
+    Variant(False),
+    Variant(False, block_view=True),
+    Variant(False, block_view=True, save=False),
+)
 # Seeds well away from the agent session's and the warm-up's.
 _FIRST_SEED = 50_000_000
 # The longest wait for a block view to be complete before the measured rounds.
@@ -125,7 +135,11 @@ def run_misses(
                 seed += 1
                 # The order rotates: each one finds the pages and caches another left.
                 stored, no_store_s, recompute_s = _one_round(
-                    engine, no_store, prompt, first=(index + number) % len(_TURNS)
+                    engine,
+                    no_store,
+                    prompt,
+                    first=(index + number) % len(_TURNS),
+                    save=variant.save,
                 )
                 if stored.num_reused_tokens or stored.num_matched_tokens:
                     raise RuntimeError(f"prompt seed {seed - 1} was not a miss")
@@ -155,7 +169,7 @@ _TURNS = ("store", "no store", "recompute")
 
 
 def _one_round(
-    engine: Engine, no_store: Engine, prompt: Tensor, *, first: int
+    engine: Engine, no_store: Engine, prompt: Tensor, *, first: int, save: bool
 ) -> tuple[StoreRun, float, float]:
     """`prompt` through the store, through the engine without one, and through the model
     alone, starting with turn `first`: the store's run and the other two's TTFTs."""
@@ -163,7 +177,7 @@ def _one_round(
     no_store_s = recompute_s = 0.0
     for turn in _TURNS[first:] + _TURNS[:first]:
         if turn == "store":
-            stored = engine.serve(prompt, 1)
+            stored = engine.serve(prompt, 1, save=save)
         elif turn == "no store":
             no_store_s = no_store.serve(prompt, 1).ttft_s
         else:

@@ -18,14 +18,16 @@ def test_each_variant_reports_paired_ratios_and_saves_every_block(
     assert main([*argv, "--threads", "1", "--device", "cpu", "--json"]) == 0
     reports = json.loads(capsys.readouterr().out)
     assert [report["variant"] for report in reports] == [
-        {"save_during_forward": True, "block_view": False},
-        {"save_during_forward": False, "block_view": False},
-        {"save_during_forward": False, "block_view": True},
+        {"save_during_forward": True, "block_view": False, "save": True},
+        {"save_during_forward": False, "block_view": False, "save": True},
+        {"save_during_forward": False, "block_view": True, "save": True},
+        {"save_during_forward": False, "block_view": True, "save": False},
     ]
     # A lookup told each miss, but where the block view did.
     assert [report["decisions"] for report in reports] == [
         {"miss": 2},
         {"miss": 2},
+        {"miss, by the block view": 2},
         {"miss, by the block view": 2},
     ]
     blocks_per_prompt = 64 // model_config("tiny").page_tokens
@@ -36,8 +38,10 @@ def test_each_variant_reports_paired_ratios_and_saves_every_block(
         assert len(report["no_store_ratios"]) == 2
         assert all(ratio > 0 for ratio in report["no_store_ratios"])
         assert all(0 < match_ms < 1000 for match_ms in report["match_ms"])
-        # Each miss was saved whole, whichever the mode: it was a miss, not a hit.
-        assert report["saved_blocks"] == 2 * blocks_per_prompt
+        # Each miss was saved whole, whichever the mode (it was a miss, not a hit), but
+        # where the request asked for no save.
+        saved = 2 * blocks_per_prompt if report["variant"]["save"] else 0
+        assert report["saved_blocks"] == saved
 
 
 def test_no_pairs_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
