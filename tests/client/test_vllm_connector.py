@@ -555,27 +555,37 @@ def find_data_plane(scheduler: KVStoreConnector, *, seed: int) -> None:
     scheduler.request_finished(warm_up, [])
 
 
-def test_an_idle_engine_looks_up_once_from_the_scheduler_thread(store_target: str) -> None:
-    prompt = tokens(3 * BLOCK, seed=4242)
-    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
-    side = scheduler.scheduler_side
+@contextlib.contextmanager
+def idle_engine_with_a_stored_prompt(
+    target: str, seed: int
+) -> Iterator[tuple[KVStoreConnector, SyncKVClient, list[int]]]:
+    """A scheduler side with nothing running, whose data plane is found, a client of its
+    namespace, and a prompt of 3 blocks stored (2 loadable); shut down after."""
+    prompt = tokens(3 * BLOCK, seed=seed)
+    scheduler = make(KVConnectorRole.SCHEDULER, target)
     try:
-        with SyncKVClient(store_target, scheduler.config.namespace) as client:
-            save_prompt(store_target, prompt, blocks_first_caches(seed=4242))
-            find_data_plane(scheduler, seed=4243)
-            before = client.stats().lookups
-            request = Request("idle", prompt)
-            scheduler.on_new_request(request)
-            time.sleep(0.2)
-            # Nothing runs: the arrival starts no lookup on the loop thread...
-            assert client.stats().lookups == before
-            answered = side._blocking.answered
-            # ...the count makes it, from this thread, once.
-            assert scheduler.get_num_new_matched_tokens(request, 0) == (2 * BLOCK, False)
-            assert side._blocking.answered == answered + 1
-            assert client.stats().lookups == before + 1
+        with SyncKVClient(target, scheduler.config.namespace) as client:
+            save_prompt(target, prompt, blocks_first_caches(seed=seed))
+            find_data_plane(scheduler, seed=seed + 1)
+            yield scheduler, client, prompt
     finally:
         scheduler.shutdown()
+
+
+def test_an_idle_engine_looks_up_once_from_the_scheduler_thread(store_target: str) -> None:
+    with idle_engine_with_a_stored_prompt(store_target, 4242) as (scheduler, client, prompt):
+        side = scheduler.scheduler_side
+        before = client.stats().lookups
+        request = Request("idle", prompt)
+        scheduler.on_new_request(request)
+        time.sleep(0.2)
+        # Nothing runs: the arrival starts no lookup on the loop thread...
+        assert client.stats().lookups == before
+        answered = side._blocking.answered
+        # ...the count makes it, from this thread, once.
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (2 * BLOCK, False)
+        assert side._blocking.answered == answered + 1
+        assert client.stats().lookups == before + 1
 
 
 def wait_for_view(scheduler: KVStoreConnector, prompt: list[int], held: int) -> None:
@@ -717,25 +727,18 @@ def test_the_block_view_of_a_store_that_is_down_says_nothing(unused_target: str)
 def test_arrivals_behind_one_at_an_idle_engine_start_their_lookups_at_once(
     store_target: str,
 ) -> None:
-    prompt = tokens(3 * BLOCK, seed=4244)
-    scheduler = make(KVConnectorRole.SCHEDULER, store_target)
-    side = scheduler.scheduler_side
-    try:
-        with SyncKVClient(store_target, scheduler.config.namespace) as client:
-            save_prompt(store_target, prompt, blocks_first_caches(seed=4244))
-            find_data_plane(scheduler, seed=4245)
-            first, second = Request("first", prompt), Request("second", prompt)
-            before = client.stats().lookups
-            scheduler.on_new_request(first)  # idle: its count looks it up
-            # The second waits behind the first: its lookup starts now, on the loop.
-            assert arrive(scheduler, client, second) == before + 1
-            answered = side._blocking.answered
-            assert scheduler.get_num_new_matched_tokens(first, 0) == (2 * BLOCK, False)
-            assert scheduler.get_num_new_matched_tokens(second, 0) == (2 * BLOCK, False)
-            assert side._blocking.answered == answered + 1  # the first's, from here
-            assert client.stats().lookups == before + 2
-    finally:
-        scheduler.shutdown()
+    with idle_engine_with_a_stored_prompt(store_target, 4244) as (scheduler, client, prompt):
+        side = scheduler.scheduler_side
+        first, second = Request("first", prompt), Request("second", prompt)
+        before = client.stats().lookups
+        scheduler.on_new_request(first)  # idle: its count looks it up
+        # The second waits behind the first: its lookup starts now, on the loop.
+        assert arrive(scheduler, client, second) == before + 1
+        answered = side._blocking.answered
+        assert scheduler.get_num_new_matched_tokens(first, 0) == (2 * BLOCK, False)
+        assert scheduler.get_num_new_matched_tokens(second, 0) == (2 * BLOCK, False)
+        assert side._blocking.answered == answered + 1  # the first's, from here
+        assert client.stats().lookups == before + 2
 
 
 @pytest.fixture
