@@ -708,6 +708,28 @@ def test_the_block_view_of_a_cluster_waits_for_every_member_then_tells_misses(
             scheduler.shutdown()
 
 
+def test_the_block_view_says_nothing_once_its_watch_ends() -> None:
+    """A complete view whose store goes away (its watch stream ends) says nothing until
+    a new stream is synced: requests are looked up as without it."""
+    with server_thread() as target:
+        scheduler = make(KVConnectorRole.SCHEDULER, target, block_view=True)
+        assert scheduler.scheduler_side.wait_for_block_view(30)
+    try:
+        mirror = scheduler.scheduler_side._mirror
+        assert mirror is not None
+        deadline = time.monotonic() + 30
+        while mirror.held_prefix([b"k" * 32]) is not None:
+            assert time.monotonic() < deadline, "the view outlived its watch"
+            time.sleep(0.005)
+        request = Request("after", tokens(3 * BLOCK, seed=4330))
+        assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
+        plan = scheduler.scheduler_side.plan_for("after")
+        assert plan is not None
+        assert plan.fetch.reason.startswith("lookup failed")  # looked up: the store is gone
+    finally:
+        scheduler.shutdown()
+
+
 def test_the_block_view_of_a_store_that_is_down_says_nothing(unused_target: str) -> None:
     """No events, so no complete view: the count looks up as without it (and fails)."""
     scheduler = make(KVConnectorRole.SCHEDULER, unused_target, block_view=True)

@@ -7,6 +7,7 @@ stored block; kvstore's own client meets the floor whatever chunk size it is giv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -212,6 +213,45 @@ async def test_a_put_refused_mid_stream_reaches_a_grpc_aio_client_with_its_statu
                     answered += 1
         assert quick_cuts == []
         assert answered >= 90
+        await assert_unharmed(client, poll)
+
+
+async def test_a_refused_put_whose_client_writes_on_forever_is_ended_within_the_read_on(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll
+) -> None:
+    """The read-on of a refused gRPC put is bounded by time, not by the client: a client
+    that never stops writing has its call ended within REFUSED_PUT_READ_ON_S of the
+    refusal (plus slack for a loaded machine), not after everything it chooses to send."""
+    running = await server_factory()
+    async with await seeded(running, NARROW_NS, make_kv) as client:
+        half = NARROW.layer_bytes // 2
+        data = bytes(NARROW.layer_bytes)
+        keys = [b"endless-%d" % i for i in range(40)]
+        halves = [
+            b"".join(
+                bytes(part)
+                for part in chunk_parts(
+                    PUT_CHUNKS, block, layer, start, checksum(data), [data[start : start + half]]
+                )
+            )
+            for block in range(40)
+            for layer in range(NARROW.num_layers)
+            for start in (0, half)
+        ]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            call = channel.stream_unary("/kvstore.v1.KVStore/PutBlocks")(timeout=60)
+            started = time.monotonic()
+            written = 0
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.write(opening(NARROW_NS, keys))
+                while not call.done() and time.monotonic() - started < 20:
+                    await call.write(halves[written % len(halves)])  # refused at the 8th
+                    written += 1
+            ended_after_s = time.monotonic() - started
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call
+        assert written > 7, "the put was refused before the floor's budget ran out"
+        assert ended_after_s < REFUSED_PUT_READ_ON_S + 5.0, ended_after_s
         await assert_unharmed(client, poll)
 
 
