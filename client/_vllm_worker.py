@@ -239,7 +239,10 @@ class WorkerSide:
             return
         self._load_block_ids = block_ids
         self._loading_request_ids = {load.request_id for load in metadata.loads}
-        engine.start_load_kv([key for load in metadata.loads for key in load.keys], block_ids)
+        try:
+            engine.start_load_kv([key for load in metadata.loads for key in load.keys], block_ids)
+        except ValueError as error:  # page ids this cache cannot take: nothing was started
+            self._fail_load(engine, KVLoadError(f"the load was refused: {error}"))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         engine, cache = self._require()

@@ -899,6 +899,34 @@ def test_a_load_started_after_the_forward_pass_is_reported_not_loaded(store_targ
             assert not caches[name].any()  # nothing was written into the pages
 
 
+def test_a_load_into_pages_the_cache_cannot_take_is_reported_not_raised(
+    store_target: str,
+) -> None:
+    """Block ids vLLM should never send (one named twice, one past the cache) do not
+    raise into vLLM's model runner: the load is reported as load errors, vLLM recomputes
+    those blocks, nothing lands in any page, and the next step loads normally."""
+    prompt = tokens(3 * BLOCK + 4, seed=77)
+    source = blocks_first_caches(seed=77)
+    save_prompt(store_target, prompt, source)
+    caches = kv_first_caches()
+    with both_roles(store_target, caches) as (scheduler, worker):
+        for bad_ids, reported in (
+            ([5, 5, 8, 3], {5, 8}),
+            ([1, NUM_BLOCKS, 2, 3], {1, NUM_BLOCKS, 2}),
+        ):
+            request = Request(f"bad-{bad_ids[1]}", prompt)
+            run_step(worker, plan_three_block_load(scheduler, request, bad_ids), 4)
+            assert worker.get_block_ids_with_load_errors() == reported
+            for name in NAMES:
+                assert not caches[name].any()
+        metadata = plan_three_block_load(scheduler, Request("good", prompt), [6, 0, 4, 2])
+        run_step(worker, metadata, 4)
+        assert worker.get_block_ids_with_load_errors() == set()
+        for name in NAMES:
+            for page, block in zip(range(3), [6, 0, 4], strict=True):
+                assert torch.equal(caches[name][:, block], source[name][page])
+
+
 def test_the_rates_a_worker_measures_reach_the_scheduler_as_vllms_connector_stats(
     store_target: str,
 ) -> None:
