@@ -28,10 +28,11 @@ from kvstore.client._errors import (
     protocol_error,
 )
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire.chunks import GetMessage, decode_get_message
+from kvstore.wire.chunks import GetMessage, TailedParts, decode_get_message
 from kvstore.wire.errors import WireError
 from kvstore.wire.frames import (
     HELLO_PAYLOAD,
+    TAIL_PREFIX,
     ConnectionClosed,
     FrameKind,
     FrameReader,
@@ -49,7 +50,13 @@ _ERROR_WAIT_S = 1.0
 # (300 s, kvstore.server.dataplane), so the server never closes one as it is picked up.
 _MAX_IDLE_S = 60.0
 # The frames that start a transfer, after its DEADLINE frame.
-_TRANSFER_STARTS = (FrameKind.PUT, FrameKind.GET, FrameKind.PUT_SHM, FrameKind.GET_SHM)
+_TRANSFER_STARTS = (
+    FrameKind.PUT,
+    FrameKind.PUT_TAIL,
+    FrameKind.GET,
+    FrameKind.PUT_SHM,
+    FrameKind.GET_SHM,
+)
 
 
 class DataPlaneUnreachable(OSError):
@@ -145,8 +152,17 @@ class DataConnection:
 
     async def put(self, messages: AsyncIterator[list[bytes | memoryview]]) -> pb.PutBlocksResponse:
         async for parts in messages:
-            await self.send(FrameKind.PUT, parts)
+            await self.send_put(parts)
         return await self.finish_put()
+
+    async def send_put(self, parts: list[bytes | memoryview]) -> None:
+        """One put message: a PUT_TAIL frame where it ends with a run's data (the server
+        receives that where it stores it), else a PUT frame."""
+        if isinstance(parts, TailedParts) and parts.tail_bytes:
+            before_tail = sum(memoryview(part).nbytes for part in parts) - parts.tail_bytes
+            await self.send(FrameKind.PUT_TAIL, [TAIL_PREFIX.pack(before_tail), *parts])
+        else:
+            await self.send(FrameKind.PUT, parts)
 
     async def finish_put(self) -> pb.PutBlocksResponse:
         await self.send(FrameKind.PUT_END)

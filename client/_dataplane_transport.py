@@ -20,7 +20,6 @@ from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
 from kvstore.wire.chunks import GetMessage
 from kvstore.wire.frames import VERSION as DATAPLANE_VERSION
-from kvstore.wire.frames import FrameKind
 
 logger = logging.getLogger("kvstore.client")
 # A same-host connection's buffer holds this many of the largest messages, so that the
@@ -93,7 +92,7 @@ class DataPutStream:
         self._connection = connection
 
     async def send(self, parts: Parts) -> None:
-        await self._connection.send(FrameKind.PUT, parts)
+        await self._connection.send_put(parts)
 
     async def finish(self) -> pb.PutBlocksResponse:
         try:

@@ -15,6 +15,7 @@ from kvstore.wire.chunks import (
     chunk_parts,
     encode_put_header,
     run_parts,
+    tailed_run_message,
     uses_runs,
 )
 
@@ -110,7 +111,7 @@ def layer_messages(
             # The tensor holds this layer of every block back to back: one view.
             data = source.view[start * layer_bytes : end * layer_bytes]
             checksums = checksums_of_slices(kind, data, layer_bytes)
-            yield run_parts(PUT_RUNS, layer, start, checksums, [data])
+            yield tailed_run_message([], run_parts(PUT_RUNS, layer, start, checksums, [data]))
         return
     batch = MessageBatch(chunk_bytes, b"")
     for block in range(num_blocks):
@@ -157,9 +158,10 @@ def run_messages(
                     pieces = source.layer_parts(index, layer)
                     views += pieces
                     checksums.append(checksum_of_parts(kind, pieces))
-            parts: list[bytes | memoryview] = [prefix + declarations] if layer == 0 else []
-            parts.extend(run_parts(PUT_RUNS, layer, start - first, checksums, views))
-            yield parts
+            head: list[bytes | memoryview] = [prefix + declarations] if layer == 0 else []
+            yield tailed_run_message(
+                head, run_parts(PUT_RUNS, layer, start - first, checksums, views)
+            )
             prefix = b""
 
 

@@ -132,6 +132,10 @@ class ShmConnection(DataConnection):
             kind, parts = FrameKind.PUT_SHM, [Region(self.buffer_id, offset, length).encode()]
         await super().send(kind, parts)
 
+    async def send_put(self, parts: list[bytes | memoryview]) -> None:
+        """One put message, through the shared buffer (a PUT_SHM frame)."""
+        await self.send(FrameKind.PUT, parts)
+
     async def put(self, messages: AsyncIterator[list[bytes | memoryview]]) -> pb.PutBlocksResponse:
         """A whole put, its messages joined into PUT_SHM messages of about
         SHM_MESSAGE_BYTES (concatenated PutBlocksRequests are one message). Each is

@@ -127,6 +127,16 @@ class PageArena:
             return [view[start : start + nbytes] for start in starts]
         return [part for pages in blocks for part in self.read(pages, offset, nbytes)]
 
+    def landing_slices(
+        self, blocks: list[list[int]], offset: int, nbytes: int
+    ) -> list[memoryview] | None:
+        """Writable views of bytes `[offset, offset + nbytes)` of each block, one per
+        block, for a caller that receives the bytes in place; None where they cannot be
+        had (an accelerator's arena, or a slice that crosses a page)."""
+        if self._view is None or offset % self.page_bytes + nbytes > self.page_bytes:
+            return None
+        return self.read_slices(blocks, offset, nbytes)
+
     def read(self, pages: list[int], offset: int, nbytes: int) -> list[memoryview]:
         """The bytes `[offset, offset + nbytes)` of the block, in order.
 

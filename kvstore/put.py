@@ -295,15 +295,7 @@ class PutSession:
         layer_bytes = layout.layer_bytes
         self.check_run(first_block, num_blocks, layer, len(data), len(layer_checksums))
         view = memoryview(data)
-        blocks = self._blocks[first_block : first_block + num_blocks]
-        for block in blocks:
-            if block.layer_filled[layer]:
-                raise InvalidRequest(
-                    f"block {block.index} layer {layer} was already sent; send each layer once"
-                )
-        for block in blocks:
-            if block.outcome is None and block.handle is None:
-                self.start(block.index)
+        blocks = self._run_blocks(first_block, num_blocks, layer)
         # Copy, then check where the bytes landed: they are still in the cache (one read
         # of the source, not two), and what is verified is what is stored, even where the
         # source is a client's shared buffer that it changes meanwhile. A mismatch fails
@@ -326,6 +318,60 @@ class PutSession:
                     actual.append(checksum_of_parts(kind, part_views))
                 else:
                     actual.append(checksum_of_parts(kind, [part]))
+        self._finish_run(blocks, layer, actual, layer_checksums)
+
+    def landing_views(
+        self, first_block: int, num_blocks: int, layer: int, nbytes: int, num_checksums: int
+    ) -> list[memoryview] | None:
+        """Where a run's bytes go, one writable view per block, for a caller that receives
+        them in place and then calls `land_run`; checked as `write_run` checks. None where
+        they cannot be received in place (a block the store already holds, whose bytes
+        are checked, not written; a layer that crosses a page): send them to write_run."""
+        self.check_run(first_block, num_blocks, layer, nbytes, num_checksums)
+        blocks = self._run_blocks(first_block, num_blocks, layer)
+        handles = [block.handle for block in blocks if block.handle is not None]
+        if len(handles) != num_blocks:
+            return None
+        layer_bytes = self._layout.layer_bytes
+        return self._dram.landing_slices(handles, layer * layer_bytes, layer_bytes)
+
+    def land_run(
+        self,
+        first_block: int,
+        num_blocks: int,
+        layer: int,
+        landed: list[memoryview],
+        layer_checksums: tuple[int, ...] | list[int],
+    ) -> None:
+        """A run whose bytes were received into `landing_views`: check them where they
+        are, and finish the blocks' layer as write_run does."""
+        blocks = self._blocks[first_block : first_block + num_blocks]
+        self._finish_run(blocks, layer, checksums_of(self._checksum_kind, landed), layer_checksums)
+
+    def _run_blocks(self, first_block: int, num_blocks: int, layer: int) -> list[_PendingBlock]:
+        """A checked run's blocks, each started (room made) unless already stored; none
+        may have had this layer already."""
+        blocks = self._blocks[first_block : first_block + num_blocks]
+        for block in blocks:
+            if block.layer_filled[layer]:
+                raise InvalidRequest(
+                    f"block {block.index} layer {layer} was already sent; send each layer once"
+                )
+        for block in blocks:
+            if block.outcome is None and block.handle is None:
+                self.start(block.index)
+        return blocks
+
+    def _finish_run(
+        self,
+        blocks: list[_PendingBlock],
+        layer: int,
+        actual: list[int],
+        layer_checksums: tuple[int, ...] | list[int],
+    ) -> None:
+        """A run's layer is in place and `actual` its checksums: a mismatch fails the
+        put, and otherwise the layer is done in each block."""
+        layer_bytes = self._layout.layer_bytes
         if actual != list(layer_checksums):
             for block, expected, got in zip(blocks, layer_checksums, actual, strict=True):
                 block.layer_expected[layer] = expected
@@ -334,7 +380,7 @@ class PutSession:
             raise AssertionError("unreachable: the lists differ, so one checksum does")
         # Every checksum matched: _finish_layer's work, inlined. A layer sent whole was
         # never started by a chunk (layer_filled was 0), so it has no hasher to drop.
-        num_layers = layout.num_layers
+        num_layers = self._layout.num_layers
         for block, got in zip(blocks, actual, strict=True):
             block.layer_filled[layer] = layer_bytes
             block.layer_checksums[layer] = got

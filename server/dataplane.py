@@ -40,7 +40,7 @@ from kvstore.server.request_metrics import RequestMetrics
 from kvstore.server.shm import ClientBuffers, FdStream, MappedBytes
 from kvstore.server.shm_socket import bind_private, remove_stale_socket
 from kvstore.server.status import status_for
-from kvstore.server.transfer import Transfers
+from kvstore.server.transfer import TailedMessage, Transfers
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.frames import (
     DEFAULT_TRANSFER_S,
@@ -163,6 +163,25 @@ class _Link:
         frame = await self.reader.read(limit)
         pacing.working()
         return frame
+
+
+def _tailed_message(link: _Link, pacing: TransferPacing, before_tail: memoryview) -> TailedMessage:
+    """A PUT_TAIL frame's message, its tail read (within the frame's time) when the put
+    asks for it."""
+    reader = link.reader
+
+    async def receive_into(views: list[memoryview]) -> None:
+        pacing.receiving()
+        await reader.read_tail_into(views)
+        pacing.working()
+
+    async def receive() -> memoryview:
+        pacing.receiving()
+        tail = await reader.read_tail()
+        pacing.working()
+        return tail
+
+    return TailedMessage(before_tail, reader.tail_bytes, receive_into, receive)
 
 
 class DataPlane:
@@ -480,7 +499,7 @@ class DataPlane:
         caller = OPEN
         if link.credential is not None and self._auth is not None:
             caller = link.credential.caller(self._auth)
-        if kind in (FrameKind.PUT, FrameKind.PUT_SHM):
+        if kind in (FrameKind.PUT, FrameKind.PUT_TAIL, FrameKind.PUT_SHM):
             pacing.what = "put"
             messages = self._put_messages(link, pacing, kind, payload)
             reply = await self._transfers.put(messages, caller)
@@ -573,10 +592,14 @@ class DataPlane:
 
     async def _put_messages(
         self, link: _Link, pacing: TransferPacing, kind: int, first: memoryview
-    ) -> AsyncIterator[memoryview]:
+    ) -> AsyncIterator[memoryview | TailedMessage]:
         payload = first
         while True:
-            if kind == FrameKind.PUT_SHM and link.buffers is not None:
+            if kind == FrameKind.PUT_TAIL:
+                yield _tailed_message(link, pacing, payload)
+                if link.reader.tail_bytes:  # the put must take the tail before the next frame
+                    raise RuntimeError("a PUT_TAIL frame's tail was left unread")
+            elif kind == FrameKind.PUT_SHM and link.buffers is not None:
                 region = decode_region(payload)
                 limit = max(self._limits.max_message_bytes, SHM_MESSAGE_BYTES)
                 yield link.buffers.view(region, limit)
@@ -598,10 +621,10 @@ class DataPlane:
             kind, payload = await link.read_frame(pacing)
             if kind == FrameKind.PUT_END:
                 return
-            if kind not in (FrameKind.PUT, FrameKind.PUT_SHM):
+            if kind not in (FrameKind.PUT, FrameKind.PUT_TAIL, FrameKind.PUT_SHM):
                 raise InvalidRequest(
-                    f"a put goes on with PUT (or PUT_SHM) frames and ends with PUT_END, "
-                    f"not kind {kind}"
+                    f"a put goes on with PUT (or PUT_TAIL, or PUT_SHM) frames and ends with "
+                    f"PUT_END, not kind {kind}"
                 )
 
     async def _get(

@@ -55,7 +55,7 @@ class PutFloor:
         of messages. What passes costs the server a constant times its bytes."""
         floor = self._floor_bytes
         data_bytes = sum(len(chunk.data) for chunk in message.chunks)
-        data_bytes += sum(len(run.data) for run in message.runs)
+        data_bytes += sum(message.data_bytes(run) for run in message.runs)
         num_pieces = len(message.chunks) + len(message.runs)
         self._num_messages += 1
         self._data_bytes += data_bytes
@@ -107,7 +107,7 @@ class PutFloor:
                     f"unless they end one; see docs/protocol.md"
                 )
         for run in message.runs:
-            size = len(run.data)
+            size = message.data_bytes(run)
             last = run.first_block + run.num_blocks
             if size != run.num_blocks * self._layer_bytes or last > num_declared:
                 continue

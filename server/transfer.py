@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import cast
 
 from kvstore.enums import TierKind
 from kvstore.errors import CapacityExhausted, InvalidRequest
@@ -40,6 +42,7 @@ from kvstore.wire.chunks import (
     GET_RUNS,
     MIN_PUT_PIECE_BYTES,
     PutMessage,
+    WireRun,
     chunk_parts,
     decode_put_message,
     encode_get_header,
@@ -53,6 +56,18 @@ from kvstore.wire.enums import checksum_kind_from_wire
 BLOCKS_PER_STEP = 64
 
 WireParts = list[bytes | memoryview]
+
+
+@dataclass(frozen=True, slots=True)
+class TailedMessage:
+    """A put message whose last run's data, `tail_bytes` of it, is still on the
+    connection (a data-plane PUT_TAIL frame): the put receives it where it is stored."""
+
+    before_tail: memoryview
+    tail_bytes: int
+    # The tail, into views whose lengths add up to it; or into a buffer of the reader's.
+    receive_into: Callable[[list[memoryview]], Awaitable[None]]
+    receive: Callable[[], Awaitable[memoryview]]
 
 
 class Transfers:
@@ -100,12 +115,13 @@ class Transfers:
             del self._num_running[slot]
 
     async def put(
-        self, messages: AsyncIterator[bytes | memoryview], caller: Caller = OPEN
+        self, messages: AsyncIterator[bytes | memoryview | TailedMessage], caller: Caller = OPEN
     ) -> pb.PutBlocksResponse:
         """A whole put by `caller`; raises on bad input or a namespace not the caller's.
 
         Each message is applied before the next is read, so it may be a view into a
-        buffer that the transport reuses.
+        buffer that the transport reuses. A TailedMessage's tail is received once the
+        rest of the message has been checked and its room made.
         """
         started_s = time.perf_counter()
         session: PutSession | None = None
@@ -114,7 +130,11 @@ class Transfers:
         committed: list[BlockEntry] = []
         try:
             async for raw in messages:
-                message = decode_put_message(raw)
+                tail = raw if isinstance(raw, TailedMessage) else None
+                if tail is not None:
+                    message = decode_put_message(tail.before_tail, tail.tail_bytes)
+                else:
+                    message = decode_put_message(cast(bytes | memoryview, raw))
                 if session is None:
                     namespace = put_namespace_from_wire(message.namespace)
                     caller.authorize(namespace.tenant)
@@ -127,7 +147,7 @@ class Transfers:
                 # commits no block.
                 floor.admit(message)
                 floor.check_pieces(message, session.num_declared + len(message.blocks))
-                await self._apply_put_message(session, message, committed)
+                await self._apply_put_message(session, message, committed, tail)
             if session is None:
                 raise InvalidRequest("the put stream was empty; send a namespace and blocks")
             outcomes = session.finish()
@@ -155,7 +175,11 @@ class Transfers:
         return session, PutFloor(namespace.layout, self._put_floor_bytes)
 
     async def _apply_put_message(
-        self, session: PutSession, message: PutMessage, committed: list[BlockEntry]
+        self,
+        session: PutSession,
+        message: PutMessage,
+        committed: list[BlockEntry],
+        tail: TailedMessage | None = None,
     ) -> None:
         """Apply one message, letting the loop run other requests (lookups) after each
         BLOCKS_PER_STEP blocks: a megabyte of small blocks is a thousand commits, tens
@@ -170,7 +194,11 @@ class Transfers:
             session.check_chunk(chunk.block_index, chunk.layer, chunk.offset, len(chunk.data))
         for run in message.runs:
             session.check_run(
-                run.first_block, run.num_blocks, run.layer, len(run.data), len(run.layer_checksums)
+                run.first_block,
+                run.num_blocks,
+                run.layer,
+                message.data_bytes(run),
+                len(run.layer_checksums),
             )
         # Room is reserved as a block's first bytes arrive. Under pressure, wait for
         # demotions to SSD (or write-through writes) rather than fail the put.
@@ -188,6 +216,10 @@ class Transfers:
                 self._take_committed(session, committed)
                 await asyncio.sleep(0)
         for run in message.runs:
+            if tail is not None and run is message.runs[-1]:
+                landed = await self._receive_tail(session, run, tail)
+                if landed:
+                    continue
             layer_bytes = session.layer_bytes
             whole = (
                 run.num_blocks <= BLOCKS_PER_STEP
@@ -213,6 +245,26 @@ class Transfers:
                     run.layer_checksums[first:stop],
                 )
         self._take_committed(session, committed)
+
+    async def _receive_tail(self, session: PutSession, run: WireRun, tail: TailedMessage) -> bool:
+        """Receive a message's tail, `run`'s data: where the blocks store it when each
+        block's layer is one slice of the arena (True: the run is done), else into a
+        buffer that `run.data` then views, to be written as any run (False)."""
+        views = None
+        if run.num_blocks <= BLOCKS_PER_STEP:  # its checks and commits fit one step
+            views = session.landing_views(
+                run.first_block,
+                run.num_blocks,
+                run.layer,
+                tail.tail_bytes,
+                len(run.layer_checksums),
+            )
+        if views is None:
+            run.data = await tail.receive()
+            return False
+        await tail.receive_into(views)
+        session.land_run(run.first_block, run.num_blocks, run.layer, views, run.layer_checksums)
+        return True
 
     def _take_committed(self, session: PutSession, committed: list[BlockEntry]) -> None:
         """Hand the blocks committed so far to the write policy (write-through starts

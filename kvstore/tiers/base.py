@@ -127,6 +127,16 @@ class ArenaTier:
         self.counters.bytes_written += len(data)
         return self.arena.read_slices(blocks, offset, nbytes)
 
+    def landing_slices(
+        self, handles: list[object], offset: int, nbytes: int
+    ) -> list[memoryview] | None:
+        """Where `write_slices` would put each slice, as writable views, for bytes
+        received in place (counted as written); None where it cannot (PageArena)."""
+        views = self.arena.landing_slices(cast(list[list[int]], handles), offset, nbytes)
+        if views is not None:
+            self.counters.bytes_written += nbytes * len(handles)
+        return views
+
     def read(self, handle: object, offset: int, nbytes: int) -> list[memoryview]:
         self.counters.bytes_read += nbytes
         return self.arena.read(cast(list[int], handle), offset, nbytes)

@@ -135,6 +135,15 @@ class PutMessage:
     blocks: list[WireBlockHeader] = field(default_factory=list)
     chunks: list[WireChunk] = field(default_factory=list)
     runs: list[WireRun] = field(default_factory=list)
+    # Decoded without its tail (decode_put_message): the last run's data, this many
+    # bytes, is still to be received; until then that run's `data` is empty.
+    tail_bytes: int = 0
+
+    def data_bytes(self, run: WireRun) -> int:
+        """The bytes of `run`'s data, received or not."""
+        if self.tail_bytes and run is self.runs[-1]:
+            return self.tail_bytes
+        return len(run.data)
 
 
 @dataclass(slots=True)
@@ -237,6 +246,27 @@ def run_parts(
         + varint(data_len)
     )
     return [_tag(number, _LEN) + varint(len(head) + data_len) + head, *data]
+
+
+class TailedParts(list[bytes | memoryview]):
+    """A put message's wire parts whose last `tail_bytes` bytes are the data of its last
+    field, a LayerRun: the data plane sends it as a PUT_TAIL frame, and the server
+    receives those bytes where it stores them (kvstore.wire.frames)."""
+
+    __slots__ = ("tail_bytes",)
+
+    def __init__(self, parts: list[bytes | memoryview], tail_bytes: int) -> None:
+        super().__init__(parts)
+        self.tail_bytes = tail_bytes
+
+
+def tailed_run_message(
+    head: list[bytes | memoryview], run: list[bytes | memoryview]
+) -> TailedParts:
+    """A put message of `head` (declarations, or nothing) then one run's parts
+    (run_parts), its tail the run's data."""
+    data_bytes = sum(memoryview(part).nbytes for part in run[1:])
+    return TailedParts([*head, *run], data_bytes)
 
 
 def encode_get_header(
@@ -439,39 +469,91 @@ def _decode_block_header(buffer: memoryview, start: int, end: int) -> WireBlockH
     return WireBlockHeader(key, parent_key, parent_remote)
 
 
-def decode_put_message(data: bytes | memoryview) -> PutMessage:
-    """A PutBlocksRequest, strictly: any field this codec does not know is an error."""
+def decode_put_message(data: bytes | memoryview, tail_bytes: int = 0) -> PutMessage:
+    """A PutBlocksRequest, strictly: any field this codec does not know is an error.
+
+    With `tail_bytes`, `data` is the message without its last `tail_bytes` bytes, which
+    must be exactly the data of its last field, a LayerRun (a PUT_TAIL frame: the server
+    receives those bytes straight to where they are stored). That run's `data` is left
+    empty, and `PutMessage.data_bytes` gives its length.
+    """
     buffer = memoryview(data)
-    reader = _Reader(buffer)
-    message = PutMessage()
+    received = len(buffer)
+    reader = _Reader(buffer, 0, received + tail_bytes)
+    message = PutMessage(tail_bytes=tail_bytes)
     namespace_parts: list[bytes] = []
-    while reader.more():
-        number, wire_type = reader.tag()
-        if wire_type == _LEN and number in (PUT_NAMESPACE, PUT_BLOCKS, PUT_CHUNKS, PUT_RUNS):
-            start, end = reader.length_delimited()
-            if number == PUT_CHUNKS:
-                message.chunks.append(_decode_chunk(buffer, start, end, strict=True))
-            elif number == PUT_RUNS:
-                message.runs.append(_decode_run(buffer, start, end, strict=True))
-            elif number == PUT_BLOCKS:
-                message.blocks.append(_decode_block_header(buffer, start, end))
-            else:
-                # A repeated message field merges, as in protobuf: its parts concatenate
-                # (joined once below: joining as they come would be quadratic).
-                namespace_parts.append(bytes(buffer[start:end]))
-            # A piece or header costs an object: no message may make more than its
-            # bytes could carry in real ones (a field of a few bytes each is an attack).
-            if len(message.chunks) + len(message.runs) + len(message.blocks) > MAX_PUT_FIELDS:
-                raise WireError(
-                    f"more than {MAX_PUT_FIELDS} blocks, chunks and runs in one put message"
-                )
-        elif number == PUT_CHECKSUM_KIND and wire_type == _VARINT:
-            message.checksum_kind = reader.varint()
-        else:
-            raise _unknown("PutBlocksRequest", number, wire_type)
+    try:
+        while reader.more():
+            if reader.position >= received:
+                raise _bad_tail("a field starts in it")
+            _decode_put_field(reader, buffer, message, namespace_parts)
+    except (IndexError, struct.error):  # a field cut where the tail begins
+        raise _bad_tail("a field other than the last run's data reaches into it") from None
     if namespace_parts:
         message.namespace = b"".join(namespace_parts)
     return message
+
+
+def _bad_tail(why: str) -> WireError:
+    return WireError(
+        f"malformed PUT_TAIL frame: its tail must be exactly the data of the message's last "
+        f"LayerRun, but {why}"
+    )
+
+
+def _decode_put_field(
+    reader: _Reader, buffer: memoryview, message: PutMessage, namespace_parts: list[bytes]
+) -> None:
+    received = len(buffer)
+    number, wire_type = reader.tag()
+    if wire_type == _LEN and number in (PUT_NAMESPACE, PUT_BLOCKS, PUT_CHUNKS, PUT_RUNS):
+        start, end = reader.length_delimited()
+        if end > received:  # reaches into the tail: only the last run may, with its data
+            if number != PUT_RUNS or reader.more():
+                raise _bad_tail(f"field {number} reaches into it")
+            message.runs.append(_decode_tail_run(buffer, start, end))
+        elif number == PUT_CHUNKS:
+            message.chunks.append(_decode_chunk(buffer, start, end, strict=True))
+        elif number == PUT_RUNS:
+            message.runs.append(_decode_run(buffer, start, end, strict=True))
+        elif number == PUT_BLOCKS:
+            message.blocks.append(_decode_block_header(buffer, start, end))
+        else:
+            # A repeated message field merges, as in protobuf: its parts concatenate
+            # (joined once by the caller: joining as they come would be quadratic).
+            namespace_parts.append(bytes(buffer[start:end]))
+        # A piece or header costs an object: no message may make more than its bytes
+        # could carry in real ones (a field of a few bytes each is an attack).
+        if len(message.chunks) + len(message.runs) + len(message.blocks) > MAX_PUT_FIELDS:
+            raise WireError(
+                f"more than {MAX_PUT_FIELDS} blocks, chunks and runs in one put message"
+            )
+    elif number == PUT_CHECKSUM_KIND and wire_type == _VARINT:
+        message.checksum_kind = reader.varint()
+    else:
+        raise _unknown("PutBlocksRequest", number, wire_type)
+
+
+def _decode_tail_run(buffer: memoryview, start: int, end: int) -> WireRun:
+    """The last LayerRun of a message whose tail, from the end of `buffer` to `end`, is
+    this run's data: every field before the data is in `buffer`, and the data is last."""
+    received = len(buffer)
+    reader = _Reader(buffer, start, end)
+    while True:
+        if reader.position >= received:
+            raise _bad_tail("a LayerRun field starts in it")
+        field_start = reader.position
+        number, wire_type = reader.tag()
+        if number == RUN_DATA and wire_type == _LEN:
+            data_start, data_end = reader.length_delimited()
+            if data_start != received or data_end != end:
+                raise _bad_tail("the last run's data does not begin where the tail does")
+            break
+        reader.skip("LayerRun", number, wire_type)
+        if reader.position > received:
+            raise _bad_tail(f"LayerRun field {number} reaches into it")
+    # The fields before the data, decoded as any run's; the data is received later.
+    return _decode_run(buffer, start, field_start, strict=True)
 
 
 def _decode_run(buffer: memoryview, start: int, end: int, strict: bool) -> WireRun:

@@ -18,6 +18,9 @@ the payload. A connection carries one transfer at a time:
                                     <-   HELLO, b"KVDP" + version: the caller is admitted
     DEADLINE  ms left (u32)         ->   (optional, before the transfer's first frame)
     PUT    a PutBlocksRequest       ->   (any number; the first names the namespace)
+      or PUT_TAIL: u32 n, then the same message whose last field is a LayerRun, cut
+         after its first n bytes: the rest is that run's data, which the server can
+         receive straight into its arena rather than into a buffer and then copy
     PUT_END                         ->
                                     <-   PUT_DONE  a PutBlocksResponse
     GET    a GetBlocksRequest       ->
@@ -46,10 +49,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Protocol
 
+from kvstore.wire.errors import WireError
+
 MAGIC = b"KVDP"
 # 2: transfers may start with a DEADLINE frame, which version-1 servers refuse.
 # 3: HELLO may carry a token after the version, which version-2 servers refuse.
-VERSION = 3
+# 4: a put's messages may come as PUT_TAIL frames, which version-3 servers refuse.
+VERSION = 4
 HEADER = struct.Struct("<BI")
 HELLO_PAYLOAD = MAGIC + struct.pack("<H", VERSION)
 _ERROR_CODE = struct.Struct("<I")
@@ -88,6 +94,12 @@ class FrameKind(enum.IntEnum):
     # A lookup: a LookupPrefixRequest, answered by a LookupPrefixResponse (or ERROR).
     LOOKUP = 16
     LOOKUP_RESULT = 17
+    # A PUT whose last run's data, the frame's tail, is read where it is stored.
+    PUT_TAIL = 18
+
+
+# A PUT_TAIL frame's payload starts with the length of the message before its tail.
+TAIL_PREFIX = struct.Struct("<I")
 
 
 class ByteStream(Protocol):
@@ -160,7 +172,11 @@ class FrameReader:
         self._max_payload = max_payload
         self._header = bytearray(HEADER.size)
         self._buffer = bytearray(0)
+        self._tail_buffer = bytearray(0)
         self._unyielded_bytes = 0  # received since the loop last ran other callbacks
+        self._sock = stream if isinstance(stream, socket.socket) else None
+        # The tail of the last PUT_TAIL frame, not read yet: read_tail or read_tail_into.
+        self.tail_bytes = 0
 
     @property
     def buffer_bytes(self) -> int:
@@ -174,18 +190,91 @@ class FrameReader:
         header announces more than `limit` (default: `max_payload`) bytes; the payload
         is then not read, nor any buffer made for it.
         """
+        if self.tail_bytes:
+            raise RuntimeError("the last PUT_TAIL frame's tail was not read")
         await self.read_into(memoryview(self._header))
         kind, length = HEADER.unpack(self._header)
         limit = self._max_payload if limit is None else min(limit, self._max_payload)
         if length > limit:
             raise FrameTooLarge(kind, length, limit)
+        if kind == FrameKind.PUT_TAIL:
+            return kind, await self._read_before_tail(length)
+        return kind, await self._read_payload(length)
+
+    async def _read_before_tail(self, length: int) -> memoryview:
+        """A PUT_TAIL frame's message up to its tail; `tail_bytes` says what is left."""
+        if length < TAIL_PREFIX.size:
+            raise WireError(f"a {length}-byte PUT_TAIL frame is too short for its prefix length")
+        await self.read_into(memoryview(self._header)[: TAIL_PREFIX.size])
+        (before,) = TAIL_PREFIX.unpack_from(self._header)
+        if before > length - TAIL_PREFIX.size:
+            raise WireError(
+                f"a PUT_TAIL frame of {length} bytes says {before} of them come before its tail"
+            )
+        payload = await self._read_payload(before)
+        self.tail_bytes = length - TAIL_PREFIX.size - before
+        return payload
+
+    async def read_tail_into(self, views: Sequence[memoryview]) -> None:
+        """The last PUT_TAIL frame's tail, into `views` (flat byte views whose lengths
+        add up to `tail_bytes`), one after another: on a bare socket, scattered by the
+        kernel, with no copy on this side."""
+        if sum(len(view) for view in views) != self.tail_bytes:
+            raise ValueError(f"the views do not hold the {self.tail_bytes}-byte tail exactly")
+        self.tail_bytes = 0
+        if self._sock is not None:
+            await self._recv_scattered(self._sock, [view for view in views if len(view)])
+            return
+        for view in views:
+            await self.read_into(view)
+
+    async def read_tail(self) -> memoryview:
+        """The last PUT_TAIL frame's tail, in a buffer of the reader's own that stays
+        valid until the next `read_tail` (not the next `read`)."""
+        length, self.tail_bytes = self.tail_bytes, 0
+        if len(self._tail_buffer) < length:
+            self._tail_buffer = bytearray(0)  # the old one goes before the new is made
+            self._tail_buffer = await self._read_growing(length)
+            return memoryview(self._tail_buffer)[:length]
+        tail = memoryview(self._tail_buffer)[:length]
+        await self.read_into(tail)
+        return tail
+
+    async def _recv_scattered(self, sock: socket.socket, views: list[memoryview]) -> None:
+        loop = asyncio.get_running_loop()
+        first = 0
+        while first < len(views):
+            try:
+                count = sock.recvmsg_into(_slice_of(views[first : first + _MAX_BUFFERS]))[0]
+            except (BlockingIOError, InterruptedError):
+                await _readable(loop, sock)
+                continue
+            except OSError as error:  # a reset: the peer is gone
+                raise ConnectionClosed(str(error)) from error
+            if count == 0:
+                raise ConnectionClosed("the peer closed the connection")
+            self._unyielded_bytes += count
+            while count:
+                head = views[first]
+                if count >= len(head):
+                    count -= len(head)
+                    first += 1
+                else:
+                    views[first] = head[count:]
+                    count = 0
+            if self._unyielded_bytes >= LOOP_SLICE_BYTES:
+                self._unyielded_bytes = 0
+                await asyncio.sleep(0)
+
+    async def _read_payload(self, length: int) -> memoryview:
         if len(self._buffer) >= length:  # the common case: the buffer is reused
             payload = memoryview(self._buffer)[:length]
             await self.read_into(payload)
-            return kind, payload
-        return kind, await self._read_growing(length)
+            return payload
+        self._buffer = await self._read_growing(length)
+        return memoryview(self._buffer)
 
-    async def _read_growing(self, length: int) -> memoryview:
+    async def _read_growing(self, length: int) -> bytearray:
         """A payload larger than the buffer, read into buffers that grow as it arrives.
 
         Each growth is a new buffer, not a resize: views of the old one may still be
@@ -206,12 +295,12 @@ class FrameReader:
             grown = bytearray(size)
             grown[:received] = view
             buffer = grown
-        self._buffer = buffer
-        return memoryview(buffer)
+        return buffer
 
     def release_buffer(self) -> None:
-        """Drop the payload buffer (views of it stay valid); the next frame makes one."""
+        """Drop the payload buffers (views of them stay valid); the next frame makes one."""
         self._buffer = bytearray(0)
+        self._tail_buffer = bytearray(0)
 
     async def read_into(self, view: memoryview) -> None:
         received = 0
@@ -326,17 +415,31 @@ def _byte_view(part: bytes | memoryview) -> memoryview:
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    await _ready(loop, sock, writable=True)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    await _ready(loop, sock, writable=False)
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, writable: bool) -> None:
     ready = loop.create_future()
 
     def wake() -> None:
         if not ready.done():
             ready.set_result(None)
 
-    loop.add_writer(sock.fileno(), wake)
+    if writable:
+        loop.add_writer(sock.fileno(), wake)
+    else:
+        loop.add_reader(sock.fileno(), wake)
     try:
         await ready
     finally:
-        loop.remove_writer(sock.fileno())
+        if writable:
+            loop.remove_writer(sock.fileno())
+        else:
+            loop.remove_reader(sock.fileno())
 
 
 def tune_socket(sock: socket.socket) -> None:

@@ -20,6 +20,7 @@ import pytest
 import torch
 from raw_data_plane import HELLO, Raw, frame  # tests/raw_data_plane.py
 
+import kvstore.put
 import kvstore.server.dataplane
 from kvstore.checksum import ChecksumKind, checksum
 from kvstore.client import (
@@ -40,8 +41,15 @@ from kvstore.server import RunningServer
 from kvstore.server.config import add_config_arguments, config_from_args, load_config
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
-from kvstore.wire.chunks import chunk_parts, decode_get_message, encode_put_header
-from kvstore.wire.frames import FrameKind
+from kvstore.wire.chunks import (
+    PUT_RUNS,
+    chunk_parts,
+    decode_get_message,
+    encode_put_header,
+    run_parts,
+    tailed_run_message,
+)
+from kvstore.wire.frames import TAIL_PREFIX, FrameKind
 from kvstore.wire.namespace import namespace_to_wire
 
 MiB = 1 << 20
@@ -296,7 +304,7 @@ async def test_get_data_plane_reports_the_bound_port(
     server: RunningServer, stub: pb_grpc.KVStoreStub
 ) -> None:
     reply = await stub.GetDataPlane(pb.DataPlaneRequest(), timeout=5)
-    assert reply.version == 3
+    assert reply.version == 4
     assert reply.port == server.servicer.data_plane_port != 0
     assert server.data_plane is not None
     raw = await RawConnection.open_port(reply.port)  # something speaks HELLO there
@@ -404,6 +412,21 @@ BAD_FRAMES: list[tuple[str, bool, bytes, int, str]] = [
         "incomplete",
     ),
     ("malformed-get", True, frame(FrameKind.GET, GARBAGE), INVALID_ARGUMENT, "malformed"),
+    ("tail-frame-too-short", True, frame(FrameKind.PUT_TAIL, b"\x01"), INVALID_ARGUMENT, "short"),
+    (
+        "tail-past-the-frame",
+        True,
+        frame(FrameKind.PUT_TAIL, TAIL_PREFIX.pack(100) + DECLARE_NEW),
+        INVALID_ARGUMENT,
+        "before its tail",
+    ),
+    (
+        "tail-inside-the-declarations",  # the tail is not a run's data
+        True,
+        frame(FrameKind.PUT_TAIL, TAIL_PREFIX.pack(len(DECLARE_NEW) - 3) + DECLARE_NEW),
+        INVALID_ARGUMENT,
+        "PUT_TAIL",
+    ),
     (
         "get-without-keys",
         True,
@@ -595,6 +618,178 @@ async def test_an_abandoned_raw_put_is_reclaimed(seed: Seed, make_kv: MakeKV, po
     await poll(reclaimed)
     assert (await seed.client.lookup_keys(keys)).num_matched == 0
     await seed.assert_serving()
+
+
+# -- PUT_TAIL: a run's data received where it is stored ------------------------------------------
+
+
+def tail_frames(keys: list[bytes], kv: torch.Tensor, *, corrupt_layer: int | None = None) -> bytes:
+    """A put of `keys` (a chain) as kvstore's client sends it over TCP: one PUT_TAIL frame
+    per layer, the first with the namespace and declarations, each carrying a run of
+    that layer of every block, whose data is the frame's tail. `corrupt_layer`: that
+    layer's first checksum is wrong."""
+    head: list[bytes | memoryview] = [
+        encode_put_header(
+            namespace=wire_ns(),
+            checksum_kind=ChecksumKind.XXH3_64.value,
+            blocks=[(key, keys[index - 1] if index else b"") for index, key in enumerate(keys)],
+        )
+    ]
+    frames = b""
+    for layer in range(LAYOUT.num_layers):
+        layers = [
+            kv[block, layer].contiguous().view(torch.uint8).numpy().tobytes()
+            for block in range(len(keys))
+        ]
+        checksums = [checksum(ChecksumKind.XXH3_64, data) for data in layers]
+        if layer == corrupt_layer:
+            checksums[0] ^= 1
+        message = tailed_run_message(
+            head if layer == 0 else [], run_parts(PUT_RUNS, layer, 0, checksums, [b"".join(layers)])
+        )
+        encoded = b"".join(bytes(part) for part in message)
+        before_tail = len(encoded) - message.tail_bytes
+        frames += frame(FrameKind.PUT_TAIL, TAIL_PREFIX.pack(before_tail) + encoded)
+    return frames
+
+
+@pytest.fixture
+def landed_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The runs the in-process server received in place (PutSession.land_run), by size."""
+    landed: list[int] = []
+    land_run = kvstore.put.PutSession.land_run
+
+    def counted(session: kvstore.put.PutSession, *args: Any) -> None:
+        landed.append(args[1])  # num_blocks
+        land_run(session, *args)
+
+    monkeypatch.setattr(kvstore.put.PutSession, "land_run", counted)
+    return landed
+
+
+async def test_put_tail_frames_land_in_place_and_read_back(
+    seed: Seed, make_kv: MakeKV, landed_runs: list[int]
+) -> None:
+    keys = [b"tail-0", b"tail-1", b"tail-2"]
+    kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=21)
+    raw = await RawConnection.open_port(seed.port)
+    try:
+        await raw.send(tail_frames(keys, kv) + frame(FrameKind.PUT_END))
+        kind, payload = await raw.read_frame()
+        assert kind == FrameKind.PUT_DONE, payload
+        assert pb.PutBlocksResponse.FromString(payload).num_committed == len(keys)
+    finally:
+        raw.close()
+    assert landed_runs == [len(keys)] * LAYOUT.num_layers  # no run went through a buffer
+    got = torch.zeros_like(kv)
+    assert await seed.client.get_into(keys, got, form=KVForm.BLOCKS) == len(keys)
+    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+
+    # Sent again, the blocks are already stored: each tail is read into a buffer and
+    # checked, not written over the stored bytes.
+    raw = await RawConnection.open_port(seed.port)
+    try:
+        await raw.send(tail_frames(keys, kv) + frame(FrameKind.PUT_END))
+        kind, payload = await raw.read_frame()
+        reply = pb.PutBlocksResponse.FromString(payload)
+        assert list(reply.outcomes) == [pb.ALREADY_PRESENT] * len(keys)
+    finally:
+        raw.close()
+    assert len(landed_runs) == LAYOUT.num_layers
+    assert await seed.client.get_into(keys, got, form=KVForm.BLOCKS) == len(keys)
+    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+
+
+async def test_the_client_puts_over_tcp_with_tails_received_in_place(
+    server: RunningServer, make_kv: MakeKV, landed_runs: list[int]
+) -> None:
+    kv = make_kv(LAYOUT, 5, form=KVForm.BLOCKS, seed=22)
+    keys = [b"client-tail-%d" % index for index in range(5)]
+    async with data_client(server_target(server), shared_memory=False) as client:
+        assert (await client.put_blocks(keys, kv)).num_committed == 5
+        got = torch.zeros_like(kv)
+        assert await client.get_into(keys, got, form=KVForm.BLOCKS) == 5
+    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+    assert sum(landed_runs) == 5 * LAYOUT.num_layers
+
+
+@pytest.mark.parametrize("corrupt_layer", [0, 1])
+async def test_a_tail_whose_checksum_fails_commits_nothing_and_leaks_nothing(
+    seed: Seed, make_kv: MakeKV, landed_runs: list[int], corrupt_layer: int
+) -> None:
+    keys = [b"bad-tail-0", b"bad-tail-1"]
+    kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=23)
+    failures = (await seed.client.stats()).checksum_failures
+    raw = await RawConnection.open_port(seed.port)
+    try:
+        await raw.send(
+            tail_frames(keys, kv, corrupt_layer=corrupt_layer) + frame(FrameKind.PUT_END)
+        )
+        code, message = await raw.read_error()
+        assert code == grpc.StatusCode.DATA_LOSS.value[0], message
+        assert "checksum" in message
+        assert await raw.closed_by_server()
+    finally:
+        raw.close()
+    assert len(landed_runs) == corrupt_layer + 1  # it failed where its bytes landed
+    assert (await seed.client.stats()).checksum_failures == failures + 1
+    assert (await seed.client.lookup_keys(keys)).num_matched == 0
+    await seed.assert_serving()
+
+
+async def test_a_put_cut_off_in_its_tail_is_reclaimed(
+    seed: Seed, make_kv: MakeKV, poll: Poll
+) -> None:
+    keys = [b"cut-tail-0", b"cut-tail-1"]
+    kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=24)
+    first_frame = tail_frames(keys, kv)
+    first_frame = first_frame[: len(first_frame) // LAYOUT.num_layers]  # layer 0's frame
+    before = await seed.client.stats()
+    raw = await RawConnection.open_port(seed.port)
+    try:
+        await raw.send(first_frame[: len(first_frame) - LAYOUT.layer_bytes])  # half the tail
+
+        async def reserved() -> bool:
+            return await dram_used(seed.client) >= seed.used_bytes + 2 * LAYOUT.block_bytes
+
+        await poll(reserved)
+    finally:
+        raw.close()  # the writer goes away mid-tail
+
+    async def reclaimed() -> bool:
+        stats = await seed.client.stats()
+        return stats.puts_abandoned == before.puts_abandoned + 1 and (
+            await dram_used(seed.client) == seed.used_bytes
+        )
+
+    await poll(reclaimed)
+    assert (await seed.client.lookup_keys(keys)).num_matched == 0
+    await seed.assert_serving()
+
+
+async def test_a_stalled_tail_is_cut_at_the_frame_timeout_and_frees_its_room(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll
+) -> None:
+    running = await server_factory(**{"limits.frame_timeout_s": 1.0})
+    keys = [b"stalled-tail-0", b"stalled-tail-1"]
+    kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=25)
+    first_frame = tail_frames(keys, kv)
+    first_frame = first_frame[: len(first_frame) // LAYOUT.num_layers]
+    async with data_client(server_target(running)) as client:
+        raw = await RawConnection.open_port(running.servicer.data_plane_port)
+        try:
+            await raw.send(first_frame[:-7])  # all but the tail's last 7 bytes, then silence
+            code, message = await raw.read_error()
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message
+            assert await raw.closed_by_server()
+        finally:
+            raw.close()
+
+        async def freed() -> bool:
+            return await dram_used(client) == 0
+
+        await poll(freed)
+        assert (await client.lookup_keys(keys)).num_matched == 0
 
 
 async def delete_all(client: KVClient, keys: list[bytes], poll: Poll) -> None:

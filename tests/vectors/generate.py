@@ -28,9 +28,11 @@ from kvstore.wire.chunks import (
     encode_get_header,
     encode_put_header,
     run_parts,
+    tailed_run_message,
 )
 from kvstore.wire.frames import (
     HELLO_PAYLOAD,
+    TAIL_PREFIX,
     FrameKind,
     encode_deadline,
     encode_error,
@@ -145,6 +147,26 @@ def tiny_layout(dtype: DType) -> KVLayout:
     return KVLayout(num_layers=2, num_kv_heads=2, head_dim=4, dtype=dtype, block_tokens=2)
 
 
+def put_tail_frame() -> dict[str, Any]:
+    """A PUT_TAIL frame: the prefix length, then a put message whose last field is a
+    LayerRun, the run's data last (the frame's tail)."""
+    data = bytes(range(16))
+    head = encode_put_header(checksum_kind=1, blocks=[(b"k0", b"")])
+    run = run_parts(PUT_RUNS, 0, 0, [0x0123456789ABCDEF], [data])
+    message = b"".join(bytes(part) for part in tailed_run_message([head], run))
+    before_tail = len(message) - len(data)
+    payload = TAIL_PREFIX.pack(before_tail) + message
+    return {
+        "name": "PUT_TAIL of a one-block, one-run put message with a 16-byte tail",
+        "kind": FrameKind.PUT_TAIL.name,
+        "kind_number": int(FrameKind.PUT_TAIL),
+        "before_tail": before_tail,
+        "tail_hex": data.hex(),
+        "payload_hex": payload.hex(),
+        "frame_hex": (frame_header(FrameKind.PUT_TAIL, len(payload)) + payload).hex(),
+    }
+
+
 def frame_cases() -> list[dict[str, Any]]:
     def frame(name: str, kind: FrameKind, payload: bytes, **inputs: Any) -> dict[str, Any]:
         return {
@@ -158,7 +180,7 @@ def frame_cases() -> list[dict[str, Any]]:
 
     reply = pb.PutBlocksResponse(outcomes=[1, 2, 3], num_committed=1).SerializeToString()
     cases = [
-        frame("HELLO, either direction", FrameKind.HELLO, HELLO_PAYLOAD, version=3),
+        frame("HELLO, either direction", FrameKind.HELLO, HELLO_PAYLOAD, version=4),
         frame("DEADLINE of 1.5 s", FrameKind.DEADLINE, encode_deadline(1.5), seconds=1.5),
         frame("DEADLINE of 120 s", FrameKind.DEADLINE, encode_deadline(120.0), seconds=120.0),
         frame("DEADLINE under 1 ms", FrameKind.DEADLINE, encode_deadline(0.0001), seconds=0.0001),
@@ -177,6 +199,7 @@ def frame_cases() -> list[dict[str, Any]]:
             reply,
         ),
         frame("GET_END", FrameKind.GET_END, b""),
+        put_tail_frame(),
     ]
     for kind, length in ((FrameKind.PUT, 1048700), (FrameKind.GET_DATA, 65536)):
         cases.append(

@@ -16,6 +16,7 @@ from kvstore.wire.chunks import (
     encode_get_header,
     encode_put_header,
     run_parts,
+    tailed_run_message,
     uses_runs,
 )
 from kvstore.wire.errors import WireError
@@ -330,3 +331,70 @@ def test_a_put_message_has_bounded_fields_and_checksums() -> None:
     enough = one * chunks.MAX_RUN_CHECKSUMS
     (decoded,) = decode_put_message(b"\x2a" + chunks.varint(len(enough)) + enough).runs
     assert len(decoded.layer_checksums) == chunks.MAX_RUN_CHECKSUMS
+
+
+# -- PUT_TAIL: a message decoded before its last run's data has arrived --------------------
+
+
+def tailed_message(rng: random.Random, data_bytes: int, *, first: bool) -> tuple[bytes, int]:
+    """A put message as the client sends a run (declarations first where `first`), and
+    its tail's length."""
+    head = []
+    if first:
+        namespace = pb.Namespace(tenant="t", model_fingerprint="m").SerializeToString()
+        blocks = [(b"k%d" % index, b"k%d" % (index - 1) if index else b"") for index in range(3)]
+        head.append(encode_put_header(namespace=namespace, checksum_kind=1, blocks=blocks))
+    data = random_bytes(rng, data_bytes)
+    checksums = [rng.randrange(2**64) for _ in range(3)]
+    message = tailed_run_message(head, run_parts(5, 2, 0, checksums, [data]))
+    assert message.tail_bytes == data_bytes
+    return b"".join(bytes(part) for part in message), data_bytes
+
+
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("data_bytes", [1, 127, 128, 3 * 4096])
+def test_a_message_decodes_the_same_without_its_tail(first: bool, data_bytes: int) -> None:
+    message, tail = tailed_message(random.Random(data_bytes), data_bytes, first=first)
+    whole = decode_put_message(message)
+    cut = decode_put_message(message[:-tail], tail)
+    assert (cut.namespace, cut.checksum_kind, cut.blocks) == (
+        whole.namespace,
+        whole.checksum_kind,
+        whole.blocks,
+    )
+    ((run,), (whole_run,)) = cut.runs, whole.runs
+    assert (run.layer, run.first_block, run.num_blocks, run.layer_checksums) == (
+        whole_run.layer,
+        whole_run.first_block,
+        whole_run.num_blocks,
+        whole_run.layer_checksums,
+    )
+    assert len(run.data) == 0  # not received yet
+    assert cut.data_bytes(run) == tail == len(whole_run.data)
+    assert whole.data_bytes(whole_run) == tail
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_tail_that_is_not_exactly_the_last_runs_data_is_refused_at_every_cut(
+    first: bool,
+) -> None:
+    """Cut anywhere but where the last run's data begins, the message is a WireError
+    that says so: never an IndexError, and never a field read short."""
+    message, tail = tailed_message(random.Random(7), 300, first=first)
+    for before_tail in range(len(message)):
+        if before_tail == len(message) - tail:
+            continue
+        with pytest.raises(WireError, match=r"PUT_TAIL|malformed"):
+            decode_put_message(message[:before_tail], len(message) - before_tail)
+
+
+def test_a_tail_after_a_message_that_does_not_end_with_a_run_is_refused() -> None:
+    ends_with_chunk = b"".join(bytes(part) for part in chunk_parts(4, 0, 0, 0, 9, [b"x" * 64]))
+    with pytest.raises(WireError, match="PUT_TAIL"):
+        decode_put_message(ends_with_chunk[:-64], 64)
+    ends_with_blocks = encode_put_header(blocks=[(b"k" * 40, b"")])
+    with pytest.raises(WireError, match="PUT_TAIL"):
+        decode_put_message(ends_with_blocks[:-30], 30)
+    run_then_more, tail = tailed_message(random.Random(8), 64, first=False)
+    with pytest.raises(WireError, match="PUT_TAIL"):  # the run's data is not the last field
+        decode_put_message(run_then_more[:-tail], tail + 3)

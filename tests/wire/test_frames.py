@@ -16,9 +16,11 @@ import pytest
 import torch
 from socket_pairs import Pair, tcp_pair  # tests/socket_pairs.py
 
+from kvstore.wire.errors import WireError
 from kvstore.wire.frames import (
     HEADER,
     HELLO_PAYLOAD,
+    TAIL_PREFIX,
     ConnectionClosed,
     FrameKind,
     FrameReader,
@@ -57,7 +59,7 @@ async def recv_exactly(sock: socket.socket, count: int) -> bytes:
 def test_wire_constants_are_the_documented_protocol() -> None:
     assert HEADER.size == 5
     assert frame_header(FrameKind.PUT, 0x01020304) == b"\x02\x04\x03\x02\x01"
-    assert HELLO_PAYLOAD == b"KVDP\x03\x00"
+    assert HELLO_PAYLOAD == b"KVDP\x04\x00"
     assert {kind.name: kind.value for kind in FrameKind} == {
         "HELLO": 1,
         "PUT": 2,
@@ -76,6 +78,7 @@ def test_wire_constants_are_the_documented_protocol() -> None:
         "SHM_DONE": 15,
         "LOOKUP": 16,
         "LOOKUP_RESULT": 17,
+        "PUT_TAIL": 18,
     }
 
 
@@ -200,6 +203,98 @@ async def test_a_payload_far_larger_than_the_socket_buffers_arrives_intact(pair:
     assert kind == FrameKind.GET_DATA
     assert len(payload) == 8 * MiB
     assert torch.equal(torch.frombuffer(payload, dtype=torch.uint8), data)
+
+
+# -- PUT_TAIL: a frame whose tail is read where the caller says -------------------------------
+
+
+def tail_frame(before: bytes, tail: bytes | memoryview) -> list[bytes | memoryview]:
+    return [TAIL_PREFIX.pack(len(before)), before, tail]
+
+
+async def test_a_tail_lands_in_scattered_views_exactly(pair: Pair) -> None:
+    """The frame's tail goes into the caller's views, in order, each filled exactly;
+    nothing before or after them is touched, and the next frame reads as usual."""
+    sender, receiver = pair
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    tail = tensor_bytes(3 * MiB + 5, seed=11)
+    reader = FrameReader(receiver, 8 * MiB)
+    sending = asyncio.create_task(
+        send_frame(sender, FrameKind.PUT_TAIL, tail_frame(b"head", tail.numpy().data))
+    )
+    kind, before = await asyncio.wait_for(reader.read(), timeout=10)
+    assert (kind, bytes(before), reader.tail_bytes) == (FrameKind.PUT_TAIL, b"head", len(tail))
+    # Thousands of views of uneven sizes inside one larger buffer, with gaps between them.
+    sizes = [1, 4096, 17, 300, 0, 999]
+    cuts, position = [], 0
+    while position < len(tail):
+        size = min(sizes[len(cuts) % len(sizes)], len(tail) - position)
+        cuts.append(size)
+        position += size
+    landing = bytearray(b"\xee" * (len(tail) + 8 * len(cuts)))
+    views, offset = [], 0
+    for size in cuts:
+        views.append(memoryview(landing)[offset + 4 : offset + 4 + size])
+        offset += size + 8
+    assert len(views) > 1024  # more than one scatter call's worth
+    await asyncio.wait_for(reader.read_tail_into(views), timeout=30)
+    await asyncio.wait_for(sending, timeout=10)
+    assert b"".join(bytes(view) for view in views) == tail.numpy().tobytes()
+    offset = 0
+    for size in cuts:  # the gaps are as they were
+        assert landing[offset : offset + 4] == b"\xee" * 4
+        assert landing[offset + 4 + size : offset + 8 + size] == b"\xee" * 4
+        offset += size + 8
+    await send_frame(sender, FrameKind.PUT_END)
+    assert await asyncio.wait_for(reader.read(), timeout=10) == (FrameKind.PUT_END, b"")
+
+
+async def test_a_tail_may_be_read_into_the_readers_own_buffer(pair: Pair) -> None:
+    sender, receiver = pair
+    reader = FrameReader(receiver, 4 * MiB)
+    first = tensor_bytes(2 * MiB, seed=12).numpy().tobytes()
+
+    async def send_all() -> None:
+        for before, tail in ((b"", b"x"), (b"ab", first), (b"c", b"yz")):
+            await send_frame(sender, FrameKind.PUT_TAIL, tail_frame(before, tail))
+
+    sending = asyncio.create_task(send_all())
+    assert bytes((await asyncio.wait_for(reader.read(), timeout=10))[1]) == b""
+    assert bytes(await reader.read_tail()) == b"x"
+    assert bytes((await reader.read())[1]) == b"ab"
+    assert bytes(await asyncio.wait_for(reader.read_tail(), timeout=10)) == first
+    assert bytes((await reader.read())[1]) == b"c"
+    assert bytes(await reader.read_tail()) == b"yz"
+    await asyncio.wait_for(sending, timeout=10)
+
+
+async def test_the_next_frame_waits_for_the_tail_to_be_taken(pair: Pair) -> None:
+    sender, receiver = pair
+    reader = FrameReader(receiver, 1 * MiB)
+    await send_frame(sender, FrameKind.PUT_TAIL, tail_frame(b"a", b"bc"))
+    await reader.read()
+    with pytest.raises(RuntimeError, match="tail was not read"):
+        await reader.read()
+    with pytest.raises(ValueError, match="2-byte tail"):
+        await reader.read_tail_into([memoryview(bytearray(3))])
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        (b"\x01\x00\x00", "too short"),
+        (TAIL_PREFIX.pack(5) + b"abcd", "says 5 of them come before its tail"),
+        (TAIL_PREFIX.pack(2**32 - 1), "before its tail"),
+    ],
+)
+async def test_a_tail_frame_that_contradicts_itself_is_a_wire_error(
+    pair: Pair, payload: bytes, fragment: str
+) -> None:
+    sender, receiver = pair
+    await send_frame(sender, FrameKind.PUT_TAIL, [payload])
+    with pytest.raises(WireError, match=fragment):
+        await FrameReader(receiver, 1 * MiB).read()
 
 
 # -- limits and broken connections -------------------------------------------------------------

@@ -43,6 +43,7 @@ FRAME_KINDS = {
     "GET_END": 7,
     "ERROR": 8,
     "DEADLINE": 9,
+    "PUT_TAIL": 18,
 }
 ITEMSIZES = {"FLOAT16": 2, "BFLOAT16": 2, "FLOAT32": 4, "UINT8": 1, "INT8": 1}
 STRUCT_FORMATS = {"FLOAT16": "<e", "FLOAT32": "<f"}
@@ -313,6 +314,15 @@ def test_frames_follow_the_formula(case: dict[str, Any]) -> None:
     elif case["kind"] == "ERROR":
         assert payload == struct.pack("<I", case["code"]) + case["message"].encode("utf-8")
         assert decode_error(payload) == (case["code"], case["message"])
+    elif case["kind"] == "PUT_TAIL":
+        (before_tail,) = struct.unpack_from("<I", payload)
+        assert before_tail == case["before_tail"]
+        message = payload[4:]
+        request = pb.PutBlocksRequest.FromString(message)  # the whole message parses
+        assert message[before_tail:] == request.runs[-1].data == bytes.fromhex(case["tail_hex"])
+        decoded = decode_put_message(message[:before_tail], len(message) - before_tail)
+        assert decoded.data_bytes(decoded.runs[-1]) == len(request.runs[-1].data)
+        assert list(decoded.runs[-1].layer_checksums) == list(request.runs[-1].layer_checksums)
     elif case["kind"] == "PUT_DONE":
         reply = pb.PutBlocksResponse.FromString(payload)
         assert list(reply.outcomes) == [pb.COMMITTED, pb.ALREADY_PRESENT, pb.PARENT_MISSING]
