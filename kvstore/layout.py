@@ -9,7 +9,7 @@ layer of a block is a contiguous `[2, block_tokens, num_kv_heads, head_dim]` ten
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,7 +39,7 @@ class DType(enum.Enum):
 
     @property
     def itemsize(self) -> int:
-        return _TORCH_DTYPES[self].itemsize
+        return _ITEMSIZES[self]
 
     @classmethod
     def from_torch(cls, dtype: torch.dtype) -> DType:
@@ -60,6 +60,10 @@ _TORCH_DTYPES: dict[DType, torch.dtype] = {
 }
 
 
+# Read on every put message and get chunk: a dict lookup, not torch's dtype attribute.
+_ITEMSIZES: dict[DType, int] = {member: dtype.itemsize for member, dtype in _TORCH_DTYPES.items()}
+
+
 def _supported_names() -> str:
     return ", ".join(str(d) for d in _TORCH_DTYPES.values())
 
@@ -73,6 +77,9 @@ class KVLayout:
     head_dim: int
     dtype: DType
     block_tokens: int
+    # Derived once: the sizes below are read on every message of every transfer.
+    _token_layer_bytes: int = field(init=False, repr=False, compare=False)
+    _layer_bytes: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_range("num_layers", self.num_layers, MAX_LAYERS)
@@ -81,24 +88,27 @@ class KVLayout:
         _check_range("block_tokens", self.block_tokens, MAX_BLOCK_TOKENS)
         if not isinstance(self.dtype, DType):
             raise InvalidRequest(f"layout.dtype must be a DType, got {self.dtype!r}")
+        token_layer_bytes = 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        object.__setattr__(self, "_token_layer_bytes", token_layer_bytes)
+        object.__setattr__(self, "_layer_bytes", token_layer_bytes * self.block_tokens)
 
     @property
     def token_layer_bytes(self) -> int:
         """Bytes of K and V for one token in one layer."""
-        return 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return self._token_layer_bytes
 
     @property
     def bytes_per_token(self) -> int:
-        return self.token_layer_bytes * self.num_layers
+        return self._token_layer_bytes * self.num_layers
 
     @property
     def layer_bytes(self) -> int:
         """Bytes of one layer of one block."""
-        return self.token_layer_bytes * self.block_tokens
+        return self._layer_bytes
 
     @property
     def block_bytes(self) -> int:
-        return self.layer_bytes * self.num_layers
+        return self._layer_bytes * self.num_layers
 
     @property
     def layer_shape(self) -> tuple[int, int, int, int]:
