@@ -425,6 +425,15 @@ class TierMover:
     ) -> bool:
         """Free the victim's copy in `kind` without losing the block; False if it cannot."""
         pool, ssd = self._pool, self._pool.ssd
+        # Into DRAM where it fits as it is: a block that leaves HBM stays in memory (an
+        # HBM-only block with children could not leave at all, and HBM would fill with
+        # them and take no more promotions).
+        if (
+            kind is TierKind.HBM
+            and TierKind.DRAM not in victim.copies
+            and self._copy_down_to_dram(victim)
+        ):
+            return True
         if len(victim.copies) > 1:
             pool.drop_copy(victim, kind, demoted=True)
             return True
@@ -436,6 +445,25 @@ class TierMover:
                 tasks.append(task)
             return True
         return False
+
+    def _copy_down_to_dram(self, victim: BlockEntry) -> bool:
+        """Move the victim's HBM copy into DRAM room that is free now (within its tenant's
+        DRAM quota): never by evicting another block, which would lose data for the sake
+        of a copy. False, and nothing changed, where there is no such room."""
+        pool = self._pool
+        hbm = pool.hbm
+        assert hbm is not None
+        nbytes = victim.layout.block_bytes
+        usage = victim.namespace.usage
+        needs, short = pool.eviction_needs(TierKind.DRAM, nbytes, usage)
+        if needs or short > 0:
+            return False
+        handle = pool.allocate(TierKind.DRAM, nbytes, usage)
+        for offset, view in _offsets(hbm.read(victim.copies[TierKind.HBM], 0, nbytes)):
+            pool.dram.write(handle, offset, view)
+        pool.add_copy(victim, TierKind.DRAM, handle, promoted=False)
+        pool.drop_copy(victim, TierKind.HBM, demoted=True)
+        return True
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         try:

@@ -683,16 +683,20 @@ class BlockPool:
         if handle is not None:
             self._dram.free(handle)
 
-    def add_copy(self, entry: BlockEntry, kind: TierKind, handle: object) -> None:
-        """Give an indexed block a copy in a memory tier it was promoted into. A block
-        that has one there already (two reads promoted it at once) keeps it, and the new
-        copy is freed: a second copy would be memory no count knows of."""
+    def add_copy(
+        self, entry: BlockEntry, kind: TierKind, handle: object, *, promoted: bool = True
+    ) -> None:
+        """Give an indexed block a copy in a memory tier it was promoted into (or, not
+        `promoted`, demoted into from a faster one). A block that has one there already
+        (two reads promoted it at once) keeps it, and the new copy is freed: a second
+        copy would be memory no count knows of."""
         if kind in entry.copies:
             self._tiers[kind].free(handle)
             return
         fastest_before = entry.fastest
         entry.add_copy(kind, handle)
-        self._tiers[kind].counters.promotions += 1
+        if promoted:
+            self._tiers[kind].counters.promotions += 1
         self.refresh(entry)
         self._tell_if_moved(entry, fastest_before)
 

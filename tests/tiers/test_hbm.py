@@ -221,6 +221,39 @@ async def test_hbm_watermark_pass_drops_hbm_copies_first(device: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+async def test_an_hbm_only_block_moves_down_into_free_dram_and_never_evicts_for_it(
+    device: str,
+) -> None:
+    """Over HBM's high watermark, a block whose only copy is in HBM (its DRAM copy was
+    dropped as redundant) moves into DRAM where DRAM has free room; where it has none it
+    stays in HBM, and no DRAM block is evicted to take it."""
+    store = make_store(device, hbm_promote_after_seen=2, high_watermark=0.2, low_watermark=0.1)
+    mover = make_mover(store)
+    await put(store, mover, b"A")
+    await get(store, mover, [b"A"])
+    for key in (b"B", b"C", b"D", b"E"):  # DRAM is full: A's redundant DRAM copy goes
+        await put(store, mover, key)
+    assert copies(store, b"A") == {TierKind.HBM}
+    hbm, dram = store.pool.hbm, store.dram
+    assert hbm is not None
+    dram_keys = {entry.key for entry in store.pool.entries() if TierKind.DRAM in entry.copies}
+
+    mover.make_room()  # DRAM is full: A cannot move, and nothing is evicted for it
+    assert copies(store, b"A") == {TierKind.HBM}
+    assert {e.key for e in store.pool.entries() if TierKind.DRAM in e.copies} == dram_keys
+    assert (hbm.counters.demotions, dram.counters.evictions) == (0, 1)
+
+    assert store.delete(NS, [b"E"]).num_deleted == 1  # one page of DRAM free
+    promotions = dram.counters.promotions
+    mover.make_room()
+    assert copies(store, b"A") == {TierKind.DRAM}
+    assert hbm.used_bytes == 0
+    assert hbm.counters.demotions == 1
+    assert dram.counters.promotions == promotions  # a move down, not a promotion
+    assert await get(store, mover, [b"A"]) == [payload(b"A")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 async def test_hbm_only_blocks_flush_to_ssd_and_survive_a_restart(
     device: str, tmp_path: Path
 ) -> None:
