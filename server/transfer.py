@@ -217,7 +217,7 @@ class Transfers:
                 await asyncio.sleep(0)
         for run in message.runs:
             if tail is not None and run is message.runs[-1]:
-                landed = await self._receive_tail(session, run, tail)
+                landed = await self._receive_tail(session, run, tail, committed)
                 if landed:
                     continue
             layer_bytes = session.layer_bytes
@@ -246,24 +246,36 @@ class Transfers:
                 )
         self._take_committed(session, committed)
 
-    async def _receive_tail(self, session: PutSession, run: WireRun, tail: TailedMessage) -> bool:
+    async def _receive_tail(
+        self,
+        session: PutSession,
+        run: WireRun,
+        tail: TailedMessage,
+        committed: list[BlockEntry],
+    ) -> bool:
         """Receive a message's tail, `run`'s data: where the blocks store it when each
         block's layer is one slice of the arena (True: the run is done), else into a
         buffer that `run.data` then views, to be written as any run (False)."""
-        views = None
-        if run.num_blocks <= BLOCKS_PER_STEP:  # its checks and commits fit one step
-            views = session.landing_views(
-                run.first_block,
-                run.num_blocks,
-                run.layer,
-                tail.tail_bytes,
-                len(run.layer_checksums),
-            )
+        views = session.landing_views(
+            run.first_block, run.num_blocks, run.layer, tail.tail_bytes, len(run.layer_checksums)
+        )
         if views is None:
             run.data = await tail.receive()
             return False
         await tail.receive_into(views)
-        session.land_run(run.first_block, run.num_blocks, run.layer, views, run.layer_checksums)
+        # Checked and finished BLOCKS_PER_STEP blocks a step, as a long run is written.
+        for first in range(0, run.num_blocks, BLOCKS_PER_STEP):
+            if first:
+                self._take_committed(session, committed)
+                await asyncio.sleep(0)
+            stop = min(first + BLOCKS_PER_STEP, run.num_blocks)
+            session.land_run(
+                run.first_block + first,
+                stop - first,
+                run.layer,
+                views[first:stop],
+                run.layer_checksums[first:stop],
+            )
         return True
 
     def _take_committed(self, session: PutSession, committed: list[BlockEntry]) -> None:

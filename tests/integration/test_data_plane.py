@@ -700,6 +700,25 @@ async def test_put_tail_frames_land_in_place_and_read_back(
     assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
 
 
+async def test_a_long_run_lands_in_place_and_is_checked_a_step_at_a_time(
+    seed: Seed, make_kv: MakeKV, landed_runs: list[int]
+) -> None:
+    keys = [b"long-tail-%d" % index for index in range(70)]
+    kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=26)
+    raw = await RawConnection.open_port(seed.port)
+    try:
+        await raw.send(tail_frames(keys, kv) + frame(FrameKind.PUT_END))
+        kind, payload = await raw.read_frame()
+        assert kind == FrameKind.PUT_DONE, payload
+        assert pb.PutBlocksResponse.FromString(payload).num_committed == len(keys)
+    finally:
+        raw.close()
+    assert landed_runs == [64, 6] * LAYOUT.num_layers
+    got = torch.zeros_like(kv)
+    assert await seed.client.get_into(keys, got, form=KVForm.BLOCKS) == len(keys)
+    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+
+
 async def test_the_client_puts_over_tcp_with_tails_received_in_place(
     server: RunningServer, make_kv: MakeKV, landed_runs: list[int]
 ) -> None:
