@@ -290,7 +290,9 @@ def run_sweep(
     if sweep.tune_client_allocator:
         tune_allocator()  # this process runs both clients: kvstore's and the ceiling's
     dram = max(2 * sweep.total_bytes + (256 << 20), 1 << 30)
-    page_bytes = 1 << 20
+    # 1 MiB pages, or smaller ones where a block is smaller: a 128 KiB block in a 1 MiB
+    # page would take eight times its bytes, and the rounds would not fit.
+    page_bytes = min(1 << 20, 1 << (min(sweep.block_sizes).bit_length() - 1))
     with contextlib.ExitStack() as stack:
         if target is None and nodes is not None:
             cluster = local_cluster(
