@@ -232,11 +232,7 @@ class Transfers:
                     run.first_block, run.num_blocks, run.layer, run.data, run.layer_checksums
                 )
                 continue
-            for first in range(0, run.num_blocks, BLOCKS_PER_STEP):
-                if first:
-                    self._take_committed(session, committed)
-                    await asyncio.sleep(0)
-                stop = min(first + BLOCKS_PER_STEP, run.num_blocks)
+            async for first, stop in self._steps(session, committed, run.num_blocks):
                 session.write_run(
                     run.first_block + first,
                     stop - first,
@@ -263,12 +259,8 @@ class Transfers:
             run.data = await tail.receive()
             return False
         await tail.receive_into(views)
-        # Checked and finished BLOCKS_PER_STEP blocks a step, as a long run is written.
-        for first in range(0, run.num_blocks, BLOCKS_PER_STEP):
-            if first:
-                self._take_committed(session, committed)
-                await asyncio.sleep(0)
-            stop = min(first + BLOCKS_PER_STEP, run.num_blocks)
+        # Checked and finished a step at a time, as a long run is written.
+        async for first, stop in self._steps(session, committed, run.num_blocks):
             session.land_run(
                 run.first_block + first,
                 stop - first,
@@ -277,6 +269,17 @@ class Transfers:
                 run.layer_checksums[first:stop],
             )
         return True
+
+    async def _steps(
+        self, session: PutSession, committed: list[BlockEntry], num_blocks: int
+    ) -> AsyncIterator[tuple[int, int]]:
+        """(first, stop) of each BLOCKS_PER_STEP blocks of a run; between them, the blocks
+        committed so far go to the write policy and the loop runs other requests."""
+        for first in range(0, num_blocks, BLOCKS_PER_STEP):
+            if first:
+                self._take_committed(session, committed)
+                await asyncio.sleep(0)
+            yield first, min(first + BLOCKS_PER_STEP, num_blocks)
 
     def _take_committed(self, session: PutSession, committed: list[BlockEntry]) -> None:
         """Hand the blocks committed so far to the write policy (write-through starts

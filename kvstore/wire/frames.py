@@ -254,14 +254,7 @@ class FrameReader:
             if count == 0:
                 raise ConnectionClosed("the peer closed the connection")
             self._unyielded_bytes += count
-            while count:
-                head = views[first]
-                if count >= len(head):
-                    count -= len(head)
-                    first += 1
-                else:
-                    views[first] = head[count:]
-                    count = 0
+            first = _past(views, first, count)
             if self._unyielded_bytes >= LOOP_SLICE_BYTES:
                 self._unyielded_bytes = 0
                 await asyncio.sleep(0)
@@ -386,14 +379,21 @@ async def _send_views(sock: socket.socket, views: list[memoryview]) -> None:
         unsent -= sent
         if sent >= LOOP_SLICE_BYTES:
             await asyncio.sleep(0)
-        while sent:
-            head = views[first]
-            if sent >= len(head):
-                sent -= len(head)
-                first += 1
-            else:
-                views[first] = head[sent:]
-                sent = 0
+        first = _past(views, first, sent)
+
+
+def _past(views: list[memoryview], first: int, count: int) -> int:
+    """The index of the first of `views[first:]` not wholly moved once `count` more bytes
+    have been; a view moved in part is cut to its rest, in place."""
+    while count:
+        head = views[first]
+        if count >= len(head):
+            count -= len(head)
+            first += 1
+        else:
+            views[first] = head[count:]
+            count = 0
+    return first
 
 
 def _slice_of(views: list[memoryview]) -> list[memoryview]:

@@ -32,6 +32,7 @@ from kvstore.client import (
     KVLayout,
     Namespace,
     PutOutcome,
+    StoreStats,
     Timeouts,
     Unavailable,
 )
@@ -594,13 +595,13 @@ async def test_raw_put_and_get_follow_the_documented_frames(
 # -- reclaiming ----------------------------------------------------------------------------------
 
 
-async def test_an_abandoned_raw_put_is_reclaimed(seed: Seed, make_kv: MakeKV, poll: Poll) -> None:
-    keys = [b"doomed-0", b"doomed-1"]
-    kv = make_kv(LAYOUT, 2, form=KVForm.BLOCKS, seed=10)
+async def abandon_put(seed: Seed, sent: bytes, keys: list[bytes], poll: Poll) -> None:
+    """Start a put of two blocks `keys` with `sent`, wait until the server has reserved
+    their room, hang up mid-put, and check that it is all reclaimed."""
     before = await seed.client.stats()
     raw = await RawConnection.open_port(seed.port)
     try:
-        await raw.send(frame(FrameKind.PUT, put_payload(keys, kv, layers=range(1))))
+        await raw.send(sent)
 
         async def reserved() -> bool:
             return await dram_used(seed.client) >= seed.used_bytes + 2 * LAYOUT.block_bytes
@@ -608,6 +609,12 @@ async def test_an_abandoned_raw_put_is_reclaimed(seed: Seed, make_kv: MakeKV, po
         await poll(reserved)
     finally:
         raw.close()  # the writer goes away mid-put
+    await assert_reclaimed(seed, before, keys, poll)
+
+
+async def assert_reclaimed(seed: Seed, before: StoreStats, keys: list[bytes], poll: Poll) -> None:
+    """The put of `keys` that was abandoned after `before` is counted and freed, none of
+    its blocks is stored, and the server serves as before."""
 
     async def reclaimed() -> bool:
         stats = await seed.client.stats()
@@ -618,6 +625,14 @@ async def test_an_abandoned_raw_put_is_reclaimed(seed: Seed, make_kv: MakeKV, po
     await poll(reclaimed)
     assert (await seed.client.lookup_keys(keys)).num_matched == 0
     await seed.assert_serving()
+
+
+async def test_an_abandoned_raw_put_is_reclaimed(seed: Seed, make_kv: MakeKV, poll: Poll) -> None:
+    keys = [b"doomed-0", b"doomed-1"]
+    kv = make_kv(LAYOUT, 2, form=KVForm.BLOCKS, seed=10)
+    await abandon_put(
+        seed, frame(FrameKind.PUT, put_payload(keys, kv, layers=range(1))), keys, poll
+    )
 
 
 # -- PUT_TAIL: a run's data received where it is stored ------------------------------------------
@@ -653,6 +668,24 @@ def tail_frames(keys: list[bytes], kv: torch.Tensor, *, corrupt_layer: int | Non
     return frames
 
 
+async def put_by_tails(seed: Seed, keys: list[bytes], kv: torch.Tensor) -> pb.PutBlocksResponse:
+    """`tail_frames` of `keys` and PUT_END on a raw connection; the PUT_DONE reply."""
+    raw = await RawConnection.open_port(seed.port)
+    try:
+        await raw.send(tail_frames(keys, kv) + frame(FrameKind.PUT_END))
+        kind, payload = await raw.read_frame()
+        assert kind == FrameKind.PUT_DONE, payload
+        return pb.PutBlocksResponse.FromString(payload)
+    finally:
+        raw.close()
+
+
+async def assert_stored(seed: Seed, keys: list[bytes], kv: torch.Tensor) -> None:
+    got = torch.zeros_like(kv)
+    assert await seed.client.get_into(keys, got, form=KVForm.BLOCKS) == len(keys)
+    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+
+
 @pytest.fixture
 def landed_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The runs the in-process server received in place (PutSession.land_run), by size."""
@@ -672,32 +705,16 @@ async def test_put_tail_frames_land_in_place_and_read_back(
 ) -> None:
     keys = [b"tail-0", b"tail-1", b"tail-2"]
     kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=21)
-    raw = await RawConnection.open_port(seed.port)
-    try:
-        await raw.send(tail_frames(keys, kv) + frame(FrameKind.PUT_END))
-        kind, payload = await raw.read_frame()
-        assert kind == FrameKind.PUT_DONE, payload
-        assert pb.PutBlocksResponse.FromString(payload).num_committed == len(keys)
-    finally:
-        raw.close()
+    assert (await put_by_tails(seed, keys, kv)).num_committed == len(keys)
     assert landed_runs == [len(keys)] * LAYOUT.num_layers  # no run went through a buffer
-    got = torch.zeros_like(kv)
-    assert await seed.client.get_into(keys, got, form=KVForm.BLOCKS) == len(keys)
-    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+    await assert_stored(seed, keys, kv)
 
     # Sent again, the blocks are already stored: each tail is read into a buffer and
     # checked, not written over the stored bytes.
-    raw = await RawConnection.open_port(seed.port)
-    try:
-        await raw.send(tail_frames(keys, kv) + frame(FrameKind.PUT_END))
-        kind, payload = await raw.read_frame()
-        reply = pb.PutBlocksResponse.FromString(payload)
-        assert list(reply.outcomes) == [pb.ALREADY_PRESENT] * len(keys)
-    finally:
-        raw.close()
+    reply = await put_by_tails(seed, keys, kv)
+    assert list(reply.outcomes) == [pb.ALREADY_PRESENT] * len(keys)
     assert len(landed_runs) == LAYOUT.num_layers
-    assert await seed.client.get_into(keys, got, form=KVForm.BLOCKS) == len(keys)
-    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+    await assert_stored(seed, keys, kv)
 
 
 async def test_a_long_run_lands_in_place_and_is_checked_a_step_at_a_time(
@@ -705,18 +722,9 @@ async def test_a_long_run_lands_in_place_and_is_checked_a_step_at_a_time(
 ) -> None:
     keys = [b"long-tail-%d" % index for index in range(70)]
     kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=26)
-    raw = await RawConnection.open_port(seed.port)
-    try:
-        await raw.send(tail_frames(keys, kv) + frame(FrameKind.PUT_END))
-        kind, payload = await raw.read_frame()
-        assert kind == FrameKind.PUT_DONE, payload
-        assert pb.PutBlocksResponse.FromString(payload).num_committed == len(keys)
-    finally:
-        raw.close()
+    assert (await put_by_tails(seed, keys, kv)).num_committed == len(keys)
     assert landed_runs == [64, 6] * LAYOUT.num_layers
-    got = torch.zeros_like(kv)
-    assert await seed.client.get_into(keys, got, form=KVForm.BLOCKS) == len(keys)
-    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+    await assert_stored(seed, keys, kv)
 
 
 async def test_the_client_puts_over_tcp_with_tails_received_in_place(
@@ -763,27 +771,7 @@ async def test_a_put_cut_off_in_its_tail_is_reclaimed(
     kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=24)
     first_frame = tail_frames(keys, kv)
     first_frame = first_frame[: len(first_frame) // LAYOUT.num_layers]  # layer 0's frame
-    before = await seed.client.stats()
-    raw = await RawConnection.open_port(seed.port)
-    try:
-        await raw.send(first_frame[: len(first_frame) - LAYOUT.layer_bytes])  # half the tail
-
-        async def reserved() -> bool:
-            return await dram_used(seed.client) >= seed.used_bytes + 2 * LAYOUT.block_bytes
-
-        await poll(reserved)
-    finally:
-        raw.close()  # the writer goes away mid-tail
-
-    async def reclaimed() -> bool:
-        stats = await seed.client.stats()
-        return stats.puts_abandoned == before.puts_abandoned + 1 and (
-            await dram_used(seed.client) == seed.used_bytes
-        )
-
-    await poll(reclaimed)
-    assert (await seed.client.lookup_keys(keys)).num_matched == 0
-    await seed.assert_serving()
+    await abandon_put(seed, first_frame[: len(first_frame) - LAYOUT.layer_bytes], keys, poll)
 
 
 async def test_a_stalled_tail_is_cut_at_the_frame_timeout_and_frees_its_room(
