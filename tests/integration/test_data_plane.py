@@ -732,12 +732,22 @@ async def test_the_client_puts_over_tcp_with_tails_received_in_place(
 ) -> None:
     kv = make_kv(LAYOUT, 5, form=KVForm.BLOCKS, seed=22)
     keys = [b"client-tail-%d" % index for index in range(5)]
+    layered = [b"client-layer-tail-%d" % index for index in range(5)]
     async with data_client(server_target(server), shared_memory=False) as client:
         assert (await client.put_blocks(keys, kv)).num_committed == 5
         got = torch.zeros_like(kv)
         assert await client.get_into(keys, got, form=KVForm.BLOCKS) == 5
+        assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+        assert sum(landed_runs) == 5 * LAYOUT.num_layers
+
+        async with client.layer_put(layered) as put:  # a layer put's messages as well
+            for layer in range(LAYOUT.num_layers):
+                await put.send_layer(layer, kv[:, layer])
+        assert put.result is not None
+        assert put.result.num_committed == 5
+        assert await client.get_into(layered, got, form=KVForm.BLOCKS) == 5
     assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
-    assert sum(landed_runs) == 5 * LAYOUT.num_layers
+    assert sum(landed_runs) == 10 * LAYOUT.num_layers
 
 
 @pytest.mark.parametrize("corrupt_layer", [0, 1])
