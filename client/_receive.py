@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -114,16 +115,17 @@ class LayerReceiver:
         self._filled = [0] * self.num_blocks
         self._kind = ChecksumKind.XXH3_64
 
-    def accept(self, reply: GetMessage) -> list[LayerArrival]:
-        """The layers `reply` completes. Whatever the server sent, a fault is a
-        ChecksumError (a KVStoreClientError), never a codec's or numpy's own error."""
+    def accept(self, reply: GetMessage) -> Iterator[LayerArrival]:
+        """The layers `reply` completes, each as soon as it is (a reply may carry several
+        layers: a later one's fault is raised after the earlier ones were handed out).
+        Whatever the server sent, a fault is a ChecksumError (a KVStoreClientError),
+        never a codec's or numpy's own error."""
         try:
-            return self._accept(reply)
+            yield from self._accept(reply)
         except (WireError, InvalidRequest, ValueError) as error:
             raise ChecksumError(f"the server's reply does not fit the get: {error}") from error
 
-    def _accept(self, reply: GetMessage) -> list[LayerArrival]:
-        arrivals: list[LayerArrival] = []
+    def _accept(self, reply: GetMessage) -> Iterator[LayerArrival]:
         if reply.checksum_kind:
             self._kind = checksum_kind_from_wire(reply.checksum_kind)
         if reply.served_none:
@@ -133,13 +135,12 @@ class LayerReceiver:
         num_layers = self._layout.num_layers
         for chunk in reply.chunks:
             if chunk.layer != self._current_layer:
-                arrivals.append(self._next_layer(chunk.layer, num_layers))
+                yield self._next_layer(chunk.layer, num_layers)
             self._write(chunk)
         for run in reply.runs:
             if run.layer != self._current_layer:
-                arrivals.append(self._next_layer(run.layer, num_layers))
+                yield self._next_layer(run.layer, num_layers)
             self._write_run(run)
-        return arrivals
 
     def _shorten(self, num_blocks: int) -> None:
         """The server found a block unreadable while it streamed layer 0 (it reads SSD

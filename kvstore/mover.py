@@ -588,6 +588,9 @@ class OrderedLoad:
         """SSD reads this load started and has not yet handed out whole."""
         return len(self._reads)
 
+    def reading(self) -> bool:
+        return bool(self._reads or self._not_started)
+
     async def next_first_layer(self) -> tuple[bool, memoryview | None]:
         """Layer 0 of the next block: (True, None) when the block is in memory, (True,
         its verified bytes) from its SSD read, (False, None) once no more can be served.

@@ -58,6 +58,10 @@ class BlockLoad(Protocol):
         its read is done, or nothing more can be served)."""
         ...
 
+    def reading(self) -> bool:
+        """Whether a block of this load is still to come off the SSD."""
+        ...
+
 
 class BlockLoader(Protocol):
     def load(self, entries: list[BlockEntry]) -> BlockLoad:
@@ -127,6 +131,12 @@ class ReadSession:
     def num_blocks(self) -> int:
         """Blocks served: shrinks if a block read while streaming was unreadable."""
         return len(self.entries)
+
+    @property
+    def in_memory(self) -> bool:
+        """Every block still to be streamed is at hand: the next run comes without
+        waiting for the SSD (and the served prefix can no longer shrink)."""
+        return self._load is None or not self._load.reading()
 
     async def _load_through(self, block_index: int) -> bool:
         """Until block `block_index` is in, and every later block that is in already

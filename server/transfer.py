@@ -378,31 +378,50 @@ async def _encoded(
 async def _run_messages(
     session: ReadSession, chunk_bytes: int, header: bytes, encoder: WireEncoder | None
 ) -> AsyncIterator[WireParts]:
-    """One message per run of whole small layers; the first carries the stream header."""
+    """Runs of whole small layers, the first message carrying the stream header. Once
+    every block is in memory, as many runs go in a message as fit `chunk_bytes` (a get
+    of a few blocks is a few messages, not one per layer); while blocks still come off
+    the SSD, a run goes out as soon as it is made, so that none waits for the next."""
     sent = False
     declared = session.num_blocks
+    message: WireParts = []
+    message_bytes = message_kind = 0
     async for run in session.stream_runs(chunk_bytes):
-        if not sent:
-            prefix = header
-        elif session.num_blocks != declared:
-            declared = session.num_blocks
-            prefix = _shortened_header(run.checksum_kind_value, declared)
-        else:
-            prefix = encode_get_header(checksum_kind=run.checksum_kind_value)
-        sent = True
         compression, raw_bytes, data = await _encoded(encoder, list(run.views))
-        yield [
-            prefix,
-            *run_parts(
-                GET_RUNS,
-                run.layer,
-                run.first_block,
-                run.layer_checksums,
-                data,
-                compression=compression,
-                raw_bytes=raw_bytes,
-            ),
-        ]
+        parts = run_parts(
+            GET_RUNS,
+            run.layer,
+            run.first_block,
+            run.layer_checksums,
+            data,
+            compression=compression,
+            raw_bytes=raw_bytes,
+        )
+        parts_bytes = _payload_bytes(parts)
+        if message and (
+            run.checksum_kind_value != message_kind or message_bytes + parts_bytes > chunk_bytes
+        ):
+            yield message
+            message = []
+        if not message:
+            # A message carries the kind of the checksums in it, and says so.
+            if not sent:
+                prefix = header
+            elif session.num_blocks != declared:
+                declared = session.num_blocks
+                prefix = _shortened_header(run.checksum_kind_value, declared)
+            else:
+                prefix = encode_get_header(checksum_kind=run.checksum_kind_value)
+            sent = True
+            message, message_bytes = [prefix], len(prefix)
+            message_kind = run.checksum_kind_value
+        message.extend(parts)
+        message_bytes += parts_bytes
+        if not session.in_memory:
+            yield message
+            message = []
+    if message:
+        yield message
     if not sent:
         yield [header]
     elif session.num_blocks != declared:

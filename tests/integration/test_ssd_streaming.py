@@ -381,9 +381,12 @@ SMALL = KVLayout(num_layers=2, num_kv_heads=1, head_dim=8, dtype=DType.FLOAT16, 
 SMALL_NS = Namespace(tenant="stream", model_fingerprint="small", layout=SMALL)
 
 
-async def test_blocks_already_in_memory_go_out_in_one_run_per_layer(server_factory: Any) -> None:
+async def test_blocks_already_in_memory_go_out_in_as_few_messages_as_fit(
+    server_factory: Any,
+) -> None:
     # Streaming layer 0 as blocks come in must not cut a get of in-memory blocks into
-    # a message per block: 64 tiny blocks, 2 layers, fit one message per layer.
+    # a message per block, nor into a message per layer: 64 tiny blocks, 2 layers, fit
+    # one message, a run per layer.
     running = await server_factory()
     keys = [b"small-%d" % index for index in range(64)]
     shape = (len(keys), SMALL.num_layers, *SMALL.layer_shape)
@@ -393,4 +396,7 @@ async def test_blocks_already_in_memory_go_out_in_one_run_per_layer(server_facto
         stub = pb_grpc.KVStoreStub(channel)
         request = pb.GetBlocksRequest(namespace=namespace_to_wire(SMALL_NS), keys=keys)
         replies = [reply async for reply in stub.GetBlocks(request)]
-    assert len(replies) == SMALL.num_layers
+    (reply,) = replies
+    assert [(run.layer, len(run.layer_checksums)) for run in reply.runs] == [
+        (layer, len(keys)) for layer in range(SMALL.num_layers)
+    ]
