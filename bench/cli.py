@@ -26,6 +26,7 @@ from kvstore.bench.throughput import add_throughput_arguments, run_throughput
 from kvstore.bench.tiers import add_tiers_arguments, run_tiers
 from kvstore.bench.tls import add_tls_arguments, run_tls
 from kvstore.bench.trace import TraceFormatError
+from kvstore.bench.transfer_cost import add_transfer_cost_arguments, run_transfer_cost
 from kvstore.bench.watch import add_watch_arguments, run_watch
 from kvstore.bench.watch_snapshot import add_watch_snapshot_arguments, run_watch_snapshot
 from kvstore.bench.wire_lz4 import add_wire_lz4_arguments, run_wire_lz4
@@ -40,6 +41,11 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Runne
         "put/get GB/s over block sizes, against plain grpcio in the same run",
         add_throughput_arguments,
         run_throughput,
+    ),
+    "transfer-cost": (
+        "a daemon's CPU per GB of TCP puts, and small gets' p50, per block size",
+        add_transfer_cost_arguments,
+        run_transfer_cost,
     ),
     "peers": (
         "put/get GB/s side by side with LMCache's lm server (--lmcache-python), same run",

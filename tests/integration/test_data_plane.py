@@ -592,6 +592,25 @@ async def test_raw_put_and_get_follow_the_documented_frames(
     await seed.assert_serving()
 
 
+async def test_a_get_of_blocks_in_memory_is_one_message_with_a_run_per_layer(seed: Seed) -> None:
+    """The data plane's GET_DATA frames carry as many runs as fit, as gRPC's messages do
+    (tests/integration/test_ssd_streaming.py): three small blocks of two layers are one
+    frame, layer 0's run then layer 1's."""
+    raw = await RawConnection.open_port(seed.port)
+    try:
+        request = pb.GetBlocksRequest(namespace=pb.Namespace.FromString(wire_ns()), keys=SEED_KEYS)
+        await raw.send(frame(FrameKind.GET, request.SerializeToString()))
+        kind, payload = await raw.read_frame()
+        assert kind == FrameKind.GET_DATA
+        message = decode_get_message(payload)
+        assert [(run.layer, run.num_blocks) for run in message.runs] == [
+            (layer, len(SEED_KEYS)) for layer in range(LAYOUT.num_layers)
+        ]
+        assert await raw.read_frame() == (FrameKind.GET_END, b"")
+    finally:
+        raw.close()
+
+
 # -- reclaiming ----------------------------------------------------------------------------------
 
 
@@ -727,27 +746,45 @@ async def test_a_long_run_lands_in_place_and_is_checked_a_step_at_a_time(
     await assert_stored(seed, keys, kv)
 
 
-async def test_the_client_puts_over_tcp_with_tails_received_in_place(
-    server: RunningServer, make_kv: MakeKV, landed_runs: list[int]
+# 32 KiB layers: the smallest the client sends as PUT_TAIL (client/_send.py).
+WIDE = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=DType.FLOAT16, block_tokens=64)
+WIDE_NS = Namespace(tenant="acme", model_fingerprint="wide", layout=WIDE)
+
+
+@pytest.mark.parametrize(
+    ("layout", "in_place"), [(WIDE, True), (LAYOUT, False)], ids=["32KiB", "1KiB"]
+)
+async def test_the_client_sends_runs_of_large_layers_to_be_received_in_place(
+    server_factory: ServerFactory,
+    make_kv: MakeKV,
+    landed_runs: list[int],
+    layout: KVLayout,
+    in_place: bool,
 ) -> None:
-    kv = make_kv(LAYOUT, 5, form=KVForm.BLOCKS, seed=22)
+    """Puts and layer puts over TCP: runs of layers of 32 KiB and more land in place; runs
+    of smaller layers travel as PUT frames (cheaper to copy than to scatter into). The
+    bytes come back either way."""
+    # 64 KiB pages (the default): a 32 KiB layer lands in one; the tests' 4 KiB would not.
+    server = await server_factory(**{"store.page_bytes": 65536})
+    namespace = WIDE_NS if layout is WIDE else NS
+    kv = make_kv(layout, 5, form=KVForm.BLOCKS, seed=22)
     keys = [b"client-tail-%d" % index for index in range(5)]
     layered = [b"client-layer-tail-%d" % index for index in range(5)]
-    async with data_client(server_target(server), shared_memory=False) as client:
+    async with data_client(server_target(server), namespace, shared_memory=False) as client:
         assert (await client.put_blocks(keys, kv)).num_committed == 5
         got = torch.zeros_like(kv)
         assert await client.get_into(keys, got, form=KVForm.BLOCKS) == 5
         assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
-        assert sum(landed_runs) == 5 * LAYOUT.num_layers
+        assert sum(landed_runs) == (5 * layout.num_layers if in_place else 0)
 
         async with client.layer_put(layered) as put:  # a layer put's messages as well
-            for layer in range(LAYOUT.num_layers):
+            for layer in range(layout.num_layers):
                 await put.send_layer(layer, kv[:, layer])
         assert put.result is not None
         assert put.result.num_committed == 5
         assert await client.get_into(layered, got, form=KVForm.BLOCKS) == 5
     assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
-    assert sum(landed_runs) == 10 * LAYOUT.num_layers
+    assert sum(landed_runs) == (10 * layout.num_layers if in_place else 0)
 
 
 @pytest.mark.parametrize("corrupt_layer", [0, 1])

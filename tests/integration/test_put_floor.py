@@ -154,6 +154,25 @@ async def test_short_messages_that_each_end_a_half_are_refused_past_the_budget(
         await assert_unharmed(client, poll)
 
 
+def half_layer_messages(num_blocks: int) -> list[bytes]:
+    """Put messages of one half-layer chunk each (K, then V), every layer of
+    `num_blocks` NARROW blocks: short pieces that end only half a layer, which the put
+    floor refuses."""
+    half = NARROW.layer_bytes // 2
+    data = bytes(NARROW.layer_bytes)
+    return [
+        b"".join(
+            bytes(part)
+            for part in chunk_parts(
+                PUT_CHUNKS, block, layer, start, checksum(data), [data[start : start + half]]
+            )
+        )
+        for block in range(num_blocks)
+        for layer in range(NARROW.num_layers)
+        for start in (0, half)
+    ]
+
+
 async def test_a_put_refused_mid_stream_reaches_a_grpc_aio_client_with_its_status(
     server_factory: ServerFactory, make_kv: MakeKV, poll: Poll
 ) -> None:
@@ -167,19 +186,7 @@ async def test_a_put_refused_mid_stream_reaches_a_grpc_aio_client_with_its_statu
     puts came back INTERNAL in the run that found it."""
     running = await server_factory()
     async with await seeded(running, NARROW_NS, make_kv) as client:
-        half = NARROW.layer_bytes // 2
-        data = bytes(NARROW.layer_bytes)
-        halves = [
-            b"".join(
-                bytes(part)
-                for part in chunk_parts(
-                    PUT_CHUNKS, block, layer, start, checksum(data), [data[start : start + half]]
-                )
-            )
-            for block in range(40)
-            for layer in range(NARROW.num_layers)
-            for start in (0, half)
-        ]
+        halves = half_layer_messages(40)
         quick_cuts: list[float] = []  # attempts ended early without a stall to excuse it
         answered = 0
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -224,20 +231,8 @@ async def test_a_refused_put_whose_client_writes_on_forever_is_ended_within_the_
     refusal (plus slack for a loaded machine), not after everything it chooses to send."""
     running = await server_factory()
     async with await seeded(running, NARROW_NS, make_kv) as client:
-        half = NARROW.layer_bytes // 2
-        data = bytes(NARROW.layer_bytes)
         keys = [b"endless-%d" % i for i in range(40)]
-        halves = [
-            b"".join(
-                bytes(part)
-                for part in chunk_parts(
-                    PUT_CHUNKS, block, layer, start, checksum(data), [data[start : start + half]]
-                )
-            )
-            for block in range(40)
-            for layer in range(NARROW.num_layers)
-            for start in (0, half)
-        ]
+        halves = half_layer_messages(40)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             call = channel.stream_unary("/kvstore.v1.KVStore/PutBlocks")(timeout=60)
             started = time.monotonic()

@@ -32,6 +32,7 @@ from kvstore.client import (
     Unavailable,
 )
 from kvstore.client._dataplane import DataPlanePool, DataPlaneUnreachable
+from kvstore.put import PutSession
 from kvstore.server import RunningServer
 from kvstore.server.app import protections_line
 from kvstore.server.auth import token_sha256
@@ -40,6 +41,7 @@ from kvstore.wire.frames import HELLO_PAYLOAD, FrameKind, frame_header
 from kvstore.wire.tls import client_context
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=DType.BFLOAT16, block_tokens=16)
+WIDE = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, dtype=DType.BFLOAT16, block_tokens=64)
 # The client certificate's common name: with certificate_tenants, its tenant.
 CLIENT_NAME = "tenant-tls"
 NS = Namespace(tenant=CLIENT_NAME, model_fingerprint="tls", layout=LAYOUT)
@@ -110,8 +112,20 @@ async def test_transfers_are_byte_identical_over_tls(
     same_bytes: SameBytes,
     mutual: bool,
     data_plane: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    running = await server_factory(**tls_settings(pki, mutual=mutual))
+    landed: list[int] = []  # runs the daemon received in place (PUT_TAIL), by blocks
+    land_run = PutSession.land_run
+
+    def counted(session: PutSession, *args: Any) -> None:
+        landed.append(args[1])
+        land_run(session, *args)
+
+    monkeypatch.setattr(PutSession, "land_run", counted)
+    # 64 KiB pages: a 32 KiB layer lands in one (the tests' 4 KiB pages would split it).
+    running = await server_factory(
+        **tls_settings(pki, mutual=mutual), **{"store.page_bytes": 65536}
+    )
     tls = client_tls(pki) if mutual else TLSOptions(ca_file=pki.ca)
     async with make_client(running, data_plane=data_plane, tls=tls) as client:
         before = (await client.stats()).data_plane_transfers
@@ -122,6 +136,20 @@ async def test_transfers_are_byte_identical_over_tls(
             assert after == before + 4  # two puts and two gets, all on the TLS data plane
         else:
             assert after == before
+    # Layers of 32 KiB (the smallest the client sends as PUT_TAIL): read from the TLS
+    # stream straight into their pages; gRPC carries no PUT_TAIL.
+    wide = Namespace(tenant=CLIENT_NAME, model_fingerprint="tls-wide", layout=WIDE)
+    blocks = make_kv(WIDE, 3, form=KVForm.BLOCKS, seed=3)
+    async with KVClient(
+        f"127.0.0.1:{running.port}",
+        wide,
+        options=ClientOptions(data_plane=data_plane, tls=tls, shared_memory=False),
+    ) as client:
+        assert (await client.put_blocks([b"w0", b"w1", b"w2"], blocks)).num_committed == 3
+        got = torch.zeros_like(blocks)
+        assert await client.get_into([b"w0", b"w1", b"w2"], got, form=KVForm.BLOCKS) == 3
+    assert same_bytes(got, blocks)
+    assert sum(landed) == (3 * WIDE.num_layers if data_plane else 0)
 
 
 @pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])

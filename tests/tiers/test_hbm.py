@@ -18,7 +18,7 @@ import torch
 
 from kvstore.checksum import ChecksumKind, checksum
 from kvstore.client import KVClient, KVForm, TierKind
-from kvstore.config import StoreConfig
+from kvstore.config import StoreConfig, TenantQuota
 from kvstore.enums import PutOutcome
 from kvstore.layout import DType, KVLayout, Namespace
 from kvstore.mover import TierMover
@@ -250,6 +250,39 @@ async def test_an_hbm_only_block_moves_down_into_free_dram_and_never_evicts_for_
     assert hbm.used_bytes == 0
     assert hbm.counters.demotions == 1
     assert dram.counters.promotions == promotions  # a move down, not a promotion
+    assert await get(store, mover, [b"A"]) == [payload(b"A")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+async def test_an_hbm_only_block_moves_down_only_within_its_tenants_dram_quota(
+    device: str,
+) -> None:
+    """DRAM with free pages is not room for a tenant at its DRAM quota: its HBM-only
+    block stays in HBM until its own share has room, and none of its blocks is evicted
+    for the move."""
+    store = make_store(
+        device,
+        dram_bytes=8 * PAGE_BYTES,
+        quotas={NS.tenant: TenantQuota(dram_bytes=2 * PAGE_BYTES)},
+        hbm_promote_after_seen=2,
+        high_watermark=0.2,
+        low_watermark=0.1,
+    )
+    mover = make_mover(store)
+    await put(store, mover, b"A")
+    await get(store, mover, [b"A"])
+    for key in (b"B", b"C"):  # its share is full: A's redundant DRAM copy goes
+        await put(store, mover, key)
+    assert copies(store, b"A") == {TierKind.HBM}
+    assert store.dram.used_bytes == 2 * PAGE_BYTES  # six pages free, none of them its own
+
+    mover.make_room()
+    assert copies(store, b"A") == {TierKind.HBM}
+    assert (copies(store, b"B"), copies(store, b"C")) == ({TierKind.DRAM}, {TierKind.DRAM})
+
+    assert store.delete(NS, [b"C"]).num_deleted == 1
+    mover.make_room()
+    assert copies(store, b"A") == {TierKind.DRAM}
     assert await get(store, mover, [b"A"]) == [payload(b"A")]
 
 
