@@ -40,6 +40,7 @@ from kvstore.wire.frames import (
     decode_error,
     encode_deadline,
     send_frame,
+    send_frames,
     tune_socket,
 )
 from kvstore.wire.tls import TLSStream
@@ -135,9 +136,11 @@ class DataConnection:
             async with asyncio.timeout_at(self.deadline):
                 if not self._deadline_sent and kind in _TRANSFER_STARTS:
                     left = self.deadline - asyncio.get_running_loop().time()
-                    await send_frame(self._stream, FrameKind.DEADLINE, [encode_deadline(left)])
                     self._deadline_sent = True
-                await send_frame(self._stream, kind, parts)
+                    deadline = (FrameKind.DEADLINE, [encode_deadline(left)])
+                    await send_frames(self._stream, [deadline, (kind, parts)])
+                else:
+                    await send_frame(self._stream, kind, parts)
         except TimeoutError:
             raise self._deadline_error() from None
         except ConnectionClosed:

@@ -4,6 +4,7 @@ framing that need no server."""
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 Pair = tuple[socket.socket, socket.socket]
 
@@ -14,3 +15,20 @@ def tcp_pair() -> Pair:
         left = socket.create_connection(listener.getsockname())
         right, _ = listener.accept()
     return left, right
+
+
+class CountingSocket(socket.socket):
+    """A real socket that counts its `sendmsg` calls."""
+
+    sendmsg_calls = 0
+
+    def sendmsg(self, *args: Any, **kwargs: Any) -> int:
+        self.sendmsg_calls += 1
+        return super().sendmsg(*args, **kwargs)
+
+
+def counting(sock: socket.socket) -> CountingSocket:
+    """`sock` itself (its descriptor, taken over; non-blocking), counting its sends."""
+    counted = CountingSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    counted.setblocking(False)
+    return counted

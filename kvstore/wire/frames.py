@@ -333,13 +333,25 @@ async def send_frame(
 ) -> None:
     """One frame whose payload is `parts` back to back; a bare socket's parts are not
     copied."""
-    views = [_byte_view(part) for part in parts]
-    length = sum(len(view) for view in views)  # bytes, whatever the parts' item size
-    framed = [memoryview(frame_header(kind, length)), *views]
+    framed = _framed(kind, parts)
     if isinstance(stream, socket.socket):  # the plaintext hot path, as direct as before
         await _send_views(stream, framed)
     else:
         await _send(stream, framed)
+
+
+async def send_frames(
+    stream: Stream, frames: Sequence[tuple[FrameKind, Sequence[bytes | memoryview]]]
+) -> None:
+    """Several frames back to back, in one send where they fit: a transfer's DEADLINE
+    and first frame then reach the peer together, and wake it once, not twice."""
+    await _send(stream, [view for kind, parts in frames for view in _framed(kind, parts)])
+
+
+def _framed(kind: FrameKind, parts: Sequence[bytes | memoryview]) -> list[memoryview]:
+    views = [_byte_view(part) for part in parts]
+    length = sum(len(view) for view in views)  # bytes, whatever the parts' item size
+    return [memoryview(frame_header(kind, length)), *views]
 
 
 async def send_parts(stream: Stream, parts: Sequence[bytes | memoryview]) -> None:

@@ -14,7 +14,7 @@ import struct
 
 import pytest
 import torch
-from socket_pairs import Pair, tcp_pair  # tests/socket_pairs.py
+from socket_pairs import Pair, counting, tcp_pair  # tests/socket_pairs.py
 
 from kvstore.wire.errors import WireError
 from kvstore.wire.frames import (
@@ -31,6 +31,7 @@ from kvstore.wire.frames import (
     encode_error,
     frame_header,
     send_frame,
+    send_frames,
     send_parts,
     tune_socket,
 )
@@ -89,6 +90,25 @@ async def test_send_frame_writes_header_then_parts_back_to_back(pair: Pair) -> N
     await send_frame(sender, FrameKind.GET_END)
     wire = await recv_exactly(receiver, 5 + 8 + 5)
     assert wire == b"\x06" + struct.pack("<I", 8) + b"headtail" + b"\x07\x00\x00\x00\x00"
+
+
+async def test_send_frames_sends_several_frames_in_one_call(pair: Pair) -> None:
+    sender, receiver = pair
+    sender = counting(sender)
+    try:
+        frames = [
+            (FrameKind.DEADLINE, [encode_deadline(2.5)]),
+            (FrameKind.GET, [b"req", memoryview(bytearray(b"uest"))]),
+        ]
+        await send_frames(sender, frames)
+        assert sender.sendmsg_calls == 1, "both frames wake the peer once"
+        reader = FrameReader(receiver, MiB)
+        kind, payload = await reader.read()
+        assert (kind, decode_deadline(payload)) == (FrameKind.DEADLINE, 2.5)
+        kind, payload = await reader.read()
+        assert (kind, bytes(payload)) == (FrameKind.GET, b"request")
+    finally:
+        sender.close()
 
 
 # -- round trips -------------------------------------------------------------------------------
