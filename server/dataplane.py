@@ -166,22 +166,27 @@ class _Link:
 
 
 def _tailed_message(link: _Link, pacing: TransferPacing, before_tail: memoryview) -> TailedMessage:
-    """A PUT_TAIL frame's message, its tail read (within the frame's time) when the put
-    asks for it."""
+    """A PUT_TAIL frame's message, its tail read (within the frame's time, counted from
+    the frame's first byte) as the put asks for it."""
     reader = link.reader
 
+    async def arriving() -> None:
+        pacing.receiving_rest()
+        await reader.await_tail()
+        pacing.working()
+
     async def receive_into(views: list[memoryview]) -> None:
-        pacing.receiving()
+        pacing.receiving_rest()
         await reader.read_tail_into(views)
         pacing.working()
 
-    async def receive() -> memoryview:
-        pacing.receiving()
-        tail = await reader.read_tail()
+    async def receive(nbytes: int) -> memoryview:
+        pacing.receiving_rest()
+        tail = await reader.read_tail(nbytes)
         pacing.working()
         return tail
 
-    return TailedMessage(before_tail, reader.tail_bytes, receive_into, receive)
+    return TailedMessage(before_tail, reader.tail_bytes, arriving, receive_into, receive)
 
 
 class DataPlane:

@@ -61,6 +61,7 @@ class TransferPacing:
         self._phase_s: float | None = None
         self._phase_since = 0.0
         self._phase_setting = ""
+        self._frame_since = 0.0  # when the last frame began to arrive
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._cut_message: str | None = None
@@ -105,6 +106,12 @@ class TransferPacing:
     def receiving(self) -> None:
         """A data-plane frame has begun to arrive."""
         self._enter(self._frame_s, "frame_timeout_s")
+        self._frame_since = self._phase_since
+
+    def receiving_rest(self) -> None:
+        """More of the frame that began to arrive at the last `receiving` (a PUT_TAIL's
+        tail, read after its message was checked): its time counts from that start."""
+        self._enter(self._frame_s, "frame_timeout_s", since=self._frame_since)
 
     def working(self) -> None:
         """The server works on the transfer; only the deadline applies."""
@@ -120,10 +127,10 @@ class TransferPacing:
             self.waiting()
         self.working()
 
-    def _enter(self, limit_s: float, setting: str) -> None:
-        now = self._loop.time()
-        self._phase_s, self._phase_since, self._phase_setting = limit_s, now, setting
-        ends = now + limit_s
+    def _enter(self, limit_s: float, setting: str, since: float | None = None) -> None:
+        start = self._loop.time() if since is None else since
+        self._phase_s, self._phase_since, self._phase_setting = limit_s, start, setting
+        ends = start + limit_s
         if ends < self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()

@@ -65,9 +65,12 @@ class TailedMessage:
 
     before_tail: memoryview
     tail_bytes: int
-    # The tail, into views whose lengths add up to it; or into a buffer of the reader's.
+    # Until the tail's next byte has come.
+    arriving: Callable[[], Awaitable[None]]
+    # The tail's next bytes, into views (as many as their lengths add up to); or the
+    # next `nbytes` into a buffer of the reader's.
     receive_into: Callable[[list[memoryview]], Awaitable[None]]
-    receive: Callable[[], Awaitable[memoryview]]
+    receive: Callable[[int], Awaitable[memoryview]]
 
 
 class Transfers:
@@ -200,12 +203,13 @@ class Transfers:
                 message.data_bytes(run),
                 len(run.layer_checksums),
             )
-        # Room is reserved as a block's first bytes arrive. Under pressure, wait for
-        # demotions to SSD (or write-through writes) rather than fail the put.
-        for count, block_index in enumerate(_blocks_written(message, session.num_declared), 1):
-            if session.needs_room(block_index):
-                await self._mover.ensure_room(TierKind.DRAM, session.block_bytes, session.usage)
-                session.start(block_index)
+        # Room is reserved as a block's first bytes arrive (a tail's, as it comes: in
+        # _receive_tail). Under pressure, wait for demotions to SSD (or write-through
+        # writes) rather than fail the put.
+        tail_run = message.runs[-1] if tail is not None else None
+        written = _blocks_written(message, session.num_declared, tail_run)
+        for count, block_index in enumerate(written, 1):
+            await self._make_room(session, block_index)
             if not count % BLOCKS_PER_STEP:
                 await asyncio.sleep(0)
         for count, chunk in enumerate(message.chunks, 1):
@@ -216,10 +220,10 @@ class Transfers:
                 self._take_committed(session, committed)
                 await asyncio.sleep(0)
         for run in message.runs:
-            if tail is not None and run is message.runs[-1]:
-                landed = await self._receive_tail(session, run, tail, committed)
-                if landed:
-                    continue
+            if run is tail_run:
+                assert tail is not None
+                await self._receive_tail(session, run, tail, committed)
+                continue
             layer_bytes = session.layer_bytes
             whole = (
                 run.num_blocks <= BLOCKS_PER_STEP
@@ -242,33 +246,38 @@ class Transfers:
                 )
         self._take_committed(session, committed)
 
+    async def _make_room(self, session: PutSession, block_index: int) -> None:
+        if session.needs_room(block_index):
+            await self._mover.ensure_room(TierKind.DRAM, session.block_bytes, session.usage)
+            session.start(block_index)
+
     async def _receive_tail(
         self,
         session: PutSession,
         run: WireRun,
         tail: TailedMessage,
         committed: list[BlockEntry],
-    ) -> bool:
-        """Receive a message's tail, `run`'s data: where the blocks store it when each
-        block's layer is one slice of the arena (True: the run is done), else into a
-        buffer that `run.data` then views, to be written as any run (False)."""
-        views = session.landing_views(
-            run.first_block, run.num_blocks, run.layer, tail.tail_bytes, len(run.layer_checksums)
-        )
-        if views is None:
-            run.data = await tail.receive()
-            return False
-        await tail.receive_into(views)
-        # Checked and finished a step at a time, as a long run is written.
+    ) -> None:
+        """Receive a message's tail, `run`'s data (checked whole by the caller), a step of
+        blocks at a time. A step's room is made once its first byte has come, so a
+        client that stops sending holds room for one step at most. Its bytes land where
+        the blocks store them when each block's layer is one slice of the arena, and
+        otherwise go through a buffer, as any run's."""
+        layer_bytes = session.layer_bytes
         async for first, stop in self._steps(session, committed, run.num_blocks):
-            session.land_run(
-                run.first_block + first,
-                stop - first,
-                run.layer,
-                views[first:stop],
-                run.layer_checksums[first:stop],
-            )
-        return True
+            first_block, num_blocks = run.first_block + first, stop - first
+            await tail.arriving()
+            for block_index in range(first_block, first_block + num_blocks):
+                await self._make_room(session, block_index)
+            checksums = run.layer_checksums[first:stop]
+            nbytes = num_blocks * layer_bytes
+            views = session.landing_views(first_block, num_blocks, run.layer, nbytes, num_blocks)
+            if views is None:
+                data = await tail.receive(nbytes)
+                session.write_run(first_block, num_blocks, run.layer, data, checksums)
+            else:
+                await tail.receive_into(views)
+                session.land_run(first_block, num_blocks, run.layer, views, checksums)
 
     async def _steps(
         self, session: PutSession, committed: list[BlockEntry], num_blocks: int
@@ -356,13 +365,16 @@ def _payload_bytes(parts: WireParts) -> int:
     return sum(part.nbytes if isinstance(part, memoryview) else len(part) for part in parts)
 
 
-def _blocks_written(message: PutMessage, num_declared: int) -> Iterator[int]:
-    """The declared blocks the message's chunks and runs write to, each run clipped to
-    the declared blocks (a bad index is answered when the chunk is applied)."""
+def _blocks_written(
+    message: PutMessage, num_declared: int, but: WireRun | None = None
+) -> Iterator[int]:
+    """The declared blocks the message's chunks and runs (but `but`) write to, each run
+    clipped to the declared blocks (a bad index is answered when the chunk is applied)."""
     for chunk in message.chunks:
         yield chunk.block_index
     for run in message.runs:
-        yield from range(run.first_block, min(run.first_block + run.num_blocks, num_declared))
+        if run is not but:
+            yield from range(run.first_block, min(run.first_block + run.num_blocks, num_declared))
 
 
 async def _encoded(

@@ -177,6 +177,9 @@ class FrameReader:
         self._sock = stream if isinstance(stream, socket.socket) else None
         # The tail of the last PUT_TAIL frame, not read yet: read_tail or read_tail_into.
         self.tail_bytes = 0
+        # The tail's next byte, read ahead by `await_tail` (counted in tail_bytes).
+        self._held = bytearray(1)
+        self._holding = False
 
     @property
     def buffer_bytes(self) -> int:
@@ -211,34 +214,56 @@ class FrameReader:
             raise WireError(
                 f"a PUT_TAIL frame of {length} bytes says {before} of them come before its tail"
             )
+        tail_bytes = length - TAIL_PREFIX.size - before
+        if not tail_bytes:
+            raise WireError("a PUT_TAIL frame with no tail; send that message as a PUT frame")
         payload = await self._read_payload(before)
-        self.tail_bytes = length - TAIL_PREFIX.size - before
+        self.tail_bytes = tail_bytes
         return payload
 
+    async def await_tail(self) -> None:
+        """Wait until the tail's next byte has arrived (it is kept for the next read of
+        the tail): room for a tail's bytes is made only once they come."""
+        if self.tail_bytes and not self._holding:
+            await self.read_into(memoryview(self._held))
+            self._holding = True
+
     async def read_tail_into(self, views: Sequence[memoryview]) -> None:
-        """The last PUT_TAIL frame's tail, into `views` (flat byte views whose lengths
-        add up to `tail_bytes`), one after another: on a bare socket, scattered by the
-        kernel, with no copy on this side."""
-        if sum(len(view) for view in views) != self.tail_bytes:
-            raise ValueError(f"the views do not hold the {self.tail_bytes}-byte tail exactly")
-        self.tail_bytes = 0
+        """The next `sum(len(view))` bytes of the last PUT_TAIL frame's tail (all of it,
+        or a part), into `views` (flat byte views), one after another: on a bare
+        socket, scattered by the kernel, with no copy on this side."""
+        nbytes = sum(len(view) for view in views)
+        if not 0 < nbytes <= self.tail_bytes:
+            raise ValueError(f"{nbytes} bytes asked of a tail with {self.tail_bytes} left")
+        self.tail_bytes -= nbytes
+        views = [view for view in views if len(view)]
+        if self._holding:
+            self._holding = False
+            views[0][0] = self._held[0]
+            views[0] = views[0][1:]
         if self._sock is not None:
             await self._recv_scattered(self._sock, [view for view in views if len(view)])
             return
         for view in views:
             await self.read_into(view)
 
-    async def read_tail(self) -> memoryview:
-        """The last PUT_TAIL frame's tail, in a buffer of the reader's own that stays
-        valid until the next `read_tail` (not the next `read`)."""
-        length, self.tail_bytes = self.tail_bytes, 0
-        if len(self._tail_buffer) < length:
-            self._tail_buffer = bytearray(0)  # the old one goes before the new is made
-            self._tail_buffer = await self._read_growing(length)
-            return memoryview(self._tail_buffer)[:length]
-        tail = memoryview(self._tail_buffer)[:length]
-        await self.read_into(tail)
-        return tail
+    async def read_tail(self, nbytes: int | None = None) -> memoryview:
+        """The next `nbytes` of the last PUT_TAIL frame's tail (default: all that is
+        left), in a buffer of the reader's own that stays valid until the next
+        `read_tail` (not the next `read`)."""
+        length = self.tail_bytes if nbytes is None else nbytes
+        if not 0 < length <= self.tail_bytes:
+            raise ValueError(f"{length} bytes asked of a tail with {self.tail_bytes} left")
+        if len(self._tail_buffer) >= length:
+            tail = memoryview(self._tail_buffer)[:length]
+            await self.read_tail_into([tail])
+            return tail
+        self._tail_buffer = bytearray(0)  # the old one goes before the new is made
+        self.tail_bytes -= length
+        start = self._held if self._holding else b""
+        self._holding = False
+        self._tail_buffer = await self._read_growing(length, start)
+        return memoryview(self._tail_buffer)[:length]
 
     async def _recv_scattered(self, sock: socket.socket, views: list[memoryview]) -> None:
         loop = asyncio.get_running_loop()
@@ -267,17 +292,19 @@ class FrameReader:
         self._buffer = await self._read_growing(length)
         return memoryview(self._buffer)
 
-    async def _read_growing(self, length: int) -> bytearray:
+    async def _read_growing(self, length: int, start: bytes | bytearray = b"") -> bytearray:
         """A payload larger than the buffer, read into buffers that grow as it arrives.
 
         Each growth is a new buffer, not a resize: views of the old one may still be
         referenced. The new size is double the old, or what has arrived plus what the
         kernel already holds for us, whichever is more: a frame whose bytes are all
-        there grows once, to its length, and pays one copy of its first part.
+        there grows once, to its length, and pays one copy of its first part. `start`:
+        bytes of the payload already read.
         """
         size = min(length, max(FIRST_BUFFER_BYTES, len(self._buffer)))
         buffer = bytearray(size)
-        received = 0
+        buffer[: len(start)] = start
+        received = len(start)
         while True:
             view = memoryview(buffer)
             await self.read_into(view[received:size])

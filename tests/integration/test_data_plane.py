@@ -50,7 +50,7 @@ from kvstore.wire.chunks import (
     run_parts,
     tailed_run_message,
 )
-from kvstore.wire.frames import TAIL_PREFIX, FrameKind
+from kvstore.wire.frames import HEADER, TAIL_PREFIX, FrameKind
 from kvstore.wire.namespace import namespace_to_wire
 
 MiB = 1 << 20
@@ -429,6 +429,13 @@ BAD_FRAMES: list[tuple[str, bool, bytes, int, str]] = [
         "PUT_TAIL",
     ),
     (
+        "tail-empty",  # a message with no tail is a PUT, and nothing of it is applied
+        True,
+        frame(FrameKind.PUT_TAIL, TAIL_PREFIX.pack(len(DECLARE_NEW)) + DECLARE_NEW),
+        INVALID_ARGUMENT,
+        "no tail",
+    ),
+    (
         "get-without-keys",
         True,
         frame(
@@ -687,6 +694,12 @@ def tail_frames(keys: list[bytes], kv: torch.Tensor, *, corrupt_layer: int | Non
     return frames
 
 
+def first_frame_of(frames: bytes) -> bytes:
+    """The first of `frames` (whole frames back to back), header and payload."""
+    _, length = HEADER.unpack_from(frames)
+    return frames[: HEADER.size + length]
+
+
 async def put_by_tails(seed: Seed, keys: list[bytes], kv: torch.Tensor) -> pb.PutBlocksResponse:
     """`tail_frames` of `keys` and PUT_END on a raw connection; the PUT_DONE reply."""
     raw = await RawConnection.open_port(seed.port)
@@ -816,8 +829,7 @@ async def test_a_put_cut_off_in_its_tail_is_reclaimed(
 ) -> None:
     keys = [b"cut-tail-0", b"cut-tail-1"]
     kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=24)
-    first_frame = tail_frames(keys, kv)
-    first_frame = first_frame[: len(first_frame) // LAYOUT.num_layers]  # layer 0's frame
+    first_frame = first_frame_of(tail_frames(keys, kv))  # layer 0's
     await abandon_put(seed, first_frame[: len(first_frame) - LAYOUT.layer_bytes], keys, poll)
 
 
@@ -827,8 +839,7 @@ async def test_a_stalled_tail_is_cut_at_the_frame_timeout_and_frees_its_room(
     running = await server_factory(**{"limits.frame_timeout_s": 1.0})
     keys = [b"stalled-tail-0", b"stalled-tail-1"]
     kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=25)
-    first_frame = tail_frames(keys, kv)
-    first_frame = first_frame[: len(first_frame) // LAYOUT.num_layers]
+    first_frame = first_frame_of(tail_frames(keys, kv))
     async with data_client(server_target(running)) as client:
         raw = await RawConnection.open_port(running.servicer.data_plane_port)
         try:
@@ -836,6 +847,83 @@ async def test_a_stalled_tail_is_cut_at_the_frame_timeout_and_frees_its_room(
             code, message = await raw.read_error()
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message
             assert await raw.closed_by_server()
+        finally:
+            raw.close()
+
+        async def freed() -> bool:
+            return await dram_used(client) == 0
+
+        await poll(freed)
+        assert (await client.lookup_keys(keys)).num_matched == 0
+
+
+async def test_a_tails_room_is_made_as_its_bytes_come_one_step_at_most_ahead(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll
+) -> None:
+    """A PUT_TAIL's message alone (its tail not sent) holds no room and evicts nothing;
+    once the tail begins, room is made a step (64 blocks) at a time, so a client that
+    stops there has cost other blocks one step at most, and that until the frame times
+    out."""
+    pages = 256  # a block per 4 KiB page
+    running = await server_factory(
+        **{"store.dram_bytes": pages * 4096, "limits.frame_timeout_s": 1.0}
+    )
+    victims = [[b"victim-%d-%d" % (chain, index) for index in range(64)] for chain in range(4)]
+    attack = [b"attack-%d" % index for index in range(150)]
+    kv = make_kv(LAYOUT, 150, form=KVForm.BLOCKS, seed=27)
+    async with data_client(server_target(running)) as client:
+        for chain in victims:
+            assert (await client.put_blocks(chain, kv[:64])).num_committed == 64
+        full = await dram_used(client)
+        assert full == pages * 4096
+
+        async def victims_held() -> int:
+            return sum([(await client.lookup_keys(chain)).num_matched for chain in victims])
+
+        layer_0 = first_frame_of(tail_frames(attack, kv))
+        message = layer_0[: len(layer_0) - len(attack) * LAYOUT.layer_bytes]
+        raw = await RawConnection.open_port(running.servicer.data_plane_port)
+        try:
+            await raw.send(message)
+            await asyncio.sleep(0.3)
+            assert await victims_held() == 256, "a message without its tail evicted blocks"
+            await raw.send(layer_0[len(message) : len(message) + 1])  # one byte of the tail
+            code, error = await raw.read_error()
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], error
+        finally:
+            raw.close()
+        held = await victims_held()
+        assert 256 - 64 <= held < 256, "one step's room was made once its bytes began"
+
+        async def freed() -> bool:
+            return await dram_used(client) == held * 4096
+
+        await poll(freed)
+        assert (await client.lookup_keys(attack)).num_matched == 0
+
+
+async def test_a_tail_has_the_time_of_its_frame_not_a_window_of_its_own(
+    server_factory: ServerFactory, make_kv: MakeKV, poll: Poll
+) -> None:
+    """frame_timeout_s counts from a PUT_TAIL frame's first byte to its last: a message
+    sent slowly and a tail sent slowly after it, each within the limit, are cut."""
+    running = await server_factory(**{"limits.frame_timeout_s": 1.0})
+    keys = [b"slow-tail-0", b"slow-tail-1"]
+    kv = make_kv(LAYOUT, len(keys), form=KVForm.BLOCKS, seed=28)
+    layer_0 = first_frame_of(tail_frames(keys, kv))
+    tail_starts = len(layer_0) - len(keys) * LAYOUT.layer_bytes
+    async with data_client(server_target(running)) as client:
+        raw = await RawConnection.open_port(running.servicer.data_plane_port)
+        try:
+            await raw.send(layer_0[: tail_starts // 2])
+            await asyncio.sleep(0.7)
+            await raw.send(layer_0[tail_starts // 2 : tail_starts])  # the message, 0.7 s
+            await asyncio.sleep(0.6)
+            with contextlib.suppress(ConnectionError):  # the server may have hung up
+                await raw.send(layer_0[tail_starts:] + frame(FrameKind.PUT_END))
+            code, message = await raw.read_error()
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message
+            assert "frame_timeout_s" in message
         finally:
             raw.close()
 

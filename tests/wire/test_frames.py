@@ -296,8 +296,33 @@ async def test_the_next_frame_waits_for_the_tail_to_be_taken(pair: Pair) -> None
     await reader.read()
     with pytest.raises(RuntimeError, match="tail was not read"):
         await reader.read()
-    with pytest.raises(ValueError, match="2-byte tail"):
+    with pytest.raises(ValueError, match="3 bytes asked of a tail with 2 left"):
         await reader.read_tail_into([memoryview(bytearray(3))])
+    with pytest.raises(ValueError, match="0 bytes asked"):
+        await reader.read_tail_into([])
+
+
+async def test_a_tail_may_be_read_in_parts_each_awaited_first(pair: Pair) -> None:
+    sender, receiver = pair
+    reader = FrameReader(receiver, 1 * MiB)
+    tail = tensor_bytes(300_000, seed=13).numpy().tobytes()
+    sending = asyncio.create_task(send_frame(sender, FrameKind.PUT_TAIL, tail_frame(b"head", tail)))
+    assert bytes((await asyncio.wait_for(reader.read(), timeout=10))[1]) == b"head"
+    parts = []
+    for size in (1, 2, 100_000, 77, 199_920):
+        await asyncio.wait_for(reader.await_tail(), timeout=10)
+        await reader.await_tail()  # idempotent: the byte read ahead is kept once
+        if size % 2:  # into views of the caller's, or the reader's own buffer
+            landing = [memoryview(bytearray(size - size // 2)), memoryview(bytearray(size // 2))]
+            await asyncio.wait_for(reader.read_tail_into(landing), timeout=10)
+            parts.append(b"".join(bytes(view) for view in landing))
+        else:
+            parts.append(bytes(await asyncio.wait_for(reader.read_tail(size), timeout=10)))
+    assert reader.tail_bytes == 0
+    assert b"".join(parts) == tail
+    await asyncio.wait_for(sending, timeout=10)
+    await send_frame(sender, FrameKind.PUT_END)
+    assert await asyncio.wait_for(reader.read(), timeout=10) == (FrameKind.PUT_END, b"")
 
 
 @pytest.mark.parametrize(
@@ -306,6 +331,7 @@ async def test_the_next_frame_waits_for_the_tail_to_be_taken(pair: Pair) -> None
         (b"\x01\x00\x00", "too short"),
         (TAIL_PREFIX.pack(5) + b"abcd", "says 5 of them come before its tail"),
         (TAIL_PREFIX.pack(2**32 - 1), "before its tail"),
+        (TAIL_PREFIX.pack(3) + b"abc", "with no tail"),
     ],
 )
 async def test_a_tail_frame_that_contradicts_itself_is_a_wire_error(
