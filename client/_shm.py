@@ -52,6 +52,9 @@ from kvstore.wire.shm import (
 )
 
 _ERROR_WAIT_S = 1.0
+# What a get reply holds beyond its chunk's bytes, at most (the daemon asks a region of
+# max_chunk_bytes + 4 KiB).
+_REPLY_HEADROOM_BYTES = 4 << 10
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -224,14 +227,19 @@ class ShmConnection(DataConnection):
         """Each reply of a get, decoded from the buffer; its data are views valid until
         the next one (the daemon writes over them only once they are handed back)."""
         whole = Region(self.buffer_id, 0, self._buffer.size)
-        # Larger replies cost no copy here, and fewer frames; the ring holds several.
+        # Larger replies cost no copy here, and fewer frames, as long as two fit the
+        # buffer at once (a reply is at most its chunk and a few KiB of headers).
         # Same host: a memcpy beats any codec, so the bytes come raw whatever was asked.
-        if request.max_chunk_bytes < SHM_MESSAGE_BYTES or request.wire_compression:
-            larger = pb.GetBlocksRequest()
-            larger.CopyFrom(request)
-            larger.max_chunk_bytes = max(request.max_chunk_bytes, SHM_MESSAGE_BYTES)
-            larger.ClearField("wire_compression")
-            request = larger
+        chunk_bytes = min(
+            max(request.max_chunk_bytes, SHM_MESSAGE_BYTES),
+            self._buffer.size // 2 - _REPLY_HEADROOM_BYTES,
+        )
+        if request.max_chunk_bytes != chunk_bytes or request.wire_compression:
+            sized = pb.GetBlocksRequest()
+            sized.CopyFrom(request)
+            sized.max_chunk_bytes = chunk_bytes
+            sized.ClearField("wire_compression")
+            request = sized
         await self.send(FrameKind.GET_SHM, [whole.encode(), request.SerializeToString()])
         while True:
             kind, payload = await self._read()

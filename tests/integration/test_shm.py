@@ -61,6 +61,7 @@ LARGE = KVLayout(num_layers=32, num_kv_heads=8, head_dim=64, dtype=DType.BFLOAT1
 NS = Namespace(tenant="tenant-a", model_fingerprint="shm", layout=LARGE)
 TOKEN_A, TOKEN_B = "tok-a-0123456789", "tok-b-0123456789"
 MiB = 1 << 20
+KiB = 1 << 10
 
 ServerFactory = Callable[..., Awaitable[RunningServer]]
 MakeKV = Callable[..., torch.Tensor]
@@ -187,6 +188,24 @@ async def test_put_and_get_through_shared_memory_are_byte_identical(
     assert shm_server.data_plane is not None
     assert shm_server.data_plane.shm_transfers == 2  # the put and the get, nothing on TCP
     assert shm_server.data_plane.transfers == 2
+
+
+async def test_a_client_with_small_messages_gets_more_than_its_buffer_holds(
+    shm_server: RunningServer, clients: Callable[..., KVClient], make_kv: MakeKV
+) -> None:
+    """The shared buffer is four of the client's largest messages: replies are sized so
+    that two fit it, whatever the get's size (replies packed to 2 MiB did not fit a
+    1 MiB buffer)."""
+    layout = KVLayout(
+        num_layers=32, num_kv_heads=2, head_dim=128, dtype=DType.FLOAT16, block_tokens=16
+    )
+    namespace = Namespace(tenant="tenant-a", model_fingerprint="small-buffer", layout=layout)
+    client = clients(shm_server, namespace, max_message_bytes=256 * KiB, chunk_bytes=128 * KiB)
+    kv = make_kv(layout, 6, form=KVForm.BLOCKS, seed=5)  # 3 MiB, one run of 96 KiB a layer
+    dest = await put_and_get(client, kv, "small-buffer")
+    assert torch.equal(dest.view(torch.uint8), kv.view(torch.uint8))
+    assert shm_server.data_plane is not None
+    assert shm_server.data_plane.shm_transfers == 2
 
 
 async def test_a_closed_connections_buffers_are_unmapped_off_the_loop(
