@@ -12,7 +12,8 @@ Invariants:
   tail (no children): so a child is never findable without its parent.
 - Pinned blocks (a lease, a read or an SSD write in flight) keep every copy.
 - A tier's queues hold exactly the indexed entries that could leave that tier now or by
-  demotion (`evictable_from`); whoever changes that calls `refresh`.
+  a move down (`evictable_from`); whoever changes that calls `refresh`. Allocations
+  take only the droppable ones; the mover moves the rest down.
 
 Quotas: each tier has one queue per eviction group: one per tenant with a quota on the
 tier, and SHARED for all the others. A group owns its limit of the tier (its quota, or
@@ -482,13 +483,16 @@ class BlockPool:
                 self.refresh(entry)
 
     def evictable_from(self, entry: BlockEntry, kind: TierKind, now: float) -> bool:
-        """Whether the entry belongs in the tier's queue: it could leave, now or by demotion."""
+        """Whether the entry belongs in the tier's queue: it could leave, now or by a move
+        down (a demotion to SSD; out of HBM, a copy into free DRAM, kvstore.mover)."""
         if kind not in entry.copies or entry.is_pinned(now):
             return False
         if kind is TierKind.SSD and _has_child_on_ssd(entry):
             # SSD tail-first: a restart rebuilds chains from the block files and drops a
             # file whose parent has none, so a parent's file must outlive its children's.
             return False
+        if kind is TierKind.HBM:
+            return True  # droppable, or an HBM-only block that may move into DRAM
         return self.droppable(entry) or (kind is TierKind.DRAM and self.demotable(entry))
 
     def droppable(self, entry: BlockEntry) -> bool:

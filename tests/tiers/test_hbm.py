@@ -254,6 +254,30 @@ async def test_an_hbm_only_block_moves_down_into_free_dram_and_never_evicts_for_
 
 
 @pytest.mark.parametrize("device", DEVICES)
+async def test_an_hbm_only_parent_moves_down_into_free_dram(device: str) -> None:
+    """A block with children cannot be dropped from HBM while it has no other copy, but
+    it can move: into free DRAM, its children kept reachable through it. (Such parents
+    stayed in HBM for good, and HBM filled with them.)"""
+    store = make_store(device, hbm_promote_after_seen=2, high_watermark=0.2, low_watermark=0.1)
+    mover = make_mover(store)
+    await put(store, mover, b"A")
+    await get(store, mover, [b"A"])  # seen twice: promoted into HBM
+    await put(store, mover, b"B", b"A")  # A has a child now
+    for key in (b"C", b"D", b"E"):  # DRAM is full: A's redundant DRAM copy goes
+        await put(store, mover, key)
+    assert copies(store, b"A") == {TierKind.HBM}
+    hbm = store.pool.hbm
+    assert hbm is not None
+
+    assert store.delete(NS, [b"E"]).num_deleted == 1  # one page of DRAM free
+    mover.make_room()
+    assert copies(store, b"A") == {TierKind.DRAM}
+    assert hbm.used_bytes == 0
+    assert hbm.counters.demotions == 1
+    assert await get(store, mover, [b"A", b"B"]) == [payload(b"A"), payload(b"B")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 async def test_an_hbm_only_block_moves_down_only_within_its_tenants_dram_quota(
     device: str,
 ) -> None:
