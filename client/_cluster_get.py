@@ -167,7 +167,9 @@ class ChainGather:
                     self._changed.clear()
                     await self._changed.wait()
                 for progress in self._progress:
-                    if progress.error is not None:
+                    # A fault comes after the layers its node delivered whole: they are
+                    # verified, and the caller may use them.
+                    if progress.error is not None and progress.num_layers_done <= layer:
                         raise progress.error
                 num_blocks = min(num_blocks, self._prefix(layer))
                 if num_blocks == 0:

@@ -135,11 +135,11 @@ class LayerReceiver:
         num_layers = self._layout.num_layers
         for chunk in reply.chunks:
             if chunk.layer != self._current_layer:
-                yield self._next_layer(chunk.layer, num_layers)
+                yield from self._next_layer(chunk.layer, num_layers)
             self._write(chunk)
         for run in reply.runs:
             if run.layer != self._current_layer:
-                yield self._next_layer(run.layer, num_layers)
+                yield from self._next_layer(run.layer, num_layers)
             self._write_run(run)
 
     def _shorten(self, num_blocks: int) -> None:
@@ -159,17 +159,17 @@ class LayerReceiver:
             self._layer_buffer = self._layer_buffer[:num_blocks]
             self._layer_buffer_map = ByteMap(self._layer_buffer, self._layout, KVForm.LAYER)
 
-    def _next_layer(self, layer: int, num_layers: int) -> LayerArrival:
-        """Complete the current layer; the stream must go on with the very next one, and
-        one the layout has (a layer past the last would land on the next block's)."""
+    def _next_layer(self, layer: int, num_layers: int) -> Iterator[LayerArrival]:
+        """Complete the current layer and hand it out; the stream must go on with the
+        very next one, and one the layout has (a layer past the last would land on the
+        next block's). A layer whole and verified is handed out before that is checked."""
+        yield self._complete_layer()
         if layer != self._current_layer + 1 or layer >= num_layers:
             raise ChecksumError(
                 f"the stream jumped from layer {self._current_layer} to layer {layer} "
                 f"(of {num_layers})"
             )
-        arrival = self._complete_layer()
         self._current_layer = layer
-        return arrival
 
     def finish(self) -> list[LayerArrival]:
         if self._current_layer != self._layout.num_layers - 1:

@@ -39,31 +39,37 @@ class Replies:
 
 
 class HostileTransport:
-    """Answers every get with `num_blocks` blocks over `layers` layers, each verified by
-    its checksum, and every lookup with `lookup`."""
+    """Answers every get with `num_blocks` blocks over `layers` layers (a count, or the
+    layers to send, in order), each verified by its checksum, and every lookup with
+    `lookup`."""
 
     data_plane = None
 
     def __init__(
-        self, num_blocks: int, layers: int, lookup: pb.LookupPrefixResponse | None = None
+        self,
+        num_blocks: int,
+        layers: int | list[int],
+        lookup: pb.LookupPrefixResponse | None = None,
+        layout: KVLayout = LAYOUT,
     ) -> None:
-        self._num_blocks, self._layers, self._lookup = num_blocks, layers, lookup
+        self._num_blocks, self._lookup, self._layout = num_blocks, lookup, layout
+        self._layers = list(range(layers)) if isinstance(layers, int) else layers
 
     async def open_get(self, request: pb.GetBlocksRequest, timeout_s: float) -> Replies:
         header = encode_get_header(
-            block_bytes=LAYOUT.block_bytes, num_blocks=self._num_blocks, checksum_kind=1
+            block_bytes=self._layout.block_bytes, num_blocks=self._num_blocks, checksum_kind=1
         )
         messages = []
-        for layer in range(self._layers):
+        for layer in self._layers:
             data = b"".join(
-                bytes([block + 1 + 10 * layer]) * LAYOUT.layer_bytes
+                bytes([block + 1 + 10 * layer]) * self._layout.layer_bytes
                 for block in range(self._num_blocks)
             )
             checksums = checksums_of_slices(
-                ChecksumKind.XXH3_64, memoryview(data), LAYOUT.layer_bytes
+                ChecksumKind.XXH3_64, memoryview(data), self._layout.layer_bytes
             )
             parts = run_parts(GET_RUNS, layer, 0, checksums, [data])
-            messages.append((header if layer == 0 else b"") + b"".join(bytes(p) for p in parts))
+            messages.append((b"" if messages else header) + b"".join(bytes(p) for p in parts))
         return Replies(messages)
 
     async def lookup(
@@ -97,12 +103,30 @@ async def test_a_layer_past_the_last_is_refused_before_it_lands_anywhere() -> No
 
     with pytest.raises(ChecksumError, match="to layer 2"):
         await read_all()
-    assert arrivals == [0]  # layer 1, the last, completes only at the stream's end
+    assert arrivals == [0, 1]  # both whole and verified before the stray layer came
     # Layer 0, handed out as verified, still holds exactly what was verified: block b's
     # bytes are all b + 1. A stray layer 2 of block 0 would have landed on block 1's.
     layer_zero = dest[0].view(torch.uint8)
     assert layer_zero[:, :4].eq(1).all()
     assert layer_zero[:, 4:].eq(2).all()
+
+
+async def test_a_missing_layer_is_refused_after_the_layers_before_it_are_handed_out() -> None:
+    layout = KVLayout(num_layers=4, num_kv_heads=2, head_dim=8, dtype=DType.FLOAT16, block_tokens=4)
+    namespace = Namespace(tenant="a", model_fingerprint="m", layout=layout)
+    client = KVClient(
+        "hostile:1", namespace, transport=HostileTransport(2, [0, 1, 3], layout=layout)
+    )
+    keys = client.keys(list(range(8)))
+    arrivals: list[int] = []
+
+    async def read_all() -> None:
+        async for arrival in client.iter_layers(keys):
+            arrivals.append(arrival.layer)
+
+    with pytest.raises(ChecksumError, match="from layer 1 to layer 3"):
+        await read_all()
+    assert arrivals == [0, 1]  # layer 1 was whole and verified: it is not held back
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import torch
 from threaded_server import server_thread
 
 from kvstore.client import (
+    ChecksumError,
     ClientOptions,
     DType,
     InvalidArgument,
@@ -32,6 +33,7 @@ from kvstore.client import (
 from kvstore.client._cluster import ClusterClient
 from kvstore.cluster.members import parse_static_target
 from kvstore.cluster.placement import Placement
+from kvstore.enums import TierKind
 from kvstore.layout import Namespace
 from kvstore.server import RunningServer
 from kvstore.server.auth import token_sha256
@@ -360,6 +362,42 @@ async def test_iter_layers_yields_each_layer_once_every_node_delivered_it(
     seen = [arrival.layer async for arrival in cluster.iter_layers(keys, dest, form=KVForm.BLOCKS)]
     assert seen == list(range(layout.num_layers))
     assert same_bytes(dest, kv)
+
+
+@pytest.mark.parametrize("data_plane", [True, False], ids=["data-plane", "grpc"])
+async def test_a_nodes_fault_comes_after_the_layers_every_node_delivered(
+    nodes: list[RunningServer],
+    make_namespace: Callable[..., Namespace],
+    make_layout: Callable[..., KVLayout],
+    make_kv: Callable[..., torch.Tensor],
+    data_plane: bool,
+) -> None:
+    """A block whose layer 2 fails its checksum on its node: layers 0 and 1, whole and
+    verified on every node, are handed out first; then the fault is raised."""
+    namespace = make_namespace(make_layout(num_layers=4))
+    options = cluster_options(data_plane)
+    async with KVClient(static_target(nodes), namespace, options=options) as cluster:
+        tokens = tokens_for(NUM_BLOCKS, namespace.layout.block_tokens, seed=5)
+        kv = make_kv(namespace.layout, NUM_BLOCKS, form=KVForm.BLOCKS, seed=6)
+        keys = cluster.keys(tokens)
+        await cluster.put_blocks(keys, kv)
+        victim = keys[5]
+        node = nodes[owners(nodes, keys)[5]]
+        (entry,) = [entry for entry in node.store.pool.entries() if entry.key == victim]
+        at = 2 * namespace.layout.layer_bytes + 3  # inside layer 2
+        handle = entry.copies[TierKind.DRAM]
+        (byte,) = node.store.dram.read(handle, at, 1)
+        node.store.dram.write(handle, at, bytes([byte[0] ^ 0x40]))
+
+        arrived: list[int] = []
+
+        async def receive() -> None:
+            async for arrival in cluster.iter_layers(keys):
+                arrived.append(arrival.layer)
+
+        with pytest.raises(ChecksumError, match="layer 2"):
+            await receive()
+        assert arrived == [0, 1]
 
 
 async def test_a_longer_query_matches_the_stored_prefix_across_nodes(
