@@ -11,6 +11,7 @@ import torch
 from kvstore.checksum import (
     ChecksumKind,
     Hasher,
+    checksum,
     checksums_of_slices,
     new_hasher,
 )
@@ -105,6 +106,9 @@ class LayerReceiver:
                 )
             self._map = ByteMap(self._host, layout, form)
         self._writer = writer
+        # Each layer's view of `dest`, made in one call at the first layer's end (the
+        # served blocks are known by then): a view per layer costs a torch call each.
+        self._dest_layers: tuple[torch.Tensor, ...] | None = None
         self._layer_buffer: torch.Tensor | None = None
         self._current_layer = 0
         # A layer's bytes arrive as chunks (hashed as they come) or inside a run (hashed
@@ -223,23 +227,36 @@ class LayerReceiver:
         layer_bytes = self._layout.layer_bytes
         if first < 0 or first + count > self.num_blocks or len(run.layer_checksums) != count:
             raise ChecksumError(f"server sent a malformed run of blocks {first}..{first + count}")
-        data = self._payload(
-            run.compression,
-            run.data,
-            run.raw_bytes,
-            count * layer_bytes,
-            f"blocks {first}..{first + count - 1} layer {run.layer}",
-        )
+        if run.compression:
+            data = self._payload(
+                run.compression,
+                run.data,
+                run.raw_bytes,
+                count * layer_bytes,
+                f"blocks {first}..{first + count - 1} layer {run.layer}",
+            )
+        else:
+            data = run.data
+            self._account(data)
         if len(data) != count * layer_bytes:
             raise ChecksumError(f"a run of {count} blocks carries {len(data)} bytes")
-        blocks = slice(first, first + count)
-        if any(self._filled[blocks]):
-            twice = next(block for block in range(first, first + count) if self._filled[block])
-            raise ChecksumError(f"block {twice} layer {run.layer} arrived twice")
-        self._expected[blocks] = run.layer_checksums
-        if self._verify:
-            self._actual[blocks] = checksums_of_slices(self._kind, data, layer_bytes)
-        self._filled[blocks] = [layer_bytes] * count
+        filled = self._filled
+        if count == 1:  # a get of one block, or of blocks a run each: no slices
+            if filled[first]:
+                raise ChecksumError(f"block {first} layer {run.layer} arrived twice")
+            self._expected[first] = run.layer_checksums[0]
+            if self._verify:
+                self._actual[first] = checksum(self._kind, data)
+            filled[first] = layer_bytes
+        else:
+            blocks = slice(first, first + count)
+            if any(filled[blocks]):
+                twice = next(block for block in range(first, first + count) if filled[block])
+                raise ChecksumError(f"block {twice} layer {run.layer} arrived twice")
+            self._expected[blocks] = run.layer_checksums
+            if self._verify:
+                self._actual[blocks] = checksums_of_slices(self._kind, data, layer_bytes)
+            filled[blocks] = [layer_bytes] * count
         byte_map, layer = self._layer_map()
         byte_map.write_run(first, count, layer, data)
 
@@ -307,6 +324,10 @@ class LayerReceiver:
             buffer, self._layer_buffer = self._layer_buffer, None
             return buffer
         assert self._dest is not None
+        if self._host is self._dest:
+            if self._dest_layers is None:
+                self._dest_layers = self._layer_views(self._dest)
+            return self._dest_layers[layer]
         tokens = self.num_blocks * self._layout.block_tokens
         if self._form is KVForm.SEQUENCE:
             host, dest = self._host[layer, :, :tokens], self._dest[layer, :, :tokens]
@@ -314,6 +335,14 @@ class LayerReceiver:
             host, dest = self._host[: self.num_blocks, layer], self._dest[: self.num_blocks, layer]
         else:
             host, dest = self._host[: self.num_blocks], self._dest[: self.num_blocks]
-        if self._host is not self._dest:
-            dest.copy_(host, non_blocking=True)
+        dest.copy_(host, non_blocking=True)
         return dest
+
+    def _layer_views(self, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every layer's view of the served blocks in `tensor` (of the receiver's form)."""
+        if self._form is KVForm.SEQUENCE:
+            tokens = self.num_blocks * self._layout.block_tokens
+            return tensor[:, :, :tokens].unbind(0)
+        if self._form is KVForm.BLOCKS:
+            return tensor[: self.num_blocks].unbind(1)
+        return (tensor[: self.num_blocks],) * self._layout.num_layers

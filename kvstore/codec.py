@@ -109,6 +109,12 @@ class ByteMap:
         self._half = layout.layer_bytes // 2
         self._num_tokens = tensor.shape[2] if form is KVForm.SEQUENCE else 0
         self._token_bytes = layout.token_layer_bytes // 2  # K (or V) of one token
+        block_bytes = self._num_layers * self._layer_bytes
+        self._blocks = (  # the blocks form's array, shaped once (None: no whole blocks)
+            self._array.reshape(-1, self._num_layers, self._layer_bytes)
+            if form is KVForm.BLOCKS and len(self._array) % block_bytes == 0
+            else None
+        )
 
     def segments(self, block: int, layer: int) -> tuple[tuple[int, int], ...]:
         if self._form is KVForm.BLOCKS:
@@ -140,16 +146,25 @@ class ByteMap:
         layer_bytes = self._layer_bytes
         if len(data) != num_blocks * layer_bytes:
             raise InvalidRequest(f"a run of {num_blocks} blocks carries {len(data)} bytes")
-        source = np.frombuffer(data, dtype=np.uint8)
         if self._form is KVForm.LAYER:
             start = first_block * layer_bytes
             self.view[start : start + len(data)] = data
-        elif self._form is KVForm.BLOCKS:
-            blocks = self._array.reshape(-1, self._num_layers, layer_bytes)
-            blocks[first_block : first_block + num_blocks, layer] = source.reshape(
-                num_blocks, layer_bytes
-            )
+            return
+        if self._form is KVForm.BLOCKS:
+            if num_blocks == 1:  # one contiguous slice: no array needed
+                start = (first_block * self._num_layers + layer) * layer_bytes
+                if not 0 <= start <= len(self.view) - layer_bytes:
+                    raise InvalidRequest(f"block {first_block} is past the tensor's end")
+                self.view[start : start + layer_bytes] = data
+                return
+            blocks = self._blocks
+            if blocks is None:
+                blocks = self._array.reshape(-1, self._num_layers, layer_bytes)
+            blocks[first_block : first_block + num_blocks, layer] = np.frombuffer(
+                data, dtype=np.uint8
+            ).reshape(num_blocks, layer_bytes)
         else:
+            source = np.frombuffer(data, dtype=np.uint8)
             # Each block's layer is [K | V]; in the sequence form all K of a layer are one
             # run over the tokens, and all V another: two strided copies.
             half = self._half

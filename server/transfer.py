@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -399,7 +399,11 @@ async def _run_messages(
     message: WireParts = []
     message_bytes = message_kind = 0
     async for run in session.stream_runs(chunk_bytes):
-        compression, raw_bytes, data = await _encoded(encoder, list(run.views))
+        data: Sequence[memoryview | bytes]
+        if encoder is None:  # the common case, a run per layer: no coroutine for it
+            compression, raw_bytes, data = 0, 0, run.views
+        else:
+            compression, raw_bytes, data = await _encoded(encoder, list(run.views))
         parts = run_parts(
             GET_RUNS,
             run.layer,

@@ -17,6 +17,7 @@ fields without breaking older clients (a rolling upgrade).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,6 +163,8 @@ class GetMessage:
 
 def varint(value: int) -> bytes:
     """A protobuf base-128 varint."""
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -170,6 +173,10 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
+_ONE_BYTE = tuple(bytes((value,)) for value in range(0x80))
+
+
+@functools.cache
 def _tag(number: int, wire_type: int) -> bytes:
     return varint((number << 3) | wire_type)
 
@@ -186,6 +193,12 @@ def len_field(number: int, payload: bytes) -> bytes:
 _DATA_TAG = _tag(CHUNK_DATA, _LEN)
 _CHECKSUM_TAG = _tag(CHUNK_LAYER_CHECKSUM, _I64)
 _RUN_DATA_TAG = _tag(RUN_DATA, _LEN)
+_RUN_LAYER_TAG = _tag(RUN_LAYER, _VARINT)
+_RUN_FIRST_BLOCK_TAG = _tag(RUN_FIRST_BLOCK, _VARINT)
+_RUN_NUM_BLOCKS_TAG = _tag(RUN_NUM_BLOCKS, _VARINT)
+_RUN_CHECKSUMS_TAG = _tag(RUN_LAYER_CHECKSUMS, _LEN)
+_RUN_COMPRESSION_TAG = _tag(RUN_COMPRESSION, _VARINT)
+_RUN_RAW_BYTES_TAG = _tag(RUN_RAW_BYTES, _VARINT)
 # One-byte tags of LayerChunk's fields, read inline by the decoder's hot loop.
 _CHUNK_VARINT_NUMBERS = (CHUNK_BLOCK_INDEX, CHUNK_LAYER, CHUNK_OFFSET)
 _CHUNK_VARINT_TAGS = tuple((number << 3) | _VARINT for number in _CHUNK_VARINT_NUMBERS)
@@ -233,17 +246,20 @@ def run_parts(
 ) -> list[memoryview | bytes]:
     """Wire parts of one LayerRun as field `number` of its parent (PUT_RUNS or
     GET_RUNS); `data` is not copied. `compression` and `raw_bytes` as in chunk_parts."""
-    data_len = sum(len(part) for part in data)
-    packed = struct.pack(f"<{len(checksums)}Q", *checksums)
-    head = (
-        _varint_field(RUN_LAYER, layer)
-        + _varint_field(RUN_FIRST_BLOCK, first_block)
-        + _varint_field(RUN_NUM_BLOCKS, len(checksums))
-        + len_field(RUN_LAYER_CHECKSUMS, packed)
-        + _varint_field(RUN_COMPRESSION, compression)
-        + (_varint_field(RUN_RAW_BYTES, raw_bytes) if compression else b"")
-        + _RUN_DATA_TAG
-        + varint(data_len)
+    data_len = len(data[0]) if len(data) == 1 else sum(len(part) for part in data)
+    count = len(checksums)
+    # Tags are constants; fields that are 0 are left out, as protobuf leaves them.
+    head = b"".join(
+        (
+            _RUN_LAYER_TAG + varint(layer) if layer else b"",
+            _RUN_FIRST_BLOCK_TAG + varint(first_block) if first_block else b"",
+            _RUN_NUM_BLOCKS_TAG + varint(count) if count else b"",
+            _RUN_CHECKSUMS_TAG + varint(8 * count) + struct.pack(f"<{count}Q", *checksums),
+            _RUN_COMPRESSION_TAG + varint(compression) if compression else b"",
+            _RUN_RAW_BYTES_TAG + varint(raw_bytes) if compression and raw_bytes else b"",
+            _RUN_DATA_TAG,
+            varint(data_len),
+        )
     )
     return [_tag(number, _LEN) + varint(len(head) + data_len) + head, *data]
 
@@ -326,6 +342,9 @@ class _Reader:
 
     def varint(self) -> int:
         buffer, position = self._buffer, self.position
+        if position < self._end and buffer[position] < 0x80:  # most are one byte
+            self.position = position + 1
+            return buffer[position]
         result = shift = 0
         while True:
             if position >= self._end or shift > 63:
@@ -343,6 +362,10 @@ class _Reader:
 
     def tag(self) -> tuple[int, int]:
         start = self.position
+        if start < self._end and self._buffer[start] < 0x80:  # fields 1 to 15: one byte
+            key = self._buffer[start]
+            self.position = start + 1
+            return key >> 3, key & 7
         key = self.varint()
         if self.position - start > 5:
             raise WireError("malformed message: a tag written in more than 5 bytes")
@@ -350,10 +373,13 @@ class _Reader:
 
     def length_delimited(self) -> tuple[int, int]:
         before = self.position
-        size = self.varint()
-        start = self.position
-        if start - before > 5:
-            raise WireError("malformed message: a length written in more than 5 bytes")
+        if before < self._end and (size := self._buffer[before]) < 0x80:
+            start = before + 1
+        else:
+            size = self.varint()
+            start = self.position
+            if start - before > 5:
+                raise WireError("malformed message: a length written in more than 5 bytes")
         if start + size > self._end:
             raise WireError("malformed message: a field runs past the end")
         self.position = start + size
@@ -562,9 +588,14 @@ def _decode_run(buffer: memoryview, start: int, end: int, strict: bool) -> WireR
     data = buffer[start:start]
     checksums: list[int] = []  # appended to, never concatenated: repeats stay linear
     compression = raw_bytes = 0
-    while reader.more():
-        number, wire_type = reader.tag()
-        if number in (RUN_LAYER, RUN_FIRST_BLOCK, RUN_NUM_BLOCKS) and wire_type == _VARINT:
+    # A run per layer and message: the loop reads one-byte tags inline (hot on gets).
+    while (position := reader.position) < end:
+        if (key := buffer[position]) < 0x80:
+            reader.position = position + 1
+            number, wire_type = key >> 3, key & 7
+        else:
+            number, wire_type = reader.tag()
+        if wire_type == _VARINT and number in (RUN_LAYER, RUN_FIRST_BLOCK, RUN_NUM_BLOCKS):
             values[number] = reader.varint()
         elif number == RUN_DATA and wire_type == _LEN:
             data_start, data_end = reader.length_delimited()
