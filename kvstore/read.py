@@ -261,9 +261,11 @@ class ReadSession:
             end = self._run_end(start, start + per_run)
             groups.append((start, end))
             start = end
+        # Where each group's blocks are is the same for every layer: looked up once.
+        handles = [self._dram_handles(start, end) for start, end in groups]
         for layer in range(first_layer, self._layout.num_layers):
-            for start, end in groups:
-                yield self._run(layer, start, end)
+            for (start, end), group_handles in zip(groups, handles, strict=True):
+                yield self._run(layer, start, end, group_handles)
         self._count_served()
 
     def _per_run(self, max_run_bytes: int) -> int:
@@ -284,17 +286,24 @@ class ReadSession:
             end += 1
         return end
 
-    def _run(self, layer: int, start: int, end: int) -> ReadRun:
-        layer_bytes = self._layout.layer_bytes
-        base = layer * layer_bytes
-        entries = self.entries[start:end]
-        # A DRAM copy stays put while the session pins its block.
-        handles = [
+    def _dram_handles(self, start: int, end: int) -> list[object | None]:
+        """The DRAM copies of blocks start..end-1, None for a block read from elsewhere.
+        A DRAM copy stays put while the session pins its block."""
+        return [
             None
             if entry in self._payloads or entry in self._first_layers
             else entry.copies.get(TierKind.DRAM)
-            for entry in entries
+            for entry in self.entries[start:end]
         ]
+
+    def _run(
+        self, layer: int, start: int, end: int, handles: list[object | None] | None = None
+    ) -> ReadRun:
+        layer_bytes = self._layout.layer_bytes
+        base = layer * layer_bytes
+        entries = self.entries[start:end]
+        if handles is None:
+            handles = self._dram_handles(start, end)
         if None in handles:
             views = [view for entry in entries for view in self._read(entry, base, layer_bytes)]
         else:
