@@ -342,9 +342,13 @@ class _Reader:
 
     def varint(self) -> int:
         buffer, position = self._buffer, self.position
-        if position < self._end and buffer[position] < 0x80:  # most are one byte
-            self.position = position + 1
-            return buffer[position]
+        if position + 1 < self._end:  # most are one byte, and lengths under 16 KiB two
+            if (first := buffer[position]) < 0x80:
+                self.position = position + 1
+                return first
+            if (second := buffer[position + 1]) < 0x80:
+                self.position = position + 2
+                return (first & 0x7F) | (second << 7)
         result = shift = 0
         while True:
             if position >= self._end or shift > 63:
