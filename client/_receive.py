@@ -134,6 +134,9 @@ class LayerReceiver:
             self._kind = checksum_kind_from_wire(reply.checksum_kind)
         if reply.served_none:
             self._shorten(0)
+            if reply.chunks or reply.runs:
+                raise ChecksumError("the server served no block, yet sent layer data")
+            return
         elif reply.num_blocks and reply.num_blocks != self.num_blocks:
             self._shorten(reply.num_blocks)
         num_layers = self._layout.num_layers

@@ -61,7 +61,9 @@ class TransferPacing:
         self._phase_s: float | None = None
         self._phase_since = 0.0
         self._phase_setting = ""
-        self._frame_since = 0.0  # when the last frame began to arrive
+        # Time the current frame has spent arriving (receiving phases only: the server's
+        # own work between two reads of one frame is not the client's).
+        self._frame_used_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._cut_message: str | None = None
@@ -101,21 +103,30 @@ class TransferPacing:
 
     def waiting(self) -> None:
         """The transfer now waits on its client."""
+        self._end_receiving()
         self._enter(self._idle_s, "stream_idle_timeout_s")
 
     def receiving(self) -> None:
         """A data-plane frame has begun to arrive."""
+        self._end_receiving()
+        self._frame_used_s = 0.0
         self._enter(self._frame_s, "frame_timeout_s")
-        self._frame_since = self._phase_since
 
     def receiving_rest(self) -> None:
         """More of the frame that began to arrive at the last `receiving` (a PUT_TAIL's
-        tail, read after its message was checked): its time counts from that start."""
-        self._enter(self._frame_s, "frame_timeout_s", since=self._frame_since)
+        tail, read in steps after its message was checked): the frame's time so far
+        counts, and the server's work in between does not."""
+        self._end_receiving()
+        self._enter(self._frame_s, "frame_timeout_s", since=self._loop.time() - self._frame_used_s)
 
     def working(self) -> None:
         """The server works on the transfer; only the deadline applies."""
+        self._end_receiving()
         self._phase_s = None
+
+    def _end_receiving(self) -> None:
+        if self._phase_s is not None and self._phase_setting == "frame_timeout_s":
+            self._frame_used_s = self._loop.time() - self._phase_since
 
     async def received(self, messages: AsyncIterator[T]) -> AsyncIterator[T]:
         """`messages` (a put's, over gRPC), the waits for each one paced; the server's

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 import torch
 
-from kvstore.checksum import ChecksumKind, checksums_of_slices
+from kvstore.checksum import ChecksumKind, checksum, checksums_of_slices
 from kvstore.client import ChecksumError, DType, KVClient, KVLayout, Namespace, ProtocolError
+from kvstore.client._receive import LayerReceiver
+from kvstore.codec import KVForm
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire.chunks import (
     GET_CHUNKS,
@@ -209,3 +211,18 @@ async def test_a_put_answered_with_another_number_of_outcomes_is_a_protocol_erro
     with pytest.raises(ProtocolError, match=f"put of 2 blocks with {num_outcomes} outcomes"):
         await client.put_blocks([b"k0", b"k1"], kv)
     await client.close()
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_layer_data_after_serving_no_block_is_a_checksum_error(layer: int) -> None:
+    """A reply that says no block is served and still carries a run is refused as the
+    server's fault (a ChecksumError), not an assertion of the client's."""
+    first = decode_get_message(
+        encode_get_header(checksum_kind=1, block_bytes=LAYOUT.block_bytes, num_blocks=2)
+    )
+    data = bytes(LAYOUT.layer_bytes)
+    parts = run_parts(GET_RUNS, layer, 0, [checksum(ChecksumKind.XXH3_64, data)], [data])
+    reply = encode_get_header(served_none=True) + b"".join(bytes(part) for part in parts)
+    receiver = LayerReceiver(LAYOUT, first, None, KVForm.BLOCKS, verify=True, max_blocks=2)
+    with pytest.raises(ChecksumError, match="served no block"):
+        list(receiver.accept(decode_get_message(reply)))

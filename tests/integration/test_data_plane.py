@@ -20,6 +20,7 @@ import pytest
 import torch
 from raw_data_plane import HELLO, Raw, frame  # tests/raw_data_plane.py
 
+import kvstore.mover
 import kvstore.put
 import kvstore.server.dataplane
 from kvstore.checksum import ChecksumKind, checksum
@@ -932,6 +933,46 @@ async def test_a_tail_has_the_time_of_its_frame_not_a_window_of_its_own(
 
         await poll(freed)
         assert (await client.lookup_keys(keys)).num_matched == 0
+
+
+async def test_a_tails_time_is_its_receiving_not_the_servers_work_in_between(
+    server_factory: ServerFactory,
+    make_kv: MakeKV,
+    landed_runs: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that sends a long tail promptly is not cut while the server takes its
+    time making room between the tail's steps (as it does while demotions to SSD run):
+    frame_timeout_s counts the frame's arrival, not the server's work. The steps are
+    larger than the sockets' buffers, so the second one waits for the client."""
+    make_room = kvstore.mover.TierMover.ensure_room
+
+    async def slow_room(self: kvstore.mover.TierMover, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.015)  # 96 blocks: 1.4 s of room-making in one frame
+        await make_room(self, *args, **kwargs)
+
+    monkeypatch.setattr(kvstore.mover.TierMover, "ensure_room", slow_room)
+    running = await server_factory(
+        **{
+            "limits.frame_timeout_s": 1.0,
+            "limits.max_message_bytes": 64 * MiB,
+            "store.page_bytes": 1 * MiB,
+            "store.dram_bytes": 128 * MiB,
+        }
+    )
+    layout = KVLayout(
+        num_layers=2, num_kv_heads=8, head_dim=128, dtype=DType.FLOAT16, block_tokens=64
+    )
+    namespace = Namespace(tenant="acme", model_fingerprint="long-tail", layout=layout)
+    keys = [b"long-tail-%d" % index for index in range(96)]
+    kv = make_kv(layout, len(keys), form=KVForm.BLOCKS, seed=29)  # 24 MiB a layer
+    options = {"shared_memory": False, "max_message_bytes": 64 * MiB, "chunk_bytes": 32 * MiB}
+    async with data_client(server_target(running), namespace, **options) as client:
+        assert (await client.put_blocks(keys, kv)).num_committed == len(keys)
+        got = torch.zeros_like(kv)
+        assert await client.get_into(keys, got, form=KVForm.BLOCKS) == len(keys)
+    assert torch.equal(got.view(torch.uint8), kv.view(torch.uint8))
+    assert landed_runs == [64, 32] * layout.num_layers  # each layer's tail, in two steps
 
 
 async def delete_all(client: KVClient, keys: list[bytes], poll: Poll) -> None:
