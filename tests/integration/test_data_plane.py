@@ -834,6 +834,16 @@ async def test_a_put_cut_off_in_its_tail_is_reclaimed(
     await abandon_put(seed, first_frame[: len(first_frame) - LAYOUT.layer_bytes], keys, poll)
 
 
+async def assert_all_freed(client: KVClient, keys: list[bytes], poll: Poll) -> None:
+    """Once a cut put is reclaimed, the server holds no page and none of its blocks."""
+
+    async def freed() -> bool:
+        return await dram_used(client) == 0
+
+    await poll(freed)
+    assert (await client.lookup_keys(keys)).num_matched == 0
+
+
 async def test_a_stalled_tail_is_cut_at_the_frame_timeout_and_frees_its_room(
     server_factory: ServerFactory, make_kv: MakeKV, poll: Poll
 ) -> None:
@@ -851,11 +861,7 @@ async def test_a_stalled_tail_is_cut_at_the_frame_timeout_and_frees_its_room(
         finally:
             raw.close()
 
-        async def freed() -> bool:
-            return await dram_used(client) == 0
-
-        await poll(freed)
-        assert (await client.lookup_keys(keys)).num_matched == 0
+        await assert_all_freed(client, keys, poll)
 
 
 async def test_a_tails_room_is_made_as_its_bytes_come_one_step_at_most_ahead(
@@ -928,11 +934,7 @@ async def test_a_tail_has_the_time_of_its_frame_not_a_window_of_its_own(
         finally:
             raw.close()
 
-        async def freed() -> bool:
-            return await dram_used(client) == 0
-
-        await poll(freed)
-        assert (await client.lookup_keys(keys)).num_matched == 0
+        await assert_all_freed(client, keys, poll)
 
 
 async def test_a_tails_time_is_its_receiving_not_the_servers_work_in_between(
