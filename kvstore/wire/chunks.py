@@ -377,13 +377,10 @@ class _Reader:
 
     def length_delimited(self) -> tuple[int, int]:
         before = self.position
-        if before < self._end and (size := self._buffer[before]) < 0x80:
-            start = before + 1
-        else:
-            size = self.varint()
-            start = self.position
-            if start - before > 5:
-                raise WireError("malformed message: a length written in more than 5 bytes")
+        size = self.varint()
+        start = self.position
+        if start - before > 5:
+            raise WireError("malformed message: a length written in more than 5 bytes")
         if start + size > self._end:
             raise WireError("malformed message: a field runs past the end")
         self.position = start + size
@@ -592,13 +589,8 @@ def _decode_run(buffer: memoryview, start: int, end: int, strict: bool) -> WireR
     data = buffer[start:start]
     checksums: list[int] = []  # appended to, never concatenated: repeats stay linear
     compression = raw_bytes = 0
-    # A run per layer and message: the loop reads one-byte tags inline (hot on gets).
-    while (position := reader.position) < end:
-        if (key := buffer[position]) < 0x80:
-            reader.position = position + 1
-            number, wire_type = key >> 3, key & 7
-        else:
-            number, wire_type = reader.tag()
+    while reader.more():
+        number, wire_type = reader.tag()
         if wire_type == _VARINT and number in (RUN_LAYER, RUN_FIRST_BLOCK, RUN_NUM_BLOCKS):
             values[number] = reader.varint()
         elif number == RUN_DATA and wire_type == _LEN:
